@@ -1,0 +1,6 @@
+"""megatron_puffin: a Megatron-Core training system for Puffin, a camera-centric unified multimodal model."""
+import logging
+
+__version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

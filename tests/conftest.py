@@ -1,0 +1,12 @@
+"""Suite-wide settings: deterministic, single-threaded-per-process torch, quiet optional-dependency warnings."""
+import logging
+import os
+import warnings
+
+os.environ.setdefault("PYTHONHASHSEED", "0")
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+import torch  # noqa: E402
+
+torch.use_deterministic_algorithms(True, warn_only=True)
+logging.getLogger("megatron").setLevel(logging.WARNING)
