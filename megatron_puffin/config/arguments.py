@@ -1,0 +1,96 @@
+"""Parse flags (command line and ``@flagfile``\\ s) into the per-concern dataclasses, then validate once."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from megatron_puffin.config.dataclass_args import (
+    FlagFileParser,
+    InvalidValue,
+    add_dataclass_group,
+    build_dataclass,
+)
+from megatron_puffin.config.schema import (
+    CheckpointConfig,
+    LoggingConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    TrainingConfig,
+)
+from megatron_puffin.models.llm.config import LLMConfig
+
+# (attribute on PuffinArguments, dataclass, argparse group title). Later entries extend this list in place.
+CONFIG_GROUPS: List[Tuple[str, type, str]] = [
+    ("llm", LLMConfig, "LLM tower (Qwen2.5)"),
+    ("parallel", ParallelConfig, "parallelism"),
+    ("precision", PrecisionConfig, "precision"),
+    ("training", TrainingConfig, "training"),
+    ("checkpoint", CheckpointConfig, "checkpointing"),
+    ("logging", LoggingConfig, "logging"),
+]
+
+
+@dataclass
+class PuffinArguments:
+    """All configuration of one run, one dataclass per concern (attributes named as in ``CONFIG_GROUPS``)."""
+
+    groups: Dict[str, Any]
+    dry_run: bool = False
+    unknown: Sequence[str] = ()
+    invalid: Sequence[InvalidValue] = ()
+
+    def __getattr__(self, name: str) -> Any:
+        groups = self.__dict__.get("groups", {})
+        if name in groups:
+            return groups[name]
+        raise AttributeError(name)
+
+    @property
+    def world_size(self) -> int:
+        if self.parallel.world_size is not None:
+            return self.parallel.world_size
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    @property
+    def data_parallel_size(self) -> int:
+        model_parallel = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
+        return max(1, self.world_size // max(1, model_parallel))
+
+    def to_dict(self) -> Dict[str, Dict[str, Any]]:
+        """Resolved flags by concern (stored beside checkpoints)."""
+        return {name: {f.name: getattr(cfg, f.name) for f in fields(cfg)} for name, cfg in self.groups.items()}
+
+
+def build_parser(prog: Optional[str] = None) -> FlagFileParser:
+    """The parser of ``pretrain_puffin.py``: one group per configuration dataclass."""
+    parser = FlagFileParser(
+        prog=prog,
+        description="Train Puffin on megatron-core. Flags may come from @flagfiles (# comments, several flags per "
+        "line); later flags override earlier ones.",
+    )
+    for _, cls, title in CONFIG_GROUPS:
+        add_dataclass_group(parser, cls, title)
+    run = parser.add_argument_group("run")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the configuration, print the parallel layout, parameter counts and a memory estimate, "
+        "and exit without creating process groups or models",
+    )
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, validate: bool = True) -> PuffinArguments:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and, unless ``validate=False``, run :func:`validate_args`,
+    which raises one ``ValueError`` listing every mistake."""
+    parser = build_parser()
+    namespace, unknown = parser.parse_known_args(argv)
+    invalid: List[InvalidValue] = []
+    groups = {name: build_dataclass(cls, namespace, invalid) for name, cls, _ in CONFIG_GROUPS}
+    args = PuffinArguments(groups=groups, dry_run=namespace.dry_run, unknown=tuple(unknown), invalid=tuple(invalid))
+    if validate:
+        from megatron_puffin.config.validate import validate_args
+
+        validate_args(args)
+    return args

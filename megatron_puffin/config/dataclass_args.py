@@ -1,0 +1,156 @@
+"""argparse groups generated from configuration dataclasses.
+
+Each dataclass field becomes one flag: the name (``micro_batch_size`` -> ``--micro-batch-size``, prefixed with
+the class's ``FLAG_PREFIX``), the type and default come from the field, and the help text from the string
+literal written directly under the field (its attribute docstring). A field's ``metadata`` may override the
+flag name (``flag``) or give ``choices``.
+
+Values that do not convert (``--num-layers abc``) do not stop parsing: they become :class:`InvalidValue` and the
+validation step reports them together with every other mistake.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import shlex
+import textwrap
+import typing
+from typing import Any, Dict, List, Optional, Tuple, Type
+
+
+@dataclasses.dataclass(frozen=True)
+class InvalidValue:
+    """A command-line value that could not be converted to its field's type."""
+
+    flag: str
+    text: str
+    expected: str
+
+
+@functools.lru_cache(maxsize=None)
+def field_docstrings(cls: type) -> Dict[str, str]:
+    """The attribute docstrings of a dataclass (the string literal under each field), by field name."""
+    docs: Dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, following in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def flag_name(cls: type, field: dataclasses.Field) -> str:
+    """The command-line flag of a dataclass field."""
+    if "flag" in field.metadata:
+        return field.metadata["flag"]
+    return "--" + getattr(cls, "FLAG_PREFIX", "") + field.name.replace("_", "-")
+
+
+def _unwrap_optional(annotation: Any) -> Tuple[Any, bool]:
+    if typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return annotation, False
+
+
+def _converter(flag: str, kind: type, optional: bool):
+    def convert(text: str) -> Any:
+        if optional and text.lower() in ("none", "null"):
+            return None
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            return InvalidValue(flag, text, kind.__name__)
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def _add_field(group: argparse._ArgumentGroup, cls: type, field: dataclasses.Field, hints: Dict[str, Any]) -> None:
+    flag = flag_name(cls, field)
+    doc = field_docstrings(cls).get(field.name, "")
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+    kind, optional = _unwrap_optional(hints[field.name])
+    dest = f"{cls.__name__}.{field.name}"
+    common = dict(dest=dest, default=default, help=f"{doc} (default: {default})")
+    if kind is bool:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        return
+    choices = field.metadata.get("choices")
+    if typing.get_origin(kind) is typing.Literal:
+        choices = list(typing.get_args(kind))
+        kind = type(choices[0])
+    if typing.get_origin(kind) in (list, List):
+        (item,) = typing.get_args(kind)
+        group.add_argument(flag, nargs="*", type=_converter(flag, item, False), metavar=item.__name__.upper(), **common)
+        return
+    metavar = "{" + ",".join(map(str, choices)) + "}" if choices else kind.__name__.upper()
+    common["help"] += f" [choices: {', '.join(map(str, choices))}]" if choices else ""
+    group.add_argument(flag, type=_converter(flag, kind, optional), metavar=metavar, **common)
+
+
+def add_dataclass_group(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """Add one argparse group with a flag per field of ``cls``."""
+    hints = typing.get_type_hints(cls)
+    description = " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())
+    group = parser.add_argument_group(title, description)
+    for field in dataclasses.fields(cls):
+        _add_field(group, cls, field, hints)
+
+
+def build_dataclass(cls: Type, namespace: argparse.Namespace, invalid: List[InvalidValue]) -> Any:
+    """Instantiate ``cls`` from a parsed namespace; unconvertible values are appended to ``invalid`` and the
+    field keeps its default."""
+    values = {}
+    for field in dataclasses.fields(cls):
+        value = getattr(namespace, f"{cls.__name__}.{field.name}")
+        bad = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, InvalidValue)]
+        if bad:
+            invalid.extend(bad)
+            continue
+        values[field.name] = value
+    return cls(**values)
+
+
+def choice_errors(cls: type, instance: Any) -> List[Tuple[str, Any, List[Any]]]:
+    """(flag, value, allowed) for every field whose value is outside its declared choices."""
+    hints = typing.get_type_hints(cls)
+    errors = []
+    for field in dataclasses.fields(cls):
+        kind, _ = _unwrap_optional(hints[field.name])
+        choices = field.metadata.get("choices")
+        if typing.get_origin(kind) is typing.Literal:
+            choices = list(typing.get_args(kind))
+        value = getattr(instance, field.name)
+        if choices and value is not None and value not in choices:
+            errors.append((flag_name(cls, field), value, choices))
+    return errors
+
+
+class FlagFileParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose ``@file`` arguments allow ``#`` comments and several flags per line."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("fromfile_prefix_chars", "@")
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def convert_arg_line_to_args(self, arg_line: str) -> List[str]:
+        return shlex.split(arg_line, comments=True)
+

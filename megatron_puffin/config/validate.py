@@ -1,0 +1,179 @@
+"""The one validation step: every rule of every concern is checked and all violations are reported together,
+each naming the flag, the value, the rule and a fix. Runs before any process group or model exists."""
+from __future__ import annotations
+
+from typing import Callable, List
+
+from megatron_puffin.config.dataclass_args import choice_errors
+from megatron_puffin.optional_deps import transformer_engine_error
+
+
+class ConfigError(ValueError):
+    """Invalid flags; the message lists every problem found."""
+
+    def __init__(self, problems: List[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {problem}" for problem in self.problems)
+        super().__init__(f"{len(self.problems)} configuration error(s):\n{lines}")
+
+
+def divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _fits(flag: str, value: int, tp: int, what: str = "--tensor-model-parallel-size") -> List[str]:
+    if value % tp == 0:
+        return []
+    options = ", ".join(map(str, divisors(value)))
+    return [f"{flag} ({value}) must be divisible by {what} ({tp}); use a {what} of {options}"]
+
+
+_TYPE_WORDS = {"int": "an integer, e.g. 4", "float": "a number, e.g. 1e-4", "str": "a string"}
+
+
+def check_parse(args) -> List[str]:
+    problems = [f"unknown flag {u!r}: check the spelling against `pretrain_puffin.py --help`" for u in args.unknown]
+    problems += [
+        f"{bad.flag} ({bad.text!r}) is not a valid {bad.expected}; give {_TYPE_WORDS.get(bad.expected, bad.expected)}"
+        for bad in args.invalid
+    ]
+    for name, cfg in args.groups.items():
+        for flag, value, allowed in choice_errors(type(cfg), cfg):
+            problems.append(f"{flag} ({value}) must be one of {', '.join(map(str, allowed))}")
+    return problems
+
+
+def check_positive(args) -> List[str]:
+    problems = []
+    for flag, value in [
+        ("--tensor-model-parallel-size", args.parallel.tensor_model_parallel_size),
+        ("--pipeline-model-parallel-size", args.parallel.pipeline_model_parallel_size),
+        ("--num-layers", args.llm.num_layers),
+        ("--hidden-size", args.llm.hidden_size),
+        ("--num-attention-heads", args.llm.num_attention_heads),
+        ("--num-query-groups", args.llm.num_query_groups),
+        ("--micro-batch-size", args.training.micro_batch_size),
+        ("--seq-length", args.training.seq_length),
+    ]:
+        if value < 1:
+            problems.append(f"{flag} ({value}) must be at least 1")
+    return problems
+
+
+def check_llm_parallel(args) -> List[str]:
+    """Tensor/pipeline split of the LLM tower."""
+    llm, tp, pp = args.llm, args.parallel.tensor_model_parallel_size, args.parallel.pipeline_model_parallel_size
+    problems = _fits("--num-attention-heads", llm.num_attention_heads, tp)
+    problems += _fits("--ffn-hidden-size", llm.ffn_hidden_size, tp)
+    groups = llm.num_query_groups
+    if groups % tp and tp % groups:
+        problems.append(
+            f"--num-query-groups ({groups}) must be a multiple or a divisor of --tensor-model-parallel-size ({tp}); "
+            f"use a --tensor-model-parallel-size of {', '.join(map(str, divisors(groups)))} or a multiple of {groups}"
+        )
+    if llm.num_attention_heads % groups:
+        problems.append(
+            f"--num-attention-heads ({llm.num_attention_heads}) must be divisible by --num-query-groups ({groups})"
+        )
+    if llm.kv_channels is None and llm.hidden_size % llm.num_attention_heads:
+        problems.append(
+            f"--hidden-size ({llm.hidden_size}) must be divisible by --num-attention-heads "
+            f"({llm.num_attention_heads}), or set --kv-channels"
+        )
+    if pp > llm.num_layers:
+        problems.append(f"--pipeline-model-parallel-size ({pp}) must not exceed --num-layers ({llm.num_layers})")
+    elif llm.num_layers % pp:
+        problems.append(
+            f"--num-layers ({llm.num_layers}) must be divisible by --pipeline-model-parallel-size ({pp}); "
+            f"use a --pipeline-model-parallel-size of {', '.join(map(str, divisors(llm.num_layers)))}"
+        )
+    return problems
+
+
+def check_world(args) -> List[str]:
+    tp, pp = args.parallel.tensor_model_parallel_size, args.parallel.pipeline_model_parallel_size
+    world = args.world_size
+    if tp < 1 or pp < 1 or world % (tp * pp) == 0:
+        return []
+    return [
+        f"world size ({world}) must be divisible by --tensor-model-parallel-size x --pipeline-model-parallel-size "
+        f"({tp} x {pp} = {tp * pp}); launch a multiple of {tp * pp} processes or change the parallel sizes"
+    ]
+
+
+def check_precision(args) -> List[str]:
+    precision, problems = args.precision, []
+    if precision.bf16 and precision.fp16:
+        problems.append("--bf16 and --fp16 are mutually exclusive; choose one")
+    te_reason = transformer_engine_error()
+    if precision.fp8_format and te_reason:
+        problems.append(
+            f"--fp8-format ({precision.fp8_format}) needs Transformer Engine with CUDA, but {te_reason} "
+            "(megatron-core would silently ignore FP8); drop --fp8-format or run on a GPU with transformer-engine"
+        )
+    if precision.fp8_format and precision.transformer_impl != "transformer_engine":
+        problems.append(
+            f"--fp8-format ({precision.fp8_format}) needs --transformer-impl transformer_engine "
+            f"(got {precision.transformer_impl})"
+        )
+    if precision.fp8_format and not precision.bf16:
+        problems.append(f"--fp8-format ({precision.fp8_format}) needs --bf16 for the non-FP8 parts; add --bf16")
+    if precision.transformer_impl == "transformer_engine" and te_reason:
+        problems.append(
+            f"--transformer-impl transformer_engine needs Transformer Engine with CUDA, but {te_reason}; "
+            "use --transformer-impl local"
+        )
+    if args.parallel.sequence_parallel and precision.transformer_impl != "transformer_engine":
+        problems.append(
+            "--sequence-parallel needs Transformer Engine norms; add --transformer-impl transformer_engine "
+            "or drop --sequence-parallel"
+        )
+    if args.parallel.sequence_parallel and args.parallel.tensor_model_parallel_size == 1:
+        problems.append("--sequence-parallel has no effect with --tensor-model-parallel-size 1; drop it")
+    return problems
+
+
+def check_training(args) -> List[str]:
+    training, problems = args.training, []
+    gbs, mbs, dp = training.global_batch_size, training.micro_batch_size, args.data_parallel_size
+    if gbs is not None and mbs >= 1 and gbs % (mbs * dp):
+        problems.append(
+            f"--global-batch-size ({gbs}) must be divisible by --micro-batch-size x data-parallel size "
+            f"({mbs} x {dp} = {mbs * dp}); use a multiple of {mbs * dp}"
+        )
+    if training.lr_warmup_iters > training.train_iters:
+        problems.append(
+            f"--lr-warmup-iters ({training.lr_warmup_iters}) must not exceed --train-iters ({training.train_iters})"
+        )
+    if training.min_lr > training.lr:
+        problems.append(f"--min-lr ({training.min_lr}) must not exceed --lr ({training.lr})")
+    return problems
+
+
+def check_checkpoint(args) -> List[str]:
+    ckpt, problems = args.checkpoint, []
+    if ckpt.save_interval is not None and ckpt.save is None:
+        problems.append(f"--save-interval ({ckpt.save_interval}) has no effect without --save DIR; add --save")
+    if ckpt.keep_last_n is not None and ckpt.keep_last_n < 1:
+        problems.append(f"--keep-last-n ({ckpt.keep_last_n}) must be at least 1")
+    return problems
+
+
+VALIDATORS: List[Callable] = [
+    check_parse,
+    check_positive,
+    check_llm_parallel,
+    check_world,
+    check_precision,
+    check_training,
+    check_checkpoint,
+]
+
+
+def validate_args(args) -> None:
+    """Run every validator; raise :class:`ConfigError` listing all problems if there is any."""
+    problems: List[str] = []
+    for validator in VALIDATORS:
+        problems.extend(validator(args))
+    if problems:
+        raise ConfigError(problems)

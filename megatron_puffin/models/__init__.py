@@ -1,0 +1,1 @@
+"""Model towers: LLM, vision, DiT, connectors, VAE, and their composition."""

@@ -1,0 +1,191 @@
+"""The Qwen2.5 LLM tower on megatron-core's ``GPTModel``.
+
+``GPTModel`` provides the embedding, the decoder ``TransformerBlock`` (split over pipeline stages), the output
+layer and the tied-embedding bookkeeping across pipeline stages. Puffin needs a different forward:
+
+* input embeddings instead of token ids (image and query embeddings are scattered in before the LLM);
+* explicit per-sample position ids (left padding, §8 of the spec), applied to RoPE exactly as HF does;
+* a key-padding mask combined with the causal mask;
+* final hidden states (for the meta-query positions) or logits, optionally only at selected positions;
+* logits of padded vocabulary rows never visible.
+
+Tensors are sequence-first inside the decoder (``[s, b, h]``), as in megatron-core.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_puffin.models.llm.config import LLMConfig
+from megatron_puffin.models.llm.llm_layer_specs import get_llm_layer_spec
+
+PADDED_VOCAB_LOGIT = -1e9
+
+
+def build_attention_mask(padding_mask: Optional[torch.Tensor], seq_length: int) -> Optional[torch.Tensor]:
+    """The megatron-core attention mask (True = masked out) for causal attention with key padding.
+
+    Args:
+        padding_mask: ``[b, s]`` bool, True on real tokens; None when nothing is padded.
+        seq_length: s.
+
+    Returns:
+        ``[b, 1, s, s]`` bool, or None (megatron-core then applies its default causal mask).
+    """
+    if padding_mask is None or bool(padding_mask.all()):
+        return None
+    causal = torch.ones(seq_length, seq_length, dtype=torch.bool, device=padding_mask.device).tril()
+    allowed = causal[None, None] & padding_mask[:, None, None, :].bool()
+    # A fully masked row (a left pad attends to no real key) would give NaN in some kernels: let pads see
+    # themselves. Their outputs never reach real tokens, whose keys exclude all pads.
+    allowed |= torch.eye(seq_length, dtype=torch.bool, device=padding_mask.device)[None, None]
+    return ~allowed
+
+
+class PuffinLLM(GPTModel):
+    """Qwen2.5 decoder on megatron-core with Puffin's forward (see module docstring)."""
+
+    def __init__(
+        self,
+        llm_config: LLMConfig,
+        transformer_config,
+        transformer_layer_spec: ModuleSpec,
+        pre_process: bool = True,
+        post_process: bool = True,
+    ) -> None:
+        tp_size = transformer_config.tensor_model_parallel_size
+        super().__init__(
+            config=transformer_config,
+            transformer_layer_spec=transformer_layer_spec,
+            vocab_size=llm_config.padded_vocab_size(tp_size),
+            max_sequence_length=llm_config.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=llm_config.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=llm_config.rotary_base,
+        )
+        self.llm_config = llm_config
+
+    # -- inputs -------------------------------------------------------------------------------------------
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``[b, s] -> [s, b, h]`` (first pipeline stage only)."""
+        return self.embedding(input_ids=input_ids, position_ids=None)
+
+    def rotary_from_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """RoPE angles for explicit positions: ``[b, s] -> [s, b, 1, head_dim]`` (HF's rotate-half layout)."""
+        inv_freq = self.rotary_pos_emb.inv_freq.to(device=position_ids.device, dtype=torch.float32)
+        freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # [b, s, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [b, s, d]
+        return emb.transpose(0, 1)[:, :, None, :].contiguous()
+
+    # -- outputs ------------------------------------------------------------------------------------------
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel logits ``[..., h] -> [..., V_padded / TP]``; padded rows get a large negative value."""
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden_states, weight=weight)
+        return self._mask_padded_vocab(logits)
+
+    def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        vocab = self.llm_config.vocab_size
+        partition = logits.shape[-1]
+        start = self._vocab_start(partition)
+        if start + partition <= vocab:
+            return logits
+        valid = torch.arange(start, start + partition, device=logits.device) < vocab
+        return logits.masked_fill(~valid, PADDED_VOCAB_LOGIT)
+
+    def _vocab_start(self, partition: int) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_rank() * partition
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        padding_mask: Optional[torch.Tensor] = None,
+        decoder_input: Optional[torch.Tensor] = None,
+        output: str = "logits",
+    ) -> torch.Tensor:
+        """Run this pipeline stage.
+
+        Args:
+            input_ids: ``[b, s]`` token ids (first stage, when ``decoder_input`` is None).
+            position_ids: ``[b, s]`` long; default ``0..s-1``. Needed on every stage (RoPE).
+            padding_mask: ``[b, s]`` bool, True on real tokens; None when nothing is padded.
+            decoder_input: ``[s, b, h]`` input embeddings (first stage), replacing ``input_ids``.
+            output: ``"logits"`` (vocab-parallel ``[s, b, V/TP]``) or ``"hidden"`` (final-normed ``[s, b, h]``);
+                ignored on non-last stages, which return their hidden states ``[s, b, h]``.
+        """
+        if self.pre_process and decoder_input is None:
+            decoder_input = self.embed_tokens(input_ids)
+        if position_ids is None:
+            raise ValueError("position_ids are required on every pipeline stage (RoPE uses them)")
+        seq_length = position_ids.shape[1]
+        hidden_states = self.decoder(
+            hidden_states=decoder_input,
+            attention_mask=build_attention_mask(padding_mask, seq_length),
+            rotary_pos_emb=self.rotary_from_positions(position_ids),
+        )
+        if not self.post_process or output == "hidden":
+            return hidden_states
+        if output != "logits":
+            raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
+        return self.compute_logits(hidden_states)
+
+
+def build_llm(
+    config: LLMConfig,
+    pre_process: bool = True,
+    post_process: bool = True,
+    transformer_config=None,
+    transformer_impl: str = "local",
+) -> PuffinLLM:
+    """Build the LLM tower (this pipeline stage's part of it).
+
+    Args:
+        config: the tower's shape.
+        pre_process: holds the token embedding (first pipeline stage).
+        post_process: holds the final norm and output layer (last pipeline stage).
+        transformer_config: megatron-core ``TransformerConfig``; default derived from ``config`` with the
+            current tensor/pipeline parallel sizes in fp32.
+        transformer_impl: ``local`` or ``transformer_engine``.
+    """
+    if transformer_config is None:
+        from megatron.core import parallel_state
+
+        transformer_config = config.to_transformer_config(
+            tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+            pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        )
+    spec = get_llm_layer_spec(transformer_impl)
+    return PuffinLLM(config, transformer_config, spec, pre_process=pre_process, post_process=post_process)
+
+
+def vocab_parallel_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy over vocab-parallel logits.
+
+    Args:
+        logits: ``[s, b, V/TP]`` from :meth:`PuffinLLM.forward` (unshifted).
+        labels: ``[b, s]`` next-token targets aligned with the logits (already shifted), -100 = ignored.
+
+    Returns:
+        ``[b, s]`` float32 losses, 0 where ignored.
+    """
+    mask = labels >= 0
+    safe = torch.where(mask, labels, torch.zeros_like(labels))
+    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), safe.transpose(0, 1).contiguous())
+    return losses.transpose(0, 1) * mask
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """HF-style next-token targets: position t predicts labels[t+1]; the last position is ignored."""
+    shifted = torch.full_like(labels, -100)
+    shifted[:, :-1] = labels[:, 1:]
+    return shifted

@@ -1,0 +1,1 @@
+"""Training: loop, optimizer and schedule, stage/freeze policy, checkpointing, metrics and logging."""

@@ -1,0 +1,119 @@
+"""Flags generated from the configuration dataclasses, flag files, and the all-errors validation."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_puffin.config import ConfigError, build_parser, parse_args
+from megatron_puffin.config.dataclass_args import field_docstrings
+from megatron_puffin.config.schema import TrainingConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_flags_types_defaults_and_help_come_from_the_dataclasses():
+    parser = build_parser()
+    help_text = parser.format_help()
+    for flag in [
+        "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--num-layers", "--hidden-size",
+        "--ffn-hidden-size", "--num-attention-heads", "--num-query-groups", "--seq-length", "--micro-batch-size",
+        "--bf16", "--fp8-format", "--fp8-recipe", "--transformer-impl",
+    ]:
+        assert flag in help_text, flag
+    assert field_docstrings(TrainingConfig)["micro_batch_size"] in " ".join(help_text.split())
+    args = parse_args(["--num-layers", "4", "--lr", "3e-5", "--bf16"])
+    assert args.llm.num_layers == 4 and isinstance(args.llm.num_layers, int)
+    assert args.training.lr == pytest.approx(3e-5) and args.precision.bf16 is True
+    assert args.training.micro_batch_size == TrainingConfig().micro_batch_size
+
+
+def test_flag_files_with_comments_several_flags_per_line_and_overrides(tmp_path):
+    flagfile = tmp_path / "stage.args"
+    flagfile.write_text(
+        "# a tiny model\n"
+        "--num-layers 4 --hidden-size 128   # two flags and a comment\n"
+        "--num-attention-heads 4 --num-query-groups 2\n"
+        "--ffn-hidden-size 256\n"
+        "--lr 1e-3\n"
+    )
+    args = parse_args([f"@{flagfile}", "--lr", "2e-4"])
+    assert (args.llm.num_layers, args.llm.hidden_size, args.llm.num_query_groups) == (4, 128, 2)
+    assert args.training.lr == pytest.approx(2e-4)  # later wins
+    args = parse_args(["--lr", "2e-4", f"@{flagfile}"])
+    assert args.training.lr == pytest.approx(1e-3)
+
+
+def test_every_mistake_is_reported_at_once(tmp_path):
+    flagfile = tmp_path / "bad.args"
+    flagfile.write_text(
+        "--tensor-model-parallel-size 5 --pipeline-model-parallel-size 64\n"
+        "--num-layers 28 --num-attention-heads 12 --num-query-groups 2 --ffn-hidden-size 8962\n"
+        "--micro-batch-size two\n"
+        "--fp8-format e4m3 --sequence-parallel\n"
+        "--transformer-impl cuda\n"
+        "--learning-rate 1e-4\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_args([f"@{flagfile}"])
+    text = str(info.value)
+    expected = [
+        "unknown flag '--learning-rate'",
+        "--micro-batch-size ('two') is not a valid int",
+        "--transformer-impl (cuda) must be one of local, transformer_engine",
+        "--num-attention-heads (12) must be divisible by --tensor-model-parallel-size (5); use a "
+        "--tensor-model-parallel-size of 1, 2, 3, 4, 6, 12",
+        "--ffn-hidden-size (8962) must be divisible by --tensor-model-parallel-size (5)",
+        "--num-query-groups (2) must be a multiple or a divisor of --tensor-model-parallel-size (5)",
+        "--pipeline-model-parallel-size (64) must not exceed --num-layers (28)",
+        "world size (1) must be divisible by",
+        "--fp8-format (e4m3) needs Transformer Engine with CUDA",
+        "--sequence-parallel needs Transformer Engine norms",
+    ]
+    for fragment in expected:
+        assert fragment in text, f"missing: {fragment}\n{text}"
+    assert len(info.value.problems) >= len(expected)
+
+
+def test_query_groups_may_be_a_divisor_of_tp_as_megatron_allows():
+    args = parse_args(
+        ["--tensor-model-parallel-size", "4", "--world-size", "4", "--num-attention-heads", "12",
+         "--num-query-groups", "2", "--ffn-hidden-size", "64"]
+    )
+    assert args.parallel.tensor_model_parallel_size == 4
+    with pytest.raises(ConfigError, match="--num-layers \\(6\\) must be divisible by --pipeline-model-parallel-size"):
+        parse_args(["--num-layers", "6", "--pipeline-model-parallel-size", "4", "--world-size", "4"])
+
+
+def test_world_size_must_divide_by_tp_times_pp():
+    with pytest.raises(ConfigError, match=r"world size \(6\) must be divisible .* \(2 x 2 = 4\)"):
+        parse_args(["--world-size", "6", "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                    "--num-layers", "4"])
+
+
+def test_transformer_engine_request_without_te_is_an_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine may have a usable Transformer Engine")
+    with pytest.raises(ConfigError, match="--transformer-impl transformer_engine needs Transformer Engine"):
+        parse_args(["--transformer-impl", "transformer_engine"])
+
+
+def test_cli_help_and_failing_flag_file_start_nothing(tmp_path):
+    help_run = subprocess.run(
+        [sys.executable, str(ROOT / "pretrain_puffin.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert help_run.returncode == 0
+    for group in ("LLM tower (Qwen2.5):", "parallelism:", "precision:", "training:", "checkpointing:"):
+        assert group in help_run.stdout
+    flagfile = tmp_path / "bad.args"
+    flagfile.write_text("--tensor-model-parallel-size 5 --bogus-flag 1\n--save-interval 10\n")
+    bad_run = subprocess.run(
+        [sys.executable, str(ROOT / "pretrain_puffin.py"), f"@{flagfile}"], capture_output=True, text=True, timeout=120
+    )
+    assert bad_run.returncode == 2
+    assert "unknown flag '--bogus-flag'" in bad_run.stderr
+    assert "--num-attention-heads (12) must be divisible by --tensor-model-parallel-size (5)" in bad_run.stderr
+    assert "--save-interval (10) has no effect without --save" in bad_run.stderr
+    assert "initialis" not in bad_run.stderr.lower()  # nothing was started
