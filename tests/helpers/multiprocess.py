@@ -56,6 +56,8 @@ def _entry(worker: Callable, rank: int, world_size: int, port: int, results: Any
 
 def run_distributed(worker: Callable, world_size: int, *args: Any, timeout: float = 600, **kwargs: Any) -> List[Any]:
     """Run ``worker(*args, **kwargs)`` on ``world_size`` gloo ranks; return the per-rank results by rank."""
+    # Children read these at interpreter start: keep their logs to what the test is about.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
