@@ -52,6 +52,15 @@ _FACTORY_NAMES = (
 
 _APPLIED: Dict[str, bool] = {}
 
+# The unpatched callables, kept so tests can show each patch is still needed.
+ORIGINALS: Dict[str, Any] = {
+    "cuda_get_rng_state": torch.cuda.get_rng_state,
+    "cuda_current_device": torch.cuda.current_device,
+    "cuda_synchronize": torch.cuda.synchronize,
+    "tensor_cuda": torch.Tensor.cuda,
+    "tensor_type": torch.Tensor.type,
+}
+
 
 def cuda_available() -> bool:
     """Whether a usable CUDA device exists (the shim is applied only when it does not)."""

@@ -1,0 +1,110 @@
+"""One test per CPU patch of megatron-core: each shows the patch works and that the unpatched behaviour still
+fails on a CPU-only machine (so a patch that stops being needed is noticed)."""
+import pytest
+import torch
+
+import megatron_puffin.distributed as mpd
+from megatron_puffin.distributed import cpu_compat
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the shim applies only without CUDA")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def initialised():
+    mpd.initialize(seed=5)
+    yield
+    mpd.destroy()
+
+
+def _fails(fn, *args, **kwargs) -> bool:
+    try:
+        fn(*args, **kwargs)
+    except (RuntimeError, AssertionError, AttributeError, TypeError):
+        return True
+    return False
+
+
+def test_all_patches_applied():
+    assert cpu_compat.cpu_compat_active()
+    assert set(cpu_compat.PATCHES) == {"CUDA_RNG", "CURRENT_DEVICE", "CUDA_FACTORIES", "TENSOR_CUDA", "PARAM_TYPE"}
+
+
+def test_cuda_rng_tracker_keeps_cpu_states():
+    from megatron.core import tensor_parallel
+
+    assert _fails(cpu_compat.ORIGINALS["cuda_get_rng_state"])  # still needed
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    assert isinstance(tracker, cpu_compat.CpuRNGStatesTracker)
+    outer_before = torch.get_rng_state()
+    with tracker.fork():
+        first = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), outer_before)  # the default stream is untouched
+    with tracker.fork():
+        second = torch.rand(4)
+    assert not torch.equal(first, second)  # the tracked stream advanced
+    mpd.seed_everything(5)
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        assert torch.equal(torch.rand(4), first)  # re-seeding reproduces it
+
+
+def test_activation_recompute_reproduces_dropout_under_the_tracker():
+    from megatron.core import tensor_parallel
+
+    weight = torch.randn(8, 8, requires_grad=True)
+
+    def block(x, w):
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return torch.nn.functional.dropout(x @ w, p=0.5, training=True)
+
+    x = torch.randn(3, 8)
+    mpd.seed_everything(3)
+    block(x, weight).sum().backward()
+    plain = weight.grad.clone()
+    weight.grad = None
+    mpd.seed_everything(3)
+    # The recomputation in backward must see the same dropout mask as the first forward.
+    torch.rand(7)  # advance the default stream between forward and backward: must not matter
+    tensor_parallel.checkpoint(block, False, x, weight).sum().backward()
+    torch.testing.assert_close(weight.grad, plain, rtol=0, atol=0)
+
+
+def test_current_device_and_synchronize():
+    assert _fails(cpu_compat.ORIGINALS["cuda_current_device"])
+    assert torch.cuda.current_device() == torch.device("cpu")
+    torch.cuda.synchronize()  # a no-op instead of an error
+    assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
+
+
+def test_cuda_factories_in_megatron_modules():
+    from megatron.core.transformer import utils
+
+    assert _fails(torch.zeros, 1, device="cuda")
+    mask = utils.get_default_causal_mask(4)
+    assert mask.device.type == "cpu" and mask.dtype == torch.bool
+    assert torch.equal(mask, torch.ones(4, 4, dtype=torch.bool).triu(1))
+    assert isinstance(utils.torch, cpu_compat._CpuFactoryTorch)
+    assert torch.zeros is not utils.torch.zeros  # the global torch is not patched
+
+
+def test_tensor_cuda_is_identity():
+    t = torch.ones(2)
+    assert _fails(cpu_compat.ORIGINALS["tensor_cuda"], t)
+    assert t.cuda() is t
+
+
+def test_param_type_checks_accept_cpu_parameters_in_a_real_optimizer():
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from helpers.llm import tiny_llm_config
+    from megatron_puffin.models.llm import build_llm
+
+    assert cpu_compat.ORIGINALS["tensor_type"](torch.ones(1)) == "torch.FloatTensor"  # what megatron rejects
+    config = tiny_llm_config(num_layers=1)
+    tconfig = config.to_transformer_config(params_dtype=torch.bfloat16)
+    model = build_llm(config, transformer_config=tconfig)
+    ddp = DistributedDataParallel(tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True), [ddp])
+    main_params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert main_params and all(p.dtype == torch.float32 for p in main_params)  # fp32 master copies of bf16 params
+    assert torch.ones(1).type() == "torch.FloatTensor"  # the type() override is scoped to construction
