@@ -1,0 +1,350 @@
+"""The indexed multimodal dataset format: a manifest plus one megatron-core ``IndexedDataset`` per field.
+
+A *shard* is a directory::
+
+    <shard>/manifest.json          schema version, fields and types, sample count, subset, source, flags, bad samples
+    <shard>/<field>.bin / .idx     one megatron-core IndexedDataset per field, aligned by sample index
+
+Fields (:data:`FIELDS`): encoded image bytes, initial-view image bytes (cross-view), UTF-8 texts (caption
+description, thinking reasoning, cross-view scene description, photography answer, source key) and the typed
+camera (float32 roll, pitch, vfov, yaw; NaN where absent). Camera sentences are *not* stored: they are rendered
+from the typed values (ARCHITECTURE decision 5). An empty text / image means "absent".
+
+A *dataset* is one shard, or a directory holding shard directories at any depth, or a list of such paths; all
+shards are read as one sequence (:class:`PuffinDataset`). The reader memory-maps every field once, checks the
+manifest against the shards on open and fails with :class:`DatasetFormatError` on truncated or inconsistent files.
+"""
+import json
+import logging
+import math
+import os
+import shutil
+from bisect import bisect_right
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, get_bin_path, get_idx_path
+
+from megatron_puffin.camera import Camera
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "megatron_puffin.indexed"
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+CAMERA_WIDTH = 4
+"""Camera values per sample: roll, pitch, vfov, yaw (radians, float32; NaN = absent)."""
+
+FIELDS: Dict[str, Dict[str, str]] = {
+    "key": {"dtype": "uint8", "kind": "text", "doc": "source identifier (annotation path relative to its folder)"},
+    "image": {"dtype": "uint8", "kind": "bytes", "doc": "encoded image (JPEG/PNG as in the source, or re-encoded)"},
+    "image_init": {"dtype": "uint8", "kind": "bytes", "doc": "encoded initial view of a cross-view pair"},
+    "caption": {"dtype": "uint8", "kind": "text", "doc": "scene description of the caption, camera sentence removed"},
+    "reasoning": {"dtype": "uint8", "kind": "text", "doc": "text inside <think>...</think> of the thinking caption"},
+    "scene": {"dtype": "uint8", "kind": "text", "doc": "cross-view target scene description (cap_folder_scene)"},
+    "answer": {"dtype": "uint8", "kind": "text", "doc": "photography answer text, verbatim"},
+    "camera": {"dtype": "float32", "kind": "camera", "doc": "roll, pitch, vfov, yaw in radians; NaN = absent"},
+}
+"""Field name -> storage dtype, kind and meaning. Every shard has all fields."""
+
+_NUMPY_DTYPES = {"uint8": np.uint8, "float32": np.float32}
+
+
+class DatasetFormatError(ValueError):
+    """A shard is missing, truncated or inconsistent with its manifest."""
+
+
+@dataclass
+class PuffinRecord:
+    """One sample in typed form, as written by :class:`ShardWriter` (empty text/bytes = absent).
+
+    Attributes:
+        key: Source identifier (e.g. the annotation path); never empty.
+        image: Encoded image bytes of the (target) image.
+        caption: Scene description without the camera sentence.
+        reasoning: Thinking reasoning (inside ``<think>``), or "".
+        scene: Cross-view target scene description, or "".
+        answer: Photography answer text, or "".
+        image_init: Encoded initial view of a cross-view pair, or b"".
+        camera: The camera of the (target) image (with yaw for cross-view targets), or None.
+    """
+
+    key: str
+    image: bytes = b""
+    caption: str = ""
+    reasoning: str = ""
+    scene: str = ""
+    answer: str = ""
+    image_init: bytes = b""
+    camera: Optional[Camera] = None
+
+
+def camera_to_array(camera: Optional[Camera]) -> np.ndarray:
+    """(roll, pitch, vfov, yaw) float32 with NaN for an absent camera or yaw."""
+    if camera is None:
+        return np.full(CAMERA_WIDTH, np.nan, dtype=np.float32)
+    yaw = np.nan if camera.yaw is None else camera.yaw
+    return np.array([camera.roll, camera.pitch, camera.vfov, yaw], dtype=np.float32)
+
+
+def array_to_camera(values: np.ndarray) -> Optional[Camera]:
+    """Inverse of :func:`camera_to_array` (None when roll is NaN)."""
+    roll, pitch, vfov, yaw = (float(v) for v in values)
+    if math.isnan(roll):
+        return None
+    return Camera(roll, pitch, vfov, None if math.isnan(yaw) else yaw)
+
+
+def _field_payload(record: PuffinRecord, name: str) -> np.ndarray:
+    value = getattr(record, name)
+    if FIELDS[name]["kind"] == "camera":
+        return camera_to_array(value)
+    data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+class ShardWriter:
+    """Writes one shard directory; it appears atomically (temporary name, renamed by :meth:`finalize`).
+
+    Args:
+        shard_dir: Final shard directory (must not exist yet).
+        subset: Which part of the source the samples come from ("main", "cross_view", "photography", ...).
+        source: Free-form description of the source (paths, record range), stored in the manifest.
+        flags: The creation flags, stored in the manifest.
+    """
+
+    def __init__(self, shard_dir: Union[str, os.PathLike], subset: str, source: Optional[Dict[str, Any]] = None,
+                 flags: Optional[Dict[str, Any]] = None):
+        self.shard_dir = Path(shard_dir)
+        self.tmp_dir = self.shard_dir.with_name(self.shard_dir.name + ".tmp")
+        if self.shard_dir.exists():
+            raise FileExistsError(f"shard {self.shard_dir} already exists")
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self.tmp_dir.mkdir(parents=True)
+        self.subset, self.source, self.flags = subset, source or {}, flags or {}
+        self.num_samples = 0
+        self._builders = {
+            name: IndexedDatasetBuilder(get_bin_path(str(self.tmp_dir / name)), dtype=_NUMPY_DTYPES[spec["dtype"]])
+            for name, spec in FIELDS.items()
+        }
+        self._field_bytes = {name: 0 for name in FIELDS}
+
+    def add(self, record: PuffinRecord) -> None:
+        """Appends one sample (all fields)."""
+        if not record.key:
+            raise ValueError("a record needs a non-empty key")
+        for name, builder in self._builders.items():
+            payload = _field_payload(record, name)
+            builder.add_item(torch.from_numpy(payload.copy()))
+            builder.end_document()
+            self._field_bytes[name] += payload.nbytes
+        self.num_samples += 1
+
+    def finalize(self, bad_samples: Optional[Dict[str, int]] = None) -> Path:
+        """Writes the indices and the manifest, then publishes the shard under its final name.
+
+        Args:
+            bad_samples: Per-reason counts of source samples skipped while filling this shard.
+
+        Returns:
+            The shard directory.
+        """
+        for name, builder in self._builders.items():
+            builder.finalize(get_idx_path(str(self.tmp_dir / name)))
+        manifest = {
+            "format": FORMAT_NAME,
+            "schema_version": SCHEMA_VERSION,
+            "num_samples": self.num_samples,
+            "subset": self.subset,
+            "fields": {
+                name: {"dtype": spec["dtype"], "kind": spec["kind"], "num_bytes": self._field_bytes[name],
+                       **({"width": CAMERA_WIDTH} if spec["kind"] == "camera" else {})}
+                for name, spec in FIELDS.items()
+            },
+            "source": self.source,
+            "flags": self.flags,
+            "bad_samples": dict(sorted((bad_samples or {}).items())),
+        }
+        (self.tmp_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        os.replace(self.tmp_dir, self.shard_dir)
+        logger.info("wrote shard %s (%d samples)", self.shard_dir, self.num_samples)
+        return self.shard_dir
+
+
+def read_manifest(shard_dir: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Reads and checks a shard manifest (format name, schema version, fields)."""
+    path = Path(shard_dir) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise DatasetFormatError(f"{path} is missing: {shard_dir} is not a finished shard") from error
+    except json.JSONDecodeError as error:
+        raise DatasetFormatError(f"{path} is not valid JSON ({error}); the shard is corrupt, re-create it") from error
+    if manifest.get("format") != FORMAT_NAME or manifest.get("schema_version") != SCHEMA_VERSION:
+        raise DatasetFormatError(
+            f"{path}: format {manifest.get('format')!r} schema {manifest.get('schema_version')!r} is not "
+            f"{FORMAT_NAME!r} schema {SCHEMA_VERSION}; re-run tools/preprocess_data.py"
+        )
+    missing = sorted(set(FIELDS) - set(manifest.get("fields", {})))
+    if missing:
+        raise DatasetFormatError(f"{path} lacks fields {missing}")
+    return manifest
+
+
+def _check_field(shard_dir: Path, name: str, manifest: Dict[str, Any]) -> None:
+    """Checks that a field's .idx/.bin match the manifest (sample count, byte size, camera width)."""
+    prefix = str(shard_dir / name)
+    idx_path, bin_path = Path(get_idx_path(prefix)), Path(get_bin_path(prefix))
+    for path in (idx_path, bin_path):
+        if not path.is_file():
+            raise DatasetFormatError(f"shard {shard_dir}: {path.name} is missing")
+    itemsize = np.dtype(_NUMPY_DTYPES[FIELDS[name]["dtype"]]).itemsize
+    expected_bytes = manifest["fields"][name]["num_bytes"]
+    if bin_path.stat().st_size != expected_bytes:
+        raise DatasetFormatError(
+            f"shard {shard_dir}: {bin_path.name} has {bin_path.stat().st_size} bytes, the manifest says "
+            f"{expected_bytes} (truncated or replaced file); re-create the shard"
+        )
+    num_samples = manifest["num_samples"]
+    # .idx layout (megatron-core): 34-byte header, int32 lengths, int64 pointers, int64 document indices.
+    expected_idx = 34 + num_samples * 4 + num_samples * 8 + (num_samples + 1) * 8
+    if idx_path.stat().st_size != expected_idx:
+        raise DatasetFormatError(
+            f"shard {shard_dir}: {idx_path.name} has {idx_path.stat().st_size} bytes, expected {expected_idx} for "
+            f"{num_samples} samples (truncated or inconsistent index)"
+        )
+    dataset = _open_field(prefix, expected_bytes)
+    lengths = dataset.sequence_lengths
+    if len(dataset) != num_samples or int(lengths.sum(dtype=np.int64)) * itemsize != expected_bytes:
+        raise DatasetFormatError(f"shard {shard_dir}: field {name} index disagrees with the manifest")
+    if FIELDS[name]["kind"] == "camera" and num_samples and not (lengths == CAMERA_WIDTH).all():
+        raise DatasetFormatError(f"shard {shard_dir}: camera entries must hold {CAMERA_WIDTH} values each")
+
+
+def _open_field(prefix: str, num_bytes: int) -> IndexedDataset:
+    # numpy cannot memory-map an empty file: an all-empty field is opened without mmap and never read.
+    return IndexedDataset(prefix, multimodal=False, mmap=num_bytes > 0)
+
+
+def find_shards(path: Union[str, os.PathLike]) -> List[Path]:
+    """Shard directories at or below ``path`` (sorted by relative path); unfinished ``*.tmp`` dirs are ignored."""
+    root = Path(path)
+    if (root / MANIFEST_NAME).is_file():
+        return [root]
+    if not root.is_dir():
+        raise DatasetFormatError(f"dataset path {root} does not exist")
+    shards = sorted(p.parent for p in root.rglob(MANIFEST_NAME) if not p.parent.name.endswith(".tmp"))
+    if not shards:
+        raise DatasetFormatError(f"no shard (directory with {MANIFEST_NAME}) found under {root}")
+    return shards
+
+
+class _Shard:
+    """One opened shard: lazily memory-maps its fields (again after a fork, so DataLoader workers work)."""
+
+    def __init__(self, shard_dir: Path, validate: bool = True):
+        self.dir = shard_dir
+        self.manifest = read_manifest(shard_dir)
+        if validate:
+            for name in FIELDS:
+                _check_field(shard_dir, name, self.manifest)
+        self.num_samples = int(self.manifest["num_samples"])
+        self.subset = self.manifest.get("subset", "")
+        self._fields: Optional[Dict[str, IndexedDataset]] = None
+        self._pid: Optional[int] = None
+
+    def fields(self) -> Dict[str, IndexedDataset]:
+        if self._fields is None or self._pid != os.getpid():
+            self._fields = {
+                name: _open_field(str(self.dir / name), self.manifest["fields"][name]["num_bytes"]) for name in FIELDS
+            }
+            self._pid = os.getpid()
+        return self._fields
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fields"], state["_pid"] = None, None
+        return state
+
+
+def _text(array: np.ndarray) -> Optional[str]:
+    return array.tobytes().decode("utf-8") if array.size else None
+
+
+class PuffinDataset(torch.utils.data.Dataset):
+    """Random access to one or several shards as one sequence of typed samples.
+
+    Args:
+        paths: A shard directory, a directory containing shard directories (any depth), or a list of those.
+        validate: Check every field of every shard against its manifest on open (cheap: index headers and file
+            sizes; no sample is read).
+
+    ``dataset[i]`` returns a dict: ``index`` (int), ``subset`` (str), ``key`` (str), ``image`` (bytes),
+    ``image_init`` (bytes or None), ``caption``, ``reasoning``, ``scene``, ``answer`` (str or None) and
+    ``camera`` (:class:`~megatron_puffin.camera.Camera` or None; yaw set for cross-view targets).
+
+    Raises:
+        DatasetFormatError: On a missing, truncated or inconsistent shard.
+    """
+
+    def __init__(self, paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], validate: bool = True):
+        path_list = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        if not path_list:
+            raise DatasetFormatError("PuffinDataset needs at least one path")
+        shard_dirs = [shard for path in path_list for shard in find_shards(path)]
+        self.shards = [_Shard(shard_dir, validate) for shard_dir in shard_dirs]
+        self._offsets = np.cumsum([0] + [shard.num_samples for shard in self.shards]).tolist()
+        logger.info("opened %d samples in %d shards from %s", len(self), len(self.shards), path_list)
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def locate(self, index: int) -> "tuple[_Shard, int]":
+        """(shard, index inside the shard) of a global sample index."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sample index {index} out of range for {len(self)} samples")
+        index = index % len(self) if index < 0 else index
+        shard_index = bisect_right(self._offsets, index) - 1
+        return self.shards[shard_index], index - self._offsets[shard_index]
+
+    def read_field(self, index: int, name: str) -> np.ndarray:
+        """Raw stored values of one field of one sample (a read-only view into the memory map)."""
+        shard, local = self.locate(index)
+        if shard.manifest["fields"][name]["num_bytes"] == 0:
+            return np.zeros(0, dtype=_NUMPY_DTYPES[FIELDS[name]["dtype"]])
+        return shard.fields()[name][local]
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        index = int(index)
+        shard, _ = self.locate(index)
+        sample: Dict[str, Any] = {"index": index % len(self), "subset": shard.subset}
+        for name, spec in FIELDS.items():
+            values = self.read_field(index, name)
+            if spec["kind"] == "text":
+                sample[name] = _text(values)
+            elif spec["kind"] == "bytes":
+                sample[name] = values.tobytes() if values.size else None
+            else:
+                sample[name] = array_to_camera(values)
+        sample["key"] = sample["key"] or ""
+        return sample
+
+    def cameras(self) -> np.ndarray:
+        """All cameras as a float32 array [N, 4] (roll, pitch, vfov, yaw; NaN = absent), read in one pass."""
+        rows = [
+            np.asarray(shard.fields()["camera"][0 : shard.num_samples], dtype=np.float32).reshape(-1, CAMERA_WIDTH)
+            for shard in self.shards
+            if shard.num_samples
+        ]
+        return np.concatenate(rows) if rows else np.zeros((0, CAMERA_WIDTH), np.float32)
+
+    def bad_sample_counts(self) -> Dict[str, int]:
+        """Per-reason counts of source samples skipped while preprocessing, summed over the shards."""
+        totals: Dict[str, int] = {}
+        for shard in self.shards:
+            for reason, count in shard.manifest.get("bad_samples", {}).items():
+                totals[reason] = totals.get(reason, 0) + int(count)
+        return dict(sorted(totals.items()))

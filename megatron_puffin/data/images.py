@@ -1,0 +1,112 @@
+"""Image decoding, validation and the 'dynamic' preprocessing of spec §3.5, on encoded bytes.
+
+Images travel through the pipeline as encoded bytes (JPEG/PNG, as stored in the shards) and are decoded only in
+the loader workers. Tensors handed to the model are float32 [3, H, W] in [-1, 1].
+"""
+import io
+import logging
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from megatron_puffin.camera.transforms import DYNAMIC_MAX_SIZE, DYNAMIC_UNIT, dynamic_size
+
+logger = logging.getLogger(__name__)
+
+MIN_IMAGE_SIDE = 80
+"""Images with width or height <= this are rejected (spec §3.5 step 1)."""
+MIN_ASPECT, MAX_ASPECT = 0.1, 10.0
+"""Images whose aspect w/h is outside the open interval (0.1, 10) are rejected (spec §3.5 step 1)."""
+REENCODE_QUALITY = 95
+"""JPEG quality used when preprocessing has to resize an image."""
+
+
+class ImageError(ValueError):
+    """An image is unusable; ``reason`` is a short machine-readable key (e.g. "image_unreadable")."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Fully decodes encoded image bytes to an RGB PIL image (a truncated file raises, it is not padded).
+
+    Raises:
+        ImageError: ``image_empty`` for zero bytes, ``image_unreadable`` for anything PIL cannot decode completely.
+    """
+    if not data:
+        raise ImageError("image_empty", "zero-byte image")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.convert("RGB")
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+        raise ImageError("image_unreadable", f"{type(error).__name__}: {error}") from error
+
+
+def geometry_problem(width: int, height: int) -> Optional[Tuple[str, str]]:
+    """(reason, detail) when an image of this size must be rejected per spec §3.5, else None."""
+    if width <= MIN_IMAGE_SIDE or height <= MIN_IMAGE_SIDE:
+        return "image_too_small", f"{width}x{height} has a side <= {MIN_IMAGE_SIDE} pixels"
+    aspect = width / height
+    if not MIN_ASPECT < aspect < MAX_ASPECT:
+        return "image_bad_aspect", f"{width}x{height} has aspect {aspect:.3f} outside ({MIN_ASPECT}, {MAX_ASPECT})"
+    return None
+
+
+def limit_size(image: Image.Image, data: bytes, max_size: Optional[int]) -> bytes:
+    """Returns ``data`` unchanged when the image fits ``max_size``, else a bicubic downscale re-encoded as JPEG.
+
+    Args:
+        image: The decoded image of ``data``.
+        data: Its encoded bytes.
+        max_size: Largest allowed side in pixels, or None for no limit.
+    """
+    if max_size is None or max(image.size) <= max_size:
+        return data
+    scale = max_size / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    buffer = io.BytesIO()
+    image.resize(size, Image.BICUBIC).save(buffer, format="JPEG", quality=REENCODE_QUALITY)
+    return buffer.getvalue()
+
+
+def dynamic_resize_image(image: Image.Image, max_size: int = DYNAMIC_MAX_SIZE, unit: int = DYNAMIC_UNIT) -> Image.Image:
+    """The 'dynamic' resize of spec §3.5 step 2 (bicubic; sides multiples of ``unit``, longest side <= max_size)."""
+    width, height = dynamic_size(image.width, image.height, max_size, unit)
+    if (width, height) == image.size:
+        return image
+    return image.resize((width, height), Image.BICUBIC)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 [3, H, W] in [-1, 1] (x / 255 * 2 - 1, spec §3.5 step 3)."""
+    array = np.asarray(image, dtype=np.uint8)
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float()
+    return tensor.mul_(2.0 / 255.0).sub_(1.0)
+
+
+def pad_to_square(image: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """Pads [C, H, W] symmetrically (extra pixel bottom/right) to a square of the long side with ``fill``.
+
+    Same placement as :func:`megatron_puffin.camera.transforms.pad_to_square` (which also returns a camera); this
+    is the correct pad-to-square of the reference's intent (spec §3.5 step 4, §9.8), not its landscape crop.
+    """
+    height, width = image.shape[-2:]
+    if height == width:
+        return image
+    if height > width:
+        left = (height - width) // 2
+        return F.pad(image, (left, height - width - left, 0, 0), value=fill)
+    top = (width - height) // 2
+    return F.pad(image, (0, 0, top, width - height - top), value=fill)
+
+
+def load_dynamic(data: bytes, max_size: int = DYNAMIC_MAX_SIZE, unit: int = DYNAMIC_UNIT) -> torch.Tensor:
+    """Decode + dynamic resize + to [-1, 1]: encoded bytes -> float32 [3, H, W], H and W multiples of ``unit``."""
+    return to_tensor(dynamic_resize_image(decode_image(data), max_size, unit))

@@ -1,0 +1,288 @@
+"""Turn a Puffin-4M-layout folder into indexed shards (the library side of ``tools/preprocess_data.py``).
+
+Output::
+
+    <output_prefix>/dataset.json                 report: per subset counts, per-reason bad samples, flags, timing
+    <output_prefix>/<subset>/shard-00000/...     one shard per ``shard_size`` consecutive summary records
+
+Shard k of a subset holds the good samples among summary records [k * shard_size, (k + 1) * shard_size), so a
+re-run skips every shard that already exists (resume) and recomputes only the missing ones. Work is spread over
+``workers`` processes in chunks; results come back in order, so shards do not depend on the number of workers.
+"""
+import json
+import logging
+import multiprocessing
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from megatron_puffin.data.format import DatasetFormatError, PuffinRecord, ShardWriter, read_manifest
+from megatron_puffin.data.puffin4m import BadSample, SubsetLayout, build_record, discover_subsets, load_summary
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "dataset.json"
+
+
+@dataclass
+class PreprocessOptions:
+    """What :func:`preprocess` does (mirrors the flags of ``tools/preprocess_data.py``).
+
+    Attributes:
+        input: Puffin-4M ``training_data`` root.
+        output_prefix: Output directory (created); never inside ``input``.
+        workers: Worker processes (1 = in-process).
+        shard_size: Summary records per shard.
+        max_image_size: Downscale and re-encode images whose longest side is larger (None keeps the bytes).
+        strict: Stop at the first bad sample (raising :class:`StrictModeError`) instead of skipping it.
+        limit: Use only the first ``limit`` records of each subset.
+        progress: Show a progress bar on stderr.
+        chunk_size: Records per unit of work sent to a worker.
+    """
+
+    input: Path
+    output_prefix: Path
+    workers: int = 1
+    shard_size: int = 10000
+    max_image_size: Optional[int] = None
+    strict: bool = False
+    limit: Optional[int] = None
+    progress: bool = True
+    chunk_size: int = 32
+
+
+class StrictModeError(RuntimeError):
+    """Raised with ``strict``: the first bad sample, with its path and reason."""
+
+    def __init__(self, bad: BadSample):
+        super().__init__(f"bad sample {bad.path}: {bad.reason} ({bad.detail})")
+        self.bad = bad
+
+
+@dataclass
+class _ShardPlan:
+    layout: SubsetLayout
+    index: int
+    start: int
+    stop: int
+    directory: Path
+
+
+def _check_options(options: PreprocessOptions) -> None:
+    errors = []
+    if not Path(options.input).is_dir():
+        errors.append(f"--input ({options.input}) must be an existing directory")
+    for name in ("workers", "shard_size", "chunk_size"):
+        if getattr(options, name) < 1:
+            errors.append(f"--{name.replace('_', '-')} ({getattr(options, name)}) must be >= 1")
+    if options.max_image_size is not None and options.max_image_size < 96:
+        errors.append(f"--max-image-size ({options.max_image_size}) must be >= 96 (images <= 80 px are rejected)")
+    if options.limit is not None and options.limit < 0:
+        errors.append(f"--limit ({options.limit}) must be >= 0")
+    output, source = Path(options.output_prefix).resolve(), Path(options.input).resolve()
+    if output == source or source in output.parents:
+        errors.append(f"--output-prefix ({output}) must not lie inside --input ({source}): the input is read-only")
+    if errors:
+        raise ValueError("; ".join(errors))
+
+
+def _shard_source(options: PreprocessOptions, plan: _ShardPlan, num_records: int) -> Dict[str, Any]:
+    return {
+        "input": str(Path(options.input).resolve()),
+        "subset": plan.layout.name,
+        "records": [plan.start, plan.stop],
+        "subset_records": num_records,
+    }
+
+
+def _shard_flags(options: PreprocessOptions) -> Dict[str, Any]:
+    return {"shard_size": options.shard_size, "max_image_size": options.max_image_size}
+
+
+def _is_finished(plan: _ShardPlan, source: Dict[str, Any], flags: Dict[str, Any]) -> bool:
+    """True when the shard exists from an identical run; raises when it exists from a different one."""
+    if not plan.directory.exists():
+        return False
+    try:
+        manifest = read_manifest(plan.directory)
+    except DatasetFormatError as error:
+        raise ValueError(f"{plan.directory} exists but is not a valid shard ({error}); delete it to rebuild") from error
+    if manifest.get("source") != source or manifest.get("flags") != flags:
+        raise ValueError(
+            f"{plan.directory} was written from another input or with other flags (source {manifest.get('source')}, "
+            f"flags {manifest.get('flags')}); use a new --output-prefix or delete the old output"
+        )
+    return True
+
+
+def _plan(options: PreprocessOptions, records: Dict[str, Tuple[SubsetLayout, List[Any]]]) -> List[_ShardPlan]:
+    plans = []
+    for name, (layout, items) in records.items():
+        for index, start in enumerate(range(0, len(items), options.shard_size)):
+            stop = min(start + options.shard_size, len(items))
+            directory = Path(options.output_prefix) / name / f"shard-{index:05d}"
+            plans.append(_ShardPlan(layout, index, start, stop, directory))
+    return plans
+
+
+def _process_chunk(task: Tuple[SubsetLayout, List[Any], Optional[int]]) -> List[Tuple[Optional[PuffinRecord], Optional[BadSample]]]:
+    """Worker: builds the records of one chunk; bad samples are returned, not raised."""
+    layout, items, max_image_size = task
+    results: List[Tuple[Optional[PuffinRecord], Optional[BadSample]]] = []
+    for item in items:
+        try:
+            results.append((build_record(layout, item, max_image_size), None))
+        except BadSample as bad:
+            results.append((None, bad))
+    return results
+
+
+def _map_chunks(tasks: List[Any], workers: int) -> Iterator[List[Tuple[Optional[PuffinRecord], Optional[BadSample]]]]:
+    if workers <= 1:
+        yield from map(_process_chunk, tasks)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with context.Pool(workers) as pool:
+        yield from pool.imap(_process_chunk, tasks)
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="samples", desc="preprocess", disable=not enabled, mininterval=1.0, smoothing=0.1)
+
+
+class _Tally:
+    """Per-subset sample and bad-sample counts plus a few example paths per reason."""
+
+    def __init__(self):
+        self.subsets: Dict[str, Dict[str, Any]] = {}
+        self.examples: Dict[str, List[str]] = {}
+
+    def subset(self, name: str) -> Dict[str, Any]:
+        return self.subsets.setdefault(
+            name, {"records": 0, "samples": 0, "shards": 0, "shards_skipped": 0, "bad_samples": {}}
+        )
+
+    def add_bad(self, name: str, counts: Dict[str, int]) -> None:
+        bad = self.subset(name)["bad_samples"]
+        for reason, count in counts.items():
+            bad[reason] = bad.get(reason, 0) + count
+
+    def note_example(self, bad: BadSample) -> None:
+        examples = self.examples.setdefault(bad.reason, [])
+        if len(examples) < 5:
+            examples.append(bad.path)
+
+
+def _write_shard(plan, source, flags, results, tally, options, bar) -> None:
+    """Consumes one shard's chunk results in order and publishes the shard."""
+    writer = ShardWriter(plan.directory, plan.layout.name, source, flags)
+    bad_counts: Dict[str, int] = {}
+    for chunk in results:
+        for record, bad in chunk:
+            if bad is not None:
+                if options.strict:
+                    raise StrictModeError(bad)
+                logger.debug("skipping %s", bad)
+                bad_counts[bad.reason] = bad_counts.get(bad.reason, 0) + 1
+                tally.note_example(bad)
+            else:
+                writer.add(record)
+        bar.update(len(chunk))
+    writer.finalize(bad_counts)
+    stats = tally.subset(plan.layout.name)
+    stats["samples"] += writer.num_samples
+    stats["shards"] += 1
+    tally.add_bad(plan.layout.name, bad_counts)
+
+
+def _chunk_tasks(plan: _ShardPlan, items: List[Any], options: PreprocessOptions) -> List[Any]:
+    return [
+        (plan.layout, items[start : min(start + options.chunk_size, plan.stop)], options.max_image_size)
+        for start in range(plan.start, plan.stop, options.chunk_size)
+    ]
+
+
+def _run_plans(todo, records, options, tally) -> int:
+    """Processes the unfinished shards; returns the number of records processed."""
+    tasks, owners = [], []
+    for plan, _ in todo:
+        chunks = _chunk_tasks(plan, records[plan.layout.name][1], options)
+        tasks.extend(chunks)
+        owners.append(len(chunks))
+    total = sum(plan.stop - plan.start for plan, _ in todo)
+    results = _map_chunks(tasks, options.workers)
+    try:
+        with _progress_bar(total, options.progress) as bar:
+            for (plan, source), num_chunks in zip(todo, owners):
+                shard_results = (next(results) for _ in range(num_chunks))
+                _write_shard(plan, source, _shard_flags(options), shard_results, tally, options, bar)
+    finally:
+        results.close()  # stops the worker pool, also when strict mode raised
+    return total
+
+
+def preprocess(options: PreprocessOptions) -> Dict[str, Any]:
+    """Runs the whole conversion and writes ``<output_prefix>/dataset.json``.
+
+    Returns:
+        The report: per-subset records/samples/shards and per-reason bad-sample counts, totals, timing.
+
+    Raises:
+        ValueError: On bad options, an input without any subset, or an output written from something else.
+        StrictModeError: With ``strict``, at the first bad sample.
+    """
+    _check_options(options)
+    started = time.perf_counter()
+    subsets = discover_subsets(Path(options.input))
+    if not subsets:
+        raise ValueError(f"--input {options.input} holds no Puffin-4M subset (no summary.json / summary/ found)")
+    records = {}
+    for layout in subsets:
+        items = load_summary(layout)
+        records[layout.name] = (layout, items[: options.limit] if options.limit is not None else items)
+    tally, todo = _Tally(), []
+    for plan in _plan(options, records):
+        source = _shard_source(options, plan, len(records[plan.layout.name][1]))
+        stats = tally.subset(plan.layout.name)
+        if _is_finished(plan, source, _shard_flags(options)):
+            manifest = read_manifest(plan.directory)
+            stats["samples"] += manifest["num_samples"]
+            stats["shards_skipped"] += 1
+            tally.add_bad(plan.layout.name, manifest.get("bad_samples", {}))
+        else:
+            todo.append((plan, source))
+    for name, (_, items) in records.items():
+        tally.subset(name)["records"] = len(items)
+    processed = _run_plans(todo, records, options, tally) if todo else 0
+    return _write_report(options, tally, processed, time.perf_counter() - started)
+
+
+def _write_report(options: PreprocessOptions, tally: _Tally, processed: int, elapsed: float) -> Dict[str, Any]:
+    totals: Dict[str, int] = {}
+    for stats in tally.subsets.values():
+        stats["bad_samples"] = dict(sorted(stats["bad_samples"].items()))
+        for reason, count in stats["bad_samples"].items():
+            totals[reason] = totals.get(reason, 0) + count
+    report = {
+        "input": str(Path(options.input).resolve()),
+        "output_prefix": str(Path(options.output_prefix).resolve()),
+        "flags": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(options).items()},
+        "subsets": tally.subsets,
+        "samples": sum(stats["samples"] for stats in tally.subsets.values()),
+        "bad_samples": dict(sorted(totals.items())),
+        "bad_sample_examples": tally.examples,
+        "records_processed": processed,
+        "elapsed_s": round(elapsed, 3),
+        "records_per_s": round(processed / elapsed, 1) if elapsed > 0 else None,
+    }
+    output = Path(options.output_prefix)
+    output.mkdir(parents=True, exist_ok=True)
+    tmp = output / (REPORT_NAME + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
+    os.replace(tmp, output / REPORT_NAME)
+    return report

@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Convert a Puffin-4M-layout folder into megatron_puffin indexed shards.
+
+    python tools/preprocess_data.py --input /data/Puffin-4M/training_data --output-prefix /data/puffin_indexed \
+        --workers 16 [--shard-size 10000] [--max-image-size 1024] [--strict] [--limit N]
+
+Writes <output-prefix>/<subset>/shard-NNNNN/ (main, cross_view, photography) and <output-prefix>/dataset.json.
+Re-running with the same flags resumes: finished shards are skipped. The input is only read. Bad samples are
+skipped and counted per reason (report and shard manifests); --strict stops at the first one with its path.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
+
+from megatron_puffin.data.preprocess import PreprocessOptions, StrictModeError, preprocess  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flag groups: input, output, processing, runtime."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("input")
+    group.add_argument("--input", required=True, type=Path, help="Puffin-4M training_data root (read only).")
+    group.add_argument("--limit", type=int, default=None, help="Use only the first N summary records of each subset.")
+    group = parser.add_argument_group("output")
+    group.add_argument("--output-prefix", required=True, type=Path, help="Output directory for shards and report.")
+    group.add_argument("--shard-size", type=int, default=10000, help="Summary records per shard (default 10000).")
+    group = parser.add_argument_group("processing")
+    group.add_argument(
+        "--max-image-size", type=int, default=None,
+        help="Downscale (bicubic) and re-encode as JPEG images whose longest side exceeds this; default keeps bytes.",
+    )
+    group.add_argument("--strict", action="store_true", help="Stop at the first bad sample, naming file and reason.")
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--workers", type=int, default=1, help="Worker processes (default 1).")
+    group.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+    group.add_argument("--log-level", default="WARNING", help="Python logging level (default WARNING).")
+    return parser
+
+
+def _print_report(report: dict) -> None:
+    print(f"preprocessed {report['input']} -> {report['output_prefix']}")
+    for name, stats in report["subsets"].items():
+        print(
+            f"  {name:12s} records {stats['records']:>9d}  samples {stats['samples']:>9d}  shards {stats['shards']} "
+            f"new + {stats['shards_skipped']} already done  bad {sum(stats['bad_samples'].values())}"
+        )
+    for reason, count in report["bad_samples"].items():
+        print(f"  bad samples: {reason:24s} {count}")
+    rate = report["records_per_s"]
+    print(f"  {report['records_processed']} records in {report['elapsed_s']} s ({rate} samples/s)")
+    print(json.dumps({"samples": report["samples"], "bad_samples": report["bad_samples"]}))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = PreprocessOptions(
+        input=args.input,
+        output_prefix=args.output_prefix,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        max_image_size=args.max_image_size,
+        strict=args.strict,
+        limit=args.limit,
+        progress=not args.no_progress,
+    )
+    try:
+        report = preprocess(options)
+    except StrictModeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    _print_report(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
