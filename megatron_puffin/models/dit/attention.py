@@ -1,0 +1,168 @@
+"""Joint (MMDiT) attention on megatron-core tensor-parallel layers.
+
+Both streams (image tokens, text tokens) have their own q/k/v projections, column-parallel by heads, so each
+tensor-parallel rank holds ``heads / TP`` heads of both streams. Per rank, the two streams' heads are
+concatenated along the sequence ``[image ; text]`` and attend jointly; the result is split back and each stream
+goes through its own row-parallel output projection (one all-reduce per stream). Parameter names mirror
+diffusers' ``Attention`` in SD3 (``to_q``, ``add_q_proj``, ``to_out.0``, ``to_add_out``...).
+
+Tensors are sequence-first as in megatron-core: ``[s, b, h]`` hidden states, ``[s, b, np, hn]`` heads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_puffin.models.dit.parallel_utils import ShardedModuleList
+
+
+class SDPADotProductAttention(MegatronModule):
+    """Local core attention: torch's ``scaled_dot_product_attention`` behind megatron-core's core-attention
+    interface (the same constructor and forward as ``TEDotProductAttention``), so specs can swap them.
+
+    Never materialises a score mask: with ``AttnMaskType.no_mask`` SDPA runs unmasked (flash/efficient kernels);
+    with ``AttnMaskType.padding`` it gets a broadcast ``[b, 1, 1, s]`` key mask.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType = AttnMaskType.no_mask,
+        attention_type: str = "self",
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        **unused,
+    ) -> None:
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        **unused,
+    ) -> torch.Tensor:
+        """
+        Args:
+            query, key, value: ``[s, b, np, hn]``.
+            attention_mask: ``[b, 1, 1, s]`` bool, True = masked-out key (megatron convention), or None.
+            attn_mask_type: ``no_mask`` or ``padding``.
+
+        Returns:
+            ``[s, b, np * hn]``.
+        """
+        seq, batch, heads, head_dim = query.shape
+        allowed = None if attention_mask is None else ~attention_mask
+        out = F.scaled_dot_product_attention(
+            query.permute(1, 2, 0, 3),
+            key.permute(1, 2, 0, 3),
+            value.permute(1, 2, 0, 3),
+            attn_mask=allowed,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            scale=self.softmax_scale,
+        )  # [b, np, s, hn]
+        return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * head_dim)
+
+
+@dataclass
+class JointAttentionSubmodules:
+    """Layers of :class:`JointAttention`: one spec for every q/k/v projection, the core attention, and one for
+    both output projections."""
+
+    linear_qkv: Union[ModuleSpec, type]
+    core_attention: Union[ModuleSpec, type]
+    linear_proj: Union[ModuleSpec, type]
+
+
+class JointAttention(MegatronModule):
+    """SD3 joint attention of one block (see module docstring).
+
+    Args:
+        config: megatron-core config (hidden size, heads, TP size, init methods).
+        submodules: the layer classes / specs.
+        layer_number: 1-based block index (for the core attention).
+        context_pre_only: last block: the text stream feeds keys/values but produces no output.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: JointAttentionSubmodules,
+        layer_number: int,
+        context_pre_only: bool = False,
+    ) -> None:
+        super().__init__(config=config)
+        self.context_pre_only = context_pre_only
+        hidden = config.hidden_size
+        self.head_dim = config.kv_channels
+        tp = config.tensor_model_parallel_size
+        self.heads_per_partition = config.num_attention_heads // tp
+        for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+            setattr(self, name, self._column(submodules.linear_qkv, hidden, hidden, name))
+        self.core_attention = build_module(
+            submodules.core_attention,
+            config=config,
+            layer_number=layer_number,
+            attn_mask_type=AttnMaskType.no_mask,
+            attention_type="self",
+        )
+        self.to_out = ShardedModuleList([self._row(submodules.linear_proj, hidden, hidden, "proj")])
+        self.to_add_out = None if context_pre_only else self._row(submodules.linear_proj, hidden, hidden, "proj")
+
+    def _column(self, spec, in_size: int, out_size: int, name: str):
+        return build_module(
+            spec, in_size, out_size, config=self.config, init_method=self.config.init_method,
+            gather_output=False, bias=True, skip_bias_add=False, is_expert=False, tp_comm_buffer_name=name,
+        )
+
+    def _row(self, spec, in_size: int, out_size: int, name: str):
+        return build_module(
+            spec, in_size, out_size, config=self.config, init_method=self.config.output_layer_init_method,
+            bias=True, input_is_parallel=True, skip_bias_add=False, is_expert=False, tp_comm_buffer_name=name,
+        )
+
+    def _heads(self, layer, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[s, b, h] -> [s, b, np, hn]`` through a column-parallel projection."""
+        projected, _ = layer(hidden_states)
+        return projected.view(*projected.shape[:2], self.heads_per_partition, self.head_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """
+        Args:
+            hidden_states: ``[L, b, h]`` normalised image-stream tokens.
+            encoder_hidden_states: ``[T, b, h]`` normalised text-stream tokens.
+            attention_mask: ``[b, 1, 1, L + T]`` bool, True = padded key; None when nothing is padded.
+
+        Returns:
+            ``([L, b, h] image output, [T, b, h] text output or None when context_pre_only)``.
+        """
+        image_len = hidden_states.shape[0]
+        query = torch.cat([self._heads(self.to_q, hidden_states), self._heads(self.add_q_proj, encoder_hidden_states)])
+        key = torch.cat([self._heads(self.to_k, hidden_states), self._heads(self.add_k_proj, encoder_hidden_states)])
+        value = torch.cat([self._heads(self.to_v, hidden_states), self._heads(self.add_v_proj, encoder_hidden_states)])
+        mask_type = AttnMaskType.no_mask if attention_mask is None else AttnMaskType.padding
+        context = self.core_attention(query, key, value, attention_mask, attn_mask_type=mask_type)  # [L+T, b, hp]
+        image_out, _ = self.to_out[0](context[:image_len])
+        if self.context_pre_only:
+            return image_out, None
+        text_out, _ = self.to_add_out(context[image_len:])
+        return image_out, text_out
