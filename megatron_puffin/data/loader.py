@@ -1,0 +1,212 @@
+"""The training data loader: task streams -> task-homogeneous micro-batches with an exact, resumable position.
+
+:class:`PuffinDataLoader` wraps a ``torch.utils.data.DataLoader`` (worker processes, prefetching, pinned memory)
+whose batch sampler is :class:`~.sampler.TaskStreamBatchSampler`. Workers read samples from memory-mapped shards,
+decode and preprocess images, tokenise and collate. Because workers run ahead of the training loop, the loader's
+:meth:`~PuffinDataLoader.state_dict` is computed from the micro-batches actually *handed out*, by the schedule
+arithmetic, so a checkpoint resumes exactly at the next unseen micro-batch (also at another data-parallel size).
+"""
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from megatron_puffin.data.collate import Collator
+from megatron_puffin.data.config import DataConfig, TaskStreamSpec, validate_data_config
+from megatron_puffin.data.format import PuffinDataset
+from megatron_puffin.data.sampler import (
+    MicroBatchSchedule,
+    SampleRef,
+    ScheduleState,
+    StreamSpec,
+    TaskStreamBatchSampler,
+    state_from_dict,
+    state_to_dict,
+)
+from megatron_puffin.data.task_encoders import REQUIRED_FIELDS, TaskEncoder, TaskEncoderConfig
+from megatron_puffin.data.tokenizer import PuffinTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskStream:
+    """A task stream with its opened dataset and encoder."""
+
+    name: str
+    spec: TaskStreamSpec
+    dataset: PuffinDataset
+    encoder: TaskEncoder
+
+    def sampler_spec(self) -> StreamSpec:
+        return StreamSpec(self.name, len(self.dataset), self.spec.micro_batch_size, self.spec.repeats)
+
+
+def stream_names(specs: Sequence[TaskStreamSpec]) -> List[str]:
+    """Stable stream names: the task and its occurrence number among streams of that task ("image2text#0").
+
+    Names do not include paths, so moving the data keeps the sample order and a saved state valid.
+    """
+    seen: Dict[str, int] = {}
+    names = []
+    for spec in specs:
+        names.append(f"{spec.task}#{seen.get(spec.task, 0)}")
+        seen[spec.task] = seen.get(spec.task, 0) + 1
+    return names
+
+
+def _shard_starts(dataset: PuffinDataset) -> List[int]:
+    starts, offset = [], 0
+    for shard in dataset.shards:
+        if shard.num_samples:
+            starts.append(offset)
+        offset += shard.num_samples
+    return starts
+
+
+def _check_fields(name: str, spec: TaskStreamSpec, dataset: PuffinDataset) -> None:
+    """Fails early when a stream's dataset has none of a field its task needs (e.g. no thinking captions)."""
+    for field_name in REQUIRED_FIELDS[spec.task]:
+        if field_name == "camera":  # stored as NaN when absent: look at the first sample of every shard
+            present = any(dataset[offset]["camera"] is not None for offset in _shard_starts(dataset))
+        else:
+            present = any(shard.manifest["fields"][field_name]["num_bytes"] > 0 for shard in dataset.shards)
+        if not present:
+            raise ValueError(
+                f"--task-stream {spec.task}:{','.join(spec.paths)}: task {spec.task} needs the field {field_name!r} "
+                f"but the dataset has none (subsets {sorted({shard.subset for shard in dataset.shards})}); point "
+                "the stream at a dataset that has it (see docs/data.md)"
+            )
+
+
+def build_streams(specs: Sequence[TaskStreamSpec], tokenizer: PuffinTokenizer,
+                  encoder_config: TaskEncoderConfig) -> List[TaskStream]:
+    """Opens every stream's datasets and builds its encoder."""
+    streams = []
+    for name, spec in zip(stream_names(specs), specs):
+        dataset = PuffinDataset(list(spec.paths))
+        if len(dataset) == 0:
+            raise ValueError(f"--task-stream {spec.task}:{','.join(spec.paths)} has no samples")
+        _check_fields(name, spec, dataset)
+        streams.append(TaskStream(name, spec, dataset, TaskEncoder(spec.task, tokenizer, encoder_config, name)))
+    return streams
+
+
+class _StreamSamples(torch.utils.data.Dataset):
+    """Map-style dataset over :data:`SampleRef` items: reads one sample and encodes it for its stream."""
+
+    def __init__(self, streams: Sequence[TaskStream]):
+        self.streams = list(streams)
+
+    def __getitem__(self, ref: SampleRef):
+        stream, position, index = ref
+        item = self.streams[stream]
+        return item.encoder(item.dataset[index], position)
+
+    def __len__(self) -> int:
+        return sum(len(stream.dataset) for stream in self.streams)
+
+
+class PuffinDataLoader:
+    """Infinite iterator of task-homogeneous micro-batches for one data-parallel rank.
+
+    Args:
+        streams: The task streams (see :func:`build_streams`).
+        collator: Collation into batch dicts.
+        seed: Order seed (same on every rank).
+        data_parallel_rank: This rank.
+        data_parallel_size: Number of data-parallel ranks.
+        num_workers: DataLoader worker processes.
+        prefetch_factor: Micro-batches per worker prepared ahead.
+        pin_memory: Pin tensors (only when CUDA is available; otherwise a warning is logged once).
+
+    Each batch dict (see :class:`~.collate.Collator`) also has ``stream`` (name) and ``step`` (micro-batch number).
+    """
+
+    def __init__(self, streams: Sequence[TaskStream], collator: Collator, seed: int, data_parallel_rank: int = 0,
+                 data_parallel_size: int = 1, num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False):
+        self.streams, self.collator, self.seed = list(streams), collator, seed
+        self.rank, self.world = data_parallel_rank, data_parallel_size
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        if pin_memory and not torch.cuda.is_available():
+            logger.warning("--pin-memory has no effect without CUDA; batches are not pinned")
+            pin_memory = False
+        self.pin_memory = pin_memory
+        self.specs = [stream.sampler_spec() for stream in self.streams]
+        self.schedule = MicroBatchSchedule(self.specs, data_parallel_size)
+        self._state = self.schedule.initial_state()
+
+    # --- position ------------------------------------------------------------------------------------------------
+    @property
+    def position(self) -> ScheduleState:
+        """The state after the last micro-batch handed out."""
+        return self._state
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Consumed samples per stream and micro-batches done (small; store it in checkpoints)."""
+        return state_to_dict(self._state, self.specs, self.seed)
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restores a position saved by :meth:`state_dict` (any data-parallel size); takes effect on the next iter()."""
+        restored = state_from_dict(state, self.specs, self.seed)
+        self.schedule.check_state(restored)
+        self._state = restored
+
+    # --- iteration -----------------------------------------------------------------------------------------------
+    def sampler(self) -> TaskStreamBatchSampler:
+        """A batch sampler starting at the current position."""
+        return TaskStreamBatchSampler(self.specs, self.seed, self.rank, self.world, self._state)
+
+    def _torch_loader(self) -> torch.utils.data.DataLoader:
+        kwargs: Dict[str, Any] = {}
+        if self.num_workers > 0:
+            kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
+        return torch.utils.data.DataLoader(
+            _StreamSamples(self.streams), batch_sampler=self.sampler(), collate_fn=self.collator,
+            num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs,
+        )
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        for batch in self._torch_loader():
+            stream = self.schedule.stream_at(self._state.step)
+            batch["stream"] = self.specs[stream].name
+            batch["step"] = self._state.step
+            self._state = self.schedule.advance(self._state)
+            yield batch
+
+
+def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0, data_parallel_size: int = 1,
+                      vision_patch_size: int = 16, vision_fold: int = 2, num_query_tokens: int = 64,
+                      tokenizer: Optional[PuffinTokenizer] = None) -> PuffinDataLoader:
+    """Builds the loader of one data-parallel rank from the flags.
+
+    Args:
+        config: Data flags (validated here).
+        seed: Run seed; ``config.data_seed`` overrides it for the data.
+        data_parallel_rank: This rank.
+        data_parallel_size: Number of data-parallel ranks.
+        vision_patch_size: Vision tower patch size (image tokens per side = size / (patch * fold)).
+        vision_fold: Space-to-depth fold of visual tokens.
+        num_query_tokens: Meta queries appended to generation prompts.
+        tokenizer: Reuse an opened tokenizer (default: open ``config.tokenizer``).
+    """
+    validate_data_config(config)
+    if config.image_size_unit % (vision_patch_size * vision_fold):
+        raise ValueError(
+            f"--image-size-unit ({config.image_size_unit}) must be a multiple of the vision patch size x fold "
+            f"({vision_patch_size} x {vision_fold} = {vision_patch_size * vision_fold})"
+        )
+    data_seed = seed if config.data_seed is None else config.data_seed
+    tokenizer = tokenizer or PuffinTokenizer(config.tokenizer)
+    encoder_config = TaskEncoderConfig(
+        seed=data_seed, image_max_size=config.image_size, image_unit=config.image_size_unit,
+        vision_patch_size=vision_patch_size, vision_fold=vision_fold, num_query_tokens=num_query_tokens,
+        max_understanding_text_tokens=config.max_understanding_text_tokens,
+        max_generation_text_tokens=config.max_generation_text_tokens,
+        cfg_dropout_prob=config.cfg_text_dropout_prob, mixed_motion_prob=config.mixed_motion_prob,
+    )
+    streams = build_streams(config.streams(), tokenizer, encoder_config)
+    collator = Collator(tokenizer.pad_id, compute_camera_maps=config.camera_maps_in_loader)
+    return PuffinDataLoader(streams, collator, data_seed, data_parallel_rank, data_parallel_size,
+                            config.num_workers, config.prefetch_factor, config.pin_memory)
