@@ -17,13 +17,13 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_puffin.convert.hf_io import load_hf_directory
 from megatron_puffin.models.dit.config import DiTConfig
 from megatron_puffin.models.dit.embeddings import TIMESTEP_CHANNELS
 
 StateDict = Dict[str, torch.Tensor]
 COLUMN, ROW, REPLICATED = 0, 1, None
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
 class ConversionError(ValueError):
@@ -181,19 +181,8 @@ def load_diffusers_transformer(folder: str) -> Tuple[DiTConfig, StateDict]:
     Returns:
         ``(config, our unsharded state dict)``.
     """
-    from safetensors.torch import load_file
-
-    with open(os.path.join(folder, "config.json")) as handle:
-        config = DiTConfig.from_diffusers(json.load(handle))
-    index_path = os.path.join(folder, DIFFUSERS_INDEX)
-    if os.path.exists(index_path):
-        with open(index_path) as handle:
-            files = sorted(set(json.load(handle)["weight_map"].values()))
-    else:
-        files = [DIFFUSERS_WEIGHTS]
-    state_dict: StateDict = {}
-    for name in files:
-        state_dict.update(load_file(os.path.join(folder, name)))
+    config_dict, state_dict = load_hf_directory(folder)
+    config = DiTConfig.from_diffusers(config_dict)
     return config, diffusers_to_mcore(state_dict, config)
 
 
