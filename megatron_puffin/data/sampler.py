@@ -52,12 +52,12 @@ class StreamOrder:
         self._cache: Dict[int, np.ndarray] = {}
 
     def permutation(self, epoch: int) -> np.ndarray:
-        """Dataset indices of one epoch (int64 [N]); the last two epochs are cached."""
+        """Dataset indices of one epoch (int64 [N]); the two most recently generated epochs are cached."""
         if epoch not in self._cache:
             generator = make_generator(self.seed, "order", self.name, epoch)
             self._cache[epoch] = torch.randperm(self.num_samples, generator=generator).numpy()
-            for old in sorted(self._cache)[:-2]:
-                del self._cache[old]
+            while len(self._cache) > 2:  # keep the two most recently generated epochs
+                del self._cache[next(iter(self._cache))]
         return self._cache[epoch]
 
     def indices(self, start: int, count: int) -> List[int]:

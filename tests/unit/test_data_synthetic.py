@@ -1,0 +1,115 @@
+"""Synthetic Puffin-4M: layout, determinism by seed, camera statistics, geometry consistent with camera maps."""
+import csv
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+
+from megatron_puffin.camera import Camera, camera_map, split_caption, split_thinking_caption
+from megatron_puffin.data.synthetic import SyntheticOptions, make_synthetic_dataset
+from megatron_puffin.data.synthetic_scene import (
+    Scene,
+    SceneObject,
+    _ray_directions,
+    render,
+    sample_scene,
+    visible_objects,
+)
+from megatron_puffin.data.tokenizer import PuffinTokenizer
+
+
+def _make(root, seed=0, workers=1, num_samples=40, tokenizer=True):
+    options = SyntheticOptions(root, num_samples=num_samples, image_size=96, seed=seed, num_cross_view=8,
+                               num_photography=3, workers=workers, supersample=1,
+                               tokenizer_out=root / "tokenizer" / "t.model" if tokenizer else None,
+                               tokenizer_vocab_size=400)
+    return make_synthetic_dataset(options)
+
+
+def _digest(root):
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix != ".model"):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    _make(root)
+    return root
+
+
+def _rows(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_layout_matches_puffin4m(dataset):
+    for subset, folders in {".": ["local_folder", "cap_folder", "cap_folder_cot"],
+                            "cross_view": ["local_folder", "local_folder_init", "cap_folder", "cap_folder_scene",
+                                           "cap_folder_cam"],
+                            "photography": ["local_folder", "cap_folder"]}.items():
+        root = dataset / subset
+        records = json.loads((root / "summary.json").read_text())
+        assert records
+        for record in records:
+            assert (root / "local_folder" / record["image"]).is_file()
+            for folder in folders[1:]:
+                if folder == "local_folder_init":
+                    assert (root / folder / record["image_init"]).is_file()
+                else:
+                    assert (root / folder / record["annotation"]).is_file()
+    tokenizer = PuffinTokenizer(dataset / "tokenizer" / "t.model")
+    assert tokenizer.decode(tokenizer.encode("<|im_start|>user\nA red sphere.")) == "<|im_start|>user\nA red sphere."
+
+
+def test_camera_statistics_and_captions_agree_with_ground_truth(dataset):
+    rows = _rows(dataset / "cameras.csv")
+    values = np.array([[float(row[k]) for k in ("roll", "pitch", "vfov")] for row in rows])
+    assert values[:, :2].min() >= -0.7854 and values[:, :2].max() <= 0.7854
+    assert values[:, 2].min() >= 0.3491 and values[:, 2].max() <= 1.8326
+    assert values.std(axis=0).min() > 0.15  # spread over the ranges, not a constant
+    for row in rows[:10]:
+        caption = json.loads((dataset / "cap_folder" / row["fname"].replace(".jpg", ".json")).read_text())["caption"]
+        thinking = json.loads((dataset / "cap_folder_cot" / row["fname"].replace(".jpg", ".json")).read_text())["caption"]
+        description, camera = split_caption(caption)
+        assert description and (camera.roll, camera.pitch, camera.vfov) == (
+            float(row["roll"]), float(row["pitch"]), float(row["vfov"]))
+        assert split_thinking_caption(thinking)[1] == camera
+    cross = _rows(dataset / "cross_view" / "cameras.csv")
+    assert all(float(row["vfov"]) == 1.48 and 0 <= float(row["yaw"]) < 2 * math.pi for row in cross)
+    assert all(abs(float(row["roll"])) <= 0.3927 and abs(float(row["pitch"])) <= 0.3927 for row in cross)
+
+
+def test_deterministic_by_seed_and_independent_of_workers(tmp_path):
+    _make(tmp_path / "a", seed=3, num_samples=6, tokenizer=False)
+    _make(tmp_path / "b", seed=3, num_samples=6, workers=2, tokenizer=False)
+    _make(tmp_path / "c", seed=4, num_samples=6, tokenizer=False)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+def test_rendered_horizon_is_where_the_camera_map_latitude_changes_sign():
+    rng = np.random.default_rng(0)
+    scene = sample_scene(rng, 0.0)
+    dark_ground = Scene(("black", "black"), 1.0, "clear blue", scene.sun_direction, (), scene.camera_height)
+    for camera in (Camera(0.3, 0.1, 1.2), Camera(-0.5, -0.2, 0.8), Camera(0.0, 0.35, 1.7)):
+        latitude = camera_map(camera.roll, camera.pitch, camera.vfov, 64, 80)[2].numpy()
+        rays = _ray_directions(camera, 0.7, 64, 80, 1)
+        assert ((rays[..., 2] > 0) == (latitude > 0))[np.abs(latitude) > 1e-4].all()
+        pixels = render(dark_ground, camera, 0.7, 64, 80, supersample=1).astype(np.float64)
+        is_sky = pixels[..., 2] - pixels[..., 0] > 35  # the sky is clearly blue, the (hazy) black ground is not
+        confident = np.abs(latitude) > 0.02
+        assert ((latitude > 0) == is_sky)[confident].mean() > 0.98, camera
+        assert 0 < is_sky.mean() < 1
+
+
+def test_positive_yaw_turns_left():
+    ball = SceneObject("sphere", (0.0, 6.0, 0.5), (0.5,), "red")  # due +y: left of a camera heading +x
+    scene = Scene(("grey", "white"), 1.0, "clear blue", (0.0, 0.0, 1.0), (ball,), 1.5)
+    straight = visible_objects(scene, Camera(0.0, 0.0, 1.0), 0.0, 96, 96)
+    turned_left = visible_objects(scene, Camera(0.0, 0.0, 1.0, yaw=math.pi / 2), 0.0 + math.pi / 2, 96, 96)
+    assert straight == [] and turned_left[0][1] == "in the center"
