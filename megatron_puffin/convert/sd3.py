@@ -24,6 +24,7 @@ from megatron_puffin.models.dit.embeddings import TIMESTEP_CHANNELS
 StateDict = Dict[str, torch.Tensor]
 COLUMN, ROW, REPLICATED = 0, 1, None
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+BUFFERS = ("pos_embed.pos_embed",)  # persistent buffers: in checkpoints, never in gradients
 
 
 class ConversionError(ValueError):
@@ -134,32 +135,40 @@ def shard_dit_state_dict(state_dict: Mapping[str, torch.Tensor], config: DiTConf
     return shards
 
 
-def unshard_dit_state_dicts(shards: Sequence[Mapping[str, torch.Tensor]], config: DiTConfig, check_replicated: bool = True) -> StateDict:
-    """Join per-rank DiT state dicts (or gradients by parameter name) into one unsharded state dict.
+def unshard_dit_state_dicts(
+    shards: Sequence[Mapping[str, torch.Tensor]],
+    config: DiTConfig,
+    check_replicated: bool = True,
+    parameters_only: bool = False,
+) -> StateDict:
+    """Join per-rank DiT state dicts (or per-rank gradients by parameter name) into one unsharded dict.
 
     Args:
         shards: one mapping per tensor-parallel rank, in rank order.
         config: the tower's shape.
         check_replicated: require replicated tensors to be identical on every rank.
+        parameters_only: the mappings hold parameters only (e.g. gradients), not the ``pos_embed`` buffer.
 
     Raises:
         ConversionError: a rank lacks a tensor, or replicated copies differ.
     """
-    names = set(dit_tensor_table(config))
+    table = {k: v for k, v in dit_tensor_table(config).items() if not (parameters_only and k in BUFFERS)}
     for rank, shard in enumerate(shards):
-        lacking = sorted(names - set(shard))
+        lacking = sorted(set(table) - set(shard))
         if lacking:
             raise ConversionError(f"unshard: rank {rank} lacks {len(lacking)} tensor(s): {', '.join(lacking)}")
     joined: StateDict = {}
-    for name, (_, axis) in dit_tensor_table(config).items():
+    for name, (shape, axis) in table.items():
         pieces = [shard[name] for shard in shards]
         if axis is not None:
             joined[name] = torch.cat(pieces, dim=axis)
-            continue
-        if check_replicated and any(not torch.equal(pieces[0], piece) for piece in pieces[1:]):
+        elif check_replicated and any(not torch.equal(pieces[0], piece) for piece in pieces[1:]):
             raise ConversionError(f"unshard: replicated tensor {name} differs between tensor-parallel ranks")
-        joined[name] = pieces[0]
-    return _checked_copy(joined, config, "unshard")
+        else:
+            joined[name] = pieces[0]
+        if tuple(joined[name].shape) != shape:
+            raise ConversionError(f"unshard: {name} joins to shape {tuple(joined[name].shape)}, expected {shape}")
+    return joined
 
 
 def load_dit_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
