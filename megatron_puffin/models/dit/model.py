@@ -201,27 +201,30 @@ def build_dit(
     transformer_config: Optional[TransformerConfig] = None,
     transformer_impl: str = "local",
     params_dtype: Optional[torch.dtype] = None,
+    device: Optional[Union[str, torch.device]] = None,
 ) -> MMDiTModel:
     """Build the DiT tower for the current tensor-parallel layout.
 
     Args:
         config: the tower's shape.
         transformer_config: megatron-core config; default ``config.to_transformer_config`` at the current TP
-            size in ``params_dtype``.
+            size in ``params_dtype`` (initialised on the CPU exactly when the model goes there).
         transformer_impl: ``local`` or ``transformer_engine``.
         params_dtype: parameter dtype when ``transformer_config`` is not given (default fp32).
+        device: where the model lives; default the current CUDA device when CUDA is available, else the CPU.
 
     Returns:
-        The model, on the current CUDA device when CUDA is used, in the config's parameter dtype.
+        The model on ``device`` in the config's parameter dtype.
     """
     _ensure_parallel_state()
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
     if transformer_config is None:
         transformer_config = config.to_transformer_config(
             tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
             params_dtype=params_dtype or torch.float32,
+            use_cpu_initialization=device.type == "cpu",
         )
     model = MMDiTModel(config, transformer_config, get_dit_layer_spec(transformer_impl))
-    model = model.to(dtype=transformer_config.params_dtype)
-    if torch.cuda.is_available() and not transformer_config.use_cpu_initialization:
-        model = model.cuda(torch.cuda.current_device())
-    return model
+    return model.to(device=device, dtype=transformer_config.params_dtype)
