@@ -32,6 +32,9 @@ class ImageError(ValueError):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self):
+        return (ImageError, (self.reason, self.detail))
+
 
 def decode_image(data: bytes) -> Image.Image:
     """Fully decodes encoded image bytes to an RGB PIL image (a truncated file raises, it is not padded).

@@ -61,6 +61,10 @@ class BadSample(Exception):
         super().__init__(f"{path}: {reason} ({detail})")
         self.reason, self.path, self.detail = reason, str(path), detail
 
+    def __reduce__(self):
+        # exceptions are pickled as cls(*args) by default; worker processes send these back to the parent
+        return (BadSample, (self.reason, self.path, self.detail))
+
 
 @dataclass(frozen=True)
 class SubsetLayout:

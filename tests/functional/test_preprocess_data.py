@@ -1,0 +1,124 @@
+"""tools/preprocess_data.py end to end: bad-sample fixture, exact per-reason counts, --strict, resume, read-only input."""
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from megatron_puffin.data.format import PuffinDataset
+from megatron_puffin.data.preprocess import PreprocessOptions, preprocess
+from megatron_puffin.data.synthetic import SyntheticOptions, make_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = ROOT / "tools" / "preprocess_data.py"
+EXPECTED_BAD = {"image_unreadable": 1, "image_empty": 1, "caption_missing": 1, "camera_non_finite": 1,
+                "caption_bad_json": 1, "camera_unparsable": 1, "init_image_missing": 1, "image_too_small": 1}
+
+
+def _caption_path(root, index, folder="cap_folder"):
+    return root / folder / f"000000/{index:08d}.json"
+
+
+def _image_path(root, index, folder="local_folder"):
+    return root / folder / f"000000/{index:08d}.jpg"
+
+
+def _break_samples(raw):
+    """Main samples 0-6 and cross-view sample 1 become bad, one reason each."""
+    data = _image_path(raw, 0).read_bytes()
+    _image_path(raw, 0).write_bytes(data[: len(data) // 2])  # truncated JPEG
+    _image_path(raw, 1).write_bytes(b"")  # zero-byte image
+    _caption_path(raw, 2).unlink()  # missing caption
+    text = json.loads(_caption_path(raw, 3).read_text())["caption"]
+    head = text[: text.index("are:") + 4]
+    _caption_path(raw, 3).write_text(json.dumps({"caption": head + " nan, 0.1000, 1.0000."}))  # NaN camera
+    _caption_path(raw, 4).write_text('{"caption": "unterminated')  # bad JSON
+    _caption_path(raw, 5).write_text(json.dumps({"caption": head + " level, steep, wide."}))  # unparsable camera
+    buffer = io.BytesIO()
+    Image.new("RGB", (60, 120), "red").save(buffer, format="JPEG")
+    _image_path(raw, 6).write_bytes(buffer.getvalue())  # too small (side <= 80)
+    _image_path(raw / "cross_view", 1, "local_folder_init").unlink()  # missing initial view
+
+
+def _digest(root, with_times=False):
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+        if with_times:
+            digest.update(str(path.stat().st_mtime_ns).encode())
+    return digest.hexdigest()
+
+
+def _run(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw") / "training_data"
+    make_synthetic_dataset(SyntheticOptions(root, num_samples=14, image_size=96, seed=2, num_cross_view=5,
+                                            num_photography=2, supersample=1))
+    _break_samples(root)
+    return root
+
+
+def test_bad_samples_are_counted_per_reason_and_every_good_sample_is_kept(raw, tmp_path):
+    before = _digest(raw, with_times=True)
+    result = _run("--input", raw, "--output-prefix", tmp_path / "out", "--workers", 2, "--shard-size", 5)
+    assert result.returncode == 0, result.stderr
+    assert "samples/s" in result.stderr + result.stdout  # progress bar and report show the rate
+    report = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert report["bad_samples"] == dict(sorted(EXPECTED_BAD.items()))
+    assert report["subsets"]["main"]["samples"] == 14 - 7 and report["subsets"]["cross_view"]["samples"] == 4
+    assert report["subsets"]["photography"]["samples"] == 2
+    main = PuffinDataset(tmp_path / "out" / "main")
+    assert sorted(main[i]["key"] for i in range(len(main))) == [f"main/000000/{i:08d}.json" for i in range(7, 14)]
+    assert main.bad_sample_counts() == {k: v for k, v in EXPECTED_BAD.items() if k != "init_image_missing"}
+    for index in range(len(main)):
+        sample = main[index]
+        source = json.loads((raw / "cap_folder" / sample["key"][len("main/"):]).read_text())["caption"]
+        assert source.startswith(sample["caption"] + " The camera parameters")
+        assert sample["image"] == (raw / "local_folder" / sample["key"][len("main/"):].replace(".json", ".jpg")).read_bytes()
+        assert sample["reasoning"] and sample["camera"] is not None
+    cross = PuffinDataset(tmp_path / "out" / "cross_view")
+    assert all(cross[i]["camera"].yaw is not None and cross[i]["image_init"] for i in range(len(cross)))
+    assert _digest(raw, with_times=True) == before  # the input is never modified
+
+    # resume: a missing shard is rebuilt identically, finished shards are skipped
+    rebuilt = tmp_path / "out" / "main" / "shard-00001"
+    original = _digest(rebuilt)
+    shutil.rmtree(rebuilt)
+    again = preprocess(PreprocessOptions(raw, tmp_path / "out", workers=1, shard_size=5, progress=False))
+    assert again["subsets"]["main"]["shards"] == 1 and again["subsets"]["main"]["shards_skipped"] == 2
+    assert again["records_processed"] == 5 and again["bad_samples"] == report["bad_samples"]
+    assert _digest(rebuilt) == original
+    with pytest.raises(ValueError, match="other flags"):
+        preprocess(PreprocessOptions(raw, tmp_path / "out", shard_size=4, progress=False))
+
+
+def test_strict_stops_at_the_first_bad_sample_naming_file_and_reason(raw, tmp_path):
+    result = _run("--input", raw, "--output-prefix", tmp_path / "out", "--strict")
+    assert result.returncode == 1
+    assert str(raw / "local_folder" / "000000" / "00000000.jpg") in result.stderr  # main subset comes first
+    assert "image_unreadable" in result.stderr and "truncated" in result.stderr
+
+
+def test_limit_and_max_image_size(raw, tmp_path):
+    report = preprocess(PreprocessOptions(raw, tmp_path / "out", limit=9, max_image_size=96, progress=False))
+    assert report["subsets"]["main"]["records"] == 9 and report["subsets"]["main"]["samples"] == 2
+    big = tmp_path / "big"
+    make_synthetic_dataset(SyntheticOptions(big, num_samples=2, image_size=128, seed=0, num_cross_view=0,
+                                            num_photography=0, supersample=1))
+    preprocess(PreprocessOptions(big, tmp_path / "big_out", max_image_size=100, progress=False))
+    image = Image.open(io.BytesIO(PuffinDataset(tmp_path / "big_out")[0]["image"]))
+    assert image.size == (100, 100)
+    with pytest.raises(ValueError, match="must not lie inside --input"):
+        preprocess(PreprocessOptions(raw, raw / "out"))
