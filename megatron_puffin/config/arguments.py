@@ -18,11 +18,17 @@ from megatron_puffin.config.schema import (
     PrecisionConfig,
     TrainingConfig,
 )
+from megatron_puffin.data.config import DataConfig
+from megatron_puffin.diffusion.config import FlowMatchingConfig
+from megatron_puffin.models.dit.config import DiTConfig
 from megatron_puffin.models.llm.config import LLMConfig
 
 # (attribute on PuffinArguments, dataclass, argparse group title). Later entries extend this list in place.
 CONFIG_GROUPS: List[Tuple[str, type, str]] = [
     ("llm", LLMConfig, "LLM tower (Qwen2.5)"),
+    ("dit", DiTConfig, "DiT tower (SD3 MMDiT)"),
+    ("flow", FlowMatchingConfig, "flow matching"),
+    ("data", DataConfig, "data"),
     ("parallel", ParallelConfig, "parallelism"),
     ("precision", PrecisionConfig, "precision"),
     ("training", TrainingConfig, "training"),

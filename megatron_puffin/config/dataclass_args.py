@@ -97,8 +97,11 @@ def _add_field(group: argparse._ArgumentGroup, cls: type, field: dataclasses.Fie
         choices = list(typing.get_args(kind))
         kind = type(choices[0])
     if typing.get_origin(kind) in (list, List):
+        # Repeatable flag (e.g. --task-stream A --task-stream B); the collected list replaces the default.
         (item,) = typing.get_args(kind)
-        group.add_argument(flag, nargs="*", type=_converter(flag, item, False), metavar=item.__name__.upper(), **common)
+        common.update(default=None, help=f"{doc} (repeatable; default: {default})")
+        group.add_argument(flag, action="append", type=_converter(flag, item, False), metavar=item.__name__.upper(),
+                           **common)
         return
     metavar = "{" + ",".join(map(str, choices)) + "}" if choices else kind.__name__.upper()
     common["help"] += f" [choices: {', '.join(map(str, choices))}]" if choices else ""
@@ -124,6 +127,8 @@ def build_dataclass(cls: Type, namespace: argparse.Namespace, invalid: List[Inva
         if bad:
             invalid.extend(bad)
             continue
+        if value is None and field.default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+            continue  # an unused repeatable flag keeps its default list
         values[field.name] = value
     return cls(**values)
 

@@ -159,6 +159,18 @@ def check_checkpoint(args) -> List[str]:
     return problems
 
 
+def check_towers(args) -> List[str]:
+    """Rules owned by the tower and diffusion configs themselves."""
+    return args.dit.validate(args.parallel.tensor_model_parallel_size) + args.flow.validate()
+
+
+def check_data(args) -> List[str]:
+    """Task streams and tokenizer; paths must exist except with --dry-run (a cluster config checked elsewhere)."""
+    from megatron_puffin.data.config import data_config_errors
+
+    return data_config_errors(args.data, check_paths=not args.dry_run)
+
+
 VALIDATORS: List[Callable] = [
     check_parse,
     check_positive,
@@ -167,6 +179,8 @@ VALIDATORS: List[Callable] = [
     check_precision,
     check_training,
     check_checkpoint,
+    check_towers,
+    check_data,
 ]
 
 

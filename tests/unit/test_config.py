@@ -10,6 +10,8 @@ from megatron_puffin.config.dataclass_args import field_docstrings
 from megatron_puffin.config.schema import TrainingConfig
 
 ROOT = Path(__file__).resolve().parents[2]
+# The data flags every run needs (paths are not checked with --dry-run).
+DATA = ["--dry-run", "--task-stream", "image2text:/data/und:4", "--tokenizer", "/tokenizer"]
 
 
 def test_flags_types_defaults_and_help_come_from_the_dataclasses():
@@ -22,7 +24,7 @@ def test_flags_types_defaults_and_help_come_from_the_dataclasses():
     ]:
         assert flag in help_text, flag
     assert field_docstrings(TrainingConfig)["micro_batch_size"] in " ".join(help_text.split())
-    args = parse_args(["--num-layers", "4", "--lr", "3e-5", "--bf16"])
+    args = parse_args(DATA + ["--num-layers", "4", "--lr", "3e-5", "--bf16"])
     assert args.llm.num_layers == 4 and isinstance(args.llm.num_layers, int)
     assert args.training.lr == pytest.approx(3e-5) and args.precision.bf16 is True
     assert args.training.micro_batch_size == TrainingConfig().micro_batch_size
@@ -37,10 +39,10 @@ def test_flag_files_with_comments_several_flags_per_line_and_overrides(tmp_path)
         "--ffn-hidden-size 256\n"
         "--lr 1e-3\n"
     )
-    args = parse_args([f"@{flagfile}", "--lr", "2e-4"])
+    args = parse_args(DATA + [f"@{flagfile}", "--lr", "2e-4"])
     assert (args.llm.num_layers, args.llm.hidden_size, args.llm.num_query_groups) == (4, 128, 2)
     assert args.training.lr == pytest.approx(2e-4)  # later wins
-    args = parse_args(["--lr", "2e-4", f"@{flagfile}"])
+    args = parse_args(DATA + ["--lr", "2e-4", f"@{flagfile}"])
     assert args.training.lr == pytest.approx(1e-3)
 
 
@@ -51,7 +53,7 @@ def test_every_mistake_is_reported_at_once(tmp_path):
         "--num-layers 28 --num-attention-heads 12 --num-query-groups 2 --ffn-hidden-size 8962\n"
         "--micro-batch-size two\n"
         "--fp8-format e4m3 --sequence-parallel\n"
-        "--transformer-impl cuda\n"
+        "--transformer-impl cuda --dit-num-attention-heads 24\n"
         "--learning-rate 1e-4\n"
     )
     with pytest.raises(ConfigError) as info:
@@ -69,6 +71,8 @@ def test_every_mistake_is_reported_at_once(tmp_path):
         "world size (1) must be divisible by",
         "--fp8-format (e4m3) needs Transformer Engine with CUDA",
         "--sequence-parallel needs Transformer Engine norms",
+        "--dit-num-attention-heads (24) must be divisible by --tensor-model-parallel-size (5)",
+        "--task-stream is required",
     ]
     for fragment in expected:
         assert fragment in text, f"missing: {fragment}\n{text}"
@@ -77,12 +81,17 @@ def test_every_mistake_is_reported_at_once(tmp_path):
 
 def test_query_groups_may_be_a_divisor_of_tp_as_megatron_allows():
     args = parse_args(
-        ["--tensor-model-parallel-size", "4", "--world-size", "4", "--num-attention-heads", "12",
+        DATA + ["--tensor-model-parallel-size", "4", "--world-size", "4", "--num-attention-heads", "12",
          "--num-query-groups", "2", "--ffn-hidden-size", "64"]
     )
     assert args.parallel.tensor_model_parallel_size == 4
     with pytest.raises(ConfigError, match="--num-layers \\(6\\) must be divisible by --pipeline-model-parallel-size"):
         parse_args(["--num-layers", "6", "--pipeline-model-parallel-size", "4", "--world-size", "4"])
+
+
+def test_repeatable_task_streams_collect_in_order():
+    args = parse_args(DATA + ["--task-stream", "cam2image:/data/gen:4:2"])
+    assert args.data.task_stream == ["image2text:/data/und:4", "cam2image:/data/gen:4:2"]
 
 
 def test_world_size_must_divide_by_tp_times_pp():
