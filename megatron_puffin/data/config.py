@@ -124,9 +124,20 @@ class DataConfig:
         return [parse_task_stream(spec) for spec in self.task_stream]
 
 
-def data_config_errors(config: DataConfig, check_paths: bool = True) -> List[str]:
-    """Every problem with a :class:`DataConfig`, as flag-naming messages (empty when valid)."""
+def data_config_errors(config: DataConfig, check_paths: bool = True, vision_patch_size: Optional[int] = None,
+                       vision_fold: Optional[int] = None) -> List[str]:
+    """Every problem with a :class:`DataConfig`, as flag-naming messages (empty when valid).
+
+    Args:
+        config: The data flags.
+        check_paths: Also require dataset and tokenizer paths to exist.
+        vision_patch_size: With ``vision_fold``, also check that --image-size-unit is a multiple of patch x fold.
+        vision_fold: See ``vision_patch_size``.
+    """
     errors: List[str] = []
+    if vision_patch_size and vision_fold and config.image_size_unit % (vision_patch_size * vision_fold):
+        errors.append(f"--image-size-unit ({config.image_size_unit}) must be a multiple of the vision patch size x "
+                      f"fold ({vision_patch_size} x {vision_fold} = {vision_patch_size * vision_fold})")
     if not config.task_stream:
         errors.append(f"--task-stream is required at least once ({TASK_STREAM_FORMAT})")
     for spec in config.task_stream:
@@ -158,8 +169,9 @@ def data_config_errors(config: DataConfig, check_paths: bool = True) -> List[str
     return errors
 
 
-def validate_data_config(config: DataConfig, check_paths: bool = True) -> None:
+def validate_data_config(config: DataConfig, check_paths: bool = True, vision_patch_size: Optional[int] = None,
+                         vision_fold: Optional[int] = None) -> None:
     """Raises one ValueError listing every problem of :func:`data_config_errors`."""
-    errors = data_config_errors(config, check_paths)
+    errors = data_config_errors(config, check_paths, vision_patch_size, vision_fold)
     if errors:
         raise ValueError("invalid data flags:\n  " + "\n  ".join(errors))

@@ -191,12 +191,7 @@ def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0
         num_query_tokens: Meta queries appended to generation prompts.
         tokenizer: Reuse an opened tokenizer (default: open ``config.tokenizer``).
     """
-    validate_data_config(config)
-    if config.image_size_unit % (vision_patch_size * vision_fold):
-        raise ValueError(
-            f"--image-size-unit ({config.image_size_unit}) must be a multiple of the vision patch size x fold "
-            f"({vision_patch_size} x {vision_fold} = {vision_patch_size * vision_fold})"
-        )
+    validate_data_config(config, vision_patch_size=vision_patch_size, vision_fold=vision_fold)
     data_seed = seed if config.data_seed is None else config.data_seed
     tokenizer = tokenizer or PuffinTokenizer(config.tokenizer)
     encoder_config = TaskEncoderConfig(
