@@ -111,3 +111,10 @@ def test_task_stream_flag_parsing():
     assert any("do not exist" in e for e in errors) and any("--tokenizer is required" in e for e in errors)
     assert any("--cfg-text-dropout-prob" in e for e in errors) and any("--image-size (500)" in e for e in errors)
     assert np.all([isinstance(e, str) for e in errors])
+
+
+def test_image_size_unit_must_match_vision_patch_and_fold():
+    config = DataConfig(task_stream=["cam2image:/d:4"], tokenizer="t.model", image_size_unit=32)
+    assert data_config_errors(config, check_paths=False, vision_patch_size=16, vision_fold=2) == []
+    errors = data_config_errors(config, check_paths=False, vision_patch_size=14, vision_fold=2)
+    assert errors == ["--image-size-unit (32) must be a multiple of the vision patch size x fold (14 x 2 = 28)"]
