@@ -43,14 +43,14 @@ def save_checkpoint(sharded_state_dict: Dict[str, Any], directory: str, metadata
     staging = directory.rstrip("/") + TMP_SUFFIX
     if _rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)  # debris of an interrupted earlier write
-        os.makedirs(staging)
-        if metadata is not None:
-            with open(os.path.join(staging, META_FILE), "w") as handle:
-                json.dump(metadata, handle, indent=2, sort_keys=True, default=str)
+        os.makedirs(staging)  # megatron-core needs an existing, empty directory
     _barrier()
     dist_checkpointing.save(sharded_state_dict, staging)
     _barrier()
     if _rank() == 0:
+        if metadata is not None:
+            with open(os.path.join(staging, META_FILE), "w") as handle:
+                json.dump(metadata, handle, indent=2, sort_keys=True, default=str)
         os.replace(staging, directory)
         logger.info("saved checkpoint %s", directory)
     _barrier()
