@@ -215,15 +215,15 @@ def _trim_heap() -> None:
 
 
 def _peak_memory(fn, weight, params, device) -> int:
-    """Bytes above the pre-pass level at the peak of one forward+backward."""
+    """Bytes above the pre-pass level (parameters and inputs, gradients cleared) at the peak of one pass."""
+    for p in params:
+        p.grad = None
     if device.type == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         _step(fn, weight, params, device)
         return torch.cuda.max_memory_allocated() - before
-    for p in params:
-        p.grad = None
     _trim_heap()
     with _RssPeak() as rss:
         before = rss.peak

@@ -31,7 +31,10 @@ class ConversionError(ValueError):
     """Tensors that could not be matched between a checkpoint and the tower's table."""
 
 
-def _linear(name: str, out_features: int, in_features: int, axis: Optional[int]) -> Dict[str, Tuple[tuple, Optional[int]]]:
+TableEntries = Dict[str, Tuple[tuple, Optional[int]]]
+
+
+def _linear(name: str, out_features: int, in_features: int, axis: Optional[int]) -> TableEntries:
     bias_axis = COLUMN if axis == COLUMN else REPLICATED
     return {f"{name}.weight": ((out_features, in_features), axis), f"{name}.bias": ((out_features,), bias_axis)}
 
@@ -118,7 +121,9 @@ def mcore_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: DiTConfig
     return _checked_copy(state_dict, config, "mcore -> diffusers")
 
 
-def shard_dit_state_dict(state_dict: Mapping[str, torch.Tensor], config: DiTConfig, tensor_model_parallel_size: int) -> List[StateDict]:
+def shard_dit_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: DiTConfig, tensor_model_parallel_size: int
+) -> List[StateDict]:
     """Split an unsharded DiT state dict into one state dict per tensor-parallel rank.
 
     Returns:
@@ -129,9 +134,12 @@ def shard_dit_state_dict(state_dict: Mapping[str, torch.Tensor], config: DiTConf
     shards: List[StateDict] = [{} for _ in range(tensor_model_parallel_size)]
     for name, (_, axis) in dit_tensor_table(config).items():
         tensor = full[name]
-        pieces = [tensor] * tensor_model_parallel_size if axis is None else tensor.chunk(tensor_model_parallel_size, axis)
+        if axis is None:
+            pieces = [tensor] * tensor_model_parallel_size
+        else:
+            pieces = [piece.contiguous() for piece in tensor.chunk(tensor_model_parallel_size, axis)]
         for rank, piece in enumerate(pieces):
-            shards[rank][name] = piece.contiguous() if axis is not None else piece
+            shards[rank][name] = piece
     return shards
 
 

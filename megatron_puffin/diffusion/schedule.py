@@ -72,7 +72,9 @@ class FlowMatchSchedule:
         """Last (smallest) training sigma (SD3: 0.0029940)."""
         return self.train_sigmas[-1].item()
 
-    def inference_schedule(self, num_inference_steps: int, device: torch.device | str | None = None) -> InferenceSchedule:
+    def inference_schedule(
+        self, num_inference_steps: int, device: torch.device | str | None = None
+    ) -> InferenceSchedule:
         """The ``n``-step sampling grid (diffusers' ``set_timesteps(n)``, double shift included).
 
         Args:

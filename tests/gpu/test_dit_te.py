@@ -59,7 +59,8 @@ def _batch(padded: bool):
         latents = randn(2, 16, 16, 16)
         conds = [[randn(16, 16, 16)], [randn(16, 16, 16)]]
     batch = len(latents)
-    return latents, conds, randn(batch, 16, 128), randn(batch, 64), torch.rand(batch, generator=gen, device="cuda") * 1000
+    timestep = torch.rand(batch, generator=gen, device="cuda") * 1000
+    return latents, conds, randn(batch, 16, 128), randn(batch, 64), timestep
 
 
 def _build(transformer_impl, dtype, state=None, fp8=None):

@@ -82,7 +82,8 @@ def test_transformer_config_carries_shape_tp_dtype_and_recompute():
     assert (tc.hidden_size, tc.num_attention_heads, tc.kv_channels, tc.ffn_hidden_size) == (32, 4, 8, 128)
     assert tc.tensor_model_parallel_size == 2 and tc.params_dtype == torch.bfloat16 and tc.bf16
     assert tc.recompute_granularity == "full" and tc.layernorm_epsilon == 1e-6
-    assert torch.equal(tc.activation_func(torch.tensor([1.0])), torch.nn.functional.gelu(torch.tensor([1.0]), approximate="tanh"))
+    x = torch.linspace(-3, 3, 7)
+    assert torch.equal(tc.activation_func(x), torch.nn.functional.gelu(x, approximate="tanh"))
     with pytest.raises(ValueError, match="--dit-num-attention-heads"):
         config.to_transformer_config(tensor_model_parallel_size=3)
 

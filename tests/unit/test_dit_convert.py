@@ -74,7 +74,8 @@ def test_sharding_splits_by_axis_and_unshards_bit_exactly(reference, tp):
     q = "transformer_blocks.0.attn.to_q.weight"
     out = "transformer_blocks.0.attn.to_out.0"
     assert shards[1][q].shape == (32 // tp, 32) and torch.equal(shards[1][q], full[q][32 // tp : 2 * 32 // tp])
-    assert shards[1][f"{out}.weight"].shape == (32, 32 // tp) and torch.equal(shards[1][f"{out}.bias"], full[f"{out}.bias"])
+    assert shards[1][f"{out}.weight"].shape == (32, 32 // tp)
+    assert torch.equal(shards[1][f"{out}.bias"], full[f"{out}.bias"])
     assert shards[0]["transformer_blocks.2.norm1_context.linear.weight"].shape == (2 * 32 // tp, 32)
     assert _same(unshard_dit_state_dicts(shards, config), full)
 
@@ -125,6 +126,7 @@ def test_loading_into_a_model_accounts_for_every_tensor(reference):
     ours = build_dit(config, device="cpu")
     state = diffusers_to_mcore(model.state_dict(), config)
     load_dit_state_dict(ours, state)
-    assert torch.equal(ours.state_dict()["transformer_blocks.1.ff.net.2.weight"], state["transformer_blocks.1.ff.net.2.weight"])
+    name = "transformer_blocks.1.ff.net.2.weight"
+    assert torch.equal(ours.state_dict()[name], state[name])
     with pytest.raises(ConversionError, match="missing \\['proj_out.weight'\\]"):
         load_dit_state_dict(ours, {k: v for k, v in state.items() if k != "proj_out.weight"})

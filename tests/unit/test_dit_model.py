@@ -30,7 +30,7 @@ def _conditioning(batch, seed=0):
 
 def _mixed_batch(seed=0):
     gen = torch.Generator().manual_seed(seed)
-    targets = [torch.randn(4, 8, 8, generator=gen), torch.randn(4, 4, 8, generator=gen), torch.randn(4, 8, 8, generator=gen)]
+    targets = [torch.randn(4, h, w, generator=gen) for h, w in [(8, 8), (4, 8), (8, 8)]]
     conds = [[torch.randn(4, 8, 8, generator=gen)], [torch.randn(4, 4, 8, generator=gen)] * 2, None]
     return targets, conds
 

@@ -17,7 +17,7 @@ from megatron_puffin.diffusion import (
 
 def _mixed(seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(4, 8, 8, generator=gen), torch.randn(4, 2, 6, generator=gen), torch.randn(4, 6, 4, generator=gen)]
+    return [torch.randn(4, h, w, generator=gen) for h, w in [(8, 8), (2, 6), (6, 4)]]
 
 
 def test_noising_and_target_follow_the_straight_path():

@@ -64,7 +64,10 @@ class AdaLNModulation(MegatronModule):
         to ``dtype`` first when given."""
         activated = F.silu(temb)
         partial, _ = self.linear(activated if dtype is None else activated.to(dtype))
-        full = gather_from_tensor_model_parallel_region(partial)
+        # At TP=1 the gather is the identity; skipping it saves an autograd-function call per use.
+        full = partial
+        if self.config.tensor_model_parallel_size > 1:
+            full = gather_from_tensor_model_parallel_region(partial)
         return full.chunk(self.num_chunks, dim=-1)
 
 
