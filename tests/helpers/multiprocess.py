@@ -58,6 +58,9 @@ def run_distributed(worker: Callable, world_size: int, *args: Any, timeout: floa
     """Run ``worker(*args, **kwargs)`` on ``world_size`` gloo ranks; return the per-rank results by rank."""
     # Children read these at interpreter start: keep their logs to what the test is about.
     os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning")
+    # The CPU-parity tests run the gloo/CPU path even on a GPU machine (several ranks cannot share one GPU with
+    # NCCL); GPU paths are tested under tests/gpu.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
