@@ -60,6 +60,7 @@ def run_distributed(worker: Callable, world_size: int, *args: Any, timeout: floa
     os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning")
     # The CPU-parity tests run the gloo/CPU path even on a GPU machine (several ranks cannot share one GPU with
     # NCCL); GPU paths are tested under tests/gpu.
+    saved_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -68,8 +69,14 @@ def run_distributed(worker: Callable, world_size: int, *args: Any, timeout: floa
         ctx.Process(target=_entry, args=(worker, rank, world_size, port, results, args, kwargs), daemon=False)
         for rank in range(world_size)
     ]
-    for proc in procs:
-        proc.start()
+    try:
+        for proc in procs:
+            proc.start()
+    finally:  # only the children must not see the GPUs
+        if saved_visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved_visible
     gathered: dict = {}
     errors: List[str] = []
     try:
