@@ -196,8 +196,28 @@ def shard_llm_state_dict(
     return out
 
 
+# Transformer Engine fuses the pre-attention / pre-MLP norms into the following linear layer.
+_TE_NORM_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def te_layer_names(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """Local-spec names -> Transformer Engine spec names (fused layer norms)."""
+    out: StateDict = {}
+    for name, tensor in state_dict.items():
+        for local, te in _TE_NORM_NAMES.items():
+            if name.endswith("." + local):
+                name = name[: -len(local)] + te
+                break
+        out[name] = tensor
+    return out
+
+
 def load_llm_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], config: LLMConfig) -> None:
-    """Load an unsharded LLM state dict into a built model of the current TP/PP rank, every tensor checked."""
+    """Load an unsharded LLM state dict into a built model of the current TP/PP rank, every tensor checked
+    (local or Transformer Engine spec)."""
     from megatron.core import parallel_state as ps
 
     shard = shard_llm_state_dict(
@@ -208,6 +228,8 @@ def load_llm_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.T
         ps.get_pipeline_model_parallel_rank(),
         ps.get_pipeline_model_parallel_world_size(),
     )
+    if any(name.endswith("linear_qkv.layer_norm_weight") for name in model.state_dict()):
+        shard = te_layer_names(shard)
     result = model.load_state_dict(shard, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
