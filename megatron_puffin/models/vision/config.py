@@ -1,0 +1,238 @@
+"""Configuration of the vision tower: C-RADIOv3-H's ViT shape (defaults), its input conditioning, the 2x2 fold
+and the MLP projector (spec §1.3-1.4)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_puffin.optional_deps import transformer_engine_error
+
+# OpenAI CLIP normalisation used by RADIO's input conditioner (spec §1.3).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def tensor_parallel_problems(tower: str, tensor_model_parallel_size: int, **sizes: int) -> List[str]:
+    """Messages for every size (flag ``--{tower}-{name}``) the tensor-parallel size does not divide, naming the
+    sizes that would divide all of them."""
+    tp = tensor_model_parallel_size
+    bad = {name: value for name, value in sizes.items() if value % tp}
+    if not bad:
+        return []
+    smallest = min(sizes.values())
+    valid = [d for d in range(1, smallest + 1) if all(v % d == 0 for v in sizes.values())]
+    return [
+        f"--{tower}-{name.replace('_', '-')} ({value}) must be divisible by --tensor-model-parallel-size ({tp}); "
+        f"use a --tensor-model-parallel-size of {', '.join(map(str, valid))}"
+        for name, value in bad.items()
+    ]
+
+
+@dataclass
+class VisionConfig:
+    """The RADIO vision encoder (C-RADIOv3-H shape), the 2x2 pixel fold and the MLP projector into the LLM."""
+
+    FLAG_PREFIX: ClassVar[str] = "vision-"
+
+    patch_size: int = 16
+    """Side of the square pixel patch embedded as one token (C-RADIOv3-H: 16)."""
+    hidden_size: int = 1280
+    """Width of the ViT (C-RADIOv3-H: 1280)."""
+    num_layers: int = 32
+    """Number of ViT blocks (C-RADIOv3-H: 32)."""
+    num_attention_heads: int = 16
+    """Attention heads of the ViT (C-RADIOv3-H: 16, head dim 80)."""
+    ffn_hidden_size: int = 5120
+    """Width of the GELU MLP of each ViT block (C-RADIOv3-H: 5120)."""
+    layernorm_epsilon: float = 1e-6
+    """Epsilon of the ViT's LayerNorms (timm ViT: 1e-6)."""
+    max_image_size: int = 2048
+    """Largest image side the CPE position grid covers, in pixels (C-RADIOv3-H: 2048 -> a 128x128 grid)."""
+    class_token_len: int = 8
+    """Summary (class) plus register tokens prepended to the patches; they are stripped from the output. Must
+    match the checkpoint (the RADIO converter checks it)."""
+    final_norm: bool = False
+    """Apply the ViT's final LayerNorm to the features (RADIO's 'model_norm'; off in C-RADIOv3-H's HF config)."""
+    feature_normalizer: bool = False
+    """Apply RADIO's feature normaliser ((x - mean) @ tx^T, buffers from the checkpoint) to the features."""
+    cpe_pos_dropout: float = 0.1
+    """Probability of dropping the position embedding of a sample while the encoder is in train mode (RADIO CPE
+    augmentation; train mode also samples a random position-grid window)."""
+    fold_size: int = 2
+    """Side of the square block of patch features folded into one LLM token (space-to-depth, spec §1.4)."""
+    vision_grad_scale: float = field(default=0.1, metadata={"flag": "--vision-grad-scale"})
+    """Multiplier of the gradient flowing from the projector back into a trainable vision encoder (identity in
+    the forward pass; the reference's visual_encoder_grad_scale)."""
+    frozen_train_mode: bool = False
+    """Keep a frozen encoder in train mode (CPE random windows and position-embedding dropout active), as the
+    reference does by accident (spec §1.3 quirk, §9 point 10). Default: a frozen encoder runs in eval mode."""
+    recompute: bool = False
+    """Recompute every ViT block's activations in the backward pass (activation checkpointing)."""
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per attention head."""
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def max_grid_size(self) -> int:
+        """Side of the learned CPE position grid in patches."""
+        return self.max_image_size // self.patch_size
+
+    @property
+    def image_size_multiple(self) -> int:
+        """Image height and width must be multiples of this (patch size x fold size; 32 for Puffin)."""
+        return self.patch_size * self.fold_size
+
+    @property
+    def folded_hidden_size(self) -> int:
+        """Width of one folded token (fold^2 x hidden; 5120 for Puffin), the projector's input."""
+        return self.fold_size * self.fold_size * self.hidden_size
+
+    def num_tokens(self, height: int, width: int) -> int:
+        """Number of LLM tokens an image of ``height x width`` pixels becomes."""
+        unit = self.image_size_multiple
+        return (height // unit) * (width // unit)
+
+    def validate(self, tensor_model_parallel_size: int = 1) -> List[str]:
+        """Every rule this tower imposes, as flag-naming messages (empty when valid)."""
+        tp = tensor_model_parallel_size
+        positive = ("patch_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
+                    "max_image_size", "fold_size")
+        problems = [
+            f"--vision-{name.replace('_', '-')} ({getattr(self, name)}) must be at least 1"
+            for name in positive if getattr(self, name) < 1
+        ]
+        if problems:
+            return problems
+        if self.class_token_len < 0:
+            problems.append(f"--vision-class-token-len ({self.class_token_len}) must be at least 0")
+        if self.hidden_size % self.num_attention_heads:
+            problems.append(f"--vision-hidden-size ({self.hidden_size}) must be divisible by "
+                            f"--vision-num-attention-heads ({self.num_attention_heads})")
+        problems += tensor_parallel_problems(
+            "vision", tp, num_attention_heads=self.num_attention_heads, ffn_hidden_size=self.ffn_hidden_size
+        )
+        if self.max_image_size % self.patch_size:
+            problems.append(f"--vision-max-image-size ({self.max_image_size}) must be a multiple of "
+                            f"--vision-patch-size ({self.patch_size})")
+        if not 0.0 <= self.cpe_pos_dropout < 1.0:
+            problems.append(f"--vision-cpe-pos-dropout ({self.cpe_pos_dropout}) must be in [0, 1)")
+        if self.vision_grad_scale < 0:
+            problems.append(f"--vision-grad-scale ({self.vision_grad_scale}) must be at least 0")
+        return problems
+
+    def check(self, tensor_model_parallel_size: int = 1) -> None:
+        """Raise ``ValueError`` listing every problem of :meth:`validate`."""
+        problems = self.validate(tensor_model_parallel_size)
+        if problems:
+            raise ValueError("invalid vision configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    def to_transformer_config(
+        self,
+        tensor_model_parallel_size: int = 1,
+        params_dtype: torch.dtype = torch.float32,
+        fp8: Optional[str] = None,
+        fp8_recipe: str = "delayed",
+        recompute: Optional[bool] = None,
+        use_cpu_initialization: Optional[bool] = None,
+    ):
+        """The megatron-core ``TransformerConfig`` of the ViT blocks.
+
+        The tower is never split over pipeline stages (it lives on the first stage whole), so the config says
+        pipeline size 1 whatever the run's layout; megatron-core then builds every block on that stage.
+
+        Args:
+            tensor_model_parallel_size: TP size (heads and MLP columns are split over it).
+            params_dtype: parameter dtype (fp32 on CPU, bf16 on GPU by default).
+            fp8: ``e4m3`` / ``hybrid`` through Transformer Engine, or None; FP8 without a usable Transformer
+                Engine raises (megatron-core alone would silently ignore it).
+            fp8_recipe: Transformer Engine scaling recipe.
+            recompute: recompute every block in backward; default ``self.recompute``.
+            use_cpu_initialization: default True exactly when CUDA is absent.
+        """
+        from megatron.core.transformer import TransformerConfig
+
+        if fp8 is not None and transformer_engine_error() is not None:
+            raise RuntimeError(
+                f"--fp8-format ({fp8}) for the vision tower needs Transformer Engine with CUDA, but "
+                f"{transformer_engine_error()}; drop --fp8-format or run on a GPU with transformer-engine"
+            )
+        self.check(tensor_model_parallel_size)
+        recompute = self.recompute if recompute is None else recompute
+        return TransformerConfig(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            kv_channels=self.head_dim,
+            activation_func=F.gelu,  # exact GELU (timm nn.GELU); megatron's fused bias-GELU is the tanh form
+            **encoder_transformer_kwargs(
+                self.layernorm_epsilon, tensor_model_parallel_size, params_dtype, fp8, fp8_recipe, recompute,
+                use_cpu_initialization,
+            ),
+        )
+
+    def projector_transformer_config(self, llm_hidden_size: int, vit_config):
+        """The megatron-core config of the MLP projector: ``folded -> llm_hidden -> llm_hidden`` with SiLU.
+
+        Args:
+            llm_hidden_size: the LLM's hidden size (projector width and output).
+            vit_config: the ViT's config (parallel layout, dtype and init are shared).
+        """
+        return dataclasses.replace(
+            vit_config, hidden_size=llm_hidden_size, ffn_hidden_size=llm_hidden_size, activation_func=F.silu,
+            num_layers=1, recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
+        )
+
+
+def encoder_transformer_kwargs(
+    layernorm_epsilon: float,
+    tensor_model_parallel_size: int,
+    params_dtype: torch.dtype,
+    fp8: Optional[str],
+    fp8_recipe: str,
+    recompute: bool,
+    use_cpu_initialization: Optional[bool],
+) -> dict:
+    """``TransformerConfig`` arguments shared by the bidirectional pre-LN encoders (ViT and connectors).
+
+    Biased linears, LayerNorm, no dropout, no fusions (the fused bias-GELU would change exact GELU), fp32
+    softmax, pipeline size 1 (a tower is never split over pipeline stages), and ``recompute`` as full per-layer
+    recomputation.
+    """
+    on_gpu = torch.cuda.is_available()
+    return dict(
+        normalization="LayerNorm",
+        layernorm_epsilon=layernorm_epsilon,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        gated_linear_unit=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=1,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        fp8=fp8,
+        fp8_recipe=fp8_recipe if fp8 else "delayed",
+        use_cpu_initialization=(not on_gpu) if use_cpu_initialization is None else use_cpu_initialization,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        attention_softmax_in_fp32=True,
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",  # megatron rejects variable lengths with the default one
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+    )
