@@ -1,7 +1,7 @@
 """The query path (connectors) and the vision tower at TP=2 against TP=1 in the same two gloo processes: outputs,
 every parameter gradient and the gradient into the inputs, with and without activation recomputation, in eval
-mode and with seeded train-mode CPE; plus: a model built at TP=2 is the TP=1 model sharded (same initialisation
-at every TP size)."""
+mode and with seeded train-mode CPE; the towers are whole and exact on either pipeline stage at PP=2; plus: a model built at TP=2 is the TP=1 model sharded (same initialisation
+at every TP size), and both report their sharding to distributed checkpointing as their conversion tables say."""
 import pytest
 import torch
 
@@ -64,6 +64,22 @@ def _state(module):
     return {k: v.clone() for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
 
 
+def test_towers_are_whole_on_any_pipeline_stage(tp_results):
+    for rank in tp_results:
+        pp = rank["pp2"]
+        assert pp["layers"] == _configs()[0].num_layers
+        for tower in ("connectors", "vision"):
+            expected = tp_results[0]["tp1"][tower] if tower == "connectors" else tp_results[0]["tp1"]["vision"]["eval"]
+            assert all(torch.equal(a, b) for a, b in zip(pp[tower], expected[0])), (pp["pp_rank"], tower)
+    assert [r["pp2"]["pp_rank"] for r in tp_results] == [0, 1]
+
+
+def _sharding_metadata(module):
+    """(global shape, fragmentation per axis) of every tensor in the module's distributed-checkpoint view."""
+    return {key: (tuple(value.global_shape), tuple(value.axis_fragmentations))
+            for key, value in module.sharded_state_dict().items() if hasattr(value, "axis_fragmentations")}
+
+
 def _tp_worker():
     import dataclasses
 
@@ -96,7 +112,17 @@ def _tp_worker():
     vision = build_vision(dataclasses.replace(vision_config, recompute=True), LLM_HIDDEN)
     load_vision_state_dict(vision, shard_vision_state_dict(full_vision, vision_config, LLM_HIDDEN, 2)[rank])
     results["tp2_vision"] = _vision_runs(vision, images)
+    results["sharding"] = {"vision": _sharding_metadata(vision), "connectors": _sharding_metadata(module)}
     results["tp_rank"] = rank
+
+    context = initialize(tensor_model_parallel_size=1, pipeline_model_parallel_size=2, seed=0)
+    last_stage = build_query_conditioner(connector_config, LLM_HIDDEN, pre_process=False)
+    load_connector_state_dict(last_stage, {k: v for k, v in full_connectors.items() if k != "meta_queries"})
+    first_stage = build_vision(vision_config, LLM_HIDDEN)
+    load_vision_state_dict(first_stage, full_vision)
+    results["pp2"] = {"pp_rank": context.pp_rank, "layers": len(last_stage.connector_2.layers),
+                      "connectors": _step(last_stage, states, _connector_forward)[0],
+                      "vision": _step(first_stage.eval(), images, _vision_forward)[0]}
     return results
 
 
@@ -165,3 +191,29 @@ def test_initialisation_is_the_same_at_every_tensor_parallel_size(tp_results):
     vision = unshard_vision_state_dicts([r["fresh_tp2"]["vision"] for r in tp_results], vision_config, LLM_HIDDEN)
     assert all(torch.equal(connectors[k], tp1["connectors"][k]) for k in tp1["connectors"])
     assert all(torch.equal(vision[k], tp1["vision"][k]) for k in tp1["vision"])
+
+
+def _expected_sharding(table, num_layers):
+    """megatron-core saves a TransformerBlock's layers as one tensor with a leading layer axis."""
+    expected = {}
+    for name, (shape, axis) in table.items():
+        fragments = [1] * len(shape)
+        if axis is not None:
+            fragments[axis] = 2
+        if ".layers." in name:
+            shape, fragments = (num_layers, *shape), [num_layers, *fragments]
+        expected[name] = (shape, tuple(fragments))
+    return expected
+
+
+def test_distributed_checkpoint_sharding_matches_the_conversion_tables(tp_results):
+    from megatron_puffin.convert.connector import connector_tensor_table
+    from megatron_puffin.convert.radio import vision_tensor_table
+
+    connector_config, vision_config = _configs()
+    for rank in tp_results:
+        vision = _expected_sharding(vision_tensor_table(vision_config, LLM_HIDDEN), vision_config.num_layers)
+        connectors = _expected_sharding(connector_tensor_table(connector_config, LLM_HIDDEN),
+                                        connector_config.num_layers)
+        assert rank["sharding"]["vision"] == vision
+        assert rank["sharding"]["connectors"] == connectors
