@@ -136,13 +136,15 @@ class QueryConditioner(MegatronModule):
         """The DiT's conditioning from the LLM's meta-query states (last stage).
 
         Args:
-            query_states: ``[b, num_queries, llm_hidden]`` last-layer LLM states at the meta-query positions.
+            query_states: ``[b, num_queries, llm_hidden]`` last-layer LLM states at the meta-query positions
+                (cast to the parameter dtype).
 
         Returns:
             ``(pooled [b, pooled_projection_dim], sequence [b, num_queries, joint_attention_dim])``.
         """
         if not self.post_process:
             raise RuntimeError("QueryConditioner.forward needs post_process=True (the connectors live there)")
+        query_states = query_states.to(self.llm2connector_1.weight.dtype)
         pooled = self.projector_1(self._branch(self.llm2connector_1, self.connector_1, query_states).mean(dim=1))
         sequence = self.projector_2(self._branch(self.llm2connector_2, self.connector_2, query_states))
         return pooled, sequence
