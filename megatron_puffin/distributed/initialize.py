@@ -11,6 +11,7 @@ import datetime
 import logging
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,6 +22,8 @@ from megatron_puffin.distributed.cpu_compat import apply_cpu_compat, cuda_availa
 from megatron_puffin.distributed.random import seed_everything
 
 logger = logging.getLogger(__name__)
+
+_STORE_FILES: list = []
 
 
 @dataclass(frozen=True)
@@ -64,18 +67,18 @@ def _env_int(name: str, default: int) -> int:
 def _init_process_group(backend: str, timeout_minutes: int) -> None:
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
-    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        if world_size != 1:
-            raise RuntimeError(
-                f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set; launch with torchrun"
-            )
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(find_free_port())
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
+        return
+    if world_size != 1:
+        raise RuntimeError(f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set; launch with torchrun")
+    # A single process without torchrun: a private file store, so no port can be taken by another process.
+    store_file = tempfile.NamedTemporaryFile(prefix="puffin_store_", delete=False)
+    store_file.close()
+    _STORE_FILES.append(store_file.name)
     dist.init_process_group(
-        backend=backend,
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
+        backend=backend, init_method=f"file://{store_file.name}", rank=0, world_size=1, timeout=timeout
     )
 
 
@@ -157,3 +160,8 @@ def destroy() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    while _STORE_FILES:
+        try:
+            os.unlink(_STORE_FILES.pop())
+        except OSError:
+            pass
