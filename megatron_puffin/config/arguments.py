@@ -21,12 +21,18 @@ from megatron_puffin.config.schema import (
 from megatron_puffin.data.config import DataConfig
 from megatron_puffin.diffusion.config import FlowMatchingConfig
 from megatron_puffin.models.dit.config import DiTConfig
+from megatron_puffin.models.connector.config import ConnectorConfig
 from megatron_puffin.models.llm.config import LLMConfig
+from megatron_puffin.models.puffin_config import PuffinModelConfig
+from megatron_puffin.models.vision.config import VisionConfig
 
 # (attribute on PuffinArguments, dataclass, argparse group title). Later entries extend this list in place.
 CONFIG_GROUPS: List[Tuple[str, type, str]] = [
     ("llm", LLMConfig, "LLM tower (Qwen2.5)"),
+    ("vision", VisionConfig, "vision tower (RADIO)"),
+    ("connector", ConnectorConfig, "meta queries and connectors"),
     ("dit", DiTConfig, "DiT tower (SD3 MMDiT)"),
+    ("model", PuffinModelConfig, "model composition (freezing, VAE)"),
     ("flow", FlowMatchingConfig, "flow matching"),
     ("data", DataConfig, "data"),
     ("parallel", ParallelConfig, "parallelism"),

@@ -161,7 +161,9 @@ def check_checkpoint(args) -> List[str]:
 
 def check_towers(args) -> List[str]:
     """Rules owned by the tower and diffusion configs themselves."""
-    return args.dit.validate(args.parallel.tensor_model_parallel_size) + args.flow.validate()
+    tp = args.parallel.tensor_model_parallel_size
+    problems = args.dit.validate(tp) + args.vision.validate(tp) + args.connector.validate(tp)
+    return problems + args.flow.validate() + args.model.validate()
 
 
 def check_data(args) -> List[str]:

@@ -1,0 +1,239 @@
+"""The composed Puffin model: vision -> LLM <- queries -> connectors -> MMDiT, over pipeline stages.
+
+Placement (ARCHITECTURE decision 3): pipeline parallelism splits the LLM decoder layers. The first stage also
+holds the vision tower (RADIO + fold + projector) and the 64 meta queries, which it scatters into the LLM input;
+the last stage holds the LLM's final norm and output layer, the two connectors with their projections, the MMDiT
+and the frozen VAE. Tensor parallelism applies to every tower. A micro-batch carries one task, so every stage runs
+the same task at the same time.
+
+``forward(batch)`` returns, on the last stage (or without pipelining), a dict with the task's mean loss
+(``loss``, the tensor to back-propagate), its numerator and denominator for exact averaging over micro-batches and
+data-parallel ranks (``loss_sum`` and ``num_tokens`` for understanding, ``num_samples`` for generation), and
+``loss_<task>``. Intermediate stages return their hidden states ``[s, b, h]`` for the pipeline schedule.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_puffin.data import templates
+from megatron_puffin.data.task_encoders import GENERATION_TASKS
+from megatron_puffin.diffusion import FlowMatchingConfig, FlowMatchSchedule, flow_matching_loss, make_flow_matching_inputs
+from megatron_puffin.distributed.random import make_generator
+from megatron_puffin.models.connector import ConnectorConfig, build_query_conditioner
+from megatron_puffin.models.dit import DiTConfig, build_dit
+from megatron_puffin.models.llm import LLMConfig, build_llm, shift_labels, vocab_parallel_token_losses
+from megatron_puffin.models.puffin_config import PuffinModelConfig
+from megatron_puffin.models.vae import FrozenVAE
+from megatron_puffin.models.vision import VisionConfig, build_vision
+
+logger = logging.getLogger(__name__)
+
+UNDERSTANDING_TASKS = ("image2text", "image2text_cross_view", "text2text")
+
+
+@dataclass
+class PuffinConfig:
+    """Everything needed to build the composed model (one config object per tower)."""
+
+    llm: LLMConfig
+    vision: VisionConfig
+    connector: ConnectorConfig
+    dit: DiTConfig
+    flow: FlowMatchingConfig
+    model: PuffinModelConfig
+    seed: int = 1234
+    params_dtype: torch.dtype = torch.float32
+    transformer_impl: str = "local"
+    fp8: Optional[str] = None
+    fp8_recipe: str = "delayed"
+
+    @classmethod
+    def from_args(cls, args) -> "PuffinConfig":
+        """From parsed ``pretrain_puffin.py`` flags."""
+        precision = args.precision
+        dtype = torch.bfloat16 if precision.bf16 else torch.float16 if precision.fp16 else torch.float32
+        return cls(
+            llm=args.llm, vision=args.vision, connector=args.connector, dit=args.dit, flow=args.flow,
+            model=args.model, seed=args.training.seed, params_dtype=dtype,
+            transformer_impl=precision.transformer_impl, fp8=precision.fp8_format, fp8_recipe=precision.fp8_recipe,
+        )
+
+
+def _requires_grad(module: torch.nn.Module, flag: bool) -> None:
+    for param in module.parameters():
+        param.requires_grad_(flag)
+
+
+def _build_vae(config: PuffinModelConfig, dtype: torch.dtype, device: torch.device) -> Optional[FrozenVAE]:
+    if config.vae_path:
+        vae = FrozenVAE.from_pretrained(config.vae_path, dtype=dtype, sample_posterior=config.vae_sample_posterior)
+    elif config.vae_config:
+        import json
+
+        with open(config.vae_config) as handle:
+            vae = FrozenVAE.from_config(json.load(handle), dtype=dtype, sample_posterior=config.vae_sample_posterior)
+    else:
+        return None
+    return vae.to(device)
+
+
+class PuffinModel(MegatronModule):
+    """One pipeline stage of Puffin (see the module docstring)."""
+
+    def __init__(self, config: PuffinConfig, pre_process: bool = True, post_process: bool = True) -> None:
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        llm_tconfig = config.llm.to_transformer_config(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=config.params_dtype,
+            fp8=config.fp8, fp8_recipe=config.fp8_recipe,
+        )
+        super().__init__(config=llm_tconfig)
+        self.puffin_config = config
+        self.pre_process, self.post_process = pre_process, post_process
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.llm = build_llm(config.llm, pre_process, post_process, llm_tconfig, config.transformer_impl)
+        if pre_process:
+            self.vision = build_vision(
+                config.vision, config.llm.hidden_size, transformer_impl=config.transformer_impl,
+                params_dtype=config.params_dtype, device=self.device,
+            )
+        # The meta queries live on the first stage, the connectors and projections on the last.
+        self.conditioner = build_query_conditioner(
+            config.connector, config.llm.hidden_size, pre_process=pre_process, post_process=post_process,
+            transformer_impl=config.transformer_impl, params_dtype=config.params_dtype, device=self.device,
+        )
+        if post_process:
+            self.dit = build_dit(config.dit, transformer_impl=config.transformer_impl,
+                                 params_dtype=config.params_dtype, device=self.device)
+            # Not a submodule: the VAE is frozen, never checkpointed with the model, never seen by DDP.
+            self._vae = [_build_vae(config.model, config.params_dtype, self.device)]
+            self.schedule = FlowMatchSchedule(config.flow.num_train_timesteps, config.flow.shift)
+        self.apply_freezing()
+
+    # -- freezing -------------------------------------------------------------------------------------------
+    def apply_freezing(self) -> None:
+        """``requires_grad=False`` on frozen towers (so DDP makes no gradient buffers and the optimizer no state)."""
+        model = self.puffin_config.model
+        _requires_grad(self.llm, not model.freeze_llm)
+        if self.pre_process:
+            _requires_grad(self.vision.encoder, not model.freeze_vision)
+        if self.post_process:
+            _requires_grad(self.dit, not model.freeze_dit)
+
+    @property
+    def vae(self) -> Optional[FrozenVAE]:
+        return self._vae[0] if self.post_process else None
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.llm.set_input_tensor(input_tensor)
+
+    # -- first stage: input embeddings -----------------------------------------------------------------------
+    def _vision_tokens(self, images) -> torch.Tensor:
+        if isinstance(images, list):
+            return torch.cat([self._vision_tokens(image[None]) for image in images])
+        trainable = not self.puffin_config.model.freeze_vision
+        return self.vision(images.to(self.device, self.puffin_config.params_dtype), apply_grad_scale=trainable)
+
+    def embed_inputs(self, batch: Dict[str, Any]) -> torch.Tensor:
+        """Token embeddings with visual tokens and meta queries scattered in: ``[s, b, h]``.
+
+        Visual tokens go to the positions holding -200 (understanding) or ``<|image_pad|>`` (image2image) in
+        sample-major, token order; meta queries to the -400 slots (spec §2.1 step 4, §2.2 step 4).
+        """
+        input_ids = batch["input_ids"].to(self.device)
+        image_slots = (input_ids == templates.INPUT_IMAGE_TOKEN_INDEX)
+        if batch["task"] == "image2image":
+            image_slots |= input_ids == self.puffin_config.model.image_pad_token_id
+        query_slots = input_ids == templates.QUERY_TOKEN_INDEX
+        embeds = self.llm.embed_tokens(input_ids.clamp(min=0)).transpose(0, 1)  # [b, s, h]
+        if bool(image_slots.any()):
+            tokens = self._vision_tokens(batch["vision_images"])
+            if tokens.shape[0] * tokens.shape[1] != int(image_slots.sum()):
+                raise ValueError(
+                    f"{batch['task']}: {int(image_slots.sum())} image placeholders but the vision tower made "
+                    f"{tokens.shape[0]} x {tokens.shape[1]} tokens; the data's patch/fold sizes must match the model's"
+                )
+            embeds = embeds.masked_scatter(image_slots[..., None], tokens.to(embeds.dtype))
+        if bool(query_slots.any()):
+            queries = self.conditioner.queries(input_ids.shape[0]).to(embeds.dtype)
+            embeds = embeds.masked_scatter(query_slots[..., None], queries)
+        return embeds.transpose(0, 1).contiguous()
+
+    # -- last stage: losses ---------------------------------------------------------------------------------
+    def understanding_loss(self, logits: torch.Tensor, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """Token-mean cross-entropy of the supervised answer tokens (spec §2.1 step 6)."""
+        target = shift_labels(batch["labels"].to(self.device))
+        losses = vocab_parallel_token_losses(logits, target)
+        num_tokens = (target >= 0).sum()
+        loss_sum = losses.sum()
+        return {"loss": loss_sum / num_tokens.clamp(min=1), "loss_sum": loss_sum.detach(), "num_tokens": num_tokens}
+
+    def _generator(self, batch: Dict[str, Any], purpose: str) -> torch.Generator:
+        # A pure function of the run seed and the samples' positions in their streams: identical inside a TP/PP
+        # group, distinct across data-parallel ranks (other samples), repeated exactly after a resume.
+        key = tuple(batch["positions"].tolist()) + tuple(batch["sample_indices"].tolist())
+        return make_generator(self.puffin_config.seed, purpose, batch["task"], key, device=self.device)
+
+    def _latents(self, images, generator: torch.Generator):
+        if self.vae is None:
+            raise RuntimeError("generation tasks need a VAE: give --vae-path (or --vae-config for tiny runs)")
+        if isinstance(images, list):
+            images = [image.to(self.device, self.vae.dtype) for image in images]
+        else:
+            images = images.to(self.device, self.vae.dtype)
+        return self.vae.encode(images, generator=generator)
+
+    def condition_latents(self, batch: Dict[str, Any], generator: torch.Generator) -> Optional[List[List[torch.Tensor]]]:
+        """Clean condition latents per sample: cam2image -> [camera map]; image2image -> [camera map, init view]."""
+        if batch["task"] == "text2image":
+            return None
+        sources = [batch["camera_maps"]] + ([batch["init_images"]] if batch["task"] == "image2image" else [])
+        encoded = [self._latents(images, generator) for images in sources]
+        return [[latents[i] for latents in encoded] for i in range(len(encoded[0]))]
+
+    def generation_loss(self, hidden: torch.Tensor, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """Per-sample-mean flow matching of the target latents (spec §2.3)."""
+        num_queries = self.puffin_config.connector.num_queries
+        queries = hidden[-num_queries:].transpose(0, 1)  # left padding keeps the queries last: [b, q, h]
+        pooled, context = self.conditioner(queries)
+        generator = self._generator(batch, "flow")
+        targets = self._latents(batch["target_images"], generator)
+        cond = self.condition_latents(batch, generator)
+        flow = self.puffin_config.flow
+        inputs = make_flow_matching_inputs(
+            targets, self.schedule, generator, flow.weighting_scheme, flow.logit_mean, flow.logit_std, flow.mode_scale
+        )
+        dtype = self.puffin_config.params_dtype
+        noisy = inputs.noisy.to(dtype) if isinstance(inputs.noisy, torch.Tensor) else [x.to(dtype) for x in inputs.noisy]
+        cond = None if cond is None else [[c.to(dtype) for c in sample] for sample in cond]
+        velocity = self.dit(noisy, context.to(dtype), pooled.to(dtype), inputs.timesteps, cond)
+        loss, per_sample = flow_matching_loss(velocity, inputs.target)
+        return {"loss": loss, "loss_sum": per_sample.sum(), "num_samples": torch.tensor(per_sample.numel())}
+
+    def forward(self, batch: Dict[str, Any]):
+        """Run this stage on one task micro-batch (see the module docstring for what it returns)."""
+        task = batch["task"]
+        generation = task in GENERATION_TASKS
+        decoder_input = self.embed_inputs(batch) if self.pre_process else None
+        output = self.llm(
+            decoder_input=decoder_input,
+            position_ids=batch["position_ids"].to(self.device),
+            padding_mask=batch["attention_mask"].to(self.device),
+            output="hidden" if generation else "logits",
+        )
+        if not self.post_process:
+            return output
+        losses = self.generation_loss(output, batch) if generation else self.understanding_loss(output, batch)
+        losses[f"loss_{task}"] = losses["loss"].detach()
+        return losses
+
+
+def build_puffin(config: PuffinConfig, pre_process: bool = True, post_process: bool = True) -> PuffinModel:
+    """Build this pipeline stage of Puffin for the current TP/PP layout (see :class:`PuffinModel`)."""
+    return PuffinModel(config, pre_process=pre_process, post_process=post_process)

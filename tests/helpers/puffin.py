@@ -1,0 +1,91 @@
+"""A tiny Puffin (every tower real, toy sizes) and task micro-batches from a synthetic dataset."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE_SIZE = 96
+NUM_QUERIES = 4
+TASK_STREAMS = {  # loss task -> (stream task, subset)
+    "image2text": ("image2text", "main"),
+    "image2text_cross_view": ("image2text_cross_view", "cross_view"),
+    "text2text": ("text2text", "main"),
+    "text2image": ("text2image", "main"),
+    "cam2image": ("cam2image", "main"),
+    "image2image": ("image2image", "cross_view"),
+}
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 8, 8], layers_per_block=1,
+    down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3, norm_num_groups=4,
+    sample_size=IMAGE_SIZE, scaling_factor=1.5305, shift_factor=0.0609,
+)
+
+
+def make_tiny_dataset(root: Path, num_samples: int = 16, seed: int = 0) -> Dict[str, str]:
+    """Render + preprocess a synthetic Puffin-4M dataset; returns paths of shards, tokenizer and VAE config."""
+    root = Path(root)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    raw, data, tokenizer = root / "raw", root / "data", root / "tokenizer.model"
+    subprocess.run([sys.executable, str(ROOT / "tools/make_synthetic_dataset.py"), "--output", str(raw),
+                    "--num-samples", str(num_samples), "--image-size", str(IMAGE_SIZE), "--seed", str(seed),
+                    "--tokenizer-out", str(tokenizer), "--workers", "1"], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, str(ROOT / "tools/preprocess_data.py"), "--input", str(raw), "--output-prefix",
+                    str(data), "--workers", "1", "--no-progress"], check=True, env=env, capture_output=True)
+    vae_config = root / "vae_config.json"
+    vae_config.write_text(json.dumps(TINY_VAE))
+    return {"data": str(data), "tokenizer": str(tokenizer), "vae_config": str(vae_config)}
+
+
+def tiny_puffin_config(paths: Dict[str, str], seed: int = 0, **model_flags):
+    """Toy-sized towers (LLM 2 layers so PP=2 splits it), fp32, local specs."""
+    from megatron_puffin.data import PuffinTokenizer
+    from megatron_puffin.diffusion import FlowMatchingConfig
+    from megatron_puffin.models.connector import ConnectorConfig
+    from megatron_puffin.models.dit import DiTConfig
+    from megatron_puffin.models.llm import LLMConfig
+    from megatron_puffin.models.puffin import PuffinConfig
+    from megatron_puffin.models.puffin_config import PuffinModelConfig
+    from megatron_puffin.models.vision import VisionConfig
+
+    tokenizer = PuffinTokenizer(paths["tokenizer"])
+    llm = LLMConfig(num_layers=2, hidden_size=48, ffn_hidden_size=64, num_attention_heads=6, num_query_groups=2,
+                    kv_channels=8, vocab_size=tokenizer.vocab_size, max_position_embeddings=1024)
+    vision = VisionConfig(hidden_size=16, num_layers=1, num_attention_heads=2, ffn_hidden_size=32,
+                          max_image_size=IMAGE_SIZE, class_token_len=2)
+    connector = ConnectorConfig(num_queries=NUM_QUERIES, hidden_size=16, num_layers=1, num_attention_heads=2,
+                                ffn_hidden_size=32, pooled_projection_dim=24, joint_attention_dim=20)
+    dit = DiTConfig(sample_size=24, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                    num_attention_heads=2, joint_attention_dim=20, caption_projection_dim=16,
+                    pooled_projection_dim=24, pos_embed_max_size=16)
+    model = PuffinModelConfig(vae_config=paths["vae_config"], image_pad_token_id=tokenizer.image_pad_id, **model_flags)
+    return PuffinConfig(llm=llm, vision=vision, connector=connector, dit=dit, flow=FlowMatchingConfig(), model=model,
+                        seed=seed)
+
+
+def task_batches(paths: Dict[str, str], micro_batch_size: int = 2, seed: int = 0, data_parallel_rank: int = 0,
+                 data_parallel_size: int = 1, steps: int = 1):
+    """``steps`` micro-batches of every task (keys: loss task), from one loader cycling through six streams."""
+    from megatron_puffin.data import DataConfig, build_data_loader
+
+    streams = [f"{stream}:{paths['data']}/{subset}:{micro_batch_size}" for stream, subset in TASK_STREAMS.values()]
+    config = DataConfig(task_stream=streams, tokenizer=paths["tokenizer"], num_workers=0, image_size=IMAGE_SIZE,
+                        pin_memory=False)
+    loader = build_data_loader(config, seed=seed, data_parallel_rank=data_parallel_rank,
+                               data_parallel_size=data_parallel_size, num_query_tokens=NUM_QUERIES)
+    iterator = iter(loader)
+    batches: Dict[str, list] = {task: [] for task in TASK_STREAMS}
+    for _ in range(steps * len(TASK_STREAMS)):
+        batch = next(iterator)
+        batches[batch["task"]].append(batch)
+    return batches
+
+
+def trainable_names(model: torch.nn.Module):
+    return [name for name, param in model.named_parameters() if param.requires_grad]
