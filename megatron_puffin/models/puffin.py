@@ -23,7 +23,14 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_puffin.data import templates
 from megatron_puffin.data.task_encoders import GENERATION_TASKS
-from megatron_puffin.diffusion import FlowMatchingConfig, FlowMatchSchedule, flow_matching_loss, make_flow_matching_inputs
+from megatron_puffin.diffusion import (
+    FlowMatchingConfig,
+    FlowMatchSchedule,
+    add_noise,
+    flow_matching_loss,
+    sample_density,
+    velocity_target,
+)
 from megatron_puffin.distributed.random import make_generator
 from megatron_puffin.models.connector import ConnectorConfig, build_query_conditioner
 from megatron_puffin.models.dit import DiTConfig, build_dit
@@ -174,46 +181,76 @@ class PuffinModel(MegatronModule):
         loss_sum = losses.sum()
         return {"loss": loss_sum / num_tokens.clamp(min=1), "loss_sum": loss_sum.detach(), "num_tokens": num_tokens}
 
-    def _generator(self, batch: Dict[str, Any], purpose: str) -> torch.Generator:
-        # A pure function of the run seed and the samples' positions in their streams: identical inside a TP/PP
-        # group, distinct across data-parallel ranks (other samples), repeated exactly after a resume.
-        key = tuple(batch["positions"].tolist()) + tuple(batch["sample_indices"].tolist())
-        return make_generator(self.puffin_config.seed, purpose, batch["task"], key, device=self.device)
+    def _generators(self, batch: Dict[str, Any], purpose: str) -> List[torch.Generator]:
+        """One generator per sample, a pure function of (seed, purpose, task, the sample's position in its stream,
+        its dataset index): identical inside a TP/PP group, distinct across data-parallel ranks (other samples),
+        repeated exactly after a resume, and independent of how the global batch is split over DP ranks."""
+        keys = zip(batch["positions"].tolist(), batch["sample_indices"].tolist())
+        return [
+            make_generator(self.puffin_config.seed, purpose, batch["task"], position, index, device=self.device)
+            for position, index in keys
+        ]
 
-    def _latents(self, images, generator: torch.Generator):
-        if self.vae is None:
+    @staticmethod
+    def _randn_each(like, generators: List[torch.Generator]):
+        """Gaussian noise shaped like each sample of ``like`` (a [B, ...] tensor or a list), one generator each."""
+        noise = [torch.randn(x.shape, generator=g, dtype=x.dtype, device=x.device) for x, g in zip(like, generators)]
+        return torch.stack(noise) if isinstance(like, torch.Tensor) else noise
+
+    def _latents(self, images, purpose: str, batch: Dict[str, Any]):
+        """Normalised VAE latents; the posterior is sampled with per-sample noise (spec §1.9)."""
+        vae = self.vae
+        if vae is None:
             raise RuntimeError("generation tasks need a VAE: give --vae-path (or --vae-config for tiny runs)")
         if isinstance(images, list):
-            images = [image.to(self.device, self.vae.dtype) for image in images]
+            images = [image.to(self.device, vae.dtype) for image in images]
         else:
-            images = images.to(self.device, self.vae.dtype)
-        return self.vae.encode(images, generator=generator)
+            images = images.to(self.device, vae.dtype)
+        mean, std = vae.encode_moments(images)
+        if not vae.sample_posterior:
+            return vae.normalize(mean) if isinstance(mean, torch.Tensor) else [vae.normalize(m) for m in mean]
+        eps = self._randn_each(mean, self._generators(batch, purpose))
+        if isinstance(mean, torch.Tensor):
+            return vae.normalize(mean + std * eps)
+        return [vae.normalize(m + s * e) for m, s, e in zip(mean, std, eps)]
 
-    def condition_latents(self, batch: Dict[str, Any], generator: torch.Generator) -> Optional[List[List[torch.Tensor]]]:
+    def condition_latents(self, batch: Dict[str, Any]) -> Optional[List[List[torch.Tensor]]]:
         """Clean condition latents per sample: cam2image -> [camera map]; image2image -> [camera map, init view]."""
         if batch["task"] == "text2image":
             return None
-        sources = [batch["camera_maps"]] + ([batch["init_images"]] if batch["task"] == "image2image" else [])
-        encoded = [self._latents(images, generator) for images in sources]
+        encoded = [self._latents(batch["camera_maps"], "vae_camera", batch)]
+        if batch["task"] == "image2image":
+            encoded.append(self._latents(batch["init_images"], "vae_init", batch))
         return [[latents[i] for latents in encoded] for i in range(len(encoded[0]))]
+
+    def flow_matching_inputs(self, latents, batch: Dict[str, Any]):
+        """(x_t, v target, timesteps) with per-sample noise levels and noise (spec §2.3)."""
+        flow = self.puffin_config.flow
+        generators = self._generators(batch, "flow")
+        density = torch.cat([
+            sample_density(1, flow.weighting_scheme, g, flow.logit_mean, flow.logit_std, flow.mode_scale, self.device)
+            for g in generators
+        ])
+        steps = self.schedule.num_train_timesteps
+        indices = (density * steps).long().clamp_(0, steps - 1)
+        sigmas = self.schedule.train_sigmas.to(self.device)[indices]
+        timesteps = self.schedule.train_timesteps.to(self.device)[indices]
+        noise = self._randn_each(latents, generators)
+        return add_noise(latents, noise, sigmas), velocity_target(latents, noise), timesteps
 
     def generation_loss(self, hidden: torch.Tensor, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         """Per-sample-mean flow matching of the target latents (spec §2.3)."""
         num_queries = self.puffin_config.connector.num_queries
         queries = hidden[-num_queries:].transpose(0, 1)  # left padding keeps the queries last: [b, q, h]
         pooled, context = self.conditioner(queries)
-        generator = self._generator(batch, "flow")
-        targets = self._latents(batch["target_images"], generator)
-        cond = self.condition_latents(batch, generator)
-        flow = self.puffin_config.flow
-        inputs = make_flow_matching_inputs(
-            targets, self.schedule, generator, flow.weighting_scheme, flow.logit_mean, flow.logit_std, flow.mode_scale
-        )
+        targets = self._latents(batch["target_images"], "vae_target", batch)
+        cond = self.condition_latents(batch)
+        noisy, target, timesteps = self.flow_matching_inputs(targets, batch)
         dtype = self.puffin_config.params_dtype
-        noisy = inputs.noisy.to(dtype) if isinstance(inputs.noisy, torch.Tensor) else [x.to(dtype) for x in inputs.noisy]
+        noisy = noisy.to(dtype) if isinstance(noisy, torch.Tensor) else [x.to(dtype) for x in noisy]
         cond = None if cond is None else [[c.to(dtype) for c in sample] for sample in cond]
-        velocity = self.dit(noisy, context.to(dtype), pooled.to(dtype), inputs.timesteps, cond)
-        loss, per_sample = flow_matching_loss(velocity, inputs.target)
+        velocity = self.dit(noisy, context.to(dtype), pooled.to(dtype), timesteps, cond)
+        loss, per_sample = flow_matching_loss(velocity, target)
         return {"loss": loss, "loss_sum": per_sample.sum(), "num_samples": torch.tensor(per_sample.numel())}
 
     def forward(self, batch: Dict[str, Any]):
