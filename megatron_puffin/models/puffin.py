@@ -77,14 +77,18 @@ def _requires_grad(module: torch.nn.Module, flag: bool) -> None:
         param.requires_grad_(flag)
 
 
-def _build_vae(config: PuffinModelConfig, dtype: torch.dtype, device: torch.device) -> Optional[FrozenVAE]:
+def _build_vae(config: PuffinModelConfig, dtype: torch.dtype, device: torch.device, seed: int) -> Optional[FrozenVAE]:
     if config.vae_path:
         vae = FrozenVAE.from_pretrained(config.vae_path, dtype=dtype, sample_posterior=config.vae_sample_posterior)
     elif config.vae_config:
         import json
 
         with open(config.vae_config) as handle:
-            vae = FrozenVAE.from_config(json.load(handle), dtype=dtype, sample_posterior=config.vae_sample_posterior)
+            vae_config = json.load(handle)
+        # A random VAE (tiny runs) must be the same on every rank and layout: its own seeded stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vae = FrozenVAE.from_config(vae_config, dtype=dtype, sample_posterior=config.vae_sample_posterior)
     else:
         return None
     return vae.to(device)
@@ -101,6 +105,9 @@ class PuffinModel(MegatronModule):
             fp8=config.fp8, fp8_recipe=config.fp8_recipe,
         )
         super().__init__(config=llm_tconfig)
+        from megatron.core.enums import ModelType
+
+        self.model_type = ModelType.encoder_or_decoder  # what megatron-core's schedules ask of a model
         self.puffin_config = config
         self.pre_process, self.post_process = pre_process, post_process
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -119,7 +126,7 @@ class PuffinModel(MegatronModule):
             self.dit = build_dit(config.dit, transformer_impl=config.transformer_impl,
                                  params_dtype=config.params_dtype, device=self.device)
             # Not a submodule: the VAE is frozen, never checkpointed with the model, never seen by DDP.
-            self._vae = [_build_vae(config.model, config.params_dtype, self.device)]
+            self._vae = [_build_vae(config.model, config.params_dtype, self.device, config.seed)]
             self.schedule = FlowMatchSchedule(config.flow.num_train_timesteps, config.flow.shift)
         self.apply_freezing()
 
@@ -137,15 +144,31 @@ class PuffinModel(MegatronModule):
     def vae(self) -> Optional[FrozenVAE]:
         return self._vae[0] if self.post_process else None
 
+    # megatron-core's finalize_model_grads all-reduces the tied embedding across the first and last stages.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.llm.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self) -> torch.nn.Parameter:
+        return self.llm.shared_embedding_or_output_weight()
+
     def set_input_tensor(self, input_tensor) -> None:
         self.llm.set_input_tensor(input_tensor)
 
     # -- first stage: input embeddings -----------------------------------------------------------------------
-    def _vision_tokens(self, images) -> torch.Tensor:
-        if isinstance(images, list):
-            return torch.cat([self._vision_tokens(image[None]) for image in images])
-        trainable = not self.puffin_config.model.freeze_vision
-        return self.vision(images.to(self.device, self.puffin_config.params_dtype), apply_grad_scale=trainable)
+    def _vision_tokens(self, images, batch: Dict[str, Any]) -> torch.Tensor:
+        """Projected visual tokens ``[n, tokens, h]``; the gradient scale applies to understanding losses only
+        (spec §1.4). Train-mode CPE randomness comes from a generator keyed by the batch's samples, so every
+        TP/PP layout sees the same augmentation."""
+        if isinstance(images, list):  # mixed sizes: one call per size group would also do; sizes are rare
+            return torch.cat([self._vision_tokens(image[None], batch) for image in images])
+        positions = tuple(batch["positions"].tolist())
+        generator = make_generator(self.puffin_config.seed, "vision", batch["task"], positions, device=self.device)
+        return self.vision(
+            images.to(self.device, self.puffin_config.params_dtype),
+            apply_grad_scale=batch["task"] != "image2image",
+            generator=generator,
+        )
 
     def embed_inputs(self, batch: Dict[str, Any]) -> torch.Tensor:
         """Token embeddings with visual tokens and meta queries scattered in: ``[s, b, h]``.
@@ -160,7 +183,7 @@ class PuffinModel(MegatronModule):
         query_slots = input_ids == templates.QUERY_TOKEN_INDEX
         embeds = self.llm.embed_tokens(input_ids.clamp(min=0)).transpose(0, 1)  # [b, s, h]
         if bool(image_slots.any()):
-            tokens = self._vision_tokens(batch["vision_images"])
+            tokens = self._vision_tokens(batch["vision_images"], batch)
             if tokens.shape[0] * tokens.shape[1] != int(image_slots.sum()):
                 raise ValueError(
                     f"{batch['task']}: {int(image_slots.sum())} image placeholders but the vision tower made "

@@ -1,0 +1,41 @@
+"""Averaging task losses correctly over data-parallel ranks.
+
+A micro-batch holds one task. Understanding losses are token means and generation losses per-sample means over the
+*global* micro-batch (all data-parallel ranks together, spec §8). Data-parallel gradient reduction averages
+gradients over ranks, so each rank back-propagates ``local_sum * dp_size / global_count``: the averaged gradient is
+then exactly the gradient of the global mean, however unevenly tokens fall on the ranks.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+
+def count_of(output: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The denominator of a task loss: supervised tokens (understanding) or samples (generation)."""
+    key = "num_tokens" if "num_tokens" in output else "num_samples"
+    return output[key].detach().to(torch.float64)
+
+
+def global_mean_loss(
+    output: Dict[str, torch.Tensor], data_parallel_group: Optional[dist.ProcessGroup] = None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss to back-propagate, global mean loss (detached), global count) for one task micro-batch.
+
+    Args:
+        output: a last-stage :class:`~megatron_puffin.models.puffin.PuffinModel` output (``loss``, ``loss_sum`` and
+            ``num_tokens`` or ``num_samples``).
+        data_parallel_group: the group over which gradients are averaged; None for a single replica.
+    """
+    count = count_of(output)
+    totals = torch.stack([output["loss_sum"].detach().to(torch.float64), count])
+    dp_size = 1
+    if data_parallel_group is not None and dist.is_initialized():
+        dp_size = dist.get_world_size(data_parallel_group)
+        if dp_size > 1:
+            dist.all_reduce(totals, group=data_parallel_group)
+    global_sum, global_count = totals[0], totals[1].clamp(min=1)
+    scale = (count * dp_size / global_count).to(output["loss"].dtype)
+    return output["loss"] * scale, (global_sum / global_count).float(), global_count
