@@ -1,0 +1,102 @@
+"""Released Puffin checkpoints (``Puffin-{Align,Base,Thinking,Instruct}.pth``) -> our composed model.
+
+The reference state dict (spec §1.11) names towers by prefix: ``llm.`` (HF Qwen2), ``visual_encoder.`` (HF RADIO),
+``projector.{0,2}``, ``meta_queries`` / ``llm2connector_k`` / ``connector_k`` / ``projector_k`` (the query path),
+``transformer.`` (diffusers SD3) and ``vae.``. Released files may hold only the modules a stage trained (stage 1
+saved only the trainable ones), so every tower is optional; a tower that is present must be complete. The result
+is an unsharded TP=1/PP=1 state dict of :class:`~megatron_puffin.models.puffin.PuffinModel`; saved as a
+megatron-core distributed checkpoint it loads at any TP/PP layout.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Mapping, Tuple
+
+import torch
+
+from megatron_puffin.convert.connector import reference_to_mcore
+from megatron_puffin.convert.qwen2 import ConversionError, hf_to_mcore
+from megatron_puffin.convert.radio import projector_to_mcore, radio_to_mcore
+from megatron_puffin.convert.sd3 import diffusers_to_mcore
+
+logger = logging.getLogger(__name__)
+
+StateDict = Dict[str, torch.Tensor]
+QUERY_PATH_PREFIXES = ("meta_queries", "llm2connector_", "connector_", "projector_1.", "projector_2.")
+
+
+def tower_of(name: str) -> str:
+    """The tower a reference tensor name belongs to (``unknown`` if none)."""
+    if name.startswith("llm."):
+        return "llm"
+    if name.startswith("visual_encoder."):
+        return "vision"
+    if name.startswith("projector."):
+        return "projector"
+    if name.startswith(QUERY_PATH_PREFIXES):
+        return "queries"
+    if name.startswith("transformer."):
+        return "dit"
+    if name.startswith("vae."):
+        return "vae"
+    return "unknown"
+
+
+def _strip(group: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
+    return {name[len(prefix):]: tensor for name, tensor in group.items()}
+
+
+def _prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
+    return {prefix + name: tensor for name, tensor in state.items()}
+
+
+def puffin_to_mcore(state_dict: Mapping[str, torch.Tensor], config) -> Tuple[StateDict, List[str]]:
+    """Convert a reference Puffin state dict.
+
+    Args:
+        state_dict: tensors under the reference names (``module.`` prefixes of DeepSpeed dumps removed).
+        config: the :class:`~megatron_puffin.models.puffin.PuffinConfig` of the model to load into.
+
+    Returns:
+        (our unsharded state dict, towers it supplied). The VAE is reported but not converted: it is loaded from
+        ``--vae-path`` and never trained.
+
+    Raises:
+        ConversionError: unknown tensors, or an incomplete / mis-shaped tower (all listed by the tower converters).
+    """
+    groups: Dict[str, StateDict] = {}
+    for name, tensor in state_dict.items():
+        name = name[len("module."):] if name.startswith("module.") else name
+        groups.setdefault(tower_of(name), {})[name] = tensor
+    if "unknown" in groups:
+        raise ConversionError(
+            f"Puffin -> mcore: {len(groups['unknown'])} tensor(s) of no known tower: {', '.join(sorted(groups['unknown']))}"
+        )
+    ours: StateDict = {}
+    hidden = config.llm.hidden_size
+    if "llm" in groups:
+        ours.update(_prefixed(hf_to_mcore(_strip(groups["llm"], "llm."), config.llm), "llm."))
+    if "vision" in groups:
+        radio = radio_to_mcore(groups["vision"], config.vision, prefix="visual_encoder.radio_model.")
+        ours.update(_prefixed(radio, "vision."))
+    if "projector" in groups:
+        ours.update(_prefixed(projector_to_mcore(groups["projector"], config.vision, hidden), "vision."))
+    if "queries" in groups:
+        ours.update(_prefixed(reference_to_mcore(groups["queries"], config.connector, hidden), "conditioner."))
+    if "dit" in groups:
+        ours.update(_prefixed(diffusers_to_mcore(_strip(groups["dit"], "transformer."), config.dit), "dit."))
+    supplied = sorted(groups)
+    logger.info("Puffin checkpoint supplied: %s", ", ".join(supplied))
+    return ours, supplied
+
+
+def load_puffin_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> List[str]:
+    """Load our unsharded state dict into a TP=1/PP=1 model; returns the model tensors it did NOT supply.
+
+    Raises:
+        ConversionError: tensors the model does not have.
+    """
+    result = model.load_state_dict(dict(state_dict), strict=False)
+    if result.unexpected_keys:
+        raise ConversionError(f"Puffin -> model: tensors the model does not have: {', '.join(result.unexpected_keys)}")
+    return [k for k in result.missing_keys if not k.endswith("_extra_state")]
