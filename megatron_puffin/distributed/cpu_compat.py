@@ -13,8 +13,9 @@ absent (and only then) :func:`apply_cpu_compat` patches exactly these points, al
   schedules, dist-checkpoint saver and exchange, optimizers, grad clipping, grad buffers, utils) see a ``torch``
   whose tensor factories map ``"cuda"`` to ``"cpu"``.
 * ``TENSOR_CUDA``: ``Tensor.cuda()`` (dist-checkpoint exchange, distributed optimizer) returns the tensor itself.
-* ``PARAM_TYPE``: the (distributed) optimizer accepts parameters by their ``param.type()`` string, which must
-  be ``torch.cuda.*Tensor``; while the optimizer builds its parameter groups CPU tensors report the CUDA name.
+* ``PARAM_TYPE``: the (distributed) optimizer accepts parameters, and gradient clipping gradients, by their
+  ``type()`` string, which must be ``torch.cuda.*Tensor``; while the optimizer builds its parameter groups and
+  while gradients are clipped, CPU tensors report the CUDA name.
 
 Each patch has a test in ``tests/unit/test_cpu_compat.py`` that fails if the patch stops working or stops being
 needed (the unpatched behaviour is checked to still fail).
@@ -228,6 +229,10 @@ def _patch_param_type_checks() -> None:
     )
     fp16_cls = optimizer.Float16OptimizerWithFloat16Params
     fp16_cls.__init__ = with_cuda_type_names(fp16_cls.__init__)
+    from megatron.core.optimizer import clip_grads
+
+    optimizer.clip_grad_by_total_norm_fp32 = with_cuda_type_names(optimizer.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
 
 
 PATCHES = {

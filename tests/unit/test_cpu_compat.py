@@ -108,3 +108,12 @@ def test_param_type_checks_accept_cpu_parameters_in_a_real_optimizer():
     main_params = [p for group in optimizer.param_groups for p in group["params"]]
     assert main_params and all(p.dtype == torch.float32 for p in main_params)  # fp32 master copies of bf16 params
     assert torch.ones(1).type() == "torch.FloatTensor"  # the type() override is scoped to construction
+
+
+def test_param_type_check_of_gradient_clipping():
+    from megatron.core.optimizer import optimizer
+
+    param = torch.nn.Parameter(torch.ones(4))
+    param.grad = torch.full((4,), 3.0)
+    optimizer.clip_grad_by_total_norm_fp32([param], max_norm=1.0, total_norm=6.0)
+    torch.testing.assert_close(param.grad, torch.full((4,), 3.0 / (6.0 + 1e-6)))
