@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_puffin.models.common import runtime_transformer_kwargs
 from megatron_puffin.optional_deps import transformer_engine_error
 
 # diffusers' SD3Transformer2DModel config keys that only carry bookkeeping (no effect on the computation).
@@ -176,7 +177,6 @@ class DiTConfig:
             )
         self.check(tensor_model_parallel_size)
         recompute = self.recompute if recompute is None else recompute
-        on_gpu = torch.cuda.is_available()
         return TransformerConfig(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -188,27 +188,8 @@ class DiTConfig:
             activation_func=_gelu_tanh,
             add_bias_linear=True,
             add_qkv_bias=True,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
             init_method_std=init_method_std,
-            tensor_model_parallel_size=tensor_model_parallel_size,
-            params_dtype=params_dtype,
-            pipeline_dtype=params_dtype,
-            bf16=params_dtype == torch.bfloat16,
-            fp16=params_dtype == torch.float16,
-            fp8=fp8,
-            fp8_recipe=fp8_recipe if fp8 else "delayed",
-            use_cpu_initialization=(not on_gpu) if use_cpu_initialization is None else use_cpu_initialization,
-            bias_activation_fusion=False,
-            masked_softmax_fusion=False,
-            bias_dropout_fusion=False,
-            gradient_accumulation_fusion=False,
-            apply_rope_fusion=False,
-            persist_layer_norm=False,
-            attention_softmax_in_fp32=True,
-            variable_seq_lengths=True,
-            moe_token_dispatcher_type="alltoall",  # megatron rejects variable lengths with the default one
-            recompute_granularity="full" if recompute else None,
-            recompute_method="uniform" if recompute else None,
-            recompute_num_layers=1 if recompute else None,
+            **runtime_transformer_kwargs(
+                tensor_model_parallel_size, 1, params_dtype, fp8, fp8_recipe, recompute, use_cpu_initialization
+            ),
         )

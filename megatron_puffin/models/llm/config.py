@@ -7,6 +7,8 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_puffin.models.common import runtime_transformer_kwargs
+
 
 @dataclass
 class LLMConfig:
@@ -117,7 +119,6 @@ class LLMConfig:
         """The megatron-core ``TransformerConfig`` of this tower for a parallel layout and precision."""
         from megatron.core.transformer import TransformerConfig
 
-        on_gpu = torch.cuda.is_available()
         return TransformerConfig(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -131,30 +132,11 @@ class LLMConfig:
             activation_func=F.silu,
             add_bias_linear=False,
             add_qkv_bias=self.add_qkv_bias,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
             init_method_std=self.init_method_std,
-            tensor_model_parallel_size=tensor_model_parallel_size,
-            pipeline_model_parallel_size=pipeline_model_parallel_size,
             sequence_parallel=sequence_parallel,
-            params_dtype=params_dtype,
-            pipeline_dtype=params_dtype,
-            bf16=params_dtype == torch.bfloat16,
-            fp16=params_dtype == torch.float16,
-            fp8=fp8,
-            fp8_recipe=fp8_recipe if fp8 else "delayed",
-            use_cpu_initialization=(not on_gpu) if use_cpu_initialization is None else use_cpu_initialization,
-            bias_activation_fusion=on_gpu,
-            masked_softmax_fusion=False,
-            bias_dropout_fusion=on_gpu,
-            gradient_accumulation_fusion=False,
-            apply_rope_fusion=False,
-            persist_layer_norm=False,
-            attention_softmax_in_fp32=True,
-            variable_seq_lengths=True,
-            moe_token_dispatcher_type="alltoall",  # megatron rejects variable lengths with the default, even without MoE
-            recompute_granularity="full" if recompute else None,
-            recompute_method="uniform" if recompute else None,
-            recompute_num_layers=1 if recompute else None,
+            **runtime_transformer_kwargs(
+                tensor_model_parallel_size, pipeline_model_parallel_size, params_dtype, fp8, fp8_recipe, recompute,
+                use_cpu_initialization, fuse_bias_ops=True,
+            ),
         )
 

@@ -9,6 +9,7 @@ from typing import ClassVar, List, Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_puffin.models.common import runtime_transformer_kwargs
 from megatron_puffin.optional_deps import transformer_engine_error
 
 # OpenAI CLIP normalisation used by RADIO's input conditioner (spec §1.3).
@@ -205,34 +206,13 @@ def encoder_transformer_kwargs(
     softmax, pipeline size 1 (a tower is never split over pipeline stages), and ``recompute`` as full per-layer
     recomputation.
     """
-    on_gpu = torch.cuda.is_available()
     return dict(
         normalization="LayerNorm",
         layernorm_epsilon=layernorm_epsilon,
         add_bias_linear=True,
         add_qkv_bias=True,
         gated_linear_unit=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=1,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
-        fp8=fp8,
-        fp8_recipe=fp8_recipe if fp8 else "delayed",
-        use_cpu_initialization=(not on_gpu) if use_cpu_initialization is None else use_cpu_initialization,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        attention_softmax_in_fp32=True,
-        variable_seq_lengths=True,
-        moe_token_dispatcher_type="alltoall",  # megatron rejects variable lengths with the default one
-        recompute_granularity="full" if recompute else None,
-        recompute_method="uniform" if recompute else None,
-        recompute_num_layers=1 if recompute else None,
+        **runtime_transformer_kwargs(
+            tensor_model_parallel_size, 1, params_dtype, fp8, fp8_recipe, recompute, use_cpu_initialization
+        ),
     )
