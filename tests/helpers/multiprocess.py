@@ -10,12 +10,14 @@ with other TP/PP sizes inside the same processes) and return all their results t
 """
 from __future__ import annotations
 
+import io
 import os
 import queue as queue_module
 import socket
 import traceback
 from typing import Any, Callable, List
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -42,7 +44,13 @@ def _entry(worker: Callable, rank: int, world_size: int, port: int, results: Any
     torch.set_num_threads(1)
     try:
         value = worker(*args, **kwargs)
-        results.put((rank, True, value))
+        # Tensors put on a multiprocessing queue travel as shared-memory file descriptors that the parent must
+        # fetch from this process while it is still alive; a rank that finishes first and exits makes the
+        # parent's unpickling fail (FileNotFoundError on the resource-sharer socket, seen in CI). Plain bytes
+        # carry no such reference.
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        results.put((rank, True, buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -87,7 +95,7 @@ def run_distributed(worker: Callable, world_size: int, *args: Any, timeout: floa
                 dead = [p.pid for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
                 raise TimeoutError(f"distributed test timed out after {timeout}s (crashed pids: {dead})")
             if ok:
-                gathered[rank] = value
+                gathered[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 errors.append(f"--- rank {rank} ---\n{value}")
                 break
