@@ -47,7 +47,11 @@ class TrainingConfig:
     micro_batch_size: int = 1
     """Samples per micro-batch per data-parallel rank."""
     global_batch_size: Optional[int] = None
-    """Samples per optimizer step over all data-parallel ranks; default micro-batch size x DP size."""
+    """Samples per optimizer step over all data-parallel ranks; must be a whole number of task-stream cycles (one
+    cycle = sum over streams of REPEATS x MICRO_BATCH_SIZE x DP). Default: one cycle (see --micro-batches-per-step)."""
+    micro_batches_per_step: Optional[int] = None
+    """Task micro-batches accumulated into one optimizer step. Default: one cycle of the task streams (the sum of
+    their REPEATS). 1 reproduces the reference's stage 4 (one task per step)."""
     seq_length: int = 1024
     """Maximum LLM sequence length (prompt + image tokens + answer / queries)."""
     train_iters: int = 1000
@@ -57,7 +61,13 @@ class TrainingConfig:
     min_lr: float = 0.0
     """Learning rate at the end of the cosine decay."""
     lr_warmup_iters: int = 0
-    """Linear warm-up steps from 0 to --lr."""
+    """Linear warm-up optimizer steps from --lr-warmup-init to --lr."""
+    lr_warmup_init: float = 0.0
+    """Learning rate at the start of the warm-up (the reference: 1e-5 x lr)."""
+    lr_decay_style: str = field(default="cosine", metadata={"choices": ["constant", "linear", "cosine"]})
+    """Decay after the warm-up, down to --min-lr at --lr-decay-iters."""
+    lr_decay_iters: Optional[int] = None
+    """Optimizer steps over which the learning rate decays (default: --train-iters)."""
     weight_decay: float = 0.05
     """AdamW weight decay on tensors with two or more dimensions."""
     adam_beta1: float = 0.9
@@ -70,6 +80,13 @@ class TrainingConfig:
     """Global gradient-norm clipping threshold (0 disables)."""
     seed: int = 1234
     """Seed of every random stream (initialisation, data order, noise, dropout)."""
+    max_consecutive_skipped_steps: int = 10
+    """A step whose loss or gradient norm is not finite is skipped and counted; stop the run with an error after
+    this many in a row."""
+    exit_duration_in_mins: Optional[float] = None
+    """Save a checkpoint and exit cleanly once the run has lasted this long (e.g. a little below a job's limit)."""
+    exit_interval: Optional[int] = None
+    """Save a checkpoint and exit cleanly after the optimizer step whose number is a multiple of this."""
 
 
 @dataclass
@@ -85,7 +102,14 @@ class CheckpointConfig:
     pretrained_checkpoint: Optional[str] = None
     """Start from these weights with a fresh optimizer (stage hand-off)."""
     keep_last_n: Optional[int] = None
-    """Keep only the newest N checkpoints."""
+    """Keep only the newest N checkpoints of --save (older complete ones are deleted after a save)."""
+    llm_checkpoint: Optional[str] = None
+    """Base weights of the LLM tower alone: a distributed checkpoint written by
+    `tools/convert_checkpoint.py hf-to-mcore` (used when neither --load nor --pretrained-checkpoint supply it)."""
+    vision_checkpoint: Optional[str] = None
+    """Base weights of the vision tower (encoder + projector) alone, from `tools/convert_checkpoint.py radio-to-mcore`."""
+    dit_checkpoint: Optional[str] = None
+    """Base weights of the MMDiT alone, from `tools/convert_checkpoint.py sd3-to-mcore`."""
 
 
 @dataclass
@@ -96,5 +120,7 @@ class LoggingConfig:
     """Print one log line every this many optimizer steps."""
     tensorboard_dir: Optional[str] = None
     """Write TensorBoard event files here."""
+    log_memory: bool = True
+    """Report peak accelerator memory (CUDA) or peak resident memory of the process (CPU) in the log line."""
     log_level: str = field(default="INFO", metadata={"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]})
     """Logging level of rank 0 (other ranks log warnings and errors only)."""
