@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "tqdm>=4.66",
     "tensorboard>=2.16",
+    "matplotlib>=3.8",  # tools/plot_metrics.py
     "packaging",
 ]
 

@@ -1,0 +1,102 @@
+"""tools/plot_metrics.py on real TensorBoard event files: the PNG, its size, smoothing, and the error messages."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("plot_metrics", ROOT / "tools" / "plot_metrics.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(directory: Path, tasks=("image2text", "cam2image"), steps=range(1, 41), optimizer=True, start=0):
+    """Scalars under the tag names the training loop writes."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(directory))
+    for step in steps:
+        for index, task in enumerate(tasks):
+            writer.add_scalar(f"loss/{task}", start + (index + 1) * 2.0 / step, step)
+            writer.add_scalar(f"consumed_samples/{task}", 4 * step, step)
+        if optimizer:
+            writer.add_scalar("learning_rate", 1e-4 * min(1.0, step / 10), step)
+            writer.add_scalar("grad_norm", 1.0 / step, step)
+        writer.add_scalar("tflops", 0.5, step)
+    writer.close()
+
+
+def test_plots_two_tasks_to_a_png_of_the_requested_size(tool, tmp_path, capsys):
+    write_run(tmp_path / "tb")
+    output = tmp_path / "plots" / "loss.png"
+    code = tool.main(["--tensorboard-dir", str(tmp_path / "tb"), "--output", str(output), "--smooth", "5",
+                      "--width", "900", "--height", "600"])
+    assert code == 0
+    with Image.open(output) as image:
+        assert image.format == "PNG" and image.size == (900, 600)
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.std() > 10  # curves and axes were drawn, not a blank canvas
+    assert "(cam2image, image2text; up to iteration 40)" in capsys.readouterr().out
+
+
+def test_reads_every_tag_and_the_loss_panel_alone(tool, tmp_path):
+    write_run(tmp_path / "tb", optimizer=False)
+    scalars = tool.read_scalars(tmp_path / "tb")
+    assert {"loss/image2text", "loss/cam2image", "consumed_samples/image2text", "tflops"} <= set(scalars)
+    steps, values = scalars["loss/cam2image"]
+    assert steps.tolist() == list(range(1, 41)) and values[0] == pytest.approx(4.0)
+    assert tool.main(["--tensorboard-dir", str(tmp_path / "tb"), "--output", str(tmp_path / "a.png")]) == 0
+    assert Image.open(tmp_path / "a.png").size == (1200, 800)
+
+
+def test_a_resumed_run_is_one_curve_with_the_rewritten_steps(tool, tmp_path):
+    write_run(tmp_path / "tb", steps=range(1, 31))
+    write_run(tmp_path / "tb", steps=range(21, 41), start=10.0)  # restart from a checkpoint at iteration 20
+    steps, values = tool.read_scalars(tmp_path / "tb")["loss/image2text"]
+    assert steps.tolist() == list(range(1, 41))
+    assert values[19] == pytest.approx(2.0 / 20) and values[20] == pytest.approx(10.0 + 2.0 / 21)
+
+
+def test_moving_average_is_trailing_with_a_short_start(tool):
+    smoothed = tool.moving_average(np.array([1.0, 3.0, 5.0, 7.0]), 2)
+    np.testing.assert_allclose(smoothed, [1.0, 2.0, 4.0, 6.0])
+    np.testing.assert_allclose(tool.moving_average(np.arange(5.0), 1), np.arange(5.0))
+
+
+def test_missing_directory_fails_naming_the_flag_and_the_fix(tool, tmp_path, capsys):
+    code = tool.main(["--tensorboard-dir", str(tmp_path / "nope"), "--output", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code != 0 and "--tensorboard-dir" in err and "pretrain_puffin.py --tensorboard-dir" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_directory_without_loss_tags_fails_naming_the_flag_and_the_fix(tool, tmp_path, capsys):
+    write_run(tmp_path / "tb", tasks=())
+    code = tool.main(["--tensorboard-dir", str(tmp_path / "tb"), "--output", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code != 0 and "--tensorboard-dir" in err and "no loss/<task> scalars" in err
+    assert "grad_norm" in err  # names what it did find
+    (tmp_path / "empty").mkdir()
+    assert tool.main(["--tensorboard-dir", str(tmp_path / "empty"), "--output", str(tmp_path / "x.png")]) != 0
+    assert "--log-interval" in capsys.readouterr().err
+
+
+def test_events_in_a_sub_folder_are_pointed_out(tool, tmp_path, capsys):
+    write_run(tmp_path / "runs" / "stage1")
+    assert tool.main(["--tensorboard-dir", str(tmp_path / "runs"), "--output", str(tmp_path / "x.png")]) != 0
+    assert str(tmp_path / "runs" / "stage1") in capsys.readouterr().err
+
+
+def test_bad_smoothing_and_size_are_reported_together(tool, tmp_path, capsys):
+    write_run(tmp_path / "tb")
+    code = tool.main(["--tensorboard-dir", str(tmp_path / "tb"), "--output", str(tmp_path / "x.png"),
+                      "--smooth", "0", "--width", "10"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--smooth (0)" in err and "--width (10)" in err

@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""Plot a run's per-task loss curves (and optionally learning rate and gradient norm) from its TensorBoard events.
+
+    python tools/plot_metrics.py --tensorboard-dir runs/stage2/tb --output stage2_loss.png --smooth 20
+
+Reads the event files written to ``pretrain_puffin.py --tensorboard-dir`` (every file in that directory, so a
+resumed run is one curve; steps logged again after a restart replace the earlier values). Draws one line per
+``loss/<task>`` scalar against the iteration and, below it, ``grad_norm`` (left axis) and ``learning_rate``
+(right axis) when the run logged them. ``--smooth N`` draws an N-point trailing moving average over the faint raw
+curve. Writes a PNG of exactly ``--width`` x ``--height`` pixels.
+"""
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+LOSS_PREFIX = "loss/"
+OPTIMIZER_TAGS = ("grad_norm", "learning_rate")
+DPI = 100
+Series = Tuple[np.ndarray, np.ndarray]  # (iterations, values)
+
+
+class UsageError(Exception):
+    """A problem with the command line, reported as ``error: ...`` with exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tensorboard-dir", required=True, type=Path,
+                        help="The run's --tensorboard-dir (the folder holding events.out.tfevents.* files).")
+    parser.add_argument("--output", required=True, type=Path, help="PNG file to write (parent folders are created).")
+    parser.add_argument("--smooth", type=int, default=1,
+                        help="Trailing moving average over this many logged points (default 1: no smoothing).")
+    parser.add_argument("--no-optimizer-panel", action="store_true",
+                        help="Draw only the loss panel, without grad_norm / learning_rate.")
+    parser.add_argument("--width", type=int, default=1200, help="Image width in pixels (default 1200).")
+    parser.add_argument("--height", type=int, default=800, help="Image height in pixels (default 800).")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every command-line problem at once, each naming its flag and the fix."""
+    problems = []
+    if not args.tensorboard_dir.is_dir():
+        problems.append(f"--tensorboard-dir {args.tensorboard_dir} is not a directory; pass the folder given to "
+                        "pretrain_puffin.py --tensorboard-dir")
+    if args.smooth < 1:
+        problems.append(f"--smooth ({args.smooth}) must be at least 1 (1 = no smoothing)")
+    for flag, value in (("--width", args.width), ("--height", args.height)):
+        if value < 100:
+            problems.append(f"{flag} ({value}) must be at least 100 pixels")
+    if problems:
+        raise UsageError("\n  ".join(problems))
+
+
+def read_scalars(directory: Path) -> Dict[str, Series]:
+    """Every scalar tag of the event files in ``directory``: tag -> (iterations, values), sorted by iteration,
+    one value per iteration (the last one written)."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    accumulator = EventAccumulator(str(directory), size_guidance={SCALARS: 0})  # 0: keep every point
+    accumulator.Reload()
+    scalars = {}
+    for tag in accumulator.Tags().get("scalars", []):
+        by_step = {event.step: event.value for event in accumulator.Scalars(tag)}
+        steps = np.array(sorted(by_step), dtype=np.int64)
+        scalars[tag] = (steps, np.array([by_step[step] for step in steps], dtype=np.float64))
+    return scalars
+
+
+def event_subdirectories(directory: Path) -> List[Path]:
+    """Folders below ``directory`` holding event files (for the error message when it has none itself)."""
+    return sorted({path.parent for path in directory.rglob("events.out.tfevents.*") if path.parent != directory})
+
+
+def loss_series(scalars: Dict[str, Series], directory: Path) -> Dict[str, Series]:
+    """``{task: series}`` of the ``loss/<task>`` tags; a clear error when there are none."""
+    losses = {tag[len(LOSS_PREFIX):]: series for tag, series in scalars.items() if tag.startswith(LOSS_PREFIX)}
+    if losses:
+        return dict(sorted(losses.items()))
+    nested = event_subdirectories(directory)
+    if nested:
+        hint = "event files are in sub-folders; pass one of them as --tensorboard-dir: " + ", ".join(map(str, nested))
+    elif scalars:
+        hint = f"it has only the tags {sorted(scalars)}; was it written by pretrain_puffin.py?"
+    else:
+        hint = ("it holds no scalars; pass the folder given to pretrain_puffin.py --tensorboard-dir, after the run "
+                "has logged at least once (every --log-interval iterations)")
+    raise UsageError(f"--tensorboard-dir {directory} has no {LOSS_PREFIX}<task> scalars: {hint}")
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over the last ``window`` points (fewer at the start), same length as ``values``."""
+    if window <= 1 or values.size == 0:
+        return values
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    counts = np.minimum(np.arange(1, values.size + 1), window)
+    return (sums[1:] - sums[np.arange(1, values.size + 1) - counts]) / counts
+
+
+def plot_series(axis, steps: np.ndarray, values: np.ndarray, label: str, color, smooth: int) -> None:
+    if smooth > 1:
+        axis.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+        axis.plot(steps, moving_average(values, smooth), color=color, linewidth=1.6, label=label)
+    else:
+        axis.plot(steps, values, color=color, linewidth=1.4, label=label)
+
+
+def draw_losses(axis, losses: Dict[str, Series], smooth: int) -> None:
+    colors = _colors(len(losses))
+    for (task, (steps, values)), color in zip(losses.items(), colors):
+        plot_series(axis, steps, values, task, color, smooth)
+    title = "loss per task" + (f" ({smooth}-point moving average)" if smooth > 1 else "")
+    axis.set_title(title)
+    axis.set_ylabel("loss")
+    axis.grid(True, alpha=0.3)
+    axis.legend(loc="upper right", fontsize="small")
+
+
+def draw_optimizer(axis, scalars: Dict[str, Series], smooth: int) -> None:
+    """``grad_norm`` on the left axis, ``learning_rate`` on a twin right axis."""
+    handles = []
+    if "grad_norm" in scalars:
+        plot_series(axis, *scalars["grad_norm"], "grad_norm", "tab:red", smooth)
+        axis.set_ylabel("grad norm")
+        handles += axis.get_legend_handles_labels()[0]
+    if "learning_rate" in scalars:
+        twin = axis.twinx() if "grad_norm" in scalars else axis
+        twin.plot(*scalars["learning_rate"], color="tab:blue", linewidth=1.4, label="learning_rate")
+        twin.set_ylabel("learning rate")
+        twin.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        handles += twin.get_legend_handles_labels()[0][-1:]
+    axis.legend(handles=handles, loc="upper right", fontsize="small")
+    axis.grid(True, alpha=0.3)
+
+
+def _colors(count: int) -> List:
+    import matplotlib.pyplot as plt
+
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return [cycle[index % len(cycle)] for index in range(count)]
+
+
+def render(scalars: Dict[str, Series], losses: Dict[str, Series], args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    optimizer = not args.no_optimizer_panel and any(tag in scalars for tag in OPTIMIZER_TAGS)
+    rows = 2 if optimizer else 1
+    figure, axes = plt.subplots(rows, 1, sharex=True, squeeze=False, figsize=(args.width / DPI, args.height / DPI),
+                                gridspec_kw={"height_ratios": [2, 1][:rows]})
+    draw_losses(axes[0, 0], losses, args.smooth)
+    if optimizer:
+        draw_optimizer(axes[1, 0], scalars, args.smooth)
+    axes[-1, 0].set_xlabel("iteration")
+    figure.tight_layout()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.output, dpi=DPI, format="png")
+    plt.close(figure)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        scalars = read_scalars(args.tensorboard_dir)
+        losses = loss_series(scalars, args.tensorboard_dir)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    render(scalars, losses, args)
+    last = max(int(steps[-1]) for steps, _ in losses.values())
+    print(f"wrote {args.output} ({', '.join(losses)}; up to iteration {last})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
