@@ -8,6 +8,7 @@ This file only wires things together; the pieces live in ``megatron_puffin``.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 
@@ -20,23 +21,33 @@ logger = logging.getLogger("pretrain_puffin")
 
 
 def main(argv=None) -> int:
+    """Returns the exit code: 0 finished (or --dry-run), 2 bad flags, 1 failed, 75 stopped early after saving."""
     try:
         args = parse_args(argv)
     except ConfigError as error:
         print(f"pretrain_puffin.py: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.logging.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))
+    level = args.logging.log_level if rank == 0 else "WARNING"
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    if args.logging.log_level != "DEBUG":  # megatron-core logs every shard it opens at INFO
+        logging.getLogger("megatron.core").setLevel(logging.WARNING)
     if args.dry_run:
         from megatron_puffin.training.layout import describe
 
         print(describe(args))
         return 0
-    print(
-        "pretrain_puffin.py: the configuration is valid, but the training loop is not built yet (issue 7); "
-        "use --dry-run to inspect the layout",
-        file=sys.stderr,
-    )
-    return 3
+    from megatron_puffin.training.checkpointing import CheckpointMismatch
+    from megatron_puffin.training.loop import TrainingError, run
+
+    try:
+        return run(args)
+    except ConfigError as error:
+        print(f"pretrain_puffin.py: {error}", file=sys.stderr)
+        return 2
+    except (CheckpointMismatch, TrainingError) as error:
+        print(f"pretrain_puffin.py (rank {rank}): {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -93,6 +93,14 @@ def build_parser(prog: Optional[str] = None) -> FlagFileParser:
     return parser
 
 
+def with_default_micro_batch(spec: str, micro_batch_size: int) -> str:
+    """``TASK:PATH`` (no MICRO_BATCH_SIZE) -> ``TASK:PATH:<--micro-batch-size>``; complete specs are unchanged."""
+    task, separator, rest = spec.partition(":")
+    if not separator or not rest or rest.rsplit(":", 1)[-1].isdigit():
+        return spec
+    return f"{spec}:{micro_batch_size}"
+
+
 def parse_args(argv: Optional[Sequence[str]] = None, validate: bool = True) -> PuffinArguments:
     """Parse ``argv`` (default ``sys.argv[1:]``) and, unless ``validate=False``, run :func:`validate_args`,
     which raises one ``ValueError`` listing every mistake."""
@@ -101,6 +109,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, validate: bool = True) -> P
     invalid: List[InvalidValue] = []
     groups = {name: build_dataclass(cls, namespace, invalid) for name, cls, _ in CONFIG_GROUPS}
     args = PuffinArguments(groups=groups, dry_run=namespace.dry_run, unknown=tuple(unknown), invalid=tuple(invalid))
+    args.data.task_stream = [
+        with_default_micro_batch(spec, args.training.micro_batch_size) for spec in args.data.task_stream
+    ]
     if validate:
         from megatron_puffin.config.validate import validate_args
 

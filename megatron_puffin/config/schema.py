@@ -45,7 +45,7 @@ class TrainingConfig:
     """Batch sizes, optimiser, schedule and run length."""
 
     micro_batch_size: int = 1
-    """Samples per micro-batch per data-parallel rank."""
+    """Samples per micro-batch per data-parallel rank, for every --task-stream that gives no MICRO_BATCH_SIZE."""
     global_batch_size: Optional[int] = None
     """Samples per optimizer step over all data-parallel ranks; must be a whole number of task-stream cycles (one
     cycle = sum over streams of REPEATS x MICRO_BATCH_SIZE x DP). Default: one cycle (see --micro-batches-per-step)."""
@@ -103,6 +103,8 @@ class CheckpointConfig:
     """Start from these weights with a fresh optimizer (stage hand-off)."""
     keep_last_n: Optional[int] = None
     """Keep only the newest N checkpoints of --save (older complete ones are deleted after a save)."""
+    stage_name: Optional[str] = None
+    """Name of this stage in the checkpoint lineage (e.g. stage2_sft); default: the directory name of --save."""
     llm_checkpoint: Optional[str] = None
     """Base weights of the LLM tower alone: a distributed checkpoint written by
     `tools/convert_checkpoint.py hf-to-mcore` (used when neither --load nor --pretrained-checkpoint supply it)."""
@@ -120,6 +122,8 @@ class LoggingConfig:
     """Print one log line every this many optimizer steps."""
     tensorboard_dir: Optional[str] = None
     """Write TensorBoard event files here."""
+    metrics_file: Optional[str] = None
+    """Append each log interval's numbers as one JSON line to this file (full precision; for scripts and tests)."""
     log_memory: bool = True
     """Report peak accelerator memory (CUDA) or peak resident memory of the process (CPU) in the log line."""
     log_level: str = field(default="INFO", metadata={"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]})

@@ -135,19 +135,76 @@ def check_precision(args) -> List[str]:
 
 def check_training(args) -> List[str]:
     training, problems = args.training, []
-    gbs, mbs, dp = training.global_batch_size, training.micro_batch_size, args.data_parallel_size
-    if gbs is not None and mbs >= 1 and gbs % (mbs * dp):
-        problems.append(
-            f"--global-batch-size ({gbs}) must be divisible by --micro-batch-size x data-parallel size "
-            f"({mbs} x {dp} = {mbs * dp}); use a multiple of {mbs * dp}"
-        )
     if training.lr_warmup_iters > training.train_iters:
         problems.append(
             f"--lr-warmup-iters ({training.lr_warmup_iters}) must not exceed --train-iters ({training.train_iters})"
         )
     if training.min_lr > training.lr:
         problems.append(f"--min-lr ({training.min_lr}) must not exceed --lr ({training.lr})")
+    if training.train_iters < 1:
+        problems.append(f"--train-iters ({training.train_iters}) must be at least 1")
+    if training.max_consecutive_skipped_steps < 1:
+        problems.append(
+            f"--max-consecutive-skipped-steps ({training.max_consecutive_skipped_steps}) must be at least 1"
+        )
+    if training.exit_interval is not None and training.exit_interval < 1:
+        problems.append(f"--exit-interval ({training.exit_interval}) must be at least 1")
+    if args.logging.log_interval < 1:
+        problems.append(f"--log-interval ({args.logging.log_interval}) must be at least 1")
+    return problems + check_step(args)
+
+
+def check_step(args) -> List[str]:
+    """Micro-batches per optimizer step and the global batch against the task streams' cycle."""
+    from megatron_puffin.data.config import parse_task_stream
+
+    training, problems = args.training, []
+    try:
+        specs = [parse_task_stream(spec) for spec in args.data.task_stream]
+    except ValueError:
+        return []  # reported by check_data
+    if not specs:
+        return []
+    dp = args.data_parallel_size
+    cycle = sum(spec.repeats for spec in specs)
+    cycle_samples = sum(spec.repeats * spec.micro_batch_size for spec in specs) * dp
+    mbps, gbs = training.micro_batches_per_step, training.global_batch_size
+    if mbps is not None and mbps < 1:
+        problems.append(f"--micro-batches-per-step ({mbps}) must be at least 1")
+    if gbs is not None:
+        if gbs < 1 or gbs % cycle_samples:
+            problems.append(
+                f"--global-batch-size ({gbs}) must be a whole number of task-stream cycles: one cycle is "
+                f"{cycle_samples} samples (sum of REPEATS x MICRO_BATCH_SIZE over the --task-stream flags, x "
+                f"data-parallel size {dp}); use a multiple of {cycle_samples}, or set --micro-batches-per-step instead"
+            )
+        elif mbps is not None and mbps != gbs // cycle_samples * cycle:
+            problems.append(
+                f"--global-batch-size ({gbs}) means {gbs // cycle_samples * cycle} micro-batches per step, but "
+                f"--micro-batches-per-step is {mbps}; give only one of them"
+            )
     return problems
+
+
+def check_generation_needs_vae(args) -> List[str]:
+    """Generation streams encode images with the VAE: one must be configured."""
+    from megatron_puffin.data.config import parse_task_stream
+    from megatron_puffin.data.task_encoders import GENERATION_TASKS, TASK_VARIANTS
+
+    if args.model.vae_path or args.model.vae_config:
+        return []
+    tasks = []
+    for spec in args.data.task_stream:
+        try:
+            task = parse_task_stream(spec).task
+        except ValueError:
+            continue
+        if TASK_VARIANTS[task] in GENERATION_TASKS:
+            tasks.append(task)
+    if not tasks:
+        return []
+    return [f"--task-stream {', '.join(tasks)} (generation) needs the VAE: add --vae-path DIR (SD3's vae/ folder) "
+            "or --vae-config FILE (a random tiny VAE)"]
 
 
 def check_checkpoint(args) -> List[str]:
@@ -183,6 +240,7 @@ VALIDATORS: List[Callable] = [
     check_checkpoint,
     check_towers,
     check_data,
+    check_generation_needs_vae,
 ]
 
 

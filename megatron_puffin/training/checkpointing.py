@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -78,3 +78,112 @@ def read_metadata(directory: str) -> Optional[Dict[str, Any]]:
         return None
     with open(path) as handle:
         return json.load(handle)
+
+
+# --- run directories --------------------------------------------------------------------------------------------
+ITERATION_FORMAT = "iter_{:07d}"
+
+
+def iteration_directory(save: str, iteration: int) -> str:
+    """``<save>/iter_0000100``: where the checkpoint of optimizer step ``iteration`` goes."""
+    return os.path.join(save, ITERATION_FORMAT.format(iteration))
+
+
+def is_complete_checkpoint(directory: str) -> bool:
+    """Published (renamed from its staging name) and carrying the sidecar written before the rename."""
+    return (
+        os.path.isdir(directory)
+        and not directory.rstrip("/").endswith(TMP_SUFFIX)
+        and os.path.exists(os.path.join(directory, META_FILE))
+    )
+
+
+def complete_checkpoints(run_directory: str) -> List[Tuple[int, str]]:
+    """(iteration, path) of every complete ``iter_*`` checkpoint of a run directory, oldest first."""
+    if not os.path.isdir(run_directory):
+        return []
+    found = []
+    for name in os.listdir(run_directory):
+        if not name.startswith("iter_") or name.endswith(TMP_SUFFIX):
+            continue
+        path = os.path.join(run_directory, name)
+        try:
+            iteration = int(name[len("iter_"):])
+        except ValueError:
+            continue
+        if is_complete_checkpoint(path):
+            found.append((iteration, path))
+    return sorted(found)
+
+
+def resolve_checkpoint(path: str) -> Optional[str]:
+    """A checkpoint directory itself, or the latest complete checkpoint of a run directory (None if it has none)."""
+    if is_complete_checkpoint(path):
+        return path
+    found = complete_checkpoints(path)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(run_directory: str, keep_last_n: int) -> List[str]:
+    """Delete all but the newest ``keep_last_n`` complete checkpoints (rank 0 only); returns what was deleted."""
+    if _rank() != 0:
+        return []
+    found = complete_checkpoints(run_directory)
+    doomed = [path for _, path in found[:-keep_last_n]] if keep_last_n > 0 else []
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+        logger.info("deleted old checkpoint %s (--keep-last-n %d)", path, keep_last_n)
+    return doomed
+
+
+# --- partial loads and shape checks -----------------------------------------------------------------------------
+def _flatten_sharded(state: Dict[str, Any]) -> Dict[str, Any]:
+    """ShardedTensors of a (nested) sharded state dict, keyed by their checkpoint key."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    return {value.key: value for value in nested_values(state) if isinstance(value, ShardedTensor)}
+
+
+def shape_mismatches(sharded_state_dict: Dict[str, Any], directory: str) -> List[str]:
+    """Tensors whose global shape in the checkpoint differs from the model's, or that the checkpoint lacks."""
+    from megatron.core import dist_checkpointing
+
+    stored = dist_checkpointing.load_tensors_metadata(directory)
+    problems = []
+    for key, tensor in sorted(_flatten_sharded(sharded_state_dict).items()):
+        if key not in stored:
+            problems.append(f"{key}: missing from the checkpoint")
+        elif tuple(stored[key].global_shape) != tuple(tensor.global_shape):
+            problems.append(
+                f"{key}: checkpoint {list(stored[key].global_shape)} vs model {list(tensor.global_shape)}"
+            )
+    return problems
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that does not fit the configured model (the message lists the tensors and what to fix)."""
+
+
+def check_fits(sharded_state_dict: Dict[str, Any], directory: str, what: str) -> None:
+    """Raise :class:`CheckpointMismatch` naming every tensor that the checkpoint lacks or has at another shape."""
+    problems = shape_mismatches(sharded_state_dict, directory)
+    if not problems:
+        return
+    shown = "\n".join(f"  - {p}" for p in problems[:20])
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    raise CheckpointMismatch(
+        f"{what} {directory} does not fit the configured model ({len(problems)} tensor(s)):\n{shown}{more}\n"
+        "Give the tower flags the checkpoint was trained with (its puffin_meta.json holds them), or another checkpoint."
+    )
+
+
+def load_module(module: torch.nn.Module, directory: str, prefix: str = "", what: str = "checkpoint") -> None:
+    """Load one module (a whole model or a tower) from a distributed checkpoint whose keys carry ``prefix``."""
+    sharded = module.sharded_state_dict(prefix=prefix)
+    check_fits(sharded, directory, what)
+    loaded = load_checkpoint(sharded, directory)
+    state = {key: loaded[key] for key in sharded}  # load() also returns the checkpoint's common (non-tensor) part
+    if prefix:
+        state = {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state.items()}
+    module.load_state_dict(state, strict=True)

@@ -1,0 +1,434 @@
+"""The training loop: build, load, train, log, checkpoint, stop cleanly.
+
+One iteration is one optimizer step over ``--micro-batches-per-step`` task micro-batches (default: one cycle of the
+task streams), run by megatron-core's schedule for the current pipeline layout. ``--lr`` is the learning rate used
+(warm-up and decay by megatron-core's ``OptimizerParamScheduler``, stepped once per optimizer step).
+
+Where the weights come from, in order of precedence:
+
+1. ``--load RUN_DIR`` (or a checkpoint directory): resume everything: model, optimizer, scheduler, data position,
+   iteration and counters. The random streams need no state: every random draw of a step derives from (seed,
+   iteration, data-parallel rank) or from the sample it belongs to, so a resumed run repeats the uninterrupted one.
+2. ``--pretrained-checkpoint``: the towers that checkpoint holds (its ``puffin_meta.json`` lists them), with a
+   fresh optimizer, schedule and data position (a stage hand-off).
+3. ``--llm-checkpoint`` / ``--vision-checkpoint`` / ``--dit-checkpoint``: a tower's converted base weights, for
+   towers the above did not supply.
+4. Random initialisation (seeded) for the rest. What came from where is logged.
+
+Stopping: SIGTERM or SIGUSR1 (a scheduler's warning before the time limit), ``--exit-duration-in-mins`` and
+``--exit-interval`` save a checkpoint at the next step boundary (all ranks agree through one all-reduce per step)
+and return; :data:`EXIT_INTERRUPTED` tells launchers the run is not finished and should be requeued.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+import megatron_puffin.distributed as mpd
+from megatron_puffin.distributed.random import derive_seed, seed_everything
+from megatron_puffin.training import checkpointing as ckpt
+from megatron_puffin.training.metrics import Interval, MetricsWriter, Report, peak_memory_gib
+
+logger = logging.getLogger(__name__)
+
+EXIT_FINISHED = 0
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped early after saving; requeue and --load to continue
+TOWERS = ("llm", "vision", "queries", "dit")
+TOWER_MODULES = {"llm": "llm", "vision": "vision", "queries": "conditioner", "dit": "dit"}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row); the message says why and what to do."""
+
+
+def micro_batches_per_step(args) -> int:
+    """Micro-batches per optimizer step from the flags (validated by ``validate.check_step``)."""
+    specs = args.data.streams()
+    cycle = sum(spec.repeats for spec in specs)
+    if args.training.micro_batches_per_step is not None:
+        return args.training.micro_batches_per_step
+    if args.training.global_batch_size is not None:
+        cycle_samples = sum(spec.repeats * spec.micro_batch_size for spec in specs) * args.data_parallel_size
+        return args.training.global_batch_size // cycle_samples * cycle
+    return cycle
+
+
+def _stage_name(args) -> str:
+    if args.checkpoint.stage_name:
+        return args.checkpoint.stage_name
+    if args.checkpoint.save:
+        return os.path.basename(os.path.normpath(args.checkpoint.save))
+    return "unnamed"
+
+
+@dataclass
+class TrainState:
+    """Counters stored in every checkpoint (the common, unsharded part)."""
+
+    iteration: int = 0
+    consumed: Dict[str, int] = field(default_factory=dict)
+    skipped_total: int = 0
+    skipped_in_a_row: int = 0
+    lineage: List[Dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"iteration": self.iteration, "consumed": dict(self.consumed), "skipped_total": self.skipped_total,
+                "skipped_in_a_row": self.skipped_in_a_row, "lineage": list(self.lineage)}
+
+    @classmethod
+    def from_dict(cls, state: Dict[str, Any]) -> "TrainState":
+        return cls(**state)
+
+
+class StopFlag:
+    """Records SIGTERM / SIGUSR1; the loop acts on it at the next step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class Trainer:
+    """Everything one rank holds for a run; :meth:`train` runs it (see the module docstring)."""
+
+    def __init__(self, args) -> None:
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from megatron_puffin.data import PuffinTokenizer, build_data_loader
+        from megatron_puffin.models.puffin import PuffinConfig, build_puffin
+        from megatron_puffin.training.optimizer import build_optimizer
+
+        self.args = args
+        self.start_time = time.time()
+        training, parallel = args.training, args.parallel
+        self.tokenizer = PuffinTokenizer(args.data.tokenizer)
+        if self.tokenizer.vocab_size > args.llm.vocab_size:
+            from megatron_puffin.config import ConfigError
+
+            raise ConfigError([f"--vocab-size ({args.llm.vocab_size}) is smaller than the vocabulary of --tokenizer "
+                               f"{args.data.tokenizer} ({self.tokenizer.vocab_size}); set --vocab-size "
+                               f"{self.tokenizer.vocab_size} or more"])
+        self.ctx = mpd.initialize(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                                  seed=training.seed, timeout_minutes=parallel.distributed_timeout_minutes)
+        args.model.image_pad_token_id = self.tokenizer.image_pad_id
+        self.config = PuffinConfig.from_args(args)
+        self.model = build_puffin(self.config, pre_process=self.ctx.is_first_pipeline_stage,
+                                  post_process=self.ctx.is_last_pipeline_stage)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=parallel.use_distributed_optimizer,
+        )
+        self.ddp = DistributedDataParallel(self.model.config, ddp_config, self.model)
+        # The schedule calls this after the last backward: DP gradient all-reduce and the tied-embedding sum.
+        self.model.config.finalize_model_grads_func = finalize_model_grads
+        self.optimizer = build_optimizer([self.ddp], training, args.precision, parallel.use_distributed_optimizer)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=training.lr_warmup_init, max_lr=training.lr, min_lr=training.min_lr,
+            lr_warmup_steps=training.lr_warmup_iters,
+            lr_decay_steps=training.lr_decay_iters or training.train_iters, lr_decay_style=training.lr_decay_style,
+            start_wd=training.weight_decay, end_wd=training.weight_decay, wd_incr_steps=training.train_iters,
+            wd_incr_style="constant",
+        )
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.loader = build_data_loader(
+            args.data, training.seed, self.ctx.dp_rank, self.ctx.data_parallel_size,
+            vision_patch_size=args.vision.patch_size, vision_fold=args.vision.fold_size,
+            num_query_tokens=args.connector.num_queries, tokenizer=self.tokenizer,
+        )
+        self.tasks = _loss_tasks(args)
+        self.micro_batches = micro_batches_per_step(args)
+        self.state = TrainState(consumed={task: 0 for task in self.tasks})
+        self.trainable = {
+            "llm": not args.model.freeze_llm, "vision": not args.model.freeze_vision, "projector": True,
+            "queries": True, "dit": not args.model.freeze_dit, "vae": False,
+        }
+        self.sources: Dict[str, str] = {}
+        self._load()
+        self.is_logging_rank = self.ctx.rank == 0
+        self.writer = MetricsWriter(self.tasks, args.logging.tensorboard_dir, args.logging.metrics_file,
+                                    active=self.is_logging_rank)
+        self.stop = StopFlag()
+        self.peak_device_tflops = self._measure_peak()
+
+    # -- loading ------------------------------------------------------------------------------------------------
+    def _tower_module(self, tower: str) -> Optional[torch.nn.Module]:
+        return getattr(self.model, TOWER_MODULES[tower], None)
+
+    def _load(self) -> None:
+        ckpt_args = self.args.checkpoint
+        if ckpt_args.load:
+            directory = ckpt.resolve_checkpoint(ckpt_args.load)
+            if directory is not None:
+                self._resume(directory)
+                return
+            logger.warning("--load %s holds no complete checkpoint yet: starting from the beginning", ckpt_args.load)
+        if ckpt_args.pretrained_checkpoint:
+            self._load_pretrained(ckpt_args.pretrained_checkpoint)
+        for tower, directory in (("llm", ckpt_args.llm_checkpoint), ("vision", ckpt_args.vision_checkpoint),
+                                 ("dit", ckpt_args.dit_checkpoint)):
+            if directory and tower not in self.sources:
+                module = self._tower_module(tower)
+                if module is not None:
+                    ckpt.load_module(module, directory, prefix="", what=f"--{tower}-checkpoint")
+                self.sources[tower] = f"base checkpoint {directory}"
+        for tower in TOWERS:
+            self.sources.setdefault(tower, f"random initialisation (seed {self.args.training.seed})")
+        self.state.lineage.append(self._lineage_entry())
+        if self.ctx.rank == 0:
+            for tower in TOWERS:
+                logger.info("weights of %-8s <- %s", tower, self.sources[tower])
+
+    def _lineage_entry(self) -> Dict[str, Any]:
+        return {"stage": _stage_name(self.args), "save": self.args.checkpoint.save,
+                "started_at_iteration": self.state.iteration, "weights": dict(self.sources),
+                "train_iters": self.args.training.train_iters}
+
+    def _load_pretrained(self, path: str) -> None:
+        directory = ckpt.resolve_checkpoint(path)
+        if directory is None:
+            raise ckpt.CheckpointMismatch(f"--pretrained-checkpoint {path}: no complete checkpoint there")
+        meta = ckpt.read_metadata(directory) or {}
+        supplied = meta.get("towers", list(TOWERS))
+        for tower in supplied:
+            module = self._tower_module(tower)
+            if module is not None:
+                ckpt.load_module(module, directory, prefix=f"{TOWER_MODULES[tower]}.",
+                                 what="--pretrained-checkpoint")
+            self.sources[tower] = f"pretrained checkpoint {directory} (iteration {meta.get('iteration', '?')})"
+        self.state.lineage = list(meta.get("lineage", []))
+
+    def _resume(self, directory: str) -> None:
+        model_state = self.model.sharded_state_dict()
+        ckpt.check_fits(model_state, directory, "--load")
+        sharded = {
+            "model": model_state,
+            "optimizer": self.optimizer.sharded_state_dict(self.model.sharded_state_dict(), is_loading=True),
+        }
+        loaded = ckpt.load_checkpoint(sharded, directory)
+        self.model.load_state_dict(loaded["model"], strict=True)
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        from megatron.core import dist_checkpointing
+
+        common = dist_checkpointing.load_common_state_dict(directory)
+        self.scheduler.load_state_dict(common["scheduler"])
+        self.loader.load_state_dict(common["data"])
+        self.state = TrainState.from_dict(common["trainer"])
+        for task in self.tasks:
+            self.state.consumed.setdefault(task, 0)
+        self.sources = {tower: f"resumed from {directory}" for tower in TOWERS}
+        if self.ctx.rank == 0:
+            logger.info("resumed %s at iteration %d (consumed %s)", directory, self.state.iteration,
+                        self.state.consumed)
+
+    # -- saving -------------------------------------------------------------------------------------------------
+    def save(self) -> str:
+        directory = ckpt.iteration_directory(self.args.checkpoint.save, self.state.iteration)
+        if os.path.exists(directory):  # this iteration is already saved (e.g. --save-interval and the end)
+            return directory
+        sharded = {
+            "model": self.model.sharded_state_dict(),
+            "optimizer": self.optimizer.sharded_state_dict(self.model.sharded_state_dict(), is_loading=False),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.loader.state_dict(),
+            "trainer": self.state.to_dict(),
+        }
+        metadata = {
+            "kind": "puffin",
+            "iteration": self.state.iteration,
+            "towers": list(TOWERS),
+            "consumed": dict(self.state.consumed),
+            "lineage": self.state.lineage,
+            "layout": {"tp": self.ctx.tensor_model_parallel_size, "pp": self.ctx.pipeline_model_parallel_size,
+                       "dp": self.ctx.data_parallel_size},
+            "args": self.args.to_dict(),
+        }
+        start = time.time()
+        ckpt.save_checkpoint(sharded, directory, metadata=metadata)
+        if self.args.checkpoint.keep_last_n:
+            ckpt.prune_checkpoints(self.args.checkpoint.save, self.args.checkpoint.keep_last_n)
+        if self.ctx.rank == 0:
+            logger.info("saved %s in %.1f s", directory, time.time() - start)
+        return directory
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def _measure_peak(self) -> Optional[float]:
+        from megatron_puffin.training.flops import measure_matmul_tflops
+
+        dtype = self.config.params_dtype
+        return measure_matmul_tflops(dtype=dtype, seconds=0.3) if self.is_logging_rank else None
+
+    def _reseed(self) -> None:
+        """Dropout and other global-RNG draws of this step: a function of (seed, iteration, DP rank)."""
+        seed = derive_seed(self.args.training.seed, "step", self.state.iteration, self.ctx.dp_rank)
+        seed_everything(seed % (2**31), tp_rank=self.ctx.tp_rank, pp_rank=self.ctx.pp_rank, dp_rank=self.ctx.dp_rank)
+
+    def _next_batches(self, iterator: Iterator, interval: Interval) -> List[Dict[str, Any]]:
+        from megatron_puffin.training.flops import micro_batch_flops
+
+        batches = []
+        for _ in range(self.micro_batches):
+            start = time.perf_counter()
+            batch = next(iterator)
+            interval.data_wait += time.perf_counter() - start
+            samples = int(batch["input_ids"].shape[0])
+            tokens = int(batch["attention_mask"].sum())
+            flops = sum(micro_batch_flops(self.config, batch, self.trainable).values())
+            interval.add_batch(batch["task"], samples, tokens, flops)
+            self.state.consumed[batch["task"]] = (
+                self.state.consumed.get(batch["task"], 0) + samples * self.ctx.data_parallel_size
+            )
+            batches.append(batch)
+        return batches
+
+    def _should_stop(self) -> Optional[str]:
+        """The reason to stop after this step, agreed by all ranks (one small all-reduce)."""
+        training = self.args.training
+        local = 0
+        if self.stop.received:
+            local = 1
+        elif training.exit_duration_in_mins is not None and \
+                time.time() - self.start_time > 60 * training.exit_duration_in_mins:
+            local = 2
+        flag = torch.tensor([local], dtype=torch.int64, device=self.ctx.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        reason = {1: "signal", 2: f"--exit-duration-in-mins {training.exit_duration_in_mins}"}.get(int(flag.item()))
+        if reason is None and training.exit_interval and self.state.iteration % training.exit_interval == 0:
+            reason = f"--exit-interval {training.exit_interval}"
+        return reason
+
+    def _log(self, interval: Interval, elapsed: float, result) -> None:
+        from megatron.core import parallel_state
+
+        interval.reduce(self.dp_group)
+        losses = interval.losses()
+        if self.ctx.pipeline_model_parallel_size > 1:  # losses live on the last stage; rank 0 writes the log
+            group = parallel_state.get_pipeline_model_parallel_group()
+            box = [losses]
+            src = dist.get_global_rank(group, self.ctx.pipeline_model_parallel_size - 1)
+            dist.broadcast_object_list(box, src=src, group=group)
+            losses = box[0]
+        if not self.is_logging_rank:
+            return
+        grad_norm = sum(interval.grad_norms) / len(interval.grad_norms) if interval.grad_norms else None
+        tflops = interval.flops / max(elapsed, 1e-9) / self.ctx.world_size / 1e12
+        report = Report(
+            iteration=self.state.iteration, train_iters=self.args.training.train_iters,
+            consumed=dict(self.state.consumed), lr=self.optimizer.param_groups[0]["lr"], losses=losses,
+            grad_norm=grad_norm, skipped_total=self.state.skipped_total,
+            samples_per_second={t: v / elapsed for t, v in interval.samples.items()},
+            tokens_per_second={t: v / elapsed for t, v in interval.tokens.items()},
+            tflops_per_device=tflops, mfu=tflops / self.peak_device_tflops if self.peak_device_tflops else None,
+            data_wait_percent=100.0 * interval.data_wait / max(elapsed, 1e-9),
+            peak_memory_gib=peak_memory_gib() if self.args.logging.log_memory else None,
+        )
+        self.writer.write(report)
+
+    def train(self) -> int:
+        """Train to ``--train-iters`` (or until asked to stop); returns the process exit code."""
+        from megatron_puffin.training.step import train_step
+
+        training, ckpt_args = self.args.training, self.args.checkpoint
+        self.ddp.train()
+        self.stop.install()
+        iterator = iter(self.loader)
+        interval, interval_start = Interval(self.tasks), time.perf_counter()
+        stopped: Optional[str] = None
+        try:
+            while self.state.iteration < training.train_iters:
+                self._reseed()
+                batches = self._next_batches(iterator, interval)
+                result = train_step(self.ddp, self.optimizer, batches)
+                self.state.iteration += 1
+                interval.add_step(result)
+                if result.skipped:
+                    self._count_skip(result)
+                else:
+                    self.state.skipped_in_a_row = 0
+                    self.scheduler.step(increment=1)
+                if self.state.iteration % self.args.logging.log_interval == 0 or \
+                        self.state.iteration == training.train_iters:
+                    self._log(interval, time.perf_counter() - interval_start, result)
+                    interval, interval_start = Interval(self.tasks), time.perf_counter()
+                if ckpt_args.save and ckpt_args.save_interval and self.state.iteration % ckpt_args.save_interval == 0:
+                    self.save()
+                stopped = self._should_stop()
+                if stopped and self.state.iteration < training.train_iters:
+                    break
+                stopped = None
+        finally:
+            self.stop.restore()
+        if ckpt_args.save:
+            self.save()
+        if stopped:
+            if self.ctx.rank == 0:
+                logger.info("stopped at iteration %d/%d (%s)%s", self.state.iteration, training.train_iters,
+                            stopped, "; continue with --load " + ckpt_args.save if ckpt_args.save else "")
+            return EXIT_FINISHED if stopped.startswith("--exit-interval") else EXIT_INTERRUPTED
+        if self.ctx.rank == 0:
+            logger.info("training finished: %d iterations, %d skipped", self.state.iteration, self.state.skipped_total)
+        return EXIT_FINISHED
+
+    def _count_skip(self, result) -> None:
+        self.state.skipped_total += 1
+        self.state.skipped_in_a_row += 1
+        limit = self.args.training.max_consecutive_skipped_steps
+        if self.ctx.rank == 0:
+            logger.warning("iteration %d skipped: loss %s, grad norm %s (%d in a row)", self.state.iteration,
+                           {t: result.task_losses[t] for t in result.task_losses}, result.grad_norm,
+                           self.state.skipped_in_a_row)
+        if self.state.skipped_in_a_row >= limit:
+            raise TrainingError(
+                f"{self.state.skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient norm "
+                f"(--max-consecutive-skipped-steps {limit}); the last good state is the latest checkpoint. "
+                "Lower --lr or raise --lr-warmup-iters, check the data, or train in fp32 to find the cause."
+            )
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _loss_tasks(args) -> List[str]:
+    """The loss tasks of the configured streams, in stream order (thinking variants train under their base task)."""
+    from megatron_puffin.data.task_encoders import TASK_VARIANTS
+
+    tasks: List[str] = []
+    for spec in args.data.streams():
+        task = TASK_VARIANTS[spec.task]
+        if task not in tasks:
+            tasks.append(task)
+    return tasks
+
+
+def run(args) -> int:
+    """Build, train and tear down; returns the exit code (:data:`EXIT_FINISHED` or :data:`EXIT_INTERRUPTED`)."""
+    trainer = Trainer(args)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+        mpd.destroy()

@@ -1,0 +1,170 @@
+"""What the training log reports: one fixed-field line per interval, the same numbers in TensorBoard and (optionally)
+a JSON-lines file at full precision.
+
+The line (STYLE 13; fields always in this order, tasks in stream order)::
+
+    iter 40/200 | consumed image2text 640 cam2image 640 | lr 9.51E-05 | loss image2text 2.4312 cam2image 0.9120 |
+    grad norm 1.203 | skipped 0 | samples/s image2text 21.3 cam2image 21.3 all 42.6 |
+    tokens/s image2text 5120 cam2image 4480 | TFLOP/s 0.081 (MFU 14.2%) | data wait 2.1% | mem 3.12 GiB
+
+Per-task losses are averages over the interval's steps weighted by the steps' token/sample counts (so they are the
+mean over every supervised token or sample seen in the interval); throughput is global (all data-parallel ranks)
+over the interval's wall time; TFLOP/s is model FLOPs per device (see :mod:`~.flops`); data wait is the share of
+the interval spent waiting for the next micro-batch; memory is the peak since the start (CUDA allocated, or the
+process's peak resident set on CPU).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def peak_memory_gib() -> float:
+    """Peak CUDA memory allocated by this process, or its peak resident set size without CUDA."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1024**3
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+
+
+@dataclass
+class Interval:
+    """Sums over the steps of one logging interval (local to this rank until :meth:`reduce`)."""
+
+    tasks: List[str]
+    steps: int = 0
+    skipped: int = 0
+    loss_weighted: Dict[str, float] = field(default_factory=dict)
+    loss_count: Dict[str, float] = field(default_factory=dict)
+    samples: Dict[str, float] = field(default_factory=dict)
+    tokens: Dict[str, float] = field(default_factory=dict)
+    flops: float = 0.0
+    data_wait: float = 0.0
+    grad_norms: List[float] = field(default_factory=list)
+
+    def add_batch(self, task: str, samples: int, tokens: int, flops: float) -> None:
+        self.samples[task] = self.samples.get(task, 0.0) + samples
+        self.tokens[task] = self.tokens.get(task, 0.0) + tokens
+        self.flops += flops
+
+    def add_step(self, result) -> None:
+        """A :class:`~.step.StepResult` (losses are already global means on the last pipeline stage)."""
+        self.steps += 1
+        self.skipped += int(result.skipped)
+        if result.grad_norm is not None and math.isfinite(result.grad_norm) and not result.skipped:
+            self.grad_norms.append(result.grad_norm)
+        if result.skipped:
+            return
+        for task in result.task_losses:
+            count = sum(result.micro_batch_counts[task])
+            self.loss_weighted[task] = self.loss_weighted.get(task, 0.0) + result.task_loss(task) * count
+            self.loss_count[task] = self.loss_count.get(task, 0.0) + count
+
+    def reduce(self, data_parallel_group) -> None:
+        """Sum samples, tokens and FLOPs over the data-parallel replicas (each rank counted only its own batches)."""
+        if data_parallel_group is None or not torch.distributed.is_initialized():
+            return
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        values = [self.samples.get(t, 0.0) for t in self.tasks] + [self.tokens.get(t, 0.0) for t in self.tasks]
+        totals = torch.tensor(values + [self.flops], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(totals, group=data_parallel_group)
+        n = len(self.tasks)
+        totals = totals.tolist()
+        self.samples = dict(zip(self.tasks, totals[:n]))
+        self.tokens = dict(zip(self.tasks, totals[n:2 * n]))
+        self.flops = totals[-1]
+
+    def losses(self) -> Dict[str, float]:
+        return {t: self.loss_weighted[t] / self.loss_count[t] for t in self.tasks if self.loss_count.get(t)}
+
+
+@dataclass
+class Report:
+    """The numbers of one log line."""
+
+    iteration: int
+    train_iters: int
+    consumed: Dict[str, int]
+    lr: float
+    losses: Dict[str, float]
+    grad_norm: Optional[float]
+    skipped_total: int
+    samples_per_second: Dict[str, float]
+    tokens_per_second: Dict[str, float]
+    tflops_per_device: float
+    mfu: Optional[float]
+    data_wait_percent: float
+    peak_memory_gib: Optional[float]
+
+    def line(self, tasks: List[str]) -> str:
+        def per_task(values: Dict[str, float], fmt: str) -> str:
+            return " ".join(f"{t} {format(values[t], fmt)}" if t in values else f"{t} -" for t in tasks)
+
+        samples_all = sum(self.samples_per_second.values())
+        grad = "-" if self.grad_norm is None else f"{self.grad_norm:.3f}"
+        mfu = "" if self.mfu is None else f" (MFU {100 * self.mfu:.1f}%)"
+        mem = "-" if self.peak_memory_gib is None else f"{self.peak_memory_gib:.2f} GiB"
+        return (
+            f"iter {self.iteration}/{self.train_iters} | consumed {per_task(self.consumed, 'd')} | lr {self.lr:.3E} | "
+            f"loss {per_task(self.losses, '.4f')} | grad norm {grad} | skipped {self.skipped_total} | "
+            f"samples/s {per_task(self.samples_per_second, '.1f')} all {samples_all:.1f} | "
+            f"tokens/s {per_task(self.tokens_per_second, '.0f')} | TFLOP/s {self.tflops_per_device:.3f}{mfu} | "
+            f"data wait {self.data_wait_percent:.1f}% | mem {mem}"
+        )
+
+    def scalars(self) -> Dict[str, float]:
+        """TensorBoard tags (``tools/plot_metrics.py`` reads ``loss/<task>``, ``learning_rate``, ``grad_norm``)."""
+        values: Dict[str, float] = {"learning_rate": self.lr, "skipped_steps": float(self.skipped_total),
+                                    "tflops": self.tflops_per_device, "data_wait_percent": self.data_wait_percent,
+                                    "samples_per_second/all": sum(self.samples_per_second.values())}
+        if self.grad_norm is not None:
+            values["grad_norm"] = self.grad_norm
+        if self.peak_memory_gib is not None:
+            values["peak_memory_gib"] = self.peak_memory_gib
+        for task, value in self.losses.items():
+            values[f"loss/{task}"] = value
+        for task, value in self.consumed.items():
+            values[f"consumed_samples/{task}"] = float(value)
+        for task, value in self.samples_per_second.items():
+            values[f"samples_per_second/{task}"] = value
+        for task, value in self.tokens_per_second.items():
+            values[f"tokens_per_second/{task}"] = value
+        return values
+
+
+class MetricsWriter:
+    """Writes reports to the log, TensorBoard and a JSON-lines file (on the rank that owns the losses)."""
+
+    def __init__(self, tasks: List[str], tensorboard_dir: Optional[str] = None, metrics_file: Optional[str] = None,
+                 active: bool = True) -> None:
+        self.tasks, self.active = tasks, active
+        self.tensorboard = None
+        self.metrics_file = metrics_file if active else None
+        if active and tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=tensorboard_dir)
+
+    def write(self, report: Report) -> None:
+        if not self.active:
+            return
+        logger.info("%s", report.line(self.tasks))
+        if self.tensorboard is not None:
+            for tag, value in report.scalars().items():
+                self.tensorboard.add_scalar(tag, value, report.iteration)
+            self.tensorboard.flush()
+        if self.metrics_file:
+            record = {"iteration": report.iteration, **report.scalars()}
+            with open(self.metrics_file, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
