@@ -90,8 +90,18 @@ def test_query_groups_may_be_a_divisor_of_tp_as_megatron_allows():
 
 
 def test_repeatable_task_streams_collect_in_order():
-    args = parse_args(DATA + ["--task-stream", "cam2image:/data/gen:4:2"])
+    args = parse_args(DATA + ["--task-stream", "cam2image:/data/gen:4:2", "--vae-path", "/sd3/vae"])
     assert args.data.task_stream == ["image2text:/data/und:4", "cam2image:/data/gen:4:2"]
+
+
+def test_task_stream_without_micro_batch_size_takes_the_flag():
+    args = parse_args(DATA + ["--task-stream", "text2text:/data/und", "--micro-batch-size", "3"])
+    assert args.data.task_stream == ["image2text:/data/und:4", "text2text:/data/und:3"]
+
+
+def test_generation_stream_without_vae_is_an_error():
+    with pytest.raises(ConfigError, match=r"cam2image \(generation\) needs the VAE: add --vae-path"):
+        parse_args(DATA + ["--task-stream", "cam2image:/data/gen:4"])
 
 
 def test_world_size_must_divide_by_tp_times_pp():
