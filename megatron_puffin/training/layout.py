@@ -1,72 +1,441 @@
-"""The parallel layout, parameter counts and a memory estimate of a configuration, computed from the flags
-alone (no process group, no model), for ``pretrain_puffin.py --dry-run``."""
+"""The parallel layout, parameter counts per tower and a per-GPU memory estimate of a configuration, computed from
+the flags alone (no process group, no model), for ``pretrain_puffin.py --dry-run``.
+
+Counts are analytic and exact: ``tests/unit/test_layout.py`` compares every tower with the parameters of the
+real modules. Each count is split into the part that tensor parallelism divides over TP ranks (megatron-core's
+``tensor_model_parallel`` parameters) and the part every TP rank holds whole, and each tower part is placed on a
+pipeline stage as the model builds it (ARCHITECTURE decision 3): the first stage holds the LLM embedding, the
+vision tower and the meta queries; the decoder layers are spread evenly; the last stage holds the final norm, the
+output layer (a copy of the tied embedding when PP > 1), the connectors with their projections, the MMDiT and the
+frozen VAE.
+"""
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
+from megatron_puffin.models.connector.config import ConnectorConfig
+from megatron_puffin.models.dit.config import DiTConfig
 from megatron_puffin.models.llm.config import LLMConfig
+from megatron_puffin.models.puffin_config import PuffinModelConfig
+from megatron_puffin.models.vision.config import VisionConfig
 
-# Bytes per parameter: bf16 weight + fp32 main grad + fp32 master weight + Adam moments (2 x fp32).
-BYTES_WEIGHT_BF16, BYTES_GRAD_FP32, BYTES_MASTER_FP32, BYTES_ADAM_FP32 = 2, 4, 4, 8
+# Bytes per parameter: fp32 main gradient (grad_reduce_in_fp32), fp32 master weight, Adam moments (2 x fp32).
+BYTES_GRAD_FP32, BYTES_MASTER_FP32, BYTES_ADAM_FP32 = 4, 4, 8
+GIB = 1024**3
+
+# Where a tower part lives (see the module docstring).
+FIRST, LAYERS, LAST, TIED_COPY = "first", "layers", "last", "tied-copy"
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameters divided over tensor-parallel ranks (``split``, summed over ranks) and held whole on every rank
+    (``replicated``)."""
+
+    split: int = 0
+    replicated: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.split + self.replicated
+
+    def per_rank(self, tensor_model_parallel_size: int) -> int:
+        return self.split // tensor_model_parallel_size + self.replicated
+
+    def __add__(self, other: "ParamCount") -> "ParamCount":
+        return ParamCount(self.split + other.split, self.replicated + other.replicated)
+
+    def __mul__(self, times: int) -> "ParamCount":
+        return ParamCount(self.split * times, self.replicated * times)
+
+
+def _linear(n_in: int, n_out: int, bias: bool = True) -> int:
+    return n_in * n_out + (n_out if bias else 0)
+
+
+@dataclass(frozen=True)
+class TowerPart:
+    """One piece of a tower at one pipeline position (``FIRST``, ``LAYERS``, ``LAST`` or ``TIED_COPY``: the output
+    layer that a last stage without the embedding allocates for tied embeddings)."""
+
+    name: str
+    placement: str
+    params: ParamCount
+
+
+@dataclass(frozen=True)
+class Tower:
+    """A tower's parts, whether it trains, and why its size is unknown (``parts`` empty) if it is."""
+
+    name: str
+    trainable: bool
+    parts: Tuple[TowerPart, ...]
+    unknown: Optional[str] = None
+
+    @property
+    def parameters(self) -> Optional[int]:
+        """Distinct parameters (the tied copy on the last stage is not counted); None when unknown."""
+        if self.unknown is not None:
+            return None
+        return sum(p.params.total for p in self.parts if p.placement != TIED_COPY)
+
+    def rank_parameters(self, tensor_model_parallel_size: int, pre_process: bool, post_process: bool,
+                        layer_shards: int = 1) -> int:
+        """Parameters one rank holds: the parts its stage builds (``pre_process``: first stage, ``post_process``:
+        last stage), decoder layers divided over ``layer_shards`` pipeline stages, split parts over TP."""
+        total = 0
+        for part in self.parts:
+            count = part.params.per_rank(tensor_model_parallel_size)
+            if part.placement == LAYERS:
+                total += count // layer_shards
+            elif (part.placement == FIRST and pre_process) or (part.placement == LAST and post_process):
+                total += count
+            elif part.placement == TIED_COPY and post_process and not pre_process:
+                total += count
+        return total
+
+
+# --- analytic counts per tower ------------------------------------------------------------------------------------
+def llm_parts(config: LLMConfig, tensor_model_parallel_size: int = 1) -> Tuple[TowerPart, ...]:
+    """The Qwen2 decoder on megatron-core: vocabulary padded for TP, fused QKV (bias optional), SwiGLU, RMSNorm."""
+    h, d, f = config.hidden_size, config.head_dim, config.ffn_hidden_size
+    vocab = config.padded_vocab_size(tensor_model_parallel_size)
+    qkv_rows = (config.num_attention_heads + 2 * config.num_query_groups) * d
+    layer = ParamCount(
+        split=_linear(h, qkv_rows, config.add_qkv_bias) + config.num_attention_heads * d * h + 3 * f * h,
+        replicated=2 * h,
+    )
+    output = ParamCount(split=vocab * h)
+    return (
+        TowerPart("embedding", FIRST, ParamCount(split=vocab * h)),
+        TowerPart(f"{config.num_layers} decoder layers", LAYERS, layer * config.num_layers),
+        TowerPart("final norm", LAST, ParamCount(replicated=h)),
+        TowerPart("output layer", TIED_COPY if config.tie_word_embeddings else LAST, output),
+    )
 
 
 def llm_parameter_count(config: LLMConfig) -> int:
-    """Exact parameter count of the LLM tower (unpadded vocabulary)."""
-    h, d, f = config.hidden_size, config.head_dim, config.ffn_hidden_size
-    qkv_rows = (config.num_attention_heads + 2 * config.num_query_groups) * d
-    per_layer = qkv_rows * h + (qkv_rows if config.add_qkv_bias else 0)
-    per_layer += config.num_attention_heads * d * h + 3 * f * h + 2 * h
-    total = config.vocab_size * h + config.num_layers * per_layer + h
-    return total + (0 if config.tie_word_embeddings else config.vocab_size * h)
+    """Exact parameter count of the LLM tower at TP 1 (a tied output layer counted once)."""
+    return Tower("LLM", True, llm_parts(config)).parameters  # type: ignore[return-value]
 
 
-@dataclass
-class TowerCount:
-    name: str
+def encoder_layer_count(hidden_size: int, ffn_hidden_size: int) -> ParamCount:
+    """One pre-LN megatron-core ``TransformerLayer`` with biased linears and LayerNorms (ViT and connector
+    layers): QKV and fc1 column-parallel, proj and fc2 row-parallel (their biases replicated)."""
+    h, f = hidden_size, ffn_hidden_size
+    return ParamCount(
+        split=_linear(h, 3 * h) + h * h + _linear(h, f) + f * h,
+        replicated=2 * h + h + 2 * h + h,  # two LayerNorms, the row-parallel biases
+    )
+
+
+def vision_encoder_parts(config: VisionConfig) -> Tuple[TowerPart, ...]:
+    """RADIO ViT: patch embedder (no bias, column-parallel), class/register tokens and the CPE position grid
+    (replicated), the blocks, and the optional final LayerNorm."""
+    h = config.hidden_size
+    stem = ParamCount(
+        split=3 * config.patch_size**2 * h,
+        replicated=config.class_token_len * h + config.max_grid_size**2 * h + (2 * h if config.final_norm else 0),
+    )
+    blocks = encoder_layer_count(h, config.ffn_hidden_size) * config.num_layers
+    return (TowerPart("embeddings", FIRST, stem), TowerPart(f"{config.num_layers} blocks", FIRST, blocks))
+
+
+def vision_projector_parts(config: VisionConfig, llm_hidden_size: int) -> Tuple[TowerPart, ...]:
+    """The MLP ``folded -> llm hidden -> llm hidden`` (fc1 column-, fc2 row-parallel)."""
+    h = llm_hidden_size
+    params = ParamCount(split=_linear(config.folded_hidden_size, h) + h * h, replicated=h)
+    return (TowerPart("projector", FIRST, params),)
+
+
+def query_path_parts(config: ConnectorConfig, llm_hidden_size: int) -> Tuple[TowerPart, ...]:
+    """Meta queries (first stage); llm2connector_1/2, connector_1/2 and projector_1/2 (last stage). The plain
+    ``nn.Linear`` projections and the queries are replicated over TP."""
+    c = config.hidden_size
+    connector = encoder_layer_count(c, config.ffn_hidden_size) * config.num_layers
+    projections = 2 * _linear(llm_hidden_size, c) + _linear(c, config.pooled_projection_dim)
+    projections += _linear(c, config.joint_attention_dim)
+    return (
+        TowerPart("meta queries", FIRST, ParamCount(replicated=config.num_queries * llm_hidden_size)),
+        TowerPart("connectors", LAST, connector * 2),
+        TowerPart("projections", LAST, ParamCount(replicated=projections)),
+    )
+
+
+def dit_parts(config: DiTConfig) -> Tuple[TowerPart, ...]:
+    """SD3 MMDiT: replicated embedders and output projection; joint blocks with column-parallel AdaLN modulation,
+    q/k/v and fc1, row-parallel outputs (biases replicated); the last block is ``context_pre_only``."""
+    h, p = config.hidden_size, config.patch_size
+    embedders = (config.in_channels * p * p * h + h) + _linear(256, h) + _linear(h, h)  # patch, timestep
+    embedders += _linear(config.pooled_projection_dim, h) + _linear(h, h)  # pooled text
+    embedders += _linear(config.joint_attention_dim, config.caption_projection_dim)  # context embedder
+
+    def stream(modulation_chunks: int, with_output: bool, with_ff: bool) -> ParamCount:
+        """One stream of a block: modulation, q/k/v, attention output and feed-forward."""
+        split = _linear(h, modulation_chunks * h) + 3 * _linear(h, h)
+        replicated = 0
+        if with_output:
+            split, replicated = split + h * h, replicated + h
+        if with_ff:
+            split, replicated = split + _linear(h, 4 * h) + 4 * h * h, replicated + h
+        return ParamCount(split, replicated)
+
+    block = stream(6, True, True) + stream(6, True, True)
+    last_block = stream(6, True, True) + stream(2, False, False)
+    blocks = block * (config.num_layers - 1) + last_block
+    head = ParamCount(split=_linear(h, 2 * h), replicated=_linear(h, p * p * config.out_channels))
+    return (
+        TowerPart("embedders", LAST, ParamCount(replicated=embedders)),
+        TowerPart(f"{config.num_layers} joint blocks", LAST, blocks),
+        TowerPart("output", LAST, head),
+    )
+
+
+def _conv3(n_in: int, n_out: int) -> int:
+    """A biased 3x3 ``Conv2d``."""
+    return 9 * n_in * n_out + n_out
+
+
+def _resnet(n_in: int, n_out: int) -> int:
+    """diffusers ``ResnetBlock2D`` without time embedding: two GroupNorm + 3x3 conv, 1x1 shortcut if widths differ."""
+    shortcut = _linear(n_in, n_out) if n_in != n_out else 0
+    return 2 * n_in + _conv3(n_in, n_out) + 2 * n_out + _conv3(n_out, n_out) + shortcut
+
+
+def vae_parameter_count(config: Dict[str, Any]) -> int:
+    """Exact parameter count of a diffusers ``AutoencoderKL`` from its ``config.json`` dictionary.
+
+    Raises:
+        ValueError: for block types other than ``DownEncoderBlock2D`` / ``UpDecoderBlock2D`` (SD3's VAE uses those).
+    """
+    channels = list(config.get("block_out_channels", (64,)))
+    down = list(config.get("down_block_types", ("DownEncoderBlock2D",)))
+    up = list(config.get("up_block_types", ("UpDecoderBlock2D",)))
+    unsupported = sorted({t for t in down if t != "DownEncoderBlock2D"} | {t for t in up if t != "UpDecoderBlock2D"})
+    if unsupported:
+        raise ValueError(f"cannot count AutoencoderKL block types {unsupported}")
+    layers = config.get("layers_per_block", 1)
+    latent = config.get("latent_channels", 4)
+    attention = config.get("mid_block_add_attention", True)
+    top = channels[-1]
+    mid = 2 * _resnet(top, top) + ((2 * top + 4 * _linear(top, top)) if attention else 0)
+    encoder = _conv3(config.get("in_channels", 3), channels[0]) + mid + 2 * top + _conv3(top, 2 * latent)
+    previous = channels[0]
+    for i, width in enumerate(channels):
+        encoder += sum(_resnet(previous if j == 0 else width, width) for j in range(layers))
+        encoder += _conv3(width, width) if i < len(channels) - 1 else 0  # downsample
+        previous = width
+    decoder = _conv3(latent, top) + mid + 2 * channels[0] + _conv3(channels[0], config.get("out_channels", 3))
+    previous = top
+    for i, width in enumerate(reversed(channels)):
+        decoder += sum(_resnet(previous if j == 0 else width, width) for j in range(layers + 1))
+        decoder += _conv3(width, width) if i < len(channels) - 1 else 0  # upsample
+        previous = width
+    quant = _linear(2 * latent, 2 * latent) if config.get("use_quant_conv", True) else 0
+    post_quant = _linear(latent, latent) if config.get("use_post_quant_conv", True) else 0
+    return encoder + decoder + quant + post_quant
+
+
+def vae_tower(model: PuffinModelConfig) -> Tower:
+    """The frozen VAE, counted from ``--vae-config`` or ``--vae-path``/config.json when readable."""
+    path = model.vae_config or (os.path.join(model.vae_path, "config.json") if model.vae_path else None)
+    if path is None:
+        return Tower("VAE", False, (), unknown="no --vae-path or --vae-config")
+    try:
+        with open(path) as handle:
+            count = vae_parameter_count(json.load(handle))
+    except OSError:
+        return Tower("VAE", False, (), unknown=f"{path} not readable")
+    except ValueError as error:
+        return Tower("VAE", False, (), unknown=f"{path}: {error}")
+    return Tower("VAE", False, (TowerPart("autoencoder", LAST, ParamCount(replicated=count)),))
+
+
+def build_towers(llm: LLMConfig, vision: VisionConfig, connector: ConnectorConfig, dit: DiTConfig,
+                 model: PuffinModelConfig, tensor_model_parallel_size: int = 1) -> List[Tower]:
+    """Every tower the composed model builds, with its trainability under the freeze flags."""
+    return [
+        Tower("LLM", not model.freeze_llm, llm_parts(llm, tensor_model_parallel_size)),
+        Tower("vision encoder", not model.freeze_vision, vision_encoder_parts(vision)),
+        Tower("vision projector", True, vision_projector_parts(vision, llm.hidden_size)),
+        Tower("query path", True, query_path_parts(connector, llm.hidden_size)),
+        Tower("MMDiT", not model.freeze_dit, dit_parts(dit)),
+        vae_tower(model),
+    ]
+
+
+def towers(args) -> List[Tower]:
+    """:func:`build_towers` for parsed ``pretrain_puffin.py`` flags."""
+    return build_towers(args.llm, args.vision, args.connector, args.dit, args.model,
+                        args.parallel.tensor_model_parallel_size)
+
+
+# --- memory -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageMemory:
+    """Per-GPU bytes of one pipeline stage (any TP rank of it; activations excluded)."""
+
+    stage: int
     parameters: int
-    trainable: bool
+    trainable: int
+    weights: float
+    gradients: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer
 
 
-def towers(args) -> List[TowerCount]:
-    """Parameter counts per tower that this configuration builds."""
-    return [TowerCount("llm", llm_parameter_count(args.llm), True)]
+def weight_bytes(args) -> int:
+    """Bytes per stored weight: 2 in bf16/fp16 (every tower, the VAE included), else 4."""
+    return 2 if (args.precision.bf16 or args.precision.fp16) else 4
 
 
-def memory_estimate_gib(args, counts: List[TowerCount]) -> Dict[str, float]:
-    """Per-GPU memory of weights, gradients and optimizer state (activations excluded), in GiB."""
-    model_parallel = args.parallel.tensor_model_parallel_size * args.parallel.pipeline_model_parallel_size
+def optimizer_bytes(args) -> float:
+    """Optimizer bytes per trainable parameter on one GPU: Adam moments (+ fp32 master weights in mixed
+    precision), divided over data-parallel ranks by the distributed optimizer."""
+    state = BYTES_ADAM_FP32 + (BYTES_MASTER_FP32 if weight_bytes(args) == 2 else 0)
+    return state / args.data_parallel_size if args.parallel.use_distributed_optimizer else state
+
+
+def memory_estimate(args, tower_list: List[Tower]) -> List[StageMemory]:
+    """Weights, gradients and optimizer state per GPU for every pipeline stage."""
+    tp, pp = args.parallel.tensor_model_parallel_size, args.parallel.pipeline_model_parallel_size
+    stages = []
+    for stage in range(pp):
+        on_rank = [(t, t.rank_parameters(tp, stage == 0, stage == pp - 1, pp)) for t in tower_list]
+        parameters = sum(n for _, n in on_rank)
+        trainable = sum(n for t, n in on_rank if t.trainable)
+        stages.append(StageMemory(
+            stage, parameters, trainable, weights=parameters * weight_bytes(args),
+            gradients=trainable * BYTES_GRAD_FP32, optimizer=trainable * optimizer_bytes(args),
+        ))
+    return stages
+
+
+# --- the summary --------------------------------------------------------------------------------------------------
+def _millions(count: Optional[int]) -> str:
+    return "unknown" if count is None else f"{count / 1e6:.2f} M"
+
+
+def _stage_contents(args) -> List[str]:
+    pp, layers = args.parallel.pipeline_model_parallel_size, args.llm.num_layers
+    per_stage = layers // pp
+    first = "LLM embedding, vision encoder + projector, meta queries"
+    last = "LLM final norm + output layer" + (" (tied copy)" if args.llm.tie_word_embeddings and pp > 1 else "")
+    last += ", connectors + projections, MMDiT, VAE"
+    if pp == 1:
+        return [f"  stage 0: {first}, LLM layers 0-{layers - 1}, {last}"]
+    lines = [f"  stage 0: {first}, LLM layers 0-{per_stage - 1}"]
+    if pp > 2:
+        lines.append(f"  stages 1-{pp - 2}: LLM layers, {per_stage} per stage")
+    lines.append(f"  stage {pp - 1}: LLM layers {layers - per_stage}-{layers - 1}, {last}")
+    return lines
+
+
+def _tower_lines(tower_list: List[Tower]) -> List[str]:
+    lines = ["parameters per tower (M = 1e6):"]
+    for tower in tower_list:
+        state = "trainable" if tower.trainable else "frozen"
+        note = f"  ({tower.unknown})" if tower.unknown else ""
+        lines.append(f"  {tower.name:<17} {_millions(tower.parameters):>12}  {state}{note}")
+    known = [t for t in tower_list if t.parameters is not None]
+    trainable = sum(t.parameters for t in known if t.trainable)
+    frozen = sum(t.parameters for t in known if not t.trainable)
+    unknown = ", ".join(t.name for t in tower_list if t.parameters is None)
+    lines.append(f"  {'total':<17} {_millions(trainable + frozen):>12}: trainable {_millions(trainable)}, "
+                 f"frozen {_millions(frozen)}" + (f" ({unknown} not included)" if unknown else ""))
+    return lines
+
+
+def _data_lines(args) -> List[str]:
+    try:
+        streams = args.data.streams()
+    except ValueError:
+        return []
     dp = args.data_parallel_size
-    weight_bytes = 2 if (args.precision.bf16 or args.precision.fp16) else 4
-    trainable = sum(t.parameters for t in counts if t.trainable) / model_parallel
-    frozen = sum(t.parameters for t in counts if not t.trainable) / model_parallel
-    state = BYTES_MASTER_FP32 + BYTES_ADAM_FP32 if weight_bytes == 2 else BYTES_ADAM_FP32
-    if args.parallel.use_distributed_optimizer:
-        state = state / dp
-    gib = 1024**3
-    return {
-        "weights": (trainable + frozen) * weight_bytes / gib,
-        "gradients": trainable * BYTES_GRAD_FP32 / gib,
-        "optimizer": trainable * state / gib,
-    }
+    cycle = sum(s.repeats for s in streams)
+    per_step = args.training.micro_batches_per_step or cycle
+    listed = ", ".join(f"{s.task} {s.micro_batch_size}/GPU x{s.repeats}" for s in streams)
+    line = f"data: {listed}; {per_step} micro-batch(es) per optimizer step (cycle {cycle})"
+    if per_step % cycle == 0:
+        samples = per_step // cycle * sum(s.repeats * s.micro_batch_size for s in streams) * dp
+        line += f", {samples} samples per step over DP {dp}"
+    else:
+        line += ", samples per step by task: " + ", ".join(f"{s.task} {s.micro_batch_size * dp}" for s in streams)
+    return [line]
+
+
+def _schedule_lines(args) -> List[str]:
+    t, c = args.training, args.checkpoint
+    lines = [
+        f"schedule: {t.train_iters} optimizer steps, lr {t.lr:g} (warm-up {t.lr_warmup_iters} steps from "
+        f"{t.lr_warmup_init:g}, {t.lr_decay_style} to {t.min_lr:g} at step {t.lr_decay_iters or t.train_iters}), "
+        f"AdamW betas ({t.adam_beta1:g}, {t.adam_beta2:g}) wd {t.weight_decay:g}, clip {t.clip_grad:g}"
+    ]
+    sources = [f"{flag} {value}" for flag, value in (
+        ("--load", c.load), ("--pretrained-checkpoint", c.pretrained_checkpoint),
+        ("--llm-checkpoint", c.llm_checkpoint), ("--vision-checkpoint", c.vision_checkpoint),
+        ("--dit-checkpoint", c.dit_checkpoint), ("--vae-path", args.model.vae_path)) if value]
+    lines.append("weights from: " + ("; ".join(sources) if sources else "random initialisation"))
+    if c.save:
+        keep = f", keep last {c.keep_last_n}" if c.keep_last_n else ""
+        lines.append(f"save: {c.save} every {c.save_interval or 'end-of-run only'} steps{keep}")
+    recompute = [(name, getattr(cfg, "recompute", None)) for name, cfg in (
+        ("LLM", args.llm), ("vision encoder", args.vision), ("connectors", args.connector), ("MMDiT", args.dit))]
+    lines.append("activation recompute: " + ", ".join(
+        f"{name} {'no flag' if on is None else 'on' if on else 'off'}" for name, on in recompute))
+    return lines
+
+
+def _memory_lines(args, tower_list: List[Tower]) -> List[str]:
+    stages = memory_estimate(args, tower_list)
+    dp, distributed = args.data_parallel_size, args.parallel.use_distributed_optimizer
+    state = "fp32 master + Adam moments 12 B" if weight_bytes(args) == 2 else "Adam moments 8 B"
+    shard = f"sharded over DP {dp} (distributed optimizer)" if distributed else (
+        "not sharded (no --use-distributed-optimizer)")
+    vae = next((t for t in tower_list if t.name == "VAE" and t.unknown), None)
+    lines = [
+        f"memory per GPU, activations excluded: weights {weight_bytes(args)} B/param, gradients fp32 4 B/trainable "
+        f"param, optimizer {state}/trainable param {shard}" + ("; VAE unknown, not included" if vae else "") + ":"
+    ]
+    groups: List[List[StageMemory]] = []
+    for s in stages:  # consecutive identical stages (the middle of a pipeline) share a line
+        if groups and (groups[-1][-1].parameters, groups[-1][-1].trainable) == (s.parameters, s.trainable):
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    for group in groups:
+        s = group[0]
+        name = f"stage {s.stage}" if len(group) == 1 else f"stages {s.stage}-{group[-1].stage}"
+        lines.append(
+            f"  {name}: {_millions(s.parameters)} params ({_millions(s.trainable)} trainable) per GPU; "
+            f"weights {s.weights / GIB:.2f} GiB, gradients {s.gradients / GIB:.2f} GiB, optimizer "
+            f"{s.optimizer / GIB:.2f} GiB, total {s.total / GIB:.2f} GiB"
+        )
+    if len(stages) > 1:
+        peak = max(stages, key=lambda s: s.total)
+        lines.append(f"  peak: stage {peak.stage}, {peak.total / GIB:.2f} GiB")
+    return lines
 
 
 def describe(args) -> str:
-    """A human-readable summary of layout, parameter counts and memory."""
-    p = args.parallel
-    counts = towers(args)
-    memory = memory_estimate_gib(args, counts)
+    """A human-readable summary of layout, per-tower parameter counts, data, schedule and memory."""
+    p, precision = args.parallel, args.precision
+    dtype = "bf16" if precision.bf16 else "fp16" if precision.fp16 else "fp32"
+    tower_list = towers(args)
     lines = [
-        f"world size {args.world_size} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} "
-        f"x DP {args.data_parallel_size}",
-        f"LLM layers per pipeline stage: {args.llm.num_layers // p.pipeline_model_parallel_size}",
+        f"parallel layout: world size {args.world_size} = TP {p.tensor_model_parallel_size} x PP "
+        f"{p.pipeline_model_parallel_size} x DP {args.data_parallel_size}; {dtype}, "
+        f"{precision.transformer_impl} layers" + (f", FP8 {precision.fp8_format}" if precision.fp8_format else ""),
+        *_stage_contents(args),
+        *_tower_lines(tower_list),
+        *_data_lines(args),
+        *_schedule_lines(args),
+        *_memory_lines(args, tower_list),
     ]
-    for tower in counts:
-        state = "trainable" if tower.trainable else "frozen"
-        lines.append(f"  {tower.name:<12} {tower.parameters / 1e6:>10.2f} M parameters ({state})")
-    lines.append(
-        "memory per GPU (weights + gradients + optimizer, activations excluded): "
-        + ", ".join(f"{k} {v:.2f} GiB" for k, v in memory.items())
-        + f", total {sum(memory.values()):.2f} GiB"
-    )
     return "\n".join(lines)
