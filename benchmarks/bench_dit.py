@@ -8,7 +8,8 @@ Both models hold the same weights. In one run, the script measures:
       ``diffusers-concat`` (per-batch patch embedding, concatenated stream, diffusers' joint blocks, no mask: the
       same computation as ours) and ``reference-mask`` (Puffin's reference forward: patch embedding one sample at a
       time and a dense ``[B, 1, L, L]`` boolean mask passed to SDPA in every block, built even when nothing is
-      padded, spec §1.8 item 3 and §9.4).
+      padded, spec §1.8 item 3 and §9.4; ``megatron_puffin.testing.reference_dit``, shared with
+      ``bench_puffin.py``).
 
 Each time is the median of ``--repeats`` forward+backward passes (variants take turns, after ``--warmup`` passes).
 Peak memory is measured in a separate pass per variant: on CUDA ``torch.cuda.max_memory_allocated`` above the
@@ -33,7 +34,8 @@ warnings.filterwarnings("ignore")
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+
+from megatron_puffin.testing.reference_dit import reference_dynamic_forward  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -58,68 +60,23 @@ def _parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-class DenseMaskJointAttnProcessor:
-    """The Puffin reference's joint attention: diffusers' SD3 joint attention with a boolean mask given to SDPA."""
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **unused):
-        batch, image_len = hidden_states.shape[0], hidden_states.shape[1]
-
-        def heads(x):
-            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        query = torch.cat([heads(attn.to_q(hidden_states)), heads(attn.add_q_proj(encoder_hidden_states))], dim=2)
-        key = torch.cat([heads(attn.to_k(hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))], dim=2)
-        value = torch.cat([heads(attn.to_v(hidden_states)), heads(attn.add_v_proj(encoder_hidden_states))], dim=2)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
-        out = out.transpose(1, 2).reshape(batch, -1, query.shape[1] * query.shape[-1])
-        image_out, text_out = out[:, :image_len], out[:, image_len:]
-        text_out = None if attn.context_pre_only else attn.to_add_out(text_out)
-        return attn.to_out[0](image_out), text_out
-
-
 def _unpatchify(tokens: torch.Tensor, side: int, patch: int, channels: int) -> torch.Tensor:
     grid = side // patch
     tokens = tokens.reshape(tokens.shape[0], grid, grid, patch, patch, channels)
     return torch.einsum("nhwpqc->nchpwq", tokens).reshape(tokens.shape[0], channels, side, side)
 
 
-def _embed_stream(ref, targets, conds, per_sample: bool) -> torch.Tensor:
-    """``[B, L, h]`` tokens of ``[target | conds]``: one patch-embedding call per condition slot, or (the
-    reference's way) one call per latent."""
-    if per_sample:
-        return torch.cat([torch.cat([ref.pos_embed(x[None]) for x in [targets[i], *conds[i]]], dim=1)
-                          for i in range(targets.shape[0])])
-    return torch.cat([ref.pos_embed(targets)] + [ref.pos_embed(torch.stack(c)) for c in zip(*conds)], dim=1)
-
-
-def _diffusers_stream(ref, targets, conds, text, pooled, timestep, reference_mask: bool = False):
-    """Diffusers' modules on the concatenated ``[target | conds]`` stream; returns target velocities. With
-    ``reference_mask`` the stream is built per sample and every block gets the reference's dense mask."""
-    tokens = _embed_stream(ref, targets, conds, per_sample=reference_mask)
+def _diffusers_stream(ref, targets, conds, text, pooled, timestep):
+    """Diffusers' modules on the concatenated ``[target | conds]`` stream (one patch-embedding call per condition
+    slot, no mask); returns target velocities."""
+    tokens = torch.cat([ref.pos_embed(targets)] + [ref.pos_embed(torch.stack(c)) for c in zip(*conds)], dim=1)
     temb = ref.time_text_embed(timestep, pooled)
     context = ref.context_embedder(text)
-    kwargs, processors = None, [block.attn.processor for block in ref.transformer_blocks]
-    if reference_mask:
-        kwargs = {"attention_mask": _dense_mask(tokens.shape[0], tokens.shape[1] + context.shape[1], tokens.device)}
-        for block in ref.transformer_blocks:
-            block.attn.processor = DenseMaskJointAttnProcessor()
-    try:
-        for block in ref.transformer_blocks:
-            context, tokens = block(hidden_states=tokens, encoder_hidden_states=context, temb=temb,
-                                    joint_attention_kwargs=kwargs)
-    finally:
-        for block, processor in zip(ref.transformer_blocks, processors):
-            block.attn.processor = processor
+    for block in ref.transformer_blocks:
+        context, tokens = block(hidden_states=tokens, encoder_hidden_states=context, temb=temb)
     target_len = (targets.shape[-1] // ref.config.patch_size) ** 2
     out = ref.proj_out(ref.norm_out(tokens[:, :target_len], temb))
     return _unpatchify(out, targets.shape[-1], ref.config.patch_size, ref.out_channels)
-
-
-def _dense_mask(batch: int, length: int, device) -> torch.Tensor:
-    """The reference's mask: outer product of an all-valid vector, diagonal forced True ([B, 1, L, L] bool)."""
-    valid = torch.ones(batch, length, dtype=torch.bool, device=device)
-    mask = valid[:, None, :, None] & valid[:, None, None, :]
-    return mask | torch.eye(length, dtype=torch.bool, device=device)[None, None]
 
 
 def _build_models(args, dtype, device):
@@ -171,7 +128,8 @@ def _variants(ours, ref, x) -> Dict[str, Callable[[], torch.Tensor]]:
         "plain/diffusers": lambda: ref(*args).sample,
         "conds/ours": lambda: ours(*args, cond_hidden_states=x["conds"]),
         "conds/diffusers-concat": lambda: _diffusers_stream(ref, *stream_args),
-        "conds/reference-mask": lambda: _diffusers_stream(ref, *stream_args, reference_mask=True),
+        "conds/reference-mask": lambda: reference_dynamic_forward(ref, x["targets"], x["text"], x["pooled"],
+                                                                  x["timestep"], x["conds"]),
     }
 
 

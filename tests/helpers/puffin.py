@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -21,26 +21,24 @@ TASK_STREAMS = {  # loss task -> (stream task, subset)
     "cam2image": ("cam2image", "main"),
     "image2image": ("image2image", "cross_view"),
 }
-TINY_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 8, 8], layers_per_block=1,
-    down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3, norm_num_groups=4,
-    sample_size=IMAGE_SIZE, scaling_factor=1.5305, shift_factor=0.0609,
-)
+TINY_VAE = json.loads((ROOT / "examples" / "tiny" / "vae_config.json").read_text())  # the tiny runs' VAE
 
 
-def make_tiny_dataset(root: Path, num_samples: int = 16, seed: int = 0) -> Dict[str, str]:
-    """Render + preprocess a synthetic Puffin-4M dataset; returns paths of shards, tokenizer and VAE config."""
+def make_tiny_dataset(root: Path, num_samples: int = 16, seed: int = 0, image_size: int = IMAGE_SIZE,
+                      vae_config: Optional[dict] = None) -> Dict[str, str]:
+    """Render + preprocess a synthetic Puffin-4M dataset; returns paths of shards, tokenizer and VAE config
+    (``vae_config``: an AutoencoderKL config, default the tiny one)."""
     root = Path(root)
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     raw, data, tokenizer = root / "raw", root / "data", root / "tokenizer.model"
     subprocess.run([sys.executable, str(ROOT / "tools/make_synthetic_dataset.py"), "--output", str(raw),
-                    "--num-samples", str(num_samples), "--image-size", str(IMAGE_SIZE), "--seed", str(seed),
+                    "--num-samples", str(num_samples), "--image-size", str(image_size), "--seed", str(seed),
                     "--tokenizer-out", str(tokenizer), "--workers", "1"], check=True, env=env, capture_output=True)
     subprocess.run([sys.executable, str(ROOT / "tools/preprocess_data.py"), "--input", str(raw), "--output-prefix",
                     str(data), "--workers", "1", "--no-progress"], check=True, env=env, capture_output=True)
-    vae_config = root / "vae_config.json"
-    vae_config.write_text(json.dumps(TINY_VAE))
-    return {"data": str(data), "tokenizer": str(tokenizer), "vae_config": str(vae_config)}
+    vae_path = root / "vae_config.json"
+    vae_path.write_text(json.dumps(vae_config or TINY_VAE))
+    return {"data": str(data), "tokenizer": str(tokenizer), "vae_config": str(vae_path)}
 
 
 def tiny_puffin_config(paths: Dict[str, str], seed: int = 0, **model_flags):
@@ -70,15 +68,16 @@ def tiny_puffin_config(paths: Dict[str, str], seed: int = 0, **model_flags):
 
 
 def task_batches(paths: Dict[str, str], micro_batch_size: int = 2, seed: int = 0, data_parallel_rank: int = 0,
-                 data_parallel_size: int = 1, steps: int = 1):
+                 data_parallel_size: int = 1, steps: int = 1, image_size: int = IMAGE_SIZE,
+                 num_queries: int = NUM_QUERIES):
     """``steps`` micro-batches of every task (keys: loss task), from one loader cycling through six streams."""
     from megatron_puffin.data import DataConfig, build_data_loader
 
     streams = [f"{stream}:{paths['data']}/{subset}:{micro_batch_size}" for stream, subset in TASK_STREAMS.values()]
-    config = DataConfig(task_stream=streams, tokenizer=paths["tokenizer"], num_workers=0, image_size=IMAGE_SIZE,
+    config = DataConfig(task_stream=streams, tokenizer=paths["tokenizer"], num_workers=0, image_size=image_size,
                         pin_memory=False)
     loader = build_data_loader(config, seed=seed, data_parallel_rank=data_parallel_rank,
-                               data_parallel_size=data_parallel_size, num_query_tokens=NUM_QUERIES)
+                               data_parallel_size=data_parallel_size, num_query_tokens=num_queries)
     iterator = iter(loader)
     batches: Dict[str, list] = {task: [] for task in TASK_STREAMS}
     for _ in range(steps * len(TASK_STREAMS)):

@@ -1,0 +1,207 @@
+"""Forward+backward time per task micro-batch: our composed Puffin vs the same model run the reference's way.
+
+Ours: ``build_puffin`` at TP=1 in one process (``megatron_puffin.distributed.initialize()``). Reference: the same
+weights (converted with ``megatron_puffin.convert.puffin.puffin_to_mcore``) in the assembly of
+``megatron_puffin.testing.reference_puffin`` (tested by ``tests/parity/test_puffin_reference_parity.py``):
+transformers ``Qwen2ForCausalLM`` called with ``inputs_embeds``, the 2-D mask and position ids of the left-padded
+batch; plain-PyTorch connectors; diffusers ``AutoencoderKL`` encoding every target image, camera map and initial
+view one sample at a time; diffusers SD3 joint blocks with per-latent patch embedding and a dense ``[B, 1, L, L]``
+boolean mask given to SDPA in every block (``megatron_puffin.testing.reference_dit``, as ``bench_dit.py``'s
+``reference-mask``). The vision tower is OURS in both models (the reference's RADIO needs timm, unavailable on
+this CPU setup): it adds the same time to both sides and pulls the image tasks' ratios towards 1.
+
+Micro-batches come from a synthetic Puffin-4M dataset rendered and preprocessed into a temporary directory
+(``tools/make_synthetic_dataset.py`` + ``tools/preprocess_data.py``, as ``tests/helpers/puffin.py`` does). Before
+timing, both models' losses are checked equal per task (fp32, ``--loss-tolerance`` relative): the reference draws
+its posterior noise, noise levels and Gaussian noise from per-sample generators keyed as ours, so both see the same
+noise. Each time is the median of ``--repeats`` forward+backward passes after ``--warmup`` passes; the two models
+take turns.
+
+Usage:
+    python benchmarks/bench_puffin.py [--micro-batch-size 4] [--image-size 128] [--llm-layers 4] [--llm-hidden 256]
+        [--dit-layers 4] [--dit-heads 4] [--connector-layers 2] [--num-queries 64] [--repeats 5] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import torch  # noqa: E402
+
+import megatron_puffin.distributed as mpd  # noqa: E402
+from helpers.puffin import TASK_STREAMS, make_tiny_dataset, task_batches  # noqa: E402
+from megatron_puffin.testing.reference_puffin import build_puffin_pair  # noqa: E402
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    group = parser.add_argument_group("data")
+    group.add_argument("--micro-batch-size", type=int, default=4)
+    group.add_argument("--image-size", type=int, default=128, help="square synthetic images (multiple of 32)")
+    group.add_argument("--num-samples", type=int, default=32, help="synthetic main samples (cross-view: N / 4)")
+    group = parser.add_argument_group("model size")
+    group.add_argument("--llm-layers", type=int, default=4)
+    group.add_argument("--llm-hidden", type=int, default=256)
+    group.add_argument("--llm-heads", type=int, default=4)
+    group.add_argument("--llm-kv-heads", type=int, default=2)
+    group.add_argument("--llm-ffn", type=int, default=704)
+    group.add_argument("--vision-layers", type=int, default=2)
+    group.add_argument("--vision-hidden", type=int, default=128)
+    group.add_argument("--vision-heads", type=int, default=2)
+    group.add_argument("--num-queries", type=int, default=64, help="meta queries (Puffin: 64)")
+    group.add_argument("--connector-layers", type=int, default=2)
+    group.add_argument("--connector-hidden", type=int, default=128)
+    group.add_argument("--connector-heads", type=int, default=2)
+    group.add_argument("--dit-layers", type=int, default=4)
+    group.add_argument("--dit-heads", type=int, default=4)
+    group.add_argument("--dit-head-dim", type=int, default=64)
+    group.add_argument("--vae-width", type=int, default=32, help="channels of the 4-level AutoencoderKL (x8 down)")
+    group = parser.add_argument_group("run")
+    group.add_argument("--repeats", type=int, default=5)
+    group.add_argument("--warmup", type=int, default=1)
+    group.add_argument("--threads", type=int, default=1, help="CPU threads (1 gives stable numbers on shared hosts)")
+    group.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="Qwen2 attention of the reference")
+    group.add_argument("--loss-tolerance", type=float, default=1e-5, help="max relative loss difference (fp32)")
+    group.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def _vae_config(args) -> dict:
+    """An SD3-shaped AutoencoderKL (16 latent channels, spatial factor 8) at a small width."""
+    width = args.vae_width
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[width // 2, width, width, width],
+        layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        norm_num_groups=8, sample_size=args.image_size, scaling_factor=1.5305, shift_factor=0.0609,
+    )
+
+
+def _config(args, paths: Dict[str, str]):
+    from megatron_puffin.data import PuffinTokenizer
+    from megatron_puffin.diffusion import FlowMatchingConfig
+    from megatron_puffin.models.connector import ConnectorConfig
+    from megatron_puffin.models.dit import DiTConfig
+    from megatron_puffin.models.llm import LLMConfig
+    from megatron_puffin.models.puffin import PuffinConfig
+    from megatron_puffin.models.puffin_config import PuffinModelConfig
+    from megatron_puffin.models.vision import VisionConfig
+
+    tokenizer = PuffinTokenizer(paths["tokenizer"])
+    dit_hidden = args.dit_heads * args.dit_head_dim
+    llm = LLMConfig(num_layers=args.llm_layers, hidden_size=args.llm_hidden, ffn_hidden_size=args.llm_ffn,
+                    num_attention_heads=args.llm_heads, num_query_groups=args.llm_kv_heads,
+                    vocab_size=tokenizer.vocab_size, max_position_embeddings=4096)
+    vision = VisionConfig(hidden_size=args.vision_hidden, num_layers=args.vision_layers,
+                          num_attention_heads=args.vision_heads, ffn_hidden_size=4 * args.vision_hidden,
+                          max_image_size=args.image_size)
+    connector = ConnectorConfig(num_queries=args.num_queries, hidden_size=args.connector_hidden,
+                                num_layers=args.connector_layers, num_attention_heads=args.connector_heads,
+                                ffn_hidden_size=4 * args.connector_hidden, pooled_projection_dim=dit_hidden // 2,
+                                joint_attention_dim=dit_hidden)
+    latent = args.image_size // 8
+    dit = DiTConfig(sample_size=latent, num_layers=args.dit_layers, attention_head_dim=args.dit_head_dim,
+                    num_attention_heads=args.dit_heads, joint_attention_dim=dit_hidden,
+                    caption_projection_dim=dit_hidden, pooled_projection_dim=dit_hidden // 2,
+                    pos_embed_max_size=max(16, latent))
+    model = PuffinModelConfig(vae_config=paths["vae_config"], image_pad_token_id=tokenizer.image_pad_id)
+    return PuffinConfig(llm=llm, vision=vision, connector=connector, dit=dit, flow=FlowMatchingConfig(), model=model,
+                        seed=args.seed)
+
+
+def _check_losses(ours, reference, batches, tolerance: float) -> Dict[str, tuple]:
+    """Both models' loss per task (no grad); raises if any pair differs by more than ``tolerance`` relative."""
+    losses, failures = {}, []
+    with torch.no_grad():
+        for task, batch in batches.items():
+            pair = (ours(batch)["loss"].item(), reference(batch)["loss"].item())
+            losses[task] = pair
+            if abs(pair[0] - pair[1]) > tolerance * abs(pair[1]):
+                failures.append(f"{task}: ours {pair[0]:.7g} vs reference {pair[1]:.7g}")
+    if failures:
+        raise RuntimeError(f"losses differ beyond {tolerance:g} relative: " + "; ".join(failures))
+    return losses
+
+
+def _step(model, batch) -> float:
+    model.zero_grad(set_to_none=True)
+    _synchronize()
+    start = time.perf_counter()
+    model(batch)["loss"].backward()
+    _synchronize()
+    return time.perf_counter() - start
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():  # both models run on the current CUDA device when there is one
+        torch.cuda.synchronize()
+
+
+def _time(models: Dict[str, torch.nn.Module], batch, repeats: int, warmup: int) -> Dict[str, float]:
+    """Median fwd+bwd seconds per model; the models take turns."""
+    for _ in range(warmup):
+        for model in models.values():
+            _step(model, batch)
+    times: Dict[str, List[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            times[name].append(_step(model, batch))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _report(args, config, batches, losses, medians) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"Puffin fwd+bwd per task micro-batch, {device} fp32, threads={torch.get_num_threads()}, "
+          f"micro-batch {args.micro_batch_size}, images {args.image_size}^2; LLM {config.llm.num_layers} layers "
+          f"hidden {config.llm.hidden_size}, vision {config.vision.num_layers} layers hidden "
+          f"{config.vision.hidden_size}, {config.connector.num_queries} queries, connectors "
+          f"{config.connector.num_layers} layers, DiT {config.dit.num_layers} blocks hidden {config.dit.hidden_size}; "
+          f"Qwen2 attention {args.hf_attn}")
+    print("vision tower: ours in both models (timm RADIO unavailable on CPU); it adds the same time to both sides")
+    print(f"{'task':22s} {'seq':>5s} {'loss':>9s} {'rel diff':>9s} {'ours ms':>9s} {'reference ms':>13s} {'ratio':>7s}")
+    ratios = []
+    for task, (ours_s, ref_s) in medians.items():
+        ratios.append(ref_s / ours_s)
+        ours_loss, ref_loss = losses[task]
+        print(f"{task:22s} {batches[task]['input_ids'].shape[1]:5d} {ours_loss:9.5f} "
+              f"{abs(ours_loss - ref_loss) / abs(ref_loss):9.1e} {1e3 * ours_s:9.1f} {1e3 * ref_s:13.1f} "
+              f"{ratios[-1]:7.3f}")
+    geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    print(f"ratio = reference / ours (> 1: ours faster); losses equal within {args.loss_tolerance:g} relative; "
+          f"geometric mean ratio over {len(ratios)} tasks: {geomean:.3f}")
+
+
+def main() -> None:
+    args = _parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench_puffin_") as tmp:
+        paths = make_tiny_dataset(Path(tmp), num_samples=args.num_samples, seed=args.seed,
+                                  image_size=args.image_size, vae_config=_vae_config(args))
+        mpd.initialize(seed=args.seed)
+        loaded = task_batches(paths, micro_batch_size=args.micro_batch_size, seed=args.seed,
+                              image_size=args.image_size, num_queries=args.num_queries)
+        config = _config(args, paths)
+        ours, reference = build_puffin_pair(config, seed=args.seed, attn_implementation=args.hf_attn)
+    batches = {task: loaded[task][0] for task in TASK_STREAMS}
+    losses = _check_losses(ours, reference, batches, args.loss_tolerance)
+    medians = {}
+    for task, batch in batches.items():
+        times = _time({"ours": ours, "reference": reference}, batch, args.repeats, args.warmup)
+        medians[task] = (times["ours"], times["reference"])
+    _report(args, config, batches, losses, medians)
+    mpd.destroy()
+
+
+if __name__ == "__main__":
+    main()
