@@ -1,65 +1,83 @@
 #!/usr/bin/env bash
-# The main job of megatron_puffin on one small machine.
+# The main job of megatron_puffin on one small machine (CPU, 2 processes): the four Puffin training stages of the
+# tiny configuration (examples/tiny/*.args), each handed to the next, with torchrun.
 #
-# TODAY (the training loop is issue 7) this runs the most end-to-end path that exists:
 #   1. render a synthetic Puffin-4M dataset with known cameras (+ a SentencePiece tokenizer trained on it)
 #   2. preprocess it into indexed shards
-#   3. read one task micro-batch of each task stream through the loader
-#   4. convert a tiny random Qwen2 from Hugging Face to a TP=2 megatron-core checkpoint (torchrun, 2 ranks) and back
-#   5. validate a full-scale Puffin configuration on 64 GPUs with --dry-run
-# Outputs go to runs/quickstart/ (override with QUICKSTART_DIR).
+#   3. make the LLM's base checkpoint: a tiny Hugging Face Qwen2 converted to a TP=2 megatron-core checkpoint
+#   4. stage 1 alignment   DP=2                       (LLM from the converted checkpoint, other towers random)
+#   5. stage 2 SFT         TP=2                       (from stage 1)
+#   6. stage 3 thinking    PP=2                       (from stage 2)
+#   7. stage 4 instruction DP=2, distributed optimizer (from stage 2, as in the reference)
+#   8. loss plots per stage, and a full-scale configuration check (stage 2 on 64 GPUs, --dry-run)
+# Outputs go to runs/quickstart/ (override with QUICKSTART_DIR); about 5 minutes on 2 cores.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 source "$ROOT/examples/bootstrap_env.sh"
 OUT="${QUICKSTART_DIR:-$ROOT/runs/quickstart}"
-mkdir -p "$OUT"
+rm -rf "$OUT/tiny"
+mkdir -p "$OUT/tiny" "$OUT/logs" "$OUT/plots"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
+TORCHRUN=(python -m torch.distributed.run --standalone --nproc-per-node 2)
+TINY=(@"$ROOT/examples/tiny/model.args")
 
-echo "== 1/5 synthetic Puffin-4M dataset -> $OUT/raw"
-python tools/make_synthetic_dataset.py --output "$OUT/raw" --num-samples 200 --image-size 128 --seed 0 \
-    --tokenizer-out "$OUT/tokenizer.model"
+echo "== 1/8 synthetic Puffin-4M dataset -> $OUT/tiny/raw"
+python tools/make_synthetic_dataset.py --output "$OUT/tiny/raw" --num-samples 64 --image-size 96 --seed 0 \
+    --tokenizer-out "$OUT/tiny/tokenizer.model" --workers 2
+cp "$ROOT/examples/tiny/vae_config.json" "$OUT/tiny/vae_config.json"
 
-echo "== 2/5 preprocessing into indexed shards -> $OUT/data"
-python tools/preprocess_data.py --input "$OUT/raw" --output-prefix "$OUT/data" --workers 2 --no-progress
+echo "== 2/8 preprocessing into indexed shards -> $OUT/tiny/data"
+python tools/preprocess_data.py --input "$OUT/tiny/raw" --output-prefix "$OUT/tiny/data" --workers 2 --no-progress
 
-echo "== 3/5 one micro-batch per task"
-python examples/inspect_batches.py --tokenizer "$OUT/tokenizer.model" \
-    --task-stream image2text:"$OUT/data/main":4 \
-    --task-stream image2text_thinking:"$OUT/data/main":4 \
-    --task-stream text2text:"$OUT/data/main":4 \
-    --task-stream cam2image:"$OUT/data/main":4 \
-    --task-stream image2text_cross_view:"$OUT/data/cross_view":2 \
-    --task-stream image2image:"$OUT/data/cross_view":2
-
-echo "== 4/5 Qwen2 weights: HF -> TP=2 distributed checkpoint -> HF"
-rm -rf "$OUT/qwen_hf" "$OUT/qwen_tp2" "$OUT/qwen_back"
-python - "$OUT/qwen_hf" <<'PY'
+echo "== 3/8 base LLM: Hugging Face Qwen2 (tiny, random) -> TP=2 megatron-core checkpoint"
+python - "$OUT/tiny/qwen_hf" <<'PY'
 import sys, torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 torch.manual_seed(0)
-config = Qwen2Config(hidden_size=96, intermediate_size=160, num_hidden_layers=4, num_attention_heads=12,
-                     num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True)
+config = Qwen2Config(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
+                     num_key_value_heads=2, vocab_size=1024, max_position_embeddings=1024, rope_theta=1e6,
+                     rms_norm_eps=1e-6, tie_word_embeddings=True)
 Qwen2ForCausalLM(config).save_pretrained(sys.argv[1], safe_serialization=True)
 PY
-python -m torch.distributed.run --standalone --nproc-per-node 2 tools/convert_checkpoint.py hf-to-mcore \
-    --hf-dir "$OUT/qwen_hf" --output "$OUT/qwen_tp2" --tensor-model-parallel-size 2
-python tools/convert_checkpoint.py mcore-to-hf --input "$OUT/qwen_tp2" --output "$OUT/qwen_back"
-python - "$OUT/qwen_hf" "$OUT/qwen_back" <<'PY'
-import sys, torch
-from transformers import Qwen2ForCausalLM
-a = Qwen2ForCausalLM.from_pretrained(sys.argv[1]).state_dict()
-b = Qwen2ForCausalLM.from_pretrained(sys.argv[2]).state_dict()
-same = sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-print(f"round trip through a TP=2 checkpoint bit-exact: {same}")
-sys.exit(0 if same else 1)
+"${TORCHRUN[@]}" tools/convert_checkpoint.py hf-to-mcore --hf-dir "$OUT/tiny/qwen_hf" \
+    --output "$OUT/tiny/qwen_tp2" --tensor-model-parallel-size 2 2>&1 | tail -n 2
+
+cd "$OUT"  # the tiny flag files name tiny/... relative to the working directory
+stage() {  # stage NAME LAYOUT-FLAGS...
+    local name="$1"; shift
+    echo "== $name ($*); log: $OUT/logs/$name.log"
+    if ! "${TORCHRUN[@]}" "$ROOT/pretrain_puffin.py" "${TINY[@]}" @"$ROOT/examples/tiny/$name.args" "$@" \
+            > "$OUT/logs/$name.log" 2>&1; then
+        tail -n 40 "$OUT/logs/$name.log" >&2
+        echo "stage $name failed; full log: $OUT/logs/$name.log" >&2
+        exit 1
+    fi
+    grep -E "weights of|iter [0-9]+/|saved tiny|finished" "$OUT/logs/$name.log" | sed -E 's/^[0-9-]+ [0-9:,]+ //'
+}
+stage stage1_alignment --llm-checkpoint tiny/qwen_tp2
+stage stage2_sft --tensor-model-parallel-size 2
+stage stage3_thinking --pipeline-model-parallel-size 2
+stage stage4_instruction --use-distributed-optimizer
+cd "$ROOT"
+
+echo "== 8/8 loss plots and a full-scale configuration check"
+for name in stage1_alignment stage2_sft stage3_thinking stage4_instruction; do
+    python tools/plot_metrics.py --tensorboard-dir "$OUT/tiny/tensorboard/$name" --output "$OUT/plots/$name.png"
+done
+python pretrain_puffin.py --dry-run @examples/stages/stage2_sft.args --world-size 64
+
+python - "$OUT/tiny/metrics" <<'PY'
+import json, pathlib, sys
+print("\nfinal per-task losses (first logged interval -> last):")
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*.jsonl")):
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    first, last = records[0], records[-1]
+    losses = ", ".join(f"{k[5:]} {first[k]:.3f} -> {last[k]:.3f}" for k in sorted(last) if k.startswith("loss/"))
+    print(f"  {path.stem:<20} iter {last['iteration']:>3}: {losses}")
 PY
-
-echo "== 5/5 full-scale configuration check (64 GPUs, TP=2, bf16), nothing started"
-python pretrain_puffin.py --dry-run --world-size 64 --tensor-model-parallel-size 2 --bf16 \
-    --use-distributed-optimizer --task-stream image2text:/data/puffin/main:16 \
-    --task-stream cam2image:/data/puffin/main:16 --tokenizer /models/Qwen2.5-1.5B-Instruct
-
 echo
-echo "quickstart finished. Dataset: $OUT/data  tokenizer: $OUT/tokenizer.model  checkpoint: $OUT/qwen_tp2"
-echo "NOTE: training (pretrain_puffin.py without --dry-run) is not built yet (issue 7)."
+echo "quickstart finished."
+echo "  checkpoints: $OUT/tiny/checkpoints/<stage>/iter_*   (resume: --load DIR; next stage: --pretrained-checkpoint DIR)"
+echo "  logs:        $OUT/logs/<stage>.log   TensorBoard: $OUT/tiny/tensorboard   metrics: $OUT/tiny/metrics"
+echo "  loss plots:  $OUT/plots/<stage>.png"

@@ -43,6 +43,9 @@ EXIT_FINISHED = 0
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped early after saving; requeue and --load to continue
 TOWERS = ("llm", "vision", "queries", "dit")
 TOWER_MODULES = {"llm": "llm", "vision": "vision", "queries": "conditioner", "dit": "dit"}
+# The distributed optimizer's state in its canonical per-parameter form, so it loads at any TP/PP/DP layout (the
+# megatron-core default for 0.16, fully_sharded_model_space, no longer validates: flattened ranges are rejected).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 class TrainingError(RuntimeError):
@@ -185,6 +188,12 @@ class Trainer:
             if directory is not None:
                 self._resume(directory)
                 return
+            if os.path.basename(os.path.normpath(ckpt_args.load)).startswith("iter_"):
+                raise ckpt.CheckpointMismatch(
+                    f"--load {ckpt_args.load}: not a complete checkpoint (missing, deleted by --keep-last-n, or an "
+                    "interrupted write); give the run directory to resume from its latest complete checkpoint"
+                )
+            # A run directory without checkpoints yet: the first start of a job that always passes --load.
             logger.warning("--load %s holds no complete checkpoint yet: starting from the beginning", ckpt_args.load)
         if ckpt_args.pretrained_checkpoint:
             self._load_pretrained(ckpt_args.pretrained_checkpoint)
@@ -221,12 +230,23 @@ class Trainer:
             self.sources[tower] = f"pretrained checkpoint {directory} (iteration {meta.get('iteration', '?')})"
         self.state.lineage = list(meta.get("lineage", []))
 
+    def _prepare_optimizer_for_load(self) -> None:
+        """The distributed optimizer's state_dict() needs existing Adam states (with torch's AdamW, as on CPU, it
+        asserts one common 'step'); megatron-core creates placeholder states this way for its own FSDP load path.
+        The placeholders are overwritten by the checkpoint's states and fp32 master weights."""
+        for sub in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if hasattr(sub, "_init_optimizer_states_with_dummy_values") and not sub.optimizer.state:
+                sub._init_optimizer_states_with_dummy_values()
+
     def _resume(self, directory: str) -> None:
         model_state = self.model.sharded_state_dict()
         ckpt.check_fits(model_state, directory, "--load")
+        self._prepare_optimizer_for_load()
         sharded = {
             "model": model_state,
-            "optimizer": self.optimizer.sharded_state_dict(self.model.sharded_state_dict(), is_loading=True),
+            "optimizer": self.optimizer.sharded_state_dict(
+                self.model.sharded_state_dict(), is_loading=True, metadata=OPTIMIZER_METADATA
+            ),
         }
         loaded = ckpt.load_checkpoint(sharded, directory)
         self.model.load_state_dict(loaded["model"], strict=True)
@@ -251,7 +271,9 @@ class Trainer:
             return directory
         sharded = {
             "model": self.model.sharded_state_dict(),
-            "optimizer": self.optimizer.sharded_state_dict(self.model.sharded_state_dict(), is_loading=False),
+            "optimizer": self.optimizer.sharded_state_dict(
+                self.model.sharded_state_dict(), is_loading=False, metadata=OPTIMIZER_METADATA
+            ),
             "scheduler": self.scheduler.state_dict(),
             "data": self.loader.state_dict(),
             "trainer": self.state.to_dict(),

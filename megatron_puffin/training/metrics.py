@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -147,6 +148,8 @@ class MetricsWriter:
         self.tasks, self.active = tasks, active
         self.tensorboard = None
         self.metrics_file = metrics_file if active else None
+        if self.metrics_file and os.path.dirname(self.metrics_file):
+            os.makedirs(os.path.dirname(self.metrics_file), exist_ok=True)
         if active and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 

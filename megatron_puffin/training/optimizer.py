@@ -34,4 +34,38 @@ def build_optimizer(model_chunks: List[torch.nn.Module], training, precision, us
         use_distributed_optimizer=use_distributed_optimizer,
     )
     # megatron-core's default no-decay rule: biases and 1-D tensors (norm gains), i.e. ndim < 2.
-    return get_megatron_optimizer(config, model_chunks)
+    optimizer = get_megatron_optimizer(config, model_chunks)
+    if use_distributed_optimizer:
+        allow_torch_adam_checkpoint_loading(optimizer)
+    return optimizer
+
+
+def allow_torch_adam_checkpoint_loading(optimizer) -> None:
+    """Work around megatron-core 0.16.1's DistributedOptimizer loading with torch's Adam (no Apex / Transformer
+    Engine, e.g. on CPU): ``load_state_dict`` gives every Adam state a ``step`` entry, then
+    ``_set_main_param_and_optimizer_states`` copies *every* state entry from the checkpoint's per-parameter tensors,
+    which hold only ``param``, ``exp_avg`` and ``exp_avg_sq`` (KeyError: 'step'). The step count itself is restored
+    from the checkpoint's common part, but as ONE tensor shared by all parameters' states, which torch's Adam
+    increments in place once per parameter (wrong bias correction after a resume). This gives every state its own
+    copy of the step and hands the per-parameter copy that step.
+    """
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+    if HAVE_APEX_OR_TE:
+        return
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(sub, DistributedOptimizer) or getattr(sub, "_puffin_step_patch", False):
+            continue
+        original = sub._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, _sub=sub, _original=original):
+            group_index, group_order = _sub.model_param_group_index_map[model_param]
+            main_param = _sub.optimizer.param_groups[group_index]["params"][group_order]
+            state = _sub.optimizer.state[main_param]
+            if "step" in state and "step" not in tensors:
+                state["step"] = state["step"].clone()
+                tensors = {**tensors, "step": state["step"]}
+            return _original(model_param, tensors)
+
+        sub._set_main_param_and_optimizer_states = set_states
+        sub._puffin_step_patch = True

@@ -21,11 +21,7 @@ TASK_STREAMS = {  # loss task -> (stream task, subset)
     "cam2image": ("cam2image", "main"),
     "image2image": ("image2image", "cross_view"),
 }
-TINY_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 8, 8], layers_per_block=1,
-    down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3, norm_num_groups=4,
-    sample_size=IMAGE_SIZE, scaling_factor=1.5305, shift_factor=0.0609,
-)
+TINY_VAE = json.loads((ROOT / "examples" / "tiny" / "vae_config.json").read_text())  # the tiny runs' VAE
 
 
 def make_tiny_dataset(root: Path, num_samples: int = 16, seed: int = 0, image_size: int = IMAGE_SIZE,
