@@ -21,6 +21,7 @@ and return; :data:`EXIT_INTERRUPTED` tells launchers the run is not finished and
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_FINISHED = 0
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped early after saving; requeue and --load to continue
+STATUS_FILE = "run_status.json"  # in --save: {"status": "finished" | "interrupted" | "stopped", ...}
 TOWERS = ("llm", "vision", "queries", "dit")
 TOWER_MODULES = {"llm": "llm", "vision": "vision", "queries": "conditioner", "dit": "dit"}
 # The distributed optimizer's state in its canonical per-parameter form, so it loads at any TP/PP/DP layout (the
@@ -406,6 +408,8 @@ class Trainer:
             self.stop.restore()
         if ckpt_args.save:
             self.save()
+            self._write_status("interrupted" if stopped and not stopped.startswith("--exit-interval") else
+                               "stopped" if stopped else "finished", stopped)
         if stopped:
             if self.ctx.rank == 0:
                 logger.info("stopped at iteration %d/%d (%s)%s", self.state.iteration, training.train_iters,
@@ -414,6 +418,19 @@ class Trainer:
         if self.ctx.rank == 0:
             logger.info("training finished: %d iterations, %d skipped", self.state.iteration, self.state.skipped_total)
         return EXIT_FINISHED
+
+    def _write_status(self, status: str, reason: Optional[str]) -> None:
+        """``<save>/run_status.json``: how the last process of this run ended. torchrun reports any non-zero exit
+        of a rank as 1, so launchers that must decide whether to requeue read this file (status "interrupted")."""
+        if self.ctx.rank != 0:
+            return
+        record = {"status": status, "reason": reason, "iteration": self.state.iteration,
+                  "train_iters": self.args.training.train_iters,
+                  "checkpoint": ckpt.iteration_directory(self.args.checkpoint.save, self.state.iteration)}
+        path = os.path.join(self.args.checkpoint.save, STATUS_FILE)
+        with open(path + ".tmp", "w") as handle:
+            json.dump(record, handle, indent=1)
+        os.replace(path + ".tmp", path)
 
     def _count_skip(self, result) -> None:
         self.state.skipped_total += 1

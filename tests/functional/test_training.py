@@ -85,6 +85,8 @@ def test_sigterm_then_resume_repeats_the_uninterrupted_run_exactly(workdir):
     stopped = max(part1)
     assert 3 <= stopped < 8, f"stopped at {stopped}"
     assert (workdir / "run" / f"iter_{stopped:07d}").is_dir()
+    status = json.loads((workdir / "run" / "run_status.json").read_text())
+    assert (status["status"], status["reason"], status["iteration"]) == ("interrupted", "signal", stopped)
 
     resumed = _cli(workdir, *STAGE, *STREAMS, "--micro-batch-size", "2", "--load", "run", "--save", "run",
                    "--metrics-file", "part2.jsonl")
@@ -92,6 +94,7 @@ def test_sigterm_then_resume_repeats_the_uninterrupted_run_exactly(workdir):
     part2 = _losses(workdir / "part2.jsonl")
     assert sorted(part2) == list(range(stopped + 1, 9))
     assert {**part1, **part2} == full  # bit-identical floats
+    assert json.loads((workdir / "run" / "run_status.json").read_text())["status"] == "finished"
 
     # The same checkpoint resumed at data-parallel size 2 (same global batch: 1 sample per rank per micro-batch).
     _cli(workdir, *STAGE, *STREAMS, "--micro-batch-size", "1", "--load", f"run/iter_{stopped:07d}",
