@@ -128,6 +128,11 @@ def check_precision(args) -> List[str]:
             "--sequence-parallel needs Transformer Engine norms; add --transformer-impl transformer_engine "
             "or drop --sequence-parallel"
         )
+    if args.parallel.sequence_parallel:
+        problems.append(
+            "--sequence-parallel is not supported by the composed Puffin model yet (visual tokens and queries are "
+            "scattered into full-length sequences, and the DiT and connectors read full sequences); drop it"
+        )
     if args.parallel.sequence_parallel and args.parallel.tensor_model_parallel_size == 1:
         problems.append("--sequence-parallel has no effect with --tensor-model-parallel-size 1; drop it")
     return problems

@@ -78,3 +78,27 @@ def test_frozen_towers_have_no_trainable_parameters(tiny):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.startswith(("conditioner.", "vision.projector")) for n in trainable), trainable
     assert not any(n.startswith("_vae") or ".vae." in n for n, _ in model.named_parameters())
+
+
+def test_llm_activation_recompute_gives_the_same_loss_and_gradients(tiny):
+    """--recompute checkpoints every LLM layer: same numbers, activations recomputed in backward."""
+    import dataclasses
+
+    from megatron_puffin.models.puffin import build_puffin
+
+    paths, batches = tiny
+    results = []
+    for recompute in (False, True):
+        config = tiny_puffin_config(paths)
+        config.llm = dataclasses.replace(config.llm, recompute=recompute)
+        torch.manual_seed(0)
+        model = build_puffin(config).train()
+        assert model.llm.decoder.config.recompute_granularity == ("full" if recompute else None)
+        out = model(batches["cam2image"][0])
+        out["loss"].backward()
+        results.append((out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                               if p.grad is not None and n.startswith("llm.")}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-6, atol=1e-7)

@@ -42,6 +42,9 @@ class LLMConfig:
     """Bias on the q/k/v projections (Qwen2: true; o_proj and the MLP never have bias)."""
     init_method_std: float = 0.02
     """Standard deviation of the normal weight initialisation (HF initializer_range)."""
+    recompute: bool = False
+    """Recompute every LLM layer's activations in the backward pass (activation checkpointing; the reference
+    checkpoints the LLM in stages 2-4)."""
 
     FLAG_PREFIX = ""
 
@@ -111,7 +114,7 @@ class LLMConfig:
         pipeline_model_parallel_size: int = 1,
         params_dtype: torch.dtype = torch.float32,
         sequence_parallel: bool = False,
-        recompute: bool = False,
+        recompute: Optional[bool] = None,
         fp8: Optional[str] = None,
         fp8_recipe: str = "delayed",
         use_cpu_initialization: Optional[bool] = None,
@@ -135,7 +138,8 @@ class LLMConfig:
             init_method_std=self.init_method_std,
             sequence_parallel=sequence_parallel,
             **runtime_transformer_kwargs(
-                tensor_model_parallel_size, pipeline_model_parallel_size, params_dtype, fp8, fp8_recipe, recompute,
+                tensor_model_parallel_size, pipeline_model_parallel_size, params_dtype, fp8, fp8_recipe,
+                self.recompute if recompute is None else recompute,
                 use_cpu_initialization, fuse_bias_ops=True,
             ),
         )
