@@ -2,10 +2,12 @@
 # Train one stage on this machine: torchrun with one process per GPU, the log tee'd to a file.
 #
 #   STAGE_ARGS=examples/tiny/stage1_alignment.args bash examples/train.sh
-#   STAGE_ARGS=my_stage2.args EXTRA_ARGS="--lr 1e-5 --save runs/s2" NPROC_PER_NODE=8 bash examples/train.sh
+#   STAGE_ARGS=my_stage2.args SAVE_DIR=runs/s2 EXTRA_ARGS="--lr 1e-5" NPROC_PER_NODE=8 bash examples/train.sh
 #
 # Environment:
 #   STAGE_ARGS      (required) flag file of the stage, passed as @STAGE_ARGS (argparse's @file)
+#   SAVE_DIR        run directory: adds --save SAVE_DIR --load SAVE_DIR (rerunning the command resumes from its
+#                   newest checkpoint) and prints SAVE_DIR/run_status.json at the end
 #   EXTRA_ARGS      more flags, after the file's (so they override it); split on whitespace
 #   NPROC_PER_NODE  processes (default: the number of visible GPUs, or 1 without GPUs)
 #   MASTER_PORT     fixed rendezvous port (default: torchrun --standalone picks a free one)
@@ -14,7 +16,10 @@
 # Exit status: torchrun's. It is 0 when every rank of pretrain_puffin.py finished with 0; torchrun reports any
 # other rank exit status as 1, including 75 ("stopped early after saving" on SIGTERM / SIGUSR1 /
 # --exit-duration-in-mins; its summary then reads "exitcode : 75"): rerun with --load <the --save directory>.
-# SIGTERM, SIGINT and SIGUSR1 sent to this script reach the ranks through torchrun.
+# With SAVE_DIR, the status rank 0 wrote to SAVE_DIR/run_status.json ("finished", "interrupted": rerun to resume,
+# "stopped": --exit-interval) is printed at the end. SIGTERM and SIGUSR1 sent to this script are forwarded to
+# torchrun, which forwards them to the ranks; the terminal's SIGINT (Ctrl-C), SIGQUIT and SIGHUP go to its whole
+# process group, so they reach torchrun and the ranks directly.
 set -euo pipefail
 # Signals torchrun forwards to the ranks (its --signals-to-handle, read from PET_*; torch < 2.9 ignores it and
 # forwards only SIGTERM, SIGINT, SIGHUP and SIGQUIT).
@@ -23,8 +28,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 usage() {
   cat >&2 <<EOF
-usage: STAGE_ARGS=<flag file> [EXTRA_ARGS="<flags>"] [NPROC_PER_NODE=<n>] [MASTER_PORT=<port>] [LOG_DIR=<dir>] \\
-       bash examples/train.sh
+usage: STAGE_ARGS=<flag file> [SAVE_DIR=<run dir>] [EXTRA_ARGS="<flags>"] \\
+       [NPROC_PER_NODE=<n>] [MASTER_PORT=<port>] [LOG_DIR=<dir>] bash examples/train.sh
 error: $1
 EOF
   exit 2
@@ -56,9 +61,50 @@ else
   rendezvous=(--standalone)
 fi
 
+flags=("@$STAGE_ARGS")
+if [ -n "${SAVE_DIR:-}" ]; then
+  flags+=(--save "$SAVE_DIR" --load "$SAVE_DIR")
+  if [ -e "$SAVE_DIR/run_status.json" ]; then  # an earlier run's: keep it apart from this run's
+    mv -f "$SAVE_DIR/run_status.json" "$SAVE_DIR/run_status.prev.json"
+  fi
+fi
+flags+=(${extra_args[@]+"${extra_args[@]}"})
+
 mkdir -p "$LOG_DIR"
 log="$LOG_DIR/train-$(date +%Y%m%d-%H%M%S).log"
-echo "[train.sh] $NPROC_PER_NODE process(es), flags @$STAGE_ARGS ${extra_args[*]:-}; log: $log" >&2
-exec > >(tee -a "$log") 2>&1
-exec torchrun "${rendezvous[@]}" --nproc-per-node "$NPROC_PER_NODE" \
-  "$ROOT/pretrain_puffin.py" "@$STAGE_ARGS" ${extra_args[@]+"${extra_args[@]}"}
+echo "[train.sh] $NPROC_PER_NODE process(es), flags ${flags[*]}; log: $log" >&2
+exec > >(trap '' INT QUIT HUP; exec tee -a "$log") 2>&1  # the log outlives Ctrl-C: the ranks log their save
+pid=""
+pending=""
+forward() {  # SIGTERM / SIGUSR1 to this script: pass it on to torchrun (once it has started)
+  if [ -n "$pid" ]; then kill -"$1" "$pid" 2> /dev/null || true; else pending="$1"; fi
+}
+trap 'forward TERM' TERM
+trap 'forward USR1' USR1
+trap : INT QUIT HUP  # the terminal sends them to torchrun too (same process group): forwarding would double them
+torchrun "${rendezvous[@]}" --nproc-per-node "$NPROC_PER_NODE" \
+  "$ROOT/pretrain_puffin.py" "${flags[@]}" &
+pid=$!
+[ -z "$pending" ] || forward "$pending"
+
+# `wait` returns early (status > 128) when a trapped signal arrives: wait until torchrun has exited, then collect
+# its own status if the last wait was the interrupted one (127: already collected).
+status=0
+wait "$pid" || status=$?
+while kill -0 "$pid" 2> /dev/null; do
+  status=0
+  wait "$pid" || status=$?
+done
+last=0
+wait "$pid" 2> /dev/null || last=$?
+[ "$last" -eq 127 ] || status=$last
+
+if [ -n "${SAVE_DIR:-}" ]; then
+  if [ -f "$SAVE_DIR/run_status.json" ]; then
+    echo "[train.sh] run status ($SAVE_DIR/run_status.json):" \
+      "$(tr -d '\n' < "$SAVE_DIR/run_status.json" | tr -s ' ')"
+  else
+    echo "[train.sh] no $SAVE_DIR/run_status.json: the run ended before writing its status (see the log)"
+  fi
+fi
+exit "$status"

@@ -1,5 +1,6 @@
-"""examples/train.sh and examples/slurm/train.sbatch: syntax, usage errors, the command lines they run, exit status
-and the Slurm stop / requeue protocol.
+"""examples/train.sh and examples/slurm/train.sbatch: syntax, usage errors, the command lines they run, exit status,
+signal forwarding and the Slurm stop / requeue protocol (decided by <SAVE_DIR>/run_status.json when the run wrote
+one, by the exit status otherwise).
 
 torchrun, srun and scontrol are replaced by small scripts on PATH that record how they were called (the launchers
 are the things under test; the real torchrun is exercised by the distributed tests, Slurm is not available here).
@@ -17,17 +18,45 @@ ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SH = ROOT / "examples" / "train.sh"
 SBATCH = ROOT / "examples" / "slurm" / "train.sbatch"
 
-FAKE_TORCHRUN = """#!/usr/bin/env bash
-echo "fake torchrun PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-}"
-printf '%s\\n' "$@" > "$FAKE_RECORD"
-exit "${FAKE_EXIT:-0}"
+# What pretrain_puffin.py's rank 0 does at the end of a run with --save: write <save>/run_status.json
+# (FAKE_RUN_STATUS; FAKE_STATUS_DELAY seconds later when set, like a shared file system that shows it late).
+# A status file already present at launch is recorded in record.stale.
+FAKE_RUN_STATUS = r"""
+save=""
+prev=""
+for arg in "$@"; do [ "$prev" != --save ] || save="$arg"; prev="$arg"; done
+[ -z "$save" ] || [ ! -e "$save/run_status.json" ] || echo stale >> "$FAKE_RECORD.stale"
+write_status() {
+  [ -n "${FAKE_RUN_STATUS:-}" ] && [ -n "$save" ] || return 0
+  mkdir -p "$save"
+  printf '{\n "status": "%s",\n "reason": %s,\n "iteration": 7,\n "train_iters": 10,\n "checkpoint": "%s"\n}' \
+    "$FAKE_RUN_STATUS" "${FAKE_REASON:-null}" "$save/iter_0000007" > "$save/run_status.json.tmp"
+  mv "$save/run_status.json.tmp" "$save/run_status.json"
+}
+end_run() {
+  if [ -n "${FAKE_STATUS_DELAY:-}" ]; then
+    (sleep "$FAKE_STATUS_DELAY"; write_status) > /dev/null 2>&1 &
+  else
+    write_status
+  fi
+  exit "$1"
+}
 """
-# Like srun -> torchrun: on SIGUSR1 the ranks save and torchrun exits 1 (it reports a rank's 75 as 1).
-FAKE_SRUN = """#!/usr/bin/env bash
-trap 'echo USR1 >> "$FAKE_RECORD.signals"; exit 1' USR1
-printf '%s\\n' "$@" > "$FAKE_RECORD"
+# Like torchrun: on SIGTERM / SIGUSR1 the ranks save and torchrun exits 1 (it reports a rank's 75 as 1).
+FAKE_TORCHRUN = "#!/usr/bin/env bash\n" + FAKE_RUN_STATUS + r"""
+trap 'echo TERM >> "$FAKE_RECORD.signals"; end_run 1' TERM
+trap 'echo USR1 >> "$FAKE_RECORD.signals"; end_run 1' USR1
+echo "fake torchrun PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-}"
+printf '%s\n' "$@" > "$FAKE_RECORD"
 for _ in $(seq "${FAKE_TICKS:-1}"); do sleep 0.05; done
-exit "${FAKE_EXIT:-0}"
+end_run "${FAKE_EXIT:-0}"
+"""
+# Like srun -> torchrun, the same on SIGUSR1.
+FAKE_SRUN = "#!/usr/bin/env bash\n" + FAKE_RUN_STATUS + r"""
+trap 'echo USR1 >> "$FAKE_RECORD.signals"; end_run 1' USR1
+printf '%s\n' "$@" > "$FAKE_RECORD"
+for _ in $(seq "${FAKE_TICKS:-1}"); do sleep 0.05; done
+end_run "${FAKE_EXIT:-0}"
 """
 FAKE_SCONTROL = """#!/usr/bin/env bash
 case "$1 $2" in
@@ -113,10 +142,52 @@ def test_train_sh_takes_nproc_and_a_fixed_master_port(fakes):
     assert recorded(tmp_path)[6:8] == ["--nproc-per-node", "1"]  # no visible GPU: one process
 
 
+def test_train_sh_with_save_dir_resumes_there_and_prints_the_run_status(fakes):
+    tmp_path, env = fakes
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run_status.json").write_text('{"status": "finished"}')  # an earlier run's
+    env.update(SAVE_DIR=str(run_dir), EXTRA_ARGS="--lr 1e-5", FAKE_EXIT="1", FAKE_RUN_STATUS="interrupted",
+               FAKE_REASON='"--exit-duration-in-mins 30"', LOG_DIR=str(tmp_path / "logs"))
+    result = run(TRAIN_SH, env)
+    assert result.returncode == 1
+    assert recorded(tmp_path)[3:] == [str(ROOT / "pretrain_puffin.py"), f"@{env['STAGE_ARGS']}", "--save",
+                                      str(run_dir), "--load", str(run_dir), "--lr", "1e-5"]
+    assert not recorded(tmp_path, ".stale")  # set aside before torchrun started
+    assert (run_dir / "run_status.prev.json").read_text() == '{"status": "finished"}'
+    line = [ln for ln in result.stdout.splitlines() if ln.startswith("[train.sh] run status")]
+    assert len(line) == 1 and '"status": "interrupted"' in line[0] and '"--exit-duration-in-mins 30"' in line[0]
+    assert line[0] in next((tmp_path / "logs").glob("train-*.log")).read_text()
+
+
+def test_train_sh_says_when_the_run_wrote_no_status(fakes):
+    tmp_path, env = fakes
+    env.update(SAVE_DIR=str(tmp_path / "run"), FAKE_EXIT="3")
+    result = run(TRAIN_SH, env)
+    assert result.returncode == 3 and "ended before writing its status" in result.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_train_sh_forwards_term_and_usr1_to_torchrun(fakes, sig):
+    tmp_path, env = fakes
+    env.update(SAVE_DIR=str(tmp_path / "run"), FAKE_TICKS="400", FAKE_RUN_STATUS="interrupted")
+    process = subprocess.Popen(["bash", str(TRAIN_SH)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while not recorded(tmp_path) and time.monotonic() < deadline:  # torchrun has started
+        time.sleep(0.05)
+    os.kill(process.pid, sig)
+    out, err = process.communicate(timeout=20)
+    assert process.returncode == 1, err
+    assert recorded(tmp_path, ".signals") == [sig.name.removeprefix("SIG")]
+    assert '"status": "interrupted"' in out
+
+
 # -- examples/slurm/train.sbatch ---------------------------------------------------------------------------------
 def slurm_env(env, tmp_path, **extra):
     env = dict(env, SLURM_JOB_ID="4242", SLURM_NNODES="2", SLURM_JOB_NODELIST="gpu-node-[07-08]",
-               SLURM_SUBMIT_DIR=str(ROOT), SAVE_DIR=str(tmp_path / "run"), PUFFIN_VENV=str(tmp_path / "no-venv"))
+               SLURM_SUBMIT_DIR=str(ROOT), SAVE_DIR=str(tmp_path / "run"), PUFFIN_VENV=str(tmp_path / "no-venv"),
+               STATUS_WAIT="0")
     env.update(extra)
     return env
 
@@ -141,17 +212,58 @@ def test_sbatch_runs_one_torchrun_per_node_resuming_from_save_dir(fakes):
     assert not recorded(tmp_path, ".requeue")
 
 
-@pytest.mark.parametrize("code, requeued, status", [(75, True, 0), (0, False, 0), (3, False, 3)])
-def test_sbatch_requeues_exactly_on_exit_75(fakes, code, requeued, status):
+@pytest.mark.parametrize("run_status, code, requeued, status", [
+    ("interrupted", 1, True, 0),  # torchrun's report of the ranks' 75
+    ("interrupted", 75, True, 0),
+    ("finished", 0, False, 0),
+    ("stopped", 0, False, 0),  # --exit-interval: deliberate, not requeued
+    ("finished", 1, False, 1),  # done, but a process failed afterwards: report it, nothing to resume
+])
+def test_sbatch_requeues_exactly_when_the_run_status_says_interrupted(fakes, run_status, code, requeued, status):
+    tmp_path, env = fakes
+    result = run(SBATCH, slurm_env(env, tmp_path, FAKE_EXIT=str(code), FAKE_RUN_STATUS=run_status))
+    assert result.returncode == status, result.stderr
+    assert recorded(tmp_path, ".requeue") == (["4242"] if requeued else [])
+    assert f"run_status.json: {run_status} at iteration 7/10 (reason: null)" in result.stdout
+
+
+@pytest.mark.parametrize("code, requeued, status", [(75, True, 0), (0, False, 0), (3, False, 3), (1, False, 1)])
+def test_sbatch_without_a_status_file_requeues_exactly_on_exit_75(fakes, code, requeued, status):
     tmp_path, env = fakes
     result = run(SBATCH, slurm_env(env, tmp_path, FAKE_EXIT=str(code)))
     assert result.returncode == status, result.stderr
     assert recorded(tmp_path, ".requeue") == (["4242"] if requeued else [])
+    if code:
+        assert "deciding from the exit status" in result.stderr
 
 
-def test_sbatch_forwards_usr1_to_the_step_and_requeues(fakes):
+@pytest.mark.parametrize("earlier, code, requeued", [("interrupted", 1, False), ("finished", 75, True)])
+def test_sbatch_is_not_fooled_by_an_earlier_jobs_status_file(fakes, earlier, code, requeued):
     tmp_path, env = fakes
-    process = subprocess.Popen(["bash", str(SBATCH)], env=slurm_env(env, tmp_path, FAKE_TICKS="400"),
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stale = '{"status": "%s", "reason": null, "iteration": 3, "train_iters": 10}' % earlier
+    (run_dir / "run_status.json").write_text(stale)
+    result = run(SBATCH, slurm_env(env, tmp_path, FAKE_EXIT=str(code)))  # this step crashes: writes no status
+    assert not recorded(tmp_path, ".stale")  # set aside before the step started
+    assert (run_dir / "run_status.prev.json").read_text() == stale
+    assert recorded(tmp_path, ".requeue") == (["4242"] if requeued else [])
+    assert result.returncode == (0 if requeued else code)
+
+
+def test_sbatch_waits_for_a_status_file_that_shows_up_late(fakes):
+    tmp_path, env = fakes
+    result = run(SBATCH, slurm_env(env, tmp_path, FAKE_EXIT="1", FAKE_RUN_STATUS="interrupted",
+                                   FAKE_STATUS_DELAY="0.5", STATUS_WAIT="10"))
+    assert result.returncode == 0, result.stderr
+    assert recorded(tmp_path, ".requeue") == ["4242"]
+
+
+@pytest.mark.parametrize("run_status", ["interrupted", ""])  # "": no status file, the forwarded stop decides
+def test_sbatch_forwards_usr1_to_the_step_and_requeues(fakes, run_status):
+    tmp_path, env = fakes
+    process = subprocess.Popen(["bash", str(SBATCH)],
+                               env=slurm_env(env, tmp_path, FAKE_TICKS="400", FAKE_RUN_STATUS=run_status),
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 10
     while not recorded(tmp_path) and time.monotonic() < deadline:  # the step has started
@@ -164,11 +276,20 @@ def test_sbatch_forwards_usr1_to_the_step_and_requeues(fakes):
     assert "asking the ranks to save and stop" in err and "step exited with 1" in out
 
 
-def test_sbatch_stops_requeueing_after_max_requeues(fakes):
+@pytest.mark.parametrize("code, run_status", [(75, ""), (1, "interrupted")])
+def test_sbatch_stops_requeueing_after_max_requeues(fakes, code, run_status):
     tmp_path, env = fakes
-    result = run(SBATCH, slurm_env(env, tmp_path, FAKE_EXIT="75", SLURM_RESTART_COUNT="3", MAX_REQUEUES="3"))
-    assert result.returncode == 75 and not recorded(tmp_path, ".requeue")
+    result = run(SBATCH, slurm_env(env, tmp_path, FAKE_EXIT=str(code), FAKE_RUN_STATUS=run_status,
+                                   SLURM_RESTART_COUNT="3", MAX_REQUEUES="3"))
+    assert result.returncode == code and not recorded(tmp_path, ".requeue")
     assert "MAX_REQUEUES" in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--save", "--load=/elsewhere"])
+def test_sbatch_refuses_save_or_load_in_extra_args(fakes, flag):
+    tmp_path, env = fakes
+    result = run(SBATCH, slurm_env(env, tmp_path, EXTRA_ARGS=f"--lr 1e-5 {flag} /elsewhere"))
+    assert result.returncode == 2 and "set it instead" in result.stderr and not recorded(tmp_path)
 
 
 def test_sbatch_without_save_dir_prints_usage(fakes):
