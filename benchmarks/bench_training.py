@@ -1,0 +1,327 @@
+"""End-to-end training throughput: our training loop vs the same model trained the reference's way (issue 7).
+
+Ours: ``megatron_puffin.training.loop.Trainer`` built from ``megatron_puffin.config.parse_args`` flags (TP=1, one
+process, fp32, local layers): megatron-core DDP with its gradient buffer, megatron-core's optimizer (AdamW, no decay
+on biases and norm gains, clipping) and ``OptimizerParamScheduler``; each step is what ``Trainer.train`` runs per
+iteration (``_reseed``, ``training.step.train_step`` through megatron-core's schedule, scheduler step), without the
+logging and checkpointing around it.
+
+Reference: the assembly of ``megatron_puffin.testing.reference_puffin`` (transformers Qwen2, plain-PyTorch
+connectors, diffusers SD3 blocks with per-sample patch embedding and a dense mask, diffusers VAE one sample at a
+time; our vision tower on both sides, see ``bench_puffin.py``) holding the same weights, trained the reference's
+way: ``torch.optim.AdamW`` over its trainable parameters with the same two groups (weight decay on tensors of two
+or more dimensions), transformers' cosine schedule with warm-up, gradient accumulation over one cycle of task
+micro-batches (each loss divided by the cycle length), ``clip_grad_norm_``.
+
+Data: ONE loader, ours (``Trainer.loader``), with six task streams (image2text, image2text_cross_view, text2text,
+text2image, cam2image, image2image; one micro-batch each per optimizer step) over a synthetic Puffin-4M dataset
+rendered into a temporary directory. Each block's micro-batches are drawn before the block and given to both
+variants, so data loading is timed for neither (``bench_data_loader.py`` measures it). The first step of both
+variants sees the same weights and batches; their per-micro-batch losses are checked equal (``--loss-tolerance``).
+
+Timing: after ``--warmup-steps`` untimed steps per variant, ``--blocks`` blocks of ``--steps-per-block`` optimizer
+steps; the variants take turns (the first to run alternates between blocks). Per block and variant:
+
+* overall samples/s = samples / wall time of the block's optimizer steps (forward, backward, gradient
+  finalisation, clipping, optimizer and scheduler steps);
+* per task samples/s = the task's samples / the time of its micro-batches' forward+backward (ours: from one
+  micro-batch's forward start to the next one's, the last ending where megatron-core finalises the gradients);
+* model TFLOP/s = ``training.flops.micro_batch_flops`` summed over the block's micro-batches / block time; MFU =
+  that / the dense fp32 matmul rate of this machine (``training.flops.measure_matmul_tflops``, measured in this run
+  at the same thread count, before and after the timed blocks; the higher one is used).
+
+Reported: the median over blocks; ratio = ours / reference samples/s (> 1: ours faster).
+
+Usage:
+    python benchmarks/bench_training.py [--micro-batch-size 4] [--image-size 128] [--blocks 6] [--steps-per-block 2]
+        [--warmup-steps 2] [--threads 1]   (model sizes: bench_puffin.py's defaults)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import torch  # noqa: E402
+
+from helpers.puffin import TASK_STREAMS, make_tiny_dataset  # noqa: E402
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    group = parser.add_argument_group("data")
+    group.add_argument("--micro-batch-size", type=int, default=4)
+    group.add_argument("--image-size", type=int, default=128, help="square synthetic images (multiple of 32)")
+    group.add_argument("--num-samples", type=int, default=32, help="synthetic main samples (cross-view: N / 4)")
+    group = parser.add_argument_group("model size (bench_puffin.py's defaults)")
+    group.add_argument("--llm-layers", type=int, default=4)
+    group.add_argument("--llm-hidden", type=int, default=256)
+    group.add_argument("--llm-heads", type=int, default=4)
+    group.add_argument("--llm-kv-heads", type=int, default=2)
+    group.add_argument("--llm-ffn", type=int, default=704)
+    group.add_argument("--vision-layers", type=int, default=2)
+    group.add_argument("--vision-hidden", type=int, default=128)
+    group.add_argument("--vision-heads", type=int, default=2)
+    group.add_argument("--num-queries", type=int, default=64, help="meta queries (Puffin: 64)")
+    group.add_argument("--connector-layers", type=int, default=2)
+    group.add_argument("--connector-hidden", type=int, default=128)
+    group.add_argument("--connector-heads", type=int, default=2)
+    group.add_argument("--dit-layers", type=int, default=4)
+    group.add_argument("--dit-heads", type=int, default=4)
+    group.add_argument("--dit-head-dim", type=int, default=64)
+    group.add_argument("--vae-width", type=int, default=32, help="channels of the 4-level AutoencoderKL (x8 down)")
+    group = parser.add_argument_group("run")
+    group.add_argument("--blocks", type=int, default=6, help="timed blocks per variant (median over blocks)")
+    group.add_argument("--steps-per-block", type=int, default=2, help="optimizer steps per block")
+    group.add_argument("--warmup-steps", type=int, default=2, help="untimed optimizer steps per variant first")
+    group.add_argument("--threads", type=int, default=1, help="CPU threads (1 gives stable numbers on shared hosts)")
+    group.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="Qwen2 attention of the reference")
+    group.add_argument("--loss-tolerance", type=float, default=1e-4,
+                       help="max relative difference of the first step's losses (fp32)")
+    group.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def _vae_config(args) -> dict:
+    """An SD3-shaped AutoencoderKL (16 latent channels, spatial factor 8) at a small width (as bench_puffin.py)."""
+    width = args.vae_width
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[width // 2, width, width, width],
+        layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        norm_num_groups=8, sample_size=args.image_size, scaling_factor=1.5305, shift_factor=0.0609,
+    )
+
+
+def _flags(args, paths: Dict[str, str]) -> List[str]:
+    """pretrain_puffin.py flags: bench_puffin.py's model, stage-2 training (everything but the VAE trains)."""
+    from megatron_puffin.data import PuffinTokenizer
+
+    vocab = PuffinTokenizer(paths["tokenizer"]).vocab_size
+    dit_hidden = args.dit_heads * args.dit_head_dim
+    latent = args.image_size // 8
+    flags = [
+        "--num-layers", args.llm_layers, "--hidden-size", args.llm_hidden, "--ffn-hidden-size", args.llm_ffn,
+        "--num-attention-heads", args.llm_heads, "--num-query-groups", args.llm_kv_heads,
+        "--vocab-size", vocab, "--max-position-embeddings", 4096, "--seq-length", 1024,
+        "--tokenizer", paths["tokenizer"],
+        "--vision-hidden-size", args.vision_hidden, "--vision-num-layers", args.vision_layers,
+        "--vision-num-attention-heads", args.vision_heads, "--vision-ffn-hidden-size", 4 * args.vision_hidden,
+        "--vision-max-image-size", args.image_size,
+        "--connector-num-queries", args.num_queries, "--connector-hidden-size", args.connector_hidden,
+        "--connector-num-layers", args.connector_layers, "--connector-num-attention-heads", args.connector_heads,
+        "--connector-ffn-hidden-size", 4 * args.connector_hidden,
+        "--connector-pooled-projection-dim", dit_hidden // 2, "--connector-joint-attention-dim", dit_hidden,
+        "--dit-sample-size", latent, "--dit-num-layers", args.dit_layers, "--dit-attention-head-dim", args.dit_head_dim,
+        "--dit-num-attention-heads", args.dit_heads, "--dit-joint-attention-dim", dit_hidden,
+        "--dit-caption-projection-dim", dit_hidden, "--dit-pooled-projection-dim", dit_hidden // 2,
+        "--dit-pos-embed-max-size", max(16, latent),
+        "--vae-config", paths["vae_config"],
+        "--image-size", args.image_size, "--num-workers", 0, "--no-pin-memory", "--transformer-impl", "local",
+        "--micro-batch-size", args.micro_batch_size,
+        "--train-iters", 1000, "--lr", 1e-4, "--lr-warmup-iters", 2, "--lr-warmup-init", 1e-8,
+        "--lr-decay-style", "cosine", "--min-lr", 0, "--weight-decay", 0.05, "--clip-grad", 1.0,
+        "--seed", args.seed, "--log-interval", 1000,
+    ]
+    for stream, subset in TASK_STREAMS.values():
+        flags += ["--task-stream", f"{stream}:{paths['data']}/{subset}"]
+    return [str(flag) for flag in flags]
+
+
+class _OurTimer:
+    """Per-micro-batch forward+backward times of our step: a forward pre-hook on the model marks each micro-batch's
+    start; megatron-core's ``finalize_model_grads`` call marks the end of the last backward."""
+
+    def __init__(self, trainer) -> None:
+        self.marks: List[float] = []
+        trainer.model.register_forward_pre_hook(lambda module, inputs: self.marks.append(time.perf_counter()))
+        finalize = trainer.model.config.finalize_model_grads_func
+
+        def timed_finalize(*a, **k):
+            self.marks.append(time.perf_counter())
+            return finalize(*a, **k)
+
+        trainer.model.config.finalize_model_grads_func = timed_finalize
+
+    def take(self, count: int) -> List[float]:
+        marks, self.marks = self.marks, []
+        if len(marks) != count + 1:
+            raise RuntimeError(f"expected {count + 1} timing marks, got {len(marks)} (a pipelined schedule?)")
+        return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def _our_step(trainer, timer: _OurTimer, batches) -> Dict[str, Any]:
+    from megatron_puffin.training.step import train_step
+
+    start = time.perf_counter()
+    trainer._reseed()
+    result = train_step(trainer.ddp, trainer.optimizer, batches)
+    trainer.state.iteration += 1
+    if not result.skipped:
+        trainer.scheduler.step(increment=1)
+    elapsed = time.perf_counter() - start
+    if result.skipped:
+        raise RuntimeError(f"our step {trainer.state.iteration} was skipped (non-finite loss or gradient norm)")
+    losses = {task: list(values) for task, values in result.task_losses.items()}
+    return {"time": elapsed, "micro": timer.take(len(batches)), "losses": losses}
+
+
+class ReferenceTrainer:
+    """The reference's training step: AdamW + clipping + cosine warm-up schedule, GAS over one task cycle."""
+
+    def __init__(self, model: torch.nn.Module, training) -> None:
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.model = model
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": training.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        self.params = params
+        self.clip = training.clip_grad
+        self.optimizer = torch.optim.AdamW(groups, lr=training.lr, betas=(training.adam_beta1, training.adam_beta2),
+                                           eps=training.adam_eps)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, training.lr_warmup_iters,
+                                                         training.train_iters)
+
+    def step(self, batches) -> Dict[str, Any]:
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        micro, losses = [], {}
+        for batch in batches:
+            begin = time.perf_counter()
+            loss = self.model(batch)["loss"]
+            (loss / len(batches)).backward()
+            micro.append(time.perf_counter() - begin)
+            losses.setdefault(batch["task"], []).append(loss.item())
+        torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return {"time": time.perf_counter() - start, "micro": micro, "losses": losses}
+
+
+def _check_losses(ours: Dict[str, List[float]], reference: Dict[str, List[float]], tolerance: float) -> None:
+    failures = []
+    for task, values in reference.items():
+        for a, b in zip(ours.get(task, []), values):
+            if abs(a - b) > tolerance * abs(b):
+                failures.append(f"{task}: ours {a:.7g} vs reference {b:.7g}")
+    if failures or set(ours) != set(reference):
+        raise RuntimeError(f"first-step losses differ beyond {tolerance:g} relative: " + "; ".join(failures))
+
+
+def _block_stats(steps: List[Dict[str, Any]], cycles: List[List[Dict[str, Any]]], flops: float) -> Dict[str, float]:
+    """samples/s per task (over its micro-batches' fwd+bwd time) and overall (over the step time), TFLOP/s."""
+    samples: Dict[str, float] = {}
+    seconds: Dict[str, float] = {}
+    total_time = sum(step["time"] for step in steps)
+    for step, batches in zip(steps, cycles):
+        for batch, t in zip(batches, step["micro"]):
+            samples[batch["task"]] = samples.get(batch["task"], 0.0) + batch["input_ids"].shape[0]
+            seconds[batch["task"]] = seconds.get(batch["task"], 0.0) + t
+    stats = {task: samples[task] / seconds[task] for task in samples}
+    stats["all"] = sum(samples.values()) / total_time
+    stats["tflops"] = flops / total_time / 1e12
+    return stats
+
+
+def main() -> None:
+    args = _parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    run_start = time.perf_counter()
+
+    import megatron_puffin.distributed as mpd
+    from megatron_puffin.config import parse_args
+    from megatron_puffin.testing.reference_puffin import build_puffin_pair
+    from megatron_puffin.training.flops import measure_matmul_tflops, micro_batch_flops
+    from megatron_puffin.training.loop import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
+        paths = make_tiny_dataset(Path(tmp), num_samples=args.num_samples, seed=args.seed,
+                                  image_size=args.image_size, vae_config=_vae_config(args))
+        trainer = Trainer(parse_args(_flags(args, paths)))
+        # The reference assembly with the same weights: build_puffin_pair converts the reference's towers into a
+        # second model of ours, whose weights ours then loads (vision tower copied, VAE shared by value).
+        twin, reference = build_puffin_pair(trainer.config, seed=args.seed, attn_implementation=args.hf_attn)
+        trainer.model.load_state_dict(twin.state_dict(), strict=True)
+        if trainer.model.vae is not None:
+            reference._vae = [copy.deepcopy(trainer.model.vae.vae)]
+        del twin
+        reference_trainer = ReferenceTrainer(reference, trainer.args.training)
+        timer = _OurTimer(trainer)
+        trainer.ddp.train()
+        reference.train()
+        peaks = [measure_matmul_tflops(dtype=torch.float32, seconds=1.0)]
+
+        iterator = iter(trainer.loader)
+
+        def draw(steps: int) -> List[List[Dict[str, Any]]]:
+            return [[next(iterator) for _ in range(trainer.micro_batches)] for _ in range(steps)]
+
+        config, trainable = trainer.config, trainer.trainable
+        for index, cycle in enumerate(draw(args.warmup_steps)):
+            ours = _our_step(trainer, timer, cycle)
+            ref = reference_trainer.step(cycle)
+            if index == 0:
+                _check_losses(ours["losses"], ref["losses"], args.loss_tolerance)
+        blocks: Dict[str, List[Dict[str, float]]] = {"ours": [], "reference": []}
+        samples_trained = 0
+        for block in range(args.blocks):
+            cycles = draw(args.steps_per_block)
+            flops = sum(micro_batch_flops(config, batch, trainable)["total"] for cycle in cycles for batch in cycle)
+            samples_trained += sum(int(batch["input_ids"].shape[0]) for cycle in cycles for batch in cycle)
+            order = ["ours", "reference"] if block % 2 == 0 else ["reference", "ours"]
+            for name in order:
+                if name == "ours":
+                    steps = [_our_step(trainer, timer, cycle) for cycle in cycles]
+                else:
+                    steps = [reference_trainer.step(cycle) for cycle in cycles]
+                blocks[name].append(_block_stats(steps, cycles, flops))
+        peaks.append(measure_matmul_tflops(dtype=torch.float32, seconds=1.0))
+        tasks = list(trainer.tasks)
+        seq = {task: None for task in tasks}
+        for cycle in cycles:
+            for batch in cycle:
+                seq[batch["task"]] = int(batch["input_ids"].shape[1])
+        mpd.destroy()
+
+    medians = {name: {key: statistics.median(b[key] for b in values) for key in values[0]}
+               for name, values in blocks.items()}
+    peak = max(peaks)
+    print(f"Training throughput, cpu fp32, threads={torch.get_num_threads()}, TP=1 single process; six task streams "
+          f"(one micro-batch of {args.micro_batch_size} each per optimizer step), everything but the VAE trains; "
+          f"LLM {config.llm.num_layers} x {config.llm.hidden_size}, vision {config.vision.num_layers} x "
+          f"{config.vision.hidden_size}, {config.connector.num_queries} queries, connectors "
+          f"{config.connector.num_layers} x {config.connector.hidden_size}, DiT {config.dit.num_layers} x "
+          f"{config.dit.hidden_size}, images {args.image_size}^2; Qwen2 attention {args.hf_attn}")
+    print(f"median over {args.blocks} blocks of {args.steps_per_block} step(s) after {args.warmup_steps} warm-up "
+          f"step(s); {samples_trained} timed samples per variant; first-step losses equal within "
+          f"{args.loss_tolerance:g} relative")
+    print(f"{'task':22s} {'seq':>5s} {'ours samples/s':>15s} {'reference samples/s':>20s} {'ratio':>7s}")
+    for task in tasks + ["all"]:
+        label = "all (optimizer steps)" if task == "all" else task
+        ours, ref = medians["ours"][task], medians["reference"][task]
+        print(f"{label:22s} {str(seq.get(task, '')):>5s} {ours:15.2f} {ref:20.2f} {ours / ref:7.3f}")
+    print("per task: samples / forward+backward time of its micro-batches; all: samples / optimizer-step time; "
+          "ratio = ours / reference (> 1: ours faster)")
+    print(f"matmul peak (fp32 1024^3 torch.mm, {torch.get_num_threads()} thread(s)): "
+          + " / ".join(f"{p * 1e3:.1f}" for p in peaks) + " GFLOP/s (before / after; max used)")
+    for name in ("ours", "reference"):
+        tflops = medians[name]["tflops"]
+        print(f"{name:9s} model {tflops * 1e3:7.2f} GFLOP/s  MFU {100 * tflops / peak:5.1f} %")
+    print(f"whole run {time.perf_counter() - run_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
