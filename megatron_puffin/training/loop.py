@@ -399,7 +399,9 @@ class Trainer:
                     self._log(interval, time.perf_counter() - interval_start, result)
                     interval, interval_start = Interval(self.tasks), time.perf_counter()
                 if ckpt_args.save and ckpt_args.save_interval and self.state.iteration % ckpt_args.save_interval == 0:
+                    start = time.perf_counter()
                     self.save()
+                    interval_start += time.perf_counter() - start  # throughput excludes checkpoint writes
                 stopped = self._should_stop()
                 if stopped and self.state.iteration < training.train_iters:
                     break

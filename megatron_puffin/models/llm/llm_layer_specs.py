@@ -6,16 +6,44 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+import torch.nn.functional as F
 from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_puffin.models.dit.attention import SDPADotProductAttention
 
 from megatron_puffin.optional_deps import require_transformer_engine
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 
 
+class SDPACausalAttention(SDPADotProductAttention):
+    """The LLM's local core attention: torch's ``scaled_dot_product_attention`` (fused CPU/GPU kernels) instead of
+    megatron-core's unfused ``DotProductAttention`` (explicit score matrix, softmax module, repeated K/V heads).
+
+    Causal without a mask tensor when nothing is padded; otherwise the ``[b, 1, s, s]`` boolean mask of
+    :func:`~.model.build_attention_mask` (True = masked). Grouped-query heads are read in place (``enable_gqa``).
+    """
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, **unused):
+        seq, batch, heads, head_dim = query.shape
+        out = F.scaled_dot_product_attention(
+            query.permute(1, 2, 0, 3),
+            key.permute(1, 2, 0, 3),
+            value.permute(1, 2, 0, 3),
+            attn_mask=None if attention_mask is None else ~attention_mask,
+            is_causal=attention_mask is None,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            scale=self.softmax_scale,
+            enable_gqa=key.shape[2] != heads,
+        )  # [b, np, s, hn]
+        return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * head_dim)
+
+
 def get_llm_layer_local_spec() -> ModuleSpec:
-    """Pure-torch decoder layer: megatron-core's local attention and MLP with torch RMSNorm."""
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    """Pure-torch decoder layer: megatron-core's local layer with torch RMSNorm and SDPA core attention."""
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPACausalAttention
+    return spec
 
 
 def get_llm_layer_with_transformer_engine_spec() -> ModuleSpec:
