@@ -287,3 +287,26 @@ def radio_grid_and_tokens(state_dict: Mapping[str, torch.Tensor], prefix: Option
     pos = source["model.patch_generator.pos_embed"]
     token = source.get("model.patch_generator.cls_token.token")
     return int(round(pos.shape[1] ** 0.5)), 0 if token is None else int(token.shape[0])
+
+
+def radio_vision_shape(state_dict: Mapping[str, torch.Tensor], prefix: Optional[str] = None) -> Dict[str, int]:
+    """The :class:`VisionConfig` fields a RADIO state dict determines: patch size, width, depth, MLP width, CPE
+    grid (as ``max_image_size``) and class + register tokens. Heads and epsilons cannot be read from weights.
+
+    Raises:
+        ConversionError: the state dict lacks RADIO's patch embedding, position grid or blocks.
+    """
+    source = _strip_prefix(state_dict, prefix)
+    required = ("model.patch_generator.embedder.weight", "model.patch_generator.pos_embed",
+                "model.blocks.0.mlp.fc1.weight")
+    lacking = [name for name in required if name not in source]
+    if lacking:
+        shown = ", ".join(sorted(source)[:5])
+        raise ConversionError(f"not a RADIO state dict: no {', '.join(lacking)} (its names start: {shown}, ...)")
+    width, patch_inputs = source["model.patch_generator.embedder.weight"].shape
+    patch = int(round((patch_inputs / 3) ** 0.5))
+    grid, tokens = radio_grid_and_tokens(source, prefix="")
+    layers = 1 + max(int(match.group(1)) for match in map(re.compile(r"model\.blocks\.(\d+)\.").match, source) if match)
+    return {"patch_size": patch, "hidden_size": int(width), "num_layers": layers,
+            "ffn_hidden_size": int(source["model.blocks.0.mlp.fc1.weight"].shape[0]),
+            "max_image_size": grid * patch, "class_token_len": tokens}

@@ -88,3 +88,25 @@ def task_batches(paths: Dict[str, str], micro_batch_size: int = 2, seed: int = 0
 
 def trainable_names(model: torch.nn.Module):
     return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def reference_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """A TP=1/PP=1 Puffin's weights under the released checkpoints' names (spec §1.11: ``llm.``,
+    ``visual_encoder.radio_model.``, ``projector.``, the query path, ``transformer.``), through the tower
+    converters' inverses."""
+    from megatron_puffin.convert.connector import mcore_to_reference
+    from megatron_puffin.convert.qwen2 import mcore_to_hf
+    from megatron_puffin.convert.radio import mcore_to_projector, mcore_to_radio
+    from megatron_puffin.convert.sd3 import mcore_to_diffusers
+
+    cfg, state = model.puffin_config, model.state_dict()
+
+    def sub(prefix):
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k.endswith("_extra_state")}
+
+    ref = {"llm." + k: v for k, v in mcore_to_hf(sub("llm."), cfg.llm).items()}
+    ref.update(mcore_to_radio(sub("vision."), cfg.vision, prefix="visual_encoder.radio_model."))
+    ref.update(mcore_to_projector(sub("vision."), cfg.vision, cfg.llm.hidden_size))
+    ref.update(mcore_to_reference(sub("conditioner."), cfg.connector, cfg.llm.hidden_size))
+    ref.update({"transformer." + k: v for k, v in mcore_to_diffusers(sub("dit."), cfg.dit).items()})
+    return ref

@@ -13,6 +13,7 @@ from megatron_puffin.convert.radio import (
     projector_to_mcore,
     radio_grid_and_tokens,
     radio_to_mcore,
+    radio_vision_shape,
     shard_vision_state_dict,
     unshard_vision_state_dicts,
     vision_tensor_table,
@@ -108,6 +109,11 @@ def test_prefixes_torch_hub_hf_and_puffin():
     with pytest.raises(ConversionError, match=r"outside prefix 'radio_model\.': llm\.x"):
         radio_to_mcore({**_radio_state_dict(), "llm.x": torch.zeros(1)}, config, prefix="radio_model.")
     assert radio_grid_and_tokens(_radio_state_dict()) == (GRID, TOKENS)
+    assert radio_vision_shape(_radio_state_dict()) == dict(
+        patch_size=P, hidden_size=D, num_layers=LAYERS, ffn_hidden_size=FFN, max_image_size=GRID * P,
+        class_token_len=TOKENS)
+    with pytest.raises(ConversionError, match="not a RADIO state dict"):
+        radio_vision_shape({"llm.x": torch.zeros(1)})
 
 
 def test_unmatched_and_missing_tensors_are_listed_together():
