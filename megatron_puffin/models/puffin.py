@@ -128,7 +128,16 @@ class PuffinModel(MegatronModule):
             # Not a submodule: the VAE is frozen, never checkpointed with the model, never seen by DDP.
             self._vae = [_build_vae(config.model, config.params_dtype, self.device, config.seed)]
             self.schedule = FlowMatchSchedule(config.flow.num_train_timesteps, config.flow.shift)
+        self._cast_parameters(config.params_dtype)
         self.apply_freezing()
+
+    def _cast_parameters(self, dtype: torch.dtype) -> None:
+        """Every parameter in ``params_dtype`` (megatron-core's torch-norm fallback of the local spec creates fp32
+        RMSNorm weights; its mixed-precision optimizer maps optimizer state to parameters assuming one dtype).
+        Buffers keep their dtype (camera/CLIP constants, position tables), unlike a whole-module cast."""
+        for param in self.parameters():
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
 
     # -- freezing -------------------------------------------------------------------------------------------
     def apply_freezing(self) -> None:
@@ -274,7 +283,7 @@ class PuffinModel(MegatronModule):
         cond = None if cond is None else [[c.to(dtype) for c in sample] for sample in cond]
         velocity = self.dit(noisy, context.to(dtype), pooled.to(dtype), timesteps, cond)
         loss, per_sample = flow_matching_loss(velocity, target)
-        return {"loss": loss, "loss_sum": per_sample.sum(), "num_samples": torch.tensor(per_sample.numel())}
+        return {"loss": loss, "loss_sum": per_sample.sum(), "num_samples": torch.tensor(per_sample.numel(), device=per_sample.device)}
 
     def forward(self, batch: Dict[str, Any]):
         """Run this stage on one task micro-batch (see the module docstring for what it returns)."""

@@ -144,6 +144,8 @@ class Trainer:
         self.config = PuffinConfig.from_args(args)
         self.model = build_puffin(self.config, pre_process=self.ctx.is_first_pipeline_stage,
                                   post_process=self.ctx.is_last_pipeline_stage)
+        if self.ctx.device.type == "cuda":  # megatron-core layers may initialise on the CPU (use_cpu_initialization)
+            self.model.cuda(self.ctx.device)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=parallel.use_distributed_optimizer,
         )
@@ -467,7 +469,11 @@ def _loss_tasks(args) -> List[str]:
 
 def run(args) -> int:
     """Build, train and tear down; returns the exit code (:data:`EXIT_FINISHED` or :data:`EXIT_INTERRUPTED`)."""
-    trainer = Trainer(args)
+    try:
+        trainer = Trainer(args)
+    except BaseException:
+        mpd.destroy()  # a failed start (bad checkpoint, flags) still releases the process group
+        raise
     try:
         return trainer.train()
     finally:

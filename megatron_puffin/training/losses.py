@@ -29,8 +29,9 @@ def global_mean_loss(
             ``num_tokens`` or ``num_samples``).
         data_parallel_group: the group over which gradients are averaged; None for a single replica.
     """
-    count = count_of(output)
-    totals = torch.stack([output["loss_sum"].detach().to(torch.float64), count])
+    loss_sum = output["loss_sum"].detach().to(torch.float64)
+    count = count_of(output).to(loss_sum.device)
+    totals = torch.stack([loss_sum, count])
     dp_size = 1
     if data_parallel_group is not None and dist.is_initialized():
         dp_size = dist.get_world_size(data_parallel_group)

@@ -79,7 +79,7 @@ class RADIOEncoder(RADIOViTModel):
         """A context in which the CPE's train-mode randomness draws from ``generator`` (forked global RNG)."""
         if generator is None or not self.training:
             return nullcontext()
-        return seeded_rng(int(torch.randint(0, 2**62, (1,), generator=generator)), device)
+        return seeded_rng(int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)), device)
 
     def forward(
         self, images: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
