@@ -42,7 +42,6 @@ import argparse
 import copy
 import logging
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -50,56 +49,24 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 warnings.filterwarnings("ignore")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch  # noqa: E402
+# puffin_bench_common (next to this script) comes first: importing it puts tests/ on sys.path for helpers.
+from puffin_bench_common import add_common_run_args, add_data_and_model_args, make_dataset  # noqa: E402
 
-from helpers.puffin import TASK_STREAMS, make_tiny_dataset  # noqa: E402
+from helpers.puffin import TASK_STREAMS  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    group = parser.add_argument_group("data")
-    group.add_argument("--micro-batch-size", type=int, default=4)
-    group.add_argument("--image-size", type=int, default=128, help="square synthetic images (multiple of 32)")
-    group.add_argument("--num-samples", type=int, default=32, help="synthetic main samples (cross-view: N / 4)")
-    group = parser.add_argument_group("model size (bench_puffin.py's defaults)")
-    group.add_argument("--llm-layers", type=int, default=4)
-    group.add_argument("--llm-hidden", type=int, default=256)
-    group.add_argument("--llm-heads", type=int, default=4)
-    group.add_argument("--llm-kv-heads", type=int, default=2)
-    group.add_argument("--llm-ffn", type=int, default=704)
-    group.add_argument("--vision-layers", type=int, default=2)
-    group.add_argument("--vision-hidden", type=int, default=128)
-    group.add_argument("--vision-heads", type=int, default=2)
-    group.add_argument("--num-queries", type=int, default=64, help="meta queries (Puffin: 64)")
-    group.add_argument("--connector-layers", type=int, default=2)
-    group.add_argument("--connector-hidden", type=int, default=128)
-    group.add_argument("--connector-heads", type=int, default=2)
-    group.add_argument("--dit-layers", type=int, default=4)
-    group.add_argument("--dit-heads", type=int, default=4)
-    group.add_argument("--dit-head-dim", type=int, default=64)
-    group.add_argument("--vae-width", type=int, default=32, help="channels of the 4-level AutoencoderKL (x8 down)")
+    add_data_and_model_args(parser, model_title="model size (bench_puffin.py's defaults)")
     group = parser.add_argument_group("run")
     group.add_argument("--blocks", type=int, default=6, help="timed blocks per variant (median over blocks)")
     group.add_argument("--steps-per-block", type=int, default=2, help="optimizer steps per block")
     group.add_argument("--warmup-steps", type=int, default=2, help="untimed optimizer steps per variant first")
-    group.add_argument("--threads", type=int, default=1, help="CPU threads (1 gives stable numbers on shared hosts)")
-    group.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="Qwen2 attention of the reference")
-    group.add_argument("--loss-tolerance", type=float, default=1e-4,
-                       help="max relative difference of the first step's losses (fp32)")
-    group.add_argument("--seed", type=int, default=0)
+    add_common_run_args(group, loss_tolerance=1e-4,
+                        loss_tolerance_help="max relative difference of the first step's losses (fp32)")
     return parser.parse_args()
-
-
-def _vae_config(args) -> dict:
-    """An SD3-shaped AutoencoderKL (16 latent channels, spatial factor 8) at a small width (as bench_puffin.py)."""
-    width = args.vae_width
-    return dict(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[width // 2, width, width, width],
-        layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-        norm_num_groups=8, sample_size=args.image_size, scaling_factor=1.5305, shift_factor=0.0609,
-    )
 
 
 def _flags(args, paths: Dict[str, str]) -> List[str]:
@@ -248,8 +215,7 @@ def main() -> None:
     from megatron_puffin.training.loop import Trainer
 
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
-        paths = make_tiny_dataset(Path(tmp), num_samples=args.num_samples, seed=args.seed,
-                                  image_size=args.image_size, vae_config=_vae_config(args))
+        paths = make_dataset(Path(tmp), args)
         trainer = Trainer(parse_args(_flags(args, paths)))
         # The reference assembly with the same weights: build_puffin_pair converts the reference's towers into a
         # second model of ours, whose weights ours then loads (vision tower copied, VAE shared by value).

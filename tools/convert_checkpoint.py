@@ -93,6 +93,14 @@ def _layout(ctx) -> Dict[str, int]:
     return {"tp": ctx.tensor_model_parallel_size, "pp": ctx.pipeline_model_parallel_size}
 
 
+def _save_converted(model, ctx, output: str, metadata: Dict, message: str, *message_args) -> None:
+    """Writes ``model``'s distributed checkpoint to ``output`` with ``metadata`` plus the layout it is saved at
+    (``saved_layout``); rank 0 logs ``message % (output, *message_args)``. Every ``*-to-mcore`` command ends here."""
+    save_checkpoint(model.sharded_state_dict(), output, metadata={**metadata, "saved_layout": _layout(ctx)})
+    if ctx.rank == 0:
+        logger.info(message, output, *message_args)
+
+
 def _is_state_dict(value) -> bool:
     return isinstance(value, dict) and bool(value) and all(torch.is_tensor(v) for v in value.values())
 
@@ -165,11 +173,8 @@ def hf_to_mcore_command(args: argparse.Namespace) -> None:
         "source": args.hf_dir,
         "hf_config": hf_config,
         "llm_config": dataclasses.asdict(config),
-        "saved_layout": _layout(ctx),
     }
-    save_checkpoint(model.sharded_state_dict(), args.output, metadata=metadata)
-    if ctx.rank == 0:
-        logger.info("wrote %s (TP=%d, PP=%d)", args.output, ctx.tensor_model_parallel_size,
+    _save_converted(model, ctx, args.output, metadata, "wrote %s (TP=%d, PP=%d)", ctx.tensor_model_parallel_size,
                     ctx.pipeline_model_parallel_size)
 
 
@@ -206,11 +211,8 @@ def sd3_to_mcore_command(args: argparse.Namespace) -> None:
         "dit_config": dataclasses.asdict(config),
         "diffusers_config": diffusers_config,
         "source_dtype": source_dtypes[0] if len(source_dtypes) == 1 else None,
-        "saved_layout": _layout(ctx),
     }
-    save_checkpoint(model.sharded_state_dict(), args.output, metadata=metadata)
-    if ctx.rank == 0:
-        logger.info("wrote %s (MMDiT, %d layers, TP=%d)", args.output, config.num_layers,
+    _save_converted(model, ctx, args.output, metadata, "wrote %s (MMDiT, %d layers, TP=%d)", config.num_layers,
                     ctx.tensor_model_parallel_size)
 
 
@@ -282,12 +284,9 @@ def radio_to_mcore_command(args: argparse.Namespace, extra: Sequence[str]) -> No
         "vision_config": dataclasses.asdict(config),
         "llm_hidden_size": llm_hidden,
         "projector": projector,
-        "saved_layout": _layout(ctx),
     }
-    save_checkpoint(model.sharded_state_dict(), args.output, metadata=metadata)
-    if ctx.rank == 0:
-        logger.info("wrote %s (RADIO encoder %d x %d, TP=%d); projector: %s", args.output, config.num_layers,
-                    config.hidden_size, ctx.tensor_model_parallel_size, projector)
+    _save_converted(model, ctx, args.output, metadata, "wrote %s (RADIO encoder %d x %d, TP=%d); projector: %s",
+                    config.num_layers, config.hidden_size, ctx.tensor_model_parallel_size, projector)
 
 
 # --- released Puffin ----------------------------------------------------------------------------------------------
@@ -350,12 +349,10 @@ def puffin_to_mcore_command(args: argparse.Namespace, extra: Sequence[str]) -> N
         "args": flags.to_dict(),
         "imported": {"source": args.puffin_checkpoint, "reference_towers": list(supplied), "ignored": ignored,
                      "completed": completed, "random_initialisation": fresh},
-        "saved_layout": _layout(ctx),
     }
-    save_checkpoint(model.sharded_state_dict(), args.output, metadata=metadata)
-    logger.info("wrote %s: towers %s from %s%s%s", args.output, ", ".join(towers), args.puffin_checkpoint,
-                "".join(f"; {tower}: {what}" for tower, what in completed.items()),
-                f"; ignored {', '.join(ignored)}" if ignored else "")
+    _save_converted(model, ctx, args.output, metadata, "wrote %s: towers %s from %s%s%s", ", ".join(towers),
+                    args.puffin_checkpoint, "".join(f"; {tower}: {what}" for tower, what in completed.items()),
+                    f"; ignored {', '.join(ignored)}" if ignored else "")
 
 
 # --- command line ---------------------------------------------------------------------------------------------------

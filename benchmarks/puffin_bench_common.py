@@ -1,0 +1,67 @@
+"""What ``bench_puffin.py`` and ``bench_training.py`` share: their data and model-size flags, the common run flags,
+and the synthetic Puffin-4M dataset both render (with an SD3-shaped VAE sized by ``--vae-width``).
+
+Importing this module puts ``tests/`` on ``sys.path`` (for ``helpers.puffin``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict
+
+_TESTS = str(Path(__file__).resolve().parents[1] / "tests")
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+from helpers.puffin import make_tiny_dataset  # noqa: E402
+
+
+def add_data_and_model_args(parser: argparse.ArgumentParser, model_title: str = "model size") -> None:
+    """The ``data`` and model-size argument groups (the model-size group titled ``model_title``)."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--micro-batch-size", type=int, default=4)
+    group.add_argument("--image-size", type=int, default=128, help="square synthetic images (multiple of 32)")
+    group.add_argument("--num-samples", type=int, default=32, help="synthetic main samples (cross-view: N / 4)")
+    group = parser.add_argument_group(model_title)
+    group.add_argument("--llm-layers", type=int, default=4)
+    group.add_argument("--llm-hidden", type=int, default=256)
+    group.add_argument("--llm-heads", type=int, default=4)
+    group.add_argument("--llm-kv-heads", type=int, default=2)
+    group.add_argument("--llm-ffn", type=int, default=704)
+    group.add_argument("--vision-layers", type=int, default=2)
+    group.add_argument("--vision-hidden", type=int, default=128)
+    group.add_argument("--vision-heads", type=int, default=2)
+    group.add_argument("--num-queries", type=int, default=64, help="meta queries (Puffin: 64)")
+    group.add_argument("--connector-layers", type=int, default=2)
+    group.add_argument("--connector-hidden", type=int, default=128)
+    group.add_argument("--connector-heads", type=int, default=2)
+    group.add_argument("--dit-layers", type=int, default=4)
+    group.add_argument("--dit-heads", type=int, default=4)
+    group.add_argument("--dit-head-dim", type=int, default=64)
+    group.add_argument("--vae-width", type=int, default=32, help="channels of the 4-level AutoencoderKL (x8 down)")
+
+
+def add_common_run_args(group: argparse._ArgumentGroup, loss_tolerance: float, loss_tolerance_help: str) -> None:
+    """``--threads``, ``--hf-attn``, ``--loss-tolerance`` (default and help per benchmark) and ``--seed``."""
+    group.add_argument("--threads", type=int, default=1, help="CPU threads (1 gives stable numbers on shared hosts)")
+    group.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="Qwen2 attention of the reference")
+    group.add_argument("--loss-tolerance", type=float, default=loss_tolerance, help=loss_tolerance_help)
+    group.add_argument("--seed", type=int, default=0)
+
+
+def vae_config(args: argparse.Namespace) -> dict:
+    """An SD3-shaped AutoencoderKL (16 latent channels, spatial factor 8) at a small width (``--vae-width``)."""
+    width = args.vae_width
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[width // 2, width, width, width],
+        layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        norm_num_groups=8, sample_size=args.image_size, scaling_factor=1.5305, shift_factor=0.0609,
+    )
+
+
+def make_dataset(root: Path, args: argparse.Namespace) -> Dict[str, str]:
+    """The synthetic dataset, tokenizer and VAE config under ``root`` (``helpers.puffin.make_tiny_dataset``) sized
+    by ``--num-samples`` / ``--image-size`` / ``--vae-width`` and seeded by ``--seed``; returns their paths."""
+    return make_tiny_dataset(root, num_samples=args.num_samples, seed=args.seed, image_size=args.image_size,
+                             vae_config=vae_config(args))
