@@ -166,18 +166,25 @@ class PuffinModel(MegatronModule):
 
     # -- first stage: input embeddings -----------------------------------------------------------------------
     def _vision_tokens(self, images, batch: Dict[str, Any]) -> torch.Tensor:
-        """Projected visual tokens ``[n, tokens, h]``; the gradient scale applies to understanding losses only
-        (spec §1.4). Train-mode CPE randomness comes from a generator keyed by the batch's samples, so every
-        TP/PP layout sees the same augmentation."""
-        if isinstance(images, list):  # mixed sizes: one call per size group would also do; sizes are rare
-            return torch.cat([self._vision_tokens(image[None], batch) for image in images])
+        """Projected visual tokens of all images, flattened sample-major ``[sum of tokens, h]`` (images of different
+        sizes give different token counts); the gradient scale applies to understanding losses only (spec §1.4).
+        Train-mode CPE randomness comes from a generator keyed by the batch's samples, so every TP/PP layout sees
+        the same augmentation."""
         positions = tuple(batch["positions"].tolist())
+        if isinstance(images, list):  # mixed sizes: one call per image
+            generators = [make_generator(self.puffin_config.seed, "vision", batch["task"], positions, i,
+                                         device=self.device) for i in range(len(images))]
+            return torch.cat([self._encode_images(image[None], batch, g) for image, g in zip(images, generators)])
         generator = make_generator(self.puffin_config.seed, "vision", batch["task"], positions, device=self.device)
-        return self.vision(
+        return self._encode_images(images, batch, generator)
+
+    def _encode_images(self, images: torch.Tensor, batch: Dict[str, Any], generator) -> torch.Tensor:
+        tokens = self.vision(
             images.to(self.device, self.puffin_config.params_dtype),
             apply_grad_scale=batch["task"] != "image2image",
             generator=generator,
         )
+        return tokens.reshape(-1, tokens.shape[-1])
 
     def embed_inputs(self, batch: Dict[str, Any]) -> torch.Tensor:
         """Token embeddings with visual tokens and meta queries scattered in: ``[s, b, h]``.
@@ -193,10 +200,10 @@ class PuffinModel(MegatronModule):
         embeds = self.llm.embed_tokens(input_ids.clamp(min=0)).transpose(0, 1)  # [b, s, h]
         if bool(image_slots.any()):
             tokens = self._vision_tokens(batch["vision_images"], batch)
-            if tokens.shape[0] * tokens.shape[1] != int(image_slots.sum()):
+            if tokens.shape[0] != int(image_slots.sum()):
                 raise ValueError(
                     f"{batch['task']}: {int(image_slots.sum())} image placeholders but the vision tower made "
-                    f"{tokens.shape[0]} x {tokens.shape[1]} tokens; the data's patch/fold sizes must match the model's"
+                    f"{tokens.shape[0]} tokens; the data's patch/fold sizes must match the model's"
                 )
             embeds = embeds.masked_scatter(image_slots[..., None], tokens.to(embeds.dtype))
         if bool(query_slots.any()):

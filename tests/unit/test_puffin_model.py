@@ -102,3 +102,29 @@ def test_llm_activation_recompute_gives_the_same_loss_and_gradients(tiny):
     assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys() and grads_a
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-6, atol=1e-7)
+
+
+def test_images_of_different_sizes_in_one_understanding_batch(tiny):
+    """Dynamic resizing gives images of different sizes (and token counts) in one micro-batch: each sample's
+    placeholders receive its own image's tokens."""
+    from megatron_puffin.data import templates
+
+    paths, batches = tiny
+    model = _model(paths).eval()
+    batch = dict(batches["image2text"][0])
+    images = batch["vision_images"]
+    small = images[0][:, :64, :]  # 64 x 96: 2 x 3 folded tokens instead of 3 x 3
+    ids = batch["input_ids"].clone()
+    row = ids[0]
+    slots = (row == templates.INPUT_IMAGE_TOKEN_INDEX).nonzero().flatten()
+    keep = torch.ones_like(row, dtype=torch.bool)
+    keep[slots[:3]] = False  # three fewer placeholders, left-padded back to the batch length
+    ids[0] = torch.cat([torch.zeros(3, dtype=row.dtype), row[keep]])
+    batch.update(input_ids=ids, vision_images=[small, images[1]])
+    embeds = model.embed_inputs(batch).transpose(0, 1)  # [b, s, h]
+    expected = model.vision(small[None], apply_grad_scale=True, generator=None).reshape(-1, embeds.shape[-1])
+    got = embeds[0][ids[0] == templates.INPUT_IMAGE_TOKEN_INDEX]
+    assert got.shape == expected.shape == (6, embeds.shape[-1])
+    torch.testing.assert_close(got, expected)
+    second = model.vision(images[1][None], apply_grad_scale=True, generator=None).reshape(-1, embeds.shape[-1])
+    torch.testing.assert_close(embeds[1][ids[1] == templates.INPUT_IMAGE_TOKEN_INDEX], second)
