@@ -145,10 +145,16 @@ def test_recompute_reruns_each_layer_and_gives_the_same_gradients():
     grads, input_grad = _grads(recomputed, _states())
     assert len(calls) == 2
     assert set(grads) == set(expected) and "meta_queries" not in grads
-    # megatron-core's recomputation is reentrant (a nested backward per layer): sums may round differently.
+    # megatron-core's recomputation is reentrant (a nested backward per layer): sums may round differently, so the
+    # tolerance is relative to each gradient's scale (an element near zero may differ by a few ulps of the largest).
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-7), name
-    torch.testing.assert_close(input_grad, expected_input, rtol=1e-5, atol=1e-7)
+        _assert_close_to_scale(grad, expected[name], name)
+    _assert_close_to_scale(input_grad, expected_input, "input")
+
+
+def _assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
 
 
 def test_transformer_engine_spec_without_cuda_is_a_clear_error():
