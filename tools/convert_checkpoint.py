@@ -441,6 +441,9 @@ PLAIN_COMMANDS = {"hf-to-mcore": hf_to_mcore_command, "mcore-to-hf": mcore_to_hf
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from megatron_puffin.optional_deps import log_backends_once
+
+    log_backends_once(logger)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in FLAG_COMMANDS:
