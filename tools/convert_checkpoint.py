@@ -10,6 +10,11 @@ that loads at any TP/PP layout. Commands that take ``--tensor-model-parallel-siz
         --output ckpt/qwen_tp2 --tensor-model-parallel-size 2
     python tools/convert_checkpoint.py mcore-to-hf --input ckpt/qwen_tp2 --output qwen_hf
 
+``mcore-to-hf`` also exports the LLM of a training checkpoint of any stage and TP/PP (``--input run/iter_0001000``,
+or a run directory for its latest) and of ``puffin-to-mcore`` output, with the run's tokenizer and Puffin's
+generation config; ``mcore-to-towers`` writes the vision tower and the query path in our reloadable format
+(docs/export.md).
+
 **MMDiT** (for ``--dit-checkpoint``): a diffusers SD3 ``transformer/`` folder <-> the DiT tower alone (kind ``dit``)::
 
     torchrun --nproc-per-node 2 tools/convert_checkpoint.py sd3-to-mcore \\
@@ -18,7 +23,8 @@ that loads at any TP/PP layout. Commands that take ``--tensor-model-parallel-siz
     python tools/convert_checkpoint.py mcore-to-sd3 --input ckpt/sd3_mmdit --output sd3_transformer
 
 ``mcore-to-sd3`` also exports the MMDiT of a training or ``puffin-to-mcore`` checkpoint (``--input
-run/iter_0001000``, or a run directory for its latest). It writes the dtype the diffusers weights had (float32 for
+run/iter_0001000``, or a run directory for its latest): weights only, since a stock diffusers pipeline cannot feed
+Puffin's condition latents. It writes the dtype the diffusers weights had (float32 for
 other checkpoints; ``--dtype`` to choose) and the original ``config.json``.
 
 **Vision** (for ``--vision-checkpoint``): a RADIO checkpoint -> the vision tower alone (kind ``vision``)::

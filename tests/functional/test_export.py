@@ -1,8 +1,8 @@
 """Exporting what was trained (tools/convert_checkpoint.py mcore-to-hf / mcore-to-towers) from a real training
-checkpoint written at TP=2 by torchrun: transformers loads the exported LLM and its logits equal our LLM tower's
-(fp32, atol 1e-5), the tokenizer and generation config are in the directory; the vision tower and query path
-reload from our format bit-identical to the checkpoint's tensors, and the reloaded vision tower gives the same
-features."""
+checkpoint written at PP=2 by torchrun (the LLM's TP=2 case: test_convert_checkpoint.py): transformers loads the
+exported LLM and its logits equal our LLM tower's (fp32, atol 1e-5), the tokenizer and generation config are in the
+directory; the vision tower and query path reload from our format bit-identical to the checkpoint's tensors, and
+the reloaded vision tower gives the same features."""
 import importlib.util
 import json
 import os
@@ -28,14 +28,15 @@ def _tool():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny stage-2 run (everything trains) of 2 steps at TP=2; returns its working directory."""
+    """A tiny stage-2 run (everything trains) of 2 steps at PP=2 (LLM layers split; vision tower and connectors on
+    different ranks); returns its working directory."""
     root = tmp_path_factory.mktemp("export")
     make_tiny_dataset(root / "tiny", num_samples=8)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(ROOT / "pretrain_puffin.py"), f"@{TINY / 'model.args'}", "--task-stream", "image2text:tiny/data/main:2",
-               "--task-stream", "cam2image:tiny/data/main:2",
+               str(ROOT / "pretrain_puffin.py"), f"@{TINY / 'model.args'}",
+               "--task-stream", "image2text:tiny/data/main:2", "--task-stream", "cam2image:tiny/data/main:2",
                "--num-workers", "0", "--train-iters", "2", "--lr", "1e-3", "--lr-warmup-iters", "0",
-               "--tensor-model-parallel-size", "2", "--save", "run", "--tensorboard-dir", "none",
+               "--pipeline-model-parallel-size", "2", "--save", "run", "--tensorboard-dir", "none",
                "--metrics-file", "none"]
     proc = subprocess.run(command, cwd=root, env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
