@@ -71,11 +71,10 @@ warnings.filterwarnings("ignore", category=UserWarning)
 import torch  # noqa: E402
 
 import megatron_puffin.distributed as mpd  # noqa: E402
-from megatron_puffin.convert.hf_io import load_hf_directory, save_hf_directory  # noqa: E402
-from megatron_puffin.convert.qwen2 import hf_to_mcore, load_llm_state_dict, mcore_to_hf  # noqa: E402
+from megatron_puffin.convert.hf_io import load_hf_directory  # noqa: E402
+from megatron_puffin.convert.qwen2 import hf_to_mcore, load_llm_state_dict  # noqa: E402
 from megatron_puffin.models.llm import LLMConfig, build_llm  # noqa: E402
 from megatron_puffin.training.checkpointing import (  # noqa: E402
-    load_model_checkpoint,
     load_module,
     read_metadata,
     save_checkpoint,
