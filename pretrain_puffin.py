@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
     if args.logging.log_level != "DEBUG":  # megatron-core logs every shard it opens at INFO
         logging.getLogger("megatron.core").setLevel(logging.WARNING)
+    from megatron_puffin.optional_deps import log_backends_once
+
+    log_backends_once(logger)
     if args.dry_run:
         from megatron_puffin.training.layout import describe
 

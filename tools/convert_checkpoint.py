@@ -10,6 +10,11 @@ that loads at any TP/PP layout. Commands that take ``--tensor-model-parallel-siz
         --output ckpt/qwen_tp2 --tensor-model-parallel-size 2
     python tools/convert_checkpoint.py mcore-to-hf --input ckpt/qwen_tp2 --output qwen_hf
 
+``mcore-to-hf`` also exports the LLM of a training checkpoint of any stage and TP/PP (``--input run/iter_0001000``,
+or a run directory for its latest) and of ``puffin-to-mcore`` output, with the run's tokenizer and Puffin's
+generation config; ``mcore-to-towers`` writes the vision tower and the query path in our reloadable format
+(docs/export.md).
+
 **MMDiT** (for ``--dit-checkpoint``): a diffusers SD3 ``transformer/`` folder <-> the DiT tower alone (kind ``dit``)::
 
     torchrun --nproc-per-node 2 tools/convert_checkpoint.py sd3-to-mcore \\
@@ -18,7 +23,8 @@ that loads at any TP/PP layout. Commands that take ``--tensor-model-parallel-siz
     python tools/convert_checkpoint.py mcore-to-sd3 --input ckpt/sd3_mmdit --output sd3_transformer
 
 ``mcore-to-sd3`` also exports the MMDiT of a training or ``puffin-to-mcore`` checkpoint (``--input
-run/iter_0001000``, or a run directory for its latest). It writes the dtype the diffusers weights had (float32 for
+run/iter_0001000``, or a run directory for its latest): weights only, since a stock diffusers pipeline cannot feed
+Puffin's condition latents. It writes the dtype the diffusers weights had (float32 for
 other checkpoints; ``--dtype`` to choose) and the original ``config.json``.
 
 **Vision** (for ``--vision-checkpoint``): a RADIO checkpoint -> the vision tower alone (kind ``vision``)::
@@ -65,11 +71,10 @@ warnings.filterwarnings("ignore", category=UserWarning)
 import torch  # noqa: E402
 
 import megatron_puffin.distributed as mpd  # noqa: E402
-from megatron_puffin.convert.hf_io import load_hf_directory, save_hf_directory  # noqa: E402
-from megatron_puffin.convert.qwen2 import hf_to_mcore, load_llm_state_dict, mcore_to_hf  # noqa: E402
+from megatron_puffin.convert.hf_io import load_hf_directory  # noqa: E402
+from megatron_puffin.convert.qwen2 import hf_to_mcore, load_llm_state_dict  # noqa: E402
 from megatron_puffin.models.llm import LLMConfig, build_llm  # noqa: E402
 from megatron_puffin.training.checkpointing import (  # noqa: E402
-    load_model_checkpoint,
     load_module,
     read_metadata,
     save_checkpoint,
@@ -179,17 +184,29 @@ def hf_to_mcore_command(args: argparse.Namespace) -> None:
 
 
 def mcore_to_hf_command(args: argparse.Namespace) -> None:
-    metadata = read_metadata(args.input)
-    if not metadata or "llm_config" not in metadata:
-        raise SystemExit(f"{args.input} has no puffin_meta.json with an llm_config; was it written by this tool?")
-    config = LLMConfig(**metadata["llm_config"])
-    mpd.initialize(seed=0)
-    model = build_llm(config)
-    load_model_checkpoint(model, args.input)
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    hf_config = dict(metadata.get("hf_config") or config.to_hf())
-    save_hf_directory(args.output, hf_config, mcore_to_hf(state, config))
-    logger.info("wrote %s", args.output)
+    from megatron_puffin.convert.export import ExportError, export_llm_to_hf, resolve_source
+
+    try:
+        source = resolve_source(args.input)
+        mpd.initialize(seed=0)
+        summary = export_llm_to_hf(source, args.output, tokenizer=args.tokenizer, dtype=args.dtype)
+    except ExportError as error:
+        raise UsageError(f"mcore-to-hf: {error}") from None
+    logger.info("wrote %s from %s (LLM, %s; tokenizer: %s)", args.output, source.directory, summary["dtype"],
+                ", ".join(summary["tokenizer"]) or "none found (give --tokenizer)")
+
+
+def mcore_to_towers_command(args: argparse.Namespace) -> None:
+    from megatron_puffin.convert.export import ExportError, export_towers, resolve_source
+
+    try:
+        source = resolve_source(args.input)
+        mpd.initialize(seed=0)
+        towers = export_towers(source, args.output, args.towers.split(",") if args.towers else None)
+    except ExportError as error:
+        raise UsageError(f"mcore-to-towers: {error}") from None
+    logger.info("wrote %s from %s (%s; reload with megatron_puffin.convert.export.load_exported_towers)",
+                args.output, source.directory, ", ".join(towers))
 
 
 # --- MMDiT ----------------------------------------------------------------------------------------------------------
@@ -369,15 +386,31 @@ def build_parser() -> argparse.ArgumentParser:
     to_mcore.add_argument("--output", required=True, help="new checkpoint directory (must not exist)")
     to_mcore.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP of the writing processes")
     to_mcore.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP of the writing processes")
-    to_hf = command("mcore-to-hf", "distributed checkpoint of the LLM -> HF Qwen2 directory")
-    to_hf.add_argument("--input", required=True, help="checkpoint directory written by hf-to-mcore or training")
+    to_hf = command("mcore-to-hf", "LLM of a checkpoint (hf-to-mcore, training at any stage and TP/PP, "
+                                   "puffin-to-mcore) -> HF Qwen2 directory with tokenizer and generation config")
+    to_hf.add_argument("--input", required=True,
+                       help="checkpoint directory (e.g. run/iter_0001000) or a training run directory (its latest)")
     to_hf.add_argument("--output", required=True, help="HF directory to write")
+    to_hf.add_argument("--tokenizer", default=None,
+                       help="tokenizer to copy in (default: the training run's --tokenizer, or the converted HF "
+                            "directory's tokenizer files)")
+    to_hf.add_argument("--dtype", choices=list(DTYPES), default=None,
+                       help="dtype of the written weights (default: the dtype the checkpoint was trained in)")
+    towers = command("mcore-to-towers", "vision tower and query path (meta queries, connectors, projections) of a "
+                                        "checkpoint -> our reloadable format (docs/export.md)")
+    towers.add_argument("--input", required=True, help="training, puffin-to-mcore or radio-to-mcore checkpoint "
+                                                       "(or a training run directory for its latest)")
+    towers.add_argument("--output", required=True, help="directory to write (puffin_towers.json + safetensors)")
+    towers.add_argument("--towers", default=None,
+                        help="comma-separated subset of vision,queries (default: those the checkpoint holds)")
 
     sd3 = command("sd3-to-mcore", "diffusers SD3 transformer/ folder -> distributed checkpoint of the MMDiT")
     sd3.add_argument("--transformer-dir", required=True, help="diffusers folder: config.json + safetensors")
     sd3.add_argument("--output", required=True, help="new checkpoint directory (must not exist)")
     sd3.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP of the writing processes")
-    to_sd3 = command("mcore-to-sd3", "distributed checkpoint (MMDiT, or a training checkpoint) -> diffusers folder")
+    to_sd3 = command("mcore-to-sd3", "distributed checkpoint (MMDiT, or a training checkpoint) -> diffusers folder "
+                                     "(weights only: stock diffusers pipelines cannot feed Puffin's camera / "
+                                     "initial-view condition latents or its connector context)")
     to_sd3.add_argument("--input", required=True,
                         help="checkpoint written by sd3-to-mcore, puffin-to-mcore or training (or a run directory)")
     to_sd3.add_argument("--output", required=True, help="diffusers transformer/ folder to write")
@@ -407,11 +440,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 FLAG_COMMANDS = {"radio-to-mcore": radio_to_mcore_command, "puffin-to-mcore": puffin_to_mcore_command}
 PLAIN_COMMANDS = {"hf-to-mcore": hf_to_mcore_command, "mcore-to-hf": mcore_to_hf_command,
+                  "mcore-to-towers": mcore_to_towers_command,
                   "sd3-to-mcore": sd3_to_mcore_command, "mcore-to-sd3": mcore_to_sd3_command}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from megatron_puffin.optional_deps import log_backends_once
+
+    log_backends_once(logger)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in FLAG_COMMANDS:

@@ -7,7 +7,10 @@ Reads the event files written to ``pretrain_puffin.py --tensorboard-dir`` (every
 resumed run is one curve; steps logged again after a restart replace the earlier values). Draws one line per
 ``loss/<task>`` scalar against the iteration and, below it, ``grad_norm`` (left axis) and ``learning_rate``
 (right axis) when the run logged them. ``--smooth N`` draws an N-point trailing moving average over the faint raw
-curve. Writes a PNG of exactly ``--width`` x ``--height`` pixels.
+curve. Tasks are the task streams' names (``image2text_photography``, not the loss it trains under). A curve is
+broken where its task did not run at a logged iteration (no line bridges the gap), and a task logged sparsely
+(fewer than half of the logged iterations, or an isolated point) is drawn with markers. Writes a PNG of exactly
+``--width`` x ``--height`` pixels.
 """
 import argparse
 import sys
@@ -100,18 +103,47 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return (sums[1:] - sums[np.arange(1, values.size + 1) - counts]) / counts
 
 
-def plot_series(axis, steps: np.ndarray, values: np.ndarray, label: str, color, smooth: int) -> None:
+def plot_series(axis, steps: np.ndarray, values: np.ndarray, label: Optional[str], color, smooth: int,
+                marker: Optional[str] = None) -> None:
+    style = {"marker": marker, "markersize": 4} if marker else {}
     if smooth > 1:
         axis.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
-        axis.plot(steps, moving_average(values, smooth), color=color, linewidth=1.6, label=label)
+        axis.plot(steps, moving_average(values, smooth), color=color, linewidth=1.6, label=label, **style)
     else:
-        axis.plot(steps, values, color=color, linewidth=1.4, label=label)
+        axis.plot(steps, values, color=color, linewidth=1.4, label=label, **style)
 
 
-def draw_losses(axis, losses: Dict[str, Series], smooth: int) -> None:
+def logged_iterations(scalars: Dict[str, Series]) -> np.ndarray:
+    """Every iteration at which the run logged anything (the grid a task's gaps are measured on)."""
+    steps = [series[0] for series in scalars.values()]
+    return np.unique(np.concatenate(steps)) if steps else np.zeros(0, dtype=np.int64)
+
+
+def runs_of(series: Series, grid: np.ndarray) -> List[Series]:
+    """A task's points split where it skipped a logged iteration of ``grid``: consecutive runs, each drawn as its
+    own line so that no line bridges iterations where the task did not run."""
+    steps, values = series
+    if steps.size == 0:
+        return []
+    positions = np.searchsorted(grid, steps)
+    breaks = np.nonzero(np.diff(positions) > 1)[0] + 1
+    return list(zip(np.split(steps, breaks), np.split(values, breaks)))
+
+
+def is_sparse(series: Series, grid: np.ndarray) -> bool:
+    """Logged at fewer than half of the logged iterations (or only a few times): drawn with markers."""
+    count = series[0].size
+    return count <= 3 or count < 0.5 * grid.size
+
+
+def draw_losses(axis, losses: Dict[str, Series], smooth: int, grid: Optional[np.ndarray] = None) -> None:
     colors = _colors(len(losses))
-    for (task, (steps, values)), color in zip(losses.items(), colors):
-        plot_series(axis, steps, values, task, color, smooth)
+    grid = logged_iterations(losses) if grid is None else grid
+    for (task, series), color in zip(losses.items(), colors):
+        sparse = is_sparse(series, grid)
+        for index, (steps, values) in enumerate(runs_of(series, grid)):
+            marker = "o" if sparse or steps.size == 1 else None
+            plot_series(axis, steps, values, task if index == 0 else None, color, smooth, marker)
     title = "loss per task" + (f" ({smooth}-point moving average)" if smooth > 1 else "")
     axis.set_title(title)
     axis.set_ylabel("loss")
@@ -153,7 +185,7 @@ def render(scalars: Dict[str, Series], losses: Dict[str, Series], args: argparse
     rows = 2 if optimizer else 1
     figure, axes = plt.subplots(rows, 1, sharex=True, squeeze=False, figsize=(args.width / DPI, args.height / DPI),
                                 gridspec_kw={"height_ratios": [2, 1][:rows]})
-    draw_losses(axes[0, 0], losses, args.smooth)
+    draw_losses(axes[0, 0], losses, args.smooth, logged_iterations(scalars))
     if optimizer:
         draw_optimizer(axes[1, 0], scalars, args.smooth)
     axes[-1, 0].set_xlabel("iteration")

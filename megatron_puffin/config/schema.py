@@ -98,7 +98,9 @@ class CheckpointConfig:
     save_interval: Optional[int] = None
     """Save every this many optimizer steps."""
     load: Optional[str] = None
-    """Resume everything (model, optimizer, scheduler, RNG, data position) from this run directory."""
+    """Resume everything (model, optimizer, scheduler, data position, counters) from this run directory's latest
+    complete checkpoint (or the iter_N directory named). Random draws are re-derived from --seed, the iteration and
+    the rank, so there is no RNG state to restore."""
     pretrained_checkpoint: Optional[str] = None
     """Start from these weights with a fresh optimizer (stage hand-off)."""
     keep_last_n: Optional[int] = None

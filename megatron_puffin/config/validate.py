@@ -105,7 +105,9 @@ def check_precision(args) -> List[str]:
     precision, problems = args.precision, []
     if precision.bf16 and precision.fp16:
         problems.append("--bf16 and --fp16 are mutually exclusive; choose one")
-    te_reason = transformer_engine_error()
+    # A dry run plans a GPU job from anywhere (a login node without CUDA): Transformer Engine is not required here;
+    # the layout says whether it is usable on this machine.
+    te_reason = None if args.dry_run else transformer_engine_error()
     if precision.fp8_format and te_reason:
         problems.append(
             f"--fp8-format ({precision.fp8_format}) needs Transformer Engine with CUDA, but {te_reason} "
@@ -254,5 +256,8 @@ def validate_args(args) -> None:
     problems: List[str] = []
     for validator in VALIDATORS:
         problems.extend(validator(args))
+    from megatron_puffin.config.tensor_parallel import merge_tensor_parallel_problems
+
+    problems = merge_tensor_parallel_problems(args, problems, (check_llm_parallel, check_towers))
     if problems:
         raise ConfigError(problems)

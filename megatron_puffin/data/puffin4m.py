@@ -43,6 +43,7 @@ BAD_SAMPLE_REASONS: Dict[str, str] = {
     "camera_unparsable": "camera sentence missing or malformed",
     "camera_non_finite": "camera values are NaN or infinite",
     "camera_out_of_range": "camera values outside the valid ranges",
+    "camera_yaw_missing": "cross-view caption or camera text without its yaw sentence",
 }
 """Reason key -> meaning, for every way a source sample can be rejected."""
 
@@ -228,12 +229,19 @@ def _main_record(layout: SubsetLayout, annotation: str, record: PuffinRecord) ->
             raise BadSample(_camera_reason(cot_text, error)[0], cot_path, str(error)) from None
 
 
+def _cross_view_camera(path: Path):
+    """(description, Camera) of a cross-view text, whose camera sentence must be followed by the yaw sentence."""
+    description, camera = parse_caption_camera(read_caption(path), path)
+    if camera.yaw is None:
+        raise BadSample("camera_yaw_missing", path, f"a cross-view target needs '{YAW_SENTENCE_PREFIX} Y.' after "
+                        "its camera sentence (Y in radians, [0, 2*pi))")
+    return description, camera
+
+
 def _cross_view_record(layout: SubsetLayout, annotation: str, record: PuffinRecord) -> None:
-    caption_path = _caption_file(layout, "caption", annotation)
-    record.caption, record.camera = parse_caption_camera(read_caption(caption_path), caption_path)
+    record.caption, record.camera = _cross_view_camera(_caption_file(layout, "caption", annotation))
     if "camera" in layout.caption_folders:
-        camera_path = _caption_file(layout, "camera", annotation)
-        record.camera = parse_caption_camera(read_caption(camera_path), camera_path)[1]
+        record.camera = _cross_view_camera(_caption_file(layout, "camera", annotation))[1]
     if "scene" in layout.caption_folders:
         record.scene = read_caption(_caption_file(layout, "scene", annotation))
 

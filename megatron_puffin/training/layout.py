@@ -423,6 +423,20 @@ def _memory_lines(args, tower_list: List[Tower]) -> List[str]:
     return lines
 
 
+def _backend_lines(args) -> List[str]:
+    """Whether the Transformer Engine a run asks for is usable here (a dry run does not require it)."""
+    from megatron_puffin.optional_deps import TE_INSTALL_HINT, transformer_engine_error
+
+    precision = args.precision
+    if precision.transformer_impl != "transformer_engine" and not precision.fp8_format:
+        return []
+    reason = transformer_engine_error()
+    if reason is None:
+        return ["Transformer Engine: usable on this machine"]
+    return [f"Transformer Engine: not usable on this machine ({reason}); the training job needs it on its GPU nodes "
+            f"({TE_INSTALL_HINT})"]
+
+
 def describe(args) -> str:
     """A human-readable summary of layout, per-tower parameter counts, data, schedule and memory."""
     p, precision = args.parallel, args.precision
@@ -432,6 +446,7 @@ def describe(args) -> str:
         f"parallel layout: world size {args.world_size} = TP {p.tensor_model_parallel_size} x PP "
         f"{p.pipeline_model_parallel_size} x DP {args.data_parallel_size}; {dtype}, "
         f"{precision.transformer_impl} layers" + (f", FP8 {precision.fp8_format}" if precision.fp8_format else ""),
+        *_backend_lines(args),
         *_stage_contents(args),
         *_tower_lines(tower_list),
         *_data_lines(args),

@@ -37,6 +37,7 @@ import megatron_puffin.distributed as mpd
 from megatron_puffin.distributed.random import derive_seed, seed_everything
 from megatron_puffin.training import checkpointing as ckpt
 from megatron_puffin.training.metrics import Interval, MetricsWriter, Report, peak_memory_gib
+from megatron_puffin.training.step import stream_task
 
 logger = logging.getLogger(__name__)
 
@@ -323,10 +324,9 @@ class Trainer:
             samples = int(batch["input_ids"].shape[0])
             tokens = int(batch["attention_mask"].sum())
             flops = sum(micro_batch_flops(self.config, batch, self.trainable).values())
-            interval.add_batch(batch["task"], samples, tokens, flops)
-            self.state.consumed[batch["task"]] = (
-                self.state.consumed.get(batch["task"], 0) + samples * self.ctx.data_parallel_size
-            )
+            name = stream_task(batch) or batch["task"]
+            interval.add_batch(name, samples, tokens, flops)
+            self.state.consumed[name] = self.state.consumed.get(name, 0) + samples * self.ctx.data_parallel_size
             batches.append(batch)
         return batches
 
@@ -456,14 +456,12 @@ class Trainer:
 
 
 def _loss_tasks(args) -> List[str]:
-    """The loss tasks of the configured streams, in stream order (thinking variants train under their base task)."""
-    from megatron_puffin.data.task_encoders import TASK_VARIANTS
-
+    """The tasks of the configured streams, in stream order, as logs and plots name them (the stream's task, e.g.
+    ``image2text_photography``, not the loss it trains under, ``image2text``)."""
     tasks: List[str] = []
     for spec in args.data.streams():
-        task = TASK_VARIANTS[spec.task]
-        if task not in tasks:
-            tasks.append(task)
+        if spec.task not in tasks:
+            tasks.append(spec.task)
     return tasks
 
 

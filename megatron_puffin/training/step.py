@@ -38,16 +38,23 @@ class StepResult:
         return all(math.isfinite(l) for losses in self.task_losses.values() for l in losses)
 
 
-def _loss_func(data_parallel_group, output: Dict[str, torch.Tensor]):
+def stream_task(batch: Dict[str, Any]) -> Optional[str]:
+    """The task of the stream a loader batch came from (``image2text_photography`` for the stream
+    ``image2text_photography#0``), which logs and plots name; None for a batch built without the loader."""
+    stream = batch.get("stream")
+    return stream.split("#", 1)[0] if stream else None
+
+
+def _loss_func(data_parallel_group, name: Optional[str], output: Dict[str, torch.Tensor]):
     backward_loss, mean, count = global_mean_loss(output, data_parallel_group)
-    task = next(key[len("loss_"):] for key in output if key.startswith("loss_") and key != "loss_sum")
+    task = name or next(key[len("loss_"):] for key in output if key.startswith("loss_") and key != "loss_sum")
     return backward_loss, {"task": task, "loss": mean, "count": count}
 
 
 def _forward_step(data_parallel_group, data_iterator: Iterator, model):
     batch = next(data_iterator)
     # Intermediate stages return hidden states; the schedule calls the loss function on the last stage only.
-    return model(batch), functools.partial(_loss_func, data_parallel_group)
+    return model(batch), functools.partial(_loss_func, data_parallel_group, stream_task(batch))
 
 
 def forward_backward(model, batches: List[Dict[str, Any]], forward_only: bool = False) -> StepResult:

@@ -18,7 +18,8 @@ from megatron_puffin.data.synthetic import SyntheticOptions, make_synthetic_data
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "preprocess_data.py"
 EXPECTED_BAD = {"image_unreadable": 1, "image_empty": 1, "caption_missing": 1, "camera_non_finite": 1,
-                "caption_bad_json": 1, "camera_unparsable": 1, "init_image_missing": 1, "image_too_small": 1}
+                "caption_bad_json": 1, "camera_unparsable": 1, "init_image_missing": 1, "image_too_small": 1,
+                "camera_yaw_missing": 1}
 
 
 def _caption_path(root, index, folder="cap_folder"):
@@ -30,7 +31,7 @@ def _image_path(root, index, folder="local_folder"):
 
 
 def _break_samples(raw):
-    """Main samples 0-6 and cross-view sample 1 become bad, one reason each."""
+    """Main samples 0-6 and cross-view samples 1-2 become bad, one reason each."""
     data = _image_path(raw, 0).read_bytes()
     _image_path(raw, 0).write_bytes(data[: len(data) // 2])  # truncated JPEG
     _image_path(raw, 1).write_bytes(b"")  # zero-byte image
@@ -44,6 +45,9 @@ def _break_samples(raw):
     Image.new("RGB", (60, 120), "red").save(buffer, format="JPEG")
     _image_path(raw, 6).write_bytes(buffer.getvalue())  # too small (side <= 80)
     _image_path(raw / "cross_view", 1, "local_folder_init").unlink()  # missing initial view
+    cross = json.loads(_caption_path(raw / "cross_view", 2).read_text())["caption"]
+    without_yaw = cross[: cross.index(" The deviation of the camera yaw angle")]
+    _caption_path(raw / "cross_view", 2).write_text(json.dumps({"caption": without_yaw}))  # yaw sentence dropped
 
 
 def _digest(root, with_times=False):
@@ -77,11 +81,12 @@ def test_bad_samples_are_counted_per_reason_and_every_good_sample_is_kept(raw, t
     assert "samples/s" in result.stderr + result.stdout  # progress bar and report show the rate
     report = json.loads((tmp_path / "out" / "dataset.json").read_text())
     assert report["bad_samples"] == dict(sorted(EXPECTED_BAD.items()))
-    assert report["subsets"]["main"]["samples"] == 14 - 7 and report["subsets"]["cross_view"]["samples"] == 4
+    assert report["subsets"]["main"]["samples"] == 14 - 7 and report["subsets"]["cross_view"]["samples"] == 3
     assert report["subsets"]["photography"]["samples"] == 2
     main = PuffinDataset(tmp_path / "out" / "main")
     assert sorted(main[i]["key"] for i in range(len(main))) == [f"main/000000/{i:08d}.json" for i in range(7, 14)]
-    assert main.bad_sample_counts() == {k: v for k, v in EXPECTED_BAD.items() if k != "init_image_missing"}
+    assert main.bad_sample_counts() == {k: v for k, v in EXPECTED_BAD.items()
+                                        if k not in ("init_image_missing", "camera_yaw_missing")}
     for index in range(len(main)):
         sample = main[index]
         source = json.loads((raw / "cap_folder" / sample["key"][len("main/"):]).read_text())["caption"]

@@ -55,6 +55,7 @@ end_run "${FAKE_EXIT:-0}"
 FAKE_SRUN = "#!/usr/bin/env bash\n" + FAKE_RUN_STATUS + r"""
 trap 'echo USR1 >> "$FAKE_RECORD.signals"; end_run 1' USR1
 printf '%s\n' "$@" > "$FAKE_RECORD"
+echo "$OMP_NUM_THREADS" > "$FAKE_RECORD.omp"
 for _ in $(seq "${FAKE_TICKS:-1}"); do sleep 0.05; done
 end_run "${FAKE_EXIT:-0}"
 """
@@ -298,3 +299,64 @@ def test_sbatch_without_save_dir_prints_usage(fakes):
     del env["SAVE_DIR"]
     result = run(SBATCH, env)
     assert result.returncode == 2 and "SAVE_DIR is not set" in result.stderr and not recorded(tmp_path)
+
+
+@pytest.mark.parametrize("allocation, gpus, threads", [
+    ({"SLURM_GPUS_PER_NODE": "1", "SLURM_CPUS_PER_TASK": "16"}, "1", "16"),
+    ({"SLURM_GPUS_PER_NODE": "2", "SLURM_CPUS_PER_TASK": "16"}, "2", "8"),
+    ({"SLURM_GPUS_PER_NODE": "h100:4", "SLURM_CPUS_PER_TASK": "64"}, "4", "16"),  # typed --gpus-per-node
+    ({"SLURM_GPUS_ON_NODE": "4"}, "4", "8"),
+    ({"GPUS_PER_NODE": "2", "SLURM_GPUS_PER_NODE": "8", "OMP_NUM_THREADS": "3"}, "2", "3"),  # explicit wins
+])
+def test_sbatch_runs_one_rank_per_allocated_gpu_and_shares_the_cpus(fakes, allocation, gpus, threads):
+    tmp_path, env = fakes
+    result = run(SBATCH, slurm_env(env, tmp_path, **allocation))
+    assert result.returncode == 0, result.stderr
+    command = recorded(tmp_path)
+    assert command[command.index("--nproc-per-node") + 1] == gpus
+    assert recorded(tmp_path, ".omp") == [threads]
+
+
+def test_sbatch_rejects_a_gpu_count_that_is_not_a_number(fakes):
+    tmp_path, env = fakes
+    result = run(SBATCH, slurm_env(env, tmp_path, GPUS_PER_NODE="four"))
+    assert result.returncode == 2 and "set GPUS_PER_NODE" in result.stderr
+    assert not recorded(tmp_path)
+
+
+def test_sourcing_the_bootstrap_leaves_the_callers_shell_options_alone(tmp_path):
+    """bootstrap_env.sh is sourced into interactive shells: errexit / nounset / pipefail stay as they were, and a
+    failure returns instead of closing the shell."""
+    import sys
+
+    venv = Path(sys.prefix)
+    stamp = venv / ".puffin_install_stamp"
+    import hashlib
+
+    expected = hashlib.sha256((ROOT / "setup.py").read_bytes()).hexdigest()
+    if not stamp.exists() or stamp.read_text().strip() != expected:
+        pytest.skip("the active environment was not installed by examples/bootstrap_env.sh from this setup.py "
+                    "(sourcing it would reinstall)")
+    script = (f'source "{ROOT}/examples/bootstrap_env.sh" > /dev/null; echo "rc=$?"; set -o | grep -E '
+              '"^(errexit|nounset|pipefail)"; echo "python=$(command -v python)"; echo alive')
+    env = dict(os.environ, PUFFIN_VENV=str(venv))
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    lines = result.stdout.split("\n")
+    assert "rc=0" in lines and "alive" in lines, result.stdout + result.stderr
+    for option in ("errexit", "nounset", "pipefail"):
+        assert any(line.split() == [option, "off"] for line in lines), result.stdout
+    assert f"python={venv}/bin/python" in lines
+
+    broken = tmp_path / "venv"  # an environment whose python cannot import anything: the bootstrap must fail
+    (broken / "bin").mkdir(parents=True)
+    (broken / "bin" / "python").write_text("#!/bin/sh\nexit 1\n")
+    (broken / "bin" / "python").chmod(0o755)
+    (broken / "bin" / "activate").write_text(f'PATH="{broken}/bin:$PATH"\n')
+    script = (f'set -u; source "{ROOT}/examples/bootstrap_env.sh" > /dev/null 2>&1; echo "rc=$?"; '
+              'set -o | grep -E "^(errexit|nounset|pipefail)"; echo alive')
+    env = dict(os.environ, PUFFIN_VENV=str(broken), PIP_NO_INDEX="1")
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    lines = result.stdout.split("\n")
+    assert "alive" in lines and "rc=0" not in lines, result.stdout + result.stderr
+    assert any(line.split() == ["nounset", "on"] for line in lines)  # the caller's own option is kept
+    assert any(line.split() == ["errexit", "off"] for line in lines)

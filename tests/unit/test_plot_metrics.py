@@ -100,3 +100,43 @@ def test_bad_smoothing_and_size_are_reported_together(tool, tmp_path, capsys):
                       "--smooth", "0", "--width", "10"])
     err = capsys.readouterr().err
     assert code != 0 and "--smooth (0)" in err and "--width (10)" in err
+
+
+def test_sparse_tasks_get_markers_and_curves_do_not_bridge_iterations_a_task_skipped(tool, tmp_path):
+    """A stream logged once or sparsely (photography: 1 micro-batch in a long cycle) is visible as markers, and a
+    task that did not run for a while is drawn as separate lines, not one line across the gap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(tmp_path / "tb"))
+    for step in range(1, 41):
+        writer.add_scalar("loss/image2text_cross_view", 3.0 / step, step)
+        writer.add_scalar("learning_rate", 1e-4, step)
+        if step <= 10 or step > 20:
+            writer.add_scalar("loss/image2image", 2.0 / step, step)
+        if step in (10, 30):
+            writer.add_scalar("loss/image2text_photography", 1.0, step)
+    writer.close()
+    scalars = tool.read_scalars(tmp_path / "tb")
+    losses = tool.loss_series(scalars, tmp_path / "tb")
+    figure, axis = plt.subplots()
+    try:
+        tool.draw_losses(axis, losses, smooth=1, grid=tool.logged_iterations(scalars))
+        lines = {}
+        for line in axis.get_lines():
+            lines.setdefault(line.get_color(), []).append(line)
+        by_task = {text.get_text(): handle.get_color()
+                   for handle, text in zip(axis.get_legend().legend_handles, axis.get_legend().get_texts())}
+    finally:
+        plt.close(figure)
+    assert set(by_task) == {"image2image", "image2text_cross_view", "image2text_photography"}
+    full = lines[by_task["image2text_cross_view"]]
+    assert len(full) == 1 and full[0].get_xdata().tolist() == list(range(1, 41)) and full[0].get_marker() == "None"
+    gap = lines[by_task["image2image"]]
+    assert [line.get_xdata().tolist() for line in gap] == [list(range(1, 11)), list(range(21, 41))]
+    sparse = lines[by_task["image2text_photography"]]
+    assert [line.get_xdata().tolist() for line in sparse] == [[10], [30]]
+    assert all(line.get_marker() == "o" for line in sparse)

@@ -71,3 +71,16 @@ def test_frozen_towers_are_bit_identical_after_optimizer_steps(tiny):
         assert torch.equal(param, before[name]), f"frozen {name} changed"
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert any(n.startswith("conditioner.") for n in changed) and any(n.startswith("vision.projector") for n in changed)
+
+
+def test_losses_are_reported_under_the_stream_task_not_the_loss_task(tiny):
+    """A photography stream trains the image2text loss; logs and plots must name it image2text_photography."""
+    from megatron_puffin.training.step import forward_backward
+
+    model, ddp, _ = _trainer(tiny, lr=0.0)
+    model.eval()
+    batch = task_batches(tiny, micro_batch_size=2, steps=1)["image2text"][0]
+    plain = forward_backward(ddp, [batch], forward_only=True).task_losses
+    named = forward_backward(ddp, [dict(batch, stream="image2text_photography#0")], forward_only=True).task_losses
+    assert list(plain) == ["image2text"] and list(named) == ["image2text_photography"]
+    assert named["image2text_photography"] == plain["image2text"]

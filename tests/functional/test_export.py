@@ -1,0 +1,115 @@
+"""Exporting what was trained (tools/convert_checkpoint.py mcore-to-hf / mcore-to-towers) from a real training
+checkpoint written at PP=2 by torchrun (the LLM's TP=2 case: test_convert_checkpoint.py): transformers loads the
+exported LLM and its logits equal our LLM tower's (fp32, atol 1e-5), the tokenizer and generation config are in the
+directory; the vision tower and query path reload from our format bit-identical to the checkpoint's tensors, and
+the reloaded vision tower gives the same features."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers.puffin import ROOT, make_tiny_dataset
+
+TINY = ROOT / "examples" / "tiny"
+TOOL = ROOT / "tools" / "convert_checkpoint.py"
+ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("convert_checkpoint_export", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny stage-2 run (everything trains) of 2 steps at PP=2 (LLM layers split; vision tower and connectors on
+    different ranks); returns its working directory."""
+    root = tmp_path_factory.mktemp("export")
+    make_tiny_dataset(root / "tiny", num_samples=8)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(ROOT / "pretrain_puffin.py"), f"@{TINY / 'model.args'}",
+               "--task-stream", "image2text:tiny/data/main:2", "--task-stream", "cam2image:tiny/data/main:2",
+               "--num-workers", "0", "--train-iters", "2", "--lr", "1e-3", "--lr-warmup-iters", "0",
+               "--pipeline-model-parallel-size", "2", "--save", "run", "--tensorboard-dir", "none",
+               "--metrics-file", "none"]
+    proc = subprocess.run(command, cwd=root, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root
+
+
+def _our_llm(directory):
+    """Our LLM tower of the checkpoint (TP=1) and its logits for fixed ids."""
+    import megatron_puffin.distributed as mpd
+    from megatron_puffin.convert.export import load_llm, resolve_source
+
+    mpd.initialize(seed=0)
+    try:
+        model, config = load_llm(resolve_source(str(directory)))
+        ids = torch.randint(0, config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+        positions = torch.arange(11).expand(2, 11)
+        with torch.no_grad():
+            logits = model(input_ids=ids, position_ids=positions).transpose(0, 1)[..., :config.vocab_size]
+        return ids, logits
+    finally:
+        mpd.destroy()
+
+
+def test_trained_llm_exports_to_hugging_face_with_identical_logits(trained, monkeypatch):
+    from transformers import Qwen2ForCausalLM
+
+    from megatron_puffin.data.tokenizer import PuffinTokenizer
+
+    monkeypatch.chdir(trained)  # the run's --tokenizer (tiny/tokenizer.model) is relative to where it trained
+    _tool().main(["mcore-to-hf", "--input", "run", "--output", "hf"])  # the run directory: its latest checkpoint
+    exported = trained / "hf"
+    hf = Qwen2ForCausalLM.from_pretrained(exported, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    ids, ours = _our_llm(trained / "run" / "iter_0000002")
+    with torch.no_grad():
+        theirs = hf(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+    assert (exported / "tokenizer.model").read_bytes() == (trained / "tiny" / "tokenizer.model").read_bytes()
+    generation = json.loads((exported / "generation_config.json").read_text())
+    tokenizer = PuffinTokenizer(exported / "tokenizer.model")
+    assert generation["eos_token_id"] == [tokenizer.eos_id, tokenizer.pad_id]
+    assert generation["pad_token_id"] == tokenizer.pad_id and generation["bos_token_id"] is None
+
+    with pytest.raises(SystemExit, match="no complete checkpoint there"):
+        _tool().main(["mcore-to-hf", "--input", "tiny", "--output", "other"])
+
+
+def test_vision_tower_and_query_path_round_trip_through_our_format(trained):
+    import megatron_puffin.distributed as mpd
+    from megatron_puffin.convert.export import build_tower, load_exported_towers, resolve_source
+    from megatron_puffin.training.checkpointing import load_module
+
+    checkpoint = trained / "run" / "iter_0000002"
+    _tool().main(["mcore-to-towers", "--input", str(checkpoint), "--output", str(trained / "towers")])
+    manifest = json.loads((trained / "towers" / "puffin_towers.json").read_text())
+    assert (manifest["towers"], manifest["iteration"], manifest["llm_hidden_size"]) == (["vision", "queries"], 2, 48)
+
+    source = resolve_source(str(checkpoint))
+    mpd.initialize(seed=5)
+    try:
+        reloaded = load_exported_towers(str(trained / "towers"))
+        for tower, prefix in (("vision", "vision."), ("queries", "conditioner.")):
+            direct = build_tower(tower, source.args["vision"], source.args["connector"], 48)
+            load_module(direct, str(checkpoint), prefix=prefix)
+            expected, got = direct.state_dict(), reloaded[tower].state_dict()
+            names = [k for k in expected if torch.is_tensor(expected[k]) and not k.endswith("_extra_state")]
+            assert len(names) > 5
+            for name in names:
+                assert torch.equal(got[name], expected[name]), (tower, name)
+        images = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        with torch.no_grad():
+            direct_vision = build_tower("vision", source.args["vision"], source.args["connector"], 48)
+            load_module(direct_vision, str(checkpoint), prefix="vision.")
+            torch.testing.assert_close(reloaded["vision"].eval()(images), direct_vision.eval()(images), rtol=0, atol=0)
+    finally:
+        mpd.destroy()
