@@ -13,6 +13,7 @@ numbered list entries of that section's own text and the numbers of its direct s
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from dataclasses import dataclass
@@ -173,6 +174,29 @@ def test_every_cited_section_exists_in_the_reference():
                  for line, cited, why in citation_problems(text, sections)]
     assert citations > 0, "found no section citations at all; the scan is not looking at the repository"
     assert not rows, _report(rows, "give docs/puffin.md that numbered heading or item, or cite one it has")
+
+
+def _templates_module():
+    """``megatron_puffin/data/templates.py`` loaded on its own (it imports nothing heavy; the package would)."""
+    spec = importlib.util.spec_from_file_location("_puffin_templates", REPO / "megatron_puffin" / "data" / "templates.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reference_quotes_the_strings_the_code_uses():
+    """docs/puffin.md says its prompts and templates are verbatim copies of templates.py; keep it true."""
+    templates = _templates_module()
+    strings = [
+        *templates.CAPTION_PROMPT_HEADS, templates.CAPTION_PROMPT_SUFFIX, templates.THINKING_PROMPT,
+        templates.REASONING_PROMPT, templates.CROSS_VIEW_PROMPT_PREFIX, *templates.CROSS_VIEW_PROMPT_TAILS,
+        templates.PHOTOGRAPHY_PROMPT, templates.INSTRUCTION_TEMPLATE, templates.SYSTEM_TEMPLATE,
+        templates.GENERATION_TEMPLATE, templates.GENERATION_CROSS_TEMPLATE, *templates.SPECIAL_TOKENS,
+        templates.CAMERA_SENTENCE_START,
+    ]
+    doc = " ".join(_read(DOC).split())
+    missing = [text for text in strings if " ".join(text.replace("\n", "\\n").split()) not in doc]
+    assert len(strings) > 30 and not missing, f"docs/puffin.md does not quote these strings of templates.py: {missing}"
 
 
 # --- the checker itself --------------------------------------------------------------------------------------------
