@@ -5,7 +5,8 @@ Code, flag files and docs cite the facts they rely on as ``docs/puffin.md §2.3`
 ``.py``, ``.md``, ``.sh`` and ``.args`` file of the repository and fail when
 
 * a file points at a document outside the repository (the old external specification file, a path into the
-  shared folder beside the checkout, or an "according to the spec" citation of a section number), or
+  shared folder beside the checkout, an "according to the spec" citation of a section number, or a decision of the
+  external architecture page), or
 * a section sign cites a section, or a numbered item of a section, that ``docs/puffin.md`` does not have.
 
 A section exists when ``docs/puffin.md`` has a heading starting with its number (``### 2.3 ...``); its items are the
@@ -31,6 +32,7 @@ OUTSIDE_REFERENCES: Tuple[Tuple[re.Pattern, str], ...] = (
     (re.compile("PUFFIN" + "_SPEC"), "names the external specification file"),
     (re.compile(r"\.\./" + "shared" + r"\b|/work/" + "shared" + r"\b"), "points into a folder outside the repository"),
     (re.compile(r"\b[Ss]pec\s*" + SECTION_SIGN + r"|\b[Ss]pec\s+\d+\.\d+\b"), "cites the external specification"),
+    (re.compile(r"\bARCHITECTURE(?:\.md\b| decision)"), "cites the external architecture page"),
 )
 
 HEADING = re.compile(r"^#{1,6}\s+(\d+(?:\.\d+)*)\.?(?:\s|$)")
@@ -247,6 +249,7 @@ def test_checker_reports_missing_sections_and_items():
 def test_checker_reports_references_outside_the_repository():
     text = ("see [x](../" + "shared/PUFFIN" + "_SPEC.md)\n"
             f"(spec {_S}2.3) and (Spec {_S}1) and (" + "spec" + " 5.4)\n"
-            f"fine: docs/puffin.md {_S}2.3, layer specs, get_dit_layer_spec()\n")
+            f"fine: docs/puffin.md {_S}2.3, layer specs, get_dit_layer_spec()\n"
+            "(ARCHITECTURE" + " decision 6), ARCHITECTURE" + ".md; fine: SUPPORTED_ARCHITECTURES\n")
     lines = [line for line, _, _ in outside_references(text)]
-    assert lines == [1, 1, 2, 2, 2]
+    assert lines == [1, 1, 2, 2, 2, 4, 4]
