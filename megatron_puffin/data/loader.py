@@ -26,6 +26,7 @@ from megatron_puffin.data.sampler import (
 )
 from megatron_puffin.data.task_encoders import REQUIRED_FIELDS, TaskEncoder, TaskEncoderConfig
 from megatron_puffin.data.tokenizer import PuffinTokenizer
+from megatron_puffin.data.workers import stop_signals_blocked, worker_init
 
 logger = logging.getLogger(__name__)
 
@@ -161,14 +162,16 @@ class PuffinDataLoader:
     def _torch_loader(self) -> torch.utils.data.DataLoader:
         kwargs: Dict[str, Any] = {}
         if self.num_workers > 0:
-            kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
+            kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=False, worker_init_fn=worker_init)
         return torch.utils.data.DataLoader(
             _StreamSamples(self.streams), batch_sampler=self.sampler(), collate_fn=self.collator,
             num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs,
         )
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
-        for batch in self._torch_loader():
+        with stop_signals_blocked():  # workers are forked here (see megatron_puffin/data/workers.py)
+            batches = iter(self._torch_loader())
+        for batch in batches:
             stream = self.schedule.stream_at(self._state.step)
             batch["stream"] = self.specs[stream].name
             batch["step"] = self._state.step

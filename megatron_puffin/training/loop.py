@@ -107,6 +107,10 @@ class StopFlag:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if self.received:  # e.g. a launcher repeating its signal while the checkpoint is written
+            logger.warning("%s received while stopping (%s): ignored, the save goes on",
+                           signal.Signals(signum).name, self.received)
+            return
         self.received = signal.Signals(signum).name
 
     def restore(self) -> None:
@@ -408,12 +412,12 @@ class Trainer:
                 if stopped and self.state.iteration < training.train_iters:
                     break
                 stopped = None
+            if ckpt_args.save:  # still under the stop handler: a second signal must not kill the save
+                self.save()
+                self._write_status("interrupted" if stopped and not stopped.startswith("--exit-interval") else
+                                   "stopped" if stopped else "finished", stopped)
         finally:
             self.stop.restore()
-        if ckpt_args.save:
-            self.save()
-            self._write_status("interrupted" if stopped and not stopped.startswith("--exit-interval") else
-                               "stopped" if stopped else "finished", stopped)
         if stopped:
             if self.ctx.rank == 0:
                 logger.info("stopped at iteration %d/%d (%s)%s", self.state.iteration, training.train_iters,
@@ -469,6 +473,9 @@ def _loss_tasks(args) -> List[str]:
 
 def run(args) -> int:
     """Build, train and tear down; returns the exit code (:data:`EXIT_FINISHED` or :data:`EXIT_INTERRUPTED`)."""
+    from megatron_puffin.data.workers import die_with_launcher
+
+    die_with_launcher()
     try:
         trainer = Trainer(args)
     except BaseException:
