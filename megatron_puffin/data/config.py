@@ -46,6 +46,11 @@ def _positive_int(text: str, what: str, spec: str) -> int:
     return value
 
 
+def _is_int(text: str) -> bool:
+    """A (possibly negative) integer: a negative count is a mistake to report, not part of a path."""
+    return text.lstrip("+-").isdigit()
+
+
 def parse_task_stream(spec: str) -> TaskStreamSpec:
     """Parses ``TASK:PATH[,PATH...]:MICRO_BATCH_SIZE[:REPEATS]`` (paths may contain ':'; numbers are read from the end).
 
@@ -59,7 +64,7 @@ def parse_task_stream(spec: str) -> TaskStreamSpec:
             f"{', '.join(sorted(TASK_VARIANTS))}"
         )
     parts = rest.split(":")
-    if len(parts) >= 3 and parts[-1].isdigit() and parts[-2].isdigit():
+    if len(parts) >= 3 and _is_int(parts[-1]) and _is_int(parts[-2]):
         path_text, batch_text, repeats_text = ":".join(parts[:-2]), parts[-2], parts[-1]
     elif len(parts) >= 2:
         path_text, batch_text, repeats_text = ":".join(parts[:-1]), parts[-1], "1"

@@ -10,11 +10,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from megatron_puffin.data.collate import Collator
 from megatron_puffin.data.config import DataConfig, TaskStreamSpec, validate_data_config
-from megatron_puffin.data.format import PuffinDataset
+from megatron_puffin.data.format import DatasetFormatError, PuffinDataset
 from megatron_puffin.data.sampler import (
     MicroBatchSchedule,
     SampleRef,
@@ -70,7 +71,7 @@ def _check_fields(name: str, spec: TaskStreamSpec, dataset: PuffinDataset) -> No
     """Fails early when a stream's dataset has none of a field its task needs (e.g. no thinking captions)."""
     for field_name in REQUIRED_FIELDS[spec.task]:
         if field_name == "camera":  # stored as NaN when absent: look at the first sample of every shard
-            present = any(dataset[offset]["camera"] is not None for offset in _shard_starts(dataset))
+            present = any(not np.isnan(dataset.read_field(offset, "camera")[0]) for offset in _shard_starts(dataset))
         else:
             present = any(shard.manifest["fields"][field_name]["num_bytes"] > 0 for shard in dataset.shards)
         if not present:
@@ -79,6 +80,22 @@ def _check_fields(name: str, spec: TaskStreamSpec, dataset: PuffinDataset) -> No
                 f"but the dataset has none (subsets {sorted({shard.subset for shard in dataset.shards})}); point "
                 "the stream at a dataset that has it (see docs/data.md)"
             )
+
+
+def stream_dataset_errors(spec: TaskStreamSpec) -> List[str]:
+    """Opening problems of one stream's datasets (not a finished shard, truncated, missing fields for its task),
+    as messages naming the stream; cheap: manifests, index headers and file sizes, one sample per shard."""
+    label = f"--task-stream {spec.task}:{','.join(spec.paths)}"
+    try:
+        dataset = PuffinDataset(list(spec.paths))
+        if len(dataset) == 0:
+            return [f"{label} has no samples"]
+        _check_fields(stream_names([spec])[0], spec, dataset)
+    except DatasetFormatError as error:
+        return [f"{label}: {error}"]
+    except ValueError as error:
+        return [str(error)]
+    return []
 
 
 def build_streams(specs: Sequence[TaskStreamSpec], tokenizer: PuffinTokenizer,
