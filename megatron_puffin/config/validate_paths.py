@@ -86,4 +86,23 @@ def check_stream_datasets(args) -> List[str]:
     return problems
 
 
-PATH_VALIDATORS = [check_output_paths, check_input_checkpoints, check_vae_files, check_stream_datasets]
+def check_tokenizer(args) -> List[str]:
+    """--tokenizer loads, and --vocab-size holds its vocabulary (else token ids overflow the embedding)."""
+    from megatron_puffin.data.tokenizer import PuffinTokenizer
+
+    path = args.data.tokenizer
+    if args.dry_run or not path or not Path(path).exists():
+        return []  # a missing one is reported by check_data
+    try:
+        vocab = PuffinTokenizer(path).vocab_size
+    except Exception as error:  # noqa: BLE001 - SentencePiece/transformers raise many types for a broken file
+        return [f"--tokenizer ({path}) cannot be loaded ({type(error).__name__}: {str(error)[:200]}); give an HF "
+                "tokenizer directory or a SentencePiece .model"]
+    if vocab > args.llm.vocab_size:
+        return [f"--vocab-size ({args.llm.vocab_size}) is smaller than the vocabulary of --tokenizer {path} "
+                f"({vocab}); set --vocab-size {vocab} or more"]
+    return []
+
+
+PATH_VALIDATORS = [check_output_paths, check_input_checkpoints, check_vae_files, check_stream_datasets,
+                   check_tokenizer]

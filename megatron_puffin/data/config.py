@@ -121,6 +121,11 @@ class DataConfig:
     mixed_motion_prob: float = 0.5
     """Probability of keeping only the camera text of an image2image caption (spec §3.10)."""
 
+    max_bad_samples: int = 100
+    """Samples per rank that may fail to decode at training time (garbled image, bad UTF-8, bad index pointer,
+    non-finite camera): each is logged with its shard, index and reason, counted in the metrics, and replaced by
+    the next sample of its dataset that decodes. One more stops the run with an error; 0 stops at the first."""
+
     camera_maps_in_loader: bool = True
     """Compute normalised camera maps in the loader; off: batches carry only the camera values [B, 3]."""
 
@@ -158,7 +163,7 @@ def data_config_errors(config: DataConfig, check_paths: bool = True, vision_patc
         errors.append("--tokenizer is required (an HF tokenizer directory or a SentencePiece .model)")
     elif check_paths and not Path(config.tokenizer).exists():
         errors.append(f"--tokenizer ({config.tokenizer}) does not exist")
-    for name in ("num_workers",):
+    for name in ("num_workers", "max_bad_samples"):
         if getattr(config, name) < 0:
             errors.append(f"--{name.replace('_', '-')} ({getattr(config, name)}) must be >= 0")
     for name in ("prefetch_factor", "image_size", "image_size_unit", "max_understanding_text_tokens",

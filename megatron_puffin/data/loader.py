@@ -6,7 +6,10 @@ decode and preprocess images, tokenise and collate. Because workers run ahead of
 :meth:`~PuffinDataLoader.state_dict` is computed from the micro-batches actually *handed out*, by the schedule
 arithmetic, so a checkpoint resumes exactly at the next unseen micro-batch (also at another data-parallel size).
 """
+import functools
 import logging
+import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -111,8 +114,25 @@ def build_streams(specs: Sequence[TaskStreamSpec], tokenizer: PuffinTokenizer,
     return streams
 
 
+# What a sample that cannot be decoded raises: garbled image bytes (PIL: OSError, SyntaxError, EOFError, zlib and
+# struct errors), bad UTF-8 (UnicodeDecodeError), a bad index pointer (ValueError/IndexError from the memory map),
+# a non-finite camera (BadSampleError).
+BAD_SAMPLE_ERRORS = (ValueError, IndexError, OSError, EOFError, SyntaxError, struct.error, zlib.error)
+
+
+def _bad_sample(stream: TaskStream, index: int, error: BaseException) -> Dict[str, Any]:
+    shard, local = stream.dataset.locate(index)
+    reason = f"{type(error).__name__}: {error}".replace("\n", " ")[:300]
+    return {"stream": stream.name, "shard": str(shard.dir), "index": local, "reason": reason}
+
+
 class _StreamSamples(torch.utils.data.Dataset):
-    """Map-style dataset over :data:`SampleRef` items: reads one sample and encodes it for its stream."""
+    """Map-style dataset over :data:`SampleRef` items: reads one sample and encodes it for its stream.
+
+    A sample that fails to decode is replaced by the next one of the same dataset that decodes (a pure function of
+    the index, so the order stays deterministic and a resumed run sees the same replacements); each failure is
+    returned beside the sample (see :func:`_collate_reporting`) for the training process to log and count.
+    """
 
     def __init__(self, streams: Sequence[TaskStream]):
         self.streams = list(streams)
@@ -120,10 +140,25 @@ class _StreamSamples(torch.utils.data.Dataset):
     def __getitem__(self, ref: SampleRef):
         stream, position, index = ref
         item = self.streams[stream]
-        return item.encoder(item.dataset[index], position)
+        bad: List[Dict[str, Any]] = []
+        for attempt in range(len(item.dataset)):
+            candidate = (index + attempt) % len(item.dataset)
+            try:
+                return item.encoder(item.dataset[candidate], position), bad
+            except BAD_SAMPLE_ERRORS as error:
+                bad.append(_bad_sample(item, candidate, error))
+        raise DatasetFormatError(f"stream {item.name}: none of its {len(item.dataset)} samples decodes; the last "
+                                 f"failure: {bad[-1]}")
 
     def __len__(self) -> int:
         return sum(len(stream.dataset) for stream in self.streams)
+
+
+def _collate_reporting(collator: Collator, items: Sequence[tuple]) -> Dict[str, Any]:
+    """Collates the samples and carries the decoding failures met while reading them (``bad_samples``)."""
+    batch = collator([sample for sample, _ in items])
+    batch["bad_samples"] = [bad for _, failures in items for bad in failures]
+    return batch
 
 
 class PuffinDataLoader:
@@ -138,12 +173,15 @@ class PuffinDataLoader:
         num_workers: DataLoader worker processes.
         prefetch_factor: Micro-batches per worker prepared ahead.
         pin_memory: Pin tensors (only when CUDA is available; otherwise a warning is logged once).
+        max_bad_samples: Samples of this rank that may fail to decode (each is logged and replaced); one more sets
+            :attr:`bad_sample_error` (the training loop stops on it). 0: the first one does.
 
     Each batch dict (see :class:`~.collate.Collator`) also has ``stream`` (name) and ``step`` (micro-batch number).
     """
 
     def __init__(self, streams: Sequence[TaskStream], collator: Collator, seed: int, data_parallel_rank: int = 0,
-                 data_parallel_size: int = 1, num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False):
+                 data_parallel_size: int = 1, num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False,
+                 max_bad_samples: Optional[int] = None):
         self.streams, self.collator, self.seed = list(streams), collator, seed
         self.rank, self.world = data_parallel_rank, data_parallel_size
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
@@ -154,6 +192,10 @@ class PuffinDataLoader:
         self.specs = [stream.sampler_spec() for stream in self.streams]
         self.schedule = MicroBatchSchedule(self.specs, data_parallel_size)
         self._state = self.schedule.initial_state()
+        self.max_bad_samples = max_bad_samples
+        self.bad_samples_total = 0
+        self.new_bad_samples: List[Dict[str, Any]] = []  # since the caller last cleared it (for the metrics file)
+        self.bad_sample_error: Optional[str] = None
 
     # --- position ------------------------------------------------------------------------------------------------
     @property
@@ -163,13 +205,14 @@ class PuffinDataLoader:
 
     def state_dict(self) -> Dict[str, Any]:
         """Consumed samples per stream and micro-batches done (small; store it in checkpoints)."""
-        return state_to_dict(self._state, self.specs, self.seed)
+        return {**state_to_dict(self._state, self.specs, self.seed), "bad_samples": self.bad_samples_total}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restores a position saved by :meth:`state_dict` (any data-parallel size); takes effect on the next iter()."""
         restored = state_from_dict(state, self.specs, self.seed)
         self.schedule.check_state(restored)
         self._state = restored
+        self.bad_samples_total = int(state.get("bad_samples", 0))
 
     # --- iteration -----------------------------------------------------------------------------------------------
     def sampler(self) -> TaskStreamBatchSampler:
@@ -181,7 +224,8 @@ class PuffinDataLoader:
         if self.num_workers > 0:
             kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=False, worker_init_fn=worker_init)
         return torch.utils.data.DataLoader(
-            _StreamSamples(self.streams), batch_sampler=self.sampler(), collate_fn=self.collator,
+            _StreamSamples(self.streams), batch_sampler=self.sampler(),
+            collate_fn=functools.partial(_collate_reporting, self.collator),
             num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs,
         )
 
@@ -192,8 +236,24 @@ class PuffinDataLoader:
             stream = self.schedule.stream_at(self._state.step)
             batch["stream"] = self.specs[stream].name
             batch["step"] = self._state.step
+            self._record_bad_samples(batch.pop("bad_samples"))
             self._state = self.schedule.advance(self._state)
             yield batch
+
+
+    def _record_bad_samples(self, failures: List[Dict[str, Any]]) -> None:
+        for bad in failures:
+            self.bad_samples_total += 1
+            self.new_bad_samples.append(bad)
+            logger.warning("bad sample skipped (%d so far): stream %s shard %s index %d: %s", self.bad_samples_total,
+                           bad["stream"], bad["shard"], bad["index"], bad["reason"])
+            if self.max_bad_samples is not None and self.bad_samples_total > self.max_bad_samples \
+                    and self.bad_sample_error is None:
+                self.bad_sample_error = (
+                    f"{self.bad_samples_total} samples failed to decode (--max-bad-samples {self.max_bad_samples}); "
+                    f"the last: shard {bad['shard']} index {bad['index']}: {bad['reason']}. Re-create that shard with "
+                    "tools/preprocess_data.py, or raise --max-bad-samples to skip more"
+                )
 
 
 def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0, data_parallel_size: int = 1,
@@ -224,4 +284,4 @@ def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0
     streams = build_streams(config.streams(), tokenizer, encoder_config)
     collator = Collator(tokenizer.pad_id, compute_camera_maps=config.camera_maps_in_loader)
     return PuffinDataLoader(streams, collator, data_seed, data_parallel_rank, data_parallel_size,
-                            config.num_workers, config.prefetch_factor, config.pin_memory)
+                            config.num_workers, config.prefetch_factor, config.pin_memory, config.max_bad_samples)

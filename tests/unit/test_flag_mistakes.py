@@ -11,6 +11,7 @@ import pytest
 from megatron_puffin.camera import Camera
 from megatron_puffin.config import ConfigError, parse_args
 from megatron_puffin.data.format import PuffinRecord, ShardWriter
+from megatron_puffin.data.tokenizer import train_sentencepiece_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +26,8 @@ def files(tmp_path_factory):
                                 camera=Camera(0.1, 0.2, 0.9)))
     writer.finalize()
     (root / "empty").mkdir()
-    (root / "tok.model").write_bytes(b"x")
+    train_sentencepiece_tokenizer(["a photo of a cat on a mat"] * 10, root / "tok.model", vocab_size=300)
+    (root / "broken.model").write_bytes(b"not a tokenizer")
     (root / "a_file").write_text("x")
     (root / "vae.json").write_text('{"latent_channels": 4}')
     (root / "bad_vae.json").write_text("{not json")
@@ -80,6 +82,8 @@ CASES = [
     ("--world-size 4", "--world-size (4) contradicts the launch (WORLD_SIZE=1)"),
     ("--seq-length 1024", "--seq-length is not a flag of pretrain_puffin.py"),
     ("--task-stream text2text:{root}/main:2 --freeze-llm", "--task-stream text2text trains only the LLM"),
+    ("--tokenizer {root}/broken.model", "--tokenizer ({root}/broken.model) cannot be loaded"),
+    ("--vocab-size 100", "--vocab-size (100) is smaller than the vocabulary of --tokenizer"),
     ("@{root}/quote.args", "flag file @{root}/quote.args line 2: No closing quotation (an unbalanced quote)"),
     ("@{root}/binary.args", "flag file @{root}/binary.args is not a text file"),
     ("@{root}/self.args", "includes itself"),
