@@ -79,7 +79,6 @@ def test_bad_samples_are_skipped_reported_and_resume_stays_exact(workdir):
     assert {b["index"] for b in bad} <= {1, 2, 3, 4, 5, 6, 7}
     assert any(word in reasons for word in ("UnicodeDecodeError", "non-finite camera", "Image", "offset")), reasons
     assert "bad sample skipped" in full.stderr and "shard-00000 index" in full.stderr, full.stderr[-3000:]
-    print("bad samples met:", bad)
     assert _records(workdir / "full.jsonl")[-1]["bad_samples"] == len(bad)
     assert sorted(_losses(workdir / "full.jsonl")) == list(range(1, 7))
 
