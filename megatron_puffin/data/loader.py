@@ -8,6 +8,7 @@ arithmetic, so a checkpoint resumes exactly at the next unseen micro-batch (also
 """
 import functools
 import logging
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -122,7 +123,7 @@ BAD_SAMPLE_ERRORS = (ValueError, IndexError, OSError, EOFError, SyntaxError, str
 
 def _bad_sample(stream: TaskStream, index: int, error: BaseException) -> Dict[str, Any]:
     shard, local = stream.dataset.locate(index)
-    reason = f"{type(error).__name__}: {error}".replace("\n", " ")[:300]
+    reason = re.sub(r" at 0x[0-9a-f]+", "", f"{type(error).__name__}: {error}".replace("\n", " "))[:300]  # no addresses
     return {"stream": stream.name, "shard": str(shard.dir), "index": local, "reason": reason}
 
 

@@ -84,3 +84,41 @@ def test_preprocess_rejects_duplicates_and_paths_outside_the_input(tmp_path):
         with pytest.raises(BadSample) as info:
             build_record(layout, record)
         assert info.value.reason == "path_outside_input", record
+
+
+def test_loader_replaces_an_undecodable_sample_counts_it_and_keeps_the_count_in_its_state(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from megatron_puffin.data import DataConfig, build_data_loader
+    from megatron_puffin.data.tokenizer import train_sentencepiece_tokenizer
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (96, 96), "red").save(buffer, format="JPEG")
+    writer = ShardWriter(tmp_path / "shard", "main")
+    for index in range(4):
+        writer.add(PuffinRecord(key=f"k{index}", image=b"garbage" if index == 2 else buffer.getvalue(),
+                                caption="a red square", camera=Camera(0.1, 0.2, 0.9)))
+    writer.finalize()
+    tokenizer = train_sentencepiece_tokenizer(["a red square in a photo"] * 10, tmp_path / "tok.model", vocab_size=300)
+
+    def loader(max_bad):
+        config = DataConfig(task_stream=[f"image2text:{tmp_path / 'shard'}:4"], tokenizer=str(tokenizer),
+                            image_size=96, num_workers=0, pin_memory=False, max_bad_samples=max_bad)
+        return build_data_loader(config, seed=1, vision_patch_size=16, vision_fold=2, num_query_tokens=4)
+
+    tolerant = loader(1)
+    batch = next(iter(tolerant))
+    assert batch["input_ids"].shape[0] == 4  # the bad sample was replaced, not dropped
+    assert tolerant.bad_samples_total == 1 and tolerant.bad_sample_error is None
+    (bad,) = tolerant.new_bad_samples
+    assert (bad["stream"], bad["shard"], bad["index"]) == ("image2text#0", str(tmp_path / "shard"), 2)
+    assert "0x" not in bad["reason"] and "image" in bad["reason"].lower()
+    resumed = loader(1)
+    resumed.load_state_dict(tolerant.state_dict())
+    assert resumed.bad_samples_total == 1
+
+    strict = loader(0)
+    next(iter(strict))
+    assert strict.bad_sample_error.startswith("1 samples failed to decode (--max-bad-samples 0); the last: shard")
