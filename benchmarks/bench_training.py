@@ -79,7 +79,7 @@ def _flags(args, paths: Dict[str, str]) -> List[str]:
     flags = [
         "--num-layers", args.llm_layers, "--hidden-size", args.llm_hidden, "--ffn-hidden-size", args.llm_ffn,
         "--num-attention-heads", args.llm_heads, "--num-query-groups", args.llm_kv_heads,
-        "--vocab-size", vocab, "--max-position-embeddings", 4096, "--seq-length", 1024,
+        "--vocab-size", vocab, "--max-position-embeddings", 4096,
         "--tokenizer", paths["tokenizer"],
         "--vision-hidden-size", args.vision_hidden, "--vision-num-layers", args.vision_layers,
         "--vision-num-attention-heads", args.vision_heads, "--vision-ffn-hidden-size", 4 * args.vision_hidden,

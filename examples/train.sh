@@ -24,6 +24,9 @@ set -euo pipefail
 # Signals torchrun forwards to the ranks (its --signals-to-handle, read from PET_*; torch < 2.9 ignores it and
 # forwards only SIGTERM, SIGINT, SIGHUP and SIGQUIT).
 export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+# torchrun waits this long for the ranks to save after forwarding a signal, then kills them (its default, 30 s, is
+# shorter than a large checkpoint write). Data-loader workers ignore the signal; the ranks stop them after saving.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 usage() {

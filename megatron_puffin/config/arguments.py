@@ -51,6 +51,7 @@ class PuffinArguments:
     dry_run: bool = False
     unknown: Sequence[str] = ()
     invalid: Sequence[InvalidValue] = ()
+    flag_file_problems: Sequence[str] = ()
 
     def __getattr__(self, name: str) -> Any:
         groups = self.__dict__.get("groups", {})
@@ -96,7 +97,7 @@ def build_parser(prog: Optional[str] = None) -> FlagFileParser:
 def with_default_micro_batch(spec: str, micro_batch_size: int) -> str:
     """``TASK:PATH`` (no MICRO_BATCH_SIZE) -> ``TASK:PATH:<--micro-batch-size>``; complete specs are unchanged."""
     task, separator, rest = spec.partition(":")
-    if not separator or not rest or rest.rsplit(":", 1)[-1].isdigit():
+    if not separator or not rest or rest.rsplit(":", 1)[-1].lstrip("+-").isdigit():
         return spec
     return f"{spec}:{micro_batch_size}"
 
@@ -108,7 +109,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, validate: bool = True) -> P
     namespace, unknown = parser.parse_known_args(argv)
     invalid: List[InvalidValue] = []
     groups = {name: build_dataclass(cls, namespace, invalid) for name, cls, _ in CONFIG_GROUPS}
-    args = PuffinArguments(groups=groups, dry_run=namespace.dry_run, unknown=tuple(unknown), invalid=tuple(invalid))
+    args = PuffinArguments(groups=groups, dry_run=namespace.dry_run, unknown=tuple(unknown), invalid=tuple(invalid),
+                           flag_file_problems=tuple(parser.flag_file_problems))
     args.data.task_stream = [
         with_default_micro_batch(spec, args.training.micro_batch_size) for spec in args.data.task_stream
     ]

@@ -15,6 +15,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import os
 import shlex
 import textwrap
 import typing
@@ -100,7 +101,7 @@ def _add_field(group: argparse._ArgumentGroup, cls: type, field: dataclasses.Fie
         # Repeatable flag (e.g. --task-stream A --task-stream B); the collected list replaces the default.
         (item,) = typing.get_args(kind)
         common.update(default=None, help=f"{doc} (repeatable; default: {default})")
-        group.add_argument(flag, action="append", type=_converter(flag, item, False), metavar=item.__name__.upper(),
+        group.add_argument(flag, action=_ReplacingAppend, type=_converter(flag, item, False), metavar=item.__name__.upper(),
                            **common)
         return
     metavar = "{" + ",".join(map(str, choices)) + "}" if choices else kind.__name__.upper()
@@ -148,14 +149,80 @@ def choice_errors(cls: type, instance: Any) -> List[Tuple[str, Any, List[Any]]]:
     return errors
 
 
+SOURCE_BOUNDARY = "--\x00flag-source"  # inserted around each flag file's flags; never typed by a user
+
+
+class _SourceBoundary(argparse.Action):
+    """Counts flag sources (each flag file, each stretch of the command line between them)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace._flag_source = getattr(namespace, "_flag_source", 0) + 1
+
+
+class _ReplacingAppend(argparse._AppendAction):
+    """A repeatable flag: occurrences within one source accumulate; a later source's occurrences replace them
+    (later flags win, also for lists: a command-line --task-stream replaces the flag file's streams)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        source = getattr(namespace, "_flag_source", 0)
+        owners = namespace.__dict__.setdefault("_list_source", {})
+        if owners.get(self.dest) != source:
+            setattr(namespace, self.dest, None)
+            owners[self.dest] = source
+        super().__call__(parser, namespace, values, option_string)
+
+
 class FlagFileParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose ``@file`` arguments allow ``#`` comments and several flags per line."""
+    """An ``ArgumentParser`` whose ``@file`` arguments allow ``#`` comments and several flags per line.
+
+    A flag file that cannot be read, is not text, has an unbalanced quote or includes itself does not stop
+    parsing: the problem is kept in :attr:`flag_file_problems` and reported by the validation step.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("fromfile_prefix_chars", "@")
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self.flag_file_problems: List[str] = []
+        self.add_argument(SOURCE_BOUNDARY, action=_SourceBoundary, nargs=0, help=argparse.SUPPRESS)
 
     def convert_arg_line_to_args(self, arg_line: str) -> List[str]:
         return shlex.split(arg_line, comments=True)
+
+    def _read_args_from_files(self, arg_strings: List[str], _including: Tuple[str, ...] = ()) -> List[str]:
+        expanded: List[str] = []
+        for arg in arg_strings:
+            if not arg or arg[0] not in self.fromfile_prefix_chars:
+                expanded.append(arg)
+                continue
+            flags = self._flag_file_args(arg[1:], _including)
+            if flags is not None:
+                expanded += [SOURCE_BOUNDARY, *flags, SOURCE_BOUNDARY]
+        return expanded
+
+    def _flag_file_args(self, path: str, including: Tuple[str, ...]) -> Optional[List[str]]:
+        key = os.path.realpath(path)
+        if key in including:
+            chain = " -> ".join([*including, key])
+            self.flag_file_problems.append(f"flag file @{path} includes itself ({chain}); remove that @ line")
+            return None
+        try:
+            text = open(path, "rb").read().decode("utf-8")
+            if "\x00" in text:
+                raise UnicodeDecodeError("utf-8", b"", 0, 1, "NUL byte")
+        except OSError as error:
+            self.flag_file_problems.append(f"flag file @{path} cannot be read ({error.strerror}); check the path")
+            return None
+        except UnicodeDecodeError:
+            self.flag_file_problems.append(f"flag file @{path} is not a text file (binary content); give a file "
+                                           "of flags, e.g. examples/tiny/stage2_sft.args")
+            return None
+        flags: List[str] = []
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                flags += self.convert_arg_line_to_args(line)
+            except ValueError as error:
+                self.flag_file_problems.append(f"flag file @{path} line {number}: {error} (an unbalanced quote); "
+                                               "close the quote or escape it with a backslash")
+        return self._read_args_from_files(flags, (*including, key))
 

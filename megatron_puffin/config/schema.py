@@ -52,8 +52,6 @@ class TrainingConfig:
     micro_batches_per_step: Optional[int] = None
     """Task micro-batches accumulated into one optimizer step. Default: one cycle of the task streams (the sum of
     their REPEATS). 1 reproduces the reference's stage 4 (one task per step)."""
-    seq_length: int = 1024
-    """Maximum LLM sequence length (prompt + image tokens + answer / queries)."""
     train_iters: int = 1000
     """Number of optimizer steps."""
     lr: float = 1e-4

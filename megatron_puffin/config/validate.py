@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Callable, List
 
 from megatron_puffin.config.dataclass_args import choice_errors
+from megatron_puffin.config.validate_paths import PATH_VALIDATORS
+from megatron_puffin.config.validate_values import VALUE_VALIDATORS
 from megatron_puffin.optional_deps import transformer_engine_error
 
 
@@ -31,8 +33,23 @@ def _fits(flag: str, value: int, tp: int, what: str = "--tensor-model-parallel-s
 _TYPE_WORDS = {"int": "an integer, e.g. 4", "float": "a number, e.g. 1e-4", "str": "a string"}
 
 
+_RETIRED_FLAGS = {
+    "--seq-length": "sequence lengths follow the data (--max-understanding-text-tokens, --max-generation-text-tokens, "
+                    "--image-size); drop it",
+}
+
+
+def _unknown_flag(text: str) -> str:
+    name = text.split("=", 1)[0]
+    if name in _RETIRED_FLAGS:
+        return f"{name} is not a flag of pretrain_puffin.py: {_RETIRED_FLAGS[name]}"
+    return f"unknown flag {text!r}: check the spelling against `pretrain_puffin.py --help`"
+
+
 def check_parse(args) -> List[str]:
-    problems = [f"unknown flag {u!r}: check the spelling against `pretrain_puffin.py --help`" for u in args.unknown]
+    problems = list(getattr(args, "flag_file_problems", ()))
+    problems += [_unknown_flag(u) for u, previous in zip(args.unknown, ("",) + tuple(args.unknown))
+                 if previous.split("=", 1)[0] not in _RETIRED_FLAGS or u.startswith("-")]  # skip a retired value
     problems += [
         f"{bad.flag} ({bad.text!r}) is not a valid {bad.expected}; give {_TYPE_WORDS.get(bad.expected, bad.expected)}"
         for bad in args.invalid
@@ -53,7 +70,6 @@ def check_positive(args) -> List[str]:
         ("--num-attention-heads", args.llm.num_attention_heads),
         ("--num-query-groups", args.llm.num_query_groups),
         ("--micro-batch-size", args.training.micro_batch_size),
-        ("--seq-length", args.training.seq_length),
     ]:
         if value < 1:
             problems.append(f"{flag} ({value}) must be at least 1")
@@ -63,6 +79,8 @@ def check_positive(args) -> List[str]:
 def check_llm_parallel(args) -> List[str]:
     """Tensor/pipeline split of the LLM tower."""
     llm, tp, pp = args.llm, args.parallel.tensor_model_parallel_size, args.parallel.pipeline_model_parallel_size
+    if min(tp, pp, llm.num_layers, llm.num_attention_heads, llm.num_query_groups, llm.hidden_size) < 1:
+        return []  # reported by check_positive
     problems = _fits("--num-attention-heads", llm.num_attention_heads, tp)
     problems += _fits("--ffn-hidden-size", llm.ffn_hidden_size, tp)
     groups = llm.num_query_groups
@@ -142,10 +160,6 @@ def check_precision(args) -> List[str]:
 
 def check_training(args) -> List[str]:
     training, problems = args.training, []
-    if training.lr_warmup_iters > training.train_iters:
-        problems.append(
-            f"--lr-warmup-iters ({training.lr_warmup_iters}) must not exceed --train-iters ({training.train_iters})"
-        )
     if training.min_lr > training.lr:
         problems.append(f"--min-lr ({training.min_lr}) must not exceed --lr ({training.lr})")
     if training.train_iters < 1:
@@ -226,6 +240,8 @@ def check_checkpoint(args) -> List[str]:
 def check_towers(args) -> List[str]:
     """Rules owned by the tower and diffusion configs themselves."""
     tp = args.parallel.tensor_model_parallel_size
+    if tp < 1:
+        return []  # reported by check_positive
     problems = args.dit.validate(tp) + args.vision.validate(tp) + args.connector.validate(tp)
     return problems + args.flow.validate() + args.model.validate()
 
@@ -234,7 +250,29 @@ def check_data(args) -> List[str]:
     """Task streams and tokenizer; paths must exist except with --dry-run (a cluster config checked elsewhere)."""
     from megatron_puffin.data.config import data_config_errors
 
-    return data_config_errors(args.data, check_paths=not args.dry_run)
+    patch, fold = args.vision.patch_size, args.vision.fold_size
+    if patch < 1 or fold < 1:
+        patch = fold = None  # reported by the vision config
+    return data_config_errors(args.data, check_paths=not args.dry_run, vision_patch_size=patch, vision_fold=fold)
+
+
+def check_trained_towers(args) -> List[str]:
+    """A stream whose task would train nothing (every tower it uses frozen) is a mistake, not a silent no-op.
+    Only text2text can be: understanding tasks always train the projector, generation tasks the queries."""
+    from megatron_puffin.data.config import parse_task_stream
+
+    if not args.model.freeze_llm:
+        return []
+    tasks = []
+    for spec in args.data.task_stream:
+        try:
+            tasks.append(parse_task_stream(spec).task)
+        except ValueError:
+            continue
+    if "text2text" not in tasks:
+        return []
+    return ["--task-stream text2text trains only the LLM, which --freeze-llm freezes: the stream would train "
+            "nothing; drop --freeze-llm or that stream"]
 
 
 VALIDATORS: List[Callable] = [
@@ -248,14 +286,23 @@ VALIDATORS: List[Callable] = [
     check_towers,
     check_data,
     check_generation_needs_vae,
+    check_trained_towers,
+    *VALUE_VALIDATORS,
+    *PATH_VALIDATORS,
 ]
 
 
 def validate_args(args) -> None:
     """Run every validator; raise :class:`ConfigError` listing all problems if there is any."""
     problems: List[str] = []
+    crashes = []
     for validator in VALIDATORS:
-        problems.extend(validator(args))
+        try:
+            problems.extend(validator(args))
+        except (ArithmeticError, TypeError, ValueError, AttributeError) as error:
+            crashes.append((validator, error))  # a consequence of a bad value another validator reports
+    if crashes and not problems:  # nothing explains it: a bug in a validator, not a user mistake
+        raise crashes[0][1]
     from megatron_puffin.config.tensor_parallel import merge_tensor_parallel_problems
 
     problems = merge_tensor_parallel_problems(args, problems, (check_llm_parallel, check_towers))

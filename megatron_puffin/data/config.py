@@ -46,6 +46,11 @@ def _positive_int(text: str, what: str, spec: str) -> int:
     return value
 
 
+def _is_int(text: str) -> bool:
+    """A (possibly negative) integer: a negative count is a mistake to report, not part of a path."""
+    return text.lstrip("+-").isdigit()
+
+
 def parse_task_stream(spec: str) -> TaskStreamSpec:
     """Parses ``TASK:PATH[,PATH...]:MICRO_BATCH_SIZE[:REPEATS]`` (paths may contain ':'; numbers are read from the end).
 
@@ -59,7 +64,7 @@ def parse_task_stream(spec: str) -> TaskStreamSpec:
             f"{', '.join(sorted(TASK_VARIANTS))}"
         )
     parts = rest.split(":")
-    if len(parts) >= 3 and parts[-1].isdigit() and parts[-2].isdigit():
+    if len(parts) >= 3 and _is_int(parts[-1]) and _is_int(parts[-2]):
         path_text, batch_text, repeats_text = ":".join(parts[:-2]), parts[-2], parts[-1]
     elif len(parts) >= 2:
         path_text, batch_text, repeats_text = ":".join(parts[:-1]), parts[-1], "1"
@@ -116,6 +121,11 @@ class DataConfig:
     mixed_motion_prob: float = 0.5
     """Probability of keeping only the camera text of an image2image caption (spec §3.10)."""
 
+    max_bad_samples: int = 100
+    """Samples per rank that may fail to decode at training time (garbled image, bad UTF-8, bad index pointer,
+    non-finite camera): each is logged with its shard, index and reason, counted in the metrics, and replaced by
+    the next sample of its dataset that decodes. One more stops the run with an error; 0 stops at the first."""
+
     camera_maps_in_loader: bool = True
     """Compute normalised camera maps in the loader; off: batches carry only the camera values [B, 3]."""
 
@@ -153,7 +163,7 @@ def data_config_errors(config: DataConfig, check_paths: bool = True, vision_patc
         errors.append("--tokenizer is required (an HF tokenizer directory or a SentencePiece .model)")
     elif check_paths and not Path(config.tokenizer).exists():
         errors.append(f"--tokenizer ({config.tokenizer}) does not exist")
-    for name in ("num_workers",):
+    for name in ("num_workers", "max_bad_samples"):
         if getattr(config, name) < 0:
             errors.append(f"--{name.replace('_', '-')} ({getattr(config, name)}) must be >= 0")
     for name in ("prefetch_factor", "image_size", "image_size_unit", "max_understanding_text_tokens",

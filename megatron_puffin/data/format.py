@@ -57,6 +57,10 @@ class DatasetFormatError(ValueError):
     """A shard is missing, truncated or inconsistent with its manifest."""
 
 
+class BadSampleError(ValueError):
+    """One stored sample holds values no task can use (e.g. a non-finite camera)."""
+
+
 @dataclass
 class PuffinRecord:
     """One sample in typed form, as written by :class:`ShardWriter` (empty text/bytes = absent).
@@ -95,6 +99,8 @@ def array_to_camera(values: np.ndarray) -> Optional[Camera]:
     roll, pitch, vfov, yaw = (float(v) for v in values)
     if math.isnan(roll):
         return None
+    if not all(math.isfinite(v) for v in (roll, pitch, vfov)) or math.isinf(yaw):
+        raise BadSampleError(f"non-finite camera values (roll, pitch, vfov, yaw) = {(roll, pitch, vfov, yaw)}")
     return Camera(roll, pitch, vfov, None if math.isnan(yaw) else yaw)
 
 
@@ -230,16 +236,58 @@ def _open_field(prefix: str, num_bytes: int) -> IndexedDataset:
 
 
 def find_shards(path: Union[str, os.PathLike]) -> List[Path]:
-    """Shard directories at or below ``path`` (sorted by relative path); unfinished ``*.tmp`` dirs are ignored."""
+    """Shard directories at or below ``path`` (sorted by relative path).
+
+    Raises:
+        DatasetFormatError: Nothing there; a half-written shard (``*.tmp``, a killed preprocessing); a directory
+            with field files but no manifest; or a preprocessed subset whose shards do not cover all its records.
+    """
     root = Path(path)
     if (root / MANIFEST_NAME).is_file():
         return [root]
     if not root.is_dir():
         raise DatasetFormatError(f"dataset path {root} does not exist")
-    shards = sorted(p.parent for p in root.rglob(MANIFEST_NAME) if not p.parent.name.endswith(".tmp"))
+    _check_no_unfinished_shards(root)
+    shards = sorted(p.parent for p in root.rglob(MANIFEST_NAME))
     if not shards:
         raise DatasetFormatError(f"no shard (directory with {MANIFEST_NAME}) found under {root}")
+    _check_subset_coverage(shards)
     return shards
+
+
+def _check_no_unfinished_shards(root: Path) -> None:
+    """A ``*.tmp`` shard or field files without a manifest mean an unfinished or damaged write: never skip it."""
+    for index_file in sorted(root.rglob("*.idx")):
+        directory = index_file.parent
+        if directory.name.endswith(".tmp"):
+            raise DatasetFormatError(f"half-written shard {directory} (preprocessing was interrupted); rerun "
+                                     "tools/preprocess_data.py into a fresh --output-prefix")
+        if not (directory / MANIFEST_NAME).is_file():
+            raise DatasetFormatError(f"shard {directory} has field files but no {MANIFEST_NAME} (unfinished or "
+                                     "damaged); re-create it with tools/preprocess_data.py")
+
+
+def _check_subset_coverage(shards: List[Path]) -> None:
+    """Shards written by tools/preprocess_data.py record their summary-record range and the subset's record count:
+    together the shards of a subset directory must cover [0, subset_records) without a gap."""
+    groups: Dict[Path, List[tuple]] = {}
+    for shard in shards:
+        source = read_manifest(shard).get("source", {})
+        records, total = source.get("records"), source.get("subset_records")
+        if isinstance(records, list) and len(records) == 2 and isinstance(total, int):
+            groups.setdefault(shard.parent, []).append((int(records[0]), int(records[1]), total, shard))
+    for subset_dir, ranges in groups.items():
+        covered = 0
+        for start, end, total, shard in sorted(ranges):
+            if start != covered:
+                raise DatasetFormatError(f"{subset_dir}: no shard holds summary records [{covered}, {start}) (a shard "
+                                         f"before {shard.name} is missing or lost its {MANIFEST_NAME}); re-run "
+                                         "tools/preprocess_data.py")
+            covered = end
+        if covered != ranges[0][2]:
+            raise DatasetFormatError(f"{subset_dir}: the shards hold summary records [0, {covered}) of "
+                                     f"{ranges[0][2]} (preprocessing did not finish or a shard is missing); re-run "
+                                     "tools/preprocess_data.py")
 
 
 class _Shard:

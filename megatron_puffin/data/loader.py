@@ -6,15 +6,20 @@ decode and preprocess images, tokenise and collate. Because workers run ahead of
 :meth:`~PuffinDataLoader.state_dict` is computed from the micro-batches actually *handed out*, by the schedule
 arithmetic, so a checkpoint resumes exactly at the next unseen micro-batch (also at another data-parallel size).
 """
+import functools
 import logging
+import re
+import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from megatron_puffin.data.collate import Collator
 from megatron_puffin.data.config import DataConfig, TaskStreamSpec, validate_data_config
-from megatron_puffin.data.format import PuffinDataset
+from megatron_puffin.data.format import DatasetFormatError, PuffinDataset
 from megatron_puffin.data.sampler import (
     MicroBatchSchedule,
     SampleRef,
@@ -26,6 +31,7 @@ from megatron_puffin.data.sampler import (
 )
 from megatron_puffin.data.task_encoders import REQUIRED_FIELDS, TaskEncoder, TaskEncoderConfig
 from megatron_puffin.data.tokenizer import PuffinTokenizer
+from megatron_puffin.data.workers import stop_signals_blocked, worker_init
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +75,7 @@ def _check_fields(name: str, spec: TaskStreamSpec, dataset: PuffinDataset) -> No
     """Fails early when a stream's dataset has none of a field its task needs (e.g. no thinking captions)."""
     for field_name in REQUIRED_FIELDS[spec.task]:
         if field_name == "camera":  # stored as NaN when absent: look at the first sample of every shard
-            present = any(dataset[offset]["camera"] is not None for offset in _shard_starts(dataset))
+            present = any(not np.isnan(dataset.read_field(offset, "camera")[0]) for offset in _shard_starts(dataset))
         else:
             present = any(shard.manifest["fields"][field_name]["num_bytes"] > 0 for shard in dataset.shards)
         if not present:
@@ -78,6 +84,22 @@ def _check_fields(name: str, spec: TaskStreamSpec, dataset: PuffinDataset) -> No
                 f"but the dataset has none (subsets {sorted({shard.subset for shard in dataset.shards})}); point "
                 "the stream at a dataset that has it (see docs/data.md)"
             )
+
+
+def stream_dataset_errors(spec: TaskStreamSpec) -> List[str]:
+    """Opening problems of one stream's datasets (not a finished shard, truncated, missing fields for its task),
+    as messages naming the stream; cheap: manifests, index headers and file sizes, one sample per shard."""
+    label = f"--task-stream {spec.task}:{','.join(spec.paths)}"
+    try:
+        dataset = PuffinDataset(list(spec.paths))
+        if len(dataset) == 0:
+            return [f"{label} has no samples"]
+        _check_fields(stream_names([spec])[0], spec, dataset)
+    except DatasetFormatError as error:
+        return [f"{label}: {error}"]
+    except ValueError as error:
+        return [str(error)]
+    return []
 
 
 def build_streams(specs: Sequence[TaskStreamSpec], tokenizer: PuffinTokenizer,
@@ -93,8 +115,25 @@ def build_streams(specs: Sequence[TaskStreamSpec], tokenizer: PuffinTokenizer,
     return streams
 
 
+# What a sample that cannot be decoded raises: garbled image bytes (PIL: OSError, SyntaxError, EOFError, zlib and
+# struct errors), bad UTF-8 (UnicodeDecodeError), a bad index pointer (ValueError/IndexError from the memory map),
+# a non-finite camera (BadSampleError).
+BAD_SAMPLE_ERRORS = (ValueError, IndexError, OSError, EOFError, SyntaxError, struct.error, zlib.error)
+
+
+def _bad_sample(stream: TaskStream, index: int, error: BaseException) -> Dict[str, Any]:
+    shard, local = stream.dataset.locate(index)
+    reason = re.sub(r" at 0x[0-9a-f]+", "", f"{type(error).__name__}: {error}".replace("\n", " "))[:300]  # no addresses
+    return {"stream": stream.name, "shard": str(shard.dir), "index": local, "reason": reason}
+
+
 class _StreamSamples(torch.utils.data.Dataset):
-    """Map-style dataset over :data:`SampleRef` items: reads one sample and encodes it for its stream."""
+    """Map-style dataset over :data:`SampleRef` items: reads one sample and encodes it for its stream.
+
+    A sample that fails to decode is replaced by the next one of the same dataset that decodes (a pure function of
+    the index, so the order stays deterministic and a resumed run sees the same replacements); each failure is
+    returned beside the sample (see :func:`_collate_reporting`) for the training process to log and count.
+    """
 
     def __init__(self, streams: Sequence[TaskStream]):
         self.streams = list(streams)
@@ -102,10 +141,25 @@ class _StreamSamples(torch.utils.data.Dataset):
     def __getitem__(self, ref: SampleRef):
         stream, position, index = ref
         item = self.streams[stream]
-        return item.encoder(item.dataset[index], position)
+        bad: List[Dict[str, Any]] = []
+        for attempt in range(len(item.dataset)):
+            candidate = (index + attempt) % len(item.dataset)
+            try:
+                return item.encoder(item.dataset[candidate], position), bad
+            except BAD_SAMPLE_ERRORS as error:
+                bad.append(_bad_sample(item, candidate, error))
+        raise DatasetFormatError(f"stream {item.name}: none of its {len(item.dataset)} samples decodes; the last "
+                                 f"failure: {bad[-1]}")
 
     def __len__(self) -> int:
         return sum(len(stream.dataset) for stream in self.streams)
+
+
+def _collate_reporting(collator: Collator, items: Sequence[tuple]) -> Dict[str, Any]:
+    """Collates the samples and carries the decoding failures met while reading them (``bad_samples``)."""
+    batch = collator([sample for sample, _ in items])
+    batch["bad_samples"] = [bad for _, failures in items for bad in failures]
+    return batch
 
 
 class PuffinDataLoader:
@@ -120,12 +174,15 @@ class PuffinDataLoader:
         num_workers: DataLoader worker processes.
         prefetch_factor: Micro-batches per worker prepared ahead.
         pin_memory: Pin tensors (only when CUDA is available; otherwise a warning is logged once).
+        max_bad_samples: Samples of this rank that may fail to decode (each is logged and replaced); one more sets
+            :attr:`bad_sample_error` (the training loop stops on it). 0: the first one does.
 
     Each batch dict (see :class:`~.collate.Collator`) also has ``stream`` (name) and ``step`` (micro-batch number).
     """
 
     def __init__(self, streams: Sequence[TaskStream], collator: Collator, seed: int, data_parallel_rank: int = 0,
-                 data_parallel_size: int = 1, num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False):
+                 data_parallel_size: int = 1, num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False,
+                 max_bad_samples: Optional[int] = None):
         self.streams, self.collator, self.seed = list(streams), collator, seed
         self.rank, self.world = data_parallel_rank, data_parallel_size
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
@@ -136,6 +193,10 @@ class PuffinDataLoader:
         self.specs = [stream.sampler_spec() for stream in self.streams]
         self.schedule = MicroBatchSchedule(self.specs, data_parallel_size)
         self._state = self.schedule.initial_state()
+        self.max_bad_samples = max_bad_samples
+        self.bad_samples_total = 0
+        self.new_bad_samples: List[Dict[str, Any]] = []  # since the caller last cleared it (for the metrics file)
+        self.bad_sample_error: Optional[str] = None
 
     # --- position ------------------------------------------------------------------------------------------------
     @property
@@ -145,13 +206,14 @@ class PuffinDataLoader:
 
     def state_dict(self) -> Dict[str, Any]:
         """Consumed samples per stream and micro-batches done (small; store it in checkpoints)."""
-        return state_to_dict(self._state, self.specs, self.seed)
+        return {**state_to_dict(self._state, self.specs, self.seed), "bad_samples": self.bad_samples_total}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restores a position saved by :meth:`state_dict` (any data-parallel size); takes effect on the next iter()."""
         restored = state_from_dict(state, self.specs, self.seed)
         self.schedule.check_state(restored)
         self._state = restored
+        self.bad_samples_total = int(state.get("bad_samples", 0))
 
     # --- iteration -----------------------------------------------------------------------------------------------
     def sampler(self) -> TaskStreamBatchSampler:
@@ -161,19 +223,38 @@ class PuffinDataLoader:
     def _torch_loader(self) -> torch.utils.data.DataLoader:
         kwargs: Dict[str, Any] = {}
         if self.num_workers > 0:
-            kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
+            kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=False, worker_init_fn=worker_init)
         return torch.utils.data.DataLoader(
-            _StreamSamples(self.streams), batch_sampler=self.sampler(), collate_fn=self.collator,
+            _StreamSamples(self.streams), batch_sampler=self.sampler(),
+            collate_fn=functools.partial(_collate_reporting, self.collator),
             num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs,
         )
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
-        for batch in self._torch_loader():
+        with stop_signals_blocked():  # workers are forked here (see megatron_puffin/data/workers.py)
+            batches = iter(self._torch_loader())
+        for batch in batches:
             stream = self.schedule.stream_at(self._state.step)
             batch["stream"] = self.specs[stream].name
             batch["step"] = self._state.step
+            self._record_bad_samples(batch.pop("bad_samples"))
             self._state = self.schedule.advance(self._state)
             yield batch
+
+
+    def _record_bad_samples(self, failures: List[Dict[str, Any]]) -> None:
+        for bad in failures:
+            self.bad_samples_total += 1
+            self.new_bad_samples.append(bad)
+            logger.warning("bad sample skipped (%d so far): stream %s shard %s index %d: %s", self.bad_samples_total,
+                           bad["stream"], bad["shard"], bad["index"], bad["reason"])
+            if self.max_bad_samples is not None and self.bad_samples_total > self.max_bad_samples \
+                    and self.bad_sample_error is None:
+                self.bad_sample_error = (
+                    f"{self.bad_samples_total} samples failed to decode (--max-bad-samples {self.max_bad_samples}); "
+                    f"the last: shard {bad['shard']} index {bad['index']}: {bad['reason']}. Re-create that shard with "
+                    "tools/preprocess_data.py, or raise --max-bad-samples to skip more"
+                )
 
 
 def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0, data_parallel_size: int = 1,
@@ -204,4 +285,4 @@ def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0
     streams = build_streams(config.streams(), tokenizer, encoder_config)
     collator = Collator(tokenizer.pad_id, compute_camera_maps=config.camera_maps_in_loader)
     return PuffinDataLoader(streams, collator, data_seed, data_parallel_rank, data_parallel_size,
-                            config.num_workers, config.prefetch_factor, config.pin_memory)
+                            config.num_workers, config.prefetch_factor, config.pin_memory, config.max_bad_samples)

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from megatron_puffin.data.format import DatasetFormatError, PuffinRecord, ShardWriter, read_manifest
-from megatron_puffin.data.puffin4m import BadSample, SubsetLayout, build_record, discover_subsets, load_summary
+from megatron_puffin.data.puffin4m import (
+    BadSample,
+    SubsetLayout,
+    build_record,
+    discover_subsets,
+    load_summary,
+    mark_duplicates,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +251,11 @@ def preprocess(options: PreprocessOptions) -> Dict[str, Any]:
     records = {}
     for layout in subsets:
         items = load_summary(layout)
-        records[layout.name] = (layout, items[: options.limit] if options.limit is not None else items)
+        items, duplicates = mark_duplicates(items[: options.limit] if options.limit is not None else items)
+        if duplicates:
+            logger.warning("%s subset: %d summary records repeat an earlier record's annotation; they are skipped "
+                           "(bad sample reason duplicate_record)", layout.name, duplicates)
+        records[layout.name] = (layout, items)
     tally, todo = _Tally(), []
     for plan in _plan(options, records):
         source = _shard_source(options, plan, len(records[plan.layout.name][1]))

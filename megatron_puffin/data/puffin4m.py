@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 BAD_SAMPLE_REASONS: Dict[str, str] = {
     "bad_record": "summary record is not an object with the required string keys",
+    "duplicate_record": "summary record repeats an earlier record's annotation (the same sample twice)",
+    "path_outside_input": "summary record points outside its subset folder (absolute path or '..')",
     "image_missing": "image file does not exist",
     "image_empty": "image file has zero bytes",
     "image_unreadable": "image cannot be decoded completely (truncated or corrupt)",
@@ -139,10 +141,42 @@ def load_summary(layout: SubsetLayout) -> List[Any]:
     return records
 
 
+@dataclass(frozen=True)
+class DuplicateRecord:
+    """A summary record whose annotation an earlier record of the subset already has (see :func:`mark_duplicates`)."""
+
+    record: Any
+    index: int
+    first_index: int
+
+
+def mark_duplicates(items: List[Any]) -> Tuple[List[Any], int]:
+    """Wraps every record that repeats an earlier record's annotation in :class:`DuplicateRecord` (rejected as
+    ``duplicate_record`` by :func:`build_record`); record positions, and so shard ranges, are unchanged.
+
+    Returns:
+        The records and the number of duplicates.
+    """
+    first: Dict[str, int] = {}
+    marked, count = [], 0
+    for index, item in enumerate(items):
+        annotation = item.get("annotation") if isinstance(item, dict) else None
+        if isinstance(annotation, str) and annotation in first:
+            marked.append(DuplicateRecord(item, index, first[annotation]))
+            count += 1
+            continue
+        if isinstance(annotation, str):
+            first[annotation] = index
+        marked.append(item)
+    return marked, count
+
+
 def _record_path(layout: SubsetLayout, record: Any, key: str) -> str:
     value = record.get(key) if isinstance(record, dict) else None
     if not isinstance(value, str) or not value:
         raise BadSample("bad_record", layout.directory, f"record {str(record)[:200]!r} lacks a string {key!r}")
+    if Path(value).is_absolute() or ".." in Path(value).parts:
+        raise BadSample("path_outside_input", layout.directory, f"{key} {value!r} leaves the subset folder")
     return value
 
 
@@ -257,6 +291,9 @@ def build_record(layout: SubsetLayout, record: Any, max_image_size: Optional[int
     Raises:
         BadSample: With the reason, the offending path and details.
     """
+    if isinstance(record, DuplicateRecord):
+        raise BadSample("duplicate_record", layout.directory,
+                        f"record {record.index} repeats the annotation of record {record.first_index}")
     annotation = _record_path(layout, record, "annotation")
     image_rel = _record_path(layout, record, "image")
     result = PuffinRecord(key=f"{layout.name}/{annotation}")

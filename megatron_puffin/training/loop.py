@@ -43,7 +43,8 @@ logger = logging.getLogger(__name__)
 
 EXIT_FINISHED = 0
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped early after saving; requeue and --load to continue
-STATUS_FILE = "run_status.json"  # in --save: {"status": "finished" | "interrupted" | "stopped", ...}
+BAD_SAMPLES = "--max-bad-samples"  # stop reason: too many undecodable samples (the run fails after saving)
+STATUS_FILE = "run_status.json"  # in --save: {"status": "finished" | "interrupted" | "stopped" | "failed", ...}
 TOWERS = ("llm", "vision", "queries", "dit")
 TOWER_MODULES = {"llm": "llm", "vision": "vision", "queries": "conditioner", "dit": "dit"}
 # The distributed optimizer's state in its canonical per-parameter form, so it loads at any TP/PP/DP layout (the
@@ -108,6 +109,10 @@ class StopFlag:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if self.received:  # e.g. a launcher repeating its signal while the checkpoint is written
+            logger.warning("%s received while stopping (%s): ignored, the save goes on",
+                           signal.Signals(signum).name, self.received)
+            return
         self.received = signal.Signals(signum).name
 
     def restore(self) -> None:
@@ -334,7 +339,9 @@ class Trainer:
         """The reason to stop after this step, agreed by all ranks (one small all-reduce)."""
         training = self.args.training
         local = 0
-        if self.stop.received:
+        if self.loader.bad_sample_error:  # decided together, so that no rank waits for one that stopped
+            local = 3
+        elif self.stop.received:
             local = 1
         elif training.exit_duration_in_mins is not None and \
                 time.time() - self.start_time > 60 * training.exit_duration_in_mins:
@@ -342,7 +349,8 @@ class Trainer:
         flag = torch.tensor([local], dtype=torch.int64, device=self.ctx.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        reason = {1: "signal", 2: f"--exit-duration-in-mins {training.exit_duration_in_mins}"}.get(int(flag.item()))
+        reason = {1: "signal", 2: f"--exit-duration-in-mins {training.exit_duration_in_mins}",
+                  3: BAD_SAMPLES}.get(int(flag.item()))
         if reason is None and training.exit_interval and self.state.iteration % training.exit_interval == 0:
             reason = f"--exit-interval {training.exit_interval}"
         return reason
@@ -371,7 +379,9 @@ class Trainer:
             tflops_per_device=tflops, mfu=tflops / self.peak_device_tflops if self.peak_device_tflops else None,
             data_wait_percent=100.0 * interval.data_wait / max(elapsed, 1e-9),
             peak_memory_gib=peak_memory_gib() if self.args.logging.log_memory else None,
+            bad_samples_total=self.loader.bad_samples_total, new_bad_samples=list(self.loader.new_bad_samples),
         )
+        self.loader.new_bad_samples.clear()
         self.writer.write(report)
 
     def train(self) -> int:
@@ -405,15 +415,19 @@ class Trainer:
                     self.save()
                     interval_start += time.perf_counter() - start  # throughput excludes checkpoint writes
                 stopped = self._should_stop()
-                if stopped and self.state.iteration < training.train_iters:
+                if stopped and (self.state.iteration < training.train_iters or stopped == BAD_SAMPLES):
                     break
                 stopped = None
+            if ckpt_args.save:  # still under the stop handler: a second signal must not kill the save
+                self.save()
+                self._write_status("failed" if stopped == BAD_SAMPLES else
+                                   "interrupted" if stopped and not stopped.startswith("--exit-interval") else
+                                   "stopped" if stopped else "finished", stopped)
         finally:
             self.stop.restore()
-        if ckpt_args.save:
-            self.save()
-            self._write_status("interrupted" if stopped and not stopped.startswith("--exit-interval") else
-                               "stopped" if stopped else "finished", stopped)
+        if stopped == BAD_SAMPLES:
+            raise TrainingError(self.loader.bad_sample_error or "another rank met too many undecodable samples "
+                                "(--max-bad-samples); see its log")
         if stopped:
             if self.ctx.rank == 0:
                 logger.info("stopped at iteration %d/%d (%s)%s", self.state.iteration, training.train_iters,
@@ -467,6 +481,9 @@ def _loss_tasks(args) -> List[str]:
 
 def run(args) -> int:
     """Build, train and tear down; returns the exit code (:data:`EXIT_FINISHED` or :data:`EXIT_INTERRUPTED`)."""
+    from megatron_puffin.data.workers import die_with_launcher
+
+    die_with_launcher()
     try:
         trainer = Trainer(args)
     except BaseException:

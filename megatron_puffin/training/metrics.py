@@ -21,7 +21,7 @@ import math
 import os
 import resource
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -103,6 +103,10 @@ class Report:
     mfu: Optional[float]
     data_wait_percent: float
     peak_memory_gib: Optional[float]
+    bad_samples_total: int = 0
+    """Samples of the logging rank that failed to decode and were replaced (since the start of the run)."""
+    new_bad_samples: List[Dict[str, Any]] = field(default_factory=list)
+    """Those met during this interval: stream, shard, index, reason."""
 
     def line(self, tasks: List[str]) -> str:
         def per_task(values: Dict[str, float], fmt: str) -> str:
@@ -118,6 +122,7 @@ class Report:
             f"samples/s {per_task(self.samples_per_second, '.1f')} all {samples_all:.1f} | "
             f"tokens/s {per_task(self.tokens_per_second, '.0f')} | TFLOP/s {self.tflops_per_device:.3f}{mfu} | "
             f"data wait {self.data_wait_percent:.1f}% | mem {mem}"
+            + (f" | bad samples {self.bad_samples_total}" if self.bad_samples_total else "")
         )
 
     def scalars(self) -> Dict[str, float]:
@@ -129,6 +134,8 @@ class Report:
             values["grad_norm"] = self.grad_norm
         if self.peak_memory_gib is not None:
             values["peak_memory_gib"] = self.peak_memory_gib
+        if self.bad_samples_total:
+            values["bad_samples"] = float(self.bad_samples_total)
         for task, value in self.losses.items():
             values[f"loss/{task}"] = value
         for task, value in self.consumed.items():
@@ -165,6 +172,8 @@ class MetricsWriter:
             self.tensorboard.flush()
         if self.metrics_file:
             record = {"iteration": report.iteration, **report.scalars()}
+            if report.new_bad_samples:
+                record["bad_sample_list"] = report.new_bad_samples
             with open(self.metrics_file, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
 

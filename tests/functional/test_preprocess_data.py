@@ -127,3 +127,17 @@ def test_limit_and_max_image_size(raw, tmp_path):
     assert image.size == (100, 100)
     with pytest.raises(ValueError, match="must not lie inside --input"):
         preprocess(PreprocessOptions(raw, raw / "out"))
+
+
+def test_duplicate_records_and_paths_outside_the_input_are_skipped_and_reported(raw, tmp_path):
+    copy = tmp_path / "training_data"
+    shutil.copytree(raw, copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    summary += [dict(summary[9]), {"image": "../../outside.jpg", "annotation": "000000/99999999.json"},
+                {"image": "000000/00000010.jpg", "annotation": "/etc/hostname"}]
+    (copy / "summary.json").write_text(json.dumps(summary))
+    report = preprocess(PreprocessOptions(copy, tmp_path / "out", workers=1, shard_size=5, progress=False))
+    assert report["subsets"]["main"]["bad_samples"]["duplicate_record"] == 1
+    assert report["subsets"]["main"]["bad_samples"]["path_outside_input"] == 2
+    assert report["subsets"]["main"]["samples"] == 14 - 7  # the three extra records add no sample
+    assert len(PuffinDataset(tmp_path / "out" / "main")) == 7

@@ -19,7 +19,7 @@ def test_flags_types_defaults_and_help_come_from_the_dataclasses():
     help_text = parser.format_help()
     for flag in [
         "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--num-layers", "--hidden-size",
-        "--ffn-hidden-size", "--num-attention-heads", "--num-query-groups", "--seq-length", "--micro-batch-size",
+        "--ffn-hidden-size", "--num-attention-heads", "--num-query-groups", "--micro-batch-size",
         "--bf16", "--fp8-format", "--fp8-recipe", "--transformer-impl",
     ]:
         assert flag in help_text, flag

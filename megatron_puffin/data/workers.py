@@ -1,0 +1,81 @@
+"""Signals and lifetime of DataLoader worker processes.
+
+torchrun (and Slurm) stop a run by signalling each rank's whole process group, and DataLoader workers are in that
+group. A worker killed by SIGTERM makes the rank's DataLoader raise ("worker ... is killed by signal") before the
+rank can save. So workers ignore the stop signals (the rank's main process acts on them at the next step boundary
+and shuts the workers down itself), and they die with their rank (``PR_SET_PDEATHSIG``), so a rank killed with
+SIGKILL leaves no worker behind.
+
+Workers are forked with the stop signals blocked (:func:`stop_signals_blocked`), so a signal that arrives between
+the fork and :func:`worker_init` cannot kill a worker; the rank receives it when the block is lifted.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+from typing import Iterator, Optional
+
+logger = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+"""Signals the training process handles (save and stop) and worker processes ignore."""
+
+_PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: int, expected_parent: Optional[int] = None) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent exits (``prctl(PR_SET_PDEATHSIG)``).
+
+    Args:
+        sig: Signal to receive.
+        expected_parent: The parent's pid at fork time; if the parent is already gone, ``sig`` is raised now.
+
+    Returns:
+        False where prctl is unavailable (not Linux); the caller then relies on the weaker fallbacks.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None or not hasattr(os, "getppid"):
+        return False
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if expected_parent is not None and os.getppid() != expected_parent:
+        os.kill(os.getpid(), sig)  # the parent died before prctl took effect
+    return True
+
+
+def worker_init(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
+    """``worker_init_fn`` of every training DataLoader: ignore the stop signals, die with the rank."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    set_parent_death_signal(signal.SIGKILL, expected_parent=_FORK_PARENT.get("pid"))
+
+
+_FORK_PARENT = {}  # pid of the process that forks the workers (read in the child after fork)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Block the stop signals while DataLoader workers are forked (the children inherit the mask and unblock it
+    after installing SIG_IGN); signals that arrive meanwhile are delivered to this process afterwards."""
+    _FORK_PARENT["pid"] = os.getpid()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def die_with_launcher() -> None:
+    """Under torchrun, ask for SIGTERM when the launcher dies, so a launcher killed by a signal it does not handle
+    (SIGUSR1 without ``--signals-to-handle``) leaves no orphaned rank: the rank saves and exits as on SIGTERM."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and set_parent_death_signal(signal.SIGTERM):
+        logger.debug("SIGTERM on launcher exit (PR_SET_PDEATHSIG)")

@@ -1,0 +1,98 @@
+"""Undecodable samples inside a real shard at training time (pretrain_puffin.py, tiny configuration, workers on):
+garbled image bytes, bad UTF-8, a bad index pointer and an infinite camera value are skipped (replaced by the next
+sample that decodes), logged and written to the metrics file with shard, index and reason; a run stopped and
+resumed repeats the uninterrupted run exactly; --max-bad-samples 0 stops at the first with an error naming it."""
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers.puffin import ROOT, make_tiny_dataset
+
+TINY = ROOT / "examples" / "tiny"
+ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+FLAGS = [f"@{TINY / 'model.args'}", "--num-workers", "1", "--log-interval", "1", "--task-stream",
+         "image2text:tiny/data/main", "--task-stream", "cam2image:tiny/data/main", "--micro-batch-size", "2",
+         "--freeze-vision", "--train-iters", "6", "--lr", "1e-3", "--lr-warmup-iters", "2"]
+
+
+def _field_item(shard, name, index):
+    """(offset, length) in bytes of one sample's field, read from the megatron-core .idx."""
+    raw = (shard / f"{name}.idx").read_bytes()
+    count = struct.unpack("<Q", raw[18:26])[0]
+    lengths = np.frombuffer(raw, np.int32, count, 34)
+    pointers = np.frombuffer(raw, np.int64, count, 34 + 4 * count)
+    itemsize = 4 if name == "camera" else 1
+    return int(pointers[index]), int(lengths[index]) * itemsize
+
+
+def _overwrite(path, offset, data):
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(data)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad_samples")
+    make_tiny_dataset(root / "tiny", num_samples=16)
+    shard = root / "tiny" / "data" / "main" / "shard-00000"
+    for index in (1, 2, 3):  # garbled image bytes (same length: the shard's sizes still match its manifest)
+        offset, length = _field_item(shard, "image", index)
+        _overwrite(shard / "image.bin", offset, bytes(range(7, 7 + length % 200)) * (length // 200 + 1))
+    for index in (4, 5):  # invalid UTF-8 in the caption
+        offset, length = _field_item(shard, "caption", index)
+        _overwrite(shard / "caption.bin", offset, b"\xff\xfe" * (length // 2))
+    offset, _ = _field_item(shard, "camera", 6)  # an infinite roll
+    _overwrite(shard / "camera.bin", offset, np.float32(np.inf).tobytes())
+    count = struct.unpack("<Q", (shard / "image.idx").read_bytes()[18:26])[0]  # image pointer of sample 7 -> past the end
+    _overwrite(shard / "image.idx", 34 + 4 * count + 8 * 7, struct.pack("<q", 10 ** 12))
+    return root
+
+
+def _run(workdir, *flags, check=True):
+    proc = subprocess.run([sys.executable, str(ROOT / "pretrain_puffin.py"), *FLAGS, *flags], cwd=workdir, env=ENV,
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _losses(path):
+    return {r["iteration"]: {k: v for k, v in r.items() if k.startswith("loss/")} for r in _records(path)}
+
+
+def test_bad_samples_are_skipped_reported_and_resume_stays_exact(workdir):
+    full = _run(workdir, "--metrics-file", "full.jsonl")
+    bad = [b for r in _records(workdir / "full.jsonl") for b in r.get("bad_sample_list", [])]
+    assert bad, "the garbled samples were never drawn"
+    reasons = " ".join(b["reason"] for b in bad)
+    assert {b["shard"] for b in bad} == {"tiny/data/main/shard-00000"}  # as the stream names it
+    assert {b["index"] for b in bad} <= {1, 2, 3, 4, 5, 6, 7}
+    assert any(word in reasons for word in ("UnicodeDecodeError", "non-finite camera", "Image", "offset")), reasons
+    assert "bad sample skipped" in full.stderr and "shard-00000 index" in full.stderr, full.stderr[-3000:]
+    assert _records(workdir / "full.jsonl")[-1]["bad_samples"] == len(bad)
+    assert sorted(_losses(workdir / "full.jsonl")) == list(range(1, 7))
+
+    _run(workdir, "--save", "run", "--exit-interval", "3", "--metrics-file", "part1.jsonl")
+    _run(workdir, "--save", "run", "--load", "run", "--metrics-file", "part2.jsonl")
+    resumed = {**_losses(workdir / "part1.jsonl"), **_losses(workdir / "part2.jsonl")}
+    assert resumed == _losses(workdir / "full.jsonl")  # bit-identical: replacements are deterministic
+    assert _records(workdir / "part2.jsonl")[-1]["bad_samples"] == len(bad)  # the count resumes too
+
+
+def test_max_bad_samples_zero_stops_at_the_first_with_an_error_naming_it(workdir):
+    proc = _run(workdir, "--save", "strict", "--max-bad-samples", "0", check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "(--max-bad-samples 0); the last: shard" in proc.stderr and "shard-00000 index" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    status = json.loads((workdir / "strict" / "run_status.json").read_text())
+    assert (status["status"], status["reason"]) == ("failed", "--max-bad-samples")

@@ -1,0 +1,148 @@
+"""Stopping signals through the real launchers, with data-loader workers (the default): the run saves, writes
+run_status.json "interrupted" and leaves no process behind.
+
+(a) SIGTERM to examples/train.sh (-> torchrun -> the rank's whole process group, workers included) saves; a second
+    SIGTERM to the rank's process group while the checkpoint is being written does not kill the save;
+(b) SIGUSR1 to plain torchrun (which does not handle it and dies) makes the rank save and exit, not orphan it;
+(c) a rank killed with SIGKILL takes its data-loader workers with it.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers.puffin import ROOT, make_tiny_dataset
+
+TINY = ROOT / "examples" / "tiny"
+ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+           PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           TORCH_ELASTIC_SHUTDOWN_TIMEOUT="600")
+FLAGS = [f"@{TINY / 'model.args'}", "--num-workers", "2", "--log-interval", "1", "--task-stream",
+         "image2text:tiny/data/main", "--task-stream", "cam2image:tiny/data/main", "--freeze-vision",
+         "--train-iters", "200", "--lr", "1e-3", "--lr-warmup-iters", "2"]
+TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("signals")
+    make_tiny_dataset(root / "tiny", num_samples=16)
+    return root
+
+
+def _children(pid):
+    """Direct children of ``pid`` (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _wait_for(predicate, proc, what):
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        assert proc.poll() is None, f"the run ended before {what}: {proc.communicate()[0][-3000:]}"
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _metrics_lines(path):
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _rank_pid(launcher_pid):
+    """The pretrain_puffin.py process below a launcher (train.sh -> torchrun -> rank, or torchrun -> rank)."""
+    for child in _children(launcher_pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"pretrain_puffin.py" in cmdline and b"torchrun" not in cmdline and b"torch.distributed.run" not in cmdline:
+            return child
+        found = _rank_pid(child)
+        if found:
+            return found
+    return None
+
+
+def _status(run):
+    return json.loads((run / "run_status.json").read_text())
+
+
+def test_sigterm_to_train_sh_saves_with_workers_and_a_second_signal_does_not_kill_the_save(workdir):
+    (workdir / "stage.args").write_text(" ".join(FLAGS + ["--metrics-file", "sh.jsonl"]) + "\n")
+    env = dict(ENV, STAGE_ARGS="stage.args", SAVE_DIR="run_sh", NPROC_PER_NODE="1", LOG_DIR="logs")
+    proc = subprocess.Popen(["bash", str(ROOT / "examples" / "train.sh")], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: _metrics_lines(workdir / "sh.jsonl") >= 2, proc, "two iterations")
+    rank = _wait_for(lambda: _rank_pid(proc.pid), proc, "the rank")
+    workers = _children(rank)
+    assert len([w for w in workers if _alive(w)]) >= 2, "expected two data-loader workers"
+    proc.send_signal(signal.SIGTERM)
+    staging = _wait_for(lambda: next((workdir / "run_sh").glob("iter_*.tmp"), None), proc, "the interrupt save")
+    os.killpg(rank, signal.SIGTERM)  # as torchrun or Slurm would repeat it: the rank and its workers
+    output, _ = proc.communicate(timeout=TIMEOUT)
+    # torchrun itself ends with a SignalException traceback (its way of reporting the signal); the rank must not.
+    assert "killed by signal" not in output and "pretrain_puffin.py\", line" not in output, output[-4000:]
+    assert "received while stopping" in output, output[-3000:]
+    status = _status(workdir / "run_sh")
+    assert (status["status"], status["reason"]) == ("interrupted", "signal"), status
+    assert (workdir / "run_sh" / staging.name[: -len(".tmp")]).is_dir()
+    assert status["checkpoint"].endswith(staging.name[: -len(".tmp")])
+    assert '"status": "interrupted"' in output  # train.sh prints the status file
+    assert not any(_alive(pid) for pid in [rank, *workers])
+
+
+def test_sigusr1_to_plain_torchrun_does_not_orphan_the_rank(workdir):
+    env = {k: v for k, v in ENV.items() if k != "PET_SIGNALS_TO_HANDLE"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                             str(ROOT / "pretrain_puffin.py"), *FLAGS, "--save", "run_usr1", "--metrics-file",
+                             "usr1.jsonl"], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    _wait_for(lambda: _metrics_lines(workdir / "usr1.jsonl") >= 2, proc, "two iterations")
+    rank = _rank_pid(proc.pid)
+    assert rank is not None
+    proc.send_signal(signal.SIGUSR1)
+    proc.wait(timeout=TIMEOUT)
+    assert proc.returncode == -signal.SIGUSR1  # torchrun's own default action (see docs/training.md)
+    deadline = time.time() + TIMEOUT
+    while _alive(rank) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(rank), "the rank outlived torchrun"
+    status = _status(workdir / "run_usr1")
+    assert (status["status"], status["reason"]) == ("interrupted", "signal"), status
+    assert (workdir / "run_usr1" / Path(status["checkpoint"]).name).is_dir()
+
+
+def test_a_rank_killed_with_sigkill_takes_its_workers_with_it(workdir):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain_puffin.py"), *FLAGS, "--metrics-file",
+                             "kill.jsonl"], cwd=workdir, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _wait_for(lambda: _metrics_lines(workdir / "kill.jsonl") >= 1, proc, "one iteration")
+    workers = [pid for pid in _children(proc.pid) if _alive(pid)]
+    assert len(workers) >= 2, "expected two data-loader workers"
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 60
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in workers), "a data-loader worker outlived its killed rank"

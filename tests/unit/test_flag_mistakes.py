@@ -1,0 +1,143 @@
+"""Every flag mistake is reported by the one validation pass, before any process group, data loader or model
+exists: one table of cases, each run through the real parse + validate (in this one process), plus two through
+the CLI. Each case names a message fragment that must appear; the base flags alone must validate."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_puffin.camera import Camera
+from megatron_puffin.config import ConfigError, parse_args
+from megatron_puffin.data.format import PuffinRecord, ShardWriter
+from megatron_puffin.data.tokenizer import train_sentencepiece_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A real (tiny) shard of the main subset, a tokenizer file, a file, a JSON VAE config and flag files."""
+    root = tmp_path_factory.mktemp("flags")
+    writer = ShardWriter(root / "main" / "shard_0", "main")
+    for index in range(3):
+        writer.add(PuffinRecord(key=f"k{index}", image=b"\xff\xd8" + bytes(8), caption=f"caption {index}",
+                                camera=Camera(0.1, 0.2, 0.9)))
+    writer.finalize()
+    (root / "empty").mkdir()
+    train_sentencepiece_tokenizer(["a photo of a cat on a mat"] * 10, root / "tok.model", vocab_size=300)
+    (root / "broken.model").write_bytes(b"not a tokenizer")
+    (root / "a_file").write_text("x")
+    (root / "vae.json").write_text('{"latent_channels": 4}')
+    (root / "bad_vae.json").write_text("{not json")
+    (root / "quote.args").write_text("--lr 1e-4\n--stage-name 'unbalanced\n")
+    (root / "binary.args").write_bytes(b"--lr \x00\xff\xfe 1e-4\n")
+    (root / "self.args").write_text(f"--lr 1e-4\n@{root / 'self.args'}\n")
+    (root / "streams.args").write_text(f"--task-stream image2text:{root / 'main'}:2\n"
+                                       f"--task-stream cam2image:{root / 'main'}:2\n--vae-config {root / 'vae.json'}\n")
+    return root
+
+
+def _base(root):
+    return ["--task-stream", f"image2text:{root / 'main'}:2", "--tokenizer", str(root / "tok.model")]
+
+
+# (flags; {root} is the fixture directory) -> a fragment the error must contain
+CASES = [
+    ("--tensor-model-parallel-size 0", "--tensor-model-parallel-size (0) must be at least 1"),
+    ("--pipeline-model-parallel-size 0", "--pipeline-model-parallel-size (0) must be at least 1"),
+    ("--fp16", "--fp16 needs a CUDA GPU"),
+    ("--ffn-hidden-size 0", "--ffn-hidden-size (0) must be at least 1"),
+    ("--kv-channels 0", "--kv-channels (0) must be at least 1"),
+    ("--max-position-embeddings 0", "--max-position-embeddings (0) must be at least 1"),
+    ("--task-stream image2text:{root}/empty:2", "no shard"),
+    ("--task-stream image2text_cross_view:{root}/main:2", "needs the field 'image_init'"),
+    ("--task-stream image2text:{root}/main:2:-1", "REPEATS (-1) must be >= 1"),
+    ("--task-stream cam2image:{root}/main:2 --vae-config {root}/nowhere.json", "--vae-config"),
+    ("--task-stream cam2image:{root}/main:2 --vae-config {root}/bad_vae.json", "is not valid JSON"),
+    ("--vae-path {root}/empty", "--vae-path ({root}/empty) has no config.json"),
+    ("--lr nan", "--lr (nan) must be a finite number"),
+    ("--lr inf", "--lr (inf) must be a finite number"),
+    ("--lr 0", "--lr (0.0) trains nothing"),
+    ("--adam-beta1 1.0", "--adam-beta1 (1.0) must lie in [0, 1)"),
+    ("--adam-beta2 -0.1", "--adam-beta2 (-0.1) must lie in [0, 1)"),
+    ("--adam-eps 0", "--adam-eps (0.0) must be positive"),
+    ("--weight-decay -0.1", "--weight-decay (-0.1) must be at least 0"),
+    ("--clip-grad -1", "--clip-grad (-1.0) must be at least 0"),
+    ("--lr-warmup-iters -1", "--lr-warmup-iters (-1) must be at least 0"),
+    ("--train-iters 10 --lr-warmup-iters 10", "--lr-warmup-iters (10) must be smaller than"),
+    ("--lr-decay-iters 3 --lr-warmup-iters 5", "--lr-warmup-iters (5) must be smaller than --lr-decay-iters (3)"),
+    ("--save {root}/run --save-interval 0", "--save-interval (0) must be at least 1"),
+    ("--save {root}/run --save-interval -1", "--save-interval (-1) must be at least 1"),
+    ("--distributed-timeout-minutes 0", "--distributed-timeout-minutes (0) must be at least 1"),
+    ("--exit-duration-in-mins -1", "--exit-duration-in-mins (-1.0) must be a positive number"),
+    ("--llm-checkpoint {root}/nowhere", "--llm-checkpoint ({root}/nowhere) does not exist"),
+    ("--dit-checkpoint {root}/a_file", "--dit-checkpoint ({root}/a_file) is a file"),
+    ("--vision-checkpoint {root}/empty", "is not a distributed checkpoint"),
+    ("--tensorboard-dir {root}/a_file", "--tensorboard-dir ({root}/a_file) is a file"),
+    ("--save {root}/a_file", "--save ({root}/a_file) is a file"),
+    ("--metrics-file {root}/empty", "--metrics-file ({root}/empty) is a directory"),
+    ("--image-size-unit 24 --image-size 48", "--image-size-unit (24) must be a multiple of the vision patch size"),
+    ("--world-size 4", "--world-size (4) contradicts the launch (WORLD_SIZE=1)"),
+    ("--seq-length 1024", "--seq-length is not a flag of pretrain_puffin.py"),
+    ("--task-stream text2text:{root}/main:2 --freeze-llm", "--task-stream text2text trains only the LLM"),
+    ("--tokenizer {root}/broken.model", "--tokenizer ({root}/broken.model) cannot be loaded"),
+    ("--vocab-size 100", "--vocab-size (100) is smaller than the vocabulary of --tokenizer"),
+    ("@{root}/quote.args", "flag file @{root}/quote.args line 2: No closing quotation (an unbalanced quote)"),
+    ("@{root}/binary.args", "flag file @{root}/binary.args is not a text file"),
+    ("@{root}/self.args", "includes itself"),
+    ("@{root}/nowhere.args", "flag file @{root}/nowhere.args cannot be read"),
+]
+
+
+def _problems(flags):
+    with pytest.raises(ConfigError) as info:
+        parse_args(flags)
+    return info.value.problems
+
+
+def test_every_flag_mistake_is_reported_by_the_validation_pass(files, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    parse_args(_base(files))  # the base is valid: each case below fails for its own reason
+    for flags, fragment in CASES:
+        problems = _problems(_base(files) + flags.format(root=files).split())
+        assert any(fragment.format(root=files) in p for p in problems), (flags, problems)
+
+
+def test_validators_survive_each_others_bad_values(files):
+    """Zero sizes that other rules divide by, all at once: every one is reported, nothing crashes."""
+    flags = ("--tensor-model-parallel-size 0 --pipeline-model-parallel-size 0 --num-layers 0 --num-attention-heads 0 "
+             "--num-query-groups 0 --hidden-size 0 --vision-patch-size 0 --vision-num-attention-heads 0 "
+             "--dit-num-attention-heads 0 --connector-num-attention-heads 0 --micro-batch-size 0 --lr nan "
+             "--train-iters 0 --image-size-unit 0").split()
+    problems = _problems(_base(files) + flags)
+    for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--num-layers", "--lr (nan)",
+                 "--train-iters", "--image-size-unit"):
+        assert any(flag in p for p in problems), (flag, problems)
+
+
+def test_a_later_task_stream_replaces_the_flag_files_streams(files):
+    root = files
+    args = parse_args(["--tokenizer", str(root / "tok.model"), f"@{root / 'streams.args'}"], validate=False)
+    assert [s.split(":")[0] for s in args.data.task_stream] == ["image2text", "cam2image"]
+    args = parse_args(["--tokenizer", str(root / "tok.model"), f"@{root / 'streams.args'}",
+                       "--task-stream", f"text2text:{root / 'main'}:1", "--task-stream", f"image2text:{root / 'main'}:1"],
+                      validate=False)
+    assert [s.split(":")[0] for s in args.data.task_stream] == ["text2text", "image2text"]  # replaced, in order
+    args = parse_args(["--tokenizer", str(root / "tok.model"), "--task-stream", f"text2text:{root / 'main'}:1",
+                       f"@{root / 'streams.args'}"], validate=False)
+    assert [s.split(":")[0] for s in args.data.task_stream] == ["image2text", "cam2image"]  # the file came later
+
+
+def test_the_cli_reports_flag_mistakes_in_one_message_before_any_work(files):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", WORLD_SIZE="2")
+    flags = _base(files) + [f"@{files / 'self.args'}", "--pipeline-model-parallel-size", "0", "--lr", "inf",
+                            "--world-size", "1", "--save", str(files / "a_file")]  # later flags win: --lr inf
+    proc = subprocess.run([sys.executable, str(ROOT / "pretrain_puffin.py"), *flags], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "process group" not in proc.stderr
+    for fragment in ("--pipeline-model-parallel-size (0)", "--lr (inf)", "contradicts the launch (WORLD_SIZE=2)",
+                     "includes itself", "is a file"):
+        assert fragment in proc.stderr, (fragment, proc.stderr)
