@@ -1,9 +1,7 @@
 """Every flag mistake is reported by the one validation pass, before any process group, data loader or model
-exists: one table of cases, each run through the real parse + validate (in this one process), plus two through
-the CLI. Each case names a message fragment that must appear; the base flags alone must validate."""
-import os
-import subprocess
-import sys
+exists: one table of cases, each run through the real parse + validate (in this one process); the CLI's handling
+is in tests/functional/test_flag_cli.py. Each case names a message fragment that must appear; the base flags alone
+must validate."""
 from pathlib import Path
 
 import pytest
@@ -12,8 +10,6 @@ from megatron_puffin.camera import Camera
 from megatron_puffin.config import ConfigError, parse_args
 from megatron_puffin.data.format import PuffinRecord, ShardWriter
 from megatron_puffin.data.tokenizer import train_sentencepiece_tokenizer
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -129,15 +125,3 @@ def test_a_later_task_stream_replaces_the_flag_files_streams(files):
                        f"@{root / 'streams.args'}"], validate=False)
     assert [s.split(":")[0] for s in args.data.task_stream] == ["image2text", "cam2image"]  # the file came later
 
-
-def test_the_cli_reports_flag_mistakes_in_one_message_before_any_work(files):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", WORLD_SIZE="2")
-    flags = _base(files) + [f"@{files / 'self.args'}", "--pipeline-model-parallel-size", "0", "--lr", "inf",
-                            "--world-size", "1", "--save", str(files / "a_file")]  # later flags win: --lr inf
-    proc = subprocess.run([sys.executable, str(ROOT / "pretrain_puffin.py"), *flags], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and "process group" not in proc.stderr
-    for fragment in ("--pipeline-model-parallel-size (0)", "--lr (inf)", "contradicts the launch (WORLD_SIZE=2)",
-                     "includes itself", "is a file"):
-        assert fragment in proc.stderr, (fragment, proc.stderr)

@@ -1,0 +1,55 @@
+"""pretrain_puffin.py with flag mistakes: one message listing every problem, exit 2, before any process group,
+data loader or model exists (the rules themselves are tested case by case in tests/unit/test_flag_mistakes.py)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_puffin.camera import Camera
+from megatron_puffin.data.format import PuffinRecord, ShardWriter
+from megatron_puffin.data.tokenizer import train_sentencepiece_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flag_cli")
+    for name in ("good", "broken"):
+        writer = ShardWriter(root / name / "shard-00000", "main")
+        writer.add(PuffinRecord(key="k", image=b"\xff\xd8", caption="c", camera=Camera(0.1, 0.2, 0.9)))
+        writer.finalize()
+    (root / "broken" / "shard-00000" / "manifest.json").unlink()
+    train_sentencepiece_tokenizer(["a photo of a cat on a mat"] * 10, root / "tok.model", vocab_size=300)
+    (root / "a_file").write_text("x")
+    (root / "self.args").write_text(f"--lr 1e-4\n@{root / 'self.args'}\n")
+    return root
+
+
+def _cli(*flags, **env):
+    proc = subprocess.run([sys.executable, str(ROOT / "pretrain_puffin.py"), *map(str, flags)], capture_output=True,
+                          text=True, timeout=300,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", **env))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "process group" not in proc.stderr
+    return proc.stderr
+
+
+def test_parallel_values_launch_flag_file_and_output_mistakes_together(files):
+    stderr = _cli("--task-stream", f"image2text:{files / 'good'}:1", "--tokenizer", files / "tok.model",
+                  f"@{files / 'self.args'}", "--pipeline-model-parallel-size", "0", "--lr", "inf",  # later wins
+                  "--world-size", "1", "--save", files / "a_file", WORLD_SIZE="2")
+    for fragment in ("--pipeline-model-parallel-size (0)", "--lr (inf)", "contradicts the launch (WORLD_SIZE=2)",
+                     "includes itself", "--save", "is a file"):
+        assert fragment in stderr, (fragment, stderr)
+
+
+def test_dataset_frozen_task_and_schedule_mistakes_together(files):
+    stderr = _cli("--task-stream", f"image2text:{files / 'broken'}:1", "--task-stream",
+                  f"text2text:{files / 'good'}:1", "--freeze-llm", "--tokenizer", files / "tok.model",
+                  "--train-iters", "5", "--lr-warmup-iters", "5")
+    for fragment in ("shard-00000 has field files but no manifest.json", "text2text trains only the LLM",
+                     "--lr-warmup-iters (5) must be smaller than --train-iters (5)"):
+        assert fragment in stderr, (fragment, stderr)
