@@ -235,6 +235,13 @@ def check_data(args) -> List[str]:
     return data_config_errors(args.data, check_paths=not args.dry_run)
 
 
+def check_validation(args) -> List[str]:
+    """Validation streams and intervals (see megatron_puffin.training.validation_config)."""
+    from megatron_puffin.training.validation_config import validation_errors
+
+    return validation_errors(args)
+
+
 VALIDATORS: List[Callable] = [
     check_parse,
     check_positive,
@@ -246,6 +253,7 @@ VALIDATORS: List[Callable] = [
     check_towers,
     check_data,
     check_generation_needs_vae,
+    check_validation,
 ]
 
 
