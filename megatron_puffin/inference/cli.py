@@ -59,6 +59,7 @@ def setup_logging(level: str) -> None:
     if level != "DEBUG":
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message="CUDA is not available")
+        warnings.filterwarnings("ignore", message="full scope is deprecated")  # megatron-core's own default
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=level if rank == 0 else "ERROR", format="%(levelname)s %(name)s: %(message)s")
     if level != "DEBUG":
