@@ -57,3 +57,41 @@ def reference_guided_velocity(reference: ReferencePuffin, batch: Dict[str, Any],
     velocity = torch.stack(list(velocity)) if not isinstance(velocity, torch.Tensor) else velocity
     uncond, cond = velocity[:count], velocity[count:]
     return uncond + guidance_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def reference_generate(reference: ReferencePuffin, batch: Dict[str, Any], camera_maps: Sequence[torch.Tensor],
+                       init_images, seeds: Sequence[int], size: int, num_steps: int,
+                       guidance_scale: float) -> torch.Tensor:
+    """Images the reference's way (spec §6.2): ``batch`` holds ``[negatives; positives]`` prompts; each camera map
+    (and initial view) VAE-encoded one sample at a time with a posterior sample; diffusers'
+    ``FlowMatchEulerDiscreteScheduler`` steps over the reference dynamic MMDiT forward; VAE decode one sample at a time.
+    Returns uint8 ``[b, H, W, 3]``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    batch = {key: _to(value, reference.device) for key, value in batch.items()}
+    vae, count = reference.vae, len(seeds)
+    shift, scale = float(vae.config.shift_factor or 0.0), float(vae.config.scaling_factor)
+    states = reference._llm_states(batch)[:, -reference.puffin_config.connector.num_queries:]
+    pooled, context = reference.query_path(states)
+
+    def encode(image, seed):
+        generator = torch.Generator().manual_seed(seed)
+        return (vae.encode(image[None].to(reference.device)).latent_dist.sample(generator=generator)[0] - shift) * scale
+
+    conds = [[encode(camera_maps[i], seeds[i])] + ([] if init_images is None else [encode(init_images[i], seeds[i])])
+             for i in range(count)]
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latents = torch.stack([torch.randn(vae.config.latent_channels, size // factor, size // factor,
+                                       generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=reference.puffin_config.flow.num_train_timesteps,
+                                                shift=reference.puffin_config.flow.shift)
+    scheduler.set_timesteps(num_steps)
+    for timestep in scheduler.timesteps:
+        velocity = reference_dynamic_forward(reference.transformer, torch.cat([latents, latents]), context, pooled,
+                                             timestep.expand(2 * count), conds * 2)
+        velocity = torch.stack(list(velocity)) if not isinstance(velocity, torch.Tensor) else velocity
+        guided = velocity[:count] + guidance_scale * (velocity[count:] - velocity[:count])
+        latents = scheduler.step(guided, timestep, latents).prev_sample
+    images = torch.cat([vae.decode(latent[None] / scale + shift).sample for latent in latents])
+    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
