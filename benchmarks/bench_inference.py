@@ -12,7 +12,7 @@ Image: ``--images`` cam2image requests at ``--image-size`` with CFG 4.5 and ``--
 :func:`megatron_puffin.inference.generate` (batched VAE, our MMDiT). Baseline: the reference-style pipeline of
 ``megatron_puffin.testing.reference_inference.reference_generate`` on the same weights (HF Qwen2, plain-PyTorch
 connectors, per-sample VAE encode/decode, diffusers' scheduler, the reference dynamic MMDiT with its dense mask). The
-vision tower is not used (no initial view). Times are medians of ``--repeats`` runs after one warm-up; the two sides
+vision tower is not used (no initial view). Times are medians of ``--repeats`` runs after one warm-up; the sides
 take turns.
 
 Usage:
@@ -55,14 +55,19 @@ def _parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _median_time(function, repeats: int):
-    function()  # warm-up
-    times, result = [], None
+def _median_times(functions, repeats: int):
+    """{name: (median seconds, last result)}; one warm-up each, then the functions take turns (a shared host's load
+    then affects every side alike)."""
+    for function in functions.values():
+        function()
+    times = {name: [] for name in functions}
+    results = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for name, function in functions.items():
+            start = time.perf_counter()
+            results[name] = function()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(values), results[name]) for name, values in times.items()}
 
 
 def _decode_prompts(ours, tokenizer, count: int):
@@ -100,9 +105,8 @@ def bench_decode(args, ours, reference, tokenizer) -> None:
         return out[:, -n:]
 
     with torch.no_grad():
-        results = {name: _median_time(function, args.repeats) for name, function in
-                   (("ours (KV cache)", ours_cached), ("transformers generate", hf_generate),
-                    ("ours (recompute)", ours_recomputed))}
+        results = _median_times({"ours (KV cache)": ours_cached, "transformers generate": hf_generate,
+                                 "ours (recompute)": ours_recomputed}, args.repeats)
     same = torch.equal(results["ours (KV cache)"][1], results["transformers generate"][1])
     tokens = args.prompts * n
     base = tokens / results["transformers generate"][0]
@@ -126,9 +130,12 @@ def bench_images(args, ours, reference, tokenizer) -> None:
     values = torch.tensor([[c.roll, c.pitch, c.vfov] for c in cameras])
     maps = normalize_camera_map(camera_maps(values, args.image_size, args.image_size))
     seeds = [settings.seed + i for i in range(args.images)]
-    ours_s, _ = _median_time(lambda: generate(ours, tokenizer, requests, settings), args.repeats)
-    ref_s, _ = _median_time(lambda: reference_generate(reference, batch, maps, None, seeds, args.image_size,
-                                                       args.steps, settings.guidance_scale), args.repeats)
+    times = _median_times({
+        "ours": lambda: generate(ours, tokenizer, requests, settings),
+        "reference": lambda: reference_generate(reference, batch, maps, None, seeds, args.image_size, args.steps,
+                                                settings.guidance_scale),
+    }, args.repeats)
+    ours_s, ref_s = times["ours"][0], times["reference"][0]
     per = args.images
     print(f"image generation: {args.images} x {args.image_size}^2 cam2image, CFG 4.5, {args.steps} steps")
     print(f"  ours                     {ours_s / per:8.3f} s/image")

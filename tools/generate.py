@@ -151,8 +151,9 @@ def read_requests(args) -> List[Dict[str, Any]]:
 
 def check_args(args) -> None:
     problems = []
-    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
-                        ("--max-reasoning-tokens", args.max_reasoning_tokens), ("--max-new-tokens", args.max_new_tokens)):
+    counts = (("--steps", args.steps), ("--batch-size", args.batch_size),
+              ("--max-reasoning-tokens", args.max_reasoning_tokens), ("--max-new-tokens", args.max_new_tokens))
+    for flag, value in counts:
         if value < 1:
             problems.append(f"{flag} ({value}) must be at least 1")
     if args.image_size is not None and args.image_size < 1:

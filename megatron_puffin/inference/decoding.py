@@ -42,7 +42,8 @@ class DecodeOutput:
 
     def sequences(self) -> List[List[int]]:
         """Each sequence's tokens without the end token and what follows it."""
-        return [row[: length - int(done)] for row, length, done in zip(self.tokens.tolist(), self.lengths, self.finished)]
+        rows = zip(self.tokens.tolist(), self.lengths, self.finished)
+        return [row[: length - int(done)] for row, length, done in rows]
 
 
 def _full_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -16,7 +16,8 @@ def _infer(model, tokenizer):
     """Understanding tokens, one guided velocity and a 2-step image from fixed inputs."""
     from megatron_puffin.camera import Camera
     from megatron_puffin.diffusion import FlowMatchEulerSampler
-    from megatron_puffin.inference import GenerationRequest, GenerationSettings, generate, prepare_generation, understand
+    from megatron_puffin.inference import (GenerationRequest, GenerationSettings, generate, prepare_generation,
+                                           understand)
 
     generator = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 96, 96, generator=generator) * 2 - 1 for _ in range(2)]

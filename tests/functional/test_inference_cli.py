@@ -108,7 +108,8 @@ def _tool_main(name):
 
 @pytest.mark.parametrize("tool, args, message", [
     ("understand.py", ["--images", "BAD", "--output", "x.json"], "does not decode"),
-    ("understand.py", ["--images", "IMAGE", "--output", "x.json", "--checkpoint", "MISSING"], "no such file or directory"),
+    ("understand.py", ["--images", "IMAGE", "--output", "x.json", "--checkpoint", "MISSING"],
+     "no such file or directory"),
     ("understand.py", ["--images", "IMAGE", "--output", "x.json", "--hidden-size", "64", "--ffn-hidden-size", "96"],
      "does not fit the model shape"),
     ("generate.py", ["--output-dir", "g", "--roll", "0.1", "--pitch", "1.9", "--vfov", "1.0"],

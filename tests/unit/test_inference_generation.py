@@ -106,7 +106,8 @@ def test_world_exploration_conditions_both_branches_on_camera_and_initial_view(s
     (size, conds), = calls.calls
     assert size == 2 and len(conds) == 2 and conds[0] is conds[1]  # negative and positive: the same conditions
     values = torch.tensor([[camera.roll, camera.pitch, camera.vfov]])
-    expected_camera = _posterior_latents(model.vae, normalize_camera_map(camera_maps(values, 96, 96)), [5], "vae_camera")
+    camera_map = normalize_camera_map(camera_maps(values, 96, 96))
+    expected_camera = _posterior_latents(model.vae, camera_map, [5], "vae_camera")
     expected_init = _posterior_latents(model.vae, init[None], [5], "vae_init")
     torch.testing.assert_close(conds[1][0], expected_camera[0], atol=0, rtol=0)
     torch.testing.assert_close(conds[1][1], expected_init[0], atol=0, rtol=0)
