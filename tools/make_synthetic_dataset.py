@@ -4,7 +4,7 @@
     python tools/make_synthetic_dataset.py --output /tmp/puffin_synth --num-samples 1000 --image-size 128 --seed 0
 
 Writes the main subset (base + thinking captions), cross_view/ pairs and photography/ samples, cameras.csv ground
-truth per subset, and a SentencePiece tokenizer trained on the captions (--tokenizer-out, default
+truth per subset, optionally a held-out split in <output>/heldout (--num-heldout), and a SentencePiece tokenizer trained on the captions (--tokenizer-out, default
 <output>/tokenizer/puffin_synthetic.model) with the chat special tokens, so nothing has to be downloaded.
 Deterministic from --seed (independent of --workers).
 """
@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--num-samples", required=True, type=int, help="Main (single-view) samples.")
     group.add_argument("--num-cross-view", type=int, default=None, help="Cross-view pairs (default N // 4).")
     group.add_argument("--num-photography", type=int, default=None, help="Photography samples (default N // 8).")
+    group.add_argument("--num-heldout", type=int, default=0,
+                       help="Also write a held-out split to <output>/heldout (same layout, other random streams): this "
+                       "many main samples, N // 4 cross-view pairs, N // 8 photography samples (default 0: none).")
     group.add_argument("--image-size", type=int, default=128, help="Square image side in pixels (default 128).")
     group.add_argument("--seed", type=int, default=0, help="Seed (default 0).")
     group.add_argument("--supersample", type=int, default=2, help="Rays per pixel side (default 2).")
@@ -50,7 +53,7 @@ def main(argv=None) -> int:
         output=args.output, num_samples=args.num_samples, image_size=args.image_size, seed=args.seed,
         num_cross_view=args.num_cross_view, num_photography=args.num_photography, workers=args.workers,
         tokenizer_out=tokenizer, tokenizer_vocab_size=args.tokenizer_vocab_size,
-        camera_map_size=args.camera_map_size, supersample=args.supersample,
+        camera_map_size=args.camera_map_size, supersample=args.supersample, num_heldout=args.num_heldout,
     )
     started = time.perf_counter()
     try:

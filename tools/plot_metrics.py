@@ -9,8 +9,10 @@ resumed run is one curve; steps logged again after a restart replace the earlier
 (right axis) when the run logged them. ``--smooth N`` draws an N-point trailing moving average over the faint raw
 curve. Tasks are the task streams' names (``image2text_photography``, not the loss it trains under). A curve is
 broken where its task did not run at a logged iteration (no line bridges the gap), and a task logged sparsely
-(fewer than half of the logged iterations, or an isolated point) is drawn with markers. Writes a PNG of exactly
-``--width`` x ``--height`` pixels.
+(fewer than half of the logged iterations, or an isolated point) is drawn with markers. Validation results of
+``--eval-interval`` runs are drawn too: ``valid_loss/<task>`` as dashed lines (with markers) in the colour of the
+task's training loss, and the median camera errors ``valid_camera/<stream>/median_*`` in a panel of their own. Writes
+a PNG of exactly ``--width`` x ``--height`` pixels.
 """
 import argparse
 import sys
@@ -20,6 +22,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 LOSS_PREFIX = "loss/"
+VALID_LOSS_PREFIX = "valid_loss/"
+VALID_CAMERA_PREFIX = "valid_camera/"
 OPTIMIZER_TAGS = ("grad_norm", "learning_rate")
 DPI = 100
 Series = Tuple[np.ndarray, np.ndarray]  # (iterations, values)
@@ -136,14 +140,36 @@ def is_sparse(series: Series, grid: np.ndarray) -> bool:
     return count <= 3 or count < 0.5 * grid.size
 
 
-def draw_losses(axis, losses: Dict[str, Series], smooth: int, grid: Optional[np.ndarray] = None) -> None:
-    colors = _colors(len(losses))
+def valid_losses(scalars: Dict[str, Series]) -> Dict[str, Series]:
+    """``{task: series}`` of the validation losses ``valid_loss/<task>``."""
+    return {tag[len(VALID_LOSS_PREFIX):]: series for tag, series in sorted(scalars.items())
+            if tag.startswith(VALID_LOSS_PREFIX)}
+
+
+def camera_series(scalars: Dict[str, Series]) -> Dict[str, Series]:
+    """``{"<stream> <parameter>": series}`` of the validation median camera errors (degrees)."""
+    series = {}
+    for tag, values in sorted(scalars.items()):
+        if tag.startswith(VALID_CAMERA_PREFIX) and "/median_" in tag:
+            stream, name = tag[len(VALID_CAMERA_PREFIX):].rsplit("/", 1)
+            series[f"{stream} {name[len('median_'):-len('_error')]}"] = values
+    return series
+
+
+def draw_losses(axis, losses: Dict[str, Series], smooth: int, grid: Optional[np.ndarray] = None,
+                valid: Optional[Dict[str, Series]] = None) -> None:
+    valid = valid or {}
+    tasks = list(losses) + [task for task in valid if task not in losses]
+    colors = dict(zip(tasks, _colors(len(tasks))))
     grid = logged_iterations(losses) if grid is None else grid
-    for (task, series), color in zip(losses.items(), colors):
+    for task, series in losses.items():
         sparse = is_sparse(series, grid)
         for index, (steps, values) in enumerate(runs_of(series, grid)):
             marker = "o" if sparse or steps.size == 1 else None
-            plot_series(axis, steps, values, task if index == 0 else None, color, smooth, marker)
+            plot_series(axis, steps, values, task if index == 0 else None, colors[task], smooth, marker)
+    for task, (steps, values) in valid.items():
+        axis.plot(steps, values, color=colors[task], linestyle="--", marker="o", markersize=3, linewidth=1.2,
+                  label=f"{task} (validation)")
     title = "loss per task" + (f" ({smooth}-point moving average)" if smooth > 1 else "")
     axis.set_title(title)
     axis.set_ylabel("loss")
@@ -168,6 +194,16 @@ def draw_optimizer(axis, scalars: Dict[str, Series], smooth: int) -> None:
     axis.grid(True, alpha=0.3)
 
 
+def draw_camera(axis, series: Dict[str, Series]) -> None:
+    """Validation median camera errors (degrees) per stream and parameter."""
+    for (label, (steps, values)), color in zip(series.items(), _colors(len(series))):
+        axis.plot(steps, values, color=color, marker="o", markersize=3, linewidth=1.2, label=label)
+    axis.set_title("validation: median camera error")
+    axis.set_ylabel("degrees")
+    axis.grid(True, alpha=0.3)
+    axis.legend(loc="upper right", fontsize="small")
+
+
 def _colors(count: int) -> List:
     import matplotlib.pyplot as plt
 
@@ -182,12 +218,16 @@ def render(scalars: Dict[str, Series], losses: Dict[str, Series], args: argparse
     import matplotlib.pyplot as plt
 
     optimizer = not args.no_optimizer_panel and any(tag in scalars for tag in OPTIMIZER_TAGS)
-    rows = 2 if optimizer else 1
-    figure, axes = plt.subplots(rows, 1, sharex=True, squeeze=False, figsize=(args.width / DPI, args.height / DPI),
-                                gridspec_kw={"height_ratios": [2, 1][:rows]})
-    draw_losses(axes[0, 0], losses, args.smooth, logged_iterations(scalars))
+    camera = camera_series(scalars)
+    panels = ["losses"] + (["optimizer"] if optimizer else []) + (["camera"] if camera else [])
+    figure, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False,
+                                figsize=(args.width / DPI, args.height / DPI),
+                                gridspec_kw={"height_ratios": [2] + [1] * (len(panels) - 1)})
+    draw_losses(axes[0, 0], losses, args.smooth, logged_iterations(scalars), valid_losses(scalars))
     if optimizer:
-        draw_optimizer(axes[1, 0], scalars, args.smooth)
+        draw_optimizer(axes[panels.index("optimizer"), 0], scalars, args.smooth)
+    if camera:
+        draw_camera(axes[panels.index("camera"), 0], camera)
     axes[-1, 0].set_xlabel("iteration")
     figure.tight_layout()
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +246,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     render(scalars, losses, args)
     last = max(int(steps[-1]) for steps, _ in losses.values())
-    print(f"wrote {args.output} ({', '.join(losses)}; up to iteration {last})")
+    extra = "".join(f"; {what} {', '.join(names)}" for what, names in
+                    (("validation", list(valid_losses(scalars))), ("camera errors", list(camera_series(scalars))))
+                    if names)
+    print(f"wrote {args.output} ({', '.join(losses)}; up to iteration {last}{extra})")
     return 0
 
 

@@ -25,6 +25,7 @@ from megatron_puffin.models.connector.config import ConnectorConfig
 from megatron_puffin.models.llm.config import LLMConfig
 from megatron_puffin.models.puffin_config import PuffinModelConfig
 from megatron_puffin.models.vision.config import VisionConfig
+from megatron_puffin.training.validation_config import ValidationConfig
 
 # (attribute on PuffinArguments, dataclass, argparse group title). Later entries extend this list in place.
 CONFIG_GROUPS: List[Tuple[str, type, str]] = [
@@ -40,6 +41,7 @@ CONFIG_GROUPS: List[Tuple[str, type, str]] = [
     ("training", TrainingConfig, "training"),
     ("checkpoint", CheckpointConfig, "checkpointing"),
     ("logging", LoggingConfig, "logging"),
+    ("validation", ValidationConfig, "validation (held-out losses and camera errors while training)"),
 ]
 
 
@@ -113,6 +115,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, validate: bool = True) -> P
                            flag_file_problems=tuple(parser.flag_file_problems))
     args.data.task_stream = [
         with_default_micro_batch(spec, args.training.micro_batch_size) for spec in args.data.task_stream
+    ]
+    args.validation.valid_task_stream = [
+        with_default_micro_batch(spec, args.training.micro_batch_size) for spec in args.validation.valid_task_stream
     ]
     if validate:
         from megatron_puffin.config.validate import validate_args

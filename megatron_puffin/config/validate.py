@@ -275,6 +275,13 @@ def check_trained_towers(args) -> List[str]:
             "nothing; drop --freeze-llm or that stream"]
 
 
+def check_validation(args) -> List[str]:
+    """Validation streams and intervals (see megatron_puffin.training.validation_config)."""
+    from megatron_puffin.training.validation_config import validation_errors
+
+    return validation_errors(args)
+
+
 VALIDATORS: List[Callable] = [
     check_parse,
     check_positive,
@@ -289,6 +296,7 @@ VALIDATORS: List[Callable] = [
     check_trained_towers,
     *VALUE_VALIDATORS,
     *PATH_VALIDATORS,
+    check_validation,
 ]
 
 

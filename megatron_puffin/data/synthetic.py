@@ -8,6 +8,12 @@ Output (everything the real dataset has, so it goes through the same ``tools/pre
     <out>/photography/{summary.json, local_folder, cap_folder, cameras.csv}
     <tokenizer_out>                       SentencePiece model trained on all captions and prompts
 
+With ``num_heldout`` > 0 a held-out split is written beside it, in the same layout under ``<out>/heldout/``
+(``num_heldout`` main samples, a quarter as many cross-view pairs and an eighth as many photography samples), drawn
+from other random streams, so no held-out scene, camera or image appears in the training split; it is for
+validation (``--valid-task-stream``) and camera evaluation (its ``cameras.csv`` is the ground truth). The training
+split and the tokenizer (trained on training captions only) do not depend on it.
+
 Main samples: roll, pitch ~ U[-pi/4, pi/4], vfov ~ U[0.3491, 1.8326] (the ranges of §3.3); base caption
 ``{description} {camera sentence}``, thinking caption with photographic-terms reasoning. Cross-view pairs (§3.10):
 initial view and target view of the same scene; target roll, pitch ~ U[-pi/8, pi/8], vfov 1.48, yaw ~ U[0, 2*pi).
@@ -21,7 +27,7 @@ import json
 import logging
 import math
 import multiprocessing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -61,6 +67,8 @@ class SyntheticOptions:
         tokenizer_vocab_size: Target vocabulary size of that model.
         camera_map_size: Also write reference-style ``cam_folder/*.pt`` maps of this size (None: none).
         supersample: Rays per pixel side.
+        num_heldout: Main samples of the held-out split written to ``<output>/heldout`` (0: none).
+        split: Which split this is ("train" or "heldout"); selects the random streams.
     """
 
     output: Path
@@ -74,6 +82,18 @@ class SyntheticOptions:
     tokenizer_vocab_size: int = 1024
     camera_map_size: Optional[int] = None
     supersample: int = 2
+    num_heldout: int = 0
+    split: str = "train"
+
+
+HELDOUT_FOLDER = "heldout"
+"""Sub-folder of the output holding the held-out split."""
+
+
+def _rng(options: SyntheticOptions, subset: str, index: int) -> np.random.Generator:
+    """The sample's own generator; the training split keeps the streams it always had."""
+    stream = subset if options.split == "train" else f"{options.split}/{subset}"
+    return np.random.default_rng(derive_seed(options.seed, stream, index))
 
 
 def _relative(index: int, suffix: str) -> str:
@@ -108,7 +128,7 @@ def _uniform(rng: np.random.Generator, bounds: Tuple[float, float]) -> float:
 
 
 def _main_sample(options: SyntheticOptions, index: int) -> Tuple[List[str], tuple]:
-    rng = np.random.default_rng(derive_seed(options.seed, "main", index))
+    rng = _rng(options, "main", index)
     heading = float(rng.uniform(0, 2 * math.pi))
     scene = sample_scene(rng, heading)
     camera = Camera(_uniform(rng, ROLL_PITCH_RANGE), _uniform(rng, ROLL_PITCH_RANGE), _uniform(rng, VFOV_RANGE))
@@ -126,7 +146,7 @@ def _main_sample(options: SyntheticOptions, index: int) -> Tuple[List[str], tupl
 
 
 def _cross_view_sample(options: SyntheticOptions, index: int) -> Tuple[List[str], tuple]:
-    rng = np.random.default_rng(derive_seed(options.seed, "cross_view", index))
+    rng = _rng(options, "cross_view", index)
     heading = float(rng.uniform(0, 2 * math.pi))
     scene = sample_scene(rng, heading, num_objects=int(rng.integers(3, 7)))
     init = Camera(_uniform(rng, CROSS_VIEW_ROLL_PITCH_RANGE), _uniform(rng, CROSS_VIEW_ROLL_PITCH_RANGE), CROSS_VIEW_VFOV)
@@ -158,7 +178,7 @@ def photography_answer(camera: Camera, yaw_deviation: float, pitch_deviation: fl
 
 
 def _photography_sample(options: SyntheticOptions, index: int) -> Tuple[List[str], tuple]:
-    rng = np.random.default_rng(derive_seed(options.seed, "photography", index))
+    rng = _rng(options, "photography", index)
     heading = float(rng.uniform(0, 2 * math.pi))
     scene = sample_scene(rng, heading)
     camera = Camera(_uniform(rng, ROLL_PITCH_RANGE), _uniform(rng, ROLL_PITCH_RANGE), _uniform(rng, VFOV_RANGE))
@@ -213,10 +233,11 @@ def make_synthetic_dataset(options: SyntheticOptions) -> Dict[str, int]:
     Raises:
         ValueError: On non-positive sizes or counts.
     """
-    if options.num_samples < 1 or options.image_size < 96 or options.workers < 1:
+    if options.num_samples < 1 or options.image_size < 96 or options.workers < 1 or options.num_heldout < 0:
         raise ValueError(
             f"--num-samples ({options.num_samples}) must be >= 1, --image-size ({options.image_size}) >= 96 "
-            f"(smaller images are rejected by preprocessing, spec §3.5) and --workers ({options.workers}) >= 1"
+            f"(smaller images are rejected by preprocessing, spec §3.5), --workers ({options.workers}) >= 1 and "
+            f"--num-heldout ({options.num_heldout}) >= 0"
         )
     sizes = _subset_sizes(options)
     chunk = 64
@@ -240,4 +261,11 @@ def make_synthetic_dataset(options: SyntheticOptions) -> Dict[str, int]:
         train_sentencepiece_tokenizer(texts + list(templates.all_prompt_texts()), options.tokenizer_out,
                                       options.tokenizer_vocab_size)
     logger.info("wrote synthetic dataset %s: %s", options.output, sizes)
+    if options.num_heldout and options.split == "train":
+        heldout = make_synthetic_dataset(replace(
+            options, output=options.output / HELDOUT_FOLDER, num_samples=options.num_heldout, num_heldout=0,
+            split=HELDOUT_FOLDER, tokenizer_out=None, num_cross_view=max(1, options.num_heldout // 4),
+            num_photography=max(1, options.num_heldout // 8),
+        ))
+        sizes.update({f"{HELDOUT_FOLDER}/{subset}": count for subset, count in heldout.items()})
     return sizes

@@ -248,6 +248,42 @@ class TaskEncoder:
         return EncodedSample(self.loss_task, input_ids, labels, vision_image=vision, text=render(used),
                              num_image_tokens=num_tokens, truncated=prompt_cut or answer_cut)
 
+    def understanding_prompt(self, prompt_text: str, image: Optional[torch.Tensor] = None,
+                             variable: str = "") -> EncodedSample:
+        """The prompt of an understanding sample without an answer (it ends with the assistant turn), for decoding.
+
+        Same assembly as training (layout in the module docstring): ``image`` is the dynamic-resized input image
+        (pad-to-square is applied here), ``variable`` a prompt suffix (text2text: the base caption). ``labels`` is
+        None and ``text`` the rendered prompt.
+        """
+        sample = self._understanding(prompt_text, "", image, variable)
+        answer_terminators = 1 + len(self._newline)  # an empty answer is "<|im_end|>" + "\n"
+        sample.input_ids = sample.input_ids[:-answer_terminators].clone()
+        sample.labels = None
+        return sample
+
+    def generation_prompt(self, text: str, init_image: Optional[torch.Tensor] = None) -> EncodedSample:
+        """The prompt of a generation sample for sampling: cam2image/text2image without ``init_image``, image2image
+        (world exploration) with it; ``text`` is used as given (no CFG dropout, no mixed-motion trimming)."""
+        if init_image is None:
+            return self._generation(lambda t: templates.instruction(templates.GENERATION_TEMPLATE.format(input=t)),
+                                    text)
+        vision, num_tokens = self._vision(init_image)
+        encoded = self._generation(self._image2image_render(num_tokens), text, extra_tokens=num_tokens,
+                                   vision_image=vision, init_image=init_image)
+        encoded.task, encoded.num_image_tokens = "image2image", num_tokens
+        return encoded
+
+    @staticmethod
+    def _image2image_render(num_tokens: int):
+        image_tokens = (templates.VISION_START_TOKEN + templates.IMAGE_PAD_TOKEN * num_tokens
+                        + templates.VISION_END_TOKEN)
+
+        def render(text):
+            return templates.instruction(image_tokens + "\n" + templates.GENERATION_CROSS_TEMPLATE.format(input=text))
+
+        return render
+
     def _answer_ids(self, answer: str, budget: int) -> Tuple[List[int], bool]:
         """Answer ids + <|im_end|> + "\\n"; cut on the right (without terminators) when over ``budget``."""
         ids = self.tokenizer.encode(answer) + [self.tokenizer.im_end_id] + self._newline
@@ -314,14 +350,8 @@ class TaskEncoder:
         camera = sample["camera"]
         trimmed = self._happens("mixed_motion", position, self.config.mixed_motion_prob)
         text = camera_text(camera) if trimmed or not sample.get("caption") else format_caption(sample["caption"], camera)
-        image_tokens = (templates.VISION_START_TOKEN + templates.IMAGE_PAD_TOKEN * num_tokens
-                        + templates.VISION_END_TOKEN)
-
-        def render(t):
-            return templates.instruction(image_tokens + "\n" + templates.GENERATION_CROSS_TEMPLATE.format(input=t))
-
-        encoded = self._generation(render, text, extra_tokens=num_tokens, vision_image=vision,
-                                   target_image=self._load(sample["image"]), init_image=init,
+        encoded = self._generation(self._image2image_render(num_tokens), text, extra_tokens=num_tokens,
+                                   vision_image=vision, target_image=self._load(sample["image"]), init_image=init,
                                    camera=self._camera_values(sample))
         encoded.num_image_tokens = num_tokens
         return encoded

@@ -186,6 +186,20 @@ class Trainer:
                                     active=self.is_logging_rank)
         self.stop = StopFlag()
         self.peak_device_tflops = self._measure_peak()
+        self.validator = self._build_validator()
+
+    def _build_validator(self):
+        """The held-out validation of --valid-task-stream / --eval-interval (None without it)."""
+        if self.args.validation.eval_interval is None:
+            return None
+        from megatron_puffin.training.validation import Validator
+
+        return Validator(self.args, self.tokenizer, self.ctx)
+
+    def validate(self) -> None:
+        """One validation of the current weights, logged like a training interval (see training/validation.py)."""
+        result = self.validator.run(self.ddp, self.state.iteration, unwrapped_model=self.model)
+        self.writer.write_scalars(result.iteration, result.scalars(), result.line(self.validator.tasks))
 
     # -- loading ------------------------------------------------------------------------------------------------
     def _tower_module(self, tower: str) -> Optional[torch.nn.Module]:
@@ -410,6 +424,10 @@ class Trainer:
                         self.state.iteration == training.train_iters:
                     self._log(interval, time.perf_counter() - interval_start, result)
                     interval, interval_start = Interval(self.tasks), time.perf_counter()
+                if self.validator is not None and self.validator.due(self.state.iteration):
+                    start = time.perf_counter()
+                    self.validate()
+                    interval_start += time.perf_counter() - start  # throughput excludes validation
                 if ckpt_args.save and ckpt_args.save_interval and self.state.iteration % ckpt_args.save_interval == 0:
                     start = time.perf_counter()
                     self.save()

@@ -177,6 +177,20 @@ class MetricsWriter:
             with open(self.metrics_file, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
 
+    def write_scalars(self, iteration: int, scalars: Dict[str, float], line: str) -> None:
+        """Another record of the same iteration (e.g. validation): ``line`` to the log, ``scalars`` to TensorBoard
+        and as one JSON line (``{"iteration": ..., **scalars}``) to the metrics file."""
+        if not self.active:
+            return
+        logger.info("%s", line)
+        if self.tensorboard is not None:
+            for tag, value in scalars.items():
+                self.tensorboard.add_scalar(tag, value, iteration)
+            self.tensorboard.flush()
+        if self.metrics_file:
+            with open(self.metrics_file, "a") as handle:
+                handle.write(json.dumps({"iteration": iteration, **scalars}) + "\n")
+
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()

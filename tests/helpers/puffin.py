@@ -25,20 +25,26 @@ TINY_VAE = json.loads((ROOT / "examples" / "tiny" / "vae_config.json").read_text
 
 
 def make_tiny_dataset(root: Path, num_samples: int = 16, seed: int = 0, image_size: int = IMAGE_SIZE,
-                      vae_config: Optional[dict] = None) -> Dict[str, str]:
+                      vae_config: Optional[dict] = None, num_heldout: int = 0) -> Dict[str, str]:
     """Render + preprocess a synthetic Puffin-4M dataset; returns paths of shards, tokenizer and VAE config
-    (``vae_config``: an AutoencoderKL config, default the tiny one)."""
+    (``vae_config``: an AutoencoderKL config, default the tiny one). ``num_heldout`` > 0 also writes the held-out
+    split, preprocessed into ``<root>/heldout`` (returned as "heldout")."""
     root = Path(root)
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     raw, data, tokenizer = root / "raw", root / "data", root / "tokenizer.model"
     subprocess.run([sys.executable, str(ROOT / "tools/make_synthetic_dataset.py"), "--output", str(raw),
                     "--num-samples", str(num_samples), "--image-size", str(image_size), "--seed", str(seed),
-                    "--tokenizer-out", str(tokenizer), "--workers", "1"], check=True, env=env, capture_output=True)
-    subprocess.run([sys.executable, str(ROOT / "tools/preprocess_data.py"), "--input", str(raw), "--output-prefix",
-                    str(data), "--workers", "1", "--no-progress"], check=True, env=env, capture_output=True)
+                    "--tokenizer-out", str(tokenizer), "--workers", "1", "--num-heldout", str(num_heldout)],
+                   check=True, env=env, capture_output=True)
+    splits = [(raw, data)] + ([(raw / "heldout", root / "heldout")] if num_heldout else [])
+    for source, output in splits:
+        subprocess.run([sys.executable, str(ROOT / "tools/preprocess_data.py"), "--input", str(source),
+                        "--output-prefix", str(output), "--workers", "1", "--no-progress"], check=True, env=env,
+                       capture_output=True)
     vae_path = root / "vae_config.json"
     vae_path.write_text(json.dumps(vae_config or TINY_VAE))
-    return {"data": str(data), "tokenizer": str(tokenizer), "vae_config": str(vae_path)}
+    paths = {"data": str(data), "tokenizer": str(tokenizer), "vae_config": str(vae_path)}
+    return {**paths, "heldout": str(root / "heldout")} if num_heldout else paths
 
 
 def tiny_puffin_config(paths: Dict[str, str], seed: int = 0, **model_flags):

@@ -113,3 +113,27 @@ def test_positive_yaw_turns_left():
     straight = visible_objects(scene, Camera(0.0, 0.0, 1.0), 0.0, 96, 96)
     turned_left = visible_objects(scene, Camera(0.0, 0.0, 1.0, yaw=math.pi / 2), 0.0 + math.pi / 2, 96, 96)
     assert straight == [] and turned_left[0][1] == "in the center"
+
+
+def test_heldout_split_is_disjoint_and_leaves_the_training_split_unchanged(tmp_path):
+    plain = _make(tmp_path / "plain", num_samples=4, tokenizer=False)
+    options = SyntheticOptions(tmp_path / "split", num_samples=4, image_size=96, num_cross_view=8, num_photography=3,
+                               supersample=1, num_heldout=8)
+    sizes = make_synthetic_dataset(options)
+    assert sizes == {**plain, "heldout/main": 8, "heldout/cross_view": 2, "heldout/photography": 1}
+    heldout = tmp_path / "split" / "heldout"
+    assert _digest(tmp_path / "plain") == _digest_without(tmp_path / "split", "heldout")
+    for subset in (".", "cross_view", "photography"):
+        train_images = {p.read_bytes() for p in (tmp_path / "split" / subset / "local_folder").rglob("*.jpg")}
+        held_images = {p.read_bytes() for p in (heldout / subset / "local_folder").rglob("*.jpg")}
+        assert held_images and not train_images & held_images
+    train_cameras = {tuple(row[k] for k in ("roll", "pitch", "vfov")) for row in _rows(tmp_path / "split" / "cameras.csv")}
+    held_rows = _rows(heldout / "cameras.csv")
+    assert len(held_rows) == 8 and not train_cameras & {tuple(r[k] for k in ("roll", "pitch", "vfov")) for r in held_rows}
+
+
+def _digest_without(root, folder):
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and folder not in p.relative_to(root).parts):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return digest.hexdigest()

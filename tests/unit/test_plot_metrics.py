@@ -140,3 +140,25 @@ def test_sparse_tasks_get_markers_and_curves_do_not_bridge_iterations_a_task_ski
     sparse = lines[by_task["image2text_photography"]]
     assert [line.get_xdata().tolist() for line in sparse] == [[10], [30]]
     assert all(line.get_marker() == "o" for line in sparse)
+def test_validation_losses_and_camera_errors_are_drawn(tool, tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    write_run(tmp_path / "tb")
+    plain = tmp_path / "plain.png"
+    assert tool.main(["--tensorboard-dir", str(tmp_path / "tb"), "--output", str(plain)]) == 0
+    writer = SummaryWriter(log_dir=str(tmp_path / "tb"))
+    for step in (10, 20, 30, 40):  # what --eval-interval 10 writes
+        writer.add_scalar("valid_loss/image2text", 3.0 / step, step)
+        for parameter in ("roll", "pitch", "vfov"):
+            writer.add_scalar(f"valid_camera/image2text/median_{parameter}_error", 40.0 / step, step)
+        writer.add_scalar("valid_camera/image2text/num_images", 8, step)
+    writer.close()
+    scalars = tool.read_scalars(tmp_path / "tb")
+    assert list(tool.valid_losses(scalars)) == ["image2text"]
+    assert sorted(tool.camera_series(scalars)) == ["image2text pitch", "image2text roll", "image2text vfov"]
+    output = tmp_path / "valid.png"
+    assert tool.main(["--tensorboard-dir", str(tmp_path / "tb"), "--output", str(output)]) == 0
+    assert "validation image2text; camera errors image2text pitch" in capsys.readouterr().out
+    with Image.open(output) as image, Image.open(plain) as reference:
+        assert image.size == reference.size == (1200, 800)
+        assert np.abs(np.asarray(image, dtype=float) - np.asarray(reference, dtype=float)).mean() > 1.0

@@ -1,0 +1,139 @@
+"""Greedy decoding on the LLM tower, with megatron-core's static KV cache or by full recomputation.
+
+The prompt batch is left-padded (spec §8): ``attention_mask`` is False on pads, ``position_ids`` are
+``cumsum(mask) - 1`` clamped at 0. Each step appends one token per sequence at position ``max(previous) + 1`` with
+the mask extended by True; a sequence that has produced the end token keeps emitting it, and decoding stops when
+every sequence has (spec §6.1).
+
+KV cache: megatron-core's :class:`~megatron.core.inference.contexts.StaticInferenceContext` keeps the (pre-RoPE)
+keys and values of every layer; its attention applies the RoPE angles of the whole sequence so far to the cached
+keys and of the new positions to the queries, which is why :func:`greedy_decode` hands the decoder the angles of
+every position up to the current one. The core attention receives an explicit key-padding mask ``[b, 1, q, k]``
+(the local spec's SDPA core treats "no mask" as top-left causal, which is wrong for one query against many keys).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from megatron_puffin.models.llm.model import build_attention_mask
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeOutput:
+    """Result of :func:`greedy_decode`.
+
+    Attributes:
+        tokens: int64 ``[b, n]`` generated ids (n <= max_new_tokens; the end token repeats after a sequence ends).
+        lengths: per sequence, generated tokens up to and including its first end token (n if it never ended).
+        finished: per sequence, whether it produced the end token.
+        logits: when requested, the float32 full-vocabulary logits ``[b, V]`` of every step.
+    """
+
+    tokens: torch.Tensor
+    lengths: List[int]
+    finished: List[bool]
+    logits: Optional[List[torch.Tensor]] = None
+
+    def sequences(self) -> List[List[int]]:
+        """Each sequence's tokens without the end token and what follows it."""
+        rows = zip(self.tokens.tolist(), self.lengths, self.finished)
+        return [row[: length - int(done)] for row, length, done in rows]
+
+
+def _full_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Vocab-parallel ``[..., V_padded / TP]`` -> float32 ``[..., vocab_size]`` on every tensor-parallel rank."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        logits = gather_from_tensor_model_parallel_region(logits.contiguous())
+    return logits[..., :vocab_size].float()
+
+
+class _CachedLLM:
+    """The LLM decoder with a megatron-core static KV cache (see module docstring)."""
+
+    def __init__(self, llm, batch_size: int, max_length: int) -> None:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        self.llm = llm
+        self.context = StaticInferenceContext(batch_size, max_length)
+
+    def step(self, embeds: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """Run ``embeds`` ``[q, b, h]`` (the next q positions); ``positions``/``key_mask`` ``[b, k]`` cover all k
+        positions so far (cached + new). Returns the final-normed hidden states ``[q, b, h]``."""
+        offset, new = self.context.sequence_len_offset, embeds.shape[0]
+        if offset == 0:
+            attention_mask = build_attention_mask(key_mask, new)
+        else:
+            attention_mask = ~key_mask[:, None, None, :].bool()  # one query row per sequence, all real keys
+        hidden = self.llm.decoder(
+            hidden_states=embeds, attention_mask=attention_mask, inference_context=self.context,
+            rotary_pos_emb=self.llm.rotary_from_positions(positions),
+        )
+        self.context.sequence_len_offset = offset + new
+        return hidden
+
+
+def _next_tokens(llm, hidden_last: torch.Tensor, vocab_size: int):
+    """(argmax ids ``[b]``, float32 logits ``[b, V]``) from the last position's hidden states ``[b, h]``."""
+    logits = _full_vocab(llm.compute_logits(hidden_last), vocab_size)
+    return logits.argmax(dim=-1), logits
+
+
+@torch.no_grad()
+def greedy_decode(model, batch: Dict[str, Any], end_token_id: int, max_new_tokens: int, vocab_size: int,
+                  use_kv_cache: bool = True, keep_logits: bool = False) -> DecodeOutput:
+    """Greedy continuation of a left-padded prompt batch (one pipeline stage holding the whole LLM).
+
+    Args:
+        model: a :class:`~megatron_puffin.models.puffin.PuffinModel` (PP=1, any TP), in eval mode.
+        batch: ``task``, ``input_ids`` / ``attention_mask`` / ``position_ids`` ``[b, s]`` (left padded),
+            ``vision_images`` and ``positions`` when the prompt holds image placeholders (as the collator makes).
+        end_token_id: ``<|im_end|>``.
+        max_new_tokens: at most this many tokens per sequence.
+        vocab_size: real vocabulary size (padded rows are never chosen).
+        use_kv_cache: decode with the KV cache (default) or recompute the whole sequence every step.
+        keep_logits: return every step's logits.
+    """
+    if not (model.pre_process and model.post_process):
+        raise ValueError("decoding needs the whole LLM in one stage: load the checkpoint with pipeline size 1")
+    llm, device = model.llm, model.device
+    embeds = model.embed_inputs(batch)  # [s, b, h]
+    mask = batch["attention_mask"].to(device).bool()
+    positions = batch["position_ids"].to(device)
+    batch_size = mask.shape[0]
+    cache = _CachedLLM(llm, batch_size, mask.shape[1] + max_new_tokens) if use_kv_cache else None
+    done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    lengths = torch.full((batch_size,), max_new_tokens, dtype=torch.long, device=device)
+    tokens: List[torch.Tensor] = []
+    logits_kept: List[torch.Tensor] = []
+    step_input = embeds
+    for step in range(max_new_tokens):
+        if cache is not None:
+            hidden = cache.step(step_input, positions, mask)
+        else:
+            hidden = llm(decoder_input=embeds, position_ids=positions, padding_mask=mask, output="hidden")
+        next_ids, logits = _next_tokens(llm, hidden[-1], vocab_size)
+        next_ids = torch.where(done, torch.full_like(next_ids, end_token_id), next_ids)
+        tokens.append(next_ids)
+        if keep_logits:
+            logits_kept.append(logits)
+        newly = (next_ids == end_token_id) & ~done
+        lengths = torch.where(newly, torch.full_like(lengths, step + 1), lengths)
+        done |= newly
+        if bool(done.all()) or step + 1 == max_new_tokens:
+            break
+        step_input = llm.embed_tokens(next_ids[:, None])  # [1, b, h]
+        embeds = torch.cat([embeds, step_input])
+        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+        mask = torch.cat([mask, torch.ones(batch_size, 1, dtype=torch.bool, device=device)], dim=1)
+    generated = torch.stack(tokens, dim=1) if tokens else torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+    return DecodeOutput(tokens=generated.cpu(), lengths=[min(int(n), generated.shape[1]) for n in lengths],
+                        finished=done.tolist(), logits=logits_kept if keep_logits else None)

@@ -1,0 +1,73 @@
+"""Validation-during-training flags (``--valid-task-stream``, ``--eval-interval``, ...) and their checks.
+
+Kept apart from :mod:`~megatron_puffin.training.validation` so that parsing flags imports no torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from megatron_puffin.data.config import TASK_STREAM_FORMAT
+
+
+@dataclass
+class ValidationConfig:
+    """Held-out validation while training: per-task losses and, for understanding streams, camera errors."""
+
+    valid_task_stream: List[str] = field(default_factory=list)
+    """Repeatable. A validation stream, same syntax as --task-stream (TASK:PATH[,PATH...]:MICRO_BATCH_SIZE[:REPEATS])
+    on held-out shards; one validation iteration is one cycle of these streams."""
+    eval_interval: Optional[int] = None
+    """Validate after every optimizer step whose number is a multiple of this (needs --valid-task-stream)."""
+    eval_iters: int = 1
+    """Validation iterations (cycles of the validation streams) per validation; the same samples every time."""
+    eval_camera_samples: int = 8
+    """Images per validation whose camera is decoded greedily from each image2text / image2text_thinking validation
+    stream and scored against the ground truth (median roll / pitch / vFoV error); 0 disables."""
+    eval_max_new_tokens: int = 96
+    """Most tokens generated per image for the camera metric (a camera sentence needs about 40)."""
+
+
+def validation_errors(args) -> List[str]:
+    """Every problem with the validation flags, as flag-naming messages (empty when valid)."""
+    from megatron_puffin.data.config import parse_task_stream
+    from megatron_puffin.data.task_encoders import GENERATION_TASKS, TASK_VARIANTS
+
+    config: ValidationConfig = args.validation
+    problems: List[str] = []
+    if config.eval_interval is not None and config.eval_interval < 1:
+        problems.append(f"--eval-interval ({config.eval_interval}) must be at least 1")
+    if config.eval_iters < 1:
+        problems.append(f"--eval-iters ({config.eval_iters}) must be at least 1")
+    if config.eval_camera_samples < 0:
+        problems.append(f"--eval-camera-samples ({config.eval_camera_samples}) must be >= 0 (0 disables)")
+    if config.eval_max_new_tokens < 1:
+        problems.append(f"--eval-max-new-tokens ({config.eval_max_new_tokens}) must be at least 1")
+    if config.valid_task_stream and config.eval_interval is None:
+        problems.append("--valid-task-stream has no effect without --eval-interval N; add it (e.g. --eval-interval "
+                        "100) or drop the validation streams")
+    if config.eval_interval is not None and not config.valid_task_stream:
+        problems.append(f"--eval-interval ({config.eval_interval}) needs at least one --valid-task-stream "
+                        f"({TASK_STREAM_FORMAT}) on held-out data")
+    if config.eval_interval is not None and config.eval_camera_samples and \
+            args.parallel.pipeline_model_parallel_size > 1:
+        problems.append(f"--eval-camera-samples ({config.eval_camera_samples}) decodes with the whole model on one "
+                        f"pipeline stage; with --pipeline-model-parallel-size "
+                        f"{args.parallel.pipeline_model_parallel_size} set --eval-camera-samples 0 (the validation "
+                        "losses still work)")
+    generation = []
+    for spec in config.valid_task_stream:
+        try:
+            stream = parse_task_stream(spec)
+        except ValueError as error:
+            problems.append(str(error).replace("--task-stream", "--valid-task-stream", 1))
+            continue
+        missing = [path for path in stream.paths if not args.dry_run and not Path(path).exists()]
+        if missing:
+            problems.append(f"--valid-task-stream {spec!r}: dataset paths {missing} do not exist")
+        if TASK_VARIANTS[stream.task] in GENERATION_TASKS:
+            generation.append(stream.task)
+    if generation and not (args.model.vae_path or args.model.vae_config):
+        problems.append(f"--valid-task-stream {', '.join(generation)} (generation) needs the VAE: add --vae-path DIR "
+                        "or --vae-config FILE")
+    return problems

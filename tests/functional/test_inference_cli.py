@@ -1,0 +1,135 @@
+"""tools/understand.py and tools/generate.py end to end on a tiny checkpoint (written in the training format) and the
+synthetic dataset's images: outputs equal the library's, files a user can open, one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import megatron_puffin.distributed as mpd
+from helpers.inference import build_tiny_model, save_model_checkpoint
+from helpers.puffin import ROOT, make_tiny_dataset
+
+ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+NEW_TOKENS = 6
+STEPS = 2
+
+
+def _tool(name, *args, check=True):
+    quiet = ["--no-progress"] if name in ("understand.py", "generate.py") else []
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args), *quiet],
+                          env=ENV, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def artefacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inference_cli")
+    paths = make_tiny_dataset(root / "tiny", num_samples=4)
+    mpd.initialize(seed=0)
+    model, args = build_tiny_model(paths)
+    save_model_checkpoint(model, args, root / "run" / "iter_0000002", iteration=2)
+    images = sorted((root / "tiny" / "raw" / "local_folder").rglob("*.jpg"))[:3]
+    yield root, paths, model, images
+    mpd.destroy()
+
+
+def test_understand_writes_the_library_answers_and_evaluate_camera_scores_them(artefacts):
+    from megatron_puffin.data import PuffinTokenizer
+    from megatron_puffin.inference import load_image, understand
+
+    root, paths, model, images = artefacts
+    listing = root / "images.txt"
+    listing.write_text("\n".join(str(p) for p in images))
+    out = root / "und" / "predictions.json"
+    proc = _tool("understand.py", "--checkpoint", root / "run", "--images", listing, "--output", out,
+                 "--max-new-tokens", NEW_TOKENS, "--thinking", "--batch-size", 2)
+    assert "wrote" in proc.stdout
+    records = json.loads(out.read_text())
+    expected = understand(model, PuffinTokenizer(paths["tokenizer"]), [load_image(p, 96) for p in images],
+                          thinking=True, max_new_tokens=NEW_TOKENS)
+    assert [r["id"] for r in records] == [p.name for p in images]
+    assert [r["output_text"] for r in records] == [e.text for e in expected]
+    assert all(set(r) == {"id", "output_text", "camera", "reasoning", "finished"} for r in records)
+    scored = _tool("evaluate_camera.py", "--predictions", out, "--ground-truth",
+                   root / "tiny" / "raw" / "cameras.csv", "--output-dir", root / "und" / "eval")
+    metrics = json.loads((root / "und" / "eval" / "metrics.json").read_text())
+    assert metrics["num_images"] == len(images) and "median_roll_error" in metrics, scored.stdout
+
+
+def test_generate_writes_images_contact_sheet_json_and_camera_faithfulness(artefacts):
+    from megatron_puffin.camera import Camera
+    from megatron_puffin.data import PuffinTokenizer
+    from megatron_puffin.inference import GenerationRequest, GenerationSettings, generate, load_image
+
+    root, paths, model, images = artefacts
+    requests = root / "requests.json"
+    requests.write_text(json.dumps([
+        {"id": "kitchen", "caption": "a kitchen", "roll": 0.1, "pitch": -0.2, "vfov": 1.0, "seed": 3},
+        {"id": "explore", "roll": 0.0, "pitch": 0.1, "yaw": 1.571, "init_image": str(images[0])},
+    ]))
+    out = root / "gen"
+    _tool("generate.py", "--checkpoint", root / "run", "--prompts", requests, "--output-dir", out, "--steps", STEPS,
+          "--evaluate-cameras", "--max-new-tokens", NEW_TOKENS)
+    document = json.loads((out / "generations.json").read_text())
+    records = {r["id"]: r for r in document["images"]}
+    assert records["kitchen"]["task"] == "cam2image" and records["explore"]["task"] == "image2image"
+    assert records["explore"]["camera"] == {"roll": 0.0, "pitch": 0.1, "vfov": 1.48, "yaw": 1.571}
+    assert records["explore"]["prompt"].endswith("The deviation of the camera yaw angle is 1.5710.")
+    assert all("estimated_camera" in r and "estimate_text" in r for r in records.values())
+    tokenizer = PuffinTokenizer(paths["tokenizer"])
+    settings = GenerationSettings(num_inference_steps=STEPS)
+    expected = generate(model, tokenizer, [GenerationRequest(Camera(0.1, -0.2, 1.0), "a kitchen", seed=3),
+                                           GenerationRequest(Camera(0.0, 0.1, 1.48, 1.571), seed=43,
+                                                             init_image=load_image(images[0], 96, "resize"))],
+                        settings)
+    for name, result in zip(("kitchen", "explore"), expected):
+        written = torch.from_numpy(__import__("numpy").asarray(Image.open(out / f"{name}.png")).copy())
+        assert (written.int() - result.image.int()).abs().max() <= 1, name
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.width >= 2 * 96 and sheet.height > 96
+    metrics = json.loads((out / "camera_faithfulness" / "metrics.json").read_text())
+    assert metrics["num_images"] == 2 and (out / "camera_faithfulness" / "errors.png").exists()
+
+
+def _tool_main(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name.replace(".py", "_tool"), ROOT / "tools" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("tool, args, message", [
+    ("understand.py", ["--images", "BAD", "--output", "x.json"], "does not decode"),
+    ("understand.py", ["--images", "IMAGE", "--output", "x.json", "--checkpoint", "MISSING"],
+     "no such file or directory"),
+    ("understand.py", ["--images", "IMAGE", "--output", "x.json", "--hidden-size", "64", "--ffn-hidden-size", "96"],
+     "does not fit the model shape"),
+    ("generate.py", ["--output-dir", "g", "--roll", "0.1", "--pitch", "1.9", "--vfov", "1.0"],
+     r"camera pitch \(1.9 rad\) must lie in \[-pi/2, pi/2\]"),
+    ("generate.py", ["--output-dir", "g", "--num-views", "2"], "--num-views N .* needs --init-image"),
+])
+def test_bad_inputs_exit_with_one_line(artefacts, tool, args, message, capsys):
+    """In-process (a process start per case would cost seconds each); the two tests above run the real commands."""
+    import re
+
+    root, _, _, images = artefacts
+    (root / "bad.jpg").write_bytes(b"not an image")
+    substitutions = {"BAD": root / "bad.jpg", "IMAGE": images[0], "MISSING": root / "missing"}
+    args = [str(substitutions.get(a, a)) for a in args]
+    if "--checkpoint" not in args:
+        args = ["--checkpoint", str(root / "run")] + args
+    try:
+        code = _tool_main(tool)(args + ["--no-progress"])
+    finally:
+        mpd.initialize(seed=0)  # the tool released the process group; the module fixture's model still needs it
+    assert code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and re.search(message, lines[0]), lines

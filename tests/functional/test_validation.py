@@ -1,0 +1,134 @@
+"""Validation during training through the real CLI: a tiny run at data-parallel size 2 with --eval-interval logs
+held-out per-task losses equal to a separate no-grad pass (one process, the model called directly, no schedule) over
+the same held-out samples with the saved weights, and validating does not change the training losses."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers.puffin import ROOT, make_tiny_dataset
+
+TINY = ROOT / "examples" / "tiny"
+ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+COMMON = [f"@{TINY / 'model.args'}", "--num-workers", "0", "--log-interval", "1",
+          "--task-stream", "image2text:tiny/data/main", "--task-stream", "cam2image:tiny/data/main",
+          "--train-iters", "2", "--lr", "1e-3"]
+VALID = ["--valid-task-stream", "image2text:tiny/heldout/main", "--valid-task-stream", "cam2image:tiny/heldout/main",
+         "--eval-iters", "2", "--eval-camera-samples", "3", "--eval-max-new-tokens", "24"]
+
+
+def _run(cwd, *flags, nproc=2):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(ROOT / "pretrain_puffin.py"), *COMMON, *flags]
+    proc = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _records(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def _reference_losses(workdir, checkpoint):
+    """Per-task validation losses with one process (sum of per-micro-batch loss sums / sum of counts) and the
+    camera metric."""
+    from megatron_puffin.config import parse_args
+    from megatron_puffin.data import PuffinTokenizer
+    import megatron_puffin.distributed as mpd
+    from megatron_puffin.models.puffin import PuffinConfig, build_puffin
+    from megatron_puffin.training.checkpointing import load_module
+    from megatron_puffin.training.validation import build_validation_loader, validation_micro_batches
+
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    mpd.initialize()
+    try:
+        args = parse_args([*COMMON, *VALID, "--micro-batch-size", "2", "--eval-interval", "1"])
+        tokenizer = PuffinTokenizer(args.data.tokenizer)
+        args.model.image_pad_token_id = tokenizer.image_pad_id
+        model = build_puffin(PuffinConfig.from_args(args))
+        load_module(model, str(checkpoint))
+        model.eval()
+        loader = iter(build_validation_loader(args, tokenizer, 0, 1))
+        sums, counts = {}, {}
+        with torch.no_grad():
+            for _ in range(validation_micro_batches(args)):
+                output = model(next(loader))
+                task = next(k[len("loss_"):] for k in output if k.startswith("loss_") and k != "loss_sum")
+                count = output["num_tokens" if "num_tokens" in output else "num_samples"]
+                sums[task] = sums.get(task, 0.0) + float(output["loss_sum"])
+                counts[task] = counts.get(task, 0.0) + float(count)
+            loader.close()
+        camera = _reference_camera(args, tokenizer, model)
+    finally:
+        mpd.destroy()
+        os.chdir(cwd)
+    return {task: sums[task] / counts[task] for task in sums}, counts, camera
+
+
+def _reference_camera(args, tokenizer, model):
+    """The camera metric by hand: the first 3 held-out images, centre-cropped, decoded in one batch, scored."""
+    from megatron_puffin.data.format import PuffinDataset
+    from megatron_puffin.evaluation import GroundTruthCamera, score_prediction, summarize
+    from megatron_puffin.inference import load_image, understand
+
+    dataset = PuffinDataset(["tiny/heldout/main"])
+    samples = [dataset[index] for index in range(3)]
+    images = [load_image(sample["image"], 96) for sample in samples]
+    texts = [output.text for output in understand(model, tokenizer, images, max_new_tokens=24)]
+    truths = [GroundTruthCamera(str(i), *s["camera"].values(), 96, 96) for i, s in enumerate(samples)]
+    return summarize([score_prediction(t.fname, text, t) for t, text in zip(truths, texts)])
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("validation")
+    make_tiny_dataset(root / "tiny", num_samples=8, num_heldout=4)
+    return root
+
+
+def test_validation_losses_equal_a_separate_no_grad_pass_and_leave_training_unchanged(workdir):
+    proc = _run(workdir, *VALID, "--micro-batch-size", "1", "--eval-interval", "1", "--save", "run",
+                "--metrics-file", "with_validation.jsonl")
+    assert "validation iter 2 | loss image2text" in proc.stderr
+    records = _records(workdir / "with_validation.jsonl")
+    valid = {r["iteration"]: r for r in records if "valid_loss/image2text" in r}
+    train = {r["iteration"]: r for r in records if "loss/image2text" in r}
+    assert sorted(valid) == [1, 2] and sorted(train) == [1, 2]
+    camera_tags = {f"valid_camera/image2text/{name}" for name in
+                   ("median_roll_error", "median_pitch_error", "median_vfov_error", "num_images", "num_fallback")}
+    assert set(valid[2]) == {"iteration", "valid_loss/image2text", "valid_loss/cam2image"} | camera_tags
+    assert valid[2]["valid_camera/image2text/num_images"] == 3
+
+    reference, counts, camera = _reference_losses(workdir, workdir / "run" / "iter_0000002")
+    assert counts["cam2image"] == 4  # 2 validation cycles, each one cam2image micro-batch of 2 samples (global)
+    for task, loss in reference.items():
+        assert valid[2][f"valid_loss/{task}"] == pytest.approx(loss, rel=1e-5, abs=0), task
+    for name in ("median_roll_error", "median_pitch_error", "median_vfov_error", "num_fallback"):
+        assert valid[2][f"valid_camera/image2text/{name}"] == pytest.approx(camera[name], abs=1e-9), name
+    # the weights changed between the two validations, so the losses did too
+    assert valid[1]["valid_loss/image2text"] != valid[2]["valid_loss/image2text"]
+
+    _run(workdir, "--micro-batch-size", "1", "--metrics-file", "without_validation.jsonl")
+    plain = {r["iteration"]: r for r in _records(workdir / "without_validation.jsonl")}
+    for iteration in (1, 2):
+        for task in ("image2text", "cam2image"):
+            assert train[iteration][f"loss/{task}"] == plain[iteration][f"loss/{task}"]  # bit-identical
+
+
+def test_validation_flags_are_checked_together(workdir):
+    from megatron_puffin.config import ConfigError, parse_args
+
+    with pytest.raises(ConfigError) as error:
+        parse_args([*COMMON, "--valid-task-stream", "image2text:missing/dir:2", "--valid-task-stream",
+                    "nonsense:x:1", "--eval-iters", "0"])
+    message = str(error.value)
+    for expected in ("missing/dir", "unknown or missing task 'nonsense'", "--eval-iters (0)",
+                     "--valid-task-stream has no effect without --eval-interval"):
+        assert expected in message
+    with pytest.raises(ConfigError, match="needs at least one --valid-task-stream"):
+        parse_args([*COMMON, "--eval-interval", "5"])
