@@ -22,13 +22,15 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONWARNINGS="${PYTHONWARNINGS:
 TORCHRUN=(python -m torch.distributed.run --standalone --nproc-per-node 2)
 TINY=(@"$ROOT/examples/tiny/model.args")
 
-echo "== 1/8 synthetic Puffin-4M dataset -> $OUT/tiny/raw"
-python tools/make_synthetic_dataset.py --output "$OUT/tiny/raw" --num-samples 64 --image-size 96 --seed 0 \
-    --tokenizer-out "$OUT/tiny/tokenizer.model" --workers 2
+echo "== 1/8 synthetic Puffin-4M dataset (+ a held-out split) -> $OUT/tiny/raw"
+python tools/make_synthetic_dataset.py --output "$OUT/tiny/raw" --num-samples 64 --num-heldout 16 --image-size 96 \
+    --seed 0 --tokenizer-out "$OUT/tiny/tokenizer.model" --workers 2
 cp "$ROOT/examples/tiny/vae_config.json" "$OUT/tiny/vae_config.json"
 
 echo "== 2/8 preprocessing into indexed shards -> $OUT/tiny/data"
 python tools/preprocess_data.py --input "$OUT/tiny/raw" --output-prefix "$OUT/tiny/data" --workers 2 --no-progress
+python tools/preprocess_data.py --input "$OUT/tiny/raw/heldout" --output-prefix "$OUT/tiny/heldout" --workers 2 \
+    --no-progress  # the held-out split: validation during training and the camera evaluation
 
 echo "== 3/8 base LLM: Hugging Face Qwen2 (tiny, random) -> TP=2 megatron-core checkpoint"
 python - "$OUT/tiny/qwen_hf" <<'PY'
@@ -53,7 +55,7 @@ stage() {  # stage NAME LAYOUT-FLAGS...
         echo "stage $name failed; full log: $OUT/logs/$name.log" >&2
         exit 1
     fi
-    grep -E "weights of|iter [0-9]+/|saved tiny|finished" "$OUT/logs/$name.log" | sed -E 's/^[0-9-]+ [0-9:,]+ //'
+    grep -E "weights of|iter [0-9]+/|validation iter|saved tiny|finished" "$OUT/logs/$name.log" | sed -E 's/^[0-9-]+ [0-9:,]+ //'
 }
 stage stage1_alignment --llm-checkpoint tiny/qwen_tp2
 stage stage2_sft --tensor-model-parallel-size 2
@@ -69,12 +71,17 @@ python pretrain_puffin.py --dry-run @examples/stages/stage2_sft.args --world-siz
 
 python - "$OUT/tiny/metrics" <<'PY'
 import json, pathlib, sys
-print("\nfinal per-task losses (first logged interval -> last):")
+print("\nper-task losses, training (first logged interval -> last) and held-out validation (first -> last):")
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*.jsonl")):
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    first, last = records[0], records[-1]
-    losses = ", ".join(f"{k[5:]} {first[k]:.3f} -> {last[k]:.3f}" for k in sorted(last) if k.startswith("loss/"))
-    print(f"  {path.stem:<20} iter {last['iteration']:>3}: {losses}")
+    for kind, prefix in (("train", "loss/"), ("valid", "valid_loss/")):
+        rows = [r for r in records if any(k.startswith(prefix) for k in r)]
+        if not rows:
+            continue
+        first, last = rows[0], rows[-1]
+        losses = ", ".join(f"{k[len(prefix):]} {first[k]:.3f} -> {last[k]:.3f}" for k in sorted(last)
+                           if k.startswith(prefix))
+        print(f"  {path.stem:<20} {kind} iter {last['iteration']:>3}: {losses}")
 PY
 echo
 echo "quickstart finished."
