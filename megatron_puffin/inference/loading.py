@@ -15,11 +15,16 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
 TOWER_MODULES = {"llm": "llm", "vision": "vision", "queries": "conditioner", "dit": "dit"}
 """Tower name in a checkpoint's ``towers`` list -> attribute of :class:`~megatron_puffin.models.puffin.PuffinModel`."""
+
+
+NOT_INHERITED = ("parallel",)
+"""Flag groups not taken from the checkpoint: the inference layout is chosen here, not by the training run."""
 
 
 class InferenceSetupError(ValueError):
@@ -77,6 +82,8 @@ def _stored_defaults(parser, metadata: Dict[str, Any]) -> None:
     stored = metadata.get("args") or {}
     defaults = {}
     for name, cls, _ in CONFIG_GROUPS:
+        if name in NOT_INHERITED:
+            continue
         for field in dataclasses.fields(cls):
             if field.name in stored.get(name, {}) and not isinstance(stored[name][field.name], list):
                 defaults[f"{cls.__name__}.{field.name}"] = stored[name][field.name]
@@ -97,7 +104,18 @@ def resolve_flags(metadata: Dict[str, Any], flags: Sequence[str] = ()):
     problems += [f"{bad.flag} {bad.text!r} is not a valid {bad.expected}" for bad in invalid]
     if problems:
         raise InferenceSetupError("; ".join(problems) + " (model flags are pretrain_puffin.py flags)")
-    return PuffinArguments(groups=groups)
+    args = PuffinArguments(groups=groups)
+    args.parallel.pipeline_model_parallel_size = 1
+    return args
+
+
+def check_inference_layout(args) -> None:
+    """The tower shapes against the inference tensor-parallel size (the training validators' rules)."""
+    from megatron_puffin.config.validate import check_llm_parallel, check_positive, check_towers
+
+    problems = check_positive(args) + check_llm_parallel(args) + check_towers(args)
+    if problems:
+        raise InferenceSetupError("; ".join(problems))
 
 
 def _model_config(args, dtype: Optional[torch.dtype], need_vae: bool):
@@ -168,16 +186,18 @@ def _load_towers(model, directory: str, towers: Sequence[str]) -> None:
         module.load_state_dict(state, strict=True)
 
 
-def load_puffin(checkpoint: str, flags: Sequence[str] = (), tensor_model_parallel_size: int = 1,
+def load_puffin(checkpoint: str, flags: Sequence[str] = (), tensor_model_parallel_size: Optional[int] = None,
                 dtype: Optional[torch.dtype] = None, need_vae: bool = True) -> LoadedPuffin:
     """Start the process group (if needed) and build + load a Puffin for inference.
 
-    Collective: every rank of the world calls it; the world size must equal ``tensor_model_parallel_size``.
+    Collective: every rank of the world calls it. The world size must be a multiple of
+    ``tensor_model_parallel_size``; extra ranks are data-parallel replicas holding the same model.
 
     Args:
         checkpoint: a checkpoint directory (``iter_*``) or a run directory (its latest complete checkpoint).
         flags: ``pretrain_puffin.py`` flags / ``@flagfiles`` overriding the checkpoint's stored ones.
-        tensor_model_parallel_size: inference TP size (any size the tower shapes divide; the checkpoint reshards).
+        tensor_model_parallel_size: inference TP size (any size the tower shapes divide; the checkpoint reshards);
+            default ``--tensor-model-parallel-size`` among ``flags`` (not the training run's), else 1.
         dtype: parameter dtype; default the checkpoint's precision on a GPU, float32 on a CPU.
         need_vae: build the frozen VAE (generation); understanding does not need it.
 
@@ -191,13 +211,18 @@ def load_puffin(checkpoint: str, flags: Sequence[str] = (), tensor_model_paralle
     directory = resolve_inference_checkpoint(checkpoint)
     metadata = read_metadata(directory) or {}
     args = resolve_flags(metadata, flags)
+    if tensor_model_parallel_size is not None:
+        args.parallel.tensor_model_parallel_size = tensor_model_parallel_size
+    tensor_model_parallel_size = args.parallel.tensor_model_parallel_size
+    check_inference_layout(args)
     tokenizer = _open_tokenizer(args, args.llm.vocab_size)
     args.model.image_pad_token_id = tokenizer.image_pad_id
     config = _model_config(args, dtype, need_vae)
+    world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size % tensor_model_parallel_size:
+        raise InferenceSetupError(f"--tensor-model-parallel-size ({tensor_model_parallel_size}) must divide the number "
+                                  f"of processes ({world_size}); launch a multiple of it")
     ctx = mpd.initialize(tensor_model_parallel_size, 1, seed=args.training.seed)
-    if ctx.world_size != tensor_model_parallel_size:
-        raise InferenceSetupError(f"inference runs on exactly --tensor-model-parallel-size ({tensor_model_parallel_size})"
-                                  f" processes, got a world of {ctx.world_size}; launch that many ranks")
     model = build_puffin(config)
     if ctx.device.type == "cuda":
         model.cuda(ctx.device)

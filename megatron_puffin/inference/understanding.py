@@ -77,9 +77,11 @@ def read_reasoning(text: str) -> Optional[str]:
 
 
 def default_encoder_config(model) -> TaskEncoderConfig:
-    """Prompt assembly settings from the model's shape (patch/fold, query count), generous text limits."""
+    """Prompt assembly settings from the model's shape (patch/fold, query count, image size: Puffin's 512 or the
+    vision tower's largest if smaller), generous text limits. Prefer a loaded checkpoint's ``encoder_config``."""
     config = model.puffin_config
-    return TaskEncoderConfig(vision_patch_size=config.vision.patch_size, vision_fold=config.vision.fold_size,
+    size = min(TaskEncoderConfig.image_max_size, config.vision.max_image_size)
+    return TaskEncoderConfig(image_max_size=size, vision_patch_size=config.vision.patch_size, vision_fold=config.vision.fold_size,
                              num_query_tokens=config.connector.num_queries, max_understanding_text_tokens=1 << 20,
                              max_generation_text_tokens=1 << 20, cfg_dropout_prob=0.0, mixed_motion_prob=0.0)
 

@@ -1,0 +1,106 @@
+"""What ``tools/understand.py`` and ``tools/generate.py`` share: the parser (the tool's own flags, then
+``pretrain_puffin.py`` model flags or ``@flagfiles`` that override the checkpoint's stored ones), progress
+reporting, rank-0 output and the one-line error convention."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+import warnings
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch.distributed as dist
+
+from megatron_puffin.config.dataclass_args import FlagFileParser
+
+logger = logging.getLogger(__name__)
+
+MODEL_FLAGS_EPILOG = (
+    "Model flags: any pretrain_puffin.py flag or @flagfile (e.g. @examples/tiny/model.args) after the tool's own; "
+    "they override the flags stored in the checkpoint's puffin_meta.json. --tensor-model-parallel-size N with N "
+    "processes (torchrun) shards the model; the checkpoint reshards from any training layout."
+)
+
+
+class UsageError(ValueError):
+    """A mistake in a tool's inputs (flags, files); the one-line message names it and the fix."""
+
+
+def build_tool_parser(prog: str, description: str) -> FlagFileParser:
+    """A parser with ``--checkpoint`` and the shared inference flags; the tool adds its own (``description`` is shown
+    as written)."""
+    parser = FlagFileParser(prog=prog, description=description, epilog=textwrap.fill(MODEL_FLAGS_EPILOG, 100),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint directory (iter_*) or run directory (its latest complete checkpoint)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images processed together (default: 4)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging level (default: WARNING)")
+    return parser
+
+
+def parse_tool_args(parser: FlagFileParser, argv: Optional[Sequence[str]]) -> Tuple[object, List[str]]:
+    """(tool arguments, model flags): unknown ``--flags`` go to the model (validated when it is loaded)."""
+    args, model_flags = parser.parse_known_args(argv)
+    return args, model_flags
+
+
+def is_output_rank() -> bool:
+    """Rank 0 writes files and prints (every rank computes the same results)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def setup_logging(level: str) -> None:
+    """Rank-0 logging; library deprecation chatter (megatron-core / torch checkpoint APIs, diffusers' CUDA autocast
+    notice) is silenced unless ``DEBUG``."""
+    if level != "DEBUG":
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="CUDA is not available")
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=level if rank == 0 else "ERROR", format="%(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":
+        logging.getLogger("megatron").setLevel(logging.ERROR)
+
+
+class Progress:
+    """A tqdm bar when tqdm is installed (and wanted), else one log line per update; rank 0 only."""
+
+    def __init__(self, total: int, description: str, enabled: bool = True) -> None:
+        self.total, self.done, self.description = total, 0, description
+        self.bar = None
+        if enabled and is_output_rank():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=description, unit="img", file=sys.stderr)
+            except ImportError:
+                self.bar = None
+        self.log = enabled and self.bar is None and is_output_rank()
+
+    def __call__(self, count: int) -> None:
+        self.done += count
+        if self.bar is not None:
+            self.bar.update(count)
+        elif self.log:
+            logger.warning("%s: %d/%d", self.description, self.done, self.total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_tool(prog: str, body: Callable[[], int], expected: Tuple[type, ...]) -> int:
+    """Runs ``body``; an expected error becomes one line on stderr and exit code 2; the process group is released."""
+    import megatron_puffin.distributed as mpd
+
+    try:
+        return body()
+    except expected as error:
+        message = " ".join(str(error).split())
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    finally:
+        mpd.destroy()

@@ -1,0 +1,69 @@
+"""Inference at TP=2 equals TP=1, and a checkpoint saved with PP=2 loads for inference at TP=1 and TP=2 (one
+spawned group of two gloo ranks): understanding tokens identical, one CFG velocity within 1e-5, generated images
+within one uint8 level."""
+import pytest
+import torch
+
+from helpers.multiprocess import run_distributed
+from helpers.puffin import make_tiny_dataset
+
+VELOCITY_TOLERANCE = 1e-5  # fp32, absolute
+IMAGE_LEVELS = 1  # uint8 levels: TP changes reduction order, the decoded image may round the other way
+NEW_TOKENS = 5
+
+
+def _infer(model, tokenizer):
+    """Understanding tokens, one guided velocity and a 2-step image from fixed inputs."""
+    from megatron_puffin.camera import Camera
+    from megatron_puffin.diffusion import FlowMatchEulerSampler
+    from megatron_puffin.inference import GenerationRequest, GenerationSettings, generate, prepare_generation, understand
+
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 96, 96, generator=generator) * 2 - 1 for _ in range(2)]
+    tokens = [o.token_ids for o in understand(model, tokenizer, images, max_new_tokens=NEW_TOKENS)]
+    requests = [GenerationRequest(Camera(0.1, -0.2, 1.48, 0.5), "a room", init_image=images[0])]
+    settings = GenerationSettings(num_inference_steps=2)
+    prepared = prepare_generation(model, tokenizer, requests, settings)
+    timestep = model.schedule.inference_schedule(2).timesteps[0]
+    with torch.no_grad():
+        velocity = FlowMatchEulerSampler(model.schedule, 2, 4.5).guided_velocity(prepared.velocity_fn, prepared.noise,
+                                                                                 timestep)
+    image = generate(model, tokenizer, requests, settings)[0].image
+    return {"tokens": tokens, "velocity": velocity.cpu(), "image": image}
+
+
+def _worker(root, paths):
+    import megatron_puffin.distributed as mpd
+    from helpers.inference import build_tiny_model, save_model_checkpoint
+    from megatron_puffin.data import PuffinTokenizer
+    from megatron_puffin.inference import load_puffin
+    from megatron_puffin.training.checkpointing import load_module
+
+    results = {}
+    mpd.initialize(1, 1, seed=0)  # two data-parallel replicas of the TP=1 model
+    model, args = build_tiny_model(paths)
+    save_model_checkpoint(model, args, root / "tp1" / "iter_0000001")
+    results["reference"] = _infer(model, PuffinTokenizer(paths["tokenizer"]))
+    ctx = mpd.initialize(1, 2, seed=0)  # the same weights as a PP=2 training layout saves them
+    stage, _ = build_tiny_model(paths, pre_process=ctx.is_first_pipeline_stage,
+                                post_process=ctx.is_last_pipeline_stage)
+    load_module(stage, str(root / "tp1" / "iter_0000001"))
+    save_model_checkpoint(stage, args, root / "pp2" / "iter_0000001")
+    for name, checkpoint, tp in (("tp2", "tp1", 2), ("pp2_at_tp1", "pp2", 1), ("pp2_at_tp2", "pp2", 2)):
+        loaded = load_puffin(str(root / checkpoint), tensor_model_parallel_size=tp)
+        results[name] = _infer(loaded.model, loaded.tokenizer)
+    return results
+
+
+def test_inference_is_the_same_at_every_layout(tmp_path):
+    paths = make_tiny_dataset(tmp_path / "tiny", num_samples=4)
+    results = run_distributed(_worker, 2, tmp_path, paths)
+    reference = results[0]["reference"]
+    assert len({tuple(t) for t in reference["tokens"]}) == 2 and reference["image"].float().std() > 0
+    for rank_results in results:
+        for name in ("reference", "tp2", "pp2_at_tp1", "pp2_at_tp2"):
+            got = rank_results[name]
+            assert got["tokens"] == reference["tokens"], name
+            torch.testing.assert_close(got["velocity"], reference["velocity"], atol=VELOCITY_TOLERANCE, rtol=0)
+            difference = (got["image"].int() - reference["image"].int()).abs().max()
+            assert difference <= IMAGE_LEVELS, (name, int(difference))

@@ -1,0 +1,275 @@
+#!/usr/bin/env python
+"""Generate images for cameras (and captions) with a trained Puffin; world exploration from an initial view.
+
+    python tools/generate.py --checkpoint runs/stage2_sft --output-dir gen/ \\
+        --caption "A kitchen with a wooden table." --roll 0.1 --pitch -0.2 --vfov 1.0
+    python tools/generate.py --checkpoint CKPT --output-dir gen/ --prompts requests.json --evaluate-cameras
+    python tools/generate.py --checkpoint runs/stage4 --output-dir views/ --init-image room.jpg --num-views 3
+
+Requests: --prompts FILE (.json list of objects or .csv with a header) with the fields caption, roll, pitch, vfov
+(radians; vfov defaults to 1.48 with an initial view), optional yaw (world exploration: deviation from the initial
+view, positive turns left), seed, id and init_image (a path; default --init-image); or one request from --caption,
+--roll, --pitch, --vfov, --yaw; or --num-views N demo cameras around --init-image (multi-view sweep).
+Writes DIR/<id>.png, DIR/contact_sheet.png (a grid labelled with the cameras) and DIR/generations.json (settings and,
+per image, prompt, camera, seed, thinking reasoning and, with --evaluate-cameras, the camera the model's own
+understanding path estimates). --evaluate-cameras also writes DIR/camera_faithfulness/ (metrics.json with median
+errors and AUC@1/5/10 deg against the requested cameras, errors.csv, errors.png). See docs/inference.md.
+"""
+import csv
+import json
+import logging
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+warnings.filterwarnings("ignore", message="Apex is not installed")
+
+from megatron_puffin.inference.cli import (  # noqa: E402
+    Progress,
+    UsageError,
+    build_tool_parser,
+    is_output_rank,
+    parse_tool_args,
+    run_tool,
+    setup_logging,
+)
+
+logger = logging.getLogger("generate")
+TRAINED_RANGES = {"roll": (-0.7854, 0.7854), "pitch": (-0.7854, 0.7854), "vfov": (0.3491, 1.8326)}
+"""Camera ranges of Puffin's training data (spec §3.3); outside them the model extrapolates (a warning)."""
+CROSS_VIEW_VFOV = 1.48
+
+
+def build_parser():
+    parser = build_tool_parser("generate.py", __doc__)
+    parser.add_argument("--output-dir", required=True, help="folder for the PNGs, contact sheet and JSON (created)")
+    parser.add_argument("--prompts", default=None, help="requests: a .json list or a .csv file (see above)")
+    parser.add_argument("--caption", default="", help="scene text of a single request (may be empty)")
+    for name in ("roll", "pitch", "vfov", "yaw"):
+        parser.add_argument(f"--{name}", type=float, default=None, help=f"{name} of a single request, radians")
+    parser.add_argument("--init-image", default=None, help="initial view: world exploration (image2image)")
+    parser.add_argument("--num-views", type=int, default=None,
+                        help="multi-view sweep: N target cameras drawn as Puffin's demo does around --init-image")
+    parser.add_argument("--guidance-scale", type=float, default=4.5, help="CFG scale; <= 1 disables (default: 4.5)")
+    parser.add_argument("--steps", type=int, default=50, help="Euler steps (default: 50)")
+    parser.add_argument("--seed", type=int, default=42, help="base seed: request i uses seed + i (default: 42)")
+    parser.add_argument("--image-size", type=int, default=None, help="output side (default: the model's image size)")
+    parser.add_argument("--negative-caption", default="", help="negative prompt text (default: empty, as Puffin)")
+    parser.add_argument("--thinking", action="store_true", help="write spatial reasoning first (stage-3 checkpoints)")
+    parser.add_argument("--max-reasoning-tokens", type=int, default=512, help="reasoning length limit (default: 512)")
+    parser.add_argument("--evaluate-cameras", action="store_true",
+                        help="estimate each image's camera with the model's understanding path and score it")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="decoding limit of --evaluate-cameras")
+    return parser
+
+
+# -- requests --------------------------------------------------------------------------------------------------------
+def _read_rows(path: Path) -> List[Dict[str, Any]]:
+    if not path.is_file():
+        raise UsageError(f"--prompts {path}: no such file")
+    try:
+        if path.suffix.lower() == ".csv":
+            with path.open(newline="") as handle:
+                return [{k.strip(): v for k, v in row.items() if v not in (None, "")} for row in csv.DictReader(handle)]
+        rows = json.loads(path.read_text())
+    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as error:
+        raise UsageError(f"--prompts {path}: not readable JSON/CSV ({error})") from None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise UsageError(f"--prompts {path}: a JSON file must hold a list of objects")
+    return rows
+
+
+def _number(row: Dict[str, Any], name: str, where: str, default: Optional[float] = None) -> Optional[float]:
+    value = row.get(name, default)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{where}: {name} {value!r} is not a number of radians") from None
+    if not math.isfinite(number):
+        raise UsageError(f"{where}: {name} {value!r} must be finite")
+    return number
+
+
+def _camera(row: Dict[str, Any], where: str, has_init: bool):
+    from megatron_puffin.camera import Camera
+
+    values = {name: _number(row, name, where) for name in ("roll", "pitch", "vfov", "yaw")}
+    if values["vfov"] is None and has_init:
+        values["vfov"] = CROSS_VIEW_VFOV
+    missing = [name for name in ("roll", "pitch", "vfov") if values[name] is None]
+    if missing:
+        raise UsageError(f"{where}: give {', '.join(missing)} (radians)")
+    try:
+        camera = Camera(values["roll"], values["pitch"], values["vfov"], values["yaw"])
+    except ValueError as error:
+        raise UsageError(f"{where}: {error}") from None
+    for name, (low, high) in TRAINED_RANGES.items():
+        if not low <= getattr(camera, name) <= high:
+            logger.warning("%s: %s %.4f is outside Puffin's training range [%.4f, %.4f]; expect extrapolation",
+                           where, name, getattr(camera, name), low, high)
+    return camera
+
+
+def read_requests(args) -> List[Dict[str, Any]]:
+    """Rows {id, caption, camera, seed, init_image path} from --prompts, the single-request flags or --num-views."""
+    from megatron_puffin.inference.tasks import sample_exploration_cameras
+
+    if args.num_views is not None:
+        if args.prompts or args.init_image is None or args.num_views < 1:
+            raise UsageError("--num-views N (N >= 1) needs --init-image and no --prompts")
+        cameras = sample_exploration_cameras(args.num_views, args.seed)
+        return [{"id": f"view_{i:03d}", "caption": args.caption, "camera": camera, "seed": None,
+                 "init_image": args.init_image} for i, camera in enumerate(cameras)]
+    if args.prompts:
+        rows, source = _read_rows(Path(args.prompts)), f"--prompts {args.prompts}"
+    else:
+        rows = [{"caption": args.caption, **{n: getattr(args, n) for n in ("roll", "pitch", "vfov", "yaw")}}]
+        source = "flags"
+    if not rows:
+        raise UsageError(f"{source}: no requests")
+    requests, ids = [], set()
+    for index, row in enumerate(rows):
+        where = f"{source} row {index}" if args.prompts else "--roll/--pitch/--vfov"
+        init = row.get("init_image") or args.init_image
+        seed = _number(row, "seed", where)
+        request = {"id": str(row.get("id", f"{index:04d}")), "caption": str(row.get("caption", "") or ""),
+                   "camera": _camera(row, where, init is not None), "seed": None if seed is None else int(seed),
+                   "init_image": init}
+        if request["id"] in ids or "/" in request["id"]:
+            raise UsageError(f"{where}: id {request['id']!r} is repeated or holds '/'; ids name the PNG files")
+        ids.add(request["id"])
+        requests.append(request)
+    return requests
+
+
+def check_args(args) -> None:
+    problems = []
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                        ("--max-reasoning-tokens", args.max_reasoning_tokens), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            problems.append(f"{flag} ({value}) must be at least 1")
+    if args.image_size is not None and args.image_size < 1:
+        problems.append(f"--image-size ({args.image_size}) must be positive")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def check_init_images(requests) -> None:
+    from megatron_puffin.data.images import decode_image
+
+    for path in sorted({r["init_image"] for r in requests if r["init_image"]}):
+        if not os.path.isfile(path):
+            raise UsageError(f"initial view {path}: no such file")
+        try:
+            decode_image(Path(path).read_bytes())
+        except ValueError as error:
+            raise UsageError(f"initial view {path} does not decode ({error}); give a JPEG/PNG image") from None
+
+
+# -- outputs ---------------------------------------------------------------------------------------------------------
+def camera_dict(camera) -> Dict[str, Optional[float]]:
+    return {"roll": camera.roll, "pitch": camera.pitch, "vfov": camera.vfov, "yaw": camera.yaw}
+
+
+def evaluate_cameras(loaded, results, requests, args, output_dir: Path):
+    """Estimate each generated image's camera with the model's understanding path; score against the request."""
+    import torch
+
+    from megatron_puffin.evaluation import GroundTruthCamera, format_table, score_prediction, summarize, write_report
+    from megatron_puffin.inference import understand
+
+    images = [result.image.permute(2, 0, 1).float().mul(2 / 255).sub(1) for result in results]
+    progress = Progress(len(images), "estimating cameras", not args.no_progress)
+    with torch.no_grad():
+        outputs = understand(loaded.model, loaded.tokenizer, images, thinking=args.thinking,
+                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                             encoder_config=loaded.encoder_config, progress=progress)
+    progress.close()
+    scored = []
+    for request, result, output in zip(requests, results, outputs):
+        height, width = result.image.shape[:2]
+        camera = request["camera"]
+        truth = GroundTruthCamera(f"{request['id']}.png", camera.roll, camera.pitch, camera.vfov, width, height)
+        scored.append(score_prediction(truth.fname, output.text, truth))
+    metrics = summarize(scored)
+    if is_output_rank():
+        title = f"camera faithfulness of {len(scored)} generated images (estimated by the model itself)"
+        write_report(metrics, scored, output_dir / "camera_faithfulness", title)
+        print(format_table(metrics, title))
+    return outputs, metrics
+
+
+def write_outputs(loaded, args, requests, results, estimates, output_dir: Path) -> None:
+    from PIL import Image
+
+    from megatron_puffin.inference.contact_sheet import contact_sheet
+
+    records = []
+    for index, (request, result) in enumerate(zip(requests, results)):
+        name = f"{request['id']}.png"
+        Image.fromarray(result.image.numpy()).save(output_dir / name)
+        record = {"id": request["id"], "file": name, "task": result.task, "caption": request["caption"],
+                  "prompt": result.prompt, "reasoning": result.reasoning, "camera": camera_dict(result.camera),
+                  "seed": result.seed, "init_image": request["init_image"]}
+        if estimates is not None:
+            estimate = estimates[index]
+            record["estimated_camera"] = None if estimate.camera is None else dict(estimate.camera._asdict())
+            record["estimate_text"] = estimate.text
+        records.append(record)
+    sheet = contact_sheet([r.image for r in results], [r["id"] for r in requests], [r.camera for r in results])
+    sheet.save(output_dir / "contact_sheet.png")
+    settings = {name: getattr(args, name) for name in ("guidance_scale", "steps", "seed", "negative_caption",
+                                                       "thinking", "image_size")}
+    settings["image_size"] = int(results[0].image.shape[0])
+    document = {"checkpoint": loaded.checkpoint, "settings": settings, "images": records}
+    (output_dir / "generations.json").write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote {len(records)} images, {output_dir / 'contact_sheet.png'} and {output_dir / 'generations.json'}")
+
+
+def run(args, model_flags) -> int:
+    from megatron_puffin.inference import GenerationRequest, GenerationSettings, generate, load_image, load_puffin
+
+    check_args(args)
+    requests = read_requests(args)
+    check_init_images(requests)
+    loaded = load_puffin(args.checkpoint, model_flags, need_vae=True)
+    size = args.image_size or loaded.encoder_config.image_max_size
+    views = {path: load_image(path, size, mode="resize") for path in {r["init_image"] for r in requests} if path}
+    settings = GenerationSettings(guidance_scale=args.guidance_scale, num_inference_steps=args.steps, seed=args.seed,
+                                  image_size=size, negative_caption=args.negative_caption, thinking=args.thinking,
+                                  max_reasoning_tokens=args.max_reasoning_tokens, batch_size=args.batch_size)
+    jobs = [GenerationRequest(camera=r["camera"], caption=r["caption"], seed=r["seed"],
+                              init_image=views.get(r["init_image"])) for r in requests]
+    progress = Progress(len(jobs), "generating", not args.no_progress)
+    try:
+        results = generate(loaded.model, loaded.tokenizer, jobs, settings, loaded.encoder_config, progress)
+    except ValueError as error:  # sizes that the VAE / DiT cannot take
+        raise UsageError(str(error)) from None
+    progress.close()
+    output_dir = Path(args.output_dir)
+    if is_output_rank():
+        output_dir.mkdir(parents=True, exist_ok=True)
+    estimates = evaluate_cameras(loaded, results, requests, args, output_dir)[0] if args.evaluate_cameras else None
+    if is_output_rank():
+        write_outputs(loaded, args, requests, results, estimates, output_dir)
+    return 0
+
+
+def main(argv=None) -> int:
+    from megatron_puffin.inference import InferenceSetupError
+
+    parser = build_parser()
+    args, model_flags = parse_tool_args(parser, argv)
+    setup_logging(args.log_level)
+    return run_tool("generate.py", lambda: run(args, model_flags), (InferenceSetupError, UsageError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Describe images and estimate their cameras with a trained Puffin (greedy decoding with a KV cache).
+
+    python tools/understand.py --checkpoint runs/stage2_sft --images photos/ --output predictions.json
+    python tools/understand.py --checkpoint runs/stage3_thinking --images list.txt --thinking --output p.json
+    torchrun --nproc-per-node 2 tools/understand.py --checkpoint CKPT --images photos/ --output p.json \\
+        --tensor-model-parallel-size 2
+
+--images: image files, folders (their images, sorted by name) or .txt files listing one image path per line.
+Writes a JSON list in Puffin's evaluation format plus our parsed camera, one entry per image:
+{"id": file name, "output_text": answer, "camera": {"roll", "pitch", "vfov"} in radians or null, "reasoning":
+thinking text or null, "finished": answer ended within --max-new-tokens}. Score it with tools/evaluate_camera.py.
+Tasks: understanding (the base caption prompt, or the thinking prompt with --thinking), spatial-imagination
+(describe the view at --yaw from each image as the initial view) and photography (camera + suggested yaw/pitch).
+See docs/inference.md.
+"""
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import List
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+warnings.filterwarnings("ignore", message="Apex is not installed")
+
+from megatron_puffin.inference.cli import (  # noqa: E402
+    Progress,
+    UsageError,
+    build_tool_parser,
+    is_output_rank,
+    parse_tool_args,
+    run_tool,
+    setup_logging,
+)
+
+logger = logging.getLogger("understand")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+TASKS = ("understanding", "spatial-imagination", "photography")
+
+
+def build_parser():
+    parser = build_tool_parser("understand.py", __doc__)
+    parser.add_argument("--images", nargs="+", required=True,
+                        help="image files, folders of images, or .txt lists of image paths")
+    parser.add_argument("--output", required=True, help="predictions JSON to write")
+    parser.add_argument("--task", choices=TASKS, default="understanding", help="what to ask (default: understanding)")
+    parser.add_argument("--thinking", action="store_true",
+                        help="the stage-3 thinking prompt: <think> reasoning </think> <answer>R, P, F</answer>")
+    parser.add_argument("--prompt", default=None, help="a custom instruction instead of the task's prompt")
+    parser.add_argument("--yaw", type=float, default=1.5710,
+                        help="spatial-imagination yaw deviation in radians, positive turns left (default: 1.5710)")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="decoding limit (default: 512)")
+    parser.add_argument("--image-mode", choices=["center_crop", "resize"], default=None,
+                        help="centre square crop then resize (understanding default) or straight resize (default of "
+                             "the cross-view tasks)")
+    return parser
+
+
+def collect_images(sources: List[str]) -> List[Path]:
+    """Image paths from files, folders and .txt lists, in order; raises UsageError naming a bad source."""
+    paths: List[Path] = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            paths += sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif source.suffix.lower() == ".txt" and source.is_file():
+            lines = [line.strip() for line in source.read_text().splitlines()]
+            paths += [Path(line) if os.path.isabs(line) else source.parent / line for line in lines if line]
+        elif source.is_file():
+            paths.append(source)
+        else:
+            raise UsageError(f"--images {source}: no such file or folder")
+    if not paths:
+        raise UsageError(f"--images {' '.join(sources)}: no images found (suffixes {', '.join(IMAGE_SUFFIXES)})")
+    names = [p.name for p in paths]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UsageError(f"--images: several images are named {duplicates[0]} (ids are file names); rename them")
+    return paths
+
+
+def check_images(paths: List[Path]) -> None:
+    """Every image decodes (before the model is loaded)."""
+    from megatron_puffin.data.images import decode_image
+
+    for path in paths:
+        if not path.is_file():
+            raise UsageError(f"image {path}: no such file")
+        try:
+            decode_image(path.read_bytes())
+        except ValueError as error:
+            raise UsageError(f"image {path} does not decode ({error}); remove or replace it") from None
+
+
+def check_args(args) -> None:
+    problems = []
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens ({args.max_new_tokens}) must be at least 1")
+    if args.batch_size < 1:
+        problems.append(f"--batch-size ({args.batch_size}) must be at least 1")
+    if args.thinking and args.task != "understanding":
+        problems.append(f"--thinking applies to --task understanding, not {args.task}")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def run(args, model_flags) -> int:
+    from megatron_puffin.inference import load_image, load_puffin, understand
+    from megatron_puffin.inference.tasks import imagination_prompt
+    from megatron_puffin.data import templates
+
+    check_args(args)
+    paths = collect_images(args.images)
+    check_images(paths)
+    loaded = load_puffin(args.checkpoint, model_flags, need_vae=False)
+    mode = args.image_mode or ("center_crop" if args.task == "understanding" else "resize")
+    size = loaded.encoder_config.image_max_size
+    images = [load_image(path, size, mode) for path in paths]
+    prompt = args.prompt or {"understanding": None, "photography": templates.PHOTOGRAPHY_PROMPT,
+                             "spatial-imagination": imagination_prompt(args.yaw)}[args.task]
+    progress = Progress(len(images), "understanding", not args.no_progress)
+    outputs = understand(loaded.model, loaded.tokenizer, images, prompt=prompt, thinking=args.thinking,
+                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                         encoder_config=loaded.encoder_config, progress=progress)
+    progress.close()
+    records = [{"id": path.name, "output_text": output.text,
+                "camera": None if output.camera is None else dict(output.camera._asdict()),
+                "reasoning": output.reasoning, "finished": output.finished}
+               for path, output in zip(paths, outputs)]
+    if is_output_rank():
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(records, indent=2) + "\n")
+        unparsed = sum(record["camera"] is None for record in records)
+        print(f"wrote {output}: {len(records)} images ({unparsed} without a camera in the answer) from "
+              f"{loaded.checkpoint}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from megatron_puffin.data.images import ImageError
+    from megatron_puffin.inference import InferenceSetupError
+
+    parser = build_parser()
+    args, model_flags = parse_tool_args(parser, argv)
+    setup_logging(args.log_level)
+    return run_tool("understand.py", lambda: run(args, model_flags), (InferenceSetupError, ImageError, UsageError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
