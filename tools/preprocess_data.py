@@ -4,7 +4,8 @@
     python tools/preprocess_data.py --input /data/Puffin-4M/training_data --output-prefix /data/puffin_indexed \
         --workers 16 [--shard-size 10000] [--max-image-size 1024] [--strict] [--limit N]
 
-Writes <output-prefix>/<subset>/shard-NNNNN/ (main, cross_view, photography) and <output-prefix>/dataset.json.
+Writes <output-prefix>/<subset>/shard-NNNNN/ (main, cross_view, photography) and <output-prefix>/dataset.json;
+--heldout-records N puts the last N records of each subset into <output-prefix>/heldout/<subset>/ instead.
 Re-running with the same flags resumes: finished shards are skipped. The input is only read. Bad samples are
 skipped and counted per reason (report and shard manifests); --strict stops at the first one with its path.
 """
@@ -29,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("output")
     group.add_argument("--output-prefix", required=True, type=Path, help="Output directory for shards and report.")
     group.add_argument("--shard-size", type=int, default=10000, help="Summary records per shard (default 10000).")
+    group.add_argument("--heldout-records", type=int, default=0,
+                       help="Hold out the last N summary records of each subset: written to "
+                       "<output-prefix>/heldout/<subset> (for --valid-task-stream) instead of the training shards "
+                       "(default 0: none).")
     group = parser.add_argument_group("processing")
     group.add_argument(
         "--max-image-size", type=int, default=None,
@@ -68,6 +73,7 @@ def main(argv=None) -> int:
         strict=args.strict,
         limit=args.limit,
         progress=not args.no_progress,
+        heldout_records=args.heldout_records,
     )
     try:
         report = preprocess(options)

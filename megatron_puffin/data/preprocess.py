@@ -6,7 +6,10 @@ Output::
     <output_prefix>/<subset>/shard-00000/...     one shard per ``shard_size`` consecutive summary records
 
 Shard k of a subset holds the good samples among summary records [k * shard_size, (k + 1) * shard_size), so a
-re-run skips every shard that already exists (resume) and recomputes only the missing ones. Work is spread over
+re-run skips every shard that already exists (resume) and recomputes only the missing ones. With
+``heldout_records`` = N, the last N summary records of every subset form a held-out split, written in the same way
+to ``<output_prefix>/heldout/<subset>/shard-NNNNN`` (for ``--valid-task-stream`` and evaluation) and left out of
+the training shards. Work is spread over
 ``workers`` processes in chunks; results come back in order, so shards do not depend on the number of workers.
 """
 import json
@@ -47,6 +50,7 @@ class PreprocessOptions:
         limit: Use only the first ``limit`` records of each subset.
         progress: Show a progress bar on stderr.
         chunk_size: Records per unit of work sent to a worker.
+        heldout_records: The last this many records of each subset go to ``heldout/<subset>`` instead (0: none).
     """
 
     input: Path
@@ -58,6 +62,11 @@ class PreprocessOptions:
     limit: Optional[int] = None
     progress: bool = True
     chunk_size: int = 32
+    heldout_records: int = 0
+
+
+HELDOUT_FOLDER = "heldout"
+"""Output sub-folder of the held-out split (``--heldout-records``)."""
 
 
 class StrictModeError(RuntimeError):
@@ -70,6 +79,7 @@ class StrictModeError(RuntimeError):
 
 @dataclass
 class _ShardPlan:
+    key: str  # "main" or "heldout/main": the entry of the records, the output folder and the report
     layout: SubsetLayout
     index: int
     start: int
@@ -88,6 +98,8 @@ def _check_options(options: PreprocessOptions) -> None:
         errors.append(f"--max-image-size ({options.max_image_size}) must be >= 96 (images <= 80 px are rejected)")
     if options.limit is not None and options.limit < 0:
         errors.append(f"--limit ({options.limit}) must be >= 0")
+    if options.heldout_records < 0:
+        errors.append(f"--heldout-records ({options.heldout_records}) must be >= 0")
     output, source = Path(options.output_prefix).resolve(), Path(options.input).resolve()
     if output == source or source in output.parents:
         errors.append(f"--output-prefix ({output}) must not lie inside --input ({source}): the input is read-only")
@@ -105,7 +117,22 @@ def _shard_source(options: PreprocessOptions, plan: _ShardPlan, num_records: int
 
 
 def _shard_flags(options: PreprocessOptions) -> Dict[str, Any]:
-    return {"shard_size": options.shard_size, "max_image_size": options.max_image_size}
+    flags = {"shard_size": options.shard_size, "max_image_size": options.max_image_size}
+    if options.heldout_records:  # only then, so outputs written before the flag existed still resume
+        flags["heldout_records"] = options.heldout_records
+    return flags
+
+
+def _split_heldout(records: Dict[str, Tuple[SubsetLayout, List[Any]]], count: int):
+    """Moves the last ``count`` records of every subset to the entry ``heldout/<subset>``."""
+    if not count:
+        return records
+    split = {}
+    for name, (layout, items) in records.items():
+        keep = max(0, len(items) - count)
+        split[name] = (layout, items[:keep])
+        split[f"{HELDOUT_FOLDER}/{name}"] = (layout, items[keep:])
+    return split
 
 
 def _is_finished(plan: _ShardPlan, source: Dict[str, Any], flags: Dict[str, Any]) -> bool:
@@ -130,7 +157,7 @@ def _plan(options: PreprocessOptions, records: Dict[str, Tuple[SubsetLayout, Lis
         for index, start in enumerate(range(0, len(items), options.shard_size)):
             stop = min(start + options.shard_size, len(items))
             directory = Path(options.output_prefix) / name / f"shard-{index:05d}"
-            plans.append(_ShardPlan(layout, index, start, stop, directory))
+            plans.append(_ShardPlan(name, layout, index, start, stop, directory))
     return plans
 
 
@@ -201,10 +228,10 @@ def _write_shard(plan, source, flags, results, tally, options, bar) -> None:
                 writer.add(record)
         bar.update(len(chunk))
     writer.finalize(bad_counts)
-    stats = tally.subset(plan.layout.name)
+    stats = tally.subset(plan.key)
     stats["samples"] += writer.num_samples
     stats["shards"] += 1
-    tally.add_bad(plan.layout.name, bad_counts)
+    tally.add_bad(plan.key, bad_counts)
 
 
 def _chunk_tasks(plan: _ShardPlan, items: List[Any], options: PreprocessOptions) -> List[Any]:
@@ -218,7 +245,7 @@ def _run_plans(todo, records, options, tally) -> int:
     """Processes the unfinished shards; returns the number of records processed."""
     tasks, owners = [], []
     for plan, _ in todo:
-        chunks = _chunk_tasks(plan, records[plan.layout.name][1], options)
+        chunks = _chunk_tasks(plan, records[plan.key][1], options)
         tasks.extend(chunks)
         owners.append(len(chunks))
     total = sum(plan.stop - plan.start for plan, _ in todo)
@@ -256,15 +283,18 @@ def preprocess(options: PreprocessOptions) -> Dict[str, Any]:
             logger.warning("%s subset: %d summary records repeat an earlier record's annotation; they are skipped "
                            "(bad sample reason duplicate_record)", layout.name, duplicates)
         records[layout.name] = (layout, items)
+    records = _split_heldout(records, options.heldout_records)
     tally, todo = _Tally(), []
     for plan in _plan(options, records):
-        source = _shard_source(options, plan, len(records[plan.layout.name][1]))
-        stats = tally.subset(plan.layout.name)
+        source = _shard_source(options, plan, len(records[plan.key][1]))
+        if plan.key != plan.layout.name:
+            source["split"] = HELDOUT_FOLDER
+        stats = tally.subset(plan.key)
         if _is_finished(plan, source, _shard_flags(options)):
             manifest = read_manifest(plan.directory)
             stats["samples"] += manifest["num_samples"]
             stats["shards_skipped"] += 1
-            tally.add_bad(plan.layout.name, manifest.get("bad_samples", {}))
+            tally.add_bad(plan.key, manifest.get("bad_samples", {}))
         else:
             todo.append((plan, source))
     for name, (_, items) in records.items():

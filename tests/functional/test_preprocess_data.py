@@ -141,3 +141,17 @@ def test_duplicate_records_and_paths_outside_the_input_are_skipped_and_reported(
     assert report["subsets"]["main"]["bad_samples"]["path_outside_input"] == 2
     assert report["subsets"]["main"]["samples"] == 14 - 7  # the three extra records add no sample
     assert len(PuffinDataset(tmp_path / "out" / "main")) == 7
+def test_heldout_records_split_off_the_last_records_of_every_subset(raw, tmp_path):
+    report = preprocess(PreprocessOptions(raw, tmp_path / "out", shard_size=5, heldout_records=3, progress=False))
+    subsets = report["subsets"]
+    assert (subsets["main"]["records"], subsets["heldout/main"]["records"]) == (11, 3)
+    assert (subsets["cross_view"]["records"], subsets["heldout/cross_view"]["records"]) == (2, 3)
+    main, heldout = PuffinDataset(tmp_path / "out" / "main"), PuffinDataset(tmp_path / "out" / "heldout" / "main")
+    assert sorted(heldout[i]["key"] for i in range(len(heldout))) == [f"main/000000/{i:08d}.json" for i in (11, 12, 13)]
+    assert max(main[i]["key"] for i in range(len(main))) == "main/000000/00000010.json"  # no overlap
+    again = preprocess(PreprocessOptions(raw, tmp_path / "out", shard_size=5, heldout_records=3, progress=False))
+    assert again["records_processed"] == 0 and again["subsets"]["heldout/main"]["shards_skipped"] == 1
+    with pytest.raises(ValueError, match="other flags"):  # another split must not mix with this output
+        preprocess(PreprocessOptions(raw, tmp_path / "out", shard_size=5, heldout_records=4, progress=False))
+    result = _run("--input", raw, "--output-prefix", tmp_path / "cli", "--heldout-records", "-1")
+    assert result.returncode == 2 and "--heldout-records (-1) must be >= 0" in result.stderr

@@ -45,14 +45,15 @@ def _losses(path):
     losses = {}
     for line in Path(path).read_text().splitlines():
         record = json.loads(line)
-        losses[record["iteration"]] = {k[len("loss/"):]: v for k, v in record.items() if k.startswith("loss/")}
+        if any(k.startswith("loss/") for k in record):  # training records (validation ones have valid_loss/)
+            losses[record["iteration"]] = {k[len("loss/"):]: v for k, v in record.items() if k.startswith("loss/")}
     return losses
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    make_tiny_dataset(root / "tiny", num_samples=16)
+    make_tiny_dataset(root / "tiny", num_samples=16, num_heldout=4)  # the tiny stage files validate on it
     return root
 
 

@@ -118,17 +118,3 @@ def test_validation_losses_equal_a_separate_no_grad_pass_and_leave_training_unch
     for iteration in (1, 2):
         for task in ("image2text", "cam2image"):
             assert train[iteration][f"loss/{task}"] == plain[iteration][f"loss/{task}"]  # bit-identical
-
-
-def test_validation_flags_are_checked_together(workdir):
-    from megatron_puffin.config import ConfigError, parse_args
-
-    with pytest.raises(ConfigError) as error:
-        parse_args([*COMMON, "--valid-task-stream", "image2text:missing/dir:2", "--valid-task-stream",
-                    "nonsense:x:1", "--eval-iters", "0"])
-    message = str(error.value)
-    for expected in ("missing/dir", "unknown or missing task 'nonsense'", "--eval-iters (0)",
-                     "--valid-task-stream has no effect without --eval-interval"):
-        assert expected in message
-    with pytest.raises(ConfigError, match="needs at least one --valid-task-stream"):
-        parse_args([*COMMON, "--eval-interval", "5"])

@@ -30,7 +30,7 @@ def _losses(path):
 
 
 def test_bf16_training_on_gpu_saves_and_resumes(tmp_path):
-    make_tiny_dataset(tmp_path / "tiny", num_samples=16)
+    make_tiny_dataset(tmp_path / "tiny", num_samples=16, num_heldout=4)  # stage2_sft.args validates on it
     _run(tmp_path, "--save", "run", "--save-interval", "2", "--metrics-file", "full.jsonl")
     _run(tmp_path, "--load", "run/iter_0000002", "--metrics-file", "resumed.jsonl")
     full, resumed = _losses(tmp_path / "full.jsonl"), _losses(tmp_path / "resumed.jsonl")
