@@ -137,12 +137,20 @@ class SafeFileSystemReader(FileSystemReader):
     def __init__(self, path) -> None:
         super().__init__(path)
         self._cached_metadata = None
+        self._refused: Optional[CheckpointError] = None
 
     def read_metadata(self, *args: Any, **kwargs: Any):
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         if self._cached_metadata is None:
-            metadata = load_dcp_metadata(str(self._get_metadata_path(kwargs.get("rank"))))
+            path = str(self._get_metadata_path(kwargs.get("rank")))
+            if self._refused is not None and not os.path.exists(path):
+                raise self._refused  # torch retries rank-local metadata after a failure: report the real cause
+            try:
+                metadata = load_dcp_metadata(path)
+            except CheckpointError as error:
+                self._refused = error
+                raise
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id

@@ -110,6 +110,8 @@ def verify_checkpoint(directory: str) -> None:
     world = dist.get_world_size() if dist.is_initialized() else 1
     try:
         problems = safety.structural_problems(directory) or safety.verify_manifest(directory, _rank(), world)
+        if not problems:  # restricted unpickling before megatron-core / torch read it (they would wrap the error)
+            safety.load_dcp_metadata(os.path.join(directory, safety.DCP_METADATA_FILE))
     except CheckpointError as error:
         problems = [str(error)]
     if world > 1:
@@ -132,9 +134,17 @@ def load_checkpoint(sharded_state_dict: Dict[str, Any], directory: str) -> Dict[
 
     if not os.path.isdir(directory):
         raise CheckpointError(f"no checkpoint at {directory}")
+    from torch.distributed.checkpoint.api import CheckpointException
+
     verify_checkpoint(directory)
     safety.install()
-    return dist_checkpointing.load(sharded_state_dict, directory, common_strategy=safety.common_load_strategy())
+    try:
+        return dist_checkpointing.load(sharded_state_dict, directory, common_strategy=safety.common_load_strategy())
+    except CheckpointException as error:  # torch gathers every rank's failure: report ours in one line
+        for failure, _ in error.failures.values():
+            if isinstance(failure, CheckpointError):
+                raise CheckpointError(str(failure)) from None
+        raise
 
 
 def load_common(directory: str) -> Dict[str, Any]:
