@@ -54,7 +54,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import pickle
 import sys
 import warnings
 from glob import glob
@@ -128,15 +127,12 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first_line = (str(error).strip().splitlines() or ["unpickling failed"])[0]
+    except Exception as error:  # noqa: BLE001 - random bytes, truncated archives, objects other than tensors
         raise UsageError(
-            f"{path} is not a plain torch checkpoint of tensors ({first_line}); this tool loads only tensors and "
-            "plain containers (never code from a file): convert it to safetensors where it was made"
+            f"{path} is not a torch checkpoint of plain tensors ({_load_failure(error)}); this tool loads only "
+            "tensors and plain containers, never code from a file: save the tensors with safetensors where the file "
+            "was made"
         ) from None
-    except Exception as error:  # noqa: BLE001 - random bytes, truncated archives
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UsageError(f"{path} is not a readable torch checkpoint or safetensors file ({first_line})") from None
     if _is_state_dict(loaded):
         return loaded
     if isinstance(loaded, dict):
@@ -144,6 +140,15 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
             if _is_state_dict(loaded.get(key)):
                 return loaded[key]
     raise UsageError(f"{path} holds no state dict (a dict of tensors, or one under 'state_dict', 'model' or 'module')")
+
+
+def _load_failure(error: Exception) -> str:
+    """The informative line of a torch.load failure (torch's weights_only errors carry advice not meant here)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return line
+    return lines[0] if lines else type(error).__name__
 
 
 def pretrain_flags(extra: Sequence[str], command: str):
