@@ -164,16 +164,43 @@ def batch_problems(args, meta: Dict[str, Any], directory: str) -> List[str]:
             "change the batch deliberately"]
 
 
+def source_problems(args) -> List[str]:
+    """--pretrained-checkpoint and the per-tower base checkpoints exist and are undamaged (cheap checks)."""
+    ckpt_args, problems = args.checkpoint, []
+    for flag, path in (("--pretrained-checkpoint", ckpt_args.pretrained_checkpoint),
+                       ("--llm-checkpoint", ckpt_args.llm_checkpoint),
+                       ("--vision-checkpoint", ckpt_args.vision_checkpoint),
+                       ("--dit-checkpoint", ckpt_args.dit_checkpoint)):
+        if not path:
+            continue
+        if not os.path.isdir(path):
+            problems.append(f"{flag} {path}: no such checkpoint directory; check the path")
+            continue
+        try:
+            directory = ckpt.resolve_checkpoint(path)
+        except CheckpointError as error:
+            problems.append(f"{flag} {error}")
+            continue
+        if directory is None:
+            problems.append(f"{flag} {path} holds no checkpoint")
+            continue
+        damage = ckpt.checkpoint_problems(directory)
+        if damage:
+            problems.append(f"{flag} {directory}: {damage[0]}; the checkpoint is damaged")
+    return problems
+
+
 def startup_problems(args) -> List[str]:
     """Every checkpoint decision of this run (see the module docstring), as problems naming flag and fix.
     Skipped with ``--dry-run`` (paths may belong to another machine)."""
     if args.dry_run:
         return []
+    problems = source_problems(args)
     try:
         resumed = resolve_load(args)
     except CheckpointError as error:
-        return [str(error)]
-    problems = save_problems(args, resumed)
+        return problems + [str(error)]
+    problems += save_problems(args, resumed)
     if resumed is None:
         return problems
     try:

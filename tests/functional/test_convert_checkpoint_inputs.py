@@ -59,7 +59,9 @@ def test_bad_weight_files(tmp_path, capsys):
     torch.save({"weight": CreatesFile(victim)}, tmp_path / "code.pth")
     code, err = _main(capsys, "puffin-to-mcore", "--puffin-checkpoint", tmp_path / "code.pth", "--output",
                       tmp_path / "out", "--", f"@{TINY / 'model.args'}")
-    assert code == 1 and "code.pth is not a torch checkpoint of plain tensors (WeightsUnpickler error: Unsupported global" in _one_line(err)
+    assert code == 1
+    assert "code.pth is not a torch checkpoint of plain tensors (WeightsUnpickler error: Unsupported global" in \
+        _one_line(err)
     assert not victim.exists() and not (tmp_path / "out").exists()
 
 
