@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
         print(describe(args))
         return 0
-    from megatron_puffin.training.checkpointing import CheckpointMismatch
+    from megatron_puffin.training.checkpoint_safety import CheckpointError
     from megatron_puffin.training.loop import TrainingError, run
 
     try:
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"pretrain_puffin.py: {error}", file=sys.stderr)
         return 2
-    except (CheckpointMismatch, TrainingError) as error:
+    except (CheckpointError, TrainingError) as error:
         print(f"pretrain_puffin.py (rank {rank}): {error}", file=sys.stderr)
         return 1
 

@@ -98,7 +98,7 @@ def _methods(cameras: torch.Tensor, paths: List[str], args: argparse.Namespace, 
 
     def load_pass() -> None:
         for path in paths:
-            torch.load(path, map_location="cpu").to(device, non_blocking=True)
+            torch.load(path, map_location="cpu", weights_only=True).to(device, non_blocking=True)
 
     def single_pass() -> None:
         if device.type == "cpu":

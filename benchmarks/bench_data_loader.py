@@ -55,7 +55,8 @@ class ReferenceStyleDataset(torch.utils.data.Dataset):
         with open(self.root / "cap_folder" / record["annotation"]) as handle:
             caption = json.load(handle)["caption"].strip()
         if self.task == "cam2image":
-            camera = torch.load(self.root / "cam_folder" / record["annotation"].replace(".json", ".pt")) / (math.pi / 2)
+            camera_path = self.root / "cam_folder" / record["annotation"].replace(".json", ".pt")
+            camera = torch.load(camera_path, weights_only=True) / (math.pi / 2)
             prompt = templates.instruction(templates.GENERATION_TEMPLATE.format(input=caption))
             ids = self.tokenizer.encode(prompt) + [templates.QUERY_TOKEN_INDEX] * 64
             return torch.tensor(ids), image, camera, None

@@ -60,7 +60,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import pickle
 import sys
 import warnings
 from glob import glob
@@ -71,9 +70,10 @@ warnings.filterwarnings("ignore", category=UserWarning)
 import torch  # noqa: E402
 
 import megatron_puffin.distributed as mpd  # noqa: E402
-from megatron_puffin.convert.hf_io import load_hf_directory  # noqa: E402
+from megatron_puffin.convert.hf_io import HFDirectoryError, load_hf_directory  # noqa: E402
 from megatron_puffin.convert.qwen2 import hf_to_mcore, load_llm_state_dict  # noqa: E402
 from megatron_puffin.models.llm import LLMConfig, build_llm  # noqa: E402
+from megatron_puffin.training.checkpoint_safety import CheckpointError  # noqa: E402
 from megatron_puffin.training.checkpointing import (  # noqa: E402
     load_module,
     read_metadata,
@@ -132,10 +132,11 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except Exception as error:  # noqa: BLE001 - random bytes, truncated archives, objects other than tensors
         raise UsageError(
-            f"{path} holds Python objects besides tensors, which are not unpickled here ({error}); save its state "
-            "dict alone, e.g. torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth')"
+            f"{path} is not a torch checkpoint of plain tensors ({_load_failure(error)}); this tool loads only "
+            "tensors and plain containers, never code from a file: save the tensors with safetensors where the file "
+            "was made"
         ) from None
     if _is_state_dict(loaded):
         return loaded
@@ -144,6 +145,15 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
             if _is_state_dict(loaded.get(key)):
                 return loaded[key]
     raise UsageError(f"{path} holds no state dict (a dict of tensors, or one under 'state_dict', 'model' or 'module')")
+
+
+def _load_failure(error: Exception) -> str:
+    """The informative line of a torch.load failure (torch's weights_only errors carry advice not meant here)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return line
+    return lines[0] if lines else type(error).__name__
 
 
 def pretrain_flags(extra: Sequence[str], command: str):
@@ -453,14 +463,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in FLAG_COMMANDS:
         parser.error(f"{args.command}: unrecognized arguments: {' '.join(extra)}")
+    problem = input_problem(args)
+    if problem:
+        print(f"convert_checkpoint.py {args.command}: {problem}", file=sys.stderr)
+        return 2
     try:
         if args.command in FLAG_COMMANDS:
             FLAG_COMMANDS[args.command](args, extra)
         else:
             PLAIN_COMMANDS[args.command](args)
+    except (CheckpointError, HFDirectoryError) as error:
+        print(f"convert_checkpoint.py {args.command}: {error}", file=sys.stderr)
+        return 1
     finally:
         mpd.destroy()
     return 0
+
+
+def input_problem(args: argparse.Namespace) -> Optional[str]:
+    """Mistakes found before any work: an existing --output, a parallel size the launch does not provide."""
+    output = getattr(args, "output", None)
+    if output and os.path.exists(output):
+        return f"--output {output} already exists; choose a new directory (nothing is overwritten)"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    tp = getattr(args, "tensor_model_parallel_size", None) or 1
+    pp = getattr(args, "pipeline_model_parallel_size", None) or 1
+    if tp < 1 or pp < 1:
+        return "--tensor-model-parallel-size and --pipeline-model-parallel-size must be at least 1"
+    if world_size % (tp * pp):
+        return (f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} needs {tp * pp} processes "
+                f"(or a multiple), this launch has {world_size}: run it as torchrun --nproc-per-node {tp * pp} "
+                f"tools/convert_checkpoint.py {args.command} ...")
+    return None
 
 
 if __name__ == "__main__":

@@ -112,6 +112,14 @@ class CheckpointConfig:
     """Base weights of the vision tower (encoder + projector) alone, from `tools/convert_checkpoint.py radio-to-mcore`."""
     dit_checkpoint: Optional[str] = None
     """Base weights of the MMDiT alone, from `tools/convert_checkpoint.py sd3-to-mcore`."""
+    overwrite_checkpoints: bool = False
+    """Replace checkpoints already in --save that this run did not resume from (another run's, or ones newer
+    than --load's): each new checkpoint replaces the old one of its iteration once complete, and the old run's
+    later checkpoints are deleted when this run publishes its first one. Without it such a --save is refused."""
+    override_opt_param_scheduler: bool = False
+    """On --load, apply this run's learning-rate schedule flags (--lr, --min-lr, warm-up, decay style and
+    length, --weight-decay) from the checkpoint's step on; without it a schedule that differs from the
+    checkpoint's is refused."""
 
 
 @dataclass

@@ -237,6 +237,13 @@ def check_checkpoint(args) -> List[str]:
     return problems
 
 
+def check_checkpoint_directories(args) -> List[str]:
+    """What --load and --save hold: resume, refuse or (asked) replace; see megatron_puffin.training.resume."""
+    from megatron_puffin.training.resume import startup_problems
+
+    return startup_problems(args)
+
+
 def check_towers(args) -> List[str]:
     """Rules owned by the tower and diffusion configs themselves."""
     tp = args.parallel.tensor_model_parallel_size
@@ -297,6 +304,7 @@ VALIDATORS: List[Callable] = [
     *VALUE_VALIDATORS,
     *PATH_VALIDATORS,
     check_validation,
+    check_checkpoint_directories,
 ]
 
 

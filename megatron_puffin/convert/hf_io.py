@@ -9,24 +9,43 @@ from typing import Dict, Tuple
 import torch
 
 
-def load_hf_directory(directory: str) -> Tuple[Dict, Dict[str, torch.Tensor]]:
-    """(config dict, state dict) of an HF directory with ``*.safetensors`` (or ``pytorch_model*.bin``) files."""
+class HFDirectoryError(ValueError):
+    """A directory that is not a readable Hugging Face model directory; the message names the file."""
+
+
+def _read_weights(path: str) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    try:
+        if path.endswith(".safetensors"):
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - garbled, truncated, or objects other than tensors
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise HFDirectoryError(f"{path} is not a readable weights file ({first_line})") from None
+
+
+def load_hf_directory(directory: str) -> Tuple[Dict, Dict[str, torch.Tensor]]:
+    """(config dict, state dict) of an HF directory with ``*.safetensors`` (or ``pytorch_model*.bin``) files."""
+    if not os.path.isdir(directory):
+        raise HFDirectoryError(f"{directory} is not a directory; pass a Hugging Face model directory")
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{directory} has no config.json; pass a Hugging Face model directory")
-    with open(config_path) as handle:
-        config = json.load(handle)
+        raise HFDirectoryError(f"{directory} has no config.json; pass a Hugging Face model directory")
+    try:
+        with open(config_path) as handle:
+            config = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise HFDirectoryError(f"{config_path} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise HFDirectoryError(f"{config_path} holds a JSON {type(config).__name__}, not an object")
+    files = sorted(glob(os.path.join(directory, "*.safetensors"))) or \
+        sorted(glob(os.path.join(directory, "pytorch_model*.bin")))
     state: Dict[str, torch.Tensor] = {}
-    files = sorted(glob(os.path.join(directory, "*.safetensors")))
     for path in files:
-        state.update(load_file(path))
-    if not files:
-        for path in sorted(glob(os.path.join(directory, "pytorch_model*.bin"))):
-            state.update(torch.load(path, map_location="cpu", weights_only=True))
+        state.update(_read_weights(path))
     if not state:
-        raise FileNotFoundError(f"{directory} has no *.safetensors or pytorch_model*.bin weights")
+        raise HFDirectoryError(f"{directory} has no *.safetensors or pytorch_model*.bin weights")
     return config, state
 
 

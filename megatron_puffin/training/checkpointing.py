@@ -1,8 +1,10 @@
-"""megatron-core distributed checkpoints (reshardable across TP/PP/DP), published atomically.
+"""megatron-core distributed checkpoints (reshardable across TP/PP/DP), published atomically and verified on load.
 
-A checkpoint is written into ``<dir>.tmp`` by all ranks and renamed to ``<dir>`` by rank 0 after a barrier,
-so an interrupted write never looks like a complete checkpoint. A JSON sidecar (``puffin_meta.json``) may carry
-resolved flags and stage lineage.
+A checkpoint is written into ``<dir>.tmp`` by all ranks; after a barrier rank 0 adds the JSON sidecar
+(``puffin_meta.json``: resolved flags and stage lineage) and the integrity manifest (``puffin_manifest.json``: size
+and SHA-256 of every file) and renames it to ``<dir>``, so an interrupted write never looks like a complete
+checkpoint. Loading verifies the manifest and reads every pickled part through
+:mod:`megatron_puffin.training.checkpoint_safety` (no code runs from a checkpoint).
 """
 from __future__ import annotations
 
@@ -10,15 +12,20 @@ import json
 import logging
 import os
 import shutil
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from megatron_puffin.training import checkpoint_safety as safety
+from megatron_puffin.training.checkpoint_safety import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 META_FILE = "puffin_meta.json"
 TMP_SUFFIX = ".tmp"
+REPLACED_SUFFIX = ".replaced"  # an old checkpoint moved aside while its replacement is published
 
 
 def _rank() -> int:
@@ -30,15 +37,20 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(sharded_state_dict: Dict[str, Any], directory: str, metadata: Optional[Dict] = None) -> None:
+def save_checkpoint(sharded_state_dict: Dict[str, Any], directory: str, metadata: Optional[Dict] = None,
+                    replace: bool = False, keep_replaced: bool = False) -> None:
     """Collectively save ``sharded_state_dict`` (from ``model.sharded_state_dict()`` etc.) to ``directory``.
 
+    Args:
+        replace: an existing ``directory`` is replaced (the new one is complete before the old one goes).
+        keep_replaced: keep the replaced directory as ``<directory>.replaced-<time>`` instead of deleting it.
+
     Raises:
-        FileExistsError: ``directory`` already exists (checkpoints are never overwritten in place).
+        FileExistsError: ``directory`` already exists and ``replace`` is False.
     """
     from megatron.core import dist_checkpointing
 
-    if os.path.exists(directory):
+    if os.path.exists(directory) and not replace:
         raise FileExistsError(f"checkpoint directory {directory} already exists; choose a new one")
     staging = directory.rstrip("/") + TMP_SUFFIX
     if _rank() == 0:
@@ -51,18 +63,94 @@ def save_checkpoint(sharded_state_dict: Dict[str, Any], directory: str, metadata
         if metadata is not None:
             with open(os.path.join(staging, META_FILE), "w") as handle:
                 json.dump(metadata, handle, indent=2, sort_keys=True, default=str)
-        os.replace(staging, directory)
+        safety.write_manifest(staging)
+        _publish(staging, directory, keep_replaced)
         logger.info("saved checkpoint %s", directory)
     _barrier()
 
 
+def _publish(staging: str, directory: str, keep_replaced: bool = False) -> None:
+    """Rename ``staging`` to ``directory``; an existing ``directory`` is first moved aside (and deleted after,
+    unless ``keep_replaced``). A crash in between leaves the old checkpoint under its moved-aside name."""
+    if not os.path.exists(directory):
+        os.replace(staging, directory)
+        return
+    aside = directory.rstrip("/") + REPLACED_SUFFIX + (time.strftime("-%Y%m%d-%H%M%S") if keep_replaced else "")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(directory, aside)
+    os.replace(staging, directory)
+    if keep_replaced:
+        logger.warning("replaced damaged checkpoint %s; the old files are kept in %s", directory, aside)
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
+        logger.warning("replaced checkpoint %s (--overwrite-checkpoints)", directory)
+
+
+def delete_later_checkpoints(run_directory: str, iteration: int) -> List[str]:
+    """Delete the published checkpoints of ``run_directory`` newer than ``iteration`` (rank 0; they belong to the
+    run that --overwrite-checkpoints replaces)."""
+    if _rank() != 0:
+        return []
+    doomed = [path for i, path in published_checkpoints(run_directory) if i > iteration]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+        logger.warning("deleted %s, a later checkpoint of the replaced run (--overwrite-checkpoints)", path)
+    return doomed
+
+
+_VERIFIED: set = set()
+
+
+def verify_checkpoint(directory: str) -> None:
+    """Raise :class:`CheckpointError` naming the first damaged file of ``directory`` (size and SHA-256 against its
+    manifest; the files are shared among the ranks and the findings gathered, so all ranks raise together)."""
+    key = os.path.realpath(directory)
+    if key in _VERIFIED:
+        return
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    try:
+        problems = safety.structural_problems(directory) or safety.verify_manifest(directory, _rank(), world)
+        if not problems:  # restricted unpickling before megatron-core / torch read it (they would wrap the error)
+            safety.load_dcp_metadata(os.path.join(directory, safety.DCP_METADATA_FILE))
+    except CheckpointError as error:
+        problems = [str(error)]
+    if world > 1:
+        gathered: List[Optional[List[str]]] = [None] * world
+        dist.all_gather_object(gathered, problems)
+        problems = sorted({p for rank_problems in gathered for p in rank_problems or []})
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise CheckpointError(f"{problems[0]}{more}; use an earlier checkpoint")
+    if safety.read_manifest(directory) is None and _rank() == 0:
+        logger.warning("%s has no %s (written before integrity manifests): its bytes are not verified", directory,
+                       safety.MANIFEST_FILE)
+    _VERIFIED.add(key)
+
+
 def load_checkpoint(sharded_state_dict: Dict[str, Any], directory: str) -> Dict[str, Any]:
-    """Collectively load the tensors described by ``sharded_state_dict`` from ``directory`` (any layout)."""
+    """Collectively load the tensors described by ``sharded_state_dict`` from ``directory`` (any layout), after
+    verifying its manifest; metadata and saved objects are read by the restricted readers."""
     from megatron.core import dist_checkpointing
 
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no checkpoint at {directory}")
-    return dist_checkpointing.load(sharded_state_dict, directory)
+        raise CheckpointError(f"no checkpoint at {directory}")
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    verify_checkpoint(directory)
+    safety.install()
+    try:
+        return dist_checkpointing.load(sharded_state_dict, directory, common_strategy=safety.common_load_strategy())
+    except CheckpointException as error:  # torch gathers every rank's failure: report ours in one line
+        for failure, _ in error.failures.values():
+            if isinstance(failure, CheckpointError):
+                raise CheckpointError(str(failure)) from None
+        raise
+
+
+def load_common(directory: str) -> Dict[str, Any]:
+    """The common (unsharded) part of a verified checkpoint (``weights_only``)."""
+    verify_checkpoint(directory)
+    return safety.load_common(directory)
 
 
 def load_model_checkpoint(model: torch.nn.Module, directory: str) -> None:
@@ -76,8 +164,14 @@ def read_metadata(directory: str) -> Optional[Dict[str, Any]]:
     path = os.path.join(directory, META_FILE)
     if not os.path.exists(path):
         return None
-    with open(path) as handle:
-        return json.load(handle)
+    try:
+        with open(path) as handle:
+            meta = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(meta).__name__}, not an object; the checkpoint is damaged")
+    return meta
 
 
 # --- run directories --------------------------------------------------------------------------------------------
@@ -98,30 +192,91 @@ def is_complete_checkpoint(directory: str) -> bool:
     )
 
 
-def complete_checkpoints(run_directory: str) -> List[Tuple[int, str]]:
-    """(iteration, path) of every complete ``iter_*`` checkpoint of a run directory, oldest first."""
+def _iteration_of(name: str) -> Optional[int]:
+    """The iteration of a published ``iter_*`` name (None for staging, moved-aside or other names)."""
+    if not name.startswith("iter_"):
+        return None
+    try:
+        return int(name[len("iter_"):])
+    except ValueError:
+        return None
+
+
+def published_checkpoints(run_directory: str) -> List[Tuple[int, str]]:
+    """(iteration, path) of every published ``iter_*`` directory of a run directory, complete or not, oldest first."""
     if not os.path.isdir(run_directory):
         return []
     found = []
     for name in os.listdir(run_directory):
-        if not name.startswith("iter_") or name.endswith(TMP_SUFFIX):
-            continue
+        iteration = _iteration_of(name)
         path = os.path.join(run_directory, name)
-        try:
-            iteration = int(name[len("iter_"):])
-        except ValueError:
-            continue
-        if is_complete_checkpoint(path):
+        if iteration is not None and os.path.isdir(path):
             found.append((iteration, path))
     return sorted(found)
 
 
+def complete_checkpoints(run_directory: str) -> List[Tuple[int, str]]:
+    """(iteration, path) of every complete ``iter_*`` checkpoint of a run directory, oldest first."""
+    return [(iteration, path) for iteration, path in published_checkpoints(run_directory)
+            if is_complete_checkpoint(path)]
+
+
+CHECKPOINT_FILES = (META_FILE, safety.MANIFEST_FILE, safety.DCP_METADATA_FILE, safety.COMMON_FILE,
+                    safety.MCORE_CONFIG_FILE)
+
+
+def is_checkpoint_directory(path: str) -> bool:
+    """A checkpoint itself (holds any file a checkpoint holds, or is named ``iter_*``), not a run directory."""
+    return os.path.isdir(path) and (
+        _iteration_of(os.path.basename(os.path.normpath(path))) is not None
+        or any(os.path.exists(os.path.join(path, name)) for name in CHECKPOINT_FILES)
+    )
+
+
+def checkpoint_problems(directory: str) -> List[str]:
+    """Cheap checks of one checkpoint (no hashing), each naming the file: the sidecar is valid JSON, the files
+    megatron-core reads exist, every file the manifest lists has its recorded size, and ``.metadata`` passes the
+    restricted unpickler."""
+    problems = []
+    try:
+        if read_metadata(directory) is None:
+            problems.append(f"{os.path.join(directory, META_FILE)} is missing")
+    except CheckpointError as error:
+        problems.append(str(error))
+    problems += safety.structural_problems(directory)
+    if not problems:
+        try:  # restricted unpickling: a crafted .metadata is refused here, before any work
+            safety.load_dcp_metadata(os.path.join(directory, safety.DCP_METADATA_FILE))
+        except CheckpointError as error:
+            problems.append(str(error))
+    return problems
+
+
 def resolve_checkpoint(path: str) -> Optional[str]:
-    """A checkpoint directory itself, or the latest complete checkpoint of a run directory (None if it has none)."""
-    if is_complete_checkpoint(path):
+    """A checkpoint directory itself, or the newest usable checkpoint of a run directory: newer published ones
+    with a missing, truncated or unreadable file are skipped with a warning naming the file. None when the run
+    directory holds no published checkpoint; :class:`CheckpointError` when every one is damaged."""
+    if is_checkpoint_directory(path):
         return path
-    found = complete_checkpoints(path)
-    return found[-1][1] if found else None
+    damaged = []
+    for iteration, candidate in reversed(published_checkpoints(path)):
+        problems = checkpoint_problems(candidate)
+        if not problems:
+            if damaged and _rank() == 0:
+                logger.warning("--load %s: using %s, the newest complete checkpoint", path, candidate)
+            return candidate
+        damaged.append(candidate)
+        if _rank() == 0:
+            logger.warning("skipping damaged checkpoint %s: %s", candidate, "; ".join(problems))
+    if damaged:
+        problems = checkpoint_problems(damaged[0])
+        raise CheckpointError(f"{path}: no usable checkpoint; the newest, {damaged[0]}, is damaged: {problems[0]}")
+    return None
+
+
+def damaged_checkpoints(run_directory: str) -> List[str]:
+    """Published checkpoints of a run directory that fail :func:`checkpoint_problems`."""
+    return [path for _, path in published_checkpoints(run_directory) if checkpoint_problems(path)]
 
 
 def prune_checkpoints(run_directory: str, keep_last_n: int) -> List[str]:
@@ -149,6 +304,8 @@ def shape_mismatches(sharded_state_dict: Dict[str, Any], directory: str) -> List
     """Tensors whose global shape in the checkpoint differs from the model's, or that the checkpoint lacks."""
     from megatron.core import dist_checkpointing
 
+    verify_checkpoint(directory)
+    safety.install()
     stored = dist_checkpointing.load_tensors_metadata(directory)
     problems = []
     for key, tensor in sorted(_flatten_sharded(sharded_state_dict).items()):
@@ -161,7 +318,7 @@ def shape_mismatches(sharded_state_dict: Dict[str, Any], directory: str) -> List
     return problems
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(CheckpointError):
     """A checkpoint that does not fit the configured model (the message lists the tensors and what to fix)."""
 
 

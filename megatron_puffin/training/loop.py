@@ -38,6 +38,7 @@ from megatron_puffin.distributed.random import derive_seed, seed_everything
 from megatron_puffin.training import checkpointing as ckpt
 from megatron_puffin.training.metrics import Interval, MetricsWriter, Report, peak_memory_gib
 from megatron_puffin.training.step import stream_task
+from megatron_puffin.training.resume import samples_per_step
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +166,8 @@ class Trainer:
             lr_decay_steps=training.lr_decay_iters or training.train_iters, lr_decay_style=training.lr_decay_style,
             start_wd=training.weight_decay, end_wd=training.weight_decay, wd_incr_steps=training.train_iters,
             wd_incr_style="constant",
+            override_opt_param_scheduler=args.checkpoint.override_opt_param_scheduler,
+            use_checkpoint_opt_param_scheduler=not args.checkpoint.override_opt_param_scheduler,
         )
         self.dp_group = parallel_state.get_data_parallel_group()
         self.loader = build_data_loader(
@@ -180,6 +183,8 @@ class Trainer:
             "queries": True, "dit": not args.model.freeze_dit, "vae": False,
         }
         self.sources: Dict[str, str] = {}
+        self.resumed_from: Optional[str] = None
+        self._saved_here: set = set()  # checkpoint directories this process published
         self._load()
         self.is_logging_rank = self.ctx.rank == 0
         self.writer = MetricsWriter(self.tasks, args.logging.tensorboard_dir, args.logging.metrics_file,
@@ -208,17 +213,14 @@ class Trainer:
     def _load(self) -> None:
         ckpt_args = self.args.checkpoint
         if ckpt_args.load:
-            directory = ckpt.resolve_checkpoint(ckpt_args.load)
+            from megatron_puffin.training.resume import resolve_load
+
+            directory = resolve_load(self.args)  # checked at start-up; resolved again here (same answer)
             if directory is not None:
                 self._resume(directory)
                 return
-            if os.path.basename(os.path.normpath(ckpt_args.load)).startswith("iter_"):
-                raise ckpt.CheckpointMismatch(
-                    f"--load {ckpt_args.load}: not a complete checkpoint (missing, deleted by --keep-last-n, or an "
-                    "interrupted write); give the run directory to resume from its latest complete checkpoint"
-                )
-            # A run directory without checkpoints yet: the first start of a job that always passes --load.
-            logger.warning("--load %s holds no complete checkpoint yet: starting from the beginning", ckpt_args.load)
+            # --load DIR --save DIR before DIR's first checkpoint: the first start of a job that always passes both.
+            logger.warning("--load %s holds no checkpoint yet: starting from the beginning", ckpt_args.load)
         if ckpt_args.pretrained_checkpoint:
             self._load_pretrained(ckpt_args.pretrained_checkpoint)
         for tower, directory in (("llm", ckpt_args.llm_checkpoint), ("vision", ckpt_args.vision_checkpoint),
@@ -275,23 +277,42 @@ class Trainer:
         loaded = ckpt.load_checkpoint(sharded, directory)
         self.model.load_state_dict(loaded["model"], strict=True)
         self.optimizer.load_state_dict(loaded["optimizer"])
-        from megatron.core import dist_checkpointing
-
-        common = dist_checkpointing.load_common_state_dict(directory)
+        common = ckpt.load_common(directory)
         self.scheduler.load_state_dict(common["scheduler"])
         self.loader.load_state_dict(common["data"])
         self.state = TrainState.from_dict(common["trainer"])
         for task in self.tasks:
             self.state.consumed.setdefault(task, 0)
         self.sources = {tower: f"resumed from {directory}" for tower in TOWERS}
+        self.resumed_from = directory
         if self.ctx.rank == 0:
             logger.info("resumed %s at iteration %d (consumed %s)", directory, self.state.iteration,
                         self.state.consumed)
 
     # -- saving -------------------------------------------------------------------------------------------------
+    def _existing_checkpoint(self, directory: str) -> Optional[str]:
+        """How to treat an existing ``directory`` for this iteration: None (skip: saved by this process, or the
+        checkpoint resumed from with nothing trained since), "replace" (--overwrite-checkpoints) or "damaged"
+        (moved aside, kept). Another run's checkpoint without the flag is an error, never silently kept."""
+        if directory in self._saved_here:
+            return None
+        if self.resumed_from and os.path.realpath(directory) == os.path.realpath(self.resumed_from):
+            if self.ctx.rank == 0:
+                logger.info("%s is the checkpoint this run resumed from (nothing trained since)", directory)
+            return None
+        if self.args.checkpoint.overwrite_checkpoints:
+            return "replace"
+        if ckpt.checkpoint_problems(directory):
+            return "damaged"
+        raise ckpt.CheckpointError(
+            f"{directory} already exists and was not written by this run; refusing to keep it in place of the "
+            "iteration just trained: save elsewhere, or pass --overwrite-checkpoints to replace it"
+        )
+
     def save(self) -> str:
         directory = ckpt.iteration_directory(self.args.checkpoint.save, self.state.iteration)
-        if os.path.exists(directory):  # this iteration is already saved (e.g. --save-interval and the end)
+        mode = self._existing_checkpoint(directory) if os.path.exists(directory) else "new"
+        if mode is None:
             return directory
         sharded = {
             "model": self.model.sharded_state_dict(),
@@ -311,9 +332,14 @@ class Trainer:
             "layout": {"tp": self.ctx.tensor_model_parallel_size, "pp": self.ctx.pipeline_model_parallel_size,
                        "dp": self.ctx.data_parallel_size},
             "args": self.args.to_dict(),
+            "samples_per_step": samples_per_step(self.args),
         }
         start = time.time()
-        ckpt.save_checkpoint(sharded, directory, metadata=metadata)
+        ckpt.save_checkpoint(sharded, directory, metadata=metadata, replace=mode != "new",
+                             keep_replaced=mode == "damaged")
+        self._saved_here.add(directory)
+        if self.args.checkpoint.overwrite_checkpoints:
+            ckpt.delete_later_checkpoints(self.args.checkpoint.save, self.state.iteration)
         if self.args.checkpoint.keep_last_n:
             ckpt.prune_checkpoints(self.args.checkpoint.save, self.args.checkpoint.keep_last_n)
         if self.ctx.rank == 0:

@@ -37,6 +37,7 @@ def build_optimizer(model_chunks: List[torch.nn.Module], training, precision, us
     optimizer = get_megatron_optimizer(config, model_chunks)
     if use_distributed_optimizer:
         allow_torch_adam_checkpoint_loading(optimizer)
+        save_fully_reshardable_in_buffer_coordinates(optimizer)
     return optimizer
 
 
@@ -69,3 +70,54 @@ def allow_torch_adam_checkpoint_loading(optimizer) -> None:
 
         sub._set_main_param_and_optimizer_states = set_states
         sub._puffin_step_patch = True
+
+
+def save_fully_reshardable_in_buffer_coordinates(optimizer) -> None:
+    """Work around megatron-core 0.16.1 saving wrong optimizer state for every parameter after the first bucket of
+    a gradient buffer in the ``fully_reshardable`` format (with the distributed optimizer, the shared embedding
+    of a pipeline-parallel model always has its own bucket, so its fp32 main weight and Adam moments were saved
+    from the wrong place, and a resume changed the weights; a bucket split by size does the same).
+
+    ``get_parameter_state_dp_zero`` concatenates the buckets without the padding between them, while
+    ``sharded_param_state_fully_reshardable`` slices that result at each parameter's position *in the padded
+    buffer* (``param_index_map``). During that call this hands it the same tensors laid out in padded buffer
+    coordinates, so every slice is the parameter's own state (loading slices per parameter and was right).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(sub, DistributedOptimizer) or getattr(sub, "_puffin_bucket_patch", False):
+            continue
+        original_state, original_sharded = sub.get_parameter_state_dp_zero, sub.sharded_param_state_fully_reshardable
+        # get_parameter_state_dp_zero is replaced only during the fully_reshardable call (other formats use its
+        # compact layout on purpose).
+
+        def sharded(*args, _sub=sub, _original_sharded=original_sharded, _original_state=original_state, **kwargs):
+            _sub.get_parameter_state_dp_zero = lambda *a, **k: _to_buffer_coordinates(_sub, _original_state(*a, **k))
+            try:
+                return _original_sharded(*args, **kwargs)
+            finally:
+                del _sub.get_parameter_state_dp_zero  # the class's method again
+
+        sub.sharded_param_state_fully_reshardable = sharded
+        sub._puffin_bucket_patch = True
+
+
+def _to_buffer_coordinates(optimizer, state):
+    """``get_parameter_state_dp_zero``'s world tensors (buckets concatenated without padding) re-laid in the
+    padded coordinates of each gradient buffer (bucket ``b`` starts at ``bucket_indices[b][0]``)."""
+    if state is None:
+        return None
+    for gbuf_idx, buffer in enumerate(optimizer.buffers):
+        for dtype, world_tensors in state[gbuf_idx].items():
+            for key in ("param", "exp_avg", "exp_avg_sq"):
+                compact = world_tensors.get(key)
+                if compact is None:
+                    continue
+                padded = torch.zeros((buffer.numel,), dtype=compact.dtype, device=compact.device)
+                offset = 0
+                for bucket, (start, _) in zip(buffer.buckets, buffer.bucket_indices):
+                    padded[start:start + bucket.numel_unpadded] = compact[offset:offset + bucket.numel_unpadded]
+                    offset += bucket.numel_unpadded
+                world_tensors[key] = padded
+    return state

@@ -167,7 +167,8 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(workdir):
     proc.wait()
     assert staging.exists(), "the run ended before writing its second checkpoint"
     assert resolve_checkpoint(str(workdir / "killed")) == str(workdir / "killed" / "iter_0000002")
-    resumed = _cli(workdir, *flags, "--load", "killed", "--train-iters", "3")
+    # Stopping earlier keeps the checkpoint's learning-rate schedule (decay over the first run's 8 iterations).
+    resumed = _cli(workdir, *flags, "--load", "killed", "--train-iters", "3", "--lr-decay-iters", "8")
     assert "at iteration 2" in resumed.stderr
 
 

@@ -1,0 +1,212 @@
+"""What a run does with the checkpoints it is pointed at, decided before any work (part of the one validation pass).
+
+* ``--load``: a path that does not exist is an error (a typo must not start a fresh run), except ``--load DIR
+  --save DIR`` before DIR's first checkpoint (a job that always passes both). A run directory resumes from its
+  newest usable checkpoint (damaged newer ones are skipped with a warning; see
+  :func:`~megatron_puffin.training.checkpointing.resolve_checkpoint`).
+* ``--save``: a run never writes over checkpoints it did not resume from. A ``--save`` directory holding another
+  run's checkpoints, or checkpoints newer than the one resumed (``--load DIR/iter_6 --save DIR`` with ``iter_9``
+  there), is refused unless ``--overwrite-checkpoints`` says to replace them: then each checkpoint this run saves
+  replaces the old one of the same iteration only once the new one is complete, and the old run's later
+  checkpoints are deleted when this run publishes its first one.
+* Resume semantics: a learning-rate schedule that differs from the checkpoint's is refused, listing the
+  differences, unless ``--override-opt-param-scheduler`` (then this run's flags apply from the checkpoint's step
+  on); a different global batch (e.g. another data-parallel size) keeps the checkpoint's through
+  ``--global-batch-size`` when that is a whole number of task-stream cycles, else is refused; toggling
+  ``--use-distributed-optimizer`` or a ``--freeze-*`` flag is refused, naming the cause.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional
+
+from megatron_puffin.training import checkpointing as ckpt
+from megatron_puffin.training.checkpoint_safety import CheckpointError
+
+FREEZE_FLAGS = ("freeze_llm", "freeze_vision", "freeze_dit")
+
+
+def samples_per_step(args) -> int:
+    """Samples of one optimizer step over all data-parallel ranks (the global batch)."""
+    from megatron_puffin.training.loop import micro_batches_per_step
+
+    specs = args.data.streams()
+    cycle = [spec for spec in specs for _ in range(spec.repeats)]
+    return sum(cycle[i % len(cycle)].micro_batch_size for i in range(micro_batches_per_step(args))) \
+        * args.data_parallel_size
+
+
+def _same_path(a: str, b: Optional[str]) -> bool:
+    return b is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
+def resolve_load(args) -> Optional[str]:
+    """The checkpoint ``--load`` resumes from (None: nothing to resume). Raises :class:`CheckpointError`."""
+    load, save = args.checkpoint.load, args.checkpoint.save
+    if not load:
+        return None
+    if not os.path.exists(load):
+        if _same_path(load, save):
+            return None  # the first start of a job that always passes --load DIR --save DIR
+        raise CheckpointError(f"--load {load}: no such directory; check the path (drop --load to start a new run)")
+    if not os.path.isdir(load):
+        raise CheckpointError(f"--load {load} is a file; give a run directory or one of its iter_* checkpoints")
+    directory = ckpt.resolve_checkpoint(load)
+    if directory is None:
+        if _same_path(load, save):
+            return None
+        raise CheckpointError(f"--load {load} holds no checkpoint (no iter_* directory); check the path (drop "
+                              "--load to start a new run)")
+    problems = ckpt.checkpoint_problems(directory)
+    if problems:
+        raise CheckpointError(f"--load {directory}: {problems[0]}; the checkpoint is damaged, load an earlier one")
+    return directory
+
+
+def _iteration(directory: str) -> int:
+    meta = ckpt.read_metadata(directory) or {}
+    return int(meta.get("iteration", 0))
+
+
+def save_problems(args, resumed: Optional[str]) -> List[str]:
+    """Checkpoints in ``--save`` that this run would write over without having been asked."""
+    save = args.checkpoint.save
+    if not save or args.checkpoint.overwrite_checkpoints:
+        return []
+    if os.path.exists(save) and not os.path.isdir(save):
+        return []  # reported by the flag validation of --save
+    damaged = set(ckpt.damaged_checkpoints(save))
+    existing = [(i, p) for i, p in ckpt.published_checkpoints(save) if p not in damaged]
+    if resumed is not None and _same_path(os.path.dirname(os.path.normpath(resumed)), save):
+        start = _iteration(resumed)
+        later = [os.path.basename(p) for i, p in existing if i > start]
+        if later:
+            return [f"--save {save} holds checkpoints newer than --load {resumed} (iteration {start}): "
+                    f"{', '.join(later)}; this run would write over them. Resume from the newest with --load {save}, "
+                    "save elsewhere, or pass --overwrite-checkpoints to replace them"]
+        return []
+    if existing:
+        names = ", ".join(os.path.basename(p) for _, p in existing[-3:])
+        return [f"--save {save} already holds checkpoints of another run ({names}); resume it with --load {save}, "
+                "choose a new --save directory, or pass --overwrite-checkpoints to replace them"]
+    return []
+
+
+def _schedule(training: Dict[str, Any]) -> Dict[str, Any]:
+    """The values megatron-core's OptimizerParamScheduler keeps in its state (as the loop builds it)."""
+    return {
+        "--lr": training["lr"],
+        "--min-lr": training["min_lr"],
+        "--lr-warmup-iters": training["lr_warmup_iters"],
+        "--lr-decay-style": training["lr_decay_style"],
+        "decay iterations (--lr-decay-iters, else --train-iters)": training["lr_decay_iters"]
+        or training["train_iters"],
+        "--weight-decay": training["weight_decay"],
+    }
+
+
+def schedule_problems(args, stored: Dict[str, Any], directory: str) -> List[str]:
+    """A learning-rate schedule that differs from the checkpoint's, unless ``--override-opt-param-scheduler``."""
+    if args.checkpoint.override_opt_param_scheduler or "training" not in stored:
+        return []
+    now = _schedule(vars(args.training))
+    then = _schedule(stored["training"])
+    changed = [f"{name} {then[name]} (checkpoint) vs {now[name]} (now)" for name in now if now[name] != then[name]]
+    if not changed:
+        return []
+    return [f"--load {directory} was trained with another learning-rate schedule: {'; '.join(changed)}. The "
+            "checkpoint's schedule would win; pass --override-opt-param-scheduler to apply this run's flags from "
+            "the checkpoint's step on, or give the checkpoint's values"]
+
+
+def layout_problems(args, stored: Dict[str, Any], directory: str) -> List[str]:
+    """Optimizer-state form and trained towers must match the checkpoint's."""
+    problems = []
+    old = stored.get("parallel", {}).get("use_distributed_optimizer")
+    if old is not None and old != args.parallel.use_distributed_optimizer:
+        said = "with" if old else "without"
+        problems.append(
+            f"--load {directory} was trained {said} --use-distributed-optimizer, which stores the optimizer state in "
+            f"another form; {'add' if old else 'drop'} --use-distributed-optimizer to resume it, or start from its "
+            f"weights with a fresh optimizer: --pretrained-checkpoint {directory}")
+    for flag in FREEZE_FLAGS:
+        old = stored.get("model", {}).get(flag)
+        if old is not None and old != getattr(args.model, flag):
+            name = "--" + flag.replace("_", "-")
+            cause = "holds no optimizer state for that tower" if old else \
+                "holds that tower's optimizer state, which this run would drop"
+            problems.append(
+                f"--load {directory} was trained {'with' if old else 'without'} {name}: the checkpoint {cause}; to "
+                f"change what trains, start a new stage from its weights: --pretrained-checkpoint {directory}")
+    return problems
+
+
+def batch_problems(args, meta: Dict[str, Any], directory: str) -> List[str]:
+    """Keep the checkpoint's global batch when this run's flags do not set one, or refuse."""
+    stored = meta.get("samples_per_step")
+    training = args.training
+    if stored is None or training.global_batch_size is not None or training.micro_batches_per_step is not None:
+        return []
+    try:
+        now = samples_per_step(args)
+        specs = args.data.streams()
+    except (ValueError, ZeroDivisionError):
+        return []  # reported by the data and step validators
+    if now == stored:
+        return []
+    cycle_samples = sum(spec.repeats * spec.micro_batch_size for spec in specs) * args.data_parallel_size
+    if stored % cycle_samples == 0:
+        training.global_batch_size = stored  # the checkpoint's global batch, at this run's data-parallel size
+        return []
+    return [f"--load {directory} was trained with {stored} samples per optimizer step; this run's flags give {now} "
+            f"(data-parallel size {args.data_parallel_size}, one task-stream cycle is {cycle_samples} samples): set "
+            f"--global-batch-size {stored} with micro-batch sizes that divide it, or --global-batch-size {now} to "
+            "change the batch deliberately"]
+
+
+def source_problems(args) -> List[str]:
+    """--pretrained-checkpoint and the per-tower base checkpoints exist and are undamaged (cheap checks)."""
+    ckpt_args, problems = args.checkpoint, []
+    for flag, path in (("--pretrained-checkpoint", ckpt_args.pretrained_checkpoint),
+                       ("--llm-checkpoint", ckpt_args.llm_checkpoint),
+                       ("--vision-checkpoint", ckpt_args.vision_checkpoint),
+                       ("--dit-checkpoint", ckpt_args.dit_checkpoint)):
+        if not path:
+            continue
+        if not os.path.isdir(path):
+            problems.append(f"{flag} {path}: no such checkpoint directory; check the path")
+            continue
+        try:
+            directory = ckpt.resolve_checkpoint(path)
+        except CheckpointError as error:
+            problems.append(f"{flag} {error}")
+            continue
+        if directory is None:
+            problems.append(f"{flag} {path} holds no checkpoint")
+            continue
+        damage = ckpt.checkpoint_problems(directory)
+        if damage:
+            problems.append(f"{flag} {directory}: {damage[0]}; the checkpoint is damaged")
+    return problems
+
+
+def startup_problems(args) -> List[str]:
+    """Every checkpoint decision of this run (see the module docstring), as problems naming flag and fix.
+    Skipped with ``--dry-run`` (paths may belong to another machine)."""
+    if args.dry_run:
+        return []
+    problems = source_problems(args)
+    try:
+        resumed = resolve_load(args)
+    except CheckpointError as error:
+        return problems + [str(error)]
+    problems += save_problems(args, resumed)
+    if resumed is None:
+        return problems
+    try:
+        meta = ckpt.read_metadata(resumed) or {}
+    except CheckpointError as error:
+        return problems + [str(error)]
+    stored = meta.get("args") or {}
+    return (problems + schedule_problems(args, stored, resumed) + layout_problems(args, stored, resumed)
+            + batch_problems(args, meta, resumed))

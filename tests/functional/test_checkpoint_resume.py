@@ -1,0 +1,233 @@
+"""Checkpoint safety and resume through the real CLI (pretrain_puffin.py) on the tiny configuration.
+
+One 4-iteration run (checkpoints at 2 and 4) serves every case; each case works on a copy of its directory.
+(a) start-up decisions, before any work (exit 2, one message naming the directory and the fix): a typo in --load,
+    another run's checkpoints in --save, a rollback over later checkpoints, a changed learning-rate schedule,
+    toggled --use-distributed-optimizer / --freeze-llm, a global batch another data-parallel size would change
+    (kept when possible), a damaged checkpoint named explicitly, a crafted .metadata (the file it would create
+    is not created);
+(b) a damaged newest checkpoint is skipped with a warning and the run resumes from the previous one, bit-exact;
+(c) flipped bytes inside a .distcp: one line naming the file;
+(d) --overwrite-checkpoints replaces a rolled-back run's checkpoints, bit-exact to the original run;
+(e) --override-opt-param-scheduler applies the new schedule from the checkpoint's step;
+(f) PP=2 with --use-distributed-optimizer resumes bit-exact, and the same checkpoint resumes at TP=2 (1e-6).
+"""
+import importlib.util
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers.puffin import ROOT, make_tiny_dataset
+
+TINY = ROOT / "examples" / "tiny"
+ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+FLAGS = [f"@{TINY / 'model.args'}", "--num-workers", "0", "--log-interval", "1",
+         "--task-stream", "image2text:tiny/data/main", "--task-stream", "cam2image:tiny/data/main",
+         "--freeze-vision", "--lr", "1e-3", "--lr-warmup-iters", "2", "--train-iters", "4"]
+MBS2 = ["--micro-batch-size", "2"]
+
+
+def _cli(cwd, *flags, nproc=1, check=True):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    proc = subprocess.run(launcher + [str(ROOT / "pretrain_puffin.py"), *map(str, flags)], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _losses(path):
+    losses = {}
+    for line in Path(path).read_text().splitlines():
+        record = json.loads(line)
+        losses[record["iteration"]] = {k[len("loss/"):]: v for k, v in record.items() if k.startswith("loss/")}
+    return losses
+
+
+def _lrs(path):
+    return {json.loads(line)["iteration"]: json.loads(line)["learning_rate"]
+            for line in Path(path).read_text().splitlines()}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    make_tiny_dataset(root / "tiny", num_samples=16)
+    _cli(root, *FLAGS, *MBS2, "--save", "run", "--save-interval", "2", "--metrics-file", "full.jsonl")
+    assert sorted(_losses(root / "full.jsonl")) == [1, 2, 3, 4]
+    return root
+
+
+def _copy(workdir, name):
+    shutil.rmtree(workdir / name, ignore_errors=True)
+    shutil.copytree(workdir / "run", workdir / name)
+    return workdir / name
+
+
+class CreatesFile:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _startup(monkeypatch, capsys, workdir, *flags):
+    """pretrain_puffin.main() in this process, for cases decided before any process group: (exit code, stderr)."""
+    spec = importlib.util.spec_from_file_location("pretrain_puffin_cli", ROOT / "pretrain_puffin.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(workdir)
+    code = module.main([*FLAGS, *map(str, flags)])
+    return code, capsys.readouterr().err
+
+
+def test_startup_decisions(workdir, monkeypatch, capsys):
+    run = workdir / "run"
+    cases = [
+        (["--load", "rnu"], "--load rnu: no such directory; check the path"),
+        (["--save", "run"], "--save run already holds checkpoints of another run (iter_0000002, iter_0000004); "
+                            "resume it with --load run"),
+        (["--load", "run/iter_0000002", "--save", "run"], "holds checkpoints newer than --load run/iter_0000002 "
+                                                          "(iteration 2): iter_0000004"),
+        (["--load", "run", "--lr", "2e-3"], "--lr 0.001 (checkpoint) vs 0.002 (now)"),
+        (["--load", "run", "--train-iters", "6"], "decay iterations (--lr-decay-iters, else --train-iters) 4 "
+                                                  "(checkpoint) vs 6 (now)"),
+        (["--load", "run", "--use-distributed-optimizer"], "was trained without --use-distributed-optimizer"),
+        (["--load", "run", "--freeze-llm"], "was trained without --freeze-llm: the checkpoint holds that tower's "
+                                            "optimizer state"),
+    ]
+    for flags, message in cases:
+        code, err = _startup(monkeypatch, capsys, workdir, *MBS2, *flags)
+        assert code == 2 and message in err, (flags, err)
+        assert "Traceback" not in err
+
+    # Explicitly named damaged checkpoints: one problem naming the file.
+    damaged = _copy(workdir, "damaged")
+    (damaged / "iter_0000002" / "common.pt").unlink()
+    (damaged / "iter_0000004" / ".metadata").write_bytes(b"")
+    code, err = _startup(monkeypatch, capsys, workdir, *MBS2, "--load", "damaged/iter_0000002")
+    assert code == 2 and "damaged/iter_0000002/common.pt is missing" in err
+    code, err = _startup(monkeypatch, capsys, workdir, *MBS2, "--load", "damaged/iter_0000004")
+    assert code == 2 and "damaged/iter_0000004/.metadata has 0 bytes, the manifest records" in err
+    (damaged / "iter_0000004" / "puffin_meta.json").write_text("[1, 2")
+    code, err = _startup(monkeypatch, capsys, workdir, *MBS2, "--load", "damaged")
+    assert code == 2 and "damaged: no usable checkpoint; the newest, damaged/iter_0000004, is damaged: " \
+        "damaged/iter_0000004/puffin_meta.json is not valid JSON" in err
+
+    code, err = _startup(monkeypatch, capsys, workdir, *MBS2, "--pretrained-checkpoint", "damaged/iter_0000002",
+                         "--llm-checkpoint", "nowhere")
+    assert code == 2 and "--pretrained-checkpoint damaged/iter_0000002: damaged/iter_0000002/common.pt is missing" \
+        in err and "--llm-checkpoint nowhere: no such checkpoint directory" in err
+
+    # A crafted .metadata (with a matching manifest) is refused before any work; its file is never created.
+    from megatron_puffin.training.checkpoint_safety import write_manifest
+
+    crafted = _copy(workdir, "crafted")
+    victim = workdir / "created_by_metadata"
+    (crafted / "iter_0000004" / ".metadata").write_bytes(pickle.dumps(CreatesFile(victim)))
+    write_manifest(str(crafted / "iter_0000004"))
+    proc = _cli(workdir, *FLAGS, *MBS2, "--load", "crafted/iter_0000004", check=False)
+    assert proc.returncode == 2 and "crafted/iter_0000004/.metadata asks to create" in proc.stderr
+    assert not victim.exists()
+
+    # The checkpoint's global batch (4 samples per step) is kept when this run's flags would change it and it is a
+    # whole number of task-stream cycles; otherwise the run is refused.
+    from megatron_puffin.config import ConfigError, parse_args
+    from megatron_puffin.training.resume import samples_per_step
+
+    args = parse_args([*FLAGS, "--micro-batch-size", "1", "--load", str(run)])  # 2 samples per cycle
+    assert args.training.global_batch_size == 4 and samples_per_step(args) == 4
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = parse_args([*FLAGS, "--micro-batch-size", "1", "--load", str(run)])  # 2 ranks x 1: the same batch
+    assert args.training.global_batch_size is None and samples_per_step(args) == 4
+    with pytest.raises(ConfigError, match="was trained with 4 samples per optimizer step; this run's flags give 8 "
+                                          r"\(data-parallel size 2"):
+        parse_args([*FLAGS, *MBS2, "--load", str(run)])
+
+
+def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(workdir):
+    fallback = _copy(workdir, "fallback")
+    shard = sorted((fallback / "iter_0000004").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])  # truncated
+    proc = _cli(workdir, *FLAGS, *MBS2, "--load", "fallback", "--save", "fallback", "--metrics-file", "fb.jsonl")
+    assert f"skipping damaged checkpoint fallback/iter_0000004: fallback/iter_0000004/{shard.name} has 1000 " \
+        "bytes" in proc.stderr
+    assert "at iteration 2" in proc.stderr
+    full = _losses(workdir / "full.jsonl")
+    assert _losses(workdir / "fb.jsonl") == {3: full[3], 4: full[4]}  # bit-identical
+    kept = [p.name for p in fallback.iterdir() if p.name.startswith("iter_0000004.replaced-")]
+    assert len(kept) == 1 and (fallback / kept[0] / shard.name).stat().st_size == 1000  # the damaged one, kept
+    from megatron_puffin.training.checkpointing import checkpoint_problems
+
+    assert checkpoint_problems(str(fallback / "iter_0000004")) == []
+
+
+def test_flipped_bytes_are_reported_naming_the_file(workdir):
+    flipped = _copy(workdir, "flipped")
+    shard = sorted((flipped / "iter_0000004").glob("*.distcp"))[-1]
+    data = bytearray(shard.read_bytes())
+    for i in range(8):
+        data[len(data) // 2 + i] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = _cli(workdir, *FLAGS, *MBS2, "--load", "flipped/iter_0000004", check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"flipped/iter_0000004/{shard.name} does not match its SHA-256 in puffin_manifest.json" in last
+    assert "Traceback" not in proc.stderr
+
+
+def test_overwrite_checkpoints_replaces_a_rolled_back_run(workdir):
+    rollback = _copy(workdir, "rollback")
+    shutil.copytree(rollback / "iter_0000004", rollback / "iter_0000006")  # a later checkpoint of the old run
+    old_inode = (rollback / "iter_0000004").stat().st_ino
+    proc = _cli(workdir, *FLAGS, *MBS2, "--load", "rollback/iter_0000002", "--save", "rollback",
+                "--overwrite-checkpoints", "--metrics-file", "rb.jsonl")
+    full = _losses(workdir / "full.jsonl")
+    assert _losses(workdir / "rb.jsonl") == {3: full[3], 4: full[4]}
+    assert "replaced checkpoint rollback/iter_0000004 (--overwrite-checkpoints)" in proc.stderr
+    assert sorted(p.name for p in rollback.iterdir() if p.name.startswith("iter_")) == \
+        ["iter_0000002", "iter_0000004"]
+    assert (rollback / "iter_0000004").stat().st_ino != old_inode
+
+
+def test_override_opt_param_scheduler_applies_the_new_schedule(workdir):
+    import torch
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    _cli(workdir, *FLAGS, *MBS2, "--load", "run", "--train-iters", "6", "--override-opt-param-scheduler",
+         "--metrics-file", "override.jsonl")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    expected = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=1e-3, min_lr=0.0, lr_warmup_steps=2,
+                                       lr_decay_steps=6, lr_decay_style="cosine", start_wd=0.05, end_wd=0.05,
+                                       wd_incr_steps=6, wd_incr_style="constant")
+    expected.step(5)
+    lrs = _lrs(workdir / "override.jsonl")
+    assert sorted(lrs) == [5, 6]
+    assert lrs[5] == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12) and lrs[5] > 1e-5
+    # The checkpoint's own schedule (decay over 4 steps) had reached --min-lr 0 at its 4th and last step.
+    assert _lrs(workdir / "full.jsonl")[4] == 0.0
+
+
+def test_pipeline_parallel_distributed_optimizer_resume_is_exact(workdir):
+    common = [*FLAGS, *MBS2, "--use-distributed-optimizer"]
+    _cli(workdir, *common, "--pipeline-model-parallel-size", "2", "--save", "pp", "--save-interval", "2",
+         "--metrics-file", "pp_full.jsonl", nproc=2)
+    full = _losses(workdir / "pp_full.jsonl")
+    _cli(workdir, *common, "--pipeline-model-parallel-size", "2", "--load", "pp/iter_0000002",
+         "--metrics-file", "pp_resumed.jsonl", nproc=2)
+    assert _losses(workdir / "pp_resumed.jsonl") == {3: full[3], 4: full[4]}  # bit-identical
+    _cli(workdir, *common, "--tensor-model-parallel-size", "2", "--load", "pp/iter_0000002",
+         "--metrics-file", "tp_resumed.jsonl", nproc=2)
+    tp = _losses(workdir / "tp_resumed.jsonl")
+    assert sorted(tp) == [3, 4]
+    for iteration, tasks in tp.items():
+        for task, loss in tasks.items():
+            assert loss == pytest.approx(full[iteration][task], rel=1e-6, abs=0), (iteration, task)

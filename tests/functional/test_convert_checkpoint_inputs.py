@@ -1,0 +1,110 @@
+"""tools/convert_checkpoint.py refuses bad inputs with one line naming the input, before any work, and never runs
+code from a file: random bytes, a pickle that would create a file, an empty HF directory, an existing output
+directory, TP=2 in one process, and a crafted ``.metadata`` in a distributed checkpoint (mcore-to-hf)."""
+import functools
+import importlib.util
+import pickle
+from pathlib import Path
+
+import pytest
+
+from helpers.llm import hf_qwen2, tiny_llm_config
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = str(ROOT / "tools" / "convert_checkpoint.py")
+TINY = ROOT / "examples" / "tiny"
+
+
+@functools.lru_cache(maxsize=None)
+def _tool():
+    spec = importlib.util.spec_from_file_location("convert_checkpoint_inputs_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class CreatesFile:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _main(capsys, *argv):
+    """(exit code, stderr) of convert_checkpoint's main(); a UsageError (SystemExit) counts as exit 1."""
+    try:
+        code = _tool().main([str(a) for a in argv])
+    except SystemExit as error:
+        return 1, str(error.code)
+    return code, capsys.readouterr().err
+
+
+def _one_line(text):
+    lines = [line for line in text.strip().splitlines() if line]
+    assert len(lines) == 1, text
+    assert "weights_only=False" not in text and "Traceback" not in text
+    return lines[0]
+
+
+def test_bad_weight_files(tmp_path, capsys):
+    (tmp_path / "random.pth").write_bytes(bytes(range(256)) * 7)
+    code, err = _main(capsys, "radio-to-mcore", "--radio-checkpoint", tmp_path / "random.pth", "--output",
+                      tmp_path / "out", "--", f"@{TINY / 'model.args'}")
+    assert code == 1 and "random.pth is not a torch checkpoint of plain tensors" in _one_line(err)
+
+    victim = tmp_path / "created_by_pth"
+    import torch
+
+    torch.save({"weight": CreatesFile(victim)}, tmp_path / "code.pth")
+    code, err = _main(capsys, "puffin-to-mcore", "--puffin-checkpoint", tmp_path / "code.pth", "--output",
+                      tmp_path / "out", "--", f"@{TINY / 'model.args'}")
+    assert code == 1
+    assert "code.pth is not a torch checkpoint of plain tensors (WeightsUnpickler error: Unsupported global" in \
+        _one_line(err)
+    assert not victim.exists() and not (tmp_path / "out").exists()
+
+
+def test_bad_directories_and_layouts(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, err = _main(capsys, "hf-to-mcore", "--hf-dir", tmp_path / "empty", "--output", tmp_path / "out")
+    assert code == 1 and _one_line(err).endswith("empty has no config.json; pass a Hugging Face model directory")
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    code, err = _main(capsys, "hf-to-mcore", "--hf-dir", tmp_path / "empty", "--output", tmp_path / "out")
+    assert code == 1 and "has no *.safetensors or pytorch_model*.bin weights" in _one_line(err)
+
+    (tmp_path / "exists").mkdir()
+    code, err = _main(capsys, "mcore-to-hf", "--input", tmp_path / "empty", "--output", tmp_path / "exists")
+    assert code == 2 and "--output" in err and "already exists" in _one_line(err)
+    code, err = _main(capsys, "sd3-to-mcore", "--transformer-dir", tmp_path / "empty", "--output", tmp_path / "o2",
+                      "--tensor-model-parallel-size", "2")
+    assert code == 2 and "needs 2 processes" in _one_line(err) and "torchrun --nproc-per-node 2" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o2").exists()
+
+
+def test_crafted_metadata_in_a_converted_checkpoint_is_refused(tmp_path, capsys):
+    from megatron_puffin.training.checkpoint_safety import write_manifest
+
+    hf_qwen2(tiny_llm_config(tied=True), seed=1).save_pretrained(tmp_path / "hf", safe_serialization=True)
+    assert _main(capsys, "hf-to-mcore", "--hf-dir", tmp_path / "hf", "--output", tmp_path / "ckpt")[0] == 0
+    victim = tmp_path / "created_by_metadata"
+    (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(CreatesFile(victim)))
+    write_manifest(str(tmp_path / "ckpt"))
+    code, err = _main(capsys, "mcore-to-hf", "--input", tmp_path / "ckpt", "--output", tmp_path / "hf_out")
+    assert code == 1 and "ckpt/.metadata asks to create" in _one_line(err)
+    assert not victim.exists() and not (tmp_path / "hf_out").exists()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_converted_checkpoint_names_the_file(tmp_path, capsys, damage):
+    hf_qwen2(tiny_llm_config(tied=True), seed=1).save_pretrained(tmp_path / "hf", safe_serialization=True)
+    assert _main(capsys, "hf-to-mcore", "--hf-dir", tmp_path / "hf", "--output", tmp_path / "ckpt")[0] == 0
+    shard = sorted((tmp_path / "ckpt").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data if damage == "flip" else data[: len(data) // 2]))
+    code, err = _main(capsys, "mcore-to-hf", "--input", tmp_path / "ckpt", "--output", tmp_path / "hf_out")
+    line = _one_line(err)
+    assert code == 1 and shard.name in line
+    assert ("SHA-256" if damage == "flip" else "the manifest records") in line

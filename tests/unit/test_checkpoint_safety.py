@@ -1,0 +1,152 @@
+"""Checkpoints are read without running code from them and verified against their integrity manifest.
+
+A tiny megatron-core distributed checkpoint (a tensor, a saved object, a common value) is written through
+``checkpointing.save_checkpoint``; crafted files that would create a file when unpickled (``.metadata``, a saved
+object, ``common.pt``) are refused with an error naming the file and the file is not created; flipped or
+truncated bytes are reported naming the file; a run directory falls back past a damaged newest checkpoint.
+"""
+import json
+import logging
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+import megatron_puffin.distributed as mpd
+from megatron_puffin.training import checkpoint_safety as safety
+from megatron_puffin.training import checkpointing as ckpt
+from megatron_puffin.training.checkpoint_safety import CheckpointError
+
+
+class CreatesFile:
+    """Unpickling this calls ``open(path, "w")``: the file appears if a reader unpickles unchecked."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    mpd.initialize(seed=0)
+    yield
+    mpd.destroy()
+
+
+def _sharded(weight, obj):
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+
+    return {
+        "weight": ShardedTensor.from_rank_offsets("weight", weight),
+        "obj": ShardedObject("obj", obj, (1,), (0,)),
+        "step": 7,
+    }
+
+
+def _write(directory, obj=None, iteration=1):
+    weight = torch.arange(12, dtype=torch.float32).reshape(3, 4) + iteration
+    ckpt.save_checkpoint(_sharded(weight, obj if obj is not None else {"lr": 0.5}), str(directory),
+                         metadata={"iteration": iteration})
+    return weight
+
+
+def _load(directory):
+    template = _sharded(torch.zeros(3, 4), None)
+    return ckpt.load_checkpoint(template, str(directory))
+
+
+def _forget(directory):
+    ckpt._VERIFIED.discard(os.path.realpath(directory))
+
+
+def test_round_trip_and_manifest(process_group, tmp_path):
+    weight = _write(tmp_path / "ck")
+    loaded = _load(tmp_path / "ck")
+    assert loaded["weight"].equal(weight) and loaded["obj"] == {"lr": 0.5} and loaded["step"] == 7
+    manifest = json.loads((tmp_path / "ck" / safety.MANIFEST_FILE).read_text())
+    on_disk = sorted(os.listdir(tmp_path / "ck"))
+    assert sorted(manifest["files"]) == [n for n in on_disk if n != safety.MANIFEST_FILE]
+    assert {".metadata", "common.pt", "metadata.json", ckpt.META_FILE} <= set(manifest["files"])
+    assert not (tmp_path / "ck.tmp").exists()
+
+
+def test_crafted_metadata_is_refused_and_creates_no_file(process_group, tmp_path):
+    from megatron.core import dist_checkpointing
+
+    _write(tmp_path / "ck")
+    victim = tmp_path / "created_by_metadata"
+    (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(CreatesFile(victim)))
+    safety.write_manifest(str(tmp_path / "ck"))  # an attacker can rewrite the manifest too
+    with pytest.raises(CheckpointError, match=r"ck/\.metadata asks to create .*open.*refusing"):
+        _load(tmp_path / "ck")
+    assert ckpt.checkpoint_problems(str(tmp_path / "ck"))[0].endswith(
+        "use a checkpoint written by pretrain_puffin.py or tools/convert_checkpoint.py")
+    safety.install()  # megatron-core's own entry points read through the same reader
+    with pytest.raises(CheckpointError, match="refusing"):
+        dist_checkpointing.load_tensors_metadata(str(tmp_path / "ck"))
+    assert not victim.exists()
+
+
+def test_crafted_saved_object_and_common_file_are_refused(process_group, tmp_path):
+    victim = tmp_path / "created_by_object"
+    _write(tmp_path / "obj", obj=CreatesFile(victim))
+    assert not victim.exists()
+    with pytest.raises(CheckpointError, match=r"obj \(obj/shard_0_1\): a saved object is not plain data"):
+        _load(tmp_path / "obj")
+    assert not victim.exists()
+
+    _write(tmp_path / "common")
+    victim = tmp_path / "created_by_common"
+    torch.save({"step": CreatesFile(victim)}, tmp_path / "common" / "common.pt")
+    safety.write_manifest(str(tmp_path / "common"))
+    with pytest.raises(CheckpointError, match=r"common/common.pt holds objects other than plain data"):
+        _load(tmp_path / "common")
+    assert not victim.exists()
+
+
+def test_flipped_and_truncated_bytes_name_the_file(process_group, tmp_path):
+    _write(tmp_path / "ck")
+    shard = sorted(p for p in os.listdir(tmp_path / "ck") if p.endswith(".distcp"))[0]
+    path = tmp_path / "ck" / shard
+    data = bytearray(path.read_bytes())
+    for i in range(8):
+        data[len(data) // 2 + i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"ck/{shard} does not match its SHA-256"):
+        _load(tmp_path / "ck")
+    path.write_bytes(bytes(data[:100]))
+    _forget(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match=rf"ck/{shard} has 100 bytes, the manifest records {len(data)}"):
+        _load(tmp_path / "ck")
+
+
+def test_run_directory_falls_back_past_damaged_checkpoints(process_group, tmp_path, caplog):
+    run = tmp_path / "run"
+    for iteration in (2, 4, 6):
+        _write(ckpt.iteration_directory(str(run), iteration), iteration=iteration)
+    (run / "iter_0000006" / "common.pt").unlink()
+    (run / "iter_0000004" / ckpt.META_FILE).write_text("{not json")
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.resolve_checkpoint(str(run)) == str(run / "iter_0000002")
+    assert "iter_0000006/common.pt is missing" in caplog.text
+    assert "iter_0000004/puffin_meta.json is not valid JSON" in caplog.text
+    shutil.rmtree(run / "iter_0000002" / ".metadata", ignore_errors=True)
+    (run / "iter_0000002" / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint; the newest, .*iter_0000006, is damaged"):
+        ckpt.resolve_checkpoint(str(run))
+
+
+def test_replace_publishes_the_new_checkpoint_only_when_complete(process_group, tmp_path):
+    _write(tmp_path / "ck", iteration=1)
+    with pytest.raises(FileExistsError):
+        _write(tmp_path / "ck", iteration=2)
+    weight = torch.full((3, 4), 5.0)
+    ckpt.save_checkpoint(_sharded(weight, {"lr": 1.0}), str(tmp_path / "ck"), metadata={"iteration": 2},
+                         replace=True)
+    _forget(tmp_path / "ck")
+    assert _load(tmp_path / "ck")["weight"].equal(weight)
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
