@@ -119,6 +119,19 @@ class DataConfig:
     camera_maps_in_loader: bool = True
     """Compute normalised camera maps in the loader; off: batches carry only the camera values [B, 3]."""
 
+    cached_latents: bool = False
+    """Read the VAE posterior moments of targets, initial views and camera maps from the shards (written by
+    tools/cache_latents.py with the training VAE and resolution) instead of running the VAE encoder; the posterior
+    is still sampled per step with the same per-sample noise. Every generation stream's shards must hold matching
+    latents."""
+
+    length_grouped: bool = False
+    """Order each task stream by token length inside windows of its global order (less padding per micro-batch;
+    still deterministic and exactly resumable at any data-parallel size). Off: the reference's random order."""
+
+    length_group_window: int = 64
+    """With --length-grouped: micro-batches per window sorted by length (window = this x micro-batch x DP)."""
+
     def streams(self) -> List[TaskStreamSpec]:
         """The parsed task streams (raises ValueError on a malformed one)."""
         return [parse_task_stream(spec) for spec in self.task_stream]

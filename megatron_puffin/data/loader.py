@@ -15,6 +15,7 @@ import torch
 from megatron_puffin.data.collate import Collator
 from megatron_puffin.data.config import DataConfig, TaskStreamSpec, validate_data_config
 from megatron_puffin.data.format import PuffinDataset
+from megatron_puffin.data.latents import TASK_MOMENTS
 from megatron_puffin.data.sampler import (
     MicroBatchSchedule,
     SampleRef,
@@ -38,6 +39,8 @@ class TaskStream:
     spec: TaskStreamSpec
     dataset: PuffinDataset
     encoder: TaskEncoder
+    latents: Optional[Any] = None
+    """The stream's :class:`~.latents.LatentCache` with --cached-latents."""
 
     def sampler_spec(self) -> StreamSpec:
         return StreamSpec(self.name, len(self.dataset), self.spec.micro_batch_size, self.spec.repeats)
@@ -102,7 +105,10 @@ class _StreamSamples(torch.utils.data.Dataset):
     def __getitem__(self, ref: SampleRef):
         stream, position, index = ref
         item = self.streams[stream]
-        return item.encoder(item.dataset[index], position)
+        encoded = item.encoder(item.dataset[index], position)
+        if item.latents is not None and encoded.task in TASK_MOMENTS:
+            encoded.latents = item.latents.moments(index, TASK_MOMENTS[encoded.task])
+        return encoded
 
     def __len__(self) -> int:
         return sum(len(stream.dataset) for stream in self.streams)
@@ -178,7 +184,8 @@ class PuffinDataLoader:
 
 def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0, data_parallel_size: int = 1,
                       vision_patch_size: int = 16, vision_fold: int = 2, num_query_tokens: int = 64,
-                      tokenizer: Optional[PuffinTokenizer] = None) -> PuffinDataLoader:
+                      tokenizer: Optional[PuffinTokenizer] = None,
+                      vae_identity: Optional[Dict[str, Any]] = None) -> PuffinDataLoader:
     """Builds the loader of one data-parallel rank from the flags.
 
     Args:
@@ -190,6 +197,9 @@ def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0
         vision_fold: Space-to-depth fold of visual tokens.
         num_query_tokens: Meta queries appended to generation prompts.
         tokenizer: Reuse an opened tokenizer (default: open ``config.tokenizer``).
+        vae_identity: With ``config.cached_latents``, the training VAE's :func:`~.latents.vae_identity`, checked
+            against every shard's cached latents (None: only the resolution is checked, e.g. on pipeline stages
+            that hold no VAE).
     """
     validate_data_config(config, vision_patch_size=vision_patch_size, vision_fold=vision_fold)
     data_seed = seed if config.data_seed is None else config.data_seed
@@ -202,6 +212,12 @@ def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0
         cfg_dropout_prob=config.cfg_text_dropout_prob, mixed_motion_prob=config.mixed_motion_prob,
     )
     streams = build_streams(config.streams(), tokenizer, encoder_config)
+    if config.cached_latents:
+        from megatron_puffin.data.latents import LatentCache
+
+        for stream in (s for s in streams if s.encoder.loss_task in TASK_MOMENTS):  # generation streams only
+            what = f"--task-stream {stream.spec.task}:{','.join(stream.spec.paths)}"
+            stream.latents = LatentCache(stream.dataset, vae_identity, config.image_size, config.image_size_unit, what)
     collator = Collator(tokenizer.pad_id, compute_camera_maps=config.camera_maps_in_loader)
     return PuffinDataLoader(streams, collator, data_seed, data_parallel_rank, data_parallel_size,
                             config.num_workers, config.prefetch_factor, config.pin_memory)
