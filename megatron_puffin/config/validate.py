@@ -235,6 +235,11 @@ def check_data(args) -> List[str]:
     return data_config_errors(args.data, check_paths=not args.dry_run)
 
 
+def check_compile(args) -> List[str]:
+    """--compile needs a working inductor backend here (a C++ compiler on CPU, triton on CUDA)."""
+    return args.compile.validate()
+
+
 VALIDATORS: List[Callable] = [
     check_parse,
     check_positive,
@@ -246,6 +251,7 @@ VALIDATORS: List[Callable] = [
     check_towers,
     check_data,
     check_generation_needs_vae,
+    check_compile,
 ]
 
 
