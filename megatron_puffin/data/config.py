@@ -130,7 +130,9 @@ class DataConfig:
     still deterministic and exactly resumable at any data-parallel size). Off: the reference's random order."""
 
     length_group_window: int = 64
-    """With --length-grouped: micro-batches per window sorted by length (window = this x micro-batch x DP)."""
+    """With --length-grouped: window of the stream's order sorted by length, in micro-batches of the stream
+    (this x its micro-batch size samples; independent of the data-parallel size, so resuming at another DP size
+    continues the same order)."""
 
     def streams(self) -> List[TaskStreamSpec]:
         """The parsed task streams (raises ValueError on a malformed one)."""
@@ -169,7 +171,7 @@ def data_config_errors(config: DataConfig, check_paths: bool = True, vision_patc
     for name in ("num_workers",):
         if getattr(config, name) < 0:
             errors.append(f"--{name.replace('_', '-')} ({getattr(config, name)}) must be >= 0")
-    for name in ("prefetch_factor", "image_size", "image_size_unit", "max_understanding_text_tokens",
+    for name in ("prefetch_factor", "length_group_window", "image_size", "image_size_unit", "max_understanding_text_tokens",
                  "max_generation_text_tokens"):
         if getattr(config, name) < 1:
             errors.append(f"--{name.replace('_', '-')} ({getattr(config, name)}) must be >= 1")

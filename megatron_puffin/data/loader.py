@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from megatron_puffin.data.collate import Collator
@@ -41,9 +42,33 @@ class TaskStream:
     encoder: TaskEncoder
     latents: Optional[Any] = None
     """The stream's :class:`~.latents.LatentCache` with --cached-latents."""
+    lengths: Optional[np.ndarray] = None
+    """Per-sample length proxy with --length-grouped (:func:`length_proxy`)."""
+    group_size: int = 0
 
     def sampler_spec(self) -> StreamSpec:
-        return StreamSpec(self.name, len(self.dataset), self.spec.micro_batch_size, self.spec.repeats)
+        return StreamSpec(self.name, len(self.dataset), self.spec.micro_batch_size, self.spec.repeats,
+                          self.lengths, self.group_size)
+
+
+_TEXT_FIELDS = ("caption", "reasoning", "scene", "answer")
+
+
+def length_proxy(dataset: PuffinDataset, task: str) -> np.ndarray:
+    """Per-sample length proxy of a stream for --length-grouped: the UTF-8 bytes of the text fields its task reads
+    (the caption for image2image), read from the shards' indices without touching a sample (int64 [N]). Images
+    are left out: the loader's pad-to-square / resize gives nearly every image the same token count."""
+    names = [name for name in REQUIRED_FIELDS[task] if name in _TEXT_FIELDS] or ["caption"]
+    parts = []
+    for shard in dataset.shards:
+        if not shard.num_samples:
+            continue
+        total = np.zeros(shard.num_samples, dtype=np.int64)
+        for name in names:
+            if shard.manifest["fields"][name]["num_bytes"]:
+                total += shard.fields()[name].sequence_lengths.astype(np.int64)
+        parts.append(total)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def stream_names(specs: Sequence[TaskStreamSpec]) -> List[str]:
@@ -212,6 +237,10 @@ def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0
         cfg_dropout_prob=config.cfg_text_dropout_prob, mixed_motion_prob=config.mixed_motion_prob,
     )
     streams = build_streams(config.streams(), tokenizer, encoder_config)
+    if config.length_grouped:
+        for stream in streams:
+            stream.lengths = length_proxy(stream.dataset, stream.spec.task)
+            stream.group_size = config.length_group_window * stream.spec.micro_batch_size
     if config.cached_latents:
         from megatron_puffin.data.latents import LatentCache
 

@@ -146,6 +146,10 @@ class Trainer:
                                   post_process=self.ctx.is_last_pipeline_stage)
         if self.ctx.device.type == "cuda":  # megatron-core layers may initialise on the CPU (use_cpu_initialization)
             self.model.cuda(self.ctx.device)
+        if args.compile.compile:  # in place, per layer: names, DDP buckets and checkpoints are unchanged
+            from megatron_puffin.models.compile import compile_model
+
+            compile_model(self.model, dynamic=args.compile.compile_dynamic, backend=args.compile.compile_backend)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=parallel.use_distributed_optimizer,
         )
@@ -165,6 +169,7 @@ class Trainer:
             args.data, training.seed, self.ctx.dp_rank, self.ctx.data_parallel_size,
             vision_patch_size=args.vision.patch_size, vision_fold=args.vision.fold_size,
             num_query_tokens=args.connector.num_queries, tokenizer=self.tokenizer,
+            vae_identity=self._vae_identity(),
         )
         self.tasks = _loss_tasks(args)
         self.micro_batches = micro_batches_per_step(args)
@@ -180,6 +185,14 @@ class Trainer:
                                     active=self.is_logging_rank)
         self.stop = StopFlag()
         self.peak_device_tflops = self._measure_peak()
+
+    def _vae_identity(self) -> Optional[Dict[str, Any]]:
+        """The VAE that --cached-latents must match (None where this stage holds no VAE, or without the flag)."""
+        if not self.args.data.cached_latents or self.model.vae is None:
+            return None
+        from megatron_puffin.data.latents import vae_identity
+
+        return vae_identity(self.model.vae)
 
     # -- loading ------------------------------------------------------------------------------------------------
     def _tower_module(self, tower: str) -> Optional[torch.nn.Module]:
@@ -324,6 +337,7 @@ class Trainer:
             tokens = int(batch["attention_mask"].sum())
             flops = sum(micro_batch_flops(self.config, batch, self.trainable).values())
             interval.add_batch(batch["task"], samples, tokens, flops)
+            interval.add_padding(tokens, int(batch["attention_mask"].numel()))
             self.state.consumed[batch["task"]] = (
                 self.state.consumed.get(batch["task"], 0) + samples * self.ctx.data_parallel_size
             )
@@ -371,6 +385,7 @@ class Trainer:
             tflops_per_device=tflops, mfu=tflops / self.peak_device_tflops if self.peak_device_tflops else None,
             data_wait_percent=100.0 * interval.data_wait / max(elapsed, 1e-9),
             peak_memory_gib=peak_memory_gib() if self.args.logging.log_memory else None,
+            padding_percent=interval.padding_percent(),
         )
         self.writer.write(report)
 
