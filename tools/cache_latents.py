@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     errors = [f"--{name.replace('_', '-')} ({getattr(args, name)}) must be >= 1"
               for name in ("image_size", "image_size_unit", "batch_size") if getattr(args, name) < 1]
     if args.image_size_unit >= 1 and args.image_size % args.image_size_unit:
-        errors.append(f"--image-size ({args.image_size}) must be a multiple of --image-size-unit ({args.image_size_unit})")
+        errors.append(f"--image-size ({args.image_size}) must be a multiple of --image-size-unit "
+                      f"({args.image_size_unit})")
     missing = [path for path in [*args.data, args.vae_path or args.vae_config] if not os.path.exists(path)]
     errors += [f"{path} does not exist" for path in missing]
     if errors:

@@ -171,7 +171,8 @@ def data_config_errors(config: DataConfig, check_paths: bool = True, vision_patc
     for name in ("num_workers",):
         if getattr(config, name) < 0:
             errors.append(f"--{name.replace('_', '-')} ({getattr(config, name)}) must be >= 0")
-    for name in ("prefetch_factor", "length_group_window", "image_size", "image_size_unit", "max_understanding_text_tokens",
+    for name in ("prefetch_factor", "length_group_window", "image_size", "image_size_unit",
+                 "max_understanding_text_tokens",
                  "max_generation_text_tokens"):
         if getattr(config, name) < 1:
             errors.append(f"--{name.replace('_', '-')} ({getattr(config, name)}) must be >= 1")

@@ -116,7 +116,8 @@ def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit
     shapes = IndexedDatasetBuilder(get_bin_path(str(shard_dir / f"{SHAPE_FIELD}.tmp")), dtype=np.int32)
     num_bytes = {name: 0 for name in [*LATENT_FIELDS, SHAPE_FIELD]}
     for start in range(0, len(dataset), batch_size):
-        samples = [_sources(dataset[i], image_size, image_unit) for i in range(start, min(start + batch_size, len(dataset)))]
+        stop = min(start + batch_size, len(dataset))
+        samples = [_sources(dataset[i], image_size, image_unit) for i in range(start, stop)]
         encoded = {}
         for name in LATENT_FIELDS:
             present = [i for i, sample in enumerate(samples) if sample[name] is not None]
@@ -196,8 +197,8 @@ class LatentCache:
         return result
 
 
-def check_latent_manifest(manifest: Mapping[str, Any], shard_dir: Path, vae: Optional[Mapping[str, Any]], image_size: int,
-                          image_unit: int, what: str) -> None:
+def check_latent_manifest(manifest: Mapping[str, Any], shard_dir: Path, vae: Optional[Mapping[str, Any]],
+                          image_size: int, image_unit: int, what: str) -> None:
     """Raises ValueError when a shard's cached latents are missing or were made by another VAE or resolution."""
     entry = manifest.get("latents")
     if entry is None:

@@ -79,8 +79,8 @@ def test_another_vae_or_resolution_is_a_clear_error(cached, tmp_path):
     paths, model, _, _ = cached
     other = vae_identity(model.vae)
     other = dict(other, weights_sha256="0" * 64)
-    with pytest.raises(ValueError, match=r"text2image.*another VAE \(weights sha256 [0-9a-f]{12}\) than the training one "
-                                         r"\(weights sha256 000000000000\)"):
+    expected = r"text2image.*another VAE \(weights sha256 [0-9a-f]{12}\) than the training one \(weights sha256 0{12}\)"
+    with pytest.raises(ValueError, match=expected):
         _batches(paths, cached=True, vae_identity=other)
     streams = [f"text2image:{paths['data']}/main:2"]
     config = DataConfig(task_stream=streams, tokenizer=paths["tokenizer"], num_workers=0, image_size=64,
