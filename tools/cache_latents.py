@@ -42,12 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper())
-    import torch
-
-    from megatron_puffin.data.latents import cache_dataset_latents
-    from megatron_puffin.models.puffin import build_vae
-    from megatron_puffin.models.puffin_config import PuffinModelConfig
-
     errors = [f"--{name.replace('_', '-')} ({getattr(args, name)}) must be >= 1"
               for name in ("image_size", "image_size_unit", "batch_size") if getattr(args, name) < 1]
     if args.image_size_unit >= 1 and args.image_size % args.image_size_unit:
@@ -58,6 +52,12 @@ def main(argv=None) -> int:
     if errors:
         print("error: " + "; ".join(errors), file=sys.stderr)
         return 2
+    import torch
+
+    from megatron_puffin.data.latents import cache_dataset_latents
+    from megatron_puffin.models.puffin import build_vae
+    from megatron_puffin.models.puffin_config import PuffinModelConfig
+
     dtype = getattr(torch, args.vae_dtype or ("bfloat16" if args.vae_path else "float32"))
     vae = build_vae(PuffinModelConfig(vae_path=args.vae_path, vae_config=args.vae_config), dtype,
                     torch.device(args.device), args.seed)
