@@ -241,6 +241,10 @@ def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0
         for stream in streams:
             stream.lengths = length_proxy(stream.dataset, stream.spec.task)
             stream.group_size = config.length_group_window * stream.spec.micro_batch_size
+    if config.cached_latents and not any(s.encoder.loss_task in TASK_MOMENTS for s in streams):
+        logger.warning("--cached-latents has no effect: no generation --task-stream (only they run the VAE)")
+    if not config.length_grouped and config.length_group_window != DataConfig.length_group_window:
+        logger.warning("--length-group-window (%d) has no effect without --length-grouped", config.length_group_window)
     if config.cached_latents:
         from megatron_puffin.data.latents import LatentCache
 

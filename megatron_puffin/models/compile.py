@@ -46,6 +46,8 @@ class CompileConfig:
     code generation: to tell a capture problem from a code-generation one)."""
 
     def validate(self) -> List[str]:
+        if not self.compile and (self.compile_backend != "inductor" or not self.compile_dynamic):
+            logger.warning("--compile-backend / --no-compile-dynamic have no effect without --compile")
         if self.compile and self.compile_backend == "inductor":
             problem = check_compile_available()
             if problem:
