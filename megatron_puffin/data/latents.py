@@ -48,6 +48,10 @@ STORAGE_DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": 
                                           "float16": torch.float16}
 
 
+class LatentCacheError(ValueError):
+    """Cached latents missing, or made by another VAE or at another resolution than training uses."""
+
+
 def vae_identity(vae) -> Dict[str, Any]:
     """``{"config": the AutoencoderKL config, "weights_sha256": hash of every tensor in state-dict order}`` of a
     :class:`~megatron_puffin.models.vae.FrozenVAE`."""
@@ -157,7 +161,7 @@ class LatentCache:
         what: How to name the stream in errors (e.g. ``--task-stream cam2image:/data/main``).
 
     Raises:
-        ValueError: A shard without latents, or with latents of another VAE / resolution (naming both).
+        LatentCacheError: A shard without latents, or with latents of another VAE / resolution (naming both).
     """
 
     def __init__(self, dataset: PuffinDataset, vae: Optional[Mapping[str, Any]], image_size: int, image_unit: int,
@@ -202,19 +206,19 @@ def check_latent_manifest(manifest: Mapping[str, Any], shard_dir: Path, vae: Opt
     """Raises ValueError when a shard's cached latents are missing or were made by another VAE or resolution."""
     entry = manifest.get("latents")
     if entry is None:
-        raise ValueError(f"--cached-latents: {what}: shard {shard_dir} has no cached latents; run "
+        raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir} has no cached latents; run "
                          f"tools/cache_latents.py --data {shard_dir} with the training VAE, or drop --cached-latents")
     ours = f"--image-size {image_size} --image-size-unit {image_unit}"
     theirs = f"--image-size {entry['image_size']} --image-size-unit {entry['image_size_unit']}"
     if ours != theirs:
-        raise ValueError(f"--cached-latents: {what}: shard {shard_dir} holds latents at {theirs}, training uses "
+        raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir} holds latents at {theirs}, training uses "
                          f"{ours}; re-run tools/cache_latents.py at the training resolution")
     if vae is not None and entry["vae"] != vae:
         theirs_vae = f"weights sha256 {entry['vae']['weights_sha256'][:12]}"
         ours_vae = f"weights sha256 {vae['weights_sha256'][:12]}"
         if entry["vae"]["config"] != vae["config"]:
             theirs_vae += f", config {_config_diff(entry['vae']['config'], vae['config'])}"
-        raise ValueError(f"--cached-latents: {what}: shard {shard_dir} holds latents of another VAE ({theirs_vae}) "
+        raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir} holds latents of another VAE ({theirs_vae}) "
                          f"than the training one ({ours_vae}); re-run tools/cache_latents.py with the training VAE")
 
 

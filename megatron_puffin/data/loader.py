@@ -16,7 +16,7 @@ import torch
 from megatron_puffin.data.collate import Collator
 from megatron_puffin.data.config import DataConfig, TaskStreamSpec, validate_data_config
 from megatron_puffin.data.format import PuffinDataset
-from megatron_puffin.data.latents import TASK_MOMENTS
+from megatron_puffin.data.latents import TASK_MOMENTS, LatentCache
 from megatron_puffin.data.sampler import (
     MicroBatchSchedule,
     SampleRef,
@@ -237,6 +237,15 @@ def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0
         cfg_dropout_prob=config.cfg_text_dropout_prob, mixed_motion_prob=config.mixed_motion_prob,
     )
     streams = build_streams(config.streams(), tokenizer, encoder_config)
+    _apply_speed_levers(streams, config, vae_identity)
+    collator = Collator(tokenizer.pad_id, compute_camera_maps=config.camera_maps_in_loader)
+    return PuffinDataLoader(streams, collator, data_seed, data_parallel_rank, data_parallel_size,
+                            config.num_workers, config.prefetch_factor, config.pin_memory)
+
+
+def _apply_speed_levers(streams: Sequence[TaskStream], config: DataConfig,
+                        vae_identity: Optional[Dict[str, Any]]) -> None:
+    """--length-grouped (length proxies and windows) and --cached-latents (each generation stream's cache)."""
     if config.length_grouped:
         for stream in streams:
             stream.lengths = length_proxy(stream.dataset, stream.spec.task)
@@ -246,11 +255,6 @@ def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0
     if not config.length_grouped and config.length_group_window != DataConfig.length_group_window:
         logger.warning("--length-group-window (%d) has no effect without --length-grouped", config.length_group_window)
     if config.cached_latents:
-        from megatron_puffin.data.latents import LatentCache
-
         for stream in (s for s in streams if s.encoder.loss_task in TASK_MOMENTS):  # generation streams only
             what = f"--task-stream {stream.spec.task}:{','.join(stream.spec.paths)}"
             stream.latents = LatentCache(stream.dataset, vae_identity, config.image_size, config.image_size_unit, what)
-    collator = Collator(tokenizer.pad_id, compute_camera_maps=config.camera_maps_in_loader)
-    return PuffinDataLoader(streams, collator, data_seed, data_parallel_rank, data_parallel_size,
-                            config.num_workers, config.prefetch_factor, config.pin_memory)

@@ -124,7 +124,7 @@ class Trainer:
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from megatron_puffin.data import PuffinTokenizer, build_data_loader
+        from megatron_puffin.data import PuffinTokenizer
         from megatron_puffin.models.puffin import PuffinConfig, build_puffin
         from megatron_puffin.training.optimizer import build_optimizer
 
@@ -165,12 +165,7 @@ class Trainer:
             wd_incr_style="constant",
         )
         self.dp_group = parallel_state.get_data_parallel_group()
-        self.loader = build_data_loader(
-            args.data, training.seed, self.ctx.dp_rank, self.ctx.data_parallel_size,
-            vision_patch_size=args.vision.patch_size, vision_fold=args.vision.fold_size,
-            num_query_tokens=args.connector.num_queries, tokenizer=self.tokenizer,
-            vae_identity=self._vae_identity(),
-        )
+        self.loader = self._build_loader()
         self.tasks = _loss_tasks(args)
         self.micro_batches = micro_batches_per_step(args)
         self.state = TrainState(consumed={task: 0 for task in self.tasks})
@@ -185,6 +180,22 @@ class Trainer:
                                     active=self.is_logging_rank)
         self.stop = StopFlag()
         self.peak_device_tflops = self._measure_peak()
+
+    def _build_loader(self):
+        from megatron_puffin.config import ConfigError
+        from megatron_puffin.data import build_data_loader
+        from megatron_puffin.data.latents import LatentCacheError
+
+        args = self.args
+        try:
+            return build_data_loader(
+                args.data, args.training.seed, self.ctx.dp_rank, self.ctx.data_parallel_size,
+                vision_patch_size=args.vision.patch_size, vision_fold=args.vision.fold_size,
+                num_query_tokens=args.connector.num_queries, tokenizer=self.tokenizer,
+                vae_identity=self._vae_identity(),
+            )
+        except LatentCacheError as error:  # a flag/data mismatch: one line and exit status 2, no traceback
+            raise ConfigError([str(error)]) from None
 
     def _vae_identity(self) -> Optional[Dict[str, Any]]:
         """The VAE that --cached-latents must match (None where this stage holds no VAE, or without the flag)."""

@@ -51,6 +51,15 @@ def test_cached_latents_repeat_the_online_losses(workdir):
             assert cached[iteration][task] == pytest.approx(loss, rel=1e-5), (iteration, task)
 
 
+def test_latents_of_another_vae_fail_before_training(workdir):
+    """Runs after the test above cached latents of the seed-1234 VAE; seed 7 draws another tiny VAE."""
+    proc = subprocess.run([sys.executable, str(ROOT / "pretrain_puffin.py"), *RUN, "--cached-latents", "--seed", "7"],
+                          cwd=workdir, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "holds latents of another VAE" in proc.stderr and "Traceback" not in proc.stderr
+    assert "iter 1/" not in proc.stderr
+
+
 def test_length_grouped_run_logs_its_padding(workdir):
     proc = _run(workdir, ROOT / "pretrain_puffin.py", *RUN, "--length-grouped", "--length-group-window", "4")
     lines = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines() if "iter 3/3" in line]
