@@ -309,7 +309,9 @@ def main() -> None:
         for cycle in cycles:
             for batch in cycle:
                 seq[batch["task"]] = int(batch["input_ids"].shape[1])
-        shares = real_proportions.share_table(config, first_cycle, trainable) if args.real_proportions else []
+        # Model FLOP shares, the VAE included (batches with cached moments would count it as not run).
+        shares = (real_proportions.share_table(config, [_without_moments(b) for b in first_cycle], trainable)
+                  if args.real_proportions else [])
         state_bytes = {"ours": _state_bytes(trainer.model, trainer.optimizer),
                        "reference": _state_bytes(reference, reference_trainer.optimizer)}
         mpd.destroy()
