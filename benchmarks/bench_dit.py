@@ -57,6 +57,8 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 gives stable numbers on shared hosts)")
     parser.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"])
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile ours per joint block (megatron_puffin.models.compile, the --compile lever)")
     return parser.parse_args()
 
 
@@ -196,6 +198,10 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     ours, ref = _build_models(args, dtype, device)
+    if args.compile:
+        from megatron_puffin.models.compile import compile_model
+
+        compile_model(ours)
     x = _inputs(args, dtype, device)
     variants = _variants(ours, ref, x)
     params = list(ours.parameters()) + list(ref.parameters())

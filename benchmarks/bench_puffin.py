@@ -37,7 +37,14 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 # puffin_bench_common (next to this script) comes first: importing it puts tests/ on sys.path for helpers.
-from puffin_bench_common import add_common_run_args, add_data_and_model_args, make_dataset  # noqa: E402
+from puffin_bench_common import (  # noqa: E402
+    activation_bytes,
+    add_common_run_args,
+    add_data_and_model_args,
+    make_dataset,
+    parse_levers,
+    resolve_sizes,
+)
 
 import megatron_puffin.distributed as mpd  # noqa: E402
 from helpers.puffin import TASK_STREAMS, task_batches  # noqa: E402
@@ -51,7 +58,15 @@ def _parse_args() -> argparse.Namespace:
     group.add_argument("--repeats", type=int, default=5)
     group.add_argument("--warmup", type=int, default=1)
     add_common_run_args(group, loss_tolerance=1e-5, loss_tolerance_help="max relative loss difference (fp32)")
-    return parser.parse_args()
+    group.add_argument("--levers", default=None,
+                       help="speed levers of ours: compile, all or none (default: all with --real-proportions, "
+                            "none otherwise; cached latents need the training loader: bench_training.py)")
+    args = parser.parse_args()
+    resolve_sizes(args)
+    args.levers = [lever for lever in parse_levers(args.levers if args.levers is not None else
+                                                   ("all" if args.real_proportions else "none"))
+                   if lever != "cached-latents"]
+    return args
 
 
 def _config(args, paths: Dict[str, str]):
@@ -65,21 +80,20 @@ def _config(args, paths: Dict[str, str]):
     from megatron_puffin.models.vision import VisionConfig
 
     tokenizer = PuffinTokenizer(paths["tokenizer"])
-    dit_hidden = args.dit_heads * args.dit_head_dim
     llm = LLMConfig(num_layers=args.llm_layers, hidden_size=args.llm_hidden, ffn_hidden_size=args.llm_ffn,
                     num_attention_heads=args.llm_heads, num_query_groups=args.llm_kv_heads,
-                    vocab_size=tokenizer.vocab_size, max_position_embeddings=4096)
+                    vocab_size=max(tokenizer.vocab_size, args.llm_vocab or 0), max_position_embeddings=4096)
     vision = VisionConfig(hidden_size=args.vision_hidden, num_layers=args.vision_layers,
-                          num_attention_heads=args.vision_heads, ffn_hidden_size=4 * args.vision_hidden,
+                          num_attention_heads=args.vision_heads, ffn_hidden_size=args.vision_ffn,
                           max_image_size=args.image_size)
     connector = ConnectorConfig(num_queries=args.num_queries, hidden_size=args.connector_hidden,
                                 num_layers=args.connector_layers, num_attention_heads=args.connector_heads,
-                                ffn_hidden_size=4 * args.connector_hidden, pooled_projection_dim=dit_hidden // 2,
-                                joint_attention_dim=dit_hidden)
+                                ffn_hidden_size=args.connector_ffn, pooled_projection_dim=args.connector_pooled,
+                                joint_attention_dim=args.connector_joint)
     latent = args.image_size // 8
     dit = DiTConfig(sample_size=latent, num_layers=args.dit_layers, attention_head_dim=args.dit_head_dim,
-                    num_attention_heads=args.dit_heads, joint_attention_dim=dit_hidden,
-                    caption_projection_dim=dit_hidden, pooled_projection_dim=dit_hidden // 2,
+                    num_attention_heads=args.dit_heads, joint_attention_dim=args.connector_joint,
+                    caption_projection_dim=args.dit_caption, pooled_projection_dim=args.connector_pooled,
                     pos_embed_max_size=max(16, latent))
     model = PuffinModelConfig(vae_config=paths["vae_config"], image_pad_token_id=tokenizer.image_pad_id)
     return PuffinConfig(llm=llm, vision=vision, connector=connector, dit=dit, flow=FlowMatchingConfig(), model=model,
@@ -146,6 +160,7 @@ def _report(args, config, batches, losses, medians) -> None:
     geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
     print(f"ratio = reference / ours (> 1: ours faster); losses equal within {args.loss_tolerance:g} relative; "
           f"geometric mean ratio over {len(ratios)} tasks: {geomean:.3f}")
+    return geomean
 
 
 def main() -> None:
@@ -160,12 +175,30 @@ def main() -> None:
         config = _config(args, paths)
         ours, reference = build_puffin_pair(config, seed=args.seed, attn_implementation=args.hf_attn)
     batches = {task: loaded[task][0] for task in TASK_STREAMS}
+    if "compile" in args.levers:
+        from megatron_puffin.models.compile import compile_model
+
+        compile_model(ours)
     losses = _check_losses(ours, reference, batches, args.loss_tolerance)
     medians = {}
     for task, batch in batches.items():
         times = _time({"ours": ours, "reference": reference}, batch, args.repeats, args.warmup)
         medians[task] = (times["ours"], times["reference"])
-    _report(args, config, batches, losses, medians)
+    geomean = _report(args, config, batches, losses, medians)
+    if args.real_proportions:
+        import real_proportions
+        from megatron_puffin.training.flops import trainable_towers
+
+        print(real_proportions.describe())
+        for line in real_proportions.share_table(config, list(batches.values()), trainable_towers(config.model)):
+            print(line)
+    memory = {name: activation_bytes(model, batches.values()) for name, model in (("ours", ours),
+                                                                                   ("reference", reference))}
+    print(f"activation memory (distinct storages saved for backward, largest task): ours "
+          f"{memory['ours'] / 2**20:.1f} MiB, reference {memory['reference'] / 2**20:.1f} MiB "
+          f"({memory['ours'] / memory['reference']:.2f}x)")
+    print(f"levers of ours: {', '.join(args.levers) or 'none'}; threads {torch.get_num_threads()}")
+    print(f"overall ours/reference: {geomean:.2f}")
     mpd.destroy()
 
 

@@ -52,8 +52,17 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 # puffin_bench_common (next to this script) comes first: importing it puts tests/ on sys.path for helpers.
-from puffin_bench_common import add_common_run_args, add_data_and_model_args, make_dataset  # noqa: E402
+from puffin_bench_common import (  # noqa: E402
+    LEVERS,
+    activation_bytes,
+    add_common_run_args,
+    add_data_and_model_args,
+    make_dataset,
+    parse_levers,
+    resolve_sizes,
+)
 
+import real_proportions  # noqa: E402
 from helpers.puffin import TASK_STREAMS  # noqa: E402
 
 
@@ -61,20 +70,32 @@ def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_and_model_args(parser, model_title="model size (bench_puffin.py's defaults)")
     group = parser.add_argument_group("run")
-    group.add_argument("--blocks", type=int, default=6, help="timed blocks per variant (median over blocks)")
-    group.add_argument("--steps-per-block", type=int, default=2, help="optimizer steps per block")
-    group.add_argument("--warmup-steps", type=int, default=2, help="untimed optimizer steps per variant first")
+    group.add_argument("--blocks", type=int, default=None,
+                       help="timed blocks per variant (median over blocks; default 6, 2 with --real-proportions)")
+    group.add_argument("--steps-per-block", type=int, default=None,
+                       help="optimizer steps per block (default 2, 1 with --real-proportions)")
+    group.add_argument("--warmup-steps", type=int, default=None,
+                       help="untimed optimizer steps per variant first (default 2, 1 with --real-proportions)")
     add_common_run_args(group, loss_tolerance=1e-4,
                         loss_tolerance_help="max relative difference of the first step's losses (fp32)")
-    return parser.parse_args()
+    group.add_argument("--levers", default=None,
+                       help=f"speed levers of ours: comma list of {', '.join(LEVERS)}, all or none (default: all "
+                            "with --real-proportions, none otherwise)")
+    args = parser.parse_args()
+    resolve_sizes(args)
+    for name, toy, real in (("blocks", 6, 2), ("steps_per_block", 2, 1), ("warmup_steps", 2, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, real if args.real_proportions else toy)
+    args.levers = parse_levers(args.levers if args.levers is not None else
+                               ("all" if args.real_proportions else "none"))
+    return args
 
 
 def _flags(args, paths: Dict[str, str]) -> List[str]:
     """pretrain_puffin.py flags: bench_puffin.py's model, stage-2 training (everything but the VAE trains)."""
     from megatron_puffin.data import PuffinTokenizer
 
-    vocab = PuffinTokenizer(paths["tokenizer"]).vocab_size
-    dit_hidden = args.dit_heads * args.dit_head_dim
+    vocab = max(PuffinTokenizer(paths["tokenizer"]).vocab_size, args.llm_vocab or 0)
     latent = args.image_size // 8
     flags = [
         "--num-layers", args.llm_layers, "--hidden-size", args.llm_hidden, "--ffn-hidden-size", args.llm_ffn,
@@ -82,15 +103,16 @@ def _flags(args, paths: Dict[str, str]) -> List[str]:
         "--vocab-size", vocab, "--max-position-embeddings", 4096,
         "--tokenizer", paths["tokenizer"],
         "--vision-hidden-size", args.vision_hidden, "--vision-num-layers", args.vision_layers,
-        "--vision-num-attention-heads", args.vision_heads, "--vision-ffn-hidden-size", 4 * args.vision_hidden,
+        "--vision-num-attention-heads", args.vision_heads, "--vision-ffn-hidden-size", args.vision_ffn,
         "--vision-max-image-size", args.image_size,
         "--connector-num-queries", args.num_queries, "--connector-hidden-size", args.connector_hidden,
         "--connector-num-layers", args.connector_layers, "--connector-num-attention-heads", args.connector_heads,
-        "--connector-ffn-hidden-size", 4 * args.connector_hidden,
-        "--connector-pooled-projection-dim", dit_hidden // 2, "--connector-joint-attention-dim", dit_hidden,
+        "--connector-ffn-hidden-size", args.connector_ffn,
+        "--connector-pooled-projection-dim", args.connector_pooled, "--connector-joint-attention-dim",
+        args.connector_joint,
         "--dit-sample-size", latent, "--dit-num-layers", args.dit_layers, "--dit-attention-head-dim", args.dit_head_dim,
-        "--dit-num-attention-heads", args.dit_heads, "--dit-joint-attention-dim", dit_hidden,
-        "--dit-caption-projection-dim", dit_hidden, "--dit-pooled-projection-dim", dit_hidden // 2,
+        "--dit-num-attention-heads", args.dit_heads, "--dit-joint-attention-dim", args.connector_joint,
+        "--dit-caption-projection-dim", args.dit_caption, "--dit-pooled-projection-dim", args.connector_pooled,
         "--dit-pos-embed-max-size", max(16, latent),
         "--vae-config", paths["vae_config"],
         "--image-size", args.image_size, "--num-workers", 0, "--no-pin-memory", "--transformer-impl", "local",
@@ -101,7 +123,24 @@ def _flags(args, paths: Dict[str, str]) -> List[str]:
     ]
     for stream, subset in TASK_STREAMS.values():
         flags += ["--task-stream", f"{stream}:{paths['data']}/{subset}"]
+    for lever in args.levers:
+        flags += {"compile": ["--compile"], "cached-latents": ["--cached-latents"]}[lever]
     return [str(flag) for flag in flags]
+
+
+def _cache_latents(args, paths: Dict[str, str]) -> None:
+    """tools/cache_latents.py's work on the benchmark dataset with the training VAE (float32 moments, so the
+    first-step losses still match the reference, which encodes online)."""
+    from megatron_puffin.data.latents import cache_dataset_latents
+    from megatron_puffin.models.puffin import build_vae
+    from megatron_puffin.models.puffin_config import PuffinModelConfig
+
+    vae = build_vae(PuffinModelConfig(vae_config=paths["vae_config"]), torch.float32, torch.device("cpu"), args.seed)
+    cache_dataset_latents([paths["data"]], vae, args.image_size, 32, dtype="float32")
+
+
+def _without_moments(batch: Dict[str, Any]) -> Dict[str, Any]:
+    return {key: value for key, value in batch.items() if not key.endswith("_moments")}
 
 
 class _OurTimer:
@@ -216,6 +255,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
         paths = make_dataset(Path(tmp), args)
+        if "cached-latents" in args.levers:
+            _cache_latents(args, paths)
         trainer = Trainer(parse_args(_flags(args, paths)))
         # The reference assembly with the same weights: build_puffin_pair converts the reference's towers into a
         # second model of ours, whose weights ours then loads (vision tower copied, VAE shared by value).
@@ -238,28 +279,41 @@ def main() -> None:
         config, trainable = trainer.config, trainer.trainable
         for index, cycle in enumerate(draw(args.warmup_steps)):
             ours = _our_step(trainer, timer, cycle)
-            ref = reference_trainer.step(cycle)
+            ref = reference_trainer.step([_without_moments(batch) for batch in cycle])
             if index == 0:
                 _check_losses(ours["losses"], ref["losses"], args.loss_tolerance)
+                first_cycle = cycle
+                activations = {"ours": activation_bytes(trainer.model, cycle),
+                               "reference": activation_bytes(reference, [_without_moments(b) for b in cycle])}
+                timer.marks.clear()  # the measuring forwards are no training micro-batches
         blocks: Dict[str, List[Dict[str, float]]] = {"ours": [], "reference": []}
         samples_trained = 0
         for block in range(args.blocks):
             cycles = draw(args.steps_per_block)
-            flops = sum(micro_batch_flops(config, batch, trainable)["total"] for cycle in cycles for batch in cycle)
+            ref_cycles = [[_without_moments(batch) for batch in cycle] for cycle in cycles]
+            flops = {"ours": sum(micro_batch_flops(config, batch, trainable)["total"]
+                                 for cycle in cycles for batch in cycle),
+                     "reference": sum(micro_batch_flops(config, batch, trainable)["total"]
+                                      for cycle in ref_cycles for batch in cycle)}
             samples_trained += sum(int(batch["input_ids"].shape[0]) for cycle in cycles for batch in cycle)
             order = ["ours", "reference"] if block % 2 == 0 else ["reference", "ours"]
             for name in order:
                 if name == "ours":
                     steps = [_our_step(trainer, timer, cycle) for cycle in cycles]
                 else:
-                    steps = [reference_trainer.step(cycle) for cycle in cycles]
-                blocks[name].append(_block_stats(steps, cycles, flops))
+                    steps = [reference_trainer.step(cycle) for cycle in ref_cycles]
+                blocks[name].append(_block_stats(steps, cycles, flops[name]))
         peaks.append(measure_matmul_tflops(dtype=torch.float32, seconds=1.0))
         tasks = list(trainer.tasks)
         seq = {task: None for task in tasks}
         for cycle in cycles:
             for batch in cycle:
                 seq[batch["task"]] = int(batch["input_ids"].shape[1])
+        # Model FLOP shares, the VAE included (batches with cached moments would count it as not run).
+        shares = (real_proportions.share_table(config, [_without_moments(b) for b in first_cycle], trainable)
+                  if args.real_proportions else [])
+        state_bytes = {"ours": _state_bytes(trainer.model, trainer.optimizer),
+                       "reference": _state_bytes(reference, reference_trainer.optimizer)}
         mpd.destroy()
 
     medians = {name: {key: statistics.median(b[key] for b in values) for key in values[0]}
@@ -271,6 +325,8 @@ def main() -> None:
           f"{config.vision.hidden_size}, {config.connector.num_queries} queries, connectors "
           f"{config.connector.num_layers} x {config.connector.hidden_size}, DiT {config.dit.num_layers} x "
           f"{config.dit.hidden_size}, images {args.image_size}^2; Qwen2 attention {args.hf_attn}")
+    if args.real_proportions:
+        print(real_proportions.describe())
     print(f"median over {args.blocks} blocks of {args.steps_per_block} step(s) after {args.warmup_steps} warm-up "
           f"step(s); {samples_trained} timed samples per variant; first-step losses equal within "
           f"{args.loss_tolerance:g} relative")
@@ -286,7 +342,49 @@ def main() -> None:
     for name in ("ours", "reference"):
         tflops = medians[name]["tflops"]
         print(f"{name:9s} model {tflops * 1e3:7.2f} GFLOP/s  MFU {100 * tflops / peak:5.1f} %")
+    for line in shares:
+        print(line)
+    print("memory (MiB): activations = largest sum of distinct storages saved for backward over one forward of "
+          "each task micro-batch; state = parameters + gradients + optimizer state")
+    for name in ("ours", "reference"):
+        print(f"  {name:9s} activations {activations[name] / 2**20:8.1f}  state {state_bytes[name] / 2**20:8.1f}  "
+              f"sum {(activations[name] + state_bytes[name]) / 2**20:8.1f}")
+    mem_ratio = (activations["ours"] + state_bytes["ours"]) / (activations["reference"] + state_bytes["reference"])
+    _print_targets(args, medians, tasks, peak, mem_ratio)
     print(f"whole run {time.perf_counter() - run_start:.0f} s")
+    print(f"overall ours/reference: {medians['ours']['all'] / medians['reference']['all']:.2f}")
+
+
+def _state_bytes(model: torch.nn.Module, optimizer) -> int:
+    """Parameters, their gradients (or megatron-core's gradient buffers) and optimizer state, in bytes."""
+    total = 0
+    for param in model.parameters():
+        total += param.numel() * param.element_size()
+        grad = getattr(param, "main_grad", None)
+        grad = grad if grad is not None else param.grad
+        if grad is not None:
+            total += grad.numel() * grad.element_size()
+    inner = getattr(optimizer, "optimizer", optimizer)  # megatron-core wraps torch's optimizer
+    for state in inner.state.values():
+        total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    return total
+
+
+def _print_targets(args, medians, tasks: List[str], peak: float, mem_ratio: float) -> None:
+    """Issue 14's targets against this run (levers on: >= 1.3x overall; off: >= 1.0x per task; MFU >= 60 % of
+    the matmul rate; memory <= the reference's)."""
+    ratios = {task: medians["ours"][task] / medians["reference"][task] for task in tasks}
+    overall = medians["ours"]["all"] / medians["reference"]["all"]
+    mfu = medians["ours"]["tflops"] / peak
+    levers = ", ".join(args.levers) or "none"
+    print(f"levers of ours: {levers}; threads {torch.get_num_threads()}")
+    checks = [("overall >= 1.3x (levers on)" if args.levers else "every task >= 1.0x (levers off)",
+               overall >= 1.3 if args.levers else min(ratios.values()) >= 1.0,
+               f"overall {overall:.2f}, lowest task {min(ratios.values()):.2f}"),
+              ("MFU >= 60 % of the matmul rate", mfu >= 0.6, f"{100 * mfu:.1f} %"),
+              ("memory <= reference", mem_ratio <= 1.0, f"{mem_ratio:.2f}x")]
+    for name, met, value in checks:
+        print(f"target {name:34s} {'met' if met else 'NOT met'} ({value})")
 
 
 if __name__ == "__main__":

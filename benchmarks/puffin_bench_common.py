@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 _TESTS = str(Path(__file__).resolve().parents[1] / "tests")
 if _TESTS not in sys.path:
@@ -20,7 +20,10 @@ from helpers.puffin import make_tiny_dataset  # noqa: E402
 def add_data_and_model_args(parser: argparse.ArgumentParser, model_title: str = "model size") -> None:
     """The ``data`` and model-size argument groups (the model-size group titled ``model_title``)."""
     group = parser.add_argument_group("data")
-    group.add_argument("--micro-batch-size", type=int, default=4)
+    group.add_argument("--real-proportions", action="store_true",
+                       help="Puffin's real token counts and image size with every tower scaled by one factor "
+                            "(real_proportions.py); overrides the model sizes and --image-size")
+    group.add_argument("--micro-batch-size", type=int, default=None, help="default 4 (2 with --real-proportions)")
     group.add_argument("--image-size", type=int, default=128, help="square synthetic images (multiple of 32)")
     group.add_argument("--num-samples", type=int, default=32, help="synthetic main samples (cross-view: N / 4)")
     group = parser.add_argument_group(model_title)
@@ -40,6 +43,77 @@ def add_data_and_model_args(parser: argparse.ArgumentParser, model_title: str = 
     group.add_argument("--dit-heads", type=int, default=4)
     group.add_argument("--dit-head-dim", type=int, default=64)
     group.add_argument("--vae-width", type=int, default=32, help="channels of the 4-level AutoencoderKL (x8 down)")
+    # Set by --real-proportions; None keeps the toy derivations (4x MLPs, tokenizer vocabulary, dims from the DiT).
+    parser.set_defaults(llm_vocab=None, vision_ffn=None, connector_ffn=None, connector_pooled=None,
+                        connector_joint=None, dit_caption=None, vae_blocks=None, vae_layers_per_block=1)
+
+
+def resolve_sizes(args: argparse.Namespace) -> None:
+    """Apply ``--real-proportions`` and fill the derived sizes left None (in place)."""
+    if args.real_proportions:
+        import real_proportions
+
+        real_proportions.apply(args)
+    if args.micro_batch_size is None:
+        args.micro_batch_size = 4
+    dit_hidden = args.dit_heads * args.dit_head_dim
+    args.vision_ffn = args.vision_ffn or 4 * args.vision_hidden
+    args.connector_ffn = args.connector_ffn or 4 * args.connector_hidden
+    args.connector_pooled = args.connector_pooled or dit_hidden // 2
+    args.connector_joint = args.connector_joint or dit_hidden
+    args.dit_caption = args.dit_caption or dit_hidden
+
+
+LEVERS = ("compile", "cached-latents")
+
+
+def parse_levers(text: str) -> List[str]:
+    """``--levers``: a comma list of :data:`LEVERS`, ``all`` or ``none``."""
+    if text in ("none", ""):
+        return []
+    names = list(LEVERS) if text == "all" else [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in LEVERS]
+    if unknown:
+        raise SystemExit(f"--levers: unknown {unknown}; give a comma list of {', '.join(LEVERS)}, all or none")
+    return names
+
+
+class ActivationMeter:
+    """Bytes of the distinct tensor storages autograd saves for backward while it is active (a forward pass):
+    the activation memory a backward pass needs, measured the same way for both models on any device."""
+
+    def __init__(self) -> None:
+        self.storages: Dict[int, int] = {}
+
+    def _pack(self, tensor):
+        storage = tensor.untyped_storage()
+        self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def __enter__(self) -> "ActivationMeter":
+        import torch
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+
+def activation_bytes(model, batches) -> int:
+    """Largest :class:`ActivationMeter` reading over a forward pass of each batch (gradients not kept)."""
+    peak = 0
+    for batch in batches:
+        with ActivationMeter() as meter:
+            loss = model(batch)["loss"]
+        del loss
+        peak = max(peak, meter.bytes)
+    return peak
 
 
 def add_common_run_args(group: argparse._ArgumentGroup, loss_tolerance: float, loss_tolerance_help: str) -> None:
@@ -51,7 +125,12 @@ def add_common_run_args(group: argparse._ArgumentGroup, loss_tolerance: float, l
 
 
 def vae_config(args: argparse.Namespace) -> dict:
-    """An SD3-shaped AutoencoderKL (16 latent channels, spatial factor 8) at a small width (``--vae-width``)."""
+    """An SD3-shaped AutoencoderKL (16 latent channels, spatial factor 8) at a small width (``--vae-width``), or
+    the real-proportion VAE's block widths."""
+    if args.vae_blocks:
+        from real_proportions import sd3_vae_config
+
+        return sd3_vae_config(args.vae_blocks, args.vae_layers_per_block, args.image_size)
     width = args.vae_width
     return dict(
         in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[width // 2, width, width, width],

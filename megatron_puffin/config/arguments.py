@@ -22,6 +22,7 @@ from megatron_puffin.data.config import DataConfig
 from megatron_puffin.diffusion.config import FlowMatchingConfig
 from megatron_puffin.models.dit.config import DiTConfig
 from megatron_puffin.models.connector.config import ConnectorConfig
+from megatron_puffin.models.compile import CompileConfig
 from megatron_puffin.models.llm.config import LLMConfig
 from megatron_puffin.models.puffin_config import PuffinModelConfig
 from megatron_puffin.models.vision.config import VisionConfig
@@ -42,6 +43,7 @@ CONFIG_GROUPS: List[Tuple[str, type, str]] = [
     ("checkpoint", CheckpointConfig, "checkpointing"),
     ("logging", LoggingConfig, "logging"),
     ("validation", ValidationConfig, "validation (held-out losses and camera errors while training)"),
+    ("compile", CompileConfig, "speed: compiled layers"),
 ]
 
 

@@ -289,6 +289,11 @@ def check_validation(args) -> List[str]:
     return validation_errors(args)
 
 
+def check_compile(args) -> List[str]:
+    """--compile needs a working inductor backend here (a C++ compiler on CPU, triton on CUDA)."""
+    return args.compile.validate()
+
+
 VALIDATORS: List[Callable] = [
     check_parse,
     check_positive,
@@ -305,6 +310,7 @@ VALIDATORS: List[Callable] = [
     *PATH_VALIDATORS,
     check_validation,
     check_checkpoint_directories,
+    check_compile,
 ]
 
 

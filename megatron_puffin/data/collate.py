@@ -114,6 +114,8 @@ class Collator:
             images = [getattr(sample, attribute) for sample in samples]
             if images[0] is not None:
                 batch[key] = stack_or_list(images)
+        for key in (samples[0].latents or {}):
+            batch[key] = stack_or_list([sample.latents[key] for sample in samples])
         if samples[0].camera is not None:
             cameras = torch.stack([sample.camera for sample in samples])
             batch["cameras"] = cameras

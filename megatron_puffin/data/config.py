@@ -129,6 +129,21 @@ class DataConfig:
     camera_maps_in_loader: bool = True
     """Compute normalised camera maps in the loader; off: batches carry only the camera values [B, 3]."""
 
+    cached_latents: bool = False
+    """Read the VAE posterior moments of targets, initial views and camera maps from the shards (written by
+    tools/cache_latents.py with the training VAE and resolution) instead of running the VAE encoder; the posterior
+    is still sampled per step with the same per-sample noise. Every generation stream's shards must hold matching
+    latents."""
+
+    length_grouped: bool = False
+    """Order each task stream by token length inside windows of its global order (less padding per micro-batch;
+    still deterministic and exactly resumable at any data-parallel size). Off: the reference's random order."""
+
+    length_group_window: int = 64
+    """With --length-grouped: window of the stream's order sorted by length, in micro-batches of the stream
+    (this x its micro-batch size samples; independent of the data-parallel size, so resuming at another DP size
+    continues the same order)."""
+
     def streams(self) -> List[TaskStreamSpec]:
         """The parsed task streams (raises ValueError on a malformed one)."""
         return [parse_task_stream(spec) for spec in self.task_stream]
@@ -166,7 +181,8 @@ def data_config_errors(config: DataConfig, check_paths: bool = True, vision_patc
     for name in ("num_workers", "max_bad_samples"):
         if getattr(config, name) < 0:
             errors.append(f"--{name.replace('_', '-')} ({getattr(config, name)}) must be >= 0")
-    for name in ("prefetch_factor", "image_size", "image_size_unit", "max_understanding_text_tokens",
+    for name in ("prefetch_factor", "length_group_window", "image_size", "image_size_unit",
+                 "max_understanding_text_tokens",
                  "max_generation_text_tokens"):
         if getattr(config, name) < 1:
             errors.append(f"--{name.replace('_', '-')} ({getattr(config, name)}) must be >= 1")

@@ -20,6 +20,7 @@ import torch
 from megatron_puffin.data.collate import Collator
 from megatron_puffin.data.config import DataConfig, TaskStreamSpec, validate_data_config
 from megatron_puffin.data.format import DatasetFormatError, PuffinDataset
+from megatron_puffin.data.latents import TASK_MOMENTS, LatentCache
 from megatron_puffin.data.sampler import (
     MicroBatchSchedule,
     SampleRef,
@@ -44,9 +45,35 @@ class TaskStream:
     spec: TaskStreamSpec
     dataset: PuffinDataset
     encoder: TaskEncoder
+    latents: Optional[Any] = None
+    """The stream's :class:`~.latents.LatentCache` with --cached-latents."""
+    lengths: Optional[np.ndarray] = None
+    """Per-sample length proxy with --length-grouped (:func:`length_proxy`)."""
+    group_size: int = 0
 
     def sampler_spec(self) -> StreamSpec:
-        return StreamSpec(self.name, len(self.dataset), self.spec.micro_batch_size, self.spec.repeats)
+        return StreamSpec(self.name, len(self.dataset), self.spec.micro_batch_size, self.spec.repeats,
+                          self.lengths, self.group_size)
+
+
+_TEXT_FIELDS = ("caption", "reasoning", "scene", "answer")
+
+
+def length_proxy(dataset: PuffinDataset, task: str) -> np.ndarray:
+    """Per-sample length proxy of a stream for --length-grouped: the UTF-8 bytes of the text fields its task reads
+    (the caption for image2image), read from the shards' indices without touching a sample (int64 [N]). Images
+    are left out: the loader's pad-to-square / resize gives nearly every image the same token count."""
+    names = [name for name in REQUIRED_FIELDS[task] if name in _TEXT_FIELDS] or ["caption"]
+    parts = []
+    for shard in dataset.shards:
+        if not shard.num_samples:
+            continue
+        total = np.zeros(shard.num_samples, dtype=np.int64)
+        for name in names:
+            if shard.manifest["fields"][name]["num_bytes"]:
+                total += shard.fields()[name].sequence_lengths.astype(np.int64)
+        parts.append(total)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def stream_names(specs: Sequence[TaskStreamSpec]) -> List[str]:
@@ -145,11 +172,18 @@ class _StreamSamples(torch.utils.data.Dataset):
         for attempt in range(len(item.dataset)):
             candidate = (index + attempt) % len(item.dataset)
             try:
-                return item.encoder(item.dataset[candidate], position), bad
+                return self._encode(item, candidate, position), bad
             except BAD_SAMPLE_ERRORS as error:
                 bad.append(_bad_sample(item, candidate, error))
         raise DatasetFormatError(f"stream {item.name}: none of its {len(item.dataset)} samples decodes; the last "
                                  f"failure: {bad[-1]}")
+
+    @staticmethod
+    def _encode(item: TaskStream, index: int, position: int):
+        encoded = item.encoder(item.dataset[index], position)
+        if item.latents is not None and encoded.task in TASK_MOMENTS:
+            encoded.latents = item.latents.moments(index, TASK_MOMENTS[encoded.task])
+        return encoded
 
     def __len__(self) -> int:
         return sum(len(stream.dataset) for stream in self.streams)
@@ -259,7 +293,8 @@ class PuffinDataLoader:
 
 def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0, data_parallel_size: int = 1,
                       vision_patch_size: int = 16, vision_fold: int = 2, num_query_tokens: int = 64,
-                      tokenizer: Optional[PuffinTokenizer] = None) -> PuffinDataLoader:
+                      tokenizer: Optional[PuffinTokenizer] = None,
+                      vae_identity: Optional[Dict[str, Any]] = None) -> PuffinDataLoader:
     """Builds the loader of one data-parallel rank from the flags.
 
     Args:
@@ -271,6 +306,9 @@ def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0
         vision_fold: Space-to-depth fold of visual tokens.
         num_query_tokens: Meta queries appended to generation prompts.
         tokenizer: Reuse an opened tokenizer (default: open ``config.tokenizer``).
+        vae_identity: With ``config.cached_latents``, the training VAE's :func:`~.latents.vae_identity`, checked
+            against every shard's cached latents (None: only the resolution is checked, e.g. on pipeline stages
+            that hold no VAE).
     """
     validate_data_config(config, vision_patch_size=vision_patch_size, vision_fold=vision_fold)
     data_seed = seed if config.data_seed is None else config.data_seed
@@ -283,6 +321,24 @@ def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0
         cfg_dropout_prob=config.cfg_text_dropout_prob, mixed_motion_prob=config.mixed_motion_prob,
     )
     streams = build_streams(config.streams(), tokenizer, encoder_config)
+    _apply_speed_levers(streams, config, vae_identity)
     collator = Collator(tokenizer.pad_id, compute_camera_maps=config.camera_maps_in_loader)
     return PuffinDataLoader(streams, collator, data_seed, data_parallel_rank, data_parallel_size,
                             config.num_workers, config.prefetch_factor, config.pin_memory, config.max_bad_samples)
+
+
+def _apply_speed_levers(streams: Sequence[TaskStream], config: DataConfig,
+                        vae_identity: Optional[Dict[str, Any]]) -> None:
+    """--length-grouped (length proxies and windows) and --cached-latents (each generation stream's cache)."""
+    if config.length_grouped:
+        for stream in streams:
+            stream.lengths = length_proxy(stream.dataset, stream.spec.task)
+            stream.group_size = config.length_group_window * stream.spec.micro_batch_size
+    if config.cached_latents and not any(s.encoder.loss_task in TASK_MOMENTS for s in streams):
+        logger.warning("--cached-latents has no effect: no generation --task-stream (only they run the VAE)")
+    if not config.length_grouped and config.length_group_window != DataConfig.length_group_window:
+        logger.warning("--length-group-window (%d) has no effect without --length-grouped", config.length_group_window)
+    if config.cached_latents:
+        for stream in (s for s in streams if s.encoder.loss_task in TASK_MOMENTS):  # generation streams only
+            what = f"--task-stream {stream.spec.task}:{','.join(stream.spec.paths)}"
+            stream.latents = LatentCache(stream.dataset, vae_identity, config.image_size, config.image_size_unit, what)

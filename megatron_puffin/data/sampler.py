@@ -7,6 +7,12 @@ r_0 times, stream 1 r_1 times, ... then again. A micro-batch of stream s takes t
 global order; data-parallel rank k takes the k-th contiguous block of b. The whole position is therefore the
 :class:`ScheduleState` (micro-batches done, samples consumed per stream), which does not depend on the number of
 ranks: restoring it at another data-parallel size continues the same global order.
+
+Length grouping (``--length-grouped``, off by default): each epoch's permutation is cut into windows of
+``group_size`` positions (a fixed number of samples, independent of the data-parallel size); inside a window the
+samples are sorted by their length proxy and the resulting micro-batch-sized chunks are put in a random order
+(keyed by seed, stream, epoch and window). Samples of similar length therefore share a micro-batch, the order is
+still a pure function of (seed, stream, epoch), and the position is still the consumed count.
 """
 import logging
 from dataclasses import dataclass, field
@@ -40,22 +46,44 @@ class StreamSpec:
     num_samples: int
     micro_batch_size: int
     repeats: int = 1
+    lengths: Optional[np.ndarray] = field(default=None, compare=False, hash=False, repr=False)
+    """Per-sample length proxy for length grouping (int64 [N]), or None for the plain random order."""
+    group_size: int = 0
+    """Samples per length-grouping window (0: no grouping)."""
 
 
 class StreamOrder:
     """The global order of one stream: position -> dataset index, epoch permutations generated lazily."""
 
-    def __init__(self, name: str, num_samples: int, seed: int):
+    def __init__(self, name: str, num_samples: int, seed: int, lengths: Optional[np.ndarray] = None,
+                 group_size: int = 0, chunk_size: int = 1):
         if num_samples < 1:
             raise ValueError(f"stream {name} has no samples")
+        if lengths is not None and len(lengths) != num_samples:
+            raise ValueError(f"stream {name}: {len(lengths)} lengths for {num_samples} samples")
         self.name, self.num_samples, self.seed = name, num_samples, seed
+        self.lengths, self.group_size, self.chunk_size = lengths, group_size, max(1, chunk_size)
         self._cache: Dict[int, np.ndarray] = {}
+
+    def _grouped(self, permutation: np.ndarray, epoch: int) -> np.ndarray:
+        """Sort each window of the permutation by length, then shuffle its micro-batch-sized chunks."""
+        pieces = []
+        for window, start in enumerate(range(0, len(permutation), self.group_size)):
+            indices = permutation[start : start + self.group_size]
+            indices = indices[np.argsort(self.lengths[indices], kind="stable")]
+            chunks = [indices[i : i + self.chunk_size] for i in range(0, len(indices), self.chunk_size)]
+            generator = make_generator(self.seed, "length_group", self.name, epoch, window)
+            pieces.extend(chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist())
+        return np.concatenate(pieces)
 
     def permutation(self, epoch: int) -> np.ndarray:
         """Dataset indices of one epoch (int64 [N]); the two most recently generated epochs are cached."""
         if epoch not in self._cache:
             generator = make_generator(self.seed, "order", self.name, epoch)
-            self._cache[epoch] = torch.randperm(self.num_samples, generator=generator).numpy()
+            permutation = torch.randperm(self.num_samples, generator=generator).numpy()
+            if self.lengths is not None and self.group_size > 1:
+                permutation = self._grouped(permutation, epoch)
+            self._cache[epoch] = permutation
             while len(self._cache) > 2:  # keep the two most recently generated epochs
                 del self._cache[next(iter(self._cache))]
         return self._cache[epoch]
@@ -179,7 +207,8 @@ class TaskStreamBatchSampler(torch.utils.data.Sampler):
         if not 0 <= data_parallel_rank < data_parallel_size:
             raise ValueError(f"data-parallel rank {data_parallel_rank} outside [0, {data_parallel_size})")
         self.schedule = MicroBatchSchedule(streams, data_parallel_size)
-        self.orders = [StreamOrder(stream.name, stream.num_samples, seed) for stream in streams]
+        self.orders = [StreamOrder(stream.name, stream.num_samples, seed, stream.lengths, stream.group_size,
+                                   stream.micro_batch_size) for stream in streams]
         self.rank = data_parallel_rank
         self.state = state if state is not None else self.schedule.initial_state()
         self.schedule.check_state(self.state)

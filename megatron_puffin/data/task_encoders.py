@@ -141,6 +141,8 @@ class EncodedSample:
     cfg_dropped: bool = False
     sample_index: int = -1
     position: int = -1
+    latents: Optional[Dict[str, torch.Tensor]] = None
+    """Cached VAE moments by batch key (``target_moments``, ...: float32 [2, C, h, w]) with --cached-latents."""
 
 
 def _uniform(seed: int, *keys: Any) -> float:

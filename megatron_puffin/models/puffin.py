@@ -42,6 +42,8 @@ from megatron_puffin.models.vision import VisionConfig, build_vision
 logger = logging.getLogger(__name__)
 
 UNDERSTANDING_TASKS = ("image2text", "image2text_cross_view", "text2text")
+CACHED_MOMENTS = {"vae_target": "target_moments", "vae_camera": "camera_moments", "vae_init": "init_moments"}
+"""Posterior-noise purpose -> the batch key of its cached VAE moments (``data.latents``)."""
 
 
 @dataclass
@@ -78,6 +80,7 @@ def _requires_grad(module: torch.nn.Module, flag: bool) -> None:
 
 
 def _build_vae(config: PuffinModelConfig, dtype: torch.dtype, device: torch.device, seed: int) -> Optional[FrozenVAE]:
+    """The frozen VAE of ``--vae-path`` / ``--vae-config`` (a random one seeded by ``seed``), or None."""
     if config.vae_path:
         vae = FrozenVAE.from_pretrained(config.vae_path, dtype=dtype, sample_posterior=config.vae_sample_posterior)
     elif config.vae_config:
@@ -237,21 +240,35 @@ class PuffinModel(MegatronModule):
         return torch.stack(noise) if isinstance(like, torch.Tensor) else noise
 
     def _latents(self, images, purpose: str, batch: Dict[str, Any]):
-        """Normalised VAE latents; the posterior is sampled with per-sample noise (spec §1.9)."""
+        """Normalised VAE latents; the posterior is sampled with per-sample noise (spec §1.9). With cached moments
+        in the batch (--cached-latents) the VAE encoder does not run."""
         vae = self.vae
         if vae is None:
             raise RuntimeError("generation tasks need a VAE: give --vae-path (or --vae-config for tiny runs)")
-        if isinstance(images, list):
-            images = [image.to(self.device, vae.dtype) for image in images]
-        else:
-            images = images.to(self.device, vae.dtype)
-        mean, std = vae.encode_moments(images)
+        mean, std = self._cached_moments(batch, purpose, vae.dtype)
+        if mean is None:
+            if isinstance(images, list):
+                images = [image.to(self.device, vae.dtype) for image in images]
+            else:
+                images = images.to(self.device, vae.dtype)
+            mean, std = vae.encode_moments(images)
         if not vae.sample_posterior:
             return vae.normalize(mean) if isinstance(mean, torch.Tensor) else [vae.normalize(m) for m in mean]
         eps = self._randn_each(mean, self._generators(batch, purpose))
         if isinstance(mean, torch.Tensor):
             return vae.normalize(mean + std * eps)
         return [vae.normalize(m + s * e) for m, s, e in zip(mean, std, eps)]
+
+    def _cached_moments(self, batch: Dict[str, Any], purpose: str, dtype: torch.dtype):
+        """(mean, std) from the batch's cached ``[B, 2, C, h, w]`` moments (or a list), or (None, None)."""
+        moments = batch.get(CACHED_MOMENTS[purpose])
+        if moments is None:
+            return None, None
+        if isinstance(moments, torch.Tensor):
+            moments = moments.to(self.device, dtype)
+            return moments[:, 0], moments[:, 1]
+        moments = [m.to(self.device, dtype) for m in moments]
+        return [m[0] for m in moments], [m[1] for m in moments]
 
     def condition_latents(self, batch: Dict[str, Any]) -> Optional[List[List[torch.Tensor]]]:
         """Clean condition latents per sample: cam2image -> [camera map]; image2image -> [camera map, init view]."""
@@ -308,6 +325,9 @@ class PuffinModel(MegatronModule):
         losses = self.generation_loss(output, batch) if generation else self.understanding_loss(output, batch)
         losses[f"loss_{task}"] = losses["loss"].detach()
         return losses
+
+
+build_vae = _build_vae  # the training VAE outside a model (tools/cache_latents.py)
 
 
 def build_puffin(config: PuffinConfig, pre_process: bool = True, post_process: bool = True) -> PuffinModel:

@@ -294,10 +294,12 @@ def _generation_flops(config, batch: Mapping[str, Any], as_executed: bool) -> Di
     images = _generation_images(batch)
     factor = vae_downsample_factor(vae_config)
     latents = [[(hh // factor, ww // factor) for hh, ww in sample] for sample in images]
+    # With --cached-latents the batch carries the posterior moments and the VAE encoder never runs.
+    encoded = [size for sample in images for size in sample] if "target_moments" not in batch else []
     return {
         "queries": query_flops(config.connector, config.llm.hidden_size, len(images)),
         "dit": dit_flops(config.dit, latents, config.connector.num_queries, as_executed),
-        "vae": vae_encoder_flops(vae_config, [size for sample in images for size in sample]),
+        "vae": vae_encoder_flops(vae_config, encoded),
     }
 
 

@@ -131,7 +131,7 @@ class Trainer:
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from megatron_puffin.data import PuffinTokenizer, build_data_loader
+        from megatron_puffin.data import PuffinTokenizer
         from megatron_puffin.models.puffin import PuffinConfig, build_puffin
         from megatron_puffin.training.optimizer import build_optimizer
 
@@ -153,6 +153,10 @@ class Trainer:
                                   post_process=self.ctx.is_last_pipeline_stage)
         if self.ctx.device.type == "cuda":  # megatron-core layers may initialise on the CPU (use_cpu_initialization)
             self.model.cuda(self.ctx.device)
+        if args.compile.compile:  # in place, per layer: names, DDP buckets and checkpoints are unchanged
+            from megatron_puffin.models.compile import compile_model
+
+            compile_model(self.model, dynamic=args.compile.compile_dynamic, backend=args.compile.compile_backend)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=parallel.use_distributed_optimizer,
         )
@@ -170,11 +174,7 @@ class Trainer:
             use_checkpoint_opt_param_scheduler=not args.checkpoint.override_opt_param_scheduler,
         )
         self.dp_group = parallel_state.get_data_parallel_group()
-        self.loader = build_data_loader(
-            args.data, training.seed, self.ctx.dp_rank, self.ctx.data_parallel_size,
-            vision_patch_size=args.vision.patch_size, vision_fold=args.vision.fold_size,
-            num_query_tokens=args.connector.num_queries, tokenizer=self.tokenizer,
-        )
+        self.loader = self._build_loader()
         self.tasks = _loss_tasks(args)
         self.micro_batches = micro_batches_per_step(args)
         self.state = TrainState(consumed={task: 0 for task in self.tasks})
@@ -205,6 +205,30 @@ class Trainer:
         """One validation of the current weights, logged like a training interval (see training/validation.py)."""
         result = self.validator.run(self.ddp, self.state.iteration, unwrapped_model=self.model)
         self.writer.write_scalars(result.iteration, result.scalars(), result.line(self.validator.tasks))
+
+    def _build_loader(self):
+        from megatron_puffin.config import ConfigError
+        from megatron_puffin.data import build_data_loader
+        from megatron_puffin.data.latents import LatentCacheError
+
+        args = self.args
+        try:
+            return build_data_loader(
+                args.data, args.training.seed, self.ctx.dp_rank, self.ctx.data_parallel_size,
+                vision_patch_size=args.vision.patch_size, vision_fold=args.vision.fold_size,
+                num_query_tokens=args.connector.num_queries, tokenizer=self.tokenizer,
+                vae_identity=self._vae_identity(),
+            )
+        except LatentCacheError as error:  # a flag/data mismatch: one line and exit status 2, no traceback
+            raise ConfigError([str(error)]) from None
+
+    def _vae_identity(self) -> Optional[Dict[str, Any]]:
+        """The VAE that --cached-latents must match (None where this stage holds no VAE, or without the flag)."""
+        if not self.args.data.cached_latents or self.model.vae is None:
+            return None
+        from megatron_puffin.data.latents import vae_identity
+
+        return vae_identity(self.model.vae)
 
     # -- loading ------------------------------------------------------------------------------------------------
     def _tower_module(self, tower: str) -> Optional[torch.nn.Module]:
@@ -372,6 +396,7 @@ class Trainer:
             name = stream_task(batch) or batch["task"]
             interval.add_batch(name, samples, tokens, flops)
             self.state.consumed[name] = self.state.consumed.get(name, 0) + samples * self.ctx.data_parallel_size
+            interval.add_padding(tokens, int(batch["attention_mask"].numel()))
             batches.append(batch)
         return batches
 
@@ -420,6 +445,7 @@ class Trainer:
             data_wait_percent=100.0 * interval.data_wait / max(elapsed, 1e-9),
             peak_memory_gib=peak_memory_gib() if self.args.logging.log_memory else None,
             bad_samples_total=self.loader.bad_samples_total, new_bad_samples=list(self.loader.new_bad_samples),
+            padding_percent=interval.padding_percent(),
         )
         self.loader.new_bad_samples.clear()
         self.writer.write(report)

@@ -49,6 +49,19 @@ class Interval:
     flops: float = 0.0
     data_wait: float = 0.0
     grad_norms: List[float] = field(default_factory=list)
+    padding_tokens: float = 0.0
+    """Padded LLM positions of the interval's micro-batches."""
+    sequence_slots: float = 0.0
+    """LLM positions of the interval's micro-batches (batch x padded length), for the padding fraction."""
+
+    def add_padding(self, real_tokens: int, slots: int) -> None:
+        """One micro-batch's real LLM tokens and its batch x padded-length positions."""
+        self.sequence_slots += slots
+        self.padding_tokens += slots - real_tokens
+
+    def padding_percent(self) -> Optional[float]:
+        """Share of the LLM's positions that were padding (None before any micro-batch)."""
+        return 100.0 * self.padding_tokens / self.sequence_slots if self.sequence_slots else None
 
     def add_batch(self, task: str, samples: int, tokens: int, flops: float) -> None:
         self.samples[task] = self.samples.get(task, 0.0) + samples
@@ -74,12 +87,14 @@ class Interval:
             return
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         values = [self.samples.get(t, 0.0) for t in self.tasks] + [self.tokens.get(t, 0.0) for t in self.tasks]
+        values += [self.padding_tokens, self.sequence_slots]
         totals = torch.tensor(values + [self.flops], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(totals, group=data_parallel_group)
         n = len(self.tasks)
         totals = totals.tolist()
         self.samples = dict(zip(self.tasks, totals[:n]))
         self.tokens = dict(zip(self.tasks, totals[n:2 * n]))
+        self.padding_tokens, self.sequence_slots = totals[2 * n], totals[2 * n + 1]
         self.flops = totals[-1]
 
     def losses(self) -> Dict[str, float]:
@@ -107,6 +122,7 @@ class Report:
     """Samples of the logging rank that failed to decode and were replaced (since the start of the run)."""
     new_bad_samples: List[Dict[str, Any]] = field(default_factory=list)
     """Those met during this interval: stream, shard, index, reason."""
+    padding_percent: Optional[float] = None
 
     def line(self, tasks: List[str]) -> str:
         def per_task(values: Dict[str, float], fmt: str) -> str:
@@ -123,6 +139,7 @@ class Report:
             f"tokens/s {per_task(self.tokens_per_second, '.0f')} | TFLOP/s {self.tflops_per_device:.3f}{mfu} | "
             f"data wait {self.data_wait_percent:.1f}% | mem {mem}"
             + (f" | bad samples {self.bad_samples_total}" if self.bad_samples_total else "")
+            + ("" if self.padding_percent is None else f" | padding {self.padding_percent:.1f}%")
         )
 
     def scalars(self) -> Dict[str, float]:
@@ -136,6 +153,8 @@ class Report:
             values["peak_memory_gib"] = self.peak_memory_gib
         if self.bad_samples_total:
             values["bad_samples"] = float(self.bad_samples_total)
+        if self.padding_percent is not None:
+            values["padding_percent"] = self.padding_percent
         for task, value in self.losses.items():
             values[f"loss/{task}"] = value
         for task, value in self.consumed.items():

@@ -1,0 +1,133 @@
+"""``--real-proportions`` of ``bench_training.py`` and ``bench_puffin.py``: Puffin's real token counts at a CPU size.
+
+Shapes are the real ones: 512x512 images (256 visual tokens each after the 16-pixel patches and the 2x2 fold),
+64 meta queries, the caption lengths of the synthetic generator as the tokenizer sees them, 64x64 latents for
+targets, camera maps and initial views. Every tower is the released Puffin's (Qwen2.5-1.5B, C-RADIOv3-H, the two
+6-layer connectors, the SD3-medium MMDiT, the SD3 VAE) scaled down by ONE factor of **1/256 in matmul FLOPs**:
+
+* transformers (LLM, RADIO, connectors, MMDiT): width / 8 (hidden, MLP, joint-attention and pooled dims; head
+  counts kept, so head dims shrink) and depth / 4 (layers; the 6-layer connectors round to 2). A linear layer's
+  FLOPs scale by (1/8)^2 x 1/4 = 1/256;
+* the LLM vocabulary: / 32 (the output layer is hidden x vocab: 1/8 x 1/32 = 1/256);
+* the VAE encoder (two ResNets per level, which cannot be quartered): width / 16 at full depth, (1/16)^2 = 1/256.
+
+Attention products scale by only width x depth = 1/32 (token counts are fixed), so attention-heavy towers (the
+MMDiT over 1,024-3,136 tokens) weigh more at the scaled size; :func:`share_table` prints every tower's share of the
+training FLOPs at full and at scaled size side by side (``training.flops``), so the deviation is visible.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Dict, List, Mapping, Sequence
+
+WIDTH_DIVISOR = 8
+DEPTH_DIVISOR = 4
+VOCAB_DIVISOR = 32
+VAE_WIDTH_DIVISOR = 16
+IMAGE_SIZE = 512
+NUM_QUERIES = 64
+MICRO_BATCH_SIZE = 2
+
+FULL_SIZES: Dict[str, Any] = dict(
+    llm_layers=28, llm_hidden=1536, llm_heads=12, llm_kv_heads=2, llm_ffn=8960, llm_vocab=151936,
+    vision_layers=32, vision_hidden=1280, vision_heads=16, vision_ffn=5120,
+    connector_layers=6, connector_hidden=1024, connector_heads=16, connector_ffn=4096,
+    connector_pooled=2048, connector_joint=4096,
+    dit_layers=24, dit_heads=24, dit_head_dim=64, dit_caption=1536,
+    vae_blocks=[128, 256, 512, 512], vae_layers_per_block=2,
+)
+"""The released Puffin (spec §1), in the benchmarks' size names."""
+
+
+def _depth(layers: int) -> int:
+    return max(1, int(math.floor(layers / DEPTH_DIVISOR + 0.5)))
+
+
+def scaled_sizes(full: Mapping[str, Any] = FULL_SIZES) -> Dict[str, Any]:
+    """The benchmark sizes: ``full`` scaled as the module docstring says."""
+    sizes = dict(full)
+    for key in ("llm_layers", "vision_layers", "connector_layers", "dit_layers"):
+        sizes[key] = _depth(full[key])
+    for key in ("llm_hidden", "llm_ffn", "vision_hidden", "vision_ffn", "connector_hidden", "connector_ffn",
+                "connector_pooled", "connector_joint", "dit_head_dim", "dit_caption"):
+        sizes[key] = full[key] // WIDTH_DIVISOR
+    sizes["llm_vocab"] = full["llm_vocab"] // VOCAB_DIVISOR
+    sizes["vae_blocks"] = [width // VAE_WIDTH_DIVISOR for width in full["vae_blocks"]]
+    return sizes
+
+
+def describe() -> str:
+    """One line stating the scaling."""
+    return (f"real proportions: {IMAGE_SIZE}^2 images, {NUM_QUERIES} queries, {IMAGE_SIZE // 8}^2 latents; towers "
+            f"scaled by 1/256 in matmul FLOPs (transformers width/{WIDTH_DIVISOR} depth/{DEPTH_DIVISOR}, "
+            f"vocab/{VOCAB_DIVISOR}, VAE width/{VAE_WIDTH_DIVISOR})")
+
+
+def apply(args: argparse.Namespace) -> None:
+    """Set the real-proportion sizes on a benchmark's parsed flags (model sizes, image size, queries)."""
+    for key, value in scaled_sizes().items():
+        setattr(args, key, value)
+    args.image_size, args.num_queries = IMAGE_SIZE, NUM_QUERIES
+    if args.micro_batch_size is None:
+        args.micro_batch_size = MICRO_BATCH_SIZE
+
+
+def sd3_vae_config(blocks: Sequence[int], layers_per_block: int, image_size: int) -> Dict[str, Any]:
+    """An SD3-shaped ``AutoencoderKL`` config (16 latent channels, x8 down) with the given block widths."""
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=list(blocks),
+        layers_per_block=layers_per_block, down_block_types=["DownEncoderBlock2D"] * len(blocks),
+        up_block_types=["UpDecoderBlock2D"] * len(blocks), norm_num_groups=min(32, min(blocks)),
+        sample_size=image_size, scaling_factor=1.5305, shift_factor=0.0609,
+    )
+
+
+def _full_config(vae_path: str):
+    """The released sizes as tower configs (``training.flops`` only reads shapes)."""
+    from megatron_puffin.models.connector import ConnectorConfig
+    from megatron_puffin.models.dit import DiTConfig
+    from megatron_puffin.models.llm import LLMConfig
+    from megatron_puffin.models.puffin_config import PuffinModelConfig
+    from megatron_puffin.models.vision import VisionConfig
+
+    return SimpleNamespace(llm=LLMConfig(), vision=VisionConfig(max_image_size=IMAGE_SIZE),
+                           connector=ConnectorConfig(num_queries=NUM_QUERIES),
+                           dit=DiTConfig(sample_size=IMAGE_SIZE // 8), model=PuffinModelConfig(vae_config=vae_path))
+
+
+def tower_shares(config, batches: Sequence[Mapping[str, Any]], trainable: Mapping[str, bool]) -> Dict[str, float]:
+    """Each tower's share of the training FLOPs (``training.flops.micro_batch_flops``) summed over ``batches``."""
+    from megatron_puffin.training.flops import TOWERS, micro_batch_flops
+
+    totals = {tower: 0.0 for tower in TOWERS}
+    for batch in batches:
+        for tower, value in micro_batch_flops(config, batch, trainable).items():
+            if tower != "total":
+                totals[tower] += value
+    whole = sum(totals.values())
+    return {tower: value / whole for tower, value in totals.items()} | {"total": whole}
+
+
+def share_table(scaled_config, batches: Sequence[Mapping[str, Any]], trainable: Mapping[str, bool]) -> List[str]:
+    """Lines comparing the towers' FLOP shares of ``batches`` (one cycle of task micro-batches) at the released
+    sizes and at ``scaled_config``."""
+    from megatron_puffin.training.flops import TOWERS
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vae_path = Path(tmp) / "vae.json"
+        vae_path.write_text(json.dumps(sd3_vae_config(FULL_SIZES["vae_blocks"], FULL_SIZES["vae_layers_per_block"],
+                                                      IMAGE_SIZE)))
+        full = tower_shares(_full_config(str(vae_path)), batches, trainable)
+    scaled = tower_shares(scaled_config, batches, trainable)
+    lines = [f"training-FLOP shares of one task cycle ({len(batches)} micro-batches), training.flops:",
+             f"  {'tower':10s} {'full size':>10s} {'scaled':>8s}"]
+    for tower in TOWERS:
+        lines.append(f"  {tower:10s} {100 * full[tower]:9.1f}% {100 * scaled[tower]:7.1f}%")
+    lines.append(f"  {'total':10s} {full['total'] / 1e12:8.2f} TF {scaled['total'] / 1e12:6.3f} TF  "
+                 f"(ratio 1/{full['total'] / scaled['total']:.0f})")
+    return lines

@@ -1,0 +1,240 @@
+"""Cached VAE latents: per-sample posterior moments stored beside a shard's fields (a speed lever).
+
+The frozen VAE encoder is a pure function of the (dynamically resized) image, so its posterior ``(mean, std)`` can
+be computed once, offline (``tools/cache_latents.py``), instead of at every step. Training then samples the
+posterior exactly as the online path does: ``normalize(mean + std * eps)`` with ``eps`` from the same per-sample
+generators (``PuffinModel._latents``), so with float32 storage the loss is the online one; bf16/fp16 storage
+halves the bytes at the storage format's rounding of the moments.
+
+Three extra fields, aligned by sample index with the shard's own (:data:`LATENT_FIELDS`): the target image
+(``image``), the initial view (``image_init``) and the camera map (``camera``, rendered at the target image's size
+as the collator does). Each sample's entry is its moments ``[2, C, h, w]`` flattened (mean then std), empty where
+the source is absent; ``latent_shape`` holds ``(h, w)`` of each of the three per sample (0, 0 when absent).
+bf16/fp16 values are stored as their 16-bit patterns (megatron-core's ``IndexedDataset`` has no 16-bit float).
+
+The manifest gains a ``latents`` entry: storage dtype, latent channels, the resolution they were computed at
+(``--image-size`` / ``--image-size-unit``) and the VAE's identity (its config and a SHA-256 of its weights).
+Training with ``--cached-latents`` checks all of it against its own VAE and data flags, naming both sides when
+they differ.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, get_bin_path, get_idx_path
+
+from megatron_puffin.data.format import MANIFEST_NAME, PuffinDataset, read_manifest
+
+logger = logging.getLogger(__name__)
+
+LATENT_FIELDS: Dict[str, str] = {"latent_image": "image", "latent_init": "image_init", "latent_camera": "camera"}
+"""Latent field -> the shard field it encodes."""
+SHAPE_FIELD = "latent_shape"
+BATCH_KEYS: Dict[str, str] = {"latent_image": "target_moments", "latent_init": "init_moments",
+                              "latent_camera": "camera_moments"}
+"""Latent field -> the micro-batch key the collator fills (``[B, 2, C, h, w]`` or a list)."""
+TASK_MOMENTS: Dict[str, tuple] = {"text2image": ("target_moments",),
+                                  "cam2image": ("target_moments", "camera_moments"),
+                                  "image2image": ("target_moments", "camera_moments", "init_moments")}
+"""Loss task -> the moments its VAE inputs need (understanding tasks need none)."""
+STORAGE_DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                          "float16": torch.float16}
+
+
+class LatentCacheError(ValueError):
+    """Cached latents missing, or made by another VAE or at another resolution than training uses."""
+
+
+def vae_identity(vae) -> Dict[str, Any]:
+    """``{"config": the AutoencoderKL config, "weights_sha256": hash of every tensor in state-dict order}`` of a
+    :class:`~megatron_puffin.models.vae.FrozenVAE`."""
+    digest = hashlib.sha256()
+    for name, tensor in vae.vae.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    config = {key: value for key, value in dict(vae.vae.config).items() if not key.startswith("_")}
+    return {"config": json.loads(json.dumps(config, default=str)), "weights_sha256": digest.hexdigest()}
+
+
+def _to_storage(moments: torch.Tensor, dtype: str) -> np.ndarray:
+    values = moments.detach().to("cpu", STORAGE_DTYPES[dtype]).contiguous().reshape(-1)
+    return values.numpy() if dtype == "float32" else values.view(torch.int16).numpy().view(np.uint16)
+
+
+def _from_storage(values: np.ndarray, dtype: str) -> torch.Tensor:
+    if dtype == "float32":
+        return torch.from_numpy(np.array(values, dtype=np.float32))
+    bits = torch.from_numpy(np.array(values, dtype=np.uint16).view(np.int16))
+    return bits.view(STORAGE_DTYPES[dtype]).float()
+
+
+def _sources(sample: Mapping[str, Any], image_size: int, image_unit: int) -> Dict[str, Optional[torch.Tensor]]:
+    """The three images the loader would give the VAE for this sample (None where absent)."""
+    from megatron_puffin.data.collate import batched_camera_maps
+    from megatron_puffin.data.images import load_dynamic
+
+    target = load_dynamic(sample["image"], image_size, image_unit) if sample.get("image") else None
+    init = load_dynamic(sample["image_init"], image_size, image_unit) if sample.get("image_init") else None
+    camera = None
+    if target is not None and sample.get("camera") is not None:
+        values = sample["camera"]
+        cameras = torch.tensor([[values.roll, values.pitch, values.vfov]], dtype=torch.float32)
+        camera = batched_camera_maps(cameras, [target])[0]
+    return {"latent_image": target, "latent_init": init, "latent_camera": camera}
+
+
+def _encode(vae, images: List[torch.Tensor]) -> List[torch.Tensor]:
+    """``[2, C, h, w]`` moments of each image (same-shaped images batched by the VAE wrapper)."""
+    if not images:
+        return []
+    mean, std = vae.encode_moments(images)
+    return [torch.stack([m, s]).float() for m, s in zip(mean, std)]
+
+
+def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit: int, dtype: str = "bfloat16",
+                        batch_size: int = 16) -> bool:
+    """Adds the latent fields to one shard (atomically: the manifest is replaced last). Returns False when the
+    shard already holds latents of this VAE, resolution and dtype; raises ValueError when it holds other ones."""
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    entry = {"dtype": dtype, "image_size": image_size, "image_size_unit": image_unit,
+             "latent_channels": int(vae.vae.config.latent_channels), "vae": vae_identity(vae)}
+    existing = manifest.get("latents")
+    if existing is not None:
+        if {k: v for k, v in existing.items() if k != "fields"} == entry:
+            return False
+        raise ValueError(f"{shard_dir} already holds cached latents of another VAE, resolution or dtype; delete its "
+                         f"latent_* files and the manifest's 'latents' entry, or write the dataset anew")
+    dataset = PuffinDataset(str(shard_dir))
+    builders = {name: IndexedDatasetBuilder(get_bin_path(str(shard_dir / f"{name}.tmp")),
+                                            dtype=np.float32 if dtype == "float32" else np.uint16)
+                for name in LATENT_FIELDS}
+    shapes = IndexedDatasetBuilder(get_bin_path(str(shard_dir / f"{SHAPE_FIELD}.tmp")), dtype=np.int32)
+    num_bytes = {name: 0 for name in [*LATENT_FIELDS, SHAPE_FIELD]}
+    for start in range(0, len(dataset), batch_size):
+        stop = min(start + batch_size, len(dataset))
+        samples = [_sources(dataset[i], image_size, image_unit) for i in range(start, stop)]
+        encoded = {}
+        for name in LATENT_FIELDS:
+            present = [i for i, sample in enumerate(samples) if sample[name] is not None]
+            encoded[name] = dict(zip(present, _encode(vae, [samples[i][name] for i in present])))
+        for i in range(len(samples)):
+            shape = []
+            for name, builder in builders.items():
+                moments = encoded[name].get(i)
+                payload = _to_storage(moments, dtype) if moments is not None else np.zeros(0, builder.dtype)
+                builder.add_item(torch.from_numpy(payload.copy()))
+                builder.end_document()
+                num_bytes[name] += payload.nbytes
+                shape += list(moments.shape[-2:]) if moments is not None else [0, 0]
+            payload = np.array(shape, dtype=np.int32)
+            shapes.add_item(torch.from_numpy(payload))
+            shapes.end_document()
+            num_bytes[SHAPE_FIELD] += payload.nbytes
+    for name, builder in [*builders.items(), (SHAPE_FIELD, shapes)]:
+        builder.finalize(get_idx_path(str(shard_dir / f"{name}.tmp")))
+        for suffix in (".bin", ".idx"):
+            os.replace(shard_dir / f"{name}.tmp{suffix}", shard_dir / f"{name}{suffix}")
+    manifest["latents"] = dict(entry, fields={name: {"num_bytes": count} for name, count in num_bytes.items()})
+    tmp = shard_dir / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, shard_dir / MANIFEST_NAME)
+    logger.info("cached %s latents of %d samples in %s", dtype, len(dataset), shard_dir)
+    return True
+
+
+class LatentCache:
+    """Reads the cached moments of a :class:`~megatron_puffin.data.format.PuffinDataset`'s samples.
+
+    Args:
+        dataset: The stream's dataset (every shard must hold latents).
+        vae: The training VAE's :func:`vae_identity` (None: not checked).
+        image_size, image_unit: The training resolution flags.
+        what: How to name the stream in errors (e.g. ``--task-stream cam2image:/data/main``).
+
+    Raises:
+        LatentCacheError: A shard without latents, or with latents of another VAE / resolution (naming both).
+    """
+
+    def __init__(self, dataset: PuffinDataset, vae: Optional[Mapping[str, Any]], image_size: int, image_unit: int,
+                 what: str):
+        self.dataset = dataset
+        self._fields: Dict[int, Dict[str, IndexedDataset]] = {}
+        self._pid: Optional[int] = None
+        for shard in dataset.shards:
+            check_latent_manifest(shard.manifest, shard.dir, vae, image_size, image_unit, what)
+
+    def _shard_fields(self, shard) -> Dict[str, IndexedDataset]:
+        if self._pid != os.getpid():  # memory maps are reopened after a fork (DataLoader workers)
+            self._fields, self._pid = {}, os.getpid()
+        key = id(shard)
+        if key not in self._fields:
+            sizes = shard.manifest["latents"]["fields"]
+            self._fields[key] = {name: IndexedDataset(str(shard.dir / name), multimodal=False,
+                                                      mmap=sizes[name]["num_bytes"] > 0)
+                                 for name in [*LATENT_FIELDS, SHAPE_FIELD]}
+        return self._fields[key]
+
+    def __getstate__(self):
+        return dict(self.__dict__, _fields={}, _pid=None)
+
+    def moments(self, index: int, keys: Sequence[str] = tuple(BATCH_KEYS.values())) -> Dict[str, torch.Tensor]:
+        """Batch key (:data:`BATCH_KEYS`, those in ``keys``) -> float32 ``[2, C, h, w]`` of one sample, for the
+        sources it has."""
+        shard, local = self.dataset.locate(index)
+        fields, entry = self._shard_fields(shard), shard.manifest["latents"]
+        shape = fields[SHAPE_FIELD][local].tolist()
+        result = {}
+        for slot, name in enumerate(LATENT_FIELDS):
+            height, width = shape[2 * slot], shape[2 * slot + 1]
+            if height and BATCH_KEYS[name] in keys:
+                values = _from_storage(fields[name][local], entry["dtype"])
+                result[BATCH_KEYS[name]] = values.reshape(2, entry["latent_channels"], height, width)
+        return result
+
+
+def check_latent_manifest(manifest: Mapping[str, Any], shard_dir: Path, vae: Optional[Mapping[str, Any]],
+                          image_size: int, image_unit: int, what: str) -> None:
+    """Raises ValueError when a shard's cached latents are missing or were made by another VAE or resolution."""
+    entry = manifest.get("latents")
+    if entry is None:
+        raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir} has no cached latents; run "
+                         f"tools/cache_latents.py --data {shard_dir} with the training VAE, or drop --cached-latents")
+    ours = f"--image-size {image_size} --image-size-unit {image_unit}"
+    theirs = f"--image-size {entry['image_size']} --image-size-unit {entry['image_size_unit']}"
+    if ours != theirs:
+        raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir} holds latents at {theirs}, training uses "
+                         f"{ours}; re-run tools/cache_latents.py at the training resolution")
+    if vae is not None and entry["vae"] != vae:
+        theirs_vae = f"weights sha256 {entry['vae']['weights_sha256'][:12]}"
+        ours_vae = f"weights sha256 {vae['weights_sha256'][:12]}"
+        if entry["vae"]["config"] != vae["config"]:
+            theirs_vae += f", config {_config_diff(entry['vae']['config'], vae['config'])}"
+        raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir} holds latents of another VAE ({theirs_vae}) "
+                         f"than the training one ({ours_vae}); re-run tools/cache_latents.py with the training VAE")
+
+
+def _config_diff(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> str:
+    keys = sorted(key for key in set(theirs) | set(ours) if theirs.get(key) != ours.get(key))
+    return ", ".join(f"{key}: cached {theirs.get(key)!r} vs training {ours.get(key)!r}" for key in keys[:3])
+
+
+def cache_dataset_latents(paths: Sequence[os.PathLike], vae, image_size: int, image_unit: int,
+                          dtype: str = "bfloat16", batch_size: int = 16) -> Dict[str, int]:
+    """:func:`cache_shard_latents` on every shard under ``paths``; returns counts of shards written / skipped."""
+    from megatron_puffin.data.format import find_shards
+
+    counts = {"written": 0, "skipped": 0}
+    for path in paths:
+        for shard in find_shards(path):
+            written = cache_shard_latents(shard, vae, image_size, image_unit, dtype, batch_size)
+            counts["written" if written else "skipped"] += 1
+    return counts

@@ -1,0 +1,66 @@
+"""The speed levers through the real CLIs (docs/performance.md): tools/cache_latents.py then pretrain_puffin.py with
+--cached-latents repeats the online run's losses; --length-grouped trains and logs its padding fraction."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers.puffin import ROOT, make_tiny_dataset
+
+TINY = ROOT / "examples" / "tiny"
+ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+RUN = [f"@{TINY / 'model.args'}", "--num-workers", "0", "--log-interval", "1", "--micro-batch-size", "2",
+       "--task-stream", "image2text:tiny/data/main", "--task-stream", "cam2image:tiny/data/main",
+       "--task-stream", "image2image:tiny/data/cross_view", "--freeze-vision", "--train-iters", "3",
+       "--lr", "1e-3", "--lr-warmup-iters", "1"]
+
+
+def _run(cwd, *command):
+    proc = subprocess.run([sys.executable, *map(str, command)], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def _losses(path):
+    return {json.loads(line)["iteration"]: {k: v for k, v in json.loads(line).items() if k.startswith("loss/")}
+            for line in Path(path).read_text().splitlines()}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("levers")
+    make_tiny_dataset(root / "tiny", num_samples=16)
+    return root
+
+
+def test_cached_latents_repeat_the_online_losses(workdir):
+    _run(workdir, ROOT / "pretrain_puffin.py", *RUN, "--metrics-file", "online.jsonl")
+    # float32 moments of the training VAE (drawn from the training --seed, 1234 by default) at the training size.
+    _run(workdir, ROOT / "tools" / "cache_latents.py", "--data", "tiny/data", "--vae-config", "tiny/vae_config.json",
+         "--seed", "1234", "--image-size", "96", "--dtype", "float32")
+    _run(workdir, ROOT / "pretrain_puffin.py", *RUN, "--cached-latents", "--metrics-file", "cached.jsonl")
+    online, cached = _losses(workdir / "online.jsonl"), _losses(workdir / "cached.jsonl")
+    assert sorted(online) == sorted(cached) == [1, 2, 3]
+    for iteration, losses in online.items():
+        assert set(cached[iteration]) == set(losses) == {"loss/image2text", "loss/cam2image", "loss/image2image"}
+        for task, loss in losses.items():
+            assert cached[iteration][task] == pytest.approx(loss, rel=1e-5), (iteration, task)
+
+
+def test_latents_of_another_vae_fail_before_training(workdir):
+    """Runs after the test above cached latents of the seed-1234 VAE; seed 7 draws another tiny VAE."""
+    proc = subprocess.run([sys.executable, str(ROOT / "pretrain_puffin.py"), *RUN, "--cached-latents", "--seed", "7"],
+                          cwd=workdir, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "holds latents of another VAE" in proc.stderr and "Traceback" not in proc.stderr
+    assert "iter 1/" not in proc.stderr
+
+
+def test_length_grouped_run_logs_its_padding(workdir):
+    proc = _run(workdir, ROOT / "pretrain_puffin.py", *RUN, "--length-grouped", "--length-group-window", "4")
+    lines = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines() if "iter 3/3" in line]
+    assert lines and "| padding " in lines[-1], (proc.stderr[-2000:])

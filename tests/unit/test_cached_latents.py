@@ -1,0 +1,120 @@
+"""--cached-latents: VAE posterior moments stored beside the shards give the online loss without running the VAE."""
+import importlib.util
+import shutil
+
+import pytest
+import torch
+
+import megatron_puffin.distributed as mpd
+from helpers.puffin import IMAGE_SIZE, NUM_QUERIES, ROOT, TASK_STREAMS, make_tiny_dataset, tiny_puffin_config
+
+GENERATION = ("text2image", "cam2image", "image2image")
+
+
+def _batches(paths, cached: bool, vae_identity=None):
+    from megatron_puffin.data import DataConfig, build_data_loader
+
+    streams = [f"{stream}:{paths['data']}/{subset}:2" for stream, subset in TASK_STREAMS.values()]
+    config = DataConfig(task_stream=streams, tokenizer=paths["tokenizer"], num_workers=0, image_size=IMAGE_SIZE,
+                        pin_memory=False, cached_latents=cached)
+    loader = build_data_loader(config, seed=0, num_query_tokens=NUM_QUERIES, vae_identity=vae_identity)
+    iterator = iter(loader)
+    return {batch["task"]: batch for batch in (next(iterator) for _ in TASK_STREAMS)}
+
+
+def _cache_latents_tool():
+    spec = importlib.util.spec_from_file_location("cache_latents", ROOT / "tools" / "cache_latents.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    from megatron_puffin.data.latents import vae_identity
+    from megatron_puffin.models.puffin import build_puffin
+
+    root = tmp_path_factory.mktemp("latents")
+    paths = make_tiny_dataset(root)
+    online = _batches(paths, cached=False)
+    mpd.initialize(seed=0)
+    torch.manual_seed(0)
+    model = build_puffin(tiny_puffin_config(paths)).train()
+    # The tool draws the random tiny VAE from the training seed (0 here) exactly as the model does: the loader's
+    # identity check below would fail otherwise. Small batches: several VAE calls per shard.
+    tool = _cache_latents_tool()
+    flags = ["--data", paths["data"], "--vae-config", paths["vae_config"], "--seed", "0", "--image-size",
+             str(IMAGE_SIZE), "--dtype", "float32", "--batch-size", "3"]
+    assert tool(flags) == 0
+    assert tool(flags) == 0  # a re-run skips the finished shards
+    yield paths, model, online, _batches(paths, cached=True, vae_identity=vae_identity(model.vae))
+    mpd.destroy()
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(batch)["loss"]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("task", GENERATION)
+def test_cached_moments_give_the_online_loss_and_never_run_the_encoder(cached, task):
+    _, model, online, from_cache = cached
+    calls = []
+    handle = model.vae.vae.encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        assert "target_moments" in from_cache[task] and "target_moments" not in online[task]
+        loss_cached, grads_cached = _loss_and_grads(model, from_cache[task])
+        assert not calls, "the VAE encoder ran although the batch carries cached moments"
+        loss_online, grads_online = _loss_and_grads(model, online[task])
+        assert calls  # the online path does encode
+    finally:
+        handle.remove()
+    torch.testing.assert_close(loss_cached, loss_online, rtol=1e-6, atol=0)
+    assert set(grads_cached) == set(grads_online)
+    scale = max(float(grad.abs().max()) for grad in grads_online.values())  # e.g. key biases get ~0 gradients
+    for name, grad in grads_online.items():
+        torch.testing.assert_close(grads_cached[name], grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+def test_condition_moments_follow_the_task(cached):
+    _, _, _, batches = cached
+    assert "camera_moments" not in batches["text2image"] and "init_moments" not in batches["cam2image"]
+    assert batches["image2image"]["init_moments"].shape == batches["image2image"]["target_moments"].shape
+    assert batches["cam2image"]["camera_moments"].shape[1:3] == (2, 4)  # (mean, std) x 4 latent channels
+
+
+def test_another_vae_or_resolution_is_a_clear_error(cached, tmp_path):
+    from megatron_puffin.data import DataConfig, build_data_loader
+    from megatron_puffin.data.latents import vae_identity
+
+    paths, model, _, _ = cached
+    other = vae_identity(model.vae)
+    other = dict(other, weights_sha256="0" * 64)
+    expected = r"text2image.*another VAE \(weights sha256 [0-9a-f]{12}\) than the training one \(weights sha256 0{12}\)"
+    with pytest.raises(ValueError, match=expected):
+        _batches(paths, cached=True, vae_identity=other)
+    streams = [f"text2image:{paths['data']}/main:2"]
+    config = DataConfig(task_stream=streams, tokenizer=paths["tokenizer"], num_workers=0, image_size=64,
+                        pin_memory=False, cached_latents=True)
+    with pytest.raises(ValueError, match="--image-size 96 .* training uses --image-size 64"):
+        build_data_loader(config, seed=0, num_query_tokens=NUM_QUERIES)
+    bare = tmp_path / "bare"
+    shutil.copytree(f"{paths['data']}/main/shard-00000", bare)
+    for name in ("latent_image", "latent_init", "latent_camera", "latent_shape"):
+        for suffix in (".bin", ".idx"):
+            (bare / f"{name}{suffix}").unlink()
+    (bare / "manifest.json").write_text((bare / "manifest.json").read_text().replace('"latents"', '"old_latents"'))
+    config.task_stream, config.image_size = [f"text2image:{bare}:2"], IMAGE_SIZE
+    with pytest.raises(ValueError, match="has no cached latents; run tools/cache_latents.py"):
+        build_data_loader(config, seed=0, num_query_tokens=NUM_QUERIES)
+
+
+def test_sixteen_bit_storage_round_trips_the_cast():
+    from megatron_puffin.data.latents import _from_storage, _to_storage
+
+    moments = torch.randn(2, 4, 3, 5)
+    for dtype, torch_dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)):
+        restored = _from_storage(_to_storage(moments, dtype), dtype).reshape(moments.shape)
+        assert torch.equal(restored, moments.to(torch_dtype).float()), dtype

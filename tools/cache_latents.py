@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Store the frozen VAE's posterior moments of every sample beside its shard (training with --cached-latents).
+
+    python tools/cache_latents.py --data /data/puffin4m/main /data/puffin4m/cross_view \
+        --vae-path /models/stable-diffusion-3-medium-diffusers/vae --image-size 512 --image-size-unit 32 \
+        [--dtype bfloat16] [--batch-size 16] [--device cuda]
+
+Encodes the target image, the initial view and the camera map of each sample at the training resolution (the
+loader's dynamic resize; camera maps at the target's size) and writes them as extra aligned fields of each shard;
+the manifest records the VAE (config + weights SHA-256), the resolution and the dtype (docs/performance.md).
+Re-running with the same VAE and flags skips finished shards. For a random tiny VAE (--vae-config) give the
+training --seed: the VAE is drawn from it exactly as training draws it.
+"""
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", nargs="+", required=True, help="Dataset directories (shards at any depth).")
+    vae = parser.add_mutually_exclusive_group(required=True)
+    vae.add_argument("--vae-path", help="diffusers AutoencoderKL folder (the training --vae-path).")
+    vae.add_argument("--vae-config", help="AutoencoderKL config.json of a random VAE (the training --vae-config).")
+    parser.add_argument("--seed", type=int, default=1234, help="Training --seed (draws a --vae-config VAE).")
+    parser.add_argument("--image-size", type=int, default=512, help="Training --image-size.")
+    parser.add_argument("--image-size-unit", type=int, default=32, help="Training --image-size-unit.")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="Storage dtype of the moments (float32: bit-for-bit the online loss).")
+    parser.add_argument("--vae-dtype", default=None, choices=["bfloat16", "float32"],
+                        help="VAE compute dtype (default: float32 for --vae-config, bfloat16 for --vae-path, as "
+                             "training with --bf16 loads it). Must be the training VAE's dtype.")
+    parser.add_argument("--batch-size", type=int, default=16, help="Samples encoded per VAE call.")
+    parser.add_argument("--device", default="cpu", help="Where the VAE runs (cpu, cuda).")
+    parser.add_argument("--log-level", default="WARNING")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper())
+    errors = [f"--{name.replace('_', '-')} ({getattr(args, name)}) must be >= 1"
+              for name in ("image_size", "image_size_unit", "batch_size") if getattr(args, name) < 1]
+    if args.image_size_unit >= 1 and args.image_size % args.image_size_unit:
+        errors.append(f"--image-size ({args.image_size}) must be a multiple of --image-size-unit "
+                      f"({args.image_size_unit})")
+    missing = [path for path in [*args.data, args.vae_path or args.vae_config] if not os.path.exists(path)]
+    errors += [f"{path} does not exist" for path in missing]
+    if errors:
+        print("error: " + "; ".join(errors), file=sys.stderr)
+        return 2
+    import torch
+
+    from megatron_puffin.data.latents import cache_dataset_latents
+    from megatron_puffin.models.puffin import build_vae
+    from megatron_puffin.models.puffin_config import PuffinModelConfig
+
+    dtype = getattr(torch, args.vae_dtype or ("bfloat16" if args.vae_path else "float32"))
+    vae = build_vae(PuffinModelConfig(vae_path=args.vae_path, vae_config=args.vae_config), dtype,
+                    torch.device(args.device), args.seed)
+    try:
+        counts = cache_dataset_latents(args.data, vae, args.image_size, args.image_size_unit, args.dtype,
+                                       args.batch_size)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"cached {args.dtype} VAE latents at --image-size {args.image_size}: {counts['written']} shard(s) written, "
+          f"{counts['skipped']} already done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
