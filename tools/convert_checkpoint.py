@@ -68,6 +68,7 @@ import megatron_puffin.distributed as mpd  # noqa: E402
 from megatron_puffin.convert.hf_io import load_hf_directory, save_hf_directory  # noqa: E402
 from megatron_puffin.convert.qwen2 import hf_to_mcore, load_llm_state_dict, mcore_to_hf  # noqa: E402
 from megatron_puffin.models.llm import LLMConfig, build_llm  # noqa: E402
+from megatron_puffin.models.extra_state import is_extra_state_key  # noqa: E402
 from megatron_puffin.training.checkpointing import (  # noqa: E402
     load_model_checkpoint,
     load_module,
@@ -186,7 +187,7 @@ def mcore_to_hf_command(args: argparse.Namespace) -> None:
     mpd.initialize(seed=0)
     model = build_llm(config)
     load_model_checkpoint(model, args.input)
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    state = {k: v for k, v in model.state_dict().items() if not is_extra_state_key(k)}
     hf_config = dict(metadata.get("hf_config") or config.to_hf())
     save_hf_directory(args.output, hf_config, mcore_to_hf(state, config))
     logger.info("wrote %s", args.output)
@@ -273,7 +274,7 @@ def radio_to_mcore_command(args: argparse.Namespace, extra: Sequence[str]) -> No
     shard = shard_by_table(encoder, encoder_tensor_table(config), ctx.tensor_model_parallel_size,
                            "radio-to-mcore")[ctx.tp_rank]
     result = model.load_state_dict(shard, strict=False)
-    fresh = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    fresh = [k for k in result.missing_keys if not is_extra_state_key(k)]
     if result.unexpected_keys or any(not k.startswith("projector.") for k in fresh):
         raise UsageError(f"radio-to-mcore: tensors not matching the tower: unexpected {result.unexpected_keys}, "
                          f"missing {[k for k in fresh if not k.startswith('projector.')]}")

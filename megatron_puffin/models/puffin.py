@@ -34,7 +34,14 @@ from megatron_puffin.diffusion import (
 from megatron_puffin.distributed.random import make_generator
 from megatron_puffin.models.connector import ConnectorConfig, build_query_conditioner
 from megatron_puffin.models.dit import DiTConfig, build_dit
-from megatron_puffin.models.llm import LLMConfig, build_llm, shift_labels, vocab_parallel_token_losses
+from megatron_puffin.models.llm import (
+    LLMConfig,
+    RightPadding,
+    build_llm,
+    gather_positions,
+    shift_labels,
+    vocab_parallel_token_losses,
+)
 from megatron_puffin.models.puffin_config import PuffinModelConfig
 from megatron_puffin.models.vae import FrozenVAE
 from megatron_puffin.models.vision import VisionConfig, build_vision
@@ -277,10 +284,12 @@ class PuffinModel(MegatronModule):
         noise = self._randn_each(latents, generators)
         return add_noise(latents, noise, sigmas), velocity_target(latents, noise), timesteps
 
-    def generation_loss(self, hidden: torch.Tensor, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        """Per-sample-mean flow matching of the target latents (spec §2.3)."""
+    def generation_loss(self, hidden: torch.Tensor, batch: Dict[str, Any], layout: RightPadding) -> Dict[str, torch.Tensor]:
+        """Per-sample-mean flow matching of the target latents (spec §2.3); the meta queries are each prompt's last
+        tokens, read at the sample's own positions of the right-padded ``hidden`` ``[s, b, h]``."""
         num_queries = self.puffin_config.connector.num_queries
-        queries = hidden[-num_queries:].transpose(0, 1)  # left padding keeps the queries last: [b, q, h]
+        positions = layout.last_positions(num_queries, device=hidden.device)
+        queries = gather_positions(hidden, positions).transpose(0, 1)  # [b, q, h]
         pooled, context = self.conditioner(queries)
         targets = self._latents(batch["target_images"], "vae_target", batch)
         cond = self.condition_latents(batch)
@@ -296,16 +305,22 @@ class PuffinModel(MegatronModule):
         """Run this stage on one task micro-batch (see the module docstring for what it returns)."""
         task = batch["task"]
         generation = task in GENERATION_TASKS
+        # The collated rows are left-padded; right padding lets the LLM run causal attention without a mask.
+        layout = RightPadding.from_left_padded(batch["attention_mask"])
+        batch = layout.apply_to_batch(batch)
         decoder_input = self.embed_inputs(batch) if self.pre_process else None
         output = self.llm(
             decoder_input=decoder_input,
             position_ids=batch["position_ids"].to(self.device),
-            padding_mask=batch["attention_mask"].to(self.device),
+            padding_mask=None,  # right-padded: causality alone keeps real tokens from the pads
             output="hidden" if generation else "logits",
         )
         if not self.post_process:
             return output
-        losses = self.generation_loss(output, batch) if generation else self.understanding_loss(output, batch)
+        if generation:
+            losses = self.generation_loss(output, batch, layout)
+        else:
+            losses = self.understanding_loss(output, batch)
         losses[f"loss_{task}"] = losses["loss"].detach()
         return losses
 

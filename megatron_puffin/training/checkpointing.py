@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_puffin.models.extra_state import drop_absent_extra_state, load_model_state, stored_checkpoint_keys
+
 logger = logging.getLogger(__name__)
 
 META_FILE = "puffin_meta.json"
@@ -66,9 +68,13 @@ def load_checkpoint(sharded_state_dict: Dict[str, Any], directory: str) -> Dict[
 
 
 def load_model_checkpoint(model: torch.nn.Module, directory: str) -> None:
-    """Load a model's weights from a distributed checkpoint saved at any TP/PP layout."""
-    state = load_checkpoint(model.sharded_state_dict(), directory)
-    model.load_state_dict(state, strict=True)
+    """Load a model's weights from a distributed checkpoint saved at any TP/PP layout (and either
+    ``--transformer-impl``: see :mod:`megatron_puffin.models.extra_state`)."""
+    sharded = model.sharded_state_dict()
+    check_fits(sharded, directory, "checkpoint")
+    drop_absent_extra_state(sharded, stored_checkpoint_keys(directory))
+    state = load_checkpoint(sharded, directory)
+    load_model_state(model, state, f"checkpoint {directory}")
 
 
 def read_metadata(directory: str) -> Optional[Dict[str, Any]]:
@@ -182,8 +188,9 @@ def load_module(module: torch.nn.Module, directory: str, prefix: str = "", what:
     """Load one module (a whole model or a tower) from a distributed checkpoint whose keys carry ``prefix``."""
     sharded = module.sharded_state_dict(prefix=prefix)
     check_fits(sharded, directory, what)
+    drop_absent_extra_state(sharded, stored_checkpoint_keys(directory))
     loaded = load_checkpoint(sharded, directory)
     state = {key: loaded[key] for key in sharded}  # load() also returns the checkpoint's common (non-tensor) part
     if prefix:
         state = {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state.items()}
-    module.load_state_dict(state, strict=True)
+    load_model_state(module, state, f"{what} {directory}")

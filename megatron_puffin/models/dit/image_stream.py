@@ -5,7 +5,8 @@ and right-padded to the longest sample (spec §1.8 items 1-3, 5).
 Latents of equal shape are embedded together (one convolution per distinct shape, not per sample), and their
 tokens are placed into the padded ``[L, b, h]`` stream by one ``index_put`` with a precomputed destination
 index. A batch whose samples all have one same-shaped latent needs no placement at all. The key-padding mask
-exists only when sample lengths differ, and is a broadcast ``[b, 1, 1, L + T]`` vector, never ``L x L``.
+exists only when sample lengths differ, and is a broadcast ``[b, 1, 1, T + L]`` vector over the joint
+``[text ; image]`` sequence (pads at the end of each row), never ``L x L``.
 """
 from __future__ import annotations
 
@@ -88,13 +89,13 @@ class ImageStreamLayout:
         return torch.cat(pieces)
 
     def key_padding_mask(self, num_text_tokens: int, device: torch.device) -> Optional[torch.Tensor]:
-        """Joint-attention key mask ``[b, 1, 1, L + T]`` bool, True = padded image token; None when unpadded."""
+        """Joint-attention key mask ``[b, 1, 1, T + L]`` bool over ``[text ; image]``, True = padded image token
+        (always at the end of the row); None when unpadded."""
         if not self.padded:
             return None
-        lengths = torch.tensor(self.seq_lens, device=device)
-        image_pad = torch.arange(self.max_len, device=device)[None, :] >= lengths[:, None]
-        text_pad = torch.zeros(self.batch_size, num_text_tokens, dtype=torch.bool, device=device)
-        return torch.cat([image_pad, text_pad], dim=1)[:, None, None, :]
+        joint_lengths = torch.tensor(self.seq_lens, device=device) + num_text_tokens
+        joint = torch.arange(num_text_tokens + self.max_len, device=device)[None, :]
+        return (joint >= joint_lengths[:, None])[:, None, None, :]
 
     def target_groups(self) -> List[Tuple[Tuple[int, int], List[int]]]:
         """Samples grouped by target shape, in order of first appearance: ``[(shape, [sample, ...]), ...]``."""
