@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from megatron.core import parallel_state
@@ -34,11 +34,13 @@ from megatron_puffin.diffusion import (
 from megatron_puffin.distributed.random import make_generator
 from megatron_puffin.models.connector import ConnectorConfig, build_query_conditioner
 from megatron_puffin.models.dit import DiTConfig, build_dit
+from megatron_puffin.models.fp8 import FP8_TOWERS, fp8_token_multiple, tower_fp8
 from megatron_puffin.models.llm import (
     LLMConfig,
     RightPadding,
     build_llm,
     gather_positions,
+    pad_sequences_to_multiple,
     shift_labels,
     vocab_parallel_token_losses,
 )
@@ -66,6 +68,11 @@ class PuffinConfig:
     transformer_impl: str = "local"
     fp8: Optional[str] = None
     fp8_recipe: str = "delayed"
+    fp8_towers: Tuple[str, ...] = FP8_TOWERS
+    """Towers whose GEMMs run in FP8 when ``fp8`` is set (see :mod:`megatron_puffin.models.fp8`)."""
+
+    def tower_fp8(self, tower: str) -> Optional[str]:
+        return tower_fp8(self.fp8, self.fp8_towers, tower)
 
     @classmethod
     def from_args(cls, args) -> "PuffinConfig":
@@ -76,6 +83,7 @@ class PuffinConfig:
             llm=args.llm, vision=args.vision, connector=args.connector, dit=args.dit, flow=args.flow,
             model=args.model, seed=args.training.seed, params_dtype=dtype,
             transformer_impl=precision.transformer_impl, fp8=precision.fp8_format, fp8_recipe=precision.fp8_recipe,
+            fp8_towers=tuple(precision.fp8_tower),
         )
 
 
@@ -109,7 +117,7 @@ class PuffinModel(MegatronModule):
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         llm_tconfig = config.llm.to_transformer_config(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=config.params_dtype,
-            fp8=config.fp8, fp8_recipe=config.fp8_recipe,
+            fp8=config.tower_fp8("llm"), fp8_recipe=config.fp8_recipe,
         )
         super().__init__(config=llm_tconfig)
         from megatron.core.enums import ModelType
@@ -121,22 +129,36 @@ class PuffinModel(MegatronModule):
         self.llm = build_llm(config.llm, pre_process, post_process, llm_tconfig, config.transformer_impl)
         if pre_process:
             self.vision = build_vision(
-                config.vision, config.llm.hidden_size, transformer_impl=config.transformer_impl,
+                config.vision, config.llm.hidden_size, self._fp8_transformer_config(config.vision, "vision"),
+                transformer_impl=config.transformer_impl,
                 params_dtype=config.params_dtype, device=self.device,
             )
         # The meta queries live on the first stage, the connectors and projections on the last.
         self.conditioner = build_query_conditioner(
             config.connector, config.llm.hidden_size, pre_process=pre_process, post_process=post_process,
+            transformer_config=self._fp8_transformer_config(config.connector, "connector"),
             transformer_impl=config.transformer_impl, params_dtype=config.params_dtype, device=self.device,
         )
         if post_process:
-            self.dit = build_dit(config.dit, transformer_impl=config.transformer_impl,
+            self.dit = build_dit(config.dit, self._fp8_transformer_config(config.dit, "dit"),
+                                 transformer_impl=config.transformer_impl,
                                  params_dtype=config.params_dtype, device=self.device)
             # Not a submodule: the VAE is frozen, never checkpointed with the model, never seen by DDP.
             self._vae = [_build_vae(config.model, config.params_dtype, self.device, config.seed)]
             self.schedule = FlowMatchSchedule(config.flow.num_train_timesteps, config.flow.shift)
         self._cast_parameters(config.params_dtype)
         self.apply_freezing()
+
+    def _fp8_transformer_config(self, tower_config, tower: str):
+        """The ``TransformerConfig`` of an FP8 tower (its own ``fp8``); None (the builder's default, no FP8) else."""
+        fp8 = self.puffin_config.tower_fp8(tower)
+        if fp8 is None:
+            return None
+        return tower_config.to_transformer_config(
+            tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+            params_dtype=self.puffin_config.params_dtype, fp8=fp8, fp8_recipe=self.puffin_config.fp8_recipe,
+            use_cpu_initialization=self.device.type == "cpu",
+        )
 
     def _cast_parameters(self, dtype: torch.dtype) -> None:
         """Every parameter in ``params_dtype`` (megatron-core's torch-norm fallback of the local spec creates fp32
@@ -308,6 +330,8 @@ class PuffinModel(MegatronModule):
         # The collated rows are left-padded; right padding lets the LLM run causal attention without a mask.
         layout = RightPadding.from_left_padded(batch["attention_mask"])
         batch = layout.apply_to_batch(batch)
+        if self.puffin_config.tower_fp8("llm"):  # FP8 GEMMs need row counts of a multiple: more pads at the end
+            batch = pad_sequences_to_multiple(batch, fp8_token_multiple(self.puffin_config.fp8_recipe))
         decoder_input = self.embed_inputs(batch) if self.pre_process else None
         output = self.llm(
             decoder_input=decoder_input,

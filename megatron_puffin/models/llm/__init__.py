@@ -8,7 +8,12 @@ from megatron_puffin.models.llm.model import (
     shift_labels,
     vocab_parallel_token_losses,
 )
-from megatron_puffin.models.llm.padding import RightPadding, gather_positions, is_right_padded
+from megatron_puffin.models.llm.padding import (
+    RightPadding,
+    gather_positions,
+    is_right_padded,
+    pad_sequences_to_multiple,
+)
 
 __all__ = [
     "LLMConfig",
@@ -18,6 +23,7 @@ __all__ = [
     "build_llm",
     "gather_positions",
     "is_right_padded",
+    "pad_sequences_to_multiple",
     "get_llm_layer_spec",
     "shift_labels",
     "vocab_parallel_token_losses",

@@ -85,6 +85,29 @@ class RightPadding:
         return lengths[None, :] - count + torch.arange(count, device=device)[:, None]
 
 
+def pad_sequences_to_multiple(batch: Dict[str, Any], multiple: int) -> Dict[str, Any]:
+    """A right-padded batch with more pads at the end so the sequence length is a multiple of ``multiple`` (FP8
+    GEMMs; see :mod:`megatron_puffin.models.fp8`). Pads are invisible to real tokens (causality), so nothing a real
+    token computes changes: ``input_ids`` 0, ``labels`` -100, ``attention_mask`` False, ``position_ids``
+    continuing the row's count."""
+    seq_length = batch["input_ids"].shape[1]
+    extra = -seq_length % multiple if multiple > 1 else 0
+    if not extra:
+        return batch
+    padded = dict(batch)
+    fills = {"input_ids": 0, "labels": -100, "attention_mask": False}
+    for key in SEQUENCE_FIELDS:
+        if key not in batch:
+            continue
+        tensor = batch[key]
+        if key == "position_ids":
+            tail = tensor[:, -1:] + torch.arange(1, extra + 1, device=tensor.device)[None, :]
+        else:
+            tail = torch.full((tensor.shape[0], extra), fills[key], dtype=tensor.dtype, device=tensor.device)
+        padded[key] = torch.cat([tensor, tail], dim=1)
+    return padded
+
+
 def gather_positions(hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Per-sample rows of a sequence-first tensor: ``[s, b, h]`` at ``[n, b]`` positions -> ``[n, b, h]``."""
     index = positions.to(hidden_states.device)[..., None].expand(-1, -1, hidden_states.shape[-1])

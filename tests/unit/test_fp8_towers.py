@@ -1,0 +1,92 @@
+"""FP8 per tower: flags and validation, each tower's precision in the dry run, token counts padded for FP8 GEMMs.
+
+(FP8 itself needs Transformer Engine on a GPU: tests/gpu.)"""
+import pytest
+import torch
+
+import megatron_puffin.distributed as mpd
+from megatron_puffin.config import parse_args
+from megatron_puffin.models.fp8 import (
+    FP8_TOWERS,
+    fp8_token_multiple,
+    fp8_tower_problems,
+    round_up,
+    tower_fp8,
+    tower_precisions,
+)
+
+STAGE = "@examples/stages/stage2_sft.args"
+
+
+def test_token_multiples_and_rounding():
+    assert fp8_token_multiple("delayed") == fp8_token_multiple("tensorwise") == 16
+    assert fp8_token_multiple("mxfp8") == 32
+    assert [round_up(n, 16) for n in (1, 16, 17, 330)] == [16, 16, 32, 336]
+    assert round_up(17, 1) == 17
+
+
+def test_each_tower_gets_its_own_fp8_setting():
+    assert tower_fp8("hybrid", FP8_TOWERS, "dit") == "hybrid"
+    assert tower_fp8("hybrid", ["llm"], "dit") is None and tower_fp8(None, FP8_TOWERS, "llm") is None
+    text = tower_precisions("bf16", "hybrid", "delayed", ["llm", "dit"], {"dit": True})
+    assert text == {"llm": "FP8 hybrid (delayed) GEMMs, bf16 elsewhere", "vision": "bf16", "connector": "bf16",
+                    "dit": "FP8 hybrid (delayed) GEMMs, bf16 elsewhere, frozen layers (forward only)"}
+    with pytest.raises(ValueError, match="unknown tower"):
+        tower_fp8("hybrid", FP8_TOWERS, "vae")
+
+
+def test_mxfp8_is_refused_before_blackwell_and_towers_are_checked():
+    assert fp8_tower_problems("hybrid", "mxfp8", FP8_TOWERS, (10, 0)) == []
+    (problem,) = fp8_tower_problems("hybrid", "mxfp8", FP8_TOWERS, (9, 0))
+    assert "--fp8-recipe mxfp8 needs a Blackwell GPU" in problem and "this one is 9.0" in problem
+    assert fp8_tower_problems("hybrid", "delayed", FP8_TOWERS, (9, 0)) == []
+    (problem,) = fp8_tower_problems(None, "delayed", ["llm", "vae"], None)
+    assert problem.startswith("--fp8-tower (vae) must be among llm, vision, connector, dit")
+
+
+def test_flags_default_to_every_tower_and_bad_towers_fail_validation():
+    args = parse_args([STAGE], validate=False)
+    assert args.precision.fp8_tower == list(FP8_TOWERS)
+    args = parse_args([STAGE, "--fp8-tower", "llm", "--fp8-tower", "dit"], validate=False)
+    assert args.precision.fp8_tower == ["llm", "dit"]
+    with pytest.raises(ValueError, match=r"--fp8-tower \(vea\)"):
+        parse_args([STAGE, "--fp8-tower", "vea"])
+
+
+def test_dry_run_reports_precision_per_tower():
+    from megatron_puffin.training.layout import _precision_lines
+
+    args = parse_args([STAGE, "--fp8-format", "hybrid", "--fp8-tower", "llm"], validate=False)
+    lines = _precision_lines(args, "bf16")
+    assert "  llm: FP8 hybrid (delayed) GEMMs, bf16 elsewhere" in lines
+    assert "  dit: bf16" in lines and "  vae: bf16, frozen (never FP8)" in lines
+
+
+@pytest.fixture()
+def single_process():
+    mpd.initialize(seed=0)
+    yield
+    mpd.destroy()
+
+
+def test_llm_sequence_padded_for_fp8_leaves_every_real_token_unchanged(single_process):
+    """More pads at the end (to a multiple of 16) change nothing a real token computes (fp32, local spec)."""
+    from helpers.llm import left_padded_batch, tiny_llm_config
+    from megatron_puffin.models.llm import RightPadding, build_llm, pad_sequences_to_multiple
+
+    config = tiny_llm_config(num_layers=2)
+    torch.manual_seed(0)
+    model = build_llm(config).eval()
+    input_ids, mask, position_ids, labels = left_padded_batch(config.vocab_size, [11, 7, 3], 11)
+    batch = RightPadding.from_left_padded(mask).apply_to_batch(
+        {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels})
+    padded = pad_sequences_to_multiple(batch, 16)
+    assert padded["input_ids"].shape == (3, 16) and not padded["attention_mask"][:, 11:].any()
+    assert (padded["labels"][:, 11:] == -100).all()
+    assert torch.equal(padded["position_ids"][0, 10:13], torch.tensor([10, 11, 12]))
+    assert pad_sequences_to_multiple(padded, 16) is padded
+    with torch.no_grad():
+        short = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).transpose(0, 1)
+        long = model(input_ids=padded["input_ids"], position_ids=padded["position_ids"]).transpose(0, 1)
+    real = batch["attention_mask"]
+    torch.testing.assert_close(long[:, :11][real], short[real], rtol=1e-6, atol=1e-6)
