@@ -62,6 +62,16 @@ def drop_absent_extra_state(sharded_state_dict: Dict[str, Any], stored_keys: Set
     return removed
 
 
+def absent_tensors(sharded_state_dict: Dict[str, Any], stored_keys: Set[str]) -> List[str]:
+    """Checkpoint keys of a (nested) sharded state dict's tensors and non-extra-state objects that the checkpoint
+    lacks (sorted): the entries that must still fail a load."""
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    keys = {value.key for value in nested_values(sharded_state_dict) if isinstance(value, (ShardedTensor, ShardedObject))}
+    return sorted(key for key in keys if key not in stored_keys and not is_extra_state_key(key))
+
+
 class StateDictMismatch(RuntimeError):
     """Entries other than ``_extra_state`` are missing or unexpected (the message names them)."""
 

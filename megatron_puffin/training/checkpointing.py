@@ -15,7 +15,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_puffin.models.extra_state import drop_absent_extra_state, load_model_state, stored_checkpoint_keys
+from megatron_puffin.models.extra_state import (
+    absent_tensors,
+    drop_absent_extra_state,
+    load_model_state,
+    stored_checkpoint_keys,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +76,12 @@ def load_model_checkpoint(model: torch.nn.Module, directory: str) -> None:
     """Load a model's weights from a distributed checkpoint saved at any TP/PP layout (and either
     ``--transformer-impl``: see :mod:`megatron_puffin.models.extra_state`)."""
     sharded = model.sharded_state_dict()
-    check_fits(sharded, directory, "checkpoint")
-    drop_absent_extra_state(sharded, stored_checkpoint_keys(directory))
+    stored = stored_checkpoint_keys(directory)
+    missing = absent_tensors(sharded, stored)
+    if missing:
+        raise CheckpointMismatch(f"checkpoint {directory} lacks {len(missing)} tensor(s) of the model: "
+                                 f"{', '.join(missing[:20])}")
+    drop_absent_extra_state(sharded, stored)
     state = load_checkpoint(sharded, directory)
     load_model_state(model, state, f"checkpoint {directory}")
 
