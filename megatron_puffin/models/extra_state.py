@@ -68,7 +68,8 @@ def absent_tensors(sharded_state_dict: Dict[str, Any], stored_keys: Set[str]) ->
     from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
-    keys = {value.key for value in nested_values(sharded_state_dict) if isinstance(value, (ShardedTensor, ShardedObject))}
+    sharded = (ShardedTensor, ShardedObject)
+    keys = {value.key for value in nested_values(sharded_state_dict) if isinstance(value, sharded)}
     return sorted(key for key in keys if key not in stored_keys and not is_extra_state_key(key))
 
 

@@ -306,7 +306,9 @@ class PuffinModel(MegatronModule):
         noise = self._randn_each(latents, generators)
         return add_noise(latents, noise, sigmas), velocity_target(latents, noise), timesteps
 
-    def generation_loss(self, hidden: torch.Tensor, batch: Dict[str, Any], layout: RightPadding) -> Dict[str, torch.Tensor]:
+    def generation_loss(
+        self, hidden: torch.Tensor, batch: Dict[str, Any], layout: RightPadding
+    ) -> Dict[str, torch.Tensor]:
         """Per-sample-mean flow matching of the target latents (spec §2.3); the meta queries are each prompt's last
         tokens, read at the sample's own positions of the right-padded ``hidden`` ``[s, b, h]``."""
         num_queries = self.puffin_config.connector.num_queries

@@ -118,3 +118,17 @@ def test_dit_stream_padded_for_fp8_predicts_the_same_velocities(single_process):
                 outputs.append(dit.predict_targets(hidden, temb, layout))
         for plain, padded in zip(outputs[0], outputs[1]):
             torch.testing.assert_close(padded, plain, rtol=1e-6, atol=1e-6)
+
+
+def test_fp8_vision_tower_refuses_token_counts_fp8_gemms_cannot_take(single_process):
+    """The ViT's tokens are not padded yet: a clear error names the fix instead of Transformer Engine's assertion."""
+    from megatron_puffin.models.vision import VisionConfig, build_vision
+
+    tower = build_vision(VisionConfig(hidden_size=16, num_layers=1, num_attention_heads=2, ffn_hidden_size=32,
+                                      max_image_size=96, class_token_len=2), 48)
+    tower.config.fp8 = "hybrid"  # what an FP8 vision tower's TransformerConfig holds (FP8 itself needs a GPU)
+    tower._check_images(torch.zeros(16, 3, 96, 96))  # 16 x (2 + 36) ViT rows, 16 x 9 projector rows
+    with pytest.raises(ValueError, match=r"1 image\(s\) of 96x96 give 38 ViT rows, not a multiple of 16"):
+        tower._check_images(torch.zeros(1, 3, 96, 96))
+    with pytest.raises(ValueError, match=r"give 72 projector rows"):
+        tower._check_images(torch.zeros(8, 3, 96, 96))

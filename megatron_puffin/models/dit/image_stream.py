@@ -68,7 +68,8 @@ class ImageStreamLayout:
     @property
     def dense(self) -> bool:
         """One group holding exactly the targets of all samples in order, unpadded: its embedding is the stream."""
-        return not self.padded and len(self.groups) == 1 and self.groups[0].members == tuple((b, 0) for b in range(self.batch_size))
+        targets_in_order = tuple((b, 0) for b in range(self.batch_size))
+        return not self.padded and len(self.groups) == 1 and self.groups[0].members == targets_in_order
 
     def num_tokens(self, shape: Tuple[int, int]) -> int:
         """Tokens of a latent of shape ``(h, w)``."""

@@ -94,4 +94,5 @@ def get_llm_decoder_block_spec(
     the final norm of ``transformer_impl``."""
     layer_spec = layer_spec or get_llm_layer_spec(transformer_impl)
     num_layers = get_num_layers_to_build(transformer_config)
-    return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=llm_final_norm(transformer_impl))
+    final_norm = llm_final_norm(transformer_impl)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=final_norm)
