@@ -6,6 +6,10 @@ the last stage holds the LLM's final norm and output layer, the two connectors w
 and the frozen VAE. Tensor parallelism applies to every tower. A micro-batch carries one task, so every stage runs
 the same task at the same time.
 
+The collated batch is left-padded (the data's layout); ``forward`` moves every row's real tokens to the front
+(:mod:`megatron_puffin.models.llm.padding`) so the LLM runs causal attention without a mask (fused kernels), and
+reads the meta queries at each sample's own positions.
+
 ``forward(batch)`` returns, on the last stage (or without pipelining), a dict with the task's mean loss
 (``loss``, the tensor to back-propagate), its numerator and denominator for exact averaging over micro-batches and
 data-parallel ranks (``loss_sum`` and ``num_tokens`` for understanding, ``num_samples`` for generation), and
