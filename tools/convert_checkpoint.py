@@ -74,6 +74,7 @@ from megatron_puffin.convert.hf_io import HFDirectoryError, load_hf_directory  #
 from megatron_puffin.convert.qwen2 import hf_to_mcore, load_llm_state_dict  # noqa: E402
 from megatron_puffin.models.llm import LLMConfig, build_llm  # noqa: E402
 from megatron_puffin.training.checkpoint_safety import CheckpointError  # noqa: E402
+from megatron_puffin.models.extra_state import is_extra_state_key  # noqa: E402
 from megatron_puffin.training.checkpointing import (  # noqa: E402
     load_module,
     read_metadata,
@@ -300,7 +301,7 @@ def radio_to_mcore_command(args: argparse.Namespace, extra: Sequence[str]) -> No
     shard = shard_by_table(encoder, encoder_tensor_table(config), ctx.tensor_model_parallel_size,
                            "radio-to-mcore")[ctx.tp_rank]
     result = model.load_state_dict(shard, strict=False)
-    fresh = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    fresh = [k for k in result.missing_keys if not is_extra_state_key(k)]
     if result.unexpected_keys or any(not k.startswith("projector.") for k in fresh):
         raise UsageError(f"radio-to-mcore: tensors not matching the tower: unexpected {result.unexpected_keys}, "
                          f"missing {[k for k in fresh if not k.startswith('projector.')]}")

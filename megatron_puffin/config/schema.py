@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
+
+from megatron_puffin.models.fp8 import FP8_TOWERS
 
 
 @dataclass
@@ -35,7 +37,10 @@ class PrecisionConfig:
     fp8_format: Optional[str] = field(default=None, metadata={"choices": ["e4m3", "hybrid"]})
     """FP8 compute through Transformer Engine: e4m3 everywhere, or hybrid (e4m3 forward, e5m2 backward)."""
     fp8_recipe: str = field(default="delayed", metadata={"choices": ["delayed", "tensorwise", "mxfp8", "blockwise"]})
-    """FP8 scaling recipe (Transformer Engine)."""
+    """FP8 scaling recipe (Transformer Engine); mxfp8 needs a Blackwell GPU."""
+    fp8_tower: List[str] = field(default_factory=lambda: list(FP8_TOWERS))
+    """A tower whose GEMMs run in FP8 when --fp8-format is given: llm, vision, connector or dit (repeat the flag;
+    default all four). The others run in bf16."""
     transformer_impl: str = field(default="local", metadata={"choices": ["local", "transformer_engine"]})
     """Layer implementation: local (pure torch, runs anywhere) or transformer_engine (GPU; needed for FP8)."""
 

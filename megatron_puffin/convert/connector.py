@@ -25,6 +25,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from megatron_puffin.models.connector.config import ConnectorConfig
+from megatron_puffin.models.extra_state import is_extra_state_key
 
 StateDict = Dict[str, torch.Tensor]
 Table = Dict[str, Tuple[tuple, Optional[int]]]
@@ -38,9 +39,7 @@ class ConversionError(ValueError):
 
 
 # -- table helpers (shared with convert.radio) -------------------------------------------------------------------
-def is_extra_state(name: str) -> bool:
-    """Transformer Engine / megatron ``_extra_state`` entries (FP8 metadata), never part of a conversion."""
-    return name.endswith("._extra_state") or name == "_extra_state"
+is_extra_state = is_extra_state_key  # Transformer Engine ``_extra_state`` entries, never part of a conversion
 
 
 def linear_entries(name: str, out_features: int, in_features: int, axis: Optional[int]) -> Table:

@@ -92,6 +92,9 @@ def llm_config_of(source: ExportSource) -> LLMConfig:
 def _stored_vocab_rows(source: ExportSource, prefix: str) -> Optional[int]:
     from megatron.core import dist_checkpointing
 
+    from megatron_puffin.training import checkpoint_safety
+
+    checkpoint_safety.install()  # .metadata through the restricted unpickler
     stored = dist_checkpointing.load_tensors_metadata(source.directory)
     entry = stored.get(f"{prefix}embedding.word_embeddings.weight")
     return int(entry.global_shape[0]) if entry is not None else None

@@ -18,6 +18,7 @@ from megatron_puffin.convert.connector import reference_to_mcore
 from megatron_puffin.convert.qwen2 import ConversionError, hf_to_mcore
 from megatron_puffin.convert.radio import projector_to_mcore, radio_to_mcore
 from megatron_puffin.convert.sd3 import diffusers_to_mcore
+from megatron_puffin.models.extra_state import is_extra_state_key
 
 logger = logging.getLogger(__name__)
 
@@ -99,4 +100,4 @@ def load_puffin_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torc
     result = model.load_state_dict(dict(state_dict), strict=False)
     if result.unexpected_keys:
         raise ConversionError(f"Puffin -> model: tensors the model does not have: {', '.join(result.unexpected_keys)}")
-    return [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    return [k for k in result.missing_keys if not is_extra_state_key(k)]

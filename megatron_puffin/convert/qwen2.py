@@ -19,6 +19,7 @@ from typing import Dict, Mapping, Tuple
 import torch
 
 from megatron_puffin.models.llm.config import LLMConfig
+from megatron_puffin.models.extra_state import is_extra_state_key
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -36,7 +37,7 @@ class ConversionError(ValueError):
 
 
 def _check_consumed(source: Mapping[str, torch.Tensor], consumed: set, what: str) -> None:
-    leftover = sorted(k for k in source if k not in consumed and not k.endswith("_extra_state"))
+    leftover = sorted(k for k in source if k not in consumed and not is_extra_state_key(k))
     if leftover:
         raise ConversionError(f"{what}: {len(leftover)} unmatched tensor(s): {', '.join(leftover)}")
 
@@ -231,6 +232,6 @@ def load_llm_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.T
     if any(name.endswith("linear_qkv.layer_norm_weight") for name in model.state_dict()):
         shard = te_layer_names(shard)
     result = model.load_state_dict(shard, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    missing = [k for k in result.missing_keys if not is_extra_state_key(k)]
     if missing or result.unexpected_keys:
         raise ConversionError(f"LLM state dict mismatch: missing {missing}, unexpected {result.unexpected_keys}")

@@ -20,6 +20,7 @@ import torch
 from megatron_puffin.convert.hf_io import load_hf_directory
 from megatron_puffin.models.dit.config import DiTConfig
 from megatron_puffin.models.dit.embeddings import TIMESTEP_CHANNELS
+from megatron_puffin.models.extra_state import is_extra_state_key
 
 StateDict = Dict[str, torch.Tensor]
 COLUMN, ROW, REPLICATED = 0, 1, None
@@ -79,8 +80,7 @@ def dit_tensor_table(config: DiTConfig) -> Dict[str, Tuple[tuple, Optional[int]]
     return table
 
 
-def _is_extra_state(name: str) -> bool:
-    return name.endswith("._extra_state") or name == "_extra_state"
+_is_extra_state = is_extra_state_key
 
 
 def _checked_copy(state_dict: Mapping[str, torch.Tensor], config: DiTConfig, what: str) -> StateDict:

@@ -1,8 +1,9 @@
 """Process-group start-up and teardown.
 
 ``initialize`` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
-``MASTER_PORT``), or runs as a single process with world size 1 when there is none; it picks NCCL with CUDA and
-gloo without, applies the CPU compatibility shim when CUDA is absent, initialises megatron-core's
+``MASTER_PORT``), or Slurm's when ``srun`` started the tasks without torchrun (:mod:`.launch`), or runs as a single
+process with world size 1 when there is none. Each process takes GPU ``LOCAL_RANK`` (GPU 0 when it sees only one).
+It picks NCCL with CUDA and gloo without, applies the CPU compatibility shim when CUDA is absent, initialises megatron-core's
 ``parallel_state`` for TP/PP (DP is derived), and seeds the RNG streams (see :mod:`.random`).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_puffin.distributed.cpu_compat import apply_cpu_compat, cuda_available
+from megatron_puffin.distributed.launch import cuda_device_index, launch_environment
 from megatron_puffin.distributed.random import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -107,9 +109,12 @@ def initialize(
     if not has_cuda:
         apply_cpu_compat()
     backend = backend or ("nccl" if has_cuda else "gloo")
+    if not dist.is_initialized():
+        launch = launch_environment()
+        if launch.launcher == "slurm":  # srun without torchrun: describe this task the way torchrun would
+            os.environ.update(launch.torchrun_variables())
     if has_cuda:
-        local_rank = _env_int("LOCAL_RANK", 0)
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(cuda_device_index(_env_int("LOCAL_RANK", 0), torch.cuda.device_count()))
     if not dist.is_initialized():
         _init_process_group(backend, timeout_minutes)
     world_size = dist.get_world_size()

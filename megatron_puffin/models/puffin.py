@@ -6,6 +6,10 @@ the last stage holds the LLM's final norm and output layer, the two connectors w
 and the frozen VAE. Tensor parallelism applies to every tower. A micro-batch carries one task, so every stage runs
 the same task at the same time.
 
+The collated batch is left-padded (the data's layout); ``forward`` moves every row's real tokens to the front
+(:mod:`megatron_puffin.models.llm.padding`) so the LLM runs causal attention without a mask (fused kernels), and
+reads the meta queries at each sample's own positions.
+
 ``forward(batch)`` returns, on the last stage (or without pipelining), a dict with the task's mean loss
 (``loss``, the tensor to back-propagate), its numerator and denominator for exact averaging over micro-batches and
 data-parallel ranks (``loss_sum`` and ``num_tokens`` for understanding, ``num_samples`` for generation), and
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from megatron.core import parallel_state
@@ -34,7 +38,16 @@ from megatron_puffin.diffusion import (
 from megatron_puffin.distributed.random import make_generator
 from megatron_puffin.models.connector import ConnectorConfig, build_query_conditioner
 from megatron_puffin.models.dit import DiTConfig, build_dit
-from megatron_puffin.models.llm import LLMConfig, build_llm, shift_labels, vocab_parallel_token_losses
+from megatron_puffin.models.fp8 import FP8_TOWERS, fp8_token_multiple, tower_fp8
+from megatron_puffin.models.llm import (
+    LLMConfig,
+    RightPadding,
+    build_llm,
+    gather_positions,
+    pad_sequences_to_multiple,
+    shift_labels,
+    vocab_parallel_token_losses,
+)
 from megatron_puffin.models.puffin_config import PuffinModelConfig
 from megatron_puffin.models.vae import FrozenVAE
 from megatron_puffin.models.vision import VisionConfig, build_vision
@@ -61,6 +74,11 @@ class PuffinConfig:
     transformer_impl: str = "local"
     fp8: Optional[str] = None
     fp8_recipe: str = "delayed"
+    fp8_towers: Tuple[str, ...] = FP8_TOWERS
+    """Towers whose GEMMs run in FP8 when ``fp8`` is set (see :mod:`megatron_puffin.models.fp8`)."""
+
+    def tower_fp8(self, tower: str) -> Optional[str]:
+        return tower_fp8(self.fp8, self.fp8_towers, tower)
 
     @classmethod
     def from_args(cls, args) -> "PuffinConfig":
@@ -71,6 +89,7 @@ class PuffinConfig:
             llm=args.llm, vision=args.vision, connector=args.connector, dit=args.dit, flow=args.flow,
             model=args.model, seed=args.training.seed, params_dtype=dtype,
             transformer_impl=precision.transformer_impl, fp8=precision.fp8_format, fp8_recipe=precision.fp8_recipe,
+            fp8_towers=tuple(precision.fp8_tower),
         )
 
 
@@ -105,7 +124,7 @@ class PuffinModel(MegatronModule):
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         llm_tconfig = config.llm.to_transformer_config(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=config.params_dtype,
-            fp8=config.fp8, fp8_recipe=config.fp8_recipe,
+            fp8=config.tower_fp8("llm"), fp8_recipe=config.fp8_recipe,
         )
         super().__init__(config=llm_tconfig)
         from megatron.core.enums import ModelType
@@ -117,22 +136,36 @@ class PuffinModel(MegatronModule):
         self.llm = build_llm(config.llm, pre_process, post_process, llm_tconfig, config.transformer_impl)
         if pre_process:
             self.vision = build_vision(
-                config.vision, config.llm.hidden_size, transformer_impl=config.transformer_impl,
+                config.vision, config.llm.hidden_size, self._fp8_transformer_config(config.vision, "vision"),
+                transformer_impl=config.transformer_impl,
                 params_dtype=config.params_dtype, device=self.device,
             )
         # The meta queries live on the first stage, the connectors and projections on the last.
         self.conditioner = build_query_conditioner(
             config.connector, config.llm.hidden_size, pre_process=pre_process, post_process=post_process,
+            transformer_config=self._fp8_transformer_config(config.connector, "connector"),
             transformer_impl=config.transformer_impl, params_dtype=config.params_dtype, device=self.device,
         )
         if post_process:
-            self.dit = build_dit(config.dit, transformer_impl=config.transformer_impl,
+            self.dit = build_dit(config.dit, self._fp8_transformer_config(config.dit, "dit"),
+                                 transformer_impl=config.transformer_impl,
                                  params_dtype=config.params_dtype, device=self.device)
             # Not a submodule: the VAE is frozen, never checkpointed with the model, never seen by DDP.
             self._vae = [_build_vae(config.model, config.params_dtype, self.device, config.seed)]
             self.schedule = FlowMatchSchedule(config.flow.num_train_timesteps, config.flow.shift)
         self._cast_parameters(config.params_dtype)
         self.apply_freezing()
+
+    def _fp8_transformer_config(self, tower_config, tower: str):
+        """The ``TransformerConfig`` of an FP8 tower (its own ``fp8``); None (the builder's default, no FP8) else."""
+        fp8 = self.puffin_config.tower_fp8(tower)
+        if fp8 is None:
+            return None
+        return tower_config.to_transformer_config(
+            tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+            params_dtype=self.puffin_config.params_dtype, fp8=fp8, fp8_recipe=self.puffin_config.fp8_recipe,
+            use_cpu_initialization=self.device.type == "cpu",
+        )
 
     def _cast_parameters(self, dtype: torch.dtype) -> None:
         """Every parameter in ``params_dtype`` (megatron-core's torch-norm fallback of the local spec creates fp32
@@ -294,10 +327,14 @@ class PuffinModel(MegatronModule):
         noise = self._randn_each(latents, generators)
         return add_noise(latents, noise, sigmas), velocity_target(latents, noise), timesteps
 
-    def generation_loss(self, hidden: torch.Tensor, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        """Per-sample-mean flow matching of the target latents (spec §2.3)."""
+    def generation_loss(
+        self, hidden: torch.Tensor, batch: Dict[str, Any], layout: RightPadding
+    ) -> Dict[str, torch.Tensor]:
+        """Per-sample-mean flow matching of the target latents (spec §2.3); the meta queries are each prompt's last
+        tokens, read at the sample's own positions of the right-padded ``hidden`` ``[s, b, h]``."""
         num_queries = self.puffin_config.connector.num_queries
-        queries = hidden[-num_queries:].transpose(0, 1)  # left padding keeps the queries last: [b, q, h]
+        positions = layout.last_positions(num_queries, device=hidden.device)
+        queries = gather_positions(hidden, positions).transpose(0, 1)  # [b, q, h]
         pooled, context = self.conditioner(queries)
         targets = self._latents(batch["target_images"], "vae_target", batch)
         cond = self.condition_latents(batch)
@@ -313,16 +350,24 @@ class PuffinModel(MegatronModule):
         """Run this stage on one task micro-batch (see the module docstring for what it returns)."""
         task = batch["task"]
         generation = task in GENERATION_TASKS
+        # The collated rows are left-padded; right padding lets the LLM run causal attention without a mask.
+        layout = RightPadding.from_left_padded(batch["attention_mask"])
+        batch = layout.apply_to_batch(batch)
+        if self.puffin_config.tower_fp8("llm"):  # FP8 GEMMs need row counts of a multiple: more pads at the end
+            batch = pad_sequences_to_multiple(batch, fp8_token_multiple(self.puffin_config.fp8_recipe))
         decoder_input = self.embed_inputs(batch) if self.pre_process else None
         output = self.llm(
             decoder_input=decoder_input,
             position_ids=batch["position_ids"].to(self.device),
-            padding_mask=batch["attention_mask"].to(self.device),
+            padding_mask=None,  # right-padded: causality alone keeps real tokens from the pads
             output="hidden" if generation else "logits",
         )
         if not self.post_process:
             return output
-        losses = self.generation_loss(output, batch) if generation else self.understanding_loss(output, batch)
+        if generation:
+            losses = self.generation_loss(output, batch, layout)
+        else:
+            losses = self.understanding_loss(output, batch)
         losses[f"loss_{task}"] = losses["loss"].detach()
         return losses
 

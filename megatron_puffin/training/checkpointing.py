@@ -13,13 +13,18 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megatron_puffin.training import checkpoint_safety as safety
 from megatron_puffin.training.checkpoint_safety import CheckpointError
+from megatron_puffin.models.extra_state import (
+    absent_tensors,
+    drop_absent_extra_state,
+    load_model_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -153,10 +158,27 @@ def load_common(directory: str) -> Dict[str, Any]:
     return safety.load_common(directory)
 
 
+def stored_checkpoint_keys(directory: str) -> Set[str]:
+    """Keys of every tensor and object in a megatron-core distributed checkpoint (objects without their
+    ``/shard_<offsets>_<shape>`` suffix), read through the restricted metadata reader."""
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    safety.install()
+    return {key.split("/shard_", 1)[0] for key in load_sharded_metadata(directory).keys()}
+
+
 def load_model_checkpoint(model: torch.nn.Module, directory: str) -> None:
-    """Load a model's weights from a distributed checkpoint saved at any TP/PP layout."""
-    state = load_checkpoint(model.sharded_state_dict(), directory)
-    model.load_state_dict(state, strict=True)
+    """Load a model's weights from a distributed checkpoint saved at any TP/PP layout (and either
+    ``--transformer-impl``: see :mod:`megatron_puffin.models.extra_state`)."""
+    sharded = model.sharded_state_dict()
+    stored = stored_checkpoint_keys(directory)
+    missing = absent_tensors(sharded, stored)
+    if missing:
+        raise CheckpointMismatch(f"checkpoint {directory} lacks {len(missing)} tensor(s) of the model: "
+                                 f"{', '.join(missing[:20])}")
+    drop_absent_extra_state(sharded, stored)
+    state = load_checkpoint(sharded, directory)
+    load_model_state(model, state, f"checkpoint {directory}")
 
 
 def read_metadata(directory: str) -> Optional[Dict[str, Any]]:
@@ -339,8 +361,9 @@ def load_module(module: torch.nn.Module, directory: str, prefix: str = "", what:
     """Load one module (a whole model or a tower) from a distributed checkpoint whose keys carry ``prefix``."""
     sharded = module.sharded_state_dict(prefix=prefix)
     check_fits(sharded, directory, what)
+    drop_absent_extra_state(sharded, stored_checkpoint_keys(directory))
     loaded = load_checkpoint(sharded, directory)
     state = {key: loaded[key] for key in sharded}  # load() also returns the checkpoint's common (non-tensor) part
     if prefix:
         state = {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state.items()}
-    module.load_state_dict(state, strict=True)
+    load_model_state(module, state, f"{what} {directory}")

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from megatron_puffin.models.connector.config import ConnectorConfig
 from megatron_puffin.models.dit.config import DiTConfig
+from megatron_puffin.models.fp8 import tower_precisions
 from megatron_puffin.models.llm.config import LLMConfig
 from megatron_puffin.models.puffin_config import PuffinModelConfig
 from megatron_puffin.models.vision.config import VisionConfig
@@ -435,6 +436,13 @@ def _backend_lines(args) -> List[str]:
         return ["Transformer Engine: usable on this machine"]
     return [f"Transformer Engine: not usable on this machine ({reason}); the training job needs it on its GPU nodes "
             f"({TE_INSTALL_HINT})"]
+def _precision_lines(args, dtype: str) -> List[str]:
+    """Each tower's precision as it will run (FP8 only on the towers --fp8-tower names)."""
+    model, precision = args.model, args.precision
+    frozen = {"llm": model.freeze_llm, "vision": model.freeze_vision, "dit": model.freeze_dit}
+    per_tower = tower_precisions(dtype, precision.fp8_format, precision.fp8_recipe, precision.fp8_tower, frozen)
+    return ["precision per tower:"] + [f"  {tower}: {text}" for tower, text in per_tower.items()] + \
+        [f"  vae: {dtype}, frozen (never FP8)"]
 
 
 def describe(args) -> str:
@@ -448,6 +456,7 @@ def describe(args) -> str:
         f"{precision.transformer_impl} layers" + (f", FP8 {precision.fp8_format}" if precision.fp8_format else ""),
         *_backend_lines(args),
         *_stage_contents(args),
+        *_precision_lines(args, dtype),
         *_tower_lines(tower_list),
         *_data_lines(args),
         *_schedule_lines(args),

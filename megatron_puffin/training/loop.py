@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 import megatron_puffin.distributed as mpd
 from megatron_puffin.distributed.random import derive_seed, seed_everything
+from megatron_puffin.models.extra_state import drop_absent_extra_state, load_model_state
 from megatron_puffin.training import checkpointing as ckpt
 from megatron_puffin.training.metrics import Interval, MetricsWriter, Report, peak_memory_gib
 from megatron_puffin.training.step import stream_task
@@ -291,6 +292,7 @@ class Trainer:
     def _resume(self, directory: str) -> None:
         model_state = self.model.sharded_state_dict()
         ckpt.check_fits(model_state, directory, "--load")
+        drop_absent_extra_state(model_state, ckpt.stored_checkpoint_keys(directory))  # across --transformer-impl
         self._prepare_optimizer_for_load()
         sharded = {
             "model": model_state,
@@ -299,7 +301,7 @@ class Trainer:
             ),
         }
         loaded = ckpt.load_checkpoint(sharded, directory)
-        self.model.load_state_dict(loaded["model"], strict=True)
+        load_model_state(self.model, loaded["model"], f"--load {directory}")
         self.optimizer.load_state_dict(loaded["optimizer"])
         common = ckpt.load_common(directory)
         self.scheduler.load_state_dict(common["scheduler"])

@@ -60,10 +60,9 @@ def test_condition_latents_share_groups_by_shape_and_follow_their_target():
     by_shape = {g.shape: g for g in layout.groups}
     assert by_shape[(8, 8)].members == ((0, 0), (0, 1), (1, 1)) and by_shape[(8, 8)].offsets == (0, 16, 4)
     assert by_shape[(4, 4)].members == ((0, 2), (1, 0)) and by_shape[(4, 4)].offsets == (32, 0)
-    mask = layout.key_padding_mask(3, torch.device("cpu"))
-    assert mask.shape == (2, 1, 1, 36 + 3)
-    assert not mask[0].any() and mask[1, 0, 0, 20:36].all() and not mask[1, 0, 0, :20].any()
-    assert not mask[:, 0, 0, 36:].any()
+    mask = layout.key_padding_mask(3, torch.device("cpu"))  # joint [text ; image]: pads only at the end
+    assert mask.shape == (2, 1, 1, 3 + 36)
+    assert not mask[0].any() and mask[1, 0, 0, 3 + 20:].all() and not mask[1, 0, 0, :3 + 20].any()
     assert layout.target_groups() == [((8, 8), [0]), ((4, 4), [1])]
 
 

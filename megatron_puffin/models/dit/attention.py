@@ -2,9 +2,13 @@
 
 Both streams (image tokens, text tokens) have their own q/k/v projections, column-parallel by heads, so each
 tensor-parallel rank holds ``heads / TP`` heads of both streams. Per rank, the two streams' heads are
-concatenated along the sequence ``[image ; text]`` and attend jointly; the result is split back and each stream
-goes through its own row-parallel output projection (one all-reduce per stream). Parameter names mirror
-diffusers' ``Attention`` in SD3 (``to_q``, ``add_q_proj``, ``to_out.0``, ``to_add_out``...).
+concatenated along the sequence as ``[text ; image]`` and attend jointly; the result is split back and each stream
+goes through its own row-parallel output projection (one all-reduce per stream). Joint attention has no positional
+term, so the order of the concatenation changes nothing but where padding sits: the image stream is the only
+padded one (mixed latent sizes), and text-first puts every sample's pads at the end of its joint sequence, the
+layout fused kernels' padding masks mean (Transformer Engine turns a ``padding`` mask into per-sample lengths; an
+``[image + pad ; text]`` order would make it drop the last text tokens and attend to padded image slots).
+Parameter names mirror diffusers' ``Attention`` in SD3 (``to_q``, ``add_q_proj``, ``to_out.0``, ``to_add_out``...).
 
 Tensors are sequence-first as in megatron-core: ``[s, b, h]`` hidden states, ``[s, b, np, hn]`` heads.
 """
@@ -150,19 +154,20 @@ class JointAttention(MegatronModule):
         Args:
             hidden_states: ``[L, b, h]`` normalised image-stream tokens.
             encoder_hidden_states: ``[T, b, h]`` normalised text-stream tokens.
-            attention_mask: ``[b, 1, 1, L + T]`` bool, True = padded key; None when nothing is padded.
+            attention_mask: ``[b, 1, 1, T + L]`` bool over the joint ``[text ; image]`` keys, True = padded key
+                (only at the end of a row); None when nothing is padded.
 
         Returns:
             ``([L, b, h] image output, [T, b, h] text output or None when context_pre_only)``.
         """
-        image_len = hidden_states.shape[0]
-        query = torch.cat([self._heads(self.to_q, hidden_states), self._heads(self.add_q_proj, encoder_hidden_states)])
-        key = torch.cat([self._heads(self.to_k, hidden_states), self._heads(self.add_k_proj, encoder_hidden_states)])
-        value = torch.cat([self._heads(self.to_v, hidden_states), self._heads(self.add_v_proj, encoder_hidden_states)])
+        text_len = encoder_hidden_states.shape[0]
+        query = torch.cat([self._heads(self.add_q_proj, encoder_hidden_states), self._heads(self.to_q, hidden_states)])
+        key = torch.cat([self._heads(self.add_k_proj, encoder_hidden_states), self._heads(self.to_k, hidden_states)])
+        value = torch.cat([self._heads(self.add_v_proj, encoder_hidden_states), self._heads(self.to_v, hidden_states)])
         mask_type = AttnMaskType.no_mask if attention_mask is None else AttnMaskType.padding
-        context = self.core_attention(query, key, value, attention_mask, attn_mask_type=mask_type)  # [L+T, b, hp]
-        image_out, _ = self.to_out[0](context[:image_len])
+        context = self.core_attention(query, key, value, attention_mask, attn_mask_type=mask_type)  # [T+L, b, hp]
+        image_out, _ = self.to_out[0](context[text_len:])
         if self.context_pre_only:
             return image_out, None
-        text_out, _ = self.to_add_out(context[image_len:])
+        text_out, _ = self.to_add_out(context[:text_len])
         return image_out, text_out

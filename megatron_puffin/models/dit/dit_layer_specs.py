@@ -57,6 +57,11 @@ def get_dit_layer_with_transformer_engine_spec() -> ModuleSpec:
         RuntimeError: Transformer Engine or CUDA is unusable (with the install line).
     """
     require_transformer_engine("--transformer-impl transformer_engine (DiT)")
+    return dit_transformer_engine_layer_spec()
+
+
+def dit_transformer_engine_layer_spec() -> ModuleSpec:
+    """The Transformer Engine joint-block spec itself (no availability check; the spec only names classes)."""
     from megatron.core.extensions.transformer_engine import (
         TEColumnParallelLinear,
         TEDotProductAttention,

@@ -5,7 +5,8 @@ and right-padded to the longest sample (spec §1.8 items 1-3, 5).
 Latents of equal shape are embedded together (one convolution per distinct shape, not per sample), and their
 tokens are placed into the padded ``[L, b, h]`` stream by one ``index_put`` with a precomputed destination
 index. A batch whose samples all have one same-shaped latent needs no placement at all. The key-padding mask
-exists only when sample lengths differ, and is a broadcast ``[b, 1, 1, L + T]`` vector, never ``L x L``.
+exists only when sample lengths differ, and is a broadcast ``[b, 1, 1, T + L]`` vector over the joint
+``[text ; image]`` sequence (pads at the end of each row), never ``L x L``.
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ class ImageStreamLayout:
         seq_lens: image-stream tokens per sample.
         target_shapes: target latent ``(h, w)`` per sample.
         groups: latents grouped by shape, in order of first appearance.
+        token_multiple: the stream length is rounded up to a multiple of this (FP8 GEMMs need row counts of a
+            multiple; the extra positions are key-padded like any other padding).
     """
 
     batch_size: int
@@ -50,11 +53,12 @@ class ImageStreamLayout:
     seq_lens: Tuple[int, ...]
     target_shapes: Tuple[Tuple[int, int], ...]
     groups: Tuple[LatentGroup, ...]
+    token_multiple: int = 1
 
     @property
     def max_len(self) -> int:
-        """L: length of the padded image stream."""
-        return max(self.seq_lens)
+        """L: length of the padded image stream (the longest sample, rounded up to ``token_multiple``)."""
+        return -(-max(self.seq_lens) // self.token_multiple) * self.token_multiple
 
     @property
     def padded(self) -> bool:
@@ -63,8 +67,9 @@ class ImageStreamLayout:
 
     @property
     def dense(self) -> bool:
-        """One group holding exactly the targets of all samples in order: its embedding is the stream."""
-        return len(self.groups) == 1 and self.groups[0].members == tuple((b, 0) for b in range(self.batch_size))
+        """One group holding exactly the targets of all samples in order, unpadded: its embedding is the stream."""
+        targets_in_order = tuple((b, 0) for b in range(self.batch_size))
+        return not self.padded and len(self.groups) == 1 and self.groups[0].members == targets_in_order
 
     def num_tokens(self, shape: Tuple[int, int]) -> int:
         """Tokens of a latent of shape ``(h, w)``."""
@@ -88,13 +93,13 @@ class ImageStreamLayout:
         return torch.cat(pieces)
 
     def key_padding_mask(self, num_text_tokens: int, device: torch.device) -> Optional[torch.Tensor]:
-        """Joint-attention key mask ``[b, 1, 1, L + T]`` bool, True = padded image token; None when unpadded."""
+        """Joint-attention key mask ``[b, 1, 1, T + L]`` bool over ``[text ; image]``, True = padded image token
+        (always at the end of the row); None when unpadded."""
         if not self.padded:
             return None
-        lengths = torch.tensor(self.seq_lens, device=device)
-        image_pad = torch.arange(self.max_len, device=device)[None, :] >= lengths[:, None]
-        text_pad = torch.zeros(self.batch_size, num_text_tokens, dtype=torch.bool, device=device)
-        return torch.cat([image_pad, text_pad], dim=1)[:, None, None, :]
+        joint_lengths = torch.tensor(self.seq_lens, device=device) + num_text_tokens
+        joint = torch.arange(num_text_tokens + self.max_len, device=device)[None, :]
+        return (joint >= joint_lengths[:, None])[:, None, None, :]
 
     def target_groups(self) -> List[Tuple[Tuple[int, int], List[int]]]:
         """Samples grouped by target shape, in order of first appearance: ``[(shape, [sample, ...]), ...]``."""
@@ -119,13 +124,15 @@ def _per_sample_latents(hidden_states: Latents, cond_hidden_states: CondLatents)
     return [[target, *(sample_conds or [])] for target, sample_conds in zip(targets, conds)]
 
 
-def build_layout(hidden_states: Latents, cond_hidden_states: CondLatents, patch_size: int) -> ImageStreamLayout:
+def build_layout(hidden_states: Latents, cond_hidden_states: CondLatents, patch_size: int,
+                 token_multiple: int = 1) -> ImageStreamLayout:
     """The layout of a batch (metadata only: shapes, no tensor data is touched).
 
     Args:
         hidden_states: ``[b, C, H, W]`` or a list of ``[C, h_i, w_i]`` target latents.
         cond_hidden_states: per sample, a list of ``[C, h, w]`` condition latents (or None / empty).
         patch_size: p; every latent side must be a multiple of it.
+        token_multiple: round the stream length up to a multiple of this (FP8; 1: no rounding).
     """
     samples = _per_sample_latents(hidden_states, cond_hidden_states)
     groups: Dict[Tuple[int, int], Tuple[list, list]] = {}
@@ -147,6 +154,7 @@ def build_layout(hidden_states: Latents, cond_hidden_states: CondLatents, patch_
         seq_lens=tuple(seq_lens),
         target_shapes=tuple(_spatial(latents[0]) for latents in samples),
         groups=tuple(LatentGroup(shape, tuple(m), tuple(o)) for shape, (m, o) in groups.items()),
+        token_multiple=max(1, token_multiple),
     )
 
 

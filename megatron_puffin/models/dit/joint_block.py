@@ -201,7 +201,8 @@ class JointTransformerBlock(MegatronModule):
             hidden_states: ``[L, b, h]`` image stream (target + condition tokens, right-padded).
             encoder_hidden_states: ``[T, b, h]`` text stream.
             temb: ``[b, h]`` conditioning vector (timestep + pooled text).
-            attention_mask: ``[b, 1, 1, L + T]`` bool, True = padded key; None when nothing is padded.
+            attention_mask: ``[b, 1, 1, T + L]`` bool over the joint ``[text ; image]`` keys, True = padded key; None
+                when nothing is padded.
 
         Returns:
             ``(hidden_states [L, b, h], encoder_hidden_states [T, b, h] or None for context_pre_only)``.

@@ -37,6 +37,7 @@ from megatron_puffin.models.dit.image_stream import (
 )
 from megatron_puffin.models.dit.joint_block import AdaLayerNormContinuous
 from megatron_puffin.models.dit.parallel_utils import ShardedModuleList
+from megatron_puffin.models.fp8 import fp8_token_multiple
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,9 @@ class MMDiTModel(MegatronModule):
             Velocity for the targets: ``[b, C, H, W]`` when all target shapes agree, else a list of
             ``[C, h_i, w_i]``.
         """
-        layout = build_layout(hidden_states, cond_hidden_states, self.dit_config.patch_size)
+        # FP8 GEMMs need the image stream's row count of a multiple: key-padded positions at the end.
+        multiple = fp8_token_multiple(self.config.fp8_recipe) if self.config.fp8 else 1
+        layout = build_layout(hidden_states, cond_hidden_states, self.dit_config.patch_size, multiple)
         image_stream = self.embed_image_stream(hidden_states, cond_hidden_states, layout)
         timestep = torch.as_tensor(timestep, device=image_stream.device).reshape(-1).expand(layout.batch_size)
         temb = self.time_text_embed(timestep, pooled_projections)

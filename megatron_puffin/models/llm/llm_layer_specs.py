@@ -6,8 +6,13 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from typing import Optional
+
 import torch.nn.functional as F
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_puffin.models.dit.attention import SDPADotProductAttention
 
@@ -46,10 +51,20 @@ def get_llm_layer_local_spec() -> ModuleSpec:
     return spec
 
 
+def llm_transformer_engine_layer_spec() -> ModuleSpec:
+    """The Transformer Engine decoder layer spec itself (no availability check; the spec only names classes).
+
+    megatron-core 0.16.1's ``get_gpt_layer_with_transformer_engine_spec`` takes no ``normalization``: its fused
+    ``TELayerNormColumnParallelLinear`` reads ``TransformerConfig.normalization`` ("RMSNorm") at build time, and its
+    attention is ``causal``, exact for right-padded rows (:mod:`.padding`).
+    """
+    return get_gpt_layer_with_transformer_engine_spec()
+
+
 def get_llm_layer_with_transformer_engine_spec() -> ModuleSpec:
     """Transformer Engine decoder layer (fused norm + linear, TE attention, FP8-capable linears)."""
     require_transformer_engine("--transformer-impl transformer_engine")
-    return get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
+    return llm_transformer_engine_layer_spec()
 
 
 def get_llm_layer_spec(transformer_impl: str = "local") -> ModuleSpec:
@@ -59,3 +74,25 @@ def get_llm_layer_spec(transformer_impl: str = "local") -> ModuleSpec:
     if transformer_impl == "transformer_engine":
         return get_llm_layer_with_transformer_engine_spec()
     raise ValueError(f"--transformer-impl ({transformer_impl}) must be one of {', '.join(TRANSFORMER_IMPLS)}")
+
+
+def llm_final_norm(transformer_impl: str) -> type:
+    """The decoder's final RMSNorm class: megatron-core would pick ``TENorm`` whenever Transformer Engine is
+    importable, even for the local spec (then a local run on a TE machine has other checkpoint entries than one
+    without TE); here the implementation decides."""
+    if transformer_impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    return WrappedTorchNorm
+
+
+def get_llm_decoder_block_spec(
+    transformer_config: TransformerConfig, transformer_impl: str = "local", layer_spec: Optional[ModuleSpec] = None
+) -> TransformerBlockSubmodules:
+    """This pipeline stage's decoder block: its layers (``layer_spec``, default :func:`get_llm_layer_spec`) and
+    the final norm of ``transformer_impl``."""
+    layer_spec = layer_spec or get_llm_layer_spec(transformer_impl)
+    num_layers = get_num_layers_to_build(transformer_config)
+    final_norm = llm_final_norm(transformer_impl)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=final_norm)

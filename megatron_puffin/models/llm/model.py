@@ -4,8 +4,9 @@
 layer and the tied-embedding bookkeeping across pipeline stages. Puffin needs a different forward:
 
 * input embeddings instead of token ids (image and query embeddings are scattered in before the LLM);
-* explicit per-sample position ids (left padding, §8 of the spec), applied to RoPE exactly as HF does;
-* a key-padding mask combined with the causal mask;
+* explicit per-sample position ids, applied to RoPE exactly as HF does;
+* right-padded rows (:mod:`.padding`): causal attention alone is exact, so no mask tensor reaches the fused
+  kernels; any other padding (e.g. left) takes an explicit ``[b, 1, s, s]`` mask, local spec only (slow path);
 * final hidden states (for the meta-query positions) or logits, optionally only at selected positions;
 * logits of padded vocabulary rows never visible.
 
@@ -13,21 +14,25 @@ Tensors are sequence-first inside the decoder (``[s, b, h]``), as in megatron-co
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_puffin.models.llm.config import LLMConfig
-from megatron_puffin.models.llm.llm_layer_specs import get_llm_layer_spec
+from megatron_puffin.models.llm.llm_layer_specs import SDPACausalAttention, get_llm_decoder_block_spec
+from megatron_puffin.models.llm.padding import is_right_padded
 
 PADDED_VOCAB_LOGIT = -1e9
 
 
 def build_attention_mask(padding_mask: Optional[torch.Tensor], seq_length: int) -> Optional[torch.Tensor]:
-    """The megatron-core attention mask (True = masked out) for causal attention with key padding.
+    """The megatron-core attention mask (True = masked out) for causal attention with key padding anywhere.
+
+    Only needed when pads can precede real tokens (left padding); right-padded rows need no mask at all.
 
     Args:
         padding_mask: ``[b, s]`` bool, True on real tokens; None when nothing is padded.
@@ -53,7 +58,7 @@ class PuffinLLM(GPTModel):
         self,
         llm_config: LLMConfig,
         transformer_config,
-        transformer_layer_spec: ModuleSpec,
+        transformer_layer_spec: Union[ModuleSpec, TransformerBlockSubmodules],
         pre_process: bool = True,
         post_process: bool = True,
     ) -> None:
@@ -71,6 +76,13 @@ class PuffinLLM(GPTModel):
             rotary_base=llm_config.rotary_base,
         )
         self.llm_config = llm_config
+        # Only the local SDPA core attention applies an arbitrary mask; TE's causal attention ignores one.
+        layer_specs = getattr(transformer_layer_spec, "layer_specs", None) or [transformer_layer_spec]
+        self.accepts_attention_mask = all(
+            getattr(spec, "submodules", None) is not None
+            and spec.submodules.self_attention.submodules.core_attention is SDPACausalAttention
+            for spec in layer_specs
+        )
 
     # -- inputs -------------------------------------------------------------------------------------------
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -105,6 +117,17 @@ class PuffinLLM(GPTModel):
 
         return parallel_state.get_tensor_model_parallel_rank() * partition
 
+    def _attention_mask(self, padding_mask: Optional[torch.Tensor], seq_length: int) -> Optional[torch.Tensor]:
+        """None (causal, no mask) unless pads precede real tokens somewhere; then the explicit mask."""
+        if padding_mask is None or is_right_padded(padding_mask):
+            return None
+        if not self.accepts_attention_mask:
+            raise ValueError(
+                "padding_mask has pads before real tokens, which Transformer Engine's causal attention cannot mask; "
+                "right-pad the rows (megatron_puffin.models.llm.padding.RightPadding)"
+            )
+        return build_attention_mask(padding_mask, seq_length)
+
     def forward(
         self,
         input_ids: Optional[torch.Tensor] = None,
@@ -117,8 +140,11 @@ class PuffinLLM(GPTModel):
 
         Args:
             input_ids: ``[b, s]`` token ids (first stage, when ``decoder_input`` is None).
-            position_ids: ``[b, s]`` long; default ``0..s-1``. Needed on every stage (RoPE).
-            padding_mask: ``[b, s]`` bool, True on real tokens; None when nothing is padded.
+            position_ids: ``[b, s]`` long, each sample's own RoPE positions. Needed on every stage.
+            padding_mask: ``[b, s]`` bool, True on real tokens; None when nothing is padded or the caller knows the
+                rows are right-padded (then no host synchronisation either). Right-padded rows run causal without a
+                mask (fused kernels); other layouts get an explicit mask (local spec only, slow; see
+                :class:`~.padding.RightPadding` to move left-padded rows).
             decoder_input: ``[s, b, h]`` input embeddings (first stage), replacing ``input_ids``.
             output: ``"logits"`` (vocab-parallel ``[s, b, V/TP]``) or ``"hidden"`` (final-normed ``[s, b, h]``);
                 ignored on non-last stages, which return their hidden states ``[s, b, h]``.
@@ -130,7 +156,7 @@ class PuffinLLM(GPTModel):
         seq_length = position_ids.shape[1]
         hidden_states = self.decoder(
             hidden_states=decoder_input,
-            attention_mask=build_attention_mask(padding_mask, seq_length),
+            attention_mask=self._attention_mask(padding_mask, seq_length),
             rotary_pos_emb=self.rotary_from_positions(position_ids),
         )
         if not self.post_process or output == "hidden":
@@ -164,7 +190,7 @@ def build_llm(
             tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
             pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         )
-    spec = get_llm_layer_spec(transformer_impl)
+    spec = get_llm_decoder_block_spec(transformer_config, transformer_impl)
     return PuffinLLM(config, transformer_config, spec, pre_process=pre_process, post_process=post_process)
 
 

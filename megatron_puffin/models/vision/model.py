@@ -94,6 +94,25 @@ class VisionTower(MegatronModule):
                 f"image size {tuple(images.shape[2:])} must be a multiple of {unit} "
                 f"(--vision-patch-size x --vision-fold-size) in both dimensions"
             )
+        if self.config.fp8:
+            self._check_fp8_rows(images)
+
+    def _check_fp8_rows(self, images: torch.Tensor) -> None:
+        """FP8 GEMMs need row counts of a multiple; the ViT's token count is not padded (no key-padding mask yet)."""
+        from megatron_puffin.models.fp8 import fp8_token_multiple
+
+        multiple = fp8_token_multiple(self.config.fp8_recipe)
+        patch, unit = self.vision_config.patch_size, self.vision_config.image_size_multiple
+        height, width = images.shape[2:]
+        tokens = self.vision_config.class_token_len + (height // patch) * (width // patch)
+        count = images.shape[0]
+        for what, rows in (("ViT", count * tokens), ("projector", count * (height // unit) * (width // unit))):
+            if rows % multiple:
+                raise ValueError(
+                    f"vision tower in FP8: {count} image(s) of {height}x{width} give {rows} {what} rows, not a "
+                    f"multiple of {multiple} as FP8 GEMMs need; leave vision out of --fp8-tower (e.g. --fp8-tower "
+                    "llm --fp8-tower connector --fp8-tower dit)"
+                )
 
     def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """RADIO features folded into LLM-token blocks (before the projector).

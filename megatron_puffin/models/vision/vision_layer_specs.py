@@ -62,6 +62,11 @@ def get_encoder_layer_with_transformer_engine_spec(what: str) -> ModuleSpec:
         RuntimeError: Transformer Engine or CUDA is unusable (with the install line).
     """
     require_transformer_engine(what)
+    return encoder_transformer_engine_layer_spec()
+
+
+def encoder_transformer_engine_layer_spec() -> ModuleSpec:
+    """The Transformer Engine encoder layer spec itself (no availability check; the spec only names classes)."""
     from megatron.core.extensions.transformer_engine import (
         TEColumnParallelLinear,
         TEDotProductAttention,
