@@ -122,7 +122,8 @@ def verify_checkpoint(directory: str) -> None:
         problems = sorted({p for rank_problems in gathered for p in rank_problems or []})
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-        raise CheckpointError(f"{problems[0]}{more}; use an earlier checkpoint")
+        advice = "" if "earlier" in problems[0] else "; use an earlier checkpoint"
+        raise CheckpointError(f"{problems[0]}{more}{advice}")
     if safety.read_manifest(directory) is None and _rank() == 0:
         logger.warning("%s has no %s (written before integrity manifests): its bytes are not verified", directory,
                        safety.MANIFEST_FILE)
