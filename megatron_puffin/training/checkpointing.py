@@ -34,7 +34,8 @@ REPLACED_SUFFIX = ".replaced"  # an old checkpoint moved aside while its replace
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This process's rank; before the process group exists (the validation pass), torchrun's RANK."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def _barrier() -> None:
@@ -114,7 +115,8 @@ def verify_checkpoint(directory: str) -> None:
         return
     world = dist.get_world_size() if dist.is_initialized() else 1
     try:
-        problems = safety.structural_problems(directory) or safety.verify_manifest(directory, _rank(), world)
+        share = dist.get_rank() if dist.is_initialized() else 0
+        problems = safety.structural_problems(directory) or safety.verify_manifest(directory, share, world)
         if not problems:  # restricted unpickling before megatron-core / torch read it (they would wrap the error)
             safety.load_dcp_metadata(os.path.join(directory, safety.DCP_METADATA_FILE))
     except CheckpointError as error:
@@ -125,7 +127,8 @@ def verify_checkpoint(directory: str) -> None:
         problems = sorted({p for rank_problems in gathered for p in rank_problems or []})
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-        raise CheckpointError(f"{problems[0]}{more}; use an earlier checkpoint")
+        advice = "" if "earlier" in problems[0] else "; use an earlier checkpoint"
+        raise CheckpointError(f"{problems[0]}{more}{advice}")
     if safety.read_manifest(directory) is None and _rank() == 0:
         logger.warning("%s has no %s (written before integrity manifests): its bytes are not verified", directory,
                        safety.MANIFEST_FILE)

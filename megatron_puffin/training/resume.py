@@ -110,7 +110,10 @@ def schedule_problems(args, stored: Dict[str, Any], directory: str) -> List[str]
     if args.checkpoint.override_opt_param_scheduler or "training" not in stored:
         return []
     now = _schedule(vars(args.training))
-    then = _schedule(stored["training"])
+    try:
+        then = _schedule(stored["training"])
+    except KeyError:  # flags of another version: nothing to compare
+        return []
     changed = [f"{name} {then[name]} (checkpoint) vs {now[name]} (now)" for name in now if now[name] != then[name]]
     if not changed:
         return []
