@@ -1,6 +1,6 @@
 """Camera maps per second: analytic computation vs loading pre-rendered ``.pt`` files (the reference's way).
 
-The reference stores one 3x512x512 float32 map (3 MB) per sample and reads it with ``torch.load`` (spec §3.6, §9.3).
+The reference stores one 3x512x512 float32 map (3 MB) per sample and reads it with ``torch.load`` (docs/puffin.md §3.6, §9.3).
 This script writes the same maps to ``.pt`` files, then in one run measures:
 
     * ``torch.load``: one file per map, on an accelerator plus the copy to it, (a) from the page cache (files were
@@ -40,7 +40,7 @@ def _parse_args() -> argparse.Namespace:
 
 
 def _random_cameras(num_maps: int, seed: int) -> torch.Tensor:
-    """[N, 3] (roll, pitch, vfov) in the ranges of spec §3.3."""
+    """[N, 3] (roll, pitch, vfov) in the ranges of docs/puffin.md §3.3."""
     generator = torch.Generator().manual_seed(seed)
     unit = torch.rand(num_maps, 3, generator=generator, dtype=torch.float64)
     low = torch.tensor([-0.7854, -0.7854, 0.3491], dtype=torch.float64)

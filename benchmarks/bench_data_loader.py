@@ -39,7 +39,7 @@ from megatron_puffin.data.tokenizer import PuffinTokenizer  # noqa: E402
 
 
 class ReferenceStyleDataset(torch.utils.data.Dataset):
-    """Per-sample file opens as in the reference: image file, caption JSON, ``.pt`` camera map (spec §3.1, §3.6)."""
+    """Per-sample file opens as in the reference: image file, caption JSON, ``.pt`` camera map (docs/puffin.md §3.1, §3.6)."""
 
     def __init__(self, root: Path, tokenizer: PuffinTokenizer, task: str, image_size: int):
         self.root, self.tokenizer, self.task, self.image_size = root, tokenizer, task, image_size

@@ -8,7 +8,7 @@ Both models hold the same weights. In one run, the script measures:
       ``diffusers-concat`` (per-batch patch embedding, concatenated stream, diffusers' joint blocks, no mask: the
       same computation as ours) and ``reference-mask`` (Puffin's reference forward: patch embedding one sample at a
       time and a dense ``[B, 1, L, L]`` boolean mask passed to SDPA in every block, built even when nothing is
-      padded, spec §1.8 item 3 and §9.4; ``megatron_puffin.testing.reference_dit``, shared with
+      padded, docs/puffin.md §1.8 item 3 and §9.4; ``megatron_puffin.testing.reference_dit``, shared with
       ``bench_puffin.py``).
 
 Each time is the median of ``--repeats`` forward+backward passes (variants take turns, after ``--warmup`` passes).

@@ -41,7 +41,7 @@ FULL_SIZES: Dict[str, Any] = dict(
     dit_layers=24, dit_heads=24, dit_head_dim=64, dit_caption=1536,
     vae_blocks=[128, 256, 512, 512], vae_layers_per_block=2,
 )
-"""The released Puffin (spec §1), in the benchmarks' size names."""
+"""The released Puffin (docs/puffin.md §1), in the benchmarks' size names."""
 
 
 def _depth(layers: int) -> int:

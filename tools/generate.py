@@ -41,7 +41,7 @@ from megatron_puffin.inference.cli import (  # noqa: E402
 
 logger = logging.getLogger("generate")
 TRAINED_RANGES = {"roll": (-0.7854, 0.7854), "pitch": (-0.7854, 0.7854), "vfov": (0.3491, 1.8326)}
-"""Camera ranges of Puffin's training data (spec §3.3); outside them the model extrapolates (a warning)."""
+"""Camera ranges of Puffin's training data (docs/puffin.md §3.3); outside them the model extrapolates (a warning)."""
 CROSS_VIEW_VFOV = 1.48
 
 

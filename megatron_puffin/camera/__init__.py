@@ -1,6 +1,6 @@
 """The camera as a first-class type: one value shared by data, model conditioning and evaluation.
 
-* :class:`Camera`: validated (roll, pitch, vfov[, yaw]) in radians (spec §3.3, §3.10, §4).
+* :class:`Camera`: validated (roll, pitch, vfov[, yaw]) in radians (docs/puffin.md §3.3, §3.10, §4).
 * Camera maps: :func:`camera_map`, :func:`camera_maps` (batched, any device), :func:`normalize_camera_map`
   (the VAE input range of §3.6) and the least-squares inverse :func:`estimate_camera`.
 * Camera as language: :func:`format_camera`, :func:`parse_camera` and friends (§3.3, §7.1).

@@ -1,7 +1,7 @@
 """Least-squares recovery of (roll, pitch, vfov) from a camera map: the inverse of :func:`camera_maps`.
 
 Used to check stored or generated maps and, later, to evaluate the maps of generated images. The fit is a
-Levenberg-Marquardt least-squares fit of the full forward model of spec §4 to a grid of sampled pixels, with the
+Levenberg-Marquardt least-squares fit of the full forward model of docs/puffin.md §4 to a grid of sampled pixels, with the
 field of view parametrised as t = log(tan(vfov/2)) so every iterate is a valid vfov. Pixels whose latitude is within
 ``SINGULAR_LATITUDE_MARGIN`` of +-pi/2 are left out: there the reference clamps the latitude and the up field is
 undefined (zenith / nadir inside the image).
@@ -130,7 +130,7 @@ def _canonical_angles(roll: float, pitch: float) -> Tuple[float, float]:
 
 
 def estimate_camera(camera_map: torch.Tensor, normalized: bool = False, max_points: int = MAX_FIT_POINTS) -> Camera:
-    """Estimates the camera that produced a camera map (least squares over the forward model of spec §4).
+    """Estimates the camera that produced a camera map (least squares over the forward model of docs/puffin.md §4).
 
     Args:
         camera_map: [3, H, W] map (up_x, up_y, latitude), any float dtype and device.

@@ -1,4 +1,4 @@
-"""Camera as language: render and parse the camera sentences of spec §3.3, §3.10 and §7.1.
+"""Camera as language: render and parse the camera sentences of docs/puffin.md §3.3, §3.10 and §7.1.
 
 Formats (angles in radians, 4 decimals):
     * base caption: ``<description> The camera parameters (roll, pitch, and field-of-view) are: R, P, F.``

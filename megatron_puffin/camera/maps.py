@@ -1,16 +1,16 @@
-"""Pixel-wise camera maps (the perspective field of spec §4), computed analytically on any device.
+"""Pixel-wise camera maps (the perspective field of docs/puffin.md §4), computed analytically on any device.
 
 The reference stores one 3 MB ``.pt`` file per sample holding this map; it only depends on (roll, pitch, vfov),
 so here it is computed on the fly, for one camera or for a batch at once.
 
-Conventions (spec §4, generalised to non-square images):
+Conventions (docs/puffin.md §4, generalised to non-square images):
     * focal length f = (H/2) / tan(vfov/2) in pixels, the same for x and y;
     * principal point c = (W/2, H/2) (not ((W-1)/2, (H-1)/2));
     * pixel grid x = 0..W-1 (columns, right), y = 0..H-1 (rows, down); u = (x - W/2)/f, v = (y - H/2)/f;
     * world-up in the camera frame g = (-sin r cos p, -cos r cos p, sin p);
     * up field: U = (g_x - g_z u, g_y - g_z v), up = U / max(|U|, 1e-12);
     * latitude: lat = asin(clamp(d . g, -1 + 1e-6, 1 - 1e-6)) with d = (u, v, 1)/|(u, v, 1)|;
-    * map = [up_x, up_y, lat] (float32, channel order as here); model input = map / (pi/2) (spec §3.6).
+    * map = [up_x, up_y, lat] (float32, channel order as here); model input = map / (pi/2) (docs/puffin.md §3.6).
 """
 import logging
 import math
@@ -29,7 +29,7 @@ LATITUDE_CLAMP_EPS = 1e-6
 """The ray-gravity cosine is clamped to [-1 + eps, 1 - eps] before ``asin`` (reference value)."""
 
 MAP_SCALE = math.pi / 2
-"""A camera map is divided by this before it enters the VAE (spec §3.6)."""
+"""A camera map is divided by this before it enters the VAE (docs/puffin.md §3.6)."""
 
 CPU_CHUNK_PIXELS = 1 << 18
 """On CPU, maps are filled a few cameras at a time, about this many pixels per step (cache-sized intermediates)."""
@@ -139,7 +139,7 @@ def _fill_maps(maps: torch.Tensor, u: torch.Tensor, v: torch.Tensor, gravity: tu
 
 
 def camera_map(roll: float, pitch: float, vfov: float, height: int, width: int) -> torch.Tensor:
-    """Computes the camera map of one camera (spec §4), validating the camera first.
+    """Computes the camera map of one camera (docs/puffin.md §4), validating the camera first.
 
     Args:
         roll: Roll in radians, [-pi/2, pi/2].
@@ -158,7 +158,7 @@ def camera_map(roll: float, pitch: float, vfov: float, height: int, width: int) 
 
 
 def normalize_camera_map(camera_map_tensor: torch.Tensor) -> torch.Tensor:
-    """Scales a camera map to the VAE input range: map / (pi/2) (spec §3.6).
+    """Scales a camera map to the VAE input range: map / (pi/2) (docs/puffin.md §3.6).
 
     Args:
         camera_map_tensor: [..., 3, H, W] map in radians / unit vectors.

@@ -1,10 +1,10 @@
 """Photographic vocabulary for camera values, used to write thinking-style reasoning for synthetic data.
 
-The reference keeps this mapping only inside its released thinking captions (spec §3.3); the thresholds below are
+The reference keeps this mapping only inside its released thinking captions (docs/puffin.md §3.3); the thresholds below are
 this project's documented choice. Each quantity is cut into named classes by the constants of this module (radians,
 degrees in the docstrings); a value on a threshold falls into the stronger class.
 
-Vocabulary (conventions of spec §4 and §3.10):
+Vocabulary (conventions of docs/puffin.md §4 and §3.10):
     * roll: "level" or "Dutch angle". Positive roll leans the world-up direction to the image left, i.e. the
       camera body is rotated clockwise as seen by the photographer and the horizon rises towards the right.
     * pitch: "eye-level", "low-angle" (camera tilted up, pitch > 0) or "high-angle" (tilted down), with a
@@ -92,7 +92,7 @@ def equivalent_focal_length_mm(vfov: float) -> float:
 
 
 def wrap_yaw_signed(yaw: float) -> float:
-    """Wraps a yaw to (-pi, pi]; positive turns left (spec §3.10)."""
+    """Wraps a yaw to (-pi, pi]; positive turns left (docs/puffin.md §3.10)."""
     wrapped = math.remainder(yaw, 2 * math.pi)
     return math.pi if wrapped == -math.pi else wrapped
 

@@ -2,7 +2,7 @@
 
 Each function takes a PIL image or a tensor [C, H, W] plus the :class:`Camera` of that image, and returns
 (transformed image of the same kind, Camera of the transformed image), so augmentation never desynchronises image and
-camera. Geometry follows spec §4 (f = (H/2)/tan(vfov/2), principal point at (W/2, H/2)):
+camera. Geometry follows docs/puffin.md §4 (f = (H/2)/tan(vfov/2), principal point at (W/2, H/2)):
 
     * a crop keeps the focal length in pixels, so a crop to H' rows gives vfov' = 2 atan(tan(vfov/2) H'/H)
       (:func:`cropped_vfov`); only a centred crop keeps the principal point at the image centre;
@@ -14,7 +14,7 @@ camera. Geometry follows spec §4 (f = (H/2)/tan(vfov/2), principal point at (W/
       those pixels get the up vector and latitude of the rays they would see on a larger sensor, while the image
       there holds only the fill value.
 
-A sub-pixel caveat: the reference principal point is (W/2, H/2), not ((W-1)/2, (H-1)/2) (spec §9.14). Crops with
+A sub-pixel caveat: the reference principal point is (W/2, H/2), not ((W-1)/2, (H-1)/2) (docs/puffin.md §9.14). Crops with
 an even size difference are exact; an odd difference and any resize shift the true principal point by a fraction
 of a pixel relative to the convention.
 """
@@ -114,7 +114,7 @@ def crop(
     """Crops the window [top, top + height) x [left, left + width); vfov shrinks with the rows.
 
     An off-centre window moves the principal point away from the new image centre; the :class:`Camera` (principal
-    point fixed at the centre, spec §4) cannot express that, and the camera map of the returned camera would not
+    point fixed at the centre, docs/puffin.md §4) cannot express that, and the camera map of the returned camera would not
     match the crop of the original map.
 
     Args:
@@ -195,7 +195,7 @@ def pad_to_square(
         image: PIL image or tensor [C, H, W].
         camera: Camera of ``image``.
         fill: Value of the padded pixels.
-        reference_behaviour: Reproduce the reference ``pad_an_image_tensor`` (spec §3.5 step 4, §9.8): landscape
+        reference_behaviour: Reproduce the reference ``pad_an_image_tensor`` (docs/puffin.md §3.5 step 4, §9.8): landscape
             images get negative top/bottom padding, i.e. are cropped to (2H - W) x W rows x columns (floor of the
             half difference on top; [inferred] for odd differences); the returned camera has the cropped vfov.
             Portrait and square images behave as without it.
@@ -224,7 +224,7 @@ def pad_to_square(
 def dynamic_size(
     width: int, height: int, max_size: int = DYNAMIC_MAX_SIZE, unit: int = DYNAMIC_UNIT
 ) -> Tuple[int, int]:
-    """Target (width, height) of the 'dynamic' resize (spec §3.5 step 2), same float arithmetic as the reference.
+    """Target (width, height) of the 'dynamic' resize (docs/puffin.md §3.5 step 2), same float arithmetic as the reference.
 
     If the longer side reaches ``max_size`` it becomes ``max_size`` and the other side is scaled and rounded up to a
     multiple of ``unit``; otherwise both sides are rounded up to multiples of ``unit``.
@@ -244,7 +244,7 @@ def dynamic_size(
 def dynamic_resize(
     image: ImageLike, camera: Camera, max_size: int = DYNAMIC_MAX_SIZE, unit: int = DYNAMIC_UNIT
 ) -> Tuple[ImageLike, Camera]:
-    """The reference 'dynamic' image resize (spec §3.5 step 2); the camera is unchanged (vfov kept).
+    """The reference 'dynamic' image resize (docs/puffin.md §3.5 step 2); the camera is unchanged (vfov kept).
 
     Returns:
         (image of :func:`dynamic_size`, same camera).

@@ -1,6 +1,6 @@
 """The camera value shared by the data pipeline, the model conditioning and evaluation.
 
-A :class:`Camera` is the pinhole camera of Puffin (spec §3.3, §4): roll, pitch and vertical field of view in
+A :class:`Camera` is the pinhole camera of Puffin (docs/puffin.md §3.3, §4): roll, pitch and vertical field of view in
 radians, plus an optional yaw used only by cross-view targets (§3.10). It is validated on construction so an
 invalid camera can never reach a caption, a camera map or a metric.
 """
@@ -48,7 +48,7 @@ def _as_float(name: str, value) -> float:
 class Camera:
     """A pinhole camera without distortion, angles in radians.
 
-    Conventions are those of spec §4 (GeoCalib): positive pitch tilts the optical axis above the horizon (the
+    Conventions are those of docs/puffin.md §4 (GeoCalib): positive pitch tilts the optical axis above the horizon (the
     latitude at the principal point equals the pitch); positive roll leans the world-up vector at the image centre
     to the image left, i.e. the camera body is rotated clockwise as seen by the photographer.
 
@@ -91,7 +91,7 @@ class Camera:
         return Camera(self.roll, self.pitch, vfov, self.yaw)
 
     def focal_length(self, height: int) -> float:
-        """Focal length in pixels for an image of ``height`` rows: f = (H/2) / tan(vfov/2) (spec §4)."""
+        """Focal length in pixels for an image of ``height`` rows: f = (H/2) / tan(vfov/2) (docs/puffin.md §4)."""
         return (height / 2) / math.tan(self.vfov / 2)
 
     def degrees(self) -> Tuple[float, ...]:

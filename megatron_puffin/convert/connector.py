@@ -1,6 +1,6 @@
 """Puffin's query path (reference names) <-> our :class:`~megatron_puffin.models.connector.QueryConditioner`.
 
-Reference names (the ``Puffin-*.pth`` state dicts, spec §1.5-1.7, §1.11) and ours, per connector ``k`` and
+Reference names (the ``Puffin-*.pth`` state dicts, docs/puffin.md §1.5-1.7, §1.11) and ours, per connector ``k`` and
 layer ``i`` (``meta_queries``, ``llm2connector_k.*`` and ``projector_k.*`` keep their names)::
 
     connector_k.layers.i.layer_norm1.{weight,bias}          connector_k.layers.i.input_layernorm.{weight,bias}

@@ -1,6 +1,6 @@
 """Released Puffin checkpoints (``Puffin-{Align,Base,Thinking,Instruct}.pth``) -> our composed model.
 
-The reference state dict (spec §1.11) names towers by prefix: ``llm.`` (HF Qwen2), ``visual_encoder.`` (HF RADIO),
+The reference state dict (docs/puffin.md §1.11) names towers by prefix: ``llm.`` (HF Qwen2), ``visual_encoder.`` (HF RADIO),
 ``projector.{0,2}``, ``meta_queries`` / ``llm2connector_k`` / ``connector_k`` / ``projector_k`` (the query path),
 ``transformer.`` (diffusers SD3) and ``vae.``. Released files may hold only the modules a stage trained (stage 1
 saved only the trainable ones), so every tower is optional; a tower that is present must be complete. The result

@@ -1,4 +1,4 @@
-"""Collation of task-homogeneous micro-batches (spec §2.1 step 3, §2.2 step 3, §3.8, §8).
+"""Collation of task-homogeneous micro-batches (docs/puffin.md §2.1 step 3, §2.2 step 3, §3.8, §8).
 
 Sequences are padded on the **left** (so the 64 query slots of generation prompts are always the last positions):
 understanding ``input_ids`` with 0, generation ``input_ids`` with the tokenizer pad id (``<|endoftext|>``), labels
@@ -85,7 +85,7 @@ class Collator:
             raise ValueError("cannot collate an empty micro-batch")
         tasks = sorted({sample.task for sample in samples})
         if len(tasks) != 1:
-            raise ValueError(f"a micro-batch must hold one task (spec §3.9), got {tasks}")
+            raise ValueError(f"a micro-batch must hold one task (docs/puffin.md §3.9), got {tasks}")
         task = tasks[0]
         pad = self.pad_id if task in GENERATION_TASKS else templates.UNDERSTANDING_PAD_ID
         input_ids = left_pad([sample.input_ids for sample in samples], pad)

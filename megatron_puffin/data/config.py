@@ -1,7 +1,7 @@
 """Data flags: the task streams, tokenizer, loader and task-encoder settings (one dataclass, one validator).
 
 A task stream is given as ``--task-stream TASK:PATH[,PATH...]:MICRO_BATCH_SIZE[:REPEATS]`` (repeatable); e.g. stage 4
-of the reference (spec §5.4)::
+of the reference (docs/puffin.md §5.4)::
 
     --task-stream image2text_cross_view:/data/puffin/cross_view:16:8
     --task-stream image2image:/data/puffin/cross_view:16:8
@@ -83,7 +83,7 @@ class DataConfig:
 
     task_stream: List[str] = field(default_factory=list)
     """Repeatable. A task stream TASK:PATH[,PATH...]:MICRO_BATCH_SIZE[:REPEATS]; micro-batches cycle through the
-    streams in flag order, REPEATS consecutive micro-batches each (spec §3.9). TASK: image2text,
+    streams in flag order, REPEATS consecutive micro-batches each (docs/puffin.md §3.9). TASK: image2text,
     image2text_thinking, image2text_photography, image2text_cross_view, text2text, text2image, cam2image,
     cam2image_thinking, image2image."""
 
@@ -103,7 +103,7 @@ class DataConfig:
     """Pin batch tensors in page-locked memory (takes effect only when CUDA is available)."""
 
     image_size: int = 512
-    """Longest image side after the 'dynamic' resize (spec §3.5)."""
+    """Longest image side after the 'dynamic' resize (docs/puffin.md §3.5)."""
 
     image_size_unit: int = 32
     """Image sides are rounded up to multiples of this; must be a multiple of vision patch size x fold."""
@@ -116,10 +116,10 @@ class DataConfig:
     """Text tokens of a generation prompt (vision pads and queries excluded); captions are cut on the right."""
 
     cfg_text_dropout_prob: float = 0.1
-    """Probability of replacing a text2image / cam2image caption by "" for classifier-free guidance (spec §2.2)."""
+    """Probability of replacing a text2image / cam2image caption by "" for classifier-free guidance (docs/puffin.md §2.2)."""
 
     mixed_motion_prob: float = 0.5
-    """Probability of keeping only the camera text of an image2image caption (spec §3.10)."""
+    """Probability of keeping only the camera text of an image2image caption (docs/puffin.md §3.10)."""
 
     max_bad_samples: int = 100
     """Samples per rank that may fail to decode at training time (garbled image, bad UTF-8, bad index pointer,

@@ -8,7 +8,7 @@ A *shard* is a directory::
 Fields (:data:`FIELDS`): encoded image bytes, initial-view image bytes (cross-view), UTF-8 texts (caption
 description, thinking reasoning, cross-view scene description, photography answer, source key) and the typed
 camera (float32 roll, pitch, vfov, yaw; NaN where absent). Camera sentences are *not* stored: they are rendered
-from the typed values (ARCHITECTURE decision 5). An empty text / image means "absent".
+from the typed values (docs/puffin.md §3.1). An empty text / image means "absent".
 
 A *dataset* is one shard, or a directory holding shard directories at any depth, or a list of such paths; all
 shards are read as one sequence (:class:`PuffinDataset`). The reader memory-maps every field once, checks the

@@ -1,4 +1,4 @@
-"""Image decoding, validation and the 'dynamic' preprocessing of spec §3.5, on encoded bytes.
+"""Image decoding, validation and the 'dynamic' preprocessing of docs/puffin.md §3.5, on encoded bytes.
 
 Images travel through the pipeline as encoded bytes (JPEG/PNG, as stored in the shards) and are decoded only in
 the loader workers. Tensors handed to the model are float32 [3, H, W] in [-1, 1].
@@ -17,9 +17,9 @@ from megatron_puffin.camera.transforms import DYNAMIC_MAX_SIZE, DYNAMIC_UNIT, dy
 logger = logging.getLogger(__name__)
 
 MIN_IMAGE_SIDE = 80
-"""Images with width or height <= this are rejected (spec §3.5 step 1)."""
+"""Images with width or height <= this are rejected (docs/puffin.md §3.5 step 1)."""
 MIN_ASPECT, MAX_ASPECT = 0.1, 10.0
-"""Images whose aspect w/h is outside the open interval (0.1, 10) are rejected (spec §3.5 step 1)."""
+"""Images whose aspect w/h is outside the open interval (0.1, 10) are rejected (docs/puffin.md §3.5 step 1)."""
 REENCODE_QUALITY = 95
 """JPEG quality used when preprocessing has to resize an image."""
 
@@ -53,7 +53,7 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def geometry_problem(width: int, height: int) -> Optional[Tuple[str, str]]:
-    """(reason, detail) when an image of this size must be rejected per spec §3.5, else None."""
+    """(reason, detail) when an image of this size must be rejected per docs/puffin.md §3.5, else None."""
     if width <= MIN_IMAGE_SIDE or height <= MIN_IMAGE_SIDE:
         return "image_too_small", f"{width}x{height} has a side <= {MIN_IMAGE_SIDE} pixels"
     aspect = width / height
@@ -80,7 +80,7 @@ def limit_size(image: Image.Image, data: bytes, max_size: Optional[int]) -> byte
 
 
 def dynamic_resize_image(image: Image.Image, max_size: int = DYNAMIC_MAX_SIZE, unit: int = DYNAMIC_UNIT) -> Image.Image:
-    """The 'dynamic' resize of spec §3.5 step 2 (bicubic; sides multiples of ``unit``, longest side <= max_size)."""
+    """The 'dynamic' resize of docs/puffin.md §3.5 step 2 (bicubic; sides multiples of ``unit``, longest side <= max_size)."""
     width, height = dynamic_size(image.width, image.height, max_size, unit)
     if (width, height) == image.size:
         return image
@@ -88,7 +88,7 @@ def dynamic_resize_image(image: Image.Image, max_size: int = DYNAMIC_MAX_SIZE, u
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 [3, H, W] in [-1, 1] (x / 255 * 2 - 1, spec §3.5 step 3)."""
+    """RGB PIL image -> float32 [3, H, W] in [-1, 1] (x / 255 * 2 - 1, docs/puffin.md §3.5 step 3)."""
     array = np.asarray(image, dtype=np.uint8)
     tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float()
     return tensor.mul_(2.0 / 255.0).sub_(1.0)
@@ -98,7 +98,7 @@ def pad_to_square(image: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
     """Pads [C, H, W] symmetrically (extra pixel bottom/right) to a square of the long side with ``fill``.
 
     Same placement as :func:`megatron_puffin.camera.transforms.pad_to_square` (which also returns a camera); this
-    is the correct pad-to-square of the reference's intent (spec §3.5 step 4, §9.8), not its landscape crop.
+    is the correct pad-to-square of the reference's intent (docs/puffin.md §3.5 step 4, §9.8), not its landscape crop.
     """
     height, width = image.shape[-2:]
     if height == width:

@@ -1,4 +1,4 @@
-"""Reading the Puffin-4M folder layout (spec §3.1, §3.2) into typed :class:`~.format.PuffinRecord` values.
+"""Reading the Puffin-4M folder layout (docs/puffin.md §3.1, §3.2) into typed :class:`~.format.PuffinRecord` values.
 
 Layout below the input root (every subset optional except that at least one must exist)::
 
@@ -32,8 +32,8 @@ BAD_SAMPLE_REASONS: Dict[str, str] = {
     "image_missing": "image file does not exist",
     "image_empty": "image file has zero bytes",
     "image_unreadable": "image cannot be decoded completely (truncated or corrupt)",
-    "image_too_small": "image width or height <= 80 pixels (spec §3.5)",
-    "image_bad_aspect": "image aspect ratio outside (0.1, 10) (spec §3.5)",
+    "image_too_small": "image width or height <= 80 pixels (docs/puffin.md §3.5)",
+    "image_bad_aspect": "image aspect ratio outside (0.1, 10) (docs/puffin.md §3.5)",
     "init_image_missing": "cross-view initial view does not exist",
     "init_image_empty": "cross-view initial view has zero bytes",
     "init_image_unreadable": "cross-view initial view cannot be decoded completely",

@@ -1,4 +1,4 @@
-"""Task streams and their deterministic global sample order (spec §3.9, ARCHITECTURE decision 6).
+"""Task streams and their deterministic global sample order (docs/puffin.md §3.9).
 
 Each stream (task, datasets, micro-batch size b, repeats r) has an infinite *global* order of its samples: epoch e
 is ``randperm(N, generator(seed, "order", stream name, e))``, generated lazily when the epoch is reached (one

@@ -1,4 +1,4 @@
-"""A synthetic Puffin-4M: procedural scenes with known cameras, written in the real folder layout (spec §3.1).
+"""A synthetic Puffin-4M: procedural scenes with known cameras, written in the real folder layout (docs/puffin.md §3.1).
 
 Output (everything the real dataset has, so it goes through the same ``tools/preprocess_data.py`` path)::
 
@@ -236,7 +236,7 @@ def make_synthetic_dataset(options: SyntheticOptions) -> Dict[str, int]:
     if options.num_samples < 1 or options.image_size < 96 or options.workers < 1 or options.num_heldout < 0:
         raise ValueError(
             f"--num-samples ({options.num_samples}) must be >= 1, --image-size ({options.image_size}) >= 96 "
-            f"(smaller images are rejected by preprocessing, spec §3.5), --workers ({options.workers}) >= 1 and "
+            f"(smaller images are rejected by preprocessing, docs/puffin.md §3.5), --workers ({options.workers}) >= 1 and "
             f"--num-heldout ({options.num_heldout}) >= 0"
         )
     sizes = _subset_sizes(options)

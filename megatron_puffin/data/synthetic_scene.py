@@ -4,10 +4,10 @@ A scene is an infinite checkered ground plane (world z = 0, z up) under a sky gr
 spheres and boxes standing on the ground. The camera stands at (0, 0, height) looking along a heading (azimuth,
 counter-clockwise from +x seen from above) with the roll, pitch and vertical field of view of a
 :class:`~megatron_puffin.camera.Camera`, using exactly the pinhole and gravity conventions of the camera maps
-(spec §4): pixel (x, y) looks along u = (x - W/2)/f, v = (y - H/2)/f in a camera frame with +x right, +y down,
+(docs/puffin.md §4): pixel (x, y) looks along u = (x - W/2)/f, v = (y - H/2)/f in a camera frame with +x right, +y down,
 +z forward, and the world-up direction in that frame is (-sin r cos p, -cos r cos p, sin p). The rendered horizon
 is therefore exactly where the camera map's latitude changes sign, which is what a camera estimator can learn.
-A positive yaw deviation turns the heading left (counter-clockwise), as in spec §3.10.
+A positive yaw deviation turns the heading left (counter-clockwise), as in docs/puffin.md §3.10.
 """
 import logging
 import math

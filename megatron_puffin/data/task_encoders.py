@@ -1,4 +1,4 @@
-"""Task encoders: one typed dataset sample -> model inputs of one task (spec §2.1, §2.2, §2.4, §3.4-§3.10).
+"""Task encoders: one typed dataset sample -> model inputs of one task (docs/puffin.md §2.1, §2.2, §2.4, §3.4-§3.10).
 
 Token layouts (ids; ``[x] * n`` = n copies):
 
@@ -48,7 +48,7 @@ TASK_VARIANTS: Dict[str, str] = {
     "cam2image_thinking": "cam2image",
     "image2image": "image2image",
 }
-"""Stream task name -> task of the loss (spec §2.4). Variants choose prompts/answers (§3.4, §3.7, §5.4)."""
+"""Stream task name -> task of the loss (docs/puffin.md §2.4). Variants choose prompts/answers (§3.4, §3.7, §5.4)."""
 
 REQUIRED_FIELDS: Dict[str, Tuple[str, ...]] = {
     "image2text": ("image", "caption", "camera"),

@@ -1,11 +1,11 @@
-"""Chat template, special tokens, placeholder ids and instruction prompts of Puffin (spec §1.2, §3.4).
+"""Chat template, special tokens, placeholder ids and instruction prompts of Puffin (docs/puffin.md §1.2, §3.4).
 
 The prompt strings are data: the released checkpoints were trained on exactly these strings, so they are
 reproduced verbatim and must not be edited.
 """
 from typing import Tuple
 
-# --- placeholder ids (never tokenised; replaced by embeddings before the LLM), spec §1.2 -------------------------
+# --- placeholder ids (never tokenised; replaced by embeddings before the LLM), docs/puffin.md §1.2 -------------------------
 IGNORE_INDEX = -100
 """Label value ignored by the cross-entropy loss."""
 INPUT_IMAGE_TOKEN_INDEX = -200
@@ -17,7 +17,7 @@ QUERY_TOKEN_INDEX = -400
 UNDERSTANDING_PAD_ID = 0
 """Left-padding value of ``input_ids`` in understanding micro-batches (masked out; labels are padded with -100)."""
 
-# --- special tokens (strings; their ids come from the tokenizer), spec §1.2 ---------------------------------------
+# --- special tokens (strings; their ids come from the tokenizer), docs/puffin.md §1.2 ---------------------------------------
 ENDOFTEXT_TOKEN = "<|endoftext|>"
 IM_START_TOKEN = "<|im_start|>"
 IM_END_TOKEN = "<|im_end|>"
@@ -37,7 +37,7 @@ STOP_WORDS: Tuple[str, ...] = (IM_END_TOKEN, ENDOFTEXT_TOKEN)
 DEFAULT_IMAGE_TOKEN = "<image>"
 """Literal text marking where the input image goes in an understanding prompt (split out, never tokenised)."""
 
-# --- chat template (model config strings), spec §1.2 ----------------------------------------------------------
+# --- chat template (model config strings), docs/puffin.md §1.2 ----------------------------------------------------------
 SYSTEM_TEMPLATE = "<|im_start|>system\n{system}<|im_end|>\n"
 """Defined by the reference, never emitted."""
 INSTRUCTION_TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
@@ -48,7 +48,7 @@ SEP = "\n"
 GENERATION_TEMPLATE = "Generate an image: {input}"
 GENERATION_CROSS_TEMPLATE = "Generate a target image given an initial view: {input}"
 
-# --- instruction prompts, spec §3.4 (verbatim) ----------------------------------------------------------------
+# --- instruction prompts, docs/puffin.md §3.4 (verbatim) ----------------------------------------------------------------
 CAPTION_PROMPT_HEADS: Tuple[str, ...] = (
     "Describe the image in detail.",
     "Provide a comprehensive description of everything you see in the picture.",
@@ -98,7 +98,7 @@ PHOTOGRAPHY_PROMPT = (
     "camera yaw angle and pitch angle of the target view with high photographic aesthetics."
 )
 CAMERA_SENTENCE_START = "The camera parameters"
-"""Mixed-motion trimming keeps a cross-view caption from this phrase on (spec §3.10)."""
+"""Mixed-motion trimming keeps a cross-view caption from this phrase on (docs/puffin.md §3.10)."""
 
 
 def caption_prompt(head_index: int) -> str:

@@ -1,6 +1,6 @@
 """One tokenizer interface over an HF tokenizer directory (Qwen2.5's) or a SentencePiece model.
 
-Puffin never adds a BOS token (spec §1.2): :meth:`PuffinTokenizer.encode` returns the plain token ids of a text,
+Puffin never adds a BOS token (docs/puffin.md §1.2): :meth:`PuffinTokenizer.encode` returns the plain token ids of a text,
 with the chat special tokens (``<|im_start|>`` ...) recognised as single tokens wherever they appear. The
 generation pad token is ``<|endoftext|>``; understanding batches pad with 0 (see :mod:`.templates`).
 
@@ -116,7 +116,7 @@ def _open_backend(path: Path):
 
 
 class PuffinTokenizer:
-    """Text <-> ids with the chat special tokens of spec §1.2, for either backend.
+    """Text <-> ids with the chat special tokens of docs/puffin.md §1.2, for either backend.
 
     Attributes:
         path: Where the tokenizer was loaded from.
@@ -238,7 +238,7 @@ QWEN_SPECIAL_TOKEN_IDS = {
     "<|vision_end|>": 151653,
     "<|image_pad|>": 151655,
 }
-"""Ids of the chat special tokens in the Qwen2.5 tokenizer (spec §1.2)."""
+"""Ids of the chat special tokens in the Qwen2.5 tokenizer (docs/puffin.md §1.2)."""
 
 
 def build_byte_level_bpe_tokenizer(texts: Iterable[str], output_dir: "str | os.PathLike", vocab_size: int = 400) -> Path:

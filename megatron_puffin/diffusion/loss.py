@@ -1,4 +1,4 @@
-"""Flow-matching training target and loss (spec §2.3).
+"""Flow-matching training target and loss (docs/puffin.md §2.3).
 
 ``x_t = (1 - sigma) x_0 + sigma * eps``, target velocity ``v = eps - x_0``, loss per sample = mean over all its
 elements of ``(v_hat - v)^2`` in float32, task loss = mean over samples (each sample counts equally whatever its

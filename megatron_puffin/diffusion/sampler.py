@@ -1,4 +1,4 @@
-"""Euler sampling of the flow ODE with classifier-free guidance (spec §6.2).
+"""Euler sampling of the flow ODE with classifier-free guidance (docs/puffin.md §6.2).
 
 Per step ``i`` the model is evaluated on the batch ``[negative; positive]`` (diffusers' order), the guided
 velocity is ``v = v_neg + g (v_pos - v_neg)``, and the Euler update is ``x <- x + (sigma_{i+1} - sigma_i) v``.

@@ -1,6 +1,6 @@
 """Training noise levels: a density ``u`` in [0, 1) per sample, looked up in the discrete training table.
 
-As the SD3 training scripts (and Puffin, spec §2.3) do: ``k = floor(N * u)``, ``t = train_timesteps[k]``,
+As the SD3 training scripts (and Puffin, docs/puffin.md §2.3) do: ``k = floor(N * u)``, ``t = train_timesteps[k]``,
 ``sigma = train_sigmas[k]``; the table is descending, so ``u`` near 0 means pure noise. Densities:
 
 * ``none`` (Puffin's setting): ``u ~ U[0, 1)``, i.e. sigma = shifted uniform (mean ~0.677 at shift 3).

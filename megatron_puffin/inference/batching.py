@@ -1,5 +1,5 @@
 """Prompt micro-batches for inference: encoded prompts (from the training task encoders) left-padded into the
-model's batch dict (spec §2.1 step 3, §2.2 step 3, §8)."""
+model's batch dict (docs/puffin.md §2.1 step 3, §2.2 step 3, §8)."""
 from __future__ import annotations
 
 from typing import Any, Dict, Sequence

@@ -1,9 +1,9 @@
 """Greedy decoding on the LLM tower, with megatron-core's static KV cache or by full recomputation.
 
-The prompt batch is left-padded (spec §8): ``attention_mask`` is False on pads, ``position_ids`` are
+The prompt batch is left-padded (docs/puffin.md §8): ``attention_mask`` is False on pads, ``position_ids`` are
 ``cumsum(mask) - 1`` clamped at 0. Each step appends one token per sequence at position ``max(previous) + 1`` with
 the mask extended by True; a sequence that has produced the end token keeps emitting it, and decoding stops when
-every sequence has (spec §6.1).
+every sequence has (docs/puffin.md §6.1).
 
 KV cache: megatron-core's :class:`~megatron.core.inference.contexts.StaticInferenceContext` keeps the (pre-RoPE)
 keys and values of every layer; its attention applies the RoPE angles of the whole sequence so far to the cached

@@ -1,4 +1,4 @@
-"""Generation: text + camera (+ initial view) -> image (spec §6.2).
+"""Generation: text + camera (+ initial view) -> image (docs/puffin.md §6.2).
 
 One request is a camera (roll, pitch, vfov, optional yaw), an optional scene caption and, for world exploration,
 an initial view. Per batch of requests:
@@ -59,7 +59,7 @@ class GenerationRequest:
 
 @dataclass
 class GenerationSettings:
-    """Sampling settings (Puffin's defaults, spec §6.2).
+    """Sampling settings (Puffin's defaults, docs/puffin.md §6.2).
 
     Attributes:
         guidance_scale: classifier-free guidance scale; <= 1 runs the positive branch only.
@@ -132,7 +132,7 @@ def _posterior_latents(vae, images: torch.Tensor, seeds: Sequence[int], purpose:
 
 def condition_latents(model, cameras: Sequence[Camera], init_images: Optional[torch.Tensor], size: int,
                       seeds: Sequence[int]) -> List[List[torch.Tensor]]:
-    """Per sample ``[camera map latent]`` or ``[camera map latent, initial view latent]`` (spec §2.3, §6.2)."""
+    """Per sample ``[camera map latent]`` or ``[camera map latent, initial view latent]`` (docs/puffin.md §2.3, §6.2)."""
     vae = model.vae
     values = torch.tensor([[c.roll, c.pitch, c.vfov] for c in cameras], dtype=torch.float32)
     maps = normalize_camera_map(camera_maps(values, size, size)).to(model.device)

@@ -1,4 +1,4 @@
-"""Reading user images for inference (spec §6.1): decode, centre-crop to a square (or resize straight), resize to
+"""Reading user images for inference (docs/puffin.md §6.1): decode, centre-crop to a square (or resize straight), resize to
 the model's image size, to float32 ``[3, S, S]`` in [-1, 1]."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ spatial-imagination and photography demos and the world-exploration initial view
 
 
 def center_crop_square(image: Image.Image) -> Image.Image:
-    """The centred ``min(w, h)`` square, offsets ``(w - s) // 2`` and ``(h - s) // 2`` (spec §6.1)."""
+    """The centred ``min(w, h)`` square, offsets ``(w - s) // 2`` and ``(h - s) // 2`` (docs/puffin.md §6.1)."""
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     return image.crop((left, top, left + side, top + side))
@@ -55,5 +55,5 @@ def load_image(source: Union[str, bytes, "os.PathLike"], size: int, mode: str = 
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """``[..., 3, H, W]`` in [-1, 1] -> uint8 ``[..., H, W, 3]``: ``clamp(127.5 x + 128, 0, 255)`` (spec §6.2)."""
+    """``[..., 3, H, W]`` in [-1, 1] -> uint8 ``[..., H, W, 3]``: ``clamp(127.5 x + 128, 0, 255)`` (docs/puffin.md §6.2)."""
     return (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).movedim(-3, -1).cpu()

@@ -1,4 +1,4 @@
-"""The instruction-tuning (stage-4) tasks at inference (spec §6.2, §3.4, §3.10).
+"""The instruction-tuning (stage-4) tasks at inference (docs/puffin.md §6.2, §3.4, §3.10).
 
 * World exploration: initial view + camera motion (roll, pitch of the target, yaw deviation) -> the new view,
   generated with the initial view's visual tokens in the prompt and its latents as a condition (image2image).
@@ -22,7 +22,7 @@ from megatron_puffin.inference.generation import GeneratedImage, GenerationReque
 from megatron_puffin.inference.understanding import UnderstandingOutput, understand
 
 CROSS_VIEW_VFOV = 1.48
-"""Vertical field of view of every cross-view target (spec §3.10)."""
+"""Vertical field of view of every cross-view target (docs/puffin.md §3.10)."""
 DEMO_ANGLE_RANGE = 0.3927
 """Half-range (pi/8) of the world-exploration demo's random roll / pitch; its yaw is twice a draw from it."""
 IMAGINATION_YAWS = {"left": 1.5710, "behind": 3.1416, "right": 4.7120}
@@ -36,7 +36,7 @@ def exploration_camera(roll: float, pitch: float, yaw: float, vfov: float = CROS
 
 def sample_exploration_cameras(count: int, seed: int) -> List[Camera]:
     """The world-exploration demo's target cameras: roll, pitch ~ U(-pi/8, pi/8), yaw = 2 U(-pi/8, pi/8) wrapped
-    to [0, 2 pi), vFoV 1.48 (spec §6.2), from a seeded generator."""
+    to [0, 2 pi), vFoV 1.48 (docs/puffin.md §6.2), from a seeded generator."""
     generator = torch.Generator().manual_seed(seed)
     draws = (torch.rand(count, 3, generator=generator, dtype=torch.float64) * 2 - 1) * DEMO_ANGLE_RANGE
     return [exploration_camera(float(r), float(p), (2 * float(y)) % (2 * math.pi)) for r, p, y in draws.tolist()]

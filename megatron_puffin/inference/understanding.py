@@ -1,4 +1,4 @@
-"""Understanding: image (+ prompt, optional thinking) -> text and camera, by greedy decoding (spec §6.1).
+"""Understanding: image (+ prompt, optional thinking) -> text and camera, by greedy decoding (docs/puffin.md §6.1).
 
 Prompts are assembled by the training task encoders (:meth:`TaskEncoder.understanding_prompt`), so inference sees
 exactly the token layout the model was trained on::
@@ -34,7 +34,7 @@ from megatron_puffin.inference.decoding import greedy_decode
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 512
-"""Puffin's decoding limit (spec §6.1)."""
+"""Puffin's decoding limit (docs/puffin.md §6.1)."""
 _THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
@@ -161,7 +161,7 @@ def understand(model, tokenizer, images: Sequence[torch.Tensor], prompt: Union[N
 
 def reason(model, tokenizer, captions: Sequence[str], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
            batch_size: int = 8, encoder_config: Optional[TaskEncoderConfig] = None) -> List[str]:
-    """Thinking-mode reasoning for generation prompts (spec §6.2): the text2text prompt
+    """Thinking-mode reasoning for generation prompts (docs/puffin.md §6.2): the text2text prompt
     ``{reasoning prompt} {caption}`` decoded greedily; returns the reasoning texts."""
     encoder = TaskEncoder("text2text", tokenizer, encoder_config or default_encoder_config(model))
     samples = [encoder.understanding_prompt(templates.REASONING_PROMPT + " ", None, variable=caption)

@@ -1,6 +1,6 @@
 """The composed Puffin model: vision -> LLM <- queries -> connectors -> MMDiT, over pipeline stages.
 
-Placement (ARCHITECTURE decision 3): pipeline parallelism splits the LLM decoder layers. The first stage also
+Placement (docs/puffin.md §1.0): pipeline parallelism splits the LLM decoder layers. The first stage also
 holds the vision tower (RADIO + fold + projector) and the 64 meta queries, which it scatters into the LLM input;
 the last stage holds the LLM's final norm and output layer, the two connectors with their projections, the MMDiT
 and the frozen VAE. Tensor parallelism applies to every tower. A micro-batch carries one task, so every stage runs
@@ -203,7 +203,7 @@ class PuffinModel(MegatronModule):
     # -- first stage: input embeddings -----------------------------------------------------------------------
     def _vision_tokens(self, images, batch: Dict[str, Any]) -> torch.Tensor:
         """Projected visual tokens of all images, flattened sample-major ``[sum of tokens, h]`` (images of different
-        sizes give different token counts); the gradient scale applies to understanding losses only (spec §1.4).
+        sizes give different token counts); the gradient scale applies to understanding losses only (docs/puffin.md §1.4).
         Train-mode CPE randomness comes from a generator keyed by the batch's samples, so every TP/PP layout sees
         the same augmentation."""
         positions = tuple(batch["positions"].tolist())
@@ -226,7 +226,7 @@ class PuffinModel(MegatronModule):
         """Token embeddings with visual tokens and meta queries scattered in: ``[s, b, h]``.
 
         Visual tokens go to the positions holding -200 (understanding) or ``<|image_pad|>`` (image2image) in
-        sample-major, token order; meta queries to the -400 slots (spec §2.1 step 4, §2.2 step 4).
+        sample-major, token order; meta queries to the -400 slots (docs/puffin.md §2.1 step 4, §2.2 step 4).
         """
         input_ids = batch["input_ids"].to(self.device)
         image_slots = (input_ids == templates.INPUT_IMAGE_TOKEN_INDEX)
@@ -249,7 +249,7 @@ class PuffinModel(MegatronModule):
 
     # -- last stage: losses ---------------------------------------------------------------------------------
     def understanding_loss(self, logits: torch.Tensor, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        """Token-mean cross-entropy of the supervised answer tokens (spec §2.1 step 6)."""
+        """Token-mean cross-entropy of the supervised answer tokens (docs/puffin.md §2.1 step 6)."""
         target = shift_labels(batch["labels"].to(self.device))
         losses = vocab_parallel_token_losses(logits, target)
         num_tokens = (target >= 0).sum()
@@ -273,7 +273,7 @@ class PuffinModel(MegatronModule):
         return torch.stack(noise) if isinstance(like, torch.Tensor) else noise
 
     def _latents(self, images, purpose: str, batch: Dict[str, Any]):
-        """Normalised VAE latents; the posterior is sampled with per-sample noise (spec §1.9). With cached moments
+        """Normalised VAE latents; the posterior is sampled with per-sample noise (docs/puffin.md §1.9). With cached moments
         in the batch (--cached-latents) the VAE encoder does not run."""
         vae = self.vae
         if vae is None:
@@ -313,7 +313,7 @@ class PuffinModel(MegatronModule):
         return [[latents[i] for latents in encoded] for i in range(len(encoded[0]))]
 
     def flow_matching_inputs(self, latents, batch: Dict[str, Any]):
-        """(x_t, v target, timesteps) with per-sample noise levels and noise (spec §2.3)."""
+        """(x_t, v target, timesteps) with per-sample noise levels and noise (docs/puffin.md §2.3)."""
         flow = self.puffin_config.flow
         generators = self._generators(batch, "flow")
         density = torch.cat([
@@ -330,7 +330,7 @@ class PuffinModel(MegatronModule):
     def generation_loss(
         self, hidden: torch.Tensor, batch: Dict[str, Any], layout: RightPadding
     ) -> Dict[str, torch.Tensor]:
-        """Per-sample-mean flow matching of the target latents (spec §2.3); the meta queries are each prompt's last
+        """Per-sample-mean flow matching of the target latents (docs/puffin.md §2.3); the meta queries are each prompt's last
         tokens, read at the sample's own positions of the right-padded ``hidden`` ``[s, b, h]``."""
         num_queries = self.puffin_config.connector.num_queries
         positions = layout.last_positions(num_queries, device=hidden.device)

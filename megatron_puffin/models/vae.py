@@ -1,6 +1,6 @@
 """The frozen SD3 VAE (diffusers ``AutoencoderKL``) as a latent encoder/decoder for images and camera maps.
 
-Always frozen and in eval mode, run without autograd (spec §1.9): ``train()`` cannot switch it to training
+Always frozen and in eval mode, run without autograd (docs/puffin.md §1.9): ``train()`` cannot switch it to training
 mode, its parameters never require grad. Latents are normalised with the VAE's own config:
 ``z = (x_latent - shift_factor) * scaling_factor`` (SD3: shift 0.0609, scale 1.5305) and decoded with the
 inverse. Encoding takes the posterior **sample** (Puffin's training) or its mean, by flag.

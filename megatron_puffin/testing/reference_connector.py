@@ -1,4 +1,4 @@
-"""A plain-PyTorch reading of Puffin's query path (spec §1.5-§1.7).
+"""A plain-PyTorch reading of Puffin's query path (docs/puffin.md §1.5-§1.7).
 
 SigLIP-style encoder layers: pre-LN with eps 1e-6, separate q/k/v/out projections with bias, softmax scale
 1/sqrt(head_dim), no mask, no positions, tanh-GELU MLP, no final norm. ``llm2connector_k`` in front, the token

@@ -1,6 +1,6 @@
-"""Puffin's reference MMDiT forward ("dynamic" SD3, spec §1.8) on diffusers' ``SD3Transformer2DModel`` modules.
+"""Puffin's reference MMDiT forward ("dynamic" SD3, docs/puffin.md §1.8) on diffusers' ``SD3Transformer2DModel`` modules.
 
-What the reference does, and what our tower replaces (spec §9.1, §9.4): every latent of every sample (target,
+What the reference does, and what our tower replaces (docs/puffin.md §9.1, §9.4): every latent of every sample (target,
 then its condition latents) is patch-embedded by its own ``pos_embed`` call; the per-sample streams
 ``[target | cond_1 | cond_2 ...]`` are right-padded with zeros to the longest; a dense ``[B, 1, L, L]`` boolean
 mask (outer product of the validity vector extended with the text tokens, diagonal forced True) is built even when

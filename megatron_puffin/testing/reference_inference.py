@@ -1,9 +1,9 @@
 """Inference the reference's way on the reference assembly (:mod:`.reference_puffin`), for parity checks.
 
-* Understanding (spec §6.1): ``transformers`` ``Qwen2Model`` called with ``inputs_embeds``, the 2-D key-padding
+* Understanding (docs/puffin.md §6.1): ``transformers`` ``Qwen2Model`` called with ``inputs_embeds``, the 2-D key-padding
   mask and explicit position ids, its own KV cache (``past_key_values``), greedy argmax of the tied head on the last
   position; next position = max(previous) + 1, mask extended by 1; a finished sequence keeps emitting the end token.
-* Generation (spec §6.2): the query states of the ``[negatives; positives]`` prompt batch through the plain-PyTorch
+* Generation (docs/puffin.md §6.2): the query states of the ``[negatives; positives]`` prompt batch through the plain-PyTorch
   connectors, diffusers' SD3 modules run the reference's dynamic way, CFG ``v_neg + g (v_pos - v_neg)``.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def reference_guided_velocity(reference: ReferencePuffin, batch: Dict[str, Any],
 def reference_generate(reference: ReferencePuffin, batch: Dict[str, Any], camera_maps: Sequence[torch.Tensor],
                        init_images, seeds: Sequence[int], size: int, num_steps: int,
                        guidance_scale: float) -> torch.Tensor:
-    """Images the reference's way (spec §6.2): ``batch`` holds ``[negatives; positives]`` prompts; each camera map
+    """Images the reference's way (docs/puffin.md §6.2): ``batch`` holds ``[negatives; positives]`` prompts; each camera map
     (and initial view) VAE-encoded one sample at a time with a posterior sample; diffusers'
     ``FlowMatchEulerDiscreteScheduler`` steps over the reference dynamic MMDiT forward; VAE decode one sample at a time.
     Returns uint8 ``[b, H, W, 3]``."""

@@ -1,7 +1,7 @@
-"""The composed Puffin model assembled from the reference's modules and run the reference's way (spec §1-§2).
+"""The composed Puffin model assembled from the reference's modules and run the reference's way (docs/puffin.md §1-§2).
 
 * LLM: ``transformers`` ``Qwen2ForCausalLM``; ``llm.model`` is called with ``inputs_embeds``, the 2-D key-padding
-  ``attention_mask`` and ``position_ids`` of the left-padded batch (spec §8); understanding logits come from the
+  ``attention_mask`` and ``position_ids`` of the left-padded batch (docs/puffin.md §8); understanding logits come from the
   tied head applied to the supervised positions only, loss = token-mean cross-entropy (§2.1 step 6).
 * Placeholders: visual tokens are written into the embeddings at the -200 (understanding) or ``<|image_pad|>``
   (image2image) positions, the meta queries at the -400 positions, by boolean-index assignment.
@@ -77,7 +77,7 @@ class ReferencePuffin(nn.Module):
         return self.llm.model.embed_tokens.weight.device
 
     def reference_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The trainable towers under the released checkpoints' names (spec §1.11), except the vision tower."""
+        """The trainable towers under the released checkpoints' names (docs/puffin.md §1.11), except the vision tower."""
         state = {f"llm.{name}": tensor for name, tensor in self.llm.state_dict().items()}
         state.update({f"transformer.{name}": tensor for name, tensor in self.transformer.state_dict().items()})
         state.update(self.query_path.state_dict())
@@ -122,7 +122,7 @@ class ReferencePuffin(nn.Module):
 
     # -- understanding --------------------------------------------------------------------------------------
     def understanding_loss(self, batch: Dict[str, Any]) -> torch.Tensor:
-        """Token-mean cross-entropy over the supervised answer tokens (spec §2.1 step 6)."""
+        """Token-mean cross-entropy over the supervised answer tokens (docs/puffin.md §2.1 step 6)."""
         hidden = self._llm_states(batch)[:, :-1]
         labels = batch["labels"][:, 1:]
         supervised = labels >= 0
@@ -160,7 +160,7 @@ class ReferencePuffin(nn.Module):
         return self.scheduler.sigmas.to(timesteps.device, dtype)[indices].flatten()
 
     def _flow_inputs(self, latents: Sequence[torch.Tensor], batch: Dict[str, Any]):
-        """Per sample: noise level, then Gaussian noise, from that sample's generator (spec §2.3)."""
+        """Per sample: noise level, then Gaussian noise, from that sample's generator (docs/puffin.md §2.3)."""
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
         flow = self.puffin_config.flow
@@ -178,7 +178,7 @@ class ReferencePuffin(nn.Module):
         return noisy, targets, torch.cat(timesteps)
 
     def generation_loss(self, batch: Dict[str, Any]) -> torch.Tensor:
-        """Mean over samples of each sample's flow-matching MSE (spec §2.3)."""
+        """Mean over samples of each sample's flow-matching MSE (docs/puffin.md §2.3)."""
         queries = self._llm_states(batch)[:, -self.puffin_config.connector.num_queries:]
         pooled, context = self.query_path(queries)
         latents = self._encode_each(batch["target_images"], "vae_target", batch)

@@ -4,7 +4,7 @@ the flags alone (no process group, no model), for ``pretrain_puffin.py --dry-run
 Counts are analytic and exact: ``tests/unit/test_layout.py`` compares every tower with the parameters of the
 real modules. Each count is split into the part that tensor parallelism divides over TP ranks (megatron-core's
 ``tensor_model_parallel`` parameters) and the part every TP rank holds whole, and each tower part is placed on a
-pipeline stage as the model builds it (ARCHITECTURE decision 3): the first stage holds the LLM embedding, the
+pipeline stage as the model builds it (docs/puffin.md §1.0): the first stage holds the LLM embedding, the
 vision tower and the meta queries; the decoder layers are spread evenly; the last stage holds the final norm, the
 output layer (a copy of the tied embedding when PP > 1), the connectors with their projections, the MMDiT and the
 frozen VAE.

@@ -1,7 +1,7 @@
 """Averaging task losses correctly over data-parallel ranks.
 
 A micro-batch holds one task. Understanding losses are token means and generation losses per-sample means over the
-*global* micro-batch (all data-parallel ranks together, spec §8). Data-parallel gradient reduction averages
+*global* micro-batch (all data-parallel ranks together, docs/puffin.md §8). Data-parallel gradient reduction averages
 gradients over ranks, so each rank back-propagates ``local_sum * dp_size / global_count``: the averaged gradient is
 then exactly the gradient of the global mean, however unevenly tokens fall on the ranks.
 """

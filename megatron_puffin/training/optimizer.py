@@ -1,4 +1,4 @@
-"""AdamW over trainable parameters only, through megatron-core's optimizer (spec §5.2)."""
+"""AdamW over trainable parameters only, through megatron-core's optimizer (docs/puffin.md §5.2)."""
 from __future__ import annotations
 
 from typing import List

@@ -66,7 +66,7 @@ def _worker(paths, root):
 
     ctx = mpd.initialize(1, 1, seed=0)
     model, ddp = _build(paths, ctx)
-    # projector_1/2 start at zero (spec §1.7), which blocks every gradient into the connectors, queries and LLM
+    # projector_1/2 start at zero (docs/puffin.md §1.7), which blocks every gradient into the connectors, queries and LLM
     # from the diffusion loss; give them the values of a trained model so the test sees that path.
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():

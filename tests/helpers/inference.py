@@ -12,7 +12,7 @@ LLM_WEIGHT_STD = 0.15
 """Random LLM matrices at this scale make greedy decoding produce varied tokens (a freshly initialised tiny LLM
 repeats one token, which would hide position or cache bugs)."""
 CONDITIONING_STD = 0.05
-"""The zero-initialised projector_1/2 (spec §1.7) get weights, so the text conditioning reaches the MMDiT."""
+"""The zero-initialised projector_1/2 (docs/puffin.md §1.7) get weights, so the text conditioning reaches the MMDiT."""
 
 
 def tiny_flags(paths: Dict[str, str], *extra: str) -> List[str]:

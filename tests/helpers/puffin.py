@@ -97,7 +97,7 @@ def trainable_names(model: torch.nn.Module):
 
 
 def reference_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """A TP=1/PP=1 Puffin's weights under the released checkpoints' names (spec §1.11: ``llm.``,
+    """A TP=1/PP=1 Puffin's weights under the released checkpoints' names (docs/puffin.md §1.11: ``llm.``,
     ``visual_encoder.radio_model.``, ``projector.``, the query path, ``transformer.``), through the tower
     converters' inverses."""
     from megatron_puffin.convert.connector import mcore_to_reference

@@ -1,4 +1,4 @@
-"""Our query path against a plain-PyTorch reading of spec §1.6-1.7 (``megatron_puffin.testing.reference_connector``:
+"""Our query path against a plain-PyTorch reading of docs/puffin.md §1.6-1.7 (``megatron_puffin.testing.reference_connector``:
 SigLIP-style encoder layers, pre-LN with eps 1e-6, separate q/k/v/out projections, softmax scale 1/sqrt(head_dim),
 no mask, no positions, tanh-GELU MLP, no final norm; ``llm2connector_k``, the token mean before ``projector_1`` and
 ``projector_2`` on the sequence). The reference's state-dict names reach our module through the converter.

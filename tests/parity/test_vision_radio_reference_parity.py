@@ -1,4 +1,4 @@
-"""Our vision tower against a plain-PyTorch reading of the reference (spec §1.3-1.4): RADIO's CPE patch generator
+"""Our vision tower against a plain-PyTorch reading of the reference (docs/puffin.md §1.3-1.4): RADIO's CPE patch generator
 (Im2Patches + linear embedder, eval-mode position grid resized to max(h, w)^2 and cropped, class/register tokens),
 timm ViT blocks with the fused [q; k; v] projection, the [-1, 1] -> CLIP input conditioning, the 2x2 fold written
 as an index gather, the gradient scale as a hook and the ``projector.{0,2}`` MLP. The reference's parameters carry

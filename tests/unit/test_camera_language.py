@@ -1,4 +1,4 @@
-"""Camera as language (spec §3.3, §3.10, §7.1): exact rendering, strict parsing, tolerant parsing."""
+"""Camera as language (docs/puffin.md §3.3, §3.10, §7.1): exact rendering, strict parsing, tolerant parsing."""
 import math
 
 import numpy as np

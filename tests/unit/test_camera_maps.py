@@ -1,4 +1,4 @@
-"""Camera maps: analytic cases of spec §4, an independent per-pixel reading of the spec, batching and devices."""
+"""Camera maps: analytic cases of docs/puffin.md §4, an independent per-pixel reading of docs/puffin.md, batching and devices."""
 import math
 
 import numpy as np
@@ -16,7 +16,7 @@ RANDOM_CAMERAS = [
 
 
 def spec_pixel(roll, pitch, vfov, height, width, x, y):
-    """Straight reading of spec §4 for one pixel, in float64 numpy, written independently of the library."""
+    """Straight reading of docs/puffin.md §4 for one pixel, in float64 numpy, written independently of the library."""
     focal = (height / 2) / math.tan(vfov / 2)
     u, v = (x - width / 2) / focal, (y - height / 2) / focal
     gravity = np.array([-math.sin(roll) * math.cos(pitch), -math.cos(roll) * math.cos(pitch), math.sin(pitch)])
@@ -79,7 +79,7 @@ def test_positive_roll_leans_up_to_the_left():
 
 @pytest.mark.parametrize("roll,pitch,vfov", [(0.0, 0.2, 1.0), (0.6, -0.3, 1.5), (-0.78, 0.1, 0.35), (0.2, -0.7, 1.8)])
 def test_latitude_of_top_row_exceeds_bottom_row(roll, pitch, vfov):
-    assert abs(pitch) < vfov / 2  # the condition of spec §4 (the last case even sees the nadir)
+    assert abs(pitch) < vfov / 2  # the condition of docs/puffin.md §4 (the last case even sees the nadir)
     latitude = camera_map(roll, pitch, vfov, 64, 48)[2]
     assert (latitude[0] > latitude[-1]).all()
 

@@ -62,7 +62,7 @@ def test_yaw_terms_follow_cross_view_convention(yaw, expected):
 
 
 def test_roll_direction_agrees_with_the_camera_map():
-    # Positive roll leans the up vector at the centre to the image left (spec §4): the horizon rises to the right.
+    # Positive roll leans the up vector at the centre to the image left (docs/puffin.md §4): the horizon rises to the right.
     up_x = camera_map(0.3, 0.0, 1.0, 32, 32)[0, 16, 16].item()
     assert up_x < 0 and terms.roll_direction(0.3) == "rotated clockwise"
     assert terms.roll_direction(-0.3) == "rotated counter-clockwise" and terms.roll_direction(0.0) == "held level"

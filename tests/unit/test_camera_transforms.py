@@ -2,7 +2,7 @@
 
 A camera map is itself a [3, H, W] tensor, so each transform is applied to the map and compared with the map
 re-derived from the camera the transform returns. Tolerance 2e-5 (float32 rounding) for crops and pads with even
-size differences, where the convention of spec §4 makes them exact.
+size differences, where the convention of docs/puffin.md §4 makes them exact.
 """
 import logging
 import math

@@ -30,7 +30,7 @@ def single_process():
 
 
 def _reference_state_dict(seed=0):
-    """The reference's names (spec §1.5-1.7) at tiny shapes, random values."""
+    """The reference's names (docs/puffin.md §1.5-1.7) at tiny shapes, random values."""
     gen = torch.Generator().manual_seed(seed)
     h, ffn = CONFIG.hidden_size, CONFIG.ffn_hidden_size
     state = {"meta_queries": torch.randn(6, LLM_HIDDEN, generator=gen)}

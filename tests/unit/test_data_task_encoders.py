@@ -1,4 +1,4 @@
-"""Task encoders, checked token by token against the layouts of spec §2.1 / §2.2 written out literally here."""
+"""Task encoders, checked token by token against the layouts of docs/puffin.md §2.1 / §2.2 written out literally here."""
 import io
 
 import numpy as np
@@ -47,7 +47,7 @@ def tokenizer(request, tmp_path_factory):
 
 
 def _understanding_layout(tok, prompt, answer, num_image_tokens):
-    """Spec §2.1: tok(head) [-200]*N tok(tail) tok(answer) <|im_end|> "\\n"; labels on answer + <|im_end|>."""
+    """docs/puffin.md §2.1: tok(head) [-200]*N tok(tail) tok(answer) <|im_end|> "\\n"; labels on answer + <|im_end|>."""
     if num_image_tokens:
         head = tok.encode("<|im_start|>user\n")
         tail = tok.encode("\n" + prompt + "<|im_end|>\n<|im_start|>assistant\n")

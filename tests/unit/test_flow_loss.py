@@ -1,4 +1,4 @@
-"""Flow-matching training inputs and loss (spec §2.3): noising, velocity target, per-sample mean, densities."""
+"""Flow-matching training inputs and loss (docs/puffin.md §2.3): noising, velocity target, per-sample mean, densities."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""The SD3 flow-matching schedule: the values of spec §1.10."""
+"""The SD3 flow-matching schedule: the values of docs/puffin.md §1.10."""
 import pytest
 import torch
 

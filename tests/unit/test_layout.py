@@ -1,6 +1,6 @@
 """The --dry-run's analytic parameter counts: equal to the real modules for every tower, config variant and pipeline
 position (tensor-parallel split included), equal to the reference implementations at full size, and within the
-sizes the spec states; the memory estimate honours placement, freezing and the distributed optimizer."""
+sizes docs/puffin.md states; the memory estimate honours placement, freezing and the distributed optimizer."""
 import dataclasses
 import json
 
@@ -128,9 +128,9 @@ def test_full_size_counts_equal_the_reference_implementations():
 def test_full_size_counts_match_the_sizes_the_spec_states():
     towers = {t.name: t for t in layout.build_towers(LLMConfig(), VisionConfig(), ConnectorConfig(), DiTConfig(),
                                                      PuffinModelConfig())}
-    # Qwen2.5-1.5B (tied): 1543.71 M; spec §1.11 "LLM 1.54 B".
+    # Qwen2.5-1.5B (tied): 1543.71 M; docs/puffin.md §1.11 "LLM 1.54 B".
     assert round(towers["LLM"].parameters / 1e6, 2) == 1543.71
-    # SD3-medium MMDiT: 2.03 B; spec §1.11 "MMDiT ≈ 2 B".
+    # SD3-medium MMDiT: 2.03 B; docs/puffin.md §1.11 "MMDiT ≈ 2 B".
     assert round(towers["MMDiT"].parameters / 1e9, 2) == 2.03 and round(towers["MMDiT"].parameters / 1e9) == 2
     # SD3 VAE: spec "≈ 84 M".
     assert round(layout.vae_parameter_count(SD3_MEDIUM_VAE) / 1e6) == 84
@@ -142,7 +142,7 @@ def test_full_size_counts_match_the_sizes_the_spec_states():
     assert query_parts == {"meta queries": 64 * 1536, "connectors": 12 * layer,
                            "projections": 2 * (1536 * 1024 + 1024) + (1024 * 2048 + 2048) + (1024 * 4096 + 4096)}
     # RADIO-H: spec "≈ 0.6 B" is the ViT-H/16 trunk (patch embedder, 8 class/register tokens, 32 blocks, 0.63 B);
-    # the tower also holds the CPE position grid of 128 x 128 x 1280 = 21.0 M (spec §1.3), 651.64 M in all.
+    # the tower also holds the CPE position grid of 128 x 128 x 1280 = 21.0 M (docs/puffin.md §1.3), 651.64 M in all.
     vision = towers["vision encoder"].parameters
     grid = 128 * 128 * 1280
     assert round((vision - grid) / 1e9, 1) == 0.6

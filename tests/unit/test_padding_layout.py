@@ -53,7 +53,7 @@ def _model(paths):
 
     torch.manual_seed(0)
     model = build_puffin(tiny_puffin_config(paths)).train()
-    # Zero-initialised projector_1/2 (spec §1.7) would block the diffusion gradient into connectors, queries, LLM.
+    # Zero-initialised projector_1/2 (docs/puffin.md §1.7) would block the diffusion gradient into connectors, queries, LLM.
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, param in model.named_parameters():

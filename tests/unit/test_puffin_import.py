@@ -31,7 +31,7 @@ def _sub(state, prefix):
 
 
 def _reference_names(model):
-    """Our weights written under the reference's names (spec §1.11), through the tower converters' inverses."""
+    """Our weights written under the reference's names (docs/puffin.md §1.11), through the tower converters' inverses."""
     cfg, state = model.puffin_config, model.state_dict()
     ref = {"llm." + k: v for k, v in mcore_to_hf(_sub(state, "llm."), cfg.llm).items()}
     vision = _sub(state, "vision.")

@@ -44,7 +44,7 @@ def test_every_task_gives_a_finite_loss_with_counts(tiny, task):
 def test_diffusion_loss_reaches_queries_connectors_and_llm_but_not_frozen_vision(tiny):
     paths, batches = tiny
     model = _model(paths, freeze_vision=True)
-    # Zero-initialised projector_1/2 (spec §1.7) block the gradient to everything before them at step 0; give
+    # Zero-initialised projector_1/2 (docs/puffin.md §1.7) block the gradient to everything before them at step 0; give
     # them weights as after a first optimizer step.
     with torch.no_grad():
         for name, param in model.named_parameters():

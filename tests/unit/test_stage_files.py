@@ -1,5 +1,5 @@
 """The stage flag files of examples/stages: each validates at full scale (64 GPUs) through `pretrain_puffin.py
---dry-run`, prints the per-tower trainable/frozen states of spec §5.4, and encodes the reference recipe translated
+--dry-run`, prints the per-tower trainable/frozen states of docs/puffin.md §5.4, and encodes the reference recipe translated
 to optimizer steps (docs/training.md); a bad override fails naming the flag."""
 import contextlib
 import io
@@ -14,7 +14,7 @@ from pretrain_puffin import main
 STAGES = Path(__file__).resolve().parents[2] / "examples" / "stages"
 T, F = "trainable", "frozen"
 TOWERS = ("LLM", "vision encoder", "vision projector", "query path", "MMDiT", "VAE")
-# spec §5.4: per-tower states, optimizer steps, micro-batches per step, LR actually used, warm-up steps, task
+# docs/puffin.md §5.4: per-tower states, optimizer steps, micro-batches per step, LR actually used, warm-up steps, task
 # streams (task, per-GPU micro-batch, repeats), hand-off, activation checkpointing of the MMDiT and connectors.
 EXPECTED = {
     "stage1_alignment": dict(

@@ -1,5 +1,5 @@
 """Configuration of the query path: 64 meta queries, ``llm2connector_{1,2}``, the two connector encoders and the
-zero-initialised ``projector_{1,2}`` into the DiT's conditioning (spec §1.5-1.7)."""
+zero-initialised ``projector_{1,2}`` into the DiT's conditioning (docs/puffin.md §1.5-1.7)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

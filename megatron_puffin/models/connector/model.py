@@ -1,4 +1,4 @@
-"""Meta queries and the query path into the DiT's conditioning (spec §1.5-1.7).
+"""Meta queries and the query path into the DiT's conditioning (docs/puffin.md §1.5-1.7).
 
     Q = last-layer LLM states at the meta-query positions                      [b, n_q, llm_hidden]
     pooled   = projector_1(mean_tokens(connector_1(llm2connector_1(Q))))     [b, pooled_projection_dim]

@@ -1,6 +1,6 @@
 """Layout of the "dynamic" image stream: per-sample target latents of any size plus clean condition latents,
 embedded with the same patchifier and positions, concatenated per sample as ``[target | cond_1 | cond_2 ...]``
-and right-padded to the longest sample (spec §1.8 items 1-3, 5).
+and right-padded to the longest sample (docs/puffin.md §1.8 items 1-3, 5).
 
 Latents of equal shape are embedded together (one convolution per distinct shape, not per sample), and their
 tokens are placed into the padded ``[L, b, h]`` stream by one ``index_put`` with a precomputed destination

@@ -1,6 +1,6 @@
 """The SD3 MMDiT ("dynamic" Puffin variant) on megatron-core.
 
-Computes what diffusers' ``SD3Transformer2DModel`` computes with the same weights, extended as in spec §1.8:
+Computes what diffusers' ``SD3Transformer2DModel`` computes with the same weights, extended as in docs/puffin.md §1.8:
 per-sample latent sizes, clean condition latents appended after the target tokens of each sample (same
 patchifier, same centre-cropped positions, same AdaLN modulation by the noisy sample's timestep), and output
 for the target tokens only. ``norm_out``/``proj_out`` run on target tokens only (per-token operations, so the

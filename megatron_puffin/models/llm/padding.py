@@ -6,7 +6,7 @@ Transformer Engine's ``causal`` mask is exact. Pads attend to real tokens, but n
 understanding loss ignores their labels and the meta queries are read at each sample's own positions
 (:meth:`RightPadding.last_positions`).
 
-The data pipeline collates left-padded rows (the reference's layout, spec §8); :meth:`RightPadding.from_left_padded`
+The data pipeline collates left-padded rows (the reference's layout, docs/puffin.md §8); :meth:`RightPadding.from_left_padded`
 moves each row's real tokens to the front with one gather, keeping their order, token ids, labels and position ids,
 so every real token sees exactly the keys and RoPE positions it saw before.
 """

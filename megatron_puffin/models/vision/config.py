@@ -1,5 +1,5 @@
 """Configuration of the vision tower: C-RADIOv3-H's ViT shape (defaults), its input conditioning, the 2x2 fold
-and the MLP projector (spec §1.3-1.4)."""
+and the MLP projector (docs/puffin.md §1.3-1.4)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from megatron_puffin.models.common import runtime_transformer_kwargs
 from megatron_puffin.optional_deps import transformer_engine_error
 
-# OpenAI CLIP normalisation used by RADIO's input conditioner (spec §1.3).
+# OpenAI CLIP normalisation used by RADIO's input conditioner (docs/puffin.md §1.3).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -64,13 +64,13 @@ class VisionConfig:
     """Probability of dropping the position embedding of a sample while the encoder is in train mode (RADIO CPE
     augmentation; train mode also samples a random position-grid window)."""
     fold_size: int = 2
-    """Side of the square block of patch features folded into one LLM token (space-to-depth, spec §1.4)."""
+    """Side of the square block of patch features folded into one LLM token (space-to-depth, docs/puffin.md §1.4)."""
     vision_grad_scale: float = field(default=0.1, metadata={"flag": "--vision-grad-scale"})
     """Multiplier of the gradient flowing from the projector back into a trainable vision encoder (identity in
     the forward pass; the reference's visual_encoder_grad_scale)."""
     frozen_train_mode: bool = False
     """Keep a frozen encoder in train mode (CPE random windows and position-embedding dropout active), as the
-    reference does by accident (spec §1.3 quirk, §9 point 10). Default: a frozen encoder runs in eval mode."""
+    reference does by accident (docs/puffin.md §1.3 quirk, §9 point 10). Default: a frozen encoder runs in eval mode."""
     recompute: bool = False
     """Recompute every ViT block's activations in the backward pass (activation checkpointing)."""
 

@@ -1,4 +1,4 @@
-"""The vision tower: RADIO ViT -> 2x2 fold -> gradient scale -> MLP projector into the LLM (spec §1.3-1.4).
+"""The vision tower: RADIO ViT -> 2x2 fold -> gradient scale -> MLP projector into the LLM (docs/puffin.md §1.3-1.4).
 
 Tensor parallelism: the ViT blocks split heads and MLP columns (megatron-core layers), the patch embedder is
 column-parallel with a gathered output, the projector is column-parallel ``linear_fc1`` then row-parallel
@@ -62,7 +62,7 @@ class VisionTower(MegatronModule):
         self.reset_projector_parameters()
 
     def reset_projector_parameters(self) -> None:
-        """PyTorch's default ``nn.Linear`` initialisation for both projector linears (spec §1.4), identical at
+        """PyTorch's default ``nn.Linear`` initialisation for both projector linears (docs/puffin.md §1.4), identical at
         every tensor-parallel size."""
         fc1, fc2 = self.projector.linear_fc1, self.projector.linear_fc2
         init_linear_like_torch_(fc1.weight, fc1.bias, self.vision_config.folded_hidden_size)

@@ -1,5 +1,5 @@
 """Small pieces of the vision path: input conditioning, RADIO's feature normaliser, the space-to-depth fold and
-the gradient scale (spec §1.3-1.4)."""
+the gradient scale (docs/puffin.md §1.3-1.4)."""
 from __future__ import annotations
 
 from typing import Sequence, Tuple
@@ -50,7 +50,7 @@ class FeatureNormalizer(nn.Module):
 
 
 def fold_patches(features: torch.Tensor, grid: Tuple[int, int], fold_size: int) -> torch.Tensor:
-    """Space-to-depth: every ``fold x fold`` block of patch features becomes one token (spec §1.4).
+    """Space-to-depth: every ``fold x fold`` block of patch features becomes one token (docs/puffin.md §1.4).
 
     ``out[b, i * w + j, (p * fold + q) * c + k] = features[b, (fold * i + p) * W + (fold * j + q), k]`` with
     ``W = fold * w``: tokens in raster order over the block grid, channels row-offset-major. For a 4x4 grid
