@@ -21,13 +21,10 @@ import logging
 import math
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-warnings.filterwarnings("ignore", message="Apex is not installed")
 
 from megatron_puffin.inference.cli import (  # noqa: E402
     Progress,

@@ -14,41 +14,19 @@ One 4-iteration run (checkpoints at 2 and 4) serves every case; each case works 
 """
 import importlib.util
 import json
-import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers.puffin import ROOT, make_tiny_dataset
+from helpers.puffin import ROOT, make_tiny_dataset, metrics_losses as _losses, run_pretrain
 
 TINY = ROOT / "examples" / "tiny"
-ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 FLAGS = [f"@{TINY / 'model.args'}", "--num-workers", "0", "--log-interval", "1",
          "--task-stream", "image2text:tiny/data/main", "--task-stream", "cam2image:tiny/data/main",
          "--freeze-vision", "--lr", "1e-3", "--lr-warmup-iters", "2", "--train-iters", "4"]
 MBS2 = ["--micro-batch-size", "2"]
-
-
-def _cli(cwd, *flags, nproc=1, check=True):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    proc = subprocess.run(launcher + [str(ROOT / "pretrain_puffin.py"), *map(str, flags)], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def _losses(path):
-    losses = {}
-    for line in Path(path).read_text().splitlines():
-        record = json.loads(line)
-        losses[record["iteration"]] = {k[len("loss/"):]: v for k, v in record.items() if k.startswith("loss/")}
-    return losses
 
 
 def _lrs(path):
@@ -60,7 +38,7 @@ def _lrs(path):
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     make_tiny_dataset(root / "tiny", num_samples=16)
-    _cli(root, *FLAGS, *MBS2, "--save", "run", "--save-interval", "2", "--metrics-file", "full.jsonl")
+    run_pretrain(root, *FLAGS, *MBS2, "--save", "run", "--save-interval", "2", "--metrics-file", "full.jsonl")
     assert sorted(_losses(root / "full.jsonl")) == [1, 2, 3, 4]
     return root
 
@@ -134,7 +112,7 @@ def test_startup_decisions(workdir, monkeypatch, capsys):
     victim = workdir / "created_by_metadata"
     (crafted / "iter_0000004" / ".metadata").write_bytes(pickle.dumps(CreatesFile(victim)))
     write_manifest(str(crafted / "iter_0000004"))
-    proc = _cli(workdir, *FLAGS, *MBS2, "--load", "crafted/iter_0000004", check=False)
+    proc = run_pretrain(workdir, *FLAGS, *MBS2, "--load", "crafted/iter_0000004", check=False)
     assert proc.returncode == 2 and "crafted/iter_0000004/.metadata asks to create" in proc.stderr
     assert not victim.exists()
 
@@ -157,7 +135,7 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(workdir):
     fallback = _copy(workdir, "fallback")
     shard = sorted((fallback / "iter_0000004").glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:1000])  # truncated
-    proc = _cli(workdir, *FLAGS, *MBS2, "--load", "fallback", "--save", "fallback", "--metrics-file", "fb.jsonl")
+    proc = run_pretrain(workdir, *FLAGS, *MBS2, "--load", "fallback", "--save", "fallback", "--metrics-file", "fb.jsonl")
     assert f"skipping damaged checkpoint fallback/iter_0000004: fallback/iter_0000004/{shard.name} has 1000 " \
         "bytes" in proc.stderr
     assert "at iteration 2" in proc.stderr
@@ -177,7 +155,7 @@ def test_flipped_bytes_are_reported_naming_the_file(workdir):
     for i in range(8):
         data[len(data) // 2 + i] ^= 0xFF
     shard.write_bytes(bytes(data))
-    proc = _cli(workdir, *FLAGS, *MBS2, "--load", "flipped/iter_0000004", check=False)
+    proc = run_pretrain(workdir, *FLAGS, *MBS2, "--load", "flipped/iter_0000004", check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert f"flipped/iter_0000004/{shard.name} does not match its SHA-256 in puffin_manifest.json" in last
@@ -188,7 +166,7 @@ def test_overwrite_checkpoints_replaces_a_rolled_back_run(workdir):
     rollback = _copy(workdir, "rollback")
     shutil.copytree(rollback / "iter_0000004", rollback / "iter_0000006")  # a later checkpoint of the old run
     old_inode = (rollback / "iter_0000004").stat().st_ino
-    proc = _cli(workdir, *FLAGS, *MBS2, "--load", "rollback/iter_0000002", "--save", "rollback",
+    proc = run_pretrain(workdir, *FLAGS, *MBS2, "--load", "rollback/iter_0000002", "--save", "rollback",
                 "--overwrite-checkpoints", "--metrics-file", "rb.jsonl")
     full = _losses(workdir / "full.jsonl")
     assert _losses(workdir / "rb.jsonl") == {3: full[3], 4: full[4]}
@@ -202,7 +180,7 @@ def test_override_opt_param_scheduler_applies_the_new_schedule(workdir):
     import torch
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    _cli(workdir, *FLAGS, *MBS2, "--load", "run", "--train-iters", "6", "--override-opt-param-scheduler",
+    run_pretrain(workdir, *FLAGS, *MBS2, "--load", "run", "--train-iters", "6", "--override-opt-param-scheduler",
          "--metrics-file", "override.jsonl")
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
     expected = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=1e-3, min_lr=0.0, lr_warmup_steps=2,
@@ -218,13 +196,13 @@ def test_override_opt_param_scheduler_applies_the_new_schedule(workdir):
 
 def test_pipeline_parallel_distributed_optimizer_resume_is_exact(workdir):
     common = [*FLAGS, *MBS2, "--use-distributed-optimizer"]
-    _cli(workdir, *common, "--pipeline-model-parallel-size", "2", "--save", "pp", "--save-interval", "2",
+    run_pretrain(workdir, *common, "--pipeline-model-parallel-size", "2", "--save", "pp", "--save-interval", "2",
          "--metrics-file", "pp_full.jsonl", nproc=2)
     full = _losses(workdir / "pp_full.jsonl")
-    _cli(workdir, *common, "--pipeline-model-parallel-size", "2", "--load", "pp/iter_0000002",
+    run_pretrain(workdir, *common, "--pipeline-model-parallel-size", "2", "--load", "pp/iter_0000002",
          "--metrics-file", "pp_resumed.jsonl", nproc=2)
     assert _losses(workdir / "pp_resumed.jsonl") == {3: full[3], 4: full[4]}  # bit-identical
-    _cli(workdir, *common, "--tensor-model-parallel-size", "2", "--load", "pp/iter_0000002",
+    run_pretrain(workdir, *common, "--tensor-model-parallel-size", "2", "--load", "pp/iter_0000002",
          "--metrics-file", "tp_resumed.jsonl", nproc=2)
     tp = _losses(workdir / "tp_resumed.jsonl")
     assert sorted(tp) == [3, 4]

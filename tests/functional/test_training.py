@@ -18,36 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers.puffin import ROOT, make_tiny_dataset
+from helpers.puffin import CLI_ENV as ENV, ROOT, make_tiny_dataset, metrics_losses as _losses, run_pretrain
 
 TINY = ROOT / "examples" / "tiny"
 GOLDEN = Path(__file__).parent / "golden" / "stage2_sft.json"
-ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 STAGE = [f"@{TINY / 'model.args'}", "--num-workers", "0", "--log-interval", "1"]
 # Stage-2 shape (everything trains but the VAE), without the vision encoder's train-mode randomness so that a change
 # of data-parallel size gives the same numbers; MICRO_BATCH_SIZE comes from --micro-batch-size.
 STREAMS = ["--task-stream", "image2text:tiny/data/main", "--task-stream", "cam2image:tiny/data/main",
            "--freeze-vision", "--train-iters", "8", "--lr", "1e-3", "--lr-warmup-iters", "2"]
-
-
-def _cli(cwd, *flags, nproc=1, check=True, timeout=600):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    proc = subprocess.run(launcher + [str(ROOT / "pretrain_puffin.py"), *map(str, flags)], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def _losses(path):
-    """{iteration: {task: loss}} from a --metrics-file."""
-    losses = {}
-    for line in Path(path).read_text().splitlines():
-        record = json.loads(line)
-        if any(k.startswith("loss/") for k in record):  # training records (validation ones have valid_loss/)
-            losses[record["iteration"]] = {k[len("loss/"):]: v for k, v in record.items() if k.startswith("loss/")}
-    return losses
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +39,13 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage1(workdir):
     """A short stage 1 whose checkpoint later stages start from."""
-    _cli(workdir, *STAGE, f"@{TINY / 'stage1_alignment.args'}", "--train-iters", "3", "--lr-warmup-iters", "1", "--save", "s1",
+    run_pretrain(workdir, *STAGE, f"@{TINY / 'stage1_alignment.args'}", "--train-iters", "3", "--lr-warmup-iters", "1", "--save", "s1",
          "--save-interval", "100")
     return workdir / "s1"
 
 
 def test_sigterm_then_resume_repeats_the_uninterrupted_run_exactly(workdir):
-    _cli(workdir, *STAGE, *STREAMS, "--micro-batch-size", "2", "--metrics-file", "full.jsonl")
+    run_pretrain(workdir, *STAGE, *STREAMS, "--micro-batch-size", "2", "--metrics-file", "full.jsonl")
     full = _losses(workdir / "full.jsonl")
     assert sorted(full) == list(range(1, 9))
 
@@ -89,7 +68,7 @@ def test_sigterm_then_resume_repeats_the_uninterrupted_run_exactly(workdir):
     status = json.loads((workdir / "run" / "run_status.json").read_text())
     assert (status["status"], status["reason"], status["iteration"]) == ("interrupted", "signal", stopped)
 
-    resumed = _cli(workdir, *STAGE, *STREAMS, "--micro-batch-size", "2", "--load", "run", "--save", "run",
+    resumed = run_pretrain(workdir, *STAGE, *STREAMS, "--micro-batch-size", "2", "--load", "run", "--save", "run",
                    "--metrics-file", "part2.jsonl")
     assert f"at iteration {stopped}" in resumed.stderr
     part2 = _losses(workdir / "part2.jsonl")
@@ -98,7 +77,7 @@ def test_sigterm_then_resume_repeats_the_uninterrupted_run_exactly(workdir):
     assert json.loads((workdir / "run" / "run_status.json").read_text())["status"] == "finished"
 
     # The same checkpoint resumed at data-parallel size 2 (same global batch: 1 sample per rank per micro-batch).
-    _cli(workdir, *STAGE, *STREAMS, "--micro-batch-size", "1", "--load", f"run/iter_{stopped:07d}",
+    run_pretrain(workdir, *STAGE, *STREAMS, "--micro-batch-size", "1", "--load", f"run/iter_{stopped:07d}",
          "--metrics-file", "dp2.jsonl", nproc=2)
     dp2 = _losses(workdir / "dp2.jsonl")
     assert sorted(dp2) == list(range(stopped + 1, 9))
@@ -122,7 +101,7 @@ def _plain_tensors(directory):
 
 
 def test_stage_handoff_loads_weights_and_starts_fresh_optimizer(workdir, stage1):
-    proc = _cli(workdir, *STAGE, f"@{TINY / 'stage2_sft.args'}", "--pretrained-checkpoint", "s1", "--save", "s2",
+    proc = run_pretrain(workdir, *STAGE, f"@{TINY / 'stage2_sft.args'}", "--pretrained-checkpoint", "s1", "--save", "s2",
                 "--train-iters", "1", "--lr", "0", "--lr-warmup-iters", "0", "--lr-warmup-init", "0",
                 "--metrics-file", "handoff.jsonl")
     for tower in ("llm", "vision", "queries", "dit"):
@@ -168,12 +147,12 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(workdir):
     assert staging.exists(), "the run ended before writing its second checkpoint"
     assert resolve_checkpoint(str(workdir / "killed")) == str(workdir / "killed" / "iter_0000002")
     # Stopping earlier keeps the checkpoint's learning-rate schedule (decay over the first run's 8 iterations).
-    resumed = _cli(workdir, *flags, "--load", "killed", "--train-iters", "3", "--lr-decay-iters", "8")
+    resumed = run_pretrain(workdir, *flags, "--load", "killed", "--train-iters", "3", "--lr-decay-iters", "8")
     assert "at iteration 2" in resumed.stderr
 
 
 def test_golden_losses_of_tiny_stage2(workdir):
-    _cli(workdir, *STAGE, f"@{TINY / 'stage2_sft.args'}", "--pretrained-checkpoint", "", "--save", "golden",
+    run_pretrain(workdir, *STAGE, f"@{TINY / 'stage2_sft.args'}", "--pretrained-checkpoint", "", "--save", "golden",
          "--train-iters", "20", "--save-interval", "100", "--metrics-file", "golden.jsonl")
     losses = _losses(workdir / "golden.jsonl")
     record = {str(iteration): tasks for iteration, tasks in sorted(losses.items())}
@@ -194,7 +173,7 @@ def test_golden_losses_of_tiny_stage2(workdir):
     (["--vae-config", ""], "needs the VAE"),
 ])
 def test_bad_flags_fail_before_training(workdir, flags, message):
-    proc = _cli(workdir, *STAGE, *STREAMS, *flags, check=False)
+    proc = run_pretrain(workdir, *STAGE, *STREAMS, *flags, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
     assert "iter 1/" not in proc.stderr
@@ -203,7 +182,7 @@ def test_bad_flags_fail_before_training(workdir, flags, message):
 def test_load_of_a_checkpoint_with_another_model_shape_fails_before_training(workdir, stage1):
     # Stage 1's freezing and schedule (other ones are refused at start-up, see test_checkpoint_resume.py), so that
     # the shape check is what fails.
-    proc = _cli(workdir, *STAGE, *STREAMS, "--hidden-size", "64", "--load", "s1", "--freeze-llm", "--freeze-dit",
+    proc = run_pretrain(workdir, *STAGE, *STREAMS, "--hidden-size", "64", "--load", "s1", "--freeze-llm", "--freeze-dit",
                 "--override-opt-param-scheduler", check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "does not fit the configured model" in proc.stderr and "llm.decoder" in proc.stderr
@@ -216,9 +195,9 @@ def test_distributed_optimizer_checkpoint_resumes_at_another_data_parallel_size(
     flags = [*STAGE, "--task-stream", "image2text_cross_view:tiny/data/cross_view", "--task-stream",
              "image2image:tiny/data/cross_view", "--freeze-vision", "--micro-batches-per-step", "1",
              "--train-iters", "6", "--lr", "5e-4", "--lr-warmup-iters", "2", "--use-distributed-optimizer"]
-    _cli(workdir, *flags, "--micro-batch-size", "1", "--save", "zero", "--save-interval", "3",
+    run_pretrain(workdir, *flags, "--micro-batch-size", "1", "--save", "zero", "--save-interval", "3",
          "--metrics-file", "zero_dp2.jsonl", nproc=2)
-    _cli(workdir, *flags, "--micro-batch-size", "2", "--load", "zero/iter_0000003", "--metrics-file", "zero_dp1.jsonl")
+    run_pretrain(workdir, *flags, "--micro-batch-size", "2", "--load", "zero/iter_0000003", "--metrics-file", "zero_dp1.jsonl")
     full, resumed = _losses(workdir / "zero_dp2.jsonl"), _losses(workdir / "zero_dp1.jsonl")
     assert sorted(resumed) == [4, 5, 6]
     for iteration, tasks in resumed.items():

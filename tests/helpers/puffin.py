@@ -1,12 +1,15 @@
 """A tiny Puffin (every tower real, toy sizes) and task micro-batches from a synthetic dataset."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -24,12 +27,32 @@ TASK_STREAMS = {  # loss task -> (stream task, subset)
 TINY_VAE = json.loads((ROOT / "examples" / "tiny" / "vae_config.json").read_text())  # the tiny runs' VAE
 
 
+_DATASET_CACHE: Dict[Tuple[int, int, int, int], Path] = {}
+"""Rendered datasets of this test process by (num_samples, seed, image_size, num_heldout): each is rendered and
+preprocessed once (about 15 s on 2 cores) and copied for every further request (the copy is byte-identical)."""
+
+
 def make_tiny_dataset(root: Path, num_samples: int = 16, seed: int = 0, image_size: int = IMAGE_SIZE,
                       vae_config: Optional[dict] = None, num_heldout: int = 0) -> Dict[str, str]:
-    """Render + preprocess a synthetic Puffin-4M dataset; returns paths of shards, tokenizer and VAE config
-    (``vae_config``: an AutoencoderKL config, default the tiny one). ``num_heldout`` > 0 also writes the held-out
-    split, preprocessed into ``<root>/heldout`` (returned as "heldout")."""
+    """Render + preprocess a synthetic Puffin-4M dataset into ``root``; returns paths of shards, tokenizer and VAE
+    config (``vae_config``: an AutoencoderKL config, default the tiny one). ``num_heldout`` > 0 also writes the
+    held-out split, preprocessed into ``<root>/heldout`` (returned as "heldout"). ``root`` gets its own copy, so a
+    test may damage its files."""
     root = Path(root)
+    key = (num_samples, seed, image_size, num_heldout)
+    if key not in _DATASET_CACHE:
+        cache = Path(tempfile.mkdtemp(prefix="puffin-tiny-"))
+        atexit.register(shutil.rmtree, cache, True)
+        _render_tiny_dataset(cache / "tiny", num_samples, seed, image_size, num_heldout)
+        _DATASET_CACHE[key] = cache / "tiny"
+    shutil.copytree(_DATASET_CACHE[key], root, dirs_exist_ok=True)
+    vae_path = root / "vae_config.json"
+    vae_path.write_text(json.dumps(vae_config or TINY_VAE))
+    paths = {"data": str(root / "data"), "tokenizer": str(root / "tokenizer.model"), "vae_config": str(vae_path)}
+    return {**paths, "heldout": str(root / "heldout")} if num_heldout else paths
+
+
+def _render_tiny_dataset(root: Path, num_samples: int, seed: int, image_size: int, num_heldout: int) -> None:
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     raw, data, tokenizer = root / "raw", root / "data", root / "tokenizer.model"
     subprocess.run([sys.executable, str(ROOT / "tools/make_synthetic_dataset.py"), "--output", str(raw),
@@ -41,10 +64,35 @@ def make_tiny_dataset(root: Path, num_samples: int = 16, seed: int = 0, image_si
         subprocess.run([sys.executable, str(ROOT / "tools/preprocess_data.py"), "--input", str(source),
                         "--output-prefix", str(output), "--workers", "1", "--no-progress"], check=True, env=env,
                        capture_output=True)
-    vae_path = root / "vae_config.json"
-    vae_path.write_text(json.dumps(vae_config or TINY_VAE))
-    paths = {"data": str(data), "tokenizer": str(tokenizer), "vae_config": str(vae_path)}
-    return {**paths, "heldout": str(root / "heldout")} if num_heldout else paths
+
+
+CLI_ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+"""The environment the functional tests run ``pretrain_puffin.py`` in (one thread per rank, no GPU)."""
+
+
+def run_pretrain(cwd, *flags, nproc: int = 1, check: bool = True, timeout: int = 900,
+                 env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """``pretrain_puffin.py FLAGS`` in ``cwd``, under torchrun with ``nproc`` ranks when ``nproc`` > 1; with ``check``
+    a non-zero exit raises with the tail of its output."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    proc = subprocess.run(launcher + [str(ROOT / "pretrain_puffin.py"), *map(str, flags)], cwd=cwd,
+                          env=env or CLI_ENV, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics_losses(path) -> Dict[int, Dict[str, float]]:
+    """``{iteration: {task: loss}}`` of the training records of a ``--metrics-file`` (validation records, which
+    carry ``valid_loss/`` keys only, are left out)."""
+    losses = {}
+    for line in Path(path).read_text().splitlines():
+        record = json.loads(line)
+        if any(key.startswith("loss/") for key in record):
+            losses[record["iteration"]] = {key[len("loss/"):]: value for key, value in record.items()
+                                           if key.startswith("loss/")}
+    return losses
 
 
 def tiny_puffin_config(paths: Dict[str, str], seed: int = 0, **model_flags):
