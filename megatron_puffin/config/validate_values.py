@@ -38,8 +38,6 @@ def check_optimizer(args) -> List[str]:
                         ("--lr-warmup-init", training.lr_warmup_init), ("--weight-decay", training.weight_decay),
                         ("--adam-eps", training.adam_eps), ("--clip-grad", training.clip_grad)):
         problems += _finite(flag, value) or _at_least(flag, value, 0.0)
-    if math.isfinite(training.lr) and training.lr == 0:
-        problems.append("--lr (0.0) trains nothing; give a positive learning rate (e.g. 1e-4)")
     if math.isfinite(training.adam_eps) and training.adam_eps == 0:
         problems.append("--adam-eps (0.0) must be positive (e.g. 1e-8)")
     for flag, value in (("--adam-beta1", training.adam_beta1), ("--adam-beta2", training.adam_beta2)):

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist

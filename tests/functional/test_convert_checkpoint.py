@@ -201,7 +201,7 @@ def tiny_workdir(tmp_path_factory):
     from helpers.puffin import make_tiny_dataset
 
     root = tmp_path_factory.mktemp("puffin_import")
-    make_tiny_dataset(root / "tiny", num_samples=4)
+    make_tiny_dataset(root / "tiny", num_samples=4, num_heldout=4)  # the tiny stage files validate on it
     return root
 
 

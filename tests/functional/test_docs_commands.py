@@ -37,6 +37,8 @@ MARKED = {
     "bash tests/run.sh": "the test suite itself",
     "bash examples/train.sh": "a full-scale stage on 8 GPUs (its behaviour: tests/unit/test_launchers.py)",
     "sbatch examples/slurm/train.sbatch": "needs Slurm (its behaviour: tests/unit/test_launchers.py with stand-ins)",
+    "bash benchmarks/gpu_check.sh": "needs a CUDA GPU (the GPU correctness and speed check)",
+    "bash benchmarks/gpu_bench.sh": "needs a CUDA GPU (the full-size speed benchmarks)",
 }
 SKIP_MARKER = re.compile(r"<!--\s*docs-test:\s*skip\s*\((.+?)\)\s*-->")
 BLOCK = re.compile(r"^```(\w*)[ \t]*\n(.*?)^```", re.S | re.M)
@@ -145,8 +147,23 @@ def _convert(args: List[str]) -> str:
     return "validated (parser)"
 
 
+MODEL_FLAG_TOOLS = {"tools/understand.py", "tools/generate.py"}  # their unknown --flags are pretrain_puffin.py flags
+
+
+def _model_flags_exist(flags: List[str]) -> None:
+    from megatron_puffin.config.arguments import build_parser as build_pretrain_parser
+
+    known = build_pretrain_parser()._option_string_actions
+    for flag in (f.split("=", 1)[0] for f in flags if f.startswith("--")):
+        assert flag in known, f"{flag} is neither a flag of the tool nor of pretrain_puffin.py"
+
+
 def _plain_tool(script: str, args: List[str]) -> str:
     parser = _load(script, Path(script).stem + "_docs").build_parser()
+    if script in MODEL_FLAG_TOOLS and "--help" not in args:
+        _, model_flags = parser.parse_known_args(args)
+        _model_flags_exist(model_flags)
+        return "validated (parser)"
     if "--help" in args:
         with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as done:
             parser.parse_args(args)
@@ -156,7 +173,8 @@ def _plain_tool(script: str, args: List[str]) -> str:
     return "validated (parser)"
 
 
-TOOLS = {"tools/preprocess_data.py", "tools/make_synthetic_dataset.py", "tools/plot_metrics.py"}
+TOOLS = {"tools/preprocess_data.py", "tools/make_synthetic_dataset.py", "tools/plot_metrics.py", "tools/understand.py",
+         "tools/generate.py", "tools/evaluate_camera.py", "tools/cache_latents.py"}
 
 
 def _check(command: Command) -> str:

@@ -55,7 +55,7 @@ CASES = [
     ("--vae-path {root}/empty", "--vae-path ({root}/empty) has no config.json"),
     ("--lr nan", "--lr (nan) must be a finite number"),
     ("--lr inf", "--lr (inf) must be a finite number"),
-    ("--lr 0", "--lr (0.0) trains nothing"),
+    ("--lr -0.5", "--lr (-0.5) must be at least 0"),
     ("--adam-beta1 1.0", "--adam-beta1 (1.0) must lie in [0, 1)"),
     ("--adam-beta2 -0.1", "--adam-beta2 (-0.1) must lie in [0, 1)"),
     ("--adam-eps 0", "--adam-eps (0.0) must be positive"),
