@@ -23,7 +23,14 @@ import sys
 import pytest
 import torch
 
-from helpers.puffin import ROOT, TASK_STREAMS, make_tiny_dataset, task_batches, tiny_puffin_config
+from helpers.puffin import (
+    ROOT,
+    TASK_STREAMS,
+    make_tiny_dataset,
+    mixed_size_batch,
+    task_batches,
+    tiny_puffin_config,
+)
 from megatron_puffin.optional_deps import transformer_engine_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -64,16 +71,6 @@ def _weights(model):
             if torch.is_tensor(v) and not is_extra_state_key(k)}
 
 
-def _mixed_sizes(batch):
-    mixed = dict(batch)
-    for key in ("target_images", "camera_maps", "init_images"):
-        if key in batch:
-            images = list(batch[key])
-            images[0] = images[0][:, :64, :].contiguous()
-            mixed[key] = images
-    return mixed
-
-
 @needs_te
 def test_checkpoints_round_trip_across_implementations(data, gpu_world, tmp_path):
     from megatron_puffin.training.checkpointing import load_model_checkpoint, save_checkpoint
@@ -108,7 +105,7 @@ def test_te_matches_local_on_padded_mixed_size_micro_batches(data, gpu_world, tm
     load_model_checkpoint(te, str(tmp_path / "weights"))
     batches = task_batches(data, micro_batch_size=3)
     cases = {task: batches[task][0] for task in TASK_STREAMS}
-    cases.update({f"{task}_mixed": _mixed_sizes(batches[task][0]) for task in ("text2image", "cam2image", "image2image")})
+    cases.update({f"{task}_mixed": mixed_size_batch(batches[task][0]) for task in ("text2image", "cam2image", "image2image")})
     for name, batch in cases.items():
         assert not bool(batch["attention_mask"].all()), f"{name}: the LLM rows should be padded"
         with torch.no_grad():

@@ -140,6 +140,18 @@ def task_batches(paths: Dict[str, str], micro_batch_size: int = 2, seed: int = 0
     return batches
 
 
+def mixed_size_batch(batch):
+    """The batch with sample 0's target (and its camera map / initial view) cropped to 64 rows: a generation
+    micro-batch with mixed latent sizes, as dynamic resizing produces."""
+    mixed = dict(batch)
+    for key in ("target_images", "camera_maps", "init_images"):
+        if key in batch:
+            images = list(batch[key])
+            images[0] = images[0][:, :64, :].contiguous()
+            mixed[key] = images
+    return mixed
+
+
 def trainable_names(model: torch.nn.Module):
     return [name for name, param in model.named_parameters() if param.requires_grad]
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import megatron_puffin.distributed as mpd
-from helpers.puffin import TASK_STREAMS, make_tiny_dataset, task_batches, tiny_puffin_config
+from helpers.puffin import TASK_STREAMS, make_tiny_dataset, mixed_size_batch, task_batches, tiny_puffin_config
 
 GOLDEN = Path(__file__).parent / "golden" / "left_padding_reference.json"
 REL_TOL = 1e-6
@@ -31,20 +31,9 @@ def tiny(tmp_path_factory):
     mpd.destroy()
 
 
-def _mixed_sizes(batch):
-    """The batch with sample 0's target (and its camera map / initial view) cropped to 64 x 96: mixed latent sizes."""
-    mixed = dict(batch)
-    for key in ("target_images", "camera_maps", "init_images"):
-        if key in batch:
-            images = list(batch[key])
-            images[0] = images[0][:, :64, :].contiguous()
-            mixed[key] = images
-    return mixed
-
-
 def _cases(batches):
     cases = {task: batches[task][0] for task in TASK_STREAMS}
-    cases.update({f"{task}_mixed": _mixed_sizes(batches[task][0]) for task in GENERATION})
+    cases.update({f"{task}_mixed": mixed_size_batch(batches[task][0]) for task in GENERATION})
     return cases
 
 
