@@ -17,7 +17,8 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     """Pipeline-parallel size: splits the LLM decoder layers into this many stages."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism inside tensor-parallel regions (needs Transformer Engine norms)."""
+    """Megatron sequence parallelism: activations between tensor-parallel regions (norms, residuals) split along the
+    sequence over the TP group, in every tower (needs --tensor-model-parallel-size > 1; docs/parallelism.md)."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (megatron-core DistributedOptimizer, ZeRO-1)."""
     world_size: Optional[int] = None

@@ -148,19 +148,25 @@ def check_precision(args) -> List[str]:
             f"--transformer-impl transformer_engine needs Transformer Engine with CUDA, but {te_reason}; "
             "use --transformer-impl local"
         )
-    if args.parallel.sequence_parallel and precision.transformer_impl != "transformer_engine":
-        problems.append(
-            "--sequence-parallel needs Transformer Engine norms; add --transformer-impl transformer_engine "
-            "or drop --sequence-parallel"
-        )
-    if args.parallel.sequence_parallel:
-        problems.append(
-            "--sequence-parallel is not supported by the composed Puffin model yet (visual tokens and queries are "
-            "scattered into full-length sequences, and the DiT and connectors read full sequences); drop it"
-        )
-    if args.parallel.sequence_parallel and args.parallel.tensor_model_parallel_size == 1:
-        problems.append("--sequence-parallel has no effect with --tensor-model-parallel-size 1; drop it")
     return problems
+
+
+def check_sequence_parallel(args) -> List[str]:
+    """``--sequence-parallel`` needs TP > 1, and the meta queries (the connectors' and the DiT's text sequence,
+    split unpadded) in a count TP divides."""
+    tp = args.parallel.tensor_model_parallel_size
+    if not args.parallel.sequence_parallel or not isinstance(tp, int) or tp < 1:
+        return []
+    if tp == 1:
+        return ["--sequence-parallel has no effect with --tensor-model-parallel-size 1; drop it"]
+    num_queries = args.connector.num_queries
+    if isinstance(num_queries, int) and num_queries > 0 and num_queries % tp:
+        return [
+            f"--connector-num-queries ({num_queries}) must be divisible by --tensor-model-parallel-size ({tp}) with "
+            f"--sequence-parallel (the connectors and the DiT split the query sequence over TP); use a TP of "
+            f"{', '.join(map(str, divisors(num_queries)))}, or drop --sequence-parallel"
+        ]
+    return []
 
 
 def check_training(args) -> List[str]:
@@ -305,6 +311,7 @@ VALIDATORS: List[Callable] = [
     check_llm_parallel,
     check_world,
     check_precision,
+    check_sequence_parallel,
     check_training,
     check_checkpoint,
     check_towers,

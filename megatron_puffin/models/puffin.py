@@ -10,6 +10,10 @@ The collated batch is left-padded (the data's layout); ``forward`` moves every r
 (:mod:`megatron_puffin.models.llm.padding`) so the LLM runs causal attention without a mask (fused kernels), and
 reads the meta queries at each sample's own positions.
 
+Sequence parallelism (``--sequence-parallel``): the first stage builds the whole input sequence (token embeddings
+with visual tokens and meta queries scattered in), pads it to a multiple of TP and splits it over the TP group;
+every tower enters and leaves its own sequence split (:mod:`megatron_puffin.models.sequence_parallel`).
+
 ``forward(batch)`` returns, on the last stage (or without pipelining), a dict with the task's mean loss
 (``loss``, the tensor to back-propagate), its numerator and denominator for exact averaging over micro-batches and
 data-parallel ranks (``loss_sum`` and ``num_tokens`` for understanding, ``num_samples`` for generation), and
@@ -49,6 +53,12 @@ from megatron_puffin.models.llm import (
     vocab_parallel_token_losses,
 )
 from megatron_puffin.models.puffin_config import PuffinModelConfig
+from megatron_puffin.models.sequence_parallel import (
+    sequence_parallel_size,
+    split_sequence,
+    token_multiple,
+    with_sequence_parallel,
+)
 from megatron_puffin.models.vae import FrozenVAE
 from megatron_puffin.models.vision import VisionConfig, build_vision
 
@@ -76,6 +86,8 @@ class PuffinConfig:
     fp8_recipe: str = "delayed"
     fp8_towers: Tuple[str, ...] = FP8_TOWERS
     """Towers whose GEMMs run in FP8 when ``fp8`` is set (see :mod:`megatron_puffin.models.fp8`)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism in every tower (needs TP > 1; :mod:`megatron_puffin.models.sequence_parallel`)."""
 
     def tower_fp8(self, tower: str) -> Optional[str]:
         return tower_fp8(self.fp8, self.fp8_towers, tower)
@@ -89,7 +101,7 @@ class PuffinConfig:
             llm=args.llm, vision=args.vision, connector=args.connector, dit=args.dit, flow=args.flow,
             model=args.model, seed=args.training.seed, params_dtype=dtype,
             transformer_impl=precision.transformer_impl, fp8=precision.fp8_format, fp8_recipe=precision.fp8_recipe,
-            fp8_towers=tuple(precision.fp8_tower),
+            fp8_towers=tuple(precision.fp8_tower), sequence_parallel=args.parallel.sequence_parallel,
         )
 
 
@@ -125,6 +137,7 @@ class PuffinModel(MegatronModule):
         llm_tconfig = config.llm.to_transformer_config(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=config.params_dtype,
             fp8=config.tower_fp8("llm"), fp8_recipe=config.fp8_recipe,
+            sequence_parallel=config.sequence_parallel and tp > 1,
         )
         super().__init__(config=llm_tconfig)
         from megatron.core.enums import ModelType
@@ -136,18 +149,18 @@ class PuffinModel(MegatronModule):
         self.llm = build_llm(config.llm, pre_process, post_process, llm_tconfig, config.transformer_impl)
         if pre_process:
             self.vision = build_vision(
-                config.vision, config.llm.hidden_size, self._fp8_transformer_config(config.vision, "vision"),
+                config.vision, config.llm.hidden_size, self._tower_transformer_config(config.vision, "vision"),
                 transformer_impl=config.transformer_impl,
                 params_dtype=config.params_dtype, device=self.device,
             )
         # The meta queries live on the first stage, the connectors and projections on the last.
         self.conditioner = build_query_conditioner(
             config.connector, config.llm.hidden_size, pre_process=pre_process, post_process=post_process,
-            transformer_config=self._fp8_transformer_config(config.connector, "connector"),
+            transformer_config=self._tower_transformer_config(config.connector, "connector"),
             transformer_impl=config.transformer_impl, params_dtype=config.params_dtype, device=self.device,
         )
         if post_process:
-            self.dit = build_dit(config.dit, self._fp8_transformer_config(config.dit, "dit"),
+            self.dit = build_dit(config.dit, self._tower_transformer_config(config.dit, "dit"),
                                  transformer_impl=config.transformer_impl,
                                  params_dtype=config.params_dtype, device=self.device)
             # Not a submodule: the VAE is frozen, never checkpointed with the model, never seen by DDP.
@@ -156,16 +169,18 @@ class PuffinModel(MegatronModule):
         self._cast_parameters(config.params_dtype)
         self.apply_freezing()
 
-    def _fp8_transformer_config(self, tower_config, tower: str):
-        """The ``TransformerConfig`` of an FP8 tower (its own ``fp8``); None (the builder's default, no FP8) else."""
+    def _tower_transformer_config(self, tower_config, tower: str):
+        """The ``TransformerConfig`` of a tower in FP8 (its own ``fp8``) or under sequence parallelism; None (the
+        builder's default: no FP8, no sequence parallelism) else."""
         fp8 = self.puffin_config.tower_fp8(tower)
-        if fp8 is None:
+        if fp8 is None and not self.puffin_config.sequence_parallel:
             return None
-        return tower_config.to_transformer_config(
+        config = tower_config.to_transformer_config(
             tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
             params_dtype=self.puffin_config.params_dtype, fp8=fp8, fp8_recipe=self.puffin_config.fp8_recipe,
             use_cpu_initialization=self.device.type == "cpu",
         )
+        return with_sequence_parallel(config, self.puffin_config.sequence_parallel)
 
     def _cast_parameters(self, dtype: torch.dtype) -> None:
         """Every parameter in ``params_dtype`` (megatron-core's torch-norm fallback of the local spec creates fp32
@@ -353,9 +368,12 @@ class PuffinModel(MegatronModule):
         # The collated rows are left-padded; right padding lets the LLM run causal attention without a mask.
         layout = RightPadding.from_left_padded(batch["attention_mask"])
         batch = layout.apply_to_batch(batch)
-        if self.puffin_config.tower_fp8("llm"):  # FP8 GEMMs need row counts of a multiple: more pads at the end
-            batch = pad_sequences_to_multiple(batch, fp8_token_multiple(self.puffin_config.fp8_recipe))
-        decoder_input = self.embed_inputs(batch) if self.pre_process else None
+        # FP8 GEMMs need row counts of a multiple, sequence parallelism a multiple of TP: more pads at the end.
+        fp8_rows = fp8_token_multiple(self.puffin_config.fp8_recipe) if self.puffin_config.tower_fp8("llm") else 1
+        batch = pad_sequences_to_multiple(batch, token_multiple(fp8_rows, sequence_parallel_size(self.config)))
+        decoder_input = None
+        if self.pre_process:  # the whole sequence with visual tokens and queries in, then this rank's shard
+            decoder_input = split_sequence(self.embed_inputs(batch), self.config)[0]
         output = self.llm(
             decoder_input=decoder_input,
             position_ids=batch["position_ids"].to(self.device),

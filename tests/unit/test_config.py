@@ -70,7 +70,6 @@ def test_every_mistake_is_reported_at_once(tmp_path):
         "--pipeline-model-parallel-size (64) must not exceed --num-layers (28)",
         "world size (1) must be divisible by",
         "--fp8-format (e4m3) needs Transformer Engine with CUDA",
-        "--sequence-parallel needs Transformer Engine norms",
         "--dit-num-attention-heads (24) must be divisible by --tensor-model-parallel-size (5)",
         "--task-stream is required",
     ]

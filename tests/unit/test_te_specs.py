@@ -15,9 +15,9 @@ from megatron.core.extensions import transformer_engine as mte
 from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 import megatron_puffin.distributed as mpd
+from megatron_puffin.models.sequence_parallel import LocalNorm
 
 
 @pytest.fixture()
@@ -59,7 +59,7 @@ def test_llm_decoder_block_ends_with_the_implementations_norm(te_spec_provider, 
 
     transformer_config = tiny_llm_config().to_transformer_config()
     local = get_llm_decoder_block_spec(transformer_config, "local")
-    assert local.layer_norm is WrappedTorchNorm and len(local.layer_specs) == 4
+    assert local.layer_norm is LocalNorm and len(local.layer_specs) == 4
     te = get_llm_decoder_block_spec(transformer_config, "transformer_engine", llm_transformer_engine_layer_spec())
     assert te.layer_norm is mte.TENorm and len(te.layer_specs) == 4
 

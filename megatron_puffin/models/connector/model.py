@@ -10,6 +10,9 @@ states reach the connectors on the last stage. :class:`QueryConditioner` therefo
 (``meta_queries``, ``llm2connector_1``, ``connector_1.layers.{i}...``, ``projector_1``) except inside the
 connector layers, which are megatron-core's (:mod:`megatron_puffin.convert.connector` maps them).
 
+Sequence parallelism (``--sequence-parallel``): each connector splits its query sequence over TP on entry and
+gathers it on exit; ``llm2connector_*`` and ``projector_*`` stay outside, replicated.
+
 Tensor parallelism: the connector layers split heads and MLP columns (megatron-core column/row-parallel
 linears). ``llm2connector_*`` and ``projector_*`` are small (1.5-4 M parameters) and replicated: their inputs and
 outputs are whole on every rank, so their gradients agree across ranks without communication.
@@ -29,6 +32,7 @@ from torch import nn
 
 from megatron_puffin.models.connector.config import ConnectorConfig
 from megatron_puffin.models.connector.connector_layer_specs import get_connector_layer_spec
+from megatron_puffin.models.sequence_parallel import gather_sequence, key_padding_mask, split_sequence
 from megatron_puffin.models.vision.model import ensure_parallel_state, resolve_device
 from megatron_puffin.models.vision.parallel_init import (
     init_slice_,
@@ -130,7 +134,13 @@ class QueryConditioner(MegatronModule):
     def _branch(project_in: nn.Linear, connector: ConnectorEncoder, query_states: torch.Tensor) -> torch.Tensor:
         """``llm2connector`` then the connector: ``[b, n, llm_hidden] -> [b, n, hidden]``."""
         hidden = project_in(query_states).transpose(0, 1).contiguous()  # [n, b, hidden]
-        return connector(hidden, attention_mask=None).transpose(0, 1)
+        # Under sequence parallelism the queries are split over TP inside the connector. Validation asks for a
+        # query count that TP divides (Transformer Engine's unmasked attention); the local SDPA masks any pads.
+        num_queries, batch_size = hidden.shape[:2]
+        hidden, num_pads = split_sequence(hidden, connector.config)
+        mask = key_padding_mask(num_queries, num_pads, batch_size, hidden.device)
+        hidden = connector(hidden, attention_mask=mask)
+        return gather_sequence(hidden, connector.config, num_pads).transpose(0, 1)
 
     def forward(self, query_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The DiT's conditioning from the LLM's meta-query states (last stage).

@@ -160,8 +160,9 @@ class JointAttention(MegatronModule):
         Returns:
             ``([L, b, h] image output, [T, b, h] text output or None when context_pre_only)``.
         """
-        text_len = encoder_hidden_states.shape[0]
-        query = torch.cat([self._heads(self.add_q_proj, encoder_hidden_states), self._heads(self.to_q, hidden_states)])
+        text_query = self._heads(self.add_q_proj, encoder_hidden_states)
+        text_len = text_query.shape[0]  # whole: under sequence parallelism the inputs are shards, the heads are not
+        query = torch.cat([text_query, self._heads(self.to_q, hidden_states)])
         key = torch.cat([self._heads(self.add_k_proj, encoder_hidden_states), self._heads(self.to_k, hidden_states)])
         value = torch.cat([self._heads(self.add_v_proj, encoder_hidden_states), self._heads(self.to_v, hidden_states)])
         mask_type = AttnMaskType.no_mask if attention_mask is None else AttnMaskType.padding

@@ -11,6 +11,8 @@ tensor-parallel rank (24 blocks x 2 streams x 6h^2); sharded column-parallel the
 their output has only ``b`` rows, the all-gather that gives every rank the full shift/scale/gate vectors (every
 rank needs all of them: they act on the replicated residual stream) moves ``b * k * h`` values per block, which
 is negligible. The all-gather's backward is a split, so gradients reaching ``temb`` are complete on every rank.
+Under sequence parallelism the modulated tokens are this rank's sequence shard, so the gathered vectors' gradients
+are first summed over TP (:func:`~megatron_puffin.models.sequence_parallel.sum_partial_gradients`).
 Modulation layers have ``b`` rows, which FP8 GEMMs cannot take (they need multiples of 16) and which cost
 nothing, so the Transformer Engine spec keeps them as megatron-core's local ``ColumnParallelLinear``.
 
@@ -32,6 +34,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from megatron_puffin.models.dit.parallel_utils import ShardedModuleList
+from megatron_puffin.models.sequence_parallel import sum_partial_gradients, with_sequence_parallel
 
 NORM_EPS = 1e-6
 
@@ -53,8 +56,10 @@ class AdaLNModulation(MegatronModule):
     def __init__(self, config: TransformerConfig, linear_spec: Union[ModuleSpec, type], num_chunks: int) -> None:
         super().__init__(config=config)
         self.num_chunks = num_chunks
+        # temb is [b, h], never a sequence shard: the linear itself runs without sequence parallelism.
         self.linear = build_module(
-            linear_spec, config.hidden_size, num_chunks * config.hidden_size, config=config,
+            linear_spec, config.hidden_size, num_chunks * config.hidden_size,
+            config=with_sequence_parallel(config, False),
             init_method=config.init_method, gather_output=False, bias=True, skip_bias_add=False, is_expert=False,
             tp_comm_buffer_name="modulation",
         )
@@ -68,7 +73,8 @@ class AdaLNModulation(MegatronModule):
         full = partial
         if self.config.tensor_model_parallel_size > 1:
             full = gather_from_tensor_model_parallel_region(partial)
-        return full.chunk(self.num_chunks, dim=-1)
+        # Under sequence parallelism the vectors act on this rank's tokens only: sum their gradients over TP.
+        return sum_partial_gradients(full, self.config).chunk(self.num_chunks, dim=-1)
 
 
 class AdaLayerNormZero(AdaLNModulation):

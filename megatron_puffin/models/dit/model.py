@@ -9,6 +9,9 @@ result equals running them on every token and slicing, as the reference does).
 Tensor parallelism: see :mod:`.attention` (q/k/v column-parallel by heads, row-parallel outputs) and
 :mod:`.joint_block` (MLPs column/row-parallel, modulation sharded + gathered). The embeddings, context embedder
 and ``proj_out`` are small and replicated. Sequence-first ``[s, b, h]`` inside the blocks.
+
+Sequence parallelism: both streams enter the blocks split over TP (the image stream padded to a multiple of TP
+with masked keys) and the image stream is gathered after the last block, before ``norm_out``.
 """
 from __future__ import annotations
 
@@ -38,6 +41,13 @@ from megatron_puffin.models.dit.image_stream import (
 from megatron_puffin.models.dit.joint_block import AdaLayerNormContinuous
 from megatron_puffin.models.dit.parallel_utils import ShardedModuleList
 from megatron_puffin.models.fp8 import fp8_token_multiple
+from megatron_puffin.models.sequence_parallel import (
+    gather_sequence,
+    sequence_parallel_size,
+    split_sequence,
+    token_multiple,
+    with_sequence_parallel,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +77,8 @@ class MMDiTModel(MegatronModule):
                 for i in range(num_layers)
             ]
         )
-        self.norm_out = AdaLayerNormContinuous(config, block_spec.submodules.modulation)
+        # After the blocks the image stream is whole again (gathered): norm_out is replicated compute.
+        self.norm_out = AdaLayerNormContinuous(with_sequence_parallel(config, False), block_spec.submodules.modulation)
         patch = dit_config.patch_size
         self.proj_out = nn.Linear(hidden, patch * patch * dit_config.out_channels)
         self.recompute = config.recompute_granularity == "full"
@@ -173,15 +184,31 @@ class MMDiTModel(MegatronModule):
             ``[C, h_i, w_i]``.
         """
         # FP8 GEMMs need the image stream's row count of a multiple: key-padded positions at the end.
+        # Sequence parallelism splits it over TP: a multiple of TP too (both paddings are masked keys).
         multiple = fp8_token_multiple(self.config.fp8_recipe) if self.config.fp8 else 1
+        multiple = token_multiple(multiple, sequence_parallel_size(self.config))
         layout = build_layout(hidden_states, cond_hidden_states, self.dit_config.patch_size, multiple)
         image_stream = self.embed_image_stream(hidden_states, cond_hidden_states, layout)
         timestep = torch.as_tensor(timestep, device=image_stream.device).reshape(-1).expand(layout.batch_size)
         temb = self.time_text_embed(timestep, pooled_projections)
         context = self.context_embedder(encoder_hidden_states).transpose(0, 1)  # [T, b, h]
         attention_mask = layout.key_padding_mask(context.shape[0], image_stream.device)
+        image_stream, context = self._split_streams(image_stream, context)
         image_stream = self.run_blocks(image_stream, context, temb, attention_mask)
+        image_stream = gather_sequence(image_stream, self.config)
         return self.predict_targets(image_stream, temb, layout)
+
+    def _split_streams(self, image_stream: torch.Tensor, context: torch.Tensor):
+        """Both streams -> this rank's sequence shards under sequence parallelism (the image stream is already
+        padded to a multiple of TP by its layout; the text stream must divide, or its pads would sit inside the
+        joint ``[text ; image]`` keys); unchanged otherwise."""
+        shards = sequence_parallel_size(self.config)
+        if context.shape[0] % shards:
+            raise ValueError(
+                f"DiT with --sequence-parallel: {context.shape[0]} text tokens (--connector-num-queries) are not a "
+                f"multiple of --tensor-model-parallel-size ({shards})"
+            )
+        return split_sequence(image_stream, self.config)[0], split_sequence(context, self.config)[0]
 
 
 def _ensure_parallel_state() -> None:

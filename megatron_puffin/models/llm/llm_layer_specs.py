@@ -10,11 +10,11 @@ from typing import Optional
 
 import torch.nn.functional as F
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_puffin.models.dit.attention import SDPADotProductAttention
+from megatron_puffin.models.sequence_parallel import LocalNorm
 
 from megatron_puffin.optional_deps import require_transformer_engine
 
@@ -45,8 +45,11 @@ class SDPACausalAttention(SDPADotProductAttention):
 
 
 def get_llm_layer_local_spec() -> ModuleSpec:
-    """Pure-torch decoder layer: megatron-core's local layer with torch RMSNorm and SDPA core attention."""
+    """Pure-torch decoder layer: megatron-core's local layer with torch RMSNorm (:class:`LocalNorm`, which also
+    runs under sequence parallelism) and SDPA core attention."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = LocalNorm
+    spec.submodules.pre_mlp_layernorm = LocalNorm
     spec.submodules.self_attention.submodules.core_attention = SDPACausalAttention
     return spec
 
@@ -84,7 +87,7 @@ def llm_final_norm(transformer_impl: str) -> type:
         from megatron.core.extensions.transformer_engine import TENorm
 
         return TENorm
-    return WrappedTorchNorm
+    return LocalNorm
 
 
 def get_llm_decoder_block_spec(

@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron_puffin.models.llm.config import LLMConfig
 from megatron_puffin.models.llm.llm_layer_specs import SDPACausalAttention, get_llm_decoder_block_spec
 from megatron_puffin.models.llm.padding import is_right_padded
+from megatron_puffin.models.sequence_parallel import gather_sequence, sequence_parallel_size, split_sequence
 
 PADDED_VOCAB_LOGIT = -1e9
 
@@ -74,6 +75,9 @@ class PuffinLLM(GPTModel):
             share_embeddings_and_output_weights=llm_config.tie_word_embeddings,
             position_embedding_type="rope",
             rotary_base=llm_config.rotary_base,
+            # Puffin scatters visual tokens and meta queries into the embeddings first, then splits the sequence
+            # (megatron_puffin.models.sequence_parallel); the embedding itself returns the whole sequence.
+            scatter_embedding_sequence_parallel=False,
         )
         self.llm_config = llm_config
         # Only the local SDPA core attention applies an arbitrary mask; TE's causal attention ignores one.
@@ -117,6 +121,15 @@ class PuffinLLM(GPTModel):
 
         return parallel_state.get_tensor_model_parallel_rank() * partition
 
+    def _split_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``[s, b, h]`` -> this rank's sequence shard under sequence parallelism (s must be a multiple of TP:
+        pad the batch first, :func:`~.padding.pad_sequences_to_multiple`)."""
+        multiple = sequence_parallel_size(self.config)
+        if embeddings.shape[0] % multiple:
+            raise ValueError(f"sequence length {embeddings.shape[0]} is not a multiple of --tensor-model-parallel-size "
+                             f"({multiple}) as --sequence-parallel needs; pad the batch with pad_sequences_to_multiple")
+        return split_sequence(embeddings, self.config)[0]
+
     def _attention_mask(self, padding_mask: Optional[torch.Tensor], seq_length: int) -> Optional[torch.Tensor]:
         """None (causal, no mask) unless pads precede real tokens somewhere; then the explicit mask."""
         if padding_mask is None or is_right_padded(padding_mask):
@@ -145,12 +158,14 @@ class PuffinLLM(GPTModel):
                 rows are right-padded (then no host synchronisation either). Right-padded rows run causal without a
                 mask (fused kernels); other layouts get an explicit mask (local spec only, slow; see
                 :class:`~.padding.RightPadding` to move left-padded rows).
-            decoder_input: ``[s, b, h]`` input embeddings (first stage), replacing ``input_ids``.
-            output: ``"logits"`` (vocab-parallel ``[s, b, V/TP]``) or ``"hidden"`` (final-normed ``[s, b, h]``);
-                ignored on non-last stages, which return their hidden states ``[s, b, h]``.
+            decoder_input: ``[s, b, h]`` input embeddings (first stage), replacing ``input_ids``; under sequence
+                parallelism this rank's shard ``[s/TP, b, h]`` (s a multiple of TP).
+            output: ``"logits"`` (vocab-parallel ``[s, b, V/TP]``) or ``"hidden"`` (final-normed ``[s, b, h]``, the
+                whole sequence also under sequence parallelism); ignored on non-last stages, which return their
+                hidden states ``[s, b, h]`` (``[s/TP, b, h]`` under sequence parallelism).
         """
         if self.pre_process and decoder_input is None:
-            decoder_input = self.embed_tokens(input_ids)
+            decoder_input = self._split_embeddings(self.embed_tokens(input_ids))
         if position_ids is None:
             raise ValueError("position_ids are required on every pipeline stage (RoPE uses them)")
         seq_length = position_ids.shape[1]
@@ -159,8 +174,10 @@ class PuffinLLM(GPTModel):
             attention_mask=self._attention_mask(padding_mask, seq_length),
             rotary_pos_emb=self.rotary_from_positions(position_ids),
         )
-        if not self.post_process or output == "hidden":
+        if not self.post_process:
             return hidden_states
+        if output == "hidden":
+            return gather_sequence(hidden_states, self.config)
         if output != "logits":
             raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
         return self.compute_logits(hidden_states)

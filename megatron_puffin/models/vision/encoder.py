@@ -19,6 +19,12 @@ from megatron.core.models.vision.radio import RADIOViTModel
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_puffin.models.sequence_parallel import (
+    gather_sequence,
+    key_padding_mask,
+    replicated_input_linear,
+    split_sequence,
+)
 from megatron_puffin.models.vision.config import VisionConfig
 
 
@@ -64,6 +70,7 @@ class RADIOEncoder(RADIOViTModel):
             embedder_bias=False,
         )
         self.num_skip_tokens = vision_config.class_token_len
+        replicated_input_linear(self.embedder)  # its input is [b, patches, c], never a sequence shard
 
     def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
         """``[b, 3, H, W] -> [b, (H/p)(W/p), h]``: patches flattened channel-major ``(c, y, x)`` as RADIO's
@@ -101,8 +108,27 @@ class RADIOEncoder(RADIOViTModel):
             tokens, _ = self.apply_pos_enc(patches, input_size=images.shape[2:])
         if self.add_class_token:
             tokens = torch.cat([self.class_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        hidden = self.decoder(tokens.transpose(0, 1).contiguous(), attention_mask=None)  # [s, b, h]
-        features = hidden[self.num_skip_tokens:].transpose(0, 1)
-        if self.ln_post is not None:
-            features = self.ln_post(features)
-        return features
+        hidden, num_pads = split_sequence(tokens.transpose(0, 1).contiguous(), self.config)  # [s/TP, b, h] under SP
+        mask = key_padding_mask(tokens.shape[1], num_pads, tokens.shape[0], tokens.device)
+        self._check_padding_mask(mask)
+        hidden = self.decoder(hidden, attention_mask=mask)
+        if self.ln_post is not None:  # per token: on this rank's shard under sequence parallelism
+            hidden = self.ln_post(hidden)
+        hidden = gather_sequence(hidden, self.config, num_pads)  # [s, b, h]
+        return hidden[self.num_skip_tokens:].transpose(0, 1)
+
+    def _check_padding_mask(self, mask: Optional[torch.Tensor]) -> None:
+        """Sequence-parallel pads must be masked; only the local SDPA core attention applies a mask in an
+        encoder layer built without one (Transformer Engine's ``no_mask`` attention would attend to them)."""
+        from megatron_puffin.models.dit.attention import SDPADotProductAttention
+
+        if mask is None:
+            return
+        core = self.decoder.layers[0].self_attention.core_attention
+        if not isinstance(core, SDPADotProductAttention):
+            raise ValueError(
+                f"vision tower with --sequence-parallel: {mask.shape[-1] - int(mask[0, 0, 0].sum())} tokens per image "
+                f"(class tokens + patches) are not a multiple of --tensor-model-parallel-size "
+                f"({self.config.tensor_model_parallel_size}), and the Transformer Engine encoder attention is built "
+                "without a padding mask; use image sizes whose token count divides, or --transformer-impl local"
+            )

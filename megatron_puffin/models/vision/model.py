@@ -21,6 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_puffin.models.sequence_parallel import with_sequence_parallel
 from megatron_puffin.models.vision.config import VisionConfig
 from megatron_puffin.models.vision.encoder import RADIOEncoder
 from megatron_puffin.models.vision.ops import FeatureNormalizer, InputConditioner, fold_patches, scale_gradient
@@ -223,7 +224,11 @@ def build_vision(
             tensor_model_parallel_size=tp, params_dtype=params_dtype or torch.float32,
             use_cpu_initialization=device.type == "cpu",
         )
-    projector_config = config.projector_transformer_config(llm_hidden_size, transformer_config)
+    # The projector maps [b, tokens, h] outside the sequence-parallel region (its output is scattered into the LLM
+    # input with the text embeddings, then split): no sequence parallelism there.
+    projector_config = with_sequence_parallel(
+        config.projector_transformer_config(llm_hidden_size, transformer_config), False
+    )
     model = VisionTower(
         config, transformer_config, get_vision_layer_spec(transformer_impl), projector_config,
         get_projector_submodules(transformer_impl),

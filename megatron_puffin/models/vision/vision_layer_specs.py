@@ -18,10 +18,10 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_puffin.models.dit.attention import SDPADotProductAttention
+from megatron_puffin.models.sequence_parallel import LocalNorm
 from megatron_puffin.optional_deps import require_transformer_engine
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
@@ -48,8 +48,9 @@ def _encoder_layer_spec(norm, column_linear, row_linear, core_attention) -> Modu
 
 
 def get_encoder_layer_local_spec() -> ModuleSpec:
-    """Pure-torch bidirectional encoder layer: torch LayerNorm, megatron-core TP linears, torch SDPA."""
-    return _encoder_layer_spec(WrappedTorchNorm, ColumnParallelLinear, RowParallelLinear, SDPADotProductAttention)
+    """Pure-torch bidirectional encoder layer: torch LayerNorm (:class:`LocalNorm`, sequence-parallel capable),
+    megatron-core TP linears, torch SDPA."""
+    return _encoder_layer_spec(LocalNorm, ColumnParallelLinear, RowParallelLinear, SDPADotProductAttention)
 
 
 def get_encoder_layer_with_transformer_engine_spec(what: str) -> ModuleSpec:
