@@ -132,7 +132,8 @@ def _model_config(args, dtype: Optional[torch.dtype], need_vae: bool):
         if path and not os.path.exists(path):
             raise InferenceSetupError(f"{flag} {path}: not found (stored in the checkpoint's flags relative to the "
                                       f"training run's directory); run from there or give {flag} with its path")
-    return dataclasses.replace(config, params_dtype=dtype, fp8=None, model=model)
+    # A training run's --sequence-parallel does not apply: decoding feeds one token per step.
+    return dataclasses.replace(config, params_dtype=dtype, fp8=None, model=model, sequence_parallel=False)
 
 
 def _encoder_config(args):

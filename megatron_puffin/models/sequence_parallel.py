@@ -19,9 +19,10 @@ which builds the same torch module (same checkpoint entries) and marks its weigh
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from megatron.core import tensor_parallel
@@ -144,3 +145,28 @@ def sum_partial_gradients(tensor: torch.Tensor, config: TransformerConfig, group
     if sequence_parallel_size(config) == 1:
         return tensor
     return tensor_parallel.copy_to_tensor_model_parallel_region(tensor, group=group)
+
+
+@contextlib.contextmanager
+def sequence_parallel_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` as plain tensor parallelism inside the block (restored after, also on errors).
+
+    Decoding with a KV cache feeds one token per step, which no TP size splits; the camera validation decodes with
+    the training model. Every module's ``sequence_parallel`` flag (megatron-core's and Transformer Engine's linears
+    read it at run time) and every tower's ``TransformerConfig`` (read by the towers' split/gather points) are set
+    to False. Gradients of a step inside the block would not be reduced as sequence parallelism expects: use it
+    for forward-only work."""
+    saved = []
+    for module in model.modules():
+        if getattr(module, "sequence_parallel", None) is True:
+            saved.append((module, "sequence_parallel"))
+        config = getattr(module, "config", None)
+        if isinstance(config, TransformerConfig) and config.sequence_parallel:
+            saved.append((config, "sequence_parallel"))
+    try:
+        for owner, name in saved:
+            setattr(owner, name, False)
+        yield
+    finally:
+        for owner, name in saved:
+            setattr(owner, name, True)

@@ -85,10 +85,12 @@ class CameraValidation:
     def _decode(self, model, stream: CameraStream) -> List[str]:
         """Every image's text: this rank decodes images dp_rank, dp_rank + dp_size, ...; the texts are gathered."""
         from megatron_puffin.inference import understand
+        from megatron_puffin.models.sequence_parallel import sequence_parallel_disabled
 
         mine = list(range(self.dp_rank, len(stream.images), self.dp_size))
-        outputs = understand(model, self.tokenizer, [stream.images[i] for i in mine], thinking=stream.thinking,
-                             max_new_tokens=self.max_new_tokens) if mine else []
+        with sequence_parallel_disabled(model):  # one token per decoding step: plain TP
+            outputs = understand(model, self.tokenizer, [stream.images[i] for i in mine], thinking=stream.thinking,
+                                 max_new_tokens=self.max_new_tokens) if mine else []
         texts = {index: output.text for index, output in zip(mine, outputs)}
         if self.dp_size > 1:
             gathered: List[Dict[int, str]] = [{} for _ in range(self.dp_size)]

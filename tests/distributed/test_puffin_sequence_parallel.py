@@ -1,9 +1,9 @@
-"""Sequence parallelism: the composed Puffin model, all six tasks in one step, at TP=2 with --sequence-parallel
-against one process (TP=1): per-task losses and every gradient within 1e-5 relative (fp32, 2 gloo ranks, one
-spawn). A second TP=2 + SP step runs a generation micro-batch with mixed latent sizes (a padded DiT stream).
+"""Sequence parallelism: the composed Puffin model, all six tasks in one step, at TP=2 and TP=2 x PP=2 with
+--sequence-parallel against one process (TP=1): per-task losses and every gradient within 1e-5 relative (fp32,
+4 gloo ranks, one spawn). The image2image micro-batch has mixed latent sizes (a padded DiT stream).
 
-Every tower is trainable (vision included: no data-parallel split here, so its train-mode CPE draws are the same in
-both runs). The ViT gets 3 class tokens, so its 3 + 36 tokens per image are odd and the sequence-parallel split
+Every tower is trainable (vision included: every data-parallel replica runs the whole batch, so the ViT's train-mode
+CPE draws are the same at every layout). The ViT gets 3 class tokens, so its 3 + 36 tokens per image are odd and the sequence-parallel split
 pads them (masked keys); the LLM rows are padded to a multiple of 2 whenever their length is odd. Weights come from
 one distributed checkpoint of the reference; gradients are compared by saving them as a distributed checkpoint and
 reading it back at TP=1, which reshards through megatron-core's own dist-checkpointing."""
@@ -14,6 +14,7 @@ from helpers.multiprocess import run_distributed
 REL_TOL = 1e-5
 BATCH = 2
 CLASS_TOKENS = 3
+LAYOUTS = [(2, 1), (2, 2)]
 
 
 def _build(paths, ctx, sequence_parallel: bool):
@@ -62,28 +63,35 @@ def _relative_errors(reference, ours):
             for name, ref in reference.items()}
 
 
-def _run_both(paths, root, name, batches):
-    """One step at TP=1 and one at TP=2 + SP on the same weights; returns (losses, gradient errors, checks)."""
+def _run(paths, root, name, batches, tp, pp, sequence_parallel):
+    """One step on the weights of ``root/weights``; saves its gradients as ``root/name`` (a checkpoint)."""
     import megatron_puffin.distributed as mpd
     from megatron_puffin.training.checkpointing import load_model_checkpoint, save_checkpoint
 
-    ctx = mpd.initialize(1, 1, seed=0)
-    model, ddp = _build(paths, ctx, sequence_parallel=False)
+    ctx = mpd.initialize(tp, pp, seed=0)
+    model, ddp = _build(paths, ctx, sequence_parallel=sequence_parallel)
     load_model_checkpoint(model, f"{root}/weights")
-    reference = _step(ddp, batches)
-    _grads_as_weights(model)
-    save_checkpoint(model.sharded_state_dict(), f"{root}/{name}_ref")
-    ctx = mpd.initialize(2, 1, seed=0)
-    model, ddp = _build(paths, ctx, sequence_parallel=True)
-    load_model_checkpoint(model, f"{root}/weights")
-    ours = _step(ddp, batches)
+    losses = _step(ddp, batches)
     marked = sorted(n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", False))
+    text = _decode(paths, model, batches[0]) if pp == 1 else None
     _grads_as_weights(model)
-    save_checkpoint(model.sharded_state_dict(), f"{root}/{name}_sp")
-    reference_grads = _full_state(paths, f"{root}/{name}_ref")
-    errors = _relative_errors(reference_grads, _full_state(paths, f"{root}/{name}_sp"))
-    nonzero = sum(int(ref.abs().max() > 0) for ref in reference_grads.values())
-    return {"reference": reference, "ours": ours, "grad_errors": errors, "nonzero": nonzero, "marked": marked}
+    save_checkpoint(model.sharded_state_dict(), f"{root}/{name}")
+    return {"losses": losses, "marked": marked, "last": ctx.is_last_pipeline_stage, "text": text}
+
+
+def _decode(paths, model, batch):
+    """Greedy answer for one image with a KV cache (one token per step), as the camera validation decodes with the
+    training model: sequence parallelism is switched off around it."""
+    from megatron_puffin.data import PuffinTokenizer
+    from megatron_puffin.inference import understand
+    from megatron_puffin.models.sequence_parallel import sequence_parallel_disabled
+
+    model.eval()
+    with torch.no_grad(), sequence_parallel_disabled(model):
+        (output,) = understand(model, PuffinTokenizer(paths["tokenizer"]), [batch["vision_images"][0]],
+                               max_new_tokens=6)
+    model.train()
+    return output.text
 
 
 def _worker(paths, root):
@@ -100,36 +108,50 @@ def _worker(paths, root):
             if "projector_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
     save_checkpoint(model.sharded_state_dict(), f"{root}/weights")
+    # Every rank runs the whole batch (data-parallel replicas of identical data average to the same gradient), so
+    # the trainable ViT's train-mode CPE draws are the same at every layout.
     batches = task_batches(paths, micro_batch_size=BATCH)
-    results = {"tasks": _run_both(paths, root, "tasks", [batches[task][0] for task in TASK_STREAMS]),
-               "mixed": _run_both(paths, root, "mixed", [mixed_size_batch(batches["image2image"][0])])}
-    results["seq_lengths"] = [int(batches[task][0]["input_ids"].shape[1]) for task in TASK_STREAMS]
+    ordered = [batches[task][0] for task in TASK_STREAMS]
+    ordered[-1] = mixed_size_batch(ordered[-1])  # image2image with mixed latent sizes: a padded DiT stream
+    results = {"seq_lengths": [int(batch["input_ids"].shape[1]) for batch in ordered]}
+    results["reference"] = _run(paths, root, "grads_ref", ordered, 1, 1, sequence_parallel=False)
+    for tp, pp in LAYOUTS:
+        results[(tp, pp)] = _run(paths, root, f"grads_{tp}{pp}", ordered, tp, pp, sequence_parallel=True)
+    reference_grads = _full_state(paths, f"{root}/grads_ref")
+    results["nonzero"] = sum(int(ref.abs().max() > 0) for ref in reference_grads.values())
+    for tp, pp in LAYOUTS:
+        results[(tp, pp)]["grad_errors"] = _relative_errors(reference_grads, _full_state(paths, f"{root}/grads_{tp}{pp}"))
     return results
 
 
-def test_sequence_parallel_tp2_matches_one_process_on_all_tasks(tmp_path):
+def test_sequence_parallel_at_tp2_and_tp2pp2_matches_one_process_on_all_tasks(tmp_path):
     from helpers.puffin import TASK_STREAMS, make_tiny_dataset
 
     paths = make_tiny_dataset(tmp_path / "data")
-    per_rank = run_distributed(_worker, 2, paths, str(tmp_path / "ckpt"))
+    per_rank = run_distributed(_worker, 4, paths, str(tmp_path / "ckpt"))
     assert any(length % 2 for length in per_rank[0]["seq_lengths"]), "no odd LLM row: the padding path is untested"
+    reference = per_rank[0]["reference"]["losses"]
+    assert sorted(reference) == sorted(TASK_STREAMS)
+    worst_loss, worst_grad = 0.0, 0.0
     for rank, result in enumerate(per_rank):
-        assert sorted(result["tasks"]["reference"]) == sorted(TASK_STREAMS)
-        for case in ("tasks", "mixed"):
-            values = result[case]
-            for task, (ref,) in values["reference"].items():
-                (ours,) = values["ours"][task]
-                assert abs(ours - ref) <= REL_TOL * abs(ref), (rank, case, task, ours, ref)
-            worst = max(values["grad_errors"].items(), key=lambda kv: kv[1])
-            assert worst[1] <= REL_TOL, f"rank {rank} {case}: gradient {worst[0]} rel error {worst[1]:.2e}"
-            assert values["nonzero"] > 20
-            # Every norm weight of every tower (and the row-parallel biases) is marked for the TP all-reduce.
-            marked = values["marked"]
-            for fragment in ("llm.decoder.layers.0.input_layernorm.weight", "llm.decoder.final_layernorm.weight",
-                             "vision.encoder.decoder.layers.0.pre_mlp_layernorm.bias", "vision.encoder.ln_post.weight",
-                             "conditioner.connector_1.layers.0.input_layernorm.weight",
-                             "dit.transformer_blocks.0.ff.net.2.bias"):
-                assert fragment in marked, (fragment, marked)
-    tasks = per_rank[0]["tasks"]
-    print(f"max relative loss error {max(abs(tasks['ours'][t][0] - r[0]) / abs(r[0]) for t, r in tasks['reference'].items()):.2e}, "
-          f"max relative gradient error {max(tasks['grad_errors'].values()):.2e}")
+        assert result["nonzero"] > 20
+        for layout in LAYOUTS:
+            values = result[layout]
+            if values["last"]:
+                for task, (ref,) in reference.items():
+                    (ours,) = values["losses"][task]
+                    assert abs(ours - ref) <= REL_TOL * abs(ref), (rank, layout, task, ours, ref)
+                    worst_loss = max(worst_loss, abs(ours - ref) / abs(ref))
+            name, error = max(values["grad_errors"].items(), key=lambda kv: kv[1])
+            assert error <= REL_TOL, f"rank {rank} layout {layout}: gradient {name} rel error {error:.2e}"
+            worst_grad = max(worst_grad, error)
+        assert result[(2, 1)]["text"] == result["reference"]["text"]  # decoding the SP model works, unchanged
+        # Every norm weight of every tower (and the row-parallel biases) is marked for the TP all-reduce.
+        marked = result[(2, 1)]["marked"]
+        for fragment in ("llm.decoder.layers.0.input_layernorm.weight", "llm.decoder.final_layernorm.weight",
+                         "vision.encoder.decoder.layers.0.pre_mlp_layernorm.bias", "vision.encoder.ln_post.weight",
+                         "conditioner.connector_1.layers.0.input_layernorm.weight",
+                         "dit.transformer_blocks.0.ff.net.2.bias"):
+            assert fragment in marked, (fragment, marked)
+    print(f"TP=2 + SP, TP=2 x PP=2 + SP vs one process: max relative loss error {worst_loss:.2e}, "
+          f"max relative gradient error {worst_grad:.2e}")

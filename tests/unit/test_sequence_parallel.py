@@ -126,3 +126,17 @@ def test_local_specs_use_the_local_norm_everywhere():
 
     for spec in (get_llm_layer_local_spec(), get_encoder_layer_local_spec()):
         assert spec.submodules.input_layernorm is LocalNorm and spec.submodules.pre_mlp_layernorm is LocalNorm
+
+
+def test_sequence_parallel_disabled_switches_modules_and_configs_off_and_back_also_on_errors():
+    from megatron_puffin.models.sequence_parallel import sequence_parallel_disabled
+
+    config = _config()
+    linear, plain = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    linear.sequence_parallel, linear.config, plain.sequence_parallel = True, config, False
+    model = torch.nn.Sequential(linear, plain)
+    with pytest.raises(RuntimeError, match="inside"):
+        with sequence_parallel_disabled(model):
+            assert linear.sequence_parallel is False and config.sequence_parallel is False
+            raise RuntimeError("inside")
+    assert linear.sequence_parallel is True and config.sequence_parallel is True and plain.sequence_parallel is False
