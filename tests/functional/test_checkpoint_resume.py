@@ -194,7 +194,7 @@ def test_override_opt_param_scheduler_applies_the_new_schedule(workdir):
     assert _lrs(workdir / "full.jsonl")[4] == 0.0
 
 
-def test_pipeline_parallel_distributed_optimizer_resume_is_exact(workdir):
+def test_pipeline_parallel_distributed_optimizer_resume_is_exact_and_reshards_to_tp_with_sequence_parallel(workdir):
     common = [*FLAGS, *MBS2, "--use-distributed-optimizer"]
     run_pretrain(workdir, *common, "--pipeline-model-parallel-size", "2", "--save", "pp", "--save-interval", "2",
          "--metrics-file", "pp_full.jsonl", nproc=2)
@@ -202,8 +202,9 @@ def test_pipeline_parallel_distributed_optimizer_resume_is_exact(workdir):
     run_pretrain(workdir, *common, "--pipeline-model-parallel-size", "2", "--load", "pp/iter_0000002",
          "--metrics-file", "pp_resumed.jsonl", nproc=2)
     assert _losses(workdir / "pp_resumed.jsonl") == {3: full[3], 4: full[4]}  # bit-identical
-    run_pretrain(workdir, *common, "--tensor-model-parallel-size", "2", "--load", "pp/iter_0000002",
-         "--metrics-file", "tp_resumed.jsonl", nproc=2)
+    # The TP=2 resume also runs sequence parallelism (docs/parallelism.md): same losses within the same tolerance.
+    run_pretrain(workdir, *common, "--tensor-model-parallel-size", "2", "--sequence-parallel", "--load",
+         "pp/iter_0000002", "--metrics-file", "tp_resumed.jsonl", nproc=2)
     tp = _losses(workdir / "tp_resumed.jsonl")
     assert sorted(tp) == [3, 4]
     for iteration, tasks in tp.items():
