@@ -20,6 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_puffin.models.vision.config import VisionConfig
+from megatron_puffin.models.vision.token_padding import pad_token_rows
 
 
 @contextmanager
@@ -83,7 +84,7 @@ class RADIOEncoder(RADIOViTModel):
 
     def forward(
         self, images: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[torch.Generator] = None, row_multiple: int = 1,
     ) -> torch.Tensor:
         """Encode conditioned images.
 
@@ -92,6 +93,8 @@ class RADIOEncoder(RADIOViTModel):
             attention_mask: unused (bidirectional attention over all tokens); kept for megatron's signature.
             generator: source of the train-mode CPE randomness (random window, position dropout), so it can be a
                 function of seed, iteration and rank; None draws from the global RNG as megatron-core does.
+            row_multiple: the blocks' token rows (images x tokens) are padded to a multiple of this, key-masked
+                at the end of each image's tokens (FP8 GEMMs; 1: no padding). Real tokens compute the same.
 
         Returns:
             ``[b, (H/p)(W/p), h]`` patch features in raster order.
@@ -101,8 +104,10 @@ class RADIOEncoder(RADIOViTModel):
             tokens, _ = self.apply_pos_enc(patches, input_size=images.shape[2:])
         if self.add_class_token:
             tokens = torch.cat([self.class_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        hidden = self.decoder(tokens.transpose(0, 1).contiguous(), attention_mask=None)  # [s, b, h]
-        features = hidden[self.num_skip_tokens:].transpose(0, 1)
+        num_tokens = tokens.shape[1]
+        tokens, key_padding_mask = pad_token_rows(tokens, row_multiple)
+        hidden = self.decoder(tokens.transpose(0, 1).contiguous(), attention_mask=key_padding_mask)  # [s', b, h]
+        features = hidden[self.num_skip_tokens:num_tokens].transpose(0, 1)
         if self.ln_post is not None:
             features = self.ln_post(features)
         return features
