@@ -175,3 +175,40 @@ def test_vision_tokens_padded_for_fp8_leave_outputs_and_gradients_unchanged(sing
     assert (plain_len, plain_mask, plain_type) == (26, None, AttnMaskType.no_mask)
     assert padded_len == 32 and padded_type == AttnMaskType.padding
     assert padded_mask.shape == (3, 1, 1, 32) and padded_mask[..., 26:].all() and not padded_mask[..., :26].any()
+
+
+TINY_MODEL = "@examples/tiny/model.args"
+
+
+def test_fp8_gemm_widths_and_query_rows_are_checked_before_any_work():
+    """Real sizes fit FP8 GEMMs at every TP size; the tiny model's 4 queries (connector and MMDiT text-stream rows,
+    not padded) and a width that is not a multiple are reported with the flag and the fix, in the one validation."""
+    from megatron_puffin.config import ConfigError
+    from megatron_puffin.config.validate_fp8 import fp8_shape_problems
+
+    for tp in ("1", "2", "4", "8"):
+        args = parse_args([STAGE, "--fp8-format", "hybrid", "--tensor-model-parallel-size", tp], validate=False)
+        assert fp8_shape_problems(args, FP8_TOWERS) == [], tp
+    tiny = parse_args([TINY_MODEL, "--fp8-format", "hybrid"], validate=False)
+    assert fp8_shape_problems(tiny, ["llm", "vision"]) == []  # what tests/gpu trains in FP8
+    (problem,) = fp8_shape_problems(tiny, FP8_TOWERS)
+    assert problem == ("--connector-num-queries (4) must be a multiple of 16 when --fp8-tower includes connector and "
+                       "dit (the query tokens are FP8 GEMM rows and are not padded); use 16, or leave connector and "
+                       "dit out of --fp8-tower")
+    (problem,) = fp8_shape_problems(parse_args([TINY_MODEL, "--fp8-format", "hybrid", "--connector-num-queries", "70"],
+                                               validate=False), ["dit"])
+    assert "(70) must be a multiple of 16 when --fp8-tower includes dit" in problem and "use 64 or 80" in problem
+    odd = parse_args([TINY_MODEL, "--fp8-format", "hybrid", "--fp8-recipe", "mxfp8", "--vision-hidden-size", "24",
+                      "--vision-num-attention-heads", "2"], validate=False)
+    problems = fp8_shape_problems(odd, ["vision"])
+    assert "--fp8-tower vision: --vision-hidden-size (24) is an FP8 GEMM input width and must be a multiple of 32; " \
+           "change the width or leave vision out of --fp8-tower" in problems
+    assert fp8_shape_problems(odd, ["llm"]) == [
+        f"--fp8-tower llm: {flag} ({value}) is an FP8 GEMM input width and must be a multiple of 32; change the width "
+        "or leave llm out of --fp8-tower" for flag, value in [
+            ("--hidden-size", 48), ("--num-attention-heads x --kv-channels / --tensor-model-parallel-size", 48)]
+    ] + ["--fp8-tower llm: (--num-attention-heads + 2 x --num-query-groups) x --kv-channels / "
+         "--tensor-model-parallel-size (80) is an FP8 GEMM output width and must be a multiple of 32; change the width "
+         "or leave llm out of --fp8-tower"]
+    with pytest.raises(ConfigError, match=r"--connector-num-queries \(4\) must be a multiple of 16"):
+        parse_args([TINY_MODEL, "--fp8-format", "hybrid"])
