@@ -8,6 +8,7 @@ import torch
 
 from megatron_puffin.config.dataclass_args import choice_errors
 from megatron_puffin.config.validate_paths import PATH_VALIDATORS
+from megatron_puffin.config.validate_fp8 import fp8_shape_problems
 from megatron_puffin.config.validate_values import VALUE_VALIDATORS
 from megatron_puffin.models.fp8 import fp8_tower_problems
 from megatron_puffin.optional_deps import transformer_engine_error
@@ -143,6 +144,8 @@ def check_precision(args) -> List[str]:
         problems.append(f"--fp8-format ({precision.fp8_format}) needs --bf16 for the non-FP8 parts; add --bf16")
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
     problems += fp8_tower_problems(precision.fp8_format, precision.fp8_recipe, precision.fp8_tower, capability)
+    if precision.fp8_format:
+        problems += fp8_shape_problems(args, precision.fp8_tower)
     if precision.transformer_impl == "transformer_engine" and te_reason:
         problems.append(
             f"--transformer-impl transformer_engine needs Transformer Engine with CUDA, but {te_reason}; "

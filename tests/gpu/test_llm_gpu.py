@@ -51,6 +51,7 @@ def test_nccl_start_up_and_bf16_logits_match_cpu_fp32(nccl_world):
 def test_transformer_engine_spec_matches_local_and_fp8_takes_effect(nccl_world):
     from helpers.llm import hf_qwen2, left_padded_batch, tiny_llm_config
     from megatron_puffin.convert.qwen2 import te_layer_names
+    from megatron_puffin.models.llm import RightPadding
 
     config = tiny_llm_config(hidden_size=128, num_attention_heads=8, num_query_groups=2, kv_channels=16,
                              ffn_hidden_size=256, vocab_size=256)
@@ -60,10 +61,13 @@ def test_transformer_engine_spec_matches_local_and_fp8_takes_effect(nccl_world):
     for model in (local, te, te_fp8):
         _load(model, config, state)
     assert any("layer_norm_weight" in k for k in te.state_dict()) and te_layer_names
-    ids, mask, pos, _ = left_padded_batch(config.vocab_size, [32, 32], 32)
-    args = dict(input_ids=ids.cuda(), position_ids=pos.cuda(), padding_mask=None)
+    # Mixed lengths, right-padded as training lays them out (TE's causal mask, no padding mask); real tokens compared.
+    ids, mask, pos, _ = left_padded_batch(config.vocab_size, [32, 21], 32)
+    layout = RightPadding.from_left_padded(mask)
+    args = dict(input_ids=layout.apply(ids).cuda(), position_ids=layout.apply(pos).cuda(), padding_mask=None)
+    real = layout.apply(mask).cuda()
     with torch.no_grad():
-        a, b, c = (m(**args).float() for m in (local, te, te_fp8))
+        a, b, c = (m(**args).transpose(0, 1)[real].float() for m in (local, te, te_fp8))
     rel = lambda x, y: ((x - y).abs().max() / y.abs().max()).item()  # noqa: E731
     assert rel(b, a) < 2e-2, "TE spec differs from the local spec beyond bf16 tolerance"
     assert 0 < rel(c, b) < 0.2, "FP8 output should differ a little from bf16 (else FP8 silently did not apply)"

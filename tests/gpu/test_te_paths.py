@@ -8,8 +8,9 @@ key handling, FP8 padding and validation).
     TE -> local give back exactly the saved weights (TE's ``_extra_state`` is the only difference allowed).
 (b) TE vs local numbers on padded, mixed-size micro-batches, all six tasks through the composed tiny model (so all
     four towers: right-padded LLM rows of different lengths, the ViT, the connectors, and MMDiT streams of mixed
-    latent sizes), bf16: every task's loss within ``BF16_REL_LOSS``.
-(c) pretrain_puffin.py with --transformer-impl transformer_engine and with --fp8-format hybrid: 4 steps, save at
+    latent sizes), bf16: every task's loss within ``BF16_REL_LOSS``; the ViT alone with its tokens key-padded as
+    for FP8 (TE's ``padding`` mask); the connectors alone (the LLM and the MMDiT have their own files).
+(c) pretrain_puffin.py with --transformer-impl transformer_engine and with --fp8-format hybrid (LLM and ViT): 4 steps, save at
     2, resume from 2: the resumed losses equal the uninterrupted run's (1e-3 relative, bf16 on one GPU).
 (d) With two GPUs: a TP=2 run through torchrun (NCCL) gives the one-GPU losses within bf16 tolerance (local spec,
     and TE when usable).
@@ -113,6 +114,57 @@ def test_te_matches_local_on_padded_mixed_size_micro_batches(data, gpu_world, tm
         assert abs(got - expected) <= BF16_REL_LOSS * abs(expected), (name, got, expected)
 
 
+@needs_te
+def test_te_vision_tower_with_key_padded_tokens_matches_unpadded(gpu_world):
+    """The ViT's tokens padded as for FP8 (3 images x 38 tokens -> 3 x 48, pads key-masked at the end of each image):
+    Transformer Engine's ``padding`` attention reads megatron-core's mask as meant, the outputs equal the unpadded
+    TE run's and the local spec's (bf16, ``BF16_REL_LOSS`` of the largest value)."""
+    from megatron_puffin.models.extra_state import load_model_state
+    from megatron_puffin.models.vision import VisionConfig, build_vision
+
+    config = VisionConfig(hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=128,
+                          max_image_size=96, class_token_len=2)
+    towers = {}
+    for impl in ("local", "transformer_engine"):
+        torch.manual_seed(0)
+        towers[impl] = build_vision(config, 64, transformer_impl=impl, params_dtype=torch.bfloat16).eval()
+    load_model_state(towers["transformer_engine"], towers["local"].state_dict(), "the local vision tower")
+    images = torch.rand(3, 3, 96, 96, device="cuda", generator=torch.Generator("cuda").manual_seed(1)) * 2 - 1
+    outputs = {}
+    for impl, multiple in (("local", 1), ("transformer_engine", 1), ("transformer_engine", 16)):
+        towers[impl].row_multiple = multiple
+        with torch.no_grad():
+            outputs[impl, multiple] = towers[impl](images).float()
+    expected = outputs["local", 1]
+    for key in (("transformer_engine", 1), ("transformer_engine", 16)):
+        error = (outputs[key] - expected).abs().max().item()
+        assert error <= BF16_REL_LOSS * expected.abs().max().item(), (key, error)
+
+
+@needs_te
+def test_te_connectors_match_local(gpu_world):
+    """Both connector encoders (the towers between the LLM's queries and the MMDiT) under the TE spec against the
+    local spec on the same weights, 3 samples x 16 queries: bf16, within ``BF16_REL_LOSS`` of the largest value (the
+    zero-initialised projectors are left out: they would make the comparison trivial)."""
+    from megatron_puffin.models.connector import ConnectorConfig, build_query_conditioner
+    from megatron_puffin.models.extra_state import load_model_state
+
+    config = ConnectorConfig(num_queries=16, hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=128,
+                             pooled_projection_dim=32, joint_attention_dim=48)
+    built = {}
+    for impl in ("local", "transformer_engine"):
+        torch.manual_seed(0)
+        built[impl] = build_query_conditioner(config, 64, transformer_impl=impl, params_dtype=torch.bfloat16).eval()
+    load_model_state(built["transformer_engine"], built["local"].state_dict(), "the local connectors")
+    states = torch.randn(3, 16, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).bfloat16()
+    for branch in ("1", "2"):
+        with torch.no_grad():
+            local, te = (m._branch(getattr(m, f"llm2connector_{branch}"), getattr(m, f"connector_{branch}"), states)
+                         .float() for m in (built["local"], built["transformer_engine"]))
+        error = (te - local).abs().max().item()
+        assert error <= BF16_REL_LOSS * local.abs().max().item(), (branch, error)
+
+
 def _cli(cwd, *flags, nproc: int = 1):
     launcher = [sys.executable] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
@@ -132,8 +184,10 @@ def _losses(path):
 @needs_te
 @pytest.mark.parametrize("precision", [
     ["--transformer-impl", "transformer_engine"],
-    # FP8 on the LLM (its tiny widths are multiples of 16; the tiny connector/DiT widths of 20 are not FP8 GEMM shapes)
-    ["--transformer-impl", "transformer_engine", "--fp8-format", "hybrid", "--fp8-tower", "llm"],
+    # FP8 on the LLM and the ViT (their tiny widths are multiples of 16, the ViT's 38 tokens per 96-pixel image get
+    # padded; the tiny connector/DiT widths of 20 are not FP8 GEMM shapes)
+    ["--transformer-impl", "transformer_engine", "--fp8-format", "hybrid", "--fp8-tower", "llm",
+     "--fp8-tower", "vision"],
 ], ids=["te_bf16", "te_fp8_hybrid"])
 def test_cli_trains_saves_and_resumes(tmp_path, precision):
     make_tiny_dataset(tmp_path / "tiny", num_samples=16)

@@ -120,15 +120,95 @@ def test_dit_stream_padded_for_fp8_predicts_the_same_velocities(single_process):
             torch.testing.assert_close(padded, plain, rtol=1e-6, atol=1e-6)
 
 
-def test_fp8_vision_tower_refuses_token_counts_fp8_gemms_cannot_take(single_process):
-    """The ViT's tokens are not padded yet: a clear error names the fix instead of Transformer Engine's assertion."""
+def test_vision_rows_are_padded_to_the_fp8_multiple_only_when_needed():
+    from megatron_puffin.models.vision.token_padding import pad_rows_to_multiple, pad_token_rows, padded_sequence_length
+
+    # images x tokens: 3 x 26 -> 3 x 32; 8 x 26 = 208 and 16 x 1028 are multiples of 16 already; MXFP8: 32.
+    assert [padded_sequence_length(26, b, 16) for b in (3, 8, 16, 1)] == [32, 26, 26, 32]
+    assert padded_sequence_length(1028, 16, 16) == 1028 and padded_sequence_length(26, 8, 32) == 28
+    assert padded_sequence_length(26, 3, 1) == 26
+    tokens = torch.randn(3, 26, 4)
+    padded, mask = pad_token_rows(tokens, 16)
+    assert padded.shape == (3, 32, 4) and torch.equal(padded[:, :26], tokens) and not padded[:, 26:].any()
+    assert mask.shape == (3, 1, 1, 32) and mask[..., 26:].all() and not mask[..., :26].any()
+    unchanged, mask = pad_token_rows(tokens[:2, :24], 16)  # 2 x 24 rows: a multiple already, no mask
+    assert unchanged.shape == (2, 24, 4) and mask is None
+    assert pad_rows_to_multiple(torch.ones(18, 1, 5), 16).shape == (32, 1, 5)
+
+
+def test_vision_tokens_padded_for_fp8_leave_outputs_and_gradients_unchanged(single_process):
+    """ViT tokens (3 images x (2 class + 24 patches) = 78 rows -> 96) and projector rows (18 -> 32) padded to a
+    multiple of 16, the pads key-masked at the end of each image's tokens: the outputs and every parameter's
+    gradient equal the unpadded computation (fp32, local spec, train mode with the CPE's randomness, 1e-6)."""
+    from megatron.core.transformer.enums import AttnMaskType
+
     from megatron_puffin.models.vision import VisionConfig, build_vision
 
-    tower = build_vision(VisionConfig(hidden_size=16, num_layers=1, num_attention_heads=2, ffn_hidden_size=32,
-                                      max_image_size=96, class_token_len=2), 48)
-    tower.config.fp8 = "hybrid"  # what an FP8 vision tower's TransformerConfig holds (FP8 itself needs a GPU)
-    tower._check_images(torch.zeros(16, 3, 96, 96))  # 16 x (2 + 36) ViT rows, 16 x 9 projector rows
-    with pytest.raises(ValueError, match=r"1 image\(s\) of 96x96 give 38 ViT rows, not a multiple of 16"):
-        tower._check_images(torch.zeros(1, 3, 96, 96))
-    with pytest.raises(ValueError, match=r"give 72 projector rows"):
-        tower._check_images(torch.zeros(8, 3, 96, 96))
+    torch.manual_seed(0)
+    tower = build_vision(VisionConfig(hidden_size=16, num_layers=2, num_attention_heads=2, ffn_hidden_size=32,
+                                      max_image_size=96, class_token_len=2, final_norm=True), 48).train()
+    assert tower.row_multiple == 1  # FP8 off: nothing padded
+    images = torch.rand(3, 3, 64, 96, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    weights = torch.randn(3, 6, 48, generator=torch.Generator().manual_seed(2))
+    seen = []
+    tower.encoder.decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0].shape[0], kwargs["attention_mask"])), with_kwargs=True)
+    core_attention = tower.encoder.decoder.layers[0].self_attention.core_attention
+    core_attention.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["attn_mask_type"]), with_kwargs=True)
+    results = []
+    for multiple in (1, 16):
+        tower.row_multiple = multiple  # what an FP8 vision tower sets (FP8 itself needs a GPU)
+        tower.zero_grad()
+        pixels = images.clone().requires_grad_()
+        output = tower(pixels, generator=torch.Generator().manual_seed(3))
+        (output * weights).sum().backward()
+        grads = {name: param.grad.clone() for name, param in tower.named_parameters()}
+        results.append((output.detach(), pixels.grad, grads))
+    (output, pixel_grad, grads), (padded_output, padded_pixel_grad, padded_grads) = results
+    torch.testing.assert_close(padded_output, output, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(padded_pixel_grad, pixel_grad, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == padded_grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        torch.testing.assert_close(padded_grads[name], grad, rtol=1e-6, atol=1e-6, msg=name)
+    (plain_len, plain_mask), plain_type, (padded_len, padded_mask), padded_type = seen
+    assert (plain_len, plain_mask, plain_type) == (26, None, AttnMaskType.no_mask)
+    assert padded_len == 32 and padded_type == AttnMaskType.padding
+    assert padded_mask.shape == (3, 1, 1, 32) and padded_mask[..., 26:].all() and not padded_mask[..., :26].any()
+
+
+TINY_MODEL = "@examples/tiny/model.args"
+
+
+def test_fp8_gemm_widths_and_query_rows_are_checked_before_any_work():
+    """Real sizes fit FP8 GEMMs at every TP size; the tiny model's 4 queries (connector and MMDiT text-stream rows,
+    not padded) and a width that is not a multiple are reported with the flag and the fix, in the one validation."""
+    from megatron_puffin.config import ConfigError
+    from megatron_puffin.config.validate_fp8 import fp8_shape_problems
+
+    for tp in ("1", "2", "4", "8"):
+        args = parse_args([STAGE, "--fp8-format", "hybrid", "--tensor-model-parallel-size", tp], validate=False)
+        assert fp8_shape_problems(args, FP8_TOWERS) == [], tp
+    tiny = parse_args([TINY_MODEL, "--fp8-format", "hybrid"], validate=False)
+    assert fp8_shape_problems(tiny, ["llm", "vision"]) == []  # what tests/gpu trains in FP8
+    (problem,) = fp8_shape_problems(tiny, FP8_TOWERS)
+    assert problem == ("--connector-num-queries (4) must be a multiple of 16 when --fp8-tower includes connector and "
+                       "dit (the query tokens are FP8 GEMM rows and are not padded); use 16, or leave connector and "
+                       "dit out of --fp8-tower")
+    (problem,) = fp8_shape_problems(parse_args([TINY_MODEL, "--fp8-format", "hybrid", "--connector-num-queries", "70"],
+                                               validate=False), ["dit"])
+    assert "(70) must be a multiple of 16 when --fp8-tower includes dit" in problem and "use 64 or 80" in problem
+    odd = parse_args([TINY_MODEL, "--fp8-format", "hybrid", "--fp8-recipe", "mxfp8", "--vision-hidden-size", "24",
+                      "--vision-num-attention-heads", "2"], validate=False)
+    problems = fp8_shape_problems(odd, ["vision"])
+    assert "--fp8-tower vision: --vision-hidden-size (24) is an FP8 GEMM input width and must be a multiple of 32; " \
+           "change the width or leave vision out of --fp8-tower" in problems
+    assert fp8_shape_problems(odd, ["llm"]) == [
+        f"--fp8-tower llm: {flag} ({value}) is an FP8 GEMM input width and must be a multiple of 32; change the width "
+        "or leave llm out of --fp8-tower" for flag, value in [
+            ("--hidden-size", 48), ("--num-attention-heads x --kv-channels / --tensor-model-parallel-size", 48)]
+    ] + ["--fp8-tower llm: (--num-attention-heads + 2 x --num-query-groups) x --kv-channels / "
+         "--tensor-model-parallel-size (80) is an FP8 GEMM output width and must be a multiple of 32; change the width "
+         "or leave llm out of --fp8-tower"]
+    with pytest.raises(ConfigError, match=r"--connector-num-queries \(4\) must be a multiple of 16"):
+        parse_args([TINY_MODEL, "--fp8-format", "hybrid"])

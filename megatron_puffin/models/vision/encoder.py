@@ -21,11 +21,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_puffin.models.sequence_parallel import (
     gather_sequence,
-    key_padding_mask,
     replicated_input_linear,
+    sequence_parallel_size,
     split_sequence,
 )
 from megatron_puffin.models.vision.config import VisionConfig
+from megatron_puffin.models.vision.token_padding import pad_token_rows
 
 
 @contextmanager
@@ -90,7 +91,7 @@ class RADIOEncoder(RADIOViTModel):
 
     def forward(
         self, images: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[torch.Generator] = None, row_multiple: int = 1,
     ) -> torch.Tensor:
         """Encode conditioned images.
 
@@ -99,6 +100,8 @@ class RADIOEncoder(RADIOViTModel):
             attention_mask: unused (bidirectional attention over all tokens); kept for megatron's signature.
             generator: source of the train-mode CPE randomness (random window, position dropout), so it can be a
                 function of seed, iteration and rank; None draws from the global RNG as megatron-core does.
+            row_multiple: the blocks' token rows (images x tokens) are padded to a multiple of this, key-masked
+                at the end of each image's tokens (FP8 GEMMs; 1: no padding). Real tokens compute the same.
 
         Returns:
             ``[b, (H/p)(W/p), h]`` patch features in raster order.
@@ -108,27 +111,13 @@ class RADIOEncoder(RADIOViTModel):
             tokens, _ = self.apply_pos_enc(patches, input_size=images.shape[2:])
         if self.add_class_token:
             tokens = torch.cat([self.class_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        hidden, num_pads = split_sequence(tokens.transpose(0, 1).contiguous(), self.config)  # [s/TP, b, h] under SP
-        mask = key_padding_mask(tokens.shape[1], num_pads, tokens.shape[0], tokens.device)
-        self._check_padding_mask(mask)
+        num_tokens = tokens.shape[1]
+        # FP8 row padding and the sequence-parallel split share one end-of-row padding: every row grows to a
+        # multiple of TP whose per-rank share of rows (images x tokens / TP) is a multiple of the FP8 GEMM's.
+        tokens, mask = pad_token_rows(tokens, row_multiple, shards=sequence_parallel_size(self.config))
+        hidden, _ = split_sequence(tokens.transpose(0, 1).contiguous(), self.config)  # [s'/TP, b, h] under SP
         hidden = self.decoder(hidden, attention_mask=mask)
         if self.ln_post is not None:  # per token: on this rank's shard under sequence parallelism
             hidden = self.ln_post(hidden)
-        hidden = gather_sequence(hidden, self.config, num_pads)  # [s, b, h]
-        return hidden[self.num_skip_tokens:].transpose(0, 1)
-
-    def _check_padding_mask(self, mask: Optional[torch.Tensor]) -> None:
-        """Sequence-parallel pads must be masked; only the local SDPA core attention applies a mask in an
-        encoder layer built without one (Transformer Engine's ``no_mask`` attention would attend to them)."""
-        from megatron_puffin.models.dit.attention import SDPADotProductAttention
-
-        if mask is None:
-            return
-        core = self.decoder.layers[0].self_attention.core_attention
-        if not isinstance(core, SDPADotProductAttention):
-            raise ValueError(
-                f"vision tower with --sequence-parallel: {mask.shape[-1] - int(mask[0, 0, 0].sum())} tokens per image "
-                f"(class tokens + patches) are not a multiple of --tensor-model-parallel-size "
-                f"({self.config.tensor_model_parallel_size}), and the Transformer Engine encoder attention is built "
-                "without a padding mask; use image sizes whose token count divides, or --transformer-impl local"
-            )
+        hidden = gather_sequence(hidden, self.config)  # [s', b, h]
+        return hidden[self.num_skip_tokens:num_tokens].transpose(0, 1)

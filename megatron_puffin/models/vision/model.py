@@ -21,11 +21,13 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_puffin.models.fp8 import fp8_token_multiple
 from megatron_puffin.models.sequence_parallel import with_sequence_parallel
 from megatron_puffin.models.vision.config import VisionConfig
 from megatron_puffin.models.vision.encoder import RADIOEncoder
 from megatron_puffin.models.vision.ops import FeatureNormalizer, InputConditioner, fold_patches, scale_gradient
 from megatron_puffin.models.vision.parallel_init import init_linear_like_torch_
+from megatron_puffin.models.vision.token_padding import pad_rows_to_multiple
 from megatron_puffin.models.vision.vision_layer_specs import get_projector_submodules, get_vision_layer_spec
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,9 @@ class VisionTower(MegatronModule):
             ffn_hidden_size=projector_config.hidden_size,
         )
         self.llm_hidden_size = projector_config.hidden_size
+        # FP8 GEMMs need row counts of a multiple: the ViT's tokens (key-masked) and the projector's rows are
+        # padded to it where the tower runs FP8 (token_padding.py); 1 elsewhere.
+        self.row_multiple = fp8_token_multiple(config.fp8_recipe) if config.fp8 else 1
         self.reset_projector_parameters()
 
     def reset_projector_parameters(self) -> None:
@@ -95,25 +100,6 @@ class VisionTower(MegatronModule):
                 f"image size {tuple(images.shape[2:])} must be a multiple of {unit} "
                 f"(--vision-patch-size x --vision-fold-size) in both dimensions"
             )
-        if self.config.fp8:
-            self._check_fp8_rows(images)
-
-    def _check_fp8_rows(self, images: torch.Tensor) -> None:
-        """FP8 GEMMs need row counts of a multiple; the ViT's token count is not padded (no key-padding mask yet)."""
-        from megatron_puffin.models.fp8 import fp8_token_multiple
-
-        multiple = fp8_token_multiple(self.config.fp8_recipe)
-        patch, unit = self.vision_config.patch_size, self.vision_config.image_size_multiple
-        height, width = images.shape[2:]
-        tokens = self.vision_config.class_token_len + (height // patch) * (width // patch)
-        count = images.shape[0]
-        for what, rows in (("ViT", count * tokens), ("projector", count * (height // unit) * (width // unit))):
-            if rows % multiple:
-                raise ValueError(
-                    f"vision tower in FP8: {count} image(s) of {height}x{width} give {rows} {what} rows, not a "
-                    f"multiple of {multiple} as FP8 GEMMs need; leave vision out of --fp8-tower (e.g. --fp8-tower "
-                    "llm --fp8-tower connector --fp8-tower dit)"
-                )
 
     def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """RADIO features folded into LLM-token blocks (before the projector).
@@ -128,7 +114,7 @@ class VisionTower(MegatronModule):
         self._check_images(images)
         self._sync_encoder_mode()
         pixels = self.input_conditioner(images, self.encoder.embedder.weight.dtype)
-        features = self.encoder(pixels, generator=generator)
+        features = self.encoder(pixels, generator=generator, row_multiple=self.row_multiple)
         if self.feature_normalizer is not None:
             features = self.feature_normalizer(features)
         patch = self.vision_config.patch_size
@@ -136,14 +122,20 @@ class VisionTower(MegatronModule):
         return fold_patches(features, grid, self.vision_config.fold_size)
 
     def project(self, folded: torch.Tensor) -> torch.Tensor:
-        """The MLP projector ``Linear -> SiLU -> Linear``: ``[..., fold^2 * h] -> [..., llm_hidden]``."""
+        """The MLP projector ``Linear -> SiLU -> Linear``: ``[..., fold^2 * h] -> [..., llm_hidden]`` (rows padded
+        to ``row_multiple`` inside, per token, so nothing changes)."""
         fp8_context = nullcontext()
         if self.config.fp8:
             from megatron.core.fp8_utils import get_fp8_context
 
             fp8_context = get_fp8_context(self.config)
         with fp8_context:
-            output, bias = self.projector(folded)
+            if self.row_multiple > 1:  # as [rows, 1, fold^2 * h], padded
+                rows = folded.reshape(-1, 1, folded.shape[-1])
+                output, bias = self.projector(pad_rows_to_multiple(rows, self.row_multiple))
+                output = output[: rows.shape[0]].reshape(*folded.shape[:-1], output.shape[-1])
+            else:
+                output, bias = self.projector(folded)
         return output if bias is None else output + bias
 
     def forward(

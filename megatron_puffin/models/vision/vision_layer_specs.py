@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron_puffin.models.dit.attention import SDPADotProductAttention
 from megatron_puffin.models.sequence_parallel import LocalNorm
 from megatron_puffin.optional_deps import require_transformer_engine
+from megatron_puffin.models.vision.token_padding import with_key_padded_attention
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 
@@ -88,8 +89,9 @@ def get_encoder_layer_spec(transformer_impl: str, what: str) -> ModuleSpec:
 
 
 def get_vision_layer_spec(transformer_impl: str = "local") -> ModuleSpec:
-    """The ViT block spec for ``--transformer-impl``."""
-    return get_encoder_layer_spec(transformer_impl, "vision tower")
+    """The ViT block spec for ``--transformer-impl``: the encoder layer, its attention taking a key-padding mask
+    when the tokens are padded for FP8 GEMMs (:mod:`.token_padding`)."""
+    return with_key_padded_attention(get_encoder_layer_spec(transformer_impl, "vision tower"))
 
 
 def get_projector_submodules(transformer_impl: str = "local") -> MLPSubmodules:
