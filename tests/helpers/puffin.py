@@ -28,8 +28,13 @@ TINY_VAE = json.loads((ROOT / "examples" / "tiny" / "vae_config.json").read_text
 
 
 _DATASET_CACHE: Dict[Tuple[int, int, int, int], Path] = {}
-"""Rendered datasets of this test process by (num_samples, seed, image_size, num_heldout): each is rendered and
-preprocessed once (about 15 s on 2 cores) and copied for every further request (the copy is byte-identical)."""
+"""Rendered datasets of this test process by (num_samples, seed, image_size, rendered held-out samples): each is
+rendered and preprocessed once (about 15 s on 2 cores) and copied for every further request (the copy is
+byte-identical)."""
+RENDERED_HELDOUT = 4
+"""Held-out samples rendered with every cached dataset, also for requests without one (then left out of the copy):
+the training split and the tokenizer do not depend on the held-out split (megatron_puffin/data/synthetic.py), so one
+rendering serves both kinds of request (every size the suite uses is asked for with and without)."""
 
 
 def make_tiny_dataset(root: Path, num_samples: int = 16, seed: int = 0, image_size: int = IMAGE_SIZE,
@@ -39,13 +44,16 @@ def make_tiny_dataset(root: Path, num_samples: int = 16, seed: int = 0, image_si
     held-out split, preprocessed into ``<root>/heldout`` (returned as "heldout"). ``root`` gets its own copy, so a
     test may damage its files."""
     root = Path(root)
-    key = (num_samples, seed, image_size, num_heldout)
+    key = (num_samples, seed, image_size, num_heldout or RENDERED_HELDOUT)
     if key not in _DATASET_CACHE:
         cache = Path(tempfile.mkdtemp(prefix="puffin-tiny-"))
         atexit.register(shutil.rmtree, cache, True)
-        _render_tiny_dataset(cache / "tiny", num_samples, seed, image_size, num_heldout)
+        _render_tiny_dataset(cache / "tiny", num_samples, seed, image_size, key[3])
         _DATASET_CACHE[key] = cache / "tiny"
-    shutil.copytree(_DATASET_CACHE[key], root, dirs_exist_ok=True)
+    source = _DATASET_CACHE[key]
+    held_out = {source / "heldout", source / "raw" / "heldout"}
+    ignore = None if num_heldout else (lambda folder, names: [n for n in names if Path(folder) / n in held_out])
+    shutil.copytree(source, root, dirs_exist_ok=True, ignore=ignore)
     vae_path = root / "vae_config.json"
     vae_path.write_text(json.dumps(vae_config or TINY_VAE))
     paths = {"data": str(root / "data"), "tokenizer": str(root / "tokenizer.model"), "vae_config": str(vae_path)}
