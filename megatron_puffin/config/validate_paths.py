@@ -1,11 +1,14 @@
 """Checks that need the file system, run in the same single validation pass (before any process group exists):
-datasets are finished shards with the fields their task needs, the VAE and tower checkpoints are there, output
-paths are not files. Skipped with --dry-run, which describes a cluster configuration from another machine."""
+datasets are finished shards with the fields their task needs, the VAE and tower checkpoints are there and hold a
+model of the shape the flags describe (read from their JSON sidecar only), output paths are not files. Skipped with --dry-run, which describes a cluster configuration from another machine."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
+
+from megatron_puffin.config.dataclass_args import flag_name
 
 
 def _not_a_file(flag: str, path: Optional[str], what: str = "a directory") -> List[str]:
@@ -104,5 +107,127 @@ def check_tokenizer(args) -> List[str]:
     return []
 
 
+# The flags that give a tower's tensors their shapes, by config group: a checkpoint trained with other values does
+# not load (or, for head counts at equal sizes, loads into another computation).
+SHAPE_FIELDS: Dict[str, Tuple[str, ...]] = {
+    "llm": ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+            "vocab_size", "add_qkv_bias", "tie_word_embeddings"),
+    "vision": ("patch_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "max_image_size",
+               "class_token_len", "final_norm", "feature_normalizer", "fold_size"),
+    "connector": ("num_queries", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
+                  "pooled_projection_dim", "joint_attention_dim"),
+    "dit": ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+            "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "pos_embed_max_size"),
+}
+# A training checkpoint's towers (its puffin_meta.json "towers") -> the (group, field)s that shape them; the vision
+# projector and the meta queries live in the LLM's hidden size.
+TOWER_SHAPES: Dict[str, List[Tuple[str, str]]] = {
+    "llm": [("llm", name) for name in SHAPE_FIELDS["llm"]],
+    "vision": [("vision", name) for name in SHAPE_FIELDS["vision"]] + [("llm", "hidden_size")],
+    "queries": [("connector", name) for name in SHAPE_FIELDS["connector"]] + [("llm", "hidden_size")],
+    "dit": [("dit", name) for name in SHAPE_FIELDS["dit"]],
+}
+
+
+def _shape_value(group: str, name: str, values: Dict[str, Any]) -> Any:
+    """A shape flag's effective value (``--kv-channels`` unset means hidden size / heads)."""
+    if group == "llm" and name == "kv_channels" and values.get(name) is None:
+        heads = values.get("num_attention_heads") or 0
+        return values.get("hidden_size", 0) // heads if heads > 0 else None
+    return values.get(name)
+
+
+def shape_differences(args, stored: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]]) -> List[str]:
+    """``--flag CHECKPOINT (checkpoint) vs NOW (flags)`` for every (group, field) whose stored value differs."""
+    differences = []
+    for group, name in dict.fromkeys(pairs):  # ordered, without repeats
+        if group not in stored or name not in stored[group]:
+            continue  # flags of another version: nothing to compare
+        config = getattr(args, group)
+        then = _shape_value(group, name, stored[group])
+        now = _shape_value(group, name, vars(config))
+        if then != now:
+            field = next(f for f in dataclasses.fields(config) if f.name == name)
+            differences.append(f"{flag_name(type(config), field)} {then} (checkpoint) vs {now} (flags)")
+    return differences
+
+
+def checkpoint_shape_problems(args, flag: str, directory: str, meta: Dict[str, Any],
+                              need_all_towers: bool) -> List[str]:
+    """One message listing every shape difference between ``meta`` (a checkpoint's sidecar) and the flags."""
+    from megatron_puffin.training.loop import TOWERS
+
+    kind_configs = {"llm": ("llm", "llm_config"), "vision": ("vision", "vision_config"), "dit": ("dit", "dit_config")}
+    if meta.get("kind") in kind_configs and isinstance(meta.get(kind_configs[meta["kind"]][1]), dict):
+        group, key = kind_configs[meta["kind"]]  # a converted tower checkpoint (tools/convert_checkpoint.py)
+        stored = {group: meta[key]}
+        if "llm_hidden_size" in meta:
+            stored["llm"] = {"hidden_size": meta["llm_hidden_size"]}
+        differences = shape_differences(args, stored, TOWER_SHAPES[group])
+        towers: List[str] = []
+    else:
+        stored, towers = meta.get("args"), list(meta.get("towers", TOWERS))
+        if not isinstance(stored, dict):
+            return []  # no flags stored: the load-time tensor check still compares every shape
+        differences = shape_differences(args, stored, [p for t in towers if t in TOWER_SHAPES for p in TOWER_SHAPES[t]])
+    missing = [tower for tower in TOWERS if tower not in towers] if need_all_towers else []
+    if missing:
+        differences.append(f"it holds no {', '.join(missing)} tower (towers: {', '.join(towers) or 'none'}), which a "
+                           f"resume needs; start from it with --pretrained-checkpoint {directory} instead")
+    if not differences:
+        return []
+    return [f"{flag} {directory} holds a model of another shape than the flags give: {'; '.join(differences)}. Give "
+            "the checkpoint's values (its puffin_meta.json holds them), or another checkpoint"]
+
+
+def _checkpoint_sources(args) -> List[Tuple[str, str, bool]]:
+    """(flag, checkpoint directory, needs every tower) of each checkpoint this run loads weights from; paths that do
+    not resolve to an undamaged checkpoint are left out (the checkpoint decisions report them)."""
+    from megatron_puffin.training import checkpointing as ckpt
+    from megatron_puffin.training.checkpoint_safety import CheckpointError
+    from megatron_puffin.training.resume import resolve_load
+
+    sources = []
+    ckpt_args = args.checkpoint
+    try:
+        resumed = resolve_load(args)
+        if resumed is not None:
+            sources.append(("--load", resumed, True))
+    except CheckpointError:
+        pass
+    for flag, path in (("--pretrained-checkpoint", ckpt_args.pretrained_checkpoint),
+                       ("--llm-checkpoint", ckpt_args.llm_checkpoint),
+                       ("--vision-checkpoint", ckpt_args.vision_checkpoint),
+                       ("--dit-checkpoint", ckpt_args.dit_checkpoint)):
+        if not path or not Path(path).is_dir():
+            continue
+        try:
+            directory = ckpt.resolve_checkpoint(path)
+        except CheckpointError:
+            continue
+        if directory is not None and not ckpt.checkpoint_problems(directory):
+            sources.append((flag, directory, False))
+    return sources
+
+
+def check_checkpoint_shapes(args) -> List[str]:
+    """Every checkpoint the run loads (--load, --pretrained-checkpoint, the tower checkpoints) holds towers of the
+    shape the flags give, compared through its ``puffin_meta.json`` (JSON; nothing is unpickled), before any
+    process group exists; the tensors themselves are compared again when they load."""
+    from megatron_puffin.training import checkpointing as ckpt
+    from megatron_puffin.training.checkpoint_safety import CheckpointError
+
+    if args.dry_run:
+        return []
+    problems: List[str] = []
+    for flag, directory, need_all_towers in _checkpoint_sources(args):
+        try:
+            meta = ckpt.read_metadata(directory) or {}
+        except CheckpointError:
+            continue  # reported by the checkpoint decisions
+        problems += checkpoint_shape_problems(args, flag, directory, meta, need_all_towers)
+    return problems
+
+
 PATH_VALIDATORS = [check_output_paths, check_input_checkpoints, check_vae_files, check_stream_datasets,
-                   check_tokenizer]
+                   check_tokenizer, check_checkpoint_shapes]

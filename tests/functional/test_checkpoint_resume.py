@@ -1,6 +1,7 @@
 """Checkpoint safety and resume through the real CLI (pretrain_puffin.py) on the tiny configuration.
 
-One 4-iteration run (checkpoints at 2 and 4) serves every case; each case works on a copy of its directory.
+One 4-iteration run (checkpoints at 2 and 4; shared with other modules: helpers.puffin.tiny_run) serves every
+case; each case works on a copy of its directory.
 (a) start-up decisions, before any work (exit 2, one message naming the directory and the fix): a typo in --load,
     another run's checkpoints in --save, a rollback over later checkpoints, a changed learning-rate schedule,
     toggled --use-distributed-optimizer / --freeze-llm, a global batch another data-parallel size would change
@@ -20,12 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers.puffin import ROOT, make_tiny_dataset, metrics_losses as _losses, run_pretrain
+from helpers.puffin import RESUME_FLAGS as FLAGS, ROOT, metrics_losses as _losses, run_pretrain, tiny_pp_run, \
+    tiny_run
 
-TINY = ROOT / "examples" / "tiny"
-FLAGS = [f"@{TINY / 'model.args'}", "--num-workers", "0", "--log-interval", "1",
-         "--task-stream", "image2text:tiny/data/main", "--task-stream", "cam2image:tiny/data/main",
-         "--freeze-vision", "--lr", "1e-3", "--lr-warmup-iters", "2", "--train-iters", "4"]
 MBS2 = ["--micro-batch-size", "2"]
 
 
@@ -37,8 +35,7 @@ def _lrs(path):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    make_tiny_dataset(root / "tiny", num_samples=16)
-    run_pretrain(root, *FLAGS, *MBS2, "--save", "run", "--save-interval", "2", "--metrics-file", "full.jsonl")
+    shutil.copytree(tiny_run(), root, dirs_exist_ok=True)  # the shared 4-iteration run (helpers.puffin.tiny_run)
     assert sorted(_losses(root / "full.jsonl")) == [1, 2, 3, 4]
     return root
 
@@ -196,8 +193,9 @@ def test_override_opt_param_scheduler_applies_the_new_schedule(workdir):
 
 def test_pipeline_parallel_distributed_optimizer_resume_is_exact_and_reshards_to_tp_with_sequence_parallel(workdir):
     common = [*FLAGS, *MBS2, "--use-distributed-optimizer"]
-    run_pretrain(workdir, *common, "--pipeline-model-parallel-size", "2", "--save", "pp", "--save-interval", "2",
-         "--metrics-file", "pp_full.jsonl", nproc=2)
+    shared = tiny_pp_run()  # the PP=2 run with checkpoints at 2 and 4 (also exported by test_export.py)
+    for name in ("pp", "pp_full.jsonl"):
+        (shutil.copytree if (shared / name).is_dir() else shutil.copy)(shared / name, workdir / name)
     full = _losses(workdir / "pp_full.jsonl")
     run_pretrain(workdir, *common, "--pipeline-model-parallel-size", "2", "--load", "pp/iter_0000002",
          "--metrics-file", "pp_resumed.jsonl", nproc=2)

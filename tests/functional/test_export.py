@@ -5,18 +5,14 @@ directory; the vision tower and query path reload from our format bit-identical 
 the reloaded vision tower gives the same features."""
 import importlib.util
 import json
-import os
-import subprocess
-import sys
+import shutil
 
 import pytest
 import torch
 
-from helpers.puffin import ROOT, make_tiny_dataset
+from helpers.puffin import ROOT, tiny_pp_run
 
-TINY = ROOT / "examples" / "tiny"
 TOOL = ROOT / "tools" / "convert_checkpoint.py"
-ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 
 
 def _tool():
@@ -28,18 +24,12 @@ def _tool():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny stage-2 run (everything trains) of 2 steps at PP=2 (LLM layers split; vision tower and connectors on
-    different ranks); returns its working directory."""
+    """The shared tiny run at PP=2 with the distributed optimizer (helpers.puffin.tiny_pp_run: 4 steps; LLM layers
+    split; vision tower and connectors on different ranks), copied; its working directory, the run in ``run/``."""
     root = tmp_path_factory.mktemp("export")
-    make_tiny_dataset(root / "tiny", num_samples=8)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(ROOT / "pretrain_puffin.py"), f"@{TINY / 'model.args'}",
-               "--task-stream", "image2text:tiny/data/main:2", "--task-stream", "cam2image:tiny/data/main:2",
-               "--num-workers", "0", "--train-iters", "2", "--lr", "1e-3", "--lr-warmup-iters", "0",
-               "--pipeline-model-parallel-size", "2", "--save", "run", "--tensorboard-dir", "none",
-               "--metrics-file", "none"]
-    proc = subprocess.run(command, cwd=root, env=ENV, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    shared = tiny_pp_run()
+    shutil.copytree(shared / "tiny", root / "tiny")
+    shutil.copytree(shared / "pp", root / "run")
     return root
 
 
@@ -69,7 +59,7 @@ def test_trained_llm_exports_to_hugging_face_with_identical_logits(trained, monk
     _tool().main(["mcore-to-hf", "--input", "run", "--output", "hf"])  # the run directory: its latest checkpoint
     exported = trained / "hf"
     hf = Qwen2ForCausalLM.from_pretrained(exported, torch_dtype=torch.float32, attn_implementation="eager").eval()
-    ids, ours = _our_llm(trained / "run" / "iter_0000002")
+    ids, ours = _our_llm(trained / "run" / "iter_0000004")
     with torch.no_grad():
         theirs = hf(ids).logits
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
@@ -89,10 +79,10 @@ def test_vision_tower_and_query_path_round_trip_through_our_format(trained):
     from megatron_puffin.convert.export import build_tower, load_exported_towers, resolve_source
     from megatron_puffin.training.checkpointing import load_module
 
-    checkpoint = trained / "run" / "iter_0000002"
+    checkpoint = trained / "run" / "iter_0000004"
     _tool().main(["mcore-to-towers", "--input", str(checkpoint), "--output", str(trained / "towers")])
     manifest = json.loads((trained / "towers" / "puffin_towers.json").read_text())
-    assert (manifest["towers"], manifest["iteration"], manifest["llm_hidden_size"]) == (["vision", "queries"], 2, 48)
+    assert (manifest["towers"], manifest["iteration"], manifest["llm_hidden_size"]) == (["vision", "queries"], 4, 48)
 
     source = resolve_source(str(checkpoint))
     mpd.initialize(seed=5)

@@ -11,6 +11,8 @@ from megatron_puffin.camera import Camera
 from megatron_puffin.data.format import PuffinRecord, ShardWriter
 from megatron_puffin.data.tokenizer import train_sentencepiece_tokenizer
 
+from helpers.puffin import RESUME_FLAGS, tiny_run
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -28,9 +30,9 @@ def files(tmp_path_factory):
     return root
 
 
-def _cli(*flags, **env):
+def _cli(*flags, cwd=None, **env):
     proc = subprocess.run([sys.executable, str(ROOT / "pretrain_puffin.py"), *map(str, flags)], capture_output=True,
-                          text=True, timeout=300,
+                          text=True, timeout=300, cwd=cwd,
                           env=dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", **env))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "process group" not in proc.stderr
@@ -53,3 +55,22 @@ def test_dataset_frozen_task_and_schedule_mistakes_together(files):
     for fragment in ("shard-00000 has field files but no manifest.json", "text2text trains only the LLM",
                      "--lr-warmup-iters (5) must be smaller than --train-iters (5)"):
         assert fragment in stderr, (fragment, stderr)
+
+
+def test_checkpoints_of_another_model_shape_are_named_with_every_difference():
+    """--load and --pretrained-checkpoint of the shared tiny run (helpers.puffin.tiny_run) with other tower sizes:
+    each checkpoint named once with every differing flag, from its puffin_meta.json, before any work."""
+    stderr = _cli(*RESUME_FLAGS, "--micro-batch-size", "2", "--load", "run", "--pretrained-checkpoint",
+                  "run/iter_0000002", "--hidden-size", "64", "--num-attention-heads", "8", "--vocab-size", "2048",
+                  "--vision-num-layers", "2", "--dit-num-layers", "4", "--connector-num-queries", "8", cwd=tiny_run())
+    differences = ("--num-attention-heads 6 (checkpoint) vs 8 (flags); --vocab-size 1024 (checkpoint) vs 2048 (flags)",
+                   "--hidden-size 48 (checkpoint) vs 64 (flags)", "--vision-num-layers 1 (checkpoint) vs 2 (flags)",
+                   "--connector-num-queries 4 (checkpoint) vs 8 (flags)", "--dit-num-layers 2 (checkpoint) vs 4 (flags)")
+    for checkpoint in ("--load run/iter_0000004 holds a model of another shape than the flags give",
+                       "--pretrained-checkpoint run/iter_0000002 holds a model of another shape than the flags give"):
+        line = next((text for text in stderr.splitlines() if checkpoint in text), "")
+        for fragment in differences:
+            assert fragment in line, (checkpoint, fragment, stderr)
+        assert "its puffin_meta.json holds them" in line
+    for unchanged in ("--ffn-hidden-size", "--dit-patch-size", "--vision-hidden-size"):
+        assert unchanged not in stderr, (unchanged, stderr)

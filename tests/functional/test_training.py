@@ -10,6 +10,7 @@
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,23 +168,33 @@ def test_golden_losses_of_tiny_stage2(workdir):
             assert record[iteration][task] == pytest.approx(loss, rel=1e-4), (iteration, task)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--global-batch-size", "5"], "--global-batch-size (5) must be a whole number of task-stream cycles"),
-    (["--task-stream", "image2image:tiny/data/nowhere:2"], "tiny/data/nowhere"),
-    (["--vae-config", ""], "needs the VAE"),
-])
-def test_bad_flags_fail_before_training(workdir, flags, message):
-    proc = run_pretrain(workdir, *STAGE, *STREAMS, *flags, check=False)
+def test_bad_flags_fail_before_training(workdir):
+    """Three mistakes in one run (one validation pass reports them all; one process instead of three)."""
+    proc = run_pretrain(workdir, *STAGE, *STREAMS, "--global-batch-size", "5", "--task-stream",
+                        "image2image:tiny/data/nowhere:2", "--vae-config", "", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr
+    for message in ("--global-batch-size (5) must be a whole number of task-stream cycles", "tiny/data/nowhere",
+                    "needs the VAE"):
+        assert message in proc.stderr, (message, proc.stderr[-3000:])
     assert "iter 1/" not in proc.stderr
 
 
 def test_load_of_a_checkpoint_with_another_model_shape_fails_before_training(workdir, stage1):
+    """The tensor-shape check at load time, for a checkpoint whose puffin_meta.json stores no flags (another
+    version's): the validation pass compares stored flags (tests/functional/test_flag_cli.py), the load every
+    tensor."""
+    from megatron_puffin.training.checkpoint_safety import write_manifest
+
+    shutil.copytree(stage1, workdir / "s1_no_flags")
+    checkpoint = workdir / "s1_no_flags" / "iter_0000003"
+    meta = json.loads((checkpoint / "puffin_meta.json").read_text())
+    del meta["args"]
+    (checkpoint / "puffin_meta.json").write_text(json.dumps(meta))
+    write_manifest(str(checkpoint))
     # Stage 1's freezing and schedule (other ones are refused at start-up, see test_checkpoint_resume.py), so that
     # the shape check is what fails.
-    proc = run_pretrain(workdir, *STAGE, *STREAMS, "--hidden-size", "64", "--load", "s1", "--freeze-llm", "--freeze-dit",
-                "--override-opt-param-scheduler", check=False)
+    proc = run_pretrain(workdir, *STAGE, *STREAMS, "--hidden-size", "64", "--load", "s1_no_flags", "--freeze-llm",
+                        "--freeze-dit", "--override-opt-param-scheduler", check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "does not fit the configured model" in proc.stderr and "llm.decoder" in proc.stderr
     assert "iter 1/" not in proc.stderr

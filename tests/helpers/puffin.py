@@ -28,8 +28,13 @@ TINY_VAE = json.loads((ROOT / "examples" / "tiny" / "vae_config.json").read_text
 
 
 _DATASET_CACHE: Dict[Tuple[int, int, int, int], Path] = {}
-"""Rendered datasets of this test process by (num_samples, seed, image_size, num_heldout): each is rendered and
-preprocessed once (about 15 s on 2 cores) and copied for every further request (the copy is byte-identical)."""
+"""Rendered datasets of this test process by (num_samples, seed, image_size, rendered held-out samples): each is
+rendered and preprocessed once (about 15 s on 2 cores) and copied for every further request (the copy is
+byte-identical)."""
+RENDERED_HELDOUT = 4
+"""Held-out samples rendered with every cached dataset, also for requests without one (then left out of the copy):
+the training split and the tokenizer do not depend on the held-out split (megatron_puffin/data/synthetic.py), so one
+rendering serves both kinds of request (every size the suite uses is asked for with and without)."""
 
 
 def make_tiny_dataset(root: Path, num_samples: int = 16, seed: int = 0, image_size: int = IMAGE_SIZE,
@@ -39,13 +44,16 @@ def make_tiny_dataset(root: Path, num_samples: int = 16, seed: int = 0, image_si
     held-out split, preprocessed into ``<root>/heldout`` (returned as "heldout"). ``root`` gets its own copy, so a
     test may damage its files."""
     root = Path(root)
-    key = (num_samples, seed, image_size, num_heldout)
+    key = (num_samples, seed, image_size, num_heldout or RENDERED_HELDOUT)
     if key not in _DATASET_CACHE:
         cache = Path(tempfile.mkdtemp(prefix="puffin-tiny-"))
         atexit.register(shutil.rmtree, cache, True)
-        _render_tiny_dataset(cache / "tiny", num_samples, seed, image_size, num_heldout)
+        _render_tiny_dataset(cache / "tiny", num_samples, seed, image_size, key[3])
         _DATASET_CACHE[key] = cache / "tiny"
-    shutil.copytree(_DATASET_CACHE[key], root, dirs_exist_ok=True)
+    source = _DATASET_CACHE[key]
+    held_out = {source / "heldout", source / "raw" / "heldout"}
+    ignore = None if num_heldout else (lambda folder, names: [n for n in names if Path(folder) / n in held_out])
+    shutil.copytree(source, root, dirs_exist_ok=True, ignore=ignore)
     vae_path = root / "vae_config.json"
     vae_path.write_text(json.dumps(vae_config or TINY_VAE))
     paths = {"data": str(root / "data"), "tokenizer": str(root / "tokenizer.model"), "vae_config": str(vae_path)}
@@ -176,3 +184,39 @@ def reference_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     ref.update(mcore_to_reference(sub("conditioner."), cfg.connector, cfg.llm.hidden_size))
     ref.update({"transformer." + k: v for k, v in mcore_to_diffusers(sub("dit."), cfg.dit).items()})
     return ref
+
+
+TINY_ARGS = ROOT / "examples" / "tiny"
+RESUME_FLAGS = [f"@{TINY_ARGS / 'model.args'}", "--num-workers", "0", "--log-interval", "1",
+                "--task-stream", "image2text:tiny/data/main", "--task-stream", "cam2image:tiny/data/main",
+                "--freeze-vision", "--lr", "1e-3", "--lr-warmup-iters", "2", "--train-iters", "4"]
+"""The shared tiny run's flags (relative paths: run in a directory holding ``tiny/``), without the micro-batch size."""
+
+_TINY_RUN: Dict[str, Path] = {}
+
+
+def tiny_run() -> Path:
+    """A directory holding ``tiny/`` (16 samples), ``run/`` (a 4-iteration run of ``RESUME_FLAGS`` at micro-batch
+    size 2 with checkpoints ``iter_0000002`` and ``iter_0000004``) and ``full.jsonl`` (its per-iteration metrics).
+    Trained once per test process (about 40 s on 2 cores) and shared by every module that needs a trained tiny
+    checkpoint: never change it, copy it (``shutil.copytree``)."""
+    if "root" not in _TINY_RUN:
+        root = Path(tempfile.mkdtemp(prefix="puffin-run-"))
+        atexit.register(shutil.rmtree, root, True)
+        make_tiny_dataset(root / "tiny", num_samples=16)
+        run_pretrain(root, *RESUME_FLAGS, "--micro-batch-size", "2", "--save", "run", "--save-interval", "2",
+                     "--metrics-file", "full.jsonl")
+        _TINY_RUN["root"] = root
+    return _TINY_RUN["root"]
+
+
+def tiny_pp_run() -> Path:
+    """The directory of :func:`tiny_run` plus ``pp/`` and ``pp_full.jsonl``: the same run at PP=2 with
+    ``--use-distributed-optimizer`` (torchrun, 2 ranks; the LLM layers split, the vision tower and the connectors on
+    different ranks), checkpoints ``iter_0000002`` and ``iter_0000004``. Trained once per test process; copy it."""
+    root = tiny_run()
+    if not (root / "pp_full.jsonl").exists():
+        run_pretrain(root, *RESUME_FLAGS, "--micro-batch-size", "2", "--use-distributed-optimizer",
+                     "--pipeline-model-parallel-size", "2", "--save", "pp", "--save-interval", "2",
+                     "--metrics-file", "pp_full.jsonl", nproc=2)
+    return root
