@@ -45,6 +45,24 @@ def test_every_task_gives_a_finite_loss_with_counts(tiny, task):
     torch.testing.assert_close(out.loss_sum / out.count, out.loss.detach())
 
 
+def test_the_model_returns_logits_or_velocities_and_needs_the_objectives_diffusion_inputs(tiny):
+    """The model computes no loss: understanding gives vocab logits, generation velocities shaped like the noisy
+    latents the objective prepared; a generation batch without them is refused with a clear message."""
+    from megatron_puffin.training.objectives import PuffinObjective
+
+    paths, batches = tiny
+    model = _model(paths).eval()
+    objective = PuffinObjective.for_model(model)
+    with torch.no_grad():
+        understanding = model(PuffinBatch.from_collated(batches["image2text"][0]))
+        assert understanding.velocity is None and understanding.logits.dim() == 3
+        prepared, target = objective.prepare(PuffinBatch.from_collated(batches["cam2image"][0]))
+        generation = model(prepared)
+        assert generation.logits is None and generation.velocity.shape == target.shape
+        with pytest.raises(ValueError, match="no diffusion inputs"):
+            model(PuffinBatch.from_collated(batches["cam2image"][0]))
+
+
 def test_diffusion_loss_reaches_queries_connectors_and_llm_but_not_frozen_vision(tiny):
     paths, batches = tiny
     model = _model(paths, freeze_vision=True)
