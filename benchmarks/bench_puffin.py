@@ -49,6 +49,7 @@ from puffin_bench_common import (  # noqa: E402
 import megatron_puffin.distributed as mpd  # noqa: E402
 from helpers.puffin import TASK_STREAMS, task_batches  # noqa: E402
 from megatron_puffin.testing.reference_puffin import build_puffin_pair  # noqa: E402
+from megatron_puffin.training.objectives import puffin_loss  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:
@@ -105,7 +106,7 @@ def _check_losses(ours, reference, batches, tolerance: float) -> Dict[str, tuple
     losses, failures = {}, []
     with torch.no_grad():
         for task, batch in batches.items():
-            pair = (ours(batch)["loss"].item(), reference(batch)["loss"].item())
+            pair = (puffin_loss(ours, batch).loss.item(), reference(batch)["loss"].item())
             losses[task] = pair
             if abs(pair[0] - pair[1]) > tolerance * abs(pair[1]):
                 failures.append(f"{task}: ours {pair[0]:.7g} vs reference {pair[1]:.7g}")
@@ -118,7 +119,7 @@ def _step(model, batch) -> float:
     model.zero_grad(set_to_none=True)
     _synchronize()
     start = time.perf_counter()
-    model(batch)["loss"].backward()
+    puffin_loss(model, batch).loss.backward()
     _synchronize()
     return time.perf_counter() - start
 

@@ -64,6 +64,7 @@ from puffin_bench_common import (  # noqa: E402
 
 import real_proportions  # noqa: E402
 from helpers.puffin import TASK_STREAMS  # noqa: E402
+from megatron_puffin.training.objectives import puffin_loss  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:
@@ -206,7 +207,7 @@ class ReferenceTrainer:
         micro, losses = [], {}
         for batch in batches:
             begin = time.perf_counter()
-            loss = self.model(batch)["loss"]
+            loss = puffin_loss(self.model, batch).loss
             (loss / len(batches)).backward()
             micro.append(time.perf_counter() - begin)
             losses.setdefault(batch["task"], []).append(loss.item())

@@ -15,6 +15,7 @@ if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
 from helpers.puffin import make_tiny_dataset  # noqa: E402
+from megatron_puffin.training.objectives import puffin_loss  # noqa: E402
 
 
 def add_data_and_model_args(parser: argparse.ArgumentParser, model_title: str = "model size") -> None:
@@ -110,7 +111,7 @@ def activation_bytes(model, batches) -> int:
     peak = 0
     for batch in batches:
         with ActivationMeter() as meter:
-            loss = model(batch)["loss"]
+            loss = puffin_loss(model, batch).loss
         del loss
         peak = max(peak, meter.bytes)
     return peak

@@ -102,7 +102,8 @@ def _full_config(vae_path: str):
 
 def tower_shares(config, batches: Sequence[Mapping[str, Any]], trainable: Mapping[str, bool]) -> Dict[str, float]:
     """Each tower's share of the training FLOPs (``training.flops.micro_batch_flops``) summed over ``batches``."""
-    from megatron_puffin.training.flops import TOWERS, micro_batch_flops
+    from megatron_puffin.training.flops import micro_batch_flops
+    from megatron_puffin.training.towers import TOWER_NAMES as TOWERS
 
     totals = {tower: 0.0 for tower in TOWERS}
     for batch in batches:
@@ -116,7 +117,7 @@ def tower_shares(config, batches: Sequence[Mapping[str, Any]], trainable: Mappin
 def share_table(scaled_config, batches: Sequence[Mapping[str, Any]], trainable: Mapping[str, bool]) -> List[str]:
     """Lines comparing the towers' FLOP shares of ``batches`` (one cycle of task micro-batches) at the released
     sizes and at ``scaled_config``."""
-    from megatron_puffin.training.flops import TOWERS
+    from megatron_puffin.training.towers import TOWER_NAMES as TOWERS
 
     with tempfile.TemporaryDirectory() as tmp:
         vae_path = Path(tmp) / "vae.json"

@@ -80,13 +80,14 @@ from megatron_puffin.training.checkpointing import (  # noqa: E402
     read_metadata,
     save_checkpoint,
 )
+from megatron_puffin.training.towers import CHECKPOINT_MODULES, CHECKPOINT_TOWERS, TOWERS  # noqa: E402
 
 logger = logging.getLogger("convert_checkpoint")
 
 # Reference tower (megatron_puffin.convert.puffin.tower_of) -> our tower as --pretrained-checkpoint names it.
-PUFFIN_TOWERS = {"llm": "llm", "vision": "vision", "projector": "vision", "queries": "queries", "dit": "dit"}
-TOWER_ORDER = ("llm", "vision", "queries", "dit")
-TOWER_PREFIXES = {"llm": "llm.", "vision": "vision.", "queries": "conditioner.", "dit": "dit."}
+PUFFIN_TOWERS = {spec.name: spec.checkpoint for spec in TOWERS if spec.checkpoint}
+TOWER_ORDER = CHECKPOINT_TOWERS
+TOWER_PREFIXES = {tower: module + "." for tower, module in CHECKPOINT_MODULES.items()}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -28,7 +28,7 @@ from megatron_puffin.models.puffin_config import PuffinModelConfig
 from megatron_puffin.models.vision.config import VisionConfig
 from megatron_puffin.training.validation_config import ValidationConfig
 
-# (attribute on PuffinArguments, dataclass, argparse group title). Later entries extend this list in place.
+# (typed field of PuffinArguments, dataclass, argparse group title): a new concern adds a row here and a field there.
 CONFIG_GROUPS: List[Tuple[str, type, str]] = [
     ("llm", LLMConfig, "LLM tower (Qwen2.5)"),
     ("vision", VisionConfig, "vision tower (RADIO)"),
@@ -49,19 +49,31 @@ CONFIG_GROUPS: List[Tuple[str, type, str]] = [
 
 @dataclass
 class PuffinArguments:
-    """All configuration of one run, one dataclass per concern (attributes named as in ``CONFIG_GROUPS``)."""
+    """All configuration of one run, one dataclass per concern (the fields named as in ``CONFIG_GROUPS``)."""
 
-    groups: Dict[str, Any]
+    llm: LLMConfig
+    vision: VisionConfig
+    connector: ConnectorConfig
+    dit: DiTConfig
+    model: PuffinModelConfig
+    flow: FlowMatchingConfig
+    data: DataConfig
+    parallel: ParallelConfig
+    precision: PrecisionConfig
+    training: TrainingConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    validation: ValidationConfig
+    compile: CompileConfig
     dry_run: bool = False
     unknown: Sequence[str] = ()
     invalid: Sequence[InvalidValue] = ()
     flag_file_problems: Sequence[str] = ()
 
-    def __getattr__(self, name: str) -> Any:
-        groups = self.__dict__.get("groups", {})
-        if name in groups:
-            return groups[name]
-        raise AttributeError(name)
+    @property
+    def groups(self) -> Dict[str, Any]:
+        """The per-concern configs by ``CONFIG_GROUPS`` name, in that order."""
+        return {name: getattr(self, name) for name, _, _ in CONFIG_GROUPS}
 
     @property
     def world_size(self) -> int:
@@ -113,7 +125,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, validate: bool = True) -> P
     namespace, unknown = parser.parse_known_args(argv)
     invalid: List[InvalidValue] = []
     groups = {name: build_dataclass(cls, namespace, invalid) for name, cls, _ in CONFIG_GROUPS}
-    args = PuffinArguments(groups=groups, dry_run=namespace.dry_run, unknown=tuple(unknown), invalid=tuple(invalid),
+    args = PuffinArguments(**groups, dry_run=namespace.dry_run, unknown=tuple(unknown), invalid=tuple(invalid),
                            flag_file_problems=tuple(parser.flag_file_problems))
     args.data.task_stream = [
         with_default_micro_batch(spec, args.training.micro_batch_size) for spec in args.data.task_stream

@@ -175,6 +175,9 @@ class _ReplacingAppend(argparse._AppendAction):
 class FlagFileParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose ``@file`` arguments allow ``#`` comments and several flags per line.
 
+    A flag file may include another with an ``@file`` line; a relative path there is read from the including
+    file's folder (``examples/stages/*.args`` share ``@model.args`` wherever the command runs).
+
     A flag file that cannot be read, is not text, has an unbalanced quote or includes itself does not stop
     parsing: the problem is kept in :attr:`flag_file_problems` and reported by the validation step.
     """
@@ -189,13 +192,17 @@ class FlagFileParser(argparse.ArgumentParser):
     def convert_arg_line_to_args(self, arg_line: str) -> List[str]:
         return shlex.split(arg_line, comments=True)
 
-    def _read_args_from_files(self, arg_strings: List[str], _including: Tuple[str, ...] = ()) -> List[str]:
+    def _read_args_from_files(self, arg_strings: List[str], _including: Tuple[str, ...] = (),
+                              _folder: Optional[str] = None) -> List[str]:
         expanded: List[str] = []
         for arg in arg_strings:
             if not arg or arg[0] not in self.fromfile_prefix_chars:
                 expanded.append(arg)
                 continue
-            flags = self._flag_file_args(arg[1:], _including)
+            path = arg[1:]
+            if _folder is not None and not os.path.isabs(path):
+                path = os.path.join(_folder, path)
+            flags = self._flag_file_args(path, _including)
             if flags is not None:
                 expanded += [SOURCE_BOUNDARY, *flags, SOURCE_BOUNDARY]
         return expanded
@@ -224,5 +231,5 @@ class FlagFileParser(argparse.ArgumentParser):
             except ValueError as error:
                 self.flag_file_problems.append(f"flag file @{path} line {number}: {error} (an unbalanced quote); "
                                                "close the quote or escape it with a backslash")
-        return self._read_args_from_files(flags, (*including, key))
+        return self._read_args_from_files(flags, (*including, key), os.path.dirname(path))
 

@@ -2,7 +2,6 @@
 the tower validators are merged into one message listing the sizes that fit all towers together."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 from typing import Callable, List, Sequence
@@ -17,10 +16,7 @@ def is_tensor_parallel_problem(problem: str, tensor_model_parallel_size: int) ->
 
 
 def _with_tensor_parallel_size(args, size: int):
-    trial = copy.copy(args)
-    trial.groups = dict(args.groups)
-    trial.groups["parallel"] = dataclasses.replace(args.parallel, tensor_model_parallel_size=size)
-    return trial
+    return dataclasses.replace(args, parallel=dataclasses.replace(args.parallel, tensor_model_parallel_size=size))
 
 
 def fitting_sizes(args, rules: Sequence[Callable], limit: int = 256) -> List[int]:

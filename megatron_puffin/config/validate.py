@@ -224,7 +224,7 @@ def check_step(args) -> List[str]:
 def check_generation_needs_vae(args) -> List[str]:
     """Generation streams encode images with the VAE: one must be configured."""
     from megatron_puffin.data.config import parse_task_stream
-    from megatron_puffin.data.task_encoders import GENERATION_TASKS, TASK_VARIANTS
+    from megatron_puffin.tasks import GENERATION_TASKS, TASK_VARIANTS
 
     if args.model.vae_path or args.model.vae_config:
         return []

@@ -20,6 +20,7 @@ import torch
 
 from megatron_puffin.models.llm import LLMConfig, build_llm
 from megatron_puffin.training.checkpointing import load_module, read_metadata, resolve_checkpoint
+from megatron_puffin.training.towers import CHECKPOINT_MODULES
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,6 @@ TOWERS_FORMAT = "megatron_puffin.towers"
 TOWERS_VERSION = 1
 TOWERS_FILE = "puffin_towers.json"
 EXPORTABLE_TOWERS = ("vision", "queries")
-TOWER_MODULES = {"llm": "llm", "vision": "vision", "queries": "conditioner", "dit": "dit"}
 
 
 class ExportError(ValueError):
@@ -55,12 +55,12 @@ class ExportSource:
     def holds(self, tower: str) -> bool:
         """Whether the checkpoint carries ``tower`` (a whole-model checkpoint lists its towers)."""
         if self.kind == "puffin":
-            return tower in self.metadata.get("towers", ()) and tower in TOWER_MODULES
+            return tower in self.metadata.get("towers", ()) and tower in CHECKPOINT_MODULES
         return self.kind == tower
 
     def prefix(self, tower: str) -> str:
         """Key prefix of ``tower`` in the checkpoint (single-tower checkpoints have none)."""
-        return f"{TOWER_MODULES[tower]}." if self.kind == "puffin" else ""
+        return f"{CHECKPOINT_MODULES[tower]}." if self.kind == "puffin" else ""
 
     def params_dtype(self) -> torch.dtype:
         """The parameter dtype the checkpoint was trained in (fp32 for converted towers)."""

@@ -13,7 +13,8 @@ from megatron_puffin.data.collate import Collator
 from megatron_puffin.data.config import DataConfig, TaskStreamSpec, parse_task_stream, validate_data_config
 from megatron_puffin.data.format import DatasetFormatError, PuffinDataset, PuffinRecord, ShardWriter
 from megatron_puffin.data.loader import PuffinDataLoader, build_data_loader, build_streams
-from megatron_puffin.data.task_encoders import TASK_VARIANTS, EncodedSample, TaskEncoder, TaskEncoderConfig
+from megatron_puffin.data.task_encoders import EncodedSample, TaskEncoder, TaskEncoderConfig
+from megatron_puffin.tasks import TASK_VARIANTS
 from megatron_puffin.data.tokenizer import PuffinTokenizer
 
 __all__ = [

@@ -13,7 +13,8 @@ import torch
 
 from megatron_puffin.camera import camera_maps, normalize_camera_map
 from megatron_puffin.data import templates
-from megatron_puffin.data.task_encoders import GENERATION_TASKS, EncodedSample
+from megatron_puffin.data.task_encoders import EncodedSample
+from megatron_puffin.tasks import GENERATION_TASKS
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from megatron_puffin.data.task_encoders import TASK_VARIANTS
+from megatron_puffin.tasks import TASK_VARIANTS
 
 logger = logging.getLogger(__name__)
 

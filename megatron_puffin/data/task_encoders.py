@@ -32,23 +32,9 @@ from megatron_puffin.data import templates
 from megatron_puffin.data.images import load_dynamic, pad_to_square
 from megatron_puffin.data.tokenizer import PuffinTokenizer
 from megatron_puffin.distributed.random import derive_seed
+from megatron_puffin.tasks import TASK_VARIANTS
 
 logger = logging.getLogger(__name__)
-
-UNDERSTANDING_TASKS = ("image2text", "image2text_cross_view", "text2text")
-GENERATION_TASKS = ("text2image", "cam2image", "image2image")
-TASK_VARIANTS: Dict[str, str] = {
-    "image2text": "image2text",
-    "image2text_thinking": "image2text",
-    "image2text_photography": "image2text",
-    "image2text_cross_view": "image2text_cross_view",
-    "text2text": "text2text",
-    "text2image": "text2image",
-    "cam2image": "cam2image",
-    "cam2image_thinking": "cam2image",
-    "image2image": "image2image",
-}
-"""Stream task name -> task of the loss (docs/puffin.md §2.4). Variants choose prompts/answers (§3.4, §3.7, §5.4)."""
 
 REQUIRED_FIELDS: Dict[str, Tuple[str, ...]] = {
     "image2text": ("image", "caption", "camera"),
@@ -179,7 +165,7 @@ class TaskEncoder:
     def __call__(self, sample: Dict[str, Any], position: int = 0) -> EncodedSample:
         """Encodes one sample (a :class:`~.format.PuffinDataset` item) at a stream position."""
         _require(sample, self.task)
-        encoded = getattr(self, "_encode_" + self.loss_task)(sample, position)
+        encoded = ENCODERS[self.loss_task](self, sample, position)
         encoded.sample_index, encoded.position = int(sample.get("index", -1)), position
         return encoded
 
@@ -364,6 +350,12 @@ def _without_yaw(camera):
     return camera if camera.yaw is None else type(camera)(camera.roll, camera.pitch, camera.vfov)
 
 
-def build_task_encoder(task: str, tokenizer: PuffinTokenizer, config: TaskEncoderConfig, stream: str = "") -> TaskEncoder:
-    """The encoder of a stream task (see :data:`TASK_VARIANTS`)."""
-    return TaskEncoder(task, tokenizer, config, stream)
+ENCODERS = {
+    "image2text": TaskEncoder._encode_image2text,
+    "image2text_cross_view": TaskEncoder._encode_image2text_cross_view,
+    "text2text": TaskEncoder._encode_text2text,
+    "text2image": TaskEncoder._encode_text2image,
+    "cam2image": TaskEncoder._encode_cam2image,
+    "image2image": TaskEncoder._encode_image2image,
+}
+"""Loss task -> the :class:`TaskEncoder` method encoding its samples (every task of ``megatron_puffin.tasks``)."""

@@ -5,17 +5,14 @@ reproduced verbatim and must not be edited.
 """
 from typing import Tuple
 
-# --- placeholder ids (never tokenised; replaced by embeddings before the LLM), docs/puffin.md §1.2 -------------------------
-IGNORE_INDEX = -100
-"""Label value ignored by the cross-entropy loss."""
-INPUT_IMAGE_TOKEN_INDEX = -200
-"""Understanding prompts: one id per visual token of the input image (the `<image>` text is replaced by these)."""
-OUTPUT_IMAGE_TOKEN_INDEX = -300
-"""Defined by the reference, unused."""
-QUERY_TOKEN_INDEX = -400
-"""The meta-query slots appended at the end of every generation prompt."""
-UNDERSTANDING_PAD_ID = 0
-"""Left-padding value of ``input_ids`` in understanding micro-batches (masked out; labels are padded with -100)."""
+# --- placeholder ids: defined with the tasks (one home for data, models and training) ----------------------------
+from megatron_puffin.tasks import (  # noqa: F401  (re-exported: the prompt layouts use them)
+    IGNORE_INDEX,
+    INPUT_IMAGE_TOKEN_INDEX,
+    OUTPUT_IMAGE_TOKEN_INDEX,
+    QUERY_TOKEN_INDEX,
+    UNDERSTANDING_PAD_ID,
+)
 
 # --- special tokens (strings; their ids come from the tokenizer), docs/puffin.md §1.2 ---------------------------------------
 ENDOFTEXT_TOKEN = "<|endoftext|>"

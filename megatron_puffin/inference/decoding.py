@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from megatron_puffin.models.batch import PuffinBatch
 from megatron_puffin.models.llm.model import build_attention_mask
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def greedy_decode(model, batch: Dict[str, Any], end_token_id: int, max_new_token
     if not (model.pre_process and model.post_process):
         raise ValueError("decoding needs the whole LLM in one stage: load the checkpoint with pipeline size 1")
     llm, device = model.llm, model.device
-    embeds = model.embed_inputs(batch)  # [s, b, h]
+    embeds = model.embed_inputs(PuffinBatch.from_collated(batch))  # [s, b, h]
     mask = batch["attention_mask"].to(device).bool()
     positions = batch["position_ids"].to(device)
     batch_size = mask.shape[0]

@@ -34,6 +34,7 @@ from megatron_puffin.diffusion import FlowMatchEulerSampler, guided_dit_velocity
 from megatron_puffin.distributed.random import derive_seed
 from megatron_puffin.inference.batching import prompt_batch
 from megatron_puffin.inference.images import to_uint8
+from megatron_puffin.models.batch import PuffinBatch
 from megatron_puffin.inference.understanding import DEFAULT_MAX_NEW_TOKENS, default_encoder_config, reason
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def prompt_text(request: GenerationRequest) -> str:
 
 def query_conditioning(model, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
     """LLM over a generation prompt batch -> ``(pooled [b, P], sequence [b, Q, J])`` from the query slots."""
-    hidden = model.llm(decoder_input=model.embed_inputs(batch), position_ids=batch["position_ids"].to(model.device),
+    hidden = model.llm(decoder_input=model.embed_inputs(PuffinBatch.from_collated(batch)), position_ids=batch["position_ids"].to(model.device),
                        padding_mask=batch["attention_mask"].to(model.device), output="hidden")
     num_queries = model.puffin_config.connector.num_queries
     return model.conditioner(hidden[-num_queries:].transpose(0, 1))  # left padding keeps the queries last

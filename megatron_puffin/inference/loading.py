@@ -17,10 +17,9 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-logger = logging.getLogger(__name__)
+from megatron_puffin.training.towers import CHECKPOINT_MODULES
 
-TOWER_MODULES = {"llm": "llm", "vision": "vision", "queries": "conditioner", "dit": "dit"}
-"""Tower name in a checkpoint's ``towers`` list -> attribute of :class:`~megatron_puffin.models.puffin.PuffinModel`."""
+logger = logging.getLogger(__name__)
 
 
 NOT_INHERITED = ("parallel",)
@@ -104,7 +103,7 @@ def resolve_flags(metadata: Dict[str, Any], flags: Sequence[str] = ()):
     problems += [f"{bad.flag} {bad.text!r} is not a valid {bad.expected}" for bad in invalid]
     if problems:
         raise InferenceSetupError("; ".join(problems) + " (model flags are pretrain_puffin.py flags)")
-    args = PuffinArguments(groups=groups)
+    args = PuffinArguments(**groups)
     args.parallel.pipeline_model_parallel_size = 1
     return args
 
@@ -172,10 +171,10 @@ def _load_towers(model, directory: str, towers: Sequence[str]) -> None:
     from megatron_puffin.training.checkpointing import load_checkpoint, shape_mismatches
 
     for tower in towers:
-        module = getattr(model, TOWER_MODULES[tower], None)
+        module = getattr(model, CHECKPOINT_MODULES[tower], None)
         if module is None:
             continue
-        prefix = TOWER_MODULES[tower] + "."
+        prefix = CHECKPOINT_MODULES[tower] + "."
         sharded = module.sharded_state_dict(prefix=prefix)
         problems = shape_mismatches(sharded, directory)
         if problems:
@@ -227,7 +226,7 @@ def load_puffin(checkpoint: str, flags: Sequence[str] = (), tensor_model_paralle
     model = build_puffin(config)
     if ctx.device.type == "cuda":
         model.cuda(ctx.device)
-    towers = [tower for tower in metadata.get("towers", list(TOWER_MODULES)) if tower in TOWER_MODULES]
+    towers = [tower for tower in metadata.get("towers", list(CHECKPOINT_MODULES)) if tower in CHECKPOINT_MODULES]
     _load_towers(model, directory, towers)
     model.eval()
     model.requires_grad_(False)

@@ -14,32 +14,26 @@ Sequence parallelism (``--sequence-parallel``): the first stage builds the whole
 with visual tokens and meta queries scattered in), pads it to a multiple of TP and splits it over the TP group;
 every tower enters and leaves its own sequence split (:mod:`megatron_puffin.models.sequence_parallel`).
 
-``forward(batch)`` returns, on the last stage (or without pipelining), a dict with the task's mean loss
-(``loss``, the tensor to back-propagate), its numerator and denominator for exact averaging over micro-batches and
-data-parallel ranks (``loss_sum`` and ``num_tokens`` for understanding, ``num_samples`` for generation), and
-``loss_<task>``. Intermediate stages return their hidden states ``[s, b, h]`` for the pipeline schedule.
+``forward(batch)`` takes a typed :class:`~megatron_puffin.models.batch.PuffinBatch` and returns, on the last stage
+(or without pipelining), a :class:`PuffinOutput`: the LLM's logits (understanding) or the MMDiT's velocities
+(generation, from the noisy latents and timesteps in ``batch.diffusion``). The objective (VAE latents, noise,
+losses) sits beside the model in :mod:`megatron_puffin.training.objectives`. Intermediate stages return their
+hidden states ``[s, b, h]`` for the pipeline schedule.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_puffin.data import templates
-from megatron_puffin.data.task_encoders import GENERATION_TASKS
-from megatron_puffin.diffusion import (
-    FlowMatchingConfig,
-    FlowMatchSchedule,
-    add_noise,
-    flow_matching_loss,
-    sample_density,
-    velocity_target,
-)
+from megatron_puffin import tasks
+from megatron_puffin.diffusion import FlowMatchingConfig, FlowMatchSchedule
 from megatron_puffin.distributed.random import make_generator
+from megatron_puffin.models.batch import PuffinBatch
 from megatron_puffin.models.connector import ConnectorConfig, build_query_conditioner
 from megatron_puffin.models.dit import DiTConfig, build_dit
 from megatron_puffin.models.fp8 import FP8_TOWERS, fp8_token_multiple, tower_fp8
@@ -49,8 +43,6 @@ from megatron_puffin.models.llm import (
     build_llm,
     gather_positions,
     pad_sequences_to_multiple,
-    shift_labels,
-    vocab_parallel_token_losses,
 )
 from megatron_puffin.models.puffin_config import PuffinModelConfig
 from megatron_puffin.models.sequence_parallel import (
@@ -64,9 +56,21 @@ from megatron_puffin.models.vision import VisionConfig, build_vision
 
 logger = logging.getLogger(__name__)
 
-UNDERSTANDING_TASKS = ("image2text", "image2text_cross_view", "text2text")
-CACHED_MOMENTS = {"vae_target": "target_moments", "vae_camera": "camera_moments", "vae_init": "init_moments"}
-"""Posterior-noise purpose -> the batch key of its cached VAE moments (``data.latents``)."""
+
+@dataclass(frozen=True)
+class PuffinOutput:
+    """The last stage's output for one task micro-batch.
+
+    Attributes:
+        batch: the batch as the LLM ran it (rows right-padded, maybe padded to an FP8 multiple): its ``labels``
+            are aligned with ``logits``.
+        logits: understanding, ``[s, b, V/TP]`` vocab-parallel logits.
+        velocity: generation, the MMDiT's velocities with the noisy latents' structure.
+    """
+
+    batch: PuffinBatch
+    logits: Optional[torch.Tensor] = None
+    velocity: Optional[Union[torch.Tensor, List[torch.Tensor]]] = None
 
 
 @dataclass
@@ -103,11 +107,6 @@ class PuffinConfig:
             transformer_impl=precision.transformer_impl, fp8=precision.fp8_format, fp8_recipe=precision.fp8_recipe,
             fp8_towers=tuple(precision.fp8_tower), sequence_parallel=args.parallel.sequence_parallel,
         )
-
-
-def _requires_grad(module: torch.nn.Module, flag: bool) -> None:
-    for param in module.parameters():
-        param.requires_grad_(flag)
 
 
 def _build_vae(config: PuffinModelConfig, dtype: torch.dtype, device: torch.device, seed: int) -> Optional[FrozenVAE]:
@@ -167,7 +166,6 @@ class PuffinModel(MegatronModule):
             self._vae = [_build_vae(config.model, config.params_dtype, self.device, config.seed)]
             self.schedule = FlowMatchSchedule(config.flow.num_train_timesteps, config.flow.shift)
         self._cast_parameters(config.params_dtype)
-        self.apply_freezing()
 
     def _tower_transformer_config(self, tower_config, tower: str):
         """The ``TransformerConfig`` of a tower in FP8 (its own ``fp8``) or under sequence parallelism; None (the
@@ -190,16 +188,6 @@ class PuffinModel(MegatronModule):
             if param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype)
 
-    # -- freezing -------------------------------------------------------------------------------------------
-    def apply_freezing(self) -> None:
-        """``requires_grad=False`` on frozen towers (so DDP makes no gradient buffers and the optimizer no state)."""
-        model = self.puffin_config.model
-        _requires_grad(self.llm, not model.freeze_llm)
-        if self.pre_process:
-            _requires_grad(self.vision.encoder, not model.freeze_vision)
-        if self.post_process:
-            _requires_grad(self.dit, not model.freeze_dit)
-
     @property
     def vae(self) -> Optional[FrozenVAE]:
         return self._vae[0] if self.post_process else None
@@ -216,44 +204,44 @@ class PuffinModel(MegatronModule):
         self.llm.set_input_tensor(input_tensor)
 
     # -- first stage: input embeddings -----------------------------------------------------------------------
-    def _vision_tokens(self, images, batch: Dict[str, Any]) -> torch.Tensor:
+    def _vision_tokens(self, images, batch: PuffinBatch) -> torch.Tensor:
         """Projected visual tokens of all images, flattened sample-major ``[sum of tokens, h]`` (images of different
         sizes give different token counts); the gradient scale applies to understanding losses only (docs/puffin.md §1.4).
         Train-mode CPE randomness comes from a generator keyed by the batch's samples, so every TP/PP layout sees
         the same augmentation."""
-        positions = tuple(batch["positions"].tolist())
+        positions = tuple(batch.positions.tolist())
         if isinstance(images, list):  # mixed sizes: one call per image
-            generators = [make_generator(self.puffin_config.seed, "vision", batch["task"], positions, i,
+            generators = [make_generator(self.puffin_config.seed, "vision", batch.task, positions, i,
                                          device=self.device) for i in range(len(images))]
             return torch.cat([self._encode_images(image[None], batch, g) for image, g in zip(images, generators)])
-        generator = make_generator(self.puffin_config.seed, "vision", batch["task"], positions, device=self.device)
+        generator = make_generator(self.puffin_config.seed, "vision", batch.task, positions, device=self.device)
         return self._encode_images(images, batch, generator)
 
-    def _encode_images(self, images: torch.Tensor, batch: Dict[str, Any], generator) -> torch.Tensor:
+    def _encode_images(self, images: torch.Tensor, batch: PuffinBatch, generator) -> torch.Tensor:
         tokens = self.vision(
             images.to(self.device, self.puffin_config.params_dtype),
-            apply_grad_scale=batch["task"] != "image2image",
+            apply_grad_scale=batch.task != "image2image",
             generator=generator,
         )
         return tokens.reshape(-1, tokens.shape[-1])
 
-    def embed_inputs(self, batch: Dict[str, Any]) -> torch.Tensor:
+    def embed_inputs(self, batch: PuffinBatch) -> torch.Tensor:
         """Token embeddings with visual tokens and meta queries scattered in: ``[s, b, h]``.
 
         Visual tokens go to the positions holding -200 (understanding) or ``<|image_pad|>`` (image2image) in
         sample-major, token order; meta queries to the -400 slots (docs/puffin.md §2.1 step 4, §2.2 step 4).
         """
-        input_ids = batch["input_ids"].to(self.device)
-        image_slots = (input_ids == templates.INPUT_IMAGE_TOKEN_INDEX)
-        if batch["task"] == "image2image":
+        input_ids = batch.input_ids.to(self.device)
+        image_slots = (input_ids == tasks.INPUT_IMAGE_TOKEN_INDEX)
+        if batch.task == "image2image":
             image_slots |= input_ids == self.puffin_config.model.image_pad_token_id
-        query_slots = input_ids == templates.QUERY_TOKEN_INDEX
+        query_slots = input_ids == tasks.QUERY_TOKEN_INDEX
         embeds = self.llm.embed_tokens(input_ids.clamp(min=0)).transpose(0, 1)  # [b, s, h]
         if bool(image_slots.any()):
-            tokens = self._vision_tokens(batch["vision_images"], batch)
+            tokens = self._vision_tokens(batch.vision_images, batch)
             if tokens.shape[0] != int(image_slots.sum()):
                 raise ValueError(
-                    f"{batch['task']}: {int(image_slots.sum())} image placeholders but the vision tower made "
+                    f"{batch.task}: {int(image_slots.sum())} image placeholders but the vision tower made "
                     f"{tokens.shape[0]} tokens; the data's patch/fold sizes must match the model's"
                 )
             embeds = embeds.masked_scatter(image_slots[..., None], tokens.to(embeds.dtype))
@@ -262,111 +250,28 @@ class PuffinModel(MegatronModule):
             embeds = embeds.masked_scatter(query_slots[..., None], queries)
         return embeds.transpose(0, 1).contiguous()
 
-    # -- last stage: losses ---------------------------------------------------------------------------------
-    def understanding_loss(self, logits: torch.Tensor, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        """Token-mean cross-entropy of the supervised answer tokens (docs/puffin.md §2.1 step 6)."""
-        target = shift_labels(batch["labels"].to(self.device))
-        losses = vocab_parallel_token_losses(logits, target)
-        num_tokens = (target >= 0).sum()
-        loss_sum = losses.sum()
-        return {"loss": loss_sum / num_tokens.clamp(min=1), "loss_sum": loss_sum.detach(), "num_tokens": num_tokens}
-
-    def _generators(self, batch: Dict[str, Any], purpose: str) -> List[torch.Generator]:
-        """One generator per sample, a pure function of (seed, purpose, task, the sample's position in its stream,
-        its dataset index): identical inside a TP/PP group, distinct across data-parallel ranks (other samples),
-        repeated exactly after a resume, and independent of how the global batch is split over DP ranks."""
-        keys = zip(batch["positions"].tolist(), batch["sample_indices"].tolist())
-        return [
-            make_generator(self.puffin_config.seed, purpose, batch["task"], position, index, device=self.device)
-            for position, index in keys
-        ]
-
-    @staticmethod
-    def _randn_each(like, generators: List[torch.Generator]):
-        """Gaussian noise shaped like each sample of ``like`` (a [B, ...] tensor or a list), one generator each."""
-        noise = [torch.randn(x.shape, generator=g, dtype=x.dtype, device=x.device) for x, g in zip(like, generators)]
-        return torch.stack(noise) if isinstance(like, torch.Tensor) else noise
-
-    def _latents(self, images, purpose: str, batch: Dict[str, Any]):
-        """Normalised VAE latents; the posterior is sampled with per-sample noise (docs/puffin.md §1.9). With cached moments
-        in the batch (--cached-latents) the VAE encoder does not run."""
-        vae = self.vae
-        if vae is None:
-            raise RuntimeError("generation tasks need a VAE: give --vae-path (or --vae-config for tiny runs)")
-        mean, std = self._cached_moments(batch, purpose, vae.dtype)
-        if mean is None:
-            if isinstance(images, list):
-                images = [image.to(self.device, vae.dtype) for image in images]
-            else:
-                images = images.to(self.device, vae.dtype)
-            mean, std = vae.encode_moments(images)
-        if not vae.sample_posterior:
-            return vae.normalize(mean) if isinstance(mean, torch.Tensor) else [vae.normalize(m) for m in mean]
-        eps = self._randn_each(mean, self._generators(batch, purpose))
-        if isinstance(mean, torch.Tensor):
-            return vae.normalize(mean + std * eps)
-        return [vae.normalize(m + s * e) for m, s, e in zip(mean, std, eps)]
-
-    def _cached_moments(self, batch: Dict[str, Any], purpose: str, dtype: torch.dtype):
-        """(mean, std) from the batch's cached ``[B, 2, C, h, w]`` moments (or a list), or (None, None)."""
-        moments = batch.get(CACHED_MOMENTS[purpose])
-        if moments is None:
-            return None, None
-        if isinstance(moments, torch.Tensor):
-            moments = moments.to(self.device, dtype)
-            return moments[:, 0], moments[:, 1]
-        moments = [m.to(self.device, dtype) for m in moments]
-        return [m[0] for m in moments], [m[1] for m in moments]
-
-    def condition_latents(self, batch: Dict[str, Any]) -> Optional[List[List[torch.Tensor]]]:
-        """Clean condition latents per sample: cam2image -> [camera map]; image2image -> [camera map, init view]."""
-        if batch["task"] == "text2image":
-            return None
-        encoded = [self._latents(batch["camera_maps"], "vae_camera", batch)]
-        if batch["task"] == "image2image":
-            encoded.append(self._latents(batch["init_images"], "vae_init", batch))
-        return [[latents[i] for latents in encoded] for i in range(len(encoded[0]))]
-
-    def flow_matching_inputs(self, latents, batch: Dict[str, Any]):
-        """(x_t, v target, timesteps) with per-sample noise levels and noise (docs/puffin.md §2.3)."""
-        flow = self.puffin_config.flow
-        generators = self._generators(batch, "flow")
-        density = torch.cat([
-            sample_density(1, flow.weighting_scheme, g, flow.logit_mean, flow.logit_std, flow.mode_scale, self.device)
-            for g in generators
-        ])
-        steps = self.schedule.num_train_timesteps
-        indices = (density * steps).long().clamp_(0, steps - 1)
-        sigmas = self.schedule.train_sigmas.to(self.device)[indices]
-        timesteps = self.schedule.train_timesteps.to(self.device)[indices]
-        noise = self._randn_each(latents, generators)
-        return add_noise(latents, noise, sigmas), velocity_target(latents, noise), timesteps
-
-    def generation_loss(
-        self, hidden: torch.Tensor, batch: Dict[str, Any], layout: RightPadding
-    ) -> Dict[str, torch.Tensor]:
-        """Per-sample-mean flow matching of the target latents (docs/puffin.md §2.3); the meta queries are each prompt's last
-        tokens, read at the sample's own positions of the right-padded ``hidden`` ``[s, b, h]``."""
+    # -- last stage: MMDiT velocities ------------------------------------------------------------------------------
+    def velocity(self, hidden: torch.Tensor, batch: PuffinBatch, layout: RightPadding):
+        """MMDiT velocities of ``batch.diffusion`` conditioned on the meta queries, which are each prompt's last
+        tokens, read at the sample's own positions of the right-padded ``hidden`` ``[s, b, h]`` (docs/puffin.md §2.3)."""
+        if batch.diffusion is None:
+            raise ValueError(f"{batch.task}: the batch carries no diffusion inputs; prepare it with the training "
+                             "objective (megatron_puffin.training.objectives) or the sampler")
         num_queries = self.puffin_config.connector.num_queries
         positions = layout.last_positions(num_queries, device=hidden.device)
         queries = gather_positions(hidden, positions).transpose(0, 1)  # [b, q, h]
         pooled, context = self.conditioner(queries)
-        targets = self._latents(batch["target_images"], "vae_target", batch)
-        cond = self.condition_latents(batch)
-        noisy, target, timesteps = self.flow_matching_inputs(targets, batch)
+        noisy, timesteps, cond = batch.diffusion.noisy_latents, batch.diffusion.timesteps, batch.diffusion.condition_latents
         dtype = self.puffin_config.params_dtype
         noisy = noisy.to(dtype) if isinstance(noisy, torch.Tensor) else [x.to(dtype) for x in noisy]
         cond = None if cond is None else [[c.to(dtype) for c in sample] for sample in cond]
-        velocity = self.dit(noisy, context.to(dtype), pooled.to(dtype), timesteps, cond)
-        loss, per_sample = flow_matching_loss(velocity, target)
-        return {"loss": loss, "loss_sum": per_sample.sum(), "num_samples": torch.tensor(per_sample.numel(), device=per_sample.device)}
+        return self.dit(noisy, context.to(dtype), pooled.to(dtype), timesteps, cond)
 
-    def forward(self, batch: Dict[str, Any]):
+    def forward(self, batch: PuffinBatch):
         """Run this stage on one task micro-batch (see the module docstring for what it returns)."""
-        task = batch["task"]
-        generation = task in GENERATION_TASKS
+        generation = tasks.is_generation(batch.task)
         # The collated rows are left-padded; right padding lets the LLM run causal attention without a mask.
-        layout = RightPadding.from_left_padded(batch["attention_mask"])
+        layout = RightPadding.from_left_padded(batch.attention_mask)
         batch = layout.apply_to_batch(batch)
         # FP8 GEMMs need row counts of a multiple, sequence parallelism a multiple of TP: more pads at the end.
         fp8_rows = fp8_token_multiple(self.puffin_config.fp8_recipe) if self.puffin_config.tower_fp8("llm") else 1
@@ -376,23 +281,21 @@ class PuffinModel(MegatronModule):
             decoder_input = split_sequence(self.embed_inputs(batch), self.config)[0]
         output = self.llm(
             decoder_input=decoder_input,
-            position_ids=batch["position_ids"].to(self.device),
+            position_ids=batch.position_ids.to(self.device),
             padding_mask=None,  # right-padded: causality alone keeps real tokens from the pads
             output="hidden" if generation else "logits",
         )
         if not self.post_process:
             return output
         if generation:
-            losses = self.generation_loss(output, batch, layout)
-        else:
-            losses = self.understanding_loss(output, batch)
-        losses[f"loss_{task}"] = losses["loss"].detach()
-        return losses
+            return PuffinOutput(batch, velocity=self.velocity(output, batch, layout))
+        return PuffinOutput(batch, logits=output)
 
 
 build_vae = _build_vae  # the training VAE outside a model (tools/cache_latents.py)
 
 
 def build_puffin(config: PuffinConfig, pre_process: bool = True, post_process: bool = True) -> PuffinModel:
-    """Build this pipeline stage of Puffin for the current TP/PP layout (see :class:`PuffinModel`)."""
+    """Build this pipeline stage of Puffin for the current TP/PP layout (see :class:`PuffinModel`). Every parameter
+    is trainable; the ``--freeze-*`` policy is the training's (``megatron_puffin.training.towers.freeze_towers``)."""
     return PuffinModel(config, pre_process=pre_process, post_process=post_process)

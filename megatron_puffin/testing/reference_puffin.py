@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_puffin.data import templates
-from megatron_puffin.data.task_encoders import GENERATION_TASKS
+from megatron_puffin.tasks import GENERATION_TASKS
 from megatron_puffin.distributed.random import make_generator
 from megatron_puffin.testing.reference_connector import ReferenceQueryPath
 from megatron_puffin.testing.reference_dit import reference_dynamic_forward

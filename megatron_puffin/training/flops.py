@@ -38,14 +38,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_puffin.data.task_encoders import GENERATION_TASKS
+from megatron_puffin.tasks import GENERATION_TASKS
 from megatron_puffin.models.dit.embeddings import TIMESTEP_CHANNELS
 
 logger = logging.getLogger(__name__)
-
-TOWERS = ("llm", "vision", "projector", "queries", "dit", "vae")
-"""Tower names: the LLM; the RADIO ViT; its MLP projector into the LLM; the meta queries with llm2connector,
-connectors and projector_1/2; the MMDiT; the frozen VAE encoder."""
 
 Size = Tuple[int, int]
 
@@ -287,24 +283,61 @@ def _generation_images(batch: Mapping[str, Any]) -> List[List[Size]]:
     return samples
 
 
-def _generation_flops(config, batch: Mapping[str, Any], as_executed: bool) -> Dict[str, TowerFlops]:
+def _vae_config_of(config, batch: Mapping[str, Any]) -> Dict[str, Any]:
     vae_config = load_vae_config(config.model)
     if vae_config is None:
         raise ValueError(f"FLOPs of {batch['task']}: the model has no VAE; give --vae-path (or --vae-config)")
-    images = _generation_images(batch)
-    factor = vae_downsample_factor(vae_config)
-    latents = [[(hh // factor, ww // factor) for hh, ww in sample] for sample in images]
+    return vae_config
+
+
+# Per tower (the ``forward_flops`` column of megatron_puffin.training.towers.TOWERS): zero where the task does not
+# run the tower.
+def llm_tower_flops(config, batch: Mapping[str, Any], as_executed: bool) -> TowerFlops:
+    mask = batch["attention_mask"]
+    return llm_flops(config.llm, mask.sum(dim=1).tolist(), logits=batch["task"] not in GENERATION_TASKS,
+                     seq_length=mask.shape[1], as_executed=as_executed)
+
+
+def vision_tower_flops(config, batch: Mapping[str, Any], as_executed: bool) -> TowerFlops:
+    if "vision_images" not in batch:
+        return TowerFlops()
+    return vision_flops(config.vision, image_sizes(batch["vision_images"]))
+
+
+def projector_tower_flops(config, batch: Mapping[str, Any], as_executed: bool) -> TowerFlops:
+    if "vision_images" not in batch:
+        return TowerFlops()
+    return projector_flops(config.vision, config.llm.hidden_size, image_sizes(batch["vision_images"]))
+
+
+def query_tower_flops(config, batch: Mapping[str, Any], as_executed: bool) -> TowerFlops:
+    if batch["task"] not in GENERATION_TASKS:
+        return TowerFlops()
+    _vae_config_of(config, batch)
+    return query_flops(config.connector, config.llm.hidden_size, len(_generation_images(batch)))
+
+
+def dit_tower_flops(config, batch: Mapping[str, Any], as_executed: bool) -> TowerFlops:
+    if batch["task"] not in GENERATION_TASKS:
+        return TowerFlops()
+    factor = vae_downsample_factor(_vae_config_of(config, batch))
+    latents = [[(hh // factor, ww // factor) for hh, ww in sample] for sample in _generation_images(batch)]
+    return dit_flops(config.dit, latents, config.connector.num_queries, as_executed)
+
+
+def vae_tower_flops(config, batch: Mapping[str, Any], as_executed: bool) -> TowerFlops:
+    if batch["task"] not in GENERATION_TASKS:
+        return TowerFlops()
+    vae_config = _vae_config_of(config, batch)
     # With --cached-latents the batch carries the posterior moments and the VAE encoder never runs.
+    images = _generation_images(batch)
     encoded = [size for sample in images for size in sample] if "target_moments" not in batch else []
-    return {
-        "queries": query_flops(config.connector, config.llm.hidden_size, len(images)),
-        "dit": dit_flops(config.dit, latents, config.connector.num_queries, as_executed),
-        "vae": vae_encoder_flops(vae_config, encoded),
-    }
+    return vae_encoder_flops(vae_config, encoded)
 
 
 def forward_flops(config, batch: Mapping[str, Any], as_executed: bool = False) -> Dict[str, TowerFlops]:
-    """Forward FLOPs of every tower (all six keys; zero for towers the task does not run).
+    """Forward FLOPs of every tower of :data:`~megatron_puffin.training.towers.TOWERS` (zero for towers the task
+    does not run).
 
     Args:
         config: :class:`~megatron_puffin.models.puffin.PuffinConfig`.
@@ -312,31 +345,17 @@ def forward_flops(config, batch: Mapping[str, Any], as_executed: bool = False) -
             ``target_images``, ``camera_maps``, ``init_images`` where the task has them).
         as_executed: count padded tokens and dense attention (see the module docstring).
     """
-    mask = batch["attention_mask"]
-    task = batch["task"]
-    flops = {tower: TowerFlops() for tower in TOWERS}
-    flops["llm"] = llm_flops(config.llm, mask.sum(dim=1).tolist(), logits=task not in GENERATION_TASKS,
-                             seq_length=mask.shape[1], as_executed=as_executed)
-    if "vision_images" in batch:
-        sizes = image_sizes(batch["vision_images"])
-        flops["vision"] = vision_flops(config.vision, sizes)
-        flops["projector"] = projector_flops(config.vision, config.llm.hidden_size, sizes)
-    if task in GENERATION_TASKS:
-        flops.update(_generation_flops(config, batch, as_executed))
-    return flops
+    from megatron_puffin.training.towers import TOWERS
+
+    return {spec.name: spec.forward_flops(config, batch, as_executed) for spec in TOWERS}
 
 
 def trainable_towers(model_config) -> Dict[str, bool]:
     """Which towers train under the freeze flags of a :class:`~megatron_puffin.models.puffin_config.
-    PuffinModelConfig` (the vision projector, queries and connectors always train; the VAE never does)."""
-    return {
-        "llm": not model_config.freeze_llm,
-        "vision": not model_config.freeze_vision,
-        "projector": True,
-        "queries": True,
-        "dit": not model_config.freeze_dit,
-        "vae": False,
-    }
+    PuffinModelConfig` (read from :data:`~megatron_puffin.training.towers.TOWERS`)."""
+    from megatron_puffin.training.towers import trainable_towers as registry_trainable
+
+    return registry_trainable(model_config)
 
 
 def micro_batch_flops(
@@ -350,18 +369,20 @@ def micro_batch_flops(
     Args:
         config: :class:`~megatron_puffin.models.puffin.PuffinConfig`.
         batch: a collated task micro-batch as the loader yields it.
-        trainable: tower name -> whether it trains (every name of :data:`TOWERS`; see :func:`trainable_towers`).
+        trainable: tower name -> whether it trains (every tower of the registry; see :func:`trainable_towers`).
         as_executed: count padded tokens and dense attention instead of model FLOPs.
 
     Returns:
-        ``{tower: FLOPs for each of TOWERS, "total": their sum}``.
+        ``{tower: FLOPs of each registry tower, "total": their sum}``.
     """
-    missing = [tower for tower in TOWERS if tower not in trainable]
+    from megatron_puffin.training.towers import TOWER_NAMES
+
+    missing = [tower for tower in TOWER_NAMES if tower not in trainable]
     if missing:
-        raise ValueError(f"trainable must name every tower {TOWERS}; missing {missing} "
+        raise ValueError(f"trainable must name every tower {TOWER_NAMES}; missing {missing} "
                          "(use megatron_puffin.training.flops.trainable_towers(config.model))")
     forward = forward_flops(config, batch, as_executed=as_executed)
-    result = {tower: forward[tower].total * (3.0 if trainable[tower] else 1.0) for tower in TOWERS}
+    result = {tower: forward[tower].total * (3.0 if trainable[tower] else 1.0) for tower in TOWER_NAMES}
     result["total"] = sum(result.values())
     return result
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from megatron_puffin.models.connector.config import ConnectorConfig
 from megatron_puffin.models.dit.config import DiTConfig
@@ -22,6 +22,9 @@ from megatron_puffin.models.fp8 import tower_precisions
 from megatron_puffin.models.llm.config import LLMConfig
 from megatron_puffin.models.puffin_config import PuffinModelConfig
 from megatron_puffin.models.vision.config import VisionConfig
+
+if TYPE_CHECKING:
+    from megatron_puffin.config.arguments import PuffinArguments
 
 # Bytes per parameter: fp32 main gradient (grad_reduce_in_fp32), fp32 master weight, Adam moments (2 x fp32).
 BYTES_GRAD_FP32, BYTES_MASTER_FP32, BYTES_ADAM_FP32 = 4, 4, 8
@@ -240,35 +243,44 @@ def vae_parameter_count(config: Dict[str, Any]) -> int:
     return encoder + decoder + quant + post_quant
 
 
-def vae_tower(model: PuffinModelConfig) -> Tower:
-    """The frozen VAE, counted from ``--vae-config`` or ``--vae-path``/config.json when readable."""
+def vae_parts(model: PuffinModelConfig) -> Tuple[Tuple[TowerPart, ...], Optional[str]]:
+    """The frozen VAE's parts, counted from ``--vae-config`` or ``--vae-path``/config.json when readable, and why
+    they are unknown otherwise."""
     path = model.vae_config or (os.path.join(model.vae_path, "config.json") if model.vae_path else None)
     if path is None:
-        return Tower("VAE", False, (), unknown="no --vae-path or --vae-config")
+        return (), "no --vae-path or --vae-config"
     try:
         with open(path) as handle:
             count = vae_parameter_count(json.load(handle))
     except OSError:
-        return Tower("VAE", False, (), unknown=f"{path} not readable")
+        return (), f"{path} not readable"
     except ValueError as error:
-        return Tower("VAE", False, (), unknown=f"{path}: {error}")
-    return Tower("VAE", False, (TowerPart("autoencoder", LAST, ParamCount(replicated=count)),))
+        return (), f"{path}: {error}"
+    return (TowerPart("autoencoder", LAST, ParamCount(replicated=count)),), None
+
+
+@dataclass(frozen=True)
+class TowerConfigs:
+    """The shapes :func:`build_towers` reads (the same attribute names as parsed flags and ``PuffinConfig``)."""
+
+    llm: LLMConfig
+    vision: VisionConfig
+    connector: ConnectorConfig
+    dit: DiTConfig
+    model: PuffinModelConfig
 
 
 def build_towers(llm: LLMConfig, vision: VisionConfig, connector: ConnectorConfig, dit: DiTConfig,
                  model: PuffinModelConfig, tensor_model_parallel_size: int = 1) -> List[Tower]:
-    """Every tower the composed model builds, with its trainability under the freeze flags."""
-    return [
-        Tower("LLM", not model.freeze_llm, llm_parts(llm, tensor_model_parallel_size)),
-        Tower("vision encoder", not model.freeze_vision, vision_encoder_parts(vision)),
-        Tower("vision projector", True, vision_projector_parts(vision, llm.hidden_size)),
-        Tower("query path", True, query_path_parts(connector, llm.hidden_size)),
-        Tower("MMDiT", not model.freeze_dit, dit_parts(dit)),
-        vae_tower(model),
-    ]
+    """Every tower the composed model builds (the rows of :data:`~megatron_puffin.training.towers.TOWERS`), with
+    its trainability under the freeze flags."""
+    from megatron_puffin.training.towers import parameter_towers
+
+    configs = TowerConfigs(llm, vision, connector, dit, model)
+    return list(parameter_towers(configs, tensor_model_parallel_size))
 
 
-def towers(args) -> List[Tower]:
+def towers(args: PuffinArguments) -> List[Tower]:
     """:func:`build_towers` for parsed ``pretrain_puffin.py`` flags."""
     return build_towers(args.llm, args.vision, args.connector, args.dit, args.model,
                         args.parallel.tensor_model_parallel_size)
@@ -291,19 +303,19 @@ class StageMemory:
         return self.weights + self.gradients + self.optimizer
 
 
-def weight_bytes(args) -> int:
+def weight_bytes(args: PuffinArguments) -> int:
     """Bytes per stored weight: 2 in bf16/fp16 (every tower, the VAE included), else 4."""
     return 2 if (args.precision.bf16 or args.precision.fp16) else 4
 
 
-def optimizer_bytes(args) -> float:
+def optimizer_bytes(args: PuffinArguments) -> float:
     """Optimizer bytes per trainable parameter on one GPU: Adam moments (+ fp32 master weights in mixed
     precision), divided over data-parallel ranks by the distributed optimizer."""
     state = BYTES_ADAM_FP32 + (BYTES_MASTER_FP32 if weight_bytes(args) == 2 else 0)
     return state / args.data_parallel_size if args.parallel.use_distributed_optimizer else state
 
 
-def memory_estimate(args, tower_list: List[Tower]) -> List[StageMemory]:
+def memory_estimate(args: PuffinArguments, tower_list: List[Tower]) -> List[StageMemory]:
     """Weights, gradients and optimizer state per GPU for every pipeline stage."""
     tp, pp = args.parallel.tensor_model_parallel_size, args.parallel.pipeline_model_parallel_size
     stages = []
@@ -323,7 +335,7 @@ def _millions(count: Optional[int]) -> str:
     return "unknown" if count is None else f"{count / 1e6:.2f} M"
 
 
-def _stage_contents(args) -> List[str]:
+def _stage_contents(args: PuffinArguments) -> List[str]:
     pp, layers = args.parallel.pipeline_model_parallel_size, args.llm.num_layers
     per_stage = layers // pp
     first = "LLM embedding, vision encoder + projector, meta queries"
@@ -353,7 +365,7 @@ def _tower_lines(tower_list: List[Tower]) -> List[str]:
     return lines
 
 
-def _data_lines(args) -> List[str]:
+def _data_lines(args: PuffinArguments) -> List[str]:
     try:
         streams = args.data.streams()
     except ValueError:
@@ -371,7 +383,7 @@ def _data_lines(args) -> List[str]:
     return [line]
 
 
-def _schedule_lines(args) -> List[str]:
+def _schedule_lines(args: PuffinArguments) -> List[str]:
     t, c = args.training, args.checkpoint
     lines = [
         f"schedule: {t.train_iters} optimizer steps, lr {t.lr:g} (warm-up {t.lr_warmup_iters} steps from "
@@ -393,7 +405,7 @@ def _schedule_lines(args) -> List[str]:
     return lines
 
 
-def _memory_lines(args, tower_list: List[Tower]) -> List[str]:
+def _memory_lines(args: PuffinArguments, tower_list: List[Tower]) -> List[str]:
     stages = memory_estimate(args, tower_list)
     dp, distributed = args.data_parallel_size, args.parallel.use_distributed_optimizer
     state = "fp32 master + Adam moments 12 B" if weight_bytes(args) == 2 else "Adam moments 8 B"
@@ -424,7 +436,7 @@ def _memory_lines(args, tower_list: List[Tower]) -> List[str]:
     return lines
 
 
-def _backend_lines(args) -> List[str]:
+def _backend_lines(args: PuffinArguments) -> List[str]:
     """Whether the Transformer Engine a run asks for is usable here (a dry run does not require it)."""
     from megatron_puffin.optional_deps import TE_INSTALL_HINT, transformer_engine_error
 
@@ -436,16 +448,18 @@ def _backend_lines(args) -> List[str]:
         return ["Transformer Engine: usable on this machine"]
     return [f"Transformer Engine: not usable on this machine ({reason}); the training job needs it on its GPU nodes "
             f"({TE_INSTALL_HINT})"]
-def _precision_lines(args, dtype: str) -> List[str]:
+def _precision_lines(args: PuffinArguments, dtype: str) -> List[str]:
     """Each tower's precision as it will run (FP8 only on the towers --fp8-tower names)."""
-    model, precision = args.model, args.precision
-    frozen = {"llm": model.freeze_llm, "vision": model.freeze_vision, "dit": model.freeze_dit}
+    from megatron_puffin.training.towers import BY_NAME
+
+    precision = args.precision
+    frozen = {name: not BY_NAME[name].trainable(args.model) for name in ("llm", "vision", "dit")}
     per_tower = tower_precisions(dtype, precision.fp8_format, precision.fp8_recipe, precision.fp8_tower, frozen)
     return ["precision per tower:"] + [f"  {tower}: {text}" for tower, text in per_tower.items()] + \
         [f"  vae: {dtype}, frozen (never FP8)"]
 
 
-def describe(args) -> str:
+def describe(args: PuffinArguments) -> str:
     """A human-readable summary of layout, per-tower parameter counts, data, schedule and memory."""
     p, precision = args.parallel, args.precision
     dtype = "bf16" if precision.bf16 else "fp16" if precision.fp16 else "fp32"

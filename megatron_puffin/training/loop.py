@@ -39,6 +39,7 @@ from megatron_puffin.training import checkpointing as ckpt
 from megatron_puffin.training.metrics import Interval, MetricsWriter, Report, peak_memory_gib
 from megatron_puffin.training.step import stream_task
 from megatron_puffin.training.resume import samples_per_step
+from megatron_puffin.training.towers import CHECKPOINT_MODULES, CHECKPOINT_TOWERS, freeze_towers, trainable_towers
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,6 @@ EXIT_FINISHED = 0
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped early after saving; requeue and --load to continue
 BAD_SAMPLES = "--max-bad-samples"  # stop reason: too many undecodable samples (the run fails after saving)
 STATUS_FILE = "run_status.json"  # in --save: {"status": "finished" | "interrupted" | "stopped" | "failed", ...}
-TOWERS = ("llm", "vision", "queries", "dit")
-TOWER_MODULES = {"llm": "llm", "vision": "vision", "queries": "conditioner", "dit": "dit"}
 # The distributed optimizer's state in its canonical per-parameter form, so it loads at any TP/PP/DP layout (the
 # megatron-core default for 0.16, fully_sharded_model_space, no longer validates: flattened ranges are rejected).
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -151,6 +150,7 @@ class Trainer:
         self.config = PuffinConfig.from_args(args)
         self.model = build_puffin(self.config, pre_process=self.ctx.is_first_pipeline_stage,
                                   post_process=self.ctx.is_last_pipeline_stage)
+        freeze_towers(self.model, args.model)
         if self.ctx.device.type == "cuda":  # megatron-core layers may initialise on the CPU (use_cpu_initialization)
             self.model.cuda(self.ctx.device)
         if args.compile.compile:  # in place, per layer: names, DDP buckets and checkpoints are unchanged
@@ -178,10 +178,7 @@ class Trainer:
         self.tasks = _loss_tasks(args)
         self.micro_batches = micro_batches_per_step(args)
         self.state = TrainState(consumed={task: 0 for task in self.tasks})
-        self.trainable = {
-            "llm": not args.model.freeze_llm, "vision": not args.model.freeze_vision, "projector": True,
-            "queries": True, "dit": not args.model.freeze_dit, "vae": False,
-        }
+        self.trainable = trainable_towers(args.model)
         self.sources: Dict[str, str] = {}
         self.resumed_from: Optional[str] = None
         self._saved_here: set = set()  # checkpoint directories this process published
@@ -232,7 +229,7 @@ class Trainer:
 
     # -- loading ------------------------------------------------------------------------------------------------
     def _tower_module(self, tower: str) -> Optional[torch.nn.Module]:
-        return getattr(self.model, TOWER_MODULES[tower], None)
+        return getattr(self.model, CHECKPOINT_MODULES[tower], None)
 
     def _load(self) -> None:
         ckpt_args = self.args.checkpoint
@@ -254,11 +251,11 @@ class Trainer:
                 if module is not None:
                     ckpt.load_module(module, directory, prefix="", what=f"--{tower}-checkpoint")
                 self.sources[tower] = f"base checkpoint {directory}"
-        for tower in TOWERS:
+        for tower in CHECKPOINT_TOWERS:
             self.sources.setdefault(tower, f"random initialisation (seed {self.args.training.seed})")
         self.state.lineage.append(self._lineage_entry())
         if self.ctx.rank == 0:
-            for tower in TOWERS:
+            for tower in CHECKPOINT_TOWERS:
                 logger.info("weights of %-8s <- %s", tower, self.sources[tower])
 
     def _lineage_entry(self) -> Dict[str, Any]:
@@ -271,11 +268,11 @@ class Trainer:
         if directory is None:
             raise ckpt.CheckpointMismatch(f"--pretrained-checkpoint {path}: no complete checkpoint there")
         meta = ckpt.read_metadata(directory) or {}
-        supplied = meta.get("towers", list(TOWERS))
+        supplied = meta.get("towers", list(CHECKPOINT_TOWERS))
         for tower in supplied:
             module = self._tower_module(tower)
             if module is not None:
-                ckpt.load_module(module, directory, prefix=f"{TOWER_MODULES[tower]}.",
+                ckpt.load_module(module, directory, prefix=f"{CHECKPOINT_MODULES[tower]}.",
                                  what="--pretrained-checkpoint")
             self.sources[tower] = f"pretrained checkpoint {directory} (iteration {meta.get('iteration', '?')})"
         self.state.lineage = list(meta.get("lineage", []))
@@ -308,7 +305,7 @@ class Trainer:
         self.state = TrainState.from_dict(common["trainer"])
         for task in self.tasks:
             self.state.consumed.setdefault(task, 0)
-        self.sources = {tower: f"resumed from {directory}" for tower in TOWERS}
+        self.sources = {tower: f"resumed from {directory}" for tower in CHECKPOINT_TOWERS}
         self.resumed_from = directory
         if self.ctx.rank == 0:
             logger.info("resumed %s at iteration %d (consumed %s)", directory, self.state.iteration,
@@ -351,7 +348,7 @@ class Trainer:
         metadata = {
             "kind": "puffin",
             "iteration": self.state.iteration,
-            "towers": list(TOWERS),
+            "towers": list(CHECKPOINT_TOWERS),
             "consumed": dict(self.state.consumed),
             "lineage": self.state.lineage,
             "layout": {"tp": self.ctx.tensor_model_parallel_size, "pp": self.ctx.pipeline_model_parallel_size,

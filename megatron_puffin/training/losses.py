@@ -7,30 +7,25 @@ then exactly the gradient of the global mean, however unevenly tokens fall on th
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-
-def count_of(output: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """The denominator of a task loss: supervised tokens (understanding) or samples (generation)."""
-    key = "num_tokens" if "num_tokens" in output else "num_samples"
-    return output[key].detach().to(torch.float64)
+from megatron_puffin.training.objectives import ObjectiveResult
 
 
 def global_mean_loss(
-    output: Dict[str, torch.Tensor], data_parallel_group: Optional[dist.ProcessGroup] = None
+    result: ObjectiveResult, data_parallel_group: Optional[dist.ProcessGroup] = None
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss to back-propagate, global mean loss (detached), global count) for one task micro-batch.
 
     Args:
-        output: a last-stage :class:`~megatron_puffin.models.puffin.PuffinModel` output (``loss``, ``loss_sum`` and
-            ``num_tokens`` or ``num_samples``).
+        result: the objective's result for the micro-batch (mean loss, its numerator and denominator).
         data_parallel_group: the group over which gradients are averaged; None for a single replica.
     """
-    loss_sum = output["loss_sum"].detach().to(torch.float64)
-    count = count_of(output).to(loss_sum.device)
+    loss_sum = result.loss_sum.detach().to(torch.float64)
+    count = result.count.detach().to(torch.float64).to(loss_sum.device)
     totals = torch.stack([loss_sum, count])
     dp_size = 1
     if data_parallel_group is not None and dist.is_initialized():
@@ -38,5 +33,5 @@ def global_mean_loss(
         if dp_size > 1:
             dist.all_reduce(totals, group=data_parallel_group)
     global_sum, global_count = totals[0], totals[1].clamp(min=1)
-    scale = (count * dp_size / global_count).to(output["loss"].dtype)
-    return output["loss"] * scale, (global_sum / global_count).float(), global_count
+    scale = (count * dp_size / global_count).to(result.loss.dtype)
+    return result.loss * scale, (global_sum / global_count).float(), global_count

@@ -22,8 +22,9 @@ from typing import Any, Dict, List, Optional
 
 from megatron_puffin.training import checkpointing as ckpt
 from megatron_puffin.training.checkpoint_safety import CheckpointError
+from megatron_puffin.training.towers import TOWERS
 
-FREEZE_FLAGS = ("freeze_llm", "freeze_vision", "freeze_dit")
+FREEZE_FLAGS = tuple(spec.freeze_flag for spec in TOWERS if spec.freeze_flag)
 
 
 def samples_per_step(args) -> int:

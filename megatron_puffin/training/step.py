@@ -11,7 +11,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_puffin.models.batch import PuffinBatch
 from megatron_puffin.training.losses import global_mean_loss
+from megatron_puffin.training.objectives import ObjectiveResult, PuffinObjective
 
 
 @dataclass
@@ -45,30 +47,39 @@ def stream_task(batch: Dict[str, Any]) -> Optional[str]:
     return stream.split("#", 1)[0] if stream else None
 
 
-def _loss_func(data_parallel_group, name: Optional[str], output: Dict[str, torch.Tensor]):
-    backward_loss, mean, count = global_mean_loss(output, data_parallel_group)
-    task = name or next(key[len("loss_"):] for key in output if key.startswith("loss_") and key != "loss_sum")
-    return backward_loss, {"task": task, "loss": mean, "count": count}
+def _loss_func(data_parallel_group, name: Optional[str], objective: PuffinObjective, batch: PuffinBatch,
+               velocity_target, output):
+    result: ObjectiveResult = objective.loss(batch, velocity_target, output)
+    backward_loss, mean, count = global_mean_loss(result, data_parallel_group)
+    return backward_loss, {"task": name or result.task, "loss": mean, "count": count}
 
 
-def _forward_step(data_parallel_group, data_iterator: Iterator, model):
-    batch = next(data_iterator)
-    # Intermediate stages return hidden states; the schedule calls the loss function on the last stage only.
-    return model(batch), functools.partial(_loss_func, data_parallel_group, stream_task(batch))
+def _forward_step(data_parallel_group, objective: Optional[PuffinObjective], data_iterator: Iterator, model):
+    collated = next(data_iterator)
+    batch = PuffinBatch.from_collated(collated)
+    if objective is None:  # an intermediate stage: hidden states for the next one, no loss here
+        return model(batch), None
+    batch, velocity_target = objective.prepare(batch)
+    # The schedule calls the loss function on the last stage only.
+    return model(batch), functools.partial(_loss_func, data_parallel_group, stream_task(collated), objective, batch,
+                                           velocity_target)
 
 
-def forward_backward(model, batches: List[Dict[str, Any]], forward_only: bool = False) -> StepResult:
-    """Forward and backward over ``batches`` (one task each) with the schedule of the current layout.
+def forward_backward(model, batches: List[Dict[str, Any]], forward_only: bool = False,
+                     objective: Optional[PuffinObjective] = None) -> StepResult:
+    """Forward and backward over ``batches`` (one task each) with the schedule of the current layout; ``objective``
+    defaults to :meth:`PuffinObjective.for_model` (None on stages without the loss).
 
     The schedule divides each micro-batch's loss by the number of micro-batches, so the step's gradient is the mean
     over the cycle of each task's global-mean-loss gradient (the reference's per-task micro-batches with GAS).
     """
     group = parallel_state.get_data_parallel_group()
+    objective = objective or PuffinObjective.for_model(model)
     schedule = get_forward_backward_func()
     seq_length = max(int(batch["input_ids"].shape[1]) for batch in batches)
     micro_batch_size = max(int(batch["input_ids"].shape[0]) for batch in batches)
     logs = schedule(
-        forward_step_func=functools.partial(_forward_step, group),
+        forward_step_func=functools.partial(_forward_step, group, objective),
         data_iterator=iter(batches),
         model=[model],
         num_microbatches=len(batches),

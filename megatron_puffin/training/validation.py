@@ -61,7 +61,7 @@ class ValidationResult:
 def validation_tasks(args) -> List[str]:
     """The loss tasks of the validation streams, in stream order."""
     from megatron_puffin.data.config import parse_task_stream
-    from megatron_puffin.data.task_encoders import TASK_VARIANTS
+    from megatron_puffin.tasks import TASK_VARIANTS
 
     tasks: List[str] = []
     for spec in args.validation.valid_task_stream:

@@ -31,7 +31,7 @@ class ValidationConfig:
 def validation_errors(args) -> List[str]:
     """Every problem with the validation flags, as flag-naming messages (empty when valid)."""
     from megatron_puffin.data.config import parse_task_stream
-    from megatron_puffin.data.task_encoders import GENERATION_TASKS, TASK_VARIANTS
+    from megatron_puffin.tasks import GENERATION_TASKS, TASK_VARIANTS
 
     config: ValidationConfig = args.validation
     problems: List[str] = []

@@ -1,7 +1,6 @@
 """Inference at TP=2 equals TP=1, and a checkpoint saved with PP=2 loads for inference at TP=1 and TP=2 (one
 spawned group of two gloo ranks): understanding tokens identical, one CFG velocity within 1e-5, generated images
 within one uint8 level."""
-import pytest
 import torch
 
 from helpers.multiprocess import run_distributed

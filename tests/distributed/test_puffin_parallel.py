@@ -18,12 +18,14 @@ def _build(paths, ctx):
 
     from helpers.puffin import tiny_puffin_config
     from megatron_puffin.models.puffin import build_puffin
+    from megatron_puffin.training.towers import freeze_towers
 
     torch.manual_seed(0)
     # RADIO's train-mode CPE window is drawn per micro-batch, so a trainable encoder sees another augmentation when
     # the global batch is split over DP ranks: the encoder is frozen here (eval mode); the projector trains.
     config = tiny_puffin_config(paths, freeze_vision=True)
     model = build_puffin(config, ctx.is_first_pipeline_stage, ctx.is_last_pipeline_stage)
+    freeze_towers(model, config.model)
     model.train()
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     model.config.finalize_model_grads_func = finalize_model_grads

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers.puffin import ROOT, make_tiny_dataset
+from megatron_puffin.training.objectives import puffin_loss
 
 TINY = ROOT / "examples" / "tiny"
 ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
@@ -57,11 +58,9 @@ def _reference_losses(workdir, checkpoint):
         sums, counts = {}, {}
         with torch.no_grad():
             for _ in range(validation_micro_batches(args)):
-                output = model(next(loader))
-                task = next(k[len("loss_"):] for k in output if k.startswith("loss_") and k != "loss_sum")
-                count = output["num_tokens" if "num_tokens" in output else "num_samples"]
-                sums[task] = sums.get(task, 0.0) + float(output["loss_sum"])
-                counts[task] = counts.get(task, 0.0) + float(count)
+                output = puffin_loss(model, next(loader))
+                sums[output.task] = sums.get(output.task, 0.0) + float(output.loss_sum)
+                counts[output.task] = counts.get(output.task, 0.0) + float(output.count)
             loader.close()
         camera = _reference_camera(args, tokenizer, model)
     finally:

@@ -7,6 +7,7 @@ import torch
 
 import megatron_puffin.distributed as mpd
 from helpers.puffin import IMAGE_SIZE, NUM_QUERIES, ROOT, TASK_STREAMS, make_tiny_dataset, tiny_puffin_config
+from megatron_puffin.training.objectives import puffin_loss
 
 GENERATION = ("text2image", "cam2image", "image2image")
 
@@ -53,7 +54,7 @@ def cached(tmp_path_factory):
 
 def _loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
-    loss = model(batch)["loss"]
+    loss = puffin_loss(model, batch).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -4,6 +4,7 @@ import torch
 
 import megatron_puffin.distributed as mpd
 from helpers.puffin import TASK_STREAMS, make_tiny_dataset, task_batches, tiny_puffin_config
+from megatron_puffin.training.objectives import puffin_loss
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def _losses_and_grads(model, batches, tasks):
     results = {}
     for task in tasks:
         model.zero_grad(set_to_none=True)
-        loss = model(batches[task][0])["loss"]
+        loss = puffin_loss(model, batches[task][0]).loss
         loss.backward()
         results[task] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     return results

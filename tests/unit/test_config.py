@@ -46,6 +46,18 @@ def test_flag_files_with_comments_several_flags_per_line_and_overrides(tmp_path)
     assert args.training.lr == pytest.approx(1e-3)
 
 
+def test_a_flag_file_includes_another_relative_to_its_own_folder(tmp_path, monkeypatch):
+    stages = tmp_path / "stages"
+    stages.mkdir()
+    (stages / "model.args").write_text("--num-layers 4 --hidden-size 128\n")
+    (stages / "stage.args").write_text("@model.args\n--hidden-size 192  # after the include: wins\n")
+    monkeypatch.chdir(tmp_path)  # not the stage file's folder: the include is still found
+    args = parse_args(DATA + ["@stages/stage.args"])
+    assert (args.llm.num_layers, args.llm.hidden_size) == (4, 192)
+    stage_files = sorted((Path(__file__).resolve().parents[2] / "examples" / "stages").glob("stage*.args"))
+    assert len(stage_files) == 4 and all("\n@model.args\n" in f.read_text() for f in stage_files)
+
+
 def test_every_mistake_is_reported_at_once(tmp_path):
     flagfile = tmp_path / "bad.args"
     flagfile.write_text(

@@ -2,7 +2,6 @@
 exists: one table of cases, each run through the real parse + validate (in this one process); the CLI's handling
 is in tests/functional/test_flag_cli.py. Each case names a message fragment that must appear; the base flags alone
 must validate."""
-from pathlib import Path
 
 import pytest
 

@@ -17,21 +17,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import megatron_puffin.distributed as mpd
 from helpers.puffin import TASK_STREAMS, make_tiny_dataset, task_batches, tiny_puffin_config
-from megatron_puffin.training.flops import (
-    TOWERS,
-    forward_flops,
-    measure_matmul_tflops,
-    micro_batch_flops,
-    trainable_towers,
-)
+from megatron_puffin.training.objectives import puffin_loss
+from megatron_puffin.training.flops import forward_flops, measure_matmul_tflops, micro_batch_flops, trainable_towers
+from megatron_puffin.training.towers import TOWER_NAMES as TOWERS
+from megatron_puffin.training.towers import TOWERS as TOWER_SPECS
 
-MODULES = {  # tower -> FlopCounterMode module names
-    "llm": ["PuffinModel.llm"],
-    "vision": ["PuffinModel.vision.encoder"],
-    "projector": ["PuffinModel.vision.projector"],
-    "queries": ["PuffinModel.conditioner"],
-    "dit": ["PuffinModel.dit"],
-}
+# tower -> FlopCounterMode module names (the registry's module paths; the VAE is not a submodule)
+MODULES = {spec.name: [f"PuffinModel.{spec.module}"] for spec in TOWER_SPECS if spec.module}
 LINEAR_OPS, ATTENTION_OPS = ("aten.mm", "aten.addmm"), ("aten.bmm", "aten.baddbmm")
 EXACT = dict(rel=1e-12, abs=0)
 
@@ -52,7 +44,7 @@ def counted(model, batch):
     """{tower: {"linear", "attention", "total"}} from FlopCounterMode over one forward."""
     counter = FlopCounterMode(display=False)
     with sdpa_kernel(SDPBackend.MATH), counter:
-        model(batch)
+        puffin_loss(model, batch)
     counts = {name: {str(op): value for op, value in ops.items()} for name, ops in counter.get_flop_counts().items()}
 
     def total(names, ops=None):

@@ -17,9 +17,10 @@ from megatron_puffin.models.puffin_config import PuffinModelConfig
 from megatron_puffin.models.vision.config import VisionConfig
 from megatron_puffin.training import layout
 
+from megatron_puffin.training.towers import TOWERS
+
 # Module name prefix of the composed model -> tower of the dry run (the VAE is not a submodule).
-TOWER_OF_PREFIX = {"llm.": "LLM", "vision.encoder.": "vision encoder", "vision.projector.": "vision projector",
-                   "conditioner.": "query path", "dit.": "MMDiT"}
+TOWER_OF_PREFIX = {spec.module + ".": spec.label for spec in TOWERS if spec.module}
 VARIANTS = {
     "reference-shapes": {},
     "untied-no-qkv-bias-padded-vocab-vit-extras": dict(
@@ -64,10 +65,12 @@ def _module_counts(model):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_analytic_tower_counts_equal_the_real_modules(paths, variant, placement):
     from megatron_puffin.models.puffin import build_puffin
+    from megatron_puffin.training.towers import freeze_towers
 
     pre_process, post_process = PLACEMENTS[placement]
     config = _variant_config(paths, VARIANTS[variant])
     model = build_puffin(config, pre_process, post_process)
+    freeze_towers(model, config.model)
     real = _module_counts(model)
     towers = layout.build_towers(config.llm, config.vision, config.connector, config.dit, config.model)
     assert [t.name for t in towers] == ["LLM", "vision encoder", "vision projector", "query path", "MMDiT", "VAE"]
@@ -180,11 +183,10 @@ def test_memory_estimate_follows_placement_freezing_and_the_distributed_optimize
 
 
 def test_vae_size_is_unknown_without_a_readable_config(tmp_path):
-    assert layout.vae_tower(PuffinModelConfig()).unknown
-    missing = layout.vae_tower(PuffinModelConfig(vae_path=str(tmp_path / "vae")))
-    assert missing.parameters is None and "not readable" in missing.unknown
+    assert layout.vae_parts(PuffinModelConfig()) == ((), "no --vae-path or --vae-config")
+    parts, unknown = layout.vae_parts(PuffinModelConfig(vae_path=str(tmp_path / "vae")))
+    assert parts == () and "not readable" in unknown
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text(json.dumps(TINY_VAE))
-    assert layout.vae_tower(PuffinModelConfig(vae_path=str(tmp_path / "vae"))).parameters == (
-        layout.vae_parameter_count(TINY_VAE)
-    )
+    parts, unknown = layout.vae_parts(PuffinModelConfig(vae_path=str(tmp_path / "vae")))
+    assert unknown is None and sum(p.params.total for p in parts) == layout.vae_parameter_count(TINY_VAE)

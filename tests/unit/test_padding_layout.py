@@ -17,6 +17,7 @@ import torch
 
 import megatron_puffin.distributed as mpd
 from helpers.puffin import TASK_STREAMS, make_tiny_dataset, mixed_size_batch, task_batches, tiny_puffin_config
+from megatron_puffin.training.objectives import puffin_loss
 
 GOLDEN = Path(__file__).parent / "golden" / "left_padding_reference.json"
 REL_TOL = 1e-6
@@ -53,7 +54,7 @@ def _model(paths):
 
 def _record(model, batch):
     model.zero_grad(set_to_none=True)
-    loss = model(batch)["loss"]
+    loss = puffin_loss(model, batch).loss
     loss.backward()
     grads = {}
     for index, (name, param) in enumerate(model.named_parameters()):

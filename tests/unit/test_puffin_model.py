@@ -4,6 +4,8 @@ import torch
 
 import megatron_puffin.distributed as mpd
 from helpers.puffin import TASK_STREAMS, make_tiny_dataset, task_batches, tiny_puffin_config
+from megatron_puffin.models.batch import PuffinBatch
+from megatron_puffin.training.objectives import puffin_loss
 
 
 @pytest.fixture(scope="module")
@@ -16,9 +18,13 @@ def tiny(tmp_path_factory):
 
 def _model(paths, **flags):
     from megatron_puffin.models.puffin import build_puffin
+    from megatron_puffin.training.towers import freeze_towers
 
     torch.manual_seed(0)
-    return build_puffin(tiny_puffin_config(paths, **flags)).train()
+    config = tiny_puffin_config(paths, **flags)
+    model = build_puffin(config)
+    freeze_towers(model, config.model)
+    return model.train()
 
 
 def _grad_norm(model, prefix):
@@ -30,15 +36,31 @@ def _grad_norm(model, prefix):
 def test_every_task_gives_a_finite_loss_with_counts(tiny, task):
     paths, batches = tiny
     model = _model(paths)
-    out = model(batches[task][0])
-    assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
-    assert torch.equal(out[f"loss_{task}"], out["loss"].detach())
+    out = puffin_loss(model, batches[task][0])
+    assert torch.isfinite(out.loss) and out.loss.requires_grad and out.task == task
     if task in ("text2image", "cam2image", "image2image"):
-        assert int(out["num_samples"]) == 2
-        torch.testing.assert_close(out["loss_sum"] / out["num_samples"], out["loss"].detach())
+        assert int(out.count) == 2  # samples
     else:
-        assert int(out["num_tokens"]) > 0
-        torch.testing.assert_close(out["loss_sum"] / out["num_tokens"], out["loss"].detach())
+        assert int(out.count) > 0  # supervised tokens
+    torch.testing.assert_close(out.loss_sum / out.count, out.loss.detach())
+
+
+def test_the_model_returns_logits_or_velocities_and_needs_the_objectives_diffusion_inputs(tiny):
+    """The model computes no loss: understanding gives vocab logits, generation velocities shaped like the noisy
+    latents the objective prepared; a generation batch without them is refused with a clear message."""
+    from megatron_puffin.training.objectives import PuffinObjective
+
+    paths, batches = tiny
+    model = _model(paths).eval()
+    objective = PuffinObjective.for_model(model)
+    with torch.no_grad():
+        understanding = model(PuffinBatch.from_collated(batches["image2text"][0]))
+        assert understanding.velocity is None and understanding.logits.dim() == 3
+        prepared, target = objective.prepare(PuffinBatch.from_collated(batches["cam2image"][0]))
+        generation = model(prepared)
+        assert generation.logits is None and generation.velocity.shape == target.shape
+        with pytest.raises(ValueError, match="no diffusion inputs"):
+            model(PuffinBatch.from_collated(batches["cam2image"][0]))
 
 
 def test_diffusion_loss_reaches_queries_connectors_and_llm_but_not_frozen_vision(tiny):
@@ -50,7 +72,7 @@ def test_diffusion_loss_reaches_queries_connectors_and_llm_but_not_frozen_vision
         for name, param in model.named_parameters():
             if ".projector_" in name or name.startswith("conditioner.projector"):
                 param.normal_(0, 0.02)
-    model(batches["image2image"][0])["loss"].backward()
+    puffin_loss(model, batches["image2image"][0]).loss.backward()
     for prefix in ("conditioner.meta_queries", "conditioner.connector_1", "conditioner.llm2connector_2", "llm.decoder",
                    "vision.projector", "dit."):
         assert _grad_norm(model, prefix) > 0, prefix
@@ -66,7 +88,7 @@ def test_vision_gradient_is_scaled_when_unfrozen(tiny):
         model.puffin_config.vision.vision_grad_scale = scale
         model.vision.config.vision_grad_scale = scale
         model.eval()  # no CPE augmentation, so both runs compute the same forward
-        model(batches["image2text"][0])["loss"].backward()
+        puffin_loss(model, batches["image2text"][0]).loss.backward()
         norms[scale] = _grad_norm(model, "vision.encoder")
     assert norms[1.0] > 0
     assert norms[0.1] == pytest.approx(0.1 * norms[1.0], rel=1e-4)
@@ -94,9 +116,9 @@ def test_llm_activation_recompute_gives_the_same_loss_and_gradients(tiny):
         torch.manual_seed(0)
         model = build_puffin(config).train()
         assert model.llm.decoder.config.recompute_granularity == ("full" if recompute else None)
-        out = model(batches["cam2image"][0])
-        out["loss"].backward()
-        results.append((out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+        out = puffin_loss(model, batches["cam2image"][0])
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                                if p.grad is not None and n.startswith("llm.")}))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys() and grads_a
@@ -121,7 +143,7 @@ def test_images_of_different_sizes_in_one_understanding_batch(tiny):
     keep[slots[:3]] = False  # three fewer placeholders, left-padded back to the batch length
     ids[0] = torch.cat([torch.zeros(3, dtype=row.dtype), row[keep]])
     batch.update(input_ids=ids, vision_images=[small, images[1]])
-    embeds = model.embed_inputs(batch).transpose(0, 1)  # [b, s, h]
+    embeds = model.embed_inputs(PuffinBatch.from_collated(batch)).transpose(0, 1)  # [b, s, h]
     expected = model.vision(small[None], apply_grad_scale=True, generator=None).reshape(-1, embeds.shape[-1])
     got = embeds[0][ids[0] == templates.INPUT_IMAGE_TOKEN_INDEX]
     assert got.shape == expected.shape == (6, embeds.shape[-1])

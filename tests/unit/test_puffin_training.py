@@ -20,9 +20,13 @@ def _trainer(paths, lr, **flags):
 
     from megatron_puffin.models.puffin import build_puffin
     from megatron_puffin.training.optimizer import build_optimizer
+    from megatron_puffin.training.towers import freeze_towers
 
     torch.manual_seed(0)
-    model = build_puffin(tiny_puffin_config(paths, **flags)).train()
+    config = tiny_puffin_config(paths, **flags)
+    model = build_puffin(config)
+    freeze_towers(model, config.model)
+    model.train()
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     model.config.finalize_model_grads_func = finalize_model_grads
     optimizer = build_optimizer([ddp], TrainingConfig(lr=lr, weight_decay=0.0), PrecisionConfig())

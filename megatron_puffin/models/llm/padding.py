@@ -12,13 +12,28 @@ so every real token sees exactly the keys and RoPE positions it saw before.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, TypeVar
 
 import torch
 
 #: Batch fields laid out ``[b, s]`` along the LLM sequence, moved together.
 SEQUENCE_FIELDS = ("input_ids", "labels", "position_ids", "attention_mask")
+
+Batch = TypeVar("Batch")
+"""A collated batch dict or a :class:`~megatron_puffin.models.batch.PuffinBatch`."""
+
+
+def _sequence_fields(batch) -> Dict[str, torch.Tensor]:
+    """The batch's present :data:`SEQUENCE_FIELDS`, by name."""
+    get = batch.get if isinstance(batch, dict) else lambda key: getattr(batch, key, None)
+    return {key: get(key) for key in SEQUENCE_FIELDS if get(key) is not None}
+
+
+def _with_fields(batch: Batch, changes: Dict[str, Any]) -> Batch:
+    """A shallow copy of ``batch`` (a dict or a dataclass) with ``changes``."""
+    return dict(batch, **changes) if isinstance(batch, dict) else dataclasses.replace(batch, **changes)
 
 
 def is_right_padded(padding_mask: torch.Tensor) -> bool:
@@ -71,13 +86,9 @@ class RightPadding:
         index = index.view(*index.shape, *([1] * (tensor.dim() - 2))).expand_as(tensor)
         return tensor.gather(1, index)
 
-    def apply_to_batch(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+    def apply_to_batch(self, batch: Batch) -> Batch:
         """A shallow copy of a collated batch with its :data:`SEQUENCE_FIELDS` right-padded."""
-        moved = dict(batch)
-        for key in SEQUENCE_FIELDS:
-            if key in batch:
-                moved[key] = self.apply(batch[key])
-        return moved
+        return _with_fields(batch, {key: self.apply(value) for key, value in _sequence_fields(batch).items()})
 
     def last_positions(self, count: int, device: Optional[torch.device] = None) -> torch.Tensor:
         """Positions of each sample's last ``count`` real tokens (e.g. the meta queries): ``[count, b]`` long."""
@@ -85,27 +96,25 @@ class RightPadding:
         return lengths[None, :] - count + torch.arange(count, device=device)[:, None]
 
 
-def pad_sequences_to_multiple(batch: Dict[str, Any], multiple: int) -> Dict[str, Any]:
+def pad_sequences_to_multiple(batch: Batch, multiple: int) -> Batch:
     """A right-padded batch with more pads at the end so the sequence length is a multiple of ``multiple`` (FP8
     GEMMs; see :mod:`megatron_puffin.models.fp8`). Pads are invisible to real tokens (causality), so nothing a real
     token computes changes: ``input_ids`` 0, ``labels`` -100, ``attention_mask`` False, ``position_ids``
     continuing the row's count."""
-    seq_length = batch["input_ids"].shape[1]
+    fields = _sequence_fields(batch)
+    seq_length = fields["input_ids"].shape[1]
     extra = -seq_length % multiple if multiple > 1 else 0
     if not extra:
         return batch
-    padded = dict(batch)
+    padded = {}
     fills = {"input_ids": 0, "labels": -100, "attention_mask": False}
-    for key in SEQUENCE_FIELDS:
-        if key not in batch:
-            continue
-        tensor = batch[key]
+    for key, tensor in fields.items():
         if key == "position_ids":
             tail = tensor[:, -1:] + torch.arange(1, extra + 1, device=tensor.device)[None, :]
         else:
             tail = torch.full((tensor.shape[0], extra), fills[key], dtype=tensor.dtype, device=tensor.device)
         padded[key] = torch.cat([tensor, tail], dim=1)
-    return padded
+    return _with_fields(batch, padded)
 
 
 def gather_positions(hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
