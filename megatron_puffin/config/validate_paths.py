@@ -155,7 +155,7 @@ def shape_differences(args, stored: Dict[str, Dict[str, Any]], pairs: List[Tuple
 def checkpoint_shape_problems(args, flag: str, directory: str, meta: Dict[str, Any],
                               need_all_towers: bool) -> List[str]:
     """One message listing every shape difference between ``meta`` (a checkpoint's sidecar) and the flags."""
-    from megatron_puffin.training.loop import TOWERS
+    from megatron_puffin.training.towers import CHECKPOINT_TOWERS as TOWERS
 
     kind_configs = {"llm": ("llm", "llm_config"), "vision": ("vision", "vision_config"), "dit": ("dit", "dit_config")}
     if meta.get("kind") in kind_configs and isinstance(meta.get(kind_configs[meta["kind"]][1]), dict):
