@@ -248,10 +248,20 @@ class PuffinModel(MegatronModule):
         return embeds.transpose(0, 1).contiguous()
 
     # -- last stage: losses ---------------------------------------------------------------------------------
-    def understanding_loss(self, logits: torch.Tensor, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        """Token-mean cross-entropy of the supervised answer tokens (docs/puffin.md §2.1 step 6)."""
+    def understanding_loss(self, hidden: torch.Tensor, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """Token-mean cross-entropy of the supervised answer tokens (docs/puffin.md §2.1 step 6).
+
+        ``hidden`` is the LLM's final-normed ``[s, b, h]``. The output layer and the cross-entropy run on the
+        supervised positions only (the answer tokens, a small part of a sequence of image tokens and prompt), as
+        the reference's head does; with sequence parallelism the rows are split over TP ranks, so all positions.
+        """
         target = shift_labels(batch["labels"].to(self.device))
-        losses = vocab_parallel_token_losses(logits, target)
+        if self.llm.config.sequence_parallel:
+            losses = vocab_parallel_token_losses(self.llm.compute_logits(hidden), target)
+        else:
+            supervised = target >= 0  # [b, s]
+            rows = hidden.transpose(0, 1)[supervised]  # [n, h], sample-major
+            losses = vocab_parallel_token_losses(self.llm.compute_logits(rows[:, None]), target[supervised][None])
         num_tokens = (target >= 0).sum()
         loss_sum = losses.sum()
         return {"loss": loss_sum / num_tokens.clamp(min=1), "loss_sum": loss_sum.detach(), "num_tokens": num_tokens}
@@ -360,7 +370,7 @@ class PuffinModel(MegatronModule):
             decoder_input=decoder_input,
             position_ids=batch["position_ids"].to(self.device),
             padding_mask=None,  # right-padded: causality alone keeps real tokens from the pads
-            output="hidden" if generation else "logits",
+            output="hidden",  # understanding: the output layer runs on the supervised rows only
         )
         if not self.post_process:
             return output

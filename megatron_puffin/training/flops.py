@@ -94,13 +94,14 @@ def encoder_layer_flops(hidden: int, ffn: int, tokens: int, pairs: float) -> Tow
     return TowerFlops(linear=linear, attention=2 * matmul_flops(pairs, hidden, 1))
 
 
-def llm_flops(config, num_tokens: Sequence[int], logits: bool, seq_length: int, as_executed: bool) -> TowerFlops:
-    """The LLM decoder (and its output layer when ``logits``).
+def llm_flops(config, num_tokens: Sequence[int], logit_rows: int, seq_length: int, as_executed: bool) -> TowerFlops:
+    """The LLM decoder and its output layer.
 
     Args:
         config: :class:`~megatron_puffin.models.llm.LLMConfig`.
         num_tokens: real tokens of each sample.
-        logits: understanding tasks apply the output layer to every position.
+        logit_rows: positions the output layer runs on: understanding tasks apply it to the supervised positions
+            only (:meth:`~megatron_puffin.models.puffin.PuffinModel.understanding_loss`), generation tasks to none.
         seq_length: padded length S of the batch (used when ``as_executed``).
         as_executed: count padded positions and dense ``S x S`` scores instead of real tokens and the causal
             triangle.
@@ -118,8 +119,7 @@ def llm_flops(config, num_tokens: Sequence[int], logits: bool, seq_length: int, 
         linear=config.num_layers * per_token * tokens,
         attention=config.num_layers * 2 * matmul_flops(pairs, heads * d, 1),
     )
-    if logits:
-        flops.linear += matmul_flops(tokens, vocab, h)
+    flops.linear += matmul_flops(logit_rows, vocab, h)
     return flops
 
 
@@ -303,6 +303,15 @@ def _generation_flops(config, batch: Mapping[str, Any], as_executed: bool) -> Di
     }
 
 
+def supervised_positions(batch: Mapping[str, Any]) -> int:
+    """Positions with a next-token target in an understanding micro-batch (0 for generation tasks)."""
+    if batch["task"] in GENERATION_TASKS:
+        return 0
+    from megatron_puffin.models.llm import shift_labels
+
+    return int((shift_labels(batch["labels"]) >= 0).sum())
+
+
 def forward_flops(config, batch: Mapping[str, Any], as_executed: bool = False) -> Dict[str, TowerFlops]:
     """Forward FLOPs of every tower (all six keys; zero for towers the task does not run).
 
@@ -315,7 +324,7 @@ def forward_flops(config, batch: Mapping[str, Any], as_executed: bool = False) -
     mask = batch["attention_mask"]
     task = batch["task"]
     flops = {tower: TowerFlops() for tower in TOWERS}
-    flops["llm"] = llm_flops(config.llm, mask.sum(dim=1).tolist(), logits=task not in GENERATION_TASKS,
+    flops["llm"] = llm_flops(config.llm, mask.sum(dim=1).tolist(), logit_rows=supervised_positions(batch),
                              seq_length=mask.shape[1], as_executed=as_executed)
     if "vision_images" in batch:
         sizes = image_sizes(batch["vision_images"])

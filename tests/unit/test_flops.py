@@ -20,13 +20,16 @@ from helpers.puffin import TASK_STREAMS, make_tiny_dataset, task_batches, tiny_p
 from megatron_puffin.training.flops import (
     TOWERS,
     forward_flops,
+    matmul_flops,
     measure_matmul_tflops,
     micro_batch_flops,
+    supervised_positions,
     trainable_towers,
 )
 
 MODULES = {  # tower -> FlopCounterMode module names
-    "llm": ["PuffinModel.llm"],
+    # The output layer runs from the model's loss (on the supervised rows), outside the LLM's forward.
+    "llm": ["PuffinModel.llm", "PuffinModel.llm.output_layer"],
     "vision": ["PuffinModel.vision.encoder"],
     "projector": ["PuffinModel.vision.projector"],
     "queries": ["PuffinModel.conditioner"],
@@ -100,7 +103,12 @@ def test_model_flops_leave_out_padding_and_the_causal_upper_triangle(tiny, task)
     ours = forward_flops(config, batch)
     mask = batch["attention_mask"]
     real, padded = int(mask.sum()), mask.numel()
-    assert ours["llm"].linear == pytest.approx(measured["llm"]["linear"] * real / padded, **EXACT)
+    # The output layer runs on the supervised positions only, at the real (model) or padded (executed) vocabulary.
+    llm, rows = config.llm, supervised_positions(batch)
+    head = {vocab: matmul_flops(rows, vocab, llm.hidden_size) for vocab in (llm.vocab_size, llm.padded_vocab_size(1))}
+    assert rows > 0 or task in ("text2image", "cam2image", "image2image")
+    assert ours["llm"].linear - head[llm.vocab_size] == pytest.approx(
+        (measured["llm"]["linear"] - head[llm.padded_vocab_size(1)]) * real / padded, **EXACT)
     pairs = sum(n * (n + 1) / 2 for n in mask.sum(dim=1).tolist())
     dense = mask.shape[0] * mask.shape[1] ** 2
     assert ours["llm"].attention == pytest.approx(measured["llm"]["attention"] * pairs / dense, **EXACT)
