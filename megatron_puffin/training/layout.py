@@ -22,6 +22,7 @@ from megatron_puffin.models.fp8 import tower_precisions
 from megatron_puffin.models.llm.config import LLMConfig
 from megatron_puffin.models.puffin_config import PuffinModelConfig
 from megatron_puffin.models.vision.config import VisionConfig
+from megatron_puffin.training.activations import activation_lines
 
 # Bytes per parameter: fp32 main gradient (grad_reduce_in_fp32), fp32 master weight, Adam moments (2 x fp32).
 BYTES_GRAD_FP32, BYTES_MASTER_FP32, BYTES_ADAM_FP32 = 4, 4, 8
@@ -461,5 +462,6 @@ def describe(args) -> str:
         *_data_lines(args),
         *_schedule_lines(args),
         *_memory_lines(args, tower_list),
+        *activation_lines(args, weight_bytes(args)),
     ]
     return "\n".join(lines)
