@@ -8,8 +8,9 @@ What is counted (forward pass):
 * convolutions: the DiT's patchifier and every convolution of the VAE *encoder* (plus its ``quant_conv``); the
   VAE decoder never runs in training.
 
-Token convention (default, "model FLOPs"): only work on real tokens counts. The LLM's linear layers (and the
-output layer of understanding tasks) run over the real, unpadded tokens of each sample (``attention_mask``);
+Token convention (default, "model FLOPs"): only work on real tokens counts. The LLM's linear layers run over
+the real, unpadded tokens of each sample (``attention_mask``), the output layer of understanding tasks over the
+supervised positions (the only ones it runs on, :func:`supervised_positions`);
 its attention counts the causal triangle of real tokens, ``n (n + 1) / 2`` pairs for a sample of ``n`` real
 tokens. The DiT counts each sample's own image-stream length (its target plus condition latents) and the query
 tokens, with bidirectional attention over ``(l_i + T)^2`` pairs. The vision tower, connectors and VAE never pad
