@@ -46,7 +46,8 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List
 
 warnings.filterwarnings("ignore")
 
@@ -54,7 +55,7 @@ import torch  # noqa: E402
 # puffin_bench_common (next to this script) comes first: importing it puts tests/ on sys.path for helpers.
 from puffin_bench_common import (  # noqa: E402
     LEVERS,
-    activation_bytes,
+    activation_bytes_by_task,
     add_common_run_args,
     add_data_and_model_args,
     make_dataset,
@@ -242,84 +243,118 @@ def _block_stats(steps: List[Dict[str, Any]], cycles: List[List[Dict[str, Any]]]
     return stats
 
 
-def main() -> None:
-    args = _parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
-    run_start = time.perf_counter()
+@dataclass
+class Variants:
+    """Ours (a ``Trainer``) and the reference (its assembly and ``ReferenceTrainer``) with the same weights, and
+    the one loader both draw their micro-batches from."""
 
-    import megatron_puffin.distributed as mpd
+    trainer: Any
+    reference: torch.nn.Module
+    reference_trainer: ReferenceTrainer
+    timer: _OurTimer
+    iterator: Iterator[Dict[str, Any]]
+
+    def draw(self, steps: int) -> List[List[Dict[str, Any]]]:
+        """``steps`` cycles of task micro-batches (one optimizer step each)."""
+        return [[next(self.iterator) for _ in range(self.trainer.micro_batches)] for _ in range(steps)]
+
+    def our_step(self, cycle) -> Dict[str, Any]:
+        return _our_step(self.trainer, self.timer, cycle)
+
+    def reference_step(self, cycle) -> Dict[str, Any]:
+        return self.reference_trainer.step([_without_moments(batch) for batch in cycle])
+
+
+def build_variants(args: argparse.Namespace, root: Path) -> Variants:
+    """The dataset under ``root`` (latents cached when the lever is on), our ``Trainer`` from ``_flags`` and the
+    reference assembly holding the same weights, both in training mode."""
     from megatron_puffin.config import parse_args
     from megatron_puffin.testing.reference_puffin import build_puffin_pair
-    from megatron_puffin.training.flops import measure_matmul_tflops, micro_batch_flops
     from megatron_puffin.training.loop import Trainer
 
-    with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
-        paths = make_dataset(Path(tmp), args)
-        if "cached-latents" in args.levers:
-            _cache_latents(args, paths)
-        trainer = Trainer(parse_args(_flags(args, paths)))
-        # The reference assembly with the same weights: build_puffin_pair converts the reference's towers into a
-        # second model of ours, whose weights ours then loads (vision tower copied, VAE shared by value).
-        twin, reference = build_puffin_pair(trainer.config, seed=args.seed, attn_implementation=args.hf_attn)
-        trainer.model.load_state_dict(twin.state_dict(), strict=True)
-        if trainer.model.vae is not None:
-            reference._vae = [copy.deepcopy(trainer.model.vae.vae)]
-        del twin
-        reference_trainer = ReferenceTrainer(reference, trainer.args.training)
-        timer = _OurTimer(trainer)
-        trainer.ddp.train()
-        reference.train()
-        peaks = [measure_matmul_tflops(dtype=torch.float32, seconds=1.0)]
+    paths = make_dataset(root, args)
+    if "cached-latents" in args.levers:
+        _cache_latents(args, paths)
+    trainer = Trainer(parse_args(_flags(args, paths)))
+    # The reference assembly with the same weights: build_puffin_pair converts the reference's towers into a
+    # second model of ours, whose weights ours then loads (vision tower copied, VAE shared by value).
+    twin, reference = build_puffin_pair(trainer.config, seed=args.seed, attn_implementation=args.hf_attn)
+    trainer.model.load_state_dict(twin.state_dict(), strict=True)
+    if trainer.model.vae is not None:
+        reference._vae = [copy.deepcopy(trainer.model.vae.vae)]
+    del twin
+    variants = Variants(trainer, reference, ReferenceTrainer(reference, trainer.args.training), _OurTimer(trainer),
+                        iter(trainer.loader))
+    trainer.ddp.train()
+    reference.train()
+    return variants
 
-        iterator = iter(trainer.loader)
 
-        def draw(steps: int) -> List[List[Dict[str, Any]]]:
-            return [[next(iterator) for _ in range(trainer.micro_batches)] for _ in range(steps)]
+def _warm_up(variants: Variants, args) -> Dict[str, Any]:
+    """The untimed steps; the first one checks the losses equal and measures both activation peaks."""
+    measured: Dict[str, Any] = {}
+    for index, cycle in enumerate(variants.draw(args.warmup_steps)):
+        ours, ref = variants.our_step(cycle), variants.reference_step(cycle)
+        if index == 0:
+            _check_losses(ours["losses"], ref["losses"], args.loss_tolerance)
+            measured["first_cycle"] = cycle
+            by_task = {"ours": activation_bytes_by_task(variants.trainer.model, cycle),
+                       "reference": activation_bytes_by_task(variants.reference, [_without_moments(b) for b in cycle])}
+            measured["activations_by_task"] = by_task["ours"]
+            measured["activations"] = {name: max(values.values()) for name, values in by_task.items()}
+            variants.timer.marks.clear()  # the measuring forwards are no training micro-batches
+    return measured
 
-        config, trainable = trainer.config, trainer.trainable
-        for index, cycle in enumerate(draw(args.warmup_steps)):
-            ours = _our_step(trainer, timer, cycle)
-            ref = reference_trainer.step([_without_moments(batch) for batch in cycle])
-            if index == 0:
-                _check_losses(ours["losses"], ref["losses"], args.loss_tolerance)
-                first_cycle = cycle
-                activations = {"ours": activation_bytes(trainer.model, cycle),
-                               "reference": activation_bytes(reference, [_without_moments(b) for b in cycle])}
-                timer.marks.clear()  # the measuring forwards are no training micro-batches
-        blocks: Dict[str, List[Dict[str, float]]] = {"ours": [], "reference": []}
-        samples_trained = 0
-        for block in range(args.blocks):
-            cycles = draw(args.steps_per_block)
-            ref_cycles = [[_without_moments(batch) for batch in cycle] for cycle in cycles]
-            flops = {"ours": sum(micro_batch_flops(config, batch, trainable)["total"]
-                                 for cycle in cycles for batch in cycle),
-                     "reference": sum(micro_batch_flops(config, batch, trainable)["total"]
-                                      for cycle in ref_cycles for batch in cycle)}
-            samples_trained += sum(int(batch["input_ids"].shape[0]) for cycle in cycles for batch in cycle)
-            order = ["ours", "reference"] if block % 2 == 0 else ["reference", "ours"]
-            for name in order:
-                if name == "ours":
-                    steps = [_our_step(trainer, timer, cycle) for cycle in cycles]
-                else:
-                    steps = [reference_trainer.step(cycle) for cycle in ref_cycles]
-                blocks[name].append(_block_stats(steps, cycles, flops[name]))
-        peaks.append(measure_matmul_tflops(dtype=torch.float32, seconds=1.0))
-        tasks = list(trainer.tasks)
-        seq = {task: None for task in tasks}
-        for cycle in cycles:
-            for batch in cycle:
-                seq[batch["task"]] = int(batch["input_ids"].shape[1])
-        # Model FLOP shares, the VAE included (batches with cached moments would count it as not run).
-        shares = (real_proportions.share_table(config, [_without_moments(b) for b in first_cycle], trainable)
-                  if args.real_proportions else [])
-        state_bytes = {"ours": _state_bytes(trainer.model, trainer.optimizer),
-                       "reference": _state_bytes(reference, reference_trainer.optimizer)}
-        mpd.destroy()
 
+def _timed_blocks(variants: Variants, args) -> Dict[str, Any]:
+    """``--blocks`` blocks of ``--steps-per-block`` steps per variant, taking turns; per-block stats."""
+    from megatron_puffin.training.flops import micro_batch_flops
+
+    config, trainable = variants.trainer.config, variants.trainer.trainable
+    blocks: Dict[str, List[Dict[str, float]]] = {"ours": [], "reference": []}
+    samples_trained, cycles = 0, []
+    for block in range(args.blocks):
+        cycles = variants.draw(args.steps_per_block)
+        flops = {"ours": sum(micro_batch_flops(config, batch, trainable)["total"]
+                             for cycle in cycles for batch in cycle),
+                 "reference": sum(micro_batch_flops(config, _without_moments(batch), trainable)["total"]
+                                  for cycle in cycles for batch in cycle)}
+        samples_trained += sum(int(batch["input_ids"].shape[0]) for cycle in cycles for batch in cycle)
+        for name in (["ours", "reference"] if block % 2 == 0 else ["reference", "ours"]):
+            step = variants.our_step if name == "ours" else variants.reference_step
+            blocks[name].append(_block_stats([step(cycle) for cycle in cycles], cycles, flops[name]))
+    seq = {batch["task"]: int(batch["input_ids"].shape[1]) for cycle in cycles for batch in cycle}
     medians = {name: {key: statistics.median(b[key] for b in values) for key in values[0]}
                for name, values in blocks.items()}
-    peak = max(peaks)
+    return {"medians": medians, "samples_trained": samples_trained, "seq": seq}
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    """Build both variants, warm up, time the blocks; everything the report prints."""
+    import megatron_puffin.distributed as mpd
+    from megatron_puffin.training.flops import measure_matmul_tflops
+
+    with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
+        variants = build_variants(args, Path(tmp))
+        trainer = variants.trainer
+        result: Dict[str, Any] = {"peaks": [measure_matmul_tflops(dtype=torch.float32, seconds=1.0)]}
+        result.update(_warm_up(variants, args))
+        result.update(_timed_blocks(variants, args))
+        result["peaks"].append(measure_matmul_tflops(dtype=torch.float32, seconds=1.0))
+        result["config"], result["tasks"] = trainer.config, list(trainer.tasks)
+        result["activation_estimates"] = _activation_estimates(trainer, result["first_cycle"])
+        # Model FLOP shares, the VAE included (batches with cached moments would count it as not run).
+        result["shares"] = (real_proportions.share_table(
+            trainer.config, [_without_moments(b) for b in result["first_cycle"]], trainer.trainable)
+            if args.real_proportions else [])
+        result["state_bytes"] = {"ours": _state_bytes(trainer.model, trainer.optimizer),
+                                 "reference": _state_bytes(variants.reference, variants.reference_trainer.optimizer)}
+        mpd.destroy()
+    return result
+
+
+def _print_header(args, result: Dict[str, Any]) -> None:
+    config = result["config"]
     print(f"Training throughput, cpu fp32, threads={torch.get_num_threads()}, TP=1 single process; six task streams "
           f"(one micro-batch of {args.micro_batch_size} each per optimizer step), everything but the VAE trains; "
           f"LLM {config.llm.num_layers} x {config.llm.hidden_size}, vision {config.vision.num_layers} x "
@@ -329,29 +364,76 @@ def main() -> None:
     if args.real_proportions:
         print(real_proportions.describe())
     print(f"median over {args.blocks} blocks of {args.steps_per_block} step(s) after {args.warmup_steps} warm-up "
-          f"step(s); {samples_trained} timed samples per variant; first-step losses equal within "
+          f"step(s); {result['samples_trained']} timed samples per variant; first-step losses equal within "
           f"{args.loss_tolerance:g} relative")
+
+
+def _print_throughput(result: Dict[str, Any]) -> float:
+    """The per-task table and the MFU lines; returns the matmul peak used."""
+    medians, seq = result["medians"], result["seq"]
     print(f"{'task':22s} {'seq':>5s} {'ours samples/s':>15s} {'reference samples/s':>20s} {'ratio':>7s}")
-    for task in tasks + ["all"]:
+    for task in result["tasks"] + ["all"]:
         label = "all (optimizer steps)" if task == "all" else task
         ours, ref = medians["ours"][task], medians["reference"][task]
         print(f"{label:22s} {str(seq.get(task, '')):>5s} {ours:15.2f} {ref:20.2f} {ours / ref:7.3f}")
     print("per task: samples / forward+backward time of its micro-batches; all: samples / optimizer-step time; "
           "ratio = ours / reference (> 1: ours faster)")
+    peaks = result["peaks"]
+    peak = max(peaks)
     print(f"matmul peak (fp32 1024^3 torch.mm, {torch.get_num_threads()} thread(s)): "
           + " / ".join(f"{p * 1e3:.1f}" for p in peaks) + " GFLOP/s (before / after; max used)")
     for name in ("ours", "reference"):
         tflops = medians[name]["tflops"]
         print(f"{name:9s} model {tflops * 1e3:7.2f} GFLOP/s  MFU {100 * tflops / peak:5.1f} %")
-    for line in shares:
-        print(line)
-    print("memory (MiB): activations = largest sum of distinct storages saved for backward over one forward of "
-          "each task micro-batch; state = parameters + gradients + optimizer state")
+    return peak
+
+
+def _print_memory(result: Dict[str, Any]) -> float:
+    """Activations + state of both variants; returns ours / reference."""
+    activations, state_bytes = result["activations"], result["state_bytes"]
+    print("memory (MiB): activations = largest sum of distinct storages (parameters excluded) saved for backward "
+          "over one forward of each task micro-batch; state = parameters + gradients + optimizer state")
     for name in ("ours", "reference"):
         print(f"  {name:9s} activations {activations[name] / 2**20:8.1f}  state {state_bytes[name] / 2**20:8.1f}  "
               f"sum {(activations[name] + state_bytes[name]) / 2**20:8.1f}")
-    mem_ratio = (activations["ours"] + state_bytes["ours"]) / (activations["reference"] + state_bytes["reference"])
-    _print_targets(args, medians, tasks, peak, mem_ratio)
+    return (activations["ours"] + state_bytes["ours"]) / (activations["reference"] + state_bytes["reference"])
+
+
+def _activation_estimates(trainer, cycle) -> Dict[str, float]:
+    """The ``--dry-run`` activation estimate (``training.activations``) of each micro-batch of ``cycle``."""
+    from megatron_puffin.training.activations import activation_bytes_estimate, shape_of_batch
+
+    config, itemsize = trainer.config, torch.finfo(trainer.config.params_dtype).bits // 8
+    return {batch["task"]: activation_bytes_estimate(config, shape_of_batch(config, batch), trainer.trainable,
+                                                     itemsize)["total"] for batch in cycle}
+
+
+def _print_activation_check(result: Dict[str, Any]) -> None:
+    """Ours measured per task next to the dry run's estimate for the same micro-batch, and their ratio."""
+    measured, estimate = result["activations_by_task"], result["activation_estimates"]
+    print("activations of ours per task (MiB): measured (as above) vs the --dry-run estimate (training.activations) "
+          "for the same micro-batch")
+    for task, value in measured.items():
+        print(f"  {task:22s} measured {value / 2**20:8.1f}  estimate {estimate[task] / 2**20:8.1f}  "
+              f"estimate/measured {estimate[task] / max(value, 1):5.2f}")
+    peak_task = max(measured, key=measured.get)
+    print(f"  peak ({peak_task}): estimate/measured {estimate[peak_task] / measured[peak_task]:.2f}")
+
+
+def main() -> None:
+    args = _parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    run_start = time.perf_counter()
+    result = run(args)
+    _print_header(args, result)
+    peak = _print_throughput(result)
+    for line in result["shares"]:
+        print(line)
+    mem_ratio = _print_memory(result)
+    _print_activation_check(result)
+    medians = result["medians"]
+    _print_targets(args, medians, result["tasks"], peak, mem_ratio)
     print(f"whole run {time.perf_counter() - run_start:.0f} s")
     print(f"overall ours/reference: {medians['ours']['all'] / medians['reference']['all']:.2f}")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterable, List
 
 _TESTS = str(Path(__file__).resolve().parents[1] / "tests")
 if _TESTS not in sys.path:
@@ -80,15 +80,18 @@ def parse_levers(text: str) -> List[str]:
 
 
 class ActivationMeter:
-    """Bytes of the distinct tensor storages autograd saves for backward while it is active (a forward pass):
-    the activation memory a backward pass needs, measured the same way for both models on any device."""
+    """Bytes of the distinct tensor storages autograd saves for backward while it is active (a forward pass),
+    leaving out the storages in ``exclude`` (the model's parameters, which linear layers save too): the activation
+    memory a backward pass needs, measured the same way for both models on any device."""
 
-    def __init__(self) -> None:
+    def __init__(self, exclude: Iterable[int] = ()) -> None:
         self.storages: Dict[int, int] = {}
+        self.exclude = set(exclude)
 
     def _pack(self, tensor):
         storage = tensor.untyped_storage()
-        self.storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in self.exclude:
+            self.storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     def __enter__(self) -> "ActivationMeter":
@@ -106,15 +109,22 @@ class ActivationMeter:
         return sum(self.storages.values())
 
 
-def activation_bytes(model, batches) -> int:
-    """Largest :class:`ActivationMeter` reading over a forward pass of each batch (gradients not kept)."""
-    peak = 0
+def activation_bytes_by_task(model, batches) -> Dict[str, int]:
+    """:class:`ActivationMeter` reading (parameters excluded) over a forward pass of each batch, per task (the
+    largest where a task has several batches); gradients are not kept."""
+    parameters = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    peaks: Dict[str, int] = {}
     for batch in batches:
-        with ActivationMeter() as meter:
+        with ActivationMeter(exclude=parameters) as meter:
             loss = puffin_loss(model, batch).loss
         del loss
-        peak = max(peak, meter.bytes)
-    return peak
+        peaks[batch["task"]] = max(peaks.get(batch["task"], 0), meter.bytes)
+    return peaks
+
+
+def activation_bytes(model, batches) -> int:
+    """Largest :func:`activation_bytes_by_task` reading over the batches."""
+    return max(activation_bytes_by_task(model, batches).values())
 
 
 def add_common_run_args(group: argparse._ArgumentGroup, loss_tolerance: float, loss_tolerance_help: str) -> None:

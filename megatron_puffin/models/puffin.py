@@ -64,12 +64,16 @@ class PuffinOutput:
     Attributes:
         batch: the batch as the LLM ran it (rows right-padded, maybe padded to an FP8 multiple): its ``labels``
             are aligned with ``logits``.
-        logits: understanding, ``[s, b, V/TP]`` vocab-parallel logits.
+        logits: understanding, vocab-parallel logits: ``[n, 1, V/TP]`` at the supervised positions only (with
+            ``targets``), or ``[s, b, V/TP]`` at every position (sequence parallelism; ``targets`` None).
+        targets: ``[1, n]`` next-token targets of ``logits`` at the supervised positions; None: every position,
+            targets from ``batch.labels``.
         velocity: generation, the MMDiT's velocities with the noisy latents' structure.
     """
 
     batch: PuffinBatch
     logits: Optional[torch.Tensor] = None
+    targets: Optional[torch.Tensor] = None
     velocity: Optional[Union[torch.Tensor, List[torch.Tensor]]] = None
 
 
@@ -250,6 +254,16 @@ class PuffinModel(MegatronModule):
             embeds = embeds.masked_scatter(query_slots[..., None], queries)
         return embeds.transpose(0, 1).contiguous()
 
+    # -- last stage: logits and MMDiT velocities -------------------------------------------------------------------
+    def supervised_logits(self, hidden: torch.Tensor, batch: PuffinBatch) -> "PuffinOutput":
+        """The output layer on the supervised positions only (the answer tokens, a small part of a sequence of image
+        tokens and prompt), as the reference's head does: ``[n, 1, V/TP]`` logits and their ``[1, n]`` next-token
+        targets, from the LLM's final-normed, gathered ``hidden`` ``[s, b, h]``."""
+        target = shift_labels(batch.labels.to(self.device))
+        supervised = target >= 0  # [b, s]
+        rows = hidden.transpose(0, 1)[supervised]  # [n, h], sample-major
+        return PuffinOutput(batch, logits=self.llm.compute_logits(rows[:, None]), targets=target[supervised][None])
+
     # -- last stage: MMDiT velocities ------------------------------------------------------------------------------
     def velocity(self, hidden: torch.Tensor, batch: PuffinBatch, layout: RightPadding):
         """MMDiT velocities of ``batch.diffusion`` conditioned on the meta queries, which are each prompt's last
@@ -279,17 +293,22 @@ class PuffinModel(MegatronModule):
         decoder_input = None
         if self.pre_process:  # the whole sequence with visual tokens and queries in, then this rank's shard
             decoder_input = split_sequence(self.embed_inputs(batch), self.config)[0]
+        sequence_parallel = self.llm.config.sequence_parallel
         output = self.llm(
             decoder_input=decoder_input,
             position_ids=batch.position_ids.to(self.device),
             padding_mask=None,  # right-padded: causality alone keeps real tokens from the pads
-            output="hidden" if generation else "logits",
+            # Understanding: the output layer runs on the supervised rows only, except under sequence parallelism,
+            # where the rows are split over TP ranks and the output layer gathers them (all positions).
+            output="logits" if sequence_parallel and not generation else "hidden",
         )
         if not self.post_process:
             return output
         if generation:
             return PuffinOutput(batch, velocity=self.velocity(output, batch, layout))
-        return PuffinOutput(batch, logits=output)
+        if sequence_parallel:
+            return PuffinOutput(batch, logits=output)
+        return self.supervised_logits(output, batch)
 
 
 build_vae = _build_vae  # the training VAE outside a model (tools/cache_latents.py)

@@ -8,8 +8,9 @@ What is counted (forward pass):
 * convolutions: the DiT's patchifier and every convolution of the VAE *encoder* (plus its ``quant_conv``); the
   VAE decoder never runs in training.
 
-Token convention (default, "model FLOPs"): only work on real tokens counts. The LLM's linear layers (and the
-output layer of understanding tasks) run over the real, unpadded tokens of each sample (``attention_mask``);
+Token convention (default, "model FLOPs"): only work on real tokens counts. The LLM's linear layers run over
+the real, unpadded tokens of each sample (``attention_mask``), the output layer of understanding tasks over the
+supervised positions (the only ones it runs on, :func:`supervised_positions`);
 its attention counts the causal triangle of real tokens, ``n (n + 1) / 2`` pairs for a sample of ``n`` real
 tokens. The DiT counts each sample's own image-stream length (its target plus condition latents) and the query
 tokens, with bidirectional attention over ``(l_i + T)^2`` pairs. The vision tower, connectors and VAE never pad
@@ -90,13 +91,14 @@ def encoder_layer_flops(hidden: int, ffn: int, tokens: int, pairs: float) -> Tow
     return TowerFlops(linear=linear, attention=2 * matmul_flops(pairs, hidden, 1))
 
 
-def llm_flops(config, num_tokens: Sequence[int], logits: bool, seq_length: int, as_executed: bool) -> TowerFlops:
-    """The LLM decoder (and its output layer when ``logits``).
+def llm_flops(config, num_tokens: Sequence[int], logit_rows: int, seq_length: int, as_executed: bool) -> TowerFlops:
+    """The LLM decoder and its output layer.
 
     Args:
         config: :class:`~megatron_puffin.models.llm.LLMConfig`.
         num_tokens: real tokens of each sample.
-        logits: understanding tasks apply the output layer to every position.
+        logit_rows: positions the output layer runs on: understanding tasks apply it to the supervised positions
+            only (:meth:`~megatron_puffin.models.puffin.PuffinModel.supervised_logits`), generation tasks to none.
         seq_length: padded length S of the batch (used when ``as_executed``).
         as_executed: count padded positions and dense ``S x S`` scores instead of real tokens and the causal
             triangle.
@@ -114,8 +116,7 @@ def llm_flops(config, num_tokens: Sequence[int], logits: bool, seq_length: int, 
         linear=config.num_layers * per_token * tokens,
         attention=config.num_layers * 2 * matmul_flops(pairs, heads * d, 1),
     )
-    if logits:
-        flops.linear += matmul_flops(tokens, vocab, h)
+    flops.linear += matmul_flops(logit_rows, vocab, h)
     return flops
 
 
@@ -294,7 +295,7 @@ def _vae_config_of(config, batch: Mapping[str, Any]) -> Dict[str, Any]:
 # run the tower.
 def llm_tower_flops(config, batch: Mapping[str, Any], as_executed: bool) -> TowerFlops:
     mask = batch["attention_mask"]
-    return llm_flops(config.llm, mask.sum(dim=1).tolist(), logits=batch["task"] not in GENERATION_TASKS,
+    return llm_flops(config.llm, mask.sum(dim=1).tolist(), logit_rows=supervised_positions(batch),
                      seq_length=mask.shape[1], as_executed=as_executed)
 
 
@@ -333,6 +334,15 @@ def vae_tower_flops(config, batch: Mapping[str, Any], as_executed: bool) -> Towe
     images = _generation_images(batch)
     encoded = [size for sample in images for size in sample] if "target_moments" not in batch else []
     return vae_encoder_flops(vae_config, encoded)
+
+
+def supervised_positions(batch: Mapping[str, Any]) -> int:
+    """Positions with a next-token target in an understanding micro-batch (0 for generation tasks)."""
+    if batch["task"] in GENERATION_TASKS:
+        return 0
+    from megatron_puffin.models.llm import shift_labels
+
+    return int((shift_labels(batch["labels"]) >= 0).sum())
 
 
 def forward_flops(config, batch: Mapping[str, Any], as_executed: bool = False) -> Dict[str, TowerFlops]:

@@ -22,6 +22,7 @@ from megatron_puffin.models.fp8 import tower_precisions
 from megatron_puffin.models.llm.config import LLMConfig
 from megatron_puffin.models.puffin_config import PuffinModelConfig
 from megatron_puffin.models.vision.config import VisionConfig
+from megatron_puffin.training.activations import activation_lines
 
 if TYPE_CHECKING:
     from megatron_puffin.config.arguments import PuffinArguments
@@ -475,5 +476,6 @@ def describe(args: PuffinArguments) -> str:
         *_data_lines(args),
         *_schedule_lines(args),
         *_memory_lines(args, tower_list),
+        *activation_lines(args, weight_bytes(args)),
     ]
     return "\n".join(lines)

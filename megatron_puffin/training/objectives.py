@@ -150,12 +150,13 @@ class PuffinObjective:
         """The task's loss from the model's last-stage output (:class:`~megatron_puffin.models.puffin.PuffinOutput`)."""
         if is_generation(batch.task):
             return self.generation_loss(batch.task, output.velocity, velocity_target)
-        return self.understanding_loss(batch.task, output.logits, output.batch.labels)
+        target = output.targets if output.targets is not None else shift_labels(output.batch.labels.to(self.device))
+        return self.understanding_loss(batch.task, output.logits, target)
 
-    def understanding_loss(self, task: str, logits: torch.Tensor, labels: torch.Tensor) -> ObjectiveResult:
-        """Token-mean cross-entropy of the supervised answer tokens (docs/puffin.md §2.1 step 6); ``labels`` in the
-        layout the logits were computed in."""
-        target = shift_labels(labels.to(self.device))
+    @staticmethod
+    def understanding_loss(task: str, logits: torch.Tensor, target: torch.Tensor) -> ObjectiveResult:
+        """Token-mean cross-entropy of the supervised answer tokens (docs/puffin.md §2.1 step 6): ``logits``
+        ``[s, b, V/TP]`` and their next-token ``target`` ``[b, s]`` (-100: not supervised)."""
         losses = vocab_parallel_token_losses(logits, target)
         num_tokens = (target >= 0).sum()
         loss_sum = losses.sum()

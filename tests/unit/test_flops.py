@@ -18,12 +18,21 @@ from torch.utils.flop_counter import FlopCounterMode
 import megatron_puffin.distributed as mpd
 from helpers.puffin import TASK_STREAMS, make_tiny_dataset, task_batches, tiny_puffin_config
 from megatron_puffin.training.objectives import puffin_loss
-from megatron_puffin.training.flops import forward_flops, measure_matmul_tflops, micro_batch_flops, trainable_towers
+from megatron_puffin.training.flops import (
+    forward_flops,
+    matmul_flops,
+    measure_matmul_tflops,
+    micro_batch_flops,
+    supervised_positions,
+    trainable_towers,
+)
 from megatron_puffin.training.towers import TOWER_NAMES as TOWERS
 from megatron_puffin.training.towers import TOWERS as TOWER_SPECS
 
 # tower -> FlopCounterMode module names (the registry's module paths; the VAE is not a submodule)
 MODULES = {spec.name: [f"PuffinModel.{spec.module}"] for spec in TOWER_SPECS if spec.module}
+# The output layer runs from the model's last stage on the supervised rows, outside the LLM's forward.
+MODULES["llm"].append("PuffinModel.llm.output_layer")
 LINEAR_OPS, ATTENTION_OPS = ("aten.mm", "aten.addmm"), ("aten.bmm", "aten.baddbmm")
 EXACT = dict(rel=1e-12, abs=0)
 
@@ -92,7 +101,12 @@ def test_model_flops_leave_out_padding_and_the_causal_upper_triangle(tiny, task)
     ours = forward_flops(config, batch)
     mask = batch["attention_mask"]
     real, padded = int(mask.sum()), mask.numel()
-    assert ours["llm"].linear == pytest.approx(measured["llm"]["linear"] * real / padded, **EXACT)
+    # The output layer runs on the supervised positions only, at the real (model) or padded (executed) vocabulary.
+    llm, rows = config.llm, supervised_positions(batch)
+    head = {vocab: matmul_flops(rows, vocab, llm.hidden_size) for vocab in (llm.vocab_size, llm.padded_vocab_size(1))}
+    assert rows > 0 or task in ("text2image", "cam2image", "image2image")
+    assert ours["llm"].linear - head[llm.vocab_size] == pytest.approx(
+        (measured["llm"]["linear"] - head[llm.padded_vocab_size(1)]) * real / padded, **EXACT)
     pairs = sum(n * (n + 1) / 2 for n in mask.sum(dim=1).tolist())
     dense = mask.shape[0] * mask.shape[1] ** 2
     assert ours["llm"].attention == pytest.approx(measured["llm"]["attention"] * pairs / dense, **EXACT)

@@ -1,0 +1,181 @@
+"""An analytic estimate of the activation memory one training micro-batch keeps for its backward pass, per tower.
+
+Counted: the tensors autograd saves during a forward pass (inputs of every linear layer, norm and activation
+function, the attention inputs and output), in values per token and layer, times the tokens the tower sees.
+Parameters, gradients and optimizer state are not activations (``training.layout`` counts them); nor are the
+transient tensors of one operation. Derivation per layer (local specs, no dropout, fused SDPA attention that
+keeps only a per-row log-sum-exp; ``h`` hidden size, ``f`` MLP size, ``g`` = query groups / heads):
+
+* LLM decoder layer (RMSNorm, GQA with RoPE, SwiGLU): both norms' inputs and outputs (4 h), the fused q/k/v
+  output ((1 + 2 g) h), the rotated q and k ((1 + g) h), the attention output and its reshaped copy (2 h), the
+  gate-and-up output (2 f), SiLU output and product (2 f): ``(8 + 3 g) h + 4 f``;
+* ViT / connector encoder layer (LayerNorm, full attention, GELU MLP): norms (4 h), q/k/v (3 h), attention output
+  and copy (2 h), MLP input-side output and GELU output (2 f): ``9 h + 2 f``;
+* MMDiT joint block, per token of either stream: the encoder layer's ``9 h + 2 f`` plus the two AdaLN modulated
+  inputs, the two gated outputs and the joint attention's concatenated q/k/v: ``16 h + 2 f``;
+* the output layer of understanding tasks on the supervised positions: logits and softmax, ``2 V`` per position.
+
+A tower's activations are kept only when something before or in it trains (a frozen vision tower whose input
+needs no gradient saves nothing); with ``recompute`` a tower keeps one layer input per layer plus one layer's
+activations. ``benchmarks/bench_training.py`` prints this estimate next to the measured peak (distinct storages
+saved for backward, parameters excluded) and their ratio.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Tuple
+
+from megatron_puffin.data.task_encoders import GENERATION_TASKS, UNDERSTANDING_TASKS
+
+ACTIVATION_TOWERS = ("vision", "llm", "queries", "dit")
+
+
+@dataclass
+class MicroBatchShape:
+    """What the estimate needs of a micro-batch: its task and the token counts each tower sees."""
+
+    task: str
+    batch_size: int
+    llm_tokens: int
+    """Padded LLM sequence length S (every row runs S positions)."""
+    logit_rows: int
+    """Supervised positions over the micro-batch (the output layer's rows; 0 for generation)."""
+    vision_images: List[Tuple[int, int]] = field(default_factory=list)
+    """(H, W) of every image the vision tower encodes."""
+    dit_image_tokens: int = 0
+    """Image-stream tokens of the MMDiT summed over samples (target plus condition latents, patchified)."""
+
+
+def _layer_values(kind: str, h: int, f: int, groups: float = 1.0) -> float:
+    """Saved values per token of one layer (see the module docstring)."""
+    return {"llm": (8 + 3 * groups) * h + 4 * f, "encoder": 9 * h + 2 * f, "dit": 16 * h + 2 * f}[kind]
+
+
+def _stack_values(kind: str, layers: int, tokens: int, h: int, f: int, recompute: bool, groups: float = 1.0):
+    per_layer = _layer_values(kind, h, f, groups) * tokens
+    return (layers * tokens * h + per_layer) if recompute else layers * per_layer
+
+
+def _vision_values(config, shape: MicroBatchShape, encoder: bool) -> float:
+    """The ViT's layers (when ``encoder``: it trains) and the projector (which always trains)."""
+    vision, llm_h = config.vision, config.llm.hidden_size
+    total = 0.0
+    for height, width in shape.vision_images:
+        tokens = (height // vision.patch_size) * (width // vision.patch_size) + vision.class_token_len
+        if encoder:
+            total += _stack_values("encoder", vision.num_layers, tokens, vision.hidden_size,
+                                   vision.ffn_hidden_size, bool(vision.recompute))
+        total += vision.num_tokens(height, width) * (vision.folded_hidden_size + 2 * llm_h)  # projector
+    return total
+
+
+def _llm_values(config, shape: MicroBatchShape) -> float:
+    llm = config.llm
+    groups = llm.num_query_groups / llm.num_attention_heads
+    tokens = shape.batch_size * shape.llm_tokens
+    values = _stack_values("llm", llm.num_layers, tokens, llm.hidden_size, llm.ffn_hidden_size, bool(llm.recompute),
+                           groups)
+    return values + 2 * shape.logit_rows * llm.vocab_size
+
+
+def _query_values(config, shape: MicroBatchShape) -> float:
+    c = config.connector
+    tokens = shape.batch_size * c.num_queries
+    branch = _stack_values("encoder", c.num_layers, tokens, c.hidden_size, c.ffn_hidden_size, bool(c.recompute))
+    return 2 * branch + tokens * (config.llm.hidden_size + c.joint_attention_dim)
+
+
+def _dit_values(config, shape: MicroBatchShape) -> float:
+    dit = config.dit
+    tokens = shape.dit_image_tokens + shape.batch_size * config.connector.num_queries
+    return _stack_values("dit", dit.num_layers, tokens, dit.hidden_size, dit.ffn_hidden_size, bool(dit.recompute))
+
+
+def _kept(trainable: Mapping[str, bool], task: str) -> Dict[str, bool]:
+    """Which towers save activations: a tower does when it or anything before it trains."""
+    vision = trainable["vision"] or trainable["projector"]
+    upstream = vision and task != "text2text"
+    llm = trainable["llm"] or upstream or (task in GENERATION_TASKS and trainable["queries"])
+    return {"vision": vision, "vision_encoder": trainable["vision"], "llm": llm,
+            "queries": llm or trainable["queries"], "dit": llm or trainable["queries"] or trainable["dit"]}
+
+
+def activation_bytes_estimate(config, shape: MicroBatchShape, trainable: Mapping[str, bool],
+                              bytes_per_value: int) -> Dict[str, float]:
+    """Estimated activation bytes per tower of one micro-batch, and their ``total``.
+
+    Args:
+        config: the model's tower configs (``llm``, ``vision``, ``connector``, ``dit`` attributes: a
+            :class:`~megatron_puffin.models.puffin.PuffinConfig` or parsed ``pretrain_puffin.py`` flags).
+        shape: the micro-batch's token counts.
+        trainable: tower name -> trains (``training.flops.trainable_towers``).
+        bytes_per_value: 4 in fp32, 2 in bf16/fp16.
+    """
+    kept = _kept(trainable, shape.task)
+    values = {
+        "vision": _vision_values(config, shape, kept["vision_encoder"]) if kept["vision"] else 0.0,
+        "llm": _llm_values(config, shape) if kept["llm"] else 0.0,
+        "queries": _query_values(config, shape) if kept["queries"] and shape.task in GENERATION_TASKS else 0.0,
+        "dit": _dit_values(config, shape) if kept["dit"] and shape.task in GENERATION_TASKS else 0.0,
+    }
+    result = {tower: value * bytes_per_value for tower, value in values.items()}
+    result["total"] = sum(result.values())
+    return result
+
+
+def _image_size(image) -> Tuple[int, int]:
+    return int(image.shape[-2]), int(image.shape[-1])
+
+
+def shape_of_batch(config, batch: Mapping[str, Any]) -> MicroBatchShape:
+    """The :class:`MicroBatchShape` of a collated task micro-batch."""
+    from megatron_puffin.training.flops import _generation_images, supervised_positions
+
+    task, ids = batch["task"], batch["input_ids"]
+    images = batch.get("vision_images")
+    vision = [] if images is None else [_image_size(image) for image in images]
+    dit_tokens = 0
+    if task in GENERATION_TASKS:
+        step = 8 * config.dit.patch_size  # the VAE's x8 and the DiT's patches
+        dit_tokens = sum((hh // step) * (ww // step) for sample in _generation_images(batch) for hh, ww in sample)
+    return MicroBatchShape(task, int(ids.shape[0]), int(ids.shape[1]), supervised_positions(batch), vision,
+                           dit_tokens)
+
+
+def worst_case_shape(args, task: str, batch_size: int) -> MicroBatchShape:
+    """The largest micro-batch of ``task`` the flags allow: square ``--image-size`` images, the text-token limits
+    (``--max-understanding-text-tokens`` / ``--max-generation-text-tokens``) filled, every text position
+    supervised in understanding tasks."""
+    data, vision = args.data, args.vision
+    size = data.image_size
+    has_image = task in ("image2text", "image2text_cross_view", "image2image")
+    image_tokens = vision.num_tokens(size, size) if has_image else 0
+    if task in UNDERSTANDING_TASKS:
+        text = data.max_understanding_text_tokens
+        return MicroBatchShape(task, batch_size, image_tokens + text, batch_size * text,
+                               [(size, size)] * batch_size if has_image else [])
+    latents = {"text2image": 1, "cam2image": 2, "image2image": 3}[task]
+    step = 8 * args.dit.patch_size
+    return MicroBatchShape(task, batch_size, image_tokens + data.max_generation_text_tokens
+                           + args.connector.num_queries, 0, [(size, size)] * batch_size if has_image else [],
+                           batch_size * latents * (size // step) ** 2)
+
+
+def activation_lines(args, bytes_per_value: int) -> List[str]:
+    """``--dry-run`` lines: each stream's worst-case activation estimate per micro-batch (one micro-batch's
+    activations are alive at a time without pipelining; with PP, up to PP micro-batches per stage)."""
+    from megatron_puffin.training.flops import trainable_towers
+
+    try:
+        streams = args.data.streams()
+    except ValueError:
+        return []
+    trainable = trainable_towers(args.model)
+    lines = [f"activations per micro-batch, summed over a TP group (estimate, training.activations; largest "
+             f"sample the flags allow, {bytes_per_value} B/value):"]
+    for stream in streams:
+        estimate = activation_bytes_estimate(args, worst_case_shape(args, stream.task, stream.micro_batch_size),
+                                             trainable, bytes_per_value)
+        towers = ", ".join(f"{tower} {estimate[tower] / 2**30:.2f}" for tower in ACTIVATION_TOWERS if estimate[tower])
+        lines.append(f"  {stream.task} x{stream.micro_batch_size}: {estimate['total'] / 2**30:.2f} GiB ({towers})")
+    return lines
