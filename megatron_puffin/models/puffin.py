@@ -43,6 +43,7 @@ from megatron_puffin.models.llm import (
     build_llm,
     gather_positions,
     pad_sequences_to_multiple,
+    shift_labels,
 )
 from megatron_puffin.models.puffin_config import PuffinModelConfig
 from megatron_puffin.models.sequence_parallel import (

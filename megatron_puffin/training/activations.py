@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Tuple
 
-from megatron_puffin.data.task_encoders import GENERATION_TASKS, UNDERSTANDING_TASKS
+from megatron_puffin.tasks import GENERATION_TASKS, UNDERSTANDING_TASKS
 
 ACTIVATION_TOWERS = ("vision", "llm", "queries", "dit")
 
