@@ -18,10 +18,9 @@ activations during its recompute. The LLM's fp32 logits of understanding tasks c
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
-
-import torch
 
 from megatron_puffin.config.validate_pipeline import (
     FIRST_FLAG,
@@ -241,7 +240,7 @@ def balance_lines(args) -> List[str]:
     lines += ["training FLOPs per micro-batch at the length limits (TFLOP; first stage: vision, per LLM layer, "
              "last stage: output layer + connectors + MMDiT + VAE):"]
     for task in work:
-        per_stage = stage_flops([TaskWork(**{**task.__dict__, "repeats": 1})], current)
+        per_stage = stage_flops([dataclasses.replace(task, repeats=1)], current)
         lines.append(f"  {task.task} x{task.micro_batch_size} (repeats {task.repeats}): first {task.first / 1e12:.2f}, "
                      f"per LLM layer {task.per_layer / 1e12:.3f}, last {task.last / 1e12:.2f}; per stage now "
                      + ", ".join(f"{f / 1e12:.2f}" for f in per_stage))
