@@ -19,8 +19,23 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Megatron sequence parallelism: activations between tensor-parallel regions (norms, residuals) split along the
     sequence over the TP group, in every tower (needs --tensor-model-parallel-size > 1; docs/parallelism.md)."""
+    decoder_first_pipeline_num_layers: Optional[int] = None
+    """LLM decoder layers on the first pipeline stage, which also holds the vision encoder (megatron-core's
+    num_layers_in_first_pipeline_stage). Default: an even split; `--dry-run` suggests a balanced placement."""
+    decoder_last_pipeline_num_layers: Optional[int] = None
+    """LLM decoder layers on the last pipeline stage, which also holds the connectors and the MMDiT (megatron-core's
+    num_layers_in_last_pipeline_stage). The layers left over are split evenly over the middle stages."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (megatron-core DistributedOptimizer, ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient all-reduce (reduce-scatter with --use-distributed-optimizer) with the
+    backward pass, bucket by bucket (megatron-core DistributedDataParallelConfig.overlap_grad_reduce)."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward pass (needs
+    --use-distributed-optimizer; megatron-core DistributedDataParallelConfig.overlap_param_gather)."""
+    ddp_bucket_size: Optional[int] = None
+    """Parameters per data-parallel communication bucket (default: megatron-core's, max(40e6, 1e6 x DP) when
+    overlapping, one bucket per gradient buffer otherwise)."""
     world_size: Optional[int] = None
     """Total number of processes; default: torchrun's WORLD_SIZE (1 without torchrun). Set it with --dry-run."""
     distributed_timeout_minutes: int = 10

@@ -9,6 +9,7 @@ import torch
 from megatron_puffin.config.dataclass_args import choice_errors
 from megatron_puffin.config.validate_paths import PATH_VALIDATORS
 from megatron_puffin.config.validate_fp8 import fp8_shape_problems
+from megatron_puffin.config.validate_pipeline import PIPELINE_VALIDATORS
 from megatron_puffin.config.validate_values import VALUE_VALIDATORS
 from megatron_puffin.models.fp8 import fp8_tower_problems
 from megatron_puffin.optional_deps import transformer_engine_error
@@ -38,6 +39,13 @@ _TYPE_WORDS = {"int": "an integer, e.g. 4", "float": "a number, e.g. 1e-4", "str
 
 
 _RETIRED_FLAGS = {
+    "--virtual-pipeline-model-parallel-size": "interleaved pipeline stages are not supported: the composed model is "
+    "built as one chunk per stage (the vision tower and meta queries attach to the first chunk, the connectors, MMDiT "
+    "and VAE to the last), and interleaving needs a model chunk, data iterator and DDP wrapper per virtual stage; "
+    "balance the stages with --decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers instead",
+    "--num-layers-per-virtual-pipeline-stage": "interleaved pipeline stages are not supported (see "
+    "--virtual-pipeline-model-parallel-size); use --decoder-first-pipeline-num-layers / "
+    "--decoder-last-pipeline-num-layers",
     "--seq-length": "sequence lengths follow the data (--max-understanding-text-tokens, --max-generation-text-tokens, "
                     "--image-size); drop it",
 }
@@ -104,10 +112,12 @@ def check_llm_parallel(args) -> List[str]:
         )
     if pp > llm.num_layers:
         problems.append(f"--pipeline-model-parallel-size ({pp}) must not exceed --num-layers ({llm.num_layers})")
-    elif llm.num_layers % pp:
+    elif llm.num_layers % pp and args.parallel.decoder_first_pipeline_num_layers is None and \
+            args.parallel.decoder_last_pipeline_num_layers is None:
         problems.append(
             f"--num-layers ({llm.num_layers}) must be divisible by --pipeline-model-parallel-size ({pp}); "
-            f"use a --pipeline-model-parallel-size of {', '.join(map(str, divisors(llm.num_layers)))}"
+            f"use a --pipeline-model-parallel-size of {', '.join(map(str, divisors(llm.num_layers)))}, or place "
+            f"the layers unevenly with --decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers"
         )
     return problems
 
@@ -322,6 +332,7 @@ VALIDATORS: List[Callable] = [
     check_generation_needs_vae,
     check_trained_towers,
     *VALUE_VALIDATORS,
+    *PIPELINE_VALIDATORS,
     *PATH_VALIDATORS,
     check_validation,
     check_checkpoint_directories,

@@ -97,6 +97,10 @@ class PuffinConfig:
     """Towers whose GEMMs run in FP8 when ``fp8`` is set (see :mod:`megatron_puffin.models.fp8`)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism in every tower (needs TP > 1; :mod:`megatron_puffin.models.sequence_parallel`)."""
+    llm_layers_in_first_stage: Optional[int] = None
+    """LLM decoder layers on the first pipeline stage (None: megatron-core's even split)."""
+    llm_layers_in_last_stage: Optional[int] = None
+    """LLM decoder layers on the last pipeline stage (None: megatron-core's even split)."""
 
     def tower_fp8(self, tower: str) -> Optional[str]:
         return tower_fp8(self.fp8, self.fp8_towers, tower)
@@ -111,6 +115,8 @@ class PuffinConfig:
             model=args.model, seed=args.training.seed, params_dtype=dtype,
             transformer_impl=precision.transformer_impl, fp8=precision.fp8_format, fp8_recipe=precision.fp8_recipe,
             fp8_towers=tuple(precision.fp8_tower), sequence_parallel=args.parallel.sequence_parallel,
+            llm_layers_in_first_stage=args.parallel.decoder_first_pipeline_num_layers,
+            llm_layers_in_last_stage=args.parallel.decoder_last_pipeline_num_layers,
         )
 
 
@@ -142,6 +148,8 @@ class PuffinModel(MegatronModule):
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=config.params_dtype,
             fp8=config.tower_fp8("llm"), fp8_recipe=config.fp8_recipe,
             sequence_parallel=config.sequence_parallel and tp > 1,
+            num_layers_in_first_pipeline_stage=config.llm_layers_in_first_stage if pp > 1 else None,
+            num_layers_in_last_pipeline_stage=config.llm_layers_in_last_stage if pp > 1 else None,
         )
         super().__init__(config=llm_tconfig)
         from megatron.core.enums import ModelType

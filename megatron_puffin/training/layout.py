@@ -88,14 +88,15 @@ class Tower:
         return sum(p.params.total for p in self.parts if p.placement != TIED_COPY)
 
     def rank_parameters(self, tensor_model_parallel_size: int, pre_process: bool, post_process: bool,
-                        layer_shards: int = 1) -> int:
+                        layer_shards: int = 1, layer_share: Optional[Tuple[int, int]] = None) -> int:
         """Parameters one rank holds: the parts its stage builds (``pre_process``: first stage, ``post_process``:
-        last stage), decoder layers divided over ``layer_shards`` pipeline stages, split parts over TP."""
+        last stage), decoder layers divided over ``layer_shards`` pipeline stages (or, for an uneven placement,
+        ``layer_share`` = (layers on this stage, all layers)), split parts over TP."""
         total = 0
         for part in self.parts:
             count = part.params.per_rank(tensor_model_parallel_size)
             if part.placement == LAYERS:
-                total += count // layer_shards
+                total += count * layer_share[0] // layer_share[1] if layer_share else count // layer_shards
             elif (part.placement == FIRST and pre_process) or (part.placement == LAST and post_process):
                 total += count
             elif part.placement == TIED_COPY and post_process and not pre_process:
@@ -312,16 +313,32 @@ def weight_bytes(args: PuffinArguments) -> int:
 def optimizer_bytes(args: PuffinArguments) -> float:
     """Optimizer bytes per trainable parameter on one GPU: Adam moments (+ fp32 master weights in mixed
     precision), divided over data-parallel ranks by the distributed optimizer."""
-    state = BYTES_ADAM_FP32 + (BYTES_MASTER_FP32 if weight_bytes(args) == 2 else 0)
+    state = optimizer_bytes_unsharded(args)
     return state / args.data_parallel_size if args.parallel.use_distributed_optimizer else state
+
+
+def optimizer_bytes_unsharded(args: PuffinArguments) -> int:
+    """Adam moments (+ fp32 master weights in mixed precision) per trainable parameter, before any sharding."""
+    return BYTES_ADAM_FP32 + (BYTES_MASTER_FP32 if weight_bytes(args: PuffinArguments) == 2 else 0)
+
+
+def llm_stage_layers(args: PuffinArguments) -> List[int]:
+    """LLM decoder layers on each pipeline stage (even, or as --decoder-first/last-pipeline-num-layers place them)."""
+    from megatron_puffin.config.validate_pipeline import stage_layer_counts
+
+    p = args.parallel
+    return stage_layer_counts(args.llm.num_layers, p.pipeline_model_parallel_size, p.decoder_first_pipeline_num_layers,
+                              p.decoder_last_pipeline_num_layers)
 
 
 def memory_estimate(args: PuffinArguments, tower_list: List[Tower]) -> List[StageMemory]:
     """Weights, gradients and optimizer state per GPU for every pipeline stage."""
     tp, pp = args.parallel.tensor_model_parallel_size, args.parallel.pipeline_model_parallel_size
+    layers = llm_stage_layers(args)
     stages = []
     for stage in range(pp):
-        on_rank = [(t, t.rank_parameters(tp, stage == 0, stage == pp - 1, pp)) for t in tower_list]
+        share = (layers[stage], args.llm.num_layers)
+        on_rank = [(t, t.rank_parameters(tp, stage == 0, stage == pp - 1, layer_share=share)) for t in tower_list]
         parameters = sum(n for _, n in on_rank)
         trainable = sum(n for t, n in on_rank if t.trainable)
         stages.append(StageMemory(
@@ -338,16 +355,17 @@ def _millions(count: Optional[int]) -> str:
 
 def _stage_contents(args: PuffinArguments) -> List[str]:
     pp, layers = args.parallel.pipeline_model_parallel_size, args.llm.num_layers
-    per_stage = layers // pp
     first = "LLM embedding, vision encoder + projector, meta queries"
     last = "LLM final norm + output layer" + (" (tied copy)" if args.llm.tie_word_embeddings and pp > 1 else "")
     last += ", connectors + projections, MMDiT, VAE"
     if pp == 1:
         return [f"  stage 0: {first}, LLM layers 0-{layers - 1}, {last}"]
-    lines = [f"  stage 0: {first}, LLM layers 0-{per_stage - 1}"]
+    counts = llm_stage_layers(args)
+    starts = [sum(counts[:stage]) for stage in range(pp)]
+    lines = [f"  stage 0: {first}, LLM layers 0-{counts[0] - 1}"]
     if pp > 2:
-        lines.append(f"  stages 1-{pp - 2}: LLM layers, {per_stage} per stage")
-    lines.append(f"  stage {pp - 1}: LLM layers {layers - per_stage}-{layers - 1}, {last}")
+        lines.append(f"  stages 1-{pp - 2}: LLM layers, {counts[1]} per stage (layers {starts[1]}-{starts[-1] - 1})")
+    lines.append(f"  stage {pp - 1}: LLM layers {starts[-1]}-{layers - 1}, {last}")
     return lines
 
 
@@ -434,7 +452,55 @@ def _memory_lines(args: PuffinArguments, tower_list: List[Tower]) -> List[str]:
     if len(stages) > 1:
         peak = max(stages, key=lambda s: s.total)
         lines.append(f"  peak: stage {peak.stage}, {peak.total / GIB:.2f} GiB")
+    return lines + _activation_lines(args, stages)
+
+
+def _activation_lines(args, stages: List[StageMemory]) -> List[str]:
+    """Activations per stage (pipeline_balance's estimate) and the per-GPU total for each data-parallel sharding
+    choice: plain DDP, ZeRO-1 (the distributed optimizer), and what ZeRO-2/3 would hold."""
+    from megatron_puffin.training import pipeline_balance
+
+    try:
+        work = pipeline_balance.workload(args)
+    except (ValueError, KeyError, OSError):
+        return []
+    activations = pipeline_balance.activation_estimate(args, work, llm_stage_layers(args))
+    dp, full_state = args.data_parallel_size, optimizer_bytes_unsharded(args)
+    choices = {
+        "DDP (no sharding)": lambda m: m.weights + m.gradients + m.trainable * full_state,
+        "ZeRO-1 (--use-distributed-optimizer)": lambda m: m.weights + m.gradients + m.trainable * full_state / dp,
+        "ZeRO-2 (+ gradients; not available)": lambda m: m.weights + (m.gradients + m.trainable * full_state) / dp,
+        "ZeRO-3 (+ trainable weights; not available)": lambda m: (m.weights - m.trainable * weight_bytes(args)) + (
+            m.trainable * weight_bytes(args) + m.gradients + m.trainable * full_state) / dp,
+    }
+    lines = ["activations per GPU (estimate at the length limits, 1F1B micro-batches in flight; see "
+             "training/pipeline_balance.py): " + ", ".join(
+                 f"stage {m.stage} {a / GIB:.2f} GiB" for m, a in zip(stages, activations)),
+             f"total per GPU with activations, by data-parallel sharding over DP {dp} (frozen towers hold no "
+             "gradients or optimizer state; ZeRO-2/3 are megatron-core FSDP's optim_grads / optim_grads_params, "
+             "which this trainer does not run yet):"]
+    for name, total in choices.items():
+        per_stage = [total(m) + a for m, a in zip(stages, activations)]
+        peak = max(range(len(per_stage)), key=per_stage.__getitem__)
+        lines.append(f"  {name:<44} " + ", ".join(f"{t / GIB:.1f}" for t in per_stage)
+                     + f" GiB per stage; peak {per_stage[peak] / GIB:.1f} GiB (stage {peak})")
     return lines
+
+
+def peak_gpu_bytes(args: PuffinArguments) -> float:
+    """The largest per-GPU total (weights, gradients, optimizer state as configured, activations) over the
+    stages: what has to fit one GPU."""
+    from megatron_puffin.training import pipeline_balance
+
+    stages = memory_estimate(args, towers(args: PuffinArguments))
+    activations = pipeline_balance.activation_estimate(args, pipeline_balance.workload(args: PuffinArguments), llm_stage_layers(args: PuffinArguments))
+    return max(m.total + a for m, a in zip(stages, activations))
+
+
+def _balance_lines(args: PuffinArguments) -> List[str]:
+    from megatron_puffin.training.pipeline_balance import balance_lines
+
+    return balance_lines(args: PuffinArguments)
 
 
 def _backend_lines(args: PuffinArguments) -> List[str]:
@@ -475,6 +541,7 @@ def describe(args: PuffinArguments) -> str:
         *_tower_lines(tower_list),
         *_data_lines(args),
         *_schedule_lines(args),
+        *_balance_lines(args),
         *_memory_lines(args, tower_list),
         *activation_lines(args, weight_bytes(args)),
     ]

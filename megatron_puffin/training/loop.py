@@ -36,6 +36,7 @@ import megatron_puffin.distributed as mpd
 from megatron_puffin.distributed.random import derive_seed, seed_everything
 from megatron_puffin.models.extra_state import drop_absent_extra_state, load_model_state
 from megatron_puffin.training import checkpointing as ckpt
+from megatron_puffin.training.data_parallel import gathered_parameters
 from megatron_puffin.training.metrics import Interval, MetricsWriter, Report, peak_memory_gib
 from megatron_puffin.training.step import stream_task
 from megatron_puffin.training.resume import samples_per_step
@@ -126,12 +127,12 @@ class Trainer:
 
     def __init__(self, args) -> None:
         from megatron.core import parallel_state
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from megatron_puffin.data import PuffinTokenizer
         from megatron_puffin.models.puffin import PuffinConfig, build_puffin
+        from megatron_puffin.training.data_parallel import data_parallel_config, wire_overlap
         from megatron_puffin.training.optimizer import build_optimizer
 
         self.args = args
@@ -157,12 +158,10 @@ class Trainer:
             from megatron_puffin.models.compile import compile_model
 
             compile_model(self.model, dynamic=args.compile.compile_dynamic, backend=args.compile.compile_backend)
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=parallel.use_distributed_optimizer,
-        )
-        self.ddp = DistributedDataParallel(self.model.config, ddp_config, self.model)
+        self.ddp = DistributedDataParallel(self.model.config, data_parallel_config(parallel), self.model)
         # The schedule calls this after the last backward: DP gradient all-reduce and the tied-embedding sum.
         self.model.config.finalize_model_grads_func = finalize_model_grads
+        wire_overlap(self.model.config, self.ddp)
         self.optimizer = build_optimizer([self.ddp], training, args.precision, parallel.use_distributed_optimizer)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=training.lr_warmup_init, max_lr=training.lr, min_lr=training.min_lr,
@@ -200,7 +199,8 @@ class Trainer:
 
     def validate(self) -> None:
         """One validation of the current weights, logged like a training interval (see training/validation.py)."""
-        result = self.validator.run(self.ddp, self.state.iteration, unwrapped_model=self.model)
+        with gathered_parameters(self.ddp):  # --overlap-param-gather leaves the gather to the next forward
+            result = self.validator.run(self.ddp, self.state.iteration, unwrapped_model=self.model)
         self.writer.write_scalars(result.iteration, result.scalars(), result.line(self.validator.tasks))
 
     def _build_loader(self):
@@ -332,6 +332,10 @@ class Trainer:
         )
 
     def save(self) -> str:
+        with gathered_parameters(self.ddp):  # --overlap-param-gather: the saved weights are the updated ones
+            return self._save()
+
+    def _save(self) -> str:
         directory = ckpt.iteration_directory(self.args.checkpoint.save, self.state.iteration)
         mode = self._existing_checkpoint(directory) if os.path.exists(directory) else "new"
         if mode is None:

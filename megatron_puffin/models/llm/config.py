@@ -118,8 +118,11 @@ class LLMConfig:
         fp8: Optional[str] = None,
         fp8_recipe: str = "delayed",
         use_cpu_initialization: Optional[bool] = None,
+        num_layers_in_first_pipeline_stage: Optional[int] = None,
+        num_layers_in_last_pipeline_stage: Optional[int] = None,
     ):
-        """The megatron-core ``TransformerConfig`` of this tower for a parallel layout and precision."""
+        """The megatron-core ``TransformerConfig`` of this tower for a parallel layout and precision (decoder
+        layers on the first/last pipeline stage: None for megatron-core's even split)."""
         from megatron.core.transformer import TransformerConfig
 
         return TransformerConfig(
@@ -137,6 +140,8 @@ class LLMConfig:
             add_qkv_bias=self.add_qkv_bias,
             init_method_std=self.init_method_std,
             sequence_parallel=sequence_parallel,
+            num_layers_in_first_pipeline_stage=num_layers_in_first_pipeline_stage,
+            num_layers_in_last_pipeline_stage=num_layers_in_last_pipeline_stage,
             **runtime_transformer_kwargs(
                 tensor_model_parallel_size, pipeline_model_parallel_size, params_dtype, fp8, fp8_recipe,
                 self.recompute if recompute is None else recompute,

@@ -1,0 +1,260 @@
+"""Per-stage work and activation memory of a pipeline placement, and the placement that balances the stages, from
+the flags alone (for ``pretrain_puffin.py --dry-run``; no process group, no model).
+
+Work per stage: the training FLOPs of one micro-batch of every task stream (:mod:`megatron_puffin.training.flops`,
+3x forward for trainable towers, 1x for frozen ones) at the length limits of the flags (``--image-size`` square
+images, ``--max-understanding-text-tokens`` / ``--max-generation-text-tokens`` text tokens), placed as the model
+builds them (docs/puffin.md §1.0): the first stage runs the vision encoder and projector, the LLM decoder layers run
+where they are placed, the last stage runs the output layer, the connectors, the MMDiT and the VAE encoder. A cycle
+of the task streams weighs each task by its REPEATS. With 1F1B and enough micro-batches, a step lasts about as long
+as the busiest stage's work, so the suggested placement minimises the largest per-stage sum over the cycle.
+
+Activation memory per stage (an estimate, bytes per GPU): the transformer-layer formula of Korthikanti et al.
+(2022) without dropout (Puffin trains without it), ``s b h (8 + 24/t + 2 a s / (h t))`` 16-bit bytes per layer for
+``s`` tokens, ``b`` samples, ``h`` hidden, ``a`` heads and TP ``t`` (x2 in fp32), the softmax output counted as
+stored (the local attention; a fused attention kernel keeps none, so this is an upper bound); a recomputed layer keeps only its input ``2 s b h`` plus one layer's full
+activations during its recompute. The LLM's fp32 logits of understanding tasks count on the last stage. Under
+1F1B, stage ``i`` of ``p`` holds the activations of up to ``p - i`` micro-batches (the largest task's).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+from megatron_puffin.config.validate_pipeline import (
+    FIRST_FLAG,
+    LAST_FLAG,
+    placement_problems,
+    stage_layer_counts,
+)
+
+UNDERSTANDING_WITH_IMAGE = ("image2text", "image2text_cross_view")
+
+
+@dataclass(frozen=True)
+class TaskWork:
+    """Training FLOPs of one micro-batch of a task by placement, and the shapes behind the activation estimate."""
+
+    task: str
+    micro_batch_size: int
+    repeats: int
+    first: float
+    """Vision encoder + projector (first stage)."""
+    per_layer: float
+    """One LLM decoder layer."""
+    last: float
+    """Output layer, connectors, MMDiT, VAE encoder (last stage)."""
+    llm_tokens: int
+    image_tokens: int
+    """Vision-tower tokens per image (0: no image to understand)."""
+    dit_tokens: int
+    """MMDiT sequence length per sample (image stream + queries; 0: an understanding task)."""
+
+
+# The VAE of Puffin (SD3-medium's AutoencoderKL), assumed for FLOPs when --vae-path/--vae-config is not readable
+# here (a dry run on a login node): 8x downsampling, 16 latent channels.
+SD3_VAE_CONFIG: Dict[str, Any] = {
+    "in_channels": 3, "latent_channels": 16, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "mid_block_add_attention": True, "use_quant_conv": False,
+}
+
+
+def vae_config_for_estimate(args) -> Tuple[Dict[str, Any], bool]:
+    """(the VAE config of the flags, True) or (:data:`SD3_VAE_CONFIG`, False) when it cannot be read here."""
+    from megatron_puffin.training import flops
+
+    try:
+        config = flops.load_vae_config(args.model)
+    except (OSError, ValueError):
+        config = None
+    return (config, True) if config is not None else (SD3_VAE_CONFIG, False)
+
+
+def _sequence(args, task: str) -> Tuple[int, int]:
+    """(LLM tokens, images through the vision tower) of one sample of ``task`` at the length limits."""
+    size = args.data.image_size
+    vision_tokens = args.vision.num_tokens(size, size)
+    if task == "text2text":
+        return args.data.max_understanding_text_tokens, 0
+    if task in UNDERSTANDING_WITH_IMAGE:
+        return args.data.max_understanding_text_tokens + vision_tokens, 1
+    tokens = args.data.max_generation_text_tokens + args.connector.num_queries
+    return (tokens + vision_tokens, 1) if task == "image2image" else (tokens, 0)
+
+
+def task_work(args, task: str, micro_batch_size: int, repeats: int) -> TaskWork:
+    """The FLOPs of one micro-batch of ``task`` split by pipeline placement (see the module docstring)."""
+    from megatron_puffin.data.task_encoders import GENERATION_TASKS
+    from megatron_puffin.training import flops
+
+    b, size = micro_batch_size, args.data.image_size
+    factor = {tower: 3.0 if on else 1.0 for tower, on in flops.trainable_towers(args.model).items()}
+    tokens, images = _sequence(args, task)
+    generation = task in GENERATION_TASKS
+    decoder = flops.llm_flops(args.llm, [tokens] * b, False, tokens, False).total
+    output = flops.llm_flops(args.llm, [tokens] * b, not generation, tokens, False).total - decoder
+    sizes = [(size, size)] * (b * images)
+    first = factor["vision"] * flops.vision_flops(args.vision, sizes).total
+    first += factor["projector"] * flops.projector_flops(args.vision, args.llm.hidden_size, sizes).total
+    last, dit_tokens = factor["llm"] * output, 0
+    if generation:
+        vae_config, _ = vae_config_for_estimate(args)
+        side = size // flops.vae_downsample_factor(vae_config)
+        per_sample = 1 + (task in ("cam2image", "image2image")) + (task == "image2image")
+        last += factor["queries"] * flops.query_flops(args.connector, args.llm.hidden_size, b).total
+        last += factor["dit"] * flops.dit_flops(args.dit, [[(side, side)] * per_sample] * b,
+                                                args.connector.num_queries, False).total
+        last += flops.vae_encoder_flops(vae_config, [(size, size)] * (b * per_sample)).total
+        dit_tokens = per_sample * (side // args.dit.patch_size) ** 2 + args.connector.num_queries
+    return TaskWork(
+        task=task, micro_batch_size=b, repeats=repeats, first=first,
+        per_layer=factor["llm"] * decoder / args.llm.num_layers, last=last, llm_tokens=tokens,
+        image_tokens=(size // args.vision.patch_size) ** 2 + args.vision.class_token_len if images else 0,
+        dit_tokens=dit_tokens,
+    )
+
+
+def workload(args) -> List[TaskWork]:
+    """One :class:`TaskWork` per task stream (stream variants count as their loss task)."""
+    from megatron_puffin.data.task_encoders import TASK_VARIANTS
+
+    return [task_work(args, TASK_VARIANTS[s.task], s.micro_batch_size, s.repeats) for s in args.data.streams()]
+
+
+def stage_flops(work: List[TaskWork], layers: List[int]) -> List[float]:
+    """Training FLOPs of one task-stream cycle on each stage for ``layers`` decoder layers per stage."""
+    last = len(layers) - 1
+    totals = []
+    for stage, count in enumerate(layers):
+        total = 0.0
+        for task in work:
+            cost = task.per_layer * count + (task.first if stage == 0 else 0.0) + (task.last if stage == last else 0.0)
+            total += task.repeats * cost
+        totals.append(total)
+    return totals
+
+
+def imbalance(totals: List[float]) -> float:
+    """Busiest stage over the mean stage (1.0: perfectly balanced)."""
+    return max(totals) / (sum(totals) / len(totals)) if sum(totals) else 1.0
+
+
+def suggest_placement(args, work: List[TaskWork]) -> Tuple[Optional[int], Optional[int], List[int]]:
+    """(first-stage layers, last-stage layers, layers per stage) minimising the busiest stage's work; ``None`` where
+    megatron-core's even share is the same count."""
+    pp, num_layers = args.parallel.pipeline_model_parallel_size, args.llm.num_layers
+    best: Optional[Tuple[float, int, int]] = None
+    for first in range(1, num_layers + 1):
+        for last in range(1, num_layers + 1 - first):
+            if placement_problems(num_layers, pp, first, last):
+                continue
+            cost = max(stage_flops(work, stage_layer_counts(num_layers, pp, first, last)))
+            if best is None or cost < best[0] * (1 - 1e-12):
+                best = (cost, first, last)
+    if best is None:
+        return None, None, stage_layer_counts(num_layers, pp)
+    layers = stage_layer_counts(num_layers, pp, best[1], best[2])
+    if num_layers % pp == 0 and layers == stage_layer_counts(num_layers, pp):
+        return None, None, layers
+    return best[1], best[2], layers
+
+
+# --- activations ---------------------------------------------------------------------------------------------------
+def layer_activation_bytes(tokens: int, batch: int, hidden: int, heads: int, tp: int, recompute: bool,
+                           bytes_per_value: int) -> Tuple[float, float]:
+    """(kept per layer, one layer's full activations) in bytes (see the module docstring)."""
+    full = tokens * batch * hidden * (8 + 24 / tp + 2 * heads * tokens / (hidden * tp)) * bytes_per_value / 2
+    kept = tokens * batch * hidden * bytes_per_value if recompute else full
+    return kept, full
+
+
+def _tower_activations(num_layers: int, tokens: int, batch: int, hidden: int, heads: int, tp: int, recompute: bool,
+                       bytes_per_value: int) -> float:
+    if num_layers == 0 or tokens == 0:
+        return 0.0
+    kept, full = layer_activation_bytes(tokens, batch, hidden, heads, tp, recompute, bytes_per_value)
+    return num_layers * kept + (full if recompute else 0.0)
+
+
+def micro_batch_activations(args, task: TaskWork, stage: int, layers: List[int]) -> float:
+    """Activation bytes of one micro-batch of ``task`` on ``stage`` (per GPU of the stage)."""
+    tp = args.parallel.tensor_model_parallel_size
+    value = 2 if (args.precision.bf16 or args.precision.fp16) else 4
+    b = task.micro_batch_size
+    llm = args.llm
+    total = _tower_activations(layers[stage], task.llm_tokens, b, llm.hidden_size, llm.num_attention_heads, tp,
+                               llm.recompute, value)
+    if stage == 0 and task.image_tokens:
+        v = args.vision
+        total += _tower_activations(v.num_layers, task.image_tokens, b, v.hidden_size, v.num_attention_heads, tp,
+                                    v.recompute, value)
+    if stage == len(layers) - 1:
+        if task.dit_tokens:
+            c, d = args.connector, args.dit
+            total += 2 * _tower_activations(c.num_layers, c.num_queries, b, c.hidden_size, c.num_attention_heads, tp,
+                                            c.recompute, value)
+            # A joint block holds two streams: count the MMDiT as twice its layers over the joint sequence.
+            total += _tower_activations(2 * d.num_layers, task.dit_tokens, b, d.hidden_size, d.num_attention_heads,
+                                        tp, d.recompute, value)
+        else:
+            total += task.llm_tokens * b * llm.padded_vocab_size(tp) // tp * 4  # fp32 logits
+    return total
+
+
+def activation_estimate(args, work: List[TaskWork], layers: List[int]) -> List[float]:
+    """Peak activation bytes per GPU of each stage under 1F1B (see the module docstring)."""
+    pp = len(layers)
+    cycle = sum(task.repeats for task in work)
+    in_flight_limit = args.training.micro_batches_per_step or cycle
+    result = []
+    for stage in range(pp):
+        largest = max((micro_batch_activations(args, task, stage, layers) for task in work), default=0.0)
+        result.append(largest * min(pp - stage, in_flight_limit))
+    return result
+
+
+# --- the dry-run lines --------------------------------------------------------------------------------------------
+def _placement_text(first: Optional[int], last: Optional[int]) -> str:
+    flags = [f"{flag} {value}" for flag, value in ((FIRST_FLAG, first), (LAST_FLAG, last)) if value is not None]
+    return " ".join(flags) if flags else "the even split (no flag)"
+
+
+def _flops_line(name: str, layers: List[int], totals: List[float]) -> str:
+    stages = ", ".join(f"{count} layers {flops / 1e12:.1f}" for count, flops in zip(layers, totals))
+    return f"  {name}: {stages} TFLOP; busiest/mean {imbalance(totals):.2f}"
+
+
+def balance_lines(args) -> List[str]:
+    """Per-task FLOPs per stage, the current placement's balance and the suggested one."""
+    try:
+        work = workload(args)
+    except (ValueError, KeyError, OSError) as error:  # malformed streams are reported by validation
+        return [f"pipeline balance: not estimated ({error})"]
+    parallel = args.parallel
+    pp = parallel.pipeline_model_parallel_size
+    current = stage_layer_counts(args.llm.num_layers, pp, parallel.decoder_first_pipeline_num_layers,
+                                 parallel.decoder_last_pipeline_num_layers)
+    lines = [] if vae_config_for_estimate(args)[1] else [
+        "pipeline FLOPs: the VAE config is not readable here; SD3-medium's VAE (8x, 16 channels) assumed"]
+    lines += ["training FLOPs per micro-batch at the length limits (TFLOP; first stage: vision, per LLM layer, "
+             "last stage: output layer + connectors + MMDiT + VAE):"]
+    for task in work:
+        per_stage = stage_flops([dataclasses.replace(task, repeats=1)], current)
+        lines.append(f"  {task.task} x{task.micro_batch_size} (repeats {task.repeats}): first {task.first / 1e12:.2f}, "
+                     f"per LLM layer {task.per_layer / 1e12:.3f}, last {task.last / 1e12:.2f}; per stage now "
+                     + ", ".join(f"{f / 1e12:.2f}" for f in per_stage))
+    if pp == 1:
+        return lines
+    lines.append("pipeline balance over one task-stream cycle (per stage: LLM layers, training TFLOP):")
+    lines.append(_flops_line(f"now ({_placement_text(parallel.decoder_first_pipeline_num_layers, parallel.decoder_last_pipeline_num_layers)})",
+                             current, stage_flops(work, current)))
+    first, last, best = suggest_placement(args, work)
+    totals = stage_flops(work, best)
+    lines.append(_flops_line(f"suggested: {_placement_text(first, last)}", best, totals))
+    fixed = stage_flops(work, [0] * (pp - 1) + [1])[-1] - sum(t.repeats * t.per_layer for t in work)
+    if fixed > sum(totals) / pp * 1.05:
+        lines.append(f"  the last stage's own towers (output layer, connectors, MMDiT, VAE: {fixed / 1e12:.1f} TFLOP) "
+                     f"exceed a balanced share ({sum(totals) / pp / 1e12:.1f}) with any LLM placement: fewer pipeline "
+                     "stages (or more tensor parallelism) balance this mix better")
+    return lines
