@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Tuple
 
-from megatron_puffin.tasks import GENERATION_TASKS, UNDERSTANDING_TASKS
+from megatron_puffin.tasks import GENERATION_TASKS, TASK_VARIANTS, UNDERSTANDING_TASKS
 
 ACTIVATION_TOWERS = ("vision", "llm", "queries", "dit")
 
@@ -95,7 +95,7 @@ def _kept(trainable: Mapping[str, bool], task: str) -> Dict[str, bool]:
     """Which towers save activations: a tower does when it or anything before it trains."""
     vision = trainable["vision"] or trainable["projector"]
     upstream = vision and task != "text2text"
-    llm = trainable["llm"] or upstream or (task in GENERATION_TASKS and trainable["queries"])
+    llm = trainable["llm"] or upstream or (TASK_VARIANTS.get(task, task) in GENERATION_TASKS and trainable["queries"])
     return {"vision": vision, "vision_encoder": trainable["vision"], "llm": llm,
             "queries": llm or trainable["queries"], "dit": llm or trainable["queries"] or trainable["dit"]}
 
@@ -115,8 +115,8 @@ def activation_bytes_estimate(config, shape: MicroBatchShape, trainable: Mapping
     values = {
         "vision": _vision_values(config, shape, kept["vision_encoder"]) if kept["vision"] else 0.0,
         "llm": _llm_values(config, shape) if kept["llm"] else 0.0,
-        "queries": _query_values(config, shape) if kept["queries"] and shape.task in GENERATION_TASKS else 0.0,
-        "dit": _dit_values(config, shape) if kept["dit"] and shape.task in GENERATION_TASKS else 0.0,
+        "queries": _query_values(config, shape) if kept["queries"] and TASK_VARIANTS.get(shape.task, shape.task) in GENERATION_TASKS else 0.0,
+        "dit": _dit_values(config, shape) if kept["dit"] and TASK_VARIANTS.get(shape.task, shape.task) in GENERATION_TASKS else 0.0,
     }
     result = {tower: value * bytes_per_value for tower, value in values.items()}
     result["total"] = sum(result.values())
@@ -148,13 +148,14 @@ def worst_case_shape(args, task: str, batch_size: int) -> MicroBatchShape:
     supervised in understanding tasks."""
     data, vision = args.data, args.vision
     size = data.image_size
-    has_image = task in ("image2text", "image2text_cross_view", "image2image")
+    kind = TASK_VARIANTS.get(task, task)  # a stream's variant (image2text_thinking) has its loss task's shapes
+    has_image = kind in ("image2text", "image2text_cross_view", "image2image")
     image_tokens = vision.num_tokens(size, size) if has_image else 0
-    if task in UNDERSTANDING_TASKS:
+    if kind in UNDERSTANDING_TASKS:
         text = data.max_understanding_text_tokens
         return MicroBatchShape(task, batch_size, image_tokens + text, batch_size * text,
                                [(size, size)] * batch_size if has_image else [])
-    latents = {"text2image": 1, "cam2image": 2, "image2image": 3}[task]
+    latents = {"text2image": 1, "cam2image": 2, "image2image": 3}[kind]
     step = 8 * args.dit.patch_size
     return MicroBatchShape(task, batch_size, image_tokens + data.max_generation_text_tokens
                            + args.connector.num_queries, 0, [(size, size)] * batch_size if has_image else [],

@@ -319,7 +319,7 @@ def optimizer_bytes(args: PuffinArguments) -> float:
 
 def optimizer_bytes_unsharded(args: PuffinArguments) -> int:
     """Adam moments (+ fp32 master weights in mixed precision) per trainable parameter, before any sharding."""
-    return BYTES_ADAM_FP32 + (BYTES_MASTER_FP32 if weight_bytes(args: PuffinArguments) == 2 else 0)
+    return BYTES_ADAM_FP32 + (BYTES_MASTER_FP32 if weight_bytes(args) == 2 else 0)
 
 
 def llm_stage_layers(args: PuffinArguments) -> List[int]:
@@ -492,15 +492,15 @@ def peak_gpu_bytes(args: PuffinArguments) -> float:
     stages: what has to fit one GPU."""
     from megatron_puffin.training import pipeline_balance
 
-    stages = memory_estimate(args, towers(args: PuffinArguments))
-    activations = pipeline_balance.activation_estimate(args, pipeline_balance.workload(args: PuffinArguments), llm_stage_layers(args: PuffinArguments))
+    stages = memory_estimate(args, towers(args))
+    activations = pipeline_balance.activation_estimate(args, pipeline_balance.workload(args), llm_stage_layers(args))
     return max(m.total + a for m, a in zip(stages, activations))
 
 
 def _balance_lines(args: PuffinArguments) -> List[str]:
     from megatron_puffin.training.pipeline_balance import balance_lines
 
-    return balance_lines(args: PuffinArguments)
+    return balance_lines(args)
 
 
 def _backend_lines(args: PuffinArguments) -> List[str]:

@@ -85,15 +85,17 @@ def _sequence(args, task: str) -> Tuple[int, int]:
 
 def task_work(args, task: str, micro_batch_size: int, repeats: int) -> TaskWork:
     """The FLOPs of one micro-batch of ``task`` split by pipeline placement (see the module docstring)."""
-    from megatron_puffin.data.task_encoders import GENERATION_TASKS
+    from megatron_puffin.tasks import GENERATION_TASKS
     from megatron_puffin.training import flops
 
     b, size = micro_batch_size, args.data.image_size
     factor = {tower: 3.0 if on else 1.0 for tower, on in flops.trainable_towers(args.model).items()}
     tokens, images = _sequence(args, task)
     generation = task in GENERATION_TASKS
-    decoder = flops.llm_flops(args.llm, [tokens] * b, False, tokens, False).total
-    output = flops.llm_flops(args.llm, [tokens] * b, not generation, tokens, False).total - decoder
+    decoder = flops.llm_flops(args.llm, [tokens] * b, 0, tokens, False).total
+    # The output layer runs on the supervised (answer) positions only: at most every text token of each sample.
+    logit_rows = 0 if generation else b * min(args.data.max_understanding_text_tokens, tokens - 1)
+    output = flops.llm_flops(args.llm, [tokens] * b, logit_rows, tokens, False).total - decoder
     sizes = [(size, size)] * (b * images)
     first = factor["vision"] * flops.vision_flops(args.vision, sizes).total
     first += factor["projector"] * flops.projector_flops(args.vision, args.llm.hidden_size, sizes).total

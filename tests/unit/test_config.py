@@ -55,7 +55,7 @@ def test_a_flag_file_includes_another_relative_to_its_own_folder(tmp_path, monke
     args = parse_args(DATA + ["@stages/stage.args"])
     assert (args.llm.num_layers, args.llm.hidden_size) == (4, 192)
     stage_files = sorted((Path(__file__).resolve().parents[2] / "examples" / "stages").glob("stage*.args"))
-    assert len(stage_files) == 4 and all("\n@model.args\n" in f.read_text() for f in stage_files)
+    assert len(stage_files) == 5 and all("\n@model.args\n" in f.read_text() for f in stage_files)  # incl. 7B
 
 
 def test_every_mistake_is_reported_at_once(tmp_path):

@@ -100,6 +100,10 @@ def test_stage_split_of_flops_equals_the_whole_micro_batch(tmp_path):
         work = pipeline_balance.task_work(args, task, micro_batch_size=2, repeats=1)
         image = torch.zeros(1, 1, 1, 1).expand(2, 3, size, size)
         batch = {"task": task, "attention_mask": torch.ones(2, work.llm_tokens, dtype=bool)}
+        labels = torch.full((2, work.llm_tokens), -100)
+        supervised = min(args.data.max_understanding_text_tokens, work.llm_tokens - 1)  # task_work's bound
+        labels[:, work.llm_tokens - supervised:] = 0
+        batch["labels"] = labels
         if work.image_tokens:
             batch["vision_images"] = image
         if task in ("text2image", "cam2image", "image2image"):
