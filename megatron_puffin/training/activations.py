@@ -112,11 +112,12 @@ def activation_bytes_estimate(config, shape: MicroBatchShape, trainable: Mapping
         bytes_per_value: 4 in fp32, 2 in bf16/fp16.
     """
     kept = _kept(trainable, shape.task)
+    generation = TASK_VARIANTS.get(shape.task, shape.task) in GENERATION_TASKS
     values = {
         "vision": _vision_values(config, shape, kept["vision_encoder"]) if kept["vision"] else 0.0,
         "llm": _llm_values(config, shape) if kept["llm"] else 0.0,
-        "queries": _query_values(config, shape) if kept["queries"] and TASK_VARIANTS.get(shape.task, shape.task) in GENERATION_TASKS else 0.0,
-        "dit": _dit_values(config, shape) if kept["dit"] and TASK_VARIANTS.get(shape.task, shape.task) in GENERATION_TASKS else 0.0,
+        "queries": _query_values(config, shape) if kept["queries"] and generation else 0.0,
+        "dit": _dit_values(config, shape) if kept["dit"] and generation else 0.0,
     }
     result = {tower: value * bytes_per_value for tower, value in values.items()}
     result["total"] = sum(result.values())
