@@ -41,7 +41,7 @@ def _timed(fn: Callable[[], torch.Tensor], repeats: int) -> Tuple[float, float]:
 def _attention_cases(batch: int) -> Dict[str, Tuple[Callable, Dict]]:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_puffin.models.dit.attention import SDPADotProductAttention
+    from megatron_puffin.models.common.attention import SDPADotProductAttention
     from megatron_puffin.models.llm.llm_layer_specs import SDPACausalAttention
 
     config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=1)

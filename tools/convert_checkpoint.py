@@ -274,7 +274,7 @@ def mcore_to_sd3_command(args: argparse.Namespace) -> None:
 
 # --- vision ---------------------------------------------------------------------------------------------------------
 def radio_to_mcore_command(args: argparse.Namespace, extra: Sequence[str]) -> None:
-    from megatron_puffin.convert.connector import ConversionError, shard_by_table
+    from megatron_puffin.convert.common import ConversionError, shard_by_table
     from megatron_puffin.convert.radio import encoder_tensor_table, radio_to_mcore, radio_vision_shape
     from megatron_puffin.models.vision import build_vision
 
@@ -324,7 +324,7 @@ def _tower_list(supplied: Sequence[str]) -> List[str]:
 
 
 def puffin_to_mcore_command(args: argparse.Namespace, extra: Sequence[str]) -> None:
-    from megatron_puffin.convert.connector import ConversionError
+    from megatron_puffin.convert.common import ConversionError
     from megatron_puffin.convert.puffin import load_puffin_state_dict, puffin_to_mcore
     from megatron_puffin.models.puffin import PuffinConfig, build_puffin
 

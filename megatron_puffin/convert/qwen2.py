@@ -14,14 +14,13 @@ every tensor accounted for. Layouts:
 from __future__ import annotations
 
 import re
-from typing import Dict, Mapping, Tuple
+from typing import Mapping, Tuple
 
 import torch
 
-from megatron_puffin.models.llm.config import LLMConfig
+from megatron_puffin.convert.common import ConversionError, StateDict
 from megatron_puffin.models.extra_state import is_extra_state_key
-
-StateDict = Dict[str, torch.Tensor]
+from megatron_puffin.models.llm.config import LLMConfig
 
 _LAYER_MAP = {
     # ours (under decoder.layers.{i}.)      : HF (under model.layers.{i}.)
@@ -30,10 +29,6 @@ _LAYER_MAP = {
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
-
-
-class ConversionError(ValueError):
-    """Tensors that could not be matched between two naming schemes."""
 
 
 def _check_consumed(source: Mapping[str, torch.Tensor], consumed: set, what: str) -> None:

@@ -70,7 +70,7 @@ def test_hf_round_trip_is_bit_exact(tied):
 
 
 def test_unmatched_tensors_are_listed():
-    from megatron_puffin.convert.qwen2 import ConversionError
+    from megatron_puffin.convert.common import ConversionError
 
     config = tiny_llm_config()
     hf_sd = dict(hf_qwen2(config).state_dict())

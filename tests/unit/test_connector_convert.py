@@ -4,15 +4,13 @@ import pytest
 import torch
 
 import megatron_puffin.distributed as dist_utils
+from megatron_puffin.convert.common import ConversionError, interleave_qkv, split_qkv
 from megatron_puffin.convert.connector import (
-    ConversionError,
     connector_tensor_table,
-    interleave_qkv,
     load_connector_state_dict,
     mcore_to_reference,
     reference_to_mcore,
     shard_connector_state_dict,
-    split_qkv,
     unshard_connector_state_dicts,
 )
 from megatron_puffin.models.connector import ConnectorConfig, build_query_conditioner

@@ -4,8 +4,8 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 import megatron_puffin.distributed as dist_utils
+from megatron_puffin.convert.common import ConversionError
 from megatron_puffin.convert.sd3 import (
-    ConversionError,
     diffusers_to_mcore,
     dit_tensor_table,
     load_diffusers_transformer,

@@ -4,7 +4,7 @@ import torch
 
 import megatron_puffin.distributed as dist_utils
 from megatron_puffin.models.dit import DiTConfig, build_dit, get_dit_layer_spec
-from megatron_puffin.models.dit.attention import SDPADotProductAttention
+from megatron_puffin.models.common.attention import SDPADotProductAttention
 from megatron_puffin.models.dit.embeddings import PatchEmbed
 
 

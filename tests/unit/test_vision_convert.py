@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import megatron_puffin.distributed as dist_utils
-from megatron_puffin.convert.connector import ConversionError
+from megatron_puffin.convert.common import ConversionError
 from megatron_puffin.convert.radio import (
     load_vision_state_dict,
     mcore_to_projector,

@@ -27,16 +27,17 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
-from megatron_puffin.models.connector.config import ConnectorConfig
-from megatron_puffin.models.connector.connector_layer_specs import get_connector_layer_spec
-from megatron_puffin.models.vision.model import ensure_parallel_state, resolve_device
-from megatron_puffin.models.vision.parallel_init import (
+from megatron_puffin.models.common.build import resolve_device
+from megatron_puffin.models.common.parallel_init import (
     init_slice_,
     normal_init,
     uniform_init,
     xavier_bound,
     zeros_init,
 )
+from megatron_puffin.models.connector.config import ConnectorConfig
+from megatron_puffin.models.connector.connector_layer_specs import get_connector_layer_spec
+from megatron_puffin.models.vision.model import ensure_parallel_state
 
 FC_BIAS_STD = 1e-6  # reference init of the connector MLP biases (§1.6)
 

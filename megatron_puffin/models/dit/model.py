@@ -23,6 +23,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
+from megatron_puffin.models.common.build import resolve_device
 from megatron_puffin.models.dit.config import DiTConfig
 from megatron_puffin.models.dit.dit_layer_specs import get_dit_layer_spec
 from megatron_puffin.models.dit.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
@@ -220,9 +221,7 @@ def build_dit(
         The model on ``device`` in the config's parameter dtype.
     """
     _ensure_parallel_state()
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
+    device = resolve_device(device)
     if transformer_config is None:
         transformer_config = config.to_transformer_config(
             tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),

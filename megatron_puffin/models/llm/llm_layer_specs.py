@@ -14,7 +14,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_puffin.models.dit.attention import SDPADotProductAttention
+from megatron_puffin.models.common.attention import SDPADotProductAttention
 
 from megatron_puffin.optional_deps import require_transformer_engine
 

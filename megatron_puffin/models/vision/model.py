@@ -21,10 +21,11 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_puffin.models.common.build import resolve_device
+from megatron_puffin.models.common.parallel_init import init_linear_like_torch_
 from megatron_puffin.models.vision.config import VisionConfig
 from megatron_puffin.models.vision.encoder import RADIOEncoder
 from megatron_puffin.models.vision.ops import FeatureNormalizer, InputConditioner, fold_patches, scale_gradient
-from megatron_puffin.models.vision.parallel_init import init_linear_like_torch_
 from megatron_puffin.models.vision.vision_layer_specs import get_projector_submodules, get_vision_layer_spec
 
 logger = logging.getLogger(__name__)
@@ -181,13 +182,6 @@ def ensure_parallel_state(what: str) -> None:
 
     logger.info("%s: no process group yet; initialising a single-process world (TP=1)", what)
     initialize()
-
-
-def resolve_device(device: Optional[Union[str, torch.device]]) -> torch.device:
-    """``device``, or the current CUDA device when CUDA is available, else the CPU."""
-    if device is None:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(device)
 
 
 def build_vision(
