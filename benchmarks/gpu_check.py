@@ -91,7 +91,8 @@ def check_llm_layouts(batch: int, seq: int, layers: int, repeats: int) -> None:
 
     mpd.initialize(seed=0)
     config = LLMConfig(num_layers=layers, max_position_embeddings=max(seq, 4096))
-    model = build_llm(config, transformer_config=config.to_transformer_config(params_dtype=torch.bfloat16))
+    model = build_llm(config, transformer_config=config.to_transformer_config(params_dtype=torch.bfloat16),
+                      pg_collection=mpd.process_groups())
     model = model.cuda().train()
     lengths = torch.randint(seq // 2, seq + 1, (batch,))
     lengths[0] = seq

@@ -212,18 +212,12 @@ def te_layer_names(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
 
 
 def load_llm_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], config: LLMConfig) -> None:
-    """Load an unsharded LLM state dict into a built model of the current TP/PP rank, every tensor checked
-    (local or Transformer Engine spec)."""
-    from megatron.core import parallel_state as ps
+    """Load an unsharded LLM state dict into a built model (a ``PuffinLLM``) at its own TP/PP ranks (its
+    ``pg_collection``), every tensor checked (local or Transformer Engine spec)."""
+    from megatron.core.utils import get_pg_rank, get_pg_size
 
-    shard = shard_llm_state_dict(
-        state_dict,
-        config,
-        ps.get_tensor_model_parallel_rank(),
-        ps.get_tensor_model_parallel_world_size(),
-        ps.get_pipeline_model_parallel_rank(),
-        ps.get_pipeline_model_parallel_world_size(),
-    )
+    tp, pp = model.pg_collection.tp, model.pg_collection.pp
+    shard = shard_llm_state_dict(state_dict, config, get_pg_rank(tp), get_pg_size(tp), get_pg_rank(pp), get_pg_size(pp))
     if any(name.endswith("linear_qkv.layer_norm_weight") for name in model.state_dict()):
         shard = te_layer_names(shard)
     result = model.load_state_dict(shard, strict=False)

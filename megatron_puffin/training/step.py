@@ -8,7 +8,6 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_puffin.training.losses import global_mean_loss
@@ -57,13 +56,18 @@ def _forward_step(data_parallel_group, data_iterator: Iterator, model):
     return model(batch), functools.partial(_loss_func, data_parallel_group, stream_task(batch))
 
 
+def model_process_groups(model):
+    """The ``ProcessGroupCollection`` a (possibly DDP-wrapped) Puffin model was built with."""
+    return getattr(model, "module", model).pg_collection
+
+
 def forward_backward(model, batches: List[Dict[str, Any]], forward_only: bool = False) -> StepResult:
     """Forward and backward over ``batches`` (one task each) with the schedule of the current layout.
 
     The schedule divides each micro-batch's loss by the number of micro-batches, so the step's gradient is the mean
     over the cycle of each task's global-mean-loss gradient (the reference's per-task micro-batches with GAS).
     """
-    group = parallel_state.get_data_parallel_group()
+    group = model_process_groups(model).dp
     schedule = get_forward_backward_func()
     seq_length = max(int(batch["input_ids"].shape[1]) for batch in batches)
     micro_batch_size = max(int(batch["input_ids"].shape[0]) for batch in batches)

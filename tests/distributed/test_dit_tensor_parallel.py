@@ -8,6 +8,7 @@ import torch
 
 from helpers.multiprocess import run_distributed
 from megatron_puffin.convert.sd3 import dit_tensor_table, unshard_dit_state_dicts
+from megatron_puffin.distributed import process_groups
 
 LOSS_RTOL = 1e-5
 GRAD_REL_ERROR = 1e-5
@@ -64,14 +65,14 @@ def _tp_worker():
 
     config, batches = _config(), _batches()
     initialize(tensor_model_parallel_size=1, seed=0)
-    reference = build_dit(config).train()
+    reference = build_dit(config, pg_collection=process_groups()).train()
     full_state = mcore_to_diffusers(reference.state_dict(), config)
     results = {"tp1": {name: _loss_and_grads(reference, batch) for name, batch in batches.items()}}
 
     context = initialize(tensor_model_parallel_size=2, seed=0)
     shard = shard_dit_state_dict(full_state, config, 2)[context.tp_rank]
     for recompute in (False, True):
-        model = build_dit(dataclasses.replace(config, recompute=recompute)).train()
+        model = build_dit(dataclasses.replace(config, recompute=recompute), pg_collection=process_groups()).train()
         load_dit_state_dict(model, shard)
         results[f"tp2_recompute={recompute}"] = {name: _loss_and_grads(model, b) for name, b in batches.items()}
     results["sharding"] = _sharding_metadata(model)

@@ -56,12 +56,13 @@ def gpu_world():
 
 
 def _model(paths, impl: str):
+    from megatron_puffin.distributed import process_groups
     from megatron_puffin.models.puffin import build_puffin
 
     torch.manual_seed(0)
     config = dataclasses.replace(tiny_puffin_config(paths, freeze_vision=True), params_dtype=torch.bfloat16,
                                  transformer_impl=impl)
-    return build_puffin(config).cuda().eval()
+    return build_puffin(config, pg_collection=process_groups()).cuda().eval()
 
 
 def _weights(model):

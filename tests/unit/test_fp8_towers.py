@@ -76,7 +76,7 @@ def test_llm_sequence_padded_for_fp8_leaves_every_real_token_unchanged(single_pr
 
     config = tiny_llm_config(num_layers=2)
     torch.manual_seed(0)
-    model = build_llm(config).eval()
+    model = build_llm(config, pg_collection=mpd.process_groups()).eval()
     input_ids, mask, position_ids, labels = left_padded_batch(config.vocab_size, [11, 7, 3], 11)
     batch = RightPadding.from_left_padded(mask).apply_to_batch(
         {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels})
@@ -101,7 +101,8 @@ def test_dit_stream_padded_for_fp8_predicts_the_same_velocities(single_process):
     torch.manual_seed(0)
     dit = build_dit(DiTConfig(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
-                              caption_projection_dim=16, pooled_projection_dim=12, pos_embed_max_size=24)).eval()
+                              caption_projection_dim=16, pooled_projection_dim=12, pos_embed_max_size=24),
+                    pg_collection=mpd.process_groups()).eval()
     gen = torch.Generator().manual_seed(1)
     context = dit.context_embedder(torch.randn(3, 5, 24, generator=gen)).transpose(0, 1)
     temb = dit.time_text_embed(torch.rand(3, generator=gen) * 1000, torch.randn(3, 12, generator=gen))
@@ -125,7 +126,7 @@ def test_fp8_vision_tower_refuses_token_counts_fp8_gemms_cannot_take(single_proc
     from megatron_puffin.models.vision import VisionConfig, build_vision
 
     tower = build_vision(VisionConfig(hidden_size=16, num_layers=1, num_attention_heads=2, ffn_hidden_size=32,
-                                      max_image_size=96, class_token_len=2), 48)
+                                      max_image_size=96, class_token_len=2), 48, pg_collection=mpd.process_groups())
     tower.config.fp8 = "hybrid"  # what an FP8 vision tower's TransformerConfig holds (FP8 itself needs a GPU)
     tower._check_images(torch.zeros(16, 3, 96, 96))  # 16 x (2 + 36) ViT rows, 16 x 9 projector rows
     with pytest.raises(ValueError, match=r"1 image\(s\) of 96x96 give 38 ViT rows, not a multiple of 16"):

@@ -24,7 +24,7 @@ def _model(paths, seed):
     from megatron_puffin.models.puffin import build_puffin
 
     torch.manual_seed(seed)
-    return build_puffin(tiny_puffin_config(paths))
+    return build_puffin(tiny_puffin_config(paths), pg_collection=mpd.process_groups())
 
 
 def _sub(state, prefix):

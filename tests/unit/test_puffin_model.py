@@ -18,7 +18,7 @@ def _model(paths, **flags):
     from megatron_puffin.models.puffin import build_puffin
 
     torch.manual_seed(0)
-    return build_puffin(tiny_puffin_config(paths, **flags)).train()
+    return build_puffin(tiny_puffin_config(paths, **flags), pg_collection=mpd.process_groups()).train()
 
 
 def _grad_norm(model, prefix):
@@ -92,7 +92,7 @@ def test_llm_activation_recompute_gives_the_same_loss_and_gradients(tiny):
         config = tiny_puffin_config(paths)
         config.llm = dataclasses.replace(config.llm, recompute=recompute)
         torch.manual_seed(0)
-        model = build_puffin(config).train()
+        model = build_puffin(config, pg_collection=mpd.process_groups()).train()
         assert model.llm.decoder.config.recompute_granularity == ("full" if recompute else None)
         out = model(batches["cam2image"][0])
         out["loss"].backward()

@@ -22,7 +22,7 @@ def _trainer(paths, lr, **flags):
     from megatron_puffin.training.optimizer import build_optimizer
 
     torch.manual_seed(0)
-    model = build_puffin(tiny_puffin_config(paths, **flags)).train()
+    model = build_puffin(tiny_puffin_config(paths, **flags), pg_collection=mpd.process_groups()).train()
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     model.config.finalize_model_grads_func = finalize_model_grads
     optimizer = build_optimizer([ddp], TrainingConfig(lr=lr, weight_decay=0.0), PrecisionConfig())

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -44,6 +45,7 @@ class JointAttention(MegatronModule):
         submodules: the layer classes / specs.
         layer_number: 1-based block index (for the core attention).
         context_pre_only: last block: the text stream feeds keys/values but produces no output.
+        pg_collection: the process groups (the projections split by heads over ``pg_collection.tp``).
     """
 
     def __init__(
@@ -52,9 +54,12 @@ class JointAttention(MegatronModule):
         submodules: JointAttentionSubmodules,
         layer_number: int,
         context_pre_only: bool = False,
+        *,
+        pg_collection: ProcessGroupCollection,
     ) -> None:
         super().__init__(config=config)
         self.context_pre_only = context_pre_only
+        self.tp_group = pg_collection.tp
         hidden = config.hidden_size
         self.head_dim = config.kv_channels
         tp = config.tensor_model_parallel_size
@@ -67,6 +72,7 @@ class JointAttention(MegatronModule):
             layer_number=layer_number,
             attn_mask_type=AttnMaskType.no_mask,
             attention_type="self",
+            pg_collection=pg_collection,
         )
         self.to_out = ShardedModuleList([self._row(submodules.linear_proj, hidden, hidden, "proj")])
         self.to_add_out = None if context_pre_only else self._row(submodules.linear_proj, hidden, hidden, "proj")
@@ -75,12 +81,14 @@ class JointAttention(MegatronModule):
         return build_module(
             spec, in_size, out_size, config=self.config, init_method=self.config.init_method,
             gather_output=False, bias=True, skip_bias_add=False, is_expert=False, tp_comm_buffer_name=name,
+            tp_group=self.tp_group,
         )
 
     def _row(self, spec, in_size: int, out_size: int, name: str):
         return build_module(
             spec, in_size, out_size, config=self.config, init_method=self.config.output_layer_init_method,
             bias=True, input_is_parallel=True, skip_bias_add=False, is_expert=False, tp_comm_buffer_name=name,
+            tp_group=self.tp_group,
         )
 
     def _heads(self, layer, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 import torch
 from megatron.core.models.vision.radio import RADIOViTModel
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_puffin.models.vision.config import VisionConfig
@@ -42,10 +43,12 @@ class RADIOEncoder(RADIOViTModel):
         config: megatron-core config from :meth:`VisionConfig.to_transformer_config`.
         layer_spec: ViT block spec (:func:`~.vision_layer_specs.get_vision_layer_spec`).
         norm_impl: norm class for the optional final LayerNorm (``ln_post``).
+        pg_collection: the process groups of the ViT blocks.
     """
 
     def __init__(
-        self, vision_config: VisionConfig, config: TransformerConfig, layer_spec: ModuleSpec, norm_impl
+        self, vision_config: VisionConfig, config: TransformerConfig, layer_spec: ModuleSpec, norm_impl,
+        pg_collection: ProcessGroupCollection,
     ) -> None:
         side = vision_config.max_image_size
         super().__init__(
@@ -62,6 +65,7 @@ class RADIOEncoder(RADIOViTModel):
             pos_dropout=vision_config.cpe_pos_dropout,
             has_cpe=True,
             embedder_bias=False,
+            pg_collection=pg_collection,
         )
         self.num_skip_tokens = vision_config.class_token_len
 
