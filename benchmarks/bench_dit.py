@@ -85,7 +85,7 @@ def _build_models(args, dtype, device):
     from diffusers import SD3Transformer2DModel
 
     from megatron_puffin.convert.sd3 import diffusers_to_mcore, load_dit_state_dict
-    from megatron_puffin.distributed import initialize
+    from megatron_puffin.distributed import initialize, process_groups
     from megatron_puffin.models.dit import DiTConfig, build_dit
 
     initialize(seed=0)
@@ -99,7 +99,8 @@ def _build_models(args, dtype, device):
     ).to(device=device, dtype=dtype)
     config = DiTConfig.from_diffusers(dict(ref.config))
     tc = config.to_transformer_config(params_dtype=dtype)
-    ours = build_dit(config, transformer_config=tc, transformer_impl=args.transformer_impl, device=device)
+    ours = build_dit(config, transformer_config=tc, transformer_impl=args.transformer_impl, device=device,
+                    pg_collection=process_groups())
     load_dit_state_dict(ours, diffusers_to_mcore(ref.state_dict(), config))
     ours.train(), ref.train()
     return ours, ref

@@ -70,7 +70,7 @@ def main() -> None:
     )
     hf = hf_qwen2(config).train()
     hf.config._attn_implementation = args.hf_attn
-    ours = build_llm(config).train()
+    ours = build_llm(config, pg_collection=mpd.process_groups()).train()
     load_llm_state_dict(ours, hf_to_mcore(hf.state_dict(), config), config)
     lengths = [args.seq - 7 * i for i in range(args.batch)]
     input_ids, mask, position_ids, labels = left_padded_batch(config.vocab_size, lengths, args.seq)

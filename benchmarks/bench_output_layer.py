@@ -37,6 +37,7 @@ def _parse_args() -> argparse.Namespace:
 
 
 def _llm():
+    from megatron_puffin.distributed import process_groups as mpd_process_groups
     from megatron_puffin.models.llm import LLMConfig, build_llm
 
     sizes = real_proportions.scaled_sizes()
@@ -44,7 +45,7 @@ def _llm():
                        ffn_hidden_size=sizes["llm_ffn"], num_attention_heads=sizes["llm_heads"],
                        num_query_groups=sizes["llm_kv_heads"], vocab_size=sizes["llm_vocab"])
     torch.manual_seed(0)
-    return build_llm(config).train()
+    return build_llm(config, pg_collection=mpd_process_groups()).train()
 
 
 def _loss(llm, inputs, positions, target, supervised_rows: bool) -> torch.Tensor:

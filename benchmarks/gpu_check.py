@@ -40,7 +40,7 @@ def _timed(fn: Callable[[], torch.Tensor], repeats: int) -> Tuple[float, float]:
 def _attention_cases(batch: int) -> Dict[str, Tuple[Callable, Dict]]:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_puffin.models.dit.attention import SDPADotProductAttention
+    from megatron_puffin.models.common.attention import SDPADotProductAttention
     from megatron_puffin.models.llm.llm_layer_specs import SDPACausalAttention
 
     config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=1)
@@ -90,7 +90,8 @@ def check_llm_layouts(batch: int, seq: int, layers: int, repeats: int) -> None:
 
     mpd.initialize(seed=0)
     config = LLMConfig(num_layers=layers, max_position_embeddings=max(seq, 4096))
-    model = build_llm(config, transformer_config=config.to_transformer_config(params_dtype=torch.bfloat16))
+    model = build_llm(config, transformer_config=config.to_transformer_config(params_dtype=torch.bfloat16),
+                      pg_collection=mpd.process_groups())
     model = model.cuda().train()
     lengths = torch.randint(seq // 2, seq + 1, (batch,))
     lengths[0] = seq

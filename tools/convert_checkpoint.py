@@ -183,7 +183,8 @@ def hf_to_mcore_command(args: argparse.Namespace) -> None:
     hf_config, hf_state = load_hf_directory(args.hf_dir)
     config = LLMConfig.from_hf(hf_config)
     ctx = mpd.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=0)
-    model = build_llm(config, pre_process=ctx.is_first_pipeline_stage, post_process=ctx.is_last_pipeline_stage)
+    model = build_llm(config, pre_process=ctx.is_first_pipeline_stage, post_process=ctx.is_last_pipeline_stage,
+                      pg_collection=mpd.process_groups())
     load_llm_state_dict(model, hf_to_mcore(hf_state, config), config)
     metadata = {
         "kind": "llm",
@@ -231,7 +232,7 @@ def sd3_to_mcore_command(args: argparse.Namespace) -> None:
     state = diffusers_to_mcore(diffusers_state, config)
     source_dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values() if t.is_floating_point()})
     ctx = mpd.initialize(args.tensor_model_parallel_size, 1, seed=0)
-    model = build_dit(config)
+    model = build_dit(config, pg_collection=mpd.process_groups())
     shard = shard_dit_state_dict(state, config, ctx.tensor_model_parallel_size)[ctx.tp_rank]
     load_dit_state_dict(model, shard)
     metadata = {
@@ -263,7 +264,7 @@ def mcore_to_sd3_command(args: argparse.Namespace) -> None:
                          "puffin-to-mcore or training)")
     dtype_name = args.dtype if args.dtype != "source" else (metadata.get("source_dtype") or "float32")
     mpd.initialize(seed=0)
-    model = build_dit(config)
+    model = build_dit(config, pg_collection=mpd.process_groups())
     load_module(model, directory, prefix=prefix, what="--input")
     state = {k: v.to(DTYPES[dtype_name]) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     save_diffusers_transformer(args.output, state, config)
@@ -275,7 +276,7 @@ def mcore_to_sd3_command(args: argparse.Namespace) -> None:
 
 # --- vision ---------------------------------------------------------------------------------------------------------
 def radio_to_mcore_command(args: argparse.Namespace, extra: Sequence[str]) -> None:
-    from megatron_puffin.convert.connector import ConversionError, shard_by_table
+    from megatron_puffin.convert.common import ConversionError, shard_by_table
     from megatron_puffin.convert.radio import encoder_tensor_table, radio_to_mcore, radio_vision_shape
     from megatron_puffin.models.vision import build_vision
 
@@ -297,7 +298,7 @@ def radio_to_mcore_command(args: argparse.Namespace, extra: Sequence[str]) -> No
         raise UsageError(f"radio-to-mcore: {error}") from None
     tp = args.tensor_model_parallel_size or flags.parallel.tensor_model_parallel_size
     ctx = mpd.initialize(tp, 1, seed=_seed(flags))
-    model = build_vision(config, llm_hidden)
+    model = build_vision(config, llm_hidden, pg_collection=mpd.process_groups())
     # This rank's encoder shard from the file; the projector keeps its fresh initialisation.
     shard = shard_by_table(encoder, encoder_tensor_table(config), ctx.tensor_model_parallel_size,
                            "radio-to-mcore")[ctx.tp_rank]
@@ -325,7 +326,7 @@ def _tower_list(supplied: Sequence[str]) -> List[str]:
 
 
 def puffin_to_mcore_command(args: argparse.Namespace, extra: Sequence[str]) -> None:
-    from megatron_puffin.convert.connector import ConversionError
+    from megatron_puffin.convert.common import ConversionError
     from megatron_puffin.convert.puffin import load_puffin_state_dict, puffin_to_mcore
     from megatron_puffin.models.puffin import PuffinConfig, build_puffin
 
@@ -355,7 +356,7 @@ def puffin_to_mcore_command(args: argparse.Namespace, extra: Sequence[str]) -> N
     if ctx.world_size != 1:
         raise UsageError("puffin-to-mcore runs as one process (the checkpoint loads at any layout)")
     # Seeded as training seeds its model (tensors the file lacks start as a TP=PP=1 fp32 run would start them).
-    model = build_puffin(config)
+    model = build_puffin(config, pg_collection=mpd.process_groups())
     completed: Dict[str, str] = {}
     base = flags.checkpoint.vision_checkpoint
     if ("vision" in supplied) != ("projector" in supplied) and base:  # half a vision tower: the rest from the base

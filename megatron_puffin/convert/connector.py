@@ -15,140 +15,31 @@ layer ``i`` (``meta_queries``, ``llm2connector_k.*`` and ``projector_k.*`` keep 
 
 Our names are relative to the ``QueryConditioner``. Unsharded state dicts are TP=1; the tensor table (name ->
 unsharded shape, tensor-parallel split axis) drives the checks, :func:`shard_connector_state_dict` and
-:func:`unshard_connector_state_dicts`. The first part of this module holds the table helpers, which
-:mod:`megatron_puffin.convert.radio` shares.
+:func:`unshard_connector_state_dicts` (through :mod:`megatron_puffin.convert.common`).
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Iterable, List, Mapping, Sequence
 
 import torch
 
+from megatron_puffin.convert.common import (
+    REPLICATED,
+    ConversionError,
+    StateDict,
+    Table,
+    check_against_table,
+    encoder_layer_table,
+    interleave_qkv,
+    linear_entries,
+    load_checked,
+    shard_by_table,
+    split_qkv,
+    unshard_by_table,
+)
 from megatron_puffin.models.connector.config import ConnectorConfig
-from megatron_puffin.models.extra_state import is_extra_state_key
-
-StateDict = Dict[str, torch.Tensor]
-Table = Dict[str, Tuple[tuple, Optional[int]]]
-COLUMN, ROW, REPLICATED = 0, 1, None
 
 _CONNECTORS = ("connector_1", "connector_2")
-
-
-class ConversionError(ValueError):
-    """Tensors that could not be matched between a checkpoint and a tower's tensor table."""
-
-
-# -- table helpers (shared with convert.radio) -------------------------------------------------------------------
-is_extra_state = is_extra_state_key  # Transformer Engine ``_extra_state`` entries, never part of a conversion
-
-
-def linear_entries(name: str, out_features: int, in_features: int, axis: Optional[int]) -> Table:
-    """Table entries of a linear: column-parallel splits weight and bias along dim 0, row-parallel the weight
-    along dim 1 (bias whole), replicated neither."""
-    bias_axis = COLUMN if axis == COLUMN else REPLICATED
-    return {f"{name}.weight": ((out_features, in_features), axis), f"{name}.bias": ((out_features,), bias_axis)}
-
-
-def check_against_table(state_dict: Mapping[str, torch.Tensor], table: Table, what: str) -> StateDict:
-    """The tensors of ``state_dict`` in table order, after checking names both ways and shapes.
-
-    Raises:
-        ConversionError: listing every unmatched tensor, missing tensor and wrong shape.
-    """
-    names = {k for k in state_dict if not is_extra_state(k)}
-    problems = []
-    unmatched, missing = sorted(names - set(table)), sorted(set(table) - names)
-    if unmatched:
-        problems.append(f"{len(unmatched)} unmatched tensor(s): {', '.join(unmatched)}")
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {', '.join(missing)}")
-    for name in sorted(names & set(table)):
-        shape = tuple(state_dict[name].shape)
-        if shape != table[name][0]:
-            problems.append(f"{name} has shape {shape}, expected {table[name][0]}")
-    if problems:
-        raise ConversionError(f"{what}: " + "; ".join(problems))
-    return {name: state_dict[name] for name in table}
-
-
-def shard_by_table(state_dict: Mapping[str, torch.Tensor], table: Table, tensor_model_parallel_size: int,
-                   what: str) -> List[StateDict]:
-    """Split an unsharded state dict into one per tensor-parallel rank (contiguous copies of split tensors)."""
-    full = check_against_table(state_dict, table, what)
-    tp = tensor_model_parallel_size
-    shards: List[StateDict] = [{} for _ in range(tp)]
-    for name, (_, axis) in table.items():
-        pieces = [full[name]] * tp if axis is None else [p.contiguous() for p in full[name].chunk(tp, axis)]
-        for rank, piece in enumerate(pieces):
-            shards[rank][name] = piece
-    return shards
-
-
-def unshard_by_table(shards: Sequence[Mapping[str, torch.Tensor]], table: Table, check_replicated: bool,
-                     what: str) -> StateDict:
-    """Join per-rank state dicts (or per-rank gradients by name) into one unsharded dict.
-
-    Raises:
-        ConversionError: a rank lacks a tensor, replicated copies differ, or a joined shape is wrong.
-    """
-    for rank, shard in enumerate(shards):
-        lacking = sorted(set(table) - set(shard))
-        if lacking:
-            raise ConversionError(f"{what}: rank {rank} lacks {len(lacking)} tensor(s): {', '.join(lacking)}")
-    joined: StateDict = {}
-    for name, (shape, axis) in table.items():
-        pieces = [shard[name] for shard in shards]
-        if axis is not None:
-            joined[name] = torch.cat(pieces, dim=axis)
-        elif check_replicated and any(not torch.equal(pieces[0], piece) for piece in pieces[1:]):
-            raise ConversionError(f"{what}: replicated tensor {name} differs between tensor-parallel ranks")
-        else:
-            joined[name] = pieces[0]
-        if tuple(joined[name].shape) != shape:
-            raise ConversionError(f"{what}: {name} joins to shape {tuple(joined[name].shape)}, expected {shape}")
-    return joined
-
-
-def load_checked(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load one rank's state dict with every tensor accounted for (only ``_extra_state`` may be absent).
-
-    Raises:
-        ConversionError: unexpected or missing tensors.
-    """
-    result = model.load_state_dict(dict(state_dict), strict=False)
-    missing = [k for k in result.missing_keys if not is_extra_state(k)]
-    if missing or result.unexpected_keys:
-        raise ConversionError(f"load: missing {missing}, unexpected {list(result.unexpected_keys)}")
-
-
-def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Separate q/k/v (``[h, ...]`` each, heads-major) -> megatron-core's per-head ``[3h, ...]`` layout."""
-    rest = q.shape[1:]
-    per_head = [t.reshape(num_heads, -1, *rest) for t in (q, k, v)]
-    return torch.cat(per_head, dim=1).reshape(-1, *rest)
-
-
-def split_qkv(qkv: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`interleave_qkv`: ``[3h, ...] -> (q, k, v)``, each ``[h, ...]``."""
-    rest = qkv.shape[1:]
-    grouped = qkv.reshape(num_heads, 3, -1, *rest)
-    return tuple(grouped[:, index].reshape(-1, *rest) for index in range(3))  # type: ignore[return-value]
-
-
-# -- the query path -------------------------------------------------------------------------------------------------
-def encoder_layer_table(prefix: str, hidden: int, ffn: int) -> Table:
-    """Table of one bidirectional encoder layer (our names under ``prefix``); shared with the ViT."""
-    table: Table = {
-        f"{prefix}input_layernorm.weight": ((hidden,), REPLICATED),
-        f"{prefix}input_layernorm.bias": ((hidden,), REPLICATED),
-        f"{prefix}pre_mlp_layernorm.weight": ((hidden,), REPLICATED),
-        f"{prefix}pre_mlp_layernorm.bias": ((hidden,), REPLICATED),
-    }
-    table.update(linear_entries(f"{prefix}self_attention.linear_qkv", 3 * hidden, hidden, COLUMN))
-    table.update(linear_entries(f"{prefix}self_attention.linear_proj", hidden, hidden, ROW))
-    table.update(linear_entries(f"{prefix}mlp.linear_fc1", ffn, hidden, COLUMN))
-    table.update(linear_entries(f"{prefix}mlp.linear_fc2", hidden, ffn, ROW))
-    return table
 
 
 def connector_tensor_table(

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from megatron_puffin.distributed import process_groups
 from megatron_puffin.models.llm import LLMConfig, build_llm
 from megatron_puffin.training.checkpointing import load_module, read_metadata, resolve_checkpoint
 from megatron_puffin.training.towers import CHECKPOINT_MODULES
@@ -111,7 +112,7 @@ def load_llm(source: ExportSource, dtype: Optional[torch.dtype] = None):
     if rows is not None and rows != config.padded_vocab_size(1) and rows >= config.vocab_size:
         config = dataclasses.replace(config, make_vocab_size_divisible_by=rows)
     transformer_config = config.to_transformer_config(params_dtype=dtype or source.params_dtype())
-    model = build_llm(config, transformer_config=transformer_config)
+    model = build_llm(config, transformer_config=transformer_config, pg_collection=process_groups())
     load_module(model, source.directory, prefix=prefix, what="--input")
     return model.eval(), config
 
@@ -210,10 +211,12 @@ def build_tower(tower: str, vision: Dict[str, Any], connector: Dict[str, Any], l
     from megatron_puffin.models.connector import ConnectorConfig, build_query_conditioner
     from megatron_puffin.models.vision import VisionConfig, build_vision
 
-    device = torch.device("cpu")
+    device, groups = torch.device("cpu"), process_groups()
     if tower == "vision":
-        return build_vision(VisionConfig(**vision), llm_hidden_size, params_dtype=dtype, device=device)
-    return build_query_conditioner(ConnectorConfig(**connector), llm_hidden_size, params_dtype=dtype, device=device)
+        return build_vision(VisionConfig(**vision), llm_hidden_size, params_dtype=dtype, device=device,
+                            pg_collection=groups)
+    return build_query_conditioner(ConnectorConfig(**connector), llm_hidden_size, params_dtype=dtype, device=device,
+                                   pg_collection=groups)
 
 
 def _plain_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:

@@ -14,8 +14,9 @@ from typing import Dict, List, Mapping, Tuple
 
 import torch
 
+from megatron_puffin.convert.common import ConversionError
 from megatron_puffin.convert.connector import reference_to_mcore
-from megatron_puffin.convert.qwen2 import ConversionError, hf_to_mcore
+from megatron_puffin.convert.qwen2 import hf_to_mcore
 from megatron_puffin.convert.radio import projector_to_mcore, radio_to_mcore
 from megatron_puffin.convert.sd3 import diffusers_to_mcore
 from megatron_puffin.models.extra_state import is_extra_state_key

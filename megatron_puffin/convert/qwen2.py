@@ -14,14 +14,13 @@ every tensor accounted for. Layouts:
 from __future__ import annotations
 
 import re
-from typing import Dict, Mapping, Tuple
+from typing import Mapping, Tuple
 
 import torch
 
-from megatron_puffin.models.llm.config import LLMConfig
+from megatron_puffin.convert.common import ConversionError, StateDict
 from megatron_puffin.models.extra_state import is_extra_state_key
-
-StateDict = Dict[str, torch.Tensor]
+from megatron_puffin.models.llm.config import LLMConfig
 
 _LAYER_MAP = {
     # ours (under decoder.layers.{i}.)      : HF (under model.layers.{i}.)
@@ -30,10 +29,6 @@ _LAYER_MAP = {
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
-
-
-class ConversionError(ValueError):
-    """Tensors that could not be matched between two naming schemes."""
 
 
 def _check_consumed(source: Mapping[str, torch.Tensor], consumed: set, what: str) -> None:
@@ -217,18 +212,12 @@ def te_layer_names(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
 
 
 def load_llm_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], config: LLMConfig) -> None:
-    """Load an unsharded LLM state dict into a built model of the current TP/PP rank, every tensor checked
-    (local or Transformer Engine spec)."""
-    from megatron.core import parallel_state as ps
+    """Load an unsharded LLM state dict into a built model (a ``PuffinLLM``) at its own TP/PP ranks (its
+    ``pg_collection``), every tensor checked (local or Transformer Engine spec)."""
+    from megatron.core.utils import get_pg_rank, get_pg_size
 
-    shard = shard_llm_state_dict(
-        state_dict,
-        config,
-        ps.get_tensor_model_parallel_rank(),
-        ps.get_tensor_model_parallel_world_size(),
-        ps.get_pipeline_model_parallel_rank(),
-        ps.get_pipeline_model_parallel_world_size(),
-    )
+    tp, pp = model.pg_collection.tp, model.pg_collection.pp
+    shard = shard_llm_state_dict(state_dict, config, get_pg_rank(tp), get_pg_size(tp), get_pg_rank(pp), get_pg_size(pp))
     if any(name.endswith("linear_qkv.layer_norm_weight") for name in model.state_dict()):
         shard = te_layer_names(shard)
     result = model.load_state_dict(shard, strict=False)

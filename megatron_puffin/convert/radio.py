@@ -39,7 +39,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_puffin.convert.connector import (
+from megatron_puffin.convert.common import (
     COLUMN,
     REPLICATED,
     ROW,

@@ -47,13 +47,13 @@ class DecodeOutput:
         return [row[: length - int(done)] for row, length, done in rows]
 
 
-def _full_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Vocab-parallel ``[..., V_padded / TP]`` -> float32 ``[..., vocab_size]`` on every tensor-parallel rank."""
-    from megatron.core import parallel_state
+def _full_vocab(logits: torch.Tensor, vocab_size: int, tp_group) -> torch.Tensor:
+    """Vocab-parallel ``[..., V_padded / TP]`` -> float32 ``[..., vocab_size]`` on every rank of ``tp_group``."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+    from megatron.core.utils import get_pg_size
 
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        logits = gather_from_tensor_model_parallel_region(logits.contiguous())
+    if get_pg_size(tp_group) > 1:
+        logits = gather_from_tensor_model_parallel_region(logits.contiguous(), group=tp_group)
     return logits[..., :vocab_size].float()
 
 
@@ -84,7 +84,7 @@ class _CachedLLM:
 
 def _next_tokens(llm, hidden_last: torch.Tensor, vocab_size: int):
     """(argmax ids ``[b]``, float32 logits ``[b, V]``) from the last position's hidden states ``[b, h]``."""
-    logits = _full_vocab(llm.compute_logits(hidden_last), vocab_size)
+    logits = _full_vocab(llm.compute_logits(hidden_last), vocab_size, llm.pg_collection.tp)
     return logits.argmax(dim=-1), logits
 
 

@@ -223,7 +223,7 @@ def load_puffin(checkpoint: str, flags: Sequence[str] = (), tensor_model_paralle
         raise InferenceSetupError(f"--tensor-model-parallel-size ({tensor_model_parallel_size}) must divide the number "
                                   f"of processes ({world_size}); launch a multiple of it")
     ctx = mpd.initialize(tensor_model_parallel_size, 1, seed=args.training.seed)
-    model = build_puffin(config)
+    model = build_puffin(config, pg_collection=mpd.process_groups())
     if ctx.device.type == "cuda":
         model.cuda(ctx.device)
     towers = [tower for tower in metadata.get("towers", list(CHECKPOINT_MODULES)) if tower in CHECKPOINT_MODULES]

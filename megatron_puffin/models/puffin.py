@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
 import torch
-from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import get_pg_size
 
 from megatron_puffin import tasks
 from megatron_puffin.diffusion import FlowMatchingConfig, FlowMatchSchedule
@@ -139,11 +140,13 @@ def _build_vae(config: PuffinModelConfig, dtype: torch.dtype, device: torch.devi
 
 
 class PuffinModel(MegatronModule):
-    """One pipeline stage of Puffin (see the module docstring)."""
+    """One pipeline stage of Puffin (see the module docstring); every tower is built with ``pg_collection``."""
 
-    def __init__(self, config: PuffinConfig, pre_process: bool = True, post_process: bool = True) -> None:
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        pp = parallel_state.get_pipeline_model_parallel_world_size()
+    def __init__(
+        self, config: PuffinConfig, pre_process: bool = True, post_process: bool = True,
+        *, pg_collection: ProcessGroupCollection,
+    ) -> None:
+        tp, pp = get_pg_size(pg_collection.tp), get_pg_size(pg_collection.pp)
         llm_tconfig = config.llm.to_transformer_config(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=config.params_dtype,
             fp8=config.tower_fp8("llm"), fp8_recipe=config.fp8_recipe,
@@ -156,25 +159,28 @@ class PuffinModel(MegatronModule):
 
         self.model_type = ModelType.encoder_or_decoder  # what megatron-core's schedules ask of a model
         self.puffin_config = config
+        self.pg_collection = pg_collection
         self.pre_process, self.post_process = pre_process, post_process
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.llm = build_llm(config.llm, pre_process, post_process, llm_tconfig, config.transformer_impl)
+        self.llm = build_llm(config.llm, pre_process, post_process, llm_tconfig, config.transformer_impl,
+                             pg_collection=pg_collection)
         if pre_process:
             self.vision = build_vision(
                 config.vision, config.llm.hidden_size, self._tower_transformer_config(config.vision, "vision"),
                 transformer_impl=config.transformer_impl,
-                params_dtype=config.params_dtype, device=self.device,
+                params_dtype=config.params_dtype, device=self.device, pg_collection=pg_collection,
             )
         # The meta queries live on the first stage, the connectors and projections on the last.
         self.conditioner = build_query_conditioner(
             config.connector, config.llm.hidden_size, pre_process=pre_process, post_process=post_process,
             transformer_config=self._tower_transformer_config(config.connector, "connector"),
             transformer_impl=config.transformer_impl, params_dtype=config.params_dtype, device=self.device,
+            pg_collection=pg_collection,
         )
         if post_process:
             self.dit = build_dit(config.dit, self._tower_transformer_config(config.dit, "dit"),
                                  transformer_impl=config.transformer_impl,
-                                 params_dtype=config.params_dtype, device=self.device)
+                                 params_dtype=config.params_dtype, device=self.device, pg_collection=pg_collection)
             # Not a submodule: the VAE is frozen, never checkpointed with the model, never seen by DDP.
             self._vae = [_build_vae(config.model, config.params_dtype, self.device, config.seed)]
             self.schedule = FlowMatchSchedule(config.flow.num_train_timesteps, config.flow.shift)
@@ -187,7 +193,7 @@ class PuffinModel(MegatronModule):
         if fp8 is None and not self.puffin_config.sequence_parallel:
             return None
         config = tower_config.to_transformer_config(
-            tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+            tensor_model_parallel_size=get_pg_size(self.pg_collection.tp),
             params_dtype=self.puffin_config.params_dtype, fp8=fp8, fp8_recipe=self.puffin_config.fp8_recipe,
             use_cpu_initialization=self.device.type == "cpu",
         )
@@ -301,7 +307,7 @@ class PuffinModel(MegatronModule):
         batch = pad_sequences_to_multiple(batch, token_multiple(fp8_rows, sequence_parallel_size(self.config)))
         decoder_input = None
         if self.pre_process:  # the whole sequence with visual tokens and queries in, then this rank's shard
-            decoder_input = split_sequence(self.embed_inputs(batch), self.config)[0]
+            decoder_input = split_sequence(self.embed_inputs(batch), self.config, group=self.pg_collection.tp)[0]
         sequence_parallel = self.llm.config.sequence_parallel
         output = self.llm(
             decoder_input=decoder_input,
@@ -323,7 +329,10 @@ class PuffinModel(MegatronModule):
 build_vae = _build_vae  # the training VAE outside a model (tools/cache_latents.py)
 
 
-def build_puffin(config: PuffinConfig, pre_process: bool = True, post_process: bool = True) -> PuffinModel:
-    """Build this pipeline stage of Puffin for the current TP/PP layout (see :class:`PuffinModel`). Every parameter
-    is trainable; the ``--freeze-*`` policy is the training's (``megatron_puffin.training.towers.freeze_towers``)."""
-    return PuffinModel(config, pre_process=pre_process, post_process=post_process)
+def build_puffin(
+    config: PuffinConfig, pre_process: bool = True, post_process: bool = True,
+    *, pg_collection: ProcessGroupCollection,
+) -> PuffinModel:
+    """Build this pipeline stage of Puffin for the TP/PP layout of ``pg_collection`` (see :class:`PuffinModel`;
+    the caller builds the collection once, :func:`megatron_puffin.distributed.process_groups`)."""
+    return PuffinModel(config, pre_process=pre_process, post_process=post_process, pg_collection=pg_collection)

@@ -232,13 +232,15 @@ def build_puffin_pair(config: "PuffinConfig", seed: int = 0,
         ``(ours, reference)``, both in train mode.
     """
     from megatron_puffin.convert.puffin import load_puffin_state_dict, puffin_to_mcore
+    from megatron_puffin.distributed import process_groups
     from megatron_puffin.models.puffin import build_puffin
     from megatron_puffin.models.vision import build_vision
 
     torch.manual_seed(seed)
-    ours = build_puffin(config)
+    groups = process_groups()
+    ours = build_puffin(config, pg_collection=groups)
     vision = build_vision(config.vision, config.llm.hidden_size, transformer_impl=config.transformer_impl,
-                          params_dtype=config.params_dtype, device=ours.device)
+                          params_dtype=config.params_dtype, device=ours.device, pg_collection=groups)
     vision.load_state_dict(ours.vision.state_dict())
     vae = copy.deepcopy(ours.vae.vae) if ours.vae is not None else None
     reference = ReferencePuffin(config, vision, vae, attn_implementation).to(ours.device)

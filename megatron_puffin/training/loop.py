@@ -126,7 +126,6 @@ class Trainer:
     """Everything one rank holds for a run; :meth:`train` runs it (see the module docstring)."""
 
     def __init__(self, args) -> None:
-        from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -149,8 +148,9 @@ class Trainer:
                                   seed=training.seed, timeout_minutes=parallel.distributed_timeout_minutes)
         args.model.image_pad_token_id = self.tokenizer.image_pad_id
         self.config = PuffinConfig.from_args(args)
+        self.pg_collection = mpd.process_groups()  # built once; the model and the loop's reductions use it
         self.model = build_puffin(self.config, pre_process=self.ctx.is_first_pipeline_stage,
-                                  post_process=self.ctx.is_last_pipeline_stage)
+                                  post_process=self.ctx.is_last_pipeline_stage, pg_collection=self.pg_collection)
         freeze_towers(self.model, args.model)
         if self.ctx.device.type == "cuda":  # megatron-core layers may initialise on the CPU (use_cpu_initialization)
             self.model.cuda(self.ctx.device)
@@ -172,7 +172,7 @@ class Trainer:
             override_opt_param_scheduler=args.checkpoint.override_opt_param_scheduler,
             use_checkpoint_opt_param_scheduler=not args.checkpoint.override_opt_param_scheduler,
         )
-        self.dp_group = parallel_state.get_data_parallel_group()
+        self.dp_group = self.pg_collection.dp
         self.loader = self._build_loader()
         self.tasks = _loss_tasks(args)
         self.micro_batches = micro_batches_per_step(args)
@@ -195,7 +195,7 @@ class Trainer:
             return None
         from megatron_puffin.training.validation import Validator
 
-        return Validator(self.args, self.tokenizer, self.ctx)
+        return Validator(self.args, self.tokenizer, self.ctx, self.pg_collection)
 
     def validate(self) -> None:
         """One validation of the current weights, logged like a training interval (see training/validation.py)."""
@@ -423,12 +423,10 @@ class Trainer:
         return reason
 
     def _log(self, interval: Interval, elapsed: float, result) -> None:
-        from megatron.core import parallel_state
-
         interval.reduce(self.dp_group)
         losses = interval.losses()
         if self.ctx.pipeline_model_parallel_size > 1:  # losses live on the last stage; rank 0 writes the log
-            group = parallel_state.get_pipeline_model_parallel_group()
+            group = self.pg_collection.pp
             box = [losses]
             src = dist.get_global_rank(group, self.ctx.pipeline_model_parallel_size - 1)
             dist.broadcast_object_list(box, src=src, group=group)

@@ -8,7 +8,6 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_puffin.models.batch import PuffinBatch
@@ -65,6 +64,11 @@ def _forward_step(data_parallel_group, objective: Optional[PuffinObjective], dat
                                            velocity_target)
 
 
+def model_process_groups(model):
+    """The ``ProcessGroupCollection`` a (possibly DDP-wrapped) Puffin model was built with."""
+    return getattr(model, "module", model).pg_collection
+
+
 def forward_backward(model, batches: List[Dict[str, Any]], forward_only: bool = False,
                      objective: Optional[PuffinObjective] = None) -> StepResult:
     """Forward and backward over ``batches`` (one task each) with the schedule of the current layout; ``objective``
@@ -73,7 +77,7 @@ def forward_backward(model, batches: List[Dict[str, Any]], forward_only: bool = 
     The schedule divides each micro-batch's loss by the number of micro-batches, so the step's gradient is the mean
     over the cycle of each task's global-mean-loss gradient (the reference's per-task micro-batches with GAS).
     """
-    group = parallel_state.get_data_parallel_group()
+    group = model_process_groups(model).dp
     objective = objective or PuffinObjective.for_model(model)
     schedule = get_forward_backward_func()
     seq_length = max(int(batch["input_ids"].shape[1]) for batch in batches)

@@ -90,13 +90,10 @@ def validation_micro_batches(args) -> int:
     return cycle * args.validation.eval_iters
 
 
-def _losses_on_every_rank(losses: Dict[str, float], pipeline_size: int) -> Dict[str, float]:
-    """Losses are computed on the last pipeline stage; send them to the other stages."""
-    from megatron.core import parallel_state
-
+def _losses_on_every_rank(losses: Dict[str, float], pipeline_size: int, group) -> Dict[str, float]:
+    """Losses are computed on the last pipeline stage; send them to the other stages of ``group``."""
     if pipeline_size <= 1:
         return losses
-    group = parallel_state.get_pipeline_model_parallel_group()
     box = [losses]
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, pipeline_size - 1), group=group)
     return box[0]
@@ -105,7 +102,7 @@ def _losses_on_every_rank(losses: Dict[str, float], pipeline_size: int) -> Dict[
 def validation_losses(model, batches: List[Dict[str, Any]], pipeline_size: int = 1) -> Dict[str, float]:
     """Per-task global mean losses of ``batches`` (forward only, eval mode, no gradients); the model's train/eval
     mode is restored afterwards."""
-    from megatron_puffin.training.step import forward_backward
+    from megatron_puffin.training.step import forward_backward, model_process_groups
 
     was_training = model.training
     model.eval()
@@ -115,7 +112,7 @@ def validation_losses(model, batches: List[Dict[str, Any]], pipeline_size: int =
     finally:
         model.train(was_training)
     losses = {task: result.task_loss(task) for task in result.task_losses}
-    return _losses_on_every_rank(losses, pipeline_size)
+    return _losses_on_every_rank(losses, pipeline_size, model_process_groups(model).pp)
 
 
 class Validator:
@@ -125,9 +122,10 @@ class Validator:
         args: The run's flags.
         tokenizer: The run's tokenizer.
         ctx: The run's distributed context (``megatron_puffin.distributed.initialize``).
+        pg_collection: The run's process groups (the camera decoding gathers over ``pg_collection.dp``).
     """
 
-    def __init__(self, args, tokenizer, ctx) -> None:
+    def __init__(self, args, tokenizer, ctx, pg_collection) -> None:
         self.args, self.tokenizer, self.ctx = args, tokenizer, ctx
         self.interval = args.validation.eval_interval
         self.loader = build_validation_loader(args, tokenizer, ctx.dp_rank, ctx.data_parallel_size)
@@ -138,7 +136,7 @@ class Validator:
         if args.validation.eval_camera_samples > 0:
             from megatron_puffin.training.validation_camera import CameraValidation
 
-            self.camera = CameraValidation.from_args(args, tokenizer, ctx)
+            self.camera = CameraValidation.from_args(args, tokenizer, ctx, pg_collection.dp)
 
     def due(self, iteration: int) -> bool:
         return iteration % self.interval == 0

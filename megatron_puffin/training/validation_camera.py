@@ -65,9 +65,7 @@ class CameraValidation:
         self.dp_rank, self.dp_size, self.dp_group = dp_rank, dp_size, dp_group
 
     @classmethod
-    def from_args(cls, args, tokenizer, ctx) -> "CameraValidation":
-        from megatron.core import parallel_state
-
+    def from_args(cls, args, tokenizer, ctx, dp_group) -> "CameraValidation":
         from megatron_puffin.data.config import parse_task_stream
         from megatron_puffin.data.loader import stream_names
 
@@ -78,9 +76,8 @@ class CameraValidation:
                 label = name[:-2] if name.endswith("#0") else name
                 streams.append(_camera_stream(label, CAMERA_TASKS[spec.task], spec.paths,
                                               args.validation.eval_camera_samples, args.data.image_size))
-        group = parallel_state.get_data_parallel_group() if dist.is_initialized() else None
         return cls(streams, tokenizer, args.validation.eval_max_new_tokens, ctx.dp_rank, ctx.data_parallel_size,
-                   group)
+                   dp_group if dist.is_initialized() else None)
 
     def _decode(self, model, stream: CameraStream) -> List[str]:
         """Every image's text: this rank decodes images dp_rank, dp_rank + dp_size, ...; the texts are gathered."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers.multiprocess import run_distributed
+from megatron_puffin.distributed import process_groups
 
 REL_ERROR = 1e-5
 LLM_HIDDEN = 24
@@ -92,7 +93,9 @@ def _tp_worker():
     connector_config, vision_config = _configs()
     states, images = _inputs()
     initialize(tensor_model_parallel_size=1, seed=0)
-    connectors, vision = build_query_conditioner(connector_config, LLM_HIDDEN), build_vision(vision_config, LLM_HIDDEN)
+    groups = process_groups()
+    connectors = build_query_conditioner(connector_config, LLM_HIDDEN, pg_collection=groups)
+    vision = build_vision(vision_config, LLM_HIDDEN, pg_collection=groups)
     fresh = {"connectors": _state(connectors), "vision": _state(vision)}
     _randomise_projectors(connectors)
     results = {"tp1": {"connectors": _step(connectors, states, _connector_forward),
@@ -100,25 +103,28 @@ def _tp_worker():
     full_connectors, full_vision = _state(connectors), _state(vision)
 
     context = initialize(tensor_model_parallel_size=2, seed=0)
-    fresh_connectors = build_query_conditioner(connector_config, LLM_HIDDEN)
-    fresh_vision = build_vision(vision_config, LLM_HIDDEN)
+    fresh_connectors = build_query_conditioner(connector_config, LLM_HIDDEN, pg_collection=process_groups())
+    fresh_vision = build_vision(vision_config, LLM_HIDDEN, pg_collection=process_groups())
     results["fresh_tp2"] = {"connectors": _state(fresh_connectors), "vision": _state(fresh_vision)}
     rank = context.tp_rank
     connector_shard = shard_connector_state_dict(full_connectors, connector_config, LLM_HIDDEN, 2)[rank]
     for recompute in (False, True):
-        module = build_query_conditioner(dataclasses.replace(connector_config, recompute=recompute), LLM_HIDDEN)
+        module = build_query_conditioner(dataclasses.replace(connector_config, recompute=recompute), LLM_HIDDEN,
+                                         pg_collection=process_groups())
         load_connector_state_dict(module, connector_shard)
         results[f"tp2_connectors_recompute={recompute}"] = _step(module.train(), states, _connector_forward)
-    vision = build_vision(dataclasses.replace(vision_config, recompute=True), LLM_HIDDEN)
+    vision = build_vision(dataclasses.replace(vision_config, recompute=True), LLM_HIDDEN,
+                          pg_collection=process_groups())
     load_vision_state_dict(vision, shard_vision_state_dict(full_vision, vision_config, LLM_HIDDEN, 2)[rank])
     results["tp2_vision"] = _vision_runs(vision, images)
     results["sharding"] = {"vision": _sharding_metadata(vision), "connectors": _sharding_metadata(module)}
     results["tp_rank"] = rank
 
     context = initialize(tensor_model_parallel_size=1, pipeline_model_parallel_size=2, seed=0)
-    last_stage = build_query_conditioner(connector_config, LLM_HIDDEN, pre_process=False)
+    last_stage = build_query_conditioner(connector_config, LLM_HIDDEN, pre_process=False,
+                                         pg_collection=process_groups())
     load_connector_state_dict(last_stage, {k: v for k, v in full_connectors.items() if k != "meta_queries"})
-    first_stage = build_vision(vision_config, LLM_HIDDEN)
+    first_stage = build_vision(vision_config, LLM_HIDDEN, pg_collection=process_groups())
     load_vision_state_dict(first_stage, full_vision)
     results["pp2"] = {"pp_rank": context.pp_rank, "layers": len(last_stage.connector_2.layers),
                       "connectors": _step(last_stage, states, _connector_forward)[0],

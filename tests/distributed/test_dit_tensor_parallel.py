@@ -1,6 +1,8 @@
 """The DiT at TP=2 against TP=1 in the same two gloo processes: flow-matching loss and every gradient, for a
 uniform batch with condition latents and a padded mixed-size batch, with and without activation recomputation;
-plus the distributed-checkpoint sharding metadata of the TP=2 model."""
+plus the distributed-checkpoint sharding metadata of the TP=2 model; plus a DiT that runs tensor-parallel over the
+two-rank group it is given while megatron-core's global layout says TP=1 (the tower takes its groups, it does not
+look them up)."""
 import dataclasses
 
 import pytest
@@ -8,6 +10,7 @@ import torch
 
 from helpers.multiprocess import run_distributed
 from megatron_puffin.convert.sd3 import dit_tensor_table, unshard_dit_state_dicts
+from megatron_puffin.distributed import process_groups
 
 LOSS_RTOL = 1e-5
 GRAD_REL_ERROR = 1e-5
@@ -64,18 +67,29 @@ def _tp_worker():
 
     config, batches = _config(), _batches()
     initialize(tensor_model_parallel_size=1, seed=0)
-    reference = build_dit(config).train()
+    reference = build_dit(config, pg_collection=process_groups()).train()
     full_state = mcore_to_diffusers(reference.state_dict(), config)
     results = {"tp1": {name: _loss_and_grads(reference, batch) for name, batch in batches.items()}}
 
     context = initialize(tensor_model_parallel_size=2, seed=0)
     shard = shard_dit_state_dict(full_state, config, 2)[context.tp_rank]
     for recompute in (False, True):
-        model = build_dit(dataclasses.replace(config, recompute=recompute)).train()
+        model = build_dit(dataclasses.replace(config, recompute=recompute), pg_collection=process_groups()).train()
         load_dit_state_dict(model, shard)
         results[f"tp2_recompute={recompute}"] = {name: _loss_and_grads(model, b) for name, b in batches.items()}
     results["sharding"] = _sharding_metadata(model)
     results["tp_rank"] = context.tp_rank
+
+    # Global layout TP=1 (DP=2); the tower's own TP group is the two-rank data-parallel group.
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    initialize(tensor_model_parallel_size=1, seed=0)
+    own = ProcessGroupCollection(tp=parallel_state.get_data_parallel_group())
+    model = build_dit(config, pg_collection=own).train()
+    load_dit_state_dict(model, shard_dit_state_dict(full_state, config, 2)[own.tp.rank()])
+    results["own_tp_group"] = {name: _loss_and_grads(model, b) for name, b in batches.items()}
+    results["own_tp_rank"] = own.tp.rank()
     return results
 
 
@@ -109,6 +123,20 @@ def test_tensor_parallel_two_equals_one_in_loss_and_gradients(tp_results):
     recomputed = [r["tp2_recompute=True"]["mixed"][1] for r in ranks]
     plain = [r["tp2_recompute=False"]["mixed"][1] for r in ranks]
     assert all(torch.equal(recomputed[k][n], plain[k][n]) for k in range(2) for n in plain[k])
+
+
+def test_a_tower_runs_over_the_tensor_parallel_group_it_is_given(tp_results):
+    ranks = sorted(tp_results, key=lambda r: r["own_tp_rank"])
+    assert [r["own_tp_rank"] for r in ranks] == [0, 1]
+    for batch in ("uniform", "mixed"):
+        ref_loss, ref_grads = ranks[0]["tp1"][batch]
+        losses = [r["own_tp_group"][batch][0] for r in ranks]
+        assert losses[0] == losses[1] and abs(losses[0] - ref_loss) <= LOSS_RTOL * abs(ref_loss), (batch, losses)
+        # Shard-shaped gradients that join back to the TP=1 ones: the layers really split over the given group.
+        grads = unshard_dit_state_dicts([r["own_tp_group"][batch][1] for r in ranks], _config(),
+                                        check_replicated=True, parameters_only=True)
+        for name, expected in ref_grads.items():
+            assert _max_rel(grads[name], expected) <= GRAD_REL_ERROR, (batch, name)
 
 
 def _expected_sharding(config):

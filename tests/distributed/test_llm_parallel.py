@@ -48,11 +48,13 @@ def _forward_step(data_iterator, model):
 
 
 def _build(config, ctx, state_dict=None):
+    from megatron_puffin.distributed import process_groups
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron_puffin.convert.qwen2 import load_llm_state_dict
     from megatron_puffin.models.llm import build_llm
 
-    model = build_llm(config, pre_process=ctx.is_first_pipeline_stage, post_process=ctx.is_last_pipeline_stage)
+    model = build_llm(config, pre_process=ctx.is_first_pipeline_stage, post_process=ctx.is_last_pipeline_stage,
+                      pg_collection=process_groups())
     if state_dict is not None:
         load_llm_state_dict(model, state_dict, config)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)

@@ -33,10 +33,13 @@ def _config(paths, first=None, last=None):
 def _build(config, ctx, **ddp_flags):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
+    from megatron_puffin.distributed import process_groups
     from megatron_puffin.models.puffin import build_puffin
+    from megatron_puffin.training.towers import freeze_towers
 
     torch.manual_seed(0)
-    model = build_puffin(config, ctx.is_first_pipeline_stage, ctx.is_last_pipeline_stage)
+    model = build_puffin(config, ctx.is_first_pipeline_stage, ctx.is_last_pipeline_stage, pg_collection=process_groups())
+    freeze_towers(model, config.model)
     model.train()
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, **ddp_flags),
                                   model)
@@ -119,9 +122,12 @@ def _train(paths, overlap: bool):
     torch.manual_seed(0)
     from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 
+    from megatron_puffin.distributed import process_groups
     from megatron_puffin.models.puffin import build_puffin
+    from megatron_puffin.training.towers import freeze_towers
 
-    model = build_puffin(config, ctx.is_first_pipeline_stage, ctx.is_last_pipeline_stage)
+    model = build_puffin(config, ctx.is_first_pipeline_stage, ctx.is_last_pipeline_stage, pg_collection=process_groups())
+    freeze_towers(model, config.model)
     model.train()
     ddp = DistributedDataParallel(model.config, data_parallel_config(parallel), model)
     model.config.finalize_model_grads_func = finalize_model_grads

@@ -14,6 +14,7 @@ LAYOUTS = [(2, 1), (1, 2), (2, 2)]
 
 
 def _build(paths, ctx):
+    from megatron_puffin.distributed import process_groups
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     from helpers.puffin import tiny_puffin_config
@@ -24,7 +25,8 @@ def _build(paths, ctx):
     # RADIO's train-mode CPE window is drawn per micro-batch, so a trainable encoder sees another augmentation when
     # the global batch is split over DP ranks: the encoder is frozen here (eval mode); the projector trains.
     config = tiny_puffin_config(paths, freeze_vision=True)
-    model = build_puffin(config, ctx.is_first_pipeline_stage, ctx.is_last_pipeline_stage)
+    model = build_puffin(config, ctx.is_first_pipeline_stage, ctx.is_last_pipeline_stage,
+                         pg_collection=process_groups())
     freeze_towers(model, config.model)
     model.train()
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)

@@ -21,6 +21,7 @@ def _build(paths, ctx, sequence_parallel: bool):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     from helpers.puffin import tiny_puffin_config
+    from megatron_puffin.distributed import process_groups
     from megatron_puffin.models.puffin import build_puffin
 
     torch.manual_seed(0)
@@ -28,7 +29,8 @@ def _build(paths, ctx, sequence_parallel: bool):
     config.vision.class_token_len = CLASS_TOKENS
     config.vision.final_norm = True  # ln_post runs on sequence shards
     config.sequence_parallel = sequence_parallel
-    model = build_puffin(config, ctx.is_first_pipeline_stage, ctx.is_last_pipeline_stage)
+    model = build_puffin(config, ctx.is_first_pipeline_stage, ctx.is_last_pipeline_stage,
+                         pg_collection=process_groups())
     model.train()
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     model.config.finalize_model_grads_func = finalize_model_grads

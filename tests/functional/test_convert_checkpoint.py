@@ -121,7 +121,8 @@ def test_radio_checkpoint_becomes_a_tp2_vision_checkpoint_that_the_loop_loads(tm
     flags = _tiny_flags()
     mpd.initialize(seed=3)
     try:
-        source = _weights(build_vision(flags.vision, flags.llm.hidden_size).state_dict())
+        source = _weights(build_vision(flags.vision, flags.llm.hidden_size,
+                                       pg_collection=mpd.process_groups()).state_dict())
     finally:
         mpd.destroy()
     source["input_conditioner.norm_mean"] = torch.rand(3, 1, 1)  # not just the CLIP defaults
@@ -138,7 +139,7 @@ def test_radio_checkpoint_becomes_a_tp2_vision_checkpoint_that_the_loop_loads(tm
 
     mpd.initialize(seed=11)  # what --vision-checkpoint does: the whole tower, strictly, at another layout
     try:
-        target = build_vision(flags.vision, flags.llm.hidden_size)
+        target = build_vision(flags.vision, flags.llm.hidden_size, pg_collection=mpd.process_groups())
         load_module(target, str(tmp_path / "ckpt"), prefix="", what="--vision-checkpoint")
         loaded = _weights(target.state_dict())
     finally:
@@ -166,7 +167,7 @@ def _released_puffin(path, towers, seed):
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, vae_config=None))
     mpd.initialize(seed=seed)
     try:
-        model = build_puffin(config)
+        model = build_puffin(config, pg_collection=mpd.process_groups())
         reference = {k: v for k, v in reference_state_dict(model).items() if tower_of(k) in towers}
         ours = _weights(model.state_dict())
     finally:
@@ -188,7 +189,7 @@ def _load_towers(directory, prefixes):
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, vae_config=None))
     mpd.initialize(seed=99)
     try:
-        model = build_puffin(config)
+        model = build_puffin(config, pg_collection=mpd.process_groups())
         for prefix in prefixes:
             load_module(getattr(model, prefix.rstrip(".")), str(directory), prefix=prefix)
         return _weights(model.state_dict())
@@ -252,7 +253,7 @@ def test_released_projector_without_encoder_needs_the_base_vision_checkpoint(tmp
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, vae_config=None))
     mpd.initialize(seed=21)  # a base vision tower, as radio-to-mcore writes it
     try:
-        base_model = build_puffin(config)
+        base_model = build_puffin(config, pg_collection=mpd.process_groups())
         base = _weights(base_model.vision.state_dict())
         save_checkpoint(base_model.vision.sharded_state_dict(), str(tmp_path / "base_vision"))
     finally:

@@ -51,7 +51,7 @@ def _reference_losses(workdir, checkpoint):
         args = parse_args([*COMMON, *VALID, "--micro-batch-size", "2", "--eval-interval", "1"])
         tokenizer = PuffinTokenizer(args.data.tokenizer)
         args.model.image_pad_token_id = tokenizer.image_pad_id
-        model = build_puffin(PuffinConfig.from_args(args))
+        model = build_puffin(PuffinConfig.from_args(args), pg_collection=mpd.process_groups())
         load_module(model, str(checkpoint))
         model.eval()
         loader = iter(build_validation_loader(args, tokenizer, 0, 1))

@@ -64,6 +64,7 @@ def _batch(padded: bool):
 
 
 def _build(transformer_impl, dtype, state=None, fp8=None):
+    from megatron_puffin.distributed import process_groups
     from megatron.core import parallel_state
 
     from megatron_puffin.convert.sd3 import load_dit_state_dict
@@ -73,7 +74,8 @@ def _build(transformer_impl, dtype, state=None, fp8=None):
     tc = config.to_transformer_config(
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(), params_dtype=dtype, fp8=fp8
     )
-    model = build_dit(config, transformer_config=tc, transformer_impl=transformer_impl)
+    model = build_dit(config, transformer_config=tc, transformer_impl=transformer_impl,
+                      pg_collection=process_groups())
     if state is not None:
         load_dit_state_dict(model, {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
     return model

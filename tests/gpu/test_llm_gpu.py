@@ -18,10 +18,12 @@ def nccl_world():
 
 
 def _models(config, impl, dtype, fp8=None):
+    from megatron_puffin.distributed import process_groups
     from megatron_puffin.models.llm import build_llm
 
     tconfig = config.to_transformer_config(params_dtype=dtype, fp8=fp8)
-    return build_llm(config, transformer_config=tconfig, transformer_impl=impl).cuda().eval()
+    return build_llm(config, transformer_config=tconfig, transformer_impl=impl,
+                     pg_collection=process_groups()).cuda().eval()
 
 
 def _load(model, config, hf_state):

@@ -58,13 +58,14 @@ def gpu_world():
 
 
 def _model(paths, impl: str):
+    from megatron_puffin.distributed import process_groups
     from megatron_puffin.models.puffin import build_puffin
     from megatron_puffin.training.towers import freeze_towers
 
     torch.manual_seed(0)
     config = dataclasses.replace(tiny_puffin_config(paths, freeze_vision=True), params_dtype=torch.bfloat16,
                                  transformer_impl=impl)
-    model = build_puffin(config)
+    model = build_puffin(config, pg_collection=process_groups())
     freeze_towers(model, config.model)
     return model.cuda().eval()
 
@@ -124,6 +125,7 @@ def test_te_vision_tower_with_key_padded_tokens_matches_unpadded(gpu_world):
     Transformer Engine's ``padding`` attention reads megatron-core's mask as meant, the outputs equal the unpadded
     TE run's and the local spec's (bf16, ``BF16_REL_LOSS`` of the largest value)."""
     from megatron_puffin.models.extra_state import load_model_state
+    from megatron_puffin.distributed import process_groups
     from megatron_puffin.models.vision import VisionConfig, build_vision
 
     config = VisionConfig(hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=128,
@@ -131,7 +133,8 @@ def test_te_vision_tower_with_key_padded_tokens_matches_unpadded(gpu_world):
     towers = {}
     for impl in ("local", "transformer_engine"):
         torch.manual_seed(0)
-        towers[impl] = build_vision(config, 64, transformer_impl=impl, params_dtype=torch.bfloat16).eval()
+        towers[impl] = build_vision(config, 64, transformer_impl=impl, params_dtype=torch.bfloat16,
+                                    pg_collection=process_groups()).eval()
     load_model_state(towers["transformer_engine"], towers["local"].state_dict(), "the local vision tower")
     images = torch.rand(3, 3, 96, 96, device="cuda", generator=torch.Generator("cuda").manual_seed(1)) * 2 - 1
     outputs = {}
@@ -150,6 +153,7 @@ def test_te_connectors_match_local(gpu_world):
     """Both connector encoders (the towers between the LLM's queries and the MMDiT) under the TE spec against the
     local spec on the same weights, 3 samples x 16 queries: bf16, within ``BF16_REL_LOSS`` of the largest value (the
     zero-initialised projectors are left out: they would make the comparison trivial)."""
+    from megatron_puffin.distributed import process_groups
     from megatron_puffin.models.connector import ConnectorConfig, build_query_conditioner
     from megatron_puffin.models.extra_state import load_model_state
 
@@ -158,7 +162,8 @@ def test_te_connectors_match_local(gpu_world):
     built = {}
     for impl in ("local", "transformer_engine"):
         torch.manual_seed(0)
-        built[impl] = build_query_conditioner(config, 64, transformer_impl=impl, params_dtype=torch.bfloat16).eval()
+        built[impl] = build_query_conditioner(config, 64, transformer_impl=impl, params_dtype=torch.bfloat16,
+                                              pg_collection=process_groups()).eval()
     load_model_state(built["transformer_engine"], built["local"].state_dict(), "the local connectors")
     states = torch.randn(3, 16, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).bfloat16()
     for branch in ("1", "2"):

@@ -7,6 +7,7 @@ from typing import Dict, List
 import torch
 
 from helpers.puffin import ROOT
+from megatron_puffin.distributed import process_groups
 
 LLM_WEIGHT_STD = 0.15
 """Random LLM matrices at this scale make greedy decoding produce varied tokens (a freshly initialised tiny LLM
@@ -43,7 +44,8 @@ def build_tiny_model(paths: Dict[str, str], *extra: str, pre_process: bool = Tru
     args = parse_args(tiny_flags(paths, *extra), validate=False)
     args.model.image_pad_token_id = PuffinTokenizer(paths["tokenizer"]).image_pad_id
     torch.manual_seed(0)
-    model = build_puffin(PuffinConfig.from_args(args), pre_process=pre_process, post_process=post_process)
+    model = build_puffin(PuffinConfig.from_args(args), pre_process=pre_process, post_process=post_process,
+                         pg_collection=process_groups())
     if pre_process and post_process:
         informative_weights(model)
     return model.eval(), args

@@ -28,7 +28,7 @@ def modules():
                 param.add_(torch.randn_like(param) * 0.1)
             elif name.endswith("bias"):
                 param.normal_(0.0, 0.1)
-    ours = build_query_conditioner(CONFIG, LLM_HIDDEN)
+    ours = build_query_conditioner(CONFIG, LLM_HIDDEN, pg_collection=dist_utils.process_groups())
     load_connector_state_dict(ours, reference_to_mcore(reference.state_dict(), CONFIG, LLM_HIDDEN))
     yield reference, ours
     dist_utils.destroy()

@@ -38,7 +38,7 @@ def _pair(name, seed=0):
     torch.manual_seed(seed)
     ref = SD3Transformer2DModel(**TINY_CONFIGS[name]).eval()
     config = DiTConfig.from_diffusers(dict(ref.config))
-    ours = build_dit(config, device="cpu").eval()
+    ours = build_dit(config, device="cpu", pg_collection=dist_utils.process_groups()).eval()
     load_dit_state_dict(ours, diffusers_to_mcore(ref.state_dict(), config))
     return ref, ours, config
 

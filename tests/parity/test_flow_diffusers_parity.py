@@ -58,7 +58,7 @@ def _tiny_dit():
                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=24, caption_projection_dim=32,
                        pooled_projection_dim=12, pos_embed_max_size=24)
     torch.manual_seed(0)
-    return build_dit(config, device="cpu").eval()
+    return build_dit(config, device="cpu", pg_collection=dist_utils.process_groups()).eval()
 
 
 def _diffusers_loop(model, latents, text, pooled, neg_text, neg_pooled, conds, steps, guidance):

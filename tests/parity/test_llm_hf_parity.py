@@ -25,7 +25,7 @@ def _max_rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
 def test_logits_match_hf_with_left_padding(tied):
     config = tiny_llm_config(tied=tied)
     hf = hf_qwen2(config)
-    ours = build_llm(config).eval()
+    ours = build_llm(config, pg_collection=dist_utils.process_groups()).eval()
     load_llm_state_dict(ours, hf_to_mcore(hf.state_dict(), config), config)
     input_ids, mask, position_ids, _ = left_padded_batch(config.vocab_size, [12, 7, 3], 12)
     with torch.no_grad():
@@ -39,7 +39,7 @@ def test_logits_match_hf_with_left_padding(tied):
 def test_hidden_states_match_hf_final_hidden():
     config = tiny_llm_config()
     hf = hf_qwen2(config, seed=3)
-    ours = build_llm(config).eval()
+    ours = build_llm(config, pg_collection=dist_utils.process_groups()).eval()
     load_llm_state_dict(ours, hf_to_mcore(hf.state_dict(), config), config)
     input_ids, mask, position_ids, _ = left_padded_batch(config.vocab_size, [9, 9], 9)
     with torch.no_grad():
@@ -50,7 +50,7 @@ def test_hidden_states_match_hf_final_hidden():
 
 def test_input_embeddings_replace_token_ids():
     config = tiny_llm_config()
-    ours = build_llm(config).eval()
+    ours = build_llm(config, pg_collection=dist_utils.process_groups()).eval()
     input_ids, mask, position_ids, _ = left_padded_batch(config.vocab_size, [6, 4], 6)
     with torch.no_grad():
         from_ids = ours(input_ids=input_ids, position_ids=position_ids, padding_mask=mask)
@@ -70,7 +70,7 @@ def test_hf_round_trip_is_bit_exact(tied):
 
 
 def test_unmatched_tensors_are_listed():
-    from megatron_puffin.convert.qwen2 import ConversionError
+    from megatron_puffin.convert.common import ConversionError
 
     config = tiny_llm_config()
     hf_sd = dict(hf_qwen2(config).state_dict())

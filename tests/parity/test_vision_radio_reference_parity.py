@@ -158,7 +158,7 @@ def towers():
     radio = {k: v for k, v in state.items() if k.startswith("visual_encoder.")}
     ours = radio_to_mcore(radio, CONFIG, prefix="visual_encoder.radio_model.")
     ours.update(projector_to_mcore({k: v for k, v in state.items() if k.startswith("projector.")}, CONFIG, LLM_HIDDEN))
-    model = build_vision(CONFIG, LLM_HIDDEN)
+    model = build_vision(CONFIG, LLM_HIDDEN, pg_collection=dist_utils.process_groups())
     load_vision_state_dict(model, ours)
     yield reference.eval(), model.eval()
     dist_utils.destroy()

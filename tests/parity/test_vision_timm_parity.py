@@ -83,7 +83,7 @@ def _max_rel(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 @pytest.mark.parametrize("device", DEVICES)
 def test_radio_encoder_matches_timm_vision_transformer(device):
     reference = _timm_backbone().to(device)
-    model = build_vision(CONFIG, LLM_HIDDEN, device=device).eval()
+    model = build_vision(CONFIG, LLM_HIDDEN, device=device, pg_collection=dist_utils.process_groups()).eval()
     load_vision_state_dict(model, {**radio_to_mcore(_radio_names(reference.state_dict()), CONFIG),
                                    **{k: v for k, v in model.state_dict().items() if k.startswith("projector.")}})
     pixels = torch.randn(2, 3, CONFIG.max_image_size, CONFIG.max_image_size,

@@ -40,7 +40,7 @@ def cached(tmp_path_factory):
     online = _batches(paths, cached=False)
     mpd.initialize(seed=0)
     torch.manual_seed(0)
-    model = build_puffin(tiny_puffin_config(paths)).train()
+    model = build_puffin(tiny_puffin_config(paths), pg_collection=mpd.process_groups()).train()
     # The tool draws the random tiny VAE from the training seed (0 here) exactly as the model does: the loader's
     # identity check below would fail otherwise. Small batches: several VAE calls per shard.
     tool = _cache_latents_tool()

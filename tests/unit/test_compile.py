@@ -19,7 +19,7 @@ def _model(paths):
     from megatron_puffin.models.puffin import build_puffin
 
     torch.manual_seed(0)
-    model = build_puffin(tiny_puffin_config(paths)).train()
+    model = build_puffin(tiny_puffin_config(paths), pg_collection=mpd.process_groups()).train()
     with torch.no_grad():  # zero-initialised projectors would hide the connectors' and LLM's generation gradients
         for name, param in model.named_parameters():
             if ".projector_" in name or name.startswith("conditioner.projector"):

@@ -4,15 +4,13 @@ import pytest
 import torch
 
 import megatron_puffin.distributed as dist_utils
+from megatron_puffin.convert.common import ConversionError, interleave_qkv, split_qkv
 from megatron_puffin.convert.connector import (
-    ConversionError,
     connector_tensor_table,
-    interleave_qkv,
     load_connector_state_dict,
     mcore_to_reference,
     reference_to_mcore,
     shard_connector_state_dict,
-    split_qkv,
     unshard_connector_state_dicts,
 )
 from megatron_puffin.models.connector import ConnectorConfig, build_query_conditioner
@@ -55,7 +53,7 @@ def _reference_state_dict(seed=0):
 def test_reference_to_ours_loads_and_round_trips_bit_exactly():
     reference = _reference_state_dict()
     ours = reference_to_mcore(reference, CONFIG, LLM_HIDDEN)
-    module = build_query_conditioner(CONFIG, LLM_HIDDEN)
+    module = build_query_conditioner(CONFIG, LLM_HIDDEN, pg_collection=dist_utils.process_groups())
     load_connector_state_dict(module, ours)
     back = mcore_to_reference(module.state_dict(), CONFIG, LLM_HIDDEN)
     assert set(back) == set(reference)
@@ -63,7 +61,7 @@ def test_reference_to_ours_loads_and_round_trips_bit_exactly():
 
 
 def test_ours_to_reference_and_back_is_bit_exact():
-    module = build_query_conditioner(CONFIG, LLM_HIDDEN)
+    module = build_query_conditioner(CONFIG, LLM_HIDDEN, pg_collection=dist_utils.process_groups())
     ours = {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
     again = reference_to_mcore(mcore_to_reference(ours, CONFIG, LLM_HIDDEN), CONFIG, LLM_HIDDEN)
     assert set(again) == set(ours) and all(torch.equal(again[k], ours[k]) for k in ours)

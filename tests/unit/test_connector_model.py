@@ -73,7 +73,7 @@ def test_transformer_config_is_a_pre_ln_tanh_gelu_encoder():
 
 
 def test_shapes_and_all_zero_conditioning_at_initialisation():
-    module = build_query_conditioner(_config(), LLM_HIDDEN)
+    module = build_query_conditioner(_config(), LLM_HIDDEN, pg_collection=dist_utils.process_groups())
     pooled, sequence = module(_states())
     assert pooled.shape == (3, 12) and sequence.shape == (3, 6, 20)
     assert not pooled.any() and not sequence.any()
@@ -83,7 +83,7 @@ def test_shapes_and_all_zero_conditioning_at_initialisation():
 def test_reference_initialisation():
     torch.manual_seed(0)
     config = _config(hidden_size=64, ffn_hidden_size=256, num_queries=64)
-    module = build_query_conditioner(config, 96)
+    module = build_query_conditioner(config, 96, pg_collection=dist_utils.process_groups())
     assert abs(module.meta_queries.std().item() - 1 / math.sqrt(96)) < 0.002
     layer = module.connector_1.layers[0]
     for weight, fan_in, fan_out in ((layer.self_attention.linear_qkv.weight, 64, 64),
@@ -100,7 +100,7 @@ def test_reference_initialisation():
 
 
 def test_attention_is_bidirectional_and_order_only_matters_through_the_input():
-    module = build_query_conditioner(_config(), LLM_HIDDEN)
+    module = build_query_conditioner(_config(), LLM_HIDDEN, pg_collection=dist_utils.process_groups())
     _randomise_projectors(module)
     states = _states()
     pooled, sequence = module(states)
@@ -115,8 +115,10 @@ def test_attention_is_bidirectional_and_order_only_matters_through_the_input():
 
 
 def test_pipeline_roles_hold_their_parts():
-    first = build_query_conditioner(_config(), LLM_HIDDEN, pre_process=True, post_process=False)
-    last = build_query_conditioner(_config(), LLM_HIDDEN, pre_process=False, post_process=True)
+    first = build_query_conditioner(_config(), LLM_HIDDEN, pre_process=True, post_process=False,
+                                    pg_collection=dist_utils.process_groups())
+    last = build_query_conditioner(_config(), LLM_HIDDEN, pre_process=False, post_process=True,
+                                   pg_collection=dist_utils.process_groups())
     assert set(first.state_dict()) == {"meta_queries"}
     assert "meta_queries" not in last.state_dict() and "projector_1.weight" in last.state_dict()
     with pytest.raises(RuntimeError, match="needs post_process=True"):
@@ -135,9 +137,10 @@ def _grads(module, states):
 
 
 def test_recompute_reruns_each_layer_and_gives_the_same_gradients():
-    module = build_query_conditioner(_config(), LLM_HIDDEN).train()
+    module = build_query_conditioner(_config(), LLM_HIDDEN, pg_collection=dist_utils.process_groups()).train()
     _randomise_projectors(module)
-    recomputed = build_query_conditioner(_config(recompute=True), LLM_HIDDEN).train()
+    recomputed = build_query_conditioner(_config(recompute=True), LLM_HIDDEN,
+                                         pg_collection=dist_utils.process_groups()).train()
     recomputed.load_state_dict(module.state_dict())
     calls = []
     recomputed.connector_2.layers[1].register_forward_hook(lambda *args: calls.append(1))

@@ -102,7 +102,7 @@ def test_param_type_checks_accept_cpu_parameters_in_a_real_optimizer():
     assert cpu_compat.ORIGINALS["tensor_type"](torch.ones(1)) == "torch.FloatTensor"  # what megatron rejects
     config = tiny_llm_config(num_layers=1)
     tconfig = config.to_transformer_config(params_dtype=torch.bfloat16)
-    model = build_llm(config, transformer_config=tconfig)
+    model = build_llm(config, transformer_config=tconfig, pg_collection=mpd.process_groups())
     ddp = DistributedDataParallel(tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True), [ddp])
     main_params = [p for group in optimizer.param_groups for p in group["params"]]

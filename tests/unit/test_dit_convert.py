@@ -4,8 +4,8 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 import megatron_puffin.distributed as dist_utils
+from megatron_puffin.convert.common import ConversionError
 from megatron_puffin.convert.sd3 import (
-    ConversionError,
     diffusers_to_mcore,
     dit_tensor_table,
     load_diffusers_transformer,
@@ -58,7 +58,7 @@ def test_round_trip_is_bit_exact_in_any_dtype(reference):
 
 def test_our_state_dict_converts_back_and_loads_into_diffusers(reference):
     model, config = reference
-    ours = build_dit(config, device="cpu")
+    ours = build_dit(config, device="cpu", pg_collection=dist_utils.process_groups())
     back = mcore_to_diffusers(ours.state_dict(), config)  # megatron layers' _extra_state entries are dropped
     fresh = SD3Transformer2DModel(**TINY)
     fresh.load_state_dict(back, strict=True)
@@ -114,7 +114,7 @@ def test_diffusers_folder_round_trip(reference, tmp_path):
     loaded_config, state = load_diffusers_transformer(str(tmp_path / "transformer"))
     assert loaded_config == config
     assert _same(state, diffusers_to_mcore(model.state_dict(), config))
-    ours = build_dit(config, device="cpu").eval()
+    ours = build_dit(config, device="cpu", pg_collection=dist_utils.process_groups()).eval()
     load_dit_state_dict(ours, state)
     save_diffusers_transformer(str(tmp_path / "back"), ours.state_dict(), config)
     again = SD3Transformer2DModel.from_pretrained(str(tmp_path / "back"))
@@ -123,7 +123,7 @@ def test_diffusers_folder_round_trip(reference, tmp_path):
 
 def test_loading_into_a_model_accounts_for_every_tensor(reference):
     model, config = reference
-    ours = build_dit(config, device="cpu")
+    ours = build_dit(config, device="cpu", pg_collection=dist_utils.process_groups())
     state = diffusers_to_mcore(model.state_dict(), config)
     load_dit_state_dict(ours, state)
     name = "transformer_blocks.1.ff.net.2.weight"

@@ -4,7 +4,7 @@ import torch
 
 import megatron_puffin.distributed as dist_utils
 from megatron_puffin.models.dit import DiTConfig, build_dit, get_dit_layer_spec
-from megatron_puffin.models.dit.attention import SDPADotProductAttention
+from megatron_puffin.models.common.attention import SDPADotProductAttention
 from megatron_puffin.models.dit.embeddings import PatchEmbed
 
 
@@ -57,7 +57,7 @@ class _Recorder:
 
 
 def test_equal_shaped_list_returns_the_stacked_tensor_result():
-    model = build_dit(_config(), device="cpu").eval()
+    model = build_dit(_config(), device="cpu", pg_collection=dist_utils.process_groups()).eval()
     latents = torch.randn(2, 4, 8, 6)
     text, pooled, timestep = _conditioning(2)
     with torch.no_grad():
@@ -68,7 +68,7 @@ def test_equal_shaped_list_returns_the_stacked_tensor_result():
 
 
 def test_unpadded_batch_embeds_once_and_attends_without_any_mask():
-    model = build_dit(_config(), device="cpu").eval()
+    model = build_dit(_config(), device="cpu", pg_collection=dist_utils.process_groups()).eval()
     recorder = _Recorder(model)
     text, pooled, timestep = _conditioning(2)
     conds = [[torch.randn(4, 8, 8), torch.randn(4, 8, 8)] for _ in range(2)]
@@ -80,7 +80,7 @@ def test_unpadded_batch_embeds_once_and_attends_without_any_mask():
 
 
 def test_padded_batch_embeds_once_per_shape_and_masks_keys_only():
-    model = build_dit(_config(), device="cpu").eval()
+    model = build_dit(_config(), device="cpu", pg_collection=dist_utils.process_groups()).eval()
     recorder = _Recorder(model)
     targets, conds = _mixed_batch()
     text, pooled, timestep = _conditioning(3)
@@ -100,7 +100,7 @@ def test_activation_recomputation_gives_bit_identical_gradients():
     grads = []
     for recompute in (False, True):
         torch.manual_seed(0)
-        model = build_dit(_config(recompute=recompute), device="cpu").train()
+        model = build_dit(_config(recompute=recompute), device="cpu", pg_collection=dist_utils.process_groups()).train()
         assert model.recompute is recompute
         outputs = model(targets, text, pooled, timestep, cond_hidden_states=conds)
         sum((o.square() * (i + 1)).sum() for i, o in enumerate(outputs)).backward()
@@ -113,7 +113,7 @@ def test_activation_recomputation_gives_bit_identical_gradients():
 
 
 def test_recomputation_actually_recomputes_blocks_in_training_only():
-    model = build_dit(_config(recompute=True), device="cpu")
+    model = build_dit(_config(recompute=True), device="cpu", pg_collection=dist_utils.process_groups())
     calls = []
     model.transformer_blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))
     text, pooled, timestep = _conditioning(1)
@@ -127,7 +127,7 @@ def test_recomputation_actually_recomputes_blocks_in_training_only():
 
 
 def test_scalar_timestep_is_broadcast_over_the_batch():
-    model = build_dit(_config(), device="cpu").eval()
+    model = build_dit(_config(), device="cpu", pg_collection=dist_utils.process_groups()).eval()
     latents = torch.randn(2, 4, 8, 8)
     text, pooled, _ = _conditioning(2)
     with torch.no_grad():
@@ -137,7 +137,7 @@ def test_scalar_timestep_is_broadcast_over_the_batch():
 
 
 def test_sharded_state_dict_covers_every_tensor():
-    model = build_dit(_config(), device="cpu")
+    model = build_dit(_config(), device="cpu", pg_collection=dist_utils.process_groups())
     sharded = model.sharded_state_dict()
     names = {k for k in model.state_dict() if not k.endswith("_extra_state")}
     assert names <= set(sharded)

@@ -45,7 +45,7 @@ def tiny(tmp_path_factory):
     mpd.initialize(seed=0)
     config = tiny_puffin_config(paths)
     torch.manual_seed(0)
-    yield config, build_puffin(config).train(), task_batches(paths)
+    yield config, build_puffin(config, pg_collection=mpd.process_groups()).train(), task_batches(paths)
     mpd.destroy()
 
 

@@ -71,7 +71,7 @@ def test_dit_velocity_gives_both_branches_the_same_condition_latents():
     config = DiTConfig(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=24, caption_projection_dim=32,
                        pooled_projection_dim=12, pos_embed_max_size=24)
-    model = build_dit(config, device="cpu").eval()
+    model = build_dit(config, device="cpu", pg_collection=dist_utils.process_groups()).eval()
     seen = []
     model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
     conds = [[torch.randn(4, 8, 8)], [torch.randn(4, 8, 8)]]

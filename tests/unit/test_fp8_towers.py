@@ -76,7 +76,7 @@ def test_llm_sequence_padded_for_fp8_leaves_every_real_token_unchanged(single_pr
 
     config = tiny_llm_config(num_layers=2)
     torch.manual_seed(0)
-    model = build_llm(config).eval()
+    model = build_llm(config, pg_collection=mpd.process_groups()).eval()
     input_ids, mask, position_ids, labels = left_padded_batch(config.vocab_size, [11, 7, 3], 11)
     batch = RightPadding.from_left_padded(mask).apply_to_batch(
         {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels})
@@ -101,7 +101,8 @@ def test_dit_stream_padded_for_fp8_predicts_the_same_velocities(single_process):
     torch.manual_seed(0)
     dit = build_dit(DiTConfig(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
-                              caption_projection_dim=16, pooled_projection_dim=12, pos_embed_max_size=24)).eval()
+                              caption_projection_dim=16, pooled_projection_dim=12, pos_embed_max_size=24),
+                    pg_collection=mpd.process_groups()).eval()
     gen = torch.Generator().manual_seed(1)
     context = dit.context_embedder(torch.randn(3, 5, 24, generator=gen)).transpose(0, 1)
     temb = dit.time_text_embed(torch.rand(3, generator=gen) * 1000, torch.randn(3, 12, generator=gen))
@@ -146,7 +147,8 @@ def test_vision_tokens_padded_for_fp8_leave_outputs_and_gradients_unchanged(sing
 
     torch.manual_seed(0)
     tower = build_vision(VisionConfig(hidden_size=16, num_layers=2, num_attention_heads=2, ffn_hidden_size=32,
-                                      max_image_size=96, class_token_len=2, final_norm=True), 48).train()
+                                      max_image_size=96, class_token_len=2, final_norm=True), 48,
+                         pg_collection=mpd.process_groups()).train()
     assert tower.row_multiple == 1  # FP8 off: nothing padded
     images = torch.rand(3, 3, 64, 96, generator=torch.Generator().manual_seed(1)) * 2 - 1
     weights = torch.randn(3, 6, 48, generator=torch.Generator().manual_seed(2))

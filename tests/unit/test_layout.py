@@ -69,7 +69,7 @@ def test_analytic_tower_counts_equal_the_real_modules(paths, variant, placement)
 
     pre_process, post_process = PLACEMENTS[placement]
     config = _variant_config(paths, VARIANTS[variant])
-    model = build_puffin(config, pre_process, post_process)
+    model = build_puffin(config, pre_process, post_process, pg_collection=mpd.process_groups())
     freeze_towers(model, config.model)
     real = _module_counts(model)
     towers = layout.build_towers(config.llm, config.vision, config.connector, config.dit, config.model)

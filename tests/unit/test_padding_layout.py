@@ -42,7 +42,7 @@ def _model(paths):
     from megatron_puffin.models.puffin import build_puffin
 
     torch.manual_seed(0)
-    model = build_puffin(tiny_puffin_config(paths)).train()
+    model = build_puffin(tiny_puffin_config(paths), pg_collection=mpd.process_groups()).train()
     # Zero-initialised projector_1/2 (docs/puffin.md §1.7) would block the diffusion gradient into connectors, queries, LLM.
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -136,7 +136,7 @@ def test_llm_right_padded_without_mask_equals_left_padded_with_mask(single_proce
 
     config = tiny_llm_config(num_layers=2, num_query_groups=2)
     torch.manual_seed(0)
-    model = build_llm(config)
+    model = build_llm(config, pg_collection=mpd.process_groups())
     input_ids, mask, position_ids, labels = left_padded_batch(config.vocab_size, [12, 7, 3], 12)
     # A sample's first token is never a target (Puffin's prompts start unsupervised); left-padded, the last pad would
     # "predict" it, which only the old layout can express.
@@ -164,7 +164,7 @@ def test_left_padding_is_refused_where_attention_cannot_mask_it(single_process):
     from megatron_puffin.models.llm import build_llm
 
     config = tiny_llm_config(num_layers=1)
-    model = build_llm(config)
+    model = build_llm(config, pg_collection=mpd.process_groups())
     input_ids, mask, position_ids, _ = left_padded_batch(config.vocab_size, [5, 3], 5)
     model.accepts_attention_mask = False  # what a Transformer Engine spec (causal attention) sets
     with pytest.raises(ValueError, match="right-pad"):

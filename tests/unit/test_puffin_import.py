@@ -6,7 +6,8 @@ import megatron_puffin.distributed as mpd
 from helpers.puffin import make_tiny_dataset, tiny_puffin_config
 from megatron_puffin.convert.connector import mcore_to_reference
 from megatron_puffin.convert.puffin import load_puffin_state_dict, puffin_to_mcore
-from megatron_puffin.convert.qwen2 import ConversionError, mcore_to_hf
+from megatron_puffin.convert.common import ConversionError
+from megatron_puffin.convert.qwen2 import mcore_to_hf
 from megatron_puffin.convert.radio import mcore_to_projector, mcore_to_radio
 from megatron_puffin.convert.sd3 import mcore_to_diffusers
 
@@ -23,7 +24,7 @@ def _model(paths, seed):
     from megatron_puffin.models.puffin import build_puffin
 
     torch.manual_seed(seed)
-    return build_puffin(tiny_puffin_config(paths))
+    return build_puffin(tiny_puffin_config(paths), pg_collection=mpd.process_groups())
 
 
 def _sub(state, prefix):

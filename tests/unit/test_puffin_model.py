@@ -22,7 +22,7 @@ def _model(paths, **flags):
 
     torch.manual_seed(0)
     config = tiny_puffin_config(paths, **flags)
-    model = build_puffin(config)
+    model = build_puffin(config, pg_collection=mpd.process_groups())
     freeze_towers(model, config.model)
     return model.train()
 
@@ -114,7 +114,7 @@ def test_llm_activation_recompute_gives_the_same_loss_and_gradients(tiny):
         config = tiny_puffin_config(paths)
         config.llm = dataclasses.replace(config.llm, recompute=recompute)
         torch.manual_seed(0)
-        model = build_puffin(config).train()
+        model = build_puffin(config, pg_collection=mpd.process_groups()).train()
         assert model.llm.decoder.config.recompute_granularity == ("full" if recompute else None)
         out = puffin_loss(model, batches["cam2image"][0])
         out.loss.backward()

@@ -24,7 +24,7 @@ def _trainer(paths, lr, **flags):
 
     torch.manual_seed(0)
     config = tiny_puffin_config(paths, **flags)
-    model = build_puffin(config)
+    model = build_puffin(config, pg_collection=mpd.process_groups())
     freeze_towers(model, config.model)
     model.train()
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)

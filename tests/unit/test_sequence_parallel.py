@@ -122,7 +122,7 @@ def test_te_specs_use_te_norms_which_take_sequence_parallelism_from_the_config()
 
 def test_local_specs_use_the_local_norm_everywhere():
     from megatron_puffin.models.llm.llm_layer_specs import get_llm_layer_local_spec
-    from megatron_puffin.models.vision.vision_layer_specs import get_encoder_layer_local_spec
+    from megatron_puffin.models.common.encoder_layer_specs import get_encoder_layer_local_spec
 
     for spec in (get_llm_layer_local_spec(), get_encoder_layer_local_spec()):
         assert spec.submodules.input_layernorm is LocalNorm and spec.submodules.pre_mlp_layernorm is LocalNorm

@@ -66,7 +66,7 @@ def test_llm_decoder_block_ends_with_the_implementations_norm(te_spec_provider, 
 
 def test_encoder_and_dit_te_specs_name_te_classes_and_unmasked_attention():
     from megatron_puffin.models.dit.dit_layer_specs import dit_transformer_engine_layer_spec
-    from megatron_puffin.models.vision.vision_layer_specs import encoder_transformer_engine_layer_spec
+    from megatron_puffin.models.common.encoder_layer_specs import encoder_transformer_engine_layer_spec
 
     encoder = encoder_transformer_engine_layer_spec()
     assert encoder.submodules.self_attention.params["attn_mask_type"] == AttnMaskType.no_mask

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import megatron_puffin.distributed as dist_utils
-from megatron_puffin.convert.connector import ConversionError
+from megatron_puffin.convert.common import ConversionError
 from megatron_puffin.convert.radio import (
     load_vision_state_dict,
     mcore_to_projector,
@@ -76,7 +76,7 @@ def test_every_radio_tensor_is_converted_loaded_and_round_trips_bit_exactly():
     ours = radio_to_mcore(radio, config)
     ours.update(projector_to_mcore(_projector_state_dict(), config, LLM_HIDDEN))
     assert set(ours) == set(vision_tensor_table(config, LLM_HIDDEN))
-    model = build_vision(config, LLM_HIDDEN)
+    model = build_vision(config, LLM_HIDDEN, pg_collection=dist_utils.process_groups())
     load_vision_state_dict(model, ours)
     loaded = model.state_dict()
     back = mcore_to_radio(loaded, config)

@@ -37,7 +37,7 @@ def _freeze(model):
 
 def test_output_has_one_token_per_fold_block_for_any_multiple_of_the_unit():
     torch.manual_seed(0)
-    model = build_vision(_config(), LLM_HIDDEN).eval()
+    model = build_vision(_config(), LLM_HIDDEN, pg_collection=dist_utils.process_groups()).eval()
     for height, width in ((16, 24), (32, 32), (40, 8)):
         out = model(_images(height=height, width=width))
         assert out.shape == (2, (height // 8) * (width // 8), LLM_HIDDEN)
@@ -46,7 +46,7 @@ def test_output_has_one_token_per_fold_block_for_any_multiple_of_the_unit():
 
 
 def test_images_must_be_multiples_of_patch_times_fold():
-    model = build_vision(_config(), LLM_HIDDEN)
+    model = build_vision(_config(), LLM_HIDDEN, pg_collection=dist_utils.process_groups())
     with pytest.raises(ValueError, match=r"image size \(16, 20\) must be a multiple of 8"):
         model(_images(height=16, width=20))
     with pytest.raises(ValueError, match=r"expects images \[b, 3, H, W\]"):
@@ -54,19 +54,19 @@ def test_images_must_be_multiples_of_patch_times_fold():
 
 
 def test_frozen_encoder_runs_in_eval_mode_inside_a_training_model():
-    model = build_vision(_config(), LLM_HIDDEN)
+    model = build_vision(_config(), LLM_HIDDEN, pg_collection=dist_utils.process_groups())
     _freeze(model)
     model.train()
     assert model.training and not model.encoder.training and model.projector.training
     images = _images()
     assert torch.equal(model(images), model(images))  # no CPE randomness
-    expected = build_vision(_config(), LLM_HIDDEN)
+    expected = build_vision(_config(), LLM_HIDDEN, pg_collection=dist_utils.process_groups())
     expected.load_state_dict(model.state_dict())
     assert torch.equal(model(images), expected.eval()(images))
 
 
 def test_freezing_after_train_is_noticed_at_forward():
-    model = build_vision(_config(), LLM_HIDDEN).train()
+    model = build_vision(_config(), LLM_HIDDEN, pg_collection=dist_utils.process_groups()).train()
     assert model.encoder.training
     _freeze(model)
     model(_images())
@@ -74,7 +74,7 @@ def test_freezing_after_train_is_noticed_at_forward():
 
 
 def test_frozen_train_mode_flag_reproduces_the_reference_quirk():
-    model = build_vision(_config(frozen_train_mode=True), LLM_HIDDEN)
+    model = build_vision(_config(frozen_train_mode=True), LLM_HIDDEN, pg_collection=dist_utils.process_groups())
     _freeze(model)
     model.train()
     assert model.encoder.training
@@ -83,7 +83,8 @@ def test_frozen_train_mode_flag_reproduces_the_reference_quirk():
 
 
 def test_train_mode_cpe_randomness_comes_from_the_generator_and_leaves_global_rng_alone():
-    model = build_vision(_config(cpe_pos_dropout=0.0), LLM_HIDDEN).train()  # random windows only
+    # random windows only
+    model = build_vision(_config(cpe_pos_dropout=0.0), LLM_HIDDEN, pg_collection=dist_utils.process_groups()).train()
     images = _images()
     state = torch.get_rng_state()
     first = model(images, generator=torch.Generator().manual_seed(5))
@@ -101,8 +102,9 @@ def _grads(model, images, **kwargs):
 
 
 def test_gradient_scale_multiplies_encoder_gradients_only():
-    model = build_vision(_config(vision_grad_scale=0.25), LLM_HIDDEN).eval()
-    unscaled = build_vision(_config(vision_grad_scale=1.0), LLM_HIDDEN).eval()
+    model = build_vision(_config(vision_grad_scale=0.25), LLM_HIDDEN, pg_collection=dist_utils.process_groups()).eval()
+    unscaled = build_vision(_config(vision_grad_scale=1.0), LLM_HIDDEN,
+                            pg_collection=dist_utils.process_groups()).eval()
     unscaled.load_state_dict(model.state_dict())
     images = _images()
     scaled, plain = _grads(model, images), _grads(unscaled, images)
@@ -117,7 +119,7 @@ def test_gradient_scale_multiplies_encoder_gradients_only():
 
 def test_projector_gets_pytorch_default_initialisation():
     torch.manual_seed(1)
-    model = build_vision(_config(hidden_size=64, num_attention_heads=4), 48)
+    model = build_vision(_config(hidden_size=64, num_attention_heads=4), 48, pg_collection=dist_utils.process_groups())
     fc1, fc2 = model.projector.linear_fc1, model.projector.linear_fc2
     for tensor, fan_in in ((fc1.weight, 256), (fc1.bias, 256), (fc2.weight, 48), (fc2.bias, 48)):
         bound = 1 / math.sqrt(fan_in)
@@ -126,8 +128,8 @@ def test_projector_gets_pytorch_default_initialisation():
 
 
 def test_recompute_gives_the_same_gradients():
-    model = build_vision(_config(), LLM_HIDDEN).train()
-    recomputed = build_vision(_config(recompute=True), LLM_HIDDEN).train()
+    model = build_vision(_config(), LLM_HIDDEN, pg_collection=dist_utils.process_groups()).train()
+    recomputed = build_vision(_config(recompute=True), LLM_HIDDEN, pg_collection=dist_utils.process_groups()).train()
     recomputed.load_state_dict(model.state_dict())
     calls = []
     recomputed.encoder.decoder.layers[0].register_forward_hook(lambda *args: calls.append(1))
@@ -140,14 +142,17 @@ def test_recompute_gives_the_same_gradients():
 
 
 def test_final_norm_and_feature_normalizer_are_built_on_request():
-    model = build_vision(_config(final_norm=True, feature_normalizer=True), LLM_HIDDEN)
+    model = build_vision(_config(final_norm=True, feature_normalizer=True), LLM_HIDDEN,
+                         pg_collection=dist_utils.process_groups())
     names = set(model.state_dict())
     assert {"encoder.ln_post.weight", "feature_normalizer.mean", "feature_normalizer.tx"} <= names
-    assert "encoder.ln_post.weight" not in build_vision(_config(), LLM_HIDDEN).state_dict()
+    plain = build_vision(_config(), LLM_HIDDEN, pg_collection=dist_utils.process_groups())
+    assert "encoder.ln_post.weight" not in plain.state_dict()
 
 
 def test_bf16_tower_keeps_fp32_conditioner_buffers():
-    model = build_vision(_config(), LLM_HIDDEN, params_dtype=torch.bfloat16).eval()
+    model = build_vision(_config(), LLM_HIDDEN, params_dtype=torch.bfloat16,
+                         pg_collection=dist_utils.process_groups()).eval()
     assert model.encoder.embedder.weight.dtype == torch.bfloat16
     assert model.input_conditioner.norm_mean.dtype == torch.float32
     assert model(_images()).dtype == torch.bfloat16

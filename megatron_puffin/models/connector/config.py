@@ -8,7 +8,7 @@ from typing import ClassVar, List, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_puffin.models.vision.config import encoder_transformer_kwargs, tensor_parallel_problems
+from megatron_puffin.models.common.transformer_config import encoder_transformer_kwargs, tensor_parallel_problems
 from megatron_puffin.optional_deps import transformer_engine_error
 
 

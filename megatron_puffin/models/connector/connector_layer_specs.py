@@ -1,11 +1,11 @@
 """Layer specs of the connector encoders: the same bidirectional pre-LN encoder layer as the ViT (see
-:mod:`megatron_puffin.models.vision.vision_layer_specs`), local or Transformer Engine; self-attention built with
+:mod:`megatron_puffin.models.common.encoder_layer_specs`), local or Transformer Engine; self-attention built with
 ``AttnMaskType.no_mask`` (all 64 query tokens see each other), tanh-GELU from the ``TransformerConfig``."""
 from __future__ import annotations
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_puffin.models.vision.vision_layer_specs import (
+from megatron_puffin.models.common.encoder_layer_specs import (
     get_encoder_layer_local_spec,
     get_encoder_layer_spec,
     get_encoder_layer_with_transformer_engine_spec,

@@ -23,24 +23,25 @@ import math
 from typing import Optional, Tuple, Union
 
 import torch
-from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import get_pg_size
 from torch import nn
 
-from megatron_puffin.models.connector.config import ConnectorConfig
-from megatron_puffin.models.connector.connector_layer_specs import get_connector_layer_spec
-from megatron_puffin.models.sequence_parallel import gather_sequence, key_padding_mask, split_sequence
-from megatron_puffin.models.vision.model import ensure_parallel_state, resolve_device
-from megatron_puffin.models.vision.parallel_init import (
+from megatron_puffin.models.common.build import resolve_device
+from megatron_puffin.models.common.parallel_init import (
     init_slice_,
     normal_init,
     uniform_init,
     xavier_bound,
     zeros_init,
 )
+from megatron_puffin.models.connector.config import ConnectorConfig
+from megatron_puffin.models.connector.connector_layer_specs import get_connector_layer_spec
+from megatron_puffin.models.sequence_parallel import gather_sequence, key_padding_mask, split_sequence
 
 FC_BIAS_STD = 1e-6  # reference init of the connector MLP biases (§1.6)
 
@@ -53,26 +54,28 @@ class ConnectorEncoder(TransformerBlock):
     Args:
         config: megatron-core config from :meth:`ConnectorConfig.to_transformer_config`.
         spec: connector layer spec (:func:`get_connector_layer_spec`).
+        pg_collection: the process groups (tensor parallelism splits the layers over ``pg_collection.tp``).
     """
 
-    def __init__(self, config: TransformerConfig, spec: ModuleSpec) -> None:
-        super().__init__(config=config, spec=spec, pre_process=True, post_process=False)
+    def __init__(self, config: TransformerConfig, spec: ModuleSpec, pg_collection: ProcessGroupCollection) -> None:
+        super().__init__(config=config, spec=spec, pre_process=True, post_process=False, pg_collection=pg_collection)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """The reference initialisation at every TP size: q/k/v/out and fc1/fc2 weights xavier-uniform (q, k, v
         as separate square matrices), attention biases 0, MLP biases N(0, 1e-6^2), LayerNorms (1, 0)."""
         hidden, ffn = self.config.hidden_size, self.config.ffn_hidden_size
+        tp_group = self.pg_collection.tp
         for layer in self.layers:
             attention, mlp = layer.self_attention, layer.mlp
-            init_slice_(attention.linear_qkv.weight, uniform_init(xavier_bound(hidden, hidden)))
-            init_slice_(attention.linear_qkv.bias, zeros_init())
-            init_slice_(attention.linear_proj.weight, uniform_init(xavier_bound(hidden, hidden)))
-            init_slice_(attention.linear_proj.bias, zeros_init())
-            init_slice_(mlp.linear_fc1.weight, uniform_init(xavier_bound(hidden, ffn)))
-            init_slice_(mlp.linear_fc1.bias, normal_init(FC_BIAS_STD))
-            init_slice_(mlp.linear_fc2.weight, uniform_init(xavier_bound(ffn, hidden)))
-            init_slice_(mlp.linear_fc2.bias, normal_init(FC_BIAS_STD))
+            init_slice_(attention.linear_qkv.weight, uniform_init(xavier_bound(hidden, hidden)), tp_group)
+            init_slice_(attention.linear_qkv.bias, zeros_init(), tp_group)
+            init_slice_(attention.linear_proj.weight, uniform_init(xavier_bound(hidden, hidden)), tp_group)
+            init_slice_(attention.linear_proj.bias, zeros_init(), tp_group)
+            init_slice_(mlp.linear_fc1.weight, uniform_init(xavier_bound(hidden, ffn)), tp_group)
+            init_slice_(mlp.linear_fc1.bias, normal_init(FC_BIAS_STD), tp_group)
+            init_slice_(mlp.linear_fc2.weight, uniform_init(xavier_bound(ffn, hidden)), tp_group)
+            init_slice_(mlp.linear_fc2.bias, normal_init(FC_BIAS_STD), tp_group)
             for norm in (layer.input_layernorm, layer.pre_mlp_layernorm):
                 nn.init.ones_(norm.weight)
                 nn.init.zeros_(norm.bias)
@@ -89,6 +92,7 @@ class QueryConditioner(MegatronModule):
         pre_process: hold ``meta_queries`` (the stage that builds the LLM input).
         post_process: hold ``llm2connector_*``, ``connector_*`` and ``projector_*`` (the stage with the LLM's
             last layer).
+        pg_collection: the process groups of the connector layers.
     """
 
     def __init__(
@@ -99,8 +103,11 @@ class QueryConditioner(MegatronModule):
         layer_spec: ModuleSpec,
         pre_process: bool = True,
         post_process: bool = True,
+        pg_collection: Optional[ProcessGroupCollection] = None,
     ) -> None:
         super().__init__(config=config)
+        if post_process and pg_collection is None:
+            raise ValueError("QueryConditioner with post_process=True needs pg_collection (the connectors' groups)")
         self.connector_config = connector_config
         self.llm_hidden_size = llm_hidden_size
         self.pre_process, self.post_process = pre_process, post_process
@@ -110,10 +117,10 @@ class QueryConditioner(MegatronModule):
             nn.init.normal_(self.meta_queries, std=1.0 / math.sqrt(llm_hidden_size))
         if post_process:
             self.llm2connector_1 = nn.Linear(llm_hidden_size, hidden)
-            self.connector_1 = ConnectorEncoder(config, layer_spec)
+            self.connector_1 = ConnectorEncoder(config, layer_spec, pg_collection)
             self.projector_1 = self._zero_linear(hidden, connector_config.pooled_projection_dim)
             self.llm2connector_2 = nn.Linear(llm_hidden_size, hidden)
-            self.connector_2 = ConnectorEncoder(config, layer_spec)
+            self.connector_2 = ConnectorEncoder(config, layer_spec, pg_collection)
             self.projector_2 = self._zero_linear(hidden, connector_config.joint_attention_dim)
 
     @staticmethod
@@ -137,10 +144,10 @@ class QueryConditioner(MegatronModule):
         # Under sequence parallelism the queries are split over TP inside the connector. Validation asks for a
         # query count that TP divides (Transformer Engine's unmasked attention); the local SDPA masks any pads.
         num_queries, batch_size = hidden.shape[:2]
-        hidden, num_pads = split_sequence(hidden, connector.config)
+        hidden, num_pads = split_sequence(hidden, connector.config, group=connector.pg_collection.tp)
         mask = key_padding_mask(num_queries, num_pads, batch_size, hidden.device)
         hidden = connector(hidden, attention_mask=mask)
-        return gather_sequence(hidden, connector.config, num_pads).transpose(0, 1)
+        return gather_sequence(hidden, connector.config, num_pads, group=connector.pg_collection.tp).transpose(0, 1)
 
     def forward(self, query_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The DiT's conditioning from the LLM's meta-query states (last stage).
@@ -169,8 +176,10 @@ def build_query_conditioner(
     transformer_impl: str = "local",
     params_dtype: Optional[torch.dtype] = None,
     device: Optional[Union[str, torch.device]] = None,
+    *,
+    pg_collection: ProcessGroupCollection,
 ) -> QueryConditioner:
-    """Build this pipeline stage's part of the query path for the current tensor-parallel layout.
+    """Build this pipeline stage's part of the query path for the tensor-parallel layout of ``pg_collection``.
 
     Args:
         config: shapes of the query path.
@@ -178,21 +187,21 @@ def build_query_conditioner(
         pre_process: hold the meta queries (first pipeline stage).
         post_process: hold the connectors and projections (last pipeline stage).
         transformer_config: megatron-core config of the connectors; default ``config.to_transformer_config`` at
-            the current TP size in ``params_dtype``.
+            the TP size of ``pg_collection.tp`` in ``params_dtype``.
         transformer_impl: ``local`` or ``transformer_engine``.
         params_dtype: parameter dtype when ``transformer_config`` is not given (default fp32).
         device: where the module lives; default the current CUDA device when available, else the CPU.
+        pg_collection: the process groups (from :func:`megatron_puffin.distributed.process_groups`).
     """
-    ensure_parallel_state("build_query_conditioner")
     device = resolve_device(device)
     if transformer_config is None:
         transformer_config = config.to_transformer_config(
-            tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+            tensor_model_parallel_size=get_pg_size(pg_collection.tp),
             params_dtype=params_dtype or torch.float32,
             use_cpu_initialization=device.type == "cpu",
         )
     module = QueryConditioner(
         config, llm_hidden_size, transformer_config, get_connector_layer_spec(transformer_impl),
-        pre_process=pre_process, post_process=post_process,
+        pre_process=pre_process, post_process=post_process, pg_collection=pg_collection,
     )
     return module.to(device=device, dtype=transformer_config.params_dtype)

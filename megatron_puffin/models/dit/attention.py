@@ -18,68 +18,13 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_puffin.models.dit.parallel_utils import ShardedModuleList
-
-
-class SDPADotProductAttention(MegatronModule):
-    """Local core attention: torch's ``scaled_dot_product_attention`` behind megatron-core's core-attention
-    interface (the same constructor and forward as ``TEDotProductAttention``), so specs can swap them.
-
-    Never materialises a score mask: with ``AttnMaskType.no_mask`` SDPA runs unmasked (flash/efficient kernels);
-    with ``AttnMaskType.padding`` it gets a broadcast ``[b, 1, 1, s]`` key mask.
-    """
-
-    def __init__(
-        self,
-        config: TransformerConfig,
-        layer_number: int,
-        attn_mask_type: AttnMaskType = AttnMaskType.no_mask,
-        attention_type: str = "self",
-        attention_dropout: Optional[float] = None,
-        softmax_scale: Optional[float] = None,
-        **unused,
-    ) -> None:
-        super().__init__(config=config)
-        self.layer_number = layer_number
-        self.attn_mask_type = attn_mask_type
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
-        self.softmax_scale = softmax_scale
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
-        attn_mask_type: Optional[AttnMaskType] = None,
-        **unused,
-    ) -> torch.Tensor:
-        """
-        Args:
-            query, key, value: ``[s, b, np, hn]``.
-            attention_mask: ``[b, 1, 1, s]`` bool, True = masked-out key (megatron convention), or None.
-            attn_mask_type: ``no_mask`` or ``padding``.
-
-        Returns:
-            ``[s, b, np * hn]``.
-        """
-        seq, batch, heads, head_dim = query.shape
-        allowed = None if attention_mask is None else ~attention_mask
-        out = F.scaled_dot_product_attention(
-            query.permute(1, 2, 0, 3),
-            key.permute(1, 2, 0, 3),
-            value.permute(1, 2, 0, 3),
-            attn_mask=allowed,
-            dropout_p=self.dropout_p if self.training else 0.0,
-            scale=self.softmax_scale,
-        )  # [b, np, s, hn]
-        return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * head_dim)
 
 
 @dataclass
@@ -100,6 +45,7 @@ class JointAttention(MegatronModule):
         submodules: the layer classes / specs.
         layer_number: 1-based block index (for the core attention).
         context_pre_only: last block: the text stream feeds keys/values but produces no output.
+        pg_collection: the process groups (the projections split by heads over ``pg_collection.tp``).
     """
 
     def __init__(
@@ -108,9 +54,12 @@ class JointAttention(MegatronModule):
         submodules: JointAttentionSubmodules,
         layer_number: int,
         context_pre_only: bool = False,
+        *,
+        pg_collection: ProcessGroupCollection,
     ) -> None:
         super().__init__(config=config)
         self.context_pre_only = context_pre_only
+        self.tp_group = pg_collection.tp
         hidden = config.hidden_size
         self.head_dim = config.kv_channels
         tp = config.tensor_model_parallel_size
@@ -123,6 +72,7 @@ class JointAttention(MegatronModule):
             layer_number=layer_number,
             attn_mask_type=AttnMaskType.no_mask,
             attention_type="self",
+            pg_collection=pg_collection,
         )
         self.to_out = ShardedModuleList([self._row(submodules.linear_proj, hidden, hidden, "proj")])
         self.to_add_out = None if context_pre_only else self._row(submodules.linear_proj, hidden, hidden, "proj")
@@ -131,12 +81,14 @@ class JointAttention(MegatronModule):
         return build_module(
             spec, in_size, out_size, config=self.config, init_method=self.config.init_method,
             gather_output=False, bias=True, skip_bias_add=False, is_expert=False, tp_comm_buffer_name=name,
+            tp_group=self.tp_group,
         )
 
     def _row(self, spec, in_size: int, out_size: int, name: str):
         return build_module(
             spec, in_size, out_size, config=self.config, init_method=self.config.output_layer_init_method,
             bias=True, input_is_parallel=True, skip_bias_add=False, is_expert=False, tp_comm_buffer_name=name,
+            tp_group=self.tp_group,
         )
 
     def _heads(self, layer, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_puffin.models.common import runtime_transformer_kwargs
+from megatron_puffin.models.common.transformer_config import runtime_transformer_kwargs
 from megatron_puffin.optional_deps import transformer_engine_error
 
 # diffusers' SD3Transformer2DModel config keys that only carry bookkeeping (no effect on the computation).

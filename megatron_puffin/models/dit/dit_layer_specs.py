@@ -3,7 +3,7 @@ block. Both split q/k/v and fc1 column-parallel and the output projections and f
 only in which classes do it.
 
 * local: megatron-core ``ColumnParallelLinear`` / ``RowParallelLinear`` and torch SDPA
-  (:class:`~megatron_puffin.models.dit.attention.SDPADotProductAttention`).
+  (:class:`~megatron_puffin.models.common.attention.SDPADotProductAttention`).
 * transformer_engine: ``TEColumnParallelLinear`` / ``TERowParallelLinear`` (FP8-capable GEMMs) and
   ``TEDotProductAttention`` (flash / cuDNN fused attention, padding masks as varlen). The AdaLN modulation
   layers stay megatron-core's local ``ColumnParallelLinear`` (their GEMMs have one row per sample, which FP8
@@ -14,7 +14,8 @@ from __future__ import annotations
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_puffin.models.dit.attention import JointAttention, JointAttentionSubmodules, SDPADotProductAttention
+from megatron_puffin.models.common.attention import SDPADotProductAttention
+from megatron_puffin.models.dit.attention import JointAttention, JointAttentionSubmodules
 from megatron_puffin.models.dit.joint_block import (
     FeedForward,
     FeedForwardSubmodules,

@@ -27,6 +27,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -37,6 +38,8 @@ from megatron_puffin.models.dit.parallel_utils import ShardedModuleList
 from megatron_puffin.models.sequence_parallel import sum_partial_gradients, with_sequence_parallel
 
 NORM_EPS = 1e-6
+TPGroup = Optional[torch.distributed.ProcessGroup]
+"""A tensor-parallel group (from ``ProcessGroupCollection.tp``); None = no tensor parallelism."""
 
 
 def layer_norm(hidden_states: torch.Tensor) -> torch.Tensor:
@@ -53,15 +56,18 @@ class AdaLNModulation(MegatronModule):
     """``linear(silu(temb))`` producing ``num_chunks`` modulation vectors: column-parallel, then gathered (see
     module docstring). ``linear`` keeps diffusers' name (``norm1.linear``)."""
 
-    def __init__(self, config: TransformerConfig, linear_spec: Union[ModuleSpec, type], num_chunks: int) -> None:
+    def __init__(
+        self, config: TransformerConfig, linear_spec: Union[ModuleSpec, type], num_chunks: int, tp_group: TPGroup
+    ) -> None:
         super().__init__(config=config)
         self.num_chunks = num_chunks
         # temb is [b, h], never a sequence shard: the linear itself runs without sequence parallelism.
+        self.tp_group = tp_group
         self.linear = build_module(
             linear_spec, config.hidden_size, num_chunks * config.hidden_size,
             config=with_sequence_parallel(config, False),
             init_method=config.init_method, gather_output=False, bias=True, skip_bias_add=False, is_expert=False,
-            tp_comm_buffer_name="modulation",
+            tp_comm_buffer_name="modulation", tp_group=tp_group,
         )
 
     def forward(self, temb: torch.Tensor, dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, ...]:
@@ -72,16 +78,16 @@ class AdaLNModulation(MegatronModule):
         # At TP=1 the gather is the identity; skipping it saves an autograd-function call per use.
         full = partial
         if self.config.tensor_model_parallel_size > 1:
-            full = gather_from_tensor_model_parallel_region(partial)
+            full = gather_from_tensor_model_parallel_region(partial, group=self.tp_group)
         # Under sequence parallelism the vectors act on this rank's tokens only: sum their gradients over TP.
-        return sum_partial_gradients(full, self.config).chunk(self.num_chunks, dim=-1)
+        return sum_partial_gradients(full, self.config, group=self.tp_group).chunk(self.num_chunks, dim=-1)
 
 
 class AdaLayerNormZero(AdaLNModulation):
     """AdaLN-Zero: returns the attention input and the remaining gates/shifts/scales."""
 
-    def __init__(self, config: TransformerConfig, linear_spec: Union[ModuleSpec, type]) -> None:
-        super().__init__(config, linear_spec, num_chunks=6)
+    def __init__(self, config: TransformerConfig, linear_spec: Union[ModuleSpec, type], tp_group: TPGroup) -> None:
+        super().__init__(config, linear_spec, num_chunks=6, tp_group=tp_group)
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor):
         """
@@ -100,8 +106,8 @@ class AdaLayerNormContinuous(AdaLNModulation):
     """Continuous AdaLN (``scale, shift`` in that order, as diffusers): the final norm and the text-stream norm
     of the ``context_pre_only`` block."""
 
-    def __init__(self, config: TransformerConfig, linear_spec: Union[ModuleSpec, type]) -> None:
-        super().__init__(config, linear_spec, num_chunks=2)
+    def __init__(self, config: TransformerConfig, linear_spec: Union[ModuleSpec, type], tp_group: TPGroup) -> None:
+        super().__init__(config, linear_spec, num_chunks=2, tp_group=tp_group)
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """``[s, b, h], [b, h] -> [s, b, h]``."""
@@ -112,11 +118,12 @@ class AdaLayerNormContinuous(AdaLNModulation):
 class GELUProjection(MegatronModule):
     """Column-parallel projection followed by tanh-GELU (diffusers' ``GELU`` activation module: ``.proj``)."""
 
-    def __init__(self, config: TransformerConfig, linear_spec: Union[ModuleSpec, type]) -> None:
+    def __init__(self, config: TransformerConfig, linear_spec: Union[ModuleSpec, type], tp_group: TPGroup) -> None:
         super().__init__(config=config)
         self.proj = build_module(
             linear_spec, config.hidden_size, config.ffn_hidden_size, config=config, init_method=config.init_method,
             gather_output=False, bias=True, skip_bias_add=False, is_expert=False, tp_comm_buffer_name="fc1",
+            tp_group=tp_group,
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -139,14 +146,14 @@ class FeedForward(MegatronModule):
     ``net`` mirrors diffusers' ``FeedForward.net`` = ``[GELU(proj), Dropout(0), Linear]``.
     """
 
-    def __init__(self, config: TransformerConfig, submodules: FeedForwardSubmodules) -> None:
+    def __init__(self, config: TransformerConfig, submodules: FeedForwardSubmodules, tp_group: TPGroup) -> None:
         super().__init__(config=config)
         fc2 = build_module(
             submodules.linear_fc2, config.ffn_hidden_size, config.hidden_size, config=config,
             init_method=config.output_layer_init_method, bias=True, input_is_parallel=True, skip_bias_add=False,
-            is_expert=False, tp_comm_buffer_name="fc2",
+            is_expert=False, tp_comm_buffer_name="fc2", tp_group=tp_group,
         )
-        self.net = ShardedModuleList([GELUProjection(config, submodules.linear_fc1), nn.Identity(), fc2])
+        self.net = ShardedModuleList([GELUProjection(config, submodules.linear_fc1, tp_group), nn.Identity(), fc2])
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[s, b, h] -> [s, b, h]``."""
@@ -172,6 +179,7 @@ class JointTransformerBlock(MegatronModule):
         submodules: layer classes / specs.
         layer_number: 1-based block index.
         context_pre_only: True for the last block.
+        pg_collection: the process groups (its linears split over ``pg_collection.tp``).
     """
 
     def __init__(
@@ -180,20 +188,26 @@ class JointTransformerBlock(MegatronModule):
         submodules: JointTransformerBlockSubmodules,
         layer_number: int,
         context_pre_only: bool = False,
+        *,
+        pg_collection: ProcessGroupCollection,
     ) -> None:
         super().__init__(config=config)
+        tp_group = pg_collection.tp
         self.layer_number = layer_number
         self.context_pre_only = context_pre_only
-        self.norm1 = AdaLayerNormZero(config, submodules.modulation)
+        self.norm1 = AdaLayerNormZero(config, submodules.modulation, tp_group)
         if context_pre_only:
-            self.norm1_context = AdaLayerNormContinuous(config, submodules.modulation)
+            self.norm1_context = AdaLayerNormContinuous(config, submodules.modulation, tp_group)
         else:
-            self.norm1_context = AdaLayerNormZero(config, submodules.modulation)
+            self.norm1_context = AdaLayerNormZero(config, submodules.modulation, tp_group)
         self.attn = build_module(
-            submodules.attention, config=config, layer_number=layer_number, context_pre_only=context_pre_only
+            submodules.attention, config=config, layer_number=layer_number, context_pre_only=context_pre_only,
+            pg_collection=pg_collection,
         )
-        self.ff = build_module(submodules.feed_forward, config=config)
-        self.ff_context = None if context_pre_only else build_module(submodules.feed_forward, config=config)
+        self.ff = build_module(submodules.feed_forward, config=config, tp_group=tp_group)
+        self.ff_context = (
+            None if context_pre_only else build_module(submodules.feed_forward, config=config, tp_group=tp_group)
+        )
 
     def forward(
         self,

@@ -20,12 +20,15 @@ from contextlib import nullcontext
 from typing import List, Optional, Union
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import get_pg_size
 from torch import nn
 
+from megatron_puffin.models.common.build import resolve_device
 from megatron_puffin.models.dit.config import DiTConfig
 from megatron_puffin.models.dit.dit_layer_specs import get_dit_layer_spec
 from megatron_puffin.models.dit.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
@@ -61,11 +64,16 @@ class MMDiTModel(MegatronModule):
         dit_config: the tower's shape.
         config: megatron-core config from :meth:`DiTConfig.to_transformer_config`.
         block_spec: joint-block spec (:func:`get_dit_layer_spec`).
+        pg_collection: the process groups (the blocks split over ``pg_collection.tp``).
     """
 
-    def __init__(self, dit_config: DiTConfig, config: TransformerConfig, block_spec: ModuleSpec) -> None:
+    def __init__(
+        self, dit_config: DiTConfig, config: TransformerConfig, block_spec: ModuleSpec,
+        pg_collection: ProcessGroupCollection,
+    ) -> None:
         super().__init__(config=config)
         self.dit_config = dit_config
+        self.tp_group = pg_collection.tp
         hidden = dit_config.hidden_size
         self.pos_embed = PatchEmbed(dit_config)
         self.time_text_embed = CombinedTimestepTextProjEmbeddings(dit_config)
@@ -73,12 +81,14 @@ class MMDiTModel(MegatronModule):
         num_layers = dit_config.num_layers
         self.transformer_blocks = ShardedModuleList(
             [
-                build_module(block_spec, config=config, layer_number=i + 1, context_pre_only=i == num_layers - 1)
+                build_module(block_spec, config=config, layer_number=i + 1, context_pre_only=i == num_layers - 1,
+                             pg_collection=pg_collection)
                 for i in range(num_layers)
             ]
         )
         # After the blocks the image stream is whole again (gathered): norm_out is replicated compute.
-        self.norm_out = AdaLayerNormContinuous(with_sequence_parallel(config, False), block_spec.submodules.modulation)
+        self.norm_out = AdaLayerNormContinuous(with_sequence_parallel(config, False), block_spec.submodules.modulation,
+                                               self.tp_group)
         patch = dit_config.patch_size
         self.proj_out = nn.Linear(hidden, patch * patch * dit_config.out_channels)
         self.recompute = config.recompute_granularity == "full"
@@ -106,8 +116,7 @@ class MMDiTModel(MegatronModule):
             from megatron.core.extensions.transformer_engine import te_checkpoint
 
             return te_checkpoint(
-                block, False, tensor_parallel.get_cuda_rng_tracker,
-                parallel_state.get_tensor_model_parallel_group(), *args,
+                block, False, tensor_parallel.get_cuda_rng_tracker, self.tp_group, *args,
             )
         return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
 
@@ -195,7 +204,7 @@ class MMDiTModel(MegatronModule):
         attention_mask = layout.key_padding_mask(context.shape[0], image_stream.device)
         image_stream, context = self._split_streams(image_stream, context)
         image_stream = self.run_blocks(image_stream, context, temb, attention_mask)
-        image_stream = gather_sequence(image_stream, self.config)
+        image_stream = gather_sequence(image_stream, self.config, group=self.tp_group)
         return self.predict_targets(image_stream, temb, layout)
 
     def _split_streams(self, image_stream: torch.Tensor, context: torch.Tensor):
@@ -208,22 +217,8 @@ class MMDiTModel(MegatronModule):
                 f"DiT with --sequence-parallel: {context.shape[0]} text tokens (--connector-num-queries) are not a "
                 f"multiple of --tensor-model-parallel-size ({shards})"
             )
-        return split_sequence(image_stream, self.config)[0], split_sequence(context, self.config)[0]
-
-
-def _ensure_parallel_state() -> None:
-    """A single-process world (TP=1) when nothing is initialised yet, so ``build_dit(config)`` works alone."""
-    if parallel_state.model_parallel_is_initialized():
-        return
-    if torch.distributed.is_initialized():
-        raise RuntimeError(
-            "torch.distributed is initialised but megatron-core's parallel state is not; call "
-            "megatron_puffin.distributed.initialize(tensor_model_parallel_size=...) before build_dit"
-        )
-    from megatron_puffin.distributed import initialize
-
-    logger.info("build_dit: no process group yet; initialising a single-process world (TP=1)")
-    initialize()
+        return (split_sequence(image_stream, self.config, group=self.tp_group)[0],
+                split_sequence(context, self.config, group=self.tp_group)[0])
 
 
 def build_dit(
@@ -232,29 +227,29 @@ def build_dit(
     transformer_impl: str = "local",
     params_dtype: Optional[torch.dtype] = None,
     device: Optional[Union[str, torch.device]] = None,
+    *,
+    pg_collection: ProcessGroupCollection,
 ) -> MMDiTModel:
-    """Build the DiT tower for the current tensor-parallel layout.
+    """Build the DiT tower for the tensor-parallel layout of ``pg_collection``.
 
     Args:
         config: the tower's shape.
-        transformer_config: megatron-core config; default ``config.to_transformer_config`` at the current TP
-            size in ``params_dtype`` (initialised on the CPU exactly when the model goes there).
+        transformer_config: megatron-core config; default ``config.to_transformer_config`` at the TP size of
+            ``pg_collection.tp`` in ``params_dtype`` (initialised on the CPU exactly when the model goes there).
         transformer_impl: ``local`` or ``transformer_engine``.
         params_dtype: parameter dtype when ``transformer_config`` is not given (default fp32).
         device: where the model lives; default the current CUDA device when CUDA is available, else the CPU.
+        pg_collection: the process groups (from :func:`megatron_puffin.distributed.process_groups`).
 
     Returns:
         The model on ``device`` in the config's parameter dtype.
     """
-    _ensure_parallel_state()
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
+    device = resolve_device(device)
     if transformer_config is None:
         transformer_config = config.to_transformer_config(
-            tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+            tensor_model_parallel_size=get_pg_size(pg_collection.tp),
             params_dtype=params_dtype or torch.float32,
             use_cpu_initialization=device.type == "cpu",
         )
-    model = MMDiTModel(config, transformer_config, get_dit_layer_spec(transformer_impl))
+    model = MMDiTModel(config, transformer_config, get_dit_layer_spec(transformer_impl), pg_collection)
     return model.to(device=device, dtype=transformer_config.params_dtype)

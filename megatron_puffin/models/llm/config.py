@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_puffin.models.common import runtime_transformer_kwargs
+from megatron_puffin.models.common.transformer_config import runtime_transformer_kwargs
 
 
 @dataclass

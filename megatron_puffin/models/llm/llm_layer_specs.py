@@ -13,7 +13,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_puffin.models.dit.attention import SDPADotProductAttention
+from megatron_puffin.models.common.attention import SDPADotProductAttention
 from megatron_puffin.models.sequence_parallel import LocalNorm
 
 from megatron_puffin.optional_deps import require_transformer_engine
@@ -91,11 +91,14 @@ def llm_final_norm(transformer_impl: str) -> type:
 
 
 def get_llm_decoder_block_spec(
-    transformer_config: TransformerConfig, transformer_impl: str = "local", layer_spec: Optional[ModuleSpec] = None
+    transformer_config: TransformerConfig,
+    transformer_impl: str = "local",
+    layer_spec: Optional[ModuleSpec] = None,
+    pp_rank: int = 0,
 ) -> TransformerBlockSubmodules:
-    """This pipeline stage's decoder block: its layers (``layer_spec``, default :func:`get_llm_layer_spec`) and
-    the final norm of ``transformer_impl``."""
+    """Pipeline stage ``pp_rank``'s decoder block: its layers (``layer_spec``, default :func:`get_llm_layer_spec`)
+    and the final norm of ``transformer_impl``."""
     layer_spec = layer_spec or get_llm_layer_spec(transformer_impl)
-    num_layers = get_num_layers_to_build(transformer_config)
+    num_layers = get_num_layers_to_build(transformer_config, pp_rank=pp_rank)
     final_norm = llm_final_norm(transformer_impl)
     return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=final_norm)

@@ -19,8 +19,10 @@ from typing import Optional, Union
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron_puffin.models.llm.config import LLMConfig
 from megatron_puffin.models.llm.llm_layer_specs import SDPACausalAttention, get_llm_decoder_block_spec
@@ -53,7 +55,11 @@ def build_attention_mask(padding_mask: Optional[torch.Tensor], seq_length: int) 
 
 
 class PuffinLLM(GPTModel):
-    """Qwen2.5 decoder on megatron-core with Puffin's forward (see module docstring)."""
+    """Qwen2.5 decoder on megatron-core with Puffin's forward (see module docstring).
+
+    ``pg_collection`` (megatron-core's ``GPTModel`` argument) holds the process groups: tensor parallelism over
+    ``tp``, this stage's place in ``pp``, the tied embedding over ``embd``.
+    """
 
     def __init__(
         self,
@@ -62,6 +68,8 @@ class PuffinLLM(GPTModel):
         transformer_layer_spec: Union[ModuleSpec, TransformerBlockSubmodules],
         pre_process: bool = True,
         post_process: bool = True,
+        *,
+        pg_collection: ProcessGroupCollection,
     ) -> None:
         tp_size = transformer_config.tensor_model_parallel_size
         super().__init__(
@@ -78,6 +86,7 @@ class PuffinLLM(GPTModel):
             # Puffin scatters visual tokens and meta queries into the embeddings first, then splits the sequence
             # (megatron_puffin.models.sequence_parallel); the embedding itself returns the whole sequence.
             scatter_embedding_sequence_parallel=False,
+            pg_collection=pg_collection,
         )
         self.llm_config = llm_config
         # Only the local SDPA core attention applies an arbitrary mask; TE's causal attention ignores one.
@@ -117,9 +126,7 @@ class PuffinLLM(GPTModel):
         return logits.masked_fill(~valid, PADDED_VOCAB_LOGIT)
 
     def _vocab_start(self, partition: int) -> int:
-        from megatron.core import parallel_state
-
-        return parallel_state.get_tensor_model_parallel_rank() * partition
+        return get_pg_rank(self.pg_collection.tp) * partition
 
     def _split_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``[s, b, h]`` -> this rank's sequence shard under sequence parallelism (s must be a multiple of TP:
@@ -128,7 +135,7 @@ class PuffinLLM(GPTModel):
         if embeddings.shape[0] % multiple:
             raise ValueError(f"sequence length {embeddings.shape[0]} is not a multiple of --tensor-model-parallel-size "
                              f"({multiple}) as --sequence-parallel needs; pad the batch with pad_sequences_to_multiple")
-        return split_sequence(embeddings, self.config)[0]
+        return split_sequence(embeddings, self.config, group=self.pg_collection.tp)[0]
 
     def _attention_mask(self, padding_mask: Optional[torch.Tensor], seq_length: int) -> Optional[torch.Tensor]:
         """None (causal, no mask) unless pads precede real tokens somewhere; then the explicit mask."""
@@ -177,7 +184,7 @@ class PuffinLLM(GPTModel):
         if not self.post_process:
             return hidden_states
         if output == "hidden":
-            return gather_sequence(hidden_states, self.config)
+            return gather_sequence(hidden_states, self.config, group=self.pg_collection.tp)
         if output != "logits":
             raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
         return self.compute_logits(hidden_states)
@@ -189,6 +196,8 @@ def build_llm(
     post_process: bool = True,
     transformer_config=None,
     transformer_impl: str = "local",
+    *,
+    pg_collection: ProcessGroupCollection,
 ) -> PuffinLLM:
     """Build the LLM tower (this pipeline stage's part of it).
 
@@ -197,18 +206,18 @@ def build_llm(
         pre_process: holds the token embedding (first pipeline stage).
         post_process: holds the final norm and output layer (last pipeline stage).
         transformer_config: megatron-core ``TransformerConfig``; default derived from ``config`` with the
-            current tensor/pipeline parallel sizes in fp32.
+            tensor/pipeline parallel sizes of ``pg_collection`` in fp32.
         transformer_impl: ``local`` or ``transformer_engine``.
+        pg_collection: the process groups (from :func:`megatron_puffin.distributed.process_groups`).
     """
     if transformer_config is None:
-        from megatron.core import parallel_state
-
         transformer_config = config.to_transformer_config(
-            tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
-            pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+            tensor_model_parallel_size=get_pg_size(pg_collection.tp),
+            pipeline_model_parallel_size=get_pg_size(pg_collection.pp),
         )
-    spec = get_llm_decoder_block_spec(transformer_config, transformer_impl)
-    return PuffinLLM(config, transformer_config, spec, pre_process=pre_process, post_process=post_process)
+    spec = get_llm_decoder_block_spec(transformer_config, transformer_impl, pp_rank=get_pg_rank(pg_collection.pp))
+    return PuffinLLM(config, transformer_config, spec, pre_process=pre_process, post_process=post_process,
+                     pg_collection=pg_collection)
 
 
 def vocab_parallel_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -9,13 +9,7 @@ from megatron_puffin.models.vision.ops import (
     fold_patches,
     scale_gradient,
 )
-from megatron_puffin.models.vision.vision_layer_specs import (
-    get_encoder_layer_local_spec,
-    get_encoder_layer_spec,
-    get_encoder_layer_with_transformer_engine_spec,
-    get_projector_submodules,
-    get_vision_layer_spec,
-)
+from megatron_puffin.models.vision.vision_layer_specs import get_projector_submodules, get_vision_layer_spec
 
 __all__ = [
     "CLIP_MEAN",
@@ -28,9 +22,6 @@ __all__ = [
     "VisionTower",
     "build_vision",
     "fold_patches",
-    "get_encoder_layer_local_spec",
-    "get_encoder_layer_spec",
-    "get_encoder_layer_with_transformer_engine_spec",
     "get_projector_submodules",
     "get_vision_layer_spec",
     "scale_gradient",

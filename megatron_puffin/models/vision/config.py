@@ -9,28 +9,12 @@ from typing import ClassVar, List, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_puffin.models.common import runtime_transformer_kwargs
+from megatron_puffin.models.common.transformer_config import encoder_transformer_kwargs, tensor_parallel_problems
 from megatron_puffin.optional_deps import transformer_engine_error
 
 # OpenAI CLIP normalisation used by RADIO's input conditioner (docs/puffin.md §1.3).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def tensor_parallel_problems(tower: str, tensor_model_parallel_size: int, **sizes: int) -> List[str]:
-    """Messages for every size (flag ``--{tower}-{name}``) the tensor-parallel size does not divide, naming the
-    sizes that would divide all of them."""
-    tp = tensor_model_parallel_size
-    bad = {name: value for name, value in sizes.items() if value % tp}
-    if not bad:
-        return []
-    smallest = min(sizes.values())
-    valid = [d for d in range(1, smallest + 1) if all(v % d == 0 for v in sizes.values())]
-    return [
-        f"--{tower}-{name.replace('_', '-')} ({value}) must be divisible by --tensor-model-parallel-size ({tp}); "
-        f"use a --tensor-model-parallel-size of {', '.join(map(str, valid))}"
-        for name, value in bad.items()
-    ]
 
 
 @dataclass
@@ -189,30 +173,3 @@ class VisionConfig:
             vit_config, hidden_size=llm_hidden_size, ffn_hidden_size=llm_hidden_size, activation_func=F.silu,
             num_layers=1, recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
         )
-
-
-def encoder_transformer_kwargs(
-    layernorm_epsilon: float,
-    tensor_model_parallel_size: int,
-    params_dtype: torch.dtype,
-    fp8: Optional[str],
-    fp8_recipe: str,
-    recompute: bool,
-    use_cpu_initialization: Optional[bool],
-) -> dict:
-    """``TransformerConfig`` arguments shared by the bidirectional pre-LN encoders (ViT and connectors).
-
-    Biased linears, LayerNorm, no dropout, no fusions (the fused bias-GELU would change exact GELU), fp32
-    softmax, pipeline size 1 (a tower is never split over pipeline stages), and ``recompute`` as full per-layer
-    recomputation.
-    """
-    return dict(
-        normalization="LayerNorm",
-        layernorm_epsilon=layernorm_epsilon,
-        add_bias_linear=True,
-        add_qkv_bias=True,
-        gated_linear_unit=False,
-        **runtime_transformer_kwargs(
-            tensor_model_parallel_size, 1, params_dtype, fp8, fp8_recipe, recompute, use_cpu_initialization
-        ),
-    )

@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 import torch
 from megatron.core.models.vision.radio import RADIOViTModel
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_puffin.models.sequence_parallel import (
@@ -49,10 +50,12 @@ class RADIOEncoder(RADIOViTModel):
         config: megatron-core config from :meth:`VisionConfig.to_transformer_config`.
         layer_spec: ViT block spec (:func:`~.vision_layer_specs.get_vision_layer_spec`).
         norm_impl: norm class for the optional final LayerNorm (``ln_post``).
+        pg_collection: the process groups of the ViT blocks.
     """
 
     def __init__(
-        self, vision_config: VisionConfig, config: TransformerConfig, layer_spec: ModuleSpec, norm_impl
+        self, vision_config: VisionConfig, config: TransformerConfig, layer_spec: ModuleSpec, norm_impl,
+        pg_collection: ProcessGroupCollection,
     ) -> None:
         side = vision_config.max_image_size
         super().__init__(
@@ -69,6 +72,7 @@ class RADIOEncoder(RADIOViTModel):
             pos_dropout=vision_config.cpe_pos_dropout,
             has_cpe=True,
             embedder_bias=False,
+            pg_collection=pg_collection,
         )
         self.num_skip_tokens = vision_config.class_token_len
         replicated_input_linear(self.embedder)  # its input is [b, patches, c], never a sequence shard
@@ -115,9 +119,9 @@ class RADIOEncoder(RADIOViTModel):
         # FP8 row padding and the sequence-parallel split share one end-of-row padding: every row grows to a
         # multiple of TP whose per-rank share of rows (images x tokens / TP) is a multiple of the FP8 GEMM's.
         tokens, mask = pad_token_rows(tokens, row_multiple, shards=sequence_parallel_size(self.config))
-        hidden, _ = split_sequence(tokens.transpose(0, 1).contiguous(), self.config)  # [s'/TP, b, h] under SP
+        hidden, _ = split_sequence(tokens.transpose(0, 1).contiguous(), self.config, group=self.pg_collection.tp)  # [s'/TP, b, h]
         hidden = self.decoder(hidden, attention_mask=mask)
         if self.ln_post is not None:  # per token: on this rank's shard under sequence parallelism
             hidden = self.ln_post(hidden)
-        hidden = gather_sequence(hidden, self.config)  # [s', b, h]
+        hidden = gather_sequence(hidden, self.config, group=self.pg_collection.tp)  # [s', b, h]
         return hidden[self.num_skip_tokens:num_tokens].transpose(0, 1)

@@ -15,18 +15,20 @@ from contextlib import nullcontext
 from typing import Optional, Tuple, Union
 
 import torch
-from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import get_pg_size
 
+from megatron_puffin.models.common.build import resolve_device
+from megatron_puffin.models.common.parallel_init import init_linear_like_torch_
 from megatron_puffin.models.fp8 import fp8_token_multiple
 from megatron_puffin.models.sequence_parallel import with_sequence_parallel
 from megatron_puffin.models.vision.config import VisionConfig
 from megatron_puffin.models.vision.encoder import RADIOEncoder
 from megatron_puffin.models.vision.ops import FeatureNormalizer, InputConditioner, fold_patches, scale_gradient
-from megatron_puffin.models.vision.parallel_init import init_linear_like_torch_
 from megatron_puffin.models.vision.token_padding import pad_rows_to_multiple
 from megatron_puffin.models.vision.vision_layer_specs import get_projector_submodules, get_vision_layer_spec
 
@@ -42,6 +44,7 @@ class VisionTower(MegatronModule):
         layer_spec: ViT block spec.
         projector_config: megatron-core config of the projector (:meth:`VisionConfig.projector_transformer_config`).
         projector_submodules: the projector's linears.
+        pg_collection: the process groups (the ViT and the projector split over ``pg_collection.tp``).
     """
 
     def __init__(
@@ -51,15 +54,19 @@ class VisionTower(MegatronModule):
         layer_spec: ModuleSpec,
         projector_config: TransformerConfig,
         projector_submodules: MLPSubmodules,
+        pg_collection: ProcessGroupCollection,
     ) -> None:
         super().__init__(config=config)
         self.vision_config = vision_config
+        self.tp_group = pg_collection.tp
         self.input_conditioner = InputConditioner()
-        self.encoder = RADIOEncoder(vision_config, config, layer_spec, layer_spec.submodules.input_layernorm)
+        self.encoder = RADIOEncoder(
+            vision_config, config, layer_spec, layer_spec.submodules.input_layernorm, pg_collection
+        )
         self.feature_normalizer = FeatureNormalizer(config.hidden_size) if vision_config.feature_normalizer else None
         self.projector = MLP(
             projector_config, projector_submodules, input_size=vision_config.folded_hidden_size,
-            ffn_hidden_size=projector_config.hidden_size,
+            ffn_hidden_size=projector_config.hidden_size, tp_group=self.tp_group,
         )
         self.llm_hidden_size = projector_config.hidden_size
         # FP8 GEMMs need row counts of a multiple: the ViT's tokens (key-masked) and the projector's rows are
@@ -71,8 +78,8 @@ class VisionTower(MegatronModule):
         """PyTorch's default ``nn.Linear`` initialisation for both projector linears (docs/puffin.md §1.4), identical at
         every tensor-parallel size."""
         fc1, fc2 = self.projector.linear_fc1, self.projector.linear_fc2
-        init_linear_like_torch_(fc1.weight, fc1.bias, self.vision_config.folded_hidden_size)
-        init_linear_like_torch_(fc2.weight, fc2.bias, self.llm_hidden_size)
+        init_linear_like_torch_(fc1.weight, fc1.bias, self.vision_config.folded_hidden_size, self.tp_group)
+        init_linear_like_torch_(fc2.weight, fc2.bias, self.llm_hidden_size, self.tp_group)
 
     # -- modes ------------------------------------------------------------------------------------------------
     def encoder_trainable(self) -> bool:
@@ -161,28 +168,6 @@ class VisionTower(MegatronModule):
         return self.project(folded)
 
 
-def ensure_parallel_state(what: str) -> None:
-    """A single-process world (TP=1) when nothing is initialised yet, so a tower can be built alone."""
-    if parallel_state.model_parallel_is_initialized():
-        return
-    if torch.distributed.is_initialized():
-        raise RuntimeError(
-            "torch.distributed is initialised but megatron-core's parallel state is not; call "
-            f"megatron_puffin.distributed.initialize(tensor_model_parallel_size=...) before {what}"
-        )
-    from megatron_puffin.distributed import initialize
-
-    logger.info("%s: no process group yet; initialising a single-process world (TP=1)", what)
-    initialize()
-
-
-def resolve_device(device: Optional[Union[str, torch.device]]) -> torch.device:
-    """``device``, or the current CUDA device when CUDA is available, else the CPU."""
-    if device is None:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(device)
-
-
 def build_vision(
     config: VisionConfig,
     llm_hidden_size: int,
@@ -190,24 +175,27 @@ def build_vision(
     transformer_impl: str = "local",
     params_dtype: Optional[torch.dtype] = None,
     device: Optional[Union[str, torch.device]] = None,
+    *,
+    pg_collection: ProcessGroupCollection,
 ) -> VisionTower:
-    """Build the vision tower for the current tensor-parallel layout.
+    """Build the vision tower for the tensor-parallel layout of ``pg_collection``.
 
     Args:
         config: the tower's shape and behaviour.
         llm_hidden_size: the LLM's hidden size (projector width and output).
         transformer_config: megatron-core config of the ViT; default ``config.to_transformer_config`` at the
-            current TP size in ``params_dtype`` (initialised on the CPU exactly when the model goes there).
+            TP size of ``pg_collection.tp`` in ``params_dtype`` (initialised on the CPU exactly when the model goes
+            there).
         transformer_impl: ``local`` or ``transformer_engine``.
         params_dtype: parameter dtype when ``transformer_config`` is not given (default fp32).
         device: where the model lives; default the current CUDA device when available, else the CPU.
+        pg_collection: the process groups (from :func:`megatron_puffin.distributed.process_groups`).
 
     Returns:
         The tower on ``device`` in the config's parameter dtype (buffers of the conditioner stay fp32).
     """
-    ensure_parallel_state("build_vision")
     device = resolve_device(device)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp = get_pg_size(pg_collection.tp)
     if llm_hidden_size % tp:
         raise ValueError(f"the LLM hidden size ({llm_hidden_size}) must be divisible by "
                          f"--tensor-model-parallel-size ({tp}) for the vision projector")
@@ -223,7 +211,7 @@ def build_vision(
     )
     model = VisionTower(
         config, transformer_config, get_vision_layer_spec(transformer_impl), projector_config,
-        get_projector_submodules(transformer_impl),
+        get_projector_submodules(transformer_impl), pg_collection,
     )
     model = model.to(device=device, dtype=transformer_config.params_dtype)
     model.input_conditioner.float()

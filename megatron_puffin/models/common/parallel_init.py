@@ -9,19 +9,12 @@ same model at every tensor-parallel size, as megatron-core's own CPU initialisat
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+from megatron.core.utils import get_pg_rank, get_pg_size
 
 FullInit = Callable[[torch.Tensor], None]
-
-
-def _tensor_parallel_layout():
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return 1, 0
-    return parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
 
 
 def partition_dim(param: torch.Tensor) -> int:
@@ -32,9 +25,10 @@ def partition_dim(param: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def init_slice_(param: torch.Tensor, full_init: FullInit) -> None:
-    """Fill ``param`` with this rank's slice of a full fp32 CPU tensor initialised by ``full_init``."""
-    world, rank = _tensor_parallel_layout()
+def init_slice_(param: torch.Tensor, full_init: FullInit, tp_group: Optional[torch.distributed.ProcessGroup]) -> None:
+    """Fill ``param`` with this rank's slice (over ``tp_group``, None = no tensor parallelism) of a full fp32 CPU
+    tensor initialised by ``full_init``."""
+    world, rank = get_pg_size(tp_group), get_pg_rank(tp_group)
     dim = partition_dim(param)
     shape = list(param.shape)
     if dim >= 0:
@@ -65,10 +59,12 @@ def xavier_bound(fan_in: int, fan_out: int) -> float:
 
 
 @torch.no_grad()
-def init_linear_like_torch_(weight: torch.Tensor, bias, fan_in: int) -> None:
+def init_linear_like_torch_(
+    weight: torch.Tensor, bias: Optional[torch.Tensor], fan_in: int, tp_group: Optional[torch.distributed.ProcessGroup]
+) -> None:
     """PyTorch's ``nn.Linear`` default: weight and bias ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (kaiming-uniform
-    with a = sqrt(5) reduces to this bound)."""
+    with a = sqrt(5) reduces to this bound), sliced over ``tp_group``."""
     bound = 1.0 / math.sqrt(fan_in)
-    init_slice_(weight, uniform_init(bound))
+    init_slice_(weight, uniform_init(bound), tp_group)
     if bias is not None:
-        init_slice_(bias, uniform_init(bound))
+        init_slice_(bias, uniform_init(bound), tp_group)

@@ -1,7 +1,8 @@
-"""What every tower's megatron-core ``TransformerConfig`` shares: layout, precision, fusions and recomputation."""
+"""What every tower's megatron-core ``TransformerConfig`` shares: layout, precision, fusions and recomputation;
+the encoder towers' (ViT, connectors) common arguments; the tensor-parallel divisibility messages."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -49,3 +50,46 @@ def runtime_transformer_kwargs(
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
     )
+
+
+def encoder_transformer_kwargs(
+    layernorm_epsilon: float,
+    tensor_model_parallel_size: int,
+    params_dtype: torch.dtype,
+    fp8: Optional[str],
+    fp8_recipe: str,
+    recompute: bool,
+    use_cpu_initialization: Optional[bool],
+) -> dict:
+    """``TransformerConfig`` arguments shared by the bidirectional pre-LN encoders (ViT and connectors).
+
+    Biased linears, LayerNorm, no dropout, no fusions (the fused bias-GELU would change exact GELU), fp32
+    softmax, pipeline size 1 (a tower is never split over pipeline stages), and ``recompute`` as full per-layer
+    recomputation.
+    """
+    return dict(
+        normalization="LayerNorm",
+        layernorm_epsilon=layernorm_epsilon,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        gated_linear_unit=False,
+        **runtime_transformer_kwargs(
+            tensor_model_parallel_size, 1, params_dtype, fp8, fp8_recipe, recompute, use_cpu_initialization
+        ),
+    )
+
+
+def tensor_parallel_problems(tower: str, tensor_model_parallel_size: int, **sizes: int) -> List[str]:
+    """Messages for every size (flag ``--{tower}-{name}``) the tensor-parallel size does not divide, naming the
+    sizes that would divide all of them."""
+    tp = tensor_model_parallel_size
+    bad = {name: value for name, value in sizes.items() if value % tp}
+    if not bad:
+        return []
+    smallest = min(sizes.values())
+    valid = [d for d in range(1, smallest + 1) if all(v % d == 0 for v in sizes.values())]
+    return [
+        f"--{tower}-{name.replace('_', '-')} ({value}) must be divisible by --tensor-model-parallel-size ({tp}); "
+        f"use a --tensor-model-parallel-size of {', '.join(map(str, valid))}"
+        for name, value in bad.items()
+    ]
