@@ -101,7 +101,7 @@ def test_te_specs_use_te_norms_which_take_sequence_parallelism_from_the_config()
     the block builds without sequence parallelism (its input is ``temb [b, h]``)."""
     from megatron_puffin.models.dit.dit_layer_specs import dit_transformer_engine_layer_spec
     from megatron_puffin.models.llm.llm_layer_specs import llm_final_norm
-    from megatron_puffin.models.vision.vision_layer_specs import encoder_transformer_engine_layer_spec
+    from megatron_puffin.models.common.encoder_layer_specs import encoder_transformer_engine_layer_spec
 
     encoder = encoder_transformer_engine_layer_spec().submodules
     assert encoder.input_layernorm is mte.TENorm and encoder.pre_mlp_layernorm is mte.TENorm
