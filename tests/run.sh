@@ -12,7 +12,8 @@ source "$ROOT/examples/bootstrap_env.sh"
 CPU_LEVELS=(tests/unit tests/parity tests/distributed tests/functional)
 set +e
 # The CPU levels define CPU behaviour (fp32 parity, gloo ranks): they run with the GPUs hidden, also on a GPU box.
-CUDA_VISIBLE_DEVICES="" python -m pytest "${CPU_LEVELS[@]}" "$@"
+# --durations: the 25 slowest tests, so the suite's time (well under 15 min on 2 cores) can be watched.
+CUDA_VISIBLE_DEVICES="" python -m pytest --durations=25 "${CPU_LEVELS[@]}" "$@"
 rc=$?
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "[tests/run.sh] CUDA is available: running tests/gpu"
