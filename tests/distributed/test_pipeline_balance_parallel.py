@@ -73,17 +73,14 @@ def _full_state(config, directory):
 
 def _parity(paths, root):
     import megatron_puffin.distributed as mpd
+    from helpers.puffin import unblock_generation_gradients
     from megatron_puffin.training.checkpointing import load_model_checkpoint, save_checkpoint
     from megatron_puffin.training.step import forward_backward
 
     config = _config(paths)
     ctx = mpd.initialize(1, 1, seed=0)
     model, ddp = _build(config, ctx)
-    generator = torch.Generator().manual_seed(3)  # trained-like projector_1/2 (they start at zero): see the PP test
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "projector_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    unblock_generation_gradients(model)  # trained-like projector_1/2 (they start at zero)
     save_checkpoint(model.sharded_state_dict(), f"{root}/weights")
     reference = forward_backward(ddp, _cycle(paths, ctx, whole_batch=True))
     _grads_as_weights(model)

@@ -66,17 +66,12 @@ def _full_state(paths, directory):
 
 def _worker(paths, root):
     import megatron_puffin.distributed as mpd
+    from helpers.puffin import unblock_generation_gradients
     from megatron_puffin.training.checkpointing import load_model_checkpoint, save_checkpoint
 
     ctx = mpd.initialize(1, 1, seed=0)
     model, ddp = _build(paths, ctx)
-    # projector_1/2 start at zero (docs/puffin.md §1.7), which blocks every gradient into the connectors, queries and LLM
-    # from the diffusion loss; give them the values of a trained model so the test sees that path.
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "projector_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    unblock_generation_gradients(model)  # trained-like projector_1/2 (they start at zero)
     save_checkpoint(model.sharded_state_dict(), f"{root}/weights")
     reference, ref_indices = _step(paths, ctx, ddp, whole_batch=True)  # every rank: the one-process reference
     _grads_as_weights(model)

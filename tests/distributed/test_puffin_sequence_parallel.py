@@ -98,17 +98,11 @@ def _decode(paths, model, batch):
 
 def _worker(paths, root):
     import megatron_puffin.distributed as mpd
-    from helpers.puffin import TASK_STREAMS, mixed_size_batch, task_batches
+    from helpers.puffin import TASK_STREAMS, mixed_size_batch, task_batches, unblock_generation_gradients
     from megatron_puffin.training.checkpointing import save_checkpoint
 
     model, _ = _build(paths, mpd.initialize(1, 1, seed=0), sequence_parallel=False)
-    # projector_1/2 start at zero (docs/puffin.md §1.7), which blocks every gradient into the connectors, queries and
-    # LLM from the diffusion loss; give them the values of a trained model so the test sees that path.
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "projector_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    unblock_generation_gradients(model)  # trained-like projector_1/2 (they start at zero)
     save_checkpoint(model.sharded_state_dict(), f"{root}/weights")
     # Every rank runs the whole batch (data-parallel replicas of identical data average to the same gradient), so
     # the trainable ViT's train-mode CPE draws are the same at every layout.

@@ -220,3 +220,17 @@ def tiny_pp_run() -> Path:
                      "--pipeline-model-parallel-size", "2", "--save", "pp", "--save-interval", "2",
                      "--metrics-file", "pp_full.jsonl", nproc=2)
     return root
+
+
+def unblock_generation_gradients(model, seed: int = 3, std: float = 0.05) -> None:
+    """Give the zero-initialised ``projector_1/2`` (docs/puffin.md §1.7) the values of a trained model, in place.
+
+    At zero they block every gradient of the diffusion loss into the connectors, queries and LLM, so a test of
+    those gradients would see nothing. The values are a function of ``seed`` and the parameter order only, so every
+    layout of the same model gets the same ones.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "projector_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)

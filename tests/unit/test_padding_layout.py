@@ -16,7 +16,14 @@ import pytest
 import torch
 
 import megatron_puffin.distributed as mpd
-from helpers.puffin import TASK_STREAMS, make_tiny_dataset, mixed_size_batch, task_batches, tiny_puffin_config
+from helpers.puffin import (
+    TASK_STREAMS,
+    make_tiny_dataset,
+    mixed_size_batch,
+    task_batches,
+    tiny_puffin_config,
+    unblock_generation_gradients,
+)
 from megatron_puffin.training.objectives import puffin_loss
 
 GOLDEN = Path(__file__).parent / "golden" / "left_padding_reference.json"
@@ -43,12 +50,7 @@ def _model(paths):
 
     torch.manual_seed(0)
     model = build_puffin(tiny_puffin_config(paths), pg_collection=mpd.process_groups()).train()
-    # Zero-initialised projector_1/2 (docs/puffin.md §1.7) would block the diffusion gradient into connectors, queries, LLM.
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "projector_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    unblock_generation_gradients(model)  # trained-like projector_1/2 (they start at zero)
     return model
 
 
