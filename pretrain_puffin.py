@@ -40,9 +40,11 @@ def main(argv=None) -> int:
 
         print(describe(args))
         return 0
+    from megatron_puffin.platform import setup
     from megatron_puffin.training.checkpoint_safety import CheckpointError
     from megatron_puffin.training.loop import TrainingError, run
 
+    setup()  # megatron-core's patches, once per process (each torchrun child runs this main)
     try:
         return run(args)
     except ConfigError as error:

@@ -36,6 +36,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from megatron_puffin.testing.reference_dit import reference_dynamic_forward  # noqa: E402
+from megatron_puffin.platform import setup  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -195,6 +196,7 @@ def _peak_memory(fn, weight, params, device) -> int:
 def main() -> None:
     args = _parse_args()
     logging.basicConfig(level=logging.WARNING)
+    setup()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cpu":
         torch.set_num_threads(args.threads)

@@ -37,6 +37,7 @@ from bench_puffin import _config  # noqa: E402
 
 import megatron_puffin.distributed as mpd  # noqa: E402
 from megatron_puffin.testing.reference_puffin import build_puffin_pair  # noqa: E402
+from megatron_puffin.platform import setup  # noqa: E402
 
 CAPTIONS = ["A kitchen.", "A narrow street with parked bicycles and shop signs on both sides.",
             "A lake at dusk.", "Two chairs beside a window in a bright room with wooden floors and white walls."]
@@ -146,6 +147,7 @@ def bench_images(args, ours, reference, tokenizer) -> None:
 def main() -> None:
     args = _parse_args()
     logging.basicConfig(level=logging.WARNING)
+    setup()
     torch.set_num_threads(args.threads)
     from megatron_puffin.data import PuffinTokenizer
 

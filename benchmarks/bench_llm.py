@@ -30,6 +30,7 @@ import torch  # noqa: E402
 import megatron_puffin.distributed as mpd  # noqa: E402
 from helpers.llm import hf_qwen2, left_padded_batch  # noqa: E402
 from megatron_puffin.convert.qwen2 import hf_to_mcore, load_llm_state_dict  # noqa: E402
+from megatron_puffin.platform import setup  # noqa: E402
 from megatron_puffin.models.llm import (  # noqa: E402
     LLMConfig,
     RightPadding,
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"])
     args = parser.parse_args()
+    setup()
 
     mpd.initialize(seed=0)
     config = LLMConfig(

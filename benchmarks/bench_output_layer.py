@@ -23,6 +23,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 import real_proportions  # noqa: E402
+from megatron_puffin.platform import setup  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:
@@ -65,6 +66,7 @@ def main() -> None:
     import megatron_puffin.distributed as mpd
 
     args = _parse_args()
+    setup()
     torch.set_num_threads(args.threads)
     mpd.initialize(seed=0)
     llm = _llm()

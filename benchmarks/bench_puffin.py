@@ -49,6 +49,7 @@ from puffin_bench_common import (  # noqa: E402
 import megatron_puffin.distributed as mpd  # noqa: E402
 from helpers.puffin import TASK_STREAMS, task_batches  # noqa: E402
 from megatron_puffin.testing.reference_puffin import build_puffin_pair  # noqa: E402
+from megatron_puffin.platform import setup  # noqa: E402
 from megatron_puffin.training.objectives import puffin_loss  # noqa: E402
 
 
@@ -167,6 +168,7 @@ def _report(args, config, batches, losses, medians) -> None:
 def main() -> None:
     args = _parse_args()
     logging.basicConfig(level=logging.WARNING)
+    setup()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench_puffin_") as tmp:
         paths = make_dataset(Path(tmp), args)

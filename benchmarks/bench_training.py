@@ -66,6 +66,7 @@ from puffin_bench_common import (  # noqa: E402
 import real_proportions  # noqa: E402
 from helpers.puffin import TASK_STREAMS  # noqa: E402
 from megatron_puffin.training.objectives import puffin_loss  # noqa: E402
+from megatron_puffin.platform import setup  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:
@@ -423,6 +424,7 @@ def _print_activation_check(result: Dict[str, Any]) -> None:
 def main() -> None:
     args = _parse_args()
     logging.basicConfig(level=logging.WARNING)
+    setup()
     torch.set_num_threads(args.threads)
     run_start = time.perf_counter()
     result = run(args)

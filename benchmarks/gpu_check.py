@@ -126,6 +126,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("FAIL no CUDA device")
         return 1
+    from megatron_puffin.platform import setup
+
+    setup()
     print(f"device {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()}), torch "
           f"{torch.__version__}")
     ok = check_sdpa_backends(args.batch, args.repeats)

@@ -22,6 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import bench_training  # noqa: E402  (puts tests/ on sys.path through puffin_bench_common)
+from megatron_puffin.platform import setup  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:
@@ -77,6 +78,7 @@ def _print_side_by_side(title: str, ours: Dict[str, float], ref: Dict[str, float
 def main() -> None:
     args = _parse_args()
     logging.basicConfig(level=logging.WARNING)
+    setup()
     torch.set_num_threads(args.threads)
     import megatron_puffin.distributed as mpd
 

@@ -1,4 +1,5 @@
-"""Suite-wide settings: deterministic, single-threaded-per-process torch, quiet optional-dependency warnings."""
+"""Suite-wide settings: deterministic, single-threaded-per-process torch, quiet optional-dependency warnings, and
+megatron-core's patches applied once for the pytest process (spawned ranks apply them in tests/helpers/multiprocess.py)."""
 import logging
 import os
 import warnings
@@ -10,3 +11,7 @@ import torch  # noqa: E402
 
 torch.use_deterministic_algorithms(True, warn_only=True)
 logging.getLogger("megatron").setLevel(logging.WARNING)
+
+from megatron_puffin.platform import setup  # noqa: E402
+
+setup()

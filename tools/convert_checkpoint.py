@@ -75,6 +75,7 @@ from megatron_puffin.convert.qwen2 import hf_to_mcore, load_llm_state_dict  # no
 from megatron_puffin.models.llm import LLMConfig, build_llm  # noqa: E402
 from megatron_puffin.training.checkpoint_safety import CheckpointError  # noqa: E402
 from megatron_puffin.models.extra_state import is_extra_state_key  # noqa: E402
+from megatron_puffin.platform import setup  # noqa: E402
 from megatron_puffin.training.checkpointing import (  # noqa: E402
     load_module,
     read_metadata,
@@ -462,6 +463,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_puffin.optional_deps import log_backends_once
 
     log_backends_once(logger)
+    setup()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in FLAG_COMMANDS:

@@ -35,6 +35,7 @@ from megatron_puffin.inference.cli import (  # noqa: E402
     run_tool,
     setup_logging,
 )
+from megatron_puffin.platform import setup  # noqa: E402
 
 logger = logging.getLogger("generate")
 TRAINED_RANGES = {"roll": (-0.7854, 0.7854), "pitch": (-0.7854, 0.7854), "vfov": (0.3491, 1.8326)}
@@ -266,6 +267,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args, model_flags = parse_tool_args(parser, argv)
     setup_logging(args.log_level)
+    setup()
     return run_tool("generate.py", lambda: run(args, model_flags), (InferenceSetupError, UsageError))
 
 

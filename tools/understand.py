@@ -32,6 +32,7 @@ from megatron_puffin.inference.cli import (  # noqa: E402
     run_tool,
     setup_logging,
 )
+from megatron_puffin.platform import setup  # noqa: E402
 
 logger = logging.getLogger("understand")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -143,6 +144,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args, model_flags = parse_tool_args(parser, argv)
     setup_logging(args.log_level)
+    setup()
     return run_tool("understand.py", lambda: run(args, model_flags), (InferenceSetupError, ImageError, UsageError))
 
 

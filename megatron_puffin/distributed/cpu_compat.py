@@ -1,14 +1,14 @@
-"""CPU compatibility shim for megatron-core 0.16.1.
+"""The replacements behind the CPU patches of :mod:`megatron_puffin.platform` (megatron-core 0.16.1).
 
-megatron-core assumes CUDA in a handful of places. Development and CI machines have no GPU, so when CUDA is
-absent (and only then) :func:`apply_cpu_compat` patches exactly these points, all in this one module:
+megatron-core assumes CUDA in a handful of places. Development and CI machines have no GPU, so when CUDA is absent
+(and only then) :func:`megatron_puffin.platform.setup` replaces exactly the attributes named here, and nothing else:
 
 * ``CUDA_RNG``: the model-parallel RNG tracker keeps CUDA generator states. Replaced by a tracker that keeps CPU
   generator states (same fork semantics, so dropout in tensor-parallel regions and activation recomputation
   stay reproducible).
 * ``CURRENT_DEVICE``: ``torch.cuda.current_device()`` is used as a ``device=`` argument everywhere; it returns
   the CPU device.
-* ``SYNCHRONIZE``: ``torch.cuda.synchronize()`` is called by the dist-checkpoint save path; a no-op.
+* ``SYNCHRONIZE``: ``torch.cuda.synchronize()`` follows batched pipeline sends and receives; a no-op.
 * ``CUDA_FACTORIES``: modules that create tensors with a literal ``device="cuda"`` (default causal mask, pipeline
   schedules, dist-checkpoint saver and exchange, optimizers, grad clipping, grad buffers, utils) see a ``torch``
   whose tensor factories map ``"cuda"`` to ``"cpu"``.
@@ -17,20 +17,20 @@ absent (and only then) :func:`apply_cpu_compat` patches exactly these points, al
   ``type()`` string, which must be ``torch.cuda.*Tensor``; while the optimizer builds its parameter groups and
   while gradients are clipped, CPU tensors report the CUDA name.
 
-Each patch has a test in ``tests/unit/test_cpu_compat.py`` that fails if the patch stops working or stops being
-needed (the unpatched behaviour is checked to still fail).
+Each patch has a test in ``tests/unit/test_cpu_compat.py`` that calls the megatron-core function needing it with
+the patch off (:func:`megatron_puffin.platform.unpatched`) and checks it still fails, so a patch that stops being
+needed is noticed.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import importlib
-import logging
-from typing import Any, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List
 
 import torch
 
-logger = logging.getLogger(__name__)
+from megatron_puffin.platform import Replacement
 
 # Modules of megatron-core that build tensors with a literal device "cuda".
 CUDA_FACTORY_MODULES: List[str] = [
@@ -51,20 +51,9 @@ _FACTORY_NAMES = (
     "rand", "randn",
 )
 
-_APPLIED: Dict[str, bool] = {}
-
-# The unpatched callables, kept so tests can show each patch is still needed.
-ORIGINALS: Dict[str, Any] = {
-    "cuda_get_rng_state": torch.cuda.get_rng_state,
-    "cuda_current_device": torch.cuda.current_device,
-    "cuda_synchronize": torch.cuda.synchronize,
-    "tensor_cuda": torch.Tensor.cuda,
-    "tensor_type": torch.Tensor.type,
-}
-
 
 def cuda_available() -> bool:
-    """Whether a usable CUDA device exists (the shim is applied only when it does not)."""
+    """Whether a usable CUDA device exists (the CPU patches are applied only when it does not)."""
     return torch.cuda.is_available()
 
 
@@ -153,7 +142,7 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outer_state)
 
 
-def _patch_rng() -> None:
+def _rng() -> List[Replacement]:
     from megatron.core.tensor_parallel import random as mrandom
 
     def get_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
@@ -168,30 +157,35 @@ def _patch_rng() -> None:
         mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
         mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
-    mrandom._get_cuda_rng_state = get_state
-    mrandom._set_cuda_rng_state = set_state
-    mrandom.initialize_rng_tracker = initialize_rng_tracker
-    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker
-    initialize_rng_tracker(force_reset=True)
+    return [
+        (mrandom, "_get_cuda_rng_state", get_state),
+        (mrandom, "_set_cuda_rng_state", set_state),
+        (mrandom, "initialize_rng_tracker", initialize_rng_tracker),
+        (mrandom, "CudaRNGStatesTracker", CpuRNGStatesTracker),
+        # a fresh tracker, as initialize_rng_tracker(force_reset=True) makes
+        (mrandom, "_CUDA_RNG_STATE_TRACKER", CpuRNGStatesTracker()),
+        (mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True),
+    ]
 
 
-def _patch_device_queries() -> None:
-    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
-    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
+def _current_device() -> List[Replacement]:
+    return [(torch.cuda, "current_device", lambda: torch.device("cpu"))]
 
 
-def _patch_factory_modules() -> None:
+def _synchronize() -> List[Replacement]:
+    return [(torch.cuda, "synchronize", lambda *args, **kwargs: None)]
+
+
+def _factory_modules() -> List[Replacement]:
     proxy = _CpuFactoryTorch()
-    for name in CUDA_FACTORY_MODULES:
-        module = importlib.import_module(name)
-        module.torch = proxy
+    return [(importlib.import_module(name), "torch", proxy) for name in CUDA_FACTORY_MODULES]
 
 
-def _patch_tensor_cuda() -> None:
+def _tensor_cuda() -> List[Replacement]:
     def cuda_on_cpu(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self
 
-    torch.Tensor.cuda = cuda_on_cpu  # type: ignore[assignment]
+    return [(torch.Tensor, "cuda", cuda_on_cpu)]
 
 
 @contextlib.contextmanager
@@ -212,56 +206,35 @@ def _cuda_type_names() -> Iterator[None]:
         torch.Tensor.type = original  # type: ignore[assignment]
 
 
-def _patch_param_type_checks() -> None:
-    from megatron.core.optimizer import distrib_optimizer, optimizer
+def _with_cuda_type_names(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _cuda_type_names():
+            return fn(*args, **kwargs)
 
-    def with_cuda_type_names(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            with _cuda_type_names():
-                return fn(*args, **kwargs)
+    return wrapper
 
-        return wrapper
+
+def _param_type_checks() -> List[Replacement]:
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
 
     dist_cls = distrib_optimizer.DistributedOptimizer
-    dist_cls._build_model_and_main_param_groups = staticmethod(
-        with_cuda_type_names(dist_cls._build_model_and_main_param_groups)
-    )
     fp16_cls = optimizer.Float16OptimizerWithFloat16Params
-    fp16_cls.__init__ = with_cuda_type_names(fp16_cls.__init__)
-    from megatron.core.optimizer import clip_grads
+    return [
+        (dist_cls, "_build_model_and_main_param_groups",
+         staticmethod(_with_cuda_type_names(dist_cls._build_model_and_main_param_groups))),
+        (fp16_cls, "__init__", _with_cuda_type_names(fp16_cls.__init__)),
+        (optimizer, "clip_grad_by_total_norm_fp32", _with_cuda_type_names(optimizer.clip_grad_by_total_norm_fp32)),
+        (clip_grads, "clip_grad_by_total_norm_fp32", _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)),
+    ]
 
-    optimizer.clip_grad_by_total_norm_fp32 = with_cuda_type_names(optimizer.clip_grad_by_total_norm_fp32)
-    clip_grads.clip_grad_by_total_norm_fp32 = with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
 
-
-PATCHES = {
-    "CUDA_RNG": _patch_rng,
-    "CURRENT_DEVICE": _patch_device_queries,
-    "CUDA_FACTORIES": _patch_factory_modules,
-    "TENSOR_CUDA": _patch_tensor_cuda,
-    "PARAM_TYPE": _patch_param_type_checks,
+# The builders megatron_puffin.platform's table names; each returns (owner, attribute, replacement) triples.
+REPLACEMENTS: Dict[str, Callable[[], List[Replacement]]] = {
+    "CUDA_RNG": _rng,
+    "CURRENT_DEVICE": _current_device,
+    "SYNCHRONIZE": _synchronize,
+    "CUDA_FACTORIES": _factory_modules,
+    "TENSOR_CUDA": _tensor_cuda,
+    "PARAM_TYPE": _param_type_checks,
 }
-
-
-def apply_cpu_compat(force: bool = False) -> bool:
-    """Apply every CPU patch once, if CUDA is absent (or ``force``).
-
-    Returns:
-        True when the shim is (now) active.
-    """
-    if cuda_available() and not force:
-        return False
-    for name, patch in PATCHES.items():
-        if not _APPLIED.get(name):
-            patch()
-            _APPLIED[name] = True
-    if not _APPLIED.get("_logged"):
-        logger.info("no CUDA device: megatron-core CPU compatibility patches applied (%s)", ", ".join(PATCHES))
-        _APPLIED["_logged"] = True
-    return True
-
-
-def cpu_compat_active() -> bool:
-    """Whether :func:`apply_cpu_compat` has patched this process."""
-    return all(_APPLIED.get(name) for name in PATCHES)

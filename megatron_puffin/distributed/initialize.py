@@ -3,8 +3,9 @@
 ``initialize`` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT``), or Slurm's when ``srun`` started the tasks without torchrun (:mod:`.launch`), or runs as a single
 process with world size 1 when there is none. Each process takes GPU ``LOCAL_RANK`` (GPU 0 when it sees only one).
-It picks NCCL with CUDA and gloo without, applies the CPU compatibility shim when CUDA is absent, initialises megatron-core's
-``parallel_state`` for TP/PP (DP is derived), and seeds the RNG streams (see :mod:`.random`).
+It picks NCCL with CUDA and gloo without, initialises megatron-core's ``parallel_state`` for TP/PP (DP is derived), and
+seeds the RNG streams (see :mod:`.random`). It does not patch megatron-core: the program's entry point calls
+:func:`megatron_puffin.platform.setup` once at start-up, and ``initialize`` refuses to run without it.
 """
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_puffin.distributed.cpu_compat import apply_cpu_compat, cuda_available
+from megatron_puffin.distributed.cpu_compat import cuda_available
 from megatron_puffin.distributed.launch import cuda_device_index, launch_environment
 from megatron_puffin.distributed.random import seed_everything
+from megatron_puffin.platform import require_setup
 
 logger = logging.getLogger(__name__)
 
@@ -102,12 +104,14 @@ def initialize(
         seed: the run's seed; see :func:`megatron_puffin.distributed.random.seed_everything`.
         backend: ``nccl`` or ``gloo``; default NCCL with CUDA, gloo without.
         timeout_minutes: collective timeout.
+
+    Raises:
+        RuntimeError: :func:`megatron_puffin.platform.setup` has not run in this process.
     """
     from megatron.core import parallel_state
 
+    require_setup("megatron_puffin.distributed.initialize")
     has_cuda = cuda_available()
-    if not has_cuda:
-        apply_cpu_compat()
     backend = backend or ("nccl" if has_cuda else "gloo")
     if not dist.is_initialized():
         launch = launch_environment()

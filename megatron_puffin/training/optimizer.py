@@ -1,15 +1,18 @@
 """AdamW over trainable parameters only, through megatron-core's optimizer (docs/puffin.md §5.2)."""
 from __future__ import annotations
 
-from typing import List
+from typing import Callable, Dict, List
 
 import torch
+
+from megatron_puffin.platform import Replacement, require_setup
 
 
 def build_optimizer(model_chunks: List[torch.nn.Module], training, precision, use_distributed_optimizer: bool = False):
     """megatron-core's AdamW (decoupled decay) with Puffin's groups: weight decay on tensors of two or more
     dimensions (matrices, embeddings, conv kernels, meta queries), none on biases and norm gains; frozen parameters
-    (``requires_grad=False``) get no state at all. ``--distributed-optimizer`` shards the state over DP (ZeRO-1).
+    (``requires_grad=False``) get no state at all. ``--distributed-optimizer`` shards the state over DP (ZeRO-1);
+    its checkpoints rely on two megatron-core fixes applied by :func:`megatron_puffin.platform.setup`.
 
     Args:
         model_chunks: the DDP-wrapped model chunks of this rank.
@@ -33,15 +36,13 @@ def build_optimizer(model_chunks: List[torch.nn.Module], training, precision, us
         params_dtype=torch.bfloat16 if precision.bf16 else torch.float16 if precision.fp16 else torch.float32,
         use_distributed_optimizer=use_distributed_optimizer,
     )
+    if use_distributed_optimizer:  # its checkpoints need the DISTOPT_* patches of megatron_puffin.platform
+        require_setup("build_optimizer(use_distributed_optimizer=True)")
     # megatron-core's default no-decay rule: biases and 1-D tensors (norm gains), i.e. ndim < 2.
-    optimizer = get_megatron_optimizer(config, model_chunks)
-    if use_distributed_optimizer:
-        allow_torch_adam_checkpoint_loading(optimizer)
-        save_fully_reshardable_in_buffer_coordinates(optimizer)
-    return optimizer
+    return get_megatron_optimizer(config, model_chunks)
 
 
-def allow_torch_adam_checkpoint_loading(optimizer) -> None:
+def _torch_adam_step() -> List[Replacement]:
     """Work around megatron-core 0.16.1's DistributedOptimizer loading with torch's Adam (no Apex / Transformer
     Engine, e.g. on CPU): ``load_state_dict`` gives every Adam state a ``step`` entry, then
     ``_set_main_param_and_optimizer_states`` copies *every* state entry from the checkpoint's per-parameter tensors,
@@ -50,29 +51,23 @@ def allow_torch_adam_checkpoint_loading(optimizer) -> None:
     increments in place once per parameter (wrong bias correction after a resume). This gives every state its own
     copy of the step and hands the per-parameter copy that step.
     """
-    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    if HAVE_APEX_OR_TE:
-        return
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(sub, DistributedOptimizer) or getattr(sub, "_puffin_step_patch", False):
-            continue
-        original = sub._set_main_param_and_optimizer_states
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
 
-        def set_states(model_param, tensors, _sub=sub, _original=original):
-            group_index, group_order = _sub.model_param_group_index_map[model_param]
-            main_param = _sub.optimizer.param_groups[group_index]["params"][group_order]
-            state = _sub.optimizer.state[main_param]
-            if "step" in state and "step" not in tensors:
-                state["step"] = state["step"].clone()
-                tensors = {**tensors, "step": state["step"]}
-            return _original(model_param, tensors)
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        if "step" in state and "step" not in tensors:
+            state["step"] = state["step"].clone()
+            tensors = {**tensors, "step": state["step"]}
+        return original(self, model_param, tensors)
 
-        sub._set_main_param_and_optimizer_states = set_states
-        sub._puffin_step_patch = True
+    return [(DistributedOptimizer, "_set_main_param_and_optimizer_states", set_states)]
 
 
-def save_fully_reshardable_in_buffer_coordinates(optimizer) -> None:
+def _fully_reshardable_buckets() -> List[Replacement]:
     """Work around megatron-core 0.16.1 saving wrong optimizer state for every parameter after the first bucket of
     a gradient buffer in the ``fully_reshardable`` format (with the distributed optimizer, the shared embedding
     of a pipeline-parallel model always has its own bucket, so its fp32 main weight and Adam moments were saved
@@ -85,22 +80,26 @@ def save_fully_reshardable_in_buffer_coordinates(optimizer) -> None:
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(sub, DistributedOptimizer) or getattr(sub, "_puffin_bucket_patch", False):
-            continue
-        original_state, original_sharded = sub.get_parameter_state_dp_zero, sub.sharded_param_state_fully_reshardable
+    original = DistributedOptimizer.sharded_param_state_fully_reshardable
+
+    def sharded(self, *args, **kwargs):
         # get_parameter_state_dp_zero is replaced only during the fully_reshardable call (other formats use its
         # compact layout on purpose).
+        compact_state = self.get_parameter_state_dp_zero
+        self.get_parameter_state_dp_zero = lambda *a, **k: _to_buffer_coordinates(self, compact_state(*a, **k))
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            del self.get_parameter_state_dp_zero  # the class's method again
 
-        def sharded(*args, _sub=sub, _original_sharded=original_sharded, _original_state=original_state, **kwargs):
-            _sub.get_parameter_state_dp_zero = lambda *a, **k: _to_buffer_coordinates(_sub, _original_state(*a, **k))
-            try:
-                return _original_sharded(*args, **kwargs)
-            finally:
-                del _sub.get_parameter_state_dp_zero  # the class's method again
+    return [(DistributedOptimizer, "sharded_param_state_fully_reshardable", sharded)]
 
-        sub.sharded_param_state_fully_reshardable = sharded
-        sub._puffin_bucket_patch = True
+
+# The builders megatron_puffin.platform's table names; each returns (owner, attribute, replacement) triples.
+REPLACEMENTS: Dict[str, Callable[[], List[Replacement]]] = {
+    "DISTOPT_TORCH_ADAM_STEP": _torch_adam_step,
+    "DISTOPT_FULLY_RESHARDABLE_BUCKETS": _fully_reshardable_buckets,
+}
 
 
 def _to_buffer_coordinates(optimizer, state):

@@ -2,8 +2,9 @@
 
 ``run_distributed(worker, world_size, *args)`` spawns ``world_size`` gloo ranks on a free loopback port, runs
 ``worker(*args)`` in each with torchrun's environment variables set (so ``megatron_puffin.distributed.initialize``
-works unchanged), gathers each rank's return value (tensors must be CPU; keep them small), always tears the
-process group down, and re-raises the first rank's exception with its traceback.
+works unchanged; each rank first calls ``megatron_puffin.platform.setup()``, as every entry point does), gathers
+each rank's return value (tensors must be CPU; keep them small), always tears the process group down, and re-raises
+the first rank's exception with its traceback.
 
 Spawning costs ~6 s per group on 2 cores: a worker should run several checks (``initialize`` can be called again
 with other TP/PP sizes inside the same processes) and return all their results together.
@@ -43,6 +44,9 @@ def _entry(worker: Callable, rank: int, world_size: int, port: int, results: Any
 
     torch.set_num_threads(1)
     try:
+        from megatron_puffin.platform import setup
+
+        setup()  # a spawned rank is a new interpreter: megatron-core's patches are applied here, as at any start-up
         value = worker(*args, **kwargs)
         # Tensors put on a multiprocessing queue travel as shared-memory file descriptors that the parent must
         # fetch from this process while it is still alive; a rank that finishes first and exits makes the

@@ -1,12 +1,20 @@
-"""One test per CPU patch of megatron-core: each shows the patch works and that the unpatched behaviour still
-fails on a CPU-only machine (so a patch that stops being needed is noticed)."""
+"""One test per CPU patch of megatron-core (megatron_puffin.platform): each shows the patch works, and calls the
+megatron-core function that needs it with the patch off to show it still fails there, so a patch that megatron-core
+stops needing is noticed."""
+import traceback
+from pathlib import Path
+from typing import Optional
+
 import pytest
 import torch
 
 import megatron_puffin.distributed as mpd
+from megatron_puffin import platform
 from megatron_puffin.distributed import cpu_compat
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the shim applies only without CUDA")
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU patches apply only without CUDA")
+
+CPU_PATCHES = {"CUDA_RNG", "CURRENT_DEVICE", "SYNCHRONIZE", "CUDA_FACTORIES", "TENSOR_CUDA", "PARAM_TYPE"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -16,25 +24,63 @@ def initialised():
     mpd.destroy()
 
 
-def _fails(fn, *args, **kwargs) -> bool:
-    try:
-        fn(*args, **kwargs)
-    except (RuntimeError, AssertionError, AttributeError, TypeError):
-        return True
-    return False
+def _megatron_frames(tb) -> list:
+    return [f"{Path(f.filename).name}:{f.name}" for f in traceback.extract_tb(tb) if "megatron/core" in f.filename]
 
 
-def test_all_patches_applied():
-    assert cpu_compat.cpu_compat_active()
-    assert set(cpu_compat.PATCHES) == {"CUDA_RNG", "CURRENT_DEVICE", "CUDA_FACTORIES", "TENSOR_CUDA", "PARAM_TYPE"}
+def assert_fails_in_megatron(fn, where: str, error=(AssertionError, RuntimeError), match: Optional[str] = "CUDA"):
+    """``fn()`` raises ``error`` (its message matching ``match``) inside megatron-core's ``where``
+    (``file.py:function``): without CUDA, torch raises "Torch not compiled with CUDA enabled" (CPU build) or
+    "... no CUDA GPUs ..." (CUDA build, no device)."""
+    with pytest.raises(error, match=match) as info:
+        fn()
+    assert where in _megatron_frames(info.tb), _megatron_frames(info.tb)
+
+
+def _tiny_ddp(params_dtype=torch.float32):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from helpers.llm import tiny_llm_config
+    from megatron_puffin.models.llm import build_llm
+
+    config = tiny_llm_config(num_layers=1)
+    tconfig = config.to_transformer_config(params_dtype=params_dtype)
+    model = build_llm(config, transformer_config=tconfig, pg_collection=mpd.process_groups())
+    return lambda: DistributedDataParallel(tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+
+
+def test_setup_applied_every_cpu_patch_once():
+    assert CPU_PATCHES <= set(platform.applied())
+    assert {patch.name for patch in platform.PATCHES} >= CPU_PATCHES and all(p.reason for p in platform.PATCHES)
+    current_device = torch.cuda.current_device
+    assert platform.setup() == platform.applied() and torch.cuda.current_device is current_device  # idempotent
+
+
+def test_initialize_refuses_to_run_without_setup(monkeypatch):
+    monkeypatch.setitem(platform._STATE, "set_up", False)
+    with pytest.raises(RuntimeError, match=r"megatron_puffin\.platform\.setup\(\)"):
+        mpd.initialize(seed=5)
+
+
+def test_unpatched_restores_the_patch_afterwards():
+    patched = torch.cuda.current_device
+    with platform.unpatched("CURRENT_DEVICE"):
+        assert torch.cuda.current_device is not patched
+    assert torch.cuda.current_device is patched
+    with pytest.raises(KeyError, match="NOT_A_PATCH"):
+        with platform.unpatched("NOT_A_PATCH"):
+            pass
 
 
 def test_cuda_rng_tracker_keeps_cpu_states():
     from megatron.core import tensor_parallel
 
-    assert _fails(cpu_compat.ORIGINALS["cuda_get_rng_state"])  # still needed
+    with platform.unpatched("CUDA_RNG"):  # still needed: megatron-core's tracker reads the CUDA generator
+        assert_fails_in_megatron(lambda: tensor_parallel.model_parallel_cuda_manual_seed(5, force_reset_rng=True),
+                                 "random.py:add")
     tracker = tensor_parallel.get_cuda_rng_tracker()
     assert isinstance(tracker, cpu_compat.CpuRNGStatesTracker)
+    mpd.seed_everything(5)
     outer_before = torch.get_rng_state()
     with tracker.fork():
         first = torch.rand(4)
@@ -68,17 +114,32 @@ def test_activation_recompute_reproduces_dropout_under_the_tracker():
     torch.testing.assert_close(weight.grad, plain, rtol=0, atol=0)
 
 
-def test_current_device_and_synchronize():
-    assert _fails(cpu_compat.ORIGINALS["cuda_current_device"])
+def test_current_device_of_the_grad_buffers():
+    build_ddp = _tiny_ddp()
+    with platform.unpatched("CURRENT_DEVICE"):  # still needed: DDP allocates its buffers on current_device()
+        assert_fails_in_megatron(build_ddp, "param_and_grad_buffer.py:__init__")
+    ddp = build_ddp()
+    assert ddp.buffers[0].grad_data.device.type == "cpu"
     assert torch.cuda.current_device() == torch.device("cpu")
-    torch.cuda.synchronize()  # a no-op instead of an error
-    assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
+
+
+def test_synchronize_in_the_dist_checkpoint_saver():
+    # Every dist_checkpointing.save copies the tensors to host memory through this function first.
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    buckets = [("file_0.distcp", "storage", ([], [("item", torch.arange(4.0))]))]
+    with platform.unpatched("SYNCHRONIZE"):  # still needed: it synchronises after the non-blocking copies
+        assert_fails_in_megatron(lambda: FileSystemWriterAsync.preload_tensors(buckets, non_blocking=True),
+                                 "filesystem_async.py:preload_tensors")
+    [(_, _, (_, [(_, copied)]))] = FileSystemWriterAsync.preload_tensors(buckets, non_blocking=True)
+    torch.testing.assert_close(copied, torch.arange(4.0), rtol=0, atol=0)
 
 
 def test_cuda_factories_in_megatron_modules():
     from megatron.core.transformer import utils
 
-    assert _fails(torch.zeros, 1, device="cuda")
+    with platform.unpatched("CUDA_FACTORIES"):  # still needed: the default causal mask is built on "cuda"
+        assert_fails_in_megatron(lambda: utils.get_default_causal_mask(7), "utils.py:get_default_causal_mask")
     mask = utils.get_default_causal_mask(4)
     assert mask.device.type == "cpu" and mask.dtype == torch.bool
     assert torch.equal(mask, torch.ones(4, 4, dtype=torch.bool).triu(1))
@@ -86,25 +147,26 @@ def test_cuda_factories_in_megatron_modules():
     assert torch.zeros is not utils.torch.zeros  # the global torch is not patched
 
 
-def test_tensor_cuda_is_identity():
+def test_tensor_cuda_in_tensor_parallel_broadcast():
+    from megatron.core.tensor_parallel import broadcast_data
+
+    data = {"tokens": torch.arange(6).view(2, 3)}
+    with platform.unpatched("TENSOR_CUDA"):  # still needed: broadcast_data moves its inputs with .cuda()
+        assert_fails_in_megatron(lambda: broadcast_data(["tokens"], data, torch.int64), "data.py:broadcast_data")
+    assert torch.equal(broadcast_data(["tokens"], data, torch.int64)["tokens"], data["tokens"])
     t = torch.ones(2)
-    assert _fails(cpu_compat.ORIGINALS["tensor_cuda"], t)
     assert t.cuda() is t
 
 
 def test_param_type_checks_accept_cpu_parameters_in_a_real_optimizer():
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from helpers.llm import tiny_llm_config
-    from megatron_puffin.models.llm import build_llm
-
-    assert cpu_compat.ORIGINALS["tensor_type"](torch.ones(1)) == "torch.FloatTensor"  # what megatron rejects
-    config = tiny_llm_config(num_layers=1)
-    tconfig = config.to_transformer_config(params_dtype=torch.bfloat16)
-    model = build_llm(config, transformer_config=tconfig, pg_collection=mpd.process_groups())
-    ddp = DistributedDataParallel(tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
-    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True), [ddp])
+    ddp = _tiny_ddp(torch.bfloat16)()
+    config = OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True)
+    with platform.unpatched("PARAM_TYPE"):  # still needed: parameter groups accept torch.cuda.* types only
+        assert_fails_in_megatron(lambda: get_megatron_optimizer(config, [ddp]), "optimizer.py:__init__",
+                                 error=TypeError, match="torch.cuda.BFloat16Tensor")
+    optimizer = get_megatron_optimizer(config, [ddp])
     main_params = [p for group in optimizer.param_groups for p in group["params"]]
     assert main_params and all(p.dtype == torch.float32 for p in main_params)  # fp32 master copies of bf16 params
     assert torch.ones(1).type() == "torch.FloatTensor"  # the type() override is scoped to construction
@@ -113,7 +175,13 @@ def test_param_type_checks_accept_cpu_parameters_in_a_real_optimizer():
 def test_param_type_check_of_gradient_clipping():
     from megatron.core.optimizer import optimizer
 
+    def clip(param):
+        optimizer.clip_grad_by_total_norm_fp32([param], max_norm=1.0, total_norm=6.0)
+
     param = torch.nn.Parameter(torch.ones(4))
     param.grad = torch.full((4,), 3.0)
-    optimizer.clip_grad_by_total_norm_fp32([param], max_norm=1.0, total_norm=6.0)
+    with platform.unpatched("PARAM_TYPE"):  # still needed: clipping asserts a torch.cuda.FloatTensor gradient
+        assert_fails_in_megatron(lambda: clip(param), "clip_grads.py:clip_grad_by_total_norm_fp32", match=None)
+    torch.testing.assert_close(param.grad, torch.full((4,), 3.0))  # the failed call changed nothing
+    clip(param)
     torch.testing.assert_close(param.grad, torch.full((4,), 3.0 / (6.0 + 1e-6)))

@@ -1,0 +1,221 @@
+"""Every change this project makes to megatron-core 0.16.1, in one table, applied once at start-up.
+
+Each entry point calls :func:`setup` once before it builds anything: ``pretrain_puffin.py`` (so every torchrun
+child), the tools that build models or read checkpoints, the benchmarks, ``tests/conftest.py`` and the test
+suite's spawn helper (a spawned rank is a new interpreter). :func:`megatron_puffin.distributed.initialize` and the
+distributed optimizer's builder only *check* that it ran (:func:`require_setup`), so no code path depends on which
+module happened to start first.
+
+A patch replaces named attributes (a function of a megatron-core module, a method of one of its classes, a torch
+function megatron-core calls) and nothing else; :func:`unpatched` puts the originals back for the duration of a
+``with`` block, which is how ``tests/unit/test_cpu_compat.py`` shows, through megatron-core's own call sites, that
+each patch is still needed. The table (:data:`PATCHES`) gives each patch's reason; the replacements live in
+:mod:`megatron_puffin.distributed.cpu_compat` (CPU-only machines) and :mod:`megatron_puffin.training.optimizer`
+(distributed-optimizer checkpoint bugs of megatron-core 0.16.1). See docs/megatron_patches.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# (owner, attribute name, replacement): owner is a module, a class or torch.cuda.
+Replacement = Tuple[Any, str, Any]
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class MegatronPatch:
+    """One change to megatron-core (or to a torch function megatron-core calls).
+
+    Attributes:
+        name: the patch's name in logs and tests.
+        reason: what megatron-core does that needs it, and what the replacement does instead.
+        needed: whether this process needs it (e.g. only without CUDA); evaluated once by :func:`setup`.
+        replacements: builds the ``(owner, attribute, replacement)`` triples; called once, while the originals
+            are still in place (a replacement may wrap the original).
+    """
+
+    name: str
+    reason: str
+    needed: Callable[[], bool]
+    replacements: Callable[[], List[Replacement]]
+
+
+def _without_cuda() -> bool:
+    return not torch.cuda.is_available()
+
+
+def _without_apex_or_te() -> bool:
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+    return not HAVE_APEX_OR_TE
+
+
+def _always() -> bool:
+    return True
+
+
+def _cpu(name: str) -> Callable[[], List[Replacement]]:
+    def build() -> List[Replacement]:
+        from megatron_puffin.distributed import cpu_compat
+
+        return cpu_compat.REPLACEMENTS[name]()
+
+    return build
+
+
+def _distributed_optimizer(name: str) -> Callable[[], List[Replacement]]:
+    def build() -> List[Replacement]:
+        from megatron_puffin.training import optimizer
+
+        return optimizer.REPLACEMENTS[name]()
+
+    return build
+
+
+PATCHES: Tuple[MegatronPatch, ...] = (
+    MegatronPatch(
+        "CUDA_RNG",
+        "the model-parallel RNG tracker keeps CUDA generator states (torch.cuda.get_rng_state); replaced by a "
+        "tracker with the same fork semantics over CPU generator states",
+        _without_cuda, _cpu("CUDA_RNG"),
+    ),
+    MegatronPatch(
+        "CURRENT_DEVICE",
+        "torch.cuda.current_device() is the device= of megatron-core's buffers (DDP's grad buffers, the "
+        "dist-checkpoint saver's failure flag); it returns the CPU device",
+        _without_cuda, _cpu("CURRENT_DEVICE"),
+    ),
+    MegatronPatch(
+        "SYNCHRONIZE",
+        "torch.cuda.synchronize() follows every batched pipeline send/receive; a no-op without CUDA",
+        _without_cuda, _cpu("SYNCHRONIZE"),
+    ),
+    MegatronPatch(
+        "CUDA_FACTORIES",
+        "modules that build tensors with a literal device 'cuda' (default causal mask, pipeline schedules, "
+        "dist-checkpoint saver and exchange, optimizers, grad clipping, grad buffers, utils) see a torch whose "
+        "tensor factories map 'cuda' to 'cpu'",
+        _without_cuda, _cpu("CUDA_FACTORIES"),
+    ),
+    MegatronPatch(
+        "TENSOR_CUDA",
+        "Tensor.cuda() moves tensors (dist-checkpoint exchange, the distributed optimizer's gathers); it returns "
+        "the tensor itself",
+        _without_cuda, _cpu("TENSOR_CUDA"),
+    ),
+    MegatronPatch(
+        "PARAM_TYPE",
+        "the (distributed) optimizer accepts parameters, and gradient clipping gradients, only by a "
+        "'torch.cuda.*Tensor' type() string; while they build parameter groups or clip, CPU tensors report the "
+        "CUDA name",
+        _without_cuda, _cpu("PARAM_TYPE"),
+    ),
+    MegatronPatch(
+        "DISTOPT_TORCH_ADAM_STEP",
+        "with torch's Adam (no Apex / Transformer Engine), DistributedOptimizer.load_state_dict gives every Adam "
+        "state one shared 'step' tensor and then copies every state key from checkpoint tensors that hold no "
+        "'step' (KeyError: 'step'); each state gets its own copy of the step instead",
+        _without_apex_or_te, _distributed_optimizer("DISTOPT_TORCH_ADAM_STEP"),
+    ),
+    MegatronPatch(
+        "DISTOPT_FULLY_RESHARDABLE_BUCKETS",
+        "the fully_reshardable optimizer format slices the gathered state at padded-buffer positions but gathers "
+        "it without the padding between buckets, so every parameter after a buffer's first bucket is saved from "
+        "the wrong offset; the gathered state is laid out in padded-buffer coordinates during that call",
+        _always, _distributed_optimizer("DISTOPT_FULLY_RESHARDABLE_BUCKETS"),
+    ),
+)
+
+# name -> [(owner, attribute, original)] of every applied patch.
+_APPLIED: Dict[str, List[Tuple[Any, str, Any]]] = {}
+_STATE = {"set_up": False}
+
+
+def _current(owner: Any, attribute: str) -> Any:
+    """The attribute as the owner itself holds it (a staticmethod stays a staticmethod; an inherited method is
+    _MISSING, so restoring it removes the override)."""
+    if isinstance(owner, type):
+        return vars(owner).get(attribute, _MISSING)
+    return getattr(owner, attribute, _MISSING)
+
+
+def _assign(owner: Any, attribute: str, value: Any) -> None:
+    if value is _MISSING:
+        delattr(owner, attribute)
+    else:
+        setattr(owner, attribute, value)
+
+
+def _apply(patch: MegatronPatch) -> None:
+    replacements = patch.replacements()
+    _APPLIED[patch.name] = [(owner, attribute, _current(owner, attribute)) for owner, attribute, _ in replacements]
+    for owner, attribute, value in replacements:
+        _assign(owner, attribute, value)
+
+
+def setup() -> List[str]:
+    """Apply every patch this process needs, once (later calls do nothing).
+
+    Returns:
+        The names of the applied patches.
+    """
+    if not _STATE["set_up"]:
+        for patch in PATCHES:
+            if patch.needed():
+                _apply(patch)
+        _STATE["set_up"] = True
+        logger.info("megatron-core patches applied: %s", ", ".join(_APPLIED) or "none needed")
+    return applied()
+
+
+def applied() -> List[str]:
+    """The names of the patches :func:`setup` applied in this process."""
+    return list(_APPLIED)
+
+
+def is_set_up() -> bool:
+    """Whether :func:`setup` ran in this process."""
+    return _STATE["set_up"]
+
+
+def require_setup(caller: str) -> None:
+    """Raise if :func:`setup` has not run in this process.
+
+    Args:
+        caller: the function that needs the patches, named in the error.
+    """
+    if not _STATE["set_up"]:
+        raise RuntimeError(
+            f"{caller} needs megatron-core's patches, which are not applied in this process: call "
+            "megatron_puffin.platform.setup() once at the start of the program (a new process, e.g. a spawned "
+            "rank, needs its own call)"
+        )
+
+
+@contextlib.contextmanager
+def unpatched(*names: str) -> Iterator[None]:
+    """Run a block with the named patches' originals in place, then put back what was there before.
+
+    Raises:
+        KeyError: a name that is not an applied patch.
+    """
+    missing = [name for name in names if name not in _APPLIED]
+    if missing:
+        raise KeyError(f"not applied in this process: {missing}; applied: {applied()}")
+    saved = [(owner, attribute, _current(owner, attribute)) for name in names for owner, attribute, _ in _APPLIED[name]]
+    try:
+        for name in names:
+            for owner, attribute, original in _APPLIED[name]:
+                _assign(owner, attribute, original)
+        yield
+    finally:
+        for owner, attribute, value in saved:
+            _assign(owner, attribute, value)
