@@ -15,6 +15,7 @@ per image, prompt, camera, seed, thinking reasoning and, with --evaluate-cameras
 understanding path estimates). --evaluate-cameras also writes DIR/camera_faithfulness/ (metrics.json with median
 errors and AUC@1/5/10 deg against the requested cameras, errors.csv, errors.png). See docs/inference.md.
 """
+import argparse
 import csv
 import json
 import logging
@@ -115,7 +116,7 @@ def _camera(row: Dict[str, Any], where: str, has_init: bool):
     return camera
 
 
-def read_requests(args) -> List[Dict[str, Any]]:
+def read_requests(args: argparse.Namespace) -> List[Dict[str, Any]]:
     """Rows {id, caption, camera, seed, init_image path} from --prompts, the single-request flags or --num-views."""
     from megatron_puffin.inference.tasks import sample_exploration_cameras
 
@@ -147,7 +148,7 @@ def read_requests(args) -> List[Dict[str, Any]]:
     return requests
 
 
-def check_args(args) -> None:
+def check_args(args: argparse.Namespace) -> None:
     problems = []
     counts = (("--steps", args.steps), ("--batch-size", args.batch_size),
               ("--max-reasoning-tokens", args.max_reasoning_tokens), ("--max-new-tokens", args.max_new_tokens))
@@ -177,7 +178,7 @@ def camera_dict(camera) -> Dict[str, Optional[float]]:
     return {"roll": camera.roll, "pitch": camera.pitch, "vfov": camera.vfov, "yaw": camera.yaw}
 
 
-def evaluate_cameras(loaded, results, requests, args, output_dir: Path):
+def evaluate_cameras(loaded, results, requests, args: argparse.Namespace, output_dir: Path):
     """Estimate each generated image's camera with the model's understanding path; score against the request."""
     import torch
 
@@ -205,7 +206,7 @@ def evaluate_cameras(loaded, results, requests, args, output_dir: Path):
     return outputs, metrics
 
 
-def write_outputs(loaded, args, requests, results, estimates, output_dir: Path) -> None:
+def write_outputs(loaded, args: argparse.Namespace, requests, results, estimates, output_dir: Path) -> None:
     from PIL import Image
 
     from megatron_puffin.inference.contact_sheet import contact_sheet
@@ -232,7 +233,7 @@ def write_outputs(loaded, args, requests, results, estimates, output_dir: Path) 
     print(f"wrote {len(records)} images, {output_dir / 'contact_sheet.png'} and {output_dir / 'generations.json'}")
 
 
-def run(args, model_flags) -> int:
+def run(args: argparse.Namespace, model_flags: List[str]) -> int:
     from megatron_puffin.inference import GenerationRequest, GenerationSettings, generate, load_image, load_puffin
 
     check_args(args)

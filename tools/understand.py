@@ -15,6 +15,7 @@ Tasks: understanding (the base caption prompt, or the thinking prompt with --thi
 See docs/inference.md.
 """
 import json
+import argparse
 import logging
 import os
 import sys
@@ -92,7 +93,7 @@ def check_images(paths: List[Path]) -> None:
             raise UsageError(f"image {path} does not decode ({error}); remove or replace it") from None
 
 
-def check_args(args) -> None:
+def check_args(args: argparse.Namespace) -> None:
     problems = []
     if args.max_new_tokens < 1:
         problems.append(f"--max-new-tokens ({args.max_new_tokens}) must be at least 1")
@@ -104,7 +105,7 @@ def check_args(args) -> None:
         raise UsageError("; ".join(problems))
 
 
-def run(args, model_flags) -> int:
+def run(args: argparse.Namespace, model_flags: List[str]) -> int:
     from megatron_puffin.inference import load_image, load_puffin, understand
     from megatron_puffin.inference.tasks import imagination_prompt
     from megatron_puffin.data import templates

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, List, Sequence
+from typing import Callable, List, Sequence, TYPE_CHECKING
+
+if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+    from megatron_puffin.config.arguments import PuffinArguments
 
 TP_FLAG = "--tensor-model-parallel-size"
 _SUGGESTION = re.compile(r"; use a --tensor-model-parallel-size of .*$")
@@ -15,11 +18,11 @@ def is_tensor_parallel_problem(problem: str, tensor_model_parallel_size: int) ->
     return f"{TP_FLAG} ({tensor_model_parallel_size})" in problem and bool(_SUGGESTION.search(problem))
 
 
-def _with_tensor_parallel_size(args, size: int):
+def _with_tensor_parallel_size(args: PuffinArguments, size: int):
     return dataclasses.replace(args, parallel=dataclasses.replace(args.parallel, tensor_model_parallel_size=size))
 
 
-def fitting_sizes(args, rules: Sequence[Callable], limit: int = 256) -> List[int]:
+def fitting_sizes(args: PuffinArguments, rules: Sequence[Callable], limit: int = 256) -> List[int]:
     """TP sizes (1..``limit``) for which no rule in ``rules`` reports a tensor-parallel problem."""
     sizes = []
     for size in range(1, limit + 1):
@@ -29,7 +32,7 @@ def fitting_sizes(args, rules: Sequence[Callable], limit: int = 256) -> List[int
     return sizes
 
 
-def merge_tensor_parallel_problems(args, problems: List[str], rules: Sequence[Callable]) -> List[str]:
+def merge_tensor_parallel_problems(args: PuffinArguments, problems: List[str], rules: Sequence[Callable]) -> List[str]:
     """Replace every per-flag "must be divisible by --tensor-model-parallel-size" message by one message naming all
     the broken rules and the sizes that fit every tower (and, of those, the ones the world size allows)."""
     tp = args.parallel.tensor_model_parallel_size

@@ -2,7 +2,7 @@
 each naming the flag, the value, the rule and a fix. Runs before any process group or model exists."""
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import Callable, List, TYPE_CHECKING
 
 import torch
 
@@ -13,6 +13,9 @@ from megatron_puffin.config.validate_pipeline import PIPELINE_VALIDATORS
 from megatron_puffin.config.validate_values import VALUE_VALIDATORS
 from megatron_puffin.models.fp8 import fp8_tower_problems
 from megatron_puffin.optional_deps import transformer_engine_error
+
+if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+    from megatron_puffin.config.arguments import PuffinArguments
 
 
 class ConfigError(ValueError):
@@ -58,7 +61,7 @@ def _unknown_flag(text: str) -> str:
     return f"unknown flag {text!r}: check the spelling against `pretrain_puffin.py --help`"
 
 
-def check_parse(args) -> List[str]:
+def check_parse(args: PuffinArguments) -> List[str]:
     problems = list(getattr(args, "flag_file_problems", ()))
     problems += [_unknown_flag(u) for u, previous in zip(args.unknown, ("",) + tuple(args.unknown))
                  if previous.split("=", 1)[0] not in _RETIRED_FLAGS or u.startswith("-")]  # skip a retired value
@@ -72,7 +75,7 @@ def check_parse(args) -> List[str]:
     return problems
 
 
-def check_positive(args) -> List[str]:
+def check_positive(args: PuffinArguments) -> List[str]:
     problems = []
     for flag, value in [
         ("--tensor-model-parallel-size", args.parallel.tensor_model_parallel_size),
@@ -88,7 +91,7 @@ def check_positive(args) -> List[str]:
     return problems
 
 
-def check_llm_parallel(args) -> List[str]:
+def check_llm_parallel(args: PuffinArguments) -> List[str]:
     """Tensor/pipeline split of the LLM tower."""
     llm, tp, pp = args.llm, args.parallel.tensor_model_parallel_size, args.parallel.pipeline_model_parallel_size
     if min(tp, pp, llm.num_layers, llm.num_attention_heads, llm.num_query_groups, llm.hidden_size) < 1:
@@ -122,7 +125,7 @@ def check_llm_parallel(args) -> List[str]:
     return problems
 
 
-def check_world(args) -> List[str]:
+def check_world(args: PuffinArguments) -> List[str]:
     tp, pp = args.parallel.tensor_model_parallel_size, args.parallel.pipeline_model_parallel_size
     world = args.world_size
     if tp < 1 or pp < 1 or world % (tp * pp) == 0:
@@ -133,7 +136,7 @@ def check_world(args) -> List[str]:
     ]
 
 
-def check_precision(args) -> List[str]:
+def check_precision(args: PuffinArguments) -> List[str]:
     precision, problems = args.precision, []
     if precision.bf16 and precision.fp16:
         problems.append("--bf16 and --fp16 are mutually exclusive; choose one")
@@ -164,7 +167,7 @@ def check_precision(args) -> List[str]:
     return problems
 
 
-def check_sequence_parallel(args) -> List[str]:
+def check_sequence_parallel(args: PuffinArguments) -> List[str]:
     """``--sequence-parallel`` needs TP > 1, and the meta queries (the connectors' and the DiT's text sequence,
     split unpadded) in a count TP divides."""
     tp = args.parallel.tensor_model_parallel_size
@@ -182,7 +185,7 @@ def check_sequence_parallel(args) -> List[str]:
     return []
 
 
-def check_training(args) -> List[str]:
+def check_training(args: PuffinArguments) -> List[str]:
     training, problems = args.training, []
     if training.min_lr > training.lr:
         problems.append(f"--min-lr ({training.min_lr}) must not exceed --lr ({training.lr})")
@@ -199,7 +202,7 @@ def check_training(args) -> List[str]:
     return problems + check_step(args)
 
 
-def check_step(args) -> List[str]:
+def check_step(args: PuffinArguments) -> List[str]:
     """Micro-batches per optimizer step and the global batch against the task streams' cycle."""
     from megatron_puffin.data.config import parse_task_stream
 
@@ -231,7 +234,7 @@ def check_step(args) -> List[str]:
     return problems
 
 
-def check_generation_needs_vae(args) -> List[str]:
+def check_generation_needs_vae(args: PuffinArguments) -> List[str]:
     """Generation streams encode images with the VAE: one must be configured."""
     from megatron_puffin.data.config import parse_task_stream
     from megatron_puffin.tasks import GENERATION_TASKS, TASK_VARIANTS
@@ -252,7 +255,7 @@ def check_generation_needs_vae(args) -> List[str]:
             "or --vae-config FILE (a random tiny VAE)"]
 
 
-def check_checkpoint(args) -> List[str]:
+def check_checkpoint(args: PuffinArguments) -> List[str]:
     ckpt, problems = args.checkpoint, []
     if ckpt.save_interval is not None and ckpt.save is None:
         problems.append(f"--save-interval ({ckpt.save_interval}) has no effect without --save DIR; add --save")
@@ -261,14 +264,14 @@ def check_checkpoint(args) -> List[str]:
     return problems
 
 
-def check_checkpoint_directories(args) -> List[str]:
+def check_checkpoint_directories(args: PuffinArguments) -> List[str]:
     """What --load and --save hold: resume, refuse or (asked) replace; see megatron_puffin.training.resume."""
     from megatron_puffin.training.resume import startup_problems
 
     return startup_problems(args)
 
 
-def check_towers(args) -> List[str]:
+def check_towers(args: PuffinArguments) -> List[str]:
     """Rules owned by the tower and diffusion configs themselves."""
     tp = args.parallel.tensor_model_parallel_size
     if tp < 1:
@@ -277,7 +280,7 @@ def check_towers(args) -> List[str]:
     return problems + args.flow.validate() + args.model.validate()
 
 
-def check_data(args) -> List[str]:
+def check_data(args: PuffinArguments) -> List[str]:
     """Task streams and tokenizer; paths must exist except with --dry-run (a cluster config checked elsewhere)."""
     from megatron_puffin.data.config import data_config_errors
 
@@ -287,7 +290,7 @@ def check_data(args) -> List[str]:
     return data_config_errors(args.data, check_paths=not args.dry_run, vision_patch_size=patch, vision_fold=fold)
 
 
-def check_trained_towers(args) -> List[str]:
+def check_trained_towers(args: PuffinArguments) -> List[str]:
     """A stream whose task would train nothing (every tower it uses frozen) is a mistake, not a silent no-op.
     Only text2text can be: understanding tasks always train the projector, generation tasks the queries."""
     from megatron_puffin.data.config import parse_task_stream
@@ -306,14 +309,14 @@ def check_trained_towers(args) -> List[str]:
             "nothing; drop --freeze-llm or that stream"]
 
 
-def check_validation(args) -> List[str]:
+def check_validation(args: PuffinArguments) -> List[str]:
     """Validation streams and intervals (see megatron_puffin.training.validation_config)."""
     from megatron_puffin.training.validation_config import validation_errors
 
     return validation_errors(args)
 
 
-def check_compile(args) -> List[str]:
+def check_compile(args: PuffinArguments) -> List[str]:
     """--compile needs a working inductor backend here (a C++ compiler on CPU, triton on CUDA)."""
     return args.compile.validate()
 
@@ -340,7 +343,7 @@ VALIDATORS: List[Callable] = [
 ]
 
 
-def validate_args(args) -> None:
+def validate_args(args: PuffinArguments) -> None:
     """Run every validator; raise :class:`ConfigError` listing all problems if there is any."""
     problems: List[str] = []
     crashes = []

@@ -9,9 +9,12 @@ Transformer Engine's assertion.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Tuple, TYPE_CHECKING
 
 from megatron_puffin.models.fp8 import fp8_token_multiple
+
+if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+    from megatron_puffin.config.arguments import PuffinArguments
 
 #: (flag expression, per-rank width) of the GEMMs' input and output sides.
 Widths = Tuple[List[Tuple[str, int]], List[Tuple[str, int]]]
@@ -70,7 +73,7 @@ def _width_problems(tower: str, widths: Widths, multiples: Tuple[int, int]) -> L
     return problems
 
 
-def fp8_shape_problems(args, towers: Sequence[str]) -> List[str]:
+def fp8_shape_problems(args: PuffinArguments, towers: Sequence[str]) -> List[str]:
     """Every width and row count of the FP8 towers that Transformer Engine's FP8 GEMMs cannot take.
 
     Args:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, TYPE_CHECKING
 
 from megatron_puffin.config.dataclass_args import flag_name
+
+if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+    from megatron_puffin.config.arguments import PuffinArguments
 
 
 def _not_a_file(flag: str, path: Optional[str], what: str = "a directory") -> List[str]:
@@ -17,7 +20,7 @@ def _not_a_file(flag: str, path: Optional[str], what: str = "a directory") -> Li
     return []
 
 
-def check_output_paths(args) -> List[str]:
+def check_output_paths(args: PuffinArguments) -> List[str]:
     """--save, --tensorboard-dir are directories; --metrics-file is a file."""
     if args.dry_run:
         return []
@@ -29,7 +32,7 @@ def check_output_paths(args) -> List[str]:
     return problems
 
 
-def check_input_checkpoints(args) -> List[str]:
+def check_input_checkpoints(args: PuffinArguments) -> List[str]:
     """Tower and pretrained checkpoints must be existing distributed checkpoints (metadata.json inside)."""
     if args.dry_run:
         return []
@@ -50,7 +53,7 @@ def check_input_checkpoints(args) -> List[str]:
     return problems
 
 
-def check_vae_files(args) -> List[str]:
+def check_vae_files(args: PuffinArguments) -> List[str]:
     """--vae-config is a readable JSON object; --vae-path a folder with config.json."""
     if args.dry_run:
         return []
@@ -71,7 +74,7 @@ def check_vae_files(args) -> List[str]:
     return problems
 
 
-def check_stream_datasets(args) -> List[str]:
+def check_stream_datasets(args: PuffinArguments) -> List[str]:
     """Every stream's paths open as finished shards (manifest, counts, .idx/.bin sizes) with its task's fields."""
     from megatron_puffin.data.config import parse_task_stream
     from megatron_puffin.data.loader import stream_dataset_errors
@@ -89,7 +92,7 @@ def check_stream_datasets(args) -> List[str]:
     return problems
 
 
-def check_tokenizer(args) -> List[str]:
+def check_tokenizer(args: PuffinArguments) -> List[str]:
     """--tokenizer loads, and --vocab-size holds its vocabulary (else token ids overflow the embedding)."""
     from megatron_puffin.data.tokenizer import PuffinTokenizer
 
@@ -137,7 +140,7 @@ def _shape_value(group: str, name: str, values: Dict[str, Any]) -> Any:
     return values.get(name)
 
 
-def shape_differences(args, stored: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]]) -> List[str]:
+def shape_differences(args: PuffinArguments, stored: Dict[str, Dict[str, Any]], pairs: List[Tuple[str, str]]) -> List[str]:
     """``--flag CHECKPOINT (checkpoint) vs NOW (flags)`` for every (group, field) whose stored value differs."""
     differences = []
     for group, name in dict.fromkeys(pairs):  # ordered, without repeats
@@ -152,7 +155,7 @@ def shape_differences(args, stored: Dict[str, Dict[str, Any]], pairs: List[Tuple
     return differences
 
 
-def checkpoint_shape_problems(args, flag: str, directory: str, meta: Dict[str, Any],
+def checkpoint_shape_problems(args: PuffinArguments, flag: str, directory: str, meta: Dict[str, Any],
                               need_all_towers: bool) -> List[str]:
     """One message listing every shape difference between ``meta`` (a checkpoint's sidecar) and the flags."""
     from megatron_puffin.training.towers import CHECKPOINT_TOWERS as TOWERS
@@ -180,7 +183,7 @@ def checkpoint_shape_problems(args, flag: str, directory: str, meta: Dict[str, A
             "the checkpoint's values (its puffin_meta.json holds them), or another checkpoint"]
 
 
-def _checkpoint_sources(args) -> List[Tuple[str, str, bool]]:
+def _checkpoint_sources(args: PuffinArguments) -> List[Tuple[str, str, bool]]:
     """(flag, checkpoint directory, needs every tower) of each checkpoint this run loads weights from; paths that do
     not resolve to an undamaged checkpoint are left out (the checkpoint decisions report them)."""
     from megatron_puffin.training import checkpointing as ckpt
@@ -210,7 +213,7 @@ def _checkpoint_sources(args) -> List[Tuple[str, str, bool]]:
     return sources
 
 
-def check_checkpoint_shapes(args) -> List[str]:
+def check_checkpoint_shapes(args: PuffinArguments) -> List[str]:
     """Every checkpoint the run loads (--load, --pretrained-checkpoint, the tower checkpoints) holds towers of the
     shape the flags give, compared through its ``puffin_meta.json`` (JSON; nothing is unpickled), before any
     process group exists; the tensors themselves are compared again when they load."""

@@ -7,7 +7,10 @@ the balance suggestion use the same function).
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, TYPE_CHECKING
+
+if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+    from megatron_puffin.config.arguments import PuffinArguments
 
 FIRST_FLAG, LAST_FLAG = "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers"
 
@@ -81,7 +84,7 @@ def placement_problems(num_layers: int, pipeline_model_parallel_size: int, first
     return []
 
 
-def check_pipeline_placement(args) -> List[str]:
+def check_pipeline_placement(args: PuffinArguments) -> List[str]:
     """--decoder-first/last-pipeline-num-layers against --num-layers and --pipeline-model-parallel-size."""
     parallel, num_layers = args.parallel, args.llm.num_layers
     if parallel.pipeline_model_parallel_size < 1 or num_layers < 1:
@@ -90,7 +93,7 @@ def check_pipeline_placement(args) -> List[str]:
                               parallel.decoder_first_pipeline_num_layers, parallel.decoder_last_pipeline_num_layers)
 
 
-def check_overlap(args) -> List[str]:
+def check_overlap(args: PuffinArguments) -> List[str]:
     """--overlap-grad-reduce, --overlap-param-gather and --ddp-bucket-size only act in these combinations."""
     parallel, problems = args.parallel, []
     if parallel.overlap_param_gather and not parallel.use_distributed_optimizer:
@@ -111,7 +114,7 @@ def check_overlap(args) -> List[str]:
     return problems
 
 
-def _last_micro_batch_problems(args) -> List[str]:
+def _last_micro_batch_problems(args: PuffinArguments) -> List[str]:
     """megatron-core launches a bucket's overlapped reduction when every parameter in it got its gradient on the
     step's LAST micro-batch; a task-homogeneous micro-batch must therefore use every trainable parameter. Only
     image2image does (vision tower, LLM with a tied output layer, queries, connectors, MMDiT)."""

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import os
-from typing import List, Optional
+from typing import List, Optional, TYPE_CHECKING
+
+if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+    from megatron_puffin.config.arguments import PuffinArguments
 
 
 def _at_least(flag: str, value: Optional[float], minimum: float) -> List[str]:
@@ -17,7 +20,7 @@ def _finite(flag: str, value: float) -> List[str]:
     return [] if math.isfinite(value) else [f"{flag} ({value}) must be a finite number"]
 
 
-def check_llm_sizes(args) -> List[str]:
+def check_llm_sizes(args: PuffinArguments) -> List[str]:
     """LLM shape values that megatron-core would accept and fail on later."""
     llm = args.llm
     problems = _at_least("--ffn-hidden-size", llm.ffn_hidden_size, 1)
@@ -31,7 +34,7 @@ def check_llm_sizes(args) -> List[str]:
     return problems
 
 
-def check_optimizer(args) -> List[str]:
+def check_optimizer(args: PuffinArguments) -> List[str]:
     """AdamW and learning-rate values (NaN, infinity and out-of-range values never reach the optimizer)."""
     training, problems = args.training, []
     for flag, value in (("--lr", training.lr), ("--min-lr", training.min_lr),
@@ -46,7 +49,7 @@ def check_optimizer(args) -> List[str]:
     return problems
 
 
-def check_schedule(args) -> List[str]:
+def check_schedule(args: PuffinArguments) -> List[str]:
     """Warm-up and decay lengths (megatron-core asserts decay steps > warm-up steps, on every rank, mid-start)."""
     training, problems = args.training, []
     problems += _at_least("--lr-warmup-iters", training.lr_warmup_iters, 0)
@@ -61,7 +64,7 @@ def check_schedule(args) -> List[str]:
     return problems
 
 
-def check_run_control(args) -> List[str]:
+def check_run_control(args: PuffinArguments) -> List[str]:
     """Intervals, timeouts and the exit duration (a negative one would stop, and requeue, every job at once)."""
     ckpt, training, problems = args.checkpoint, args.training, []
     problems += _at_least("--save-interval", ckpt.save_interval, 1)
@@ -73,7 +76,7 @@ def check_run_control(args) -> List[str]:
     return problems
 
 
-def check_world_size_flag(args) -> List[str]:
+def check_world_size_flag(args: PuffinArguments) -> List[str]:
     """--world-size describes a launch for --dry-run; in a real launch torchrun's WORLD_SIZE is the truth."""
     given, launched = args.parallel.world_size, os.environ.get("WORLD_SIZE")
     problems = _at_least("--world-size", given, 1)
@@ -83,7 +86,7 @@ def check_world_size_flag(args) -> List[str]:
     return problems
 
 
-def check_fp16_device(args) -> List[str]:
+def check_fp16_device(args: PuffinArguments) -> List[str]:
     """fp16 needs a GPU (megatron-core's loss scaler keeps its state on CUDA)."""
     import torch
 

@@ -98,7 +98,7 @@ def _shard_starts(dataset: PuffinDataset) -> List[int]:
     return starts
 
 
-def _check_fields(name: str, spec: TaskStreamSpec, dataset: PuffinDataset) -> None:
+def _check_fields(spec: TaskStreamSpec, dataset: PuffinDataset) -> None:
     """Fails early when a stream's dataset has none of a field its task needs (e.g. no thinking captions)."""
     for field_name in REQUIRED_FIELDS[spec.task]:
         if field_name == "camera":  # stored as NaN when absent: look at the first sample of every shard
@@ -121,7 +121,7 @@ def stream_dataset_errors(spec: TaskStreamSpec) -> List[str]:
         dataset = PuffinDataset(list(spec.paths))
         if len(dataset) == 0:
             return [f"{label} has no samples"]
-        _check_fields(stream_names([spec])[0], spec, dataset)
+        _check_fields(spec, dataset)
     except DatasetFormatError as error:
         return [f"{label}: {error}"]
     except ValueError as error:
@@ -137,7 +137,7 @@ def build_streams(specs: Sequence[TaskStreamSpec], tokenizer: PuffinTokenizer,
         dataset = PuffinDataset(list(spec.paths))
         if len(dataset) == 0:
             raise ValueError(f"--task-stream {spec.task}:{','.join(spec.paths)} has no samples")
-        _check_fields(name, spec, dataset)
+        _check_fields(spec, dataset)
         streams.append(TaskStream(name, spec, dataset, TaskEncoder(spec.task, tokenizer, encoder_config, name)))
     return streams
 

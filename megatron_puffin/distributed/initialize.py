@@ -136,7 +136,7 @@ def initialize(
         distributed_timeout_minutes=timeout_minutes,
     )
     context = _current_context(backend, seed)
-    seed_everything(seed, context.tp_rank, context.pp_rank, context.dp_rank)
+    seed_everything(seed, context.tp_rank)
     logger.debug("initialised %s", context)
     return context
 

@@ -30,7 +30,7 @@ def make_generator(seed: int, *keys: object, device: str | torch.device = "cpu")
     return generator
 
 
-def seed_everything(seed: int, tp_rank: int = 0, pp_rank: int = 0, dp_rank: int = 0) -> None:
+def seed_everything(seed: int, tp_rank: int = 0) -> None:
     """Seed python, numpy and torch for model initialisation, and megatron-core's model-parallel tracker.
 
     All ranks get the same default streams (so every rank builds the same master weights); the tracker's

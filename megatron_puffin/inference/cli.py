@@ -42,7 +42,7 @@ def build_tool_parser(prog: str, description: str) -> FlagFileParser:
     return parser
 
 
-def parse_tool_args(parser: FlagFileParser, argv: Optional[Sequence[str]]) -> Tuple[object, List[str]]:
+def parse_tool_args(parser: FlagFileParser, argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, List[str]]:
     """(tool arguments, model flags): unknown ``--flags`` go to the model (validated when it is loaded)."""
     args, model_flags = parser.parse_known_args(argv)
     return args, model_flags

@@ -12,12 +12,16 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from megatron_puffin.training.towers import CHECKPOINT_MODULES
+
+if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+    from megatron_puffin.config import PuffinArguments
+    from megatron_puffin.data import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +112,7 @@ def resolve_flags(metadata: Dict[str, Any], flags: Sequence[str] = ()):
     return args
 
 
-def check_inference_layout(args) -> None:
+def check_inference_layout(args: PuffinArguments) -> None:
     """The tower shapes against the inference tensor-parallel size (the training validators' rules)."""
     from megatron_puffin.config.validate import check_llm_parallel, check_positive, check_towers
 
@@ -117,7 +121,7 @@ def check_inference_layout(args) -> None:
         raise InferenceSetupError("; ".join(problems))
 
 
-def _model_config(args, dtype: Optional[torch.dtype], need_vae: bool):
+def _model_config(args: PuffinArguments, dtype: Optional[torch.dtype], need_vae: bool):
     from megatron_puffin.distributed import cuda_available
     from megatron_puffin.models.puffin import PuffinConfig
 
@@ -135,7 +139,7 @@ def _model_config(args, dtype: Optional[torch.dtype], need_vae: bool):
     return dataclasses.replace(config, params_dtype=dtype, fp8=None, model=model, sequence_parallel=False)
 
 
-def _encoder_config(args):
+def _encoder_config(args: PuffinArguments):
     from megatron_puffin.data.task_encoders import TaskEncoderConfig
 
     data = args.data
@@ -148,11 +152,11 @@ def _encoder_config(args):
     )
 
 
-def _open_tokenizer(args, vocab_size: int):
+def _open_tokenizer(data: DataConfig, vocab_size: int):
     from megatron_puffin.data import PuffinTokenizer
     from megatron_puffin.data.tokenizer import TokenizerError
 
-    path = args.data.tokenizer
+    path = data.tokenizer
     if not path:
         raise InferenceSetupError("no tokenizer: the checkpoint stores none; give --tokenizer PATH")
     if not os.path.exists(path):
@@ -215,7 +219,7 @@ def load_puffin(checkpoint: str, flags: Sequence[str] = (), tensor_model_paralle
         args.parallel.tensor_model_parallel_size = tensor_model_parallel_size
     tensor_model_parallel_size = args.parallel.tensor_model_parallel_size
     check_inference_layout(args)
-    tokenizer = _open_tokenizer(args, args.llm.vocab_size)
+    tokenizer = _open_tokenizer(args.data, args.llm.vocab_size)
     args.model.image_pad_token_id = tokenizer.image_pad_id
     config = _model_config(args, dtype, need_vae)
     world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))

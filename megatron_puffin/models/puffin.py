@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, TYPE_CHECKING, Union
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -55,6 +55,9 @@ from megatron_puffin.models.sequence_parallel import (
 )
 from megatron_puffin.models.vae import FrozenVAE
 from megatron_puffin.models.vision import VisionConfig, build_vision
+
+if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+    from megatron_puffin.config.arguments import PuffinArguments
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +110,7 @@ class PuffinConfig:
         return tower_fp8(self.fp8, self.fp8_towers, tower)
 
     @classmethod
-    def from_args(cls, args) -> "PuffinConfig":
+    def from_args(cls, args: PuffinArguments) -> "PuffinConfig":
         """From parsed ``pretrain_puffin.py`` flags."""
         precision = args.precision
         dtype = torch.bfloat16 if precision.bf16 else torch.float16 if precision.fp16 else torch.float32

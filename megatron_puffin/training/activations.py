@@ -23,9 +23,12 @@ saved for backward, parameters excluded) and their ratio.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Tuple, TYPE_CHECKING
 
 from megatron_puffin.tasks import GENERATION_TASKS, TASK_VARIANTS, UNDERSTANDING_TASKS
+
+if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+    from megatron_puffin.config import PuffinArguments
 
 ACTIVATION_TOWERS = ("vision", "llm", "queries", "dit")
 
@@ -143,7 +146,7 @@ def shape_of_batch(config, batch: Mapping[str, Any]) -> MicroBatchShape:
                            dit_tokens)
 
 
-def worst_case_shape(args, task: str, batch_size: int) -> MicroBatchShape:
+def worst_case_shape(args: PuffinArguments, task: str, batch_size: int) -> MicroBatchShape:
     """The largest micro-batch of ``task`` the flags allow: square ``--image-size`` images, the text-token limits
     (``--max-understanding-text-tokens`` / ``--max-generation-text-tokens``) filled, every text position
     supervised in understanding tasks."""
@@ -163,7 +166,7 @@ def worst_case_shape(args, task: str, batch_size: int) -> MicroBatchShape:
                            batch_size * latents * (size // step) ** 2)
 
 
-def activation_lines(args, bytes_per_value: int) -> List[str]:
+def activation_lines(args: PuffinArguments, bytes_per_value: int) -> List[str]:
     """``--dry-run`` lines: each stream's worst-case activation estimate per micro-batch (one micro-batch's
     activations are alive at a time without pipelining; with PP, up to PP micro-batches per stage)."""
     from megatron_puffin.training.flops import trainable_towers

@@ -27,7 +27,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,10 @@ from megatron_puffin.training.metrics import Interval, MetricsWriter, Report, pe
 from megatron_puffin.training.step import stream_task
 from megatron_puffin.training.resume import samples_per_step
 from megatron_puffin.training.towers import CHECKPOINT_MODULES, CHECKPOINT_TOWERS, freeze_towers, trainable_towers
+
+if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+    from megatron_puffin.config import PuffinArguments
+    from megatron_puffin.data import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row); the message says why and what to do."""
 
 
-def micro_batches_per_step(args) -> int:
+def micro_batches_per_step(args: PuffinArguments) -> int:
     """Micro-batches per optimizer step from the flags (validated by ``validate.check_step``)."""
     specs = args.data.streams()
     cycle = sum(spec.repeats for spec in specs)
@@ -69,7 +73,7 @@ def micro_batches_per_step(args) -> int:
     return cycle
 
 
-def _stage_name(args) -> str:
+def _stage_name(args: PuffinArguments) -> str:
     if args.checkpoint.stage_name:
         return args.checkpoint.stage_name
     if args.checkpoint.save:
@@ -125,7 +129,7 @@ class StopFlag:
 class Trainer:
     """Everything one rank holds for a run; :meth:`train` runs it (see the module docstring)."""
 
-    def __init__(self, args) -> None:
+    def __init__(self, args: PuffinArguments) -> None:
         from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -174,7 +178,7 @@ class Trainer:
         )
         self.dp_group = self.pg_collection.dp
         self.loader = self._build_loader()
-        self.tasks = _loss_tasks(args)
+        self.tasks = _loss_tasks(args.data)
         self.micro_batches = micro_batches_per_step(args)
         self.state = TrainState(consumed={task: 0 for task in self.tasks})
         self.trainable = trainable_towers(args.model)
@@ -382,7 +386,7 @@ class Trainer:
     def _reseed(self) -> None:
         """Dropout and other global-RNG draws of this step: a function of (seed, iteration, DP rank)."""
         seed = derive_seed(self.args.training.seed, "step", self.state.iteration, self.ctx.dp_rank)
-        seed_everything(seed % (2**31), tp_rank=self.ctx.tp_rank, pp_rank=self.ctx.pp_rank, dp_rank=self.ctx.dp_rank)
+        seed_everything(seed % (2**31), tp_rank=self.ctx.tp_rank)
 
     def _next_batches(self, iterator: Iterator, interval: Interval) -> List[Dict[str, Any]]:
         from megatron_puffin.training.flops import micro_batch_flops
@@ -422,7 +426,7 @@ class Trainer:
             reason = f"--exit-interval {training.exit_interval}"
         return reason
 
-    def _log(self, interval: Interval, elapsed: float, result) -> None:
+    def _log(self, interval: Interval, elapsed: float) -> None:
         interval.reduce(self.dp_group)
         losses = interval.losses()
         if self.ctx.pipeline_model_parallel_size > 1:  # losses live on the last stage; rank 0 writes the log
@@ -474,7 +478,7 @@ class Trainer:
                     self.scheduler.step(increment=1)
                 if self.state.iteration % self.args.logging.log_interval == 0 or \
                         self.state.iteration == training.train_iters:
-                    self._log(interval, time.perf_counter() - interval_start, result)
+                    self._log(interval, time.perf_counter() - interval_start)
                     interval, interval_start = Interval(self.tasks), time.perf_counter()
                 if self.validator is not None and self.validator.due(self.state.iteration):
                     start = time.perf_counter()
@@ -539,17 +543,17 @@ class Trainer:
         self.writer.close()
 
 
-def _loss_tasks(args) -> List[str]:
+def _loss_tasks(data: DataConfig) -> List[str]:
     """The tasks of the configured streams, in stream order, as logs and plots name them (the stream's task, e.g.
     ``image2text_photography``, not the loss it trains under, ``image2text``)."""
     tasks: List[str] = []
-    for spec in args.data.streams():
+    for spec in data.streams():
         if spec.task not in tasks:
             tasks.append(spec.task)
     return tasks
 
 
-def run(args) -> int:
+def run(args: PuffinArguments) -> int:
     """Build, train and tear down; returns the exit code (:data:`EXIT_FINISHED` or :data:`EXIT_INTERRUPTED`)."""
     from megatron_puffin.data.workers import die_with_launcher
 

@@ -1,14 +1,18 @@
 """AdamW over trainable parameters only, through megatron-core's optimizer (docs/puffin.md §5.2)."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import TYPE_CHECKING, Callable, Dict, List
 
 import torch
 
 from megatron_puffin.platform import Replacement, require_setup
 
+if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+    from megatron_puffin.config import PrecisionConfig, TrainingConfig
 
-def build_optimizer(model_chunks: List[torch.nn.Module], training, precision, use_distributed_optimizer: bool = False):
+
+def build_optimizer(model_chunks: List[torch.nn.Module], training: TrainingConfig, precision: PrecisionConfig,
+                    use_distributed_optimizer: bool = False):
     """megatron-core's AdamW (decoupled decay) with Puffin's groups: weight decay on tensors of two or more
     dimensions (matrices, embeddings, conv kernels, meta queries), none on biases and norm gains; frozen parameters
     (``requires_grad=False``) get no state at all. ``--distributed-optimizer`` shards the state over DP (ZeRO-1);

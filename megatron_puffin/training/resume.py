@@ -18,16 +18,19 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, TYPE_CHECKING
 
 from megatron_puffin.training import checkpointing as ckpt
 from megatron_puffin.training.checkpoint_safety import CheckpointError
 from megatron_puffin.training.towers import TOWERS
 
+if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+    from megatron_puffin.config import PuffinArguments
+
 FREEZE_FLAGS = tuple(spec.freeze_flag for spec in TOWERS if spec.freeze_flag)
 
 
-def samples_per_step(args) -> int:
+def samples_per_step(args: PuffinArguments) -> int:
     """Samples of one optimizer step over all data-parallel ranks (the global batch)."""
     from megatron_puffin.training.loop import micro_batches_per_step
 
@@ -41,7 +44,7 @@ def _same_path(a: str, b: Optional[str]) -> bool:
     return b is not None and os.path.realpath(a) == os.path.realpath(b)
 
 
-def resolve_load(args) -> Optional[str]:
+def resolve_load(args: PuffinArguments) -> Optional[str]:
     """The checkpoint ``--load`` resumes from (None: nothing to resume). Raises :class:`CheckpointError`."""
     load, save = args.checkpoint.load, args.checkpoint.save
     if not load:
@@ -69,7 +72,7 @@ def _iteration(directory: str) -> int:
     return int(meta.get("iteration", 0))
 
 
-def save_problems(args, resumed: Optional[str]) -> List[str]:
+def save_problems(args: PuffinArguments, resumed: Optional[str]) -> List[str]:
     """Checkpoints in ``--save`` that this run would write over without having been asked."""
     save = args.checkpoint.save
     if not save or args.checkpoint.overwrite_checkpoints:
@@ -106,7 +109,7 @@ def _schedule(training: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def schedule_problems(args, stored: Dict[str, Any], directory: str) -> List[str]:
+def schedule_problems(args: PuffinArguments, stored: Dict[str, Any], directory: str) -> List[str]:
     """A learning-rate schedule that differs from the checkpoint's, unless ``--override-opt-param-scheduler``."""
     if args.checkpoint.override_opt_param_scheduler or "training" not in stored:
         return []
@@ -123,7 +126,7 @@ def schedule_problems(args, stored: Dict[str, Any], directory: str) -> List[str]
             "the checkpoint's step on, or give the checkpoint's values"]
 
 
-def layout_problems(args, stored: Dict[str, Any], directory: str) -> List[str]:
+def layout_problems(args: PuffinArguments, stored: Dict[str, Any], directory: str) -> List[str]:
     """Optimizer-state form and trained towers must match the checkpoint's."""
     problems = []
     old = stored.get("parallel", {}).get("use_distributed_optimizer")
@@ -145,7 +148,7 @@ def layout_problems(args, stored: Dict[str, Any], directory: str) -> List[str]:
     return problems
 
 
-def batch_problems(args, meta: Dict[str, Any], directory: str) -> List[str]:
+def batch_problems(args: PuffinArguments, meta: Dict[str, Any], directory: str) -> List[str]:
     """Keep the checkpoint's global batch when this run's flags do not set one, or refuse."""
     stored = meta.get("samples_per_step")
     training = args.training
@@ -168,7 +171,7 @@ def batch_problems(args, meta: Dict[str, Any], directory: str) -> List[str]:
             "change the batch deliberately"]
 
 
-def source_problems(args) -> List[str]:
+def source_problems(args: PuffinArguments) -> List[str]:
     """--pretrained-checkpoint and the per-tower base checkpoints exist and are undamaged (cheap checks)."""
     ckpt_args, problems = args.checkpoint, []
     for flag, path in (("--pretrained-checkpoint", ckpt_args.pretrained_checkpoint),
@@ -194,7 +197,7 @@ def source_problems(args) -> List[str]:
     return problems
 
 
-def startup_problems(args) -> List[str]:
+def startup_problems(args: PuffinArguments) -> List[str]:
     """Every checkpoint decision of this run (see the module docstring), as problems naming flag and fix.
     Skipped with ``--dry-run`` (paths may belong to another machine)."""
     if args.dry_run:

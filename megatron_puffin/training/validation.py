@@ -21,10 +21,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+    from megatron_puffin.config import PuffinArguments
+    from megatron_puffin.training.validation_config import ValidationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -58,20 +62,20 @@ class ValidationResult:
         return text
 
 
-def validation_tasks(args) -> List[str]:
+def validation_tasks(validation: ValidationConfig) -> List[str]:
     """The loss tasks of the validation streams, in stream order."""
     from megatron_puffin.data.config import parse_task_stream
     from megatron_puffin.tasks import TASK_VARIANTS
 
     tasks: List[str] = []
-    for spec in args.validation.valid_task_stream:
+    for spec in validation.valid_task_stream:
         task = TASK_VARIANTS[parse_task_stream(spec).task]
         if task not in tasks:
             tasks.append(task)
     return tasks
 
 
-def build_validation_loader(args, tokenizer, dp_rank: int, dp_size: int):
+def build_validation_loader(args: PuffinArguments, tokenizer, dp_rank: int, dp_size: int):
     """The data loader of the validation streams (the training data flags with the streams replaced)."""
     from megatron_puffin.data import build_data_loader
 
@@ -82,7 +86,7 @@ def build_validation_loader(args, tokenizer, dp_rank: int, dp_size: int):
     )
 
 
-def validation_micro_batches(args) -> int:
+def validation_micro_batches(args: PuffinArguments) -> int:
     """Micro-batches of one validation: --eval-iters cycles of the validation streams."""
     from megatron_puffin.data.config import parse_task_stream
 
@@ -125,13 +129,13 @@ class Validator:
         pg_collection: The run's process groups (the camera decoding gathers over ``pg_collection.dp``).
     """
 
-    def __init__(self, args, tokenizer, ctx, pg_collection) -> None:
+    def __init__(self, args: PuffinArguments, tokenizer, ctx, pg_collection) -> None:
         self.args, self.tokenizer, self.ctx = args, tokenizer, ctx
         self.interval = args.validation.eval_interval
         self.loader = build_validation_loader(args, tokenizer, ctx.dp_rank, ctx.data_parallel_size)
         self.start = self.loader.state_dict()
         self.num_micro_batches = validation_micro_batches(args)
-        self.tasks = validation_tasks(args)
+        self.tasks = validation_tasks(args.validation)
         self.camera = None
         if args.validation.eval_camera_samples > 0:
             from megatron_puffin.training.validation_camera import CameraValidation

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from megatron_puffin.evaluation import GroundTruthCamera, score_prediction, summarize
+
+if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+    from megatron_puffin.config import PuffinArguments
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ class CameraValidation:
         self.dp_rank, self.dp_size, self.dp_group = dp_rank, dp_size, dp_group
 
     @classmethod
-    def from_args(cls, args, tokenizer, ctx, dp_group) -> "CameraValidation":
+    def from_args(cls, args: PuffinArguments, tokenizer, ctx, dp_group) -> "CameraValidation":
         from megatron_puffin.data.config import parse_task_stream
         from megatron_puffin.data.loader import stream_names
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, TYPE_CHECKING
 
 from megatron_puffin.data.config import TASK_STREAM_FORMAT
+
+if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+    from megatron_puffin.config.arguments import PuffinArguments
 
 
 @dataclass
@@ -28,7 +31,7 @@ class ValidationConfig:
     """Most tokens generated per image for the camera metric (a camera sentence needs about 40)."""
 
 
-def validation_errors(args) -> List[str]:
+def validation_errors(args: PuffinArguments) -> List[str]:
     """Every problem with the validation flags, as flag-naming messages (empty when valid)."""
     from megatron_puffin.data.config import parse_task_stream
     from megatron_puffin.tasks import GENERATION_TASKS, TASK_VARIANTS
