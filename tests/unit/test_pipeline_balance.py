@@ -104,7 +104,7 @@ def test_stage_split_of_flops_equals_the_whole_micro_batch(tmp_path):
         supervised = min(args.data.max_understanding_text_tokens, work.llm_tokens - 1)  # task_work's bound
         labels[:, work.llm_tokens - supervised:] = 0
         batch["labels"] = labels
-        if work.image_tokens:
+        if task in ("image2text", "image2text_cross_view", "image2image"):
             batch["vision_images"] = image
         if task in ("text2image", "cam2image", "image2image"):
             batch["target_images"] = image
