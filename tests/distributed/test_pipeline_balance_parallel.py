@@ -220,8 +220,8 @@ def _overlap_any_task_order(paths):
 
 
 def _worker(paths, root):
-    return {"parity": _parity(paths, root), "plain": _train(paths, overlap=False), "overlap": _train(paths, overlap=True),
-            "any_order": _overlap_any_task_order(paths)}
+    return {"parity": _parity(paths, root), "plain": _train(paths, overlap=False),
+            "overlap": _train(paths, overlap=True), "any_order": _overlap_any_task_order(paths)}
 
 
 def test_uneven_pipeline_stages_and_overlapped_communication(tmp_path):
