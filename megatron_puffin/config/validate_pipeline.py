@@ -102,8 +102,6 @@ def check_overlap(args: PuffinArguments) -> List[str]:
     if parallel.overlap_param_gather and not parallel.overlap_grad_reduce:
         problems.append("--overlap-param-gather needs --overlap-grad-reduce (megatron-core overlaps the gather only "
                         "together with the reduce-scatter); add --overlap-grad-reduce")
-    if parallel.overlap_grad_reduce:
-        problems += _last_micro_batch_problems(args)
     if parallel.ddp_bucket_size is not None:
         if parallel.ddp_bucket_size < 1:
             problems.append(f"--ddp-bucket-size ({parallel.ddp_bucket_size}) must be at least 1")
@@ -112,30 +110,6 @@ def check_overlap(args: PuffinArguments) -> List[str]:
                             "--overlap-grad-reduce (megatron-core then uses one bucket per buffer); add "
                             "--overlap-grad-reduce or drop --ddp-bucket-size")
     return problems
-
-
-def _last_micro_batch_problems(args: PuffinArguments) -> List[str]:
-    """megatron-core launches a bucket's overlapped reduction when every parameter in it got its gradient on the
-    step's LAST micro-batch; a task-homogeneous micro-batch must therefore use every trainable parameter. Only
-    image2image does (vision tower, LLM with a tied output layer, queries, connectors, MMDiT)."""
-    from megatron_puffin.data.task_encoders import TASK_VARIANTS
-
-    try:
-        streams = args.data.streams()
-    except ValueError:
-        return []  # reported by check_data
-    if not streams:
-        return []
-    cycle = sum(s.repeats for s in streams)
-    per_step = args.training.micro_batches_per_step or cycle
-    last = TASK_VARIANTS.get(streams[-1].task)
-    if last == "image2image" and args.llm.tie_word_embeddings and per_step % cycle == 0:
-        return []
-    return [f"--overlap-grad-reduce needs every trainable parameter to get its gradient on the step's last "
-            f"micro-batch (megatron-core starts each bucket's reduction then), but the last micro-batch is "
-            f"{streams[-1].task}; only an image2image stream last in the --task-stream list, with "
-            "--tie-word-embeddings and whole task-stream cycles per step, uses them all: reorder the streams or "
-            "drop --overlap-grad-reduce (and --overlap-param-gather)"]
 
 
 PIPELINE_VALIDATORS = [check_pipeline_placement, check_overlap]

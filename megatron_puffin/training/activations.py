@@ -19,11 +19,20 @@ A tower's activations are kept only when something before or in it trains (a fro
 needs no gradient saves nothing); with ``recompute`` a tower keeps one layer input per layer plus one layer's
 activations. ``benchmarks/bench_training.py`` prints this estimate next to the measured peak (distinct storages
 saved for backward, parameters excluded) and their ratio.
+
+Per GPU (:func:`stage_activation_bytes`, the dry run's memory table and the pipeline balance): every value is
+either *split* over tensor-parallel ranks (the outputs of column-parallel linears, attention per head, the
+vocabulary-parallel logits) or *replicated* on each of them (the norms' inputs and outputs, the residual-side
+tensors, the layer inputs kept under recompute, the plain ``nn.Linear`` projections of the query path); sequence
+parallelism splits the replicated ones too. Each pipeline stage holds the towers the model places on it: the
+vision tower on the first, the LLM's decoder layers where the placement puts them, the output layer's logits, the
+connectors and the MMDiT on the last; under 1F1B stage ``i`` of ``p`` holds up to ``p - i`` micro-batches
+(:func:`pipeline_activation_bytes`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Tuple, TYPE_CHECKING
+from typing import Any, Dict, List, Mapping, Sequence, Tuple, TYPE_CHECKING
 
 from megatron_puffin.tasks import GENERATION_TASKS, TASK_VARIANTS, UNDERSTANDING_TASKS
 
@@ -49,46 +58,85 @@ class MicroBatchShape:
     """Image-stream tokens of the MMDiT summed over samples (target plus condition latents, patchified)."""
 
 
-def _layer_values(kind: str, h: int, f: int, groups: float = 1.0) -> float:
-    """Saved values per token of one layer (see the module docstring)."""
-    return {"llm": (8 + 3 * groups) * h + 4 * f, "encoder": 9 * h + 2 * f, "dit": 16 * h + 2 * f}[kind]
+@dataclass(frozen=True)
+class Values:
+    """Saved values: ``replicated`` on every tensor-parallel rank (split too under sequence parallelism) and
+    ``split`` over the ranks; at TP 1 a tower holds their sum."""
+
+    replicated: float = 0.0
+    split: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.replicated + self.split
+
+    def per_rank(self, tensor_model_parallel_size: int, sequence_parallel: bool) -> float:
+        """Values one tensor-parallel rank holds."""
+        if sequence_parallel:
+            return self.total / tensor_model_parallel_size
+        return self.replicated + self.split / tensor_model_parallel_size
+
+    def __add__(self, other: "Values") -> "Values":
+        return Values(self.replicated + other.replicated, self.split + other.split)
+
+    def __mul__(self, times: float) -> "Values":
+        return Values(self.replicated * times, self.split * times)
 
 
-def _stack_values(kind: str, layers: int, tokens: int, h: int, f: int, recompute: bool, groups: float = 1.0):
+def _layer_values(kind: str, h: int, f: int, groups: float = 1.0) -> Values:
+    """Saved values per token of one layer (see the module docstring): the norms' (and in the MMDiT the AdaLN-modulated
+    and gated) tensors are replicated over TP, the rest is split."""
+    return {"llm": Values(4 * h, (4 + 3 * groups) * h + 4 * f), "encoder": Values(4 * h, 5 * h + 2 * f),
+            "dit": Values(8 * h, 8 * h + 2 * f)}[kind]
+
+
+def _stack_values(kind: str, layers: int, tokens: int, h: int, f: int, recompute: bool,
+                  groups: float = 1.0) -> Values:
+    """``layers`` layers over ``tokens`` tokens; under recompute one input per layer plus one layer's activations."""
+    if layers == 0:
+        return Values()
     per_layer = _layer_values(kind, h, f, groups) * tokens
-    return (layers * tokens * h + per_layer) if recompute else layers * per_layer
+    return (Values(layers * tokens * h) + per_layer) if recompute else per_layer * layers
 
 
-def _vision_values(config, shape: MicroBatchShape, encoder: bool) -> float:
+def _vision_values(config, shape: MicroBatchShape, encoder: bool) -> Values:
     """The ViT's layers (when ``encoder``: it trains) and the projector (which always trains)."""
     vision, llm_h = config.vision, config.llm.hidden_size
-    total = 0.0
+    total = Values()
     for height, width in shape.vision_images:
         tokens = (height // vision.patch_size) * (width // vision.patch_size) + vision.class_token_len
         if encoder:
             total += _stack_values("encoder", vision.num_layers, tokens, vision.hidden_size,
                                    vision.ffn_hidden_size, bool(vision.recompute))
-        total += vision.num_tokens(height, width) * (vision.folded_hidden_size + 2 * llm_h)  # projector
+        total += Values(vision.folded_hidden_size, 2 * llm_h) * vision.num_tokens(height, width)  # projector
     return total
 
 
-def _llm_values(config, shape: MicroBatchShape) -> float:
+def _llm_layer_values(config, shape: MicroBatchShape, layers: int) -> Values:
+    """``layers`` of the LLM's decoder layers."""
     llm = config.llm
     groups = llm.num_query_groups / llm.num_attention_heads
     tokens = shape.batch_size * shape.llm_tokens
-    values = _stack_values("llm", llm.num_layers, tokens, llm.hidden_size, llm.ffn_hidden_size, bool(llm.recompute),
-                           groups)
-    return values + 2 * shape.logit_rows * llm.vocab_size
+    return _stack_values("llm", layers, tokens, llm.hidden_size, llm.ffn_hidden_size, bool(llm.recompute), groups)
 
 
-def _query_values(config, shape: MicroBatchShape) -> float:
+def _logit_values(config, shape: MicroBatchShape) -> Values:
+    """The output layer's logits and softmax on the supervised positions (vocabulary-parallel)."""
+    return Values(0.0, 2 * shape.logit_rows * config.llm.vocab_size)
+
+
+def _llm_values(config, shape: MicroBatchShape) -> Values:
+    return _llm_layer_values(config, shape, config.llm.num_layers) + _logit_values(config, shape)
+
+
+def _query_values(config, shape: MicroBatchShape) -> Values:
     c = config.connector
     tokens = shape.batch_size * c.num_queries
     branch = _stack_values("encoder", c.num_layers, tokens, c.hidden_size, c.ffn_hidden_size, bool(c.recompute))
-    return 2 * branch + tokens * (config.llm.hidden_size + c.joint_attention_dim)
+    return branch * 2 + Values(tokens * (config.llm.hidden_size + c.joint_attention_dim))
 
 
-def _dit_values(config, shape: MicroBatchShape) -> float:
+def _dit_values(config, shape: MicroBatchShape) -> Values:
     dit = config.dit
     tokens = shape.dit_image_tokens + shape.batch_size * config.connector.num_queries
     return _stack_values("dit", dit.num_layers, tokens, dit.hidden_size, dit.ffn_hidden_size, bool(dit.recompute))
@@ -114,16 +162,48 @@ def activation_bytes_estimate(config, shape: MicroBatchShape, trainable: Mapping
         trainable: tower name -> trains (``training.flops.trainable_towers``).
         bytes_per_value: 4 in fp32, 2 in bf16/fp16.
     """
+    values = _tower_values(config, shape, trainable, config.llm.num_layers)
+    result = {tower: value.total * bytes_per_value for tower, value in values.items() if tower != "logits"}
+    result["llm"] += values["logits"].total * bytes_per_value
+    result["total"] = sum(result.values())
+    return result
+
+
+def _tower_values(config, shape: MicroBatchShape, trainable: Mapping[str, bool], llm_layers: int) -> Dict[str, Values]:
+    """Saved values per tower of one micro-batch, with ``llm_layers`` of the LLM's decoder layers."""
     kept = _kept(trainable, shape.task)
     generation = TASK_VARIANTS.get(shape.task, shape.task) in GENERATION_TASKS
-    values = {
-        "vision": _vision_values(config, shape, kept["vision_encoder"]) if kept["vision"] else 0.0,
-        "llm": _llm_values(config, shape) if kept["llm"] else 0.0,
-        "queries": _query_values(config, shape) if kept["queries"] and generation else 0.0,
-        "dit": _dit_values(config, shape) if kept["dit"] and generation else 0.0,
+    return {
+        "vision": _vision_values(config, shape, kept["vision_encoder"]) if kept["vision"] else Values(),
+        "llm": _llm_layer_values(config, shape, llm_layers) if kept["llm"] else Values(),
+        "logits": _logit_values(config, shape) if kept["llm"] else Values(),
+        "queries": _query_values(config, shape) if kept["queries"] and generation else Values(),
+        "dit": _dit_values(config, shape) if kept["dit"] and generation else Values(),
     }
-    result = {tower: value * bytes_per_value for tower, value in values.items()}
-    result["total"] = sum(result.values())
+
+
+STAGE_OF_TOWER = {"vision": "first", "logits": "last", "queries": "last", "dit": "last"}
+"""Where the model places each tower's activations (the LLM's decoder layers follow the layer placement)."""
+
+
+def stage_activation_bytes(config, shape: MicroBatchShape, trainable: Mapping[str, bool], bytes_per_value: int,
+                           layers: Sequence[int], tensor_model_parallel_size: int = 1,
+                           sequence_parallel: bool = False) -> List[float]:
+    """Activation bytes of one micro-batch on each pipeline stage, per GPU (one tensor-parallel rank).
+
+    Args:
+        config, shape, trainable, bytes_per_value: as for :func:`activation_bytes_estimate`.
+        layers: the LLM's decoder layers on each stage (``config.validate_pipeline.stage_layer_counts``).
+        tensor_model_parallel_size, sequence_parallel: how each tower's values are divided (see :class:`Values`).
+    """
+    last = len(layers) - 1
+    result = []
+    for stage, count in enumerate(layers):
+        values = _tower_values(config, shape, trainable, count)
+        held = [tower for tower, where in STAGE_OF_TOWER.items()
+                if (where == "first" and stage == 0) or (where == "last" and stage == last)]
+        total = sum((values[tower] for tower in ["llm", *held]), Values())
+        result.append(total.per_rank(tensor_model_parallel_size, sequence_parallel) * bytes_per_value)
     return result
 
 
@@ -184,3 +264,27 @@ def activation_lines(args: PuffinArguments, bytes_per_value: int) -> List[str]:
         towers = ", ".join(f"{tower} {estimate[tower] / 2**30:.2f}" for tower in ACTIVATION_TOWERS if estimate[tower])
         lines.append(f"  {stream.task} x{stream.micro_batch_size}: {estimate['total'] / 2**30:.2f} GiB ({towers})")
     return lines
+
+
+def pipeline_activation_bytes(args, layers: Sequence[int]) -> List[float]:
+    """Peak activation bytes per GPU of each pipeline stage under 1F1B: the largest worst-case micro-batch of the
+    task streams (:func:`worst_case_shape`) times the micro-batches in flight on the stage (up to ``p - i`` on
+    stage ``i`` of ``p``, at most the micro-batches of a step).
+
+    Args:
+        args: parsed ``pretrain_puffin.py`` flags.
+        layers: the LLM's decoder layers on each stage.
+    """
+    from megatron_puffin.training.flops import trainable_towers
+    from megatron_puffin.training.layout import weight_bytes
+
+    streams = args.data.streams()
+    trainable = trainable_towers(args.model)
+    parallel = args.parallel
+    in_flight_limit = args.training.micro_batches_per_step or sum(stream.repeats for stream in streams)
+    per_task = [stage_activation_bytes(args, worst_case_shape(args, stream.task, stream.micro_batch_size), trainable,
+                                       weight_bytes(args), layers, parallel.tensor_model_parallel_size,
+                                       parallel.sequence_parallel) for stream in streams]
+    pp = len(layers)
+    return [max((task[stage] for task in per_task), default=0.0) * min(pp - stage, in_flight_limit)
+            for stage in range(pp)]

@@ -22,7 +22,7 @@ from megatron_puffin.models.fp8 import tower_precisions
 from megatron_puffin.models.llm.config import LLMConfig
 from megatron_puffin.models.puffin_config import PuffinModelConfig
 from megatron_puffin.models.vision.config import VisionConfig
-from megatron_puffin.training.activations import activation_lines
+from megatron_puffin.training.activations import activation_lines, pipeline_activation_bytes
 
 if TYPE_CHECKING:
     from megatron_puffin.config.arguments import PuffinArguments
@@ -456,15 +456,12 @@ def _memory_lines(args: PuffinArguments, tower_list: List[Tower]) -> List[str]:
 
 
 def _activation_lines(args, stages: List[StageMemory]) -> List[str]:
-    """Activations per stage (pipeline_balance's estimate) and the per-GPU total for each data-parallel sharding
+    """Activations per stage (training.activations' estimate) and the per-GPU total for each data-parallel sharding
     choice: plain DDP, ZeRO-1 (the distributed optimizer), and what ZeRO-2/3 would hold."""
-    from megatron_puffin.training import pipeline_balance
-
     try:
-        work = pipeline_balance.workload(args)
+        activations = pipeline_activation_bytes(args, llm_stage_layers(args))
     except (ValueError, KeyError, OSError):
         return []
-    activations = pipeline_balance.activation_estimate(args, work, llm_stage_layers(args))
     dp, full_state = args.data_parallel_size, optimizer_bytes_unsharded(args)
     choices = {
         "DDP (no sharding)": lambda m: m.weights + m.gradients + m.trainable * full_state,
@@ -474,7 +471,7 @@ def _activation_lines(args, stages: List[StageMemory]) -> List[str]:
             m.trainable * weight_bytes(args) + m.gradients + m.trainable * full_state) / dp,
     }
     lines = ["activations per GPU (estimate at the length limits, 1F1B micro-batches in flight; see "
-             "training/pipeline_balance.py): " + ", ".join(
+             "training/activations.py): " + ", ".join(
                  f"stage {m.stage} {a / GIB:.2f} GiB" for m, a in zip(stages, activations)),
              f"total per GPU with activations, by data-parallel sharding over DP {dp} (frozen towers hold no "
              "gradients or optimizer state; ZeRO-2/3 are megatron-core FSDP's optim_grads / optim_grads_params, "
@@ -490,10 +487,8 @@ def _activation_lines(args, stages: List[StageMemory]) -> List[str]:
 def peak_gpu_bytes(args: PuffinArguments) -> float:
     """The largest per-GPU total (weights, gradients, optimizer state as configured, activations) over the
     stages: what has to fit one GPU."""
-    from megatron_puffin.training import pipeline_balance
-
     stages = memory_estimate(args, towers(args))
-    activations = pipeline_balance.activation_estimate(args, pipeline_balance.workload(args), llm_stage_layers(args))
+    activations = pipeline_activation_bytes(args, llm_stage_layers(args))
     return max(m.total + a for m, a in zip(stages, activations))
 
 

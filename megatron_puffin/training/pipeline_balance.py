@@ -1,5 +1,5 @@
-"""Per-stage work and activation memory of a pipeline placement, and the placement that balances the stages, from
-the flags alone (for ``pretrain_puffin.py --dry-run``; no process group, no model).
+"""Per-stage work of a pipeline placement, and the placement that balances the stages, from the flags alone (for
+``pretrain_puffin.py --dry-run``; no process group, no model).
 
 Work per stage: the training FLOPs of one micro-batch of every task stream (:mod:`megatron_puffin.training.flops`,
 3x forward for trainable towers, 1x for frozen ones) at the length limits of the flags (``--image-size`` square
@@ -9,12 +9,8 @@ where they are placed, the last stage runs the output layer, the connectors, the
 of the task streams weighs each task by its REPEATS. With 1F1B and enough micro-batches, a step lasts about as long
 as the busiest stage's work, so the suggested placement minimises the largest per-stage sum over the cycle.
 
-Activation memory per stage (an estimate, bytes per GPU): the transformer-layer formula of Korthikanti et al.
-(2022) without dropout (Puffin trains without it), ``s b h (8 + 24/t + 2 a s / (h t))`` 16-bit bytes per layer for
-``s`` tokens, ``b`` samples, ``h`` hidden, ``a`` heads and TP ``t`` (x2 in fp32), the softmax output counted as
-stored (the local attention; a fused attention kernel keeps none, so this is an upper bound); a recomputed layer keeps only its input ``2 s b h`` plus one layer's full
-activations during its recompute. The LLM's fp32 logits of understanding tasks count on the last stage. Under
-1F1B, stage ``i`` of ``p`` holds the activations of up to ``p - i`` micro-batches (the largest task's).
+The activation memory of each stage under a placement is :mod:`megatron_puffin.training.activations`' estimate
+(``pipeline_activation_bytes``), the one the dry run's memory table prints.
 """
 from __future__ import annotations
 
@@ -34,7 +30,7 @@ UNDERSTANDING_WITH_IMAGE = ("image2text", "image2text_cross_view")
 
 @dataclass(frozen=True)
 class TaskWork:
-    """Training FLOPs of one micro-batch of a task by placement, and the shapes behind the activation estimate."""
+    """Training FLOPs of one micro-batch of a task by placement."""
 
     task: str
     micro_batch_size: int
@@ -46,10 +42,6 @@ class TaskWork:
     last: float
     """Output layer, connectors, MMDiT, VAE encoder (last stage)."""
     llm_tokens: int
-    image_tokens: int
-    """Vision-tower tokens per image (0: no image to understand)."""
-    dit_tokens: int
-    """MMDiT sequence length per sample (image stream + queries; 0: an understanding task)."""
 
 
 # The VAE of Puffin (SD3-medium's AutoencoderKL), assumed for FLOPs when --vae-path/--vae-config is not readable
@@ -99,7 +91,7 @@ def task_work(args, task: str, micro_batch_size: int, repeats: int) -> TaskWork:
     sizes = [(size, size)] * (b * images)
     first = factor["vision"] * flops.vision_flops(args.vision, sizes).total
     first += factor["projector"] * flops.projector_flops(args.vision, args.llm.hidden_size, sizes).total
-    last, dit_tokens = factor["llm"] * output, 0
+    last = factor["llm"] * output
     if generation:
         vae_config, _ = vae_config_for_estimate(args)
         side = size // flops.vae_downsample_factor(vae_config)
@@ -108,12 +100,9 @@ def task_work(args, task: str, micro_batch_size: int, repeats: int) -> TaskWork:
         last += factor["dit"] * flops.dit_flops(args.dit, [[(side, side)] * per_sample] * b,
                                                 args.connector.num_queries, False).total
         last += flops.vae_encoder_flops(vae_config, [(size, size)] * (b * per_sample)).total
-        dit_tokens = per_sample * (side // args.dit.patch_size) ** 2 + args.connector.num_queries
     return TaskWork(
         task=task, micro_batch_size=b, repeats=repeats, first=first,
         per_layer=factor["llm"] * decoder / args.llm.num_layers, last=last, llm_tokens=tokens,
-        image_tokens=(size // args.vision.patch_size) ** 2 + args.vision.class_token_len if images else 0,
-        dit_tokens=dit_tokens,
     )
 
 
@@ -160,60 +149,6 @@ def suggest_placement(args, work: List[TaskWork]) -> Tuple[Optional[int], Option
     if num_layers % pp == 0 and layers == stage_layer_counts(num_layers, pp):
         return None, None, layers
     return best[1], best[2], layers
-
-
-# --- activations ---------------------------------------------------------------------------------------------------
-def layer_activation_bytes(tokens: int, batch: int, hidden: int, heads: int, tp: int, recompute: bool,
-                           bytes_per_value: int) -> Tuple[float, float]:
-    """(kept per layer, one layer's full activations) in bytes (see the module docstring)."""
-    full = tokens * batch * hidden * (8 + 24 / tp + 2 * heads * tokens / (hidden * tp)) * bytes_per_value / 2
-    kept = tokens * batch * hidden * bytes_per_value if recompute else full
-    return kept, full
-
-
-def _tower_activations(num_layers: int, tokens: int, batch: int, hidden: int, heads: int, tp: int, recompute: bool,
-                       bytes_per_value: int) -> float:
-    if num_layers == 0 or tokens == 0:
-        return 0.0
-    kept, full = layer_activation_bytes(tokens, batch, hidden, heads, tp, recompute, bytes_per_value)
-    return num_layers * kept + (full if recompute else 0.0)
-
-
-def micro_batch_activations(args, task: TaskWork, stage: int, layers: List[int]) -> float:
-    """Activation bytes of one micro-batch of ``task`` on ``stage`` (per GPU of the stage)."""
-    tp = args.parallel.tensor_model_parallel_size
-    value = 2 if (args.precision.bf16 or args.precision.fp16) else 4
-    b = task.micro_batch_size
-    llm = args.llm
-    total = _tower_activations(layers[stage], task.llm_tokens, b, llm.hidden_size, llm.num_attention_heads, tp,
-                               llm.recompute, value)
-    if stage == 0 and task.image_tokens:
-        v = args.vision
-        total += _tower_activations(v.num_layers, task.image_tokens, b, v.hidden_size, v.num_attention_heads, tp,
-                                    v.recompute, value)
-    if stage == len(layers) - 1:
-        if task.dit_tokens:
-            c, d = args.connector, args.dit
-            total += 2 * _tower_activations(c.num_layers, c.num_queries, b, c.hidden_size, c.num_attention_heads, tp,
-                                            c.recompute, value)
-            # A joint block holds two streams: count the MMDiT as twice its layers over the joint sequence.
-            total += _tower_activations(2 * d.num_layers, task.dit_tokens, b, d.hidden_size, d.num_attention_heads,
-                                        tp, d.recompute, value)
-        else:
-            total += task.llm_tokens * b * llm.padded_vocab_size(tp) // tp * 4  # fp32 logits
-    return total
-
-
-def activation_estimate(args, work: List[TaskWork], layers: List[int]) -> List[float]:
-    """Peak activation bytes per GPU of each stage under 1F1B (see the module docstring)."""
-    pp = len(layers)
-    cycle = sum(task.repeats for task in work)
-    in_flight_limit = args.training.micro_batches_per_step or cycle
-    result = []
-    for stage in range(pp):
-        largest = max((micro_batch_activations(args, task, stage, layers) for task in work), default=0.0)
-        result.append(largest * min(pp - stage, in_flight_limit))
-    return result
 
 
 # --- the dry-run lines --------------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def test_stage_split_of_flops_equals_the_whole_micro_batch(tmp_path):
         supervised = min(args.data.max_understanding_text_tokens, work.llm_tokens - 1)  # task_work's bound
         labels[:, work.llm_tokens - supervised:] = 0
         batch["labels"] = labels
-        if work.image_tokens:
+        if task in ("image2text", "image2text_cross_view", "image2image"):
             batch["vision_images"] = image
         if task in ("text2image", "cam2image", "image2image"):
             batch["target_images"] = image
@@ -157,5 +157,4 @@ def test_7b_stage_two_fits_80_gb_per_gpu(world_size):
     first, last, _ = pipeline_balance.suggest_placement(args, pipeline_balance.workload(args))
     assert (args.parallel.decoder_first_pipeline_num_layers, args.parallel.decoder_last_pipeline_num_layers) == (
         first, last)
-    (problem,) = _problems("--overlap-grad-reduce", stage=STAGE2_7B)
-    assert "the last micro-batch is cam2image" in problem  # a task-homogeneous micro-batch leaves buckets unready
+    assert args.parallel.overlap_grad_reduce and args.parallel.overlap_param_gather  # with cam2image last
