@@ -266,7 +266,7 @@ def activation_lines(args: PuffinArguments, bytes_per_value: int) -> List[str]:
     return lines
 
 
-def pipeline_activation_bytes(args, layers: Sequence[int]) -> List[float]:
+def pipeline_activation_bytes(args: PuffinArguments, layers: Sequence[int]) -> List[float]:
     """Peak activation bytes per GPU of each pipeline stage under 1F1B: the largest worst-case micro-batch of the
     task streams (:func:`worst_case_shape`) times the micro-batches in flight on the stage (up to ``p - i`` on
     stage ``i`` of ``p``, at most the micro-batches of a step).

@@ -455,7 +455,7 @@ def _memory_lines(args: PuffinArguments, tower_list: List[Tower]) -> List[str]:
     return lines + _activation_lines(args, stages)
 
 
-def _activation_lines(args, stages: List[StageMemory]) -> List[str]:
+def _activation_lines(args: PuffinArguments, stages: List[StageMemory]) -> List[str]:
     """Activations per stage (training.activations' estimate) and the per-GPU total for each data-parallel sharding
     choice: plain DDP, ZeRO-1 (the distributed optimizer), and what ZeRO-2/3 would hold."""
     try:

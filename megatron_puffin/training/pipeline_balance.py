@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from megatron_puffin.config.validate_pipeline import (
     FIRST_FLAG,
@@ -24,6 +24,9 @@ from megatron_puffin.config.validate_pipeline import (
     placement_problems,
     stage_layer_counts,
 )
+
+if TYPE_CHECKING:  # annotations only (megatron_puffin.config imports much of the package)
+    from megatron_puffin.config.arguments import PuffinArguments
 
 UNDERSTANDING_WITH_IMAGE = ("image2text", "image2text_cross_view")
 
@@ -52,7 +55,7 @@ SD3_VAE_CONFIG: Dict[str, Any] = {
 }
 
 
-def vae_config_for_estimate(args) -> Tuple[Dict[str, Any], bool]:
+def vae_config_for_estimate(args: PuffinArguments) -> Tuple[Dict[str, Any], bool]:
     """(the VAE config of the flags, True) or (:data:`SD3_VAE_CONFIG`, False) when it cannot be read here."""
     from megatron_puffin.training import flops
 
@@ -63,7 +66,7 @@ def vae_config_for_estimate(args) -> Tuple[Dict[str, Any], bool]:
     return (config, True) if config is not None else (SD3_VAE_CONFIG, False)
 
 
-def _sequence(args, task: str) -> Tuple[int, int]:
+def _sequence(args: PuffinArguments, task: str) -> Tuple[int, int]:
     """(LLM tokens, images through the vision tower) of one sample of ``task`` at the length limits."""
     size = args.data.image_size
     vision_tokens = args.vision.num_tokens(size, size)
@@ -75,7 +78,7 @@ def _sequence(args, task: str) -> Tuple[int, int]:
     return (tokens + vision_tokens, 1) if task == "image2image" else (tokens, 0)
 
 
-def task_work(args, task: str, micro_batch_size: int, repeats: int) -> TaskWork:
+def task_work(args: PuffinArguments, task: str, micro_batch_size: int, repeats: int) -> TaskWork:
     """The FLOPs of one micro-batch of ``task`` split by pipeline placement (see the module docstring)."""
     from megatron_puffin.tasks import GENERATION_TASKS
     from megatron_puffin.training import flops
@@ -106,7 +109,7 @@ def task_work(args, task: str, micro_batch_size: int, repeats: int) -> TaskWork:
     )
 
 
-def workload(args) -> List[TaskWork]:
+def workload(args: PuffinArguments) -> List[TaskWork]:
     """One :class:`TaskWork` per task stream (stream variants count as their loss task)."""
     from megatron_puffin.data.task_encoders import TASK_VARIANTS
 
@@ -131,7 +134,7 @@ def imbalance(totals: List[float]) -> float:
     return max(totals) / (sum(totals) / len(totals)) if sum(totals) else 1.0
 
 
-def suggest_placement(args, work: List[TaskWork]) -> Tuple[Optional[int], Optional[int], List[int]]:
+def suggest_placement(args: PuffinArguments, work: List[TaskWork]) -> Tuple[Optional[int], Optional[int], List[int]]:
     """(first-stage layers, last-stage layers, layers per stage) minimising the busiest stage's work; ``None`` where
     megatron-core's even share is the same count."""
     pp, num_layers = args.parallel.pipeline_model_parallel_size, args.llm.num_layers
@@ -162,7 +165,7 @@ def _flops_line(name: str, layers: List[int], totals: List[float]) -> str:
     return f"  {name}: {stages} TFLOP; busiest/mean {imbalance(totals):.2f}"
 
 
-def balance_lines(args) -> List[str]:
+def balance_lines(args: PuffinArguments) -> List[str]:
     """Per-task FLOPs per stage, the current placement's balance and the suggested one."""
     try:
         work = workload(args)
