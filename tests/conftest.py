@@ -1,6 +1,7 @@
 """Suite-wide settings: deterministic, single-threaded-per-process torch, quiet optional-dependency warnings."""
 import logging
 import os
+import sys
 import warnings
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
@@ -10,3 +11,10 @@ import torch  # noqa: E402
 
 torch.use_deterministic_algorithms(True, warn_only=True)
 logging.getLogger("megatron").setLevel(logging.WARNING)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """The pooled ranks of tests/helpers/multiprocess.py serve one folder of tests, then end (memory)."""
+    pools = sys.modules.get("helpers.multiprocess")
+    if pools is not None and (nextitem is None or nextitem.path.parent != item.path.parent):
+        pools.close_pools()
