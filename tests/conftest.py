@@ -2,6 +2,7 @@
 megatron-core's patches applied once for the pytest process (spawned ranks apply them in tests/helpers/multiprocess.py)."""
 import logging
 import os
+import sys
 import warnings
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
@@ -15,3 +16,9 @@ logging.getLogger("megatron").setLevel(logging.WARNING)
 from megatron_puffin.platform import setup  # noqa: E402
 
 setup()
+
+def pytest_runtest_teardown(item, nextitem):
+    """The pooled ranks of tests/helpers/multiprocess.py serve one folder of tests, then end (memory)."""
+    pools = sys.modules.get("helpers.multiprocess")
+    if pools is not None and (nextitem is None or nextitem.path.parent != item.path.parent):
+        pools.close_pools()

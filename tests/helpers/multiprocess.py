@@ -1,22 +1,29 @@
 """The one multi-process helper of the test suite.
 
-``run_distributed(worker, world_size, *args)`` spawns ``world_size`` gloo ranks on a free loopback port, runs
-``worker(*args)`` in each with torchrun's environment variables set (so ``megatron_puffin.distributed.initialize``
-works unchanged; each rank first calls ``megatron_puffin.platform.setup()``, as every entry point does), gathers
-each rank's return value (tensors must be CPU; keep them small), always tears the process group down, and re-raises
-the first rank's exception with its traceback.
+``run_distributed(worker, world_size, *args)`` runs ``worker(*args)`` on ``world_size`` gloo ranks (loopback, a free
+port per call) with torchrun's environment variables set (so ``megatron_puffin.distributed.initialize`` works
+unchanged; each rank first calls ``megatron_puffin.platform.setup()``, as every entry point does), gathers
+each rank's return value (tensors must be CPU; keep them small), always tears the process group down (``megatron_puffin.distributed.destroy``), and re-raises the first rank's exception with its traceback.
 
-Spawning costs ~6 s per group on 2 cores: a worker should run several checks (``initialize`` can be called again
-with other TP/PP sizes inside the same processes) and return all their results together.
+The ranks are spawned once per world size and pytest process and then serve call after call: spawning and
+importing torch + megatron-core cost ~6 s of CPU per rank, which every distributed test module used to pay again.
+A call that fails or times out kills its ranks (the next call spawns fresh ones), so a broken collective never
+leaks into the next test; :func:`close_pools` (called by tests/conftest.py when the suite leaves a folder of tests)
+ends them. A worker should still run several checks (``initialize`` can be called again with other TP/PP sizes)
+and return all their results together.
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import io
 import os
 import queue as queue_module
 import socket
+import sys
+import time
 import traceback
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List
 
 import torch
 import torch.multiprocessing as mp
@@ -28,30 +35,32 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(worker: Callable, rank: int, world_size: int, port: int, results: Any, args: tuple, kwargs: dict) -> None:
-    os.environ.update(
-        {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size),
-            "OMP_NUM_THREADS": "1",
-        }
-    )
-    import torch
-
+def _serve(rank: int, world_size: int, tasks: Any, results: Any) -> None:
+    """A pooled rank: runs ``(port, sys.path, worker, args, kwargs)`` tasks until it gets ``None``."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1"})
     torch.set_num_threads(1)
-    try:
-        from megatron_puffin.platform import setup
+    from megatron_puffin.platform import setup
 
-        setup()  # a spawned rank is a new interpreter: megatron-core's patches are applied here, as at any start-up
+    setup()  # a spawned rank is a new interpreter: megatron-core's patches are applied here, as at any start-up
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        port, path, payload = task
+        sys.path[:0] = [entry for entry in path if entry not in sys.path]  # test folders collected after the spawn
+        os.environ["MASTER_PORT"] = str(port)
+        _run_task(rank, payload, results)
+        gc.collect()
+
+
+def _run_task(rank: int, payload: bytes, results: Any) -> None:
+    try:
+        worker, args, kwargs = torch.load(io.BytesIO(payload), weights_only=False)
         value = worker(*args, **kwargs)
         # Tensors put on a multiprocessing queue travel as shared-memory file descriptors that the parent must
-        # fetch from this process while it is still alive; a rank that finishes first and exits makes the
-        # parent's unpickling fail (FileNotFoundError on the resource-sharer socket, seen in CI). Plain bytes
-        # carry no such reference.
+        # fetch from this process while it still holds them (a FileNotFoundError on the resource-sharer socket was
+        # seen in CI); plain bytes carry no such reference.
         buffer = io.BytesIO()
         torch.save(value, buffer)
         results.put((rank, True, buffer.getvalue()))
@@ -66,49 +75,98 @@ def _entry(worker: Callable, rank: int, world_size: int, port: int, results: Any
             pass
 
 
+class _Pool:
+    """``world_size`` spawned ranks, each with its own task queue and one shared result queue."""
+
+    def __init__(self, world_size: int) -> None:
+        # Children read these at interpreter start: keep their logs to what the test is about.
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning")
+        # The CPU-parity tests run the gloo/CPU path even on a GPU machine (several ranks cannot share one GPU with
+        # NCCL); GPU paths are tested under tests/gpu.
+        saved_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        ctx = mp.get_context("spawn")
+        self.results = ctx.Queue()
+        self.tasks = [ctx.Queue() for _ in range(world_size)]
+        self.procs = [ctx.Process(target=_serve, args=(rank, world_size, self.tasks[rank], self.results),
+                                  daemon=False) for rank in range(world_size)]
+        try:
+            for proc in self.procs:
+                proc.start()
+        finally:  # only the children must not see the GPUs
+            if saved_visible is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved_visible
+
+    def alive(self) -> bool:
+        return all(proc.is_alive() for proc in self.procs)
+
+    def close(self, kill: bool = False) -> None:
+        if not kill:
+            for tasks in self.tasks:
+                tasks.put(None)
+        for proc in self.procs:
+            proc.join(timeout=5 if kill else 30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+_POOLS: Dict[int, _Pool] = {}
+
+
+def close_pools() -> None:
+    """End every pooled rank (the next :func:`run_distributed` spawns new ones)."""
+    while _POOLS:
+        _POOLS.popitem()[1].close()
+
+
+atexit.register(close_pools)  # registered after multiprocessing's own exit hook, so it runs before that joins
+
+
+def _pool(world_size: int) -> _Pool:
+    pool = _POOLS.get(world_size)
+    if pool is not None and not pool.alive():
+        pool.close(kill=True)
+        pool = None
+    if pool is None:
+        pool = _POOLS[world_size] = _Pool(world_size)
+    return pool
+
+
 def run_distributed(worker: Callable, world_size: int, *args: Any, timeout: float = 600, **kwargs: Any) -> List[Any]:
     """Run ``worker(*args, **kwargs)`` on ``world_size`` gloo ranks; return the per-rank results by rank."""
-    # Children read these at interpreter start: keep their logs to what the test is about.
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning")
-    # The CPU-parity tests run the gloo/CPU path even on a GPU machine (several ranks cannot share one GPU with
-    # NCCL); GPU paths are tested under tests/gpu.
-    saved_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
+    pool = _pool(world_size)
+    buffer = io.BytesIO()
+    torch.save((worker, args, kwargs), buffer)  # the worker travels by reference (module and name)
     port = _free_port()
-    procs = [
-        ctx.Process(target=_entry, args=(worker, rank, world_size, port, results, args, kwargs), daemon=False)
-        for rank in range(world_size)
-    ]
-    try:
-        for proc in procs:
-            proc.start()
-    finally:  # only the children must not see the GPUs
-        if saved_visible is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved_visible
+    for tasks in pool.tasks:
+        tasks.put((port, list(sys.path), buffer.getvalue()))
     gathered: dict = {}
     errors: List[str] = []
+    deadline = time.monotonic() + timeout
     try:
         while len(gathered) + len(errors) < world_size:
             try:
-                rank, ok, value = results.get(timeout=timeout)
+                rank, ok, value = pool.results.get(timeout=5)
             except queue_module.Empty:
-                dead = [p.pid for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
-                raise TimeoutError(f"distributed test timed out after {timeout}s (crashed pids: {dead})")
+                dead = [p.pid for p in pool.procs if not p.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    raise TimeoutError(f"distributed test: no result after {timeout}s or a rank died "
+                                       f"(dead pids: {dead})")
+                continue
             if ok:
                 gathered[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 errors.append(f"--- rank {rank} ---\n{value}")
                 break
-    finally:
-        for proc in procs:
-            proc.join(timeout=5 if errors else 60)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    if errors:
+    except BaseException:
+        _POOLS.pop(world_size, None)
+        pool.close(kill=True)
+        raise
+    if errors:  # the other ranks may be waiting in a collective: these ranks serve no further call
+        _POOLS.pop(world_size, None)
+        pool.close(kill=True)
         raise RuntimeError("a distributed worker failed:\n" + "\n".join(errors))
     return [gathered[rank] for rank in range(world_size)]

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import importlib.util
+import io
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -61,17 +66,36 @@ def make_tiny_dataset(root: Path, num_samples: int = 16, seed: int = 0, image_si
 
 
 def _render_tiny_dataset(root: Path, num_samples: int, seed: int, image_size: int, num_heldout: int) -> None:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    """``tools/make_synthetic_dataset.py`` and ``tools/preprocess_data.py`` (one worker each), run in this process
+    through the tools' own ``main``: a subprocess per tool would pay about 7 s of imports each, three times per
+    rendering; the bytes written are the same (tests/functional/test_preprocess_synthetic.py runs the tools as commands)."""
     raw, data, tokenizer = root / "raw", root / "data", root / "tokenizer.model"
-    subprocess.run([sys.executable, str(ROOT / "tools/make_synthetic_dataset.py"), "--output", str(raw),
-                    "--num-samples", str(num_samples), "--image-size", str(image_size), "--seed", str(seed),
-                    "--tokenizer-out", str(tokenizer), "--workers", "1", "--num-heldout", str(num_heldout)],
-                   check=True, env=env, capture_output=True)
+    _run_tool("make_synthetic_dataset", ["--output", str(raw), "--num-samples", str(num_samples), "--image-size",
+                                         str(image_size), "--seed", str(seed), "--tokenizer-out", str(tokenizer),
+                                         "--workers", "1", "--num-heldout", str(num_heldout)])
     splits = [(raw, data)] + ([(raw / "heldout", root / "heldout")] if num_heldout else [])
     for source, output in splits:
-        subprocess.run([sys.executable, str(ROOT / "tools/preprocess_data.py"), "--input", str(source),
-                        "--output-prefix", str(output), "--workers", "1", "--no-progress"], check=True, env=env,
-                       capture_output=True)
+        _run_tool("preprocess_data", ["--input", str(source), "--output-prefix", str(output), "--workers", "1",
+                                      "--no-progress"])
+
+
+def _run_tool(name: str, argv: list) -> None:
+    """``tools/<name>.py ARGV`` in this process; its report (stdout) and its logging set-up are kept out of the
+    test's, a non-zero exit raises with the report."""
+    spec = importlib.util.spec_from_file_location(f"_puffin_tool_{name}", ROOT / "tools" / f"{name}.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    root_logger = logging.getLogger()
+    handlers, level = list(root_logger.handlers), root_logger.level
+    report = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(report), contextlib.redirect_stderr(report), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            code = tool.main(argv)
+    finally:
+        root_logger.handlers[:], root_logger.level = handlers, level
+    if code:
+        raise RuntimeError(f"tools/{name}.py {' '.join(argv)} exited {code}:\n{report.getvalue()[-3000:]}")
 
 
 CLI_ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")

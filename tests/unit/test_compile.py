@@ -1,4 +1,7 @@
-"""--compile: every tower's layers compiled in place give the eager losses and gradients of all six tasks."""
+"""--compile: every tower's layers compiled in place give the eager losses and gradients of all six tasks
+(inductor's generated code for the LLM and RADIO layers, aot_eager for the others)."""
+import warnings
+
 import pytest
 import torch
 
@@ -61,29 +64,34 @@ def test_every_tower_has_compiled_layers_and_names_stay(tiny):
     assert list(model.state_dict()) == keys  # in place: checkpoints and DDP buckets are unchanged
 
 
+INDUCTOR_PREFIXES = ("llm.decoder.layers.", "vision.encoder.decoder.layers.")
+"""Layers whose compiled code is inductor's generated C++ in the six-task test (the LLM and RADIO layers; inductor
+spends tens of seconds per distinct layer graph on CPU, so the other towers' layers use aot_eager)."""
+
+
 def test_compiled_graphs_equal_eager_for_all_six_tasks(tiny):
-    """Graph capture + AOT autograd (aot_eager) of every layer, all six task losses and gradients, 1e-5."""
-    from megatron_puffin.models.compile import compile_model
+    """All six task losses and gradients, compiled against eager, 1e-5. Every layer is captured and goes through AOT
+    autograd: the LLM's and RADIO's layers run inductor's generated C++ (CPU), the connectors', MMDiT's and VAE's
+    run aot_eager (graph capture + AOT autograd without code generation). One compilation of each layer graph
+    serves both checks (a separate inductor test compiled the LLM and RADIO layers a second time)."""
+    from megatron_puffin.models.compile import check_compile_available, compile_model, compile_targets
 
     paths, batches = tiny
     model = _model(paths)
     eager = _losses_and_grads(model, batches, TASK_STREAMS)
-    compile_model(model, backend="aot_eager")
-    _assert_equal(eager, _losses_and_grads(model, batches, TASK_STREAMS))
-
-
-def test_inductor_code_equals_eager(tiny):
-    """Inductor's generated C++ (CPU) for the LLM and vision layers: image2text loss and gradients, 1e-5.
-    (Inductor compiles each distinct layer graph for tens of seconds on CPU; one task keeps this test short.)"""
-    from megatron_puffin.models.compile import check_compile_available, compile_model
-
-    if check_compile_available("cpu"):
-        pytest.skip(check_compile_available("cpu"))
-    paths, batches = tiny
-    model = _model(paths)
-    eager = _losses_and_grads(model, batches, ["image2text"])
-    compile_model(model)
-    _assert_equal(eager, _losses_and_grads(model, batches, ["image2text"]))
+    count = compile_model(model, backend="aot_eager")
+    no_inductor = check_compile_available("cpu")
+    if no_inductor:
+        warnings.warn(f"inductor not exercised, the LLM and RADIO layers stay on aot_eager: {no_inductor}")
+    else:
+        inductor = [module for name, module in compile_targets(model) if name.startswith(INDUCTOR_PREFIXES)]
+        assert len(inductor) == 3 and count > len(inductor)  # 2 LLM layers + 1 RADIO block; the rest aot_eager
+        for module in inductor:
+            module.compile(dynamic=True, backend="inductor")
+    # A layer over dynamo's recompile limit would silently run eager and pass: that is a failure here.
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        compiled = _losses_and_grads(model, batches, TASK_STREAMS)
+    _assert_equal(eager, compiled)
 
 
 def test_compile_flag_is_validated_in_the_one_pass():
