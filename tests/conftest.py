@@ -17,6 +17,7 @@ from megatron_puffin.platform import setup  # noqa: E402
 
 setup()
 
+
 def pytest_runtest_teardown(item, nextitem):
     """The pooled ranks of tests/helpers/multiprocess.py serve one folder of tests, then end (memory)."""
     pools = sys.modules.get("helpers.multiprocess")

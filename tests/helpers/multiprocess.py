@@ -3,7 +3,8 @@
 ``run_distributed(worker, world_size, *args)`` runs ``worker(*args)`` on ``world_size`` gloo ranks (loopback, a free
 port per call) with torchrun's environment variables set (so ``megatron_puffin.distributed.initialize`` works
 unchanged; each rank first calls ``megatron_puffin.platform.setup()``, as every entry point does), gathers
-each rank's return value (tensors must be CPU; keep them small), always tears the process group down (``megatron_puffin.distributed.destroy``), and re-raises the first rank's exception with its traceback.
+each rank's return value (tensors must be CPU; keep them small), always tears the process group down
+(``megatron_puffin.distributed.destroy``), and re-raises the first rank's exception with its traceback.
 
 The ranks are spawned once per world size and pytest process and then serve call after call: spawning and
 importing torch + megatron-core cost ~6 s of CPU per rank, which every distributed test module used to pay again.
