@@ -10,8 +10,9 @@ A patch replaces named attributes (a function of a megatron-core module, a metho
 function megatron-core calls) and nothing else; :func:`unpatched` puts the originals back for the duration of a
 ``with`` block, which is how ``tests/unit/test_cpu_compat.py`` shows, through megatron-core's own call sites, that
 each patch is still needed. The table (:data:`PATCHES`) gives each patch's reason; the replacements live in
-:mod:`megatron_puffin.distributed.cpu_compat` (CPU-only machines) and :mod:`megatron_puffin.training.optimizer`
-(distributed-optimizer checkpoint bugs of megatron-core 0.16.1). See docs/megatron_patches.md.
+:mod:`megatron_puffin.distributed.cpu_compat` (CPU-only machines), :mod:`megatron_puffin.training.optimizer`
+(distributed-optimizer checkpoint bugs of megatron-core 0.16.1) and, for the one-line row-parallel fix, here. See
+docs/megatron_patches.md.
 """
 from __future__ import annotations
 
@@ -80,6 +81,19 @@ def _distributed_optimizer(name: str) -> Callable[[], List[Replacement]]:
     return build
 
 
+def _row_parallel_tp_group() -> List[Replacement]:
+    from megatron.core.tensor_parallel.layers import RowParallelLinear
+
+    original = RowParallelLinear._forward_impl
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if kwargs.get("tp_group", _MISSING) is None:
+            kwargs["tp_group"] = self.tp_group  # the group the layer was built with, as ColumnParallelLinear passes
+        return original(self, input, weight, *args, **kwargs)
+
+    return [(RowParallelLinear, "_forward_impl", _forward_impl)]
+
+
 PATCHES: Tuple[MegatronPatch, ...] = (
     MegatronPatch(
         "CUDA_RNG",
@@ -131,6 +145,14 @@ PATCHES: Tuple[MegatronPatch, ...] = (
         "it without the padding between buckets, so every parameter after a buffer's first bucket is saved from "
         "the wrong offset; the gathered state is laid out in padded-buffer coordinates during that call",
         _always, _distributed_optimizer("DISTOPT_FULLY_RESHARDABLE_BUCKETS"),
+    ),
+    MegatronPatch(
+        "ROW_PARALLEL_TP_GROUP",
+        "RowParallelLinear.forward hands its linear function tp_group=None although the layer holds its group, "
+        "so every forward goes through get_tensor_model_parallel_group_if_none, which calls warnings.warn on "
+        "rank 0: torch.compile cannot trace that call and breaks the graph inside every row-parallel linear of "
+        "every compiled layer (--compile); the layer's own group is passed instead",
+        _always, _row_parallel_tp_group,
     ),
 )
 

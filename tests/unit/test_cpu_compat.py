@@ -185,3 +185,29 @@ def test_param_type_check_of_gradient_clipping():
     torch.testing.assert_close(param.grad, torch.full((4,), 3.0))  # the failed call changed nothing
     clip(param)
     torch.testing.assert_close(param.grad, torch.full((4,), 3.0 / (6.0 + 1e-6)))
+
+
+def _row_parallel_linear():
+    from megatron.core.tensor_parallel.layers import RowParallelLinear
+
+    from helpers.llm import tiny_llm_config
+
+    config = tiny_llm_config(num_layers=1).to_transformer_config(params_dtype=torch.float32)
+    return RowParallelLinear(8, 8, config=config, init_method=torch.nn.init.zeros_, bias=False,
+                             input_is_parallel=True, skip_bias_add=True, tp_group=mpd.process_groups().tp)
+
+
+def test_row_parallel_linear_passes_its_group_so_compiled_layers_do_not_break_their_graph():
+    """megatron-core's RowParallelLinear still hands
+    tp_group=None to its linear function (a DeprecationWarning from get_tensor_model_parallel_group_if_none, which
+    dynamo cannot trace); patched, no warning and one graph without breaks."""
+    layer, x = _row_parallel_linear(), torch.randn(3, 2, 8)
+    with platform.unpatched("ROW_PARALLEL_TP_GROUP"), pytest.warns(DeprecationWarning, match="tp_group is None"):
+        layer(x)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*tp_group is None.*")
+        layer(x)
+    explanation = torch._dynamo.explain(layer)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
