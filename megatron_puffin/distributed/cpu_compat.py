@@ -16,6 +16,9 @@ absent (and only then) :func:`apply_cpu_compat` patches exactly these points, al
 * ``PARAM_TYPE``: the (distributed) optimizer accepts parameters, and gradient clipping gradients, by their
   ``type()`` string, which must be ``torch.cuda.*Tensor``; while the optimizer builds its parameter groups and
   while gradients are clipped, CPU tensors report the CUDA name.
+* ``FSDP2_MESH``: megatron-core's ``TorchFullyShardedDataParallel`` builds its device mesh with the literal device
+  type ``"cuda"`` (``DeviceMesh.from_group(group, "cuda")``); FSDP2 then places the shards there. It gets a
+  ``DeviceMesh`` whose ``from_group`` builds a CPU mesh (FSDP2 itself runs on CPU with gloo).
 
 Each patch has a test in ``tests/unit/test_cpu_compat.py`` that fails if the patch stops working or stops being
 needed (the unpatched behaviour is checked to still fail).
@@ -235,12 +238,29 @@ def _patch_param_type_checks() -> None:
     clip_grads.clip_grad_by_total_norm_fp32 = with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
 
 
+class CpuDeviceMesh:
+    """What ``torch_fully_sharded_data_parallel`` sees as ``DeviceMesh``: ``from_group`` builds a CPU mesh."""
+
+    @staticmethod
+    def from_group(group: Any, device_type: str, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        return DeviceMesh.from_group(group, "cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+
+
+def _patch_fsdp2_mesh() -> None:
+    from megatron.core.distributed import torch_fully_sharded_data_parallel
+
+    torch_fully_sharded_data_parallel.DeviceMesh = CpuDeviceMesh
+
+
 PATCHES = {
     "CUDA_RNG": _patch_rng,
     "CURRENT_DEVICE": _patch_device_queries,
     "CUDA_FACTORIES": _patch_factory_modules,
     "TENSOR_CUDA": _patch_tensor_cuda,
     "PARAM_TYPE": _patch_param_type_checks,
+    "FSDP2_MESH": _patch_fsdp2_mesh,
 }
 
 
