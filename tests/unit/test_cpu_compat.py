@@ -26,7 +26,8 @@ def _fails(fn, *args, **kwargs) -> bool:
 
 def test_all_patches_applied():
     assert cpu_compat.cpu_compat_active()
-    assert set(cpu_compat.PATCHES) == {"CUDA_RNG", "CURRENT_DEVICE", "CUDA_FACTORIES", "TENSOR_CUDA", "PARAM_TYPE"}
+    assert set(cpu_compat.PATCHES) == {"CUDA_RNG", "CURRENT_DEVICE", "CUDA_FACTORIES", "TENSOR_CUDA", "PARAM_TYPE",
+                                            "FSDP2_MESH"}
 
 
 def test_cuda_rng_tracker_keeps_cpu_states():
@@ -117,3 +118,16 @@ def test_param_type_check_of_gradient_clipping():
     param.grad = torch.full((4,), 3.0)
     optimizer.clip_grad_by_total_norm_fp32([param], max_norm=1.0, total_norm=6.0)
     torch.testing.assert_close(param.grad, torch.full((4,), 3.0 / (6.0 + 1e-6)))
+
+
+def test_fsdp2_device_mesh_is_built_on_the_cpu():
+    from megatron.core.distributed import torch_fully_sharded_data_parallel
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    group = torch.distributed.group.WORLD
+    assert _fails(fully_shard, torch.nn.Linear(2, 2), mesh=DeviceMesh.from_group(group, "cuda"))  # still needed
+    mesh = torch_fully_sharded_data_parallel.DeviceMesh.from_group(group, "cuda")
+    assert mesh.device_type == "cpu"
+    layer = fully_shard(torch.nn.Linear(2, 2), mesh=mesh)
+    assert layer(torch.ones(1, 2)).shape == (1, 2)
