@@ -133,6 +133,13 @@ PATCHES: Tuple[MegatronPatch, ...] = (
         _without_cuda, _cpu("PARAM_TYPE"),
     ),
     MegatronPatch(
+        "FSDP2_MESH",
+        "megatron-core's TorchFullyShardedDataParallel builds its device mesh with the literal device type 'cuda' "
+        "(DeviceMesh.from_group(group, 'cuda')) and FSDP2 places the shards there; it gets a DeviceMesh whose "
+        "from_group builds a CPU mesh (FSDP2 itself runs on CPU with gloo)",
+        _without_cuda, _cpu("FSDP2_MESH"),
+    ),
+    MegatronPatch(
         "DISTOPT_TORCH_ADAM_STEP",
         "with torch's Adam (no Apex / Transformer Engine), DistributedOptimizer.load_state_dict gives every Adam "
         "state one shared 'step' tensor and then copies every state key from checkpoint tensors that hold no "

@@ -36,6 +36,10 @@ class ParallelConfig:
     ddp_bucket_size: Optional[int] = None
     """Parameters per data-parallel communication bucket (default: megatron-core's, max(40e6, 1e6 x DP) when
     overlapping, one bucket per gradient buffer otherwise)."""
+    use_torch_fsdp2: bool = False
+    """Fully sharded data parallelism (ZeRO-3: parameters, gradients and optimizer state sharded over DP) through
+    megatron-core's TorchFullyShardedDataParallel (PyTorch FSDP2); frozen towers keep no gradients or optimizer
+    state. Needs TP 1 and PP 1, fp32 or bf16, and no --use-distributed-optimizer (docs/parallelism.md)."""
     world_size: Optional[int] = None
     """Total number of processes; default: torchrun's WORLD_SIZE (1 without torchrun). Set it with --dry-run."""
     distributed_timeout_minutes: int = 10

@@ -9,6 +9,7 @@ import torch
 from megatron_puffin.config.dataclass_args import choice_errors
 from megatron_puffin.config.validate_paths import PATH_VALIDATORS
 from megatron_puffin.config.validate_fp8 import fp8_shape_problems
+from megatron_puffin.config.validate_fsdp import FSDP_VALIDATORS
 from megatron_puffin.config.validate_pipeline import PIPELINE_VALIDATORS
 from megatron_puffin.config.validate_values import VALUE_VALIDATORS
 from megatron_puffin.models.fp8 import fp8_tower_problems
@@ -336,6 +337,7 @@ VALIDATORS: List[Callable] = [
     check_trained_towers,
     *VALUE_VALIDATORS,
     *PIPELINE_VALIDATORS,
+    *FSDP_VALIDATORS,
     *PATH_VALIDATORS,
     check_validation,
     check_checkpoint_directories,

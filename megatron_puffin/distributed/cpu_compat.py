@@ -16,6 +16,9 @@ megatron-core assumes CUDA in a handful of places. Development and CI machines h
 * ``PARAM_TYPE``: the (distributed) optimizer accepts parameters, and gradient clipping gradients, by their
   ``type()`` string, which must be ``torch.cuda.*Tensor``; while the optimizer builds its parameter groups and
   while gradients are clipped, CPU tensors report the CUDA name.
+* ``FSDP2_MESH``: megatron-core's ``TorchFullyShardedDataParallel`` builds its device mesh with the literal device
+  type ``"cuda"`` (``DeviceMesh.from_group(group, "cuda")``); FSDP2 then places the shards there. It gets a
+  ``DeviceMesh`` whose ``from_group`` builds a CPU mesh (FSDP2 itself runs on CPU with gloo).
 
 Each patch has a test in ``tests/unit/test_cpu_compat.py`` that calls the megatron-core function needing it with
 the patch off (:func:`megatron_puffin.platform.unpatched`) and checks it still fails, so a patch that stops being
@@ -229,6 +232,22 @@ def _param_type_checks() -> List[Replacement]:
     ]
 
 
+class CpuDeviceMesh:
+    """What ``torch_fully_sharded_data_parallel`` sees as ``DeviceMesh``: ``from_group`` builds a CPU mesh."""
+
+    @staticmethod
+    def from_group(group: Any, device_type: str, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        return DeviceMesh.from_group(group, "cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+
+
+def _fsdp2_mesh() -> List[Replacement]:
+    from megatron.core.distributed import torch_fully_sharded_data_parallel
+
+    return [(torch_fully_sharded_data_parallel, "DeviceMesh", CpuDeviceMesh)]
+
+
 # The builders megatron_puffin.platform's table names; each returns (owner, attribute, replacement) triples.
 REPLACEMENTS: Dict[str, Callable[[], List[Replacement]]] = {
     "CUDA_RNG": _rng,
@@ -237,4 +256,5 @@ REPLACEMENTS: Dict[str, Callable[[], List[Replacement]]] = {
     "CUDA_FACTORIES": _factory_modules,
     "TENSOR_CUDA": _tensor_cuda,
     "PARAM_TYPE": _param_type_checks,
+    "FSDP2_MESH": _fsdp2_mesh,
 }

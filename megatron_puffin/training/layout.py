@@ -430,6 +430,8 @@ def _memory_lines(args: PuffinArguments, tower_list: List[Tower]) -> List[str]:
     state = "fp32 master + Adam moments 12 B" if weight_bytes(args) == 2 else "Adam moments 8 B"
     shard = f"sharded over DP {dp} (distributed optimizer)" if distributed else (
         "not sharded (no --use-distributed-optimizer)")
+    if args.parallel.use_torch_fsdp2:
+        shard = f"shown unsharded here; --use-torch-fsdp2 shards weights, gradients and state over DP {dp} (its row below)"
     vae = next((t for t in tower_list if t.name == "VAE" and t.unknown), None)
     lines = [
         f"memory per GPU, activations excluded: weights {weight_bytes(args)} B/param, gradients fp32 4 B/trainable "
@@ -466,22 +468,56 @@ def _activation_lines(args: PuffinArguments, stages: List[StageMemory]) -> List[
     choices = {
         "DDP (no sharding)": lambda m: m.weights + m.gradients + m.trainable * full_state,
         "ZeRO-1 (--use-distributed-optimizer)": lambda m: m.weights + m.gradients + m.trainable * full_state / dp,
-        "ZeRO-2 (+ gradients; not available)": lambda m: m.weights + (m.gradients + m.trainable * full_state) / dp,
-        "ZeRO-3 (+ trainable weights; not available)": lambda m: (m.weights - m.trainable * weight_bytes(args)) + (
-            m.trainable * weight_bytes(args) + m.gradients + m.trainable * full_state) / dp,
     }
+    fsdp2 = fsdp2_bytes(args) if args.parallel.pipeline_model_parallel_size == 1 else None
+    if fsdp2 is not None:
+        choices["ZeRO-3 (--use-torch-fsdp2)"] = lambda m: fsdp2
     lines = ["activations per GPU (estimate at the length limits, 1F1B micro-batches in flight; see "
              "training/activations.py): " + ", ".join(
                  f"stage {m.stage} {a / GIB:.2f} GiB" for m, a in zip(stages, activations)),
              f"total per GPU with activations, by data-parallel sharding over DP {dp} (frozen towers hold no "
-             "gradients or optimizer state; ZeRO-2/3 are megatron-core FSDP's optim_grads / optim_grads_params, "
-             "which this trainer does not run yet):"]
+             "gradients or optimizer state; FSDP2 also shards frozen weights and gathers the root unit and two "
+             "layers at a time):"]
     for name, total in choices.items():
         per_stage = [total(m) + a for m, a in zip(stages, activations)]
         peak = max(range(len(per_stage)), key=per_stage.__getitem__)
         lines.append(f"  {name:<44} " + ", ".join(f"{t / GIB:.1f}" for t in per_stage)
                      + f" GiB per stage; peak {per_stage[peak] / GIB:.1f} GiB (stage {peak})")
+    if fsdp2 is None:
+        lines.append("  ZeRO-3 (--use-torch-fsdp2): needs --pipeline-model-parallel-size 1")
     return lines
+
+
+# Tower parts made of FSDP2 units (one unit per layer) and how many layers each holds; every other part belongs to
+# the root unit (training/data_parallel.PuffinTorchFSDP).
+def _unit_layers(args: PuffinArguments) -> Dict[str, int]:
+    return {"decoder layers": args.llm.num_layers, "blocks": args.vision.num_layers,
+            "connectors": 2 * args.connector.num_layers, "joint blocks": args.dit.num_layers}
+
+
+def fsdp2_bytes(args: PuffinArguments) -> float:
+    """Per-GPU bytes of weights, gradients and optimizer state under ``--use-torch-fsdp2`` (PP 1): every weight,
+    gradient and optimizer state sharded over DP, plus what is gathered at once: the root unit's weights (and its
+    trainable gradients until the end of backward) and two layer units (the one running and the prefetched one)."""
+    tp, dp, wb = args.parallel.tensor_model_parallel_size, args.data_parallel_size, weight_bytes(args)
+    units = _unit_layers(args)
+    root = root_trainable = largest_unit = total = trainable = 0
+    for tower in towers(args):
+        for part in tower.parts:
+            if part.placement == TIED_COPY:
+                continue
+            count = part.params.per_rank(tp)
+            total += count
+            trainable += count if tower.trainable else 0
+            layers = next((n for suffix, n in units.items() if part.name.endswith(suffix)), None)
+            if layers:
+                largest_unit = max(largest_unit, count // layers)
+            else:
+                root += count
+                root_trainable += count if tower.trainable else 0
+    sharded = (total * wb + trainable * (wb + optimizer_bytes_unsharded(args))) / dp
+    gathered = (root + 2 * largest_unit) * wb * (1 - 1 / dp) + root_trainable * wb * (1 - 1 / dp)
+    return sharded + gathered
 
 
 def peak_gpu_bytes(args: PuffinArguments) -> float:
@@ -489,6 +525,8 @@ def peak_gpu_bytes(args: PuffinArguments) -> float:
     stages: what has to fit one GPU."""
     stages = memory_estimate(args, towers(args))
     activations = pipeline_activation_bytes(args, llm_stage_layers(args))
+    if args.parallel.use_torch_fsdp2:
+        return fsdp2_bytes(args) + max(activations)
     return max(m.total + a for m, a in zip(stages, activations))
 
 

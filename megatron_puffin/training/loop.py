@@ -36,7 +36,11 @@ import megatron_puffin.distributed as mpd
 from megatron_puffin.distributed.random import derive_seed, seed_everything
 from megatron_puffin.models.extra_state import drop_absent_extra_state, load_model_state
 from megatron_puffin.training import checkpointing as ckpt
-from megatron_puffin.training.data_parallel import gathered_parameters
+from megatron_puffin.training.data_parallel import (
+    as_model_dtensors,
+    gathered_parameters,
+    restore_dtensor_optimizer_states,
+)
 from megatron_puffin.training.metrics import Interval, MetricsWriter, Report, peak_memory_gib
 from megatron_puffin.training.step import stream_task
 from megatron_puffin.training.resume import samples_per_step
@@ -130,12 +134,12 @@ class Trainer:
     """Everything one rank holds for a run; :meth:`train` runs it (see the module docstring)."""
 
     def __init__(self, args: PuffinArguments) -> None:
-        from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+        from megatron.core.distributed import finalize_model_grads
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from megatron_puffin.data import PuffinTokenizer
         from megatron_puffin.models.puffin import PuffinConfig, build_puffin
-        from megatron_puffin.training.data_parallel import data_parallel_config, wire_overlap
+        from megatron_puffin.training.data_parallel import wire_overlap, wrap_data_parallel
         from megatron_puffin.training.optimizer import build_optimizer
 
         self.args = args
@@ -162,7 +166,7 @@ class Trainer:
             from megatron_puffin.models.compile import compile_model
 
             compile_model(self.model, dynamic=args.compile.compile_dynamic, backend=args.compile.compile_backend)
-        self.ddp = DistributedDataParallel(self.model.config, data_parallel_config(parallel), self.model)
+        self.ddp = wrap_data_parallel(self.model, parallel, self.pg_collection.dp)
         # The schedule calls this after the last backward: DP gradient all-reduce and the tied-embedding sum.
         self.model.config.finalize_model_grads_func = finalize_model_grads
         wire_overlap(self.model.config, self.ddp)
@@ -290,6 +294,10 @@ class Trainer:
                 sub._init_optimizer_states_with_dummy_values()
 
     def _resume(self, directory: str) -> None:
+        with torch.no_grad():  # see save(): identities of DTensor shards with --use-torch-fsdp2
+            self._resume_state(directory)
+
+    def _resume_state(self, directory: str) -> None:
         model_state = self.model.sharded_state_dict()
         ckpt.check_fits(model_state, directory, "--load")
         drop_absent_extra_state(model_state, ckpt.stored_checkpoint_keys(directory))  # across --transformer-impl
@@ -301,8 +309,9 @@ class Trainer:
             ),
         }
         loaded = ckpt.load_checkpoint(sharded, directory)
-        load_model_state(self.model, loaded["model"], f"--load {directory}")
+        load_model_state(self.model, as_model_dtensors(self.model, loaded["model"]), f"--load {directory}")
         self.optimizer.load_state_dict(loaded["optimizer"])
+        restore_dtensor_optimizer_states(self.optimizer)
         common = ckpt.load_common(directory)
         self.scheduler.load_state_dict(common["scheduler"])
         self.loader.load_state_dict(common["data"])
@@ -336,7 +345,10 @@ class Trainer:
         )
 
     def save(self) -> str:
-        with gathered_parameters(self.ddp):  # --overlap-param-gather: the saved weights are the updated ones
+        # --overlap-param-gather: the saved weights are the updated ones. no_grad: with --use-torch-fsdp2,
+        # DTensor.to_local() returns the very local shard megatron-core's sharded tensors hold only without grad
+        # mode (megatron-core matches optimizer states to parameters by that identity).
+        with gathered_parameters(self.ddp), torch.no_grad():
             return self._save()
 
     def _save(self) -> str:

@@ -14,7 +14,7 @@ from megatron_puffin.distributed import cpu_compat
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU patches apply only without CUDA")
 
-CPU_PATCHES = {"CUDA_RNG", "CURRENT_DEVICE", "SYNCHRONIZE", "CUDA_FACTORIES", "TENSOR_CUDA", "PARAM_TYPE"}
+CPU_PATCHES = {"CUDA_RNG", "CURRENT_DEVICE", "SYNCHRONIZE", "CUDA_FACTORIES", "TENSOR_CUDA", "PARAM_TYPE", "FSDP2_MESH"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -198,9 +198,8 @@ def _row_parallel_linear():
 
 
 def test_row_parallel_linear_passes_its_group_so_compiled_layers_do_not_break_their_graph():
-    """megatron-core's RowParallelLinear still hands
-    tp_group=None to its linear function (a DeprecationWarning from get_tensor_model_parallel_group_if_none, which
-    dynamo cannot trace); patched, no warning and one graph without breaks."""
+    """megatron-core's RowParallelLinear still hands tp_group=None to its linear function (a DeprecationWarning from
+    get_tensor_model_parallel_group_if_none, which dynamo cannot trace); patched, no warning and one graph."""
     layer, x = _row_parallel_linear(), torch.randn(3, 2, 8)
     with platform.unpatched("ROW_PARALLEL_TP_GROUP"), pytest.warns(DeprecationWarning, match="tp_group is None"):
         layer(x)
@@ -211,3 +210,18 @@ def test_row_parallel_linear_passes_its_group_so_compiled_layers_do_not_break_th
         layer(x)
     explanation = torch._dynamo.explain(layer)(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+
+
+def test_fsdp2_device_mesh_is_built_on_the_cpu():
+    """megatron-core's TorchFullyShardedDataParallel asks for a "cuda" mesh: with the patch off, FSDP2 cannot
+    shard on it; patched, the mesh is a CPU mesh and a sharded layer runs."""
+    from megatron.core.distributed import torch_fully_sharded_data_parallel
+    from torch.distributed.fsdp import fully_shard
+
+    group = torch.distributed.group.WORLD
+    with platform.unpatched("FSDP2_MESH"), pytest.raises((RuntimeError, AssertionError, TypeError)):
+        fully_shard(torch.nn.Linear(2, 2), mesh=torch_fully_sharded_data_parallel.DeviceMesh.from_group(group, "cuda"))
+    mesh = torch_fully_sharded_data_parallel.DeviceMesh.from_group(group, "cuda")
+    assert mesh.device_type == "cpu"
+    layer = fully_shard(torch.nn.Linear(2, 2), mesh=mesh)
+    assert layer(torch.ones(1, 2)).shape == (1, 2)
