@@ -59,13 +59,13 @@ from puffin_bench_common import (  # noqa: E402
     add_common_run_args,
     add_data_and_model_args,
     make_dataset,
+    model_loss,
     parse_levers,
     resolve_sizes,
 )
 
 import real_proportions  # noqa: E402
 from helpers.puffin import TASK_STREAMS  # noqa: E402
-from megatron_puffin.training.objectives import puffin_loss  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:
@@ -208,7 +208,7 @@ class ReferenceTrainer:
         micro, losses = [], {}
         for batch in batches:
             begin = time.perf_counter()
-            loss = puffin_loss(self.model, batch).loss
+            loss = model_loss(self.model, batch)
             (loss / len(batches)).backward()
             micro.append(time.perf_counter() - begin)
             losses.setdefault(batch["task"], []).append(loss.item())
