@@ -42,6 +42,7 @@ from puffin_bench_common import (  # noqa: E402
     add_common_run_args,
     add_data_and_model_args,
     make_dataset,
+    model_loss,
     parse_levers,
     resolve_sizes,
 )
@@ -120,7 +121,7 @@ def _step(model, batch) -> float:
     model.zero_grad(set_to_none=True)
     _synchronize()
     start = time.perf_counter()
-    puffin_loss(model, batch).loss.backward()
+    model_loss(model, batch).backward()
     _synchronize()
     return time.perf_counter() - start
 

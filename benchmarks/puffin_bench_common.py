@@ -15,7 +15,16 @@ if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
 from helpers.puffin import make_tiny_dataset  # noqa: E402
+from megatron_puffin.testing.reference_puffin import ReferencePuffin  # noqa: E402
 from megatron_puffin.training.objectives import puffin_loss  # noqa: E402
+
+
+def model_loss(model, batch):
+    """The loss to back-propagate of one micro-batch: ours through its objective (``puffin_loss``), the reference
+    assembly through its own forward (it computes its loss itself and has no pipeline stages)."""
+    if isinstance(model, ReferencePuffin):
+        return model(batch)["loss"]
+    return puffin_loss(model, batch).loss
 
 
 def add_data_and_model_args(parser: argparse.ArgumentParser, model_title: str = "model size") -> None:
@@ -116,7 +125,7 @@ def activation_bytes_by_task(model, batches) -> Dict[str, int]:
     peaks: Dict[str, int] = {}
     for batch in batches:
         with ActivationMeter(exclude=parameters) as meter:
-            loss = puffin_loss(model, batch).loss
+            loss = model_loss(model, batch)
         del loss
         peaks[batch["task"]] = max(peaks.get(batch["task"], 0), meter.bytes)
     return peaks

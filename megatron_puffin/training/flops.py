@@ -35,7 +35,7 @@ import os
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -400,10 +400,11 @@ def micro_batch_flops(
 # -- the machine ------------------------------------------------------------------------------------------------
 def measure_matmul_tflops(
     dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 1.0,
-    device: Optional[torch.device] = None,
+    device: Optional[torch.device] = None, clock: Callable[[], float] = time.perf_counter,
 ) -> float:
     """The machine's dense matmul rate in TFLOP/s: ``torch.mm`` of two ``size x size`` matrices repeated for about
-    ``seconds`` after a warm-up, on ``device`` (default: the current CUDA device, else the CPU)."""
+    ``seconds`` of ``clock`` (wall time by default; ``time.process_time`` for CPU time) after a warm-up, on
+    ``device`` (default: the current CUDA device, else the CPU)."""
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
@@ -418,13 +419,13 @@ def measure_matmul_tflops(
     for _ in range(3):
         torch.mm(a, b, out=out)
     sync()
-    iterations, start = 0, time.perf_counter()
+    iterations, start = 0, clock()
     while True:
         for _ in range(8 if device.type == "cuda" else 1):
             torch.mm(a, b, out=out)
             iterations += 1
         sync()
-        elapsed = time.perf_counter() - start
+        elapsed = clock() - start
         if elapsed >= seconds:
             break
     return matmul_flops(size, size, size) * iterations / elapsed / 1e12

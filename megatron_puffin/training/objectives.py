@@ -55,6 +55,7 @@ class PuffinObjective:
         config = model.puffin_config
         self.seed, self.flow, self.device = config.seed, config.flow, model.device
         self.vae = model.vae
+        self.tp_group = model.pg_collection.tp
         self.schedule = FlowMatchSchedule(config.flow.num_train_timesteps, config.flow.shift)
 
     @classmethod
@@ -151,13 +152,14 @@ class PuffinObjective:
         if is_generation(batch.task):
             return self.generation_loss(batch.task, output.velocity, velocity_target)
         target = output.targets if output.targets is not None else shift_labels(output.batch.labels.to(self.device))
-        return self.understanding_loss(batch.task, output.logits, target)
+        return self.understanding_loss(batch.task, output.logits, target, self.tp_group)
 
     @staticmethod
-    def understanding_loss(task: str, logits: torch.Tensor, target: torch.Tensor) -> ObjectiveResult:
+    def understanding_loss(task: str, logits: torch.Tensor, target: torch.Tensor, tp_group=None) -> ObjectiveResult:
         """Token-mean cross-entropy of the supervised answer tokens (docs/puffin.md §2.1 step 6): ``logits``
-        ``[s, b, V/TP]`` and their next-token ``target`` ``[b, s]`` (-100: not supervised)."""
-        losses = vocab_parallel_token_losses(logits, target)
+        ``[s, b, V/TP]`` and their next-token ``target`` ``[b, s]`` (-100: not supervised); ``tp_group``: the
+        vocabulary's tensor-parallel group (:func:`~megatron_puffin.models.llm.model.vocab_parallel_token_losses`)."""
+        losses = vocab_parallel_token_losses(logits, target, tp_group)
         num_tokens = (target >= 0).sum()
         loss_sum = losses.sum()
         return ObjectiveResult(task, loss_sum / num_tokens.clamp(min=1), loss_sum.detach(), num_tokens)

@@ -151,3 +151,11 @@ def test_trainable_map_must_name_every_tower(tiny):
 def test_measured_matmul_rate_is_positive():
     rate = measure_matmul_tflops(size=128, seconds=0.05)
     assert 0 < rate < 1e4
+
+
+def test_matmul_rate_is_timed_with_the_given_clock():
+    """bench_training.py --clock cpu: the rate over process CPU seconds; a clock that advances 1 s per reading
+    ends the loop after one product and gives exactly that product's FLOPs per second."""
+    ticks = iter(range(1000))
+    rate = measure_matmul_tflops(size=64, seconds=0.5, clock=lambda: float(next(ticks)))
+    assert rate == pytest.approx(2 * 64 ** 3 / 1e12)

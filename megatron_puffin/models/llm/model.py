@@ -220,19 +220,49 @@ def build_llm(
                      pg_collection=pg_collection)
 
 
-def vocab_parallel_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+class _SingleRankCrossEntropy(torch.autograd.Function):
+    """megatron-core's vocab-parallel cross-entropy for a vocabulary held whole by one rank (tensor-parallel size 1):
+    the same steps through megatron-core's own ``VocabParallelCrossEntropy`` helpers, without its three
+    ``all_reduce`` calls, which over a group of one rank change nothing but still cost a collective each (a gloo
+    thread hand-off on CPU). Bit-identical to ``tensor_parallel.vocab_parallel_cross_entropy`` at TP=1."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        helpers = tensor_parallel.cross_entropy.VocabParallelCrossEntropy
+        logits, logits_max = helpers.calculate_logits_max(logits)
+        target_mask, masked_target_1d, predicted, sum_exp, exp_logits = helpers.calculate_predicted_logits(
+            logits, target, logits_max, 0, logits.shape[-1])
+        softmax, loss = helpers.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
+        ctx.save_for_backward(softmax, target_mask, masked_target_1d)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        helpers = tensor_parallel.cross_entropy.VocabParallelCrossEntropy
+        softmax, target_mask, masked_target_1d = ctx.saved_tensors
+        grad_2d, arange_1d, update, grad_input = helpers.prepare_gradient_calculation_operands(softmax, target_mask)
+        return helpers.calculate_gradients(grad_2d, arange_1d, masked_target_1d, update, grad_input, grad_output), None
+
+
+def vocab_parallel_token_losses(logits: torch.Tensor, labels: torch.Tensor, tp_group=None) -> torch.Tensor:
     """Per-token cross-entropy over vocab-parallel logits.
 
     Args:
         logits: ``[s, b, V/TP]`` from :meth:`PuffinLLM.forward` (unshifted).
         labels: ``[b, s]`` next-token targets aligned with the logits (already shifted), -100 = ignored.
+        tp_group: the tensor-parallel group the vocabulary is split over; a group of one rank skips megatron-core's
+            collectives (:class:`_SingleRankCrossEntropy`, same numbers); None: megatron-core's function with its
+            global tensor-parallel group.
 
     Returns:
         ``[b, s]`` float32 losses, 0 where ignored.
     """
     mask = labels >= 0
-    safe = torch.where(mask, labels, torch.zeros_like(labels))
-    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), safe.transpose(0, 1).contiguous())
+    safe = torch.where(mask, labels, torch.zeros_like(labels)).transpose(0, 1).contiguous()
+    if tp_group is not None and get_pg_size(tp_group) == 1:
+        losses = _SingleRankCrossEntropy.apply(logits.float(), safe)
+    else:
+        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), safe)
     return losses.transpose(0, 1) * mask
 
 
