@@ -121,7 +121,7 @@ def _worker(paths, root):
 
 
 def test_sequence_parallel_at_tp2_and_tp2pp2_matches_one_process_on_all_tasks(tmp_path):
-    from helpers.puffin import TASK_STREAMS, make_tiny_dataset
+    from helpers.puffin import TASK_STREAMS, assert_layout_matches_reference, make_tiny_dataset
 
     paths = make_tiny_dataset(tmp_path / "data")
     per_rank = run_distributed(_worker, 4, paths, str(tmp_path / "ckpt"))
@@ -132,15 +132,9 @@ def test_sequence_parallel_at_tp2_and_tp2pp2_matches_one_process_on_all_tasks(tm
     for rank, result in enumerate(per_rank):
         assert result["nonzero"] > 20
         for layout in LAYOUTS:
-            values = result[layout]
-            if values["last"]:
-                for task, (ref,) in reference.items():
-                    (ours,) = values["losses"][task]
-                    assert abs(ours - ref) <= REL_TOL * abs(ref), (rank, layout, task, ours, ref)
-                    worst_loss = max(worst_loss, abs(ours - ref) / abs(ref))
-            name, error = max(values["grad_errors"].items(), key=lambda kv: kv[1])
-            assert error <= REL_TOL, f"rank {rank} layout {layout}: gradient {name} rel error {error:.2e}"
-            worst_grad = max(worst_grad, error)
+            loss_error, grad_error = assert_layout_matches_reference(result[layout], reference, REL_TOL,
+                                                                     (rank, layout))
+            worst_loss, worst_grad = max(worst_loss, loss_error), max(worst_grad, grad_error)
         assert result[(2, 1)]["text"] == result["reference"]["text"]  # decoding the SP model works, unchanged
         # Every norm weight of every tower (and the row-parallel biases) is marked for the TP all-reduce.
         marked = result[(2, 1)]["marked"]

@@ -119,23 +119,31 @@ def test_te_matches_local_on_padded_mixed_size_micro_batches(data, gpu_world, tm
         assert abs(got - expected) <= BF16_REL_LOSS * abs(expected), (name, got, expected)
 
 
+def _local_and_te(build, what: str) -> dict:
+    """``build(impl)`` for the local and the Transformer Engine spec from the same seed (eval mode, bf16), the TE
+    tower loaded with the local tower's weights (TE's ``_extra_state`` entries created as TE expects)."""
+    from megatron_puffin.models.extra_state import load_model_state
+
+    towers = {}
+    for impl in ("local", "transformer_engine"):
+        torch.manual_seed(0)
+        towers[impl] = build(impl).eval()
+    load_model_state(towers["transformer_engine"], towers["local"].state_dict(), what)
+    return towers
+
+
 @needs_te
 def test_te_vision_tower_with_key_padded_tokens_matches_unpadded(gpu_world):
     """The ViT's tokens padded as for FP8 (3 images x 38 tokens -> 3 x 48, pads key-masked at the end of each image):
     Transformer Engine's ``padding`` attention reads megatron-core's mask as meant, the outputs equal the unpadded
     TE run's and the local spec's (bf16, ``BF16_REL_LOSS`` of the largest value)."""
-    from megatron_puffin.models.extra_state import load_model_state
     from megatron_puffin.distributed import process_groups
     from megatron_puffin.models.vision import VisionConfig, build_vision
 
     config = VisionConfig(hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=128,
                           max_image_size=96, class_token_len=2)
-    towers = {}
-    for impl in ("local", "transformer_engine"):
-        torch.manual_seed(0)
-        towers[impl] = build_vision(config, 64, transformer_impl=impl, params_dtype=torch.bfloat16,
-                                    pg_collection=process_groups()).eval()
-    load_model_state(towers["transformer_engine"], towers["local"].state_dict(), "the local vision tower")
+    towers = _local_and_te(lambda impl: build_vision(config, 64, transformer_impl=impl, params_dtype=torch.bfloat16,
+                                                     pg_collection=process_groups()), "the local vision tower")
     images = torch.rand(3, 3, 96, 96, device="cuda", generator=torch.Generator("cuda").manual_seed(1)) * 2 - 1
     outputs = {}
     for impl, multiple in (("local", 1), ("transformer_engine", 1), ("transformer_engine", 16)):
@@ -155,16 +163,12 @@ def test_te_connectors_match_local(gpu_world):
     zero-initialised projectors are left out: they would make the comparison trivial)."""
     from megatron_puffin.distributed import process_groups
     from megatron_puffin.models.connector import ConnectorConfig, build_query_conditioner
-    from megatron_puffin.models.extra_state import load_model_state
 
     config = ConnectorConfig(num_queries=16, hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=128,
                              pooled_projection_dim=32, joint_attention_dim=48)
-    built = {}
-    for impl in ("local", "transformer_engine"):
-        torch.manual_seed(0)
-        built[impl] = build_query_conditioner(config, 64, transformer_impl=impl, params_dtype=torch.bfloat16,
-                                              pg_collection=process_groups()).eval()
-    load_model_state(built["transformer_engine"], built["local"].state_dict(), "the local connectors")
+    built = _local_and_te(lambda impl: build_query_conditioner(config, 64, transformer_impl=impl,
+                                                               params_dtype=torch.bfloat16,
+                                                               pg_collection=process_groups()), "the local connectors")
     states = torch.randn(3, 16, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).bfloat16()
     for branch in ("1", "2"):
         with torch.no_grad():

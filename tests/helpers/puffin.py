@@ -258,3 +258,28 @@ def unblock_generation_gradients(model, seed: int = 3, std: float = 0.05) -> Non
         for name, param in model.named_parameters():
             if "projector_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def assert_layout_matches_reference(values: Dict, reference: Dict[str, tuple], tolerance: float,
+                                    where: tuple) -> Tuple[float, float]:
+    """One rank's result at one parallel layout against the one-process reference: on the last stage every task's
+    loss within ``tolerance`` (relative), and on every stage every gradient within ``tolerance`` (relative).
+
+    Args:
+        values: the worker's result for the layout (``last``, ``losses`` {task: (loss,)}, ``grad_errors``
+            {name: relative error}).
+        reference: {task: (loss,)} of one process.
+        where: (rank, layout), named in the failure messages.
+
+    Returns:
+        (worst relative loss error, worst relative gradient error) of this rank and layout.
+    """
+    worst_loss = 0.0
+    if values["last"]:
+        for task, (ref,) in reference.items():
+            (ours,) = values["losses"][task]
+            assert abs(ours - ref) <= tolerance * abs(ref), (*where, task, ours, ref)
+            worst_loss = max(worst_loss, abs(ours - ref) / abs(ref))
+    name, error = max(values["grad_errors"].items(), key=lambda kv: kv[1])
+    assert error <= tolerance, f"rank {where[0]} layout {where[1]}: gradient {name} rel error {error:.2e}"
+    return worst_loss, error
