@@ -5,13 +5,11 @@ resumed repeats the uninterrupted run exactly; --max-bad-samples 0 stops at the 
 import json
 import os
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from helpers.puffin import ROOT, make_tiny_dataset
+from helpers.puffin import ROOT, make_tiny_dataset, run_pretrain
 
 TINY = ROOT / "examples" / "tiny"
 ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
@@ -55,11 +53,7 @@ def workdir(tmp_path_factory):
 
 
 def _run(workdir, *flags, check=True):
-    proc = subprocess.run([sys.executable, str(ROOT / "pretrain_puffin.py"), *FLAGS, *flags], cwd=workdir, env=ENV,
-                          capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-5000:]}")
-    return proc
+    return run_pretrain(workdir, *FLAGS, *flags, check=check, env=ENV)
 
 
 def _records(path):

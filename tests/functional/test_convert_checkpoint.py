@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from helpers.llm import hf_qwen2, tiny_llm_config
+from helpers.puffin import run_pretrain
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = str(ROOT / "tools" / "convert_checkpoint.py")
@@ -221,14 +222,9 @@ def test_released_puffin_file_starts_a_stage_through_pretrained_checkpoint(tiny_
     for key in [k for k in source if k.startswith(("llm.", "conditioner."))]:
         assert torch.equal(loaded[key], source[key]), key
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "pretrain_puffin.py"), f"@{TINY / 'model.args'}",
-         f"@{TINY / 'stage1_alignment.args'}", "--num-workers", "0", "--train-iters", "1", "--lr-warmup-iters", "0",
-         "--save", "stage1", "--tensorboard-dir", "none", "--metrics-file", "none", "--pretrained-checkpoint", str(out)],
-        cwd=tiny_workdir, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_pretrain(tiny_workdir, f"@{TINY / 'model.args'}", f"@{TINY / 'stage1_alignment.args'}",
+                        "--num-workers", "0", "--train-iters", "1", "--lr-warmup-iters", "0", "--save", "stage1",
+                        "--tensorboard-dir", "none", "--metrics-file", "none", "--pretrained-checkpoint", str(out))
     for tower in ("llm", "queries"):
         assert f"weights of {tower:<8} <- pretrained checkpoint {out}" in proc.stderr, proc.stderr[-3000:]
     for tower in ("vision", "dit"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.puffin import ROOT, make_tiny_dataset
+from helpers.puffin import ROOT, make_tiny_dataset, run_pretrain
 
 TINY = ROOT / "examples" / "tiny"
 ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
@@ -38,11 +38,11 @@ def workdir(tmp_path_factory):
 
 
 def test_cached_latents_repeat_the_online_losses(workdir):
-    _run(workdir, ROOT / "pretrain_puffin.py", *RUN, "--metrics-file", "online.jsonl")
+    run_pretrain(workdir, *RUN, "--metrics-file", "online.jsonl", env=ENV)
     # float32 moments of the training VAE (drawn from the training --seed, 1234 by default) at the training size.
     _run(workdir, ROOT / "tools" / "cache_latents.py", "--data", "tiny/data", "--vae-config", "tiny/vae_config.json",
          "--seed", "1234", "--image-size", "96", "--dtype", "float32")
-    _run(workdir, ROOT / "pretrain_puffin.py", *RUN, "--cached-latents", "--metrics-file", "cached.jsonl")
+    run_pretrain(workdir, *RUN, "--cached-latents", "--metrics-file", "cached.jsonl", env=ENV)
     online, cached = _losses(workdir / "online.jsonl"), _losses(workdir / "cached.jsonl")
     assert sorted(online) == sorted(cached) == [1, 2, 3]
     for iteration, losses in online.items():
@@ -53,14 +53,13 @@ def test_cached_latents_repeat_the_online_losses(workdir):
 
 def test_latents_of_another_vae_fail_before_training(workdir):
     """Runs after the test above cached latents of the seed-1234 VAE; seed 7 draws another tiny VAE."""
-    proc = subprocess.run([sys.executable, str(ROOT / "pretrain_puffin.py"), *RUN, "--cached-latents", "--seed", "7"],
-                          cwd=workdir, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = run_pretrain(workdir, *RUN, "--cached-latents", "--seed", "7", check=False, env=ENV)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "holds latents of another VAE" in proc.stderr and "Traceback" not in proc.stderr
     assert "iter 1/" not in proc.stderr
 
 
 def test_length_grouped_run_logs_its_padding(workdir):
-    proc = _run(workdir, ROOT / "pretrain_puffin.py", *RUN, "--length-grouped", "--length-group-window", "4")
+    proc = run_pretrain(workdir, *RUN, "--length-grouped", "--length-group-window", "4", env=ENV)
     lines = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines() if "iter 3/3" in line]
     assert lines and "| padding " in lines[-1], (proc.stderr[-2000:])

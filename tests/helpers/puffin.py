@@ -102,14 +102,86 @@ CLI_ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VI
 """The environment the functional tests run ``pretrain_puffin.py`` in (one thread per rank, no GPU)."""
 
 
+# What the forked one-process CLI runs find imported (the imports cost ~8 s of CPU per interpreter start).
+CLI_PRELOAD = ["megatron_puffin.training.loop", "megatron_puffin.models.puffin", "megatron_puffin.data.loader",
+               "megatron_puffin.config", "megatron_puffin.training.layout"]
+
+
+@contextlib.contextmanager
+def _environ(env: Dict[str, str]):
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _pretrain_main_in_child(argv: list, cwd: str, env: Dict[str, str], out_path: str, err_path: str) -> None:
+    """Body of a forked one-process run: ``python pretrain_puffin.py ARGV`` in ``cwd``, minus the interpreter start
+    (the script runs as ``__main__`` and its ``sys.exit`` code becomes the process's exit code)."""
+    import runpy
+    import warnings
+
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out_path), (2, err_path)):
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(handle, fd)
+        os.close(handle)
+    if env.get("PYTHONWARNINGS") == "ignore":  # read only by a new interpreter
+        warnings.simplefilter("ignore")
+    if env.get("OMP_NUM_THREADS"):  # likewise read when torch starts
+        import torch
+
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    script = str(ROOT / "pretrain_puffin.py")
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
+
+
+def _run_forked(flags: tuple, cwd, timeout: int, env: Dict[str, str]) -> subprocess.CompletedProcess:
+    """A one-process ``pretrain_puffin.py`` run in a new process forked from a server that has imported
+    :data:`CLI_PRELOAD` once (multiprocessing's forkserver, started with :data:`CLI_ENV`): the same script, flags,
+    working directory, environment, exit code and output as a subprocess, without paying the imports again."""
+    import multiprocessing
+    import tempfile
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(CLI_PRELOAD)
+    argv = [str(flag) for flag in flags]
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path, err_path = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        child = context.Process(target=_pretrain_main_in_child, args=(argv, str(cwd), env, out_path, err_path))
+        with _environ(CLI_ENV):  # the server (started once, on first use) runs in the CLI's environment
+            child.start()
+        child.join(timeout)
+        if child.is_alive():
+            child.kill()
+            child.join()
+            raise subprocess.TimeoutExpired(["pretrain_puffin.py", *argv], timeout)
+        out, err = (Path(path).read_text(errors="replace") if os.path.exists(path) else ""
+                    for path in (out_path, err_path))
+    return subprocess.CompletedProcess(["pretrain_puffin.py", *argv], child.exitcode, out, err)
+
+
 def run_pretrain(cwd, *flags, nproc: int = 1, check: bool = True, timeout: int = 900,
                  env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
     """``pretrain_puffin.py FLAGS`` in ``cwd``, under torchrun with ``nproc`` ranks when ``nproc`` > 1; with ``check``
-    a non-zero exit raises with the tail of its output."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    proc = subprocess.run(launcher + [str(ROOT / "pretrain_puffin.py"), *map(str, flags)], cwd=cwd,
-                          env=env or CLI_ENV, capture_output=True, text=True, timeout=timeout)
+    a non-zero exit raises with the tail of its output. One-process runs in :data:`CLI_ENV` are forked from a
+    pre-imported server (:func:`_run_forked`; ``env`` then only differs from it in variables read after start-up);
+    torchrun runs and runs with another hash seed start an interpreter."""
+    env = env or CLI_ENV
+    if nproc == 1 and env.get("PYTHONHASHSEED") == CLI_ENV.get("PYTHONHASHSEED"):
+        proc = _run_forked(flags, cwd, timeout, env)
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
+            if nproc > 1 else [sys.executable]
+        proc = subprocess.run(launcher + [str(ROOT / "pretrain_puffin.py"), *map(str, flags)], cwd=cwd,
+                              env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
