@@ -94,6 +94,12 @@ def _row_parallel_tp_group() -> List[Replacement]:
     return [(RowParallelLinear, "_forward_impl", _forward_impl)]
 
 
+def _fsdp2_optimizer_local_tensor() -> List[Replacement]:
+    from megatron_puffin.training.data_parallel import fsdp2_optimizer_local_tensor
+
+    return fsdp2_optimizer_local_tensor()
+
+
 PATCHES: Tuple[MegatronPatch, ...] = (
     MegatronPatch(
         "CUDA_RNG",
@@ -152,6 +158,13 @@ PATCHES: Tuple[MegatronPatch, ...] = (
         "it without the padding between buckets, so every parameter after a buffer's first bucket is saved from "
         "the wrong offset; the gathered state is laid out in padded-buffer coordinates during that call",
         _always, _distributed_optimizer("DISTOPT_FULLY_RESHARDABLE_BUCKETS"),
+    ),
+    MegatronPatch(
+        "FSDP2_OPTIMIZER_LOCAL_TENSOR",
+        "saving the optimizer of an FSDP2 model maps its parameters through DTensor.to_local(), which in torch 2.13 "
+        "returns a new alias, while the model's sharded tensors hold _local_tensor: no parameter matched ('Param id "
+        "0 does not match any model sharded param'); both sides use _local_tensor (plain tensors unchanged)",
+        _always, _fsdp2_optimizer_local_tensor,
     ),
     MegatronPatch(
         "ROW_PARALLEL_TP_GROUP",

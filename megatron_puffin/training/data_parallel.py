@@ -179,7 +179,6 @@ def wrap_data_parallel(model: torch.nn.Module, parallel, process_group) -> Union
     """The data-parallel wrapper the flags ask for: :class:`PuffinTorchFSDP` with ``--use-torch-fsdp2``, else
     megatron-core's ``DistributedDataParallel`` (ZeRO-1 with ``--use-distributed-optimizer``)."""
     if parallel.use_torch_fsdp2:
-        match_dtensor_optimizer_states()
         return PuffinTorchFSDP(model.config, DistributedDataParallelConfig(), model, process_group)
     return DistributedDataParallel(model.config, data_parallel_config(parallel), model)
 
@@ -189,15 +188,16 @@ def _local_shard(tensor: torch.Tensor) -> torch.Tensor:
     return getattr(tensor, "_local_tensor", tensor)
 
 
-def match_dtensor_optimizer_states() -> None:
-    """Work around megatron-core 0.16.1 with torch 2.13 failing to save the optimizer of an FSDP2 model
-    ("Param id 0 does not match any model sharded param"): the model's sharded tensors hold each DTensor's
-    ``_local_tensor``, while ``dist_checkpointing.optimizer`` maps optimizer parameters through ``to_local()``,
-    which in torch 2.13 returns a new alias object, so no parameter matches by identity. Both sides now use the
-    ``_local_tensor`` object (the same storage)."""
+def fsdp2_optimizer_local_tensor() -> list:
+    """The ``FSDP2_OPTIMIZER_LOCAL_TENSOR`` row of :data:`megatron_puffin.platform.PATCHES`: megatron-core 0.16.1
+    with torch 2.13 fails to save the optimizer of an FSDP2 model ("Param id 0 does not match any model sharded
+    param"): the model's sharded tensors hold each DTensor's ``_local_tensor``, while ``dist_checkpointing.optimizer``
+    maps optimizer parameters through ``to_local()``, which in torch 2.13 returns a new alias object, so no parameter
+    matches by identity. Both sides then use the ``_local_tensor`` object (the same storage; plain tensors are
+    unchanged)."""
     from megatron.core.dist_checkpointing import optimizer as dist_optimizer
 
-    dist_optimizer.to_local_if_dtensor = _local_shard
+    return [(dist_optimizer, "to_local_if_dtensor", _local_shard)]
 
 
 def as_model_dtensors(module: torch.nn.Module, state_dict):
