@@ -342,6 +342,7 @@ def _timed_blocks(variants: Variants, args) -> Dict[str, Any]:
     config, trainable = variants.trainer.config, variants.trainer.trainable
     blocks: Dict[str, List[Dict[str, float]]] = {"ours": [], "reference": []}
     samples_trained, cycles = 0, []
+    graphs_before = _dynamo_graphs()
     for block in range(args.blocks):
         cycles = variants.draw(args.steps_per_block)
         flops = {"ours": sum(micro_batch_flops(config, batch, trainable)["total"]
@@ -355,7 +356,15 @@ def _timed_blocks(variants: Variants, args) -> Dict[str, Any]:
     seq = {batch["task"]: int(batch["input_ids"].shape[1]) for cycle in cycles for batch in cycle}
     medians = {name: {key: statistics.median(b[key] for b in values) for key in values[0]}
                for name, values in blocks.items()}
-    return {"medians": medians, "samples_trained": samples_trained, "seq": seq}
+    return {"medians": medians, "samples_trained": samples_trained, "seq": seq,
+            "timed_compiles": _dynamo_graphs() - graphs_before}
+
+
+def _dynamo_graphs() -> int:
+    """Graphs torch.compile has captured in this process so far (a compile, or a recompile for new shapes)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
@@ -465,6 +474,9 @@ def main() -> None:
     _print_activation_check(result)
     medians = result["medians"]
     _print_targets(args, medians, result["tasks"], peak, mem_ratio)
+    if "compile" in args.levers:
+        print(f"torch.compile graphs captured during the timed blocks: {result['timed_compiles']} (0: every compile "
+              "happened in the warm-up)")
     print(f"whole run {time.perf_counter() - run_start:.0f} s")
     print(f"overall ours/reference: {medians['ours']['all'] / medians['reference']['all']:.2f}")
 

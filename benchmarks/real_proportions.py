@@ -5,9 +5,14 @@ Shapes are the real ones: 512x512 images (256 visual tokens each after the 16-pi
 targets, camera maps and initial views. Every tower is the released Puffin's (Qwen2.5-1.5B, C-RADIOv3-H, the two
 6-layer connectors, the SD3-medium MMDiT, the SD3 VAE) scaled down by ONE factor of **1/256 in matmul FLOPs**:
 
-* transformers (LLM, RADIO, connectors, MMDiT): width / 8 (hidden, MLP, joint-attention and pooled dims; head
-  counts kept, so head dims shrink) and depth / 4 (layers; the 6-layer connectors round to 2). A linear layer's
-  FLOPs scale by (1/8)^2 x 1/4 = 1/256;
+* transformers (LLM, RADIO, connectors, MMDiT): width / 8 (hidden, MLP, joint-attention and pooled dims) and
+  depth / 4 (layers; the 6-layer connectors round to 2). A linear layer's FLOPs scale by (1/8)^2 x 1/4 = 1/256;
+* the width / 8 of attention is split as **head count / 4 and head dim / 2** (head dims 128/80/64/64 of the LLM,
+  RADIO, connectors and MMDiT become 64/40/32/32; 12/16/16/24 heads become 3/4/4/6). Attention FLOPs depend on
+  heads x head dim only, so every tower's FLOP share is what width / 8 with all heads kept gives, while the
+  attention kernels run at head sizes the full model has (CPU attention at head dims 8-16 runs at a fifth of its
+  rate at 32-64: 8 vs 40 GFLOP/s fwd+bwd at RADIO's shape, one thread). The LLM's 2 key/value heads become
+  max(1, 2 / 4) = 1 of dim 64 (key/value width 64 instead of 256 / 8 = 32: +1.7 % of the LLM's linear FLOPs);
 * the LLM vocabulary: / 32 (the output layer is hidden x vocab: 1/8 x 1/32 = 1/256);
 * the VAE encoder (two ResNets per level, which cannot be quartered): width / 16 at full depth, (1/16)^2 = 1/256.
 
@@ -27,6 +32,8 @@ from typing import Any, Dict, List, Mapping, Sequence
 
 WIDTH_DIVISOR = 8
 DEPTH_DIVISOR = 4
+HEAD_COUNT_DIVISOR = 4
+"""Attention heads / 4 and head dims / (WIDTH_DIVISOR / 4) = / 2: realistic head sizes at the same width."""
 VOCAB_DIVISOR = 32
 VAE_WIDTH_DIVISOR = 16
 IMAGE_SIZE = 512
@@ -54,8 +61,11 @@ def scaled_sizes(full: Mapping[str, Any] = FULL_SIZES) -> Dict[str, Any]:
     for key in ("llm_layers", "vision_layers", "connector_layers", "dit_layers"):
         sizes[key] = _depth(full[key])
     for key in ("llm_hidden", "llm_ffn", "vision_hidden", "vision_ffn", "connector_hidden", "connector_ffn",
-                "connector_pooled", "connector_joint", "dit_head_dim", "dit_caption"):
+                "connector_pooled", "connector_joint", "dit_caption"):
         sizes[key] = full[key] // WIDTH_DIVISOR
+    for key in ("llm_heads", "llm_kv_heads", "vision_heads", "connector_heads", "dit_heads"):
+        sizes[key] = max(1, full[key] // HEAD_COUNT_DIVISOR)
+    sizes["dit_head_dim"] = full["dit_head_dim"] * HEAD_COUNT_DIVISOR // WIDTH_DIVISOR
     sizes["llm_vocab"] = full["llm_vocab"] // VOCAB_DIVISOR
     sizes["vae_blocks"] = [width // VAE_WIDTH_DIVISOR for width in full["vae_blocks"]]
     return sizes
@@ -65,7 +75,17 @@ def describe() -> str:
     """One line stating the scaling."""
     return (f"real proportions: {IMAGE_SIZE}^2 images, {NUM_QUERIES} queries, {IMAGE_SIZE // 8}^2 latents; towers "
             f"scaled by 1/256 in matmul FLOPs (transformers width/{WIDTH_DIVISOR} depth/{DEPTH_DIVISOR}, "
-            f"vocab/{VOCAB_DIVISOR}, VAE width/{VAE_WIDTH_DIVISOR})")
+            f"vocab/{VOCAB_DIVISOR}, VAE width/{VAE_WIDTH_DIVISOR}); attention width/{WIDTH_DIVISOR} as heads/"
+            f"{HEAD_COUNT_DIVISOR} x head dim/{WIDTH_DIVISOR // HEAD_COUNT_DIVISOR} ({head_dims()})")
+
+
+def head_dims(full: Mapping[str, Any] = FULL_SIZES) -> str:
+    """Heads x head dim of every tower at the scaled size, e.g. ``LLM 3 x 64``."""
+    sizes = scaled_sizes(full)
+    towers = (("LLM", "llm"), ("RADIO", "vision"), ("connectors", "connector"))
+    parts = [f"{label} {sizes[f'{key}_heads']} x {sizes[f'{key}_hidden'] // sizes[f'{key}_heads']}"
+             for label, key in towers]
+    return ", ".join(parts + [f"MMDiT {sizes['dit_heads']} x {sizes['dit_head_dim']}"])
 
 
 def apply(args: argparse.Namespace) -> None:
