@@ -107,6 +107,22 @@ def compile_targets(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
                 yield prefix + name, module
 
 
+RECOMPILE_LIMIT = 32
+"""Graphs dynamo keeps per layer class. One class's ``forward`` is one code object, shared by every layer of that
+class in every tower: megatron-core's ``TransformerLayer`` serves the LLM, RADIO and both connectors (three widths,
+masked or not); the MMDiT joint block has masked / unmasked joint attention x the last block (no text-stream
+output) x inductor's size-dependent kernel choice on CPU. Dynamo's default (8) was exceeded by the joint block at
+real proportions, and every variant past it silently ran eager."""
+
+
+def _raise_recompile_limit() -> None:
+    config = torch._dynamo.config
+    if config.recompile_limit < RECOMPILE_LIMIT:
+        logger.info("torch._dynamo recompile_limit %d -> %d (one code object per layer class, see "
+                    "compile.RECOMPILE_LIMIT)", config.recompile_limit, RECOMPILE_LIMIT)
+        config.recompile_limit = RECOMPILE_LIMIT
+
+
 def compile_model(model: nn.Module, dynamic: bool = True, backend: str = "inductor") -> int:
     """Compile every layer of :func:`compile_targets` in place; returns how many were compiled.
 
@@ -117,6 +133,7 @@ def compile_model(model: nn.Module, dynamic: bool = True, backend: str = "induct
     problem = check_compile_available(device) if backend == "inductor" else None
     if problem:
         raise RuntimeError(f"--compile: {problem}")
+    _raise_recompile_limit()
     count = 0
     for _, module in compile_targets(model):
         module.compile(dynamic=dynamic, backend=backend)

@@ -179,7 +179,9 @@ def place_tokens(group_tokens: List[torch.Tensor], layout: ImageStreamLayout) ->
         ``[L, b, h]``; padding positions are zero.
     """
     if layout.dense:
-        return group_tokens[0]
+        # The patch embedding's tokens are a permuted view; made contiguous like the scattered stream below, so a
+        # compiled block (--compile) sees one memory layout for every task instead of recompiling per layout.
+        return group_tokens[0].contiguous()
     hidden = group_tokens[0].shape[-1]
     source = torch.cat([tokens.reshape(-1, hidden) for tokens in group_tokens])
     index = layout.scatter_index(source.device)
