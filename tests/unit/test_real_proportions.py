@@ -1,0 +1,24 @@
+"""The real-proportion benchmark's scaling rule (``benchmarks/real_proportions.py``): attention width / 8 taken as
+heads / 4 x head dim / 2, so the FLOP shares are those of width / 8 while head sizes stay realistic."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import real_proportions as rp  # noqa: E402
+
+TOWERS = {"llm": 128, "vision": 80, "connector": 64}
+"""Full-size head dims of the towers whose head dim is hidden / heads (the MMDiT states its own)."""
+
+
+def test_heads_quartered_head_dims_halved_width_divided_by_eight():
+    full, scaled = rp.FULL_SIZES, rp.scaled_sizes()
+    for tower, full_head_dim in TOWERS.items():
+        heads, hidden = scaled[f"{tower}_heads"], scaled[f"{tower}_hidden"]
+        assert full[f"{tower}_hidden"] // full[f"{tower}_heads"] == full_head_dim
+        assert heads == full[f"{tower}_heads"] // 4 and hidden == full[f"{tower}_hidden"] // 8
+        assert heads * (full_head_dim // 2) == hidden, tower
+    assert scaled["dit_heads"] * scaled["dit_head_dim"] == full["dit_heads"] * full["dit_head_dim"] // 8
+    assert scaled["dit_head_dim"] == full["dit_head_dim"] // 2
+    assert scaled["llm_kv_heads"] == 1 and scaled["llm_heads"] % scaled["llm_kv_heads"] == 0
+    assert "LLM 3 x 64, RADIO 4 x 40, connectors 4 x 32, MMDiT 6 x 32" in rp.describe()
