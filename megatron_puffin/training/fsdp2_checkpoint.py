@@ -24,7 +24,8 @@ layout reads wrong weights. :func:`apply_swiglu_sharded_factory` (the ``FSDP2_SW
 slice where it crosses from W rows to V rows instead.
 
 The optimizer's per-parameter states (Adam moments, fp32 master weights) reuse the parameter's records, so they
-reshard the same way.
+reshard the same way. FSDP2 checkpoints recorded this way say so in their metadata
+(:data:`megatron_puffin.training.resume.FSDP2_RECORDS_KEY`); older ones saved at DP > 1 are refused.
 """
 from __future__ import annotations
 
