@@ -152,7 +152,7 @@ def _worker(root):
     _run(["--metrics-file", "ddp.jsonl"])
     _run(["--use-torch-fsdp2", "--save", "fsdp", "--save-interval", "1", "--metrics-file", "fsdp.jsonl"])
     _run(["--use-torch-fsdp2", "--load", "fsdp/iter_0000001", "--save", "resumed", "--metrics-file", "resumed.jsonl"])
-    _run(["--load", "fsdp/iter_0000001", "--save", "ddp_resumed", "--metrics-file", "ddp_resumed.jsonl"])
+    _run(["--load", "fsdp/iter_0000001", "--metrics-file", "ddp_resumed.jsonl"])  # saving DDP: tested elsewhere
     facts = _shard_facts(["--use-torch-fsdp2"])
     losses = {name: metrics_losses(f"{name}.jsonl") for name in ("ddp", "fsdp", "resumed", "ddp_resumed")}
     return {"losses": losses, "facts": facts}
