@@ -5,8 +5,8 @@ sharded over DP) through the real training loop, one spawn of 2 gloo ranks and o
 * every parameter is a DTensor holding half of its rows on each rank, and the optimizer holds state for the
   trainable parameters only (the frozen vision tower has none);
 * its iteration-1 checkpoint (DP 2) resumes and repeats iterations 2 and 3 (iteration 3 follows an optimizer step
-  taken with the loaded Adam moments; zeroed moments move it by 2e-4 to 2e-3): with FSDP2 at DP 2 and with plain DDP at DP 2 exactly (the same sums in the
-  same order), with FSDP2 at DP 1 within 1e-6 relative (the checkpoint's global batch of 4 samples is 2
+  taken with the loaded Adam moments; zeroed moments move it by 2e-4 to 2e-3): with FSDP2 at DP 2 and with plain
+  DDP at DP 2 exactly (the same sums in the same order), with FSDP2 at DP 1 within 1e-6 relative (the checkpoint's global batch of 4 samples is 2
   micro-batches per rank instead of 1, so the gradient sum and the logged mean are taken in another order;
   measured 5.5e-8);
 * every record of the model's sharded state dict holds its parameter's rows at its place in the parameter's real
