@@ -11,7 +11,8 @@ function megatron-core calls) and nothing else; :func:`unpatched` puts the origi
 ``with`` block, which is how ``tests/unit/test_cpu_compat.py`` shows, through megatron-core's own call sites, that
 each patch is still needed. The table (:data:`PATCHES`) gives each patch's reason; the replacements live in
 :mod:`megatron_puffin.distributed.cpu_compat` (CPU-only machines), :mod:`megatron_puffin.training.optimizer`
-(distributed-optimizer checkpoint bugs of megatron-core 0.16.1) and, for the one-line row-parallel fix, here. See
+(distributed-optimizer checkpoint bugs of megatron-core 0.16.1), :mod:`megatron_puffin.training.fsdp2_checkpoint`
+(FSDP2 checkpoint records) and, for the one-line row-parallel fix, here. See
 docs/megatron_patches.md.
 """
 from __future__ import annotations
@@ -100,6 +101,15 @@ def _fsdp2_optimizer_local_tensor() -> List[Replacement]:
     return fsdp2_optimizer_local_tensor()
 
 
+def _fsdp2_checkpoint(name: str) -> Callable[[], List[Replacement]]:
+    def build() -> List[Replacement]:
+        from megatron_puffin.training import fsdp2_checkpoint
+
+        return fsdp2_checkpoint.REPLACEMENTS[name]()
+
+    return build
+
+
 PATCHES: Tuple[MegatronPatch, ...] = (
     MegatronPatch(
         "CUDA_RNG",
@@ -165,6 +175,23 @@ PATCHES: Tuple[MegatronPatch, ...] = (
         "returns a new alias, while the model's sharded tensors hold _local_tensor: no parameter matched ('Param id "
         "0 does not match any model sharded param'); both sides use _local_tensor (plain tensors unchanged)",
         _always, _fsdp2_optimizer_local_tensor,
+    ),
+    MegatronPatch(
+        "FSDP2_CHECKPOINT_SHARDS",
+        "make_(tp_)sharded_tensor_for_checkpoint record an FSDP2 (DTensor) parameter's local slice as chunk dp_rank "
+        "of dp equal chunks of dim 0, but FSDP2 splits dim 0 as torch.chunk does: a parameter with fewer rows than "
+        "DP, or rows not a multiple of DP, is recorded with a wrong global shape (RADIO's [1, 36, 16] position "
+        "embedding as [2, 36, 16] at DP 2) and the checkpoint loads at no other layout; the slice each rank holds "
+        "is recorded at its real offset in the parameter's real shape (plain tensors unchanged)",
+        _always, _fsdp2_checkpoint("FSDP2_CHECKPOINT_SHARDS"),
+    ),
+    MegatronPatch(
+        "FSDP2_SWIGLU_SHARDS",
+        "apply_swiglu_sharded_factory stores a gated linear unit's fc1 [W; V] as all W rows then all V rows by "
+        "halving each rank's tensor, right for a tensor-parallel slice [W_i; V_i] but not for an FSDP2 slice (a "
+        "run of rows of [W; V]): the rows are stored permuted and load wrong at any other layout; an FSDP2 slice "
+        "is split where it crosses from W to V rows instead (other tensors unchanged)",
+        _always, _fsdp2_checkpoint("FSDP2_SWIGLU_SHARDS"),
     ),
     MegatronPatch(
         "ROW_PARALLEL_TP_GROUP",

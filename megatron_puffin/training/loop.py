@@ -43,7 +43,7 @@ from megatron_puffin.training.data_parallel import (
 )
 from megatron_puffin.training.metrics import Interval, MetricsWriter, Report, peak_memory_gib
 from megatron_puffin.training.step import stream_task
-from megatron_puffin.training.resume import samples_per_step
+from megatron_puffin.training.resume import fsdp2_records_metadata, samples_per_step
 from megatron_puffin.training.towers import CHECKPOINT_MODULES, CHECKPOINT_TOWERS, freeze_towers, trainable_towers
 
 if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
@@ -375,6 +375,7 @@ class Trainer:
                        "dp": self.ctx.data_parallel_size},
             "args": self.args.to_dict(),
             "samples_per_step": samples_per_step(self.args),
+            **fsdp2_records_metadata(self.args.parallel),
         }
         start = time.time()
         ckpt.save_checkpoint(sharded, directory, metadata=metadata, replace=mode != "new",

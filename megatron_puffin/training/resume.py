@@ -13,7 +13,9 @@
   differences, unless ``--override-opt-param-scheduler`` (then this run's flags apply from the checkpoint's step
   on); a different global batch (e.g. another data-parallel size) keeps the checkpoint's through
   ``--global-batch-size`` when that is a whole number of task-stream cycles, else is refused; toggling
-  ``--use-distributed-optimizer`` or a ``--freeze-*`` flag is refused, naming the cause.
+  ``--use-distributed-optimizer`` or a ``--freeze-*`` flag is refused, naming the cause (also a
+  ``--use-distributed-optimizer`` checkpoint resumed with ``--use-torch-fsdp2``, which cannot read its optimizer
+  state, and an FSDP2 checkpoint saved at DP > 1 before FSDP2 checkpoints resharded).
 """
 from __future__ import annotations
 
@@ -38,6 +40,32 @@ def samples_per_step(args: PuffinArguments) -> int:
     cycle = [spec for spec in specs for _ in range(spec.repeats)]
     return sum(cycle[i % len(cycle)].micro_batch_size for i in range(micro_batches_per_step(args))) \
         * args.data_parallel_size
+
+
+FSDP2_RECORDS_KEY = "fsdp2_records"
+"""Key of a checkpoint's ``puffin_meta.json`` saying its FSDP2 parameters were recorded by
+:mod:`megatron_puffin.training.fsdp2_checkpoint` (value :data:`FSDP2_RECORDS_VERSION`), so they reshard. FSDP2
+checkpoints without it were recorded megatron-core's way."""
+FSDP2_RECORDS_VERSION = 2
+
+
+def fsdp2_records_metadata(parallel) -> Dict[str, int]:
+    """What a checkpoint's metadata gains with ``--use-torch-fsdp2`` (nothing otherwise)."""
+    return {FSDP2_RECORDS_KEY: FSDP2_RECORDS_VERSION} if parallel.use_torch_fsdp2 else {}
+
+
+def unreadable_fsdp2_records(meta: Dict[str, Any], directory: str, flag: str) -> List[str]:
+    """A problem (one line, naming the fix) for an FSDP2 checkpoint saved at DP > 1 before its records were right:
+    its uneven parameters have wrong global shapes and the LLM's fc1 rows are stored permuted, so no layout reads
+    it correctly (a DP-1 FSDP2 checkpoint was recorded right: every slice is the whole parameter)."""
+    parallel = (meta.get("args") or {}).get("parallel") or {}
+    data_parallel = (meta.get("layout") or {}).get("dp", 1)
+    if not parallel.get("use_torch_fsdp2") or meta.get(FSDP2_RECORDS_KEY) or data_parallel <= 1:
+        return []
+    return [f"{flag} {directory} was saved with --use-torch-fsdp2 at data-parallel size {data_parallel} by a version "
+            "that recorded FSDP2 parameters megatron-core 0.16.1's way (uneven parameters with wrong shapes, the "
+            "LLM's MLP rows permuted), which no layout reads correctly: train it again, or resume it only with the "
+            f"version that saved it, with --use-torch-fsdp2 at data-parallel size {data_parallel}"]
 
 
 def _same_path(a: str, b: Optional[str]) -> bool:
@@ -130,7 +158,12 @@ def layout_problems(args: PuffinArguments, stored: Dict[str, Any], directory: st
     """Optimizer-state form and trained towers must match the checkpoint's."""
     problems = []
     old = stored.get("parallel", {}).get("use_distributed_optimizer")
-    if old is not None and old != args.parallel.use_distributed_optimizer:
+    if old and args.parallel.use_torch_fsdp2:
+        problems.append(
+            f"--load {directory} was trained with --use-distributed-optimizer, whose optimizer state --use-torch-fsdp2 "
+            "cannot read; resume it without --use-torch-fsdp2 (with --use-distributed-optimizer), or start FSDP2 from "
+            f"its weights with a fresh optimizer: --pretrained-checkpoint {directory}")
+    elif old is not None and old != args.parallel.use_distributed_optimizer:
         said = "with" if old else "without"
         problems.append(
             f"--load {directory} was trained {said} --use-distributed-optimizer, which stores the optimizer state in "
@@ -194,6 +227,8 @@ def source_problems(args: PuffinArguments) -> List[str]:
         damage = ckpt.checkpoint_problems(directory)
         if damage:
             problems.append(f"{flag} {directory}: {damage[0]}; the checkpoint is damaged")
+        elif flag == "--pretrained-checkpoint":
+            problems += unreadable_fsdp2_records(ckpt.read_metadata(directory) or {}, directory, flag)
     return problems
 
 
@@ -216,4 +251,4 @@ def startup_problems(args: PuffinArguments) -> List[str]:
         return problems + [str(error)]
     stored = meta.get("args") or {}
     return (problems + schedule_problems(args, stored, resumed) + layout_problems(args, stored, resumed)
-            + batch_problems(args, meta, resumed))
+            + unreadable_fsdp2_records(meta, resumed, "--load") + batch_problems(args, meta, resumed))

@@ -128,6 +128,41 @@ def test_startup_decisions(workdir, monkeypatch, capsys):
         parse_args([*FLAGS, *MBS2, "--load", str(run)])
 
 
+def _rewrite_meta(checkpoint, **changes):
+    """Make ``checkpoint``'s metadata say it was trained otherwise (its manifest rewritten to match)."""
+    from megatron_puffin.training.checkpoint_safety import write_manifest
+
+    meta = json.loads((checkpoint / "puffin_meta.json").read_text())
+    meta["args"]["parallel"].update(changes.pop("parallel", {}))
+    meta.update(changes)
+    (checkpoint / "puffin_meta.json").write_text(json.dumps(meta))
+    write_manifest(str(checkpoint))
+
+
+def test_fsdp2_startup_refusals(workdir, monkeypatch, capsys):
+    """What --use-torch-fsdp2 cannot load is refused before any work, one line naming the fix: a distributed
+    optimizer's state, and an FSDP2 checkpoint saved at DP 2 before FSDP2 checkpoints resharded (its metadata lacks
+    the fsdp2_records mark), also as --pretrained-checkpoint; with the mark it is accepted."""
+    from megatron_puffin.config import parse_args
+    from megatron_puffin.training.resume import startup_problems
+
+    checkpoint = _copy(workdir, "fsdp2_meta") / "iter_0000004"
+    name = checkpoint.relative_to(workdir)
+    _rewrite_meta(checkpoint, parallel={"use_distributed_optimizer": True})
+    code, err = _startup(monkeypatch, capsys, workdir, *MBS2, "--use-torch-fsdp2", "--load", name)
+    assert code == 2 and f"--load {name} was trained with --use-distributed-optimizer, whose optimizer state " \
+        "--use-torch-fsdp2 cannot read; resume it without --use-torch-fsdp2" in err, err
+    _rewrite_meta(checkpoint, parallel={"use_distributed_optimizer": False, "use_torch_fsdp2": True},
+                  layout={"tp": 1, "pp": 1, "dp": 2})
+    code, err = _startup(monkeypatch, capsys, workdir, *MBS2, "--use-torch-fsdp2", "--load", name)
+    assert code == 2 and f"--load {name} was saved with --use-torch-fsdp2 at data-parallel size 2 by a version " in err
+    code, err = _startup(monkeypatch, capsys, workdir, *MBS2, "--pretrained-checkpoint", name)
+    assert code == 2 and f"--pretrained-checkpoint {name} was saved with --use-torch-fsdp2" in err, err
+    assert "Traceback" not in err
+    _rewrite_meta(checkpoint, fsdp2_records=2)
+    assert startup_problems(parse_args([*FLAGS, *MBS2, "--pretrained-checkpoint", str(name)])) == []
+
+
 def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(workdir):
     fallback = _copy(workdir, "fallback")
     shard = sorted((fallback / "iter_0000004").glob("*.distcp"))[0]
