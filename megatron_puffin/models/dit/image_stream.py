@@ -179,7 +179,9 @@ def place_tokens(group_tokens: List[torch.Tensor], layout: ImageStreamLayout) ->
         ``[L, b, h]``; padding positions are zero.
     """
     if layout.dense:
-        return group_tokens[0]
+        # PatchEmbed's [N, n, h] is a transposed view; a compiled joint block guards on strides, so the dense stream
+        # is made contiguous like the padded one below (one graph for both instead of a recompilation).
+        return group_tokens[0].contiguous()
     hidden = group_tokens[0].shape[-1]
     source = torch.cat([tokens.reshape(-1, hidden) for tokens in group_tokens])
     index = layout.scatter_index(source.device)
