@@ -2,8 +2,9 @@
 
 1. All six tasks in one step with the LLM's 6 decoder layers placed unevenly: PP=2 with 1 + 5 layers and PP=4 with
    1 + 2 + 2 + 1 (megatron-core's num_layers_in_first/last_pipeline_stage) against one process: per-task losses
-   and every gradient within 1e-5 relative (fp32). Gradients are compared through a distributed checkpoint read
-   back at PP=1, which also shows that checkpoints of uneven stages reshard.
+   and every gradient within 1e-5 relative (fp32; the reference runs once, in the test's own process). Gradients
+   are compared through a distributed checkpoint read back at PP=1, which also shows that checkpoints of uneven
+   stages reshard.
 2. Two optimizer steps at PP=2 (uneven) x DP=2 with the distributed optimizer, all six tasks: per-task losses with
    --overlap-grad-reduce --overlap-param-gather and a small --ddp-bucket-size (several buckets) equal the
    losses without overlap within 1e-6 relative, and the reduced-gradient norms and the trained weights agree as well.
@@ -76,21 +77,34 @@ def _full_state(config, directory):
     return {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v) and v.is_floating_point()}
 
 
-def _parity(paths, root):
+def _reference(paths, root):
+    """The one-process reference, run once in the test's own process (world size 1): writes the weights checkpoint
+    every placement starts from; returns the task losses and every gradient under the PP=1 state-dict names."""
     import megatron_puffin.distributed as mpd
     from helpers.puffin import unblock_generation_gradients
+    from megatron_puffin.training.checkpointing import save_checkpoint
+    from megatron_puffin.training.step import forward_backward
+
+    ctx = mpd.initialize(1, 1, seed=0)
+    try:
+        model, ddp = _build(_config(paths), ctx)
+        unblock_generation_gradients(model)  # trained-like projector_1/2 (they start at zero)
+        save_checkpoint(model.sharded_state_dict(), f"{root}/weights")
+        reference = forward_backward(ddp, _cycle(paths, ctx, whole_batch=True))
+        _grads_as_weights(model)
+        grads = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v) and v.is_floating_point()}
+        return reference.task_losses, grads
+    finally:
+        mpd.destroy()
+
+
+def _parity(paths, root, reference_grads):
+    import megatron_puffin.distributed as mpd
     from megatron_puffin.training.checkpointing import load_model_checkpoint, save_checkpoint
     from megatron_puffin.training.step import forward_backward
 
     config = _config(paths)
-    ctx = mpd.initialize(1, 1, seed=0)
-    model, ddp = _build(config, ctx)
-    unblock_generation_gradients(model)  # trained-like projector_1/2 (they start at zero)
-    save_checkpoint(model.sharded_state_dict(), f"{root}/weights")
-    reference = forward_backward(ddp, _cycle(paths, ctx, whole_batch=True))
-    _grads_as_weights(model)
-    save_checkpoint(model.sharded_state_dict(), f"{root}/grads_ref")
-    results = {"reference": reference.task_losses}
+    results = {}
     for (tp, pp), (first, last) in PLACEMENTS.items():
         ctx = mpd.initialize(tp, pp, seed=0)
         model, ddp = _build(_config(paths, first, last), ctx)
@@ -100,7 +114,6 @@ def _parity(paths, root):
         _grads_as_weights(model)
         save_checkpoint(model.sharded_state_dict(), f"{root}/grads_{tp}{pp}")
         results[(tp, pp)] = {"losses": result.task_losses, "last": ctx.is_last_pipeline_stage, "layers": layers}
-    reference_grads = _full_state(config, f"{root}/grads_ref")
     for tp, pp in PLACEMENTS:
         grads = _full_state(config, f"{root}/grads_{tp}{pp}")
         results[(tp, pp)]["grad_errors"] = {
@@ -196,8 +209,8 @@ def _overlap(paths):
     return results
 
 
-def _worker(paths, root):
-    return {"parity": _parity(paths, root), "overlap": _overlap(paths)}
+def _worker(paths, root, reference_grads):
+    return {"parity": _parity(paths, root, reference_grads), "overlap": _overlap(paths)}
 
 
 def test_uneven_pipeline_stages_and_overlapped_communication(tmp_path):
@@ -205,9 +218,10 @@ def test_uneven_pipeline_stages_and_overlapped_communication(tmp_path):
 
     assert sorted(SIX_TASK_ORDER) == sorted(TASK_STREAMS) and SIX_TASK_ORDER[-1] == "image2text"
     paths = make_tiny_dataset(tmp_path / "data")
-    per_rank = run_distributed(_worker, 4, paths, str(tmp_path / "ckpt"))
-    reference = per_rank[0]["parity"]["reference"]
+    root = str(tmp_path / "ckpt")
+    reference, reference_grads = _reference(paths, root)
     assert sorted(reference) == sorted(TASK_STREAMS)
+    per_rank = run_distributed(_worker, 4, paths, root, reference_grads)
     layers = {layout: [r["parity"][layout]["layers"] for r in per_rank] for layout in PLACEMENTS}
     assert layers[(1, 2)] == [1, 1, 5, 5]  # ranks 0,1 first stage (DP 2), ranks 2,3 last
     assert layers[(1, 4)] == [1, 2, 2, 1]
