@@ -94,26 +94,22 @@ class _Pool:
     """``world_size`` ranks forked from the forkserver, each with its own task queue and one shared result queue."""
 
     def __init__(self, world_size: int) -> None:
-        # The forkserver reads these when it starts (unless the CLI runs started it, in their environment, which also
-        # hides the GPUs and ignores warnings): keep the ranks' logs to what the test is about.
+        from helpers.puffin import CLI_ENV, _environ
+
+        # Kept from the spawned ranks (which read it at start-up): later subprocesses of the suite inherit it.
         os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning")
-        # The CPU-parity tests run the gloo/CPU path even on a GPU machine (several ranks cannot share one GPU with
-        # NCCL); GPU paths are tested under tests/gpu.
-        saved_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
         ctx = _rank_context()
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         self.procs = [ctx.Process(target=_serve, args=(rank, world_size, self.tasks[rank], self.results),
                                   daemon=False) for rank in range(world_size)]
-        try:
+        # The forkserver, if this starts it, runs in the CLI runs' environment, whoever starts it first: warnings
+        # ignored (the ranks' logs stay with what the test is about) and the GPUs hidden (the CPU-parity tests run
+        # the gloo/CPU path even on a GPU machine: several ranks cannot share one GPU with NCCL; GPU paths are
+        # tested under tests/gpu).
+        with _environ(CLI_ENV):
             for proc in self.procs:
                 proc.start()
-        finally:  # only the children must not see the GPUs
-            if saved_visible is None:
-                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = saved_visible
 
     def alive(self) -> bool:
         return all(proc.is_alive() for proc in self.procs)

@@ -179,8 +179,8 @@ def place_tokens(group_tokens: List[torch.Tensor], layout: ImageStreamLayout) ->
         ``[L, b, h]``; padding positions are zero.
     """
     if layout.dense:
-        # PatchEmbed's [N, n, h] is a transposed view; a compiled joint block guards on strides, so the dense stream
-        # is made contiguous like the padded one below (one graph for both instead of a recompilation).
+        # The patch embedding's tokens are a permuted view; made contiguous like the scattered stream below, so a
+        # compiled block (--compile) sees one memory layout for every task instead of recompiling per layout.
         return group_tokens[0].contiguous()
     hidden = group_tokens[0].shape[-1]
     source = torch.cat([tokens.reshape(-1, hidden) for tokens in group_tokens])
