@@ -2,15 +2,17 @@
 
 1. All six tasks in one step with the LLM's 6 decoder layers placed unevenly: PP=2 with 1 + 5 layers and PP=4 with
    1 + 2 + 2 + 1 (megatron-core's num_layers_in_first/last_pipeline_stage) against one process: per-task losses
-   and every gradient within 1e-5 relative (fp32). Gradients are compared through a distributed checkpoint read
-   back at PP=1, which also shows that checkpoints of uneven stages reshard.
-2. Two optimizer steps at PP=2 (uneven) x DP=2 with the distributed optimizer: per-task losses with
+   and every gradient within 1e-5 relative (fp32; the reference runs once, in the test's own process). Gradients
+   are compared through a distributed checkpoint read back at PP=1, which also shows that checkpoints of uneven
+   stages reshard.
+2. Two optimizer steps at PP=2 (uneven) x DP=2 with the distributed optimizer, all six tasks: per-task losses with
    --overlap-grad-reduce --overlap-param-gather and a small --ddp-bucket-size (several buckets) equal the
-   losses without overlap within 1e-6 relative, and the trained weights agree as well.
-3. ``_overlap_any_task_order``: the same with a task order whose last micro-batch (image2text) leaves trainable
-   parameters unused (meta queries, connectors, MMDiT), at TP=2 x DP=2 (every tower on the bucketed stage) and
-   PP=2 x DP=2: losses, the norms of the reduced gradients and the trained weights with overlap equal those without
-   within 1e-6 relative.
+   losses without overlap within 1e-6 relative, and the reduced-gradient norms and the trained weights agree as well.
+   The last micro-batch is image2text, which leaves trainable parameters unused (meta queries, connectors, MMDiT):
+   the overlapped reductions must still start for them.
+3. The same at TP=2 x DP=2 (every tower on the bucketed stage) with cam2image then image2text.
+(One pair of runs per layout covers both the six-task overlap and the unused-parameter case; they were separate
+runs at PP=2 before.)
 """
 import dataclasses
 
@@ -75,21 +77,34 @@ def _full_state(config, directory):
     return {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v) and v.is_floating_point()}
 
 
-def _parity(paths, root):
+def _reference(paths, root):
+    """The one-process reference, run once in the test's own process (world size 1): writes the weights checkpoint
+    every placement starts from; returns the task losses and every gradient under the PP=1 state-dict names."""
     import megatron_puffin.distributed as mpd
     from helpers.puffin import unblock_generation_gradients
+    from megatron_puffin.training.checkpointing import save_checkpoint
+    from megatron_puffin.training.step import forward_backward
+
+    ctx = mpd.initialize(1, 1, seed=0)
+    try:
+        model, ddp = _build(_config(paths), ctx)
+        unblock_generation_gradients(model)  # trained-like projector_1/2 (they start at zero)
+        save_checkpoint(model.sharded_state_dict(), f"{root}/weights")
+        reference = forward_backward(ddp, _cycle(paths, ctx, whole_batch=True))
+        _grads_as_weights(model)
+        grads = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v) and v.is_floating_point()}
+        return reference.task_losses, grads
+    finally:
+        mpd.destroy()
+
+
+def _parity(paths, root, reference_grads):
+    import megatron_puffin.distributed as mpd
     from megatron_puffin.training.checkpointing import load_model_checkpoint, save_checkpoint
     from megatron_puffin.training.step import forward_backward
 
     config = _config(paths)
-    ctx = mpd.initialize(1, 1, seed=0)
-    model, ddp = _build(config, ctx)
-    unblock_generation_gradients(model)  # trained-like projector_1/2 (they start at zero)
-    save_checkpoint(model.sharded_state_dict(), f"{root}/weights")
-    reference = forward_backward(ddp, _cycle(paths, ctx, whole_batch=True))
-    _grads_as_weights(model)
-    save_checkpoint(model.sharded_state_dict(), f"{root}/grads_ref")
-    results = {"reference": reference.task_losses}
+    results = {}
     for (tp, pp), (first, last) in PLACEMENTS.items():
         ctx = mpd.initialize(tp, pp, seed=0)
         model, ddp = _build(_config(paths, first, last), ctx)
@@ -99,7 +114,6 @@ def _parity(paths, root):
         _grads_as_weights(model)
         save_checkpoint(model.sharded_state_dict(), f"{root}/grads_{tp}{pp}")
         results[(tp, pp)] = {"losses": result.task_losses, "last": ctx.is_last_pipeline_stage, "layers": layers}
-    reference_grads = _full_state(config, f"{root}/grads_ref")
     for tp, pp in PLACEMENTS:
         grads = _full_state(config, f"{root}/grads_{tp}{pp}")
         results[(tp, pp)]["grad_errors"] = {
@@ -108,52 +122,19 @@ def _parity(paths, root):
     return results
 
 
-def _train(paths, overlap: bool):
-    """Three optimizer steps at PP=2 (1 + 5 layers) x DP=2; the per-step losses and the final weights."""
-    import megatron_puffin.distributed as mpd
-    from megatron_puffin.config.schema import ParallelConfig, PrecisionConfig, TrainingConfig
-    from megatron_puffin.training.data_parallel import data_parallel_config, gathered_parameters, wire_overlap
-    from megatron_puffin.training.optimizer import build_optimizer
-    from megatron_puffin.training.step import train_step
-
-    parallel = ParallelConfig(use_distributed_optimizer=True, overlap_grad_reduce=overlap,
-                              overlap_param_gather=overlap, ddp_bucket_size=2000 if overlap else None)
-    ctx = mpd.initialize(1, 2, seed=0)
-    config = _config(paths, 1, None)
-    torch.manual_seed(0)
-    from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
-
-    from megatron_puffin.distributed import process_groups
-    from megatron_puffin.models.puffin import build_puffin
-    from megatron_puffin.training.towers import freeze_towers
-
-    model = build_puffin(config, ctx.is_first_pipeline_stage, ctx.is_last_pipeline_stage, pg_collection=process_groups())
-    freeze_towers(model, config.model)
-    model.train()
-    ddp = DistributedDataParallel(model.config, data_parallel_config(parallel), model)
-    model.config.finalize_model_grads_func = finalize_model_grads
-    wire_overlap(model.config, ddp)
-    optimizer = build_optimizer([ddp], TrainingConfig(lr=1e-3, weight_decay=0.0), PrecisionConfig(), True)
-    losses = []
-    for step in range(OVERLAP_STEPS):
-        result = train_step(ddp, optimizer, _cycle(paths, ctx, whole_batch=False, step=step))
-        losses.append(result.task_losses)
-    with gathered_parameters(ddp):
-        weights = {name: param.detach().clone() for name, param in model.named_parameters()}
-    buckets = sum(len(group.buckets) for group in ddp.bucket_groups)
-    return {"losses": losses, "weights": weights, "buckets": buckets, "last": ctx.is_last_pipeline_stage,
-            "first": ctx.is_first_pipeline_stage}
+SIX_TASK_ORDER = ("image2text_cross_view", "text2text", "text2image", "cam2image", "image2image", "image2text")
+"""The overlap runs' order of all six tasks: image2text last, so its micro-batch (the one whose backward starts the
+overlapped reductions) leaves trainable parameters unused (meta queries, connectors, MMDiT)."""
+ANY_ORDER = ("cam2image", "image2text")  # image2text last, at the layout that does not run all six tasks
+# (TP, PP) -> task order, at DP 2 (DP 2 keeps the reductions' sums order-free: bitwise equal). PP=2 (1 + 5 layers)
+# runs all six tasks; TP=2 (PP=1) buckets every tower on one stage.
+OVERLAP_RUNS = {(1, 2): SIX_TASK_ORDER, (2, 1): ANY_ORDER}
 
 
-ANY_ORDER = ("cam2image", "image2text")  # image2text last: the queries, connectors and MMDiT get no gradient in it
-# (TP, PP) at DP 2: PP=1 buckets every tower on one stage; DP 2 keeps the reductions' sums order-free (bitwise equal)
-ANY_ORDER_LAYOUTS = ((2, 1), (1, 2))
-
-
-def _overlap_any_task_order(paths):
-    """Two optimizer steps of ANY_ORDER with and without --overlap-grad-reduce --overlap-param-gather (distributed
-    optimizer, small buckets) per layout: the largest relative differences of the losses, of the norms of the reduced
-    gradients and of the trained weights, and how many parameters the overlapped run registered as ready after its
+def _train(paths, tp: int, pp: int, tasks, overlap: bool):
+    """OVERLAP_STEPS optimizer steps of ``tasks`` at (tp, pp) x DP=2 with the distributed optimizer, with or without
+    --overlap-grad-reduce --overlap-param-gather (small buckets): the per-step losses and reduced-gradient norms, the
+    trained weights, the number of buckets, and how many parameters the overlapped run registered as ready after its
     last backward (0 would mean nothing was unused)."""
     from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 
@@ -163,74 +144,84 @@ def _overlap_any_task_order(paths):
     from megatron_puffin.distributed import process_groups
     from megatron_puffin.models.puffin import build_puffin
     from megatron_puffin.training import data_parallel
-    from megatron_puffin.training.towers import freeze_towers
     from megatron_puffin.training.optimizer import build_optimizer
     from megatron_puffin.training.step import train_step
+    from megatron_puffin.training.towers import freeze_towers
+
+    ctx = mpd.initialize(tp, pp, seed=0)
+    parallel = ParallelConfig(use_distributed_optimizer=True, overlap_grad_reduce=overlap,
+                              overlap_param_gather=overlap, ddp_bucket_size=2000 if overlap else None)
+    config = _config(paths, 1 if pp > 1 else None)
+    torch.manual_seed(0)
+    model = build_puffin(config, ctx.is_first_pipeline_stage, ctx.is_last_pipeline_stage,
+                         pg_collection=process_groups())
+    freeze_towers(model, config.model)
+    model.train()
+    unblock_generation_gradients(model)  # the last stage's diffusion loss reaches the queries and the LLM
+    ddp = DistributedDataParallel(model.config, data_parallel.data_parallel_config(parallel), model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    data_parallel.wire_overlap(model.config, ddp)
+    registered = []
+    if overlap:  # count what the mechanism under test registers (the wrapped finalize calls the module's name)
+        original = data_parallel.register_unused_parameters_ready
+        data_parallel.register_unused_parameters_ready = lambda d: registered.append(original(d)) or registered[-1]
+    optimizer = build_optimizer([ddp], TrainingConfig(lr=1e-3, weight_decay=0.0), PrecisionConfig(), True)
+    batches = task_batches(paths, micro_batch_size=GLOBAL_BATCH // ctx.data_parallel_size,
+                           data_parallel_rank=ctx.dp_rank, data_parallel_size=ctx.data_parallel_size,
+                           steps=OVERLAP_STEPS)
+    losses, grad_norms = [], []
+    try:
+        for step in range(OVERLAP_STEPS):
+            result = train_step(ddp, optimizer, [batches[task][step] for task in tasks])
+            losses.append(result.task_losses)
+            grad_norms.append(result.grad_norm)  # of the reduced gradients, over all ranks
+    finally:
+        if overlap:
+            data_parallel.register_unused_parameters_ready = original
+    with data_parallel.gathered_parameters(ddp):
+        weights = {name: param.detach().clone() for name, param in model.named_parameters()}
+    return {"losses": losses, "grad_norms": grad_norms, "weights": weights, "registered": sum(registered),
+            "buckets": sum(len(group.buckets) for group in ddp.bucket_groups),
+            "first": ctx.is_first_pipeline_stage, "last": ctx.is_last_pipeline_stage}
+
+
+def _overlap(paths):
+    """Per layout of OVERLAP_RUNS, the run without and the run with overlap, compared: the largest relative
+    differences of the losses, of the reduced-gradient norms and of the trained weights, whether the losses moved,
+    and what the overlapped run registered and bucketed against the plain one."""
 
     def relative(ours, ref):
         return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
-    def run(tp, pp, overlap):
-        ctx = mpd.initialize(tp, pp, seed=0)
-        parallel = ParallelConfig(use_distributed_optimizer=True, overlap_grad_reduce=overlap,
-                                  overlap_param_gather=overlap, ddp_bucket_size=2000 if overlap else None)
-        config = _config(paths, 1 if pp > 1 else None)
-        torch.manual_seed(0)
-        model = build_puffin(config, ctx.is_first_pipeline_stage, ctx.is_last_pipeline_stage,
-                             pg_collection=process_groups())
-        freeze_towers(model, config.model)
-        model.train()
-        unblock_generation_gradients(model)  # the last stage's diffusion loss reaches the queries and the LLM
-        ddp = DistributedDataParallel(model.config, data_parallel.data_parallel_config(parallel), model)
-        model.config.finalize_model_grads_func = finalize_model_grads
-        data_parallel.wire_overlap(model.config, ddp)
-        registered = []
-        if overlap:  # count what the mechanism under test registers (the wrapped finalize calls the module's name)
-            original = data_parallel.register_unused_parameters_ready
-            data_parallel.register_unused_parameters_ready = lambda d: registered.append(original(d)) or registered[-1]
-        optimizer = build_optimizer([ddp], TrainingConfig(lr=1e-3, weight_decay=0.0), PrecisionConfig(), True)
-        batches = task_batches(paths, micro_batch_size=GLOBAL_BATCH // ctx.data_parallel_size,
-                               data_parallel_rank=ctx.dp_rank, data_parallel_size=ctx.data_parallel_size,
-                               steps=OVERLAP_STEPS)
-        losses, grad_norms = [], []
-        try:
-            for step in range(OVERLAP_STEPS):
-                result = train_step(ddp, optimizer, [batches[task][step] for task in ANY_ORDER])
-                losses.append(result.task_losses)
-                grad_norms.append(result.grad_norm)  # of the reduced gradients, over all ranks
-        finally:
-            if overlap:
-                data_parallel.register_unused_parameters_ready = original
-        with data_parallel.gathered_parameters(ddp):
-            weights = {name: param.detach().clone() for name, param in model.named_parameters()}
-        return losses, grad_norms, weights, sum(registered), ctx.is_last_pipeline_stage
-
     results = {}
-    for tp, pp in ANY_ORDER_LAYOUTS:
-        plain, overlapped = run(tp, pp, False), run(tp, pp, True)
-        loss_error = max((abs(o - r) / abs(r) for step, ref in enumerate(plain[0]) for task, (r,) in ref.items()
-                          for o in overlapped[0][step][task]), default=0.0) if plain[4] else 0.0
+    for (tp, pp), tasks in OVERLAP_RUNS.items():
+        plain, overlapped = _train(paths, tp, pp, tasks, False), _train(paths, tp, pp, tasks, True)
+        loss_error = max((abs(o - r) / abs(r) for step, ref in enumerate(plain["losses"]) for task, (r,) in ref.items()
+                          for o in overlapped["losses"][step][task]), default=0.0) if plain["last"] else 0.0
         results[(tp, pp)] = {
-            "loss": loss_error, "trained": plain[0][0] != plain[0][-1] if plain[4] else True,
-            "grad_norm": max(abs(o - r) / r for o, r in zip(overlapped[1], plain[1])),
-            "weight": max(relative(overlapped[2][name], ref) for name, ref in plain[2].items()),
-            "registered": overlapped[3],
+            "loss": loss_error, "trained": plain["losses"][0] != plain["losses"][-1] if plain["last"] else True,
+            "tasks": sorted(plain["losses"][0]) if plain["last"] else None,
+            "grad_norm": max(abs(o - r) / r for o, r in zip(overlapped["grad_norms"], plain["grad_norms"])),
+            "weight": max(relative(overlapped["weights"][name], ref) for name, ref in plain["weights"].items()),
+            "registered": overlapped["registered"], "first": plain["first"],
+            "buckets": (plain["buckets"], overlapped["buckets"]),
         }
     return results
 
 
-def _worker(paths, root):
-    return {"parity": _parity(paths, root), "plain": _train(paths, overlap=False),
-            "overlap": _train(paths, overlap=True), "any_order": _overlap_any_task_order(paths)}
+def _worker(paths, root, reference_grads):
+    return {"parity": _parity(paths, root, reference_grads), "overlap": _overlap(paths)}
 
 
 def test_uneven_pipeline_stages_and_overlapped_communication(tmp_path):
     from helpers.puffin import TASK_STREAMS, make_tiny_dataset
 
+    assert sorted(SIX_TASK_ORDER) == sorted(TASK_STREAMS) and SIX_TASK_ORDER[-1] == "image2text"
     paths = make_tiny_dataset(tmp_path / "data")
-    per_rank = run_distributed(_worker, 4, paths, str(tmp_path / "ckpt"))
-    reference = per_rank[0]["parity"]["reference"]
+    root = str(tmp_path / "ckpt")
+    reference, reference_grads = _reference(paths, root)
     assert sorted(reference) == sorted(TASK_STREAMS)
+    per_rank = run_distributed(_worker, 4, paths, root, reference_grads)
     layers = {layout: [r["parity"][layout]["layers"] for r in per_rank] for layout in PLACEMENTS}
     assert layers[(1, 2)] == [1, 1, 5, 5]  # ranks 0,1 first stage (DP 2), ranks 2,3 last
     assert layers[(1, 4)] == [1, 2, 2, 1]
@@ -243,22 +234,16 @@ def test_uneven_pipeline_stages_and_overlapped_communication(tmp_path):
                     assert abs(ours - ref) <= REL_TOL * abs(ref), (rank, layout, task, ours, ref)
             worst = max(values["grad_errors"].items(), key=lambda kv: kv[1])
             assert worst[1] <= REL_TOL, f"rank {rank} layout {layout}: gradient {worst[0]} rel error {worst[1]:.2e}"
-        plain, overlap = result["plain"], result["overlap"]
-        if overlap["first"]:  # megatron-core buckets the first stage only (later stages are off the critical path)
-            assert overlap["buckets"] > plain["buckets"], "the small --ddp-bucket-size must split the buffers"
-        if plain["last"]:
-            for step in range(OVERLAP_STEPS):
-                for task, (ref,) in plain["losses"][step].items():
-                    (ours,) = overlap["losses"][step][task]
-                    assert abs(ours - ref) <= OVERLAP_TOL * abs(ref), (rank, step, task, ours, ref)
-        for name, ref in plain["weights"].items():
-            error = ((overlap["weights"][name] - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-            assert error <= OVERLAP_TOL, (rank, name, error)
-        if plain["last"]:  # the steps trained: the losses moved
-            assert plain["losses"][0] != plain["losses"][-1]
-        for layout, errors in result["any_order"].items():  # image2text last (see _overlap_any_task_order)
+        for layout, errors in result["overlap"].items():  # overlapped against plain (see _overlap)
             assert max(errors["loss"], errors["grad_norm"], errors["weight"]) <= OVERLAP_TOL, (rank, layout, errors)
-            assert errors["trained"], (rank, layout)
-        assert result["any_order"][(2, 1)]["registered"] > 0  # the MMDiT, connectors and queries were unused
+            assert errors["trained"], (rank, layout)  # the steps trained: the losses moved
+            # megatron-core buckets the first stage only (later stages are off the critical path)
+            if errors["first"]:
+                plain_buckets, overlap_buckets = errors["buckets"]
+                assert overlap_buckets > plain_buckets, "the small --ddp-bucket-size must split the buffers"
+        six = result["overlap"][(1, 2)]
+        if rank >= 2:  # the last stage at PP=2 ran every task
+            assert six["tasks"] == sorted(TASK_STREAMS), (rank, six["tasks"])
+        assert result["overlap"][(2, 1)]["registered"] > 0  # the MMDiT, connectors and queries were unused
         if rank < 2:  # the first stage at PP=2 (ranks 0, 1): the meta queries are unused by image2text
-            assert result["any_order"][(1, 2)]["registered"] > 0
+            assert six["registered"] > 0

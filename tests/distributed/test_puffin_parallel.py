@@ -1,9 +1,10 @@
 """The composed Puffin model, all six tasks in one step, at TP=2, PP=2, TP=2 x PP=2 and DP=2 (same global batch)
 against one process: per-task losses and every gradient within 1e-5 relative (fp32, 4 gloo ranks, one spawn).
 
-Weights come from one distributed checkpoint of the reference model (so every layout starts from the same
-values); gradients are compared by saving them as a distributed checkpoint and reading it back at TP=1/PP=1,
-which reshards through megatron-core's own dist-checkpointing."""
+The one-process reference runs once, in the test's own process (before, each of the 4 ranks ran it as a data-parallel
+replica); it writes the distributed checkpoint of its weights that every layout starts from. Each layout's gradients
+are compared by saving them as a distributed checkpoint and reading it back at TP=1/PP=1, which reshards through
+megatron-core's own dist-checkpointing."""
 import torch
 
 from helpers.multiprocess import run_distributed
@@ -61,22 +62,37 @@ def _full_state(paths, directory):
     ctx = mpd.initialize(1, 1, seed=0)
     model, _ = _build(paths, ctx)
     load_model_checkpoint(model, directory)
+    return _full_floats(model)
+
+
+def _full_floats(model):
     return {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v) and v.is_floating_point()}
 
 
-def _worker(paths, root):
+def _reference(paths, root):
+    """One process (this one): saves the weights checkpoint of every layout; returns the task losses, the sample
+    indices and every gradient (frozen or unused parameters: zeros) under the TP=1/PP=1 state-dict names."""
     import megatron_puffin.distributed as mpd
     from helpers.puffin import unblock_generation_gradients
-    from megatron_puffin.training.checkpointing import load_model_checkpoint, save_checkpoint
+    from megatron_puffin.training.checkpointing import save_checkpoint
 
     ctx = mpd.initialize(1, 1, seed=0)
-    model, ddp = _build(paths, ctx)
-    unblock_generation_gradients(model)  # trained-like projector_1/2 (they start at zero)
-    save_checkpoint(model.sharded_state_dict(), f"{root}/weights")
-    reference, ref_indices = _step(paths, ctx, ddp, whole_batch=True)  # every rank: the one-process reference
-    _grads_as_weights(model)
-    save_checkpoint(model.sharded_state_dict(), f"{root}/grads_ref")
-    results = {"reference": reference.task_losses, "ref_indices": ref_indices}
+    try:
+        model, ddp = _build(paths, ctx)
+        unblock_generation_gradients(model)  # trained-like projector_1/2 (they start at zero)
+        save_checkpoint(model.sharded_state_dict(), f"{root}/weights")
+        result, indices = _step(paths, ctx, ddp, whole_batch=True)
+        _grads_as_weights(model)
+        return {"losses": result.task_losses, "indices": indices, "grads": _full_floats(model)}
+    finally:
+        mpd.destroy()
+
+
+def _worker(paths, root, reference_grads):
+    import megatron_puffin.distributed as mpd
+    from megatron_puffin.training.checkpointing import load_model_checkpoint, save_checkpoint
+
+    results = {}
     for tp, pp in LAYOUTS:
         ctx = mpd.initialize(tp, pp, seed=0)
         model, ddp = _build(paths, ctx)
@@ -87,7 +103,6 @@ def _worker(paths, root):
         save_checkpoint(model.sharded_state_dict(), f"{root}/grads_{tp}{pp}")
         results[(tp, pp)] = {"losses": result.task_losses, "indices": indices, "meta_grad": meta_grad,
                              "dp": ctx.data_parallel_size, "last": ctx.is_last_pipeline_stage}
-    reference_grads = _full_state(paths, f"{root}/grads_ref")
     for tp, pp in LAYOUTS:
         grads = _full_state(paths, f"{root}/grads_{tp}{pp}")
         errors = {}
@@ -95,7 +110,6 @@ def _worker(paths, root):
             scale = ref.abs().max().clamp_min(1e-30)
             errors[name] = ((grads[name] - ref).abs().max() / scale).item()
         results[(tp, pp)]["grad_errors"] = errors
-        results[(tp, pp)]["nonzero_grads"] = sum(int(ref.abs().max() > 0) for ref in reference_grads.values())
     return results
 
 
@@ -103,13 +117,16 @@ def test_all_tasks_match_one_process_at_tp2_pp2_tp2pp2_and_dp2(tmp_path):
     from helpers.puffin import TASK_STREAMS, assert_layout_matches_reference, make_tiny_dataset
 
     paths = make_tiny_dataset(tmp_path / "data")
-    per_rank = run_distributed(_worker, 4, paths, str(tmp_path / "ckpt"))
-    reference = per_rank[0]["reference"]
-    assert sorted(reference) == sorted(TASK_STREAMS)
+    root = str(tmp_path / "ckpt")
+    reference = _reference(paths, root)
+    assert sorted(reference["losses"]) == sorted(TASK_STREAMS)
+    assert sum(int(ref.abs().max() > 0) for ref in reference["grads"].values()) > 20
+    per_rank = run_distributed(_worker, 4, paths, root, reference["grads"])
+    for layout in LAYOUTS:  # the data-parallel ranks split the reference's global batch
+        assert set().union(*(result[layout]["indices"] for result in per_rank)) == set(reference["indices"]), layout
     for rank, result in enumerate(per_rank):
         for layout in LAYOUTS:
             values = result[layout]
-            assert_layout_matches_reference(values, reference, REL_TOL, (rank, layout))
+            assert_layout_matches_reference(values, reference["losses"], REL_TOL, (rank, layout))
             if values["meta_grad"] is not None:  # first stage: the diffusion loss reached the queries across PP
                 assert values["meta_grad"] > 0, (rank, layout)
-            assert values["nonzero_grads"] > 20

@@ -4,9 +4,10 @@
 
 Every tower is trainable (vision included: every data-parallel replica runs the whole batch, so the ViT's train-mode
 CPE draws are the same at every layout). The ViT gets 3 class tokens, so its 3 + 36 tokens per image are odd and the sequence-parallel split
-pads them (masked keys); the LLM rows are padded to a multiple of 2 whenever their length is odd. Weights come from
-one distributed checkpoint of the reference; gradients are compared by saving them as a distributed checkpoint and
-reading it back at TP=1, which reshards through megatron-core's own dist-checkpointing."""
+pads them (masked keys); the LLM rows are padded to a multiple of 2 whenever their length is odd. The one-process
+reference runs once, in the test's own process (before, each of the 4 ranks ran it), and writes the distributed
+checkpoint of the weights every layout starts from; each layout's gradients are compared by saving them as a
+distributed checkpoint and reading it back at TP=1, which reshards through megatron-core's own dist-checkpointing."""
 import torch
 
 from helpers.multiprocess import run_distributed
@@ -65,10 +66,10 @@ def _relative_errors(reference, ours):
             for name, ref in reference.items()}
 
 
-def _run(paths, root, name, batches, tp, pp, sequence_parallel):
-    """One step on the weights of ``root/weights``; saves its gradients as ``root/name`` (a checkpoint)."""
+def _run_step(paths, root, batches, tp, pp, sequence_parallel):
+    """One step on the weights of ``root/weights``: (the model holding its gradients, its results)."""
     import megatron_puffin.distributed as mpd
-    from megatron_puffin.training.checkpointing import load_model_checkpoint, save_checkpoint
+    from megatron_puffin.training.checkpointing import load_model_checkpoint
 
     ctx = mpd.initialize(tp, pp, seed=0)
     model, ddp = _build(paths, ctx, sequence_parallel=sequence_parallel)
@@ -77,8 +78,16 @@ def _run(paths, root, name, batches, tp, pp, sequence_parallel):
     marked = sorted(n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", False))
     text = _decode(paths, model, batches[0]) if pp == 1 else None
     _grads_as_weights(model)
+    return model, {"losses": losses, "marked": marked, "last": ctx.is_last_pipeline_stage, "text": text}
+
+
+def _run(paths, root, name, batches, tp, pp, sequence_parallel):
+    """One step on the weights of ``root/weights``; saves its gradients as ``root/name`` (a checkpoint)."""
+    from megatron_puffin.training.checkpointing import save_checkpoint
+
+    model, results = _run_step(paths, root, batches, tp, pp, sequence_parallel)
     save_checkpoint(model.sharded_state_dict(), f"{root}/{name}")
-    return {"losses": losses, "marked": marked, "last": ctx.is_last_pipeline_stage, "text": text}
+    return results
 
 
 def _decode(paths, model, batch):
@@ -96,25 +105,33 @@ def _decode(paths, model, batch):
     return output.text
 
 
-def _worker(paths, root):
+def _reference(paths, root):
+    """One process (this one): writes ``root/weights``; returns the micro-batches of every layout, the reference's
+    results and its gradients (frozen or unused parameters: zeros) under the TP=1 state-dict names."""
     import megatron_puffin.distributed as mpd
     from helpers.puffin import TASK_STREAMS, mixed_size_batch, task_batches, unblock_generation_gradients
     from megatron_puffin.training.checkpointing import save_checkpoint
 
-    model, _ = _build(paths, mpd.initialize(1, 1, seed=0), sequence_parallel=False)
-    unblock_generation_gradients(model)  # trained-like projector_1/2 (they start at zero)
-    save_checkpoint(model.sharded_state_dict(), f"{root}/weights")
-    # Every rank runs the whole batch (data-parallel replicas of identical data average to the same gradient), so
-    # the trainable ViT's train-mode CPE draws are the same at every layout.
-    batches = task_batches(paths, micro_batch_size=BATCH)
-    ordered = [batches[task][0] for task in TASK_STREAMS]
-    ordered[-1] = mixed_size_batch(ordered[-1])  # image2image with mixed latent sizes: a padded DiT stream
-    results = {"seq_lengths": [int(batch["input_ids"].shape[1]) for batch in ordered]}
-    results["reference"] = _run(paths, root, "grads_ref", ordered, 1, 1, sequence_parallel=False)
+    try:
+        model, _ = _build(paths, mpd.initialize(1, 1, seed=0), sequence_parallel=False)
+        unblock_generation_gradients(model)  # trained-like projector_1/2 (they start at zero)
+        save_checkpoint(model.sharded_state_dict(), f"{root}/weights")
+        # Every rank runs the whole batch (data-parallel replicas of identical data average to the same gradient),
+        # so the trainable ViT's train-mode CPE draws are the same at every layout.
+        batches = task_batches(paths, micro_batch_size=BATCH)
+        ordered = [batches[task][0] for task in TASK_STREAMS]
+        ordered[-1] = mixed_size_batch(ordered[-1])  # image2image with mixed latent sizes: a padded DiT stream
+        model, results = _run_step(paths, root, ordered, 1, 1, sequence_parallel=False)
+        grads = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v) and v.is_floating_point()}
+        return ordered, results, grads
+    finally:
+        mpd.destroy()
+
+
+def _worker(paths, root, ordered, reference_grads):
+    results = {}
     for tp, pp in LAYOUTS:
         results[(tp, pp)] = _run(paths, root, f"grads_{tp}{pp}", ordered, tp, pp, sequence_parallel=True)
-    reference_grads = _full_state(paths, f"{root}/grads_ref")
-    results["nonzero"] = sum(int(ref.abs().max() > 0) for ref in reference_grads.values())
     for tp, pp in LAYOUTS:
         results[(tp, pp)]["grad_errors"] = _relative_errors(reference_grads, _full_state(paths, f"{root}/grads_{tp}{pp}"))
     return results
@@ -124,18 +141,21 @@ def test_sequence_parallel_at_tp2_and_tp2pp2_matches_one_process_on_all_tasks(tm
     from helpers.puffin import TASK_STREAMS, assert_layout_matches_reference, make_tiny_dataset
 
     paths = make_tiny_dataset(tmp_path / "data")
-    per_rank = run_distributed(_worker, 4, paths, str(tmp_path / "ckpt"))
-    assert any(length % 2 for length in per_rank[0]["seq_lengths"]), "no odd LLM row: the padding path is untested"
-    reference = per_rank[0]["reference"]["losses"]
+    root = str(tmp_path / "ckpt")
+    ordered, reference_results, reference_grads = _reference(paths, root)
+    seq_lengths = [int(batch["input_ids"].shape[1]) for batch in ordered]
+    assert any(length % 2 for length in seq_lengths), "no odd LLM row: the padding path is untested"
+    reference = reference_results["losses"]
     assert sorted(reference) == sorted(TASK_STREAMS)
+    assert sum(int(ref.abs().max() > 0) for ref in reference_grads.values()) > 20
+    per_rank = run_distributed(_worker, 4, paths, root, ordered, reference_grads)
     worst_loss, worst_grad = 0.0, 0.0
     for rank, result in enumerate(per_rank):
-        assert result["nonzero"] > 20
         for layout in LAYOUTS:
             loss_error, grad_error = assert_layout_matches_reference(result[layout], reference, REL_TOL,
                                                                      (rank, layout))
             worst_loss, worst_grad = max(worst_loss, loss_error), max(worst_grad, grad_error)
-        assert result[(2, 1)]["text"] == result["reference"]["text"]  # decoding the SP model works, unchanged
+        assert result[(2, 1)]["text"] == reference_results["text"]  # decoding the SP model works, unchanged
         # Every norm weight of every tower (and the row-parallel biases) is marked for the TP all-reduce.
         marked = result[(2, 1)]["marked"]
         for fragment in ("llm.decoder.layers.0.input_layernorm.weight", "llm.decoder.final_layernorm.weight",

@@ -6,9 +6,12 @@ unchanged; each rank first calls ``megatron_puffin.platform.setup()``, as every 
 each rank's return value (tensors must be CPU; keep them small), always tears the process group down
 (``megatron_puffin.distributed.destroy``), and re-raises the first rank's exception with its traceback.
 
-The ranks are spawned once per world size and pytest process and then serve call after call: spawning and
-importing torch + megatron-core cost ~6 s of CPU per rank, which every distributed test module used to pay again.
-A call that fails or times out kills its ranks (the next call spawns fresh ones), so a broken collective never
+The ranks are started once per world size and pytest process and then serve call after call: importing torch +
+megatron-core costs ~6 s of CPU per interpreter, which every distributed test module used to pay again. They are
+forked from multiprocessing's forkserver, which has imported the package once (the same server as the one-process
+CLI runs of helpers/puffin.py, with the same preload), so a new group of ranks does not pay the imports again either
+(spawned ranks paid them once per rank: 6 ranks, ~36 s of CPU, for tests/distributed).
+A call that fails or times out kills its ranks (the next call starts fresh ones), so a broken collective never
 leaks into the next test; :func:`close_pools` (called by tests/conftest.py when the suite leaves a folder of tests)
 ends them. A worker should still run several checks (``initialize`` can be called again with other TP/PP sizes)
 and return all their results together.
@@ -43,13 +46,14 @@ def _serve(rank: int, world_size: int, tasks: Any, results: Any) -> None:
     torch.set_num_threads(1)
     from megatron_puffin.platform import setup
 
-    setup()  # a spawned rank is a new interpreter: megatron-core's patches are applied here, as at any start-up
+    setup()  # the forkserver only imported the package: megatron-core's patches are applied here, as at any start-up
     while True:
         task = tasks.get()
         if task is None:
             return
         port, path, payload = task
-        sys.path[:0] = [entry for entry in path if entry not in sys.path]  # test folders collected after the spawn
+        # test folders collected after the forkserver started
+        sys.path[:0] = [entry for entry in path if entry not in sys.path]
         os.environ["MASTER_PORT"] = str(port)
         _run_task(rank, payload, results)
         gc.collect()
@@ -76,29 +80,36 @@ def _run_task(rank: int, payload: bytes, results: Any) -> None:
             pass
 
 
+def _rank_context():
+    """multiprocessing's forkserver context; its server (one per pytest process, started on first use, also by
+    helpers/puffin.py's CLI runs) imports :data:`helpers.puffin.CLI_PRELOAD` once, and every rank forks from it."""
+    from helpers.puffin import CLI_PRELOAD
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(dict.fromkeys(["megatron_puffin.platform", *CLI_PRELOAD])))
+    return ctx
+
+
 class _Pool:
-    """``world_size`` spawned ranks, each with its own task queue and one shared result queue."""
+    """``world_size`` ranks forked from the forkserver, each with its own task queue and one shared result queue."""
 
     def __init__(self, world_size: int) -> None:
-        # Children read these at interpreter start: keep their logs to what the test is about.
+        from helpers.puffin import CLI_ENV, _environ
+
+        # Kept from the spawned ranks (which read it at start-up): later subprocesses of the suite inherit it.
         os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning")
-        # The CPU-parity tests run the gloo/CPU path even on a GPU machine (several ranks cannot share one GPU with
-        # NCCL); GPU paths are tested under tests/gpu.
-        saved_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        ctx = mp.get_context("spawn")
+        ctx = _rank_context()
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         self.procs = [ctx.Process(target=_serve, args=(rank, world_size, self.tasks[rank], self.results),
                                   daemon=False) for rank in range(world_size)]
-        try:
+        # The forkserver, if this starts it, runs in the CLI runs' environment, whoever starts it first: warnings
+        # ignored (the ranks' logs stay with what the test is about) and the GPUs hidden (the CPU-parity tests run
+        # the gloo/CPU path even on a GPU machine: several ranks cannot share one GPU with NCCL; GPU paths are
+        # tested under tests/gpu).
+        with _environ(CLI_ENV):
             for proc in self.procs:
                 proc.start()
-        finally:  # only the children must not see the GPUs
-            if saved_visible is None:
-                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = saved_visible
 
     def alive(self) -> bool:
         return all(proc.is_alive() for proc in self.procs)
