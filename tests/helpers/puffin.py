@@ -193,6 +193,67 @@ def _wait_for_ranks(children: list, timeout: float) -> None:
                 deadline = min(deadline, time.monotonic() + 30)  # then killed, as torchrun would
 
 
+def _start_forked(script, argv: list, cwd, env: Dict[str, str], out_path: str, err_path: str):
+    """One process of ``python SCRIPT ARGV`` forked from the pre-imported server (started on first use, with
+    :data:`CLI_PRELOAD` imported in :data:`CLI_ENV`); its output goes to the two files."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(CLI_PRELOAD)
+    child = context.Process(target=_script_main_in_child,
+                            args=(str(script), [str(arg) for arg in argv], str(cwd), env, out_path, err_path))
+    with _environ(CLI_ENV):  # the server (started once, on first use) runs in the CLI's environment
+        child.start()
+    return child
+
+
+class ForkedProcess:
+    """A running ``python SCRIPT ARGS`` forked from the pre-imported server (:func:`start_script`), with the
+    ``subprocess.Popen`` calls the signal tests use: ``pid``, ``poll``, ``send_signal``, ``kill``, ``wait``, and
+    ``communicate`` (its stdout and stderr once it ended). The exit code is the script's ``sys.exit`` code, or minus
+    the signal that ended it."""
+
+    def __init__(self, script, argv: list, cwd, env: Dict[str, str]) -> None:
+        self._tmp = tempfile.mkdtemp(prefix="puffin-forked-")
+        self._paths = (os.path.join(self._tmp, "stdout"), os.path.join(self._tmp, "stderr"))
+        self._child = _start_forked(script, argv, cwd, env, *self._paths)
+        self.pid = self._child.pid
+
+    def poll(self) -> Optional[int]:
+        return self._child.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self._child.kill()
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        self._child.join(timeout)
+        if self._child.exitcode is None:
+            raise subprocess.TimeoutExpired(str(self.pid), timeout)
+        return self._child.exitcode
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self._child.exitcode
+
+    def communicate(self, timeout: Optional[float] = None) -> Tuple[str, str]:
+        self.wait(timeout)
+        out, err = (Path(path).read_text(errors="replace") if os.path.exists(path) else "" for path in self._paths)
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        return out, err
+
+
+def start_script(script, *args, cwd=ROOT, env: Optional[Dict[str, str]] = None) -> ForkedProcess:
+    """Start ``python SCRIPT ARGS`` in ``cwd`` forked from the pre-imported server and return at once (tests that
+    signal or kill a running training process; ``env`` must have the suite's hash seed, see :func:`run_script`)."""
+    env = env or CLI_ENV
+    if env.get("PYTHONHASHSEED") != CLI_ENV.get("PYTHONHASHSEED"):
+        raise ValueError("start_script: env's PYTHONHASHSEED differs from the forkserver's; start a subprocess")
+    return ForkedProcess(script, list(args), cwd, env)
+
+
 def _run_forked_script(script, argv, cwd, timeout: int, env: Dict[str, str],
                        nproc: int = 1) -> subprocess.CompletedProcess:
     """``python SCRIPT ARGV`` (or its ``nproc`` ranks, as under torchrun) in new processes forked from a server that
@@ -200,20 +261,13 @@ def _run_forked_script(script, argv, cwd, timeout: int, env: Dict[str, str],
     script, arguments, working directory, environment, exit code and output as real processes, without paying the
     imports again. Several ranks: the output is each rank's in rank order, and the exit code is 0 when every rank
     succeeded, else 1 (torchrun's)."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(CLI_PRELOAD)
     argv = [str(arg) for arg in argv]
     command = [Path(script).name, *argv] if nproc == 1 else ["torchrun", f"--nproc-per-node={nproc}", Path(script).name,
                                                              *argv]
     with tempfile.TemporaryDirectory() as tmp:
         files = [(os.path.join(tmp, f"stdout{rank}"), os.path.join(tmp, f"stderr{rank}")) for rank in range(nproc)]
-        children = [context.Process(target=_script_main_in_child, args=(str(script), argv, str(cwd), rank_env, *paths))
+        children = [_start_forked(script, argv, cwd, rank_env, *paths)
                     for rank_env, paths in zip(_rank_environments(env, nproc), files)]
-        with _environ(CLI_ENV):  # the server (started once, on first use) runs in the CLI's environment
-            for child in children:
-                child.start()
         try:
             _wait_for_ranks(children, timeout)
         except TimeoutError:
