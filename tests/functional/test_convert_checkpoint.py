@@ -1,4 +1,4 @@
-"""tools/convert_checkpoint.py end to end: HF -> distributed checkpoint written at TP=2 by torchrun -> HF,
+"""tools/convert_checkpoint.py end to end: HF -> distributed checkpoint written at TP=2 by two ranks -> HF,
 loadable by transformers and bit-identical to the original; diffusers SD3 <-> MMDiT checkpoint (bit-exact);
 a RADIO checkpoint -> a vision checkpoint that --vision-checkpoint loads; a released Puffin .pth -> a whole-model
 checkpoint that starts a stage through --pretrained-checkpoint (only the towers the file supplied)."""
@@ -52,7 +52,7 @@ def test_hf_round_trip_through_a_tp2_distributed_checkpoint(tmp_path):
 
 # --- MMDiT, RADIO and released Puffin files ------------------------------------------------------------------------
 # Conversions that run as one process are called in this process (tools/convert_checkpoint.py's main()), which
-# saves an interpreter start each; the TP=2 writes run under torchrun.
+# saves an interpreter start each; the TP=2 writes run on two ranks (``_torchrun``).
 TINY = ROOT / "examples" / "tiny"
 TINY_SD3 = dict(sample_size=24, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
                 num_attention_heads=2, joint_attention_dim=20, caption_projection_dim=16, pooled_projection_dim=24,

@@ -435,8 +435,8 @@ def tiny_run() -> Path:
 
 def tiny_pp_run() -> Path:
     """The directory of :func:`tiny_run` plus ``pp/`` and ``pp_full.jsonl``: the same run at PP=2 with
-    ``--use-distributed-optimizer`` (torchrun, 2 ranks; the LLM layers split, the vision tower and the connectors on
-    different ranks), checkpoints ``iter_0000002`` and ``iter_0000004``. Trained once per test process; copy it."""
+    ``--use-distributed-optimizer`` (2 ranks as torchrun starts them, forked: :func:`run_script`; the LLM layers
+    split, the vision tower and the connectors on different ranks), checkpoints ``iter_0000002`` and ``iter_0000004``. Trained once per test process; copy it."""
     root = tiny_run()
     if not (root / "pp_full.jsonl").exists():
         run_pretrain(root, *RESUME_FLAGS, "--micro-batch-size", "2", "--use-distributed-optimizer",
