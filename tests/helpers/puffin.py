@@ -129,9 +129,13 @@ def _script_main_in_child(script: str, argv: list, cwd: str, env: Dict[str, str]
                           err_path: str) -> None:
     """Body of a forked run: ``python SCRIPT ARGV`` in ``cwd``, minus the interpreter start (the script runs as
     ``__main__`` and its ``sys.exit`` code becomes the process's exit code)."""
+    import multiprocessing
     import runpy
     import warnings
 
+    # A new interpreter's default start method (fork on Linux): a forkserver child inherits "forkserver", with which
+    # DataLoader workers would start from the server (not as this process's children, and seconds later).
+    multiprocessing.set_start_method(None, force=True)
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
