@@ -1,4 +1,4 @@
-"""tools/convert_checkpoint.py end to end: HF -> distributed checkpoint written at TP=2 by torchrun -> HF,
+"""tools/convert_checkpoint.py end to end: HF -> distributed checkpoint written at TP=2 by two ranks -> HF,
 loadable by transformers and bit-identical to the original; diffusers SD3 <-> MMDiT checkpoint (bit-exact);
 a RADIO checkpoint -> a vision checkpoint that --vision-checkpoint loads; a released Puffin .pth -> a whole-model
 checkpoint that starts a stage through --pretrained-checkpoint (only the towers the file supplied)."""
@@ -6,25 +6,23 @@ import functools
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers.llm import hf_qwen2, tiny_llm_config
-from helpers.puffin import run_pretrain
+from helpers.puffin import run_pretrain, run_script
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = str(ROOT / "tools" / "convert_checkpoint.py")
 
 
-def _run(cmd):
+def _torchrun(*args):
+    """``torchrun --standalone --nproc-per-node 2 tools/convert_checkpoint.py ARGS``: the two ranks forked from the
+    suite's pre-imported server, with torchrun's variables (helpers.puffin.run_script)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr[-4000:]}"
-    return result
+    return run_script(TOOL, *args, nproc=2, env=env, timeout=600)
 
 
 def test_hf_round_trip_through_a_tp2_distributed_checkpoint(tmp_path):
@@ -34,9 +32,8 @@ def test_hf_round_trip_through_a_tp2_distributed_checkpoint(tmp_path):
     original = hf_qwen2(config, seed=4)
     original.save_pretrained(tmp_path / "hf_in", safe_serialization=True)
 
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-          TOOL, "hf-to-mcore", "--hf-dir", str(tmp_path / "hf_in"), "--output", str(tmp_path / "ckpt"),
-          "--tensor-model-parallel-size", "2"])
+    _torchrun("hf-to-mcore", "--hf-dir", str(tmp_path / "hf_in"), "--output", str(tmp_path / "ckpt"),
+              "--tensor-model-parallel-size", "2")
     assert (tmp_path / "ckpt" / "puffin_meta.json").exists() and not (tmp_path / "ckpt.tmp").exists()
     # The one-process direction in this process (tools/convert_checkpoint.py's main(), see below): no interpreter start.
     assert _tool().main(["mcore-to-hf", "--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf_out")]) == 0
@@ -55,7 +52,7 @@ def test_hf_round_trip_through_a_tp2_distributed_checkpoint(tmp_path):
 
 # --- MMDiT, RADIO and released Puffin files ------------------------------------------------------------------------
 # Conversions that run as one process are called in this process (tools/convert_checkpoint.py's main()), which
-# saves an interpreter start each; the TP=2 writes run under torchrun.
+# saves an interpreter start each; the TP=2 writes run on two ranks (``_torchrun``).
 TINY = ROOT / "examples" / "tiny"
 TINY_SD3 = dict(sample_size=24, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
                 num_attention_heads=2, joint_attention_dim=20, caption_projection_dim=16, pooled_projection_dim=24,
@@ -68,10 +65,6 @@ def _tool():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _torchrun(*args):
-    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", TOOL, *args])
 
 
 def _meta(directory):

@@ -1,5 +1,5 @@
 """Exporting what was trained (tools/convert_checkpoint.py mcore-to-hf / mcore-to-towers) from a real training
-checkpoint written at PP=2 by torchrun (the LLM's TP=2 case: test_convert_checkpoint.py): transformers loads the
+checkpoint written at PP=2 by two ranks (the LLM's TP=2 case: test_convert_checkpoint.py): transformers loads the
 exported LLM and its logits equal our LLM tower's (fp32, atol 1e-5), the tokenizer and generation config are in the
 directory; the vision tower and query path reload from our format bit-identical to the checkpoint's tensors, and
 the reloaded vision tower gives the same features."""

@@ -1,8 +1,6 @@
 """pretrain_puffin.py with flag mistakes: one message listing every problem, exit 2, before any process group,
 data loader or model exists (the rules themselves are tested case by case in tests/unit/test_flag_mistakes.py)."""
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +9,7 @@ from megatron_puffin.camera import Camera
 from megatron_puffin.data.format import PuffinRecord, ShardWriter
 from megatron_puffin.data.tokenizer import train_sentencepiece_tokenizer
 
-from helpers.puffin import RESUME_FLAGS, tiny_run
+from helpers.puffin import RESUME_FLAGS, run_script, tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,9 +29,9 @@ def files(tmp_path_factory):
 
 
 def _cli(*flags, cwd=None, **env):
-    proc = subprocess.run([sys.executable, str(ROOT / "pretrain_puffin.py"), *map(str, flags)], capture_output=True,
-                          text=True, timeout=300, cwd=cwd,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", **env))
+    # the real command, forked from the suite's pre-imported server (helpers.puffin.run_script)
+    proc = run_script(ROOT / "pretrain_puffin.py", *flags, cwd=cwd or os.getcwd(), check=False, timeout=300,
+                      env=dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", **env))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "process group" not in proc.stderr
     return proc.stderr

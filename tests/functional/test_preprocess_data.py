@@ -4,13 +4,12 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from helpers.puffin import run_script
 from megatron_puffin.data.format import PuffinDataset
 from megatron_puffin.data.preprocess import PreprocessOptions, preprocess
 from megatron_puffin.data.synthetic import SyntheticOptions, make_synthetic_dataset
@@ -61,8 +60,8 @@ def _digest(root, with_times=False):
 
 def _run(*args):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=120)
+    # the real command, forked from the suite's pre-imported server (helpers.puffin.run_script)
+    return run_script(TOOL, *args, cwd=os.getcwd(), env=env, check=False, timeout=120)
 
 
 @pytest.fixture(scope="module")

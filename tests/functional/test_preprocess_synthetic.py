@@ -1,19 +1,17 @@
 """The documented path on synthetic data: make_synthetic_dataset.py -> preprocess_data.py -> loader batches."""
 import os
-import subprocess
-import sys
 from pathlib import Path
 
+from helpers.puffin import run_script
 from megatron_puffin.data import DataConfig, PuffinDataset, build_data_loader
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tool(name, *args):
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True,
-                            text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=180)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+    # the real command, forked from the suite's pre-imported server (helpers.puffin.run_script)
+    return run_script(ROOT / "tools" / name, *args, cwd=os.getcwd(), env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                      timeout=180).stdout
 
 
 def test_synthetic_dataset_through_preprocessing_into_the_loader(tmp_path):

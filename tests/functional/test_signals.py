@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.puffin import ROOT, make_tiny_dataset
+from helpers.puffin import ROOT, make_tiny_dataset, start_script
 
 TINY = ROOT / "examples" / "tiny"
 ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
@@ -134,9 +134,9 @@ def test_sigusr1_to_plain_torchrun_does_not_orphan_the_rank(workdir):
 
 
 def test_a_rank_killed_with_sigkill_takes_its_workers_with_it(workdir):
-    proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain_puffin.py"), *FLAGS, "--metrics-file",
-                             "kill.jsonl"], cwd=workdir, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    # The rank as a real process forked from the suite's pre-imported server (helpers.puffin.start_script); its
+    # workers are its forked children, as under python or torchrun.
+    proc = start_script(ROOT / "pretrain_puffin.py", *FLAGS, "--metrics-file", "kill.jsonl", cwd=workdir, env=ENV)
     _wait_for(lambda: _metrics_lines(workdir / "kill.jsonl") >= 1, proc, "one iteration")
     workers = [pid for pid in _children(proc.pid) if _alive(pid)]
     assert len(workers) >= 2, "expected two data-loader workers"

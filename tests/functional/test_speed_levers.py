@@ -2,13 +2,11 @@
 --cached-latents repeats the online run's losses; --length-grouped trains and logs its padding fraction."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers.puffin import ROOT, make_tiny_dataset, run_pretrain
+from helpers.puffin import ROOT, make_tiny_dataset, run_pretrain, run_script
 
 TINY = ROOT / "examples" / "tiny"
 ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
@@ -18,11 +16,9 @@ RUN = [f"@{TINY / 'model.args'}", "--num-workers", "0", "--log-interval", "1", "
        "--lr", "1e-3", "--lr-warmup-iters", "1"]
 
 
-def _run(cwd, *command):
-    proc = subprocess.run([sys.executable, *map(str, command)], cwd=cwd, env=ENV, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return proc
+def _run(cwd, script, *args):
+    """``python SCRIPT ARGS``, forked from the suite's pre-imported server (helpers.puffin.run_script)."""
+    return run_script(script, *args, cwd=cwd, env=ENV, timeout=600)
 
 
 def _losses(path):

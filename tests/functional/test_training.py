@@ -12,14 +12,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers.puffin import CLI_ENV as ENV, ROOT, make_tiny_dataset, metrics_losses as _losses, run_pretrain
+from helpers.puffin import CLI_ENV as ENV, ROOT, make_tiny_dataset, metrics_losses as _losses, run_pretrain, \
+    start_script
 
 TINY = ROOT / "examples" / "tiny"
 GOLDEN = Path(__file__).parent / "golden" / "stage2_sft.json"
@@ -50,9 +49,9 @@ def test_sigterm_then_resume_repeats_the_uninterrupted_run_exactly(workdir):
     full = _losses(workdir / "full.jsonl")
     assert sorted(full) == list(range(1, 9))
 
-    launcher = [sys.executable, str(ROOT / "pretrain_puffin.py"), *STAGE, *STREAMS, "--micro-batch-size", "2",
-                "--save", "run", "--metrics-file", "part1.jsonl"]
-    proc = subprocess.Popen(launcher, cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A real process (forked from the suite's pre-imported server, helpers.puffin.start_script) gets the SIGTERM.
+    proc = start_script(ROOT / "pretrain_puffin.py", *STAGE, *STREAMS, "--micro-batch-size", "2", "--save", "run",
+                        "--metrics-file", "part1.jsonl", cwd=workdir, env=ENV)
     metrics = workdir / "part1.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -60,7 +59,7 @@ def test_sigterm_then_resume_repeats_the_uninterrupted_run_exactly(workdir):
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.05)
-    output, _ = proc.communicate(timeout=300)
+    output = "".join(proc.communicate(timeout=300))
     assert proc.returncode == 75, output[-3000:]
     part1 = _losses(metrics)
     stopped = max(part1)
@@ -137,8 +136,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(workdir):
     from megatron_puffin.training.checkpointing import resolve_checkpoint
 
     flags = [*STAGE, *STREAMS, "--micro-batch-size", "2", "--save", "killed", "--save-interval", "2"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain_puffin.py"), *flags], cwd=workdir, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_script(ROOT / "pretrain_puffin.py", *flags, cwd=workdir, env=ENV)  # a real process, forked
     staging = workdir / "killed" / "iter_0000004.tmp"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not staging.exists():

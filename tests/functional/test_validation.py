@@ -3,14 +3,12 @@ held-out per-task losses equal to a separate no-grad pass (one process, the mode
 the same held-out samples with the saved weights, and validating does not change the training losses."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers.puffin import ROOT, make_tiny_dataset
+from helpers.puffin import ROOT, make_tiny_dataset, run_pretrain
 from megatron_puffin.training.objectives import puffin_loss
 
 TINY = ROOT / "examples" / "tiny"
@@ -23,11 +21,8 @@ VALID = ["--valid-task-stream", "image2text:tiny/heldout/main", "--valid-task-st
 
 
 def _run(cwd, *flags, nproc=2):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(ROOT / "pretrain_puffin.py"), *COMMON, *flags]
-    proc = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
+    """The two ranks forked from the suite's pre-imported server, as torchrun would start them (helpers.puffin)."""
+    return run_pretrain(cwd, *COMMON, *flags, nproc=nproc, env=ENV)
 
 
 def _records(path):

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -102,9 +103,14 @@ CLI_ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VI
 """The environment the functional tests run ``pretrain_puffin.py`` in (one thread per rank, no GPU)."""
 
 
-# What the forked one-process CLI runs find imported (the imports cost ~8 s of CPU per interpreter start).
+# What the forked CLI runs find imported (the imports cost ~8 s of CPU per interpreter start): the training entry
+# point's modules, the diffusers AutoencoderKL it imports when it builds the VAE (another ~5 s per run otherwise),
+# and the modules of the tools the functional tests run.
 CLI_PRELOAD = ["megatron_puffin.training.loop", "megatron_puffin.models.puffin", "megatron_puffin.data.loader",
-               "megatron_puffin.config", "megatron_puffin.training.layout"]
+               "megatron_puffin.config", "megatron_puffin.training.layout",
+               "diffusers.models.autoencoders.autoencoder_kl", "megatron_puffin.inference",
+               "megatron_puffin.convert.qwen2", "megatron_puffin.convert.sd3", "megatron_puffin.convert.hf_io",
+               "megatron_puffin.data.preprocess", "megatron_puffin.data.synthetic"]
 
 
 @contextlib.contextmanager
@@ -119,12 +125,17 @@ def _environ(env: Dict[str, str]):
         os.environ.update(saved)
 
 
-def _pretrain_main_in_child(argv: list, cwd: str, env: Dict[str, str], out_path: str, err_path: str) -> None:
-    """Body of a forked one-process run: ``python pretrain_puffin.py ARGV`` in ``cwd``, minus the interpreter start
-    (the script runs as ``__main__`` and its ``sys.exit`` code becomes the process's exit code)."""
+def _script_main_in_child(script: str, argv: list, cwd: str, env: Dict[str, str], out_path: str,
+                          err_path: str) -> None:
+    """Body of a forked run: ``python SCRIPT ARGV`` in ``cwd``, minus the interpreter start (the script runs as
+    ``__main__`` and its ``sys.exit`` code becomes the process's exit code)."""
+    import multiprocessing
     import runpy
     import warnings
 
+    # A new interpreter's default start method (fork on Linux): a forkserver child inherits "forkserver", with which
+    # DataLoader workers would start from the server (not as this process's children, and seconds later).
+    multiprocessing.set_start_method(None, force=True)
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -138,53 +149,173 @@ def _pretrain_main_in_child(argv: list, cwd: str, env: Dict[str, str], out_path:
         import torch
 
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-    script = str(ROOT / "pretrain_puffin.py")
     sys.argv = [script, *argv]
     runpy.run_path(script, run_name="__main__")
 
 
-def _run_forked(flags: tuple, cwd, timeout: int, env: Dict[str, str]) -> subprocess.CompletedProcess:
-    """A one-process ``pretrain_puffin.py`` run in a new process forked from a server that has imported
-    :data:`CLI_PRELOAD` once (multiprocessing's forkserver, started with :data:`CLI_ENV`): the same script, flags,
-    working directory, environment, exit code and output as a subprocess, without paying the imports again."""
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_environments(env: Dict[str, str], nproc: int) -> list:
+    """``env`` of each of ``nproc`` local ranks as ``torchrun --standalone --nproc-per-node NPROC`` sets the
+    variables the scripts read (megatron_puffin/distributed/launch.py): rank, sizes, a free loopback port. One
+    process: ``env`` unchanged (``python SCRIPT``)."""
+    if nproc == 1:
+        return [env]
+    port = str(_free_port())
+    return [dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                 GROUP_RANK="0", ROLE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            for rank in range(nproc)]
+
+
+def _wait_for_ranks(children: list, timeout: float) -> None:
+    """Wait for every rank; as torchrun does, the first rank that fails ends the others (which would otherwise wait
+    for it in a collective). Raises TimeoutError (after killing them all) past ``timeout`` seconds."""
+    from multiprocessing.connection import wait
+
+    deadline = time.monotonic() + timeout
+    running = list(children)
+    while running:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            for child in running:
+                child.kill()
+                child.join()
+            raise TimeoutError
+        for sentinel in wait([child.sentinel for child in running], left):
+            child = next(c for c in running if c.sentinel == sentinel)
+            child.join()
+            running.remove(child)
+            if child.exitcode != 0:
+                for other in running:
+                    other.terminate()
+                deadline = min(deadline, time.monotonic() + 30)  # then killed, as torchrun would
+
+
+def _start_forked(script, argv: list, cwd, env: Dict[str, str], out_path: str, err_path: str):
+    """One process of ``python SCRIPT ARGV`` forked from the pre-imported server (started on first use, with
+    :data:`CLI_PRELOAD` imported in :data:`CLI_ENV`); its output goes to the two files."""
     import multiprocessing
-    import tempfile
 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(CLI_PRELOAD)
-    argv = [str(flag) for flag in flags]
+    child = context.Process(target=_script_main_in_child,
+                            args=(str(script), [str(arg) for arg in argv], str(cwd), env, out_path, err_path))
+    with _environ(CLI_ENV):  # the server (started once, on first use) runs in the CLI's environment
+        child.start()
+    return child
+
+
+class ForkedProcess:
+    """A running ``python SCRIPT ARGS`` forked from the pre-imported server (:func:`start_script`), with the
+    ``subprocess.Popen`` calls the signal tests use: ``pid``, ``poll``, ``send_signal``, ``kill``, ``wait``, and
+    ``communicate`` (its stdout and stderr once it ended). The exit code is the script's ``sys.exit`` code, or minus
+    the signal that ended it."""
+
+    def __init__(self, script, argv: list, cwd, env: Dict[str, str]) -> None:
+        self._tmp = tempfile.mkdtemp(prefix="puffin-forked-")
+        self._paths = (os.path.join(self._tmp, "stdout"), os.path.join(self._tmp, "stderr"))
+        self._child = _start_forked(script, argv, cwd, env, *self._paths)
+        self.pid = self._child.pid
+
+    def poll(self) -> Optional[int]:
+        return self._child.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self._child.kill()
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        self._child.join(timeout)
+        if self._child.exitcode is None:
+            raise subprocess.TimeoutExpired(str(self.pid), timeout)
+        return self._child.exitcode
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self._child.exitcode
+
+    def communicate(self, timeout: Optional[float] = None) -> Tuple[str, str]:
+        self.wait(timeout)
+        out, err = (Path(path).read_text(errors="replace") if os.path.exists(path) else "" for path in self._paths)
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        return out, err
+
+
+def start_script(script, *args, cwd=ROOT, env: Optional[Dict[str, str]] = None) -> ForkedProcess:
+    """Start ``python SCRIPT ARGS`` in ``cwd`` forked from the pre-imported server and return at once (tests that
+    signal or kill a running training process; ``env`` must have the suite's hash seed, see :func:`run_script`)."""
+    env = env or CLI_ENV
+    if env.get("PYTHONHASHSEED") != CLI_ENV.get("PYTHONHASHSEED"):
+        raise ValueError("start_script: env's PYTHONHASHSEED differs from the forkserver's; start a subprocess")
+    return ForkedProcess(script, list(args), cwd, env)
+
+
+def _run_forked_script(script, argv, cwd, timeout: int, env: Dict[str, str],
+                       nproc: int = 1) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGV`` (or its ``nproc`` ranks, as under torchrun) in new processes forked from a server that
+    has imported :data:`CLI_PRELOAD` once (multiprocessing's forkserver, started with :data:`CLI_ENV`): the same
+    script, arguments, working directory, environment, exit code and output as real processes, without paying the
+    imports again. Several ranks: the output is each rank's in rank order, and the exit code is 0 when every rank
+    succeeded, else 1 (torchrun's)."""
+    argv = [str(arg) for arg in argv]
+    command = [Path(script).name, *argv] if nproc == 1 else ["torchrun", f"--nproc-per-node={nproc}", Path(script).name,
+                                                             *argv]
     with tempfile.TemporaryDirectory() as tmp:
-        out_path, err_path = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-        child = context.Process(target=_pretrain_main_in_child, args=(argv, str(cwd), env, out_path, err_path))
-        with _environ(CLI_ENV):  # the server (started once, on first use) runs in the CLI's environment
-            child.start()
-        child.join(timeout)
-        if child.is_alive():
-            child.kill()
-            child.join()
-            raise subprocess.TimeoutExpired(["pretrain_puffin.py", *argv], timeout)
-        out, err = (Path(path).read_text(errors="replace") if os.path.exists(path) else ""
-                    for path in (out_path, err_path))
-    return subprocess.CompletedProcess(["pretrain_puffin.py", *argv], child.exitcode, out, err)
+        files = [(os.path.join(tmp, f"stdout{rank}"), os.path.join(tmp, f"stderr{rank}")) for rank in range(nproc)]
+        children = [_start_forked(script, argv, cwd, rank_env, *paths)
+                    for rank_env, paths in zip(_rank_environments(env, nproc), files)]
+        try:
+            _wait_for_ranks(children, timeout)
+        except TimeoutError:
+            raise subprocess.TimeoutExpired(command, timeout) from None
+        out, err = ("".join(Path(path).read_text(errors="replace") if os.path.exists(path) else ""
+                            for path in paths) for paths in zip(*files))
+    codes = [child.exitcode for child in children]
+    code = codes[0] if nproc == 1 else int(any(codes))
+    return subprocess.CompletedProcess(command, code, out, err)
+
+
+def _run_forked(flags: tuple, cwd, timeout: int, env: Dict[str, str], nproc: int = 1) -> subprocess.CompletedProcess:
+    """A ``pretrain_puffin.py`` run forked from the pre-imported server (:func:`_run_forked_script`)."""
+    return _run_forked_script(ROOT / "pretrain_puffin.py", flags, cwd, timeout, env, nproc)
+
+
+def run_script(script, *args, cwd=ROOT, nproc: int = 1, check: bool = True, timeout: int = 900,
+               env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` in ``cwd`` (``torchrun --standalone --nproc-per-node NPROC SCRIPT ARGS`` when
+    ``nproc`` > 1) for a command-line tool (tools/*.py, pretrain_puffin.py), forked from the pre-imported server
+    when ``env`` has the suite's hash seed (:func:`_run_forked_script`; ``env`` then only differs from
+    :data:`CLI_ENV` in variables read after start-up), else as real processes. With ``check`` a non-zero exit
+    raises with the tail of its output. Tests of an interpreter's own start-up or of torchrun's behaviour (signals)
+    start real processes instead."""
+    env = env or CLI_ENV
+    if env.get("PYTHONHASHSEED") == CLI_ENV.get("PYTHONHASHSEED"):
+        proc = _run_forked_script(script, args, cwd, timeout, env, nproc)
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
+            if nproc > 1 else [sys.executable]
+        proc = subprocess.run(launcher + [str(script), *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{Path(script).name} exit {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
 
 
 def run_pretrain(cwd, *flags, nproc: int = 1, check: bool = True, timeout: int = 900,
                  env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-    """``pretrain_puffin.py FLAGS`` in ``cwd``, under torchrun with ``nproc`` ranks when ``nproc`` > 1; with ``check``
-    a non-zero exit raises with the tail of its output. One-process runs in :data:`CLI_ENV` are forked from a
-    pre-imported server (:func:`_run_forked`; ``env`` then only differs from it in variables read after start-up);
-    torchrun runs and runs with another hash seed start an interpreter."""
-    env = env or CLI_ENV
-    if nproc == 1 and env.get("PYTHONHASHSEED") == CLI_ENV.get("PYTHONHASHSEED"):
-        proc = _run_forked(flags, cwd, timeout, env)
-    else:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
-            if nproc > 1 else [sys.executable]
-        proc = subprocess.run(launcher + [str(ROOT / "pretrain_puffin.py"), *map(str, flags)], cwd=cwd,
-                              env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    """``pretrain_puffin.py FLAGS`` in ``cwd``, with ``nproc`` ranks (as under torchrun) when ``nproc`` > 1; see
+    :func:`run_script`."""
+    return run_script(ROOT / "pretrain_puffin.py", *flags, cwd=cwd, nproc=nproc, check=check, timeout=timeout,
+                      env=env)
 
 
 def metrics_losses(path) -> Dict[int, Dict[str, float]]:
@@ -308,8 +439,8 @@ def tiny_run() -> Path:
 
 def tiny_pp_run() -> Path:
     """The directory of :func:`tiny_run` plus ``pp/`` and ``pp_full.jsonl``: the same run at PP=2 with
-    ``--use-distributed-optimizer`` (torchrun, 2 ranks; the LLM layers split, the vision tower and the connectors on
-    different ranks), checkpoints ``iter_0000002`` and ``iter_0000004``. Trained once per test process; copy it."""
+    ``--use-distributed-optimizer`` (2 ranks as torchrun starts them, forked: :func:`run_script`; the LLM layers
+    split, the vision tower and the connectors on different ranks), checkpoints ``iter_0000002`` and ``iter_0000004``. Trained once per test process; copy it."""
     root = tiny_run()
     if not (root / "pp_full.jsonl").exists():
         run_pretrain(root, *RESUME_FLAGS, "--micro-batch-size", "2", "--use-distributed-optimizer",

@@ -1,6 +1,5 @@
 """Flags generated from the configuration dataclasses, flag files, and the all-errors validation."""
-import subprocess
-import sys
+import os
 from pathlib import Path
 
 import pytest
@@ -131,17 +130,16 @@ def test_transformer_engine_request_without_te_is_an_error():
 
 
 def test_cli_help_and_failing_flag_file_start_nothing(tmp_path):
-    help_run = subprocess.run(
-        [sys.executable, str(ROOT / "pretrain_puffin.py"), "--help"], capture_output=True, text=True, timeout=120
-    )
+    from helpers.puffin import run_script  # the real command, forked from the suite's pre-imported server
+
+    help_run = run_script(ROOT / "pretrain_puffin.py", "--help", cwd=os.getcwd(), env=dict(os.environ), timeout=120)
     assert help_run.returncode == 0
     for group in ("LLM tower (Qwen2.5):", "parallelism:", "precision:", "training:", "checkpointing:"):
         assert group in help_run.stdout
     flagfile = tmp_path / "bad.args"
     flagfile.write_text("--tensor-model-parallel-size 5 --bogus-flag 1\n--save-interval 10\n")
-    bad_run = subprocess.run(
-        [sys.executable, str(ROOT / "pretrain_puffin.py"), f"@{flagfile}"], capture_output=True, text=True, timeout=120
-    )
+    bad_run = run_script(ROOT / "pretrain_puffin.py", f"@{flagfile}", cwd=os.getcwd(), env=dict(os.environ),
+                         check=False, timeout=120)
     assert bad_run.returncode == 2
     assert "unknown flag '--bogus-flag'" in bad_run.stderr
     assert "--num-attention-heads (12) must be divisible by --tensor-model-parallel-size (5)" in bad_run.stderr
