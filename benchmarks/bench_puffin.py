@@ -172,38 +172,39 @@ def main() -> None:
     setup()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench_puffin_") as tmp:
+        # The share table (--real-proportions) reads the VAE config written here: keep the directory to the end.
         paths = make_dataset(Path(tmp), args)
         mpd.initialize(seed=args.seed)
         loaded = task_batches(paths, micro_batch_size=args.micro_batch_size, seed=args.seed,
                               image_size=args.image_size, num_queries=args.num_queries)
         config = _config(args, paths)
         ours, reference = build_puffin_pair(config, seed=args.seed, attn_implementation=args.hf_attn)
-    batches = {task: loaded[task][0] for task in TASK_STREAMS}
-    if "compile" in args.levers:
-        from megatron_puffin.models.compile import compile_model
+        batches = {task: loaded[task][0] for task in TASK_STREAMS}
+        if "compile" in args.levers:
+            from megatron_puffin.models.compile import compile_model
 
-        compile_model(ours)
-    losses = _check_losses(ours, reference, batches, args.loss_tolerance)
-    medians = {}
-    for task, batch in batches.items():
-        times = _time({"ours": ours, "reference": reference}, batch, args.repeats, args.warmup)
-        medians[task] = (times["ours"], times["reference"])
-    geomean = _report(args, config, batches, losses, medians)
-    if args.real_proportions:
-        import real_proportions
-        from megatron_puffin.training.flops import trainable_towers
+            compile_model(ours)
+        losses = _check_losses(ours, reference, batches, args.loss_tolerance)
+        medians = {}
+        for task, batch in batches.items():
+            times = _time({"ours": ours, "reference": reference}, batch, args.repeats, args.warmup)
+            medians[task] = (times["ours"], times["reference"])
+        geomean = _report(args, config, batches, losses, medians)
+        if args.real_proportions:
+            import real_proportions
+            from megatron_puffin.training.flops import trainable_towers
 
-        print(real_proportions.describe())
-        for line in real_proportions.share_table(config, list(batches.values()), trainable_towers(config.model)):
-            print(line)
-    memory = {name: activation_bytes(model, batches.values()) for name, model in (("ours", ours),
-                                                                                   ("reference", reference))}
-    print(f"activation memory (distinct storages saved for backward, largest task): ours "
-          f"{memory['ours'] / 2**20:.1f} MiB, reference {memory['reference'] / 2**20:.1f} MiB "
-          f"({memory['ours'] / memory['reference']:.2f}x)")
-    print(f"levers of ours: {', '.join(args.levers) or 'none'}; threads {torch.get_num_threads()}")
-    print(f"overall ours/reference: {geomean:.2f}")
-    mpd.destroy()
+            print(real_proportions.describe())
+            for line in real_proportions.share_table(config, list(batches.values()), trainable_towers(config.model)):
+                print(line)
+        memory = {name: activation_bytes(model, batches.values()) for name, model in (("ours", ours),
+                                                                                       ("reference", reference))}
+        print(f"activation memory (distinct storages saved for backward, largest task): ours "
+              f"{memory['ours'] / 2**20:.1f} MiB, reference {memory['reference'] / 2**20:.1f} MiB "
+              f"({memory['ours'] / memory['reference']:.2f}x)")
+        print(f"levers of ours: {', '.join(args.levers) or 'none'}; threads {torch.get_num_threads()}")
+        print(f"overall ours/reference: {geomean:.2f}")
+        mpd.destroy()
 
 
 if __name__ == "__main__":
