@@ -30,7 +30,6 @@ import traceback
 from typing import Any, Callable, Dict, List
 
 import torch
-import torch.multiprocessing as mp
 
 
 def _free_port() -> int:
@@ -80,25 +79,15 @@ def _run_task(rank: int, payload: bytes, results: Any) -> None:
             pass
 
 
-def _rank_context():
-    """multiprocessing's forkserver context; its server (one per pytest process, started on first use, also by
-    helpers/puffin.py's CLI runs) imports :data:`helpers.puffin.CLI_PRELOAD` once, and every rank forks from it."""
-    from helpers.puffin import CLI_PRELOAD
-
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(list(dict.fromkeys(["megatron_puffin.platform", *CLI_PRELOAD])))
-    return ctx
-
-
 class _Pool:
     """``world_size`` ranks forked from the forkserver, each with its own task queue and one shared result queue."""
 
     def __init__(self, world_size: int) -> None:
-        from helpers.puffin import CLI_ENV, _environ
+        from helpers.puffin import CLI_ENV, _environ, forkserver_context
 
         # Kept from the spawned ranks (which read it at start-up): later subprocesses of the suite inherit it.
         os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning")
-        ctx = _rank_context()
+        ctx = forkserver_context()
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         self.procs = [ctx.Process(target=_serve, args=(rank, world_size, self.tasks[rank], self.results),

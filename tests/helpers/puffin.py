@@ -106,7 +106,7 @@ CLI_ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VI
 # What the forked CLI runs find imported (the imports cost ~8 s of CPU per interpreter start): the training entry
 # point's modules, the diffusers AutoencoderKL it imports when it builds the VAE (another ~5 s per run otherwise),
 # and the modules of the tools the functional tests run.
-CLI_PRELOAD = ["megatron_puffin.training.loop", "megatron_puffin.models.puffin", "megatron_puffin.data.loader",
+CLI_PRELOAD = ["megatron_puffin.platform", "megatron_puffin.training.loop", "megatron_puffin.models.puffin", "megatron_puffin.data.loader",
                "megatron_puffin.config", "megatron_puffin.training.layout",
                "diffusers.models.autoencoders.autoencoder_kl", "megatron_puffin.inference",
                "megatron_puffin.convert.qwen2", "megatron_puffin.convert.sd3", "megatron_puffin.convert.hf_io",
@@ -197,14 +197,20 @@ def _wait_for_ranks(children: list, timeout: float) -> None:
                 deadline = min(deadline, time.monotonic() + 30)  # then killed, as torchrun would
 
 
-def _start_forked(script, argv: list, cwd, env: Dict[str, str], out_path: str, err_path: str):
-    """One process of ``python SCRIPT ARGV`` forked from the pre-imported server (started on first use, with
-    :data:`CLI_PRELOAD` imported in :data:`CLI_ENV`); its output goes to the two files."""
+def forkserver_context():
+    """multiprocessing's forkserver context, whose server (one per pytest process, started on first use by a forked
+    CLI run or a pooled distributed rank, in :data:`CLI_ENV`) has imported :data:`CLI_PRELOAD` once."""
     import multiprocessing
 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(CLI_PRELOAD)
-    child = context.Process(target=_script_main_in_child,
+    return context
+
+
+def _start_forked(script, argv: list, cwd, env: Dict[str, str], out_path: str, err_path: str):
+    """One process of ``python SCRIPT ARGV`` forked from the pre-imported server (started on first use, with
+    :data:`CLI_PRELOAD` imported in :data:`CLI_ENV`); its output goes to the two files."""
+    child = forkserver_context().Process(target=_script_main_in_child,
                             args=(str(script), [str(arg) for arg in argv], str(cwd), env, out_path, err_path))
     with _environ(CLI_ENV):  # the server (started once, on first use) runs in the CLI's environment
         child.start()
@@ -281,11 +287,6 @@ def _run_forked_script(script, argv, cwd, timeout: int, env: Dict[str, str],
     codes = [child.exitcode for child in children]
     code = codes[0] if nproc == 1 else int(any(codes))
     return subprocess.CompletedProcess(command, code, out, err)
-
-
-def _run_forked(flags: tuple, cwd, timeout: int, env: Dict[str, str], nproc: int = 1) -> subprocess.CompletedProcess:
-    """A ``pretrain_puffin.py`` run forked from the pre-imported server (:func:`_run_forked_script`)."""
-    return _run_forked_script(ROOT / "pretrain_puffin.py", flags, cwd, timeout, env, nproc)
 
 
 def run_script(script, *args, cwd=ROOT, nproc: int = 1, check: bool = True, timeout: int = 900,
