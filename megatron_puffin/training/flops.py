@@ -13,7 +13,9 @@ the real, unpadded tokens of each sample (``attention_mask``), the output layer 
 supervised positions (the only ones it runs on, :func:`supervised_positions`);
 its attention counts the causal triangle of real tokens, ``n (n + 1) / 2`` pairs for a sample of ``n`` real
 tokens. The DiT counts each sample's own image-stream length (its target plus condition latents) and the query
-tokens, with bidirectional attention over ``(l_i + T)^2`` pairs. The vision tower, connectors and VAE never pad
+tokens, with bidirectional attention over ``(l_i + T)^2`` pairs; its last block, whose outputs are read at the
+target tokens only, makes queries for the ``t_i`` target tokens (``t_i (l_i + T)`` pairs) and keys and values for
+every token. The vision tower, connectors and VAE never pad
 (images of one size are stacked, other sizes run separately), so there real = executed.
 
 ``as_executed=True`` instead counts what the local (pure PyTorch) implementation executes: the LLM over the
@@ -164,15 +166,19 @@ def query_flops(config, llm_hidden_size: int, batch_size: int) -> TowerFlops:
     return TowerFlops(linear=linear, attention=2 * branch.attention)
 
 
-def dit_block_linear_flops(config, image_tokens: int, batch_size: int, num_text_tokens: int) -> float:
+def dit_block_linear_flops(config, image_tokens: int, batch_size: int, num_text_tokens: int,
+                           last_queries: int) -> float:
     """Linear layers of all joint blocks: per block AdaLN modulation (on ``b`` rows), q/k/v/out and the 4x MLP of
-    both streams; the last block's text stream only makes keys and values (``context_pre_only``)."""
+    both streams. The last block (``context_pre_only``) makes keys and values from every token of both streams,
+    but queries, the output projection and the MLP for ``last_queries`` image tokens only (the targets: the only
+    outputs the model reads)."""
     h, b, text_tokens = config.hidden_size, batch_size, batch_size * num_text_tokens
+    key_value = 2 * matmul_flops(1, h, h)
     per_token = 4 * matmul_flops(1, h, h) + 2 * matmul_flops(1, config.ffn_hidden_size, h)
-    image = config.num_layers * (per_token * image_tokens + matmul_flops(b, 6 * h, h))
-    text = (config.num_layers - 1) * (per_token * text_tokens + matmul_flops(b, 6 * h, h))
-    last_text = 3 * matmul_flops(text_tokens, h, h) + matmul_flops(b, 2 * h, h)
-    return image + text + last_text
+    modulation = matmul_flops(b, 6 * h, h)
+    blocks = (config.num_layers - 1) * (per_token * (image_tokens + text_tokens) + 2 * modulation)
+    last = key_value * (image_tokens + text_tokens) + (per_token - key_value) * last_queries
+    return blocks + last + modulation + matmul_flops(b, 2 * h, h)
 
 
 def dit_flops(config, latents: Sequence[Sequence[Size]], num_text_tokens: int, as_executed: bool) -> TowerFlops:
@@ -182,22 +188,25 @@ def dit_flops(config, latents: Sequence[Sequence[Size]], num_text_tokens: int, a
         config: :class:`~megatron_puffin.models.dit.DiTConfig`.
         latents: per sample, the latent ``(h, w)`` of its target followed by its condition latents.
         num_text_tokens: T, the text-stream length (the number of meta queries).
-        as_executed: every sample costs the right-padded image-stream length (dense masked attention).
+        as_executed: every sample costs the right-padded image-stream length (dense masked attention), and the
+            last block's queries the longest target's tokens (the stream's targets prefix).
     """
     h, p, b = config.hidden_size, config.patch_size, len(latents)
     grid = [[(height // p) * (width // p) for height, width in sample] for sample in latents]
     lengths = [sum(sample) for sample in grid]
+    queries = [sample[0] for sample in grid]
     if as_executed:
-        lengths = [max(lengths)] * b
+        lengths, queries = [max(lengths)] * b, [max(queries)] * b
     embed = matmul_flops(b, h, TIMESTEP_CHANNELS) + matmul_flops(b, h, config.pooled_projection_dim)
     embed += 2 * matmul_flops(b, h, h)  # timestep and pooled-text MLPs' second layers
     embed += matmul_flops(b * num_text_tokens, config.caption_projection_dim, config.joint_attention_dim)
     target_tokens = sum(sample[0] for sample in grid)
     out = matmul_flops(b, 2 * h, h) + matmul_flops(target_tokens, p * p * config.out_channels, h)
-    pairs = sum((length + num_text_tokens) ** 2 for length in lengths)
+    keys = [length + num_text_tokens for length in lengths]
+    pairs = (config.num_layers - 1) * sum(k * k for k in keys) + sum(q * k for q, k in zip(queries, keys))
     return TowerFlops(
-        linear=embed + dit_block_linear_flops(config, sum(lengths), b, num_text_tokens) + out,
-        attention=config.num_layers * 2 * matmul_flops(pairs, h, 1),
+        linear=embed + dit_block_linear_flops(config, sum(lengths), b, num_text_tokens, sum(queries)) + out,
+        attention=2 * matmul_flops(pairs, h, 1),
         conv=sum(matmul_flops(tokens, h, config.in_channels * p * p) for sample in grid for tokens in sample),
     )
 

@@ -47,7 +47,9 @@ def _loss_and_grads(model, batch):
     prediction = model(inputs.noisy, batch["text"], batch["pooled"], inputs.timesteps, batch["conds"])
     loss, _ = flow_matching_loss(prediction, inputs.target)
     loss.backward()
-    return loss.item(), {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    # The last block's text queries are never computed (their outputs are discarded): no gradient, i.e. zero.
+    return loss.item(), {name: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                         for name, p in model.named_parameters()}
 
 
 def _sharding_metadata(model):

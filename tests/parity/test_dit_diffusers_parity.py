@@ -99,6 +99,10 @@ def test_gradients_match_diffusers():
     (ours(latents, text, pooled, timestep) * weight).sum().backward()
     ref_grads = dict(ref.named_parameters())
     for name, param in ours.named_parameters():
+        if param.grad is None:  # the last block's text queries: ours never computes them, diffusers' get zero
+            assert name.startswith(f"transformer_blocks.{config.num_layers - 1}.attn.add_q_proj."), name
+            assert not ref_grads[name].grad.any(), name
+            continue
         assert _rel(param.grad, ref_grads[name].grad) <= MAX_REL_ERROR, name
 
 

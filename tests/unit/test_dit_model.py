@@ -104,12 +104,55 @@ def test_activation_recomputation_gives_bit_identical_gradients():
         assert model.recompute is recompute
         outputs = model(targets, text, pooled, timestep, cond_hidden_states=conds)
         sum((o.square() * (i + 1)).sum() for i, o in enumerate(outputs)).backward()
-        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        grads.append({name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()})
     assert grads[0].keys() == grads[1].keys()
-    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
-    # Only the last block's text queries are unused (their outputs are discarded, as in SD3).
-    zero = sorted(k for k, g in grads[1].items() if not g.abs().sum() > 0)
-    assert zero == ["transformer_blocks.2.attn.add_q_proj.bias", "transformer_blocks.2.attn.add_q_proj.weight"]
+    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0] if grads[0][k] is not None)
+    # Only the last block's text queries are never computed (SD3 discards their outputs); every other gradient
+    # is non-zero.
+    unused = sorted(k for k, g in grads[1].items() if g is None)
+    assert unused == ["transformer_blocks.2.attn.add_q_proj.bias", "transformer_blocks.2.attn.add_q_proj.weight"]
+    assert all(grads[0][k] is None for k in unused)
+    assert all(g.abs().sum() > 0 for k, g in grads[1].items() if k not in unused)
+
+
+def _last_block_attention_lengths(model):
+    """(query, key) lengths the last block's core attention sees, recorded by a forward pre-hook."""
+    lengths = []
+    attention = model.transformer_blocks[-1].attn.core_attention
+    handle = attention.register_forward_pre_hook(lambda module, args: lengths.append((args[0].shape[0],
+                                                                                       args[1].shape[0])))
+    return lengths, handle
+
+
+def test_last_block_makes_queries_for_the_targets_only_and_equals_the_full_block():
+    """The last block's output is read at each sample's target tokens only: with local attention its queries are
+    the stream's targets prefix (16 of 32 image tokens here; sample 1's prefix holds 8 condition tokens too and
+    sample 2's its whole stream), keys are every token; outputs and gradients equal the block computing every
+    query (the path of the Transformer Engine spec), switched on the same module."""
+    targets, conds = _mixed_batch(2)
+    text, pooled, timestep = _conditioning(3, seed=2)
+    runs = []
+    for image_queries_only in (True, False):
+        torch.manual_seed(0)
+        model = build_dit(_config(), device="cpu", pg_collection=dist_utils.process_groups()).train()
+        assert model.transformer_blocks[-1].attn.image_queries_only
+        model.transformer_blocks[-1].attn.image_queries_only = image_queries_only
+        lengths, handle = _last_block_attention_lengths(model)
+        outputs = model(targets, text, pooled, timestep, cond_hidden_states=conds)
+        sum((o.square() * (i + 1)).sum() for i, o in enumerate(outputs)).backward()
+        handle.remove()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        runs.append((lengths, [o.detach() for o in outputs], grads))
+    (trimmed_lengths, trimmed_out, trimmed_grads), (full_lengths, full_out, full_grads) = runs
+    assert trimmed_lengths == [(16, 5 + 32)] and full_lengths == [(5 + 32, 5 + 32)]
+    for ours, full in zip(trimmed_out, full_out):
+        torch.testing.assert_close(ours, full, rtol=1e-6, atol=1e-6)
+    # The full block's text queries get exactly zero gradient (discarded outputs); the trimmed one none at all.
+    skipped = {k for k in full_grads if k not in trimmed_grads}
+    assert skipped == {"transformer_blocks.2.attn.add_q_proj.bias", "transformer_blocks.2.attn.add_q_proj.weight"}
+    assert all(not full_grads[k].any() for k in skipped)
+    for name, grad in trimmed_grads.items():
+        torch.testing.assert_close(grad, full_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_recomputation_actually_recomputes_blocks_in_training_only():

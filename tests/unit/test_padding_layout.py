@@ -100,7 +100,12 @@ def test_losses_and_gradients_equal_the_left_padded_layout(tiny):
         actual = records[case]
         if not _close(actual["loss"], expected["loss"], 0.0):
             failures.append(f"{case} loss {actual['loss']} != {expected['loss']}")
-        assert sorted(actual["grads"]) == sorted(expected["grads"]), case
+        # A parameter whose gradient is exactly zero in the golden record may now get none at all (the MMDiT's last
+        # block no longer computes the text queries whose outputs SD3 discards); every other one must be there.
+        never_computed = sorted(set(expected["grads"]) - set(actual["grads"]))
+        assert all(expected["grads"][name] == [0.0, 0.0] for name in never_computed), (case, never_computed)
+        assert set(actual["grads"]) <= set(expected["grads"]), case
+        expected = {**expected, "grads": {k: v for k, v in expected["grads"].items() if k not in never_computed}}
         failures += _grad_failures(case, actual["grads"], expected["grads"])
     assert not failures, "\n".join(failures[:20])
 

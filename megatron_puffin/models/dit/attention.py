@@ -10,6 +10,15 @@ layout fused kernels' padding masks mean (Transformer Engine turns a ``padding``
 ``[image + pad ; text]`` order would make it drop the last text tokens and attend to padded image slots).
 Parameter names mirror diffusers' ``Attention`` in SD3 (``to_q``, ``add_q_proj``, ``to_out.0``, ``to_add_out``...).
 
+The last block (``context_pre_only``) keeps only image-stream outputs, and the model reads only each sample's
+target tokens from it. Attention is independent per query, so with the local core attention that block makes
+queries for the image stream's target prefix only (``query_tokens``) and none for the text stream, while every
+token still makes keys and values: the outputs it keeps are the ones computed from all queries, and the discarded
+ones are never computed (at real proportions, image2image's last block attends with 1,024 of 3,136 queries).
+``add_q_proj`` of that block stays (diffusers' checkpoints carry it) and gets no gradient, as its outputs never
+reached the loss. The Transformer Engine spec computes every query (its padding masks for unequal query and key
+lengths are untested here) and returns the full stream.
+
 Tensors are sequence-first as in megatron-core: ``[s, b, h]`` hidden states, ``[s, b, np, hn]`` heads.
 """
 from __future__ import annotations
@@ -24,6 +33,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_puffin.models.common.attention import SDPADotProductAttention
 from megatron_puffin.models.dit.parallel_utils import ShardedModuleList
 
 
@@ -76,6 +86,8 @@ class JointAttention(MegatronModule):
         )
         self.to_out = ShardedModuleList([self._row(submodules.linear_proj, hidden, hidden, "proj")])
         self.to_add_out = None if context_pre_only else self._row(submodules.linear_proj, hidden, hidden, "proj")
+        # Local attention takes queries and keys of unequal lengths with a key-padding mask (see module docstring).
+        self.image_queries_only = context_pre_only and isinstance(self.core_attention, SDPADotProductAttention)
 
     def _column(self, spec, in_size: int, out_size: int, name: str):
         return build_module(
@@ -101,6 +113,7 @@ class JointAttention(MegatronModule):
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
+        query_tokens: Optional[int] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """
         Args:
@@ -108,10 +121,15 @@ class JointAttention(MegatronModule):
             encoder_hidden_states: ``[T, b, h]`` normalised text-stream tokens.
             attention_mask: ``[b, 1, 1, T + L]`` bool over the joint ``[text ; image]`` keys, True = padded key
                 (only at the end of a row); None when nothing is padded.
+            query_tokens: last block only: the image-stream outputs needed are its first ``query_tokens``
+                positions (None: all ``L``).
 
         Returns:
-            ``([L, b, h] image output, [T, b, h] text output or None when context_pre_only)``.
+            ``([L, b, h] image output, [T, b, h] text output or None when context_pre_only)``; with local attention
+            the last block's image output has only the ``query_tokens`` rows.
         """
+        if self.image_queries_only:
+            return self._image_queries_only(hidden_states, encoder_hidden_states, attention_mask, query_tokens), None
         text_query = self._heads(self.add_q_proj, encoder_hidden_states)
         text_len = text_query.shape[0]  # whole: under sequence parallelism the inputs are shards, the heads are not
         query = torch.cat([text_query, self._heads(self.to_q, hidden_states)])
@@ -124,3 +142,21 @@ class JointAttention(MegatronModule):
             return image_out, None
         text_out, _ = self.to_add_out(context[:text_len])
         return image_out, text_out
+
+    def _image_queries_only(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        query_tokens: Optional[int],
+    ) -> torch.Tensor:
+        """The last block's image output for the first ``query_tokens`` positions: queries from those image tokens,
+        keys and values from every text and image token. Returns ``[query_tokens or L, b, h]``."""
+        queries = hidden_states if query_tokens is None else hidden_states[:query_tokens]
+        query = self._heads(self.to_q, queries)
+        key = torch.cat([self._heads(self.add_k_proj, encoder_hidden_states), self._heads(self.to_k, hidden_states)])
+        value = torch.cat([self._heads(self.add_v_proj, encoder_hidden_states), self._heads(self.to_v, hidden_states)])
+        mask_type = AttnMaskType.no_mask if attention_mask is None else AttnMaskType.padding
+        context = self.core_attention(query, key, value, attention_mask, attn_mask_type=mask_type)
+        image_out, _ = self.to_out[0](context)
+        return image_out

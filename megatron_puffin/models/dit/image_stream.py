@@ -61,6 +61,14 @@ class ImageStreamLayout:
         return -(-max(self.seq_lens) // self.token_multiple) * self.token_multiple
 
     @property
+    def target_len(self) -> int:
+        """Length of the stream's prefix that holds every sample's target tokens (targets come first in each
+        sample), rounded up to ``token_multiple`` like ``max_len``: the only positions whose last-block output
+        the model uses."""
+        longest = max(self.num_tokens(shape) for shape in self.target_shapes)
+        return min(-(-longest // self.token_multiple) * self.token_multiple, self.max_len)
+
+    @property
     def padded(self) -> bool:
         """Whether any sample is shorter than L (a key-padding mask is needed)."""
         return min(self.seq_lens) != self.max_len

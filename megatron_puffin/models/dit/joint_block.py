@@ -215,6 +215,7 @@ class JointTransformerBlock(MegatronModule):
         encoder_hidden_states: torch.Tensor,
         temb: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
+        query_tokens: Optional[int] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """
         Args:
@@ -223,26 +224,32 @@ class JointTransformerBlock(MegatronModule):
             temb: ``[b, h]`` conditioning vector (timestep + pooled text).
             attention_mask: ``[b, 1, 1, T + L]`` bool over the joint ``[text ; image]`` keys, True = padded key; None
                 when nothing is padded.
+            query_tokens: ``context_pre_only`` only: the image-stream outputs needed are the first
+                ``query_tokens`` positions (see :mod:`.attention`); None: all.
 
         Returns:
-            ``(hidden_states [L, b, h], encoder_hidden_states [T, b, h] or None for context_pre_only)``.
+            ``(hidden_states [L, b, h], encoder_hidden_states [T, b, h] or None for context_pre_only)``; the last
+            block's image stream keeps only the rows its attention computed (``query_tokens`` with local attention).
         """
         norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, temb)
         if self.context_pre_only:
             norm_context = self.norm1_context(encoder_hidden_states, temb)
-        else:
-            norm_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(
-                encoder_hidden_states, temb
-            )
+            attn_output, _ = self.attn(norm_hidden, norm_context, attention_mask, query_tokens)
+            # Tokens are independent after attention: the rows attention did not compute are not needed.
+            return self._residual_mlp(hidden_states[: attn_output.shape[0]], attn_output, gate_msa, shift_mlp,
+                                      scale_mlp, gate_mlp, self.ff), None
+        norm_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(
+            encoder_hidden_states, temb
+        )
         attn_output, context_attn_output = self.attn(norm_hidden, norm_context, attention_mask)
-
-        hidden_states = hidden_states + gate_msa[None] * attn_output
-        ff_output = self.ff(modulate(hidden_states, shift_mlp, scale_mlp))
-        hidden_states = hidden_states + gate_mlp[None] * ff_output
-        if self.context_pre_only:
-            return hidden_states, None
-
-        encoder_hidden_states = encoder_hidden_states + c_gate_msa[None] * context_attn_output
-        context_ff_output = self.ff_context(modulate(encoder_hidden_states, c_shift_mlp, c_scale_mlp))
-        encoder_hidden_states = encoder_hidden_states + c_gate_mlp[None] * context_ff_output
+        hidden_states = self._residual_mlp(hidden_states, attn_output, gate_msa, shift_mlp, scale_mlp, gate_mlp,
+                                           self.ff)
+        encoder_hidden_states = self._residual_mlp(encoder_hidden_states, context_attn_output, c_gate_msa,
+                                                   c_shift_mlp, c_scale_mlp, c_gate_mlp, self.ff_context)
         return hidden_states, encoder_hidden_states
+
+    @staticmethod
+    def _residual_mlp(stream, attn_output, gate_msa, shift_mlp, scale_mlp, gate_mlp, feed_forward):
+        """One stream after attention: gated residual, modulated norm, feed-forward, gated residual."""
+        stream = stream + gate_msa[None] * attn_output
+        return stream + gate_mlp[None] * feed_forward(modulate(stream, shift_mlp, scale_mlp))

@@ -4,7 +4,9 @@ Computes what diffusers' ``SD3Transformer2DModel`` computes with the same weight
 per-sample latent sizes, clean condition latents appended after the target tokens of each sample (same
 patchifier, same centre-cropped positions, same AdaLN modulation by the noisy sample's timestep), and output
 for the target tokens only. ``norm_out``/``proj_out`` run on target tokens only (per-token operations, so the
-result equals running them on every token and slicing, as the reference does).
+result equals running them on every token and slicing, as the reference does). For the same reason the last block
+computes its image-stream output for the targets' prefix of the stream only (:mod:`.attention`), as every
+query of attention and every token of the MLP is computed independently of the others.
 
 Tensor parallelism: see :mod:`.attention` (q/k/v column-parallel by heads, row-parallel outputs) and
 :mod:`.joint_block` (MLPs column/row-parallel, modulation sharded + gathered). The embeddings, context embedder
@@ -126,8 +128,11 @@ class MMDiTModel(MegatronModule):
         encoder_hidden_states: torch.Tensor,
         temb: torch.Tensor,
         attention_mask: Optional[torch.Tensor],
+        query_tokens: Optional[int] = None,
     ) -> torch.Tensor:
-        """All joint blocks; returns the image stream ``[L, b, h]`` (the last block drops the text stream)."""
+        """All joint blocks; returns the image stream ``[L, b, h]`` (the last block drops the text stream). With
+        ``query_tokens``, only the stream's first ``query_tokens`` outputs are needed: the last block may return
+        only those rows."""
         recompute = self.recompute and self.training and torch.is_grad_enabled()
         fp8_context = nullcontext()
         if self.config.fp8:
@@ -136,13 +141,14 @@ class MMDiTModel(MegatronModule):
             fp8_context = get_fp8_context(self.config)
         with fp8_context:
             for block in self.transformer_blocks:
+                last = query_tokens if block.context_pre_only else None
                 if recompute:
                     hidden_states, encoder_hidden_states = self._checkpointed(
-                        block, hidden_states, encoder_hidden_states, temb, attention_mask
+                        block, hidden_states, encoder_hidden_states, temb, attention_mask, last
                     )
                 else:
                     hidden_states, encoder_hidden_states = block(
-                        hidden_states, encoder_hidden_states, temb, attention_mask
+                        hidden_states, encoder_hidden_states, temb, attention_mask, last
                     )
         return hidden_states
 
@@ -203,7 +209,9 @@ class MMDiTModel(MegatronModule):
         context = self.context_embedder(encoder_hidden_states).transpose(0, 1)  # [T, b, h]
         attention_mask = layout.key_padding_mask(context.shape[0], image_stream.device)
         image_stream, context = self._split_streams(image_stream, context)
-        image_stream = self.run_blocks(image_stream, context, temb, attention_mask)
+        # Under sequence parallelism the stream is split over TP: its targets' prefix is not this rank's rows.
+        query_tokens = layout.target_len if sequence_parallel_size(self.config) == 1 else None
+        image_stream = self.run_blocks(image_stream, context, temb, attention_mask, query_tokens)
         image_stream = gather_sequence(image_stream, self.config, group=self.tp_group)
         return self.predict_targets(image_stream, temb, layout)
 
