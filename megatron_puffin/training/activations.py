@@ -12,7 +12,9 @@ keeps only a per-row log-sum-exp; ``h`` hidden size, ``f`` MLP size, ``g`` = que
 * ViT / connector encoder layer (LayerNorm, full attention, GELU MLP): norms (4 h), q/k/v (3 h), attention output
   and copy (2 h), MLP input-side output and GELU output (2 f): ``9 h + 2 f``;
 * MMDiT joint block, per token of either stream: the encoder layer's ``9 h + 2 f`` plus the two AdaLN modulated
-  inputs, the two gated outputs and the joint attention's concatenated q/k/v: ``16 h + 2 f``;
+  inputs, the two gated outputs and the joint attention's concatenated q/k/v: ``16 h + 2 f``; the last block keeps
+  that for its query tokens (the targets' prefix of the image stream) and, for every other token, the first norm's
+  input and output and its key and value (``4 h``);
 * the output layer of understanding tasks on the supervised positions: logits and softmax, ``2 V`` per position.
 
 A tower's activations are kept only when something before or in it trains (a frozen vision tower whose input
@@ -56,6 +58,9 @@ class MicroBatchShape:
     """(H, W) of every image the vision tower encodes."""
     dit_image_tokens: int = 0
     """Image-stream tokens of the MMDiT summed over samples (target plus condition latents, patchified)."""
+    dit_query_tokens: int = 0
+    """Image-stream tokens the MMDiT's last block makes queries for, summed over samples (the stream's targets
+    prefix, :mod:`megatron_puffin.models.dit.attention`)."""
 
 
 @dataclass(frozen=True)
@@ -137,9 +142,16 @@ def _query_values(config, shape: MicroBatchShape) -> Values:
 
 
 def _dit_values(config, shape: MicroBatchShape) -> Values:
+    """The joint blocks; the last one keeps everything only for its query tokens (module docstring)."""
     dit = config.dit
+    h, f = dit.hidden_size, dit.ffn_hidden_size
     tokens = shape.dit_image_tokens + shape.batch_size * config.connector.num_queries
-    return _stack_values("dit", dit.num_layers, tokens, dit.hidden_size, dit.ffn_hidden_size, bool(dit.recompute))
+    queries = shape.dit_query_tokens or shape.dit_image_tokens
+    if dit.recompute:  # one block's activations at a time: the largest is a full one
+        return _stack_values("dit", dit.num_layers, tokens, h, f, True)
+    key_value_only = Values(2 * h, 2 * h)
+    last = key_value_only * (tokens - queries) + _layer_values("dit", h, f) * queries
+    return _stack_values("dit", dit.num_layers - 1, tokens, h, f, False) + last
 
 
 def _kept(trainable: Mapping[str, bool], task: str) -> Dict[str, bool]:
@@ -218,12 +230,15 @@ def shape_of_batch(config, batch: Mapping[str, Any]) -> MicroBatchShape:
     task, ids = batch["task"], batch["input_ids"]
     images = batch.get("vision_images")
     vision = [] if images is None else [_image_size(image) for image in images]
-    dit_tokens = 0
+    dit_tokens = dit_queries = 0
     if task in GENERATION_TASKS:
         step = 8 * config.dit.patch_size  # the VAE's x8 and the DiT's patches
-        dit_tokens = sum((hh // step) * (ww // step) for sample in _generation_images(batch) for hh, ww in sample)
+        samples = _generation_images(batch)
+        dit_tokens = sum((hh // step) * (ww // step) for sample in samples for hh, ww in sample)
+        # The last block's queries: the longest target's tokens, for every sample (the stream's targets prefix).
+        dit_queries = len(samples) * max((hh // step) * (ww // step) for (hh, ww), *_ in samples)
     return MicroBatchShape(task, int(ids.shape[0]), int(ids.shape[1]), supervised_positions(batch), vision,
-                           dit_tokens)
+                           dit_tokens, dit_queries)
 
 
 def worst_case_shape(args: PuffinArguments, task: str, batch_size: int) -> MicroBatchShape:
@@ -243,7 +258,7 @@ def worst_case_shape(args: PuffinArguments, task: str, batch_size: int) -> Micro
     step = 8 * args.dit.patch_size
     return MicroBatchShape(task, batch_size, image_tokens + data.max_generation_text_tokens
                            + args.connector.num_queries, 0, [(size, size)] * batch_size if has_image else [],
-                           batch_size * latents * (size // step) ** 2)
+                           batch_size * latents * (size // step) ** 2, batch_size * (size // step) ** 2)
 
 
 def activation_lines(args: PuffinArguments, bytes_per_value: int) -> List[str]:
