@@ -12,7 +12,8 @@ function megatron-core calls) and nothing else; :func:`unpatched` puts the origi
 each patch is still needed. The table (:data:`PATCHES`) gives each patch's reason; the replacements live in
 :mod:`megatron_puffin.distributed.cpu_compat` (CPU-only machines), :mod:`megatron_puffin.training.optimizer`
 (distributed-optimizer checkpoint bugs of megatron-core 0.16.1), :mod:`megatron_puffin.training.fsdp2_checkpoint`
-(FSDP2 checkpoint records) and, for the one-line row-parallel fix, here. See
+(FSDP2 checkpoint records), :mod:`megatron_puffin.models.llm.rope` (RoPE without per-layer recomputation) and,
+for the one-line row-parallel fix, here. See
 docs/megatron_patches.md.
 """
 from __future__ import annotations
@@ -93,6 +94,14 @@ def _row_parallel_tp_group() -> List[Replacement]:
         return original(self, input, weight, *args, **kwargs)
 
     return [(RowParallelLinear, "_forward_impl", _forward_impl)]
+
+
+def _rope_cos_sin_once() -> List[Replacement]:
+    from megatron.core.transformer import attention
+
+    from megatron_puffin.models.llm.rope import make_apply_rotary_pos_emb
+
+    return [(attention, "apply_rotary_pos_emb", make_apply_rotary_pos_emb(attention.apply_rotary_pos_emb))]
 
 
 def _fsdp2_optimizer_local_tensor() -> List[Replacement]:
@@ -200,6 +209,15 @@ PATCHES: Tuple[MegatronPatch, ...] = (
         "rank 0: torch.compile cannot trace that call and breaks the graph inside every row-parallel linear of "
         "every compiled layer (--compile); the layer's own group is passed instead",
         _always, _row_parallel_tp_group,
+    ),
+    MegatronPatch(
+        "ROPE_COS_SIN_ONCE",
+        "SelfAttention's unfused RoPE recomputes cos/sin of the same angles for the query and the key of every "
+        "layer, multiplies them by mscale 1.0 and copies the result (torch.cat with an empty pass-through part; "
+        "its backward zero-fills and copies again), and megatron-core rejects precomputed rotary_pos_cos/sin "
+        "outside inference; the replacement computes cos/sin once per angle tensor (once per forward) and skips "
+        "the copy, bit-identical; other RoPE variants go to megatron-core's function",
+        _always, _rope_cos_sin_once,
     ),
 )
 
