@@ -12,7 +12,9 @@ function megatron-core calls) and nothing else; :func:`unpatched` puts the origi
 each patch is still needed. The table (:data:`PATCHES`) gives each patch's reason; the replacements live in
 :mod:`megatron_puffin.distributed.cpu_compat` (CPU-only machines), :mod:`megatron_puffin.training.optimizer`
 (distributed-optimizer checkpoint bugs of megatron-core 0.16.1), :mod:`megatron_puffin.training.fsdp2_checkpoint`
-(FSDP2 checkpoint records) and, for the one-line row-parallel fix, here. See
+(FSDP2 checkpoint records), :mod:`megatron_puffin.models.llm.rope` (RoPE without per-layer recomputation),
+:mod:`megatron_puffin.training.wgrad_accumulation` (weight gradients into the gradient buffer on CPU) and,
+for the one-line row-parallel fix, here. See
 docs/megatron_patches.md.
 """
 from __future__ import annotations
@@ -93,6 +95,26 @@ def _row_parallel_tp_group() -> List[Replacement]:
         return original(self, input, weight, *args, **kwargs)
 
     return [(RowParallelLinear, "_forward_impl", _forward_impl)]
+
+
+def _without_cuda_or_apex_wgrad() -> bool:
+    from megatron_puffin.training.wgrad_accumulation import cpu_wgrad_accumulation_needed
+
+    return cpu_wgrad_accumulation_needed()
+
+
+def _cpu_wgrad_accumulation() -> List[Replacement]:
+    from megatron_puffin.training.wgrad_accumulation import cpu_wgrad_accumulation
+
+    return cpu_wgrad_accumulation()
+
+
+def _rope_cos_sin_once() -> List[Replacement]:
+    from megatron.core.transformer import attention
+
+    from megatron_puffin.models.llm.rope import make_apply_rotary_pos_emb
+
+    return [(attention, "apply_rotary_pos_emb", make_apply_rotary_pos_emb(attention.apply_rotary_pos_emb))]
 
 
 def _fsdp2_optimizer_local_tensor() -> List[Replacement]:
@@ -200,6 +222,23 @@ PATCHES: Tuple[MegatronPatch, ...] = (
         "rank 0: torch.compile cannot trace that call and breaks the graph inside every row-parallel linear of "
         "every compiled layer (--compile); the layer's own group is passed instead",
         _always, _row_parallel_tp_group,
+    ),
+    MegatronPatch(
+        "ROPE_COS_SIN_ONCE",
+        "SelfAttention's unfused RoPE recomputes cos/sin of the same angles for the query and the key of every "
+        "layer, multiplies them by mscale 1.0 and copies the result (torch.cat with an empty pass-through part; "
+        "its backward zero-fills and copies again), and megatron-core rejects precomputed rotary_pos_cos/sin "
+        "outside inference; the replacement computes cos/sin once per angle tensor (once per forward) and skips "
+        "the copy, bit-identical; other RoPE variants go to megatron-core's function",
+        _always, _rope_cos_sin_once,
+    ),
+    MegatronPatch(
+        "CPU_WGRAD_ACCUMULATION",
+        "gradient_accumulation_fusion (the weight-gradient GEMM accumulating into main_grad instead of a new "
+        "tensor that the DDP hook then adds) needs apex's CUDA module fused_weight_gradient_mlp_cuda, and the "
+        "linear layers refuse the flag without it; on CPU the module is replaced by main_grad.addmm_(grad_output.t(), "
+        "input) (training.wgrad_accumulation switches the DDP-wrapped layers to it)",
+        _without_cuda_or_apex_wgrad, _cpu_wgrad_accumulation,
     ),
 )
 

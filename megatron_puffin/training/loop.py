@@ -140,6 +140,7 @@ class Trainer:
         from megatron_puffin.data import PuffinTokenizer
         from megatron_puffin.models.puffin import PuffinConfig, build_puffin
         from megatron_puffin.training.data_parallel import wire_overlap, wrap_data_parallel
+        from megatron_puffin.training.wgrad_accumulation import enable_gradient_accumulation_fusion
         from megatron_puffin.training.optimizer import build_optimizer
 
         self.args = args
@@ -167,6 +168,8 @@ class Trainer:
 
             compile_model(self.model, dynamic=args.compile.compile_dynamic, backend=args.compile.compile_backend)
         self.ddp = wrap_data_parallel(self.model, parallel, self.pg_collection.dp)
+        if not args.compile.compile:  # CPU: weight gradients straight into DDP's buffer (training.wgrad_accumulation)
+            enable_gradient_accumulation_fusion(self.ddp)
         # The schedule calls this after the last backward: DP gradient all-reduce and the tied-embedding sum.
         self.model.config.finalize_model_grads_func = finalize_model_grads
         wire_overlap(self.model.config, self.ddp)

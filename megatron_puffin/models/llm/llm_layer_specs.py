@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_puffin.models.common.attention import SDPADotProductAttention
+from megatron_puffin.models.llm.swiglu import SwiGLU
 from megatron_puffin.models.sequence_parallel import LocalNorm
 
 from megatron_puffin.optional_deps import require_transformer_engine
@@ -46,11 +47,13 @@ class SDPACausalAttention(SDPADotProductAttention):
 
 def get_llm_layer_local_spec() -> ModuleSpec:
     """Pure-torch decoder layer: megatron-core's local layer with torch RMSNorm (:class:`LocalNorm`, which also
-    runs under sequence parallelism) and SDPA core attention."""
+    runs under sequence parallelism), SDPA core attention and the copy-free :class:`~.swiglu.SwiGLU` (used when
+    the config's ``use_te_activation_func`` is set, :func:`~.swiglu.use_local_swiglu`; else megatron-core's GLU)."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.input_layernorm = LocalNorm
     spec.submodules.pre_mlp_layernorm = LocalNorm
     spec.submodules.self_attention.submodules.core_attention = SDPACausalAttention
+    spec.submodules.mlp.submodules.activation_func = SwiGLU
     return spec
 
 

@@ -27,6 +27,7 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 from megatron_puffin.models.llm.config import LLMConfig
 from megatron_puffin.models.llm.llm_layer_specs import SDPACausalAttention, get_llm_decoder_block_spec
 from megatron_puffin.models.llm.padding import is_right_padded
+from megatron_puffin.models.llm.swiglu import use_local_swiglu
 from megatron_puffin.models.sequence_parallel import gather_sequence, sequence_parallel_size, split_sequence
 
 PADDED_VOCAB_LOGIT = -1e9
@@ -215,6 +216,8 @@ def build_llm(
             tensor_model_parallel_size=get_pg_size(pg_collection.tp),
             pipeline_model_parallel_size=get_pg_size(pg_collection.pp),
         )
+    if transformer_impl == "local":
+        use_local_swiglu(transformer_config)  # the local spec's copy-free SwiGLU (same numbers as megatron-core's GLU)
     spec = get_llm_decoder_block_spec(transformer_config, transformer_impl, pp_rank=get_pg_rank(pg_collection.pp))
     return PuffinLLM(config, transformer_config, spec, pre_process=pre_process, post_process=post_process,
                      pg_collection=pg_collection)
