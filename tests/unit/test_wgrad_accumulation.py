@@ -65,5 +65,8 @@ def test_gradients_equal_the_unfused_ones(tiny):
     assert fused_losses == unfused_losses
     for name, grad in unfused.items():
         torch.testing.assert_close(fused[name], grad, rtol=1e-5, atol=1e-7, msg=name)
-    # The fused path ran: megatron-core's linear backward marks a weight whose gradient went into the buffer.
-    assert all(m.weight.grad_added_to_main_grad for m in linears if m.gradient_accumulation_fusion)
+    # The fused path ran: megatron-core's linear backward marks a weight whose gradient went into the buffer. Every
+    # switched linear but the MMDiT's last-block text queries (never computed: their outputs are discarded).
+    unmarked = [name for name, m in model.named_modules()
+                if m in linears and m.gradient_accumulation_fusion and not m.weight.grad_added_to_main_grad]
+    assert unmarked == ["dit.transformer_blocks.1.attn.add_q_proj"], unmarked
