@@ -9,7 +9,9 @@ Both models hold the same weights. In one run, the script measures:
       same computation as ours) and ``reference-mask`` (Puffin's reference forward: patch embedding one sample at a
       time and a dense ``[B, 1, L, L]`` boolean mask passed to SDPA in every block, built even when nothing is
       padded, docs/puffin.md §1.8 item 3 and §9.4; ``megatron_puffin.testing.reference_dit``, shared with
-      ``bench_puffin.py``).
+      ``bench_puffin.py``), and ``ours-all-queries``: ours with its last block computing every query and token as
+      the reference does (the same module with ``attn.image_queries_only`` off; by default the last block only
+      computes the targets' outputs, the only ones read: docs/dit.md).
 
 Each time is the median of ``--repeats`` forward+backward passes (variants take turns, after ``--warmup`` passes).
 Peak memory is measured in a separate pass per variant: on CUDA ``torch.cuda.max_memory_allocated`` above the
@@ -134,7 +136,19 @@ def _variants(ours, ref, x) -> Dict[str, Callable[[], torch.Tensor]]:
         "conds/diffusers-concat": lambda: _diffusers_stream(ref, *stream_args),
         "conds/reference-mask": lambda: reference_dynamic_forward(ref, x["targets"], x["text"], x["pooled"],
                                                                   x["timestep"], x["conds"]),
+        "conds/ours-all-queries": lambda: _all_queries(ours, lambda: ours(*args, cond_hidden_states=x["conds"])),
     }
+
+
+def _all_queries(ours, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``fn()`` with ours' last block computing every query (the reference's way; its outputs are the same)."""
+    attention = ours.transformer_blocks[-1].attn
+    trimmed = attention.image_queries_only
+    attention.image_queries_only = False
+    try:
+        return fn()
+    finally:
+        attention.image_queries_only = trimmed
 
 
 def _step(model_fn, weight, params, device) -> None:
@@ -233,7 +247,7 @@ def _report(args, times, memory) -> None:
     for baseline in ("plain/diffusers",):
         print(f"ratio time   plain/ours / {baseline}: {median['plain/ours'] / median[baseline]:.3f}")
         print(f"ratio memory plain/ours / {baseline}: {memory['plain/ours'] / max(memory[baseline], 1):.3f}")
-    for baseline in ("conds/diffusers-concat", "conds/reference-mask"):
+    for baseline in ("conds/diffusers-concat", "conds/reference-mask", "conds/ours-all-queries"):
         print(f"ratio time   conds/ours / {baseline}: {median['conds/ours'] / median[baseline]:.3f}")
         print(f"ratio memory conds/ours / {baseline}: {memory['conds/ours'] / max(memory[baseline], 1):.3f}")
 
