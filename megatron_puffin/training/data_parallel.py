@@ -170,8 +170,15 @@ class PuffinTorchFSDP(TorchFullyShardedDataParallel):
                          process_group=process_group)
 
     def finish_grad_sync(self, force_all_reduce: bool = False) -> None:
-        """Nothing to finish: FSDP2 reduce-scattered every gradient in backward. (megatron-core 0.16.1's
+        """FSDP2 reduce-scattered every gradient in backward; what is left is the trainable parameters that got
+        none this step (towers the step's tasks do not run, the MMDiT's last-block text queries, which are never
+        computed): they get a zero gradient, as megatron-core's DDP buffer gives them, so that the optimizer
+        steps them and keeps state for them like for every other parameter (torch's Adam skips a parameter
+        without a gradient and creates no state for it, which a checkpoint then lacks). (megatron-core 0.16.1's
         ``finalize_model_grads`` passes ``force_all_reduce``, which the base class's no-op does not accept.)"""
+        for param in self.module.parameters():
+            if param.requires_grad and param.grad is None:
+                param.grad = torch.zeros_like(param)
 
 
 def wrap_data_parallel(model: torch.nn.Module, parallel, process_group) -> Union[DistributedDataParallel,
