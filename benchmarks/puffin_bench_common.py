@@ -74,7 +74,7 @@ def resolve_sizes(args: argparse.Namespace) -> None:
     args.dit_caption = args.dit_caption or dit_hidden
 
 
-LEVERS = ("compile", "cached-latents")
+LEVERS = ("compile", "cached-latents", "host-malloc-cache")
 
 
 def parse_levers(text: str) -> List[str]:

@@ -67,7 +67,7 @@ class PrecisionConfig:
 
 @dataclass
 class TrainingConfig:
-    """Batch sizes, optimiser, schedule and run length."""
+    """Batch sizes, optimiser, schedule and run length, and the host process's memory reuse."""
 
     micro_batch_size: int = 1
     """Samples per micro-batch per data-parallel rank, for every --task-stream that gives no MICRO_BATCH_SIZE."""
@@ -110,6 +110,10 @@ class TrainingConfig:
     """Save a checkpoint and exit cleanly once the run has lasted this long (e.g. a little below a job's limit)."""
     exit_interval: Optional[int] = None
     """Save a checkpoint and exit cleanly after the optimizer step whose number is a multiple of this."""
+    host_malloc_cache: bool = False
+    """CPU training on glibc: keep freed host memory in the process for the next micro-batch (no mmap of large
+    blocks, no heap trimming; training.host_memory), as CUDA's caching allocator does on a GPU: the step's buffers
+    stop being faulted in again every micro-batch; resident memory stays at its peak. No effect on a GPU run."""
 
 
 @dataclass

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_puffin.training import host_memory
 from helpers.puffin import CLI_ENV as ENV, ROOT, make_tiny_dataset, metrics_losses as _losses, run_pretrain, \
     start_script
 
@@ -68,9 +69,12 @@ def test_sigterm_then_resume_repeats_the_uninterrupted_run_exactly(workdir):
     status = json.loads((workdir / "run" / "run_status.json").read_text())
     assert (status["status"], status["reason"], status["iteration"]) == ("interrupted", "signal", stopped)
 
+    # The resumed half keeps freed host memory for reuse (training.host_memory): no number may change.
     resumed = run_pretrain(workdir, *STAGE, *STREAMS, "--micro-batch-size", "2", "--load", "run", "--save", "run",
-                   "--metrics-file", "part2.jsonl")
+                   "--metrics-file", "part2.jsonl", "--host-malloc-cache")
     assert f"at iteration {stopped}" in resumed.stderr
+    if host_memory._glibc() is not None:
+        assert "host memory cache: glibc" in resumed.stderr
     part2 = _losses(workdir / "part2.jsonl")
     assert sorted(part2) == list(range(stopped + 1, 9))
     assert {**part1, **part2} == full  # bit-identical floats
