@@ -27,8 +27,9 @@ steps; the variants take turns (the first to run alternates between blocks). Per
 * per task samples/s = the task's samples / the time of its micro-batches' forward+backward (ours: from one
   micro-batch's forward start to the next one's, the last ending where megatron-core finalises the gradients);
 * model TFLOP/s = ``training.flops.micro_batch_flops`` summed over the block's micro-batches / block time; MFU =
-  that / the dense fp32 matmul rate of this machine (``training.flops.measure_matmul_tflops``, measured in this run
-  at the same thread count, before and after the timed blocks; the higher one is used).
+  that / the dense fp32 matmul rate of this machine (``training.flops.measure_matmul_tflops``, 1 s at the same
+  thread count and clock) measured right before the block, so each block is paired with the rate the host gave at
+  that time (a shared host's rate moved between 58 and 83 GFLOP/s within one day's runs on one thread).
 
 Reported: the median over blocks; ratio = ours / reference samples/s (> 1: ours faster).
 
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import resource
 import statistics
 import tempfile
 import time
@@ -143,7 +145,8 @@ def _flags(args, paths: Dict[str, str]) -> List[str]:
     for stream, subset in TASK_STREAMS.values():
         flags += ["--task-stream", f"{stream}:{paths['data']}/{subset}"]
     for lever in args.levers:
-        flags += {"compile": ["--compile"], "cached-latents": ["--cached-latents"]}[lever]
+        flags += {"compile": ["--compile"], "cached-latents": ["--cached-latents"],
+                  "host-malloc-cache": ["--host-malloc-cache"]}[lever]
     return [str(flag) for flag in flags]
 
 
@@ -257,7 +260,8 @@ def _check_losses(ours: Dict[str, List[float]], reference: Dict[str, List[float]
         raise RuntimeError(f"first-step losses differ beyond {tolerance:g} relative: " + "; ".join(failures))
 
 
-def _block_stats(steps: List[Dict[str, Any]], cycles: List[List[Dict[str, Any]]], flops: float) -> Dict[str, float]:
+def _block_stats(steps: List[Dict[str, Any]], cycles: List[List[Dict[str, Any]]], flops: float,
+                 peak: float = 0.0) -> Dict[str, float]:
     """samples/s per task (over its micro-batches' fwd+bwd time) and overall (over the step time), TFLOP/s."""
     samples: Dict[str, float] = {}
     seconds: Dict[str, float] = {}
@@ -269,6 +273,8 @@ def _block_stats(steps: List[Dict[str, Any]], cycles: List[List[Dict[str, Any]]]
     stats = {task: samples[task] / seconds[task] for task in samples}
     stats["all"] = sum(samples.values()) / total_time
     stats["tflops"] = flops / total_time / 1e12
+    if peak:
+        stats["mfu"] = stats["tflops"] / peak
     return stats
 
 
@@ -336,12 +342,13 @@ def _warm_up(variants: Variants, args) -> Dict[str, Any]:
 
 
 def _timed_blocks(variants: Variants, args) -> Dict[str, Any]:
-    """``--blocks`` blocks of ``--steps-per-block`` steps per variant, taking turns; per-block stats."""
-    from megatron_puffin.training.flops import micro_batch_flops
+    """``--blocks`` blocks of ``--steps-per-block`` steps per variant, taking turns; per-block stats, each with
+    the matmul rate measured right before it."""
+    from megatron_puffin.training.flops import measure_matmul_tflops, micro_batch_flops
 
     config, trainable = variants.trainer.config, variants.trainer.trainable
     blocks: Dict[str, List[Dict[str, float]]] = {"ours": [], "reference": []}
-    samples_trained, cycles = 0, []
+    samples_trained, cycles, peaks = 0, [], []
     graphs_before = _dynamo_graphs()
     for block in range(args.blocks):
         cycles = variants.draw(args.steps_per_block)
@@ -352,11 +359,12 @@ def _timed_blocks(variants: Variants, args) -> Dict[str, Any]:
         samples_trained += sum(int(batch["input_ids"].shape[0]) for cycle in cycles for batch in cycle)
         for name in (["ours", "reference"] if block % 2 == 0 else ["reference", "ours"]):
             step = variants.our_step if name == "ours" else variants.reference_step
-            blocks[name].append(_block_stats([step(cycle) for cycle in cycles], cycles, flops[name]))
+            peaks.append(measure_matmul_tflops(dtype=torch.float32, seconds=1.0, clock=clock))
+            blocks[name].append(_block_stats([step(cycle) for cycle in cycles], cycles, flops[name], peaks[-1]))
     seq = {batch["task"]: int(batch["input_ids"].shape[1]) for cycle in cycles for batch in cycle}
     medians = {name: {key: statistics.median(b[key] for b in values) for key in values[0]}
                for name, values in blocks.items()}
-    return {"medians": medians, "samples_trained": samples_trained, "seq": seq,
+    return {"medians": medians, "samples_trained": samples_trained, "seq": seq, "peaks": peaks,
             "timed_compiles": _dynamo_graphs() - graphs_before}
 
 
@@ -370,15 +378,11 @@ def _dynamo_graphs() -> int:
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Build both variants, warm up, time the blocks; everything the report prints."""
     import megatron_puffin.distributed as mpd
-    from megatron_puffin.training.flops import measure_matmul_tflops
-
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
         variants = build_variants(args, Path(tmp))
         trainer = variants.trainer
-        result: Dict[str, Any] = {"peaks": [measure_matmul_tflops(dtype=torch.float32, seconds=1.0, clock=clock)]}
-        result.update(_warm_up(variants, args))
+        result: Dict[str, Any] = _warm_up(variants, args)
         result.update(_timed_blocks(variants, args))
-        result["peaks"].append(measure_matmul_tflops(dtype=torch.float32, seconds=1.0, clock=clock))
         result["config"], result["tasks"] = trainer.config, list(trainer.tasks)
         result["activation_estimates"] = _activation_estimates(trainer, result["first_cycle"])
         # Model FLOP shares, the VAE included (batches with cached moments would count it as not run).
@@ -408,7 +412,7 @@ def _print_header(args, result: Dict[str, Any]) -> None:
 
 
 def _print_throughput(result: Dict[str, Any]) -> float:
-    """The per-task table and the MFU lines; returns the matmul peak used."""
+    """The per-task table and the MFU lines; returns the median matmul rate."""
     medians, seq = result["medians"], result["seq"]
     print(f"{'task':22s} {'seq':>5s} {'ours samples/s':>15s} {'reference samples/s':>20s} {'ratio':>7s}")
     for task in result["tasks"] + ["all"]:
@@ -418,13 +422,15 @@ def _print_throughput(result: Dict[str, Any]) -> float:
     print("per task: samples / forward+backward time of its micro-batches; all: samples / optimizer-step time; "
           "ratio = ours / reference (> 1: ours faster)")
     peaks = result["peaks"]
-    peak = max(peaks)
-    print(f"matmul peak (fp32 1024^3 torch.mm, {torch.get_num_threads()} thread(s)): "
-          + " / ".join(f"{p * 1e3:.1f}" for p in peaks) + " GFLOP/s (before / after; max used)")
+    print(f"matmul rate (fp32 1024^3 torch.mm, {torch.get_num_threads()} thread(s), 1 s before each variant's "
+          f"block): min {min(peaks) * 1e3:.1f} / median {statistics.median(peaks) * 1e3:.1f} / max "
+          f"{max(peaks) * 1e3:.1f} GFLOP/s over {len(peaks)} measurements")
     for name in ("ours", "reference"):
         tflops = medians[name]["tflops"]
-        print(f"{name:9s} model {tflops * 1e3:7.2f} GFLOP/s  MFU {100 * tflops / peak:5.1f} %")
-    return peak
+        print(f"{name:9s} model {tflops * 1e3:7.2f} GFLOP/s  MFU {100 * medians[name]['mfu']:5.1f} % (median over "
+              f"blocks of block rate / the rate measured before it; {100 * tflops / max(peaks):.1f} % of the "
+              "highest rate)")
+    return statistics.median(peaks)
 
 
 def _print_memory(result: Dict[str, Any]) -> float:
@@ -467,16 +473,18 @@ def main() -> None:
     run_start = time.perf_counter()
     result = run(args)
     _print_header(args, result)
-    peak = _print_throughput(result)
+    _print_throughput(result)
     for line in result["shares"]:
         print(line)
     mem_ratio = _print_memory(result)
     _print_activation_check(result)
     medians = result["medians"]
-    _print_targets(args, medians, result["tasks"], peak, mem_ratio)
+    _print_targets(args, medians, result["tasks"], mem_ratio)
     if "compile" in args.levers:
         print(f"torch.compile graphs captured during the timed blocks: {result['timed_compiles']} (0: every compile "
               "happened in the warm-up)")
+    print(f"peak resident memory of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
+          "(host-malloc-cache, a lever of ours, applies to the whole process: the reference's steps too)")
     print(f"whole run {time.perf_counter() - run_start:.0f} s")
     print(f"overall ours/reference: {medians['ours']['all'] / medians['reference']['all']:.2f}")
 
@@ -496,12 +504,12 @@ def _state_bytes(model: torch.nn.Module, optimizer) -> int:
     return total
 
 
-def _print_targets(args, medians, tasks: List[str], peak: float, mem_ratio: float) -> None:
+def _print_targets(args, medians, tasks: List[str], mem_ratio: float) -> None:
     """Issue 14's targets against this run (levers on: >= 1.3x overall; off: >= 1.0x per task; MFU >= 60 % of
     the matmul rate; memory <= the reference's)."""
     ratios = {task: medians["ours"][task] / medians["reference"][task] for task in tasks}
     overall = medians["ours"]["all"] / medians["reference"]["all"]
-    mfu = medians["ours"]["tflops"] / peak
+    mfu = medians["ours"]["mfu"]
     levers = ", ".join(args.levers) or "none"
     print(f"levers of ours: {levers}; threads {torch.get_num_threads()}")
     checks = [("overall >= 1.3x (levers on)" if args.levers else "every task >= 1.0x (levers off)",
