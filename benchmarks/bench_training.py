@@ -378,6 +378,7 @@ def _dynamo_graphs() -> int:
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Build both variants, warm up, time the blocks; everything the report prints."""
     import megatron_puffin.distributed as mpd
+
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
         variants = build_variants(args, Path(tmp))
         trainer = variants.trainer
@@ -411,8 +412,8 @@ def _print_header(args, result: Dict[str, Any]) -> None:
           f"{args.loss_tolerance:g} relative")
 
 
-def _print_throughput(result: Dict[str, Any]) -> float:
-    """The per-task table and the MFU lines; returns the median matmul rate."""
+def _print_throughput(result: Dict[str, Any]) -> None:
+    """The per-task table, the matmul rates and the MFU lines."""
     medians, seq = result["medians"], result["seq"]
     print(f"{'task':22s} {'seq':>5s} {'ours samples/s':>15s} {'reference samples/s':>20s} {'ratio':>7s}")
     for task in result["tasks"] + ["all"]:
@@ -430,7 +431,6 @@ def _print_throughput(result: Dict[str, Any]) -> float:
         print(f"{name:9s} model {tflops * 1e3:7.2f} GFLOP/s  MFU {100 * medians[name]['mfu']:5.1f} % (median over "
               f"blocks of block rate / the rate measured before it; {100 * tflops / max(peaks):.1f} % of the "
               "highest rate)")
-    return statistics.median(peaks)
 
 
 def _print_memory(result: Dict[str, Any]) -> float:
