@@ -101,7 +101,8 @@ def main() -> None:
     _switch_on(own.compare, trainer)
     rounds["after"] = _round(trainer, timer, cycles, repeats)
     tasks = [task for task in rounds["before"] if task not in ("sum", "faults", "sys_s")]
-    print(f"{own.compare}: ours only, {args.clock} clock, threads {torch.get_num_threads()}, levers: {', '.join(args.levers) or 'none'}"
+    levers = ", ".join(args.levers) or "none"
+    print(f"{own.compare}: ours only, {args.clock} clock, threads {torch.get_num_threads()}, levers: {levers}"
           f"; median fwd+bwd seconds per task micro-batch over {repeats} x {len(cycles)} steps per round")
     print(f"{'round':18s} " + " ".join(f"{task[:12]:>12s}" for task in tasks) + f" {'sum':>8s} {'faults':>10s} "
           f"{'sys s':>7s}")

@@ -63,7 +63,8 @@ def _parse_args() -> argparse.Namespace:
     add_common_run_args(group, loss_tolerance=1e-5, loss_tolerance_help="max relative loss difference (fp32)")
     group.add_argument("--levers", default=None,
                        help="speed levers of ours: compile, all or none (default: all with --real-proportions, "
-                            "none otherwise; cached latents and the host malloc cache are the training loop's: bench_training.py)")
+                            "none otherwise; cached latents and the host malloc cache are the training loop's: "
+                            "bench_training.py)")
     args = parser.parse_args()
     resolve_sizes(args)
     args.levers = [lever for lever in parse_levers(args.levers if args.levers is not None else

@@ -261,8 +261,9 @@ def _check_losses(ours: Dict[str, List[float]], reference: Dict[str, List[float]
 
 
 def _block_stats(steps: List[Dict[str, Any]], cycles: List[List[Dict[str, Any]]], flops: float,
-                 peak: float = 0.0) -> Dict[str, float]:
-    """samples/s per task (over its micro-batches' fwd+bwd time) and overall (over the step time), TFLOP/s."""
+                 peak: float) -> Dict[str, float]:
+    """samples/s per task (over its micro-batches' fwd+bwd time) and overall (over the step time), TFLOP/s, and
+    MFU against ``peak``, the matmul rate measured before the block."""
     samples: Dict[str, float] = {}
     seconds: Dict[str, float] = {}
     total_time = sum(step["time"] for step in steps)
@@ -273,8 +274,7 @@ def _block_stats(steps: List[Dict[str, Any]], cycles: List[List[Dict[str, Any]]]
     stats = {task: samples[task] / seconds[task] for task in samples}
     stats["all"] = sum(samples.values()) / total_time
     stats["tflops"] = flops / total_time / 1e12
-    if peak:
-        stats["mfu"] = stats["tflops"] / peak
+    stats["mfu"] = stats["tflops"] / peak
     return stats
 
 

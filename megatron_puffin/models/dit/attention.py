@@ -128,35 +128,31 @@ class JointAttention(MegatronModule):
             ``([L, b, h] image output, [T, b, h] text output or None when context_pre_only)``; with local attention
             the last block's image output has only the ``query_tokens`` rows.
         """
-        if self.image_queries_only:
-            return self._image_queries_only(hidden_states, encoder_hidden_states, attention_mask, query_tokens), None
+        if self.image_queries_only:  # queries from the image stream's first query_tokens positions only
+            queries = hidden_states if query_tokens is None else hidden_states[:query_tokens]
+            context = self._attend(self._heads(self.to_q, queries), hidden_states, encoder_hidden_states,
+                                   attention_mask)
+            image_out, _ = self.to_out[0](context)
+            return image_out, None
         text_query = self._heads(self.add_q_proj, encoder_hidden_states)
         text_len = text_query.shape[0]  # whole: under sequence parallelism the inputs are shards, the heads are not
         query = torch.cat([text_query, self._heads(self.to_q, hidden_states)])
-        key = torch.cat([self._heads(self.add_k_proj, encoder_hidden_states), self._heads(self.to_k, hidden_states)])
-        value = torch.cat([self._heads(self.add_v_proj, encoder_hidden_states), self._heads(self.to_v, hidden_states)])
-        mask_type = AttnMaskType.no_mask if attention_mask is None else AttnMaskType.padding
-        context = self.core_attention(query, key, value, attention_mask, attn_mask_type=mask_type)  # [T+L, b, hp]
+        context = self._attend(query, hidden_states, encoder_hidden_states, attention_mask)  # [T+L, b, hp]
         image_out, _ = self.to_out[0](context[text_len:])
         if self.context_pre_only:
             return image_out, None
         text_out, _ = self.to_add_out(context[:text_len])
         return image_out, text_out
 
-    def _image_queries_only(
+    def _attend(
         self,
+        query: torch.Tensor,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         attention_mask: Optional[torch.Tensor],
-        query_tokens: Optional[int],
     ) -> torch.Tensor:
-        """The last block's image output for the first ``query_tokens`` positions: queries from those image tokens,
-        keys and values from every text and image token. Returns ``[query_tokens or L, b, h]``."""
-        queries = hidden_states if query_tokens is None else hidden_states[:query_tokens]
-        query = self._heads(self.to_q, queries)
+        """``query`` heads attending to keys and values of every ``[text ; image]`` token: ``[len(query), b, hp]``."""
         key = torch.cat([self._heads(self.add_k_proj, encoder_hidden_states), self._heads(self.to_k, hidden_states)])
         value = torch.cat([self._heads(self.add_v_proj, encoder_hidden_states), self._heads(self.to_v, hidden_states)])
         mask_type = AttnMaskType.no_mask if attention_mask is None else AttnMaskType.padding
-        context = self.core_attention(query, key, value, attention_mask, attn_mask_type=mask_type)
-        image_out, _ = self.to_out[0](context)
-        return image_out
+        return self.core_attention(query, key, value, attention_mask, attn_mask_type=mask_type)
