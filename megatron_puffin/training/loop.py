@@ -164,6 +164,8 @@ class Trainer:
         freeze_towers(self.model, args.model)
         if self.ctx.device.type == "cuda":  # megatron-core layers may initialise on the CPU (use_cpu_initialization)
             self.model.cuda(self.ctx.device)
+            if training.host_malloc_cache:
+                logger.warning("--host-malloc-cache has no effect on a GPU run (CUDA's allocator caches already)")
         elif training.host_malloc_cache:  # before the first step allocates; forked loader workers inherit it
             retain_freed_memory()
         if args.compile.compile:  # in place, per layer: names, DDP buckets and checkpoints are unchanged
