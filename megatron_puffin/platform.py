@@ -13,7 +13,8 @@ each patch is still needed. The table (:data:`PATCHES`) gives each patch's reaso
 :mod:`megatron_puffin.distributed.cpu_compat` (CPU-only machines), :mod:`megatron_puffin.training.optimizer`
 (distributed-optimizer checkpoint bugs of megatron-core 0.16.1), :mod:`megatron_puffin.training.fsdp2_checkpoint`
 (FSDP2 checkpoint records), :mod:`megatron_puffin.models.llm.rope` (RoPE without per-layer recomputation),
-:mod:`megatron_puffin.training.wgrad_accumulation` (weight gradients into the gradient buffer on CPU) and,
+:mod:`megatron_puffin.training.wgrad_accumulation` (weight gradients into the gradient buffer on CPU),
+:mod:`megatron_puffin.training.save_queue` (the lifetime of the checkpoint write-results queue's process) and,
 for the one-line row-parallel fix, here. See
 docs/megatron_patches.md.
 """
@@ -115,6 +116,12 @@ def _rope_cos_sin_once() -> List[Replacement]:
     from megatron_puffin.models.llm.rope import make_apply_rotary_pos_emb
 
     return [(attention, "apply_rotary_pos_emb", make_apply_rotary_pos_emb(attention.apply_rotary_pos_emb))]
+
+
+def _save_queue_lifetime() -> List[Replacement]:
+    from megatron_puffin.training.save_queue import replacements
+
+    return replacements()
 
 
 def _fsdp2_optimizer_local_tensor() -> List[Replacement]:
@@ -239,6 +246,15 @@ PATCHES: Tuple[MegatronPatch, ...] = (
         "linear layers refuse the flag without it; on CPU the module is replaced by main_grad.addmm_(grad_output.t(), "
         "input) (training.wgrad_accumulation switches the DDP-wrapped layers to it)",
         _without_cuda_or_apex_wgrad, _cpu_wgrad_accumulation,
+    ),
+    MegatronPatch(
+        "SAVE_QUEUE_LIFETIME",
+        "dist_checkpointing.save starts a multiprocessing.Manager process (the write-results queue) at a rank's "
+        "first save and keeps it; it sits in the rank's process group with default signal handling, so the group-"
+        "wide SIGTERM of torchrun or Slurm killed it and the rank's interrupt checkpoint then failed with "
+        "BrokenPipeError, and a rank killed with SIGKILL left it running forever; the same queue's process "
+        "ignores the stop signals and dies with its rank (PR_SET_PDEATHSIG)",
+        _always, _save_queue_lifetime,
     ),
 )
 

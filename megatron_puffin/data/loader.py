@@ -32,7 +32,7 @@ from megatron_puffin.data.sampler import (
 )
 from megatron_puffin.data.task_encoders import REQUIRED_FIELDS, TaskEncoder, TaskEncoderConfig
 from megatron_puffin.data.tokenizer import PuffinTokenizer
-from megatron_puffin.data.workers import stop_signals_blocked, worker_init
+from megatron_puffin.process_lifetime import stop_signals_blocked, worker_init
 
 logger = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ class PuffinDataLoader:
         )
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
-        with stop_signals_blocked():  # workers are forked here (see megatron_puffin/data/workers.py)
+        with stop_signals_blocked():  # workers are forked here (see megatron_puffin/process_lifetime.py)
             batches = iter(self._torch_loader())
         for batch in batches:
             stream = self.schedule.stream_at(self._state.step)

@@ -357,7 +357,17 @@ class Trainer:
         # DTensor.to_local() returns the very local shard megatron-core's sharded tensors hold only without grad
         # mode (megatron-core matches optimizer states to parameters by that identity).
         with gathered_parameters(self.ddp), torch.no_grad():
-            return self._save()
+            try:
+                return self._save()
+            except OSError as error:  # disk full, a path that stopped being a directory, lost mount: one line
+                try:
+                    newest = ckpt.complete_checkpoints(self.args.checkpoint.save)[-1][1]
+                except (OSError, IndexError):
+                    newest = "none"
+                raise ckpt.CheckpointError(
+                    f"writing the checkpoint of iteration {self.state.iteration} to {self.args.checkpoint.save} "
+                    f"failed: {error}; the newest complete checkpoint there: {newest}"
+                ) from error
 
     def _save(self) -> str:
         directory = ckpt.iteration_directory(self.args.checkpoint.save, self.state.iteration)
@@ -520,6 +530,10 @@ class Trainer:
                                    "stopped" if stopped else "finished", stopped)
         finally:
             self.stop.restore()
+            # Shut the data-loader workers down now, also when an error leaves this function: its traceback would
+            # keep the iterator alive to interpreter exit, where multiprocessing stops daemonic children with
+            # SIGTERM, which the workers ignore (process_lifetime), and then waits for them forever.
+            iterator.close()
         if stopped == BAD_SAMPLES:
             raise TrainingError(self.loader.bad_sample_error or "another rank met too many undecodable samples "
                                 "(--max-bad-samples); see its log")
@@ -576,7 +590,7 @@ def _loss_tasks(data: DataConfig) -> List[str]:
 
 def run(args: PuffinArguments) -> int:
     """Build, train and tear down; returns the exit code (:data:`EXIT_FINISHED` or :data:`EXIT_INTERRUPTED`)."""
-    from megatron_puffin.data.workers import die_with_launcher
+    from megatron_puffin.process_lifetime import die_with_launcher
 
     die_with_launcher()
     try:

@@ -1,10 +1,11 @@
 """Stopping signals through the real launchers, with data-loader workers (the default): the run saves, writes
 run_status.json "interrupted" and leaves no process behind.
 
-(a) SIGTERM to examples/train.sh (-> torchrun -> the rank's whole process group, workers included) saves; a second
-    SIGTERM to the rank's process group while the checkpoint is being written does not kill the save;
+(a) SIGTERM to examples/train.sh (-> torchrun -> the rank's whole process group, workers and the checkpoint
+    write-results queue's process of the periodic save before it included) saves; a second SIGTERM to the rank's
+    process group while the checkpoint is being written does not kill the save;
 (b) SIGUSR1 to plain torchrun (which does not handle it and dies) makes the rank save and exit, not orphan it;
-(c) a rank killed with SIGKILL takes its data-loader workers with it.
+(c) a rank killed with SIGKILL after a periodic save takes its data-loader workers and the queue's process with it.
 """
 import json
 import os
@@ -89,27 +90,30 @@ def _status(run):
 
 
 def test_sigterm_to_train_sh_saves_with_workers_and_a_second_signal_does_not_kill_the_save(workdir):
-    (workdir / "stage.args").write_text(" ".join(FLAGS + ["--metrics-file", "sh.jsonl"]) + "\n")
+    (workdir / "stage.args").write_text(" ".join(FLAGS + ["--metrics-file", "sh.jsonl", "--save-interval", "2"]) + "\n")
     env = dict(ENV, STAGE_ARGS="stage.args", SAVE_DIR="run_sh", NPROC_PER_NODE="1", LOG_DIR="logs")
     proc = subprocess.Popen(["bash", str(ROOT / "examples" / "train.sh")], cwd=workdir, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(lambda: _metrics_lines(workdir / "sh.jsonl") >= 2, proc, "two iterations")
+    # After the periodic save of iteration 2: the rank has started megatron-core's write-results queue process.
+    _wait_for(lambda: (workdir / "run_sh" / "iter_0000002").is_dir() and _metrics_lines(workdir / "sh.jsonl") >= 3,
+              proc, "the first checkpoint")
     rank = _wait_for(lambda: _rank_pid(proc.pid), proc, "the rank")
-    workers = _children(rank)
-    assert len([w for w in workers if _alive(w)]) >= 2, "expected two data-loader workers"
+    children = [pid for pid in _children(rank) if _alive(pid)]
+    assert len(children) >= 3, "expected two data-loader workers and the checkpoint queue's process"
     proc.send_signal(signal.SIGTERM)
     staging = _wait_for(lambda: next((workdir / "run_sh").glob("iter_*.tmp"), None), proc, "the interrupt save")
     os.killpg(rank, signal.SIGTERM)  # as torchrun or Slurm would repeat it: the rank and its workers
     output, _ = proc.communicate(timeout=TIMEOUT)
     # torchrun itself ends with a SignalException traceback (its way of reporting the signal); the rank must not.
     assert "killed by signal" not in output and "pretrain_puffin.py\", line" not in output, output[-4000:]
+    assert "BrokenPipeError" not in output, output[-4000:]
     assert "received while stopping" in output, output[-3000:]
     status = _status(workdir / "run_sh")
     assert (status["status"], status["reason"]) == ("interrupted", "signal"), status
     assert (workdir / "run_sh" / staging.name[: -len(".tmp")]).is_dir()
     assert status["checkpoint"].endswith(staging.name[: -len(".tmp")])
     assert '"status": "interrupted"' in output  # train.sh prints the status file
-    assert not any(_alive(pid) for pid in [rank, *workers])
+    _assert_all_end([rank, *children], "after the run stopped")
 
 
 def test_sigusr1_to_plain_torchrun_does_not_orphan_the_rank(workdir):
@@ -135,14 +139,21 @@ def test_sigusr1_to_plain_torchrun_does_not_orphan_the_rank(workdir):
 
 def test_a_rank_killed_with_sigkill_takes_its_workers_with_it(workdir):
     # The rank as a real process forked from the suite's pre-imported server (helpers.puffin.start_script); its
-    # workers are its forked children, as under python or torchrun.
-    proc = start_script(ROOT / "pretrain_puffin.py", *FLAGS, "--metrics-file", "kill.jsonl", cwd=workdir, env=ENV)
-    _wait_for(lambda: _metrics_lines(workdir / "kill.jsonl") >= 1, proc, "one iteration")
-    workers = [pid for pid in _children(proc.pid) if _alive(pid)]
-    assert len(workers) >= 2, "expected two data-loader workers"
+    # workers are its forked children, as under python or torchrun, and so is the checkpoint write-results queue's
+    # process, started by the periodic save.
+    proc = start_script(ROOT / "pretrain_puffin.py", *FLAGS, "--metrics-file", "kill.jsonl", "--save", "run_kill",
+                        "--save-interval", "1", cwd=workdir, env=ENV)
+    _wait_for(lambda: (workdir / "run_kill" / "iter_0000001").is_dir(), proc, "the first checkpoint")
+    children = [pid for pid in _children(proc.pid) if _alive(pid)]
+    assert len(children) >= 3, "expected two data-loader workers and the checkpoint queue's process"
     proc.kill()
     proc.wait()
+    _assert_all_end(children, "after their rank was killed")
+
+
+def _assert_all_end(pids, when):
     deadline = time.time() + 60
-    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+    while any(_alive(pid) for pid in pids) and time.time() < deadline:
         time.sleep(0.05)
-    assert not any(_alive(pid) for pid in workers), "a data-loader worker outlived its killed rank"
+    left = [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120] for pid in pids if _alive(pid)]
+    assert not left, f"processes still running {when}: {left}"

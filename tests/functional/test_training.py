@@ -154,6 +154,40 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(workdir):
     assert "at iteration 2" in resumed.stderr
 
 
+def test_a_failed_checkpoint_write_ends_the_run_with_one_line_and_no_process_left(workdir):
+    """The save directory stops being a directory after the first checkpoint (a lost mount, a cleanup script): the
+    next save fails with one line naming the iteration and the newest complete checkpoint, exit 1, and neither the
+    data-loader workers nor the checkpoint queue's process outlive the rank (no wait on them at exit)."""
+    flags = [*STAGE, *STREAMS, "--num-workers", "2", "--micro-batch-size", "2", "--save", "lost",
+             "--save-interval", "2"]
+    proc = start_script(ROOT / "pretrain_puffin.py", *flags, cwd=workdir, env=ENV)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (workdir / "lost" / "iter_0000002").is_dir():
+        time.sleep(0.01)
+    children = [int(pid) for task in Path(f"/proc/{proc.pid}/task").glob("*")
+                for pid in (task / "children").read_text().split()]
+    (workdir / "lost").rename(workdir / "lost.moved")
+    (workdir / "lost").write_text("not a directory\n")
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "pretrain_puffin.py (rank 0): writing the checkpoint of iteration 4 to lost failed: [Errno 20] Not a " \
+           "directory" in stderr, stderr[-3000:]
+    assert len(children) >= 3  # two workers and the queue's process
+    deadline = time.time() + 60
+    while time.time() < deadline and any(_running(pid) for pid in children):
+        time.sleep(0.05)
+    assert not [pid for pid in children if _running(pid)]
+
+
+def _running(pid):
+    """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def test_golden_losses_of_tiny_stage2(workdir):
     run_pretrain(workdir, *STAGE, f"@{TINY / 'stage2_sft.args'}", "--pretrained-checkpoint", "", "--save", "golden",
          "--train-iters", "20", "--save-interval", "100", "--metrics-file", "golden.jsonl")

@@ -66,6 +66,28 @@ def test_worker_processes_give_the_same_batches_and_state_counts_handed_out_batc
     assert loader.state_dict()["step"] == 4  # not the prefetched position
 
 
+def test_workers_ignore_sigterm_and_closing_the_iterator_ends_them(data):
+    """Workers ignore the stop signals (megatron_puffin/process_lifetime.py), so multiprocessing's exit handler, which
+    stops daemonic children with SIGTERM and then waits for them, would wait forever for workers still alive at
+    interpreter exit; Trainer.train closes its iterator when it ends (also by an error), which ends them."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    loader = build_data_loader(_config(data, STAGE, num_workers=2, prefetch_factor=2), seed=5)
+    before = set(multiprocessing.active_children())
+    iterator = iter(loader)
+    next(iterator)
+    workers = [process for process in multiprocessing.active_children() if process not in before]
+    assert len(workers) == 2
+    os.kill(workers[0].pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert all(worker.is_alive() for worker in workers)
+    iterator.close()
+    assert not any(worker.is_alive() for worker in workers)
+
+
 def test_restoring_at_another_data_parallel_size_continues_the_global_order(data):
     streams = ["cam2image:{idx}/main:2"]
     single = _take(build_data_loader(_config(data, streams), seed=9, data_parallel_size=1), 6)

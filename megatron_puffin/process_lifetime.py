@@ -1,13 +1,17 @@
-"""Signals and lifetime of DataLoader worker processes.
+"""Signals and lifetime of the processes a rank starts: its DataLoader workers and the server of megatron-core's
+checkpoint write-results queue (:mod:`megatron_puffin.training.save_queue`).
 
-torchrun (and Slurm) stop a run by signalling each rank's whole process group, and DataLoader workers are in that
+torchrun (and Slurm) stop a run by signalling each rank's whole process group, and those processes are in that
 group. A worker killed by SIGTERM makes the rank's DataLoader raise ("worker ... is killed by signal") before the
-rank can save. So workers ignore the stop signals (the rank's main process acts on them at the next step boundary
-and shuts the workers down itself), and they die with their rank (``PR_SET_PDEATHSIG``), so a rank killed with
-SIGKILL leaves no worker behind.
+rank can save; a queue server killed by it makes the rank's interrupt checkpoint fail. So they ignore the stop
+signals (the rank's main process acts on them at the next step boundary and shuts them down itself), and they die
+with their rank (``PR_SET_PDEATHSIG``), so a rank killed with SIGKILL leaves nothing behind.
 
-Workers are forked with the stop signals blocked (:func:`stop_signals_blocked`), so a signal that arrives between
-the fork and :func:`worker_init` cannot kill a worker; the rank receives it when the block is lifted.
+They are started with the stop signals blocked (:func:`stop_signals_blocked`; a forked or spawned child inherits
+the mask), so a signal that arrives between the start and :func:`ignore_stop_signals_and_die_with` cannot kill
+them; the rank receives it when the block is lifted.
+
+This module imports nothing heavy: a spawned server process imports it to run its initializer.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from typing import Iterator, Optional
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-"""Signals the training process handles (save and stop) and worker processes ignore."""
+"""Signals the training process handles (save and stop) and the processes it starts ignore."""
 
 _PR_SET_PDEATHSIG = 1
 
@@ -51,12 +55,18 @@ def set_parent_death_signal(sig: int, expected_parent: Optional[int] = None) -> 
     return True
 
 
-def worker_init(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
-    """``worker_init_fn`` of every training DataLoader: ignore the stop signals, die with the rank."""
+def ignore_stop_signals_and_die_with(parent: Optional[int]) -> None:
+    """In a process a rank started with the stop signals blocked: ignore them, unblock them, and ask for SIGKILL
+    when ``parent`` (the rank) exits."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    set_parent_death_signal(signal.SIGKILL, expected_parent=_FORK_PARENT.get("pid"))
+    set_parent_death_signal(signal.SIGKILL, expected_parent=parent)
+
+
+def worker_init(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
+    """``worker_init_fn`` of every training DataLoader: ignore the stop signals, die with the rank."""
+    ignore_stop_signals_and_die_with(_FORK_PARENT.get("pid"))
 
 
 _FORK_PARENT = {}  # pid of the process that forks the workers (read in the child after fork)
@@ -64,8 +74,9 @@ _FORK_PARENT = {}  # pid of the process that forks the workers (read in the chil
 
 @contextlib.contextmanager
 def stop_signals_blocked() -> Iterator[None]:
-    """Block the stop signals while DataLoader workers are forked (the children inherit the mask and unblock it
-    after installing SIG_IGN); signals that arrive meanwhile are delivered to this process afterwards."""
+    """Block the stop signals while DataLoader workers are forked or a helper process is spawned (the children
+    inherit the mask and unblock it after installing SIG_IGN); signals that arrive meanwhile are delivered to this
+    process afterwards."""
     _FORK_PARENT["pid"] = os.getpid()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
