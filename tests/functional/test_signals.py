@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.puffin import ROOT, make_tiny_dataset, start_script
+from helpers.puffin import ROOT, make_tiny_dataset, process_running as _alive, start_script
 
 TINY = ROOT / "examples" / "tiny"
 ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
@@ -45,14 +45,6 @@ def _children(pid):
         except OSError:
             pass
     return found
-
-
-def _alive(pid):
-    try:
-        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def _wait_for(predicate, proc, what):

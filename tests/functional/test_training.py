@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from megatron_puffin.training import host_memory
-from helpers.puffin import CLI_ENV as ENV, ROOT, make_tiny_dataset, metrics_losses as _losses, run_pretrain, \
-    start_script
+from helpers.puffin import CLI_ENV as ENV, ROOT, make_tiny_dataset, metrics_losses as _losses, process_running, \
+    run_pretrain, start_script
 
 TINY = ROOT / "examples" / "tiny"
 GOLDEN = Path(__file__).parent / "golden" / "stage2_sft.json"
@@ -175,17 +175,9 @@ def test_a_failed_checkpoint_write_ends_the_run_with_one_line_and_no_process_lef
            "directory" in stderr, stderr[-3000:]
     assert len(children) >= 3  # two workers and the queue's process
     deadline = time.time() + 60
-    while time.time() < deadline and any(_running(pid) for pid in children):
+    while time.time() < deadline and any(process_running(pid) for pid in children):
         time.sleep(0.05)
-    assert not [pid for pid in children if _running(pid)]
-
-
-def _running(pid):
-    """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
-    try:
-        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
+    assert not [pid for pid in children if process_running(pid)]
 
 
 def test_golden_losses_of_tiny_stage2(workdir):

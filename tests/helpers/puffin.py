@@ -487,3 +487,12 @@ def assert_layout_matches_reference(values: Dict, reference: Dict[str, tuple], t
     name, error = max(values["grad_errors"].items(), key=lambda kv: kv[1])
     assert error <= tolerance, f"rank {where[0]} layout {where[1]}: gradient {name} rel error {error:.2e}"
     return worst_loss, error
+
+
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` runs (Linux /proc; a zombie waiting for its reaper does not)."""
+    try:
+        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")

@@ -13,7 +13,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from helpers.puffin import process_running as _alive
 
 CHILD = r"""
 import json, multiprocessing, os, signal, sys, time
@@ -41,14 +42,6 @@ server, patched_answer = queue_after_sigterm()
 print(json.dumps({"unpatched": unpatched_answer, "patched": patched_answer, "server": server}), flush=True)
 sys.stdin.read()  # until the test kills this process
 """
-
-
-def _alive(pid):
-    try:
-        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def test_queue_process_ignores_stop_signals_and_dies_with_its_rank():
