@@ -180,21 +180,19 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(log_dir=tensorboard_dir)
+        self.lost_lines = 0  # metrics-file lines not written since the last one that was
+
 
     def write(self, report: Report) -> None:
         if not self.active:
             return
         logger.info("%s", report.line(self.tasks))
-        if self.tensorboard is not None:
-            for tag, value in report.scalars().items():
-                self.tensorboard.add_scalar(tag, value, report.iteration)
-            self.tensorboard.flush()
+        self._tensorboard(report.iteration, report.scalars())
         if self.metrics_file:
             record = {"iteration": report.iteration, **report.scalars()}
             if report.new_bad_samples:
                 record["bad_sample_list"] = report.new_bad_samples
-            with open(self.metrics_file, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            self._append(record)
 
     def write_scalars(self, iteration: int, scalars: Dict[str, float], line: str) -> None:
         """Another record of the same iteration (e.g. validation): ``line`` to the log, ``scalars`` to TensorBoard
@@ -202,13 +200,39 @@ class MetricsWriter:
         if not self.active:
             return
         logger.info("%s", line)
-        if self.tensorboard is not None:
+        self._tensorboard(iteration, scalars)
+        if self.metrics_file:
+            self._append({"iteration": iteration, **scalars})
+
+    def _tensorboard(self, iteration: int, scalars: Dict[str, float]) -> None:
+        if self.tensorboard is None:
+            return
+        try:
             for tag, value in scalars.items():
                 self.tensorboard.add_scalar(tag, value, iteration)
             self.tensorboard.flush()
-        if self.metrics_file:
+        except OSError as error:  # a full disk or a lost mount must not end the training run
+            logger.warning("TensorBoard events of iteration %d not written (%s); training goes on", iteration, error)
+
+    def _append(self, record: Dict) -> None:
+        """One JSON line to the metrics file. A failed write (disk full, the directory removed, a lost mount) is
+        logged and counted, and training goes on: the run's work is in its checkpoints, not in this file; the next
+        line is tried again, and the first one written after a failure says how many were lost."""
+        if self.lost_lines:
+            record = {**record, "lost_metrics_lines": self.lost_lines}
+        try:
             with open(self.metrics_file, "a") as handle:
-                handle.write(json.dumps({"iteration": iteration, **scalars}) + "\n")
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:
+            if not self.lost_lines:
+                logger.warning("--metrics-file %s: line of iteration %s not written (%s); training goes on, later "
+                               "lines are tried again", self.metrics_file, record.get("iteration"), error)
+            self.lost_lines += 1
+            return
+        if self.lost_lines:
+            logger.warning("--metrics-file %s written again; %d line(s) before this one were lost",
+                           self.metrics_file, self.lost_lines)
+        self.lost_lines = 0
 
     def close(self) -> None:
         if self.tensorboard is not None:

@@ -1,0 +1,26 @@
+"""--metrics-file writes that fail (the directory removed, a full disk, a lost mount) are logged and counted, and
+training goes on: the next line is tried again and says how many were lost (megatron_puffin/training/metrics.py)."""
+import json
+import logging
+import shutil
+
+from megatron_puffin.training.metrics import MetricsWriter
+
+
+def test_a_failed_metrics_line_is_logged_counted_and_training_goes_on(tmp_path, caplog):
+    path = tmp_path / "logs" / "metrics.jsonl"
+    writer = MetricsWriter(["image2text"], metrics_file=str(path))
+    writer.write_scalars(1, {"loss/image2text": 2.5}, "iteration 1")
+    shutil.rmtree(tmp_path / "logs")  # e.g. a cleanup job, or the mount gone
+    with caplog.at_level(logging.WARNING, logger="megatron_puffin.training.metrics"):
+        writer.write_scalars(2, {"loss/image2text": 2.4}, "iteration 2")  # must not raise
+        writer.write_scalars(3, {"loss/image2text": 2.3}, "iteration 3")
+        failures = [r.getMessage() for r in caplog.records if "not written" in r.getMessage()]
+        assert len(failures) == 1 and "iteration 2" in failures[0] and "No such file" in failures[0], failures
+        (tmp_path / "logs").mkdir()
+        writer.write_scalars(4, {"loss/image2text": 2.2}, "iteration 4")
+    assert any("2 line(s) before this one were lost" in r.getMessage() for r in caplog.records)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines == [{"iteration": 4, "loss/image2text": 2.2, "lost_metrics_lines": 2}]
+    writer.write_scalars(5, {"loss/image2text": 2.1}, "iteration 5")
+    assert json.loads(path.read_text().splitlines()[-1]) == {"iteration": 5, "loss/image2text": 2.1}
