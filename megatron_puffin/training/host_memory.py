@@ -8,7 +8,8 @@ activation, attention and gradient buffers every micro-batch, so every step maps
 every page on first touch (a minor page fault per 4 KiB). Measured at the real proportions
 (``benchmarks/bench_ours_ab.py --compare host-malloc-cache``, one thread, same process, 9 optimizer steps per
 round): 1.63 million minor faults and 8.7 s of system time per round with glibc's defaults, 600 faults with this
-setting; the time effect (2-3 % less there) is within this shared host's drift (``docs/performance.md``).
+setting; the time effect (2-8 % less in two such A/Bs) is close to this shared host's drift
+(``docs/performance.md``).
 
 :func:`retain_freed_memory` sets, through ``mallopt``: ``M_MMAP_MAX = 0`` (no block of the main heap is a private
 mapping; a thread's arena still falls back to ``mmap`` when its heap cannot grow, glibc does so regardless) and

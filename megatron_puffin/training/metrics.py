@@ -182,7 +182,6 @@ class MetricsWriter:
             self.tensorboard = SummaryWriter(log_dir=tensorboard_dir)
         self.lost_lines = 0  # metrics-file lines not written since the last one that was
 
-
     def write(self, report: Report) -> None:
         if not self.active:
             return

@@ -24,27 +24,22 @@ from __future__ import annotations
 import multiprocessing
 import os
 from multiprocessing.managers import SyncManager
-from typing import Any, Dict
+from typing import Any
 
 from megatron_puffin.process_lifetime import ignore_stop_signals_and_die_with, stop_signals_blocked
-
-PATCH_NAME = "SAVE_QUEUE_LIFETIME"
-
-_MANAGER: Dict[str, SyncManager] = {}
-"""The manager of this process's queue (its queue proxy is megatron-core's module global)."""
 
 
 def write_results_queue() -> Any:
     """megatron-core's ``_get_write_results_queue``: this process's queue for checkpoint write results, started on
     first use. The manager is started with the stop signals blocked, so one that arrives before the new process has
-    set "ignore" cannot kill it; the signal reaches this process when the block is lifted."""
+    set "ignore" cannot kill it; the signal reaches this process when the block is lifted. The queue's proxy keeps
+    its manager alive (as in megatron-core's function)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
         with stop_signals_blocked():
             manager.start(initializer=ignore_stop_signals_and_die_with, initargs=(os.getpid(),))
-        _MANAGER["manager"] = manager
         filesystem_async._results_queue = manager.Queue()
     return filesystem_async._results_queue
 
