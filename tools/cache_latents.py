@@ -8,7 +8,8 @@
 Encodes the target image, the initial view and the camera map of each sample at the training resolution (the
 loader's dynamic resize; camera maps at the target's size) and writes them as extra aligned fields of each shard;
 the manifest records the VAE (config + weights SHA-256), the resolution and the dtype (docs/performance.md).
-Re-running with the same VAE and flags skips finished shards. For a random tiny VAE (--vae-config) give the
+Re-running with the same VAE and flags skips finished shards; a shard holding latents of another VAE, resolution
+or dtype is an error unless --overwrite is given. For a random tiny VAE (--vae-config) give the
 training --seed: the VAE is drawn from it exactly as training draws it.
 """
 import argparse
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "training with --bf16 loads it). Must be the training VAE's dtype.")
     parser.add_argument("--batch-size", type=int, default=16, help="Samples encoded per VAE call.")
     parser.add_argument("--device", default="cpu", help="Where the VAE runs (cpu, cuda).")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace latents of another VAE, resolution or dtype (default: stop, naming the shard).")
     parser.add_argument("--log-level", default="WARNING")
     return parser
 
@@ -63,12 +66,12 @@ def main(argv=None) -> int:
                     torch.device(args.device), args.seed)
     try:
         counts = cache_dataset_latents(args.data, vae, args.image_size, args.image_size_unit, args.dtype,
-                                       args.batch_size)
+                                       args.batch_size, args.overwrite)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"cached {args.dtype} VAE latents at --image-size {args.image_size}: {counts['written']} shard(s) written, "
-          f"{counts['skipped']} already done")
+          f"{counts['replaced']} replaced, {counts['skipped']} already done")
     return 0
 
 

@@ -100,9 +100,16 @@ def _encode(vae, images: List[torch.Tensor]) -> List[torch.Tensor]:
 
 
 def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit: int, dtype: str = "bfloat16",
-                        batch_size: int = 16) -> bool:
-    """Adds the latent fields to one shard (atomically: the manifest is replaced last). Returns False when the
-    shard already holds latents of this VAE, resolution and dtype; raises ValueError when it holds other ones."""
+                        batch_size: int = 16, overwrite: bool = False) -> str:
+    """Adds the latent fields to one shard (atomically: the manifest is replaced last).
+
+    Returns "skipped" when the shard already holds latents of this VAE, resolution and dtype, "written" when it
+    held none, "replaced" when it held other ones and ``overwrite`` is set (otherwise ValueError, naming both).
+    The new fields are written to temporary files first (an interruption there leaves the old latents as they
+    were); a replacement then removes the manifest's entry before renaming them into place, so an interruption
+    among the renames leaves a shard without latents (training says so; a re-run writes them), never the old
+    identity over new fields.
+    """
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
     entry = {"dtype": dtype, "image_size": image_size, "image_size_unit": image_unit,
@@ -110,9 +117,10 @@ def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit
     existing = manifest.get("latents")
     if existing is not None:
         if {k: v for k, v in existing.items() if k != "fields"} == entry:
-            return False
-        raise ValueError(f"{shard_dir} already holds cached latents of another VAE, resolution or dtype; delete its "
-                         f"latent_* files and the manifest's 'latents' entry, or write the dataset anew")
+            return "skipped"
+        if not overwrite:
+            raise ValueError(f"{shard_dir} already holds cached latents of another "
+                             f"{_entry_difference(existing, entry)}; pass --overwrite to replace them")
     dataset = PuffinDataset(str(shard_dir))
     builders = {name: IndexedDatasetBuilder(get_bin_path(str(shard_dir / f"{name}.tmp")),
                                             dtype=np.float32 if dtype == "float32" else np.uint16)
@@ -141,14 +149,36 @@ def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit
             num_bytes[SHAPE_FIELD] += payload.nbytes
     for name, builder in [*builders.items(), (SHAPE_FIELD, shapes)]:
         builder.finalize(get_idx_path(str(shard_dir / f"{name}.tmp")))
+    if existing is not None:
+        del manifest["latents"]
+        _write_manifest(shard_dir, manifest)
+    for name in [*builders, SHAPE_FIELD]:
         for suffix in (".bin", ".idx"):
             os.replace(shard_dir / f"{name}.tmp{suffix}", shard_dir / f"{name}{suffix}")
     manifest["latents"] = dict(entry, fields={name: {"num_bytes": count} for name, count in num_bytes.items()})
+    _write_manifest(shard_dir, manifest)
+    logger.info("cached %s latents of %d samples in %s", dtype, len(dataset), shard_dir)
+    return "written" if existing is None else "replaced"
+
+
+def _write_manifest(shard_dir: Path, manifest: Mapping[str, Any]) -> None:
     tmp = shard_dir / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     os.replace(tmp, shard_dir / MANIFEST_NAME)
-    logger.info("cached %s latents of %d samples in %s", dtype, len(dataset), shard_dir)
-    return True
+
+
+def _entry_difference(existing: Mapping[str, Any], entry: Mapping[str, Any]) -> str:
+    """What differs between a shard's latents and the ones asked for: "VAE (weights sha256 <cached> cached,
+    <new> now)", "resolution (...)" or "dtype (...)"."""
+    if existing.get("vae") != entry["vae"]:
+        theirs, ours = existing.get("vae", {}).get("weights_sha256", "?")[:12], entry["vae"]["weights_sha256"][:12]
+        return f"VAE (weights sha256 {theirs} cached, {ours} now)"
+    for key in ("image_size", "image_size_unit"):
+        if existing.get(key) != entry[key]:
+            return (f"resolution (--image-size {existing.get('image_size')} --image-size-unit "
+                    f"{existing.get('image_size_unit')} cached, --image-size {entry['image_size']} "
+                    f"--image-size-unit {entry['image_size_unit']} now)")
+    return f"dtype ({existing.get('dtype')} cached, {entry['dtype']} now)"
 
 
 class LatentCache:
@@ -212,14 +242,15 @@ def check_latent_manifest(manifest: Mapping[str, Any], shard_dir: Path, vae: Opt
     theirs = f"--image-size {entry['image_size']} --image-size-unit {entry['image_size_unit']}"
     if ours != theirs:
         raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir} holds latents at {theirs}, training uses "
-                         f"{ours}; re-run tools/cache_latents.py at the training resolution")
+                         f"{ours}; re-run tools/cache_latents.py --overwrite at the training resolution")
     if vae is not None and entry["vae"] != vae:
         theirs_vae = f"weights sha256 {entry['vae']['weights_sha256'][:12]}"
         ours_vae = f"weights sha256 {vae['weights_sha256'][:12]}"
         if entry["vae"]["config"] != vae["config"]:
             theirs_vae += f", config {_config_diff(entry['vae']['config'], vae['config'])}"
-        raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir} holds latents of another VAE ({theirs_vae}) "
-                         f"than the training one ({ours_vae}); re-run tools/cache_latents.py with the training VAE")
+        raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir} holds latents of another VAE "
+                               f"({theirs_vae}) than the training one ({ours_vae}); re-run tools/cache_latents.py "
+                               f"--overwrite with the training VAE")
 
 
 def _config_diff(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> str:
@@ -228,13 +259,13 @@ def _config_diff(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> str:
 
 
 def cache_dataset_latents(paths: Sequence[os.PathLike], vae, image_size: int, image_unit: int,
-                          dtype: str = "bfloat16", batch_size: int = 16) -> Dict[str, int]:
-    """:func:`cache_shard_latents` on every shard under ``paths``; returns counts of shards written / skipped."""
+                          dtype: str = "bfloat16", batch_size: int = 16, overwrite: bool = False) -> Dict[str, int]:
+    """:func:`cache_shard_latents` on every shard under ``paths``; returns counts of shards written / replaced /
+    skipped."""
     from megatron_puffin.data.format import find_shards
 
-    counts = {"written": 0, "skipped": 0}
+    counts = {"written": 0, "replaced": 0, "skipped": 0}
     for path in paths:
         for shard in find_shards(path):
-            written = cache_shard_latents(shard, vae, image_size, image_unit, dtype, batch_size)
-            counts["written" if written else "skipped"] += 1
+            counts[cache_shard_latents(shard, vae, image_size, image_unit, dtype, batch_size, overwrite)] += 1
     return counts

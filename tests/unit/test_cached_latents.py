@@ -1,5 +1,6 @@
 """--cached-latents: VAE posterior moments stored beside the shards give the online loss without running the VAE."""
 import importlib.util
+import os
 import shutil
 
 import pytest
@@ -110,6 +111,67 @@ def test_another_vae_or_resolution_is_a_clear_error(cached, tmp_path):
     config.task_stream, config.image_size = [f"text2image:{bare}:2"], IMAGE_SIZE
     with pytest.raises(ValueError, match="has no cached latents; run tools/cache_latents.py"):
         build_data_loader(config, seed=0, num_query_tokens=NUM_QUERIES)
+
+
+def test_other_latents_are_replaced_only_when_asked_and_never_half_way(cached, tmp_path, capsys, monkeypatch):
+    from megatron_puffin.data.format import read_manifest
+    from megatron_puffin.data.latents import cache_shard_latents, check_latent_manifest, vae_identity
+
+    paths, model, _, _ = cached
+    shard = tmp_path / "shard"
+    shutil.copytree(f"{paths['data']}/main/shard-00000", shard)
+    before = {path.name: path.read_bytes() for path in shard.iterdir()}
+    tool = _cache_latents_tool()
+    flags = ["--data", str(shard), "--vae-config", paths["vae_config"], "--seed", "0", "--image-size",
+             str(IMAGE_SIZE), "--dtype", "bfloat16", "--batch-size", "3"]
+    assert tool(flags) == 2  # float32 latents are there: not replaced unasked, nothing touched
+    assert "another dtype (float32 cached, bfloat16 now); pass --overwrite" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in shard.iterdir()} == before
+
+    class FailingVAE:  # the fixture's VAE, whose second encoder call fails (an error or a kill half-way)
+        vae = model.vae.vae
+
+        def __init__(self):
+            self.calls = 0
+
+        def encode_moments(self, images):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("interrupted")
+            return model.vae.encode_moments(images)
+
+    identity = vae_identity(model.vae)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        cache_shard_latents(shard, FailingVAE(), IMAGE_SIZE, 32, dtype="bfloat16", batch_size=3, overwrite=True)
+    assert {path.name: path.read_bytes() for path in shard.iterdir() if ".tmp" not in path.name} == before
+    check_latent_manifest(read_manifest(shard), shard, identity, IMAGE_SIZE, 32, "text2image")  # still usable
+
+    renames = []
+
+    def failing_replace(source, target):  # interrupted among the renames of the new fields into place
+        renames.append(target)
+        if len(renames) == 3:
+            raise OSError("interrupted")
+        return real_replace(source, target)
+
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="interrupted"):
+        cache_shard_latents(shard, model.vae, IMAGE_SIZE, 32, dtype="bfloat16", batch_size=3, overwrite=True)
+    monkeypatch.undo()
+    # The old identity went before the first field was renamed: training stops on the shard instead of reading
+    # new fields under it.
+    with pytest.raises(ValueError, match="has no cached latents"):
+        check_latent_manifest(read_manifest(shard), shard, identity, IMAGE_SIZE, 32, "text2image")
+
+    assert tool(flags) == 0  # a re-run after the interruption writes them (the entry is gone: not a replacement)
+    assert "1 shard(s) written, 0 replaced, 0 already done" in capsys.readouterr().out
+    assert not list(shard.glob("*.tmp*"))  # the interrupted run's partial files were written over and renamed
+    assert tool([*flags[:-4], "--dtype", "float16", "--batch-size", "3", "--overwrite"]) == 0
+    assert "0 shard(s) written, 1 replaced, 0 already done" in capsys.readouterr().out
+    assert read_manifest(shard)["latents"]["dtype"] == "float16"
+    assert tool([*flags[:-4], "--dtype", "float16", "--batch-size", "3"]) == 0
+    assert "1 already done" in capsys.readouterr().out
 
 
 def test_sixteen_bit_storage_round_trips_the_cast():
