@@ -1,0 +1,90 @@
+"""Ours vs the reference micro-batch by micro-batch, taking turns: the per-task ratio with the host's drift cancelled.
+
+Builds exactly what ``bench_training.py`` times (same flags: ``--real-proportions``, ``--levers``, sizes), runs
+``--warmup-steps`` optimizer steps of both, draws one micro-batch per task and then, ``--turns`` times, runs each
+task's micro-batch forward and backward on both sides, alternating which side goes first (ours through
+``training.step.forward_backward``, megatron-core's schedule and DDP's buffer; the reference with
+``loss.backward()``). No optimizer step is timed: where ``bench_training.py`` times whole steps in blocks
+(consecutive blocks of one process drift by up to ~17 % on a shared host; alternating turns cancel that), this
+isolates forward and backward; unlike ``bench_puffin.py`` (the bare models), ours runs the training path, with
+the levers, the DDP gradient buffer and the weight-gradient accumulation the Trainer sets up. Prints per task the median seconds of each side, reference / ours
+(> 1: ours faster) and the minor page faults and system seconds per micro-batch (``getrusage``).
+
+Usage:
+    python benchmarks/bench_micro_batches.py --real-proportions --levers none --micro-batch-size 2 [--turns 4]
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+
+import bench_training  # noqa: E402  (puts tests/ on sys.path through puffin_bench_common)
+import profile_training  # noqa: E402
+from megatron_puffin.platform import setup  # noqa: E402
+
+SIDES = (("ours", profile_training._our_micro_batch), ("reference", profile_training._reference_micro_batch))
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--turns", type=int, default=6, help="turns per task and side (median reported)")
+    own, rest = parser.parse_known_args()
+    if own.turns < 1:
+        raise SystemExit(f"--turns ({own.turns}) must be >= 1")
+    sys.argv = sys.argv[:1] + rest
+    args = bench_training._parse_args()
+    args.turns = own.turns
+    return args
+
+
+def _timed(run, clock) -> Tuple[float, int, float]:
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start = clock()
+    run()
+    elapsed = clock() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return elapsed, after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime
+
+
+def main() -> None:
+    args = _parse_args()
+    setup()
+    torch.set_num_threads(args.threads)
+    clock = bench_training.CLOCKS[args.clock]
+    import megatron_puffin.distributed as mpd
+
+    with tempfile.TemporaryDirectory(prefix="bench_micro_batches_") as tmp:
+        variants = bench_training.build_variants(args, Path(tmp))
+        for cycle in variants.draw(args.warmup_steps):
+            variants.our_step(cycle)
+            variants.reference_step(cycle)
+        batches = variants.draw(1)[0]
+        results: Dict[Tuple[str, str], List[Tuple[float, int, float]]] = {}
+        for turn in range(args.turns):
+            for batch in batches:
+                for side, make in (SIDES if turn % 2 == 0 else SIDES[::-1]):
+                    results.setdefault((batch["task"], side), []).append(_timed(make(variants, batch), clock))
+        mpd.destroy()
+    print(f"{args.clock} clock, threads {torch.get_num_threads()}, levers: {', '.join(args.levers) or 'none'}; "
+          f"forward+backward of one micro-batch per task, median of {args.turns} alternating turns")
+    print(f"{'task':24s} {'ours s':>8s} {'ref s':>8s} {'ref/ours':>9s} {'faults ours':>12s} {'faults ref':>11s} "
+          f"{'sys ours':>9s} {'sys ref':>8s}")
+    ratios = []
+    for batch in batches:
+        ours, ref = (results[(batch["task"], side)] for side, _ in SIDES)
+        median = [statistics.median(column) for column in (*zip(*ours), *zip(*ref))]
+        ratios.append(median[3] / median[0])
+        print(f"{batch['task']:24s} {median[0]:8.3f} {median[3]:8.3f} {ratios[-1]:9.3f} {median[1]:12.0f} "
+              f"{median[4]:11.0f} {median[2]:9.3f} {median[5]:8.3f}")
+    print(f"geometric mean reference/ours: {statistics.geometric_mean(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()
