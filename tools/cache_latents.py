@@ -42,6 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _device_problems(device: str) -> list:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        return [f"--device ({device}) is not a torch device; give cpu, cuda or cuda:N"]
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        return [f"--device {device}: no CUDA device is available to this process; use --device cpu"]
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        return [f"--device {device}: this process sees {torch.cuda.device_count()} CUDA device(s)"]
+    return []
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper())
@@ -52,18 +66,28 @@ def main(argv=None) -> int:
                       f"({args.image_size_unit})")
     missing = [path for path in [*args.data, args.vae_path or args.vae_config] if not os.path.exists(path)]
     errors += [f"{path} does not exist" for path in missing]
+    from megatron_puffin.config.validate_paths import vae_file_problems
+
+    if not missing:
+        errors += vae_file_problems(args.vae_config, args.vae_path)
+    import torch
+
+    errors += _device_problems(args.device)
     if errors:
         print("error: " + "; ".join(errors), file=sys.stderr)
         return 2
-    import torch
 
     from megatron_puffin.data.latents import cache_dataset_latents
     from megatron_puffin.models.puffin import build_vae
     from megatron_puffin.models.puffin_config import PuffinModelConfig
 
     dtype = getattr(torch, args.vae_dtype or ("bfloat16" if args.vae_path else "float32"))
-    vae = build_vae(PuffinModelConfig(vae_path=args.vae_path, vae_config=args.vae_config), dtype,
-                    torch.device(args.device), args.seed)
+    try:
+        vae = build_vae(PuffinModelConfig(vae_path=args.vae_path, vae_config=args.vae_config), dtype,
+                        torch.device(args.device), args.seed)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        print(f"error: cannot build the VAE from {args.vae_path or args.vae_config}: {error}", file=sys.stderr)
+        return 2
     try:
         counts = cache_dataset_latents(args.data, vae, args.image_size, args.image_size_unit, args.dtype,
                                        args.batch_size, args.overwrite)

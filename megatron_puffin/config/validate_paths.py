@@ -57,9 +57,14 @@ def check_vae_files(args: PuffinArguments) -> List[str]:
     """--vae-config is a readable JSON object; --vae-path a folder with config.json."""
     if args.dry_run:
         return []
-    model, problems = args.model, []
-    if model.vae_config:
-        path = Path(model.vae_config)
+    return vae_file_problems(args.model.vae_config, args.model.vae_path)
+
+
+def vae_file_problems(vae_config: Optional[str], vae_path: Optional[str]) -> List[str]:
+    """The checks of :func:`check_vae_files` on the two flags' values (also used by ``tools/cache_latents.py``)."""
+    problems = []
+    if vae_config:
+        path = Path(vae_config)
         try:
             config = json.loads(path.read_text())
             if not isinstance(config, dict):
@@ -68,8 +73,8 @@ def check_vae_files(args: PuffinArguments) -> List[str]:
             problems.append(f"--vae-config ({path}) cannot be read ({error.__class__.__name__}); check the path")
         except json.JSONDecodeError as error:
             problems.append(f"--vae-config ({path}) is not valid JSON ({error}); give an AutoencoderKL config file")
-    if model.vae_path and not (Path(model.vae_path) / "config.json").is_file():
-        problems.append(f"--vae-path ({model.vae_path}) has no config.json; give diffusers' AutoencoderKL folder "
+    if vae_path and not (Path(vae_path) / "config.json").is_file():
+        problems.append(f"--vae-path ({vae_path}) has no config.json; give diffusers' AutoencoderKL folder "
                         "(SD3's vae/)")
     return problems
 

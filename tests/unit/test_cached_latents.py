@@ -174,6 +174,29 @@ def test_other_latents_are_replaced_only_when_asked_and_never_half_way(cached, t
     assert "1 already done" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("vae, flags, message", [
+    ("tiny", ["--device", "gpu"], r"^error: --device \(gpu\) is not a torch device; give cpu, cuda or cuda:N$"),
+    ("tiny", ["--device", "cuda"], r"^error: --device cuda: no CUDA device is available to this process; use --device "
+                                   r"cpu$"),
+    ("not_json", [], r"^error: --vae-config \(.*not_json\.json\) is not valid JSON \(.*\); give an AutoencoderKL"),
+    ("not_a_vae", [], r"^error: cannot build the VAE from .*not_a_vae\.json: "),
+])
+def test_bad_tool_flags_are_one_line(cached, tmp_path, capsys, vae, flags, message):
+    import re
+
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("a CUDA device is available")
+    paths = cached[0]
+    configs = {"tiny": paths["vae_config"], "not_json": tmp_path / "not_json.json",
+               "not_a_vae": tmp_path / "not_a_vae.json"}
+    configs["not_json"].write_text('{"block_out_channels": ')
+    configs["not_a_vae"].write_text('{"block_out_channels": "x"}')
+    code = _cache_latents_tool()(["--data", paths["data"], "--vae-config", str(configs[vae]), "--image-size",
+                                  str(IMAGE_SIZE), *flags])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and re.search(message, lines[0]), lines
+
+
 def test_sixteen_bit_storage_round_trips_the_cast():
     from megatron_puffin.data.latents import _from_storage, _to_storage
 
