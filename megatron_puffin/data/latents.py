@@ -172,6 +172,8 @@ def _entry_difference(existing: Mapping[str, Any], entry: Mapping[str, Any]) -> 
     <new> now)", "resolution (...)" or "dtype (...)"."""
     if existing.get("vae") != entry["vae"]:
         theirs, ours = existing.get("vae", {}).get("weights_sha256", "?")[:12], entry["vae"]["weights_sha256"][:12]
+        if theirs == ours:  # the same weights under another config (e.g. its scaling factor)
+            return f"VAE config ({_config_diff(existing['vae'].get('config', {}), entry['vae']['config'])})"
         return f"VAE (weights sha256 {theirs} cached, {ours} now)"
     for key in ("image_size", "image_size_unit"):
         if existing.get(key) != entry[key]:

@@ -174,6 +174,20 @@ def test_other_latents_are_replaced_only_when_asked_and_never_half_way(cached, t
     assert "1 already done" in capsys.readouterr().out
 
 
+def test_the_refusal_names_a_config_change_of_the_same_weights(cached, tmp_path, capsys):
+    import json
+
+    paths = cached[0]
+    shard = tmp_path / "shard"
+    shutil.copytree(f"{paths['data']}/main/shard-00000", shard)
+    manifest = json.loads((shard / "manifest.json").read_text())
+    manifest["latents"]["vae"]["config"]["scaling_factor"] = 0.5
+    (shard / "manifest.json").write_text(json.dumps(manifest))
+    assert _cache_latents_tool()(["--data", str(shard), "--vae-config", paths["vae_config"], "--seed", "0",
+                                  "--image-size", str(IMAGE_SIZE), "--dtype", "float32"]) == 2
+    assert "another VAE config (scaling_factor: cached 0.5 vs training 1.5305)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("vae, flags, message", [
     ("tiny", ["--device", "gpu"], r"^error: --device \(gpu\) is not a torch device; give cpu, cuda or cuda:N$"),
     ("tiny", ["--device", "cuda"], r"^error: --device cuda: no CUDA device is available to this process; use --device "
