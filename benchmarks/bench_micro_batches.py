@@ -7,8 +7,9 @@ task's micro-batch forward and backward on both sides, alternating which side go
 ``loss.backward()``). No optimizer step is timed: where ``bench_training.py`` times whole steps in blocks
 (consecutive blocks of one process drift by up to ~17 % on a shared host; alternating turns cancel that), this
 isolates forward and backward; unlike ``bench_puffin.py`` (the bare models), ours runs the training path, with
-the levers, the DDP gradient buffer and the weight-gradient accumulation the Trainer sets up. Prints per task the median seconds of each side, reference / ours
-(> 1: ours faster) and the minor page faults and system seconds per micro-batch (``getrusage``).
+the levers, the DDP gradient buffer and the weight-gradient accumulation the Trainer sets up. Prints per task the
+median seconds of each side, reference / ours (> 1: ours faster) and the minor page faults and system seconds per
+micro-batch (``getrusage``).
 
 Usage:
     python benchmarks/bench_micro_batches.py --real-proportions --levers none --micro-batch-size 2 [--turns 4]
