@@ -13,7 +13,8 @@ view, positive turns left), seed, id and init_image (a path; default --init-imag
 Writes DIR/<id>.png, DIR/contact_sheet.png (a grid labelled with the cameras) and DIR/generations.json (settings and,
 per image, prompt, camera, seed, thinking reasoning and, with --evaluate-cameras, the camera the model's own
 understanding path estimates). --evaluate-cameras also writes DIR/camera_faithfulness/ (metrics.json with median
-errors and AUC@1/5/10 deg against the requested cameras, errors.csv, errors.png). See docs/inference.md.
+errors and AUC@1/5/10 deg against the requested cameras, errors.csv, errors.png). PNGs are written batch by batch;
+a stopped run resumes (the same command again generates only the missing images). See docs/inference.md.
 """
 import argparse
 import csv
@@ -33,6 +34,7 @@ from megatron_puffin.inference.cli import (  # noqa: E402
     build_tool_parser,
     is_output_rank,
     parse_tool_args,
+    prepare_output_dir,
     run_tool,
     setup_logging,
 )
@@ -206,18 +208,54 @@ def evaluate_cameras(loaded, results, requests, args: argparse.Namespace, output
     return outputs, metrics
 
 
-def write_outputs(loaded, args: argparse.Namespace, requests, results, estimates, output_dir: Path) -> None:
+def image_record(request: Dict[str, Any], result) -> Dict[str, Any]:
+    """generations.json's entry of one image (also its journal line while the run is going)."""
+    return {"id": request["id"], "file": f"{request['id']}.png", "task": result.task, "caption": request["caption"],
+            "prompt": result.prompt, "reasoning": result.reasoning, "camera": camera_dict(result.camera),
+            "seed": result.seed, "init_image": request["init_image"]}
+
+
+def save_png(image, path: Path) -> None:
+    """Writes a uint8 ``[H, W, 3]`` image in one rename (a kill never leaves half a PNG under the final name)."""
     from PIL import Image
 
+    temporary = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(image.numpy()).save(temporary, format="PNG")
+    os.replace(temporary, path)
+
+
+def reusable_result(record: Optional[Dict[str, Any]], request: Dict[str, Any], seed: int, size: int, output_dir: Path):
+    """The finished image of an interrupted run with the same settings, when it is this very request (caption,
+    camera, seed, initial view) and its PNG reads back at the output size; else None."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from megatron_puffin.inference import GeneratedImage
+
+    wanted = {"caption": request["caption"], "camera": camera_dict(request["camera"]), "seed": seed,
+              "init_image": request["init_image"]}
+    if record is None or any(record.get(name) != value for name, value in wanted.items()):
+        return None
+    try:
+        with Image.open(output_dir / f"{request['id']}.png") as png:
+            image = torch.from_numpy(np.asarray(png.convert("RGB")).copy())
+    except (OSError, ValueError):
+        return None
+    if tuple(image.shape) != (size, size, 3):
+        return None
+    return GeneratedImage(image=image, prompt=record.get("prompt", ""), reasoning=record.get("reasoning"),
+                          camera=request["camera"], seed=seed, task=record.get("task", ""))
+
+
+def write_outputs(loaded, args: argparse.Namespace, requests, results, estimates, output_dir: Path) -> None:
+    """The contact sheet and generations.json (the PNGs were written batch by batch)."""
     from megatron_puffin.inference.contact_sheet import contact_sheet
+    from megatron_puffin.inference.journal import write_atomically
 
     records = []
     for index, (request, result) in enumerate(zip(requests, results)):
-        name = f"{request['id']}.png"
-        Image.fromarray(result.image.numpy()).save(output_dir / name)
-        record = {"id": request["id"], "file": name, "task": result.task, "caption": request["caption"],
-                  "prompt": result.prompt, "reasoning": result.reasoning, "camera": camera_dict(result.camera),
-                  "seed": result.seed, "init_image": request["init_image"]}
+        record = image_record(request, result)
         if estimates is not None:
             estimate = estimates[index]
             record["estimated_camera"] = None if estimate.camera is None else dict(estimate.camera._asdict())
@@ -229,36 +267,59 @@ def write_outputs(loaded, args: argparse.Namespace, requests, results, estimates
                                                        "thinking", "image_size")}
     settings["image_size"] = int(results[0].image.shape[0])
     document = {"checkpoint": loaded.checkpoint, "settings": settings, "images": records}
-    (output_dir / "generations.json").write_text(json.dumps(document, indent=2) + "\n")
+    write_atomically(output_dir / "generations.json", json.dumps(document, indent=2) + "\n")
     print(f"wrote {len(records)} images, {output_dir / 'contact_sheet.png'} and {output_dir / 'generations.json'}")
 
 
 def run(args: argparse.Namespace, model_flags: List[str]) -> int:
-    from megatron_puffin.inference import GenerationRequest, GenerationSettings, generate, load_image, load_puffin
+    from megatron_puffin.inference import (GenerationRequest, GenerationSettings, generate_batches, load_image,
+                                           load_puffin)
+    from megatron_puffin.inference.journal import BatchJournal
+    from megatron_puffin.inference.loading import resolve_inference_checkpoint
 
     check_args(args)
     requests = read_requests(args)
     check_init_images(requests)
+    output_dir = prepare_output_dir(args.output_dir, "--output-dir")
+    # What an image depends on besides its request (not --batch-size: an image depends on its request and seed
+    # only); a re-run with the same key keeps the finished images of an interrupted run.
+    key = {"tool": "generate", "checkpoint": os.path.abspath(resolve_inference_checkpoint(args.checkpoint)),
+           "model_flags": model_flags, **{name: getattr(args, name) for name in (
+               "guidance_scale", "steps", "negative_caption", "thinking", "max_reasoning_tokens", "image_size")}}
+    journal = BatchJournal(output_dir / "generations.partial.jsonl", key, writer=is_output_rank())
+    seeds = [args.seed + index if r["seed"] is None else r["seed"] for index, r in enumerate(requests)]
     loaded = load_puffin(args.checkpoint, model_flags, need_vae=True)
     size = args.image_size or loaded.encoder_config.image_max_size
-    views = {path: load_image(path, size, mode="resize") for path in {r["init_image"] for r in requests} if path}
+    results = [reusable_result(journal.finished.get(r["id"]), r, seed, size, output_dir)
+               for r, seed in zip(requests, seeds)]
+    done = [index for index, result in enumerate(results) if result is not None]
+    views = {path: load_image(path, size, mode="resize")
+             for path in {r["init_image"] for i, r in enumerate(requests) if i not in done} if path}
     settings = GenerationSettings(guidance_scale=args.guidance_scale, num_inference_steps=args.steps, seed=args.seed,
                                   image_size=size, negative_caption=args.negative_caption, thinking=args.thinking,
                                   max_reasoning_tokens=args.max_reasoning_tokens, batch_size=args.batch_size)
-    jobs = [GenerationRequest(camera=r["camera"], caption=r["caption"], seed=r["seed"],
-                              init_image=views.get(r["init_image"])) for r in requests]
+    jobs = [GenerationRequest(camera=r["camera"], caption=r["caption"], seed=seed, init_image=views.get(r["init_image"]))
+            for r, seed in zip(requests, seeds)]
     progress = Progress(len(jobs), "generating", not args.no_progress)
+    progress(len(done))
     try:
-        results = generate(loaded.model, loaded.tokenizer, jobs, settings, loaded.encoder_config, progress)
+        for indices, batch in generate_batches(loaded.model, loaded.tokenizer, jobs, settings, loaded.encoder_config,
+                                               skip=done):
+            for index, result in zip(indices, batch):
+                results[index] = result
+                if is_output_rank():
+                    save_png(result.image, output_dir / f"{requests[index]['id']}.png")
+            journal.append(image_record(requests[index], results[index]) for index in indices)
+            progress(len(indices))
     except ValueError as error:  # sizes that the VAE / DiT cannot take
         raise UsageError(str(error)) from None
     progress.close()
-    output_dir = Path(args.output_dir)
-    if is_output_rank():
-        output_dir.mkdir(parents=True, exist_ok=True)
+    if done:
+        logger.warning("kept %d images of an interrupted run with the same settings", len(done))
     estimates = evaluate_cameras(loaded, results, requests, args, output_dir)[0] if args.evaluate_cameras else None
     if is_output_rank():
         write_outputs(loaded, args, requests, results, estimates, output_dir)
+        journal.remove()
     return 0
 
 

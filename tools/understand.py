@@ -12,7 +12,8 @@ Writes a JSON list in Puffin's evaluation format plus our parsed camera, one ent
 thinking text or null, "finished": answer ended within --max-new-tokens}. Score it with tools/evaluate_camera.py.
 Tasks: understanding (the base caption prompt, or the thinking prompt with --thinking), spatial-imagination
 (describe the view at --yaw from each image as the initial view) and photography (camera + suggested yaw/pitch).
-See docs/inference.md.
+A stopped run resumes: finished batches are kept in OUTPUT.partial.jsonl and the same command again decodes only
+the rest. See docs/inference.md.
 """
 import json
 import argparse
@@ -30,6 +31,7 @@ from megatron_puffin.inference.cli import (  # noqa: E402
     build_tool_parser,
     is_output_rank,
     parse_tool_args,
+    prepare_output_file,
     run_tool,
     setup_logging,
 )
@@ -38,6 +40,7 @@ from megatron_puffin.platform import setup  # noqa: E402
 logger = logging.getLogger("understand")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 TASKS = ("understanding", "spatial-imagination", "photography")
+RECORD_FIELDS = ("id", "output_text", "camera", "reasoning", "finished")
 
 
 def build_parser():
@@ -107,35 +110,58 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace, model_flags: List[str]) -> int:
     from megatron_puffin.inference import load_image, load_puffin, understand
+    from megatron_puffin.inference.journal import BatchJournal, write_atomically
+    from megatron_puffin.inference.loading import resolve_inference_checkpoint
     from megatron_puffin.inference.tasks import imagination_prompt
     from megatron_puffin.data import templates
 
     check_args(args)
     paths = collect_images(args.images)
     check_images(paths)
-    loaded = load_puffin(args.checkpoint, model_flags, need_vae=False)
+    output = prepare_output_file(args.output, "--output")
     mode = args.image_mode or ("center_crop" if args.task == "understanding" else "resize")
-    size = loaded.encoder_config.image_max_size
-    images = [load_image(path, size, mode) for path in paths]
     prompt = args.prompt or {"understanding": None, "photography": templates.PHOTOGRAPHY_PROMPT,
                              "spatial-imagination": imagination_prompt(args.yaw)}[args.task]
-    progress = Progress(len(images), "understanding", not args.no_progress)
-    outputs = understand(loaded.model, loaded.tokenizer, images, prompt=prompt, thinking=args.thinking,
-                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                         encoder_config=loaded.encoder_config, progress=progress)
+    # What an answer depends on (not --batch-size: answers are the same in any batch); a re-run with the same key
+    # keeps the finished images of an interrupted run (megatron_puffin/inference/journal.py).
+    key = {"tool": "understand", "checkpoint": os.path.abspath(resolve_inference_checkpoint(args.checkpoint)),
+           "model_flags": model_flags, "prompt": prompt, "thinking": args.thinking, "image_mode": mode,
+           "max_new_tokens": args.max_new_tokens}
+    journal = BatchJournal(output.with_name(output.name + ".partial.jsonl"), key, writer=is_output_rank())
+    records = [_reusable(journal.finished.get(path.name), path) for path in paths]
+    todo = [index for index, record in enumerate(records) if record is None]
+    loaded = load_puffin(args.checkpoint, model_flags, need_vae=False)
+    size = loaded.encoder_config.image_max_size
+    progress = Progress(len(paths), "understanding", not args.no_progress)
+    progress(len(paths) - len(todo))
+    for start in range(0, len(todo), args.batch_size):
+        chunk = todo[start:start + args.batch_size]
+        images = [load_image(paths[index], size, mode) for index in chunk]
+        outputs = understand(loaded.model, loaded.tokenizer, images, prompt=prompt, thinking=args.thinking,
+                             max_new_tokens=args.max_new_tokens, batch_size=len(chunk),
+                             encoder_config=loaded.encoder_config)
+        for index, answer in zip(chunk, outputs):
+            records[index] = {"id": paths[index].name, "output_text": answer.text,
+                              "camera": None if answer.camera is None else dict(answer.camera._asdict()),
+                              "reasoning": answer.reasoning, "finished": answer.finished}
+        journal.append({**records[index], "source": str(paths[index].resolve())} for index in chunk)
+        progress(len(chunk))
     progress.close()
-    records = [{"id": path.name, "output_text": output.text,
-                "camera": None if output.camera is None else dict(output.camera._asdict()),
-                "reasoning": output.reasoning, "finished": output.finished}
-               for path, output in zip(paths, outputs)]
     if is_output_rank():
-        output = Path(args.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(records, indent=2) + "\n")
+        write_atomically(output, json.dumps(records, indent=2) + "\n")
+        journal.remove()
         unparsed = sum(record["camera"] is None for record in records)
-        print(f"wrote {output}: {len(records)} images ({unparsed} without a camera in the answer) from "
+        reused = f", {len(paths) - len(todo)} kept from an interrupted run" if len(todo) < len(paths) else ""
+        print(f"wrote {output}: {len(records)} images ({unparsed} without a camera in the answer{reused}) from "
               f"{loaded.checkpoint}")
     return 0
+
+
+def _reusable(record, path: Path):
+    """A journal record of this image (same file), without the journal's own fields; else None."""
+    if record is None or record.get("source") != str(path.resolve()) or not set(RECORD_FIELDS) <= set(record):
+        return None
+    return {name: record[name] for name in RECORD_FIELDS}
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,7 @@ from megatron_puffin.inference.generation import (
     GenerationSettings,
     PreparedGeneration,
     generate,
+    generate_batches,
     prepare_generation,
 )
 from megatron_puffin.inference.images import load_image, prepare_image, to_uint8
@@ -43,6 +44,7 @@ __all__ = [
     "exploration_camera",
     "explore_world",
     "generate",
+    "generate_batches",
     "greedy_decode",
     "imagine_views",
     "load_image",

@@ -9,6 +9,7 @@ import os
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
@@ -46,6 +47,34 @@ def parse_tool_args(parser: FlagFileParser, argv: Optional[Sequence[str]]) -> Tu
     """(tool arguments, model flags): unknown ``--flags`` go to the model (validated when it is loaded)."""
     args, model_flags = parser.parse_known_args(argv)
     return args, model_flags
+
+
+def prepare_output_file(path: str, flag: str) -> Path:
+    """The output file's folder, created and checked writable before any work (a bad path would otherwise fail
+    only when the results are written, after every image is done)."""
+    output = Path(path)
+    if output.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give the path of a file to write")
+    _writable_folder(output.parent, f"{flag} {path}")
+    return output
+
+
+def prepare_output_dir(path: str, flag: str) -> Path:
+    """The output folder, created and checked writable before any work."""
+    output = Path(path)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"{flag} {path} is a file; give a folder (it is created when missing)")
+    _writable_folder(output, f"{flag} {path}")
+    return output
+
+
+def _writable_folder(folder: Path, what: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"{what}: cannot create the folder {folder} ({error.strerror or error})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{what}: the folder {folder} is not writable")
 
 
 def is_output_rank() -> bool:

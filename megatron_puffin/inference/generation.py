@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -295,11 +295,25 @@ def generate(model, tokenizer, requests: Sequence[GenerationRequest], settings: 
     Returns:
         One :class:`GeneratedImage` per request, in order.
     """
-    run, seeds = _setup(model, tokenizer, requests, settings, encoder_config)
     results: List[Optional[GeneratedImage]] = [None] * len(requests)
-    for indices in _batches(requests, run.settings.batch_size):
-        for index, result in zip(indices, run([requests[i] for i in indices], [seeds[i] for i in indices])):
+    for indices, batch in generate_batches(model, tokenizer, requests, settings, encoder_config):
+        for index, result in zip(indices, batch):
             results[index] = result
         if progress is not None:
             progress(len(indices))
     return results  # type: ignore[return-value]
+
+
+def generate_batches(model, tokenizer, requests: Sequence[GenerationRequest],
+                     settings: Optional[GenerationSettings] = None, encoder_config: Optional[TaskEncoderConfig] = None,
+                     skip: Iterable[int] = ()) -> Iterator[Tuple[List[int], List[GeneratedImage]]]:
+    """:func:`generate` one batch at a time: yields ``(request indices, their images)`` as each batch finishes, so a
+    caller can keep finished images before the last batch is done. Requests whose index is in ``skip`` are not
+    generated; the others keep the seeds they have in the whole list (``settings.seed`` + index by default)."""
+    run, seeds = _setup(model, tokenizer, requests, settings, encoder_config)
+    skipped = set(skip)
+    kept = [index for index in range(len(requests)) if index not in skipped]
+    positions = _batches([requests[index] for index in kept], run.settings.batch_size)
+    for batch in positions:
+        indices = [kept[position] for position in batch]
+        yield indices, run([requests[i] for i in indices], [seeds[i] for i in indices])

@@ -110,6 +110,11 @@ def _tool_main(name):
     ("generate.py", ["--output-dir", "g", "--roll", "0.1", "--pitch", "1.9", "--vfov", "1.0"],
      r"camera pitch \(1.9 rad\) must lie in \[-pi/2, pi/2\]"),
     ("generate.py", ["--output-dir", "g", "--num-views", "2"], "--num-views N .* needs --init-image"),
+    # outputs that cannot be written are named before the model is loaded, not after every image is done
+    ("understand.py", ["--images", "IMAGE", "--output", "FOLDER"], "--output .* is a folder; give the path of a file"),
+    ("understand.py", ["--images", "IMAGE", "--output", "FILE/p.json"], "cannot create the folder"),
+    ("generate.py", ["--output-dir", "FILE", "--roll", "0", "--pitch", "0", "--vfov", "1"],
+     "--output-dir .* is a file; give a folder"),
 ])
 def test_bad_inputs_exit_with_one_line(artefacts, tool, args, message, capsys):
     """In-process (a process start per case would cost seconds each); the two tests above run the real commands."""
@@ -117,7 +122,9 @@ def test_bad_inputs_exit_with_one_line(artefacts, tool, args, message, capsys):
 
     root, _, _, images = artefacts
     (root / "bad.jpg").write_bytes(b"not an image")
-    substitutions = {"BAD": root / "bad.jpg", "IMAGE": images[0], "MISSING": root / "missing"}
+    (root / "a_file").write_text("")
+    substitutions = {"BAD": root / "bad.jpg", "IMAGE": images[0], "MISSING": root / "missing", "FOLDER": root,
+                     "FILE": root / "a_file", "FILE/p.json": root / "a_file" / "p.json"}
     args = [str(substitutions.get(a, a)) for a in args]
     if "--checkpoint" not in args:
         args = ["--checkpoint", str(root / "run")] + args
@@ -128,3 +135,85 @@ def test_bad_inputs_exit_with_one_line(artefacts, tool, args, message, capsys):
     assert code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and re.search(message, lines[0]), lines
+
+
+def test_a_killed_generate_keeps_its_finished_images_and_a_rerun_resumes(artefacts):
+    """SIGKILL after the first batch's PNG and journal line; the same command again generates only the rest (the
+    kept PNG is not rewritten) and its outputs equal an uninterrupted run's; other settings start over."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _, _, _ = artefacts
+    requests = root / "resume.json"
+    requests.write_text(json.dumps([{"id": f"r{i}", "caption": "a room", "roll": 0.1 * i, "pitch": 0.0, "vfov": 1.0}
+                                    for i in range(3)]))
+    out, journal = root / "resume", root / "resume" / "generations.partial.jsonl"
+    args = ["--checkpoint", root / "run", "--prompts", requests, "--output-dir", out, "--batch-size", 1,
+            "--guidance-scale", 1.0, "--no-progress"]
+    # enough Euler steps that the kill lands between batches; a real process (the fork server has no Popen)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "generate.py"), *map(str, args), "--steps", "60"],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (journal.is_file() and len(journal.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {json.loads(line)["id"] for line in journal.read_text().splitlines()[1:]}
+    assert finished and not (out / "generations.json").exists()
+    kept = {name: (out / f"{name}.png").stat().st_mtime_ns for name in finished}
+    proc = _tool("generate.py", *args, "--steps", 60)
+    document = json.loads((out / "generations.json").read_text())
+    assert [r["id"] for r in document["images"]] == ["r0", "r1", "r2"] and not journal.exists()
+    assert {name: (out / f"{name}.png").stat().st_mtime_ns for name in finished} == kept
+    assert f"kept {len(finished)} images" in proc.stderr
+    resumed = {r["id"]: (out / r["file"]).read_bytes() for r in document["images"]}
+    _tool("generate.py", *args, "--steps", 60, "--output-dir", root / "straight")
+    assert resumed == {name: (root / "straight" / f"{name}.png").read_bytes() for name in resumed}
+    # a journal of other settings is replaced, never mixed in
+    journal.write_text(json.dumps({"key": {"tool": "generate", "steps": 3}}) + "\n" + json.dumps(
+        document["images"][0]) + "\n")
+    proc = _tool("generate.py", *args, "--steps", 2, "--log-level", "INFO")
+    assert "other settings; starting over" in proc.stderr and "kept" not in proc.stderr
+
+
+def test_an_interrupted_understand_keeps_finished_batches_and_a_rerun_resumes(artefacts, monkeypatch, capsys):
+    """Interrupted (Ctrl-C) after its first batch: the journal holds that batch; the same command again decodes only
+    the rest and writes what an uninterrupted run writes."""
+    import megatron_puffin.inference as inference
+
+    root, _, _, images = artefacts
+    out = root / "und_resume" / "predictions.json"
+
+    def command(output):
+        return ["--checkpoint", str(root / "run"), "--images", *map(str, images), "--output", str(output),
+                "--max-new-tokens", str(NEW_TOKENS), "--batch-size", "2", "--no-progress"]
+
+    real, calls = inference.understand, []
+
+    def interrupted(*a, **k):
+        calls.append(len(a[2]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(inference, "understand", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _tool_main("understand.py")(command(out))
+        journal = out.with_name("predictions.json.partial.jsonl")
+        assert [json.loads(line)["id"] for line in journal.read_text().splitlines()[1:]] == [p.name for p in images[:2]]
+        assert not out.exists()
+        calls.clear()
+        monkeypatch.setattr(inference, "understand", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+        assert _tool_main("understand.py")(command(out)) == 0
+        assert calls == [1] and not journal.exists()
+        printed = capsys.readouterr().out
+        assert "3 images (" in printed and "2 kept from an interrupted run" in printed, printed
+        resumed = json.loads(out.read_text())
+        assert _tool_main("understand.py")(command(root / "und_resume" / "straight.json")) == 0
+    finally:
+        mpd.initialize(seed=0)
+    assert resumed == json.loads((root / "und_resume" / "straight.json").read_text())

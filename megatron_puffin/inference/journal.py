@@ -1,0 +1,85 @@
+"""Finished work of an interrupted tool run, kept batch by batch so that running the same command again resumes.
+
+``tools/understand.py`` and ``tools/generate.py`` write their outputs only when every image is done; a run killed
+before that (SIGTERM from a scheduler, SIGKILL, a crash) would lose every finished batch. Each finished batch is
+therefore appended to a journal beside the outputs (one JSON line per image, flushed and fsynced), under a header
+holding the run's *key*: the resolved checkpoint, the model flags and every setting that changes an image's result.
+A later run with the same key reuses the journal's records instead of recomputing them; a journal of another key is
+replaced (its run's outputs would have been replaced too). The journal is removed once the outputs are written.
+
+Every rank reads the journal before the model is loaded; only the output rank writes it, and only after a finished
+batch (so after every rank has taken part in a collective, and therefore after every rank has read it).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List
+
+logger = logging.getLogger(__name__)
+
+
+class BatchJournal:
+    """The journal at ``path`` for a run identified by ``key`` (JSON-serialisable)."""
+
+    def __init__(self, path: Path, key: Dict[str, Any], writer: bool) -> None:
+        self.path, self.key, self.writer = Path(path), json.loads(json.dumps(key)), writer
+        self._handle = None
+        self.finished: Dict[str, Dict[str, Any]] = self._read()
+
+    def _read(self) -> Dict[str, Dict[str, Any]]:
+        """Records of the journal's finished images by id, when the journal exists and has this run's key."""
+        if not self.path.is_file():
+            return {}
+        lines = self.path.read_text(errors="replace").splitlines()
+        try:
+            header = json.loads(lines[0]) if lines else None
+        except json.JSONDecodeError:
+            header = None
+        if not isinstance(header, dict) or header.get("key") != self.key:
+            logger.warning("%s is the journal of an interrupted run with other settings; starting over", self.path)
+            return {}
+        records: Dict[str, Dict[str, Any]] = {}
+        for line in lines[1:]:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the line being written when the run was killed
+                break
+            if isinstance(record, dict) and "id" in record:
+                records[str(record["id"])] = record
+        if records:
+            logger.warning("resuming: %d finished images from %s", len(records), self.path)
+        return records
+
+    def append(self, records: Iterable[Dict[str, Any]]) -> None:
+        """Adds finished records (output rank only); the first call replaces an old journal with this run's."""
+        if not self.writer:
+            return
+        if self._handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            kept = list(self.finished.values())
+            self._handle = self.path.open("w")
+            self._write([{"key": self.key}] + kept)
+        self._write(list(records))
+
+    def _write(self, lines: List[Dict[str, Any]]) -> None:
+        self._handle.write("".join(json.dumps(line) + "\n" for line in lines))
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def remove(self) -> None:
+        """The outputs are written: the journal goes."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if self.writer:
+            self.path.unlink(missing_ok=True)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replaces ``path`` with ``text`` in one rename (a kill leaves the old file or the new one, never half)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
