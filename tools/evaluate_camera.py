@@ -51,7 +51,11 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     title = args.title or str(args.predictions)
-    paths = write_report(metrics, scored, args.output_dir, title)
+    try:
+        paths = write_report(metrics, scored, args.output_dir, title)
+    except OSError as error:
+        print(f"error: --output-dir {args.output_dir}: cannot write the report ({error})", file=sys.stderr)
+        return 2
     print(format_table(metrics, title))
     print("wrote " + ", ".join(map(str, paths)))
     return 0

@@ -161,7 +161,18 @@ def read_ground_truth(path: os.PathLike) -> Dict[str, GroundTruthCamera]:
     path = Path(path)
     if not path.is_file():
         raise EvaluationInputError(f"--ground-truth {path} does not exist; give the cameras.csv of the images")
-    with open(path, newline="") as handle:
+    try:
+        cameras = _read_camera_rows(path)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise EvaluationInputError(f"--ground-truth {path} is not a UTF-8 CSV file ({error}); give the cameras.csv "
+                                   "of the images") from None
+    if not cameras:
+        raise EvaluationInputError(f"--ground-truth {path} has no rows")
+    return cameras
+
+
+def _read_camera_rows(path: Path) -> Dict[str, GroundTruthCamera]:
+    with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         missing = [column for column in GROUND_TRUTH_COLUMNS if column not in (reader.fieldnames or [])]
         if missing:
@@ -176,8 +187,6 @@ def read_ground_truth(path: os.PathLike) -> Dict[str, GroundTruthCamera]:
                 fname, *(_number(path, line, c, row[c]) for c in PARAMETERS),
                 *(_number(path, line, c, row[c], int) for c in ("width", "height")),
             )
-    if not cameras:
-        raise EvaluationInputError(f"--ground-truth {path} has no rows")
     return cameras
 
 

@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -153,7 +154,9 @@ def test_cli_writes_metrics_errors_csv_and_plot(tool, tmp_path, capsys):
     ("no_output_text", "'output_text'"),
     ("missing_column", "lacks the columns"),
     ("bad_number", "column 'pitch'"),
-    ("unknown_id", "no (unique) row"),
+    ("unknown_id", r"no \(unique\) row"),
+    ("binary_ground_truth", "is not a UTF-8 CSV file"),
+    ("output_dir_under_a_file", "--output-dir .*cannot write the report"),
 ])
 def test_cli_bad_input_is_one_line_error(tool, tmp_path, capsys, case, expected):
     _write_gt(tmp_path / "cameras.csv", [("a.jpg", 0.1, 0.0, 1.0, "", 96, 96)])
@@ -166,12 +169,18 @@ def test_cli_bad_input_is_one_line_error(tool, tmp_path, capsys, case, expected)
         predictions = [{"id": "a.jpg", "text": "x"}]
     if case == "unknown_id":
         predictions = [{"id": "zzz.jpg", "output_text": "x"}]
+    if case == "binary_ground_truth":  # e.g. the errors.png of an earlier report given by mistake
+        (tmp_path / "cameras.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    out = tmp_path / "out"
+    if case == "output_dir_under_a_file":
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "out"
     if case != "missing_predictions":
         (tmp_path / "p.json").write_text("[{" if case == "bad_json" else json.dumps(predictions))
     code = tool.main(["--predictions", str(tmp_path / "p.json"), "--ground-truth", str(tmp_path / "cameras.csv"),
-                      "--output-dir", str(tmp_path / "out")])
+                      "--output-dir", str(out)])
     err = capsys.readouterr().err
-    assert code == 2 and expected in err and err.startswith("error: ") and err.count("\n") == 1
+    assert code == 2 and re.search(expected, err) and err.startswith("error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
 
 
