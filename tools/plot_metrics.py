@@ -26,6 +26,8 @@ VALID_LOSS_PREFIX = "valid_loss/"
 VALID_CAMERA_PREFIX = "valid_camera/"
 OPTIMIZER_TAGS = ("grad_norm", "learning_rate")
 DPI = 100
+MAX_PIXELS = 10000
+"""Largest --width / --height (a 10,000-pixel square figure takes about 400 MB to draw)."""
 Series = Tuple[np.ndarray, np.ndarray]  # (iterations, values)
 
 
@@ -56,8 +58,15 @@ def check_args(args: argparse.Namespace) -> None:
     if args.smooth < 1:
         problems.append(f"--smooth ({args.smooth}) must be at least 1 (1 = no smoothing)")
     for flag, value in (("--width", args.width), ("--height", args.height)):
-        if value < 100:
-            problems.append(f"{flag} ({value}) must be at least 100 pixels")
+        if not 100 <= value <= MAX_PIXELS:
+            problems.append(f"{flag} ({value}) must be between 100 and {MAX_PIXELS} pixels")
+    if args.output.is_dir():
+        problems.append(f"--output {args.output} is a folder; give the path of the PNG to write")
+    else:
+        try:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            problems.append(f"--output {args.output}: cannot create its folder ({error.strerror or error})")
     if problems:
         raise UsageError("\n  ".join(problems))
 

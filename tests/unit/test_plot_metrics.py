@@ -102,6 +102,18 @@ def test_bad_smoothing_and_size_are_reported_together(tool, tmp_path, capsys):
     assert code != 0 and "--smooth (0)" in err and "--width (10)" in err
 
 
+def test_an_output_that_cannot_be_drawn_or_written_is_named_before_reading(tool, tmp_path, capsys):
+    """A figure too large to allocate, an --output that is a folder or lies under a file: errors, not tracebacks."""
+    write_run(tmp_path / "tb")
+    (tmp_path / "file").write_text("")
+    for output, extra, message in ((tmp_path / "x.png", ["--height", "100000"], "--height (100000) must be between"),
+                                   (tmp_path, [], "is a folder; give the path of the PNG"),
+                                   (tmp_path / "file" / "x.png", [], "cannot create its folder")):
+        code = tool.main(["--tensorboard-dir", str(tmp_path / "tb"), "--output", str(output), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: ") and message in err, err
+
+
 def test_sparse_tasks_get_markers_and_curves_do_not_bridge_iterations_a_task_skipped(tool, tmp_path):
     """A stream logged once or sparsely (photography: 1 micro-batch in a long cycle) is visible as markers, and a
     task that did not run for a while is drawn as separate lines, not one line across the gap."""
