@@ -198,12 +198,13 @@ def hf_to_mcore_command(args: argparse.Namespace) -> None:
 
 
 def mcore_to_hf_command(args: argparse.Namespace) -> None:
-    from megatron_puffin.convert.export import ExportError, export_llm_to_hf, resolve_source
+    from megatron_puffin.convert.export import ExportError, export_llm_to_hf, resolve_source, staged_directory
 
     try:
         source = resolve_source(args.input)
         mpd.initialize(seed=0)
-        summary = export_llm_to_hf(source, args.output, tokenizer=args.tokenizer, dtype=args.dtype)
+        with staged_directory(args.output) as staging:
+            summary = export_llm_to_hf(source, staging, tokenizer=args.tokenizer, dtype=args.dtype)
     except ExportError as error:
         raise UsageError(f"mcore-to-hf: {error}") from None
     logger.info("wrote %s from %s (LLM, %s; tokenizer: %s)", args.output, source.directory, summary["dtype"],
@@ -211,12 +212,13 @@ def mcore_to_hf_command(args: argparse.Namespace) -> None:
 
 
 def mcore_to_towers_command(args: argparse.Namespace) -> None:
-    from megatron_puffin.convert.export import ExportError, export_towers, resolve_source
+    from megatron_puffin.convert.export import ExportError, export_towers, resolve_source, staged_directory
 
     try:
         source = resolve_source(args.input)
         mpd.initialize(seed=0)
-        towers = export_towers(source, args.output, args.towers.split(",") if args.towers else None)
+        with staged_directory(args.output) as staging:
+            towers = export_towers(source, staging, args.towers.split(",") if args.towers else None)
     except ExportError as error:
         raise UsageError(f"mcore-to-towers: {error}") from None
     logger.info("wrote %s from %s (%s; reload with megatron_puffin.convert.export.load_exported_towers)",
@@ -250,6 +252,7 @@ def sd3_to_mcore_command(args: argparse.Namespace) -> None:
 def mcore_to_sd3_command(args: argparse.Namespace) -> None:
     import json
 
+    from megatron_puffin.convert.export import staged_directory
     from megatron_puffin.convert.sd3 import save_diffusers_transformer
     from megatron_puffin.models.dit import DiTConfig, build_dit
     from megatron_puffin.training.checkpointing import resolve_checkpoint
@@ -268,10 +271,11 @@ def mcore_to_sd3_command(args: argparse.Namespace) -> None:
     model = build_dit(config, pg_collection=mpd.process_groups())
     load_module(model, directory, prefix=prefix, what="--input")
     state = {k: v.to(DTYPES[dtype_name]) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    save_diffusers_transformer(args.output, state, config)
-    if metadata.get("diffusers_config"):  # keep the original file (diffusers bookkeeping keys included)
-        with open(os.path.join(args.output, "config.json"), "w") as handle:
-            json.dump(metadata["diffusers_config"], handle, indent=2)
+    with staged_directory(args.output) as staging:
+        save_diffusers_transformer(staging, state, config)
+        if metadata.get("diffusers_config"):  # keep the original file (diffusers bookkeeping keys included)
+            with open(os.path.join(staging, "config.json"), "w") as handle:
+                json.dump(metadata["diffusers_config"], handle, indent=2)
     logger.info("wrote %s (%s)", args.output, dtype_name)
 
 
@@ -490,6 +494,14 @@ def input_problem(args: argparse.Namespace) -> Optional[str]:
     output = getattr(args, "output", None)
     if output and os.path.exists(output):
         return f"--output {output} already exists; choose a new directory (nothing is overwritten)"
+    if output:
+        parent = os.path.dirname(os.path.abspath(output))
+        while not os.path.exists(parent):  # the folders that would be created
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            return f"--output {output}: {parent} is a file, not a folder; choose a path under a folder"
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"--output {output}: the folder {parent} is not writable"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     tp = getattr(args, "tensor_model_parallel_size", None) or 1
     pp = getattr(args, "pipeline_model_parallel_size", None) or 1

@@ -8,13 +8,14 @@ here by one process at TP=PP=1.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -36,6 +37,21 @@ EXPORTABLE_TOWERS = ("vision", "queries")
 
 class ExportError(ValueError):
     """A checkpoint or output that cannot be exported as asked; the message says what to do."""
+
+
+@contextlib.contextmanager
+def staged_directory(output: str) -> Iterator[str]:
+    """A hidden sibling of ``output`` to write an export into; renamed to ``output`` when the block succeeds and
+    removed when it fails, so a failed or interrupted export never leaves a partial ``output`` (which would also
+    block the re-run: exports never overwrite). A SIGKILL leaves only the hidden ``.NAME.partial-PID`` folder."""
+    final = os.path.abspath(output)
+    staging = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.partial-{os.getpid()}")
+    try:
+        yield staging
+        os.rename(staging, final)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 @dataclasses.dataclass
@@ -174,6 +190,10 @@ def export_llm_to_hf(source: ExportSource, output: str, tokenizer: Optional[str]
     from megatron_puffin.convert.hf_io import save_hf_directory
     from megatron_puffin.convert.qwen2 import mcore_to_hf
 
+    found = tokenizer_path(source, tokenizer)
+    if found and not os.path.exists(found):
+        raise ExportError(f"tokenizer {found} does not exist (paths in the training flags are relative to the "
+                          "directory training ran in); give --tokenizer PATH")
     target = DTYPES[dtype] if dtype else None
     model, config = load_llm(source, target)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
@@ -182,7 +202,6 @@ def export_llm_to_hf(source: ExportSource, output: str, tokenizer: Optional[str]
     hf_config = dict(source.metadata.get("hf_config") or config.to_hf())
     hf_config["torch_dtype"] = str(written_dtype).replace("torch.", "")
     save_hf_directory(output, hf_config, weights)
-    found = tokenizer_path(source, tokenizer)
     copied = copy_tokenizer(found, output) if found else []
     generation = generation_config(found)
     origin = source.metadata.get("source")

@@ -73,6 +73,15 @@ def test_trained_llm_exports_to_hugging_face_with_identical_logits(trained, monk
     with pytest.raises(SystemExit, match="no complete checkpoint there"):
         _tool().main(["mcore-to-hf", "--input", "tiny", "--output", "other"])
 
+    # An export failing after its weights are written (a tokenizer folder without tokenizer files) leaves nothing
+    # behind: before, the partial "other" (config + weights) also made the corrected re-run refuse it as existing.
+    (trained / "not_a_tokenizer").mkdir()
+    with pytest.raises(SystemExit, match="holds no tokenizer files"):
+        _tool().main(["mcore-to-hf", "--input", "run", "--output", "other", "--tokenizer", "not_a_tokenizer"])
+    assert sorted(p.name for p in trained.iterdir() if "other" in p.name) == []
+    assert _tool().main(["mcore-to-hf", "--input", "run", "--output", "other"]) == 0
+    assert (trained / "other" / "model.safetensors").read_bytes() == (exported / "model.safetensors").read_bytes()
+
 
 def test_vision_tower_and_query_path_round_trip_through_our_format(trained):
     import megatron_puffin.distributed as mpd
