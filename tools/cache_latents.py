@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="Where the VAE runs (cpu, cuda).")
     parser.add_argument("--overwrite", action="store_true",
                         help="Replace latents of another VAE, resolution or dtype (default: stop, naming the shard).")
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default="WARNING", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="Python logging level.")
     return parser
 
 

@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="Worker processes (default 1).")
     group.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
-    group.add_argument("--log-level", default="WARNING", help="Python logging level (default WARNING).")
+    group.add_argument("--log-level", default="WARNING", type=str.upper,
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                       help="Python logging level (default WARNING).")
     return parser
 
 

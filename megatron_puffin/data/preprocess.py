@@ -103,6 +103,11 @@ def _check_options(options: PreprocessOptions) -> None:
     output, source = Path(options.output_prefix).resolve(), Path(options.input).resolve()
     if output == source or source in output.parents:
         errors.append(f"--output-prefix ({output}) must not lie inside --input ({source}): the input is read-only")
+    existing = next(path for path in (output, *output.parents) if path.exists())  # the folder shards go under
+    if not existing.is_dir():
+        errors.append(f"--output-prefix ({options.output_prefix}): {existing} is a file, not a folder")
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        errors.append(f"--output-prefix ({options.output_prefix}): the folder {existing} is not writable")
     if errors:
         raise ValueError("; ".join(errors))
 

@@ -154,3 +154,6 @@ def test_heldout_records_split_off_the_last_records_of_every_subset(raw, tmp_pat
         preprocess(PreprocessOptions(raw, tmp_path / "out", shard_size=5, heldout_records=4, progress=False))
     result = _run("--input", raw, "--output-prefix", tmp_path / "cli", "--heldout-records", "-1")
     assert result.returncode == 2 and "--heldout-records (-1) must be >= 0" in result.stderr
+    (tmp_path / "a_file").write_text("")  # shards under a file: one line before any work, not a traceback
+    with pytest.raises(ValueError, match="a_file is a file, not a folder"):
+        preprocess(PreprocessOptions(raw, tmp_path / "a_file" / "out", progress=False))
