@@ -227,18 +227,52 @@ def _write_index(root: Path, subset: str, rows: List[tuple]) -> None:
         writer.writerows(rows)
 
 
+MAX_IMAGE_SIZE = 4096
+"""Largest --image-size (and --camera-map-size): rendering holds a few float64 arrays of (size * supersample)^2."""
+MIN_TOKENIZER_VOCAB = 400
+"""Smallest --tokenizer-vocab-size that holds the byte-fallback pieces, special tokens and the corpus' characters."""
+
+
+def _option_problems(options: SyntheticOptions) -> List[str]:
+    """Each bad option, naming its flag and the allowed values."""
+    problems = []
+    for flag, value, low in (("--num-samples", options.num_samples, 1), ("--workers", options.workers, 1),
+                             ("--supersample", options.supersample, 1), ("--num-heldout", options.num_heldout, 0),
+                             ("--num-cross-view", options.num_cross_view, 0),
+                             ("--num-photography", options.num_photography, 0),
+                             ("--camera-map-size", options.camera_map_size, 1)):
+        if value is not None and value < low:
+            problems.append(f"{flag} ({value}) must be >= {low}")
+    if not 96 <= options.image_size <= MAX_IMAGE_SIZE:
+        problems.append(f"--image-size ({options.image_size}) must lie in [96, {MAX_IMAGE_SIZE}] (smaller images are "
+                        "rejected by preprocessing, docs/puffin.md §3.5)")
+    if options.camera_map_size is not None and options.camera_map_size > MAX_IMAGE_SIZE:
+        problems.append(f"--camera-map-size ({options.camera_map_size}) must be <= {MAX_IMAGE_SIZE}")
+    if options.supersample > 8:
+        problems.append(f"--supersample ({options.supersample}) must be <= 8 (rays per pixel side)")
+    if options.tokenizer_out is not None and options.tokenizer_vocab_size < MIN_TOKENIZER_VOCAB:
+        problems.append(f"--tokenizer-vocab-size ({options.tokenizer_vocab_size}) must be >= {MIN_TOKENIZER_VOCAB} "
+                        "(256 byte pieces, the special tokens and every character of the captions)")
+    outputs = [("--output", Path(options.output))]
+    if options.tokenizer_out is not None:
+        outputs.append(("--tokenizer-out", Path(options.tokenizer_out).parent))
+    for flag, folder in outputs:
+        folder = folder.resolve()
+        existing = next(path for path in (folder, *folder.parents) if path.exists())
+        if not existing.is_dir():
+            problems.append(f"{flag} ({folder}): {existing} is a file, not a folder")
+    return problems
+
+
 def make_synthetic_dataset(options: SyntheticOptions) -> Dict[str, int]:
     """Renders and writes the dataset (and the tokenizer); returns the number of samples per subset.
 
     Raises:
         ValueError: On non-positive sizes or counts.
     """
-    if options.num_samples < 1 or options.image_size < 96 or options.workers < 1 or options.num_heldout < 0:
-        raise ValueError(
-            f"--num-samples ({options.num_samples}) must be >= 1, --image-size ({options.image_size}) >= 96 "
-            f"(smaller images are rejected by preprocessing, docs/puffin.md §3.5), --workers ({options.workers}) >= 1 and "
-            f"--num-heldout ({options.num_heldout}) >= 0"
-        )
+    problems = _option_problems(options)
+    if problems:
+        raise ValueError("; ".join(problems))
     sizes = _subset_sizes(options)
     chunk = 64
     tasks = [(options, subset, start, min(start + chunk, count))

@@ -204,26 +204,30 @@ def train_sentencepiece_tokenizer(texts: Iterable[str], output_file: "str | os.P
     output_file = Path(output_file)
     output_file.parent.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(texts)),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        user_defined_symbols=list(templates.SPECIAL_TOKENS) + list(SENTENCEPIECE_EXTRA_SYMBOLS),
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        byte_fallback=True,
-        split_digits=True,
-        hard_vocab_limit=False,
-        max_sentence_length=1 << 16,
-        unk_id=0,
-        bos_id=-1,
-        eos_id=-1,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(list(texts)),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            user_defined_symbols=list(templates.SPECIAL_TOKENS) + list(SENTENCEPIECE_EXTRA_SYMBOLS),
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            byte_fallback=True,
+            split_digits=True,
+            hard_vocab_limit=False,
+            max_sentence_length=1 << 16,
+            unk_id=0,
+            bos_id=-1,
+            eos_id=-1,
+            pad_id=-1,
+            num_threads=1,
+            minloglevel=2,
+        )
+    except RuntimeError as error:  # e.g. a vocabulary smaller than the corpus' characters + the special pieces
+        raise ValueError(f"the SentencePiece tokenizer cannot be trained with vocab_size {vocab_size}: "
+                         f"{' '.join(str(error).split())}") from None
     tmp_file = output_file.with_suffix(".model.tmp")
     tmp_file.write_bytes(model.getvalue())
     os.replace(tmp_file, output_file)

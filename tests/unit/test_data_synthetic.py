@@ -137,3 +137,21 @@ def _digest_without(root, folder):
     for path in sorted(p for p in root.rglob("*") if p.is_file() and folder not in p.relative_to(root).parts):
         digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
     return digest.hexdigest()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"num_samples": 0, "image_size": 7}, r"--num-samples \(0\) must be >= 1; --image-size \(7\) must lie in \[96"),
+    ({"image_size": 100_000}, r"--image-size \(100000\) must lie in \[96, 4096\]"),  # was a 298 GiB MemoryError
+    ({"supersample": 0}, r"--supersample \(0\) must be >= 1"),  # was NaN images written without a word
+    ({"tokenizer_vocab_size": 5}, r"--tokenizer-vocab-size \(5\) must be >= 400"),  # was sentencepiece's traceback
+    ({"output": "FILE/out"}, "a_file is a file, not a folder"),
+    ({"tokenizer_out": "FILE/tok/t.model"}, "--tokenizer-out .*a_file is a file, not a folder"),
+])
+def test_bad_options_are_named_before_anything_is_rendered(tmp_path, changes, message):
+    (tmp_path / "a_file").write_text("")
+    changes = {k: tmp_path / "a_file" / v[5:] if isinstance(v, str) else v for k, v in changes.items()}
+    options = SyntheticOptions(**{"output": tmp_path / "out", "num_samples": 2,
+                                  "tokenizer_out": tmp_path / "t.model", **changes})
+    with pytest.raises(ValueError, match=message):
+        make_synthetic_dataset(options)
+    assert not (tmp_path / "out").exists()
