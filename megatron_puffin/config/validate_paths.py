@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, TYPE_CHECKING
 
@@ -20,15 +21,32 @@ def _not_a_file(flag: str, path: Optional[str], what: str = "a directory") -> Li
     return []
 
 
+def _creatable(flag: str, path: Optional[str], folder: Optional[Path] = None) -> List[str]:
+    """The folder ``path`` needs (``folder``, default ``path`` itself) can be made: the nearest part of it that exists
+    is a writable folder. Otherwise the run would train until its first save or log line and fail there."""
+    if not path:
+        return []
+    target = (folder or Path(path)).absolute()
+    existing = next(part for part in (target, *target.parents) if part.exists())
+    if not existing.is_dir():
+        return [f"{flag} ({path}): {existing} is a file, not a folder; give a path under a folder"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"{flag} ({path}): the folder {existing} is not writable by this user"]
+    return []
+
+
 def check_output_paths(args: PuffinArguments) -> List[str]:
-    """--save, --tensorboard-dir are directories; --metrics-file is a file."""
+    """--save, --tensorboard-dir are directories; --metrics-file is a file; each can be created."""
     if args.dry_run:
         return []
-    problems = _not_a_file("--save", args.checkpoint.save)
-    problems += _not_a_file("--tensorboard-dir", args.logging.tensorboard_dir)
+    save, tensorboard = args.checkpoint.save, args.logging.tensorboard_dir
+    problems = _not_a_file("--save", save) or _creatable("--save", save)
+    problems += _not_a_file("--tensorboard-dir", tensorboard) or _creatable("--tensorboard-dir", tensorboard)
     metrics = args.logging.metrics_file
     if metrics and Path(metrics).is_dir():
         problems.append(f"--metrics-file ({metrics}) is a directory; give a file path (e.g. {metrics}/metrics.jsonl)")
+    elif metrics:
+        problems += _creatable("--metrics-file", metrics, Path(metrics).absolute().parent)
     return problems
 
 

@@ -73,6 +73,10 @@ CASES = [
     ("--tensorboard-dir {root}/a_file", "--tensorboard-dir ({root}/a_file) is a file"),
     ("--save {root}/a_file", "--save ({root}/a_file) is a file"),
     ("--metrics-file {root}/empty", "--metrics-file ({root}/empty) is a directory"),
+    # under a file: before, training ran to its first checkpoint and lost every step there
+    ("--save {root}/a_file/run", "--save ({root}/a_file/run): {root}/a_file is a file, not a folder"),
+    ("--tensorboard-dir {root}/a_file/tb", "--tensorboard-dir ({root}/a_file/tb): {root}/a_file is a file"),
+    ("--metrics-file {root}/a_file/m/x.jsonl", "--metrics-file ({root}/a_file/m/x.jsonl): {root}/a_file is a file"),
     ("--image-size-unit 24 --image-size 48", "--image-size-unit (24) must be a multiple of the vision patch size"),
     ("--world-size 4", "--world-size (4) contradicts the launch (WORLD_SIZE=1)"),
     ("--seq-length 1024", "--seq-length is not a flag of pretrain_puffin.py"),
