@@ -6,7 +6,8 @@
     torchrun --nproc-per-node 2 tools/understand.py --checkpoint CKPT --images photos/ --output p.json \\
         --tensor-model-parallel-size 2
 
---images: image files, folders (their images, sorted by name) or .txt files listing one image path per line.
+--images: image files, folders (their images, sub-folders included, sorted by path) or .txt files listing one
+image path per line.
 Writes a JSON list in Puffin's evaluation format plus our parsed camera, one entry per image:
 {"id": file name, "output_text": answer, "camera": {"roll", "pitch", "vfov"} in radians or null, "reasoning":
 thinking text or null, "finished": answer ended within --max-new-tokens}. Score it with tools/evaluate_camera.py.
@@ -65,8 +66,8 @@ def collect_images(sources: List[str]) -> List[Path]:
     """Image paths from files, folders and .txt lists, in order; raises UsageError naming a bad source."""
     paths: List[Path] = []
     for source in map(Path, sources):
-        if source.is_dir():
-            paths += sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if source.is_dir():  # sub-folders too: Puffin-4M keeps images in numbered folders (local_folder/000000/)
+            paths += sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         elif source.suffix.lower() == ".txt" and source.is_file():
             lines = [line.strip() for line in source.read_text().splitlines()]
             paths += [Path(line) if os.path.isabs(line) else source.parent / line for line in lines if line]
