@@ -23,6 +23,7 @@ request and seed only (not on the batch it shares, the device or the TP size).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -161,6 +162,19 @@ def _check_size(model, size: int) -> None:
     unit = vae_scale_factor(model.vae) * model.puffin_config.dit.patch_size
     if size % unit:
         raise ValueError(f"image size {size} must be a multiple of {unit} (VAE factor x DiT patch size)")
+    largest = unit * model.puffin_config.dit.pos_embed_max_size  # before any tensor of that size is made
+    if not 0 < size <= largest:
+        raise ValueError(f"image size {size} must lie in [{unit}, {largest}] (the MMDiT's position table holds "
+                         f"{model.puffin_config.dit.pos_embed_max_size} latent tokens per side)")
+
+
+def _check_settings(settings: GenerationSettings, seeds: Sequence[int]) -> None:
+    """Values that would otherwise give NaN images without a word or fail deep inside torch."""
+    if not math.isfinite(settings.guidance_scale):
+        raise ValueError(f"guidance scale ({settings.guidance_scale}) must be a finite number (<= 1 disables CFG)")
+    bad = [seed for seed in seeds if not -(1 << 63) < seed < (1 << 63)]
+    if bad:
+        raise ValueError(f"seed {bad[0]} is out of range: seeds are 64-bit integers (|seed| < 2^63)")
 
 
 @dataclass
@@ -264,6 +278,7 @@ def _setup(model, tokenizer, requests, settings, encoder_config) -> Tuple[_Gener
                              f"{size}x{size} (megatron_puffin.inference.load_image(path, {size}, 'resize'))")
     encoder = TaskEncoder("cam2image", tokenizer, encoder_config)
     seeds = [settings.seed + index if request.seed is None else request.seed for index, request in enumerate(requests)]
+    _check_settings(settings, seeds)
     return _Generator(model, tokenizer, settings, encoder, size), seeds
 
 

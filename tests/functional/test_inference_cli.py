@@ -107,14 +107,21 @@ def _tool_main(name):
      "no such file or directory"),
     ("understand.py", ["--images", "IMAGE", "--output", "x.json", "--hidden-size", "64", "--ffn-hidden-size", "96"],
      "does not fit the model shape"),
-    ("generate.py", ["--output-dir", "g", "--roll", "0.1", "--pitch", "1.9", "--vfov", "1.0"],
+    ("generate.py", ["--output-dir", "GEN", "--roll", "0.1", "--pitch", "1.9", "--vfov", "1.0"],
      r"camera pitch \(1.9 rad\) must lie in \[-pi/2, pi/2\]"),
-    ("generate.py", ["--output-dir", "g", "--num-views", "2"], "--num-views N .* needs --init-image"),
+    ("generate.py", ["--output-dir", "GEN", "--num-views", "2"], "--num-views N .* needs --init-image"),
     # outputs that cannot be written are named before the model is loaded, not after every image is done
     ("understand.py", ["--images", "IMAGE", "--output", "FOLDER"], "--output .* is a folder; give the path of a file"),
     ("understand.py", ["--images", "IMAGE", "--output", "FILE/p.json"], "cannot create the folder"),
     ("generate.py", ["--output-dir", "FILE", "--roll", "0", "--pitch", "0", "--vfov", "1"],
      "--output-dir .* is a file; give a folder"),
+    # were NaN images written without a word, torch's "Overflow when unpacking long long", a 120 GB allocation
+    ("generate.py", ["--output-dir", "GEN", "--roll", "0", "--pitch", "0", "--vfov", "1", "--guidance-scale", "nan"],
+     r"guidance scale \(nan\) must be a finite number"),
+    ("generate.py", ["--output-dir", "GEN", "--roll", "0", "--pitch", "0", "--vfov", "1", "--seed", str(10 ** 20)],
+     r"seed 100000000000000000000 is out of range"),
+    ("generate.py", ["--output-dir", "GEN", "--roll", "0", "--pitch", "0", "--vfov", "1", "--image-size", "96000"],
+     r"image size 96000 must lie in \[8, "),
 ])
 def test_bad_inputs_exit_with_one_line(artefacts, tool, args, message, capsys):
     """In-process (a process start per case would cost seconds each); the two tests above run the real commands."""
@@ -124,7 +131,7 @@ def test_bad_inputs_exit_with_one_line(artefacts, tool, args, message, capsys):
     (root / "bad.jpg").write_bytes(b"not an image")
     (root / "a_file").write_text("")
     substitutions = {"BAD": root / "bad.jpg", "IMAGE": images[0], "MISSING": root / "missing", "FOLDER": root,
-                     "FILE": root / "a_file", "FILE/p.json": root / "a_file" / "p.json"}
+                     "FILE": root / "a_file", "FILE/p.json": root / "a_file" / "p.json", "GEN": root / "gen_bad"}
     args = [str(substitutions.get(a, a)) for a in args]
     if "--checkpoint" not in args:
         args = ["--checkpoint", str(root / "run")] + args
