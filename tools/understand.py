@@ -19,6 +19,7 @@ the rest. See docs/inference.md.
 import json
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -103,6 +104,8 @@ def check_args(args: argparse.Namespace) -> None:
         problems.append(f"--max-new-tokens ({args.max_new_tokens}) must be at least 1")
     if args.batch_size < 1:
         problems.append(f"--batch-size ({args.batch_size}) must be at least 1")
+    if not math.isfinite(args.yaw):
+        problems.append(f"--yaw ({args.yaw}) must be a finite number of radians")
     if args.thinking and args.task != "understanding":
         problems.append(f"--thinking applies to --task understanding, not {args.task}")
     if problems:

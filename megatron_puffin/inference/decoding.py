@@ -98,7 +98,8 @@ def greedy_decode(model, batch: Dict[str, Any], end_token_id: int, max_new_token
         batch: ``task``, ``input_ids`` / ``attention_mask`` / ``position_ids`` ``[b, s]`` (left padded),
             ``vision_images`` and ``positions`` when the prompt holds image placeholders (as the collator makes).
         end_token_id: ``<|im_end|>``.
-        max_new_tokens: at most this many tokens per sequence.
+        max_new_tokens: at most this many tokens per sequence (and no more than the LLM's
+            ``max_position_embeddings`` less the prompt length).
         vocab_size: real vocabulary size (padded rows are never chosen).
         use_kv_cache: decode with the KV cache (default) or recompute the whole sequence every step.
         keep_logits: return every step's logits.
@@ -110,6 +111,8 @@ def greedy_decode(model, batch: Dict[str, Any], end_token_id: int, max_new_token
     mask = batch["attention_mask"].to(device).bool()
     positions = batch["position_ids"].to(device)
     batch_size = mask.shape[0]
+    # No position beyond the LLM's table: also keeps the KV cache (allocated for prompt + new tokens) finite.
+    max_new_tokens = max(0, min(max_new_tokens, model.puffin_config.llm.max_position_embeddings - mask.shape[1]))
     cache = _CachedLLM(llm, batch_size, mask.shape[1] + max_new_tokens) if use_kv_cache else None
     done = torch.zeros(batch_size, dtype=torch.bool, device=device)
     lengths = torch.full((batch_size,), max_new_tokens, dtype=torch.long, device=device)

@@ -113,6 +113,8 @@ def _tool_main(name):
     # outputs that cannot be written are named before the model is loaded, not after every image is done
     ("understand.py", ["--images", "IMAGE", "--output", "FOLDER"], "--output .* is a folder; give the path of a file"),
     ("understand.py", ["--images", "IMAGE", "--output", "FILE/p.json"], "cannot create the folder"),
+    ("understand.py", ["--images", "IMAGE", "--output", "x.json", "--task", "spatial-imagination", "--yaw", "nan"],
+     r"--yaw \(nan\) must be a finite number"),
     ("generate.py", ["--output-dir", "FILE", "--roll", "0", "--pitch", "0", "--vfov", "1"],
      "--output-dir .* is a file; give a folder"),
     # were NaN images written without a word, torch's "Overflow when unpacking long long", a 120 GB allocation

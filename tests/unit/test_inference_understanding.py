@@ -58,6 +58,15 @@ def test_batched_decoding_equals_one_prompt_at_a_time(setup):
             torch.testing.assert_close(step_alone[0], step_batched[row], atol=LOGIT_TOLERANCE, rtol=0)
 
 
+def test_decoding_stops_at_the_llms_last_position_whatever_the_limit(setup):
+    """A limit of a billion new tokens used to allocate a KV cache of that length (64 GB for the tiny model)."""
+    model, tokenizer, _, prompts, _ = setup
+    batch = prompt_batch(prompts[:1], templates.UNDERSTANDING_PAD_ID)
+    room = model.puffin_config.llm.max_position_embeddings - batch["input_ids"].shape[1]
+    out = greedy_decode(model, batch, NEVER, 10 ** 9, model.puffin_config.llm.vocab_size)
+    assert out.tokens.shape == (1, room)
+
+
 def test_each_sequence_stops_at_its_end_token_and_the_others_go_on(setup):
     model, tokenizer, _, prompts, _ = setup
     free = _decode(model, tokenizer, prompts).tokens
