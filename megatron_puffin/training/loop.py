@@ -591,15 +591,22 @@ def _loss_tasks(data: DataConfig) -> List[str]:
 def run(args: PuffinArguments) -> int:
     """Build, train and tear down; returns the exit code (:data:`EXIT_FINISHED` or :data:`EXIT_INTERRUPTED`)."""
     from megatron_puffin.process_lifetime import die_with_launcher
+    from megatron_puffin.training.run_lock import SaveDirectoryLock, lock_save_directory
 
     die_with_launcher()
+    save = args.checkpoint.save
+    # Before the process group: a second run on the same --save stops here (run_lock.py); rank 0 holds it.
+    lock = lock_save_directory(save) if save and int(os.environ.get("RANK", "0")) == 0 else SaveDirectoryLock(None)
     try:
-        trainer = Trainer(args)
-    except BaseException:
-        mpd.destroy()  # a failed start (bad checkpoint, flags) still releases the process group
-        raise
-    try:
-        return trainer.train()
+        try:
+            trainer = Trainer(args)
+        except BaseException:
+            mpd.destroy()  # a failed start (bad checkpoint, flags) still releases the process group
+            raise
+        try:
+            return trainer.train()
+        finally:
+            trainer.close()
+            mpd.destroy()
     finally:
-        trainer.close()
-        mpd.destroy()
+        lock.release()

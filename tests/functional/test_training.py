@@ -207,6 +207,26 @@ def test_bad_flags_fail_before_training(workdir):
     assert "iter 1/" not in proc.stderr
 
 
+def test_a_second_run_on_the_same_save_directory_stops_before_any_work(workdir):
+    """Two runs on one --save (a job submitted twice) would remove each other's half-written iter_N.tmp and could
+    publish a checkpoint of both: rank 0 holds --save's run lock, the second run stops naming the holder; the lock
+    goes with the run (released at its end, and by the kernel when a holder is killed)."""
+    from megatron_puffin.training.run_lock import lock_save_directory
+
+    held = lock_save_directory(str(workdir / "shared_save"))  # this process plays the first run
+    try:
+        proc = run_pretrain(workdir, *STAGE, *STREAMS, "--micro-batch-size", "2", "--save", "shared_save",
+                            "--load", "shared_save", check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"--save shared_save is in use by another training run (pid {os.getpid()} on" in proc.stderr
+        assert "iter 1/" not in proc.stderr and not list((workdir / "shared_save").glob("iter_*"))
+        with pytest.raises(Exception, match="in use by another training run"):
+            lock_save_directory(str(workdir / "shared_save"))  # also within one process: one lock per open
+    finally:
+        held.release()
+    lock_save_directory(str(workdir / "shared_save")).release()  # free again
+
+
 def test_load_of_a_checkpoint_with_another_model_shape_fails_before_training(workdir, stage1):
     """The tensor-shape check at load time, for a checkpoint whose puffin_meta.json stores no flags (another
     version's): the validation pass compares stored flags (tests/functional/test_flag_cli.py), the load every
