@@ -274,7 +274,7 @@ def write_outputs(loaded, args: argparse.Namespace, requests, results, estimates
 def run(args: argparse.Namespace, model_flags: List[str]) -> int:
     from megatron_puffin.inference import (GenerationRequest, GenerationSettings, generate_batches, load_image,
                                            load_puffin)
-    from megatron_puffin.inference.journal import BatchJournal
+    from megatron_puffin.inference.journal import BatchJournal, checkpoint_fingerprint
     from megatron_puffin.inference.loading import resolve_inference_checkpoint
 
     check_args(args)
@@ -283,7 +283,8 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
     output_dir = prepare_output_dir(args.output_dir, "--output-dir")
     # What an image depends on besides its request (not --batch-size: an image depends on its request and seed
     # only); a re-run with the same key keeps the finished images of an interrupted run.
-    key = {"tool": "generate", "checkpoint": os.path.abspath(resolve_inference_checkpoint(args.checkpoint)),
+    checkpoint = os.path.abspath(resolve_inference_checkpoint(args.checkpoint))
+    key = {"tool": "generate", "checkpoint": checkpoint, "fingerprint": checkpoint_fingerprint(checkpoint),
            "model_flags": model_flags, **{name: getattr(args, name) for name in (
                "guidance_scale", "steps", "negative_caption", "thinking", "max_reasoning_tokens", "image_size")}}
     journal = BatchJournal(output_dir / "generations.partial.jsonl", key, writer=is_output_rank())

@@ -114,7 +114,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace, model_flags: List[str]) -> int:
     from megatron_puffin.inference import load_image, load_puffin, understand
-    from megatron_puffin.inference.journal import BatchJournal, write_atomically
+    from megatron_puffin.inference.journal import BatchJournal, checkpoint_fingerprint, write_atomically
     from megatron_puffin.inference.loading import resolve_inference_checkpoint
     from megatron_puffin.inference.tasks import imagination_prompt
     from megatron_puffin.data import templates
@@ -128,7 +128,8 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
                              "spatial-imagination": imagination_prompt(args.yaw)}[args.task]
     # What an answer depends on (not --batch-size: answers are the same in any batch); a re-run with the same key
     # keeps the finished images of an interrupted run (megatron_puffin/inference/journal.py).
-    key = {"tool": "understand", "checkpoint": os.path.abspath(resolve_inference_checkpoint(args.checkpoint)),
+    checkpoint = os.path.abspath(resolve_inference_checkpoint(args.checkpoint))
+    key = {"tool": "understand", "checkpoint": checkpoint, "fingerprint": checkpoint_fingerprint(checkpoint),
            "model_flags": model_flags, "prompt": prompt, "thinking": args.thinking, "image_mode": mode,
            "max_new_tokens": args.max_new_tokens}
     journal = BatchJournal(output.with_name(output.name + ".partial.jsonl"), key, writer=is_output_rank())
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
             records[index] = {"id": paths[index].name, "output_text": answer.text,
                               "camera": None if answer.camera is None else dict(answer.camera._asdict()),
                               "reasoning": answer.reasoning, "finished": answer.finished}
-        journal.append({**records[index], "source": str(paths[index].resolve())} for index in chunk)
+        journal.append({**records[index], "source": _source(paths[index])} for index in chunk)
         progress(len(chunk))
     progress.close()
     if is_output_rank():
@@ -161,9 +162,16 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
     return 0
 
 
+def _source(path: Path) -> str:
+    """Which file an answer was for: its resolved path, size and modification time (an image replaced in place
+    between an interrupted run and its re-run is decoded again)."""
+    stat = path.stat()
+    return f"{path.resolve()} {stat.st_size} {stat.st_mtime_ns}"
+
+
 def _reusable(record, path: Path):
     """A journal record of this image (same file), without the journal's own fields; else None."""
-    if record is None or record.get("source") != str(path.resolve()) or not set(RECORD_FIELDS) <= set(record):
+    if record is None or record.get("source") != _source(path) or not set(RECORD_FIELDS) <= set(record):
         return None
     return {name: record[name] for name in RECORD_FIELDS}
 

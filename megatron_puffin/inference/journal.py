@@ -3,7 +3,9 @@
 ``tools/understand.py`` and ``tools/generate.py`` write their outputs only when every image is done; a run killed
 before that (SIGTERM from a scheduler, SIGKILL, a crash) would lose every finished batch. Each finished batch is
 therefore appended to a journal beside the outputs (one JSON line per image, flushed and fsynced), under a header
-holding the run's *key*: the resolved checkpoint, the model flags and every setting that changes an image's result.
+holding the run's *key*: the resolved checkpoint and its contents' fingerprint (:func:`checkpoint_fingerprint`: a
+checkpoint retrained at the same path is another checkpoint), the model flags and every setting that changes an
+image's result.
 A later run with the same key reuses the journal's records instead of recomputing them; a journal of another key is
 replaced (its run's outputs would have been replaced too). The journal is removed once the outputs are written.
 
@@ -12,6 +14,7 @@ batch (so after every rank has taken part in a collective, and therefore after e
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -76,6 +79,23 @@ class BatchJournal:
             self._handle = None
         if self.writer:
             self.path.unlink(missing_ok=True)
+
+
+def checkpoint_fingerprint(directory: str) -> str:
+    """A digest of a checkpoint's contents: of its manifest (which holds every file's SHA-256), else of every file's
+    name, size and modification time."""
+    from megatron_puffin.training.checkpoint_safety import MANIFEST_FILE
+
+    manifest = Path(directory) / MANIFEST_FILE
+    digest = hashlib.sha256()
+    if manifest.is_file():
+        digest.update(manifest.read_bytes())
+    else:
+        for path in sorted(Path(directory).rglob("*")):
+            if path.is_file():
+                stat = path.stat()
+                digest.update(f"{path.relative_to(directory)} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def write_atomically(path: Path, text: str) -> None:

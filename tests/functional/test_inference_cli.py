@@ -2,6 +2,7 @@
 synthetic dataset's images: outputs equal the library's, files a user can open, one-line errors."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,11 +191,15 @@ def test_a_killed_generate_keeps_its_finished_images_and_a_rerun_resumes(artefac
 
 def test_an_interrupted_understand_keeps_finished_batches_and_a_rerun_resumes(artefacts, monkeypatch, capsys):
     """Interrupted (Ctrl-C) after its first batch: the journal holds that batch; the same command again decodes only
-    the rest and writes what an uninterrupted run writes."""
+    the rest (and a finished image replaced in place since) and writes what an uninterrupted run writes."""
+    import shutil
+
     import megatron_puffin.inference as inference
 
-    root, _, _, images = artefacts
+    root, _, _, originals = artefacts
     out = root / "und_resume" / "predictions.json"
+    (root / "und_images").mkdir()
+    images = [Path(shutil.copy(image, root / "und_images" / image.name)) for image in originals]
 
     def command(output):
         return ["--checkpoint", str(root / "run"), "--images", *map(str, images), "--output", str(output),
@@ -216,11 +221,12 @@ def test_an_interrupted_understand_keeps_finished_batches_and_a_rerun_resumes(ar
         assert [json.loads(line)["id"] for line in journal.read_text().splitlines()[1:]] == [p.name for p in images[:2]]
         assert not out.exists()
         calls.clear()
+        os.utime(images[0], ns=(0, 0))  # "replaced": its journal answer no longer counts
         monkeypatch.setattr(inference, "understand", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
         assert _tool_main("understand.py")(command(out)) == 0
-        assert calls == [1] and not journal.exists()
+        assert calls == [2] and not journal.exists()
         printed = capsys.readouterr().out
-        assert "3 images (" in printed and "2 kept from an interrupted run" in printed, printed
+        assert "3 images (" in printed and "1 kept from an interrupted run" in printed, printed
         resumed = json.loads(out.read_text())
         assert _tool_main("understand.py")(command(root / "und_resume" / "straight.json")) == 0
     finally:
@@ -246,3 +252,19 @@ def test_image_folders_are_searched_with_their_sub_folders(tmp_path):
     (tmp_path / "images" / "000001" / "a.png").write_bytes(b"")
     with pytest.raises(UsageError, match="several images are named a.png"):
         tool.collect_images([str(tmp_path / "images")])
+
+
+def test_a_checkpoint_retrained_at_the_same_path_is_another_checkpoint_for_resuming(artefacts, tmp_path):
+    """The resume key holds a digest of the checkpoint's manifest (every file's SHA-256), not only its path."""
+    import shutil
+
+    from megatron_puffin.inference.journal import checkpoint_fingerprint
+
+    root = artefacts[0]
+    copy = Path(shutil.copytree(root / "run" / "iter_0000002", tmp_path / "iter_0000002"))
+    assert checkpoint_fingerprint(str(copy)) == checkpoint_fingerprint(str(root / "run" / "iter_0000002"))
+    manifest = json.loads((copy / "puffin_manifest.json").read_text())
+    name = next(iter(manifest["files"]))
+    manifest["files"][name]["sha256"] = "0" * 64  # the same file names and sizes, other contents
+    (copy / "puffin_manifest.json").write_text(json.dumps(manifest))
+    assert checkpoint_fingerprint(str(copy)) != checkpoint_fingerprint(str(root / "run" / "iter_0000002"))
