@@ -250,7 +250,11 @@ def find_shards(path: Union[str, os.PathLike]) -> List[Path]:
     _check_no_unfinished_shards(root)
     shards = sorted(p.parent for p in root.rglob(MANIFEST_NAME))
     if not shards:
-        raise DatasetFormatError(f"no shard (directory with {MANIFEST_NAME}) found under {root}")
+        raw = [part for part in (root, *root.parents[:2]) if (part / "summary.json").is_file() or
+               (part / "summary").is_dir()]
+        hint = (f"; {raw[0]} looks like raw Puffin-4M data: make shards with tools/preprocess_data.py --input "
+                f"{raw[0]} --output-prefix DIR and train on DIR/<subset>") if raw else ""
+        raise DatasetFormatError(f"no shard (directory with {MANIFEST_NAME}) found under {root}{hint}")
     _check_subset_coverage(shards)
     return shards
 

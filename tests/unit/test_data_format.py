@@ -125,3 +125,15 @@ def test_writer_refuses_existing_shard_and_empty_key(tmp_path):
     writer = ShardWriter(tmp_path / "other", "main")
     with pytest.raises(ValueError, match="key"):
         writer.add(PuffinRecord(key=""))
+
+
+def test_raw_puffin4m_data_given_as_a_dataset_points_to_the_preprocessing(tmp_path):
+    (tmp_path / "raw" / "local_folder" / "000000").mkdir(parents=True)
+    (tmp_path / "raw" / "summary.json").write_text("[]")
+    for given in (tmp_path / "raw", tmp_path / "raw" / "local_folder"):
+        with pytest.raises(DatasetFormatError, match=r"looks like raw Puffin-4M data: make shards with "
+                                                     r"tools/preprocess_data.py --input .*raw --output-prefix"):
+            find_shards(given)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(DatasetFormatError, match=r"found under .*other$"):
+        find_shards(tmp_path / "other")
