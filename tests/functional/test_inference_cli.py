@@ -10,7 +10,7 @@ from PIL import Image
 
 import megatron_puffin.distributed as mpd
 from helpers.inference import build_tiny_model, save_model_checkpoint
-from helpers.puffin import ROOT, make_tiny_dataset, run_script
+from helpers.puffin import ROOT, make_tiny_dataset, run_script, start_script
 
 ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 NEW_TOKENS = 6
@@ -151,8 +151,6 @@ def test_a_killed_generate_keeps_its_finished_images_and_a_rerun_resumes(artefac
     """SIGKILL after the first batch's PNG and journal line; the same command again generates only the rest (the
     kept PNG is not rewritten) and its outputs equal an uninterrupted run's; other settings start over."""
     import signal
-    import subprocess
-    import sys
     import time
 
     root, _, _, _ = artefacts
@@ -162,9 +160,8 @@ def test_a_killed_generate_keeps_its_finished_images_and_a_rerun_resumes(artefac
     out, journal = root / "resume", root / "resume" / "generations.partial.jsonl"
     args = ["--checkpoint", root / "run", "--prompts", requests, "--output-dir", out, "--batch-size", 1,
             "--guidance-scale", 1.0, "--no-progress"]
-    # enough Euler steps that the kill lands between batches; a real process (the fork server has no Popen)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "generate.py"), *map(str, args), "--steps", "60"],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # enough Euler steps that the kill lands between batches (the process forked from the suite's pre-imported server)
+    proc = start_script(ROOT / "tools" / "generate.py", *args, "--steps", 40, cwd=os.getcwd(), env=ENV)
     deadline = time.time() + 300
     while not (journal.is_file() and len(journal.read_text().splitlines()) >= 2):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -174,13 +171,13 @@ def test_a_killed_generate_keeps_its_finished_images_and_a_rerun_resumes(artefac
     finished = {json.loads(line)["id"] for line in journal.read_text().splitlines()[1:]}
     assert finished and not (out / "generations.json").exists()
     kept = {name: (out / f"{name}.png").stat().st_mtime_ns for name in finished}
-    proc = _tool("generate.py", *args, "--steps", 60)
+    proc = _tool("generate.py", *args, "--steps", 40)
     document = json.loads((out / "generations.json").read_text())
     assert [r["id"] for r in document["images"]] == ["r0", "r1", "r2"] and not journal.exists()
     assert {name: (out / f"{name}.png").stat().st_mtime_ns for name in finished} == kept
     assert f"kept {len(finished)} images" in proc.stderr
     resumed = {r["id"]: (out / r["file"]).read_bytes() for r in document["images"]}
-    _tool("generate.py", *args, "--steps", 60, "--output-dir", root / "straight")
+    _tool("generate.py", *args, "--steps", 40, "--output-dir", root / "straight")
     assert resumed == {name: (root / "straight" / f"{name}.png").read_bytes() for name in resumed}
     # a journal of other settings is replaced, never mixed in
     journal.write_text(json.dumps({"key": {"tool": "generate", "steps": 3}}) + "\n" + json.dumps(
