@@ -44,6 +44,7 @@ logger = logging.getLogger("generate")
 TRAINED_RANGES = {"roll": (-0.7854, 0.7854), "pitch": (-0.7854, 0.7854), "vfov": (0.3491, 1.8326)}
 """Camera ranges of Puffin's training data (docs/puffin.md §3.3); outside them the model extrapolates (a warning)."""
 CROSS_VIEW_VFOV = 1.48
+REQUEST_FIELDS = ("id", "caption", "roll", "pitch", "vfov", "yaw", "seed", "init_image")
 
 
 def build_parser():
@@ -76,7 +77,12 @@ def _read_rows(path: Path) -> List[Dict[str, Any]]:
     try:
         if path.suffix.lower() == ".csv":
             with path.open(newline="") as handle:
-                return [{k.strip(): v for k, v in row.items() if v not in (None, "")} for row in csv.DictReader(handle)]
+                rows = list(csv.DictReader(handle))
+            for line, row in enumerate(rows, start=2):
+                if None in row:  # DictReader puts the values beyond the header under None
+                    raise UsageError(f"--prompts {path} line {line}: more values than the header has columns "
+                                     "(quote captions that hold commas)")
+            return [{k.strip(): v for k, v in row.items() if v not in (None, "")} for row in rows]
         rows = json.loads(path.read_text())
     except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as error:
         raise UsageError(f"--prompts {path}: not readable JSON/CSV ({error})") from None
@@ -138,6 +144,9 @@ def read_requests(args: argparse.Namespace) -> List[Dict[str, Any]]:
     requests, ids = [], set()
     for index, row in enumerate(rows):
         where = f"{source} row {index}" if args.prompts else "--roll/--pitch/--vfov"
+        unknown = sorted(set(row) - set(REQUEST_FIELDS))
+        if unknown:  # e.g. "Caption": silently ignored, it would have generated without the caption
+            raise UsageError(f"{where}: unknown field {unknown[0]!r}; the fields are {', '.join(REQUEST_FIELDS)}")
         init = row.get("init_image") or args.init_image
         seed = _number(row, "seed", where)
         request = {"id": str(row.get("id", f"{index:04d}")), "caption": str(row.get("caption", "") or ""),

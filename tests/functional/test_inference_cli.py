@@ -125,6 +125,10 @@ def _tool_main(name):
      r"seed 100000000000000000000 is out of range"),
     ("generate.py", ["--output-dir", "GEN", "--roll", "0", "--pitch", "0", "--vfov", "1", "--image-size", "96000"],
      r"image size 96000 must lie in \[8, "),
+    # a capitalised column used to be ignored (images made without their captions); an unquoted comma, a traceback
+    ("generate.py", ["--output-dir", "GEN", "--prompts", "CAPITALISED"],
+     r"row 0: unknown field 'Caption'; the fields are id, caption, roll"),
+    ("generate.py", ["--output-dir", "GEN", "--prompts", "UNQUOTED"], r"line 2: more values than the header has"),
 ])
 def test_bad_inputs_exit_with_one_line(artefacts, tool, args, message, capsys):
     """In-process (a process start per case would cost seconds each); the two tests above run the real commands."""
@@ -133,7 +137,9 @@ def test_bad_inputs_exit_with_one_line(artefacts, tool, args, message, capsys):
     root, _, _, images = artefacts
     (root / "bad.jpg").write_bytes(b"not an image")
     (root / "a_file").write_text("")
-    substitutions = {"BAD": root / "bad.jpg", "IMAGE": images[0], "MISSING": root / "missing", "FOLDER": root,
+    (root / "capitalised.csv").write_text("id,Caption,roll,pitch,vfov\nk,a kitchen,0.1,0.0,1.0\n")
+    (root / "unquoted.csv").write_text("id,caption,roll,pitch,vfov\nk,a kitchen, table and chairs,0.1,0.0,1.0\n")
+    substitutions = {"CAPITALISED": root / "capitalised.csv", "UNQUOTED": root / "unquoted.csv", "BAD": root / "bad.jpg", "IMAGE": images[0], "MISSING": root / "missing", "FOLDER": root,
                      "FILE": root / "a_file", "FILE/p.json": root / "a_file" / "p.json", "GEN": root / "gen_bad"}
     args = [str(substitutions.get(a, a)) for a in args]
     if "--checkpoint" not in args:
