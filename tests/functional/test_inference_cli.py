@@ -271,3 +271,22 @@ def test_a_checkpoint_retrained_at_the_same_path_is_another_checkpoint_for_resum
     manifest["files"][name]["sha256"] = "0" * 64  # the same file names and sizes, other contents
     (copy / "puffin_manifest.json").write_text(json.dumps(manifest))
     assert checkpoint_fingerprint(str(copy)) != checkpoint_fingerprint(str(root / "run" / "iter_0000002"))
+
+
+def test_inspect_batches_shows_the_prompt_and_the_trained_answer(artefacts):
+    """examples/inspect_batches.py on preprocessed shards: the tensors, the first prompt with its image placeholder
+    and the answer tokens the loss is taken on; a raw Puffin-4M folder is one line pointing to the preprocessing."""
+    root, paths, _, _ = artefacts
+    data = str(Path(paths["data"]) / "main")
+    proc = run_script(ROOT / "examples" / "inspect_batches.py", "--tokenizer", paths["tokenizer"], "--image-size", 96,
+                      "--task-stream", f"image2text:{data}:2", "--task-stream", f"cam2image:{data}:1",
+                      cwd=os.getcwd(), env=ENV)
+    assert "--- micro-batch of task image2text" in proc.stdout and "vision_images    (2, 3, 96, 96)" in proc.stdout
+    prompt = next(line for line in proc.stdout.splitlines() if "first sample, prompt" in line)
+    assert "<image>" in prompt and "<|im_start|>assistant" in prompt
+    answer = next(line for line in proc.stdout.splitlines() if "trained answer" in line)
+    assert "The camera parameters (roll, pitch, and field-of-view) are:" in answer
+    assert "trained on: the target image" in proc.stdout and "<query>" in proc.stdout
+    bad = run_script(ROOT / "examples" / "inspect_batches.py", "--tokenizer", paths["tokenizer"], "--task-stream",
+                     f"image2text:{root / 'tiny' / 'raw'}:2", cwd=os.getcwd(), env=ENV, check=False)
+    assert bad.returncode == 2 and "looks like raw Puffin-4M data" in bad.stderr and "Traceback" not in bad.stderr
