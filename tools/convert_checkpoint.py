@@ -82,6 +82,7 @@ from megatron_puffin.training.checkpointing import (  # noqa: E402
     save_checkpoint,
 )
 from megatron_puffin.training.towers import CHECKPOINT_MODULES, CHECKPOINT_TOWERS, TOWERS  # noqa: E402
+from megatron_puffin.files import folder_problem  # noqa: E402
 
 logger = logging.getLogger("convert_checkpoint")
 
@@ -494,14 +495,9 @@ def input_problem(args: argparse.Namespace) -> Optional[str]:
     output = getattr(args, "output", None)
     if output and os.path.exists(output):
         return f"--output {output} already exists; choose a new directory (nothing is overwritten)"
-    if output:
-        parent = os.path.dirname(os.path.abspath(output))
-        while not os.path.exists(parent):  # the folders that would be created
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent):
-            return f"--output {output}: {parent} is a file, not a folder; choose a path under a folder"
-        if not os.access(parent, os.W_OK | os.X_OK):
-            return f"--output {output}: the folder {parent} is not writable"
+    problem = folder_problem(os.path.dirname(os.path.abspath(output))) if output else None
+    if problem:
+        return f"--output {output}: {problem}; choose a path under a folder"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     tp = getattr(args, "tensor_model_parallel_size", None) or 1
     pp = getattr(args, "pipeline_model_parallel_size", None) or 1

@@ -260,7 +260,7 @@ def reusable_result(record: Optional[Dict[str, Any]], request: Dict[str, Any], s
 def write_outputs(loaded, args: argparse.Namespace, requests, results, estimates, output_dir: Path) -> None:
     """The contact sheet and generations.json (the PNGs were written batch by batch)."""
     from megatron_puffin.inference.contact_sheet import contact_sheet
-    from megatron_puffin.inference.journal import write_atomically
+    from megatron_puffin.files import write_text_atomically
 
     records = []
     for index, (request, result) in enumerate(zip(requests, results)):
@@ -276,7 +276,7 @@ def write_outputs(loaded, args: argparse.Namespace, requests, results, estimates
                                                        "thinking", "image_size")}
     settings["image_size"] = int(results[0].image.shape[0])
     document = {"checkpoint": loaded.checkpoint, "settings": settings, "images": records}
-    write_atomically(output_dir / "generations.json", json.dumps(document, indent=2) + "\n")
+    write_text_atomically(output_dir / "generations.json", json.dumps(document, indent=2) + "\n")
     print(f"wrote {len(records)} images, {output_dir / 'contact_sheet.png'} and {output_dir / 'generations.json'}")
 
 

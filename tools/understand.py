@@ -114,7 +114,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace, model_flags: List[str]) -> int:
     from megatron_puffin.inference import load_image, load_puffin, understand
-    from megatron_puffin.inference.journal import BatchJournal, checkpoint_fingerprint, write_atomically
+    from megatron_puffin.files import write_text_atomically
+    from megatron_puffin.inference.journal import BatchJournal, checkpoint_fingerprint
     from megatron_puffin.inference.loading import resolve_inference_checkpoint
     from megatron_puffin.inference.tasks import imagination_prompt
     from megatron_puffin.data import templates
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
         progress(len(chunk))
     progress.close()
     if is_output_rank():
-        write_atomically(output, json.dumps(records, indent=2) + "\n")
+        write_text_atomically(output, json.dumps(records, indent=2) + "\n")
         journal.remove()
         unparsed = sum(record["camera"] is None for record in records)
         reused = f", {len(paths) - len(todo)} kept from an interrupted run" if len(todo) < len(paths) else ""

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, TYPE_CHECKING
 
 from megatron_puffin.config.dataclass_args import flag_name
+from megatron_puffin.files import folder_problem
 
 if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
     from megatron_puffin.config.arguments import PuffinArguments
@@ -22,17 +22,10 @@ def _not_a_file(flag: str, path: Optional[str], what: str = "a directory") -> Li
 
 
 def _creatable(flag: str, path: Optional[str], folder: Optional[Path] = None) -> List[str]:
-    """The folder ``path`` needs (``folder``, default ``path`` itself) can be made: the nearest part of it that exists
-    is a writable folder. Otherwise the run would train until its first save or log line and fail there."""
-    if not path:
-        return []
-    target = (folder or Path(path)).absolute()
-    existing = next(part for part in (target, *target.parents) if part.exists())
-    if not existing.is_dir():
-        return [f"{flag} ({path}): {existing} is a file, not a folder; give a path under a folder"]
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return [f"{flag} ({path}): the folder {existing} is not writable by this user"]
-    return []
+    """The folder ``path`` needs (``folder``, default ``path`` itself) can be made; otherwise the run would train
+    until its first save or log line and fail there."""
+    problem = folder_problem(folder or path) if path else None
+    return [f"{flag} ({path}): {problem}; give a path under a folder"] if problem else []
 
 
 def check_output_paths(args: PuffinArguments) -> List[str]:

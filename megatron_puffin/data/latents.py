@@ -31,6 +31,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, get_bin_path, get_idx_path
 
 from megatron_puffin.data.format import MANIFEST_NAME, PuffinDataset, read_manifest
+from megatron_puffin.files import write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -162,9 +163,12 @@ def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit
 
 
 def _write_manifest(shard_dir: Path, manifest: Mapping[str, Any]) -> None:
-    tmp = shard_dir / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, shard_dir / MANIFEST_NAME)
+    write_text_atomically(shard_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def _resolution(entry: Mapping[str, Any]) -> str:
+    """A latents entry's resolution as the flags that give it."""
+    return f"--image-size {entry.get('image_size')} --image-size-unit {entry.get('image_size_unit')}"
 
 
 def _entry_difference(existing: Mapping[str, Any], entry: Mapping[str, Any]) -> str:
@@ -177,9 +181,7 @@ def _entry_difference(existing: Mapping[str, Any], entry: Mapping[str, Any]) -> 
         return f"VAE (weights sha256 {theirs} cached, {ours} now)"
     for key in ("image_size", "image_size_unit"):
         if existing.get(key) != entry[key]:
-            return (f"resolution (--image-size {existing.get('image_size')} --image-size-unit "
-                    f"{existing.get('image_size_unit')} cached, --image-size {entry['image_size']} "
-                    f"--image-size-unit {entry['image_size_unit']} now)")
+            return f"resolution ({_resolution(existing)} cached, {_resolution(entry)} now)"
     return f"dtype ({existing.get('dtype')} cached, {entry['dtype']} now)"
 
 
@@ -240,8 +242,8 @@ def check_latent_manifest(manifest: Mapping[str, Any], shard_dir: Path, vae: Opt
     if entry is None:
         raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir} has no cached latents; run "
                          f"tools/cache_latents.py --data {shard_dir} with the training VAE, or drop --cached-latents")
-    ours = f"--image-size {image_size} --image-size-unit {image_unit}"
-    theirs = f"--image-size {entry['image_size']} --image-size-unit {entry['image_size_unit']}"
+    ours = _resolution({"image_size": image_size, "image_size_unit": image_unit})
+    theirs = _resolution(entry)
     if ours != theirs:
         raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir} holds latents at {theirs}, training uses "
                          f"{ours}; re-run tools/cache_latents.py --overwrite at the training resolution")

@@ -15,7 +15,6 @@ the training shards. Work is spread over
 import json
 import logging
 import multiprocessing
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from megatron_puffin.data.puffin4m import (
     load_summary,
     mark_duplicates,
 )
+from megatron_puffin.files import folder_problem, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +103,9 @@ def _check_options(options: PreprocessOptions) -> None:
     output, source = Path(options.output_prefix).resolve(), Path(options.input).resolve()
     if output == source or source in output.parents:
         errors.append(f"--output-prefix ({output}) must not lie inside --input ({source}): the input is read-only")
-    existing = next(path for path in (output, *output.parents) if path.exists())  # the folder shards go under
-    if not existing.is_dir():
-        errors.append(f"--output-prefix ({options.output_prefix}): {existing} is a file, not a folder")
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        errors.append(f"--output-prefix ({options.output_prefix}): the folder {existing} is not writable")
+    problem = folder_problem(output)  # the folder shards go under
+    if problem:
+        errors.append(f"--output-prefix ({options.output_prefix}): {problem}")
     if errors:
         raise ValueError("; ".join(errors))
 
@@ -328,7 +326,5 @@ def _write_report(options: PreprocessOptions, tally: _Tally, processed: int, ela
     }
     output = Path(options.output_prefix)
     output.mkdir(parents=True, exist_ok=True)
-    tmp = output / (REPORT_NAME + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
-    os.replace(tmp, output / REPORT_NAME)
+    write_text_atomically(output / REPORT_NAME, json.dumps(report, indent=2, sort_keys=True))
     return report

@@ -39,6 +39,7 @@ from megatron_puffin.data import templates
 from megatron_puffin.data.synthetic_scene import describe_view, render, sample_scene, visible_objects
 from megatron_puffin.data.tokenizer import train_sentencepiece_tokenizer
 from megatron_puffin.distributed.random import derive_seed
+from megatron_puffin.files import folder_problem
 
 logger = logging.getLogger(__name__)
 
@@ -257,10 +258,9 @@ def _option_problems(options: SyntheticOptions) -> List[str]:
     if options.tokenizer_out is not None:
         outputs.append(("--tokenizer-out", Path(options.tokenizer_out).parent))
     for flag, folder in outputs:
-        folder = folder.resolve()
-        existing = next(path for path in (folder, *folder.parents) if path.exists())
-        if not existing.is_dir():
-            problems.append(f"{flag} ({folder}): {existing} is a file, not a folder")
+        problem = folder_problem(folder)
+        if problem:
+            problems.append(f"{flag} ({folder.absolute()}): {problem}")
     return problems
 
 

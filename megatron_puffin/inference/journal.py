@@ -97,9 +97,3 @@ def checkpoint_fingerprint(directory: str) -> str:
                 digest.update(f"{path.relative_to(directory)} {stat.st_size} {stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replaces ``path`` with ``text`` in one rename (a kill leaves the old file or the new one, never half)."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)

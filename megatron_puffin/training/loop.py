@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 import megatron_puffin.distributed as mpd
 from megatron_puffin.distributed.random import derive_seed, seed_everything
+from megatron_puffin.files import write_text_atomically
 from megatron_puffin.models.extra_state import drop_absent_extra_state, load_model_state
 from megatron_puffin.training import checkpointing as ckpt
 from megatron_puffin.training.data_parallel import (
@@ -554,10 +555,7 @@ class Trainer:
         record = {"status": status, "reason": reason, "iteration": self.state.iteration,
                   "train_iters": self.args.training.train_iters,
                   "checkpoint": ckpt.iteration_directory(self.args.checkpoint.save, self.state.iteration)}
-        path = os.path.join(self.args.checkpoint.save, STATUS_FILE)
-        with open(path + ".tmp", "w") as handle:
-            json.dump(record, handle, indent=1)
-        os.replace(path + ".tmp", path)
+        write_text_atomically(os.path.join(self.args.checkpoint.save, STATUS_FILE), json.dumps(record, indent=1))
 
     def _count_skip(self, result) -> None:
         self.state.skipped_total += 1
