@@ -126,6 +126,11 @@ class DataConfig:
     non-finite camera): each is logged with its shard, index and reason, counted in the metrics, and replaced by
     the next sample of its dataset that decodes. One more stops the run with an error; 0 stops at the first."""
 
+    max_worker_restarts: int = 3
+    """Times a rank restarts its data-loader workers after one died (the out-of-memory killer, a crash in an image
+    decoder): the new workers start at the next micro-batch not yet handed out, so training goes on with exactly
+    the batches it would have had. One more death stops the run with an error."""
+
     camera_maps_in_loader: bool = True
     """Compute normalised camera maps in the loader; off: batches carry only the camera values [B, 3]."""
 
@@ -178,7 +183,7 @@ def data_config_errors(config: DataConfig, check_paths: bool = True, vision_patc
         errors.append("--tokenizer is required (an HF tokenizer directory or a SentencePiece .model)")
     elif check_paths and not Path(config.tokenizer).exists():
         errors.append(f"--tokenizer ({config.tokenizer}) does not exist")
-    for name in ("num_workers", "max_bad_samples"):
+    for name in ("num_workers", "max_bad_samples", "max_worker_restarts"):
         if getattr(config, name) < 0:
             errors.append(f"--{name.replace('_', '-')} ({getattr(config, name)}) must be >= 0")
     for name in ("prefetch_factor", "length_group_window", "image_size", "image_size_unit",

@@ -9,7 +9,10 @@ arithmetic, so a checkpoint resumes exactly at the next unseen micro-batch (also
 import functools
 import logging
 import re
+import signal
 import struct
+import threading
+import time
 import zlib
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -189,6 +192,65 @@ class _StreamSamples(torch.utils.data.Dataset):
         return sum(len(stream.dataset) for stream in self.streams)
 
 
+class DataLoaderWorkerError(RuntimeError):
+    """Data-loader workers kept dying (more often than ``--max-worker-restarts``); the message says why and what to do."""
+
+
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid")  # torch's errors for a worker process that died
+_worker_failures: List[str] = []  # torch's own description of each death its SIGCHLD check found (see below)
+
+
+def _defer_worker_failure_errors() -> None:
+    """torch's SIGCHLD handler raises its "worker died" error wherever the main thread is when the signal arrives:
+    inside a training step, or half-way through writing a checkpoint. Wrap it (once per process, after torch has
+    installed it with the first worker iterator) so that it only records the error; the loader meets the dead
+    worker when it next waits for a batch (torch checks its workers then) and restarts them there."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGCHLD)
+    if not callable(handler) or getattr(handler, "records_worker_failures", False):
+        return
+
+    def record(signum, frame) -> None:
+        try:
+            handler(signum, frame)
+        except RuntimeError as error:  # e.g. "DataLoader worker (pid 812) is killed by signal: Killed."
+            if not _WORKER_DIED.match(str(error)):
+                raise
+            _worker_failures.append(str(error))
+
+    record.records_worker_failures = True
+    signal.signal(signal.SIGCHLD, record)
+
+
+def _take_worker_failure() -> Optional[str]:
+    failures = list(_worker_failures)
+    _worker_failures.clear()
+    return "; ".join(failures) or None
+
+
+def _worker_death(error: Exception) -> Optional[str]:
+    """torch's description of the worker death behind ``error`` from the worker iterator; None if it is not one."""
+    if isinstance(error, RuntimeError) and _WORKER_DIED.match(str(error)):  # torch found the dead worker itself
+        return _take_worker_failure() or str(error)
+    if isinstance(error, (ConnectionError, EOFError, FileNotFoundError)):
+        # A worker killed while handing a batch's shared memory over breaks the hand-over before the kernel reports
+        # the death: wait for its SIGCHLD (recorded by _defer_worker_failure_errors) to tell the two apart.
+        deadline = time.monotonic() + 2.0
+        while not _worker_failures and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return _take_worker_failure()
+    return None
+
+
+def _describe_death(message: str) -> str:
+    """torch's message ("DataLoader worker (pid 812) is killed by signal: Killed."), plus what SIGKILL usually means."""
+    message = message.rstrip(". ").replace("DataLoader worker", "data-loader worker", 1)
+    if message.endswith("Killed"):
+        message += " (SIGKILL: usually the kernel's out-of-memory killer, see dmesg)"
+    return message
+
+
 def _collate_reporting(collator: Collator, items: Sequence[tuple]) -> Dict[str, Any]:
     """Collates the samples and carries the decoding failures met while reading them (``bad_samples``)."""
     batch = collator([sample for sample, _ in items])
@@ -210,13 +272,15 @@ class PuffinDataLoader:
         pin_memory: Pin tensors (only when CUDA is available; otherwise a warning is logged once).
         max_bad_samples: Samples of this rank that may fail to decode (each is logged and replaced); one more sets
             :attr:`bad_sample_error` (the training loop stops on it). 0: the first one does.
+        max_worker_restarts: Times the worker processes are restarted after one of them died (killed by the
+            out-of-memory killer, a segfault in a decoder); one more death raises :class:`DataLoaderWorkerError`.
 
     Each batch dict (see :class:`~.collate.Collator`) also has ``stream`` (name) and ``step`` (micro-batch number).
     """
 
     def __init__(self, streams: Sequence[TaskStream], collator: Collator, seed: int, data_parallel_rank: int = 0,
                  data_parallel_size: int = 1, num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False,
-                 max_bad_samples: Optional[int] = None):
+                 max_bad_samples: Optional[int] = None, max_worker_restarts: int = 3):
         self.streams, self.collator, self.seed = list(streams), collator, seed
         self.rank, self.world = data_parallel_rank, data_parallel_size
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
@@ -231,6 +295,8 @@ class PuffinDataLoader:
         self.bad_samples_total = 0
         self.new_bad_samples: List[Dict[str, Any]] = []  # since the caller last cleared it (for the metrics file)
         self.bad_sample_error: Optional[str] = None
+        self.max_worker_restarts = max_worker_restarts
+        self.worker_restarts = 0
 
     # --- position ------------------------------------------------------------------------------------------------
     @property
@@ -265,15 +331,40 @@ class PuffinDataLoader:
         )
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
-        with stop_signals_blocked():  # workers are forked here (see megatron_puffin/process_lifetime.py)
-            batches = iter(self._torch_loader())
-        for batch in batches:
-            stream = self.schedule.stream_at(self._state.step)
-            batch["stream"] = self.specs[stream].name
-            batch["step"] = self._state.step
-            self._record_bad_samples(batch.pop("bad_samples"))
-            self._state = self.schedule.advance(self._state)
-            yield batch
+        while True:
+            with stop_signals_blocked():  # workers are forked here (see megatron_puffin/process_lifetime.py)
+                batches = iter(self._torch_loader())
+            if self.num_workers > 0:
+                _defer_worker_failure_errors()
+            try:
+                for batch in batches:
+                    stream = self.schedule.stream_at(self._state.step)
+                    batch["stream"] = self.specs[stream].name
+                    batch["step"] = self._state.step
+                    self._record_bad_samples(batch.pop("bad_samples"))
+                    self._state = self.schedule.advance(self._state)
+                    yield batch
+                return
+            except Exception as error:  # noqa: BLE001 - re-raised below unless a worker died
+                death = _worker_death(error)
+                if death is None:
+                    raise
+            del batches  # shuts the surviving workers down (the torch iterator's __del__)
+            self._restart_after(death)
+
+    def _restart_after(self, death: str) -> None:
+        """A worker process died (e.g. the kernel's out-of-memory killer): start new workers at the next micro-batch
+        not yet handed out, which yields exactly the batches the dead ones would have (the resume guarantee)."""
+        self.worker_restarts += 1
+        if self.worker_restarts > self.max_worker_restarts:
+            raise DataLoaderWorkerError(
+                f"{_describe_death(death)}. This rank's workers were restarted {self.max_worker_restarts} time(s) "
+                f"already (--max-worker-restarts {self.max_worker_restarts}): lower --num-workers or "
+                "--prefetch-factor, or give the job more memory"
+            )
+        logger.warning("data-loader worker died (%s): restarting the workers at micro-batch %d (restart %d of at "
+                       "most %d, --max-worker-restarts)", _describe_death(death), self._state.step,
+                       self.worker_restarts, self.max_worker_restarts)
 
 
     def _record_bad_samples(self, failures: List[Dict[str, Any]]) -> None:
@@ -324,7 +415,8 @@ def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0
     _apply_speed_levers(streams, config, vae_identity)
     collator = Collator(tokenizer.pad_id, compute_camera_maps=config.camera_maps_in_loader)
     return PuffinDataLoader(streams, collator, data_seed, data_parallel_rank, data_parallel_size,
-                            config.num_workers, config.prefetch_factor, config.pin_memory, config.max_bad_samples)
+                            config.num_workers, config.prefetch_factor, config.pin_memory, config.max_bad_samples,
+                            config.max_worker_restarts)
 
 
 def _apply_speed_levers(streams: Sequence[TaskStream], config: DataConfig,

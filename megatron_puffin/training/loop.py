@@ -353,6 +353,21 @@ class Trainer:
             "iteration just trained: save elsewhere, or pass --overwrite-checkpoints to replace it"
         )
 
+    def _newest_checkpoint(self) -> Optional[str]:
+        try:
+            return ckpt.complete_checkpoints(self.args.checkpoint.save)[-1][1]
+        except (OSError, IndexError):
+            return None
+
+    def _resume_hint(self) -> str:
+        """Where the same command resumes (the newest complete checkpoint of --save), for errors that end a run."""
+        if not self.args.checkpoint.save:
+            return "No --save was given: nothing of this run is kept"
+        newest = self._newest_checkpoint()
+        if newest is None:
+            return f"No complete checkpoint in {self.args.checkpoint.save} yet: the same command starts over"
+        return f"The same command resumes from {newest}, the newest complete checkpoint"
+
     def save(self) -> str:
         # --overlap-param-gather: the saved weights are the updated ones. no_grad: with --use-torch-fsdp2,
         # DTensor.to_local() returns the very local shard megatron-core's sharded tensors hold only without grad
@@ -361,13 +376,9 @@ class Trainer:
             try:
                 return self._save()
             except OSError as error:  # disk full, a path that stopped being a directory, lost mount: one line
-                try:
-                    newest = ckpt.complete_checkpoints(self.args.checkpoint.save)[-1][1]
-                except (OSError, IndexError):
-                    newest = "none"
                 raise ckpt.CheckpointError(
                     f"writing the checkpoint of iteration {self.state.iteration} to {self.args.checkpoint.save} "
-                    f"failed: {error}; the newest complete checkpoint there: {newest}"
+                    f"failed: {error}; the newest complete checkpoint there: {self._newest_checkpoint() or 'none'}"
                 ) from error
 
     def _save(self) -> str:
@@ -421,12 +432,16 @@ class Trainer:
         seed_everything(seed % (2**31), tp_rank=self.ctx.tp_rank)
 
     def _next_batches(self, iterator: Iterator, interval: Interval) -> List[Dict[str, Any]]:
+        from megatron_puffin.data.loader import DataLoaderWorkerError
         from megatron_puffin.training.flops import micro_batch_flops
 
         batches = []
         for _ in range(self.micro_batches):
             start = time.perf_counter()
-            batch = next(iterator)
+            try:
+                batch = next(iterator)
+            except DataLoaderWorkerError as error:  # one line, and where the next run resumes
+                raise TrainingError(f"{error}. {self._resume_hint()}") from None
             interval.data_wait += time.perf_counter() - start
             samples = int(batch["input_ids"].shape[0])
             tokens = int(batch["attention_mask"].sum())

@@ -88,6 +88,51 @@ def test_workers_ignore_sigterm_and_closing_the_iterator_ends_them(data):
     assert not any(worker.is_alive() for worker in workers)
 
 
+
+def test_a_killed_worker_is_restarted_where_it_died_and_one_death_too_many_is_one_error(data, caplog):
+    """SIGKILL to a worker (what the out-of-memory killer sends): torch's SIGCHLD handler would raise wherever the
+    main process is (a training step, a checkpoint write); the loader records it, meets the dead worker at its next
+    wait, starts new workers at the next micro-batch not yet handed out and yields exactly the batches of an
+    uninterrupted run; past --max-worker-restarts it raises one error naming the flag."""
+    import multiprocessing
+    import os
+    import re
+    import signal
+    import time
+
+    from megatron_puffin.data.loader import DataLoaderWorkerError
+
+    reference = _take(build_data_loader(_config(data, STAGE), seed=5), 9)
+    loader = build_data_loader(_config(data, STAGE, num_workers=2, prefetch_factor=2, max_worker_restarts=1), seed=5)
+    before = set(multiprocessing.active_children())
+    iterator = iter(loader)
+    try:
+        got = [next(iterator) for _ in range(3)]
+        first_workers = [process for process in multiprocessing.active_children() if process not in before]
+        os.kill(first_workers[0].pid, signal.SIGKILL)
+        time.sleep(1.0)  # the SIGCHLD arrives while the main process is busy elsewhere: nothing may be raised here
+        with caplog.at_level("WARNING", logger="megatron_puffin.data.loader"):
+            got += [next(iterator) for _ in range(6)]
+        for expected, batch in zip(reference, got):
+            _same(expected, batch)
+        assert loader.worker_restarts == 1 and loader.state_dict()["step"] == 9
+        restart = re.search(r"killed by signal.*restarting the workers at micro-batch (\d+)", caplog.text)
+        assert restart and 3 <= int(restart.group(1)) < 9  # after what the survivor had already prepared
+        assert not any(worker.is_alive() for worker in first_workers)  # the survivor of the first set was shut down
+
+        second_workers = [process for process in multiprocessing.active_children()
+                          if process not in before and process not in first_workers]
+        os.kill(second_workers[0].pid, signal.SIGKILL)
+        with pytest.raises(DataLoaderWorkerError, match=r"^data-loader worker \(pid \d+\) is killed by signal: Killed "
+                                                        r"\(SIGKILL: usually the kernel's out-of-memory killer.*restarted 1 "
+                                                        r"time\(s\) already \(--max-worker-restarts 1\)"):
+            for _ in range(6):
+                next(iterator)
+        assert loader.state_dict()["step"] <= 15  # the position of what was handed out: a checkpoint resumes there
+    finally:
+        iterator.close()  # a failed assertion must not leave workers that block the interpreter's exit
+
+
 def test_restoring_at_another_data_parallel_size_continues_the_global_order(data):
     streams = ["cam2image:{idx}/main:2"]
     single = _take(build_data_loader(_config(data, streams), seed=9, data_parallel_size=1), 6)
