@@ -216,8 +216,14 @@ class Trainer:
 
     def validate(self) -> None:
         """One validation of the current weights, logged like a training interval (see training/validation.py)."""
+        from megatron_puffin.data.loader import DataLoaderWorkerError
+
         with gathered_parameters(self.ddp):  # --overlap-param-gather leaves the gather to the next forward
-            result = self.validator.run(self.ddp, self.state.iteration, unwrapped_model=self.model)
+            try:
+                result = self.validator.run(self.ddp, self.state.iteration, unwrapped_model=self.model)
+            except DataLoaderWorkerError as error:  # the validation loader's workers: one line, as in training
+                raise TrainingError(f"validation at iteration {self.state.iteration}: {error}. "
+                                    f"{self._resume_hint()}") from None
         self.writer.write_scalars(result.iteration, result.scalars(), result.line(self.validator.tasks))
 
     def _build_loader(self):
