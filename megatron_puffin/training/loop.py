@@ -329,7 +329,12 @@ class Trainer:
         restore_dtensor_optimizer_states(self.optimizer)
         common = ckpt.load_common(directory)
         self.scheduler.load_state_dict(common["scheduler"])
-        self.loader.load_state_dict(common["data"])
+        try:
+            self.loader.load_state_dict(common["data"])
+        except ValueError as error:  # e.g. a stream's dataset whose sample count changed since the save
+            raise ckpt.CheckpointMismatch(
+                f"--load {directory}: {error}; point --task-stream at the data it was trained on, or start from its "
+                f"weights with a new data order and optimizer: --pretrained-checkpoint {directory}") from None
         self.state = TrainState.from_dict(common["trainer"])
         for task in self.tasks:
             self.state.consumed.setdefault(task, 0)

@@ -15,7 +15,9 @@
   ``--global-batch-size`` when that is a whole number of task-stream cycles, else is refused; toggling
   ``--use-distributed-optimizer`` or a ``--freeze-*`` flag is refused, naming the cause (also a
   ``--use-distributed-optimizer`` checkpoint resumed with ``--use-torch-fsdp2``, which cannot read its optimizer
-  state, and an FSDP2 checkpoint saved at DP > 1 before FSDP2 checkpoints resharded).
+  state, and an FSDP2 checkpoint saved at DP > 1 before FSDP2 checkpoints resharded); other task streams (by
+  task and count; paths may change) or another data seed are refused, since the saved sample order cannot continue
+  (a dataset whose sample count changed is found when the loader opens it, with the same one-line error).
 """
 from __future__ import annotations
 
@@ -204,6 +206,35 @@ def batch_problems(args: PuffinArguments, meta: Dict[str, Any], directory: str) 
             "change the batch deliberately"]
 
 
+def data_problems(args: PuffinArguments, stored: Dict[str, Any], directory: str) -> List[str]:
+    """The saved sample order continues only with the checkpoint's task streams (by task and position, not path:
+    moved data resumes) and data seed."""
+    from megatron_puffin.data.config import parse_task_stream
+    from megatron_puffin.data.loader import stream_names
+
+    data, training = stored.get("data") or {}, stored.get("training") or {}
+    try:
+        then_specs = [parse_task_stream(spec) for spec in data["task_stream"]]
+        now_specs = args.data.streams()
+    except (KeyError, TypeError, ValueError):
+        return []  # flags of another version, or a malformed --task-stream (reported by the data validator)
+    problems = []
+    fresh = f"or start from its weights with a new data order and optimizer: --pretrained-checkpoint {directory}"
+    then, now = stream_names(then_specs), stream_names(now_specs)
+    if sorted(then) != sorted(now):
+        problems.append(
+            f"--load {directory} was trained on the task streams {', '.join(then)} ({' '.join(data['task_stream'])}); "
+            f"this run's --task-stream flags give {', '.join(now)}, whose saved order cannot continue. Resume with "
+            f"streams of the same tasks in the same number (the paths may change), {fresh}")
+    seed_then = data.get("data_seed") if data.get("data_seed") is not None else training.get("seed")
+    seed_now = args.data.data_seed if args.data.data_seed is not None else args.training.seed
+    if seed_then is not None and seed_then != seed_now:
+        problems.append(
+            f"--load {directory} drew its sample order with data seed {seed_then} (--data-seed, else --seed); this run "
+            f"gives {seed_now}. Resume with --data-seed {seed_then}, {fresh}")
+    return problems
+
+
 def source_problems(args: PuffinArguments) -> List[str]:
     """--pretrained-checkpoint and the per-tower base checkpoints exist and are undamaged (cheap checks)."""
     ckpt_args, problems = args.checkpoint, []
@@ -251,4 +282,5 @@ def startup_problems(args: PuffinArguments) -> List[str]:
         return problems + [str(error)]
     stored = meta.get("args") or {}
     return (problems + schedule_problems(args, stored, resumed) + layout_problems(args, stored, resumed)
-            + unreadable_fsdp2_records(meta, resumed, "--load") + batch_problems(args, meta, resumed))
+            + unreadable_fsdp2_records(meta, resumed, "--load") + batch_problems(args, meta, resumed)
+            + data_problems(args, stored, resumed))

@@ -4,9 +4,10 @@ One 4-iteration run (checkpoints at 2 and 4; shared with other modules: helpers.
 case; each case works on a copy of its directory.
 (a) start-up decisions, before any work (exit 2, one message naming the directory and the fix): a typo in --load,
     another run's checkpoints in --save, a rollback over later checkpoints, a changed learning-rate schedule,
-    toggled --use-distributed-optimizer / --freeze-llm, a global batch another data-parallel size would change
-    (kept when possible), a damaged checkpoint named explicitly, a crafted .metadata (the file it would create
-    is not created);
+    toggled --use-distributed-optimizer / --freeze-llm, other task streams or data seed, a global batch another
+    data-parallel size would change (kept when possible), a damaged checkpoint named explicitly, a crafted
+    .metadata (the file it would create is not created); moved data resumes exactly, a dataset of another size is
+    one line;
 (b) a damaged newest checkpoint is skipped with a warning and the run resumes from the previous one, bit-exact;
 (c) flipped bytes inside a .distcp: one line naming the file;
 (d) --overwrite-checkpoints replaces a rolled-back run's checkpoints, bit-exact to the original run;
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers.puffin import RESUME_FLAGS as FLAGS, ROOT, metrics_losses as _losses, run_pretrain, tiny_pp_run, \
-    tiny_run
+from helpers.puffin import RESUME_FLAGS as FLAGS, ROOT, make_tiny_dataset, metrics_losses as _losses, run_pretrain, \
+    tiny_pp_run, tiny_run
 
 MBS2 = ["--micro-batch-size", "2"]
 
@@ -78,6 +79,11 @@ def test_startup_decisions(workdir, monkeypatch, capsys):
         (["--load", "run", "--use-distributed-optimizer"], "was trained without --use-distributed-optimizer"),
         (["--load", "run", "--freeze-llm"], "was trained without --freeze-llm: the checkpoint holds that tower's "
                                             "optimizer state"),
+        (["--load", "run", "--task-stream", "text2text:tiny/data/main"],
+         "--load run/iter_0000004 was trained on the task streams image2text#0, cam2image#0"),
+        (["--load", "run", "--seed", "7"], "drew its sample order with data seed 1234 (--data-seed, else --seed); this "
+                                           "run gives 7. Resume with --data-seed 1234, or start from its weights with "
+                                           "a new data order and optimizer: --pretrained-checkpoint run/iter_0000004"),
     ]
     for flags, message in cases:
         code, err = _startup(monkeypatch, capsys, workdir, *MBS2, *flags)
@@ -126,6 +132,24 @@ def test_startup_decisions(workdir, monkeypatch, capsys):
     with pytest.raises(ConfigError, match="was trained with 4 samples per optimizer step; this run's flags give 8 "
                                           r"\(data-parallel size 2"):
         parse_args([*FLAGS, *MBS2, "--load", str(run)])
+
+
+def test_moved_data_resumes_and_a_dataset_of_another_size_is_one_line(workdir):
+    """Stream names do not hold paths: the same data elsewhere resumes; a dataset whose sample count changed (found
+    when the loader opens it, after the process group) is one line naming the stream, the counts and the fix."""
+    flags = [flag for i, flag in enumerate(FLAGS) if "--task-stream" not in FLAGS[max(i - 1, 0):i + 1]]
+    shutil.rmtree(workdir / "moved", ignore_errors=True)
+    shutil.copytree(workdir / "tiny" / "data", workdir / "moved")
+    streams = ["--task-stream", "image2text:moved/main", "--task-stream", "cam2image:moved/main"]
+    run_pretrain(workdir, *flags, *MBS2, *streams, "--load", "run/iter_0000002", "--metrics-file", "moved.jsonl")
+    assert _losses(workdir / "moved.jsonl") == {i: _losses(workdir / "full.jsonl")[i] for i in (3, 4)}
+
+    make_tiny_dataset(workdir / "smaller", num_samples=8)
+    streams = ["--task-stream", "image2text:smaller/data/main", "--task-stream", "cam2image:smaller/data/main"]
+    proc = run_pretrain(workdir, *flags, *MBS2, *streams, "--load", "run", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "--load run/iter_0000004: stream image2text#0 had 16 samples when saved, now 8: the dataset changed, so " \
+        "the saved order cannot be continued; point --task-stream at the data it was trained on" in proc.stderr
 
 
 def _rewrite_meta(checkpoint, **changes):
