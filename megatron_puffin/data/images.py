@@ -5,6 +5,7 @@ the loader workers. Tensors handed to the model are float32 [3, H, W] in [-1, 1]
 """
 import io
 import logging
+import re
 from typing import Optional, Tuple
 
 import numpy as np
@@ -49,7 +50,9 @@ def decode_image(data: bytes) -> Image.Image:
             image.load()
             return image.convert("RGB")
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
-        raise ImageError("image_unreadable", f"{type(error).__name__}: {error}") from error
+        # PIL names the BytesIO it read ("<_io.BytesIO object at 0x7f...>"): an address, not the user's file
+        detail = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", f"{type(error).__name__}: {error}")
+        raise ImageError("image_unreadable", detail) from error
 
 
 def geometry_problem(width: int, height: int) -> Optional[Tuple[str, str]]:

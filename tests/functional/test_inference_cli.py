@@ -103,7 +103,8 @@ def _tool_main(name):
 
 
 @pytest.mark.parametrize("tool, args, message", [
-    ("understand.py", ["--images", "BAD", "--output", "x.json"], "does not decode"),
+    ("understand.py", ["--images", "BAD", "--output", "x.json"],
+     r"does not decode \(image_unreadable: UnidentifiedImageError: cannot identify image file\); remove"),
     ("understand.py", ["--images", "IMAGE", "--output", "x.json", "--checkpoint", "MISSING"],
      "no such file or directory"),
     ("understand.py", ["--images", "IMAGE", "--output", "x.json", "--hidden-size", "64", "--ffn-hidden-size", "96"],
