@@ -57,6 +57,11 @@ class DatasetFormatError(ValueError):
     """A shard is missing, truncated or inconsistent with its manifest."""
 
 
+class ShardUnavailableError(RuntimeError):
+    """A shard the run opened at start-up cannot be read any more (moved, deleted or replaced while the run was
+    reading it, a lost mount): not a bad sample to skip, since every sample of the shard is gone."""
+
+
 class BadSampleError(ValueError):
     """One stored sample holds values no task can use (e.g. a non-finite camera)."""
 
@@ -235,6 +240,29 @@ def _open_field(prefix: str, num_bytes: int) -> IndexedDataset:
     return IndexedDataset(prefix, multimodal=False, mmap=num_bytes > 0)
 
 
+def reopen_field(shard_dir: Path, name: str, num_bytes: int, num_samples: int) -> IndexedDataset:
+    """Memory-maps a field of a shard checked at start-up again (in a new process: a DataLoader worker).
+
+    Raises:
+        ShardUnavailableError: Its files are gone, unreadable, or hold another number of samples than the manifest
+            read at start-up (the shard was replaced).
+    """
+    prefix = str(shard_dir / name)
+    gone = "; the shard was moved, deleted or replaced while the run was reading it: put it back and resume"
+    for path in (get_idx_path(prefix), get_bin_path(prefix)):
+        if not os.path.isfile(path):
+            raise ShardUnavailableError(f"shard {shard_dir}: {path} no longer exists{gone}")
+    try:
+        dataset = _open_field(prefix, num_bytes)
+    except (AssertionError, OSError, ValueError) as error:  # megatron-core asserts, numpy/mmap raise
+        raise ShardUnavailableError(f"shard {shard_dir}: field {name} cannot be opened ({type(error).__name__}: "
+                                    f"{error}){gone}") from None
+    if len(dataset) != num_samples:
+        raise ShardUnavailableError(f"shard {shard_dir}: field {name} now holds {len(dataset)} samples, "
+                                    f"{num_samples} when the run started{gone}")
+    return dataset
+
+
 def find_shards(path: Union[str, os.PathLike]) -> List[Path]:
     """Shard directories at or below ``path`` (sorted by relative path).
 
@@ -310,9 +338,8 @@ class _Shard:
 
     def fields(self) -> Dict[str, IndexedDataset]:
         if self._fields is None or self._pid != os.getpid():
-            self._fields = {
-                name: _open_field(str(self.dir / name), self.manifest["fields"][name]["num_bytes"]) for name in FIELDS
-            }
+            self._fields = {name: reopen_field(self.dir, name, self.manifest["fields"][name]["num_bytes"],
+                                               self.num_samples) for name in FIELDS}
             self._pid = os.getpid()
         return self._fields
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, get_bin_path, get_idx_path
 
-from megatron_puffin.data.format import MANIFEST_NAME, PuffinDataset, read_manifest
+from megatron_puffin.data.format import MANIFEST_NAME, PuffinDataset, read_manifest, reopen_field
 from megatron_puffin.files import write_text_atomically
 
 logger = logging.getLogger(__name__)
@@ -212,8 +212,7 @@ class LatentCache:
         key = id(shard)
         if key not in self._fields:
             sizes = shard.manifest["latents"]["fields"]
-            self._fields[key] = {name: IndexedDataset(str(shard.dir / name), multimodal=False,
-                                                      mmap=sizes[name]["num_bytes"] > 0)
+            self._fields[key] = {name: reopen_field(shard.dir, name, sizes[name]["num_bytes"], shard.num_samples)
                                  for name in [*LATENT_FIELDS, SHAPE_FIELD]}
         return self._fields[key]
 

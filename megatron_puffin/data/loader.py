@@ -22,7 +22,7 @@ import torch
 
 from megatron_puffin.data.collate import Collator
 from megatron_puffin.data.config import DataConfig, TaskStreamSpec, validate_data_config
-from megatron_puffin.data.format import DatasetFormatError, PuffinDataset
+from megatron_puffin.data.format import DatasetFormatError, PuffinDataset, ShardUnavailableError
 from megatron_puffin.data.latents import TASK_MOMENTS, LatentCache
 from megatron_puffin.data.sampler import (
     MicroBatchSchedule,
@@ -192,8 +192,26 @@ class _StreamSamples(torch.utils.data.Dataset):
         return sum(len(stream.dataset) for stream in self.streams)
 
 
-class DataLoaderWorkerError(RuntimeError):
-    """Data-loader workers kept dying (more often than ``--max-worker-restarts``); the message says why and what to do."""
+class DataLoaderError(RuntimeError):
+    """The loader cannot go on; the one-line message says why and what to do (the training loop adds where the run
+    resumes)."""
+
+
+class DataLoaderWorkerError(DataLoaderError):
+    """Data-loader workers kept dying (more often than ``--max-worker-restarts``)."""
+
+
+class DataUnavailableError(DataLoaderError):
+    """A shard opened at start-up cannot be read any more (see :class:`~.format.ShardUnavailableError`)."""
+
+
+def _unavailable(error: Exception) -> Optional[str]:
+    """The message of a :class:`~.format.ShardUnavailableError`, also one a worker raised (torch re-raises it in
+    this process with the worker's whole traceback as its message: keep the original one-line message)."""
+    if not isinstance(error, ShardUnavailableError):
+        return None
+    marker = f"{ShardUnavailableError.__name__}: "
+    return str(error).strip().splitlines()[-1].split(marker, 1)[-1]
 
 
 _WORKER_DIED = re.compile(r"DataLoader worker \(pid")  # torch's errors for a worker process that died
@@ -345,11 +363,17 @@ class PuffinDataLoader:
                     self._state = self.schedule.advance(self._state)
                     yield batch
                 return
-            except Exception as error:  # noqa: BLE001 - re-raised below unless a worker died
-                death = _worker_death(error)
-                if death is None:
-                    raise
-            del batches  # shuts the surviving workers down (the torch iterator's __del__)
+            except Exception as error:  # noqa: BLE001 - re-raised below unless a worker died or a shard is gone
+                unavailable, death = _unavailable(error), None
+                if unavailable is None:
+                    death = _worker_death(error)
+                    if death is None:
+                        raise
+            # Shut the surviving workers down now (the torch iterator's __del__): the error raised next keeps this
+            # frame alive, and with it workers that would block the interpreter's exit (they ignore SIGTERM).
+            del batches
+            if unavailable is not None:
+                raise DataUnavailableError(unavailable)
             self._restart_after(death)
 
     def _restart_after(self, death: str) -> None:

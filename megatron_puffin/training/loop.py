@@ -216,12 +216,12 @@ class Trainer:
 
     def validate(self) -> None:
         """One validation of the current weights, logged like a training interval (see training/validation.py)."""
-        from megatron_puffin.data.loader import DataLoaderWorkerError
+        from megatron_puffin.data.loader import DataLoaderError
 
         with gathered_parameters(self.ddp):  # --overlap-param-gather leaves the gather to the next forward
             try:
                 result = self.validator.run(self.ddp, self.state.iteration, unwrapped_model=self.model)
-            except DataLoaderWorkerError as error:  # the validation loader's workers: one line, as in training
+            except DataLoaderError as error:  # the validation loader's workers or shards: one line, as in training
                 raise TrainingError(f"validation at iteration {self.state.iteration}: {error}. "
                                     f"{self._resume_hint()}") from None
         self.writer.write_scalars(result.iteration, result.scalars(), result.line(self.validator.tasks))
@@ -443,7 +443,7 @@ class Trainer:
         seed_everything(seed % (2**31), tp_rank=self.ctx.tp_rank)
 
     def _next_batches(self, iterator: Iterator, interval: Interval) -> List[Dict[str, Any]]:
-        from megatron_puffin.data.loader import DataLoaderWorkerError
+        from megatron_puffin.data.loader import DataLoaderError
         from megatron_puffin.training.flops import micro_batch_flops
 
         batches = []
@@ -451,7 +451,7 @@ class Trainer:
             start = time.perf_counter()
             try:
                 batch = next(iterator)
-            except DataLoaderWorkerError as error:  # one line, and where the next run resumes
+            except DataLoaderError as error:  # workers that kept dying, shards gone: one line, and where to resume
                 raise TrainingError(f"{error}. {self._resume_hint()}") from None
             interval.data_wait += time.perf_counter() - start
             samples = int(batch["input_ids"].shape[0])

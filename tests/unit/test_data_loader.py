@@ -133,6 +133,37 @@ def test_a_killed_worker_is_restarted_where_it_died_and_one_death_too_many_is_on
         iterator.close()  # a failed assertion must not leave workers that block the interpreter's exit
 
 
+def test_a_shard_gone_while_the_run_reads_it_is_one_error_not_bad_samples(data, tmp_path):
+    """New workers (each validation, each restart) open the shards again: a shard deleted or replaced since the run
+    started is one error naming it, not a traceback from megatron-core's IndexedDataset or a skip of every sample."""
+    import re
+    import shutil
+
+    from megatron_puffin.data.format import ShardUnavailableError, read_manifest, reopen_field
+    from megatron_puffin.data.loader import DataUnavailableError
+
+    shutil.copytree(data / "idx", tmp_path / "idx")
+    config = _config(tmp_path, ["image2text:{idx}/main:2"], tokenizer=str(data / "tok.model"), num_workers=1)
+    loader = build_data_loader(config, seed=5)
+    _take(loader, 2)  # the first workers opened the shards; the iterator is gone with its workers
+    shard = sorted((tmp_path / "idx" / "main").iterdir())[0]
+    shutil.rmtree(shard)
+    with pytest.raises(DataUnavailableError, match=r"^shard \S+shard-00000: \S+\.idx no longer exists; the shard "
+                                                   r"was moved, deleted or replaced while the run was reading it: put "
+                                                   r"it back and resume$"):
+        _take(loader, 2)
+    assert loader.bad_samples_total == 0
+
+    started = loader.streams[0].dataset.shards[0]  # as the run read it at start-up
+    others = [s for s in sorted((data / "idx" / "main").iterdir()) if read_manifest(s)["num_samples"] !=
+              started.num_samples]
+    shutil.copytree(others[0], shard)  # a shard with another sample count in its place
+    with pytest.raises(ShardUnavailableError, match=re.escape(
+            f"field key now holds {read_manifest(others[0])['num_samples']} samples, {started.num_samples} when the "
+            "run started")):
+        reopen_field(shard, "key", started.manifest["fields"]["key"]["num_bytes"], started.num_samples)
+
+
 def test_restoring_at_another_data_parallel_size_continues_the_global_order(data):
     streams = ["cam2image:{idx}/main:2"]
     single = _take(build_data_loader(_config(data, streams), seed=9, data_parallel_size=1), 6)
