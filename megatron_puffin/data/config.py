@@ -51,6 +51,11 @@ def _is_int(text: str) -> bool:
     return text.lstrip("+-").isdigit()
 
 
+def effective_data_seed(data_seed: Optional[int], run_seed: Optional[int]) -> Optional[int]:
+    """The seed of the sample order, prompt choice and CFG dropout: ``--data-seed``, else the run's ``--seed``."""
+    return run_seed if data_seed is None else data_seed
+
+
 def parse_task_stream(spec: str) -> TaskStreamSpec:
     """Parses ``TASK:PATH[,PATH...]:MICRO_BATCH_SIZE[:REPEATS]`` (paths may contain ':'; numbers are read from the end).
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from megatron_puffin.data.collate import Collator
-from megatron_puffin.data.config import DataConfig, TaskStreamSpec, validate_data_config
+from megatron_puffin.data.config import DataConfig, TaskStreamSpec, effective_data_seed, validate_data_config
 from megatron_puffin.data.format import DatasetFormatError, PuffinDataset, ShardUnavailableError
 from megatron_puffin.data.latents import TASK_MOMENTS, LatentCache
 from megatron_puffin.data.sampler import (
@@ -426,7 +426,7 @@ def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0
             that hold no VAE).
     """
     validate_data_config(config, vision_patch_size=vision_patch_size, vision_fold=vision_fold)
-    data_seed = seed if config.data_seed is None else config.data_seed
+    data_seed = effective_data_seed(config.data_seed, seed)
     tokenizer = tokenizer or PuffinTokenizer(config.tokenizer)
     encoder_config = TaskEncoderConfig(
         seed=data_seed, image_max_size=config.image_size, image_unit=config.image_size_unit,

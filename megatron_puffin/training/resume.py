@@ -209,7 +209,7 @@ def batch_problems(args: PuffinArguments, meta: Dict[str, Any], directory: str) 
 def data_problems(args: PuffinArguments, stored: Dict[str, Any], directory: str) -> List[str]:
     """The saved sample order continues only with the checkpoint's task streams (by task and position, not path:
     moved data resumes) and data seed."""
-    from megatron_puffin.data.config import parse_task_stream
+    from megatron_puffin.data.config import effective_data_seed, parse_task_stream
     from megatron_puffin.data.loader import stream_names
 
     data, training = stored.get("data") or {}, stored.get("training") or {}
@@ -226,8 +226,8 @@ def data_problems(args: PuffinArguments, stored: Dict[str, Any], directory: str)
             f"--load {directory} was trained on the task streams {', '.join(then)} ({' '.join(data['task_stream'])}); "
             f"this run's --task-stream flags give {', '.join(now)}, whose saved order cannot continue. Resume with "
             f"streams of the same tasks in the same number (the paths may change), {fresh}")
-    seed_then = data.get("data_seed") if data.get("data_seed") is not None else training.get("seed")
-    seed_now = args.data.data_seed if args.data.data_seed is not None else args.training.seed
+    seed_then = effective_data_seed(data.get("data_seed"), training.get("seed"))
+    seed_now = effective_data_seed(args.data.data_seed, args.training.seed)
     if seed_then is not None and seed_then != seed_now:
         problems.append(
             f"--load {directory} drew its sample order with data seed {seed_then} (--data-seed, else --seed); this run "
