@@ -13,6 +13,7 @@ import signal
 import struct
 import threading
 import time
+import traceback
 import zlib
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -369,9 +370,11 @@ class PuffinDataLoader:
                     death = _worker_death(error)
                     if death is None:
                         raise
-            # Shut the surviving workers down now (the torch iterator's __del__): the error raised next keeps this
-            # frame alive, and with it workers that would block the interpreter's exit (they ignore SIGTERM).
-            del batches
+                # torch's re-raised worker error sits in a reference cycle with the frames of its iterator: clear
+                # them, or the iterator and its workers live until a garbage collection, and at interpreter exit
+                # multiprocessing waits forever for workers that ignore its SIGTERM (process_lifetime.py).
+                traceback.clear_frames(error.__traceback__)
+            del batches  # shuts the surviving workers down now (the torch iterator's __del__)
             if unavailable is not None:
                 raise DataUnavailableError(unavailable)
             self._restart_after(death)

@@ -136,6 +136,7 @@ def test_a_killed_worker_is_restarted_where_it_died_and_one_death_too_many_is_on
 def test_a_shard_gone_while_the_run_reads_it_is_one_error_not_bad_samples(data, tmp_path):
     """New workers (each validation, each restart) open the shards again: a shard deleted or replaced since the run
     started is one error naming it, not a traceback from megatron-core's IndexedDataset or a skip of every sample."""
+    import multiprocessing
     import re
     import shutil
 
@@ -145,13 +146,23 @@ def test_a_shard_gone_while_the_run_reads_it_is_one_error_not_bad_samples(data, 
     shutil.copytree(data / "idx", tmp_path / "idx")
     config = _config(tmp_path, ["image2text:{idx}/main:2"], tokenizer=str(data / "tok.model"), num_workers=1)
     loader = build_data_loader(config, seed=5)
-    _take(loader, 2)  # the first workers opened the shards; the iterator is gone with its workers
+    before = set(multiprocessing.active_children())
+    iterator = iter(loader)
+    [next(iterator) for _ in range(2)]  # the first workers opened the shards
+    iterator.close()
     shard = sorted((tmp_path / "idx" / "main").iterdir())[0]
     shutil.rmtree(shard)
-    with pytest.raises(DataUnavailableError, match=r"^shard \S+shard-00000: \S+\.idx no longer exists; the shard "
-                                                   r"was moved, deleted or replaced while the run was reading it: put "
-                                                   r"it back and resume$"):
-        _take(loader, 2)
+    iterator = iter(loader)
+    try:
+        with pytest.raises(DataUnavailableError, match=r"^shard \S+shard-00000: \S+\.idx no longer exists; the "
+                                                       r"shard was moved, deleted or replaced while the run was "
+                                                       r"reading it: put it back and resume$"):
+            [next(iterator) for _ in range(2)]
+        # ... and its workers are shut down with the error, not at a later garbage collection (at interpreter exit
+        # multiprocessing would wait forever for them: they ignore its SIGTERM)
+        assert set(multiprocessing.active_children()) <= before
+    finally:
+        iterator.close()
     assert loader.bad_samples_total == 0
 
     started = loader.streams[0].dataset.shards[0]  # as the run read it at start-up
