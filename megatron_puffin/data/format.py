@@ -244,14 +244,19 @@ def reopen_field(shard_dir: Path, name: str, num_bytes: int, num_samples: int) -
     """Memory-maps a field of a shard checked at start-up again (in a new process: a DataLoader worker).
 
     Raises:
-        ShardUnavailableError: Its files are gone, unreadable, or hold another number of samples than the manifest
-            read at start-up (the shard was replaced).
+        ShardUnavailableError: Its files are gone, unreadable, of another size (truncated: reading past the end of a
+            memory-mapped file is a SIGBUS, not an error) or hold another number of samples than the manifest read
+            at start-up (the shard was replaced).
     """
     prefix = str(shard_dir / name)
     gone = "; the shard was moved, deleted or replaced while the run was reading it: put it back and resume"
     for path in (get_idx_path(prefix), get_bin_path(prefix)):
         if not os.path.isfile(path):
             raise ShardUnavailableError(f"shard {shard_dir}: {path} no longer exists{gone}")
+    size = os.path.getsize(get_bin_path(prefix))
+    if size != num_bytes:
+        raise ShardUnavailableError(f"shard {shard_dir}: {get_bin_path(prefix)} now has {size} bytes, {num_bytes} "
+                                    f"when the run started (truncated or rewritten){gone}")
     try:
         dataset = _open_field(prefix, num_bytes)
     except (AssertionError, OSError, ValueError) as error:  # megatron-core asserts, numpy/mmap raise

@@ -16,7 +16,7 @@ import time
 import traceback
 import zlib
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -263,10 +263,16 @@ def _worker_death(error: Exception) -> Optional[str]:
 
 
 def _describe_death(message: str) -> str:
-    """torch's message ("DataLoader worker (pid 812) is killed by signal: Killed."), plus what SIGKILL usually means."""
+    """torch's message ("DataLoader worker (pid 812) is killed by signal: Killed."), plus what the signal usually
+    means here."""
     message = message.rstrip(". ").replace("DataLoader worker", "data-loader worker", 1)
     if message.endswith("Killed"):
         message += " (SIGKILL: usually the kernel's out-of-memory killer, see dmesg)"
+    elif "Bus error" in message:
+        # torch only names shared memory; our shards are memory-mapped, and a read past the end of a file truncated
+        # under the run is the other SIGBUS (the restarted workers check every shard's size and name it)
+        message = message.split(". It is possible", 1)[0] + (" (SIGBUS: a memory-mapped shard file truncated while "
+                                                             "the run read it, or /dev/shm too small)")
     return message
 
 
@@ -322,6 +328,16 @@ class PuffinDataLoader:
     def position(self) -> ScheduleState:
         """The state after the last micro-batch handed out."""
         return self._state
+
+    def mark(self) -> Tuple[ScheduleState, int]:
+        """The position and bad-sample count now, for :meth:`rewind`."""
+        return self._state, self.bad_samples_total
+
+    def rewind(self, mark: Tuple[ScheduleState, int]) -> None:
+        """Back to a :meth:`mark`: micro-batches handed out since then were not trained (the run stops before the
+        step that drew them), so the checkpoint's position must hand them out again. Takes effect on the next
+        iter(), like :meth:`load_state_dict`."""
+        self._state, self.bad_samples_total = mark
 
     def state_dict(self) -> Dict[str, Any]:
         """Consumed samples per stream and micro-batches done (small; store it in checkpoints)."""

@@ -27,7 +27,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, TYPE_CHECKING
+from typing import Any, Dict, Iterator, List, Optional, Tuple, TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 EXIT_FINISHED = 0
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped early after saving; requeue and --load to continue
 BAD_SAMPLES = "--max-bad-samples"  # stop reason: too many undecodable samples (the run fails after saving)
+DATA_FAILED = "data loader"  # stop reason: workers that kept dying, shards gone (the run fails after saving)
 STATUS_FILE = "run_status.json"  # in --save: {"status": "finished" | "interrupted" | "stopped" | "failed", ...}
 # The distributed optimizer's state in its canonical per-parameter form, so it loads at any TP/PP/DP layout (the
 # megatron-core default for 0.16, fully_sharded_model_space, no longer validates: flattened ranges are rejected).
@@ -442,18 +443,26 @@ class Trainer:
         seed = derive_seed(self.args.training.seed, "step", self.state.iteration, self.ctx.dp_rank)
         seed_everything(seed % (2**31), tp_rank=self.ctx.tp_rank)
 
-    def _next_batches(self, iterator: Iterator, interval: Interval) -> List[Dict[str, Any]]:
+    def _next_batches(self, iterator: Iterator) -> Tuple[List[Dict[str, Any]], float, Optional[str]]:
+        """The next step's micro-batches, the seconds waited for them, and why the data loader failed (None when it
+        did not: workers that kept dying, shards gone). Nothing is counted yet: the step may not run."""
         from megatron_puffin.data.loader import DataLoaderError
+
+        batches: List[Dict[str, Any]] = []
+        start = time.perf_counter()
+        try:
+            for _ in range(self.micro_batches):
+                batches.append(next(iterator))
+        except DataLoaderError as error:
+            return [], time.perf_counter() - start, str(error)
+        return batches, time.perf_counter() - start, None
+
+    def _count_batches(self, batches: List[Dict[str, Any]], interval: Interval, wait: float) -> None:
+        """Samples, tokens, FLOPs and padding of the micro-batches this step trains, for the log and the state."""
         from megatron_puffin.training.flops import micro_batch_flops
 
-        batches = []
-        for _ in range(self.micro_batches):
-            start = time.perf_counter()
-            try:
-                batch = next(iterator)
-            except DataLoaderError as error:  # workers that kept dying, shards gone: one line, and where to resume
-                raise TrainingError(f"{error}. {self._resume_hint()}") from None
-            interval.data_wait += time.perf_counter() - start
+        interval.data_wait += wait
+        for batch in batches:
             samples = int(batch["input_ids"].shape[0])
             tokens = int(batch["attention_mask"].sum())
             flops = sum(micro_batch_flops(self.config, batch, self.trainable).values())
@@ -461,14 +470,15 @@ class Trainer:
             interval.add_batch(name, samples, tokens, flops)
             self.state.consumed[name] = self.state.consumed.get(name, 0) + samples * self.ctx.data_parallel_size
             interval.add_padding(tokens, int(batch["attention_mask"].numel()))
-            batches.append(batch)
-        return batches
 
-    def _should_stop(self) -> Optional[str]:
-        """The reason to stop after this step, agreed by all ranks (one small all-reduce)."""
+    def _should_stop(self, data_error: Optional[str]) -> Optional[str]:
+        """The reason to stop before the next step, agreed by all ranks (one small all-reduce per step, after this
+        rank fetched that step's micro-batches: a rank whose data failed stops with the others, and all save)."""
         training = self.args.training
         local = 0
-        if self.loader.bad_sample_error:  # decided together, so that no rank waits for one that stopped
+        if data_error is not None:
+            local = 4
+        elif self.loader.bad_sample_error:  # decided together, so that no rank waits for one that stopped
             local = 3
         elif self.stop.received:
             local = 1
@@ -478,11 +488,8 @@ class Trainer:
         flag = torch.tensor([local], dtype=torch.int64, device=self.ctx.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        reason = {1: "signal", 2: f"--exit-duration-in-mins {training.exit_duration_in_mins}",
-                  3: BAD_SAMPLES}.get(int(flag.item()))
-        if reason is None and training.exit_interval and self.state.iteration % training.exit_interval == 0:
-            reason = f"--exit-interval {training.exit_interval}"
-        return reason
+        return {1: "signal", 2: f"--exit-duration-in-mins {training.exit_duration_in_mins}", 3: BAD_SAMPLES,
+                4: DATA_FAILED}.get(int(flag.item()))
 
     def _log(self, interval: Interval, elapsed: float) -> None:
         interval.reduce(self.dp_group)
@@ -522,10 +529,18 @@ class Trainer:
         iterator = iter(self.loader)
         interval, interval_start = Interval(self.tasks), time.perf_counter()
         stopped: Optional[str] = None
+        data_error: Optional[str] = None
         try:
             while self.state.iteration < training.train_iters:
                 self._reseed()
-                batches = self._next_batches(iterator, interval)
+                mark = self.loader.mark()
+                batches, wait, data_error = self._next_batches(iterator)
+                stopped = self._should_stop(data_error)
+                if stopped:
+                    # The micro-batches drawn for this step are not trained: the checkpoint hands them out again.
+                    self.loader.rewind(mark)
+                    break
+                self._count_batches(batches, interval, wait)
                 result = train_step(self.ddp, self.optimizer, batches)
                 self.state.iteration += 1
                 interval.add_step(result)
@@ -546,13 +561,14 @@ class Trainer:
                     start = time.perf_counter()
                     self.save()
                     interval_start += time.perf_counter() - start  # throughput excludes checkpoint writes
-                stopped = self._should_stop()
-                if stopped and (self.state.iteration < training.train_iters or stopped == BAD_SAMPLES):
+                if training.exit_interval and self.state.iteration % training.exit_interval == 0 and \
+                        self.state.iteration < training.train_iters:
+                    # a signal or a limit reached on any rank by now still decides the status and the exit code
+                    stopped = self._should_stop(None) or f"--exit-interval {training.exit_interval}"
                     break
-                stopped = None
             if ckpt_args.save:  # still under the stop handler: a second signal must not kill the save
                 self.save()
-                self._write_status("failed" if stopped == BAD_SAMPLES else
+                self._write_status("failed" if stopped in (BAD_SAMPLES, DATA_FAILED) else
                                    "interrupted" if stopped and not stopped.startswith("--exit-interval") else
                                    "stopped" if stopped else "finished", stopped)
         finally:
@@ -564,6 +580,9 @@ class Trainer:
         if stopped == BAD_SAMPLES:
             raise TrainingError(self.loader.bad_sample_error or "another rank met too many undecodable samples "
                                 "(--max-bad-samples); see its log")
+        if stopped == DATA_FAILED:  # after the save: the hint names the checkpoint of the last trained step
+            raise TrainingError(f"{data_error or 'the data loader of another rank failed; see its log'}. "
+                                f"{self._resume_hint()}")
         if stopped:
             if self.ctx.rank == 0:
                 logger.info("stopped at iteration %d/%d (%s)%s", self.state.iteration, training.train_iters,

@@ -1,7 +1,9 @@
 """A data-loader worker killed during a real run (pretrain_puffin.py, tiny configuration, one worker per loader), as
 the out-of-memory killer does it (SIGKILL): a training worker is restarted and the run trains exactly the losses of an
 uninterrupted one; a validation worker killed with --max-worker-restarts 0 ends the run with one line that names the
-flag and where the same command resumes, not a traceback."""
+flag and where the same command resumes, not a traceback; a training worker killed past --max-worker-restarts ends
+the run after saving the last trained step, from which the same command resumes the uninterrupted run's losses."""
+import json
 import os
 import signal
 import threading
@@ -36,15 +38,20 @@ def _workers(cwd: Path):
 
 
 class _Killer(threading.Thread):
-    """SIGKILLs the first worker of generation ``generation`` (1: the first worker set seen, 2: the next new one)."""
+    """SIGKILLs the first worker of generation ``generation`` (1: the first worker set seen, 2: the next new one),
+    once ``ready()`` says so."""
 
-    def __init__(self, cwd: Path, generation: int):
+    def __init__(self, cwd: Path, generation: int, ready=lambda: True):
         super().__init__(daemon=True)
-        self.cwd, self.generation, self.killed, self.done = cwd, generation, None, threading.Event()
+        self.cwd, self.generation, self.ready = cwd, generation, ready
+        self.killed, self.done = None, threading.Event()
 
     def run(self):
         seen = set()
         while not self.done.is_set() and self.killed is None:
+            if not self.ready():
+                time.sleep(0.002)
+                continue
             pids = _workers(self.cwd)
             new = sorted(pids - seen)
             if new and (self.generation == 1 or seen):
@@ -54,8 +61,8 @@ class _Killer(threading.Thread):
             time.sleep(0.002)
 
 
-def _run_killing(cwd, generation, *flags):
-    killer = _Killer(cwd, generation)
+def _run_killing(cwd, generation, *flags, ready=lambda: True):
+    killer = _Killer(cwd, generation, ready)
     killer.start()
     try:
         proc = run_pretrain(cwd, *FLAGS, *flags, check=False, env=ENV)
@@ -88,3 +95,35 @@ def test_a_killed_training_worker_is_restarted_and_a_killed_validation_worker_is
     assert len(error) == 1, proc.stderr[-3000:]
     assert f"data-loader worker (pid {pid}) is killed by signal" in error[0]
     assert "(--max-worker-restarts 0)" in error[0] and "No complete checkpoint in run yet" in error[0], error[0]
+
+
+def _lines(path: Path) -> int:
+    try:
+        return len(path.read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def test_a_training_worker_killed_past_the_restarts_saves_the_last_trained_step_and_resumes_exactly(workdir):
+    """The rank stops before the step whose micro-batches it could not fetch, with the others (one agreement per
+    step), saves, and names that checkpoint; the micro-batches drawn for the untrained step are handed out again."""
+    six = ["--train-iters", "6"]
+    run_pretrain(workdir, *FLAGS, *six, "--metrics-file", "plain6.jsonl", env=ENV)
+
+    proc, pid = _run_killing(workdir, 1, *six, "--max-worker-restarts", "0", "--save", "lost", "--metrics-file",
+                             "lost.jsonl", ready=lambda: _lines(workdir / "lost.jsonl") >= 2)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    trained = max(metrics_losses(workdir / "lost.jsonl"))
+    assert 2 <= trained < 6, proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if f"data-loader worker (pid {pid}) is killed" in line]
+    assert len(error) == 1 and "(--max-worker-restarts 0)" in error[0], proc.stderr[-3000:]
+    assert error[0].endswith(f"The same command resumes from lost/iter_{trained:07d}, the newest complete "
+                             "checkpoint"), error[0]
+    status = json.loads((workdir / "lost" / "run_status.json").read_text())
+    assert (status["status"], status["reason"], status["iteration"]) == ("failed", "data loader", trained)
+
+    run_pretrain(workdir, *FLAGS, *six, "--save", "lost", "--load", "lost", "--metrics-file", "resumed.jsonl",
+                 env=ENV)
+    resumed = {**metrics_losses(workdir / "lost.jsonl"), **metrics_losses(workdir / "resumed.jsonl")}
+    assert sorted(metrics_losses(workdir / "resumed.jsonl")) == list(range(trained + 1, 7))
+    assert resumed == metrics_losses(workdir / "plain6.jsonl")

@@ -170,9 +170,38 @@ def test_a_shard_gone_while_the_run_reads_it_is_one_error_not_bad_samples(data, 
               started.num_samples]
     shutil.copytree(others[0], shard)  # a shard with another sample count in its place
     with pytest.raises(ShardUnavailableError, match=re.escape(
-            f"field key now holds {read_manifest(others[0])['num_samples']} samples, {started.num_samples} when the "
-            "run started")):
+            f"key.bin now has {read_manifest(others[0])['fields']['key']['num_bytes']} bytes, "
+            f"{started.manifest['fields']['key']['num_bytes']} when the run started (truncated or rewritten)")):
         reopen_field(shard, "key", started.manifest["fields"]["key"]["num_bytes"], started.num_samples)
+
+
+def test_a_shard_truncated_under_a_running_worker_is_a_named_sigbus_then_one_error(data, tmp_path, caplog):
+    """Reading a memory-mapped file past its new end is a SIGBUS that kills the worker (torch blames shared
+    memory); the restarted workers check every field's size against the one the run started with and stop with one
+    error naming the file. Never counted as bad samples."""
+    import shutil
+
+    from megatron_puffin.data.loader import DataUnavailableError
+
+    shutil.copytree(data / "idx", tmp_path / "idx")
+    config = _config(tmp_path, ["cam2image:{idx}/main:2"], tokenizer=str(data / "tok.model"), num_workers=1,
+                     prefetch_factor=1)
+    loader = build_data_loader(config, seed=5)
+    iterator = iter(loader)
+    try:
+        next(iterator)  # the worker has the shards memory-mapped
+        for shard in sorted((tmp_path / "idx" / "main").iterdir()):
+            with open(shard / "image.bin", "r+b") as handle:
+                handle.truncate(1)
+        with caplog.at_level("WARNING", logger="megatron_puffin.data.loader"), \
+                pytest.raises(DataUnavailableError, match=r"image\.bin now has 1 bytes, \d+ when the run started "
+                                                          r"\(truncated or rewritten\); the shard was moved"):
+            [next(iterator) for _ in range(4)]
+    finally:
+        iterator.close()
+    assert "Bus error (SIGBUS: a memory-mapped shard file truncated while the run read it, or /dev/shm too " \
+           "small)" in caplog.text and "shared memory limit" not in caplog.text
+    assert loader.bad_samples_total == 0 and loader.worker_restarts == 1
 
 
 def test_restoring_at_another_data_parallel_size_continues_the_global_order(data):
