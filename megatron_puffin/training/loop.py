@@ -219,12 +219,15 @@ class Trainer:
         """One validation of the current weights, logged like a training interval (see training/validation.py)."""
         from megatron_puffin.data.loader import DataLoaderError
 
-        with gathered_parameters(self.ddp):  # --overlap-param-gather leaves the gather to the next forward
-            try:
+        try:
+            with gathered_parameters(self.ddp):  # --overlap-param-gather leaves the gather to the next forward
                 result = self.validator.run(self.ddp, self.state.iteration, unwrapped_model=self.model)
-            except DataLoaderError as error:  # the validation loader's workers or shards: one line, as in training
-                raise TrainingError(f"validation at iteration {self.state.iteration}: {error}. "
-                                    f"{self._resume_hint()}") from None
+        except DataLoaderError as error:  # the validation loader's workers or shards (every rank raises together)
+            if self.args.checkpoint.save:  # the step just trained is kept, as when the training data fails
+                self.save()
+                self._write_status("failed", f"validation {DATA_FAILED}")
+            raise TrainingError(f"validation at iteration {self.state.iteration}: {error}. "
+                                f"{self._resume_hint()}") from None
         self.writer.write_scalars(result.iteration, result.scalars(), result.line(self.validator.tasks))
 
     def _build_loader(self):

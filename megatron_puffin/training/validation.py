@@ -154,9 +154,33 @@ class Validator:
         finally:
             iterator.close()  # stops the loader's workers
 
+    def agreed_batches(self) -> List[Dict[str, Any]]:
+        """:meth:`batches`, once every rank has its own (one small all-reduce): when the loader of any rank fails
+        (workers that kept dying, shards gone), every rank raises before the forward passes, whose collectives a
+        failed rank would never join.
+
+        Raises:
+            DataLoaderError: This rank's error, or one saying that another rank's loader failed.
+        """
+        from megatron_puffin.data.loader import DataLoaderError
+
+        batches, error = [], None
+        try:
+            batches = self.batches()
+        except DataLoaderError as caught:
+            error = caught
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=self.ctx.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if flag.item():
+            raise DataLoaderError("the validation data loader of another rank failed; see its log")
+        return batches
+
     def run(self, model, iteration: int, unwrapped_model: Optional[torch.nn.Module] = None) -> ValidationResult:
         """Validates ``model`` (the DDP-wrapped training model); ``unwrapped_model`` is used for decoding."""
-        losses = validation_losses(model, self.batches(), self.ctx.pipeline_model_parallel_size)
+        losses = validation_losses(model, self.agreed_batches(), self.ctx.pipeline_model_parallel_size)
         result = ValidationResult(iteration, losses)
         if self.camera is not None:
             result.camera = self.camera.run(unwrapped_model if unwrapped_model is not None else model)

@@ -1,7 +1,7 @@
 """A data-loader worker killed during a real run (pretrain_puffin.py, tiny configuration, one worker per loader), as
 the out-of-memory killer does it (SIGKILL): a training worker is restarted and the run trains exactly the losses of an
-uninterrupted one; a validation worker killed with --max-worker-restarts 0 ends the run with one line that names the
-flag and where the same command resumes, not a traceback; a training worker killed past --max-worker-restarts ends
+uninterrupted one; a validation worker killed with --max-worker-restarts 0 ends the run, after saving the step just
+trained, with one line that names the flag and that checkpoint, not a traceback; a training worker killed past --max-worker-restarts ends
 the run after saving the last trained step, from which the same command resumes the uninterrupted run's losses."""
 import json
 import os
@@ -94,7 +94,11 @@ def test_a_killed_training_worker_is_restarted_and_a_killed_validation_worker_is
     error = [line for line in proc.stderr.splitlines() if "validation at iteration 1:" in line]
     assert len(error) == 1, proc.stderr[-3000:]
     assert f"data-loader worker (pid {pid}) is killed by signal" in error[0]
-    assert "(--max-worker-restarts 0)" in error[0] and "No complete checkpoint in run yet" in error[0], error[0]
+    # the step trained before the validation is saved first, and the line names it
+    assert "(--max-worker-restarts 0)" in error[0] and error[0].endswith(
+        "The same command resumes from run/iter_0000001, the newest complete checkpoint"), error[0]
+    status = json.loads((workdir / "run" / "run_status.json").read_text())
+    assert (status["status"], status["reason"], status["iteration"]) == ("failed", "validation data loader", 1)
 
 
 def _lines(path: Path) -> int:
