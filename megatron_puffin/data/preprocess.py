@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from megatron_puffin.data.format import DatasetFormatError, PuffinRecord, ShardWriter, read_manifest
 from megatron_puffin.data.puffin4m import (
+    RECORD_REASONS,
     BadSample,
     SubsetLayout,
     build_record,
@@ -211,8 +212,8 @@ class _Tally:
 
     def note_example(self, bad: BadSample) -> None:
         examples = self.examples.setdefault(bad.reason, [])
-        if len(examples) < 5:
-            examples.append(bad.path)
+        if len(examples) < 5:  # a bad summary record has no file of its own: its detail names the record
+            examples.append(f"{bad.path}: {bad.detail}" if bad.reason in RECORD_REASONS else bad.path)
 
 
 def _write_shard(plan, source, flags, results, tally, options, bar) -> None:

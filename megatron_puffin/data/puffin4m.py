@@ -50,12 +50,15 @@ BAD_SAMPLE_REASONS: Dict[str, str] = {
 """Reason key -> meaning, for every way a source sample can be rejected."""
 
 
+RECORD_REASONS = ("bad_record", "path_outside_input")  # the summary record itself is bad: no file to name
+
+
 class BadSample(Exception):
     """A source sample that cannot be used.
 
     Attributes:
         reason: Key of :data:`BAD_SAMPLE_REASONS`.
-        path: The offending file (or the summary file for a bad record).
+        path: The offending file (the subset directory for a bad summary record, :data:`RECORD_REASONS`).
         detail: Human-readable explanation.
     """
 

@@ -140,6 +140,12 @@ def test_duplicate_records_and_paths_outside_the_input_are_skipped_and_reported(
     assert report["subsets"]["main"]["bad_samples"]["path_outside_input"] == 2
     assert report["subsets"]["main"]["samples"] == 14 - 7  # the three extra records add no sample
     assert len(PuffinDataset(tmp_path / "out" / "main")) == 7
+    # a bad record has no file of its own: the report's example names the record
+    assert sorted(report["bad_sample_examples"]["path_outside_input"]) == [
+        f"{copy}: annotation '/etc/hostname' leaves the subset folder",
+        f"{copy}: image '../../outside.jpg' leaves the subset folder"]
+
+
 def test_heldout_records_split_off_the_last_records_of_every_subset(raw, tmp_path):
     report = preprocess(PreprocessOptions(raw, tmp_path / "out", shard_size=5, heldout_records=3, progress=False))
     subsets = report["subsets"]
