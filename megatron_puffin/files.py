@@ -3,6 +3,7 @@ any work, so a bad path fails at once instead of when the results are written) a
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -11,13 +12,16 @@ PathLike = Union[str, os.PathLike]
 
 def folder_problem(folder: PathLike) -> Optional[str]:
     """Why ``folder`` (created later when missing) cannot hold outputs, or None: the nearest part of it that exists
-    must be a folder this process may write into."""
+    must be a folder this process can create entries in. Tried, not inferred from permission bits: root passes
+    every permission check, yet a read-only mount or a special file system (``/proc``) refuses it."""
     target = Path(folder).absolute()
     existing = next(part for part in (target, *target.parents) if part.exists())
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"the folder {existing} is not writable"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".puffin-write-check-", dir=existing))
+    except OSError as error:
+        return f"the folder {existing} is not writable ({error.strerror or error})"
     return None
 
 

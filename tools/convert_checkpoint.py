@@ -497,7 +497,7 @@ def input_problem(args: argparse.Namespace) -> Optional[str]:
         return f"--output {output} already exists; choose a new directory (nothing is overwritten)"
     problem = folder_problem(os.path.dirname(os.path.abspath(output))) if output else None
     if problem:
-        return f"--output {output}: {problem}; choose a path under a folder"
+        return f"--output {output}: {problem}; choose a path under a folder this job can write"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     tp = getattr(args, "tensor_model_parallel_size", None) or 1
     pp = getattr(args, "pipeline_model_parallel_size", None) or 1

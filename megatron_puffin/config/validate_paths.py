@@ -25,7 +25,7 @@ def _creatable(flag: str, path: Optional[str], folder: Optional[Path] = None) ->
     """The folder ``path`` needs (``folder``, default ``path`` itself) can be made; otherwise the run would train
     until its first save or log line and fail there."""
     problem = folder_problem(folder or path) if path else None
-    return [f"{flag} ({path}): {problem}; give a path under a folder"] if problem else []
+    return [f"{flag} ({path}): {problem}; give a path under a folder this job can write"] if problem else []
 
 
 def check_output_paths(args: PuffinArguments) -> List[str]:

@@ -41,8 +41,12 @@ class SaveDirectoryLock:
 def lock_save_directory(save: str) -> SaveDirectoryLock:
     """Takes ``save``'s run lock (creating the directory), or raises :class:`ConfigError` naming the run holding it."""
     path = Path(save) / LOCK_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError as error:  # read-only or special file system, no permission: before any work, one line
+        raise ConfigError([f"--save {save}: cannot create or write there ({error.strerror or error}); give a "
+                           "folder this job can write"]) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

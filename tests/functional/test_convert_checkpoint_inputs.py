@@ -78,7 +78,8 @@ def test_bad_directories_and_layouts(tmp_path, capsys):
     assert code == 2 and "--output" in err and "already exists" in _one_line(err)
     (tmp_path / "a_file").write_text("")
     code, err = _main(capsys, "mcore-to-hf", "--input", tmp_path / "empty", "--output", tmp_path / "a_file" / "x" / "y")
-    assert code == 2 and _one_line(err).endswith("a_file is a file, not a folder; choose a path under a folder")
+    assert code == 2 and _one_line(err).endswith(
+        "a_file is a file, not a folder; choose a path under a folder this job can write")
     code, err = _main(capsys, "sd3-to-mcore", "--transformer-dir", tmp_path / "empty", "--output", tmp_path / "o2",
                       "--tensor-model-parallel-size", "2")
     assert code == 2 and "needs 2 processes" in _one_line(err) and "torchrun --nproc-per-node 2" in err

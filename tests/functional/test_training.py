@@ -225,6 +225,15 @@ def test_a_second_run_on_the_same_save_directory_stops_before_any_work(workdir):
     finally:
         held.release()
     lock_save_directory(str(workdir / "shared_save")).release()  # free again
+    # a --save that cannot be created (under /proc mkdir fails for every user, root too) is one line: the flag
+    # validation finds it; the lock, taken later, says so too if the folder became unwritable in between
+    proc = run_pretrain(workdir, *STAGE, *STREAMS, "--micro-batch-size", "2", "--save", "/proc/puffin_run",
+                        check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "--save (/proc/puffin_run): the folder /proc is not writable" in proc.stderr, proc.stderr[-2000:]
+    with pytest.raises(Exception, match=r"--save /proc/puffin_run: cannot create or write there \(No such file or "
+                                        r"directory\); give a folder this job can write$"):
+        lock_save_directory("/proc/puffin_run")
 
 
 def test_load_of_a_checkpoint_with_another_model_shape_fails_before_training(workdir, stage1):

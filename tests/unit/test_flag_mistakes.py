@@ -77,6 +77,9 @@ CASES = [
     ("--save {root}/a_file/run", "--save ({root}/a_file/run): {root}/a_file is a file, not a folder"),
     ("--tensorboard-dir {root}/a_file/tb", "--tensorboard-dir ({root}/a_file/tb): {root}/a_file is a file"),
     ("--metrics-file {root}/a_file/m/x.jsonl", "--metrics-file ({root}/a_file/m/x.jsonl): {root}/a_file is a file"),
+    # a folder nobody can create anything in (root passes permission checks; read-only mounts and /proc do not)
+    ("--save /proc/puffin/run", "--save (/proc/puffin/run): the folder /proc is not writable"),
+    ("--tensorboard-dir /proc/puffin_tb", "--tensorboard-dir (/proc/puffin_tb): the folder /proc is not writable"),
     ("--image-size-unit 24 --image-size 48", "--image-size-unit (24) must be a multiple of the vision patch size"),
     ("--world-size 4", "--world-size (4) contradicts the launch (WORLD_SIZE=1)"),
     ("--seq-length 1024", "--seq-length is not a flag of pretrain_puffin.py"),
