@@ -95,6 +95,11 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a full disk, a lost mount: finished shards keep their latents, the others none
+        print(f"error: writing the latents failed ({error.strerror or error}"
+              f"{': ' + str(error.filename) if error.filename else ''}); the shards finished so far are kept: fix "
+              "that and run the same command again, it skips them", file=sys.stderr)
+        return 1
     print(f"cached {args.dtype} VAE latents at --image-size {args.image_size}: {counts['written']} shard(s) written, "
           f"{counts['replaced']} replaced, {counts['skipped']} already done")
     return 0

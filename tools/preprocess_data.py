@@ -85,6 +85,11 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a full disk, a lost mount: the finished shards stay, the unfinished one is removed
+        print(f"error: writing under --output-prefix {args.output_prefix} failed ({error.strerror or error}"
+              f"{': ' + str(error.filename) if error.filename else ''}); the finished shards are kept: fix that and "
+              "run the same command again, it redoes only the unfinished shards", file=sys.stderr)
+        return 1
     _print_report(report)
     return 0
 

@@ -127,29 +127,40 @@ def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit
                                             dtype=np.float32 if dtype == "float32" else np.uint16)
                 for name in LATENT_FIELDS}
     shapes = IndexedDatasetBuilder(get_bin_path(str(shard_dir / f"{SHAPE_FIELD}.tmp")), dtype=np.int32)
-    num_bytes = {name: 0 for name in [*LATENT_FIELDS, SHAPE_FIELD]}
-    for start in range(0, len(dataset), batch_size):
-        stop = min(start + batch_size, len(dataset))
-        samples = [_sources(dataset[i], image_size, image_unit) for i in range(start, stop)]
-        encoded = {}
-        for name in LATENT_FIELDS:
-            present = [i for i, sample in enumerate(samples) if sample[name] is not None]
-            encoded[name] = dict(zip(present, _encode(vae, [samples[i][name] for i in present])))
-        for i in range(len(samples)):
-            shape = []
-            for name, builder in builders.items():
-                moments = encoded[name].get(i)
-                payload = _to_storage(moments, dtype) if moments is not None else np.zeros(0, builder.dtype)
-                builder.add_item(torch.from_numpy(payload.copy()))
-                builder.end_document()
-                num_bytes[name] += payload.nbytes
-                shape += list(moments.shape[-2:]) if moments is not None else [0, 0]
-            payload = np.array(shape, dtype=np.int32)
-            shapes.add_item(torch.from_numpy(payload))
-            shapes.end_document()
-            num_bytes[SHAPE_FIELD] += payload.nbytes
-    for name, builder in [*builders.items(), (SHAPE_FIELD, shapes)]:
-        builder.finalize(get_idx_path(str(shard_dir / f"{name}.tmp")))
+    try:
+        num_bytes = {name: 0 for name in [*LATENT_FIELDS, SHAPE_FIELD]}
+        for start in range(0, len(dataset), batch_size):
+            stop = min(start + batch_size, len(dataset))
+            samples = [_sources(dataset[i], image_size, image_unit) for i in range(start, stop)]
+            encoded = {}
+            for name in LATENT_FIELDS:
+                present = [i for i, sample in enumerate(samples) if sample[name] is not None]
+                encoded[name] = dict(zip(present, _encode(vae, [samples[i][name] for i in present])))
+            for i in range(len(samples)):
+                shape = []
+                for name, builder in builders.items():
+                    moments = encoded[name].get(i)
+                    payload = _to_storage(moments, dtype) if moments is not None else np.zeros(0, builder.dtype)
+                    builder.add_item(torch.from_numpy(payload.copy()))
+                    builder.end_document()
+                    num_bytes[name] += payload.nbytes
+                    shape += list(moments.shape[-2:]) if moments is not None else [0, 0]
+                payload = np.array(shape, dtype=np.int32)
+                shapes.add_item(torch.from_numpy(payload))
+                shapes.end_document()
+                num_bytes[SHAPE_FIELD] += payload.nbytes
+        for name, builder in [*builders.items(), (SHAPE_FIELD, shapes)]:
+            builder.finalize(get_idx_path(str(shard_dir / f"{name}.tmp")))
+    except BaseException:  # a full disk, Ctrl-C: no half-written field stays beside the shard (a re-run redoes it)
+        for builder in [*builders.values(), shapes]:
+            try:
+                builder.data_file.close()
+            except OSError:  # flushing its buffer into the full disk: the file goes anyway
+                pass
+        for name in [*builders, SHAPE_FIELD]:
+            for suffix in (".bin", ".idx"):
+                Path(shard_dir / f"{name}.tmp{suffix}").unlink(missing_ok=True)
+        raise
     if existing is not None:
         del manifest["latents"]
         _write_manifest(shard_dir, manifest)

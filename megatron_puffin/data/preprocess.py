@@ -15,6 +15,7 @@ the training shards. Work is spread over
 import json
 import logging
 import multiprocessing
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -220,18 +221,22 @@ def _write_shard(plan, source, flags, results, tally, options, bar) -> None:
     """Consumes one shard's chunk results in order and publishes the shard."""
     writer = ShardWriter(plan.directory, plan.layout.name, source, flags)
     bad_counts: Dict[str, int] = {}
-    for chunk in results:
-        for record, bad in chunk:
-            if bad is not None:
-                if options.strict:
-                    raise StrictModeError(bad)
-                logger.debug("skipping %s", bad)
-                bad_counts[bad.reason] = bad_counts.get(bad.reason, 0) + 1
-                tally.note_example(bad)
-            else:
-                writer.add(record)
-        bar.update(len(chunk))
-    writer.finalize(bad_counts)
+    try:
+        for chunk in results:
+            for record, bad in chunk:
+                if bad is not None:
+                    if options.strict:
+                        raise StrictModeError(bad)
+                    logger.debug("skipping %s", bad)
+                    bad_counts[bad.reason] = bad_counts.get(bad.reason, 0) + 1
+                    tally.note_example(bad)
+                else:
+                    writer.add(record)
+            bar.update(len(chunk))
+        writer.finalize(bad_counts)
+    except BaseException:  # a full disk, strict mode, Ctrl-C: the half-written shard goes (a re-run redoes it)
+        shutil.rmtree(writer.tmp_dir, ignore_errors=True)
+        raise
     stats = tally.subset(plan.key)
     stats["samples"] += writer.num_samples
     stats["shards"] += 1

@@ -163,3 +163,38 @@ def test_heldout_records_split_off_the_last_records_of_every_subset(raw, tmp_pat
     (tmp_path / "a_file").write_text("")  # shards under a file: one line before any work, not a traceback
     with pytest.raises(ValueError, match="a_file is a file, not a folder"):
         preprocess(PreprocessOptions(raw, tmp_path / "a_file" / "out", progress=False))
+
+
+def _file_size_limit(max_bytes):
+    """preexec_fn: writes past ``max_bytes`` in any one file fail with EFBIG, as a full disk fails them (ENOSPC)."""
+    def apply():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an OSError from write(), not death by signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return apply
+
+
+def test_a_write_failure_is_one_line_leaves_no_half_shard_and_the_same_command_finishes(raw, tmp_path):
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(TOOL), "--input", str(raw), "--output-prefix", str(tmp_path / "out"),
+               "--no-progress", "--workers", "1", "--shard-size", "4"]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300,
+                          preexec_fn=_file_size_limit(5_000))  # smaller than a shard's images
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and error[0].startswith(f"error: writing under --output-prefix {tmp_path / 'out'} failed "
+                                                   "(File too large"), proc.stderr[-3000:]
+    assert error[0].endswith("the finished shards are kept: fix that and run the same command again, it redoes "
+                             "only the unfinished shards"), error[0]
+    assert not list((tmp_path / "out").rglob("*.tmp")), "a half-written shard was left behind"
+
+    subprocess.run(command, check=True, capture_output=True, env=env, timeout=300)
+    preprocess(PreprocessOptions(raw, tmp_path / "clean", workers=1, shard_size=4, progress=False))
+    for subset in ("main", "cross_view", "photography"):
+        finished, clean = PuffinDataset(tmp_path / "out" / subset), PuffinDataset(tmp_path / "clean" / subset)
+        assert [finished[i]["key"] for i in range(len(finished))] == [clean[i]["key"] for i in range(len(clean))]

@@ -1,5 +1,6 @@
 """--cached-latents: VAE posterior moments stored beside the shards give the online loss without running the VAE."""
 import importlib.util
+import json
 import os
 import shutil
 
@@ -143,7 +144,7 @@ def test_other_latents_are_replaced_only_when_asked_and_never_half_way(cached, t
     identity = vae_identity(model.vae)
     with pytest.raises(RuntimeError, match="interrupted"):
         cache_shard_latents(shard, FailingVAE(), IMAGE_SIZE, 32, dtype="bfloat16", batch_size=3, overwrite=True)
-    assert {path.name: path.read_bytes() for path in shard.iterdir() if ".tmp" not in path.name} == before
+    assert {path.name: path.read_bytes() for path in shard.iterdir()} == before  # no half-written field stays
     check_latent_manifest(read_manifest(shard), shard, identity, IMAGE_SIZE, 32, "text2image")  # still usable
 
     renames = []
@@ -172,6 +173,40 @@ def test_other_latents_are_replaced_only_when_asked_and_never_half_way(cached, t
     assert read_manifest(shard)["latents"]["dtype"] == "float16"
     assert tool([*flags[:-4], "--dtype", "float16", "--batch-size", "3"]) == 0
     assert "1 already done" in capsys.readouterr().out
+
+
+def test_a_write_failure_is_one_line_and_leaves_the_shard_as_it_was(cached, tmp_path):
+    """A full disk (here: a per-file size limit, whose EFBIG reaches the same handler as ENOSPC) while the latents
+    are written: one line, exit 1, no partial field files, the shard as before; the same command then finishes."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    paths = cached[0]
+    shard = tmp_path / "shard"
+    shutil.copytree(f"{paths['data']}/main/shard-00000", shard)
+    manifest = json.loads((shard / "manifest.json").read_text())
+    del manifest["latents"]  # a shard without latents yet
+    (shard / "manifest.json").write_text(json.dumps(manifest))
+    for path in shard.glob("latent*"):
+        path.unlink()
+    before = {path.name: path.read_bytes() for path in shard.iterdir()}
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an OSError from write(), not death by signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000, 2_000))
+
+    command = [sys.executable, str(ROOT / "tools" / "cache_latents.py"), "--data", str(shard), "--vae-config",
+               paths["vae_config"], "--seed", "0", "--image-size", str(IMAGE_SIZE), "--dtype", "float32"]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, preexec_fn=limit)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: writing the latents failed (File too large"), \
+        proc.stderr[-3000:]
+    assert {path.name: path.read_bytes() for path in shard.iterdir()} == before
+    subprocess.run(command, check=True, capture_output=True, env=env, timeout=300)
+    assert "latents" in json.loads((shard / "manifest.json").read_text())
 
 
 def test_the_refusal_names_a_config_change_of_the_same_weights(cached, tmp_path, capsys):
