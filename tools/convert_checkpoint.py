@@ -68,6 +68,7 @@ from typing import Dict, List, Optional, Sequence
 warnings.filterwarnings("ignore", category=UserWarning)
 
 import torch  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
 
 import megatron_puffin.distributed as mpd  # noqa: E402
 from megatron_puffin.convert.hf_io import HFDirectoryError, load_hf_directory  # noqa: E402
@@ -77,9 +78,11 @@ from megatron_puffin.training.checkpoint_safety import CheckpointError  # noqa: 
 from megatron_puffin.models.extra_state import is_extra_state_key  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
 from megatron_puffin.training.checkpointing import (  # noqa: E402
+    CheckpointWriteError,
     load_module,
     read_metadata,
     save_checkpoint,
+    write_failure,
 )
 from megatron_puffin.training.towers import CHECKPOINT_MODULES, CHECKPOINT_TOWERS, TOWERS  # noqa: E402
 from megatron_puffin.files import folder_problem  # noqa: E402
@@ -484,6 +487,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             PLAIN_COMMANDS[args.command](args)
     except (CheckpointError, HFDirectoryError) as error:
         print(f"convert_checkpoint.py {args.command}: {error}", file=sys.stderr)
+        return 1
+    except (OSError, SafetensorError, CheckpointWriteError) as error:  # a full disk or a lost mount while writing
+        output = getattr(args, "output", None) or "."
+        reason = error if isinstance(error, CheckpointWriteError) else \
+            write_failure(error, os.path.dirname(os.path.abspath(output)))
+        print(f"convert_checkpoint.py {args.command}: {reason}; --output {output} was not published (outputs appear "
+              "whole or not at all): fix that and run the same command again", file=sys.stderr)
         return 1
     finally:
         mpd.destroy()

@@ -61,6 +61,10 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a full disk, a lost mount
+        print(f"error: writing {args.output} failed ({error.strerror or error}); free space and run the same command "
+              "again (it starts over)", file=sys.stderr)
+        return 1
     elapsed = time.perf_counter() - started
     print(f"wrote {args.output}: {sizes} in {elapsed:.1f} s" + (f"; tokenizer {tokenizer}" if tokenizer else ""))
     return 0

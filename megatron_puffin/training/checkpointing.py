@@ -13,10 +13,12 @@ import logging
 import os
 import shutil
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_puffin.training import checkpoint_safety as safety
 from megatron_puffin.training.checkpoint_safety import CheckpointError
@@ -43,6 +45,11 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed; the message says why in one line (with the free space of its file system).
+    Nothing was published and the half-written files are gone."""
+
+
 def save_checkpoint(sharded_state_dict: Dict[str, Any], directory: str, metadata: Optional[Dict] = None,
                     replace: bool = False, keep_replaced: bool = False) -> None:
     """Collectively save ``sharded_state_dict`` (from ``model.sharded_state_dict()`` etc.) to ``directory``.
@@ -53,6 +60,7 @@ def save_checkpoint(sharded_state_dict: Dict[str, Any], directory: str, metadata
 
     Raises:
         FileExistsError: ``directory`` already exists and ``replace`` is False.
+        CheckpointWriteError: A write failed (a full disk, a lost mount).
     """
     from megatron.core import dist_checkpointing
 
@@ -63,16 +71,39 @@ def save_checkpoint(sharded_state_dict: Dict[str, Any], directory: str, metadata
         shutil.rmtree(staging, ignore_errors=True)  # debris of an interrupted earlier write
         os.makedirs(staging)  # megatron-core needs an existing, empty directory
     _barrier()
-    dist_checkpointing.save(sharded_state_dict, staging)
+    try:
+        dist_checkpointing.save(sharded_state_dict, staging)  # a failed write raises on every rank
+        _barrier()
+        if _rank() == 0:
+            if metadata is not None:
+                with open(os.path.join(staging, META_FILE), "w") as handle:
+                    json.dump(metadata, handle, indent=2, sort_keys=True, default=str)
+            safety.write_manifest(staging)
+            _publish(staging, directory, keep_replaced)
+            logger.info("saved checkpoint %s", directory)
+    except (OSError, CheckpointException) as error:  # a full disk, a lost mount: one line, and the half-written
+        reason = write_failure(error, staging)  # files go (they would keep a full disk full; never taken for a
+        shutil.rmtree(staging, ignore_errors=True)  # checkpoint anyway), after the free space was measured
+        raise CheckpointWriteError(reason) from None
     _barrier()
-    if _rank() == 0:
-        if metadata is not None:
-            with open(os.path.join(staging, META_FILE), "w") as handle:
-                json.dump(metadata, handle, indent=2, sort_keys=True, default=str)
-        safety.write_manifest(staging)
-        _publish(staging, directory, keep_replaced)
-        logger.info("saved checkpoint %s", directory)
-    _barrier()
+
+
+def write_failure(error: BaseException, directory: str) -> str:
+    """What went wrong in a checkpoint write, in one line: the OSError, or the first rank's failure inside
+    torch's CheckpointException (whose own text is a traceback per rank), and the space left under ``directory``
+    (a full disk shows as megatron-core's "unexpected pos" write error)."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        first = next(iter(failures.values()))
+        error = first[0] if isinstance(first, tuple) else first
+    reason = " ".join(str(error).split()) or type(error).__name__
+    existing = next((part for part in (os.path.abspath(directory), *Path(os.path.abspath(directory)).parents)
+                     if os.path.isdir(part)), None)
+    try:
+        reason += f" ({shutil.disk_usage(existing).free / 2**20:.1f} MiB free on its file system)"
+    except (OSError, TypeError):  # a lost mount; nothing of the path left
+        pass
+    return reason
 
 
 def _publish(staging: str, directory: str, keep_replaced: bool = False) -> None:

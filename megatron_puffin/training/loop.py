@@ -390,11 +390,14 @@ class Trainer:
         with gathered_parameters(self.ddp), torch.no_grad():
             try:
                 return self._save()
-            except OSError as error:  # disk full, a path that stopped being a directory, lost mount: one line
+            except (OSError, ckpt.CheckpointWriteError) as error:  # disk full, a path that stopped being a
+                # directory, a lost mount: one line
+                save = self.args.checkpoint.save
+                reason = error if isinstance(error, ckpt.CheckpointWriteError) else ckpt.write_failure(error, save)
                 raise ckpt.CheckpointError(
-                    f"writing the checkpoint of iteration {self.state.iteration} to {self.args.checkpoint.save} "
-                    f"failed: {error}; the newest complete checkpoint there: {self._newest_checkpoint() or 'none'}"
-                ) from error
+                    f"writing the checkpoint of iteration {self.state.iteration} to {save} failed: {reason}; the "
+                    f"newest complete checkpoint there: {self._newest_checkpoint() or 'none'}"
+                ) from None
 
     def _save(self) -> str:
         directory = ckpt.iteration_directory(self.args.checkpoint.save, self.state.iteration)

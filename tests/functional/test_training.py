@@ -180,6 +180,28 @@ def test_a_failed_checkpoint_write_ends_the_run_with_one_line_and_no_process_lef
     assert not [pid for pid in children if process_running(pid)]
 
 
+def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_frees_the_half_written_files(workdir):
+    """megatron-core's writers report a failed write (ENOSPC; here EFBIG from a per-file size limit that the
+    checkpoint's 1 MB shards exceed) as torch's CheckpointException, whose text is a traceback per rank."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an OSError from write(), not death by signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, 500_000))
+
+    command = [sys.executable, str(ROOT / "pretrain_puffin.py"), *STAGE, *STREAMS, "--micro-batch-size", "2",
+               "--train-iters", "4", "--save", "full", "--save-interval", "2"]
+    proc = subprocess.run(command, cwd=workdir, env=dict(ENV, PYTHONWARNINGS="ignore"), capture_output=True,
+                          text=True, timeout=600, preexec_fn=limit)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("pretrain_puffin.py (rank 0): writing the checkpoint of iteration 2 to full failed: ") \
+        and "MiB free on its file system); the newest complete checkpoint there: none" in line, line
+    assert sorted(p.name for p in (workdir / "full").iterdir()) == [".puffin_run.lock"]  # no iter_0000002.tmp
+
+
 def test_golden_losses_of_tiny_stage2(workdir):
     run_pretrain(workdir, *STAGE, f"@{TINY / 'stage2_sft.args'}", "--pretrained-checkpoint", "", "--save", "golden",
          "--train-iters", "20", "--save-interval", "100", "--metrics-file", "golden.jsonl")
