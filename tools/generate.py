@@ -73,7 +73,7 @@ def build_parser():
 # -- requests --------------------------------------------------------------------------------------------------------
 def _read_rows(path: Path) -> List[Dict[str, Any]]:
     if not path.is_file():
-        raise UsageError(f"--prompts {path}: no such file")
+        raise UsageError(f"--prompts {path}: " + ("not a regular file" if path.exists() else "no such file"))
     try:
         if path.suffix.lower() == ".csv":
             with path.open(newline="") as handle:
@@ -177,7 +177,8 @@ def check_init_images(requests) -> None:
 
     for path in sorted({r["init_image"] for r in requests if r["init_image"]}):
         if not os.path.isfile(path):
-            raise UsageError(f"initial view {path}: no such file")
+            raise UsageError(f"initial view {path}: " + ("not a regular file" if os.path.exists(path) else
+                                                         "no such file"))
         try:
             decode_image(Path(path).read_bytes())
         except ValueError as error:

@@ -123,7 +123,8 @@ class Progress:
 
 
 def run_tool(prog: str, body: Callable[[], int], expected: Tuple[type, ...]) -> int:
-    """Runs ``body``; an expected error becomes one line on stderr and exit code 2; the process group is released."""
+    """Runs ``body``; an expected error becomes one line on stderr and exit code 2, a file-system error mid-run (a
+    full disk, a lost mount) one line and exit code 1; the process group is released."""
     import megatron_puffin.distributed as mpd
 
     try:
@@ -132,5 +133,10 @@ def run_tool(prog: str, body: Callable[[], int], expected: Tuple[type, ...]) -> 
         message = " ".join(str(error).split())
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
+    except OSError as error:  # the tools write batch by batch and resume: nothing finished is lost
+        where = f": {error.filename}" if error.filename else ""
+        print(f"{prog}: error: {error.strerror or error}{where}; the outputs finished so far are kept: fix that and "
+              "run the same command again (it resumes)", file=sys.stderr)
+        return 1
     finally:
         mpd.destroy()

@@ -14,6 +14,7 @@ from helpers.puffin import ROOT, make_tiny_dataset, run_script, start_script
 
 ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 NEW_TOKENS = 6
+LIMIT_BYTES = 12_000  # above the process-group store file, below one generated PNG
 STEPS = 2
 
 
@@ -291,3 +292,32 @@ def test_inspect_batches_shows_the_prompt_and_the_trained_answer(artefacts):
     bad = run_script(ROOT / "examples" / "inspect_batches.py", "--tokenizer", paths["tokenizer"], "--task-stream",
                      f"image2text:{root / 'tiny' / 'raw'}:2", cwd=os.getcwd(), env=ENV, check=False)
     assert bad.returncode == 2 and "looks like raw Puffin-4M data" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_full_disk_is_one_line_and_the_same_command_resumes(artefacts, tmp_path, capsys):
+    """A write that fails mid-run (ENOSPC; here EFBIG from a per-file size limit below one generated PNG): one line
+    and exit 1, not a traceback; what was finished stays, and the same command without the limit completes."""
+    import resource
+    import signal
+
+    root = artefacts[0]
+    command = ["--checkpoint", str(root / "run"), "--output-dir", str(tmp_path / "gen"), "--caption", "a room",
+               "--roll", "0.1", "--pitch", "0", "--vfov", "1.0", "--steps", str(STEPS), "--no-progress"]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an OSError from write(), not death by signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT_BYTES, hard))
+    try:
+        code = _tool_main("generate.py")(command)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+        mpd.initialize(seed=0)
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == ("generate.py: error: File too large; the outputs finished so far are "
+                                            "kept: fix that and run the same command again (it resumes)"), err
+    try:
+        assert _tool_main("generate.py")(command) == 0
+    finally:
+        mpd.initialize(seed=0)
+    assert (tmp_path / "gen" / "contact_sheet.png").is_file()
