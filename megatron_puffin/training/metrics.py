@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import resource
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -166,6 +167,24 @@ class Report:
         return values
 
 
+def _quiet_tensorboard_write_errors() -> None:
+    """TensorBoard writes its events from a thread: a failed write (a full disk) ends that thread with a traceback
+    printed by Python, before the next ``add_scalar`` re-raises it where MetricsWriter logs it as one warning. Only
+    that thread's OSError is made one log line; every other thread error keeps Python's handling."""
+    previous = threading.excepthook
+    if getattr(previous, "puffin_tensorboard", False):
+        return
+
+    def hook(args):
+        if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+            logger.warning("TensorBoard's writer thread stopped: %s", args.exc_value)
+            return
+        previous(args)
+
+    hook.puffin_tensorboard = True
+    threading.excepthook = hook
+
+
 class MetricsWriter:
     """Writes reports to the log, TensorBoard and a JSON-lines file (on the rank that owns the losses)."""
 
@@ -180,7 +199,9 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(log_dir=tensorboard_dir)
+            _quiet_tensorboard_write_errors()
         self.lost_lines = 0  # metrics-file lines not written since the last one that was
+        self.lost_events = 0  # TensorBoard writes (one per log line) that failed since the last one that did not
 
     def write(self, report: Report) -> None:
         if not self.active:
@@ -211,7 +232,16 @@ class MetricsWriter:
                 self.tensorboard.add_scalar(tag, value, iteration)
             self.tensorboard.flush()
         except OSError as error:  # a full disk or a lost mount must not end the training run
-            logger.warning("TensorBoard events of iteration %d not written (%s); training goes on", iteration, error)
+            if not self.lost_events:  # once, not at every log line: the next success says how many went
+                logger.warning("TensorBoard events of iteration %d not written (%s); training goes on (TensorBoard "
+                               "stops writing for the rest of the run; the log and --metrics-file keep every "
+                               "number)", iteration, error)
+            self.lost_events += 1
+            return
+        if self.lost_events:
+            logger.warning("TensorBoard events written again; those of %d log line(s) before were lost",
+                           self.lost_events)
+        self.lost_events = 0
 
     def _append(self, record: Dict) -> None:
         """One JSON line to the metrics file. A failed write (disk full, the directory removed, a lost mount) is
@@ -235,4 +265,8 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.tensorboard is not None:
-            self.tensorboard.close()
+            try:
+                self.tensorboard.close()  # flushes what is still buffered
+            except OSError as error:  # as in _tensorboard: the run's work is in its checkpoints, not in these events
+                logger.warning("TensorBoard events not all written at the end of the run (%s)", error)
+            self.tensorboard = None
