@@ -606,7 +606,11 @@ class Trainer:
         record = {"status": status, "reason": reason, "iteration": self.state.iteration,
                   "train_iters": self.args.training.train_iters,
                   "checkpoint": ckpt.iteration_directory(self.args.checkpoint.save, self.state.iteration)}
-        write_text_atomically(os.path.join(self.args.checkpoint.save, STATUS_FILE), json.dumps(record, indent=1))
+        try:
+            write_text_atomically(os.path.join(self.args.checkpoint.save, STATUS_FILE), json.dumps(record, indent=1))
+        except OSError as error:  # the checkpoint is saved; a launcher without this file does not requeue
+            logger.warning("%s not written (%s): the run ended %s at iteration %d", STATUS_FILE, error, status,
+                           self.state.iteration)
 
     def _count_skip(self, result) -> None:
         self.state.skipped_total += 1
