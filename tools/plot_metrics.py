@@ -15,6 +15,7 @@ task's training loss, and the median camera errors ``valid_camera/<stream>/media
 a PNG of exactly ``--width`` x ``--height`` pixels.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -240,8 +241,15 @@ def render(scalars: Dict[str, Series], losses: Dict[str, Series], args: argparse
     axes[-1, 0].set_xlabel("iteration")
     figure.tight_layout()
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.output, dpi=DPI, format="png")
-    plt.close(figure)
+    partial = args.output.with_name(args.output.name + ".partial")
+    try:  # whole or not at all: a full disk must not leave a cut PNG where the plot was
+        figure.savefig(partial, dpi=DPI, format="png")
+        os.replace(partial, args.output)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(figure)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -253,7 +261,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    render(scalars, losses, args)
+    try:
+        render(scalars, losses, args)
+    except OSError as error:  # a full disk, a lost mount
+        print(f"error: writing --output {args.output} failed ({error.strerror or error})", file=sys.stderr)
+        return 1
     last = max(int(steps[-1]) for steps, _ in losses.values())
     extra = "".join(f"; {what} {', '.join(names)}" for what, names in
                     (("validation", list(valid_losses(scalars))), ("camera errors", list(camera_series(scalars))))
