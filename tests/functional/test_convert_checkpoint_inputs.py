@@ -1,16 +1,14 @@
 """tools/convert_checkpoint.py refuses bad inputs with one line naming the input, before any work, and never runs
 code from a file: random bytes, a pickle that would create a file, an empty HF directory, an existing output
 directory, TP=2 in one process, and a crafted ``.metadata`` in a distributed checkpoint (mcore-to-hf)."""
-import contextlib
 import functools
 import importlib.util
 import pickle
-import resource
-import signal
 from pathlib import Path
 
 import pytest
 
+from helpers.faults import file_size_limit
 from helpers.llm import hf_qwen2, tiny_llm_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,19 +115,6 @@ def test_damaged_converted_checkpoint_names_the_file(tmp_path, capsys, damage):
     assert ("SHA-256" if damage == "flip" else "the manifest records") in line
 
 
-@contextlib.contextmanager
-def _file_size_limit(max_bytes):
-    """Writes past ``max_bytes`` in any one file fail with EFBIG (as a full disk fails them, ENOSPC) while inside."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an OSError from write(), not death by signal
-    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
-
-
 @pytest.mark.parametrize("command", ["hf-to-mcore", "mcore-to-hf"])
 def test_a_write_failure_is_one_line_and_publishes_nothing(tmp_path, capsys, command):
     hf_qwen2(tiny_llm_config(tied=True), seed=1).save_pretrained(tmp_path / "hf", safe_serialization=True)
@@ -138,7 +123,7 @@ def test_a_write_failure_is_one_line_and_publishes_nothing(tmp_path, capsys, com
     else:
         assert _main(capsys, "hf-to-mcore", "--hf-dir", tmp_path / "hf", "--output", tmp_path / "ckpt")[0] == 0
         argv = ["mcore-to-hf", "--input", tmp_path / "ckpt", "--output", tmp_path / "out"]
-    with _file_size_limit(200_000):  # above the process-group store file, below the 1.2 MB of weights
+    with file_size_limit(200_000):  # above the process-group store file, below the 1.2 MB of weights
         code, err = _main(capsys, *argv)
     line = _one_line(err)
     assert code == 1 and line.endswith(f"--output {tmp_path / 'out'} was not published (outputs appear whole or not "

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import megatron_puffin.distributed as mpd
+from helpers.faults import file_size_limit
 from helpers.inference import build_tiny_model, save_model_checkpoint
 from helpers.puffin import ROOT, make_tiny_dataset, run_script, start_script
 
@@ -297,20 +298,13 @@ def test_inspect_batches_shows_the_prompt_and_the_trained_answer(artefacts):
 def test_a_full_disk_is_one_line_and_the_same_command_resumes(artefacts, tmp_path, capsys):
     """A write that fails mid-run (ENOSPC; here EFBIG from a per-file size limit below one generated PNG): one line
     and exit 1, not a traceback; what was finished stays, and the same command without the limit completes."""
-    import resource
-    import signal
-
     root = artefacts[0]
     command = ["--checkpoint", str(root / "run"), "--output-dir", str(tmp_path / "gen"), "--caption", "a room",
                "--roll", "0.1", "--pitch", "0", "--vfov", "1.0", "--steps", str(STEPS), "--no-progress"]
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an OSError from write(), not death by signal
-    resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT_BYTES, hard))
     try:
-        code = _tool_main("generate.py")(command)
+        with file_size_limit(LIMIT_BYTES):
+            code = _tool_main("generate.py")(command)
     finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
         mpd.initialize(seed=0)
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err, err

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from helpers.faults import file_size_limit_in_child
 from helpers.puffin import run_script
 from megatron_puffin.data.format import PuffinDataset
 from megatron_puffin.data.preprocess import PreprocessOptions, preprocess
@@ -165,17 +166,6 @@ def test_heldout_records_split_off_the_last_records_of_every_subset(raw, tmp_pat
         preprocess(PreprocessOptions(raw, tmp_path / "a_file" / "out", progress=False))
 
 
-def _file_size_limit(max_bytes):
-    """preexec_fn: writes past ``max_bytes`` in any one file fail with EFBIG, as a full disk fails them (ENOSPC)."""
-    def apply():
-        import resource
-        import signal
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an OSError from write(), not death by signal
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
-    return apply
-
-
 def test_a_write_failure_is_one_line_leaves_no_half_shard_and_the_same_command_finishes(raw, tmp_path):
     import subprocess
     import sys
@@ -184,7 +174,7 @@ def test_a_write_failure_is_one_line_leaves_no_half_shard_and_the_same_command_f
                "--no-progress", "--workers", "1", "--shard-size", "4"]
     env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300,
-                          preexec_fn=_file_size_limit(5_000))  # smaller than a shard's images
+                          preexec_fn=file_size_limit_in_child(5_000))  # smaller than a shard's images
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and error[0].startswith(f"error: writing under --output-prefix {tmp_path / 'out'} failed "

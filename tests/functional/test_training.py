@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.faults import file_size_limit_in_child
 from megatron_puffin.training import host_memory
 from helpers.puffin import CLI_ENV as ENV, ROOT, make_tiny_dataset, metrics_losses as _losses, process_running, \
     run_pretrain, start_script
@@ -183,18 +184,13 @@ def test_a_failed_checkpoint_write_ends_the_run_with_one_line_and_no_process_lef
 def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_frees_the_half_written_files(workdir):
     """megatron-core's writers report a failed write (ENOSPC; here EFBIG from a per-file size limit that the
     checkpoint's 1 MB shards exceed) as torch's CheckpointException, whose text is a traceback per rank."""
-    import resource
     import subprocess
     import sys
-
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an OSError from write(), not death by signal
-        resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, 500_000))
 
     command = [sys.executable, str(ROOT / "pretrain_puffin.py"), *STAGE, *STREAMS, "--micro-batch-size", "2",
                "--train-iters", "4", "--save", "full", "--save-interval", "2"]
     proc = subprocess.run(command, cwd=workdir, env=dict(ENV, PYTHONWARNINGS="ignore"), capture_output=True,
-                          text=True, timeout=600, preexec_fn=limit)
+                          text=True, timeout=600, preexec_fn=file_size_limit_in_child(500_000))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("pretrain_puffin.py (rank 0): writing the checkpoint of iteration 2 to full failed: ") \

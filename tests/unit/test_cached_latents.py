@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import megatron_puffin.distributed as mpd
+from helpers.faults import file_size_limit_in_child
 from helpers.puffin import IMAGE_SIZE, NUM_QUERIES, ROOT, TASK_STREAMS, make_tiny_dataset, tiny_puffin_config
 from megatron_puffin.training.objectives import puffin_loss
 
@@ -178,8 +179,6 @@ def test_other_latents_are_replaced_only_when_asked_and_never_half_way(cached, t
 def test_a_write_failure_is_one_line_and_leaves_the_shard_as_it_was(cached, tmp_path):
     """A full disk (here: a per-file size limit, whose EFBIG reaches the same handler as ENOSPC) while the latents
     are written: one line, exit 1, no partial field files, the shard as before; the same command then finishes."""
-    import resource
-    import signal
     import subprocess
     import sys
 
@@ -193,14 +192,11 @@ def test_a_write_failure_is_one_line_and_leaves_the_shard_as_it_was(cached, tmp_
         path.unlink()
     before = {path.name: path.read_bytes() for path in shard.iterdir()}
 
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an OSError from write(), not death by signal
-        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000, 2_000))
-
     command = [sys.executable, str(ROOT / "tools" / "cache_latents.py"), "--data", str(shard), "--vae-config",
                paths["vae_config"], "--seed", "0", "--image-size", str(IMAGE_SIZE), "--dtype", "float32"]
     env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, preexec_fn=limit)
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300,
+                          preexec_fn=file_size_limit_in_child(2_000))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: writing the latents failed (File too large"), \
         proc.stderr[-3000:]

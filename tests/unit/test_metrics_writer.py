@@ -4,6 +4,7 @@ import json
 import logging
 import shutil
 
+from helpers.faults import file_size_limit
 from megatron_puffin.training.metrics import MetricsWriter
 
 
@@ -29,22 +30,13 @@ def test_a_failed_metrics_line_is_logged_counted_and_training_goes_on(tmp_path, 
 def test_tensorboard_on_a_full_disk_is_one_warning_and_training_goes_on(tmp_path, caplog, capsys):
     """TensorBoard writes its events from a thread: a full disk (here EFBIG from a per-file size limit) ended that
     thread with a printed traceback, and the writer's close() at the end of a finished run raised (exit 1)."""
-    import resource
-    import signal
-
     writer = MetricsWriter(["image2text"], tensorboard_dir=str(tmp_path / "tb"))
     writer.write_scalars(1, {"loss/image2text": 2.5}, "iteration 1")
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an OSError from write(), not death by signal
-    resource.setrlimit(resource.RLIMIT_FSIZE, (max(f.stat().st_size for f in (tmp_path / "tb").iterdir()), hard))
-    try:
-        with caplog.at_level(logging.WARNING, logger="megatron_puffin.training.metrics"):
-            for iteration in range(2, 12):
-                writer.write_scalars(iteration, {"loss/image2text": 2.0}, f"iteration {iteration}")  # no raise
-            writer.close()  # no raise
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
+    events = max(f.stat().st_size for f in (tmp_path / "tb").iterdir())
+    with file_size_limit(events), caplog.at_level(logging.WARNING, logger="megatron_puffin.training.metrics"):
+        for iteration in range(2, 12):
+            writer.write_scalars(iteration, {"loss/image2text": 2.0}, f"iteration {iteration}")  # no raise
+        writer.close()  # no raise
     failures = [r.getMessage() for r in caplog.records if "not written" in r.getMessage()]
     assert len(failures) == 1 and "File too large" in failures[0], failures  # once, not at every log line
     assert "Traceback" not in capsys.readouterr().err

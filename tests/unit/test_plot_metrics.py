@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.faults import file_size_limit
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -179,20 +181,11 @@ def test_validation_losses_and_camera_errors_are_drawn(tool, tmp_path, capsys):
 def test_a_full_disk_is_one_line_and_leaves_no_cut_png(tool, tmp_path, capsys):
     """A write that fails (ENOSPC; here EFBIG from a per-file size limit below the PNG): one line, exit 1, and
     no partial file where the plot (or a previous one) was."""
-    import resource
-    import signal
-
     write_run(tmp_path / "tb")
     output = tmp_path / "loss.png"
     output.write_bytes(b"the previous plot")
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an OSError from write(), not death by signal
-    resource.setrlimit(resource.RLIMIT_FSIZE, (2_000, hard))
-    try:
+    with file_size_limit(2_000):
         code = tool.main(["--tensorboard-dir", str(tmp_path / "tb"), "--output", str(output)])
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
     assert code == 1
     assert capsys.readouterr().err.strip() == f"error: writing --output {output} failed (File too large)"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "tb"]
