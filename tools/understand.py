@@ -16,8 +16,9 @@ Tasks: understanding (the base caption prompt, or the thinking prompt with --thi
 A stopped run resumes: finished batches are kept in OUTPUT.partial.jsonl and the same command again decodes only
 the rest. See docs/inference.md.
 """
-import json
 import argparse
+import collections
+import json
 import logging
 import math
 import os
@@ -68,7 +69,13 @@ def collect_images(sources: List[str]) -> List[Path]:
     paths: List[Path] = []
     for source in map(Path, sources):
         if source.is_dir():  # sub-folders too: Puffin-4M keeps images in numbered folders (local_folder/000000/)
-            paths += sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            files = [p for p in source.rglob("*") if p.is_file()]
+            images = sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES)
+            if len(images) < len(files):  # said, not silently dropped (a .gif or .tif is not read)
+                other = sorted(p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES)
+                logger.warning("--images %s: %d file(s) without an image suffix (%s) skipped, e.g. %s", source,
+                               len(other), ", ".join(IMAGE_SUFFIXES), other[0])
+            paths += images
         elif source.suffix.lower() == ".txt" and source.is_file():
             lines = [line.strip() for line in source.read_text().splitlines()]
             paths += [Path(line) if os.path.isabs(line) else source.parent / line for line in lines if line]
@@ -78,8 +85,8 @@ def collect_images(sources: List[str]) -> List[Path]:
             raise UsageError(f"--images {source}: no such file or folder")
     if not paths:
         raise UsageError(f"--images {' '.join(sources)}: no images found (suffixes {', '.join(IMAGE_SUFFIXES)})")
-    names = [p.name for p in paths]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    counts = collections.Counter(p.name for p in paths)  # linear: folders hold hundreds of thousands of images
+    duplicates = sorted(name for name, count in counts.items() if count > 1)
     if duplicates:
         raise UsageError(f"--images: several images are named {duplicates[0]} (ids are file names); rename them")
     return paths

@@ -240,10 +240,12 @@ def test_an_interrupted_understand_keeps_finished_batches_and_a_rerun_resumes(ar
     assert resumed == json.loads((root / "und_resume" / "straight.json").read_text())
 
 
-def test_image_folders_are_searched_with_their_sub_folders(tmp_path):
+def test_image_folders_are_searched_with_their_sub_folders(tmp_path, caplog):
     """A Puffin-4M image folder keeps its images in numbered sub-folders (local_folder/000000/*.jpg); the folder
-    itself must work as --images, in path order, and two images of one name stay an error (ids are file names)."""
+    itself must work as --images, in path order, files of other suffixes are skipped with a warning that says so,
+    and two images of one name stay an error (ids are file names)."""
     import importlib.util
+    import logging
 
     from megatron_puffin.inference.cli import UsageError
 
@@ -253,8 +255,11 @@ def test_image_folders_are_searched_with_their_sub_folders(tmp_path):
     for name in ("000001/b.jpg", "000000/a.png", "000000/notes.txt", "c.jpg"):
         (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "images" / name).write_bytes(b"")
-    found = tool.collect_images([str(tmp_path / "images")])
+    with caplog.at_level(logging.WARNING, logger="understand"):
+        found = tool.collect_images([str(tmp_path / "images")])
     assert [p.relative_to(tmp_path / "images").as_posix() for p in found] == ["000000/a.png", "000001/b.jpg", "c.jpg"]
+    assert f"1 file(s) without an image suffix (.jpg, .jpeg, .png, .webp, .bmp) skipped, e.g. " \
+           f"{tmp_path / 'images' / '000000' / 'notes.txt'}" in caplog.text
     (tmp_path / "images" / "000001" / "a.png").write_bytes(b"")
     with pytest.raises(UsageError, match="several images are named a.png"):
         tool.collect_images([str(tmp_path / "images")])
