@@ -56,6 +56,10 @@ def main(argv=None) -> int:
     except (CheckpointError, TrainingError) as error:
         print(f"pretrain_puffin.py (rank {rank}): {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # SIGINT outside the training loop (building, loading); in it, Ctrl-C saves and stops
+        print(f"pretrain_puffin.py (rank {rank}): interrupted (SIGINT) before training started or after its last "
+              "save; nothing trained is lost", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

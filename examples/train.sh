@@ -14,12 +14,14 @@
 #   LOG_DIR         directory of train-<date>.log (default: logs)
 #
 # Exit status: torchrun's. It is 0 when every rank of pretrain_puffin.py finished with 0; torchrun reports any
-# other rank exit status as 1, including 75 ("stopped early after saving" on SIGTERM / SIGUSR1 /
+# other rank exit status as 1, including 75 ("stopped early after saving" on SIGTERM / SIGUSR1 / SIGINT /
 # --exit-duration-in-mins; its summary then reads "exitcode : 75"): rerun with --load <the --save directory>.
 # With SAVE_DIR, the status rank 0 wrote to SAVE_DIR/run_status.json ("finished", "interrupted": rerun to resume,
 # "stopped": --exit-interval) is printed at the end. SIGTERM and SIGUSR1 sent to this script are forwarded to
-# torchrun, which forwards them to the ranks; the terminal's SIGINT (Ctrl-C), SIGQUIT and SIGHUP go to its whole
-# process group, so they reach torchrun and the ranks directly.
+# torchrun, which forwards them to the ranks; the terminal's SIGINT (Ctrl-C), SIGQUIT and SIGHUP go to this
+# script's process group, which holds torchrun but not the ranks (torchrun starts each in a session of its own):
+# torchrun forwards them. Ctrl-C stops like SIGTERM (save, exit 75); a second Ctrl-C makes torchrun send SIGTERM,
+# which the saving ranks ignore.
 set -euo pipefail
 # Signals torchrun forwards to the ranks (its --signals-to-handle, read from PET_*; torch < 2.9 ignores it and
 # forwards only SIGTERM, SIGINT, SIGHUP and SIGQUIT).

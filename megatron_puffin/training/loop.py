@@ -15,7 +15,7 @@ Where the weights come from, in order of precedence:
    towers the above did not supply.
 4. Random initialisation (seeded) for the rest. What came from where is logged.
 
-Stopping: SIGTERM or SIGUSR1 (a scheduler's warning before the time limit), ``--exit-duration-in-mins`` and
+Stopping: SIGTERM or SIGUSR1 (a scheduler's warning before the time limit), SIGINT (Ctrl-C), ``--exit-duration-in-mins`` and
 ``--exit-interval`` save a checkpoint at the next step boundary (all ranks agree through one all-reduce per step)
 and return; :data:`EXIT_INTERRUPTED` tells launchers the run is not finished and should be requeued.
 """
@@ -107,9 +107,14 @@ class TrainState:
 
 
 class StopFlag:
-    """Records SIGTERM / SIGUSR1; the loop acts on it at the next step boundary."""
+    """Records SIGTERM / SIGUSR1 / SIGINT; the loop acts on it at the next step boundary.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGINT is Ctrl-C: in a terminal it reaches ``python pretrain_puffin.py`` directly, and torchrun (whose ranks run
+    in sessions of their own) forwards it to every rank. Without a handler it raised ``KeyboardInterrupt`` wherever
+    the rank was, mid-step or in a collective, and every step since the last periodic save was lost.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received: Optional[str] = None
@@ -121,8 +126,8 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         if self.received:  # e.g. a launcher repeating its signal while the checkpoint is written
-            logger.warning("%s received while stopping (%s): ignored, the save goes on",
-                           signal.Signals(signum).name, self.received)
+            logger.warning("%s received while stopping (%s): ignored, the save goes on (SIGKILL aborts it, "
+                           "losing the steps since the last checkpoint)", signal.Signals(signum).name, self.received)
             return
         self.received = signal.Signals(signum).name
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from multiprocessing import resource_tracker
 from multiprocessing.managers import SyncManager
 from typing import Any
 
@@ -38,6 +39,13 @@ def write_results_queue() -> Any:
 
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        # A spawn first launches multiprocessing's resource tracker where it is not running yet (a run's first
+        # save), and that launch ends by *unblocking* SIGINT and SIGTERM in this thread (its own protection,
+        # bpo-33613): the manager's process then started unprotected, and the second signal of a double Ctrl-C
+        # or of a launcher's SIGINT-then-SIGTERM killed it, failing the interrupt save with EOFError. So the
+        # tracker is launched first, then the manager under a fresh block.
+        with stop_signals_blocked():
+            resource_tracker.ensure_running()
         with stop_signals_blocked():
             manager.start(initializer=ignore_stop_signals_and_die_with, initargs=(os.getpid(),))
         filesystem_async._results_queue = manager.Queue()

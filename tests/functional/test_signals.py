@@ -5,7 +5,9 @@ run_status.json "interrupted" and leaves no process behind.
     write-results queue's process of the periodic save before it included) saves; a second SIGTERM to the rank's
     process group while the checkpoint is being written does not kill the save;
 (b) SIGUSR1 to plain torchrun (which does not handle it and dies) makes the rank save and exit, not orphan it;
-(c) a rank killed with SIGKILL after a periodic save takes its data-loader workers and the queue's process with it.
+(c) Ctrl-C twice to plain torchrun (SIGINT to its process group, then again) makes the rank save, not raise
+    KeyboardInterrupt;
+(d) a rank killed with SIGKILL after a periodic save takes its data-loader workers and the queue's process with it.
 """
 import json
 import os
@@ -127,6 +129,32 @@ def test_sigusr1_to_plain_torchrun_does_not_orphan_the_rank(workdir):
     status = _status(workdir / "run_usr1")
     assert (status["status"], status["reason"]) == ("interrupted", "signal"), status
     assert (workdir / "run_usr1" / Path(status["checkpoint"]).name).is_dir()
+
+
+def test_ctrl_c_twice_to_plain_torchrun_saves(workdir):
+    # Ctrl-C in a terminal: SIGINT to torchrun's process group (torchrun's ranks run in sessions of their own, so
+    # torchrun forwards it to each rank's group, workers included), then a second Ctrl-C, on which torchrun sends
+    # SIGTERM to the ranks. The first used to raise KeyboardInterrupt in the rank, losing every step since the last
+    # save; now the rank saves at the next step boundary and ignores the second.
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                             str(ROOT / "pretrain_puffin.py"), *FLAGS, "--save", "run_int", "--metrics-file",
+                             "int.jsonl"], cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    _wait_for(lambda: _metrics_lines(workdir / "int.jsonl") >= 2, proc, "two iterations")
+    rank = _rank_pid(proc.pid)
+    assert rank is not None and os.getpgid(rank) != proc.pid  # what makes torchrun's forwarding the only path
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.3)
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+    except ProcessLookupError:  # torchrun already done: the rank saved faster than the second Ctrl-C came
+        pass
+    output, _ = proc.communicate(timeout=TIMEOUT)
+    assert "KeyboardInterrupt" not in output and "pretrain_puffin.py\", line" not in output, output[-4000:]
+    status = _status(workdir / "run_int")
+    assert (status["status"], status["reason"]) == ("interrupted", "signal"), status
+    assert (workdir / "run_int" / Path(status["checkpoint"]).name).is_dir()
+    _assert_all_end([rank], "after torchrun ended")
 
 
 def test_a_rank_killed_with_sigkill_takes_its_workers_with_it(workdir):

@@ -67,3 +67,36 @@ def test_queue_process_ignores_stop_signals_and_dies_with_its_rank():
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+FIRST_SPAWN = r"""
+import json, multiprocessing, signal
+from multiprocessing import resource_tracker, util
+from megatron_puffin.platform import setup
+from megatron_puffin.process_lifetime import STOP_SIGNALS
+setup()
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+spawned, spawn = [], util.spawnv_passfds
+def recording_spawn(path, args, passfds):  # the signal mask each new process starts with (inherited over exec)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    spawned.append({"cmd": str(args[-1])[-80:], "unblocked": sorted(s.name for s in STOP_SIGNALS if s not in blocked)})
+    return spawn(path, args, passfds)
+util.spawnv_passfds = recording_spawn
+tracker_was_running = resource_tracker._resource_tracker._fd is not None
+filesystem_async._get_write_results_queue()
+print(json.dumps({"tracker_was_running": tracker_was_running, "spawned": spawned}), flush=True)
+"""
+
+
+def test_the_first_spawn_of_a_process_starts_the_queue_process_with_the_stop_signals_blocked():
+    # A run's first save is the first spawn of the rank: multiprocessing launches its resource tracker first, and
+    # that launch unblocks SIGINT and SIGTERM when done. The queue's process must still start with every stop
+    # signal blocked (it sets "ignore" before unblocking them), or the second signal of a double Ctrl-C kills it.
+    env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-c", FIRST_SPAWN], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not report["tracker_was_running"], report
+    assert len(report["spawned"]) == 2, report  # the tracker, then the manager
+    assert all(not spawn["unblocked"] for spawn in report["spawned"]), report
