@@ -1,5 +1,6 @@
 """Signals and lifetime of the processes a rank starts: its DataLoader workers and the server of megatron-core's
-checkpoint write-results queue (:mod:`megatron_puffin.training.save_queue`).
+checkpoint write-results queue (:mod:`megatron_puffin.training.save_queue`); and Ctrl-C in the command-line tools
+(:func:`exit_on_ctrl_c`, :func:`worker_pool`).
 
 torchrun (and Slurm) stop a run by signalling each rank's whole process group, and those processes are in that
 group. A worker killed by SIGTERM makes the rank's DataLoader raise ("worker ... is killed by signal") before the
@@ -21,7 +22,8 @@ import ctypes.util
 import logging
 import os
 import signal
-from typing import Iterator, Optional
+import sys
+from typing import Callable, Iterator, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -90,3 +92,47 @@ def die_with_launcher() -> None:
     (SIGUSR1 without ``--signals-to-handle``) leaves no orphaned rank: the rank saves and exits as on SIGTERM."""
     if "TORCHELASTIC_RUN_ID" in os.environ and set_parent_death_signal(signal.SIGTERM):
         logger.debug("SIGTERM on launcher exit (PR_SET_PDEATHSIG)")
+
+
+# -- Ctrl-C in the command-line tools ----------------------------------------------------------------------------
+EXIT_CTRL_C = 130
+"""Exit status of a tool stopped by Ctrl-C (128 + SIGINT, what a shell reports for a command it interrupted)."""
+
+
+def ignore_ctrl_c() -> None:
+    """``initializer`` of :func:`worker_pool`'s workers (started with SIGINT blocked): ignore it, then unblock it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
+def worker_pool(context, workers: int):
+    """A ``multiprocessing`` pool of ``context`` for the tools, whose workers ignore Ctrl-C.
+
+    A terminal's Ctrl-C reaches the whole foreground process group: every worker printed its own
+    ``KeyboardInterrupt`` traceback, while the tool's main process is the one that handles it and ends the pool
+    (``Pool.__exit__`` terminates the workers with SIGTERM). The pool is created with SIGINT blocked: a Ctrl-C during
+    a fork would otherwise kill a worker before its initializer ran, or be swallowed in the main process (Python
+    ignores exceptions raised in its at-fork callbacks), and the tool ran on; it is delivered when the block is
+    lifted. The pool's threads keep the block, so workers it starts later are protected the same way.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+    try:
+        return context.Pool(workers, initializer=ignore_ctrl_c)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def exit_on_ctrl_c(prog: str, main: Callable[[], int], kept: str) -> int:
+    """Run a tool's ``main``; Ctrl-C (``KeyboardInterrupt``) becomes one line saying what was kept, and
+    :data:`EXIT_CTRL_C`, instead of a traceback.
+
+    Args:
+        prog: The tool's name, first on the line.
+        main: The tool's main function; its return value is the exit status.
+        kept: What an interrupted run leaves and how to go on (each tool's own recovery).
+    """
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (Ctrl-C); {kept}", file=sys.stderr)
+        return EXIT_CTRL_C

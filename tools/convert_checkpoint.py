@@ -521,4 +521,7 @@ def input_problem(args: argparse.Namespace) -> Optional[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_puffin.process_lifetime import exit_on_ctrl_c
+
+    sys.exit(exit_on_ctrl_c("convert_checkpoint.py", main,
+                            "no partial output is left (the staging folder is removed): run the same command again"))

@@ -62,4 +62,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_puffin.process_lifetime import exit_on_ctrl_c
+
+    sys.exit(exit_on_ctrl_c("evaluate_camera.py", main,
+                            "the files in --output-dir may be incomplete: run the same command again"))

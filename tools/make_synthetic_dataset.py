@@ -71,4 +71,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_puffin.process_lifetime import exit_on_ctrl_c
+
+    sys.exit(exit_on_ctrl_c("make_synthetic_dataset.py", main,
+                            "--output is incomplete: run the same command again (it starts over)"))

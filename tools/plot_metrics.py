@@ -245,7 +245,7 @@ def render(scalars: Dict[str, Series], losses: Dict[str, Series], args: argparse
     try:  # whole or not at all: a full disk must not leave a cut PNG where the plot was
         figure.savefig(partial, dpi=DPI, format="png")
         os.replace(partial, args.output)
-    except OSError:
+    except BaseException:  # also Ctrl-C
         partial.unlink(missing_ok=True)
         raise
     finally:
@@ -275,4 +275,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_puffin.process_lifetime import exit_on_ctrl_c
+
+    sys.exit(exit_on_ctrl_c("plot_metrics.py", main,
+                            "no plot was written or replaced: run the same command again"))

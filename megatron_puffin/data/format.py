@@ -130,7 +130,7 @@ class ShardWriter:
     def __init__(self, shard_dir: Union[str, os.PathLike], subset: str, source: Optional[Dict[str, Any]] = None,
                  flags: Optional[Dict[str, Any]] = None):
         self.shard_dir = Path(shard_dir)
-        self.tmp_dir = self.shard_dir.with_name(self.shard_dir.name + ".tmp")
+        self.tmp_dir = self.staging_dir(shard_dir)
         if self.shard_dir.exists():
             raise FileExistsError(f"shard {self.shard_dir} already exists")
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
@@ -142,6 +142,12 @@ class ShardWriter:
             for name, spec in FIELDS.items()
         }
         self._field_bytes = {name: 0 for name in FIELDS}
+
+    @staticmethod
+    def staging_dir(shard_dir: Union[str, os.PathLike]) -> Path:
+        """Where the shard ``shard_dir`` is written until :meth:`finalize` renames it into place."""
+        shard_dir = Path(shard_dir)
+        return shard_dir.with_name(shard_dir.name + ".tmp")
 
     def add(self, record: PuffinRecord) -> None:
         """Appends one sample (all fields)."""

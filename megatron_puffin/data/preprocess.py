@@ -32,6 +32,7 @@ from megatron_puffin.data.puffin4m import (
     mark_duplicates,
 )
 from megatron_puffin.files import folder_problem, write_text_atomically
+from megatron_puffin.process_lifetime import worker_pool
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ def _map_chunks(tasks: List[Any], workers: int) -> Iterator[List[Tuple[Optional[
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with context.Pool(workers) as pool:
+    with worker_pool(context, workers) as pool:
         yield from pool.imap(_process_chunk, tasks)
 
 
@@ -219,9 +220,9 @@ class _Tally:
 
 def _write_shard(plan, source, flags, results, tally, options, bar) -> None:
     """Consumes one shard's chunk results in order and publishes the shard."""
-    writer = ShardWriter(plan.directory, plan.layout.name, source, flags)
     bad_counts: Dict[str, int] = {}
     try:
+        writer = ShardWriter(plan.directory, plan.layout.name, source, flags)
         for chunk in results:
             for record, bad in chunk:
                 if bad is not None:
@@ -235,7 +236,7 @@ def _write_shard(plan, source, flags, results, tally, options, bar) -> None:
             bar.update(len(chunk))
         writer.finalize(bad_counts)
     except BaseException:  # a full disk, strict mode, Ctrl-C: the half-written shard goes (a re-run redoes it)
-        shutil.rmtree(writer.tmp_dir, ignore_errors=True)
+        shutil.rmtree(ShardWriter.staging_dir(plan.directory), ignore_errors=True)
         raise
     stats = tally.subset(plan.key)
     stats["samples"] += writer.num_samples

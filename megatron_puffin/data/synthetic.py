@@ -40,6 +40,7 @@ from megatron_puffin.data.synthetic_scene import describe_view, render, sample_s
 from megatron_puffin.data.tokenizer import train_sentencepiece_tokenizer
 from megatron_puffin.distributed.random import derive_seed
 from megatron_puffin.files import folder_problem
+from megatron_puffin.process_lifetime import worker_pool
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +280,8 @@ def make_synthetic_dataset(options: SyntheticOptions) -> Dict[str, int]:
              for subset, count in sizes.items() for start in range(0, count, chunk)]
     if options.workers > 1:
         methods = multiprocessing.get_all_start_methods()
-        with multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(options.workers) as pool:
+        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        with worker_pool(context, options.workers) as pool:
             chunks = pool.map(_run_chunk, tasks)
     else:
         chunks = [_run_chunk(task) for task in tasks]

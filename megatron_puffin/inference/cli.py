@@ -124,8 +124,10 @@ class Progress:
 
 def run_tool(prog: str, body: Callable[[], int], expected: Tuple[type, ...]) -> int:
     """Runs ``body``; an expected error becomes one line on stderr and exit code 2, a file-system error mid-run (a
-    full disk, a lost mount) one line and exit code 1; the process group is released."""
+    full disk, a lost mount) one line and exit code 1, Ctrl-C one line and exit code 130; the process group is
+    released."""
     import megatron_puffin.distributed as mpd
+    from megatron_puffin.process_lifetime import EXIT_CTRL_C
 
     try:
         return body()
@@ -138,5 +140,9 @@ def run_tool(prog: str, body: Callable[[], int], expected: Tuple[type, ...]) -> 
         print(f"{prog}: error: {error.strerror or error}{where}; the outputs finished so far are kept: fix that and "
               "run the same command again (it resumes)", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: every finished batch is in the journal
+        print(f"{prog}: interrupted (Ctrl-C); the outputs finished so far are kept: run the same command again "
+              "(it resumes)", file=sys.stderr)
+        return EXIT_CTRL_C
     finally:
         mpd.destroy()

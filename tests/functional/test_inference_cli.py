@@ -221,8 +221,10 @@ def test_an_interrupted_understand_keeps_finished_batches_and_a_rerun_resumes(ar
 
     monkeypatch.setattr(inference, "understand", interrupted)
     try:
-        with pytest.raises(KeyboardInterrupt):
-            _tool_main("understand.py")(command(out))
+        assert _tool_main("understand.py")(command(out)) == 130  # one line, no traceback
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            "understand.py: interrupted (Ctrl-C); the outputs finished so far are kept: run the same command again "
+            "(it resumes)")
         journal = out.with_name("predictions.json.partial.jsonl")
         assert [json.loads(line)["id"] for line in journal.read_text().splitlines()[1:]] == [p.name for p in images[:2]]
         assert not out.exists()

@@ -188,3 +188,42 @@ def test_a_write_failure_is_one_line_leaves_no_half_shard_and_the_same_command_f
     for subset in ("main", "cross_view", "photography"):
         finished, clean = PuffinDataset(tmp_path / "out" / subset), PuffinDataset(tmp_path / "clean" / subset)
         assert [finished[i]["key"] for i in range(len(finished))] == [clean[i]["key"] for i in range(len(clean))]
+
+
+def test_ctrl_c_with_workers_is_one_line_leaves_no_half_shard_and_the_same_command_finishes(tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the whole process group: the tool and its pool workers), delivered mid-run:
+    the group is stopped (SIGSTOP) as soon as the first shard is published, signalled, and continued, so the
+    interrupt lands while later shards are being written. Before, the tool and every worker printed a
+    KeyboardInterrupt traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    raw = tmp_path / "raw"
+    make_synthetic_dataset(SyntheticOptions(raw, num_samples=160, image_size=96, seed=3, num_cross_view=0,
+                                            num_photography=0, supersample=1, workers=1))
+    command = [sys.executable, str(TOOL), "--input", str(raw), "--output-prefix", str(tmp_path / "out"),
+               "--no-progress", "--workers", "2", "--shard-size", "4"]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    first = tmp_path / "out" / "main" / "shard-00000"
+    while not first.is_dir():
+        assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGSTOP)
+    assert proc.poll() is None, "the run ended before the interrupt"
+    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, (out[-2000:], err[-3000:])
+    assert err.strip().splitlines() == [
+        "preprocess_data.py: interrupted (Ctrl-C); the finished shards are kept and the half-written one removed: "
+        "run the same command again, it writes only the unfinished shards"], err[-3000:]
+    assert not list((tmp_path / "out").rglob("*.tmp")), "a half-written shard was left behind"
+    done = sorted(p.name for p in (tmp_path / "out" / "main").iterdir())
+    assert 1 <= len(done) < 40, done
+
+    subprocess.run(command, check=True, capture_output=True, env=env, timeout=300)
+    preprocess(PreprocessOptions(raw, tmp_path / "clean", workers=1, shard_size=4, progress=False))
+    finished, clean = PuffinDataset(tmp_path / "out" / "main"), PuffinDataset(tmp_path / "clean" / "main")
+    assert [finished[i]["key"] for i in range(len(finished))] == [clean[i]["key"] for i in range(len(clean))]
