@@ -20,8 +20,8 @@
 # "stopped": --exit-interval) is printed at the end. SIGTERM and SIGUSR1 sent to this script are forwarded to
 # torchrun, which forwards them to the ranks; the terminal's SIGINT (Ctrl-C), SIGQUIT and SIGHUP go to this
 # script's process group, which holds torchrun but not the ranks (torchrun starts each in a session of its own):
-# torchrun forwards them. Ctrl-C stops like SIGTERM (save, exit 75); a second Ctrl-C makes torchrun send SIGTERM,
-# which the saving ranks ignore.
+# torchrun forwards them. Ctrl-C and SIGHUP stop like SIGTERM (save, exit 75); a second Ctrl-C makes torchrun send
+# SIGTERM, which the saving ranks ignore.
 set -euo pipefail
 # Signals torchrun forwards to the ranks (its --signals-to-handle, read from PET_*; torch < 2.9 ignores it and
 # forwards only SIGTERM, SIGINT, SIGHUP and SIGQUIT).

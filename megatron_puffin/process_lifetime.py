@@ -27,8 +27,9 @@ from typing import Callable, Iterator, Optional
 
 logger = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-"""Signals the training process handles (save and stop) and the processes it starts ignore."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+"""Signals the training process handles (save and stop) and the processes it starts ignore: a scheduler's stop or
+warning, Ctrl-C, and the terminal closing (SIGHUP; torchrun forwards it to every rank's process group)."""
 
 _PR_SET_PDEATHSIG = 1
 

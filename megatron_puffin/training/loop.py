@@ -15,7 +15,7 @@ Where the weights come from, in order of precedence:
    towers the above did not supply.
 4. Random initialisation (seeded) for the rest. What came from where is logged.
 
-Stopping: SIGTERM or SIGUSR1 (a scheduler's warning before the time limit), SIGINT (Ctrl-C), ``--exit-duration-in-mins`` and
+Stopping: SIGTERM or SIGUSR1 (a scheduler's warning before the time limit), SIGINT (Ctrl-C), SIGHUP, ``--exit-duration-in-mins`` and
 ``--exit-interval`` save a checkpoint at the next step boundary (all ranks agree through one all-reduce per step)
 and return; :data:`EXIT_INTERRUPTED` tells launchers the run is not finished and should be requeued.
 """
@@ -36,6 +36,7 @@ import megatron_puffin.distributed as mpd
 from megatron_puffin.distributed.random import derive_seed, seed_everything
 from megatron_puffin.files import write_text_atomically
 from megatron_puffin.models.extra_state import drop_absent_extra_state, load_model_state
+from megatron_puffin.process_lifetime import STOP_SIGNALS
 from megatron_puffin.training import checkpointing as ckpt
 from megatron_puffin.training.data_parallel import (
     as_model_dtensors,
@@ -107,14 +108,16 @@ class TrainState:
 
 
 class StopFlag:
-    """Records SIGTERM / SIGUSR1 / SIGINT; the loop acts on it at the next step boundary.
+    """Records the stop signals (:data:`~megatron_puffin.process_lifetime.STOP_SIGNALS`: SIGTERM, SIGUSR1, SIGINT,
+    SIGHUP); the loop acts on it at the next step boundary.
 
-    SIGINT is Ctrl-C: in a terminal it reaches ``python pretrain_puffin.py`` directly, and torchrun (whose ranks run
-    in sessions of their own) forwards it to every rank. Without a handler it raised ``KeyboardInterrupt`` wherever
-    the rank was, mid-step or in a collective, and every step since the last periodic save was lost.
+    SIGINT is Ctrl-C and SIGHUP the terminal closing (an ssh session lost without tmux): in a terminal they reach
+    ``python pretrain_puffin.py`` directly, and torchrun (whose ranks run in sessions of their own) forwards them
+    to every rank. Without a handler, SIGINT raised ``KeyboardInterrupt`` wherever the rank was, mid-step or in a
+    collective, and SIGHUP ended the rank; either lost every step since the last periodic save.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self) -> None:
         self.received: Optional[str] = None

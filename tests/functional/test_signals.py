@@ -7,7 +7,8 @@ run_status.json "interrupted" and leaves no process behind.
 (b) SIGUSR1 to plain torchrun (which does not handle it and dies) makes the rank save and exit, not orphan it;
 (c) Ctrl-C twice to plain torchrun (SIGINT to its process group, then again) makes the rank save, not raise
     KeyboardInterrupt;
-(d) a rank killed with SIGKILL after a periodic save takes its data-loader workers and the queue's process with it.
+(d) SIGHUP to torchrun (the terminal closed), forwarded to the rank's group, saves; the workers ignore it;
+(e) a rank killed with SIGKILL after a periodic save takes its data-loader workers and the queue's process with it.
 """
 import json
 import os
@@ -155,6 +156,26 @@ def test_ctrl_c_twice_to_plain_torchrun_saves(workdir):
     assert (status["status"], status["reason"]) == ("interrupted", "signal"), status
     assert (workdir / "run_int" / Path(status["checkpoint"]).name).is_dir()
     _assert_all_end([rank], "after torchrun ended")
+
+
+def test_the_terminal_closing_under_torchrun_saves_and_the_workers_survive_it(workdir):
+    # SIGHUP (the terminal or ssh session gone) to torchrun, which forwards it to the rank's whole process group:
+    # the rank used to die of it, losing the steps since the last save; its data-loader workers too.
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                             str(ROOT / "pretrain_puffin.py"), *FLAGS, "--save", "run_hup", "--metrics-file",
+                             "hup.jsonl"], cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    _wait_for(lambda: _metrics_lines(workdir / "hup.jsonl") >= 2, proc, "two iterations")
+    rank = _rank_pid(proc.pid)
+    workers = [pid for pid in _children(rank) if _alive(pid)]
+    assert len(workers) >= 2, "expected two data-loader workers"
+    proc.send_signal(signal.SIGHUP)
+    output, _ = proc.communicate(timeout=TIMEOUT)
+    assert "pretrain_puffin.py\", line" not in output and "data-loader worker died" not in output, output[-4000:]
+    status = _status(workdir / "run_hup")
+    assert (status["status"], status["reason"]) == ("interrupted", "signal"), status
+    assert (workdir / "run_hup" / Path(status["checkpoint"]).name).is_dir()
+    _assert_all_end([rank, *workers], "after torchrun ended")
 
 
 def test_a_rank_killed_with_sigkill_takes_its_workers_with_it(workdir):
