@@ -22,7 +22,7 @@ import shutil
 from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -255,23 +255,38 @@ def reopen_field(shard_dir: Path, name: str, num_bytes: int, num_samples: int) -
             at start-up (the shard was replaced).
     """
     prefix = str(shard_dir / name)
-    gone = "; the shard was moved, deleted or replaced while the run was reading it: put it back and resume"
     for path in (get_idx_path(prefix), get_bin_path(prefix)):
         if not os.path.isfile(path):
-            raise ShardUnavailableError(f"shard {shard_dir}: {path} no longer exists{gone}")
-    size = os.path.getsize(get_bin_path(prefix))
-    if size != num_bytes:
-        raise ShardUnavailableError(f"shard {shard_dir}: {get_bin_path(prefix)} now has {size} bytes, {num_bytes} "
-                                    f"when the run started (truncated or rewritten){gone}")
+            raise ShardUnavailableError(f"shard {shard_dir}: {path} no longer exists{_GONE}")
+    _check_unchanged_size(shard_dir, get_bin_path(prefix), os.path.getsize(get_bin_path(prefix)), num_bytes)
     try:
         dataset = _open_field(prefix, num_bytes)
     except (AssertionError, OSError, ValueError) as error:  # megatron-core asserts, numpy/mmap raise
         raise ShardUnavailableError(f"shard {shard_dir}: field {name} cannot be opened ({type(error).__name__}: "
-                                    f"{error}){gone}") from None
+                                    f"{error}){_GONE}") from None
     if len(dataset) != num_samples:
         raise ShardUnavailableError(f"shard {shard_dir}: field {name} now holds {len(dataset)} samples, "
-                                    f"{num_samples} when the run started{gone}")
+                                    f"{num_samples} when the run started{_GONE}")
     return dataset
+
+
+_GONE = "; the shard was moved, deleted or replaced while the run was reading it: put it back and resume"
+
+
+def _check_unchanged_size(shard_dir: Path, bin_path: str, size: int, num_bytes: int) -> None:
+    if size != num_bytes:
+        raise ShardUnavailableError(f"shard {shard_dir}: {bin_path} now has {size} bytes, {num_bytes} when the run "
+                                    f"started (truncated or rewritten){_GONE}")
+
+
+def _mapped_file(dataset: IndexedDataset) -> Optional[int]:
+    """The descriptor of the ``.bin`` file ``dataset`` has memory-mapped (megatron-core's reader keeps it open), to
+    ``fstat`` the mapped file itself even if its path was replaced; None for another reader."""
+    handle = getattr(getattr(dataset, "bin_reader", None), "_bin_file_reader", None)
+    try:
+        return handle.fileno() if handle is not None else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def find_shards(path: Union[str, os.PathLike]) -> List[Path]:
@@ -345,18 +360,35 @@ class _Shard:
         self.num_samples = int(self.manifest["num_samples"])
         self.subset = self.manifest.get("subset", "")
         self._fields: Optional[Dict[str, IndexedDataset]] = None
+        self._files: Dict[str, Tuple[Optional[int], str, int]] = {}  # per field: mapped descriptor, path, bytes
         self._pid: Optional[int] = None
 
     def fields(self) -> Dict[str, IndexedDataset]:
         if self._fields is None or self._pid != os.getpid():
             self._fields = {name: reopen_field(self.dir, name, self.manifest["fields"][name]["num_bytes"],
                                                self.num_samples) for name in FIELDS}
+            self._files = {name: (_mapped_file(dataset), get_bin_path(str(self.dir / name)),
+                                  self.manifest["fields"][name]["num_bytes"]) for name, dataset in self._fields.items()}
             self._pid = os.getpid()
         return self._fields
 
+    def check_unchanged(self, name: str) -> None:
+        """Raise :class:`ShardUnavailableError` if field ``name``'s ``.bin`` file no longer has the size it had
+        when the run started. Reading a memory-mapped file past its new end is a SIGBUS, which Python cannot catch:
+        in a DataLoader worker it killed the worker, and with ``--num-workers 0`` the rank itself, without a save.
+        One ``fstat`` per read (about a microsecond) leaves only the moment between this check and the read."""
+        self.fields()
+        descriptor, bin_path, num_bytes = self._files[name]
+        try:
+            size = os.fstat(descriptor).st_size if descriptor is not None else os.path.getsize(bin_path)
+        except OSError:
+            raise ShardUnavailableError(f"shard {self.dir}: {bin_path} no longer exists{_GONE}") from None
+        if size != num_bytes:
+            _check_unchanged_size(self.dir, bin_path, size, num_bytes)
+
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_fields"], state["_pid"] = None, None
+        state["_fields"], state["_files"], state["_pid"] = None, {}, None
         return state
 
 
@@ -405,6 +437,7 @@ class PuffinDataset(torch.utils.data.Dataset):
         shard, local = self.locate(index)
         if shard.manifest["fields"][name]["num_bytes"] == 0:
             return np.zeros(0, dtype=_NUMPY_DTYPES[FIELDS[name]["dtype"]])
+        shard.check_unchanged(name)
         return shard.fields()[name][local]
 
     def __getitem__(self, index: int) -> Dict[str, Any]:

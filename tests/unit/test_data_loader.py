@@ -1,4 +1,7 @@
 """The loader end to end on a tiny synthetic dataset: batches, exact resume, workers, DP-size change, checks."""
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -175,10 +178,10 @@ def test_a_shard_gone_while_the_run_reads_it_is_one_error_not_bad_samples(data, 
         reopen_field(shard, "key", started.manifest["fields"]["key"]["num_bytes"], started.num_samples)
 
 
-def test_a_shard_truncated_under_a_running_worker_is_a_named_sigbus_then_one_error(data, tmp_path, caplog):
-    """Reading a memory-mapped file past its new end is a SIGBUS that kills the worker (torch blames shared
-    memory); the restarted workers check every field's size against the one the run started with and stop with one
-    error naming the file. Never counted as bad samples."""
+def test_a_shard_truncated_under_a_running_worker_is_one_error_not_a_sigbus(data, tmp_path, caplog):
+    """Reading a memory-mapped file past its new end is a SIGBUS (it killed the worker, and torch blamed shared
+    memory): every read first checks the mapped file's size against the one the run started with, so the running
+    worker stops with one error naming the file. Never counted as bad samples."""
     import shutil
 
     from megatron_puffin.data.loader import DataUnavailableError
@@ -199,9 +202,66 @@ def test_a_shard_truncated_under_a_running_worker_is_a_named_sigbus_then_one_err
             [next(iterator) for _ in range(4)]
     finally:
         iterator.close()
+    assert "Bus error" not in caplog.text
+    assert loader.bad_samples_total == 0 and loader.worker_restarts == 0
+
+
+def test_a_shard_truncated_under_a_loader_without_workers_is_one_error_not_a_bus_error(data, tmp_path):
+    """With --num-workers 0 the rank reads the memory maps itself: the SIGBUS of a read past a truncated file's end
+    ended the process ("Bus error", no save). In a child process, so that a regression cannot kill the suite."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(data / "idx", tmp_path / "idx")
+    child = f"""
+import sys
+sys.path[:0] = {[str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]!r}
+from pathlib import Path
+from megatron_puffin.data import DataConfig, build_data_loader
+from megatron_puffin.data.loader import DataUnavailableError
+config = DataConfig(task_stream=["cam2image:{tmp_path / 'idx'}/main:2"], tokenizer={str(data / 'tok.model')!r},
+                    num_workers=0, image_size=96, pin_memory=False)
+iterator = iter(build_data_loader(config, seed=5))
+next(iterator)
+for shard in sorted(Path({str(tmp_path / 'idx' / 'main')!r}).iterdir()):
+    with open(shard / "image.bin", "r+b") as handle:
+        handle.truncate(1)
+try:
+    [next(iterator) for _ in range(4)]
+except DataUnavailableError as error:
+    print("stopped:", error)
+"""
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES=""))
+    assert result.returncode == 0, (result.returncode, result.stderr[-3000:])  # -7: SIGBUS
+    assert "image.bin now has 1 bytes" in result.stdout and "(truncated or rewritten)" in result.stdout, result.stdout
+
+
+def test_a_worker_killed_by_sigbus_is_named_as_such_and_restarted(data, caplog):
+    """torch's message for a worker's SIGBUS only names shared memory; ours names the memory-mapped shards too (a
+    truncation in the moment between the size check and the read still ends that way)."""
+    import multiprocessing
+    import signal
+    import time
+
+    config = _config(data, ["cam2image:{idx}/main:2"], num_workers=1, prefetch_factor=1)
+    loader = build_data_loader(config, seed=5)
+    before = set(multiprocessing.active_children())
+    iterator = iter(loader)
+    try:
+        next(iterator)
+        workers = [process for process in multiprocessing.active_children() if process not in before]
+        assert workers
+        os.kill(workers[0].pid, signal.SIGBUS)
+        time.sleep(0.5)
+        with caplog.at_level("WARNING", logger="megatron_puffin.data.loader"):
+            [next(iterator) for _ in range(3)]
+    finally:
+        iterator.close()
     assert "Bus error (SIGBUS: a memory-mapped shard file truncated while the run read it, or /dev/shm too " \
            "small)" in caplog.text and "shared memory limit" not in caplog.text
-    assert loader.bad_samples_total == 0 and loader.worker_restarts == 1
+    assert loader.worker_restarts == 1
 
 
 def test_restoring_at_another_data_parallel_size_continues_the_global_order(data):
