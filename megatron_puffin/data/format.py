@@ -22,7 +22,7 @@ import shutil
 from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -246,8 +246,9 @@ def _open_field(prefix: str, num_bytes: int) -> IndexedDataset:
     return IndexedDataset(prefix, multimodal=False, mmap=num_bytes > 0)
 
 
-def reopen_field(shard_dir: Path, name: str, num_bytes: int, num_samples: int) -> IndexedDataset:
-    """Memory-maps a field of a shard checked at start-up again (in a new process: a DataLoader worker).
+def reopen_field(shard_dir: Path, name: str, num_bytes: int, num_samples: int) -> "MappedField":
+    """Memory-maps a field of a shard checked at start-up again (in a new process: a DataLoader worker); every read
+    of the result checks the file's size again (:class:`MappedField`).
 
     Raises:
         ShardUnavailableError: Its files are gone, unreadable, of another size (truncated: reading past the end of a
@@ -267,7 +268,7 @@ def reopen_field(shard_dir: Path, name: str, num_bytes: int, num_samples: int) -
     if len(dataset) != num_samples:
         raise ShardUnavailableError(f"shard {shard_dir}: field {name} now holds {len(dataset)} samples, "
                                     f"{num_samples} when the run started{_GONE}")
-    return dataset
+    return MappedField(dataset, shard_dir, get_bin_path(prefix), num_bytes)
 
 
 _GONE = "; the shard was moved, deleted or replaced while the run was reading it: put it back and resume"
@@ -279,14 +280,44 @@ def _check_unchanged_size(shard_dir: Path, bin_path: str, size: int, num_bytes: 
                                     f"started (truncated or rewritten){_GONE}")
 
 
-def _mapped_file(dataset: IndexedDataset) -> Optional[int]:
-    """The descriptor of the ``.bin`` file ``dataset`` has memory-mapped (megatron-core's reader keeps it open), to
-    ``fstat`` the mapped file itself even if its path was replaced; None for another reader."""
-    handle = getattr(getattr(dataset, "bin_reader", None), "_bin_file_reader", None)
-    try:
-        return handle.fileno() if handle is not None else None
-    except (OSError, ValueError, AttributeError):
-        return None
+class MappedField:
+    """A field of a shard memory-mapped in this process (:func:`reopen_field`), read like megatron-core's
+    ``IndexedDataset`` (``field[i]``, slices, ``len``, ``sequence_lengths``).
+
+    Every read first checks that the mapped ``.bin`` file still has the size it had when the run started. Reading a
+    memory-mapped file past its new end is a SIGBUS, which Python cannot catch: in a DataLoader worker it killed the
+    worker, and with ``--num-workers 0`` the rank itself, without a save. The check is one ``fstat`` of the
+    descriptor megatron-core's reader keeps open (the mapped file itself, even if its path was replaced; about a
+    microsecond), which leaves only the moment between the check and the read.
+    """
+
+    def __init__(self, dataset: IndexedDataset, shard_dir: Path, bin_path: str, num_bytes: int):
+        self.dataset, self.shard_dir, self.bin_path, self.num_bytes = dataset, shard_dir, bin_path, num_bytes
+        handle = getattr(getattr(dataset, "bin_reader", None), "_bin_file_reader", None)
+        try:
+            self._descriptor: Optional[int] = handle.fileno() if handle is not None else None
+        except (OSError, ValueError, AttributeError):
+            self._descriptor = None
+
+    def check_unchanged(self) -> None:
+        """Raises :class:`ShardUnavailableError` when the file no longer has its size from the run's start."""
+        try:
+            size = os.fstat(self._descriptor).st_size if self._descriptor is not None else \
+                os.path.getsize(self.bin_path)
+        except OSError:
+            raise ShardUnavailableError(f"shard {self.shard_dir}: {self.bin_path} no longer exists{_GONE}") from None
+        _check_unchanged_size(self.shard_dir, self.bin_path, size, self.num_bytes)
+
+    def __getitem__(self, index):
+        self.check_unchanged()
+        return self.dataset[index]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def sequence_lengths(self) -> np.ndarray:
+        return self.dataset.sequence_lengths
 
 
 def find_shards(path: Union[str, os.PathLike]) -> List[Path]:
@@ -359,36 +390,19 @@ class _Shard:
                 _check_field(shard_dir, name, self.manifest)
         self.num_samples = int(self.manifest["num_samples"])
         self.subset = self.manifest.get("subset", "")
-        self._fields: Optional[Dict[str, IndexedDataset]] = None
-        self._files: Dict[str, Tuple[Optional[int], str, int]] = {}  # per field: mapped descriptor, path, bytes
+        self._fields: Optional[Dict[str, MappedField]] = None
         self._pid: Optional[int] = None
 
-    def fields(self) -> Dict[str, IndexedDataset]:
+    def fields(self) -> Dict[str, "MappedField"]:
         if self._fields is None or self._pid != os.getpid():
             self._fields = {name: reopen_field(self.dir, name, self.manifest["fields"][name]["num_bytes"],
                                                self.num_samples) for name in FIELDS}
-            self._files = {name: (_mapped_file(dataset), get_bin_path(str(self.dir / name)),
-                                  self.manifest["fields"][name]["num_bytes"]) for name, dataset in self._fields.items()}
             self._pid = os.getpid()
         return self._fields
 
-    def check_unchanged(self, name: str) -> None:
-        """Raise :class:`ShardUnavailableError` if field ``name``'s ``.bin`` file no longer has the size it had
-        when the run started. Reading a memory-mapped file past its new end is a SIGBUS, which Python cannot catch:
-        in a DataLoader worker it killed the worker, and with ``--num-workers 0`` the rank itself, without a save.
-        One ``fstat`` per read (about a microsecond) leaves only the moment between this check and the read."""
-        self.fields()
-        descriptor, bin_path, num_bytes = self._files[name]
-        try:
-            size = os.fstat(descriptor).st_size if descriptor is not None else os.path.getsize(bin_path)
-        except OSError:
-            raise ShardUnavailableError(f"shard {self.dir}: {bin_path} no longer exists{_GONE}") from None
-        if size != num_bytes:
-            _check_unchanged_size(self.dir, bin_path, size, num_bytes)
-
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_fields"], state["_files"], state["_pid"] = None, {}, None
+        state["_fields"], state["_pid"] = None, None
         return state
 
 
@@ -437,7 +451,6 @@ class PuffinDataset(torch.utils.data.Dataset):
         shard, local = self.locate(index)
         if shard.manifest["fields"][name]["num_bytes"] == 0:
             return np.zeros(0, dtype=_NUMPY_DTYPES[FIELDS[name]["dtype"]])
-        shard.check_unchanged(name)
         return shard.fields()[name][local]
 
     def __getitem__(self, index: int) -> Dict[str, Any]:

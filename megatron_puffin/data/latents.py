@@ -28,9 +28,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, get_bin_path, get_idx_path
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
-from megatron_puffin.data.format import MANIFEST_NAME, PuffinDataset, read_manifest, reopen_field
+from megatron_puffin.data.format import MANIFEST_NAME, MappedField, PuffinDataset, read_manifest, reopen_field
 from megatron_puffin.files import write_text_atomically
 
 logger = logging.getLogger(__name__)
@@ -212,12 +212,12 @@ class LatentCache:
     def __init__(self, dataset: PuffinDataset, vae: Optional[Mapping[str, Any]], image_size: int, image_unit: int,
                  what: str):
         self.dataset = dataset
-        self._fields: Dict[int, Dict[str, IndexedDataset]] = {}
+        self._fields: Dict[int, Dict[str, MappedField]] = {}
         self._pid: Optional[int] = None
         for shard in dataset.shards:
             check_latent_manifest(shard.manifest, shard.dir, vae, image_size, image_unit, what)
 
-    def _shard_fields(self, shard) -> Dict[str, IndexedDataset]:
+    def _shard_fields(self, shard) -> Dict[str, MappedField]:
         if self._pid != os.getpid():  # memory maps are reopened after a fork (DataLoader workers)
             self._fields, self._pid = {}, os.getpid()
         key = id(shard)

@@ -249,3 +249,31 @@ def test_sixteen_bit_storage_round_trips_the_cast():
     for dtype, torch_dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)):
         restored = _from_storage(_to_storage(moments, dtype), dtype).reshape(moments.shape)
         assert torch.equal(restored, moments.to(torch_dtype).float()), dtype
+
+
+def test_latents_truncated_under_the_run_are_one_error_not_a_sigbus(cached, tmp_path):
+    """The cached moments are memory-mapped like the other fields: reads check the file's size first. In a child
+    process, so that a regression (a SIGBUS) cannot kill the suite."""
+    import subprocess
+    import sys
+
+    paths = cached[0]
+    shutil.copytree(f"{paths['data']}/main", tmp_path / "main")
+    shard = sorted((tmp_path / "main").glob("shard-*"))[0]
+    child = f"""
+from megatron_puffin.data.format import PuffinDataset, ShardUnavailableError
+from megatron_puffin.data.latents import LatentCache
+cache = LatentCache(PuffinDataset({str(tmp_path / 'main')!r}), None, {IMAGE_SIZE}, 32, "--task-stream text2image")
+assert cache.moments(0)["target_moments"].shape[0] == 2
+with open({str(shard / 'latent_image.bin')!r}, "r+b") as handle:
+    handle.truncate(4)
+try:
+    cache.moments(0)
+except ShardUnavailableError as error:
+    print("stopped:", error)
+"""
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="",
+                                     PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0, (result.returncode, result.stderr[-3000:])  # -7: SIGBUS
+    assert "latent_image.bin now has 4 bytes" in result.stdout, result.stdout
