@@ -58,6 +58,9 @@ def build_parser():
     parser.add_argument("--yaw", type=float, default=1.5710,
                         help="spatial-imagination yaw deviation in radians, positive turns left (default: 1.5710)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="decoding limit (default: 512)")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="leave out images that cannot be read (named in a warning and counted in the summary) "
+                             "instead of stopping before the model loads")
     parser.add_argument("--image-mode", choices=["center_crop", "resize"], default=None,
                         help="centre square crop then resize (understanding default) or straight resize (default of "
                              "the cross-view tasks)")
@@ -92,17 +95,30 @@ def collect_images(sources: List[str]) -> List[Path]:
     return paths
 
 
-def check_images(paths: List[Path]) -> None:
-    """Every image decodes (before the model is loaded)."""
+def check_images(paths: List[Path], skip_bad: bool = False) -> List[Path]:
+    """The images that decode, checked before the model is loaded. Every image is tried, so one message lists all
+    the bad ones (a folder of thousands should not need a re-run per bad file); without ``skip_bad`` any bad image
+    is an error, with it the bad ones are left out with a warning naming them."""
     from megatron_puffin.data.images import decode_image
 
+    good, bad = [], []
     for path in paths:
-        if not path.is_file():
-            raise UsageError(f"image {path}: no such file")
         try:
             decode_image(path.read_bytes())
-        except ValueError as error:
-            raise UsageError(f"image {path} does not decode ({error}); remove or replace it") from None
+            good.append(path)
+        except FileNotFoundError:
+            bad.append(f"{path}: no such file")
+        except (OSError, ValueError) as error:
+            bad.append(f"{path} does not decode ({error})")
+    if bad:
+        listed = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        if not skip_bad:
+            raise UsageError(f"{len(bad)} of {len(paths)} images cannot be read: {listed}; remove or replace them, "
+                             "or pass --skip-bad-images to describe the others")
+        logger.warning("--skip-bad-images: %d of %d images left out: %s", len(bad), len(paths), "; ".join(bad))
+        if not good:
+            raise UsageError(f"none of the {len(paths)} images can be read: {listed}")
+    return good
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -128,8 +144,8 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
     from megatron_puffin.data import templates
 
     check_args(args)
-    paths = collect_images(args.images)
-    check_images(paths)
+    listed = collect_images(args.images)
+    paths = check_images(listed, args.skip_bad_images)
     output = prepare_output_file(args.output, "--output")
     mode = args.image_mode or ("center_crop" if args.task == "understanding" else "resize")
     prompt = args.prompt or {"understanding": None, "photography": templates.PHOTOGRAPHY_PROMPT,
@@ -165,8 +181,9 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
         journal.remove()
         unparsed = sum(record["camera"] is None for record in records)
         reused = f", {len(paths) - len(todo)} kept from an interrupted run" if len(todo) < len(paths) else ""
-        print(f"wrote {output}: {len(records)} images ({unparsed} without a camera in the answer{reused}) from "
-              f"{loaded.checkpoint}")
+        skipped = f", {len(listed) - len(paths)} unreadable left out" if len(paths) < len(listed) else ""
+        print(f"wrote {output}: {len(records)} images ({unparsed} without a camera in the answer{reused}{skipped}) "
+              f"from {loaded.checkpoint}")
     return 0
 
 

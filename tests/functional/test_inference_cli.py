@@ -242,6 +242,36 @@ def test_an_interrupted_understand_keeps_finished_batches_and_a_rerun_resumes(ar
     assert resumed == json.loads((root / "und_resume" / "straight.json").read_text())
 
 
+def test_every_unreadable_image_is_named_at_once_and_skip_bad_images_describes_the_others(artefacts, capsys):
+    """A folder with two good images and three bad ones: one line naming the count and the first ones, before the
+    model loads; with --skip-bad-images the good ones are described and the summary counts the others."""
+    import shutil
+
+    root, _, _, images = artefacts
+    folder = root / "mixed"
+    folder.mkdir()
+    for image in images[:2]:
+        shutil.copy(image, folder / image.name)
+    (folder / "a_empty.jpg").write_bytes(b"")
+    (folder / "b_text.png").write_text("not an image")
+    (folder / "c_cut.jpg").write_bytes(images[2].read_bytes()[:200])
+    out = root / "mixed_out" / "predictions.json"
+    command = ["--checkpoint", str(root / "run"), "--images", str(folder), "--output", str(out),
+               "--max-new-tokens", str(NEW_TOKENS), "--no-progress"]
+    try:
+        assert _tool_main("understand.py")(command) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("understand.py: error: 3 of 5 images cannot be read: "), lines
+        assert "a_empty.jpg does not decode (image_empty" in lines[0] and "c_cut.jpg" in lines[0], lines
+        assert lines[0].endswith("or pass --skip-bad-images to describe the others"), lines
+        assert not out.exists()
+        assert _tool_main("understand.py")(command + ["--skip-bad-images"]) == 0
+    finally:
+        mpd.initialize(seed=0)
+    assert [r["id"] for r in json.loads(out.read_text())] == sorted(p.name for p in images[:2])
+    assert "3 unreadable left out" in capsys.readouterr().out
+
+
 def test_image_folders_are_searched_with_their_sub_folders(tmp_path, caplog):
     """A Puffin-4M image folder keeps its images in numbered sub-folders (local_folder/000000/*.jpg); the folder
     itself must work as --images, in path order, files of other suffixes are skipped with a warning that says so,
