@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         predictions = read_predictions(args.predictions)
-        metrics, scored = evaluate_predictions(predictions, read_ground_truth(args.ground_truth))
+        ground_truth = read_ground_truth(args.ground_truth)
+        metrics, scored = evaluate_predictions(predictions, ground_truth)
         if args.output_dir.exists() and not args.output_dir.is_dir():
             raise EvaluationInputError(f"--output-dir {args.output_dir} exists and is not a folder")
     except EvaluationInputError as error:
@@ -57,6 +58,10 @@ def main(argv=None) -> int:
         print(f"error: --output-dir {args.output_dir}: cannot write the report ({error})", file=sys.stderr)
         return 2
     print(format_table(metrics, title))
+    if len(scored) < len(ground_truth):  # e.g. understand.py --skip-bad-images, or a partial prediction run
+        print(f"note: {len(ground_truth) - len(scored)} of the {len(ground_truth)} images of --ground-truth have no "
+              "prediction and are not scored: the numbers above are not comparable with a full run's",
+              file=sys.stderr)
     print("wrote " + ", ".join(map(str, paths)))
     return 0
 

@@ -58,6 +58,9 @@ def test_understand_writes_the_library_answers_and_evaluate_camera_scores_them(a
                    root / "tiny" / "raw" / "cameras.csv", "--output-dir", root / "und" / "eval")
     metrics = json.loads((root / "und" / "eval" / "metrics.json").read_text())
     assert metrics["num_images"] == len(images) and "median_roll_error" in metrics, scored.stdout
+    rows = len((root / "tiny" / "raw" / "cameras.csv").read_text().splitlines()) - 1
+    assert rows > len(images)  # images of the ground truth without a prediction are said to be missing
+    assert f"note: {rows - len(images)} of the {rows} images of --ground-truth have no prediction" in scored.stderr
 
 
 def test_generate_writes_images_contact_sheet_json_and_camera_faithfulness(artefacts):
