@@ -111,15 +111,27 @@ def test_sigterm_to_train_sh_saves_with_workers_and_a_second_signal_does_not_kil
     _assert_all_end([rank, *children], "after the run stopped")
 
 
-def test_sigusr1_to_plain_torchrun_does_not_orphan_the_rank(workdir):
-    env = {k: v for k, v in ENV.items() if k != "PET_SIGNALS_TO_HANDLE"}
+def _plain_torchrun(workdir, name, env=ENV):
+    """``torchrun`` (its own session, as a terminal's foreground job) training with ``--save run_NAME`` after two
+    iterations; returns (the torchrun process, its rank's pid)."""
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-                             str(ROOT / "pretrain_puffin.py"), *FLAGS, "--save", "run_usr1", "--metrics-file",
-                             "usr1.jsonl"], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             str(ROOT / "pretrain_puffin.py"), *FLAGS, "--save", f"run_{name}", "--metrics-file",
+                             f"{name}.jsonl"], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-    _wait_for(lambda: _metrics_lines(workdir / "usr1.jsonl") >= 2, proc, "two iterations")
+    _wait_for(lambda: _metrics_lines(workdir / f"{name}.jsonl") >= 2, proc, "two iterations")
     rank = _rank_pid(proc.pid)
     assert rank is not None
+    return proc, rank
+
+
+def _assert_saved_on_signal(run):
+    status = _status(run)
+    assert (status["status"], status["reason"]) == ("interrupted", "signal"), status
+    assert (run / Path(status["checkpoint"]).name).is_dir()
+
+
+def test_sigusr1_to_plain_torchrun_does_not_orphan_the_rank(workdir):
+    proc, rank = _plain_torchrun(workdir, "usr1", {k: v for k, v in ENV.items() if k != "PET_SIGNALS_TO_HANDLE"})
     proc.send_signal(signal.SIGUSR1)
     proc.wait(timeout=TIMEOUT)
     assert proc.returncode == -signal.SIGUSR1  # torchrun's own default action (see docs/training.md)
@@ -127,9 +139,7 @@ def test_sigusr1_to_plain_torchrun_does_not_orphan_the_rank(workdir):
     while _alive(rank) and time.time() < deadline:
         time.sleep(0.1)
     assert not _alive(rank), "the rank outlived torchrun"
-    status = _status(workdir / "run_usr1")
-    assert (status["status"], status["reason"]) == ("interrupted", "signal"), status
-    assert (workdir / "run_usr1" / Path(status["checkpoint"]).name).is_dir()
+    _assert_saved_on_signal(workdir / "run_usr1")
 
 
 def test_ctrl_c_twice_to_plain_torchrun_saves(workdir):
@@ -137,13 +147,8 @@ def test_ctrl_c_twice_to_plain_torchrun_saves(workdir):
     # torchrun forwards it to each rank's group, workers included), then a second Ctrl-C, on which torchrun sends
     # SIGTERM to the ranks. The first used to raise KeyboardInterrupt in the rank, losing every step since the last
     # save; now the rank saves at the next step boundary and ignores the second.
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-                             str(ROOT / "pretrain_puffin.py"), *FLAGS, "--save", "run_int", "--metrics-file",
-                             "int.jsonl"], cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    _wait_for(lambda: _metrics_lines(workdir / "int.jsonl") >= 2, proc, "two iterations")
-    rank = _rank_pid(proc.pid)
-    assert rank is not None and os.getpgid(rank) != proc.pid  # what makes torchrun's forwarding the only path
+    proc, rank = _plain_torchrun(workdir, "int")
+    assert os.getpgid(rank) != proc.pid  # what makes torchrun's forwarding the only path
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(0.3)
     try:
@@ -152,29 +157,20 @@ def test_ctrl_c_twice_to_plain_torchrun_saves(workdir):
         pass
     output, _ = proc.communicate(timeout=TIMEOUT)
     assert "KeyboardInterrupt" not in output and "pretrain_puffin.py\", line" not in output, output[-4000:]
-    status = _status(workdir / "run_int")
-    assert (status["status"], status["reason"]) == ("interrupted", "signal"), status
-    assert (workdir / "run_int" / Path(status["checkpoint"]).name).is_dir()
+    _assert_saved_on_signal(workdir / "run_int")
     _assert_all_end([rank], "after torchrun ended")
 
 
 def test_the_terminal_closing_under_torchrun_saves_and_the_workers_survive_it(workdir):
     # SIGHUP (the terminal or ssh session gone) to torchrun, which forwards it to the rank's whole process group:
     # the rank used to die of it, losing the steps since the last save; its data-loader workers too.
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-                             str(ROOT / "pretrain_puffin.py"), *FLAGS, "--save", "run_hup", "--metrics-file",
-                             "hup.jsonl"], cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    _wait_for(lambda: _metrics_lines(workdir / "hup.jsonl") >= 2, proc, "two iterations")
-    rank = _rank_pid(proc.pid)
+    proc, rank = _plain_torchrun(workdir, "hup")
     workers = [pid for pid in _children(rank) if _alive(pid)]
     assert len(workers) >= 2, "expected two data-loader workers"
     proc.send_signal(signal.SIGHUP)
     output, _ = proc.communicate(timeout=TIMEOUT)
     assert "pretrain_puffin.py\", line" not in output and "data-loader worker died" not in output, output[-4000:]
-    status = _status(workdir / "run_hup")
-    assert (status["status"], status["reason"]) == ("interrupted", "signal"), status
-    assert (workdir / "run_hup" / Path(status["checkpoint"]).name).is_dir()
+    _assert_saved_on_signal(workdir / "run_hup")
     _assert_all_end([rank, *workers], "after torchrun ended")
 
 
