@@ -141,22 +141,41 @@ def read_requests(args: argparse.Namespace) -> List[Dict[str, Any]]:
         source = "flags"
     if not rows:
         raise UsageError(f"{source}: no requests")
-    requests, ids = [], set()
-    for index, row in enumerate(rows):
+    requests, ids, problems = [], set(), []
+    for index, row in enumerate(rows):  # every row is checked: one message lists the problems of all of them
         where = f"{source} row {index}" if args.prompts else "--roll/--pitch/--vfov"
-        unknown = sorted(set(row) - set(REQUEST_FIELDS))
-        if unknown:  # e.g. "Caption": silently ignored, it would have generated without the caption
-            raise UsageError(f"{where}: unknown field {unknown[0]!r}; the fields are {', '.join(REQUEST_FIELDS)}")
-        init = row.get("init_image") or args.init_image
-        seed = _number(row, "seed", where)
-        request = {"id": str(row.get("id", f"{index:04d}")), "caption": str(row.get("caption", "") or ""),
-                   "camera": _camera(row, where, init is not None), "seed": None if seed is None else int(seed),
-                   "init_image": init}
-        if request["id"] in ids or "/" in request["id"]:
-            raise UsageError(f"{where}: id {request['id']!r} is repeated or holds '/'; ids name the PNG files")
+        try:
+            request = _request(row, index, where, args.init_image)
+            if request["id"] in ids or "/" in request["id"]:
+                raise UsageError(f"{where}: id {request['id']!r} is repeated or holds '/'; ids name the PNG files")
+        except UsageError as problem:
+            problems.append(str(problem))
+            continue
         ids.add(request["id"])
         requests.append(request)
+    raise_all(problems, f"{len(problems)} of {len(rows)} requests are wrong")
     return requests
+
+
+def _request(row: Dict[str, Any], index: int, where: str, init_image: Optional[str]) -> Dict[str, Any]:
+    unknown = sorted(set(row) - set(REQUEST_FIELDS))
+    if unknown:  # e.g. "Caption": silently ignored, it would have generated without the caption
+        raise UsageError(f"{where}: unknown field {unknown[0]!r}; the fields are {', '.join(REQUEST_FIELDS)}")
+    init = row.get("init_image") or init_image
+    seed = _number(row, "seed", where)
+    return {"id": str(row.get("id", f"{index:04d}")), "caption": str(row.get("caption", "") or ""),
+            "camera": _camera(row, where, init is not None), "seed": None if seed is None else int(seed),
+            "init_image": init}
+
+
+def raise_all(problems: List[str], summary: str) -> None:
+    """One :class:`UsageError` for a list of problems: the problem itself when there is one, else the summary,
+    the first three and how many more."""
+    if len(problems) == 1:
+        raise UsageError(problems[0])
+    if problems:
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise UsageError(f"{summary}: " + "; ".join(problems[:3]) + more)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -175,14 +194,17 @@ def check_args(args: argparse.Namespace) -> None:
 def check_init_images(requests) -> None:
     from megatron_puffin.data.images import decode_image
 
-    for path in sorted({r["init_image"] for r in requests if r["init_image"]}):
+    paths, problems = sorted({r["init_image"] for r in requests if r["init_image"]}), []
+    for path in paths:
         if not os.path.isfile(path):
-            raise UsageError(f"initial view {path}: " + ("not a regular file" if os.path.exists(path) else
-                                                         "no such file"))
+            problems.append(f"initial view {path}: " + ("not a regular file" if os.path.exists(path) else
+                                                        "no such file"))
+            continue
         try:
             decode_image(Path(path).read_bytes())
-        except ValueError as error:
-            raise UsageError(f"initial view {path} does not decode ({error}); give a JPEG/PNG image") from None
+        except (OSError, ValueError) as error:
+            problems.append(f"initial view {path} does not decode ({error}); give a JPEG/PNG image")
+    raise_all(problems, f"{len(problems)} of {len(paths)} initial views cannot be read")
 
 
 # -- outputs ---------------------------------------------------------------------------------------------------------

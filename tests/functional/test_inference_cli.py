@@ -135,6 +135,10 @@ def _tool_main(name):
     ("generate.py", ["--output-dir", "GEN", "--prompts", "CAPITALISED"],
      r"row 0: unknown field 'Caption'; the fields are id, caption, roll"),
     ("generate.py", ["--output-dir", "GEN", "--prompts", "UNQUOTED"], r"line 2: more values than the header has"),
+    # every wrong request at once, not one per re-run
+    ("generate.py", ["--output-dir", "GEN", "--prompts", "TWO_BAD"],
+     r"^generate.py: error: 2 of 3 requests are wrong: --prompts \S+ row 0: camera vfov .*; --prompts \S+ row 2: "
+     r"give pitch \(radians\)$"),
 ])
 def test_bad_inputs_exit_with_one_line(artefacts, tool, args, message, capsys):
     """In-process (a process start per case would cost seconds each); the two tests above run the real commands."""
@@ -145,7 +149,12 @@ def test_bad_inputs_exit_with_one_line(artefacts, tool, args, message, capsys):
     (root / "a_file").write_text("")
     (root / "capitalised.csv").write_text("id,Caption,roll,pitch,vfov\nk,a kitchen,0.1,0.0,1.0\n")
     (root / "unquoted.csv").write_text("id,caption,roll,pitch,vfov\nk,a kitchen, table and chairs,0.1,0.0,1.0\n")
-    substitutions = {"CAPITALISED": root / "capitalised.csv", "UNQUOTED": root / "unquoted.csv", "BAD": root / "bad.jpg", "IMAGE": images[0], "MISSING": root / "missing", "FOLDER": root,
+    (root / "two_bad.json").write_text(json.dumps([{"id": "a", "roll": 0, "pitch": 0, "vfov": 4},
+                                                   {"id": "b", "roll": 0, "pitch": 0, "vfov": 1},
+                                                   {"id": "c", "roll": 0, "vfov": 1}]))
+    substitutions = {"CAPITALISED": root / "capitalised.csv", "UNQUOTED": root / "unquoted.csv",
+                     "TWO_BAD": root / "two_bad.json", "BAD": root / "bad.jpg", "IMAGE": images[0],
+                     "MISSING": root / "missing", "FOLDER": root,
                      "FILE": root / "a_file", "FILE/p.json": root / "a_file" / "p.json", "GEN": root / "gen_bad"}
     args = [str(substitutions.get(a, a)) for a in args]
     if "--checkpoint" not in args:
