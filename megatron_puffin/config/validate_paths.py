@@ -248,5 +248,38 @@ def check_checkpoint_shapes(args: PuffinArguments) -> List[str]:
     return problems
 
 
+def check_checkpoint_tokenizer(args: PuffinArguments) -> List[str]:
+    """A checkpoint whose LLM this run continues (--load, --pretrained-checkpoint) was trained with --tokenizer's
+    vocabulary (the record its ``puffin_meta.json`` holds, :meth:`PuffinTokenizer.identity`): the same sizes with
+    another vocabulary pass every shape check and train the embedding rows of one word as another's."""
+    from megatron_puffin.data.tokenizer import PuffinTokenizer, TokenizerError, identity_difference
+    from megatron_puffin.training import checkpointing as ckpt
+    from megatron_puffin.training.checkpoint_safety import CheckpointError
+
+    if args.dry_run:
+        return []
+    problems: List[str] = []
+    current = None
+    for flag, directory, _ in _checkpoint_sources(args):
+        if flag not in ("--load", "--pretrained-checkpoint"):
+            continue
+        try:
+            meta = ckpt.read_metadata(directory) or {}
+        except CheckpointError:
+            continue  # reported by the checkpoint decisions
+        if "llm" not in meta.get("towers", []) or not isinstance(meta.get("tokenizer"), dict):
+            continue
+        if current is None:
+            try:
+                current = PuffinTokenizer(args.data.tokenizer).identity()
+            except (TokenizerError, OSError, ValueError):
+                return []  # check_tokenizer reports it
+        difference = identity_difference(meta["tokenizer"], current)
+        if difference:
+            problems.append(f"{flag} {directory}: {difference}; give --tokenizer {meta['tokenizer'].get('path')} "
+                            "(or a copy of it)")
+    return problems
+
+
 PATH_VALIDATORS = [check_output_paths, check_input_checkpoints, check_vae_files, check_stream_datasets,
-                   check_tokenizer, check_checkpoint_shapes]
+                   check_tokenizer, check_checkpoint_shapes, check_checkpoint_tokenizer]

@@ -194,6 +194,13 @@ def export_llm_to_hf(source: ExportSource, output: str, tokenizer: Optional[str]
     if found and not os.path.exists(found):
         raise ExportError(f"tokenizer {found} does not exist (paths in the training flags are relative to the "
                           "directory training ran in); give --tokenizer PATH")
+    if found:  # the export would ship another vocabulary than the weights were trained with
+        from megatron_puffin.data.tokenizer import PuffinTokenizer, identity_difference
+
+        difference = identity_difference(source.metadata.get("tokenizer"), PuffinTokenizer(found).identity())
+        if difference:
+            raise ExportError(f"--input {source.directory}: {difference}; give --tokenizer with the training "
+                              "tokenizer's path")
     target = DTYPES[dtype] if dtype else None
     model, config = load_llm(source, target)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}

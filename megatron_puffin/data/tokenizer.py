@@ -8,12 +8,13 @@ Two helpers build tokenizers locally so that nothing is downloaded: :func:`train
 synthetic dataset's tokenizer) and :func:`build_byte_level_bpe_tokenizer` (a tiny HF tokenizer directory with the
 Qwen special tokens, used by tests of the HF path).
 """
+import hashlib
 import io
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from megatron_puffin.data import templates
 
@@ -53,6 +54,9 @@ class _HFBackend:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
+    def pieces(self) -> List[Tuple[int, str]]:
+        return sorted((index, piece) for piece, index in self.tokenizer.get_vocab(with_added_tokens=True).items())
+
     def __getstate__(self):
         return {"path": self.path}
 
@@ -89,6 +93,9 @@ class _SentencePieceBackend:
 
     def vocab_size(self) -> int:
         return self.processor.get_piece_size()
+
+    def pieces(self) -> List[Tuple[int, str]]:
+        return [(index, self.processor.id_to_piece(index)) for index in range(self.processor.get_piece_size())]
 
     def __getstate__(self):
         return {"path": self.path}
@@ -180,8 +187,26 @@ class PuffinTokenizer:
         """Id of a single token string, or None when it is not one token."""
         return self._backend.token_to_id(token)
 
+    def identity(self) -> Dict[str, Any]:
+        """What a checkpoint records of the tokenizer it was trained with: ``{"path", "vocab_size", "sha256"}``, the
+        hash over every (id, piece) pair. Two tokenizers with the same hash give every id the same piece, whatever
+        their file format; a resume or stage hand-off with another one would give the trained embedding rows other
+        words (:func:`identity_difference`)."""
+        digest = hashlib.sha256(json.dumps(self._backend.pieces(), ensure_ascii=False).encode("utf-8"))
+        return {"path": str(self.path), "vocab_size": self.vocab_size, "sha256": digest.hexdigest()}
+
     def __repr__(self) -> str:
         return f"PuffinTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def identity_difference(stored: Any, current: Dict[str, Any]) -> Optional[str]:
+    """How a checkpoint's recorded tokenizer (:meth:`PuffinTokenizer.identity`; None in checkpoints older than the
+    record) differs from ``current``, or None."""
+    if not isinstance(stored, dict) or "sha256" not in stored or stored["sha256"] == current["sha256"]:
+        return None
+    return (f"it was trained with the tokenizer {stored.get('path')} ({stored.get('vocab_size')} tokens, vocabulary "
+            f"sha256 {str(stored['sha256'])[:12]}), not {current['path']} ({current['vocab_size']} tokens, "
+            f"sha256 {current['sha256'][:12]}): its token ids would mean other words")
 
 
 def train_sentencepiece_tokenizer(texts: Iterable[str], output_file: "str | os.PathLike", vocab_size: int = 1024) -> Path:

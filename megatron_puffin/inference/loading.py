@@ -210,6 +210,7 @@ def load_puffin(checkpoint: str, flags: Sequence[str] = (), tensor_model_paralle
     """
     import megatron_puffin.distributed as mpd
     from megatron_puffin.models.puffin import build_puffin
+    from megatron_puffin.data.tokenizer import identity_difference
     from megatron_puffin.training.checkpointing import read_metadata
 
     directory = resolve_inference_checkpoint(checkpoint)
@@ -220,6 +221,10 @@ def load_puffin(checkpoint: str, flags: Sequence[str] = (), tensor_model_paralle
     tensor_model_parallel_size = args.parallel.tensor_model_parallel_size
     check_inference_layout(args)
     tokenizer = _open_tokenizer(args.data, args.llm.vocab_size)
+    difference = identity_difference(metadata.get("tokenizer"), tokenizer.identity())
+    if difference:  # e.g. a --tokenizer override, or the stored path now holding another file
+        raise InferenceSetupError(f"checkpoint {directory}: {difference}; give --tokenizer with the training "
+                                  "tokenizer's path")
     args.model.image_pad_token_id = tokenizer.image_pad_id
     config = _model_config(args, dtype, need_vae)
     world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))

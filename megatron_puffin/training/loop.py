@@ -158,6 +158,7 @@ class Trainer:
         self.start_time = time.time()
         training, parallel = args.training, args.parallel
         self.tokenizer = PuffinTokenizer(args.data.tokenizer)
+        self.tokenizer_identity = self.tokenizer.identity()  # recorded in every checkpoint, checked on loading
         if self.tokenizer.vocab_size > args.llm.vocab_size:
             from megatron_puffin.config import ConfigError
 
@@ -430,6 +431,7 @@ class Trainer:
             "layout": {"tp": self.ctx.tensor_model_parallel_size, "pp": self.ctx.pipeline_model_parallel_size,
                        "dp": self.ctx.data_parallel_size},
             "args": self.args.to_dict(),
+            "tokenizer": self.tokenizer_identity,
             "samples_per_step": samples_per_step(self.args),
             **fsdp2_records_metadata(self.args.parallel),
         }

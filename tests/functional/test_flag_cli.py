@@ -72,3 +72,17 @@ def test_checkpoints_of_another_model_shape_are_named_with_every_difference():
         assert "its puffin_meta.json holds them" in line
     for unchanged in ("--ffn-hidden-size", "--dit-patch-size", "--vision-hidden-size"):
         assert unchanged not in stderr, (unchanged, stderr)
+
+
+def test_a_checkpoint_of_another_tokenizer_is_refused_before_any_work(files):
+    """--load and --pretrained-checkpoint of the shared tiny run with another SentencePiece vocabulary (same
+    --vocab-size: every shape check passes, and the embedding rows would be trained as other words)."""
+    run = tiny_run()
+    stderr = _cli(*RESUME_FLAGS, "--micro-batch-size", "2", "--load", "run", "--pretrained-checkpoint",
+                  "run/iter_0000002", "--tokenizer", files / "tok.model", cwd=run)
+    for flag, directory in (("--load", "run/iter_0000004"), ("--pretrained-checkpoint", "run/iter_0000002")):
+        line = next((text for text in stderr.splitlines() if f"{flag} {directory}: it was trained" in text), "")
+        assert "with the tokenizer tiny/tokenizer.model (" in line and f"not {files / 'tok.model'} (" in line, stderr
+        assert line.endswith("its token ids would mean other words; give --tokenizer tiny/tokenizer.model (or a copy "
+                             "of it)"), line
+    assert "another shape" not in stderr, stderr

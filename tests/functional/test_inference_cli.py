@@ -135,6 +135,9 @@ def _tool_main(name):
     ("generate.py", ["--output-dir", "GEN", "--prompts", "CAPITALISED"],
      r"row 0: unknown field 'Caption'; the fields are id, caption, roll"),
     ("generate.py", ["--output-dir", "GEN", "--prompts", "UNQUOTED"], r"line 2: more values than the header has"),
+    # another vocabulary than the checkpoint's: every shape fits, the answers would be other words
+    ("understand.py", ["--images", "IMAGE", "--output", "x.json", "--tokenizer", "OTHER_TOKENIZER"],
+     r"it was trained with the tokenizer .* its token ids would mean other words; give --tokenizer"),
     # every wrong request at once, not one per re-run
     ("generate.py", ["--output-dir", "GEN", "--prompts", "TWO_BAD"],
      r"^generate.py: error: 2 of 3 requests are wrong: --prompts \S+ row 0: camera vfov .*; --prompts \S+ row 2: "
@@ -149,11 +152,15 @@ def test_bad_inputs_exit_with_one_line(artefacts, tool, args, message, capsys):
     (root / "a_file").write_text("")
     (root / "capitalised.csv").write_text("id,Caption,roll,pitch,vfov\nk,a kitchen,0.1,0.0,1.0\n")
     (root / "unquoted.csv").write_text("id,caption,roll,pitch,vfov\nk,a kitchen, table and chairs,0.1,0.0,1.0\n")
+    if not (root / "other_tokenizer.model").exists():
+        from megatron_puffin.data.tokenizer import train_sentencepiece_tokenizer
+
+        train_sentencepiece_tokenizer(["a photo of a cat on a mat"] * 10, root / "other_tokenizer.model", 300)
     (root / "two_bad.json").write_text(json.dumps([{"id": "a", "roll": 0, "pitch": 0, "vfov": 4},
                                                    {"id": "b", "roll": 0, "pitch": 0, "vfov": 1},
                                                    {"id": "c", "roll": 0, "vfov": 1}]))
     substitutions = {"CAPITALISED": root / "capitalised.csv", "UNQUOTED": root / "unquoted.csv",
-                     "TWO_BAD": root / "two_bad.json", "BAD": root / "bad.jpg", "IMAGE": images[0],
+                     "TWO_BAD": root / "two_bad.json", "OTHER_TOKENIZER": root / "other_tokenizer.model", "BAD": root / "bad.jpg", "IMAGE": images[0],
                      "MISSING": root / "missing", "FOLDER": root,
                      "FILE": root / "a_file", "FILE/p.json": root / "a_file" / "p.json", "GEN": root / "gen_bad"}
     args = [str(substitutions.get(a, a)) for a in args]

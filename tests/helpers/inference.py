@@ -53,9 +53,10 @@ def build_tiny_model(paths: Dict[str, str], *extra: str, pre_process: bool = Tru
 
 def save_model_checkpoint(model, args, directory: Path, iteration: int = 1) -> Path:
     """``model`` as a whole-model checkpoint with the sidecar training writes (collective)."""
+    from megatron_puffin.data import PuffinTokenizer
     from megatron_puffin.training.checkpointing import save_checkpoint
 
     metadata = {"kind": "puffin", "iteration": iteration, "towers": ["llm", "vision", "queries", "dit"],
-                "args": args.to_dict()}
+                "args": args.to_dict(), "tokenizer": PuffinTokenizer(args.data.tokenizer).identity()}
     save_checkpoint(model.sharded_state_dict(), str(directory), metadata=metadata)
     return Path(directory)
