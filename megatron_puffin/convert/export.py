@@ -195,9 +195,13 @@ def export_llm_to_hf(source: ExportSource, output: str, tokenizer: Optional[str]
         raise ExportError(f"tokenizer {found} does not exist (paths in the training flags are relative to the "
                           "directory training ran in); give --tokenizer PATH")
     if found:  # the export would ship another vocabulary than the weights were trained with
-        from megatron_puffin.data.tokenizer import PuffinTokenizer, identity_difference
+        from megatron_puffin.data.tokenizer import PuffinTokenizer, TokenizerError, identity_difference
 
-        difference = identity_difference(source.metadata.get("tokenizer"), PuffinTokenizer(found).identity())
+        try:
+            current = PuffinTokenizer(found).identity()
+        except TokenizerError:  # not a loadable tokenizer: copying it names what is missing
+            current = None
+        difference = current and identity_difference(source.metadata.get("tokenizer"), current)
         if difference:
             raise ExportError(f"--input {source.directory}: {difference}; give --tokenizer with the training "
                               "tokenizer's path")
