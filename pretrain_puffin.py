@@ -57,9 +57,11 @@ def main(argv=None) -> int:
         print(f"pretrain_puffin.py (rank {rank}): {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # SIGINT outside the training loop (building, loading); in it, Ctrl-C saves and stops
+        from megatron_puffin.process_lifetime import EXIT_CTRL_C
+
         print(f"pretrain_puffin.py (rank {rank}): interrupted (SIGINT) before training started or after its last "
               "save; nothing trained is lost", file=sys.stderr)
-        return 130
+        return EXIT_CTRL_C
 
 
 if __name__ == "__main__":

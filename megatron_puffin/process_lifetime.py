@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -106,8 +107,9 @@ def ignore_ctrl_c() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
 
 
-def worker_pool(context, workers: int):
-    """A ``multiprocessing`` pool of ``context`` for the tools, whose workers ignore Ctrl-C.
+def worker_pool(workers: int):
+    """A ``multiprocessing`` pool (fork where the platform has it, else spawn) for the tools, whose workers ignore
+    Ctrl-C.
 
     A terminal's Ctrl-C reaches the whole foreground process group: every worker printed its own
     ``KeyboardInterrupt`` traceback, while the tool's main process is the one that handles it and ends the pool
@@ -116,6 +118,7 @@ def worker_pool(context, workers: int):
     ignores exceptions raised in its at-fork callbacks), and the tool ran on; it is delivered when the block is
     lifted. The pool's threads keep the block, so workers it starts later are protected the same way.
     """
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
     try:
         return context.Pool(workers, initializer=ignore_ctrl_c)

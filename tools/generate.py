@@ -32,6 +32,7 @@ from megatron_puffin.inference.cli import (  # noqa: E402
     Progress,
     UsageError,
     build_tool_parser,
+    first_problems,
     is_output_rank,
     parse_tool_args,
     prepare_output_dir,
@@ -174,8 +175,7 @@ def raise_all(problems: List[str], summary: str) -> None:
     if len(problems) == 1:
         raise UsageError(problems[0])
     if problems:
-        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-        raise UsageError(f"{summary}: " + "; ".join(problems[:3]) + more)
+        raise UsageError(f"{summary}: {first_problems(problems)}")
 
 
 def check_args(args: argparse.Namespace) -> None:

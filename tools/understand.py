@@ -32,6 +32,7 @@ from megatron_puffin.inference.cli import (  # noqa: E402
     Progress,
     UsageError,
     build_tool_parser,
+    first_problems,
     is_output_rank,
     parse_tool_args,
     prepare_output_file,
@@ -111,7 +112,7 @@ def check_images(paths: List[Path], skip_bad: bool = False) -> List[Path]:
         except (OSError, ValueError) as error:
             bad.append(f"{path} does not decode ({error})")
     if bad:
-        listed = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        listed = first_problems(bad)
         if not skip_bad:
             raise UsageError(f"{len(bad)} of {len(paths)} images cannot be read: {listed}; remove or replace them, "
                              "or pass --skip-bad-images to describe the others")

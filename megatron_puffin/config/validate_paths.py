@@ -109,21 +109,37 @@ def check_stream_datasets(args: PuffinArguments) -> List[str]:
 
 
 def check_tokenizer(args: PuffinArguments) -> List[str]:
-    """--tokenizer loads, and --vocab-size holds its vocabulary (else token ids overflow the embedding)."""
-    from megatron_puffin.data.tokenizer import PuffinTokenizer
+    """--tokenizer loads, --vocab-size holds its vocabulary (else token ids overflow the embedding), and a checkpoint
+    whose LLM this run continues (--load, --pretrained-checkpoint) was trained with this vocabulary (the record its
+    ``puffin_meta.json`` holds, :meth:`PuffinTokenizer.identity`): the same sizes with another vocabulary pass every
+    shape check and train the embedding rows of one word as another's."""
+    from megatron_puffin.data.tokenizer import PuffinTokenizer, identity_difference
 
     path = args.data.tokenizer
     if args.dry_run or not path or not Path(path).exists():
         return []  # a missing one is reported by check_data
     try:
-        vocab = PuffinTokenizer(path).vocab_size
+        tokenizer = PuffinTokenizer(path)
     except Exception as error:  # noqa: BLE001 - SentencePiece/transformers raise many types for a broken file
         return [f"--tokenizer ({path}) cannot be loaded ({type(error).__name__}: {str(error)[:200]}); give an HF "
                 "tokenizer directory or a SentencePiece .model"]
+    vocab = tokenizer.vocab_size
     if vocab > args.llm.vocab_size:
         return [f"--vocab-size ({args.llm.vocab_size}) is smaller than the vocabulary of --tokenizer {path} "
                 f"({vocab}); set --vocab-size {vocab} or more"]
-    return []
+    problems: List[str] = []
+    current = None
+    for flag, directory, _, meta in _checkpoint_metadata(args):
+        record = meta.get("tokenizer")
+        if flag not in ("--load", "--pretrained-checkpoint") or "llm" not in meta.get("towers", []) or \
+                not isinstance(record, dict):
+            continue
+        current = current or tokenizer.identity()  # hashed only when a checkpoint holds a record
+        difference = identity_difference(record, current)
+        if difference:
+            problems.append(f"{flag} {directory}: {difference}; give --tokenizer {record.get('path')} (or a copy of "
+                            "it)")
+    return problems
 
 
 # The flags that give a tower's tensors their shapes, by config group: a checkpoint trained with other values does
@@ -229,57 +245,32 @@ def _checkpoint_sources(args: PuffinArguments) -> List[Tuple[str, str, bool]]:
     return sources
 
 
-def check_checkpoint_shapes(args: PuffinArguments) -> List[str]:
-    """Every checkpoint the run loads (--load, --pretrained-checkpoint, the tower checkpoints) holds towers of the
-    shape the flags give, compared through its ``puffin_meta.json`` (JSON; nothing is unpickled), before any
-    process group exists; the tensors themselves are compared again when they load."""
+def _checkpoint_metadata(args: PuffinArguments) -> List[Tuple[str, str, bool, Dict[str, Any]]]:
+    """:func:`_checkpoint_sources` with each checkpoint's ``puffin_meta.json`` (JSON; nothing is unpickled); ones
+    whose sidecar cannot be read are left out (the checkpoint decisions report them)."""
     from megatron_puffin.training import checkpointing as ckpt
     from megatron_puffin.training.checkpoint_safety import CheckpointError
 
+    found = []
+    for flag, directory, need_all_towers in _checkpoint_sources(args):
+        try:
+            found.append((flag, directory, need_all_towers, ckpt.read_metadata(directory) or {}))
+        except CheckpointError:
+            continue
+    return found
+
+
+def check_checkpoint_shapes(args: PuffinArguments) -> List[str]:
+    """Every checkpoint the run loads (--load, --pretrained-checkpoint, the tower checkpoints) holds towers of the
+    shape the flags give, compared through its ``puffin_meta.json``, before any process group exists; the tensors
+    themselves are compared again when they load."""
     if args.dry_run:
         return []
     problems: List[str] = []
-    for flag, directory, need_all_towers in _checkpoint_sources(args):
-        try:
-            meta = ckpt.read_metadata(directory) or {}
-        except CheckpointError:
-            continue  # reported by the checkpoint decisions
+    for flag, directory, need_all_towers, meta in _checkpoint_metadata(args):
         problems += checkpoint_shape_problems(args, flag, directory, meta, need_all_towers)
     return problems
 
 
-def check_checkpoint_tokenizer(args: PuffinArguments) -> List[str]:
-    """A checkpoint whose LLM this run continues (--load, --pretrained-checkpoint) was trained with --tokenizer's
-    vocabulary (the record its ``puffin_meta.json`` holds, :meth:`PuffinTokenizer.identity`): the same sizes with
-    another vocabulary pass every shape check and train the embedding rows of one word as another's."""
-    from megatron_puffin.data.tokenizer import PuffinTokenizer, TokenizerError, identity_difference
-    from megatron_puffin.training import checkpointing as ckpt
-    from megatron_puffin.training.checkpoint_safety import CheckpointError
-
-    if args.dry_run:
-        return []
-    problems: List[str] = []
-    current = None
-    for flag, directory, _ in _checkpoint_sources(args):
-        if flag not in ("--load", "--pretrained-checkpoint"):
-            continue
-        try:
-            meta = ckpt.read_metadata(directory) or {}
-        except CheckpointError:
-            continue  # reported by the checkpoint decisions
-        if "llm" not in meta.get("towers", []) or not isinstance(meta.get("tokenizer"), dict):
-            continue
-        if current is None:
-            try:
-                current = PuffinTokenizer(args.data.tokenizer).identity()
-            except (TokenizerError, OSError, ValueError):
-                return []  # check_tokenizer reports it
-        difference = identity_difference(meta["tokenizer"], current)
-        if difference:
-            problems.append(f"{flag} {directory}: {difference}; give --tokenizer {meta['tokenizer'].get('path')} "
-                            "(or a copy of it)")
-    return problems
-
-
 PATH_VALIDATORS = [check_output_paths, check_input_checkpoints, check_vae_files, check_stream_datasets,
-                   check_tokenizer, check_checkpoint_shapes, check_checkpoint_tokenizer]
+                   check_tokenizer, check_checkpoint_shapes]

@@ -14,7 +14,6 @@ the training shards. Work is spread over
 """
 import json
 import logging
-import multiprocessing
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -183,9 +182,7 @@ def _map_chunks(tasks: List[Any], workers: int) -> Iterator[List[Tuple[Optional[
     if workers <= 1:
         yield from map(_process_chunk, tasks)
         return
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with worker_pool(context, workers) as pool:
+    with worker_pool(workers) as pool:
         yield from pool.imap(_process_chunk, tasks)
 
 

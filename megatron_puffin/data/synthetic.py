@@ -26,7 +26,6 @@ import io
 import json
 import logging
 import math
-import multiprocessing
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -279,9 +278,7 @@ def make_synthetic_dataset(options: SyntheticOptions) -> Dict[str, int]:
     tasks = [(options, subset, start, min(start + chunk, count))
              for subset, count in sizes.items() for start in range(0, count, chunk)]
     if options.workers > 1:
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        with worker_pool(context, options.workers) as pool:
+        with worker_pool(options.workers) as pool:
             chunks = pool.map(_run_chunk, tasks)
     else:
         chunks = [_run_chunk(task) for task in tasks]

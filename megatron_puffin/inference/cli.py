@@ -29,6 +29,13 @@ class UsageError(ValueError):
     """A mistake in a tool's inputs (flags, files); the one-line message names it and the fix."""
 
 
+def first_problems(problems: Sequence[str], shown: int = 3) -> str:
+    """``problems`` for a one-line message: the first ``shown`` and how many more (a folder or request file with
+    many bad entries is reported at once, not one per re-run)."""
+    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+    return "; ".join(problems[:shown]) + more
+
+
 def build_tool_parser(prog: str, description: str) -> FlagFileParser:
     """A parser with ``--checkpoint`` and the shared inference flags; the tool adds its own (``description`` is shown
     as written)."""

@@ -15,9 +15,10 @@ Where the weights come from, in order of precedence:
    towers the above did not supply.
 4. Random initialisation (seeded) for the rest. What came from where is logged.
 
-Stopping: SIGTERM or SIGUSR1 (a scheduler's warning before the time limit), SIGINT (Ctrl-C), SIGHUP, ``--exit-duration-in-mins`` and
-``--exit-interval`` save a checkpoint at the next step boundary (all ranks agree through one all-reduce per step)
-and return; :data:`EXIT_INTERRUPTED` tells launchers the run is not finished and should be requeued.
+Stopping: SIGTERM or SIGUSR1 (a scheduler's warning before the time limit), SIGINT (Ctrl-C), SIGHUP,
+``--exit-duration-in-mins`` and ``--exit-interval`` save a checkpoint at the next step boundary (all ranks agree
+through one all-reduce per step) and return; :data:`EXIT_INTERRUPTED` tells launchers the run is not finished and
+should be requeued.
 """
 from __future__ import annotations
 

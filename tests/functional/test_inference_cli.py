@@ -160,8 +160,8 @@ def test_bad_inputs_exit_with_one_line(artefacts, tool, args, message, capsys):
                                                    {"id": "b", "roll": 0, "pitch": 0, "vfov": 1},
                                                    {"id": "c", "roll": 0, "vfov": 1}]))
     substitutions = {"CAPITALISED": root / "capitalised.csv", "UNQUOTED": root / "unquoted.csv",
-                     "TWO_BAD": root / "two_bad.json", "OTHER_TOKENIZER": root / "other_tokenizer.model", "BAD": root / "bad.jpg", "IMAGE": images[0],
-                     "MISSING": root / "missing", "FOLDER": root,
+                     "TWO_BAD": root / "two_bad.json", "OTHER_TOKENIZER": root / "other_tokenizer.model",
+                     "BAD": root / "bad.jpg", "IMAGE": images[0], "MISSING": root / "missing", "FOLDER": root,
                      "FILE": root / "a_file", "FILE/p.json": root / "a_file" / "p.json", "GEN": root / "gen_bad"}
     args = [str(substitutions.get(a, a)) for a in args]
     if "--checkpoint" not in args:

@@ -1,8 +1,9 @@
 """A data-loader worker killed during a real run (pretrain_puffin.py, tiny configuration, one worker per loader), as
 the out-of-memory killer does it (SIGKILL): a training worker is restarted and the run trains exactly the losses of an
 uninterrupted one; a validation worker killed with --max-worker-restarts 0 ends the run, after saving the step just
-trained, with one line that names the flag and that checkpoint, not a traceback; a training worker killed past --max-worker-restarts ends
-the run after saving the last trained step, from which the same command resumes the uninterrupted run's losses."""
+trained, with one line that names the flag and that checkpoint, not a traceback; a training worker killed past
+--max-worker-restarts ends the run after saving the last trained step, from which the same command resumes the
+uninterrupted run's losses."""
 import json
 import os
 import signal
