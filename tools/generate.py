@@ -187,6 +187,8 @@ def check_args(args: argparse.Namespace) -> None:
             problems.append(f"{flag} ({value}) must be at least 1")
     if args.image_size is not None and args.image_size < 1:
         problems.append(f"--image-size ({args.image_size}) must be positive")
+    if not math.isfinite(args.guidance_scale):  # before the model loads (the sampler checks it again)
+        problems.append(f"--guidance-scale ({args.guidance_scale}) must be a finite number (<= 1 disables CFG)")
     if problems:
         raise UsageError("; ".join(problems))
 

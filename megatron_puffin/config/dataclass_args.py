@@ -15,6 +15,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import os
 import shlex
 import textwrap
@@ -75,9 +76,12 @@ def _converter(flag: str, kind: type, optional: bool):
         if optional and text.lower() in ("none", "null"):
             return None
         try:
-            return kind(text)
+            value = kind(text)
         except (TypeError, ValueError):
             return InvalidValue(flag, text, kind.__name__)
+        if kind is float and not math.isfinite(value):  # no flag means NaN or infinity: it would reach the model
+            return InvalidValue(flag, text, "finite number")
+        return value
 
     convert.__name__ = kind.__name__
     return convert

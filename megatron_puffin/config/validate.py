@@ -39,7 +39,8 @@ def _fits(flag: str, value: int, tp: int, what: str = "--tensor-model-parallel-s
     return [f"{flag} ({value}) must be divisible by {what} ({tp}); use a {what} of {options}"]
 
 
-_TYPE_WORDS = {"int": "an integer, e.g. 4", "float": "a number, e.g. 1e-4", "str": "a string"}
+_TYPE_WORDS = {"int": "an integer, e.g. 4", "float": "a number, e.g. 1e-4",
+               "finite number": "one that is not NaN or infinity, e.g. 1e-4", "str": "a string"}
 
 
 _RETIRED_FLAGS = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, List
 
-from megatron_puffin.diffusion.timesteps import WEIGHTING_SCHEMES
+from megatron_puffin.diffusion.timesteps import MODE_SCALE_RANGE, WEIGHTING_SCHEMES
 
 
 @dataclass
@@ -41,6 +41,11 @@ class FlowMatchingConfig:
             problems.append(f"--flow-logit-std ({self.logit_std}) must be positive")
         if self.num_inference_steps < 1:
             problems.append(f"--flow-num-inference-steps ({self.num_inference_steps}) must be at least 1")
+        if self.weighting_scheme == "mode" and not MODE_SCALE_RANGE[0] <= self.mode_scale <= MODE_SCALE_RANGE[1]:
+            problems.append(
+                f"--flow-mode-scale ({self.mode_scale}) must lie in [{MODE_SCALE_RANGE[0]:g}, {MODE_SCALE_RANGE[1]:g}] "
+                "with --flow-weighting-scheme mode: outside it the density leaves [0, 1] (SD3 uses 1.29)"
+            )
         if self.weighting_scheme not in WEIGHTING_SCHEMES:
             problems.append(
                 f"--flow-weighting-scheme ({self.weighting_scheme}) must be one of {', '.join(WEIGHTING_SCHEMES)}"

@@ -21,6 +21,9 @@ import torch
 from megatron_puffin.diffusion.schedule import FlowMatchSchedule
 
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode")
+# mode_scale values for which the mode density maps [0, 1) into [0, 1]: at -1 it is cos^2(pi v / 2); above about
+# 7.235 it goes below 0 near v = 0.258 (the smallest (1 - v) / (v - sin^2(pi v / 2)) on (0, 1/2)).
+MODE_SCALE_RANGE = (-1.0, 7.23)
 
 
 @dataclass(frozen=True)

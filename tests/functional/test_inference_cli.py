@@ -126,7 +126,7 @@ def _tool_main(name):
      "--output-dir .* is a file; give a folder"),
     # were NaN images written without a word, torch's "Overflow when unpacking long long", a 120 GB allocation
     ("generate.py", ["--output-dir", "GEN", "--roll", "0", "--pitch", "0", "--vfov", "1", "--guidance-scale", "nan"],
-     r"guidance scale \(nan\) must be a finite number"),
+     r"--guidance-scale \(nan\) must be a finite number"),
     ("generate.py", ["--output-dir", "GEN", "--roll", "0", "--pitch", "0", "--vfov", "1", "--seed", str(10 ** 20)],
      r"seed 100000000000000000000 is out of range"),
     ("generate.py", ["--output-dir", "GEN", "--roll", "0", "--pitch", "0", "--vfov", "1", "--image-size", "96000"],

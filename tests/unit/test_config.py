@@ -66,6 +66,9 @@ def test_every_mistake_is_reported_at_once(tmp_path):
         "--fp8-format e4m3 --sequence-parallel\n"
         "--transformer-impl cuda --dit-num-attention-heads 24\n"
         "--learning-rate 1e-4\n"
+        # no float flag takes NaN or infinity (they used to reach the model: --vision-grad-scale nan trained)
+        "--vision-grad-scale nan --flow-guidance-scale inf --vision-layernorm-epsilon 0\n"
+        "--connector-layernorm-epsilon -1 --flow-weighting-scheme mode --flow-mode-scale 9\n"
     )
     with pytest.raises(ConfigError) as info:
         parse_args([f"@{flagfile}"])
@@ -83,6 +86,11 @@ def test_every_mistake_is_reported_at_once(tmp_path):
         "--fp8-format (e4m3) needs Transformer Engine with CUDA",
         "--dit-num-attention-heads (24) must be divisible by --tensor-model-parallel-size (5)",
         "--task-stream is required",
+        "--vision-grad-scale ('nan') is not a valid finite number; give one that is not NaN or infinity",
+        "--flow-guidance-scale ('inf') is not a valid finite number",
+        "--vision-layernorm-epsilon (0.0) must be positive",
+        "--connector-layernorm-epsilon (-1.0) must be positive",
+        "--flow-mode-scale (9.0) must lie in [-1, 7.23] with --flow-weighting-scheme mode",
     ]
     for fragment in expected:
         assert fragment in text, f"missing: {fragment}\n{text}"

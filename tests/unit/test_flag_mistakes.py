@@ -52,8 +52,8 @@ CASES = [
     ("--task-stream cam2image:{root}/main:2 --vae-config {root}/nowhere.json", "--vae-config"),
     ("--task-stream cam2image:{root}/main:2 --vae-config {root}/bad_vae.json", "is not valid JSON"),
     ("--vae-path {root}/empty", "--vae-path ({root}/empty) has no config.json"),
-    ("--lr nan", "--lr (nan) must be a finite number"),
-    ("--lr inf", "--lr (inf) must be a finite number"),
+    ("--lr nan", "--lr ('nan') is not a valid finite number"),
+    ("--lr inf", "--lr ('inf') is not a valid finite number"),
     ("--lr -0.5", "--lr (-0.5) must be at least 0"),
     ("--adam-beta1 1.0", "--adam-beta1 (1.0) must lie in [0, 1)"),
     ("--adam-beta2 -0.1", "--adam-beta2 (-0.1) must lie in [0, 1)"),
@@ -114,7 +114,7 @@ def test_validators_survive_each_others_bad_values(files):
              "--dit-num-attention-heads 0 --connector-num-attention-heads 0 --micro-batch-size 0 --lr nan "
              "--train-iters 0 --image-size-unit 0").split()
     problems = _problems(_base(files) + flags)
-    for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--num-layers", "--lr (nan)",
+    for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--num-layers", "--lr ('nan')",
                  "--train-iters", "--image-size-unit"):
         assert any(flag in p for p in problems), (flag, problems)
 

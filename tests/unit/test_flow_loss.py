@@ -89,6 +89,24 @@ def test_logit_normal_and_mode_densities():
         sample_density(2, "cosine")
 
 
+def test_mode_scale_range_is_where_the_mode_density_stays_in_the_unit_interval():
+    """--flow-mode-scale is validated against MODE_SCALE_RANGE: inside it every draw lies in [0, 1], just outside
+    it some do not (they would be clamped to the table's ends without a word)."""
+    from megatron_puffin.diffusion.timesteps import MODE_SCALE_RANGE
+
+    def draws(scale):
+        return sample_density(200_000, "mode", generator=torch.Generator().manual_seed(0), mode_scale=scale)
+
+    for scale in MODE_SCALE_RANGE:
+        u = draws(scale)
+        assert 0 <= u.min() and u.max() <= 1, scale
+    assert draws(MODE_SCALE_RANGE[1] + 0.05).min() < 0
+    assert draws(MODE_SCALE_RANGE[0] - 0.05).max() > 1
+    assert FlowMatchingConfig(weighting_scheme="mode", mode_scale=7.3).validate()
+    assert not FlowMatchingConfig(weighting_scheme="mode", mode_scale=1.29).validate()
+    assert not FlowMatchingConfig(weighting_scheme="none", mode_scale=7.3).validate()  # unused then
+
+
 def test_extreme_density_stays_inside_the_table():
     schedule = FlowMatchSchedule()
     gen = torch.Generator().manual_seed(0)

@@ -64,6 +64,8 @@ class ConnectorConfig:
             "connector", tensor_model_parallel_size,
             num_attention_heads=self.num_attention_heads, ffn_hidden_size=self.ffn_hidden_size,
         )
+        if not self.layernorm_epsilon > 0:  # a layer norm of a constant row divides by sqrt(epsilon)
+            problems.append(f"--connector-layernorm-epsilon ({self.layernorm_epsilon}) must be positive (e.g. 1e-6)")
         return problems
 
     def check(self, tensor_model_parallel_size: int = 1) -> None:

@@ -109,6 +109,8 @@ class VisionConfig:
             problems.append(f"--vision-cpe-pos-dropout ({self.cpe_pos_dropout}) must be in [0, 1)")
         if self.vision_grad_scale < 0:
             problems.append(f"--vision-grad-scale ({self.vision_grad_scale}) must be at least 0")
+        if not self.layernorm_epsilon > 0:  # a layer norm of a constant row divides by sqrt(epsilon)
+            problems.append(f"--vision-layernorm-epsilon ({self.layernorm_epsilon}) must be positive (e.g. 1e-6)")
         return problems
 
     def check(self, tensor_model_parallel_size: int = 1) -> None:
