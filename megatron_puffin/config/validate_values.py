@@ -65,10 +65,13 @@ def check_schedule(args: PuffinArguments) -> List[str]:
 
 
 def check_run_control(args: PuffinArguments) -> List[str]:
-    """Intervals, timeouts and the exit duration (a negative one would stop, and requeue, every job at once)."""
+    """Intervals, timeouts, the seed and the exit duration (a negative one would stop, and requeue, every job at
+    once)."""
     ckpt, training, problems = args.checkpoint, args.training, []
     problems += _at_least("--save-interval", ckpt.save_interval, 1)
     problems += _at_least("--distributed-timeout-minutes", args.parallel.distributed_timeout_minutes, 1)
+    if not -(1 << 63) <= training.seed < (1 << 63):  # torch's generators take 64-bit seeds (a traceback at start-up)
+        problems.append(f"--seed ({training.seed}) must lie in [-2^63, 2^63): torch seeds its generators with 64 bits")
     if training.exit_duration_in_mins is not None and not (
             math.isfinite(training.exit_duration_in_mins) and training.exit_duration_in_mins > 0):
         problems.append(f"--exit-duration-in-mins ({training.exit_duration_in_mins}) must be a positive number of "

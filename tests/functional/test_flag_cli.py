@@ -41,7 +41,8 @@ def test_parallel_values_launch_flag_file_and_output_mistakes_together(files):
     stderr = _cli("--task-stream", f"image2text:{files / 'good'}:1", "--tokenizer", files / "tok.model",
                   f"@{files / 'self.args'}", "--pipeline-model-parallel-size", "0", "--lr", "inf",  # later wins
                   "--world-size", "1", "--save", files / "a_file", WORLD_SIZE="2")
-    for fragment in ("--pipeline-model-parallel-size (0)", "--lr ('inf') is not a valid finite number", "contradicts the launch (WORLD_SIZE=2)",
+    for fragment in ("--pipeline-model-parallel-size (0)", "--lr ('inf') is not a valid finite number",
+                     "contradicts the launch (WORLD_SIZE=2)",
                      "includes itself", "--save", "is a file"):
         assert fragment in stderr, (fragment, stderr)
 

@@ -67,6 +67,7 @@ CASES = [
     ("--save {root}/run --save-interval -1", "--save-interval (-1) must be at least 1"),
     ("--distributed-timeout-minutes 0", "--distributed-timeout-minutes (0) must be at least 1"),
     ("--exit-duration-in-mins -1", "--exit-duration-in-mins (-1.0) must be a positive number"),
+    ("--seed 99999999999999999999", "--seed (99999999999999999999) must lie in [-2^63, 2^63)"),
     ("--llm-checkpoint {root}/nowhere", "--llm-checkpoint ({root}/nowhere) does not exist"),
     ("--dit-checkpoint {root}/a_file", "--dit-checkpoint ({root}/a_file) is a file"),
     ("--vision-checkpoint {root}/empty", "is not a distributed checkpoint"),
