@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     missing = [path for path in [*args.data, args.vae_path or args.vae_config] if not os.path.exists(path)]
     errors += [f"{path} does not exist" for path in missing]
     from megatron_puffin.config.validate_paths import vae_file_problems
+    from megatron_puffin.distributed.random import seed_problems
+
+    errors += seed_problems("--seed", args.seed)
 
     if not missing:
         errors += vae_file_problems(args.vae_config, args.vae_path)

@@ -6,6 +6,8 @@ import math
 import os
 from typing import List, Optional, TYPE_CHECKING
 
+from megatron_puffin.distributed.random import seed_problems
+
 if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
     from megatron_puffin.config.arguments import PuffinArguments
 
@@ -70,8 +72,7 @@ def check_run_control(args: PuffinArguments) -> List[str]:
     ckpt, training, problems = args.checkpoint, args.training, []
     problems += _at_least("--save-interval", ckpt.save_interval, 1)
     problems += _at_least("--distributed-timeout-minutes", args.parallel.distributed_timeout_minutes, 1)
-    if not -(1 << 63) <= training.seed < (1 << 63):  # torch's generators take 64-bit seeds (a traceback at start-up)
-        problems.append(f"--seed ({training.seed}) must lie in [-2^63, 2^63): torch seeds its generators with 64 bits")
+    problems += seed_problems("--seed", training.seed)  # a traceback at start-up otherwise
     if training.exit_duration_in_mins is not None and not (
             math.isfinite(training.exit_duration_in_mins) and training.exit_duration_in_mins > 0):
         problems.append(f"--exit-duration-in-mins ({training.exit_duration_in_mins}) must be a positive number of "

@@ -23,6 +23,14 @@ def derive_seed(seed: int, *keys: object) -> int:
     return struct.unpack("<Q", digest[:8])[0] & ((1 << 63) - 1)
 
 
+def seed_problems(flag: str, seed: int) -> list:
+    """The flag-naming problem of a run seed torch cannot take (its generators are seeded with 64 bits; megatron-core
+    adds small offsets, which the unsigned upper half of that range absorbs), or none."""
+    if -(1 << 63) <= seed < (1 << 63):
+        return []
+    return [f"{flag} ({seed}) must lie in [-2^63, 2^63): torch seeds its generators with 64 bits"]
+
+
 def make_generator(seed: int, *keys: object, device: str | torch.device = "cpu") -> torch.Generator:
     """A fresh ``torch.Generator`` seeded from ``derive_seed(seed, *keys)``."""
     generator = torch.Generator(device=device)
