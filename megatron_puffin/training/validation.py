@@ -94,6 +94,22 @@ def validation_micro_batches(args: PuffinArguments) -> int:
     return cycle * args.validation.eval_iters
 
 
+def repeated_samples(specs, eval_iters: int, data_parallel_size: int) -> List[str]:
+    """One line per validation stream that a validation reads past its end (its samples then repeat, and the loss
+    weights those of the next epoch's order twice): the samples it reads, the samples it holds, the fix."""
+    lines = []
+    for spec in specs:
+        per_iteration = spec.repeats * spec.micro_batch_size * data_parallel_size
+        read = eval_iters * per_iteration
+        if read > spec.num_samples:
+            lines.append(
+                f"stream {spec.name} holds {spec.num_samples} samples and each validation reads {read} (--eval-iters "
+                f"{eval_iters} x {per_iteration} per cycle over the data-parallel ranks): samples repeat, weighted "
+                f"unevenly; --eval-iters {max(1, spec.num_samples // per_iteration)} reads each at most once"
+            )
+    return lines
+
+
 def _losses_on_every_rank(losses: Dict[str, float], pipeline_size: int, group) -> Dict[str, float]:
     """Losses are computed on the last pipeline stage; send them to the other stages of ``group``."""
     if pipeline_size <= 1:
@@ -136,6 +152,9 @@ class Validator:
         self.start = self.loader.state_dict()
         self.num_micro_batches = validation_micro_batches(args)
         self.tasks = validation_tasks(args.validation)
+        if ctx.rank == 0:
+            for problem in repeated_samples(self.loader.specs, args.validation.eval_iters, ctx.data_parallel_size):
+                logger.warning("validation: %s", problem)
         self.camera = None
         if args.validation.eval_camera_samples > 0:
             from megatron_puffin.training.validation_camera import CameraValidation

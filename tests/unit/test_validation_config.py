@@ -39,3 +39,21 @@ def test_valid_streams_take_the_default_micro_batch_size():
                        "--micro-batch-size", "3", "--eval-camera-samples", "0"])
     assert args.validation.valid_task_stream == ["image2text:heldout:3"]
     assert (args.validation.eval_interval, args.validation.eval_iters) == (5, 1)
+
+
+def test_a_validation_that_reads_past_a_streams_end_is_named_with_the_count_that_does_not():
+    """--eval-iters x the stream's samples per cycle over the data-parallel ranks above its size: the samples of the
+    next epoch's order repeat (weighted unevenly), so the run logs a warning with the largest --eval-iters that
+    reads each sample at most once."""
+    from megatron_puffin.data.sampler import StreamSpec
+    from megatron_puffin.training.validation import repeated_samples
+
+    specs = [StreamSpec("image2text#0", 16, micro_batch_size=2, repeats=1),
+             StreamSpec("cam2image#1", 100, micro_batch_size=2, repeats=3)]
+    assert repeated_samples(specs, eval_iters=4, data_parallel_size=2) == []  # 16 and 48 samples read
+    (line,) = repeated_samples(specs, eval_iters=5, data_parallel_size=2)  # 20 of 16; 60 of 100
+    assert line.startswith("stream image2text#0 holds 16 samples and each validation reads 20 (--eval-iters 5 x 4")
+    assert line.endswith("--eval-iters 4 reads each at most once")
+    lines = repeated_samples(specs, eval_iters=20, data_parallel_size=1)  # 40 of 16; 120 of 100
+    assert [line.split()[1] for line in lines] == ["image2text#0", "cam2image#1"]
+    assert lines[1].endswith("--eval-iters 16 reads each at most once")
