@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pa
 
 from megatron_puffin.inference.cli import (  # noqa: E402
     Progress,
+    ReplicaRounds,
     UsageError,
     build_tool_parser,
     first_problems,
@@ -221,12 +222,22 @@ def evaluate_cameras(loaded, results, requests, args: argparse.Namespace, output
     from megatron_puffin.evaluation import GroundTruthCamera, format_table, score_prediction, summarize, write_report
     from megatron_puffin.inference import understand
 
-    images = [result.image.permute(2, 0, 1).float().mul(2 / 255).sub(1) for result in results]
-    progress = Progress(len(images), "estimating cameras", not args.no_progress)
-    with torch.no_grad():
-        outputs = understand(loaded.model, loaded.tokenizer, images, thinking=args.thinking,
-                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                             encoder_config=loaded.encoder_config, progress=progress)
+    progress = Progress(len(results), "estimating cameras", not args.no_progress)
+    outputs = [None] * len(results)
+    rounds = ReplicaRounds([list(range(start, min(start + args.batch_size, len(results))))
+                            for start in range(0, len(results), args.batch_size)])
+    for chunk in rounds:  # the data-parallel replicas take turns, as in the generation
+        finished = []
+        if chunk:
+            images = [results[index].image.permute(2, 0, 1).float().mul(2 / 255).sub(1) for index in chunk]
+            with torch.no_grad():
+                finished = list(zip(chunk, understand(loaded.model, loaded.tokenizer, images, thinking=args.thinking,
+                                                      max_new_tokens=args.max_new_tokens, batch_size=len(chunk),
+                                                      encoder_config=loaded.encoder_config)))
+        finished = rounds.gather(finished)
+        for index, output in finished:
+            outputs[index] = output
+        progress(len(finished))
     progress.close()
     scored = []
     for request, result, output in zip(requests, results, outputs):
@@ -308,6 +319,7 @@ def write_outputs(loaded, args: argparse.Namespace, requests, results, estimates
 def run(args: argparse.Namespace, model_flags: List[str]) -> int:
     from megatron_puffin.inference import (GenerationRequest, GenerationSettings, generate_batches, load_image,
                                            load_puffin)
+    from megatron_puffin.inference.generation import plan_batches
     from megatron_puffin.inference.journal import BatchJournal, checkpoint_fingerprint
     from megatron_puffin.inference.loading import resolve_inference_checkpoint
 
@@ -338,14 +350,22 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
     progress = Progress(len(jobs), "generating", not args.no_progress)
     progress(len(done))
     try:
-        for indices, batch in generate_batches(loaded.model, loaded.tokenizer, jobs, settings, loaded.encoder_config,
-                                               skip=done):
-            for index, result in zip(indices, batch):
+        # With more processes than the TP size, the replicas take turns: one batch each per round.
+        rounds = ReplicaRounds(plan_batches(jobs, args.batch_size, skip=done))
+        for chunk in rounds:
+            finished = []
+            if chunk:  # generate_batches keeps every request's own seed whatever else is skipped
+                others = set(range(len(jobs))) - set(chunk)
+                for indices, batch in generate_batches(loaded.model, loaded.tokenizer, jobs, settings,
+                                                       loaded.encoder_config, skip=others):
+                    finished += zip(indices, batch)
+            finished = rounds.gather(finished)
+            for index, result in finished:
                 results[index] = result
                 if is_output_rank():
                     save_png(result.image, output_dir / f"{requests[index]['id']}.png")
-            journal.append(image_record(requests[index], results[index]) for index in indices)
-            progress(len(indices))
+            journal.append(image_record(requests[index], results[index]) for index, _ in finished)
+            progress(len(finished))
     except ValueError as error:  # sizes that the VAE / DiT cannot take
         raise UsageError(str(error)) from None
     progress.close()

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pa
 
 from megatron_puffin.inference.cli import (  # noqa: E402
     Progress,
+    ReplicaRounds,
     UsageError,
     build_tool_parser,
     first_problems,
@@ -164,18 +165,24 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
     size = loaded.encoder_config.image_max_size
     progress = Progress(len(paths), "understanding", not args.no_progress)
     progress(len(paths) - len(todo))
-    for start in range(0, len(todo), args.batch_size):
-        chunk = todo[start:start + args.batch_size]
-        images = [load_image(paths[index], size, mode) for index in chunk]
-        outputs = understand(loaded.model, loaded.tokenizer, images, prompt=prompt, thinking=args.thinking,
-                             max_new_tokens=args.max_new_tokens, batch_size=len(chunk),
-                             encoder_config=loaded.encoder_config)
-        for index, answer in zip(chunk, outputs):
-            records[index] = {"id": paths[index].name, "output_text": answer.text,
-                              "camera": None if answer.camera is None else dict(answer.camera._asdict()),
-                              "reasoning": answer.reasoning, "finished": answer.finished}
-        journal.append({**records[index], "source": _source(paths[index])} for index in chunk)
-        progress(len(chunk))
+    # With more processes than the TP size, the replicas take turns: one batch each per round (cli.ReplicaRounds).
+    rounds = ReplicaRounds([todo[start:start + args.batch_size] for start in range(0, len(todo), args.batch_size)])
+    for chunk in rounds:
+        finished = []
+        if chunk:
+            images = [load_image(paths[index], size, mode) for index in chunk]
+            outputs = understand(loaded.model, loaded.tokenizer, images, prompt=prompt, thinking=args.thinking,
+                                 max_new_tokens=args.max_new_tokens, batch_size=len(chunk),
+                                 encoder_config=loaded.encoder_config)
+            finished = [(index, {"id": paths[index].name, "output_text": answer.text,
+                                 "camera": None if answer.camera is None else dict(answer.camera._asdict()),
+                                 "reasoning": answer.reasoning, "finished": answer.finished})
+                        for index, answer in zip(chunk, outputs)]
+        finished = rounds.gather(finished)
+        for index, record in finished:
+            records[index] = record
+        journal.append({**record, "source": _source(paths[index])} for index, record in finished)
+        progress(len(finished))
     progress.close()
     if is_output_rank():
         write_text_atomically(output, json.dumps(records, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """What ``tools/understand.py`` and ``tools/generate.py`` share: the parser (the tool's own flags, then
-``pretrain_puffin.py`` model flags or ``@flagfiles`` that override the checkpoint's stored ones), progress
-reporting, rank-0 output and the one-line error convention."""
+``pretrain_puffin.py`` model flags or ``@flagfiles`` that override the checkpoint's stored ones), the batches dealt
+to data-parallel replicas, progress reporting, rank-0 output and the one-line error convention."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
@@ -84,9 +84,46 @@ def _writable_folder(folder: Path, what: str) -> None:
         raise UsageError(f"{what}: the folder {folder} is not writable")
 
 
+class ReplicaRounds:
+    """Data-parallel inference: with more processes than the tensor-parallel size, each group of TP ranks is a
+    replica of the model, and ``batches`` (lists of item indices) are dealt to the replicas one each per round, so
+    P replicas finish a list about P times sooner. After each round every rank holds every replica's results
+    (:meth:`gather`), in batch order, so rank 0 can write and journal them as one process would. Answers and images
+    depend on their item only (not on the batch they share), so the outputs equal a single process's.
+
+    Collective: every rank iterates every round and calls :meth:`gather` once per round (a replica without a batch
+    in the last round gets an empty one).
+    """
+
+    def __init__(self, batches: Sequence[Sequence[int]]) -> None:
+        import megatron_puffin.distributed as mpd
+
+        self.group = mpd.process_groups().dp if dist.is_initialized() else None
+        self.rank = dist.get_rank(self.group) if self.group is not None else 0
+        self.size = dist.get_world_size(self.group) if self.group is not None else 1
+        self.rounds = [list(batches[start:start + self.size]) for start in range(0, len(batches), self.size)]
+
+    def __iter__(self) -> Iterator[List[int]]:
+        """This replica's batch of each round (empty when the round has none for it)."""
+        for batches in self.rounds:
+            yield list(batches[self.rank]) if self.rank < len(batches) else []
+
+    def gather(self, finished: List[Any]) -> List[Any]:
+        """Every replica's ``finished`` items of this round, replica by replica (the order of the batches)."""
+        if self.size == 1:
+            return list(finished)
+        parts: List[Any] = [None] * self.size
+        dist.all_gather_object(parts, list(finished), group=self.group)
+        return [item for part in parts for item in part]
+
+
 def is_output_rank() -> bool:
-    """Rank 0 writes files and prints (every rank computes the same results)."""
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Rank 0 writes files and prints. Before the process group starts (the resume journal is opened before the
+    model loads) the launcher's ``RANK`` says which process that is: every rank of a torchrun launch used to count
+    as rank 0 there, and all of them wrote the journal, ahead of the images rank 0 had saved."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def setup_logging(level: str) -> None:

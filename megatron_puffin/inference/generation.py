@@ -326,9 +326,14 @@ def generate_batches(model, tokenizer, requests: Sequence[GenerationRequest],
     caller can keep finished images before the last batch is done. Requests whose index is in ``skip`` are not
     generated; the others keep the seeds they have in the whole list (``settings.seed`` + index by default)."""
     run, seeds = _setup(model, tokenizer, requests, settings, encoder_config)
+    for indices in plan_batches(requests, run.settings.batch_size, skip):
+        yield indices, run([requests[i] for i in indices], [seeds[i] for i in indices])
+
+
+def plan_batches(requests: Sequence[GenerationRequest], batch_size: int, skip: Iterable[int] = ()) -> List[List[int]]:
+    """The batches :func:`generate_batches` makes, as request indices: the requests not in ``skip``, in batches of
+    at most ``batch_size`` of one kind (with / without an initial view), in order within each kind."""
     skipped = set(skip)
     kept = [index for index in range(len(requests)) if index not in skipped]
-    positions = _batches([requests[index] for index in kept], run.settings.batch_size)
-    for batch in positions:
-        indices = [kept[position] for position in batch]
-        yield indices, run([requests[i] for i in indices], [seeds[i] for i in indices])
+    return [[kept[position] for position in batch]
+            for batch in _batches([requests[index] for index in kept], batch_size)]

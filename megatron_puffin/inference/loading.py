@@ -195,7 +195,8 @@ def load_puffin(checkpoint: str, flags: Sequence[str] = (), tensor_model_paralle
     """Start the process group (if needed) and build + load a Puffin for inference.
 
     Collective: every rank of the world calls it. The world size must be a multiple of
-    ``tensor_model_parallel_size``; extra ranks are data-parallel replicas holding the same model.
+    ``tensor_model_parallel_size``; extra ranks are data-parallel replicas holding the same model (the tools deal
+    their batches to them: :class:`megatron_puffin.inference.cli.ReplicaRounds`).
 
     Args:
         checkpoint: a checkpoint directory (``iter_*``) or a run directory (its latest complete checkpoint).

@@ -1,6 +1,6 @@
 """Inference at TP=2 equals TP=1, and a checkpoint saved with PP=2 loads for inference at TP=1 and TP=2 (one
 spawned group of two gloo ranks): understanding tokens identical, one CFG velocity within 1e-5, generated images
-within one uint8 level."""
+within one uint8 level. The same group checks how the tools deal batches to two data-parallel replicas."""
 import torch
 
 from helpers.multiprocess import run_distributed
@@ -39,8 +39,17 @@ def _worker(root, paths):
     from megatron_puffin.inference import load_puffin
     from megatron_puffin.training.checkpointing import load_module
 
-    results = {}
+    from megatron_puffin.inference.cli import ReplicaRounds, is_output_rank
+
+    # the tools open their resume journal before the process group starts: only the launch's rank 0 writes it
+    results = {"output_rank_before_init": is_output_rank()}
     mpd.initialize(1, 1, seed=0)  # two data-parallel replicas of the TP=1 model
+    results["output_rank"] = is_output_rank()
+    rounds = ReplicaRounds([[0, 1], [2], [3, 4], [5], [6]])  # the tools' dealing: one batch per replica per round
+    results["dealt"], results["gathered"] = [], []
+    for chunk in rounds:
+        results["dealt"].append(chunk)
+        results["gathered"].append(rounds.gather([(index, f"answer {index}") for index in chunk]))
     model, args = build_tiny_model(paths)
     save_model_checkpoint(model, args, root / "tp1" / "iter_0000001")
     results["reference"] = _infer(model, PuffinTokenizer(paths["tokenizer"]))
@@ -58,6 +67,11 @@ def _worker(root, paths):
 def test_inference_is_the_same_at_every_layout(tmp_path):
     paths = make_tiny_dataset(tmp_path / "tiny", num_samples=4)
     results = run_distributed(_worker, 2, tmp_path, paths)
+    assert [(r["output_rank_before_init"], r["output_rank"]) for r in results] == [(True, True), (False, False)]
+    # the batches dealt in turns (the last round has none for the second replica), every result on every rank
+    assert [r["dealt"] for r in results] == [[[0, 1], [3, 4], [6]], [[2], [5], []]]
+    expected = [[(i, f"answer {i}") for i in indices] for indices in ([0, 1, 2], [3, 4, 5], [6])]
+    assert results[0]["gathered"] == results[1]["gathered"] == expected
     reference = results[0]["reference"]
     assert len({tuple(t) for t in reference["tokens"]}) == 2 and reference["image"].float().std() > 0
     for rank_results in results:

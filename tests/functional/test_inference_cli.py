@@ -98,6 +98,38 @@ def test_generate_writes_images_contact_sheet_json_and_camera_faithfulness(artef
     assert metrics["num_images"] == 2 and (out / "camera_faithfulness" / "errors.png").exists()
 
 
+def test_data_parallel_replicas_share_the_work_and_write_what_one_process_writes(artefacts):
+    """Two processes at TP=1 (as torchrun starts them) are two replicas that take turns, one batch each per round
+    (tools' ReplicaRounds): batch size 1 over three items makes two rounds, the second with nothing for the second
+    replica. Answers, images, estimated cameras and the JSON equal a single process's byte for byte."""
+    root, _, _, images = artefacts
+    listing = root / "dp_images.txt"
+    listing.write_text("\n".join(str(p) for p in images))
+    requests = root / "dp_requests.json"
+    requests.write_text(json.dumps([
+        {"id": "a", "caption": "a kitchen", "roll": 0.1, "pitch": -0.2, "vfov": 1.0},
+        {"id": "b", "roll": 0.0, "pitch": 0.1, "yaw": 1.571, "init_image": str(images[0])},
+        {"id": "c", "caption": "a hall", "roll": -0.1, "pitch": 0.0, "vfov": 0.9, "seed": 7},
+    ]))
+    written = {}
+    for nproc in (1, 2):
+        out = root / f"dp{nproc}"
+        common = dict(cwd=os.getcwd(), env=ENV, nproc=nproc)
+        proc = run_script(ROOT / "tools" / "understand.py", "--checkpoint", root / "run", "--images", listing,
+                          "--output", out / "predictions.json", "--max-new-tokens", NEW_TOKENS, "--batch-size", 1,
+                          "--no-progress", **common)
+        assert proc.stdout.count("wrote") == 1  # rank 0 alone writes and reports
+        run_script(ROOT / "tools" / "generate.py", "--checkpoint", root / "run", "--prompts", requests,
+                   "--output-dir", out / "gen", "--steps", STEPS, "--batch-size", 1, "--evaluate-cameras",
+                   "--max-new-tokens", NEW_TOKENS, "--no-progress", **common)
+        written[nproc] = {path.relative_to(out): path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
+    assert sorted(map(str, written[2])) == sorted(map(str, written[1]))
+    assert {str(name) for name in written[1]} >= {"predictions.json", "gen/a.png", "gen/b.png", "gen/c.png",
+                                                   "gen/generations.json", "gen/contact_sheet.png"}
+    for name, content in written[1].items():
+        assert written[2][name] == content, name
+
+
 def _tool_main(name):
     import importlib.util
 
