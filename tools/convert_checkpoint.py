@@ -15,6 +15,10 @@ or a run directory for its latest) and of ``puffin-to-mcore`` output, with the r
 generation config; ``mcore-to-towers`` writes the vision tower and the query path in our reloadable format
 (docs/export.md).
 
+**Whole model** -> the released ``Puffin-*.pth`` layout (the inverse of ``puffin-to-mcore``; docs/export.md)::
+
+    python tools/convert_checkpoint.py mcore-to-puffin --input run/stage4_instruction --output Puffin-Mine.pth
+
 **MMDiT** (for ``--dit-checkpoint``): a diffusers SD3 ``transformer/`` folder <-> the DiT tower alone (kind ``dit``)::
 
     torchrun --nproc-per-node 2 tools/convert_checkpoint.py sd3-to-mcore \\
@@ -229,6 +233,20 @@ def mcore_to_towers_command(args: argparse.Namespace) -> None:
                 args.output, source.directory, ", ".join(towers))
 
 
+def mcore_to_puffin_command(args: argparse.Namespace) -> None:
+    from megatron_puffin.convert.common import ConversionError
+    from megatron_puffin.convert.export import ExportError, export_puffin, resolve_source
+
+    try:
+        source = resolve_source(args.input)
+        mpd.initialize(seed=0)
+        towers = export_puffin(source, args.output, args.dtype)
+    except (ExportError, ConversionError) as error:
+        raise UsageError(f"mcore-to-puffin: {error}") from None
+    logger.info("wrote %s from %s (%s; the released Puffin-*.pth layout, loadable with torch.load(..., "
+                "weights_only=True))", args.output, source.directory, ", ".join(towers))
+
+
 # --- MMDiT ----------------------------------------------------------------------------------------------------------
 def sd3_to_mcore_command(args: argparse.Namespace) -> None:
     from megatron_puffin.convert.sd3 import diffusers_to_mcore, load_dit_state_dict, shard_dit_state_dict
@@ -426,6 +444,14 @@ def build_parser() -> argparse.ArgumentParser:
     towers.add_argument("--towers", default=None,
                         help="comma-separated subset of vision,queries (default: those the checkpoint holds)")
 
+    to_puffin = command("mcore-to-puffin", "every tower of a training or puffin-to-mcore checkpoint -> one file in "
+                                          "the released Puffin-*.pth layout, for the reference's own code")
+    to_puffin.add_argument("--input", required=True,
+                           help="checkpoint directory (e.g. run/iter_0001000) or a training run directory (its latest)")
+    to_puffin.add_argument("--output", required=True, help="file to write, e.g. Puffin-MyRun.pth (must not exist)")
+    to_puffin.add_argument("--dtype", choices=list(DTYPES), default=None,
+                           help="dtype of the written weights (default: the dtype the checkpoint was trained in)")
+
     sd3 = command("sd3-to-mcore", "diffusers SD3 transformer/ folder -> distributed checkpoint of the MMDiT")
     sd3.add_argument("--transformer-dir", required=True, help="diffusers folder: config.json + safetensors")
     sd3.add_argument("--output", required=True, help="new checkpoint directory (must not exist)")
@@ -462,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 FLAG_COMMANDS = {"radio-to-mcore": radio_to_mcore_command, "puffin-to-mcore": puffin_to_mcore_command}
 PLAIN_COMMANDS = {"hf-to-mcore": hf_to_mcore_command, "mcore-to-hf": mcore_to_hf_command,
-                  "mcore-to-towers": mcore_to_towers_command,
+                  "mcore-to-towers": mcore_to_towers_command, "mcore-to-puffin": mcore_to_puffin_command,
                   "sd3-to-mcore": sd3_to_mcore_command, "mcore-to-sd3": mcore_to_sd3_command}
 
 

@@ -117,16 +117,22 @@ def _stored_vocab_rows(source: ExportSource, prefix: str) -> Optional[int]:
     return int(entry.global_shape[0]) if entry is not None else None
 
 
+def _with_stored_vocab_rows(source: ExportSource, config: LLMConfig) -> LLMConfig:
+    """``config`` padding its vocabulary to the rows stored in ``source`` (padded for the TP size it was saved at),
+    so that a TP=1 tower loads them."""
+    rows = _stored_vocab_rows(source, source.prefix("llm"))
+    if rows is not None and rows != config.padded_vocab_size(1) and rows >= config.vocab_size:
+        return dataclasses.replace(config, make_vocab_size_divisible_by=rows)
+    return config
+
+
 def load_llm(source: ExportSource, dtype: Optional[torch.dtype] = None):
     """The LLM tower of ``source`` built at TP=PP=1 (parallel state must be initialised) with its weights.
 
     The vocabulary was padded for the TP size it was saved at; the tower is built with the same number of rows.
     """
-    config = llm_config_of(source)
+    config = _with_stored_vocab_rows(source, llm_config_of(source))
     prefix = source.prefix("llm")
-    rows = _stored_vocab_rows(source, prefix)
-    if rows is not None and rows != config.padded_vocab_size(1) and rows >= config.vocab_size:
-        config = dataclasses.replace(config, make_vocab_size_divisible_by=rows)
     transformer_config = config.to_transformer_config(params_dtype=dtype or source.params_dtype())
     model = build_llm(config, transformer_config=transformer_config, pg_collection=process_groups())
     load_module(model, source.directory, prefix=prefix, what="--input")
@@ -281,6 +287,45 @@ def export_towers(source: ExportSource, output: str, towers: Optional[List[str]]
     with open(os.path.join(output, TOWERS_FILE), "w") as handle:
         json.dump(manifest, handle, indent=2, sort_keys=True)
     return wanted
+
+
+# --- the whole model -> the released Puffin layout ---------------------------------------------------------------
+def export_puffin(source: ExportSource, output: str, dtype: Optional[str] = None) -> List[str]:
+    """Write ``output``: one ``torch.save``d dict of the towers ``source`` holds under the released
+    ``Puffin-*.pth`` names (:func:`megatron_puffin.convert.puffin.mcore_to_puffin`; plain tensors, loadable with
+    ``torch.load(..., weights_only=True)``), in the dtype the checkpoint trained in unless ``dtype`` says; written
+    to a hidden sibling and renamed, so a failed export leaves nothing under ``output``. Parallel state must be
+    initialised at TP=PP=1. Returns the towers written."""
+    from megatron_puffin.convert.puffin import PUFFIN_TOWERS, mcore_to_puffin
+    from megatron_puffin.inference.loading import resolve_flags
+    from megatron_puffin.models.puffin import PuffinConfig, build_puffin
+
+    towers = [tower for tower in PUFFIN_TOWERS if source.holds(tower)]
+    if source.kind != "puffin" or not towers or not source.args:
+        raise ExportError(f"--input {source.directory} is a {source.kind or 'unknown'!r} checkpoint without "
+                          "Puffin towers; export a training or puffin-to-mcore checkpoint (mcore-to-hf, "
+                          "mcore-to-sd3 and mcore-to-towers export single towers)")
+    config = PuffinConfig.from_args(resolve_flags(source.metadata))
+    config = dataclasses.replace(  # weights only: fp32 local layers, no VAE (never trained, not in the file)
+        config, params_dtype=torch.float32, transformer_impl="local", fp8=None,
+        llm=_with_stored_vocab_rows(source, config.llm),
+        model=dataclasses.replace(config.model, vae_path=None, vae_config=None))
+    model = build_puffin(config, pg_collection=process_groups())
+    for tower in towers:
+        module = CHECKPOINT_MODULES[tower]
+        load_module(getattr(model, module), source.directory, prefix=f"{module}.", what="--input")
+    target = DTYPES[dtype] if dtype else source.params_dtype()
+    state = {name: tensor.detach().to(target).contiguous()
+             for name, tensor in mcore_to_puffin(model.state_dict(), config, towers).items()}
+    staging = Path(output).with_name(f".{Path(output).name}.partial-{os.getpid()}")
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.save(state, staging)
+        os.replace(staging, output)
+    finally:
+        if staging.exists():
+            staging.unlink()
+    return towers
 
 
 def load_exported_towers(directory: str, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.nn.Module]:

@@ -1,24 +1,25 @@
-"""Released Puffin checkpoints (``Puffin-{Align,Base,Thinking,Instruct}.pth``) -> our composed model.
+"""Released Puffin checkpoints (``Puffin-{Align,Base,Thinking,Instruct}.pth``) <-> our composed model.
 
 The reference state dict (docs/puffin.md §1.11) names towers by prefix: ``llm.`` (HF Qwen2), ``visual_encoder.`` (HF RADIO),
 ``projector.{0,2}``, ``meta_queries`` / ``llm2connector_k`` / ``connector_k`` / ``projector_k`` (the query path),
 ``transformer.`` (diffusers SD3) and ``vae.``. Released files may hold only the modules a stage trained (stage 1
 saved only the trainable ones), so every tower is optional; a tower that is present must be complete. The result
 is an unsharded TP=1/PP=1 state dict of :class:`~megatron_puffin.models.puffin.PuffinModel`; saved as a
-megatron-core distributed checkpoint it loads at any TP/PP layout.
+megatron-core distributed checkpoint it loads at any TP/PP layout. :func:`mcore_to_puffin` is the inverse: our
+towers under the released names, for the reference's own code (``tools/convert_checkpoint.py mcore-to-puffin``).
 """
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
 from megatron_puffin.convert.common import ConversionError
-from megatron_puffin.convert.connector import reference_to_mcore
-from megatron_puffin.convert.qwen2 import hf_to_mcore
-from megatron_puffin.convert.radio import projector_to_mcore, radio_to_mcore
-from megatron_puffin.convert.sd3 import diffusers_to_mcore
+from megatron_puffin.convert.connector import mcore_to_reference, reference_to_mcore
+from megatron_puffin.convert.qwen2 import hf_to_mcore, mcore_to_hf
+from megatron_puffin.convert.radio import mcore_to_projector, mcore_to_radio, projector_to_mcore, radio_to_mcore
+from megatron_puffin.convert.sd3 import diffusers_to_mcore, mcore_to_diffusers
 from megatron_puffin.models.extra_state import is_extra_state_key
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,38 @@ def puffin_to_mcore(state_dict: Mapping[str, torch.Tensor], config) -> Tuple[Sta
     supplied = sorted(groups)
     logger.info("Puffin checkpoint supplied: %s", ", ".join(supplied))
     return ours, supplied
+
+
+PUFFIN_TOWERS = ("llm", "vision", "queries", "dit")
+"""The towers a released file can hold (the VAE is never trained, and never exported)."""
+
+
+def mcore_to_puffin(state_dict: Mapping[str, torch.Tensor], config,
+                    towers: Sequence[str] = PUFFIN_TOWERS) -> StateDict:
+    """Our unsharded TP=1/PP=1 state dict -> ``towers`` under the released checkpoints' names, the inverse of
+    :func:`puffin_to_mcore`: ``llm.`` (HF Qwen2, padded vocabulary rows dropped), ``visual_encoder.radio_model.``
+    and ``projector.`` (the vision tower), the query path's names, ``transformer.`` (diffusers SD3).
+
+    Raises:
+        ConversionError: a tower's tensors that do not match its table (all listed).
+    """
+    def tower_state(prefix: str) -> StateDict:
+        return {name[len(prefix):]: tensor for name, tensor in state_dict.items()
+                if name.startswith(prefix) and not is_extra_state_key(name)}
+
+    hidden = config.llm.hidden_size
+    reference: StateDict = {}
+    if "llm" in towers:
+        reference.update(_prefixed(mcore_to_hf(tower_state("llm."), config.llm), "llm."))
+    if "vision" in towers:
+        vision = tower_state("vision.")
+        reference.update(mcore_to_radio(vision, config.vision, prefix="visual_encoder.radio_model."))
+        reference.update(mcore_to_projector(vision, config.vision, hidden))
+    if "queries" in towers:
+        reference.update(mcore_to_reference(tower_state("conditioner."), config.connector, hidden))
+    if "dit" in towers:
+        reference.update(_prefixed(mcore_to_diffusers(tower_state("dit."), config.dit), "transformer."))
+    return reference
 
 
 def load_puffin_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> List[str]:

@@ -395,23 +395,10 @@ def trainable_names(model: torch.nn.Module):
 def reference_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """A TP=1/PP=1 Puffin's weights under the released checkpoints' names (docs/puffin.md §1.11: ``llm.``,
     ``visual_encoder.radio_model.``, ``projector.``, the query path, ``transformer.``), through the tower
-    converters' inverses."""
-    from megatron_puffin.convert.connector import mcore_to_reference
-    from megatron_puffin.convert.qwen2 import mcore_to_hf
-    from megatron_puffin.convert.radio import mcore_to_projector, mcore_to_radio
-    from megatron_puffin.convert.sd3 import mcore_to_diffusers
+    converters' inverses (``convert.puffin.mcore_to_puffin``, what ``mcore-to-puffin`` writes)."""
+    from megatron_puffin.convert.puffin import mcore_to_puffin
 
-    cfg, state = model.puffin_config, model.state_dict()
-
-    def sub(prefix):
-        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k.endswith("_extra_state")}
-
-    ref = {"llm." + k: v for k, v in mcore_to_hf(sub("llm."), cfg.llm).items()}
-    ref.update(mcore_to_radio(sub("vision."), cfg.vision, prefix="visual_encoder.radio_model."))
-    ref.update(mcore_to_projector(sub("vision."), cfg.vision, cfg.llm.hidden_size))
-    ref.update(mcore_to_reference(sub("conditioner."), cfg.connector, cfg.llm.hidden_size))
-    ref.update({"transformer." + k: v for k, v in mcore_to_diffusers(sub("dit."), cfg.dit).items()})
-    return ref
+    return mcore_to_puffin(model.state_dict(), model.puffin_config)
 
 
 TINY_ARGS = ROOT / "examples" / "tiny"
