@@ -126,6 +126,16 @@ def worker_pool(workers: int):
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def one_process_problem(prog: str) -> Optional[str]:
+    """The one-line error for a tool that must run as one process but was launched as several (torchrun sets
+    ``WORLD_SIZE``): each copy would write the same outputs, racing on every file. None when launched alone."""
+    world_size = os.environ.get("WORLD_SIZE", "1")
+    if world_size.strip() in ("", "1"):
+        return None
+    return (f"{prog} runs as one process (its --workers spread the work over the CPU cores); launch it with python, "
+            f"not torchrun (this launch has WORLD_SIZE={world_size}, and every copy would write the same files)")
+
+
 def exit_on_ctrl_c(prog: str, main: Callable[[], int], kept: str) -> int:
     """Run a tool's ``main``; Ctrl-C (``KeyboardInterrupt``) becomes one line saying what was kept, and
     :data:`EXIT_CTRL_C`, instead of a traceback.

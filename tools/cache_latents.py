@@ -11,6 +11,9 @@ the manifest records the VAE (config + weights SHA-256), the resolution and the 
 Re-running with the same VAE and flags skips finished shards; a shard holding latents of another VAE, resolution
 or dtype is an error unless --overwrite is given. For a random tiny VAE (--vae-config) give the
 training --seed: the VAE is drawn from it exactly as training draws it.
+
+Several GPUs: ``torchrun --nproc-per-node 8 tools/cache_latents.py ... --device cuda`` gives each process every
+8th shard (no process group, no shard shared) and the GPU of its LOCAL_RANK; each prints its own counts.
 """
 import argparse
 import logging
@@ -76,6 +79,9 @@ def main(argv=None) -> int:
         errors += vae_file_problems(args.vae_config, args.vae_path)
     import torch
 
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and args.device == "cuda":  # one GPU per process of a torchrun launch
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     errors += _device_problems(args.device)
     if errors:
         print("error: " + "; ".join(errors), file=sys.stderr)
@@ -94,7 +100,7 @@ def main(argv=None) -> int:
         return 2
     try:
         counts = cache_dataset_latents(args.data, vae, args.image_size, args.image_size_unit, args.dtype,
-                                       args.batch_size, args.overwrite)
+                                       args.batch_size, args.overwrite, rank=rank, world_size=world_size)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -103,8 +109,9 @@ def main(argv=None) -> int:
               f"{': ' + str(error.filename) if error.filename else ''}); the shards finished so far are kept: fix "
               "that and run the same command again, it skips them", file=sys.stderr)
         return 1
-    print(f"cached {args.dtype} VAE latents at --image-size {args.image_size}: {counts['written']} shard(s) written, "
-          f"{counts['replaced']} replaced, {counts['skipped']} already done")
+    process = f"process {rank} of {world_size}: " if world_size > 1 else ""
+    print(f"{process}cached {args.dtype} VAE latents at --image-size {args.image_size}: {counts['written']} shard(s) "
+          f"written, {counts['replaced']} replaced, {counts['skipped']} already done")
     return 0
 
 

@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_puffin.process_lifetime import one_process_problem
+
+    problem = one_process_problem("make_synthetic_dataset.py")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING)
     tokenizer = None if args.no_tokenizer else (args.tokenizer_out or args.output / "tokenizer" / "puffin_synthetic.model")
     options = SyntheticOptions(

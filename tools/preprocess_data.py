@@ -65,6 +65,12 @@ def _print_report(report: dict) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_puffin.process_lifetime import one_process_problem
+
+    problem = one_process_problem("preprocess_data.py")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = PreprocessOptions(
         input=args.input,

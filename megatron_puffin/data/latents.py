@@ -273,13 +273,15 @@ def _config_diff(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> str:
 
 
 def cache_dataset_latents(paths: Sequence[os.PathLike], vae, image_size: int, image_unit: int,
-                          dtype: str = "bfloat16", batch_size: int = 16, overwrite: bool = False) -> Dict[str, int]:
-    """:func:`cache_shard_latents` on every shard under ``paths``; returns counts of shards written / replaced /
-    skipped."""
+                          dtype: str = "bfloat16", batch_size: int = 16, overwrite: bool = False,
+                          rank: int = 0, world_size: int = 1) -> Dict[str, int]:
+    """:func:`cache_shard_latents` on every shard under ``paths`` (with ``world_size`` > 1: the shards whose
+    position in that list is ``rank`` modulo ``world_size``, so processes launched together never share a shard);
+    returns counts of shards written / replaced / skipped."""
     from megatron_puffin.data.format import find_shards
 
     counts = {"written": 0, "replaced": 0, "skipped": 0}
-    for path in paths:
-        for shard in find_shards(path):
-            counts[cache_shard_latents(shard, vae, image_size, image_unit, dtype, batch_size, overwrite)] += 1
+    shards = [shard for path in paths for shard in find_shards(path)]
+    for shard in shards[rank::world_size]:
+        counts[cache_shard_latents(shard, vae, image_size, image_unit, dtype, batch_size, overwrite)] += 1
     return counts

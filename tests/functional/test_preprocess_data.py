@@ -227,3 +227,20 @@ def test_ctrl_c_with_workers_is_one_line_leaves_no_half_shard_and_the_same_comma
     preprocess(PreprocessOptions(raw, tmp_path / "clean", workers=1, shard_size=4, progress=False))
     finished, clean = PuffinDataset(tmp_path / "out" / "main"), PuffinDataset(tmp_path / "clean" / "main")
     assert [finished[i]["key"] for i in range(len(finished))] == [clean[i]["key"] for i in range(len(clean))]
+
+
+@pytest.mark.parametrize("tool, flags", [
+    ("preprocess_data.py", ["--input", "RAW", "--output-prefix", "OUT"]),
+    ("make_synthetic_dataset.py", ["--output", "OUT", "--num-samples", "2"]),
+])
+def test_a_torchrun_launch_of_a_one_process_tool_is_one_line_and_writes_nothing(raw, tmp_path, tool, flags):
+    """Two copies would write the same shards, racing on every file: each says so (unless the launcher stops it
+    first, on the other's exit) and exits before any work."""
+    args = [str(raw) if a == "RAW" else str(tmp_path / "out") if a == "OUT" else a for a in flags]
+    proc = run_script(ROOT / "tools" / tool, *args, cwd=tmp_path, nproc=2, check=False,
+                      env=dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert lines and all(f"{tool} runs as one process" in line and "WORLD_SIZE=2" in line
+                                   for line in lines), proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()

@@ -277,3 +277,34 @@ except ShardUnavailableError as error:
                                      PYTHONPATH=str(ROOT)))
     assert result.returncode == 0, (result.returncode, result.stderr[-3000:])  # -7: SIGBUS
     assert "latent_image.bin now has 4 bytes" in result.stdout, result.stdout
+
+
+def test_processes_of_a_torchrun_launch_split_the_shards_and_write_what_one_process_writes(cached, tmp_path, capsys,
+                                                                                         monkeypatch):
+    """Under torchrun (RANK / WORLD_SIZE set) each process takes every WORLD_SIZE-th shard: none is written twice
+    (two processes renaming into one shard raced before), and the files equal one process's."""
+    from megatron_puffin.data.format import find_shards
+
+    paths = cached[0]
+    shutil.copytree(paths["data"], tmp_path / "split")
+    shutil.copytree(paths["data"], tmp_path / "single")
+    tool = _cache_latents_tool()
+    flags = ["--vae-config", paths["vae_config"], "--seed", "0", "--image-size", str(IMAGE_SIZE), "--dtype",
+             "bfloat16", "--batch-size", "3", "--overwrite"]  # the fixture's float32 latents are replaced
+    shards = len(find_shards(tmp_path / "split"))
+    assert shards >= 2
+    replaced = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert tool(["--data", str(tmp_path / "split"), *flags]) == 0
+        line = capsys.readouterr().out.strip()
+        assert line.startswith(f"process {rank} of 2: cached bfloat16 VAE latents"), line
+        replaced.append(int(line.split(" replaced")[0].split()[-1]))
+    assert replaced == [(shards + 1) // 2, shards // 2]
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert tool(["--data", str(tmp_path / "single"), *flags]) == 0
+    files = {path.relative_to(tmp_path / "single"): path.read_bytes()
+             for path in sorted((tmp_path / "single").rglob("*")) if path.is_file()}
+    assert files and all((tmp_path / "split" / name).read_bytes() == content for name, content in files.items())
