@@ -1,11 +1,12 @@
 """File-system helpers shared by the entry point and the tools: whether an output folder can be made (checked before
-any work, so a bad path fails at once instead of when the results are written) and atomic text writes."""
+any work, so a bad path fails at once instead of when the results are written) and atomic writes."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -23,6 +24,20 @@ def folder_problem(folder: PathLike) -> Optional[str]:
     except OSError as error:
         return f"the folder {existing} is not writable ({error.strerror or error})"
     return None
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """A hidden temporary sibling of ``path`` to write; renamed onto ``path`` when the block ends, removed when it
+    raises (a kill leaves the old file or the new one, never half of one)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
 
 
 def write_text_atomically(path: PathLike, text: str) -> None:

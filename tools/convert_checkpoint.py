@@ -354,17 +354,11 @@ def _tower_list(supplied: Sequence[str]) -> List[str]:
 
 def puffin_to_mcore_command(args: argparse.Namespace, extra: Sequence[str]) -> None:
     from megatron_puffin.convert.common import ConversionError
-    from megatron_puffin.convert.puffin import load_puffin_state_dict, puffin_to_mcore
+    from megatron_puffin.convert.puffin import load_puffin_state_dict, puffin_to_mcore, weights_only_config
     from megatron_puffin.models.puffin import PuffinConfig, build_puffin
 
     flags = pretrain_flags(extra, "puffin-to-mcore")
-    config = PuffinConfig.from_args(flags)
-    # Weights only: local layers in fp32 (checkpoints load into any precision and either layer implementation);
-    # the VAE is not part of the checkpoint.
-    config = dataclasses.replace(
-        config, params_dtype=torch.float32, transformer_impl="local", fp8=None,
-        model=dataclasses.replace(config.model, vae_path=None, vae_config=None),
-    )
+    config = weights_only_config(PuffinConfig.from_args(flags))
     reference = read_state_dict(args.puffin_checkpoint)
     try:
         ours, supplied = puffin_to_mcore(reference, config)

@@ -222,19 +222,17 @@ def evaluate_cameras(loaded, results, requests, args: argparse.Namespace, output
     from megatron_puffin.evaluation import GroundTruthCamera, format_table, score_prediction, summarize, write_report
     from megatron_puffin.inference import understand
 
+    def estimate(chunk):
+        images = [results[index].image.permute(2, 0, 1).float().mul(2 / 255).sub(1) for index in chunk]
+        with torch.no_grad():
+            return understand(loaded.model, loaded.tokenizer, images, thinking=args.thinking,
+                              max_new_tokens=args.max_new_tokens, batch_size=len(chunk),
+                              encoder_config=loaded.encoder_config)
+
     progress = Progress(len(results), "estimating cameras", not args.no_progress)
     outputs = [None] * len(results)
-    rounds = ReplicaRounds([list(range(start, min(start + args.batch_size, len(results))))
-                            for start in range(0, len(results), args.batch_size)])
-    for chunk in rounds:  # the data-parallel replicas take turns, as in the generation
-        finished = []
-        if chunk:
-            images = [results[index].image.permute(2, 0, 1).float().mul(2 / 255).sub(1) for index in chunk]
-            with torch.no_grad():
-                finished = list(zip(chunk, understand(loaded.model, loaded.tokenizer, images, thinking=args.thinking,
-                                                      max_new_tokens=args.max_new_tokens, batch_size=len(chunk),
-                                                      encoder_config=loaded.encoder_config)))
-        finished = rounds.gather(finished)
+    # the data-parallel replicas take turns, as in the generation
+    for finished in ReplicaRounds.batched(range(len(results)), args.batch_size).map(estimate):
         for index, output in finished:
             outputs[index] = output
         progress(len(finished))
@@ -264,9 +262,10 @@ def save_png(image, path: Path) -> None:
     """Writes a uint8 ``[H, W, 3]`` image in one rename (a kill never leaves half a PNG under the final name)."""
     from PIL import Image
 
-    temporary = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image.numpy()).save(temporary, format="PNG")
-    os.replace(temporary, path)
+    from megatron_puffin.files import atomic_path
+
+    with atomic_path(path) as temporary:
+        Image.fromarray(image.numpy()).save(temporary, format="PNG")
 
 
 def reusable_result(record: Optional[Dict[str, Any]], request: Dict[str, Any], seed: int, size: int, output_dir: Path):
@@ -351,15 +350,14 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
     progress(len(done))
     try:
         # With more processes than the TP size, the replicas take turns: one batch each per round.
-        rounds = ReplicaRounds(plan_batches(jobs, args.batch_size, skip=done))
-        for chunk in rounds:
-            finished = []
-            if chunk:  # generate_batches keeps every request's own seed whatever else is skipped
-                others = set(range(len(jobs))) - set(chunk)
-                for indices, batch in generate_batches(loaded.model, loaded.tokenizer, jobs, settings,
-                                                       loaded.encoder_config, skip=others):
-                    finished += zip(indices, batch)
-            finished = rounds.gather(finished)
+        def draw(chunk):  # generate_batches keeps every request's own seed whatever else is skipped
+            others = set(range(len(jobs))) - set(chunk)
+            drawn = {index: image for indices, batch in generate_batches(loaded.model, loaded.tokenizer, jobs, settings,
+                                                                         loaded.encoder_config, skip=others)
+                     for index, image in zip(indices, batch)}
+            return [drawn[index] for index in chunk]
+
+        for finished in ReplicaRounds(plan_batches(jobs, args.batch_size, skip=done)).map(draw):
             for index, result in finished:
                 results[index] = result
                 if is_output_rank():

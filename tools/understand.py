@@ -165,20 +165,17 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
     size = loaded.encoder_config.image_max_size
     progress = Progress(len(paths), "understanding", not args.no_progress)
     progress(len(paths) - len(todo))
+    def answer(chunk):
+        images = [load_image(paths[index], size, mode) for index in chunk]
+        outputs = understand(loaded.model, loaded.tokenizer, images, prompt=prompt, thinking=args.thinking,
+                             max_new_tokens=args.max_new_tokens, batch_size=len(chunk),
+                             encoder_config=loaded.encoder_config)
+        return [{"id": paths[index].name, "output_text": output.text,
+                 "camera": None if output.camera is None else dict(output.camera._asdict()),
+                 "reasoning": output.reasoning, "finished": output.finished} for index, output in zip(chunk, outputs)]
+
     # With more processes than the TP size, the replicas take turns: one batch each per round (cli.ReplicaRounds).
-    rounds = ReplicaRounds([todo[start:start + args.batch_size] for start in range(0, len(todo), args.batch_size)])
-    for chunk in rounds:
-        finished = []
-        if chunk:
-            images = [load_image(paths[index], size, mode) for index in chunk]
-            outputs = understand(loaded.model, loaded.tokenizer, images, prompt=prompt, thinking=args.thinking,
-                                 max_new_tokens=args.max_new_tokens, batch_size=len(chunk),
-                                 encoder_config=loaded.encoder_config)
-            finished = [(index, {"id": paths[index].name, "output_text": answer.text,
-                                 "camera": None if answer.camera is None else dict(answer.camera._asdict()),
-                                 "reasoning": answer.reasoning, "finished": answer.finished})
-                        for index, answer in zip(chunk, outputs)]
-        finished = rounds.gather(finished)
+    for finished in ReplicaRounds.batched(todo, args.batch_size).map(answer):
         for index, record in finished:
             records[index] = record
         journal.append({**record, "source": _source(paths[index])} for index, record in finished)

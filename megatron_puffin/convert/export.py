@@ -296,7 +296,8 @@ def export_puffin(source: ExportSource, output: str, dtype: Optional[str] = None
     ``torch.load(..., weights_only=True)``), in the dtype the checkpoint trained in unless ``dtype`` says; written
     to a hidden sibling and renamed, so a failed export leaves nothing under ``output``. Parallel state must be
     initialised at TP=PP=1. Returns the towers written."""
-    from megatron_puffin.convert.puffin import PUFFIN_TOWERS, mcore_to_puffin
+    from megatron_puffin.convert.puffin import PUFFIN_TOWERS, mcore_to_puffin, weights_only_config
+    from megatron_puffin.files import atomic_path
     from megatron_puffin.inference.loading import resolve_flags
     from megatron_puffin.models.puffin import PuffinConfig, build_puffin
 
@@ -306,10 +307,7 @@ def export_puffin(source: ExportSource, output: str, dtype: Optional[str] = None
                           "Puffin towers; export a training or puffin-to-mcore checkpoint (mcore-to-hf, "
                           "mcore-to-sd3 and mcore-to-towers export single towers)")
     config = PuffinConfig.from_args(resolve_flags(source.metadata))
-    config = dataclasses.replace(  # weights only: fp32 local layers, no VAE (never trained, not in the file)
-        config, params_dtype=torch.float32, transformer_impl="local", fp8=None,
-        llm=_with_stored_vocab_rows(source, config.llm),
-        model=dataclasses.replace(config.model, vae_path=None, vae_config=None))
+    config = weights_only_config(config, llm=_with_stored_vocab_rows(source, config.llm))
     model = build_puffin(config, pg_collection=process_groups())
     for tower in towers:
         module = CHECKPOINT_MODULES[tower]
@@ -317,14 +315,9 @@ def export_puffin(source: ExportSource, output: str, dtype: Optional[str] = None
     target = DTYPES[dtype] if dtype else source.params_dtype()
     state = {name: tensor.detach().to(target).contiguous()
              for name, tensor in mcore_to_puffin(model.state_dict(), config, towers).items()}
-    staging = Path(output).with_name(f".{Path(output).name}.partial-{os.getpid()}")
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output) as staging:
         torch.save(state, staging)
-        os.replace(staging, output)
-    finally:
-        if staging.exists():
-            staging.unlink()
     return towers
 
 

@@ -10,6 +10,7 @@ towers under the released names, for the reference's own code (``tools/convert_c
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Dict, List, Mapping, Sequence, Tuple
 
@@ -91,6 +92,15 @@ def puffin_to_mcore(state_dict: Mapping[str, torch.Tensor], config) -> Tuple[Sta
     supplied = sorted(groups)
     logger.info("Puffin checkpoint supplied: %s", ", ".join(supplied))
     return ours, supplied
+
+
+def weights_only_config(config, **changes):
+    """``config`` (a :class:`~megatron_puffin.models.puffin.PuffinConfig`) for moving weights between formats: local
+    fp32 layers (checkpoints load into any precision and either layer implementation) and no VAE (never trained, in
+    no checkpoint); ``changes`` replace further fields."""
+    return dataclasses.replace(
+        config, params_dtype=torch.float32, transformer_impl="local", fp8=None,
+        model=dataclasses.replace(config.model, vae_path=None, vae_config=None), **changes)
 
 
 PUFFIN_TOWERS = ("llm", "vision", "queries", "dit")

@@ -103,10 +103,21 @@ class ReplicaRounds:
         self.size = dist.get_world_size(self.group) if self.group is not None else 1
         self.rounds = [list(batches[start:start + self.size]) for start in range(0, len(batches), self.size)]
 
+    @classmethod
+    def batched(cls, items: Sequence[int], batch_size: int) -> "ReplicaRounds":
+        """Rounds of ``items`` cut into consecutive batches of at most ``batch_size``."""
+        return cls([list(items[start:start + batch_size]) for start in range(0, len(items), batch_size)])
+
     def __iter__(self) -> Iterator[List[int]]:
         """This replica's batch of each round (empty when the round has none for it)."""
         for batches in self.rounds:
             yield list(batches[self.rank]) if self.rank < len(batches) else []
+
+    def map(self, compute: Callable[[List[int]], Sequence[Any]]) -> Iterator[List[Tuple[int, Any]]]:
+        """Per round: ``compute`` of this replica's batch (one result per index; not called for an empty batch),
+        then every replica's ``(index, result)`` pairs of the round (:meth:`gather`)."""
+        for batch in self:
+            yield self.gather(list(zip(batch, compute(batch))) if batch else [])
 
     def gather(self, finished: List[Any]) -> List[Any]:
         """Every replica's ``finished`` items of this round, replica by replica (the order of the batches)."""
