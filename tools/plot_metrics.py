@@ -15,6 +15,7 @@ task's training loss, and the median camera errors ``valid_camera/<stream>/media
 a PNG of exactly ``--width`` x ``--height`` pixels.
 """
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -77,6 +78,9 @@ def read_scalars(directory: Path) -> Dict[str, Series]:
     one value per iteration (the last one written)."""
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
+    # A resumed run's events hide those of the iterations it computed again (pretrain_puffin.py sets TensorBoard's
+    # purge_step); the accumulator applies that and says so in a warning that blames "a TensorFlow restart".
+    logging.getLogger("tensorboard").setLevel(logging.ERROR)
     accumulator = EventAccumulator(str(directory), size_guidance={SCALARS: 0})  # 0: keep every point
     accumulator.Reload()
     scalars = {}

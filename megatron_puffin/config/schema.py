@@ -158,9 +158,12 @@ class LoggingConfig:
     log_interval: int = 10
     """Print one log line every this many optimizer steps."""
     tensorboard_dir: Optional[str] = None
-    """Write TensorBoard event files here."""
+    """Write TensorBoard event files here. A resumed run hides the events of the iterations after its checkpoint
+    (TensorBoard's purge_step): the steps it computes again are shown once."""
     metrics_file: Optional[str] = None
-    """Append each log interval's numbers as one JSON line to this file (full precision; for scripts and tests)."""
+    """Append each log interval's numbers as one JSON line to this file (full precision; for scripts and tests).
+    At the start, lines of iterations after the loaded checkpoint's (all of them for a new run) and torn lines move
+    to <file>.superseded."""
     log_memory: bool = True
     """Report peak accelerator memory (CUDA) or peak resident memory of the process (CPU) in the log line."""
     log_level: str = field(default="INFO", metadata={"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]})

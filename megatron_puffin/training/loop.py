@@ -212,7 +212,7 @@ class Trainer:
         self._load()
         self.is_logging_rank = self.ctx.rank == 0
         self.writer = MetricsWriter(self.tasks, args.logging.tensorboard_dir, args.logging.metrics_file,
-                                    active=self.is_logging_rank)
+                                    active=self.is_logging_rank, start_iteration=self.state.iteration)
         self.stop = StopFlag()
         self.peak_device_tflops = self._measure_peak()
         self.validator = self._build_validator()

@@ -185,20 +185,84 @@ def _quiet_tensorboard_write_errors() -> None:
     threading.excepthook = hook
 
 
+def supersede_metrics_lines(path: str, start_iteration: int) -> int:
+    """Moves the lines of the metrics file ``path`` that a run starting after ``start_iteration`` computes again
+    (``"iteration"`` greater than it) and lines that are not a JSON record (the torn last line of a killed process)
+    to ``<path>.superseded`` (appended, so earlier moves are kept too), byte for byte, and rewrites ``path`` with
+    the other lines in one rename. Returns how many lines moved. Nothing is dropped: a kill between the two writes
+    leaves a line in both files, never in neither; a failed write is logged and the file is left as it was (the
+    run goes on, as for every metrics write)."""
+    try:
+        with open(path, "rb") as handle:
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        return 0
+    except OSError as error:
+        logger.warning("--metrics-file %s: not read (%s); lines of iterations after %d are not moved aside",
+                       path, error, start_iteration)
+        return 0
+    kept, moved, torn = [], [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        iteration = _record_iteration(line)
+        torn += iteration is None
+        (kept if iteration is not None and iteration <= start_iteration else moved).append(line)
+    if not moved:
+        return 0
+    superseded = path + ".superseded"
+    temporary = f"{path}.partial-{os.getpid()}"
+    try:
+        with open(superseded, "ab") as handle:
+            handle.write(b"".join(line + b"\n" for line in moved))
+            handle.flush()
+            os.fsync(handle.fileno())
+        with open(temporary, "wb") as handle:
+            handle.write(b"".join(line + b"\n" for line in kept))
+        os.replace(temporary, path)
+    except OSError as error:
+        logger.warning("--metrics-file %s: %d line(s) after iteration %d not moved aside (%s); this run's lines "
+                       "for those iterations follow them", path, len(moved), start_iteration, error)
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        return 0
+    reason = f"{len(moved) - torn} of iterations after {start_iteration}, which this run computes again"
+    if torn:
+        reason += f"; {torn} not a JSON record (a line cut short by a kill)"
+    logger.warning("--metrics-file %s: %d line(s) moved to %s (%s)", path, len(moved), superseded, reason)
+    return len(moved)
+
+
+def _record_iteration(line: bytes) -> Optional[int]:
+    """The ``"iteration"`` of one metrics-file line, None when the line is not such a record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    iteration = record.get("iteration") if isinstance(record, dict) else None
+    return iteration if isinstance(iteration, int) and not isinstance(iteration, bool) else None
+
+
 class MetricsWriter:
     """Writes reports to the log, TensorBoard and a JSON-lines file (on the rank that owns the losses)."""
 
     def __init__(self, tasks: List[str], tensorboard_dir: Optional[str] = None, metrics_file: Optional[str] = None,
-                 active: bool = True) -> None:
+                 active: bool = True, start_iteration: int = 0) -> None:
+        """``start_iteration``: the iteration the run starts after (the loaded checkpoint's, 0 for a new run).
+        Records of later iterations, left by a run that went further than its last checkpoint, describe steps that
+        are computed again: TensorBoard hides them (``purge_step``) and the metrics file moves them to
+        ``<file>.superseded`` (:func:`supersede_metrics_lines`), so neither shows two values for one iteration."""
         self.tasks, self.active = tasks, active
         self.tensorboard = None
         self.metrics_file = metrics_file if active else None
         if self.metrics_file and os.path.dirname(self.metrics_file):
             os.makedirs(os.path.dirname(self.metrics_file), exist_ok=True)
+        if self.metrics_file:
+            supersede_metrics_lines(self.metrics_file, start_iteration)
         if active and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(log_dir=tensorboard_dir)
+            self.tensorboard = SummaryWriter(log_dir=tensorboard_dir, purge_step=start_iteration + 1)
             _quiet_tensorboard_write_errors()
         self.lost_lines = 0  # metrics-file lines not written since the last one that was
         self.lost_events = 0  # TensorBoard writes (one per log line) that failed since the last one that did not

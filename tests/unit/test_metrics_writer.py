@@ -40,3 +40,44 @@ def test_tensorboard_on_a_full_disk_is_one_warning_and_training_goes_on(tmp_path
     failures = [r.getMessage() for r in caplog.records if "not written" in r.getMessage()]
     assert len(failures) == 1 and "File too large" in failures[0], failures  # once, not at every log line
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_resumed_run_moves_the_lines_it_computes_again_aside_and_keeps_them(tmp_path, caplog):
+    """A run killed at iteration 35 after its checkpoint at 20 left lines for 21-35 (and a torn last line); the
+    resumed run computes 21-35 again. The file must hold one line per iteration, and nothing may be lost."""
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"iteration": i, "loss/image2text": 3.0 - i / 100}) for i in (10, 20)]
+    lines.append(json.dumps({"iteration": 20, "valid_loss/image2text": 2.9}))
+    lines += [json.dumps({"iteration": i, "loss/image2text": 1.0}) for i in (30,)]
+    path.write_text("\n".join(lines) + "\n" + '{"iteration": 35, "loss/ima')  # killed mid-write
+    with caplog.at_level(logging.WARNING, logger="megatron_puffin.training.metrics"):
+        writer = MetricsWriter(["image2text"], metrics_file=str(path), start_iteration=20)
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "2 line(s) moved to" in message and "1 of iterations after 20" in message and "1 not a JSON" in message
+    writer.write_scalars(30, {"loss/image2text": 2.5}, "iteration 30")
+    iterations = [json.loads(line)["iteration"] for line in path.read_text().splitlines()]
+    assert iterations == [10, 20, 20, 30]
+    assert (tmp_path / "metrics.jsonl.superseded").read_text() == lines[3] + "\n" + '{"iteration": 35, "loss/ima\n'
+    # A new run (nothing loaded) into the same file: every earlier line moves, appended after the first move.
+    MetricsWriter(["image2text"], metrics_file=str(path), start_iteration=0)
+    assert path.read_text() == ""
+    assert len((tmp_path / "metrics.jsonl.superseded").read_text().splitlines()) == 2 + 4
+
+
+def test_a_resumed_run_hides_the_tensorboard_events_it_computes_again(tmp_path):
+    """TensorBoard showed both the stale value and the recomputed one for every iteration after the checkpoint
+    (and only the stale ones past where the resumed run had got to): purge_step hides those events."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    first = MetricsWriter(["image2text"], tensorboard_dir=str(tmp_path / "tb"))
+    for iteration in range(1, 36):  # killed at 35; its checkpoint is at 20
+        first.write_scalars(iteration, {"loss/image2text": 1.0}, "")
+    first.close()
+    resumed = MetricsWriter(["image2text"], tensorboard_dir=str(tmp_path / "tb"), start_iteration=20)
+    for iteration in range(21, 26):
+        resumed.write_scalars(iteration, {"loss/image2text": 2.0}, "")
+    resumed.close()
+    accumulator = EventAccumulator(str(tmp_path / "tb"), size_guidance={SCALARS: 0})
+    accumulator.Reload()
+    events = [(event.step, event.value) for event in accumulator.Scalars("loss/image2text")]
+    assert events == [(step, 1.0) for step in range(1, 21)] + [(step, 2.0) for step in range(21, 26)]
