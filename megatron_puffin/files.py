@@ -2,6 +2,7 @@
 any work, so a bad path fails at once instead of when the results are written) and atomic writes."""
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
 import tempfile
@@ -38,6 +39,20 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+def decode_text(data: bytes) -> str:
+    """The text of a file a user wrote, perhaps with a Windows tool: UTF-8 with or without the byte-order mark
+    (Notepad, Excel's "CSV UTF-8"), or UTF-16 with its byte-order mark (PowerShell's ``>``). Line ends are left as
+    they are. Raises UnicodeDecodeError for anything else."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16")
+    return data.decode("utf-8-sig")
+
+
+def read_text(path: PathLike) -> str:
+    """:func:`decode_text` of the file ``path``."""
+    return decode_text(Path(path).read_bytes())
 
 
 def write_text_atomically(path: PathLike, text: str) -> None:

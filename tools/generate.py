@@ -18,6 +18,7 @@ a stopped run resumes (the same command again generates only the missing images)
 """
 import argparse
 import csv
+import io
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ from megatron_puffin.inference.cli import (  # noqa: E402
     run_tool,
     setup_logging,
 )
+from megatron_puffin.files import read_text  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
 
 logger = logging.getLogger("generate")
@@ -78,14 +80,13 @@ def _read_rows(path: Path) -> List[Dict[str, Any]]:
         raise UsageError(f"--prompts {path}: " + ("not a regular file" if path.exists() else "no such file"))
     try:
         if path.suffix.lower() == ".csv":
-            with path.open(newline="") as handle:
-                rows = list(csv.DictReader(handle))
+            rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
             for line, row in enumerate(rows, start=2):
                 if None in row:  # DictReader puts the values beyond the header under None
                     raise UsageError(f"--prompts {path} line {line}: more values than the header has columns "
                                      "(quote captions that hold commas)")
             return [{k.strip(): v for k, v in row.items() if v not in (None, "")} for row in rows]
-        rows = json.loads(path.read_text())
+        rows = json.loads(read_text(path))
     except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as error:
         raise UsageError(f"--prompts {path}: not readable JSON/CSV ({error})") from None
     if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):

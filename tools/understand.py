@@ -40,6 +40,7 @@ from megatron_puffin.inference.cli import (  # noqa: E402
     run_tool,
     setup_logging,
 )
+from megatron_puffin.files import read_text  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
 
 logger = logging.getLogger("understand")
@@ -82,7 +83,7 @@ def collect_images(sources: List[str]) -> List[Path]:
                                len(other), ", ".join(IMAGE_SUFFIXES), other[0])
             paths += images
         elif source.suffix.lower() == ".txt" and source.is_file():
-            lines = [line.strip() for line in source.read_text().splitlines()]
+            lines = [line.strip() for line in read_text(source).splitlines()]
             paths += [Path(line) if os.path.isabs(line) else source.parent / line for line in lines if line]
         elif source.is_file():
             paths.append(source)

@@ -22,6 +22,8 @@ import textwrap
 import typing
 from typing import Any, Dict, List, Optional, Tuple, Type
 
+from megatron_puffin.files import decode_text
+
 
 @dataclasses.dataclass(frozen=True)
 class InvalidValue:
@@ -218,7 +220,7 @@ class FlagFileParser(argparse.ArgumentParser):
             self.flag_file_problems.append(f"flag file @{path} includes itself ({chain}); remove that @ line")
             return None
         try:
-            text = open(path, "rb").read().decode("utf-8")
+            text = decode_text(open(path, "rb").read())
             if "\x00" in text:
                 raise UnicodeDecodeError("utf-8", b"", 0, 1, "NUL byte")
         except OSError as error:

@@ -22,6 +22,7 @@ from megatron_puffin.camera import CAMERA_SENTENCE_PREFIX, YAW_SENTENCE_PREFIX, 
 from megatron_puffin.camera import split_thinking_caption
 from megatron_puffin.data.format import PuffinRecord
 from megatron_puffin.data.images import ImageError, decode_image, geometry_problem, limit_size
+from megatron_puffin.files import read_text
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +136,8 @@ def load_summary(layout: SubsetLayout) -> List[Any]:
     records: List[Any] = []
     for path in _summary_files(layout.directory):
         try:
-            items = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
+            items = json.loads(read_text(path))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"summary file {path} is not valid JSON: {error}") from error
         if not isinstance(items, list):
             raise ValueError(f"summary file {path} must hold a JSON list of records, got {type(items).__name__}")

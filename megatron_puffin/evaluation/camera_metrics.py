@@ -17,6 +17,7 @@ Everything here is plain numpy on CPU; the names of :func:`summarize` are the pu
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ import numpy as np
 
 from megatron_puffin.camera.language import parse_camera_tolerant
 from megatron_puffin.camera.types import CameraValues
+from megatron_puffin.files import read_text
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +174,7 @@ def read_ground_truth(path: os.PathLike) -> Dict[str, GroundTruthCamera]:
 
 
 def _read_camera_rows(path: Path) -> Dict[str, GroundTruthCamera]:
-    with open(path, newline="", encoding="utf-8") as handle:
+    with io.StringIO(read_text(path), newline="") as handle:
         reader = csv.DictReader(handle)
         missing = [column for column in GROUND_TRUTH_COLUMNS if column not in (reader.fieldnames or [])]
         if missing:
@@ -201,7 +203,7 @@ def read_predictions(path: os.PathLike) -> List[Tuple[str, str]]:
     if not path.is_file():
         raise EvaluationInputError(f"--predictions {path} does not exist; write it with tools/understand.py")
     try:
-        entries = json.loads(path.read_text())
+        entries = json.loads(read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise EvaluationInputError(f"--predictions {path} is not valid JSON ({error})") from None
     if not isinstance(entries, list) or not entries:

@@ -132,3 +132,16 @@ def test_a_later_task_stream_replaces_the_flag_files_streams(files):
                        f"@{root / 'streams.args'}"], validate=False)
     assert [s.split(":")[0] for s in args.data.task_stream] == ["image2text", "cam2image"]  # the file came later
 
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le-bom", "utf-16-be-bom"])
+def test_a_flag_file_saved_by_a_windows_editor_reads_like_a_plain_one(files, encoding):
+    """Notepad's UTF-8 with a byte-order mark ended in "unknown flag '\\ufeff'"; PowerShell's `>` writes UTF-16,
+    which read as binary. Both, CRLF line ends included, give the flags of the plain UTF-8 file."""
+    text = "# stage flags\r\n--lr 3e-4 --stage-name 'my run'\r\n--micro-batch-size 3\r\n"
+    data = {"utf-8-sig": text.encode("utf-8-sig"), "utf-16": text.encode("utf-16"),
+            "utf-16-le-bom": b"\xff\xfe" + text.encode("utf-16-le"),
+            "utf-16-be-bom": b"\xfe\xff" + text.encode("utf-16-be")}[encoding]
+    (files / f"{encoding}.args").write_bytes(data)
+    args = parse_args(_base(files) + [f"@{files / f'{encoding}.args'}"])
+    assert (args.training.lr, args.checkpoint.stage_name, args.training.micro_batch_size) == (3e-4, "my run", 3)
