@@ -6,8 +6,10 @@
 
 Writes <output-prefix>/<subset>/shard-NNNNN/ (main, cross_view, photography) and <output-prefix>/dataset.json;
 --heldout-records N puts the last N records of each subset into <output-prefix>/heldout/<subset>/ instead.
-Re-running with the same flags resumes: finished shards are skipped. The input is only read. Bad samples are
-skipped and counted per reason (report and shard manifests); --strict stops at the first one with its path.
+Re-running with the same flags resumes: finished shards are skipped (a shard whose summary records changed is an
+error naming it; one that holds no sample is made again). The input is only read. Bad samples are skipped and
+counted per reason (report and shard manifests); --strict stops at the first one with its path; a subset whose
+records all are bad ends the run with exit 1, naming a bad file.
 """
 import argparse
 import json
@@ -18,7 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron_puffin.data.preprocess import PreprocessOptions, StrictModeError, preprocess  # noqa: E402
+from megatron_puffin.data.preprocess import (  # noqa: E402
+    PreprocessOptions,
+    StrictModeError,
+    empty_subset_problems,
+    preprocess,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +104,10 @@ def main(argv=None) -> int:
               "run the same command again, it redoes only the unfinished shards", file=sys.stderr)
         return 1
     _print_report(report)
-    return 0
+    problems = empty_subset_problems(report)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

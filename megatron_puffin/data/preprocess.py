@@ -12,6 +12,7 @@ to ``<output_prefix>/heldout/<subset>/shard-NNNNN`` (for ``--valid-task-stream``
 the training shards. Work is spread over
 ``workers`` processes in chunks; results come back in order, so shards do not depend on the number of workers.
 """
+import hashlib
 import json
 import logging
 import shutil
@@ -24,6 +25,7 @@ from megatron_puffin.data.format import DatasetFormatError, PuffinRecord, ShardW
 from megatron_puffin.data.puffin4m import (
     RECORD_REASONS,
     BadSample,
+    DuplicateRecord,
     SubsetLayout,
     build_record,
     discover_subsets,
@@ -112,13 +114,26 @@ def _check_options(options: PreprocessOptions) -> None:
         raise ValueError("; ".join(errors))
 
 
-def _shard_source(options: PreprocessOptions, plan: _ShardPlan, num_records: int) -> Dict[str, Any]:
+def _shard_source(options: PreprocessOptions, plan: _ShardPlan, items: List[Any]) -> Dict[str, Any]:
     return {
         "input": str(Path(options.input).resolve()),
         "subset": plan.layout.name,
         "records": [plan.start, plan.stop],
-        "subset_records": num_records,
+        "subset_records": len(items),
+        RECORDS_DIGEST_KEY: _records_digest(items[plan.start:plan.stop]),
     }
+
+
+RECORDS_DIGEST_KEY = "records_sha256"
+"""Key of a shard manifest's ``source``: a SHA-256 of the summary records the shard was built from, so a re-run
+after the summary changed (paths corrected, records added in the middle) does not take the old shard for finished.
+Shards written before it existed resume without the check."""
+
+
+def _records_digest(items: List[Any]) -> str:
+    canonical = [["duplicate", item.first_index, item.record] if isinstance(item, DuplicateRecord) else item
+                 for item in items]
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
 def _shard_flags(options: PreprocessOptions) -> Dict[str, Any]:
@@ -141,17 +156,32 @@ def _split_heldout(records: Dict[str, Tuple[SubsetLayout, List[Any]]], count: in
 
 
 def _is_finished(plan: _ShardPlan, source: Dict[str, Any], flags: Dict[str, Any]) -> bool:
-    """True when the shard exists from an identical run; raises when it exists from a different one."""
+    """True when the shard exists from an identical run; raises when it exists from a different one. A shard whose
+    records all were bad samples is removed and made again (False): its input may have been fixed since (files
+    added, a caption folder renamed), and it holds nothing to lose."""
     if not plan.directory.exists():
         return False
     try:
         manifest = read_manifest(plan.directory)
     except DatasetFormatError as error:
         raise ValueError(f"{plan.directory} exists but is not a valid shard ({error}); delete it to rebuild") from error
-    if manifest.get("source") != source or manifest.get("flags") != flags:
+    written = dict(manifest.get("source") or {})
+    written_digest = written.pop(RECORDS_DIGEST_KEY, None)
+    expected = {key: value for key, value in source.items() if key != RECORDS_DIGEST_KEY}
+    if written != expected or manifest.get("flags") != flags:
         raise ValueError(
             f"{plan.directory} was written from another input or with other flags (source {manifest.get('source')}, "
             f"flags {manifest.get('flags')}); use a new --output-prefix or delete the old output"
+        )
+    if manifest.get("num_samples") == 0 and plan.stop > plan.start:
+        logger.info("%s holds no sample of its %d records: reading them again", plan.directory, plan.stop - plan.start)
+        shutil.rmtree(plan.directory)
+        return False
+    if written_digest is not None and written_digest != source[RECORDS_DIGEST_KEY]:
+        raise ValueError(
+            f"{plan.directory} was built from summary records {plan.start}-{plan.stop - 1} of {plan.key} as they "
+            f"were before: the summary has changed since; delete {plan.directory} to rebuild it from the input as it "
+            "is, or use a new --output-prefix"
         )
     return True
 
@@ -209,10 +239,12 @@ class _Tally:
         for reason, count in counts.items():
             bad[reason] = bad.get(reason, 0) + count
 
-    def note_example(self, bad: BadSample) -> None:
+    def note_example(self, name: str, bad: BadSample) -> None:
+        example = f"{bad.path}: {bad.detail}" if bad.reason in RECORD_REASONS else bad.path
         examples = self.examples.setdefault(bad.reason, [])
         if len(examples) < 5:  # a bad summary record has no file of its own: its detail names the record
-            examples.append(f"{bad.path}: {bad.detail}" if bad.reason in RECORD_REASONS else bad.path)
+            examples.append(example)
+        self.subset(name).setdefault("first_bad_sample", f"{example} ({bad.reason})")
 
 
 def _write_shard(plan, source, flags, results, tally, options, bar) -> None:
@@ -227,7 +259,7 @@ def _write_shard(plan, source, flags, results, tally, options, bar) -> None:
                         raise StrictModeError(bad)
                     logger.debug("skipping %s", bad)
                     bad_counts[bad.reason] = bad_counts.get(bad.reason, 0) + 1
-                    tally.note_example(bad)
+                    tally.note_example(plan.key, bad)
                 else:
                     writer.add(record)
             bar.update(len(chunk))
@@ -293,7 +325,7 @@ def preprocess(options: PreprocessOptions) -> Dict[str, Any]:
     records = _split_heldout(records, options.heldout_records)
     tally, todo = _Tally(), []
     for plan in _plan(options, records):
-        source = _shard_source(options, plan, len(records[plan.key][1]))
+        source = _shard_source(options, plan, records[plan.key][1])
         if plan.key != plan.layout.name:
             source["split"] = HELDOUT_FOLDER
         stats = tally.subset(plan.key)
@@ -308,6 +340,24 @@ def preprocess(options: PreprocessOptions) -> Dict[str, Any]:
         tally.subset(name)["records"] = len(items)
     processed = _run_plans(todo, records, options, tally) if todo else 0
     return _write_report(options, tally, processed, time.perf_counter() - started)
+
+
+def empty_subset_problems(report: Dict[str, Any]) -> List[str]:
+    """One line per subset (or held-out split) whose summary records gave no sample at all: a systematic problem
+    (paths written with '\\', a caption folder under another name), never a few bad files, so the tool fails."""
+    problems = []
+    for name, stats in report["subsets"].items():
+        if not stats["records"] or stats["samples"]:
+            continue
+        reasons = ", ".join(f"{count} {reason}" for reason, count in
+                            sorted(stats["bad_samples"].items(), key=lambda item: -item[1]))
+        example = stats.get("first_bad_sample")
+        hint = f"; e.g. {example}" if example else ""
+        if example and "\\" in example:
+            hint += "; the summary's paths hold '\\': separate folders with '/'"
+        problems.append(f"{name}: none of its {stats['records']} summary records gave a sample ({reasons}{hint}); "
+                        "fix the input and run the same command again (shards without a sample are made again)")
+    return problems
 
 
 def _write_report(options: PreprocessOptions, tally: _Tally, processed: int, elapsed: float) -> Dict[str, Any]:

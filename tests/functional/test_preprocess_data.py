@@ -97,16 +97,47 @@ def test_bad_samples_are_counted_per_reason_and_every_good_sample_is_kept(raw, t
     assert all(cross[i]["camera"].yaw is not None and cross[i]["image_init"] for i in range(len(cross)))
     assert _digest(raw, with_times=True) == before  # the input is never modified
 
-    # resume: a missing shard is rebuilt identically, finished shards are skipped
+    # resume: a missing shard is rebuilt identically, finished shards are skipped; shard 0 (records 0-4, all bad)
+    # holds no sample, so its records are read again (the input may have been fixed since)
     rebuilt = tmp_path / "out" / "main" / "shard-00001"
     original = _digest(rebuilt)
     shutil.rmtree(rebuilt)
     again = preprocess(PreprocessOptions(raw, tmp_path / "out", workers=1, shard_size=5, progress=False))
-    assert again["subsets"]["main"]["shards"] == 1 and again["subsets"]["main"]["shards_skipped"] == 2
-    assert again["records_processed"] == 5 and again["bad_samples"] == report["bad_samples"]
+    assert again["subsets"]["main"]["shards"] == 2 and again["subsets"]["main"]["shards_skipped"] == 1
+    assert again["records_processed"] == 10 and again["bad_samples"] == report["bad_samples"]
     assert _digest(rebuilt) == original
     with pytest.raises(ValueError, match="other flags"):
         preprocess(PreprocessOptions(raw, tmp_path / "out", shard_size=4, progress=False))
+
+
+def test_a_subset_without_a_good_sample_fails_and_a_changed_summary_is_never_taken_for_done(raw, tmp_path):
+    """A summary written on Windows ('000000\\x.json') made every main record a bad sample: the tool said
+    "samples 0" and exited 0, and after the summary was fixed the same command kept the empty shard ("already
+    done"), as it kept any shard whose summary records had changed."""
+    source = tmp_path / "training_data"
+    shutil.copytree(raw, source)
+    summary = json.loads((source / "summary.json").read_text())
+    windows = [{key: value.replace("/", "\\") for key, value in record.items()} for record in summary]
+    (source / "summary.json").write_text(json.dumps(windows))
+    result = _run("--input", source, "--output-prefix", tmp_path / "out", "--workers", 2)
+    assert result.returncode == 1, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: main: none of its 14 summary records gave a sample (14 caption_missing; e.g. ")
+    assert "the summary's paths hold '\\': separate folders with '/'" in line and "run the same command again" in line
+    assert json.loads((tmp_path / "out" / "dataset.json").read_text())["subsets"]["main"]["samples"] == 0
+
+    (source / "summary.json").write_text(json.dumps(summary))  # fixed: the empty shard is made again
+    result = _run("--input", source, "--output-prefix", tmp_path / "out", "--workers", 2)
+    assert result.returncode == 0, result.stderr
+    assert len(PuffinDataset(tmp_path / "out" / "main")) == 14 - 7
+    assert "main         records        14  samples         7  shards 1 new + 0 already done" in result.stdout
+
+    summary[9]["image"] = summary[10]["image"]  # a shard with samples, built from records that changed since
+    (source / "summary.json").write_text(json.dumps(summary))
+    result = _run("--input", source, "--output-prefix", tmp_path / "out")
+    assert result.returncode == 2
+    assert f"error: {tmp_path / 'out' / 'main' / 'shard-00000'} was built from summary records 0-13 of main as " \
+           "they were before: the summary has changed since; delete" in result.stderr
 
 
 def test_strict_stops_at_the_first_bad_sample_naming_file_and_reason(raw, tmp_path):
@@ -156,7 +187,9 @@ def test_heldout_records_split_off_the_last_records_of_every_subset(raw, tmp_pat
     assert sorted(heldout[i]["key"] for i in range(len(heldout))) == [f"main/000000/{i:08d}.json" for i in (11, 12, 13)]
     assert max(main[i]["key"] for i in range(len(main))) == "main/000000/00000010.json"  # no overlap
     again = preprocess(PreprocessOptions(raw, tmp_path / "out", shard_size=5, heldout_records=3, progress=False))
-    assert again["records_processed"] == 0 and again["subsets"]["heldout/main"]["shards_skipped"] == 1
+    # only main's shard 0 (records 0-4, all bad samples, so it holds none) is read again
+    assert again["records_processed"] == 5 and again["subsets"]["heldout/main"]["shards_skipped"] == 1
+    assert again["subsets"]["main"]["shards_skipped"] == 2
     with pytest.raises(ValueError, match="other flags"):  # another split must not mix with this output
         preprocess(PreprocessOptions(raw, tmp_path / "out", shard_size=5, heldout_records=4, progress=False))
     result = _run("--input", raw, "--output-prefix", tmp_path / "cli", "--heldout-records", "-1")
