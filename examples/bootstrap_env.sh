@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by tests/run.sh and examples/quickstart.sh (and by you: `source examples/bootstrap_env.sh`): create or
 # reuse the project's virtual environment, activate it and install what the project needs.
 #   1. PUFFIN_VENV (default <repo>/.venv): created with `python3 -m venv` when it has no bin/python.
@@ -26,7 +27,7 @@ _puffin_bootstrap() {
   hash="$(sha256sum < "$root/setup.py" | cut -d' ' -f1)"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$hash" ] || ! python -c "import megatron_puffin" > /dev/null 2>&1; then
     echo "[bootstrap] installing megatron_puffin[test] (editable)"
-    python -m pip install -q -e "$root[test]" 2>&1 | grep -v "^WARNING: Location" || true
+    python -m pip install -q -e "${root}[test]" 2>&1 | grep -v "^WARNING: Location" || true
     python -c "import megatron_puffin, megatron.core" || { echo "[bootstrap] install failed" >&2; return 1; }
     echo "$hash" > "$stamp"
   fi
@@ -37,6 +38,7 @@ _puffin_status=$?
 unset -f _puffin_bootstrap
 if [ "$_puffin_status" -ne 0 ]; then
   unset _puffin_status
+  # shellcheck disable=SC2317  # the exit runs when this file is run as a script, where return fails
   return 1 2> /dev/null || exit 1  # sourced: return to the caller; run as a script: exit
 fi
 unset _puffin_status

@@ -94,7 +94,12 @@ def recorded(tmp_path, suffix=""):
     return path.read_text().splitlines() if path.exists() else []
 
 
-@pytest.mark.parametrize("script", [TRAIN_SH, SBATCH])
+SHELL_SCRIPTS = [TRAIN_SH, SBATCH, ROOT / "examples" / "quickstart.sh", ROOT / "examples" / "bootstrap_env.sh",
+                 ROOT / "tests" / "run.sh", ROOT / ".ci" / "run", ROOT / "benchmarks" / "gpu_check.sh",
+                 ROOT / "benchmarks" / "gpu_bench.sh"]
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda path: path.name)
 def test_scripts_parse(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
     if shutil.which("shellcheck") is None:
