@@ -192,6 +192,8 @@ def supersede_metrics_lines(path: str, start_iteration: int) -> int:
     the other lines in one rename. Returns how many lines moved. Nothing is dropped: a kill between the two writes
     leaves a line in both files, never in neither; a failed write is logged and the file is left as it was (the
     run goes on, as for every metrics write)."""
+    if not os.path.isfile(path):  # none yet, or not a regular file (--metrics-file /dev/stdout): nothing to move
+        return 0
     try:
         with open(path, "rb") as handle:
             lines = handle.read().splitlines()

@@ -58,6 +58,10 @@ def test_a_resumed_run_moves_the_lines_it_computes_again_aside_and_keeps_them(tm
     iterations = [json.loads(line)["iteration"] for line in path.read_text().splitlines()]
     assert iterations == [10, 20, 20, 30]
     assert (tmp_path / "metrics.jsonl.superseded").read_text() == lines[3] + "\n" + '{"iteration": 35, "loss/ima\n'
+    # Not a regular file (a pipe, /dev/stdout): never read, so a reader on the other end loses nothing.
+    import os
+    os.mkfifo(tmp_path / "pipe")
+    MetricsWriter(["image2text"], metrics_file=str(tmp_path / "pipe"), start_iteration=20)  # would block reading
     # A new run (nothing loaded) into the same file: every earlier line moves, appended after the first move.
     MetricsWriter(["image2text"], metrics_file=str(path), start_iteration=0)
     assert path.read_text() == ""
