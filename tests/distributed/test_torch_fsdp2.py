@@ -5,8 +5,9 @@ sharded over DP) through the real training loop, one spawn of 2 gloo ranks and o
 * every parameter is a DTensor holding half of its rows on each rank, and the optimizer holds state for the
   trainable parameters only (the frozen vision tower has none);
 * its iteration-1 checkpoint (DP 2) resumes and repeats iterations 2 and 3 (iteration 3 follows an optimizer step
-  taken with the loaded Adam moments; zeroed moments move it by 2e-4 to 2e-3): with FSDP2 at DP 2 and with plain
-  DDP at DP 2 exactly (the same sums in the same order), with FSDP2 at DP 1 within 1e-6 relative (the checkpoint's global batch of 4 samples is 2
+  taken with the loaded Adam moments; zeroed moments move it by 2e-4 to 2e-3): with FSDP2 at DP 2 exactly (the same
+  sums in the same order), with plain DDP at DP 2 within 1e-6 relative (its optimizer step on whole tensors
+  can round differently from FSDP2's on shards), with FSDP2 at DP 1 within 1e-6 relative (the checkpoint's global batch of 4 samples is 2
   micro-batches per rank instead of 1, so the gradient sum and the logged mean are taken in another order;
   measured 5.5e-8);
 * every record of the model's sharded state dict holds its parameter's rows at its place in the parameter's real
@@ -182,7 +183,12 @@ def test_fsdp2_matches_ddp_shards_trainable_state_and_reshards_its_checkpoints(t
         assert _close(losses["fsdp"][iteration], losses["ddp"][iteration], REL_TOL), (iteration, losses)
     assert losses["fsdp"][3] != losses["fsdp"][1]  # the steps changed the weights
     fsdp = {iteration: losses["fsdp"][iteration] for iteration in (2, 3)}
-    assert losses["resumed"] == fsdp and losses["ddp_resumed"] == fsdp, losses  # same sums in the same order
+    assert losses["resumed"] == fsdp, losses  # FSDP2 at DP 2 again: the same sums in the same order
+    # Plain DDP takes iteration 2's optimizer step on whole tensors, FSDP2 on each rank's shard: on an AVX-512 host
+    # the two differ in the last bit (iteration 3: 4.3485846519470215 against 4.34858512878418, 1.1e-7; the same
+    # with --clip-grad 0, so not the gradient norm's order); on the AVX2 hosts before they agreed.
+    for iteration in (2, 3):
+        assert _close(losses["ddp_resumed"][iteration], fsdp[iteration], RESUME_TOL), (iteration, losses)
     assert sorted(losses["dp1"]) == [2, 3], losses
     for iteration in (2, 3):
         assert _close(losses["dp1"][iteration], fsdp[iteration], RESUME_TOL), (iteration, losses)
