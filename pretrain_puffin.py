@@ -39,9 +39,18 @@ def main(argv=None) -> int:
 
     log_backends_once(logger)
     if args.dry_run:
+        from megatron_puffin.config.validate import path_problems_here
         from megatron_puffin.training.layout import describe
 
         print(describe(args))
+        problems = path_problems_here(args)
+        if problems:
+            print(f"paths on this machine: {len(problems)} problem(s); the dry run does not need the files, a real "
+                  "run with these flags stops on them:")
+            print("\n".join(f"  - {problem}" for problem in problems))
+        else:
+            print("paths on this machine: the data, tokenizer, VAE files, checkpoints and output folders the flags "
+                  "name all check out")
         return 0
     from megatron_puffin.platform import setup
     from megatron_puffin.training.checkpoint_safety import CheckpointError

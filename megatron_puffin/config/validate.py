@@ -346,6 +346,27 @@ VALIDATORS: List[Callable] = [
 ]
 
 
+PATH_CHECKS: List[Callable] = [check_data, *PATH_VALIDATORS, check_validation, check_checkpoint_directories]
+"""The validators that read the file system (data, tokenizer, VAE files, checkpoints, outputs); --dry-run skips
+their path checks, since it describes a cluster's configuration from any machine."""
+
+
+def path_problems_here(args: PuffinArguments) -> List[str]:
+    """What :data:`PATH_CHECKS` find on this machine for a ``--dry-run``'s flags, checked as a real run would: the
+    dry run prints them (not fatal), so that a configuration checked on the cluster's login node also checks its
+    paths before the job waits in the queue."""
+    import dataclasses
+
+    real = dataclasses.replace(args, dry_run=False)
+    problems: List[str] = []
+    for check in PATH_CHECKS:
+        try:
+            problems.extend(check(real))
+        except (ArithmeticError, TypeError, ValueError, AttributeError):  # a bad value the dry run itself reports
+            continue
+    return problems
+
+
 def validate_args(args: PuffinArguments) -> None:
     """Run every validator; raise :class:`ConfigError` listing all problems if there is any."""
     problems: List[str] = []

@@ -244,8 +244,7 @@ def source_problems(args: PuffinArguments) -> List[str]:
                        ("--dit-checkpoint", ckpt_args.dit_checkpoint)):
         if not path:
             continue
-        if not os.path.isdir(path):
-            problems.append(f"{flag} {path}: no such checkpoint directory; check the path")
+        if not os.path.isdir(path):  # a missing path or a file: config.validate_paths names it (once)
             continue
         try:
             directory = ckpt.resolve_checkpoint(path)

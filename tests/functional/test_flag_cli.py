@@ -87,3 +87,22 @@ def test_a_checkpoint_of_another_tokenizer_is_refused_before_any_work(files):
         assert line.endswith("its token ids would mean other words; give --tokenizer tiny/tokenizer.model (or a copy "
                              "of it)"), line
     assert "another shape" not in stderr, stderr
+
+
+def test_a_dry_run_reports_the_paths_a_real_run_would_stop_on_and_still_succeeds(files):
+    """--dry-run skips path checks (it describes a cluster configuration from any machine); run on the login node
+    with a wrong stream it said nothing, and the job failed only after waiting in the queue. It now lists what a
+    real run would stop on, not fatally; with good paths it says they check out."""
+    flags = ["--tokenizer", files / "tok.model", "--dry-run", "--world-size", "64"]
+    proc = run_script(ROOT / "pretrain_puffin.py", *flags, "--task-stream", f"image2text:{files / 'broken'}",
+                      "--vision-checkpoint", files / "nowhere", check=False, timeout=300,
+                      env=dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = proc.stdout[proc.stdout.index("paths on this machine: 2 problem(s)"):].splitlines()
+    assert report[1].startswith(f"  - --vision-checkpoint ({files / 'nowhere'}) does not exist") or \
+        report[2].startswith(f"  - --vision-checkpoint ({files / 'nowhere'}) does not exist"), report
+    assert any(f"image2text:{files / 'broken'}" in line for line in report[1:3]), report
+    proc = run_script(ROOT / "pretrain_puffin.py", *flags, "--task-stream", f"image2text:{files / 'good'}",
+                      check=False, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0 and "paths on this machine: the data, tokenizer, VAE files, checkpoints and output " \
+        "folders the flags name all check out" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
