@@ -146,7 +146,9 @@ def tokenizer_path(source: ExportSource, override: Optional[str]) -> Optional[st
         return override
     stored = (source.args.get("data") or {}).get("tokenizer")
     if stored:
-        return stored
+        from megatron_puffin.inference.loading import stored_path
+
+        return stored_path(stored, source.metadata)
     origin = source.metadata.get("source")
     if source.kind == "llm" and origin and any(os.path.exists(os.path.join(origin, n)) for n in TOKENIZER_FILES):
         return origin

@@ -93,6 +93,18 @@ def _stored_defaults(parser, metadata: Dict[str, Any]) -> None:
     parser.set_defaults(**defaults)
 
 
+def stored_path(path: Optional[str], metadata: Dict[str, Any]) -> Optional[str]:
+    """A path among a checkpoint's stored flags (the tokenizer, the VAE files), found from any directory: a relative
+    one that does not exist here is taken relative to the directory the training run ran in (``run_directory`` of
+    ``puffin_meta.json``), when it exists there. Checkpoints written before that record keep the path as stored."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    run_directory = metadata.get("run_directory")
+    if isinstance(run_directory, str) and os.path.exists(os.path.join(run_directory, path)):
+        return os.path.join(run_directory, path)
+    return path
+
+
 def resolve_flags(metadata: Dict[str, Any], flags: Sequence[str] = ()):
     """``pretrain_puffin.py`` arguments: the checkpoint's stored flags overridden by ``flags`` (unvalidated)."""
     from megatron_puffin.config.arguments import CONFIG_GROUPS, PuffinArguments, build_parser
@@ -160,7 +172,8 @@ def _open_tokenizer(data: DataConfig, vocab_size: int):
     if not path:
         raise InferenceSetupError("no tokenizer: the checkpoint stores none; give --tokenizer PATH")
     if not os.path.exists(path):
-        raise InferenceSetupError(f"--tokenizer {path}: not found; give --tokenizer with the training tokenizer's path")
+        raise InferenceSetupError(f"--tokenizer {path}: not found (stored in the checkpoint's flags relative to the "
+                                  "training run's directory); run from there or give --tokenizer with its path")
     try:
         tokenizer = PuffinTokenizer(path)
     except TokenizerError as error:
@@ -217,6 +230,9 @@ def load_puffin(checkpoint: str, flags: Sequence[str] = (), tensor_model_paralle
     directory = resolve_inference_checkpoint(checkpoint)
     metadata = read_metadata(directory) or {}
     args = resolve_flags(metadata, flags)
+    args.data.tokenizer = stored_path(args.data.tokenizer, metadata)
+    args.model.vae_path = stored_path(args.model.vae_path, metadata)
+    args.model.vae_config = stored_path(args.model.vae_config, metadata)
     if tensor_model_parallel_size is not None:
         args.parallel.tensor_model_parallel_size = tensor_model_parallel_size
     tensor_model_parallel_size = args.parallel.tensor_model_parallel_size

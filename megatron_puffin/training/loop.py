@@ -433,6 +433,7 @@ class Trainer:
                        "dp": self.ctx.data_parallel_size},
             "args": self.args.to_dict(),
             "tokenizer": self.tokenizer_identity,
+            "run_directory": os.getcwd(),  # relative paths among "args" are relative to it (inference.stored_path)
             "samples_per_step": samples_per_step(self.args),
             **fsdp2_records_metadata(self.args.parallel),
         }

@@ -403,3 +403,18 @@ def test_a_full_disk_is_one_line_and_the_same_command_resumes(artefacts, tmp_pat
     finally:
         mpd.initialize(seed=0)
     assert (tmp_path / "gen" / "contact_sheet.png").is_file()
+
+
+def test_a_trained_checkpoint_finds_its_relative_tokenizer_from_any_directory(tmp_path):
+    """The tiny run's flags name tiny/tokenizer.model relative to the directory it trained in; understand.py run
+    from another directory stopped with "--tokenizer tiny/tokenizer.model: not found". Checkpoints now record that
+    directory (run_directory), and stored relative paths are found through it."""
+    from helpers.puffin import tiny_run
+
+    root = tiny_run()
+    image = sorted((root / "tiny" / "raw" / "local_folder").rglob("*.jpg"))[0]
+    result = run_script(ROOT / "tools" / "understand.py", "--checkpoint", root / "run", "--images", image,
+                        "--output", tmp_path / "answers.json", "--max-new-tokens", 4, "--no-progress",
+                        cwd=tmp_path, env=ENV, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [entry["id"] for entry in json.loads((tmp_path / "answers.json").read_text())] == [image.name]
