@@ -22,7 +22,7 @@ import textwrap
 import typing
 from typing import Any, Dict, List, Optional, Tuple, Type
 
-from megatron_puffin.files import decode_text
+from megatron_puffin.files import read_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +220,7 @@ class FlagFileParser(argparse.ArgumentParser):
             self.flag_file_problems.append(f"flag file @{path} includes itself ({chain}); remove that @ line")
             return None
         try:
-            text = decode_text(open(path, "rb").read())
+            text = read_text(path)
             if "\x00" in text:
                 raise UnicodeDecodeError("utf-8", b"", 0, 1, "NUL byte")
         except OSError as error:

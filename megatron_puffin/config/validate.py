@@ -2,7 +2,7 @@
 each naming the flag, the value, the rule and a fix. Runs before any process group or model exists."""
 from __future__ import annotations
 
-from typing import Callable, List, TYPE_CHECKING
+from typing import Callable, List, Tuple, TYPE_CHECKING
 
 import torch
 
@@ -357,27 +357,28 @@ def path_problems_here(args: PuffinArguments) -> List[str]:
     paths before the job waits in the queue."""
     import dataclasses
 
-    real = dataclasses.replace(args, dry_run=False)
-    problems: List[str] = []
-    for check in PATH_CHECKS:
-        try:
-            problems.extend(check(real))
-        except (ArithmeticError, TypeError, ValueError, AttributeError):  # a bad value the dry run itself reports
-            continue
+    problems, _ = _run(PATH_CHECKS, dataclasses.replace(args, dry_run=False))  # a crash: a value the dry run reports
     return problems
+
+
+def _run(validators: List[Callable], args: PuffinArguments) -> Tuple[List[str], List[Exception]]:
+    """Every validator's problems, and the errors of those that crashed on a bad value (a consequence of a bad
+    value another validator reports)."""
+    problems: List[str] = []
+    crashes: List[Exception] = []
+    for validator in validators:
+        try:
+            problems.extend(validator(args))
+        except (ArithmeticError, TypeError, ValueError, AttributeError) as error:
+            crashes.append(error)
+    return problems, crashes
 
 
 def validate_args(args: PuffinArguments) -> None:
     """Run every validator; raise :class:`ConfigError` listing all problems if there is any."""
-    problems: List[str] = []
-    crashes = []
-    for validator in VALIDATORS:
-        try:
-            problems.extend(validator(args))
-        except (ArithmeticError, TypeError, ValueError, AttributeError) as error:
-            crashes.append((validator, error))  # a consequence of a bad value another validator reports
+    problems, crashes = _run(VALIDATORS, args)
     if crashes and not problems:  # nothing explains it: a bug in a validator, not a user mistake
-        raise crashes[0][1]
+        raise crashes[0]
     from megatron_puffin.config.tensor_parallel import merge_tensor_parallel_problems
 
     problems = merge_tensor_parallel_problems(args, problems, (check_llm_parallel, check_towers))

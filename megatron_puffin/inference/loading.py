@@ -106,7 +106,8 @@ def stored_path(path: Optional[str], metadata: Dict[str, Any]) -> Optional[str]:
 
 
 def resolve_flags(metadata: Dict[str, Any], flags: Sequence[str] = ()):
-    """``pretrain_puffin.py`` arguments: the checkpoint's stored flags overridden by ``flags`` (unvalidated)."""
+    """``pretrain_puffin.py`` arguments: the checkpoint's stored flags overridden by ``flags`` (unvalidated), with
+    relative tokenizer and VAE paths found through :func:`stored_path`."""
     from megatron_puffin.config.arguments import CONFIG_GROUPS, PuffinArguments, build_parser
     from megatron_puffin.config.dataclass_args import build_dataclass
 
@@ -121,6 +122,9 @@ def resolve_flags(metadata: Dict[str, Any], flags: Sequence[str] = ()):
         raise InferenceSetupError("; ".join(problems) + " (model flags are pretrain_puffin.py flags)")
     args = PuffinArguments(**groups)
     args.parallel.pipeline_model_parallel_size = 1
+    args.data.tokenizer = stored_path(args.data.tokenizer, metadata)
+    args.model.vae_path = stored_path(args.model.vae_path, metadata)
+    args.model.vae_config = stored_path(args.model.vae_config, metadata)
     return args
 
 
@@ -145,8 +149,8 @@ def _model_config(args: PuffinArguments, dtype: Optional[torch.dtype], need_vae:
         model = dataclasses.replace(model, vae_path=None, vae_config=None)
     for flag, path in (("--vae-path", model.vae_path), ("--vae-config", model.vae_config)):
         if path and not os.path.exists(path):
-            raise InferenceSetupError(f"{flag} {path}: not found (stored in the checkpoint's flags relative to the "
-                                      f"training run's directory); run from there or give {flag} with its path")
+            raise InferenceSetupError(f"{flag} {path}: not found here or in the directory training ran in; give "
+                                      f"{flag} with its path")
     # A training run's --sequence-parallel does not apply: decoding feeds one token per step.
     return dataclasses.replace(config, params_dtype=dtype, fp8=None, model=model, sequence_parallel=False)
 
@@ -172,8 +176,8 @@ def _open_tokenizer(data: DataConfig, vocab_size: int):
     if not path:
         raise InferenceSetupError("no tokenizer: the checkpoint stores none; give --tokenizer PATH")
     if not os.path.exists(path):
-        raise InferenceSetupError(f"--tokenizer {path}: not found (stored in the checkpoint's flags relative to the "
-                                  "training run's directory); run from there or give --tokenizer with its path")
+        raise InferenceSetupError(f"--tokenizer {path}: not found here or in the directory training ran in; give "
+                                  "--tokenizer with the training tokenizer's path")
     try:
         tokenizer = PuffinTokenizer(path)
     except TokenizerError as error:
@@ -230,9 +234,6 @@ def load_puffin(checkpoint: str, flags: Sequence[str] = (), tensor_model_paralle
     directory = resolve_inference_checkpoint(checkpoint)
     metadata = read_metadata(directory) or {}
     args = resolve_flags(metadata, flags)
-    args.data.tokenizer = stored_path(args.data.tokenizer, metadata)
-    args.model.vae_path = stored_path(args.model.vae_path, metadata)
-    args.model.vae_config = stored_path(args.model.vae_config, metadata)
     if tensor_model_parallel_size is not None:
         args.parallel.tensor_model_parallel_size = tensor_model_parallel_size
     tensor_model_parallel_size = args.parallel.tensor_model_parallel_size

@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from megatron_puffin.files import atomic_path
+
 logger = logging.getLogger(__name__)
 
 
@@ -197,8 +199,6 @@ def supersede_metrics_lines(path: str, start_iteration: int) -> int:
     try:
         with open(path, "rb") as handle:
             lines = handle.read().splitlines()
-    except FileNotFoundError:
-        return 0
     except OSError as error:
         logger.warning("--metrics-file %s: not read (%s); lines of iterations after %d are not moved aside",
                        path, error, start_iteration)
@@ -213,20 +213,16 @@ def supersede_metrics_lines(path: str, start_iteration: int) -> int:
     if not moved:
         return 0
     superseded = path + ".superseded"
-    temporary = f"{path}.partial-{os.getpid()}"
     try:
         with open(superseded, "ab") as handle:
             handle.write(b"".join(line + b"\n" for line in moved))
             handle.flush()
             os.fsync(handle.fileno())
-        with open(temporary, "wb") as handle:
-            handle.write(b"".join(line + b"\n" for line in kept))
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            temporary.write_bytes(b"".join(line + b"\n" for line in kept))
     except OSError as error:
         logger.warning("--metrics-file %s: %d line(s) after iteration %d not moved aside (%s); this run's lines "
                        "for those iterations follow them", path, len(moved), start_iteration, error)
-        if os.path.exists(temporary):
-            os.unlink(temporary)
         return 0
     reason = f"{len(moved) - torn} of iterations after {start_iteration}, which this run computes again"
     if torn:
