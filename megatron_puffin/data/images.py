@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from megatron_puffin.camera.transforms import DYNAMIC_MAX_SIZE, DYNAMIC_UNIT, dynamic_size
 
@@ -37,22 +37,66 @@ class ImageError(ValueError):
         return (ImageError, (self.reason, self.detail))
 
 
+EXIF_ORIENTATION = 0x0112
+"""The EXIF tag saying how a viewer must rotate / mirror the stored pixels (1: as stored)."""
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
 def decode_image(data: bytes) -> Image.Image:
-    """Fully decodes encoded image bytes to an RGB PIL image (a truncated file raises, it is not padded).
+    """Fully decodes encoded image bytes to an 8-bit RGB PIL image as a viewer shows it (a truncated file raises,
+    it is not padded).
+
+    * The EXIF orientation is applied (as ``transformers.image_utils.load_image`` does): a phone photo stored
+      sideways with "rotate 90" in its EXIF is the upright picture its owner sees, whose roll, pitch and vertical
+      field of view are the ones to learn or estimate. Images without the tag (every Puffin-4M render) are
+      decoded as stored.
+    * 16-bit grayscale (PNG / TIFF) is scaled to 8 bits; PIL's own ``convert("RGB")`` clips it at 255, which
+      turns almost every such image white.
 
     Raises:
-        ImageError: ``image_empty`` for zero bytes, ``image_unreadable`` for anything PIL cannot decode completely.
+        ImageError: ``image_empty`` for zero bytes, ``image_unreadable`` for anything PIL cannot decode completely,
+            ``image_unsupported`` for pixel formats without a faithful 8-bit reading (floating-point or 32-bit
+            integer pixels).
     """
     if not data:
         raise ImageError("image_empty", "zero-byte image")
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            return image.convert("RGB")
+            if _orientation(image) != 1:
+                image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except ImageError:
+        raise
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
         # PIL names the BytesIO it read ("<_io.BytesIO object at 0x7f...>"): an address, not the user's file
         detail = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", f"{type(error).__name__}: {error}")
         raise ImageError("image_unreadable", detail) from error
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1-8), 1 when absent or unreadable (a damaged EXIF block does not spoil the pixels)."""
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - PIL's EXIF parser raises anything from struct.error to SyntaxError
+        return 1
+    return orientation if orientation in range(1, 9) else 1
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """An opened image's pixels as 8-bit RGB (see :func:`decode_image`)."""
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ImageError("image_unsupported", f"32-bit integer pixels (PIL mode {mode}, values "
+                                                  f"{values.min()}..{values.max()}); save it as an 8-bit image")
+        # 16-bit to 8-bit, rounded: 0 -> 0, 65535 -> 255
+        eight_bit = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(eight_bit).convert("RGB")
+    if mode == "F":
+        raise ImageError("image_unsupported", "floating-point pixels (PIL mode F); save it as an 8-bit image")
+    return image.convert("RGB")
 
 
 def geometry_problem(width: int, height: int) -> Optional[Tuple[str, str]]:
