@@ -70,6 +70,9 @@ from glob import glob
 from typing import Dict, List, Optional, Sequence
 
 warnings.filterwarnings("ignore", category=UserWarning)
+# deprecation notices of torch.distributed.checkpoint / megatron-core about their own internals ("we are deprecating
+# ShardedTensor", "`load_state_dict` is deprecated"), printed on every load of a megatron-core checkpoint
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 import torch  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
@@ -524,7 +527,8 @@ def input_problem(args: argparse.Namespace) -> Optional[str]:
     """Mistakes found before any work: an existing --output, a parallel size the launch does not provide."""
     output = getattr(args, "output", None)
     if output and os.path.exists(output):
-        return f"--output {output} already exists; choose a new directory (nothing is overwritten)"
+        kind = "file" if args.command == "mcore-to-puffin" else "directory"
+        return f"--output {output} already exists; choose a new {kind} (nothing is overwritten)"
     problem = folder_problem(os.path.dirname(os.path.abspath(output))) if output else None
     if problem:
         return f"--output {output}: {problem}; choose a path under a folder this job can write"

@@ -12,6 +12,7 @@ come back in input order. Images and camera maps are in [-1, 1]-like ranges (cam
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -28,6 +29,19 @@ def group_by_shape(tensors: Sequence[torch.Tensor]) -> Dict[Tuple[int, ...], Lis
     for index, tensor in enumerate(tensors):
         groups.setdefault(tuple(tensor.shape), []).append(index)
     return groups
+
+
+def autoencoder_kl_class() -> type:
+    """diffusers' ``AutoencoderKL``, imported without the notice its import prints on a machine without CUDA.
+
+    Importing it imports diffusers' transformer models, one of which decorates a method with
+    ``torch.autocast("cuda")`` at import: torch then warns "CUDA is not available ... Disabling autocast" twice,
+    about a model Puffin never uses. Only that notice, only during the import, is silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="CUDA is not available or torch_xla is imported")
+        from diffusers import AutoencoderKL
+    return AutoencoderKL
 
 
 class FrozenVAE(nn.Module):
@@ -52,16 +66,12 @@ class FrozenVAE(nn.Module):
     @classmethod
     def from_config(cls, config: Dict[str, Any], dtype: torch.dtype = torch.float32, **kwargs: Any) -> "FrozenVAE":
         """A randomly initialised VAE from an ``AutoencoderKL`` config dictionary (tests, benchmarks)."""
-        from diffusers import AutoencoderKL
-
-        return cls(AutoencoderKL.from_config(config).to(dtype), **kwargs)
+        return cls(autoencoder_kl_class().from_config(config).to(dtype), **kwargs)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16, **kwargs: Any) -> "FrozenVAE":
         """Load a local diffusers ``vae/`` folder (``config.json`` + safetensors); never downloads."""
-        from diffusers import AutoencoderKL
-
-        return cls(AutoencoderKL.from_pretrained(path, torch_dtype=dtype, local_files_only=True), **kwargs)
+        return cls(autoencoder_kl_class().from_pretrained(path, torch_dtype=dtype, local_files_only=True), **kwargs)
 
     def train(self, mode: bool = True) -> "FrozenVAE":
         """Stays in eval mode whatever ``mode`` says (the VAE is frozen)."""
