@@ -54,6 +54,10 @@ REQUEST_FIELDS = ("id", "caption", "roll", "pitch", "vfov", "yaw", "seed", "init
 def build_parser():
     parser = build_tool_parser("generate.py", __doc__)
     parser.add_argument("--output-dir", required=True, help="folder for the PNGs, contact sheet and JSON (created)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the outputs of a run with other settings or another checkpoint in --output-dir "
+                             "(its PNGs, contact sheet, generations.json, camera_faithfulness/ and resume journal); "
+                             "without it such a folder is an error")
     parser.add_argument("--prompts", default=None, help="requests: a .json list or a .csv file (see above)")
     parser.add_argument("--caption", default="", help="scene text of a single request (may be empty)")
     for name in ("roll", "pitch", "vfov", "yaw"):
@@ -259,6 +263,46 @@ def image_record(request: Dict[str, Any], result) -> Dict[str, Any]:
             "seed": result.seed, "init_image": request["init_image"]}
 
 
+def earlier_outputs(output_dir: Path, key: Dict[str, Any], overwrite: bool) -> Dict[str, Dict[str, Any]]:
+    """generations.json's records of the finished run already in ``output_dir`` when it had this run's key (the same
+    command again, or more requests: only new or changed requests are generated).
+
+    A folder holding images of a run with another key is an error (:class:`PreviousRunConflict`) unless
+    ``overwrite``; then that run's files (the PNGs generations.json lists, the contact sheet, generations.json and
+    camera_faithfulness/) are removed first, so the folder never mixes two runs.
+    """
+    import shutil
+
+    from megatron_puffin.inference.journal import PreviousRunConflict, key_difference
+
+    path = output_dir / "generations.json"
+    if not path.is_file():
+        return {}
+    try:
+        document = json.loads(read_text(path))
+        records = {str(record["id"]): record for record in document["images"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        document, records = {}, {}
+    if document.get("key") == key:
+        return records
+    # only files named like this tool's outputs, directly in the folder (never a path a damaged file points to)
+    files = [output_dir / f"{name}.png" for name in records if Path(f"{name}.png").name == f"{name}.png"]
+    present = [file for file in files if file.is_file()]
+    if not present and document:
+        return {}
+    what = (f"{len(present)} images of another generate.py run ({key_difference(document.get('key'), key)})"
+            if document else "a generations.json that generate.py cannot read")
+    if not overwrite:
+        raise PreviousRunConflict(f"--output-dir {output_dir} holds {what}; choose another folder, or pass "
+                                  "--overwrite to replace them")
+    if is_output_rank():
+        for file in present + [output_dir / "contact_sheet.png", path]:
+            file.unlink(missing_ok=True)
+        shutil.rmtree(output_dir / "camera_faithfulness", ignore_errors=True)
+    logger.warning("--overwrite: removed the outputs of another run from %s: %s", output_dir, what)
+    return {}
+
+
 def save_png(image, path: Path) -> None:
     """Writes a uint8 ``[H, W, 3]`` image in one rename (a kill never leaves half a PNG under the final name)."""
     from PIL import Image
@@ -293,7 +337,8 @@ def reusable_result(record: Optional[Dict[str, Any]], request: Dict[str, Any], s
                           camera=request["camera"], seed=seed, task=record.get("task", ""))
 
 
-def write_outputs(loaded, args: argparse.Namespace, requests, results, estimates, output_dir: Path) -> None:
+def write_outputs(loaded, args: argparse.Namespace, requests, results, estimates, output_dir: Path,
+                  key: Dict[str, Any]) -> None:
     """The contact sheet and generations.json (the PNGs were written batch by batch)."""
     from megatron_puffin.inference.contact_sheet import contact_sheet
     from megatron_puffin.files import write_text_atomically
@@ -311,7 +356,7 @@ def write_outputs(loaded, args: argparse.Namespace, requests, results, estimates
     settings = {name: getattr(args, name) for name in ("guidance_scale", "steps", "seed", "negative_caption",
                                                        "thinking", "image_size")}
     settings["image_size"] = int(results[0].image.shape[0])
-    document = {"checkpoint": loaded.checkpoint, "settings": settings, "images": records}
+    document = {"checkpoint": loaded.checkpoint, "settings": settings, "images": records, "key": key}
     write_text_atomically(output_dir / "generations.json", json.dumps(document, indent=2) + "\n")
     print(f"wrote {len(records)} images, {output_dir / 'contact_sheet.png'} and {output_dir / 'generations.json'}")
 
@@ -333,12 +378,13 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
     key = {"tool": "generate", "checkpoint": checkpoint, "fingerprint": checkpoint_fingerprint(checkpoint),
            "model_flags": model_flags, **{name: getattr(args, name) for name in (
                "guidance_scale", "steps", "negative_caption", "thinking", "max_reasoning_tokens", "image_size")}}
-    journal = BatchJournal(output_dir / "generations.partial.jsonl", key, writer=is_output_rank())
+    journal = BatchJournal(output_dir / "generations.partial.jsonl", key, writer=is_output_rank(),
+                           overwrite=args.overwrite)
+    finished = {**earlier_outputs(output_dir, key, args.overwrite), **journal.finished}
     seeds = [args.seed + index if r["seed"] is None else r["seed"] for index, r in enumerate(requests)]
     loaded = load_puffin(args.checkpoint, model_flags, need_vae=True)
     size = args.image_size or loaded.encoder_config.image_max_size
-    results = [reusable_result(journal.finished.get(r["id"]), r, seed, size, output_dir)
-               for r, seed in zip(requests, seeds)]
+    results = [reusable_result(finished.get(r["id"]), r, seed, size, output_dir) for r, seed in zip(requests, seeds)]
     done = [index for index, result in enumerate(results) if result is not None]
     views = {path: load_image(path, size, mode="resize")
              for path in {r["init_image"] for i, r in enumerate(requests) if i not in done} if path}
@@ -369,10 +415,10 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
         raise UsageError(str(error)) from None
     progress.close()
     if done:
-        logger.warning("kept %d images of an interrupted run with the same settings", len(done))
+        logger.warning("kept %d finished images of an earlier run with the same settings", len(done))
     estimates = evaluate_cameras(loaded, results, requests, args, output_dir)[0] if args.evaluate_cameras else None
     if is_output_rank():
-        write_outputs(loaded, args, requests, results, estimates, output_dir)
+        write_outputs(loaded, args, requests, results, estimates, output_dir, key)
         journal.remove()
     return 0
 
@@ -384,7 +430,10 @@ def main(argv=None) -> int:
     args, model_flags = parse_tool_args(parser, argv)
     setup_logging(args.log_level)
     setup()
-    return run_tool("generate.py", lambda: run(args, model_flags), (InferenceSetupError, UsageError))
+    from megatron_puffin.inference.journal import PreviousRunConflict
+
+    return run_tool("generate.py", lambda: run(args, model_flags),
+                    (InferenceSetupError, UsageError, PreviousRunConflict))
 
 
 if __name__ == "__main__":

@@ -67,6 +67,9 @@ def build_parser():
     parser.add_argument("--image-mode", choices=["center_crop", "resize"], default=None,
                         help="centre square crop then resize (understanding default) or straight resize (default of "
                              "the cross-view tasks)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard the resume journal of an interrupted run with other settings beside --output "
+                             "(without it, such a journal is an error)")
     return parser
 
 
@@ -159,7 +162,8 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
     key = {"tool": "understand", "checkpoint": checkpoint, "fingerprint": checkpoint_fingerprint(checkpoint),
            "model_flags": model_flags, "prompt": prompt, "thinking": args.thinking, "image_mode": mode,
            "max_new_tokens": args.max_new_tokens}
-    journal = BatchJournal(output.with_name(output.name + ".partial.jsonl"), key, writer=is_output_rank())
+    journal = BatchJournal(output.with_name(output.name + ".partial.jsonl"), key, writer=is_output_rank(),
+                           overwrite=args.overwrite)
     records = [_reusable(journal.finished.get(path.name), path) for path in paths]
     todo = [index for index, record in enumerate(records) if record is None]
     loaded = load_puffin(args.checkpoint, model_flags, need_vae=False)
@@ -215,7 +219,10 @@ def main(argv=None) -> int:
     args, model_flags = parse_tool_args(parser, argv)
     setup_logging(args.log_level)
     setup()
-    return run_tool("understand.py", lambda: run(args, model_flags), (InferenceSetupError, ImageError, UsageError))
+    from megatron_puffin.inference.journal import PreviousRunConflict
+
+    return run_tool("understand.py", lambda: run(args, model_flags),
+                    (InferenceSetupError, ImageError, UsageError, PreviousRunConflict))
 
 
 if __name__ == "__main__":

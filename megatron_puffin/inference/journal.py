@@ -6,8 +6,10 @@ therefore appended to a journal beside the outputs (one JSON line per image, flu
 holding the run's *key*: the resolved checkpoint and its contents' fingerprint (:func:`checkpoint_fingerprint`: a
 checkpoint retrained at the same path is another checkpoint), the model flags and every setting that changes an
 image's result.
-A later run with the same key reuses the journal's records instead of recomputing them; a journal of another key is
-replaced (its run's outputs would have been replaced too). The journal is removed once the outputs are written.
+A later run with the same key reuses the journal's records instead of recomputing them. A journal of another key holds
+the finished work of a different interrupted run: it is never replaced unasked (:class:`PreviousRunConflict`, one
+line naming what differs; the tools' ``--overwrite`` discards it). The journal is removed once the outputs are
+written.
 
 Every rank reads the journal before the model is loaded; only the output rank writes it, and only after a finished
 batch (so after every rank has taken part in a collective, and therefore after every rank has read it).
@@ -19,16 +21,46 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Mapping
 
 logger = logging.getLogger(__name__)
 
 
-class BatchJournal:
-    """The journal at ``path`` for a run identified by ``key`` (JSON-serialisable)."""
+class PreviousRunConflict(ValueError):
+    """The output already holds work of a run with other settings; the message names the difference and the fix."""
 
-    def __init__(self, path: Path, key: Dict[str, Any], writer: bool) -> None:
+
+def key_difference(old: Any, new: Mapping[str, Any]) -> str:
+    """The settings that differ between two run keys, e.g. ``steps 3 (then) vs 40 (now)``."""
+    if not isinstance(old, Mapping):
+        return "written by an older version, without its settings"
+    changed = []
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            then, now = old.get(name, "unset"), new.get(name, "unset")
+            if name == "fingerprint":
+                changed.append("the checkpoint's contents (retrained or replaced at the same path)")
+            else:
+                changed.append(f"{name} {_short(then)} (then) vs {_short(now)} (now)")
+    return "; ".join(changed)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class BatchJournal:
+    """The journal at ``path`` for a run identified by ``key`` (JSON-serialisable).
+
+    Raises:
+        PreviousRunConflict: the journal holds finished work of a run with another key and ``overwrite`` is False.
+    """
+
+    def __init__(self, path: Path, key: Dict[str, Any], writer: bool, overwrite: bool = False,
+                 fix: str = "run that command again to finish it") -> None:
         self.path, self.key, self.writer = Path(path), json.loads(json.dumps(key)), writer
+        self.overwrite, self.fix = overwrite, fix
         self._handle = None
         self.finished: Dict[str, Dict[str, Any]] = self._read()
 
@@ -41,8 +73,8 @@ class BatchJournal:
             header = json.loads(lines[0]) if lines else None
         except json.JSONDecodeError:
             header = None
-        if not isinstance(header, dict) or header.get("key") != self.key:
-            logger.warning("%s is the journal of an interrupted run with other settings; starting over", self.path)
+        if not isinstance(header, dict):
+            logger.warning("%s is not a resume journal (its first line is not a header); starting over", self.path)
             return {}
         records: Dict[str, Dict[str, Any]] = {}
         for line in lines[1:]:
@@ -52,6 +84,16 @@ class BatchJournal:
                 break
             if isinstance(record, dict) and "id" in record:
                 records[str(record["id"])] = record
+        if header.get("key") != self.key:
+            difference = key_difference(header.get("key"), self.key)
+            if records and not self.overwrite:
+                raise PreviousRunConflict(
+                    f"{self.path} holds {len(records)} finished images of an interrupted run with other settings "
+                    f"({difference}): {self.fix}, choose another output, or pass --overwrite to discard them")
+            if records:
+                logger.warning("--overwrite: discarding %d finished images of an interrupted run with other settings "
+                               "(%s) in %s", len(records), difference, self.path)
+            return {}
         if records:
             logger.warning("resuming: %d finished images from %s", len(records), self.path)
         return records

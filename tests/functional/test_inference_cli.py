@@ -209,7 +209,8 @@ def test_bad_inputs_exit_with_one_line(artefacts, tool, args, message, capsys):
 
 def test_a_killed_generate_keeps_its_finished_images_and_a_rerun_resumes(artefacts):
     """SIGKILL after the first batch's PNG and journal line; the same command again generates only the rest (the
-    kept PNG is not rewritten) and its outputs equal an uninterrupted run's; other settings start over."""
+    kept PNG is not rewritten) and its outputs equal an uninterrupted run's; on the finished folder it generates
+    nothing. Other settings never replace another run's images or journal unless --overwrite."""
     import signal
     import time
 
@@ -235,15 +236,35 @@ def test_a_killed_generate_keeps_its_finished_images_and_a_rerun_resumes(artefac
     document = json.loads((out / "generations.json").read_text())
     assert [r["id"] for r in document["images"]] == ["r0", "r1", "r2"] and not journal.exists()
     assert {name: (out / f"{name}.png").stat().st_mtime_ns for name in finished} == kept
-    assert f"kept {len(finished)} images" in proc.stderr
+    assert f"kept {len(finished)} finished images" in proc.stderr
     resumed = {r["id"]: (out / r["file"]).read_bytes() for r in document["images"]}
     _tool("generate.py", *args, "--steps", 40, "--output-dir", root / "straight")
     assert resumed == {name: (root / "straight" / f"{name}.png").read_bytes() for name in resumed}
-    # a journal of other settings is replaced, never mixed in
+
+    pngs = {name: (out / f"{name}.png").stat().st_mtime_ns for name in resumed}
+    # the same command on the finished folder generates nothing again
+    proc = _tool("generate.py", *args, "--steps", 40)
+    assert "kept 3 finished images" in proc.stderr
+    assert {name: (out / f"{name}.png").stat().st_mtime_ns for name in resumed} == pngs
+    # a journal of other settings holds another interrupted run's work: never replaced unasked
     journal.write_text(json.dumps({"key": {"tool": "generate", "steps": 3}}) + "\n" + json.dumps(
         document["images"][0]) + "\n")
-    proc = _tool("generate.py", *args, "--steps", 2, "--log-level", "INFO")
-    assert "other settings; starting over" in proc.stderr and "kept" not in proc.stderr
+    proc = _tool("generate.py", *args, "--steps", 40, check=False)
+    assert proc.returncode == 2 and "holds 1 finished images of an interrupted run with other settings" in proc.stderr
+    assert "steps 3 (then) vs 40 (now)" in proc.stderr and "pass --overwrite to discard them" in proc.stderr
+    assert journal.is_file() and {name: (out / f"{name}.png").stat().st_mtime_ns for name in resumed} == pngs
+    proc = _tool("generate.py", *args, "--steps", 40, "--overwrite")
+    assert "discarding 1 finished images" in proc.stderr and "kept 3 finished images" in proc.stderr
+    # a finished folder of other settings: an error; --overwrite replaces that run's files, none left behind
+    proc = _tool("generate.py", *args, "--steps", 2, check=False)
+    assert proc.returncode == 2 and "holds 3 images of another generate.py run" in proc.stderr
+    assert "steps 40 (then) vs 2 (now)" in proc.stderr
+    assert {name: (out / f"{name}.png").stat().st_mtime_ns for name in resumed} == pngs
+    requests.write_text(json.dumps([{"id": "r0", "caption": "a room", "roll": 0.0, "pitch": 0.0, "vfov": 1.0}]))
+    proc = _tool("generate.py", *args, "--steps", 2, "--overwrite")
+    assert "removed the outputs of another run" in proc.stderr
+    assert sorted(path.name for path in out.iterdir()) == ["contact_sheet.png", "generations.json", "r0.png"]
+    assert json.loads((out / "generations.json").read_text())["key"]["steps"] == 2
 
 
 def test_an_interrupted_understand_keeps_finished_batches_and_a_rerun_resumes(artefacts, monkeypatch, capsys):
@@ -279,6 +300,14 @@ def test_an_interrupted_understand_keeps_finished_batches_and_a_rerun_resumes(ar
         journal = out.with_name("predictions.json.partial.jsonl")
         assert [json.loads(line)["id"] for line in journal.read_text().splitlines()[1:]] == [p.name for p in images[:2]]
         assert not out.exists()
+        # other settings never discard the interrupted run's answers unasked
+        other = command(out)
+        other[other.index("--max-new-tokens") + 1] = str(NEW_TOKENS + 1)
+        assert _tool_main("understand.py")(other) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert (f"holds 2 finished images of an interrupted run with other settings (max_new_tokens {NEW_TOKENS} "
+                f"(then) vs {NEW_TOKENS + 1} (now)): run that command again to finish it") in line, line
+        assert len(journal.read_text().splitlines()) == 3
         calls.clear()
         os.utime(images[0], ns=(0, 0))  # "replaced": its journal answer no longer counts
         monkeypatch.setattr(inference, "understand", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
