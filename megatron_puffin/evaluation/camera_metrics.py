@@ -29,7 +29,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_puffin.camera.language import parse_camera_tolerant
-from megatron_puffin.camera.types import CameraValues
+from megatron_puffin.camera.types import Camera, CameraValues
 from megatron_puffin.files import read_text
 
 logger = logging.getLogger(__name__)
@@ -185,9 +185,14 @@ def _read_camera_rows(path: Path) -> Dict[str, GroundTruthCamera]:
             fname = row["fname"]
             if fname in cameras:
                 raise EvaluationInputError(f"--ground-truth {path} line {line}: fname {fname!r} appears twice")
+            angles = [_number(path, line, c, row[c]) for c in PARAMETERS]
+            try:
+                Camera(*angles)
+            except ValueError as error:  # most often a file in degrees: vfov 60 is 60 radians here
+                raise EvaluationInputError(f"--ground-truth {path} line {line}: {error}; the angles must be in "
+                                           "radians (from degrees: multiply by pi/180 = 0.017453)") from None
             cameras[fname] = GroundTruthCamera(
-                fname, *(_number(path, line, c, row[c]) for c in PARAMETERS),
-                *(_number(path, line, c, row[c], int) for c in ("width", "height")),
+                fname, *angles, *(_number(path, line, c, row[c], int) for c in ("width", "height")),
             )
     return cameras
 

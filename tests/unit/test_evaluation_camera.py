@@ -188,3 +188,16 @@ def test_ground_truth_rejects_duplicates(tmp_path):
     _write_gt(tmp_path / "cameras.csv", [("a.jpg", 0, 0, 1, "", 9, 9), ("a.jpg", 0, 0, 1, "", 9, 9)])
     with pytest.raises(EvaluationInputError, match="appears twice"):
         read_ground_truth(tmp_path / "cameras.csv")
+
+
+@pytest.mark.parametrize("row, message", [
+    (("a.jpg", 2.0, 0.1, 60.0, "", 640, 480), r"line 2: camera roll \(2.0 rad\) must lie in \[-pi/2, pi/2\]"),
+    (("a.jpg", 0.0, 0.1, 60.0, "", 640, 480), r"line 2: camera vfov \(60.0 rad\) must lie in the open interval"),
+    (("a.jpg", 0.0, 0.0, 0.0, "", 640, 480), r"camera vfov \(0.0 rad\)"),
+])
+def test_ground_truth_angles_out_of_range_name_the_row_and_radians(tmp_path, row, message):
+    """A cameras.csv in degrees (vfov 60) would otherwise score every image against a 60-radian camera."""
+    _write_gt(tmp_path / "cameras.csv", [row])
+    with pytest.raises(EvaluationInputError, match=message) as error:
+        read_ground_truth(tmp_path / "cameras.csv")
+    assert "must be in radians (from degrees: multiply by pi/180" in str(error.value)
