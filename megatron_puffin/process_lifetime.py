@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import logging
 import multiprocessing
+import multiprocessing.pool
 import os
 import signal
 import sys
@@ -101,27 +102,90 @@ EXIT_CTRL_C = 130
 """Exit status of a tool stopped by Ctrl-C (128 + SIGINT, what a shell reports for a command it interrupted)."""
 
 
-def ignore_ctrl_c() -> None:
-    """``initializer`` of :func:`worker_pool`'s workers (started with SIGINT blocked): ignore it, then unblock it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+TOOL_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+"""What a scheduler (``scancel``, a time limit, ``kill``) or a closed terminal sends a command-line tool; the tools
+stop on them as on Ctrl-C (:func:`stop_signals_interrupt`)."""
+
+
+class Stopped(BaseException):
+    """A stop signal (:data:`TOOL_STOP_SIGNALS`) raised in a tool's main thread, like ``KeyboardInterrupt`` for
+    SIGINT. ``exit_status`` is 128 + the signal number, what a shell reports for a command the signal ended."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.name, self.exit_status = signal.Signals(signum).name, 128 + int(signum)
+
+
+def _raise_stopped(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signature
+    for sig in TOOL_STOP_SIGNALS:  # a second signal does not cut the one-line exit short
+        signal.signal(sig, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise :class:`Stopped` in the main thread (where they would otherwise
+    end the process at once, with no word about what was kept). A signal the process ignores (``nohup``'s SIGHUP)
+    stays ignored; the previous handlers come back afterwards."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in TOOL_STOP_SIGNALS}
+    for sig, handler in previous.items():
+        if handler == signal.SIG_DFL:
+            signal.signal(sig, _raise_stopped)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _pool_worker_init() -> None:
+    """``initializer`` of :func:`worker_pool`'s workers (started with SIGINT and the tool stop signals blocked).
+
+    Ctrl-C, SIGTERM and SIGHUP are ignored: sent to the whole job (a terminal's process group, ``kill`` of the
+    group, a scheduler), they are the tool's main process's business, which ends the pool. A worker killed by the
+    group's SIGTERM could die holding one of the pool's queue locks, and ``Pool.terminate`` then waited for that lock
+    forever (the tool hung in 1 of 4 tries); a handler that let a late-running SIGTERM through once the pool was
+    ending still hung in 2 of 12. The pool ends its workers with SIGKILL instead (:class:`_ToolPool`), at the point
+    where a stock pool sends SIGTERM, after it has taken those locks. The workers die with the tool
+    (``PR_SET_PDEATHSIG``), so a tool killed with SIGKILL leaves none behind.
+    """
+    for sig in (signal.SIGINT, *TOOL_STOP_SIGNALS):
+        signal.signal(sig, signal.SIG_IGN)
+    set_parent_death_signal(signal.SIGKILL, expected_parent=_FORK_PARENT.get("pool"))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, *TOOL_STOP_SIGNALS])
+
+
+class _ToolPool(multiprocessing.pool.Pool):
+    """A pool whose ``terminate`` ends its workers with SIGKILL (they ignore SIGTERM; :func:`_pool_worker_init`)."""
+
+    @staticmethod
+    def Process(ctx, *args, **kwds):  # noqa: N802 - multiprocessing.pool.Pool's factory name
+        process = ctx.Process(*args, **kwds)
+        process.terminate = process.kill
+        return process
 
 
 def worker_pool(workers: int):
-    """A ``multiprocessing`` pool (fork where the platform has it, else spawn) for the tools, whose workers ignore
-    Ctrl-C.
+    """A ``multiprocessing`` pool (fork where the platform has it, else spawn) for the tools, whose workers leave
+    Ctrl-C, SIGTERM and SIGHUP to the tool's main process (:func:`_pool_worker_init`).
 
     A terminal's Ctrl-C reaches the whole foreground process group: every worker printed its own
     ``KeyboardInterrupt`` traceback, while the tool's main process is the one that handles it and ends the pool
-    (``Pool.__exit__`` terminates the workers with SIGTERM). The pool is created with SIGINT blocked: a Ctrl-C during
-    a fork would otherwise kill a worker before its initializer ran, or be swallowed in the main process (Python
-    ignores exceptions raised in its at-fork callbacks), and the tool ran on; it is delivered when the block is
-    lifted. The pool's threads keep the block, so workers it starts later are protected the same way.
+    (``Pool.__exit__`` terminates the workers with SIGTERM). The pool is created with those signals blocked: a
+    Ctrl-C during a fork would otherwise kill a worker before its initializer ran, or be swallowed in the main
+    process (Python ignores exceptions raised in its at-fork callbacks), and the tool ran on; it is delivered when
+    the block is lifted. The pool's threads keep the block, so workers it starts later are protected the same way.
     """
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+    _FORK_PARENT["pool"] = os.getpid()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT, *TOOL_STOP_SIGNALS])
     try:
-        return context.Pool(workers, initializer=ignore_ctrl_c)
+        return _ToolPool(workers, initializer=_pool_worker_init, context=context)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
@@ -138,15 +202,19 @@ def one_process_problem(prog: str) -> Optional[str]:
 
 def exit_on_ctrl_c(prog: str, main: Callable[[], int], kept: str) -> int:
     """Run a tool's ``main``; Ctrl-C (``KeyboardInterrupt``) becomes one line saying what was kept, and
-    :data:`EXIT_CTRL_C`, instead of a traceback.
+    :data:`EXIT_CTRL_C`, instead of a traceback; SIGTERM / SIGHUP likewise (:class:`Stopped`, exit 128 + signal).
 
     Args:
         prog: The tool's name, first on the line.
         main: The tool's main function; its return value is the exit status.
         kept: What an interrupted run leaves and how to go on (each tool's own recovery).
     """
-    try:
-        return main()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted (Ctrl-C); {kept}", file=sys.stderr)
-        return EXIT_CTRL_C
+    with stop_signals_interrupt():
+        try:
+            return main()
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted (Ctrl-C); {kept}", file=sys.stderr)
+            return EXIT_CTRL_C
+        except Stopped as stop:
+            print(f"{prog}: stopped by {stop.name}; {kept}", file=sys.stderr)
+            return stop.exit_status

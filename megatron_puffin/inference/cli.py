@@ -180,24 +180,29 @@ class Progress:
 def run_tool(prog: str, body: Callable[[], int], expected: Tuple[type, ...]) -> int:
     """Runs ``body``; an expected error becomes one line on stderr and exit code 2, a file-system error mid-run (a
     full disk, a lost mount) one line and exit code 1, Ctrl-C one line and exit code 130; the process group is
-    released."""
+    released. SIGTERM / SIGHUP end it like Ctrl-C, with exit code 128 + the signal."""
     import megatron_puffin.distributed as mpd
-    from megatron_puffin.process_lifetime import EXIT_CTRL_C
+    from megatron_puffin.process_lifetime import EXIT_CTRL_C, Stopped, stop_signals_interrupt
 
-    try:
-        return body()
-    except expected as error:
-        message = " ".join(str(error).split())
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return 2
-    except OSError as error:  # the tools write batch by batch and resume: nothing finished is lost
-        where = f": {error.filename}" if error.filename else ""
-        print(f"{prog}: error: {error.strerror or error}{where}; the outputs finished so far are kept: fix that and "
-              "run the same command again (it resumes)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C: every finished batch is in the journal
-        print(f"{prog}: interrupted (Ctrl-C); the outputs finished so far are kept: run the same command again "
-              "(it resumes)", file=sys.stderr)
-        return EXIT_CTRL_C
-    finally:
-        mpd.destroy()
+    with stop_signals_interrupt():  # the handlers stay until the one-line exit is printed
+        try:
+            return body()
+        except expected as error:
+            message = " ".join(str(error).split())
+            print(f"{prog}: error: {message}", file=sys.stderr)
+            return 2
+        except OSError as error:  # the tools write batch by batch and resume: nothing finished is lost
+            where = f": {error.filename}" if error.filename else ""
+            print(f"{prog}: error: {error.strerror or error}{where}; the outputs finished so far are kept: fix "
+                  "that and run the same command again (it resumes)", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:  # Ctrl-C: every finished batch is in the journal
+            print(f"{prog}: interrupted (Ctrl-C); the outputs finished so far are kept: run the same command again "
+                  "(it resumes)", file=sys.stderr)
+            return EXIT_CTRL_C
+        except Stopped as stop:  # a scheduler's SIGTERM, a closed terminal's SIGHUP: the same as Ctrl-C
+            print(f"{prog}: stopped by {stop.name}; the outputs finished so far are kept: run the same command again "
+                  "(it resumes)", file=sys.stderr)
+            return stop.exit_status
+        finally:
+            mpd.destroy()

@@ -322,6 +322,43 @@ def test_an_interrupted_understand_keeps_finished_batches_and_a_rerun_resumes(ar
     assert resumed == json.loads((root / "und_resume" / "straight.json").read_text())
 
 
+def test_sigterm_is_one_line_keeps_finished_batches_and_a_second_one_is_ignored(artefacts, monkeypatch, capsys):
+    """A scheduler's SIGTERM (twice, as a kill-after does) during the second batch: exit 143 with one line, the first
+    batch in the journal, the tool's handlers gone afterwards. Before, SIGTERM ended the tool without a word."""
+    import shutil
+    import signal
+
+    import megatron_puffin.inference as inference
+
+    root, _, _, originals = artefacts
+    out = root / "und_term" / "predictions.json"
+    (root / "term_images").mkdir()
+    images = [Path(shutil.copy(image, root / "term_images" / image.name)) for image in originals]
+    real, calls = inference.understand, []
+
+    def terminated(*a, **k):
+        calls.append(len(a[2]))
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(inference, "understand", terminated)
+    try:
+        code = _tool_main("understand.py")(["--checkpoint", str(root / "run"), "--images", *map(str, images),
+                                            "--output", str(out), "--max-new-tokens", str(NEW_TOKENS),
+                                            "--batch-size", "2", "--no-progress"])
+        assert code == 128 + signal.SIGTERM
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            "understand.py: stopped by SIGTERM; the outputs finished so far are kept: run the same command again "
+            "(it resumes)")
+        journal = out.with_name("predictions.json.partial.jsonl")
+        assert [json.loads(line)["id"] for line in journal.read_text().splitlines()[1:]] == [p.name for p in images[:2]]
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    finally:
+        mpd.initialize(seed=0)
+
+
 def test_every_unreadable_image_is_named_at_once_and_skip_bad_images_describes_the_others(artefacts, capsys):
     """A folder with two good images and three bad ones: one line naming the count and the first ones, before the
     model loads; with --skip-bad-images the good ones are described and the summary counts the others."""

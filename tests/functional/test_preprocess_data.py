@@ -223,11 +223,17 @@ def test_a_write_failure_is_one_line_leaves_no_half_shard_and_the_same_command_f
         assert [finished[i]["key"] for i in range(len(finished))] == [clean[i]["key"] for i in range(len(clean))]
 
 
-def test_ctrl_c_with_workers_is_one_line_leaves_no_half_shard_and_the_same_command_finishes(tmp_path):
-    """A terminal's Ctrl-C (SIGINT to the whole process group: the tool and its pool workers), delivered mid-run:
-    the group is stopped (SIGSTOP) as soon as the first shard is published, signalled, and continued, so the
-    interrupt lands while later shards are being written. Before, the tool and every worker printed a
-    KeyboardInterrupt traceback."""
+@pytest.mark.parametrize("signal_name, status, said", [
+    ("SIGINT", 130, "interrupted (Ctrl-C)"),
+    ("SIGTERM", 143, "stopped by SIGTERM"),
+])
+def test_ctrl_c_with_workers_is_one_line_leaves_no_half_shard_and_the_same_command_finishes(tmp_path, signal_name,
+                                                                                          status, said):
+    """A terminal's Ctrl-C (SIGINT to the whole process group: the tool and its pool workers), or a scheduler's
+    SIGTERM to the job's processes, delivered mid-run: the group is stopped (SIGSTOP) as soon as the first shard
+    is published, signalled, and continued, so the signal lands while later shards are being written. Before, the
+    tool and every worker printed a KeyboardInterrupt traceback on Ctrl-C, and SIGTERM ended the tool without a
+    word."""
     import signal
     import subprocess
     import sys
@@ -245,12 +251,14 @@ def test_ctrl_c_with_workers_is_one_line_leaves_no_half_shard_and_the_same_comma
         assert proc.poll() is None, proc.communicate()
     os.killpg(proc.pid, signal.SIGSTOP)
     assert proc.poll() is None, "the run ended before the interrupt"
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, getattr(signal, signal_name))
+    if signal_name == "SIGTERM":  # a second one, as a scheduler's kill-after does: the same one line
+        os.killpg(proc.pid, signal.SIGTERM)
     os.killpg(proc.pid, signal.SIGCONT)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, (out[-2000:], err[-3000:])
+    assert proc.returncode == status, (out[-2000:], err[-3000:])
     assert err.strip().splitlines() == [
-        "preprocess_data.py: interrupted (Ctrl-C); the finished shards are kept and the half-written one removed: "
+        f"preprocess_data.py: {said}; the finished shards are kept and the half-written one removed: "
         "run the same command again, it writes only the unfinished shards"], err[-3000:]
     assert not list((tmp_path / "out").rglob("*.tmp")), "a half-written shard was left behind"
     done = sorted(p.name for p in (tmp_path / "out" / "main").iterdir())
