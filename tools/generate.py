@@ -48,6 +48,8 @@ logger = logging.getLogger("generate")
 TRAINED_RANGES = {"roll": (-0.7854, 0.7854), "pitch": (-0.7854, 0.7854), "vfov": (0.3491, 1.8326)}
 """Camera ranges of Puffin's training data (docs/puffin.md §3.3); outside them the model extrapolates (a warning)."""
 CROSS_VIEW_VFOV = 1.48
+CONTACT_SHEET = "contact_sheet"
+"""Stem of the grid image written beside the generated PNGs (no request may take it as its id)."""
 REQUEST_FIELDS = ("id", "caption", "roll", "pitch", "vfov", "yaw", "seed", "init_image")
 
 
@@ -155,6 +157,9 @@ def read_requests(args: argparse.Namespace) -> List[Dict[str, Any]]:
             request = _request(row, index, where, args.init_image)
             if request["id"] in ids or "/" in request["id"]:
                 raise UsageError(f"{where}: id {request['id']!r} is repeated or holds '/'; ids name the PNG files")
+            if request["id"] == CONTACT_SHEET:  # its PNG would be overwritten by the sheet at the end
+                raise UsageError(f"{where}: id {request['id']!r} is the contact sheet's name ({CONTACT_SHEET}.png); "
+                                 "choose another id")
         except UsageError as problem:
             problems.append(str(problem))
             continue
@@ -170,7 +175,10 @@ def _request(row: Dict[str, Any], index: int, where: str, init_image: Optional[s
         raise UsageError(f"{where}: unknown field {unknown[0]!r}; the fields are {', '.join(REQUEST_FIELDS)}")
     init = row.get("init_image") or init_image
     seed = _number(row, "seed", where)
-    return {"id": str(row.get("id", f"{index:04d}")), "caption": str(row.get("caption", "") or ""),
+    identifier = row.get("id")
+    if identifier is None or str(identifier).strip() == "":  # a CSV's empty id cell: a hidden ".png" otherwise
+        identifier = f"{index:04d}"
+    return {"id": str(identifier), "caption": str(row.get("caption", "") or ""),
             "camera": _camera(row, where, init is not None), "seed": None if seed is None else int(seed),
             "init_image": init}
 
@@ -296,7 +304,7 @@ def earlier_outputs(output_dir: Path, key: Dict[str, Any], overwrite: bool) -> D
         raise PreviousRunConflict(f"--output-dir {output_dir} holds {what}; choose another folder, or pass "
                                   "--overwrite to replace them")
     if is_output_rank():
-        for file in present + [output_dir / "contact_sheet.png", path]:
+        for file in present + [output_dir / f"{CONTACT_SHEET}.png", path]:
             file.unlink(missing_ok=True)
         shutil.rmtree(output_dir / "camera_faithfulness", ignore_errors=True)
     logger.warning("--overwrite: removed the outputs of another run from %s: %s", output_dir, what)
@@ -352,7 +360,7 @@ def write_outputs(loaded, args: argparse.Namespace, requests, results, estimates
             record["estimate_text"] = estimate.text
         records.append(record)
     sheet = contact_sheet([r.image for r in results], [r["id"] for r in requests], [r.camera for r in results])
-    sheet.save(output_dir / "contact_sheet.png")
+    sheet.save(output_dir / f"{CONTACT_SHEET}.png")
     settings = {name: getattr(args, name) for name in ("guidance_scale", "steps", "seed", "negative_caption",
                                                        "thinking", "image_size")}
     settings["image_size"] = int(results[0].image.shape[0])

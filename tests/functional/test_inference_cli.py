@@ -167,6 +167,9 @@ def _tool_main(name):
     ("generate.py", ["--output-dir", "GEN", "--prompts", "CAPITALISED"],
      r"row 0: unknown field 'Caption'; the fields are id, caption, roll"),
     ("generate.py", ["--output-dir", "GEN", "--prompts", "UNQUOTED"], r"line 2: more values than the header has"),
+    # its PNG was overwritten by the contact sheet: the folder held no generated image
+    ("generate.py", ["--output-dir", "GEN", "--prompts", "SHEET_ID"],
+     r"row 0: id 'contact_sheet' is the contact sheet's name \(contact_sheet.png\); choose another id"),
     # another vocabulary than the checkpoint's: every shape fits, the answers would be other words
     ("understand.py", ["--images", "IMAGE", "--output", "x.json", "--tokenizer", "OTHER_TOKENIZER"],
      r"it was trained with the tokenizer .* its token ids would mean other words; give --tokenizer"),
@@ -184,6 +187,7 @@ def test_bad_inputs_exit_with_one_line(artefacts, tool, args, message, capsys):
     (root / "a_file").write_text("")
     (root / "capitalised.csv").write_text("id,Caption,roll,pitch,vfov\nk,a kitchen,0.1,0.0,1.0\n")
     (root / "unquoted.csv").write_text("id,caption,roll,pitch,vfov\nk,a kitchen, table and chairs,0.1,0.0,1.0\n")
+    (root / "sheet_id.csv").write_text("id,caption,roll,pitch,vfov\ncontact_sheet,a room,0.1,0.0,1.0\n")
     if not (root / "other_tokenizer.model").exists():
         from megatron_puffin.data.tokenizer import train_sentencepiece_tokenizer
 
@@ -192,6 +196,7 @@ def test_bad_inputs_exit_with_one_line(artefacts, tool, args, message, capsys):
                                                    {"id": "b", "roll": 0, "pitch": 0, "vfov": 1},
                                                    {"id": "c", "roll": 0, "vfov": 1}]))
     substitutions = {"CAPITALISED": root / "capitalised.csv", "UNQUOTED": root / "unquoted.csv",
+                     "SHEET_ID": root / "sheet_id.csv",
                      "TWO_BAD": root / "two_bad.json", "OTHER_TOKENIZER": root / "other_tokenizer.model",
                      "BAD": root / "bad.jpg", "IMAGE": images[0], "MISSING": root / "missing", "FOLDER": root,
                      "FILE": root / "a_file", "FILE/p.json": root / "a_file" / "p.json", "GEN": root / "gen_bad"}
@@ -484,3 +489,16 @@ def test_a_trained_checkpoint_finds_its_relative_tokenizer_from_any_directory(tm
                         cwd=tmp_path, env=ENV, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert [entry["id"] for entry in json.loads((tmp_path / "answers.json").read_text())] == [image.name]
+
+
+def test_an_empty_id_cell_takes_the_row_number(tmp_path):
+    """A CSV whose id cell is blank named its image '.png' (hidden, and the same for every blank row)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_tool", ROOT / "tools" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    requests = tmp_path / "r.csv"
+    requests.write_text("id,caption,roll,pitch,vfov\n,a room,0.1,0.0,1.0\nk,a hall,0.0,0.0,1.0\n , a yard,0,0,1\n")
+    args = module.build_parser().parse_args(["--checkpoint", "x", "--output-dir", "o", "--prompts", str(requests)])
+    assert [request["id"] for request in module.read_requests(args)] == ["0000", "k", "0002"]
