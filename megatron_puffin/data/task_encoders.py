@@ -145,6 +145,11 @@ def _require(sample: Dict[str, Any], task: str) -> None:
         )
 
 
+class TextTooLong(ValueError):
+    """A prompt whose fixed part (the instruction, not the trimmable caption or answer) exceeds the text-token
+    limit; the message names the limit's flag."""
+
+
 class TaskEncoder:
     """Encodes dataset samples for one stream task (a key of :data:`TASK_VARIANTS`).
 
@@ -185,7 +190,8 @@ class TaskEncoder:
         return square, self.config.num_image_tokens(square.shape[-2], square.shape[-1])
 
     # --- texts -------------------------------------------------------------------------------------------------
-    def _fit_text(self, render, text: str, budget: int, extra_tokens: int = 0) -> Tuple[List[int], str, bool]:
+    def _fit_text(self, render, text: str, budget: int, extra_tokens: int = 0,
+                  limit_flag: str = "--max-understanding-text-tokens") -> Tuple[List[int], str, bool]:
         """Tokenises ``render(text)``, cutting ``text`` on the right until it has <= budget + extra_tokens ids.
 
         The whole rendered string is tokenised at once (as the reference does), so ids are identical to the
@@ -201,9 +207,9 @@ class TaskEncoder:
             ids = self.tokenizer.encode(render(cut))
             if len(ids) <= budget + extra_tokens or keep == 0:
                 if len(ids) > budget + extra_tokens:
-                    raise ValueError(
+                    raise TextTooLong(
                         f"the fixed part of the {self.task} prompt has {len(ids) - extra_tokens} tokens, more than "
-                        f"the limit {budget}; raise the text-token limit"
+                        f"the limit {budget}; shorten the instruction or raise {limit_flag}"
                     )
                 return ids, cut, True
             keep -= 1
@@ -302,7 +308,8 @@ class TaskEncoder:
 
     # --- generation --------------------------------------------------------------------------------------------
     def _generation(self, render, text: str, extra_tokens: int = 0, **images) -> EncodedSample:
-        ids, used, cut = self._fit_text(render, text, self.config.max_generation_text_tokens, extra_tokens)
+        ids, used, cut = self._fit_text(render, text, self.config.max_generation_text_tokens, extra_tokens,
+                                        limit_flag="--max-generation-text-tokens")
         ids = ids + [templates.QUERY_TOKEN_INDEX] * self.config.num_query_tokens
         return EncodedSample(self.loss_task, torch.tensor(ids, dtype=torch.long), text=render(used), truncated=cut,
                              **images)
