@@ -197,7 +197,13 @@ def hf_to_mcore_command(args: argparse.Namespace) -> None:
     ctx = mpd.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=0)
     model = build_llm(config, pre_process=ctx.is_first_pipeline_stage, post_process=ctx.is_last_pipeline_stage,
                       pg_collection=mpd.process_groups())
-    load_llm_state_dict(model, hf_to_mcore(hf_state, config), config)
+    from megatron_puffin.convert.common import ConversionError
+
+    try:
+        load_llm_state_dict(model, hf_to_mcore(hf_state, config), config)
+    except (ConversionError, RuntimeError) as error:  # weights of another size than config.json (a mixed folder)
+        reason = str(error).strip().splitlines()[0]
+        raise HFDirectoryError(f"{args.hf_dir}: its weights do not fit its config.json: {reason}") from None
     metadata = {
         "kind": "llm",
         "source": args.hf_dir,

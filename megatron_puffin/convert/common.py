@@ -92,12 +92,30 @@ def unshard_by_table(shards: Sequence[Mapping[str, torch.Tensor]], table: Table,
     return joined
 
 
+def check_shapes(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str = "the weights") -> None:
+    """Every tensor of ``state_dict`` that ``model`` has must have the model's shape (``load_state_dict`` would raise
+    a multi-line RuntimeError listing every one: weights of another model size than the config says).
+
+    Raises:
+        ConversionError: naming the count and the first three mismatches.
+    """
+    own = model.state_dict()
+    mismatched = [f"{name} {tuple(tensor.shape)} vs {tuple(own[name].shape)}" for name, tensor in state_dict.items()
+                  if name in own and not is_extra_state(name) and isinstance(tensor, torch.Tensor)
+                  and tuple(tensor.shape) != tuple(own[name].shape)]
+    if mismatched:
+        more = f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else ""
+        raise ConversionError(f"{len(mismatched)} tensor(s) of {what} do not fit the model their config describes "
+                              f"(shape in the weights vs in the model): {'; '.join(mismatched[:3])}{more}")
+
+
 def load_checked(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Load one rank's state dict with every tensor accounted for (only ``_extra_state`` may be absent).
 
     Raises:
-        ConversionError: unexpected or missing tensors.
+        ConversionError: unexpected, missing or wrongly shaped tensors.
     """
+    check_shapes(model, state_dict)
     result = model.load_state_dict(dict(state_dict), strict=False)
     missing = [k for k in result.missing_keys if not is_extra_state(k)]
     if missing or result.unexpected_keys:

@@ -18,7 +18,7 @@ from typing import Mapping, Tuple
 
 import torch
 
-from megatron_puffin.convert.common import ConversionError, StateDict
+from megatron_puffin.convert.common import ConversionError, StateDict, check_shapes
 from megatron_puffin.models.extra_state import is_extra_state_key
 from megatron_puffin.models.llm.config import LLMConfig
 
@@ -220,6 +220,7 @@ def load_llm_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.T
     shard = shard_llm_state_dict(state_dict, config, get_pg_rank(tp), get_pg_size(tp), get_pg_rank(pp), get_pg_size(pp))
     if any(name.endswith("linear_qkv.layer_norm_weight") for name in model.state_dict()):
         shard = te_layer_names(shard)
+    check_shapes(model, shard)
     result = model.load_state_dict(shard, strict=False)
     missing = [k for k in result.missing_keys if not is_extra_state_key(k)]
     if missing or result.unexpected_keys:

@@ -130,3 +130,19 @@ def test_a_write_failure_is_one_line_and_publishes_nothing(tmp_path, capsys, com
                                        "at all): fix that and run the same command again"), line
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir() if ".partial" in p.name] == []
     assert _main(capsys, *argv)[0] == 0  # the same command, without the limit
+
+
+def test_weights_of_another_size_than_config_json_are_one_line(tmp_path, capsys):
+    """A folder mixing two models (config.json of one size, weights of another): was megatron-core's multi-line
+    size-mismatch traceback, or a reshape error inside the conversion."""
+    import json
+
+    hf_qwen2(tiny_llm_config(tied=True), seed=1).save_pretrained(tmp_path / "hf", safe_serialization=True)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "hidden_size": config["hidden_size"] * 2,
+                                                              "intermediate_size": config["intermediate_size"]}))
+    code, err = _main(capsys, "hf-to-mcore", "--hf-dir", tmp_path / "hf", "--output", tmp_path / "out")
+    line = _one_line(err)
+    assert code == 1 and "hf: its weights do not fit its config.json: " in line, line
+    assert "tensor(s) of the weights do not fit the model their config describes" in line
+    assert "embedding.word_embeddings.weight" in line and not (tmp_path / "out").exists()
