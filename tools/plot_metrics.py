@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tensorboard-dir", required=True, type=Path,
                         help="The run's --tensorboard-dir (the folder holding events.out.tfevents.* files).")
-    parser.add_argument("--output", required=True, type=Path, help="PNG file to write (parent folders are created).")
+    parser.add_argument("--output", required=True, type=Path, help="Plot file to write: .png (default), .pdf, .svg or .jpg by its suffix (parent "
+                             "folders are created).")
     parser.add_argument("--smooth", type=int, default=1,
                         help="Trailing moving average over this many logged points (default 1: no smoothing).")
     parser.add_argument("--no-optimizer-panel", action="store_true",
@@ -49,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, default=1200, help="Image width in pixels (default 1200).")
     parser.add_argument("--height", type=int, default=800, help="Image height in pixels (default 800).")
     return parser
+
+
+OUTPUT_FORMATS = {".png": "png", "": "png", ".pdf": "pdf", ".svg": "svg", ".jpg": "jpg", ".jpeg": "jpg"}
+"""--output suffix -> matplotlib format."""
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -62,6 +67,10 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, value in (("--width", args.width), ("--height", args.height)):
         if not 100 <= value <= MAX_PIXELS:
             problems.append(f"{flag} ({value}) must be between 100 and {MAX_PIXELS} pixels")
+    if args.output.suffix.lower() not in OUTPUT_FORMATS:
+        # was a PNG under any name: an SVG viewer or a LaTeX \includegraphics of plot.pdf failed on the file
+        problems.append(f"--output {args.output}: the format is chosen by the suffix, one of "
+                        f"{', '.join(sorted(set(OUTPUT_FORMATS) - {''}))} (no suffix: PNG)")
     if args.output.is_dir():
         problems.append(f"--output {args.output} is a folder; give the path of the PNG to write")
     else:
@@ -247,7 +256,7 @@ def render(scalars: Dict[str, Series], losses: Dict[str, Series], args: argparse
     args.output.parent.mkdir(parents=True, exist_ok=True)
     partial = args.output.with_name(args.output.name + ".partial")
     try:  # whole or not at all: a full disk must not leave a cut PNG where the plot was
-        figure.savefig(partial, dpi=DPI, format="png")
+        figure.savefig(partial, dpi=DPI, format=OUTPUT_FORMATS[args.output.suffix.lower()])
         os.replace(partial, args.output)
     except BaseException:  # also Ctrl-C
         partial.unlink(missing_ok=True)

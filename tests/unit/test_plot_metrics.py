@@ -190,3 +190,17 @@ def test_a_full_disk_is_one_line_and_leaves_no_cut_png(tool, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: writing --output {output} failed (File too large)"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "tb"]
     assert output.read_bytes() == b"the previous plot"
+
+
+def test_the_suffix_of_output_chooses_the_format(tool, tmp_path, capsys):
+    """Every --output was a PNG whatever its name: plot.svg and plot.pdf did not open as what they claimed to be."""
+    write_run(tmp_path / "tb", optimizer=False)
+    heads = {"plot.png": b"\x89PNG", "plot": b"\x89PNG", "plot.pdf": b"%PDF", "plot.JPG": b"\xff\xd8\xff",
+             "plot.svg": b"<?xml"}
+    for name, head in heads.items():
+        assert tool.main(["--tensorboard-dir", str(tmp_path / "tb"), "--output", str(tmp_path / name)]) == 0
+        assert (tmp_path / name).read_bytes().startswith(head), name
+    capsys.readouterr()
+    assert tool.main(["--tensorboard-dir", str(tmp_path / "tb"), "--output", str(tmp_path / "plot.gif")]) == 2
+    assert "plot.gif: the format is chosen by the suffix, one of .jpeg, .jpg, .pdf, .png, .svg" in capsys.readouterr().err
+    assert not (tmp_path / "plot.gif").exists()
