@@ -50,6 +50,9 @@ TRAINED_RANGES = {"roll": (-0.7854, 0.7854), "pitch": (-0.7854, 0.7854), "vfov":
 CROSS_VIEW_VFOV = 1.48
 CONTACT_SHEET = "contact_sheet"
 """Stem of the grid image written beside the generated PNGs (no request may take it as its id)."""
+CONTACT_SHEET_MAX = 100
+"""Images on the contact sheet (the first ones): 10,000 requests at 512² made a 2.8-gigapixel PNG (8 GB of memory,
+and no viewer opens it)."""
 REQUEST_FIELDS = ("id", "caption", "roll", "pitch", "vfov", "yaw", "seed", "init_image")
 
 
@@ -348,6 +351,9 @@ def reusable_result(record: Optional[Dict[str, Any]], request: Dict[str, Any], s
 def write_outputs(loaded, args: argparse.Namespace, requests, results, estimates, output_dir: Path,
                   key: Dict[str, Any]) -> None:
     """The contact sheet and generations.json (the PNGs were written batch by batch)."""
+    import numpy as np
+    import torch
+
     from megatron_puffin.inference.contact_sheet import contact_sheet
     from megatron_puffin.files import write_text_atomically
 
@@ -359,8 +365,12 @@ def write_outputs(loaded, args: argparse.Namespace, requests, results, estimates
             record["estimated_camera"] = None if estimate.camera is None else dict(estimate.camera._asdict())
             record["estimate_text"] = estimate.text
         records.append(record)
-    sheet = contact_sheet([r.image for r in results], [r["id"] for r in requests], [r.camera for r in results])
-    sheet.save(output_dir / f"{CONTACT_SHEET}.png")
+    shown = min(len(results), CONTACT_SHEET_MAX)
+    sheet = contact_sheet([r.image for r in results[:shown]], [r["id"] for r in requests[:shown]],
+                          [r.camera for r in results[:shown]])
+    save_png(torch.from_numpy(np.asarray(sheet)), output_dir / f"{CONTACT_SHEET}.png")
+    if shown < len(results):
+        logger.warning("%s.png shows the first %d of the %d images", CONTACT_SHEET, shown, len(results))
     settings = {name: getattr(args, name) for name in ("guidance_scale", "steps", "seed", "negative_caption",
                                                        "thinking", "image_size")}
     settings["image_size"] = int(results[0].image.shape[0])

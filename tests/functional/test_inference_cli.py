@@ -506,3 +506,30 @@ def test_an_empty_id_cell_takes_the_row_number(tmp_path):
     requests.write_text("id,caption,roll,pitch,vfov\n,a room,0.1,0.0,1.0\nk,a hall,0.0,0.0,1.0\n , a yard,0,0,1\n")
     args = module.build_parser().parse_args(["--checkpoint", "x", "--output-dir", "o", "--prompts", str(requests)])
     assert [request["id"] for request in module.read_requests(args)] == ["0000", "k", "0002"]
+
+
+def test_the_contact_sheet_shows_at_most_its_limit_of_images(artefacts, caplog):
+    """10,000 requests at 512² made a 2.8-gigapixel contact sheet; it now holds the first CONTACT_SHEET_MAX."""
+    import importlib.util
+
+    from PIL import Image
+
+    root, _, _, _ = artefacts
+    spec = importlib.util.spec_from_file_location("generate_sheet_tool", ROOT / "tools" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.CONTACT_SHEET_MAX = 2
+    requests = root / "sheet.json"
+    requests.write_text(json.dumps([{"id": f"s{i}", "roll": 0.0, "pitch": 0.0, "vfov": 1.0} for i in range(3)]))
+    out = root / "sheet_out"
+    try:
+        assert module.main(["--checkpoint", str(root / "run"), "--prompts", str(requests), "--output-dir", str(out),
+                            "--steps", "2", "--guidance-scale", "1.0", "--no-progress"]) == 0
+    finally:
+        mpd.initialize(seed=0)
+    assert sorted(p.name for p in out.glob("s*.png")) == ["s0.png", "s1.png", "s2.png"]
+    side = Image.open(out / "s0.png").size[0]
+    scale = -(-300 // side)  # contact_sheet.MIN_TILE
+    with Image.open(out / "contact_sheet.png") as sheet:  # 2 tiles: one row of two, not a 2 x 2 grid
+        assert sheet.size == (2 * (side * scale + 8), side * scale + 30 + 8)
+    assert "contact_sheet.png shows the first 2 of the 3 images" in caplog.text
