@@ -65,10 +65,24 @@ def check_input_checkpoints(args: PuffinArguments) -> List[str]:
 
 
 def check_vae_files(args: PuffinArguments) -> List[str]:
-    """--vae-config is a readable JSON object; --vae-path a folder with config.json."""
+    """--vae-config is a readable JSON object; --vae-path a folder with config.json; the MMDiT's channels are the
+    VAE's latent channels (else the first generation step was a conv2d traceback, after every tower was built)."""
     if args.dry_run:
         return []
-    return vae_file_problems(args.model.vae_config, args.model.vae_path)
+    problems = vae_file_problems(args.model.vae_config, args.model.vae_path)
+    source = args.model.vae_config or (args.model.vae_path and str(Path(args.model.vae_path) / "config.json"))
+    if problems or not source:
+        return problems
+    try:
+        config = json.loads(Path(source).read_text())
+        latent = int(config.get("latent_channels", 4))  # diffusers' AutoencoderKL default
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        return [f"the VAE config {source} cannot be read ({error.__class__.__name__}: {error})"]
+    for flag, value in (("--dit-in-channels", args.dit.in_channels), ("--dit-out-channels", args.dit.out_channels)):
+        if value != latent:
+            problems.append(f"{flag} ({value}) must equal the VAE's latent_channels ({latent}, {source}): the MMDiT "
+                            "denoises the VAE's latents; give the VAE the MMDiT was trained with (SD3: 16 channels)")
+    return problems
 
 
 def vae_file_problems(vae_config: Optional[str], vae_path: Optional[str]) -> List[str]:

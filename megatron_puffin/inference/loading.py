@@ -238,6 +238,12 @@ def load_puffin(checkpoint: str, flags: Sequence[str] = (), tensor_model_paralle
         args.parallel.tensor_model_parallel_size = tensor_model_parallel_size
     tensor_model_parallel_size = args.parallel.tensor_model_parallel_size
     check_inference_layout(args)
+    if need_vae:  # the VAE is not in the checkpoint: its files come from the stored flags or --vae-path here
+        from megatron_puffin.config.validate_paths import check_vae_files
+
+        problems = check_vae_files(args)
+        if problems:
+            raise InferenceSetupError("; ".join(problems))
     tokenizer = _open_tokenizer(args.data, args.llm.vocab_size)
     difference = identity_difference(metadata.get("tokenizer"), tokenizer.identity())
     if difference:  # e.g. a --tokenizer override, or the stored path now holding another file

@@ -51,6 +51,9 @@ CASES = [
     ("--task-stream image2text:{root}/main:2:-1", "REPEATS (-1) must be >= 1"),
     ("--task-stream cam2image:{root}/main:2 --vae-config {root}/nowhere.json", "--vae-config"),
     ("--task-stream cam2image:{root}/main:2 --vae-config {root}/bad_vae.json", "is not valid JSON"),
+    # was a conv2d traceback at the first generation step, after every tower had been built
+    ("--task-stream cam2image:{root}/main:2 --vae-config {root}/vae.json --dit-in-channels 16",
+     "--dit-in-channels (16) must equal the VAE's latent_channels (4, {root}/vae.json)"),
     ("--vae-path {root}/empty", "--vae-path ({root}/empty) has no config.json"),
     ("--lr nan", "--lr ('nan') is not a valid finite number"),
     ("--lr inf", "--lr ('inf') is not a valid finite number"),
