@@ -75,13 +75,21 @@ def check_vae_files(args: PuffinArguments) -> List[str]:
         return problems
     try:
         config = json.loads(Path(source).read_text())
-        latent = int(config.get("latent_channels", 4))  # diffusers' AutoencoderKL default
+        latent = int(config.get("latent_channels", 4))  # diffusers' AutoencoderKL defaults
+        factor = 2 ** (len(config.get("block_out_channels", (64,))) - 1)
     except (OSError, ValueError, TypeError, AttributeError) as error:
         return [f"the VAE config {source} cannot be read ({error.__class__.__name__}: {error})"]
     for flag, value in (("--dit-in-channels", args.dit.in_channels), ("--dit-out-channels", args.dit.out_channels)):
         if value != latent:
             problems.append(f"{flag} ({value}) must equal the VAE's latent_channels ({latent}, {source}): the MMDiT "
                             "denoises the VAE's latents; give the VAE the MMDiT was trained with (SD3: 16 channels)")
+    # the longest image side is --image-size (dynamic resize), so its latent grid is the largest the MMDiT sees
+    dit, size = args.dit, args.data.image_size
+    if dit.patch_size >= 1 and size // factor // dit.patch_size > dit.pos_embed_max_size:
+        largest = dit.pos_embed_max_size * dit.patch_size * factor
+        problems.append(f"--image-size ({size}) gives latent grids of {size // factor // dit.patch_size} MMDiT tokens "
+                        f"per side (VAE factor {factor}, --dit-patch-size {dit.patch_size}), more than "
+                        f"--dit-pos-embed-max-size ({dit.pos_embed_max_size}) holds; use --image-size <= {largest}")
     return problems
 
 

@@ -54,6 +54,10 @@ CASES = [
     # was a conv2d traceback at the first generation step, after every tower had been built
     ("--task-stream cam2image:{root}/main:2 --vae-config {root}/vae.json --dit-in-channels 16",
      "--dit-in-channels (16) must equal the VAE's latent_channels (4, {root}/vae.json)"),
+    # was a traceback at the first generation step: "latent token grid 32x32 exceeds --dit-pos-embed-max-size"
+    ("--task-stream cam2image:{root}/main:2 --vae-config {root}/vae.json --dit-in-channels 4 --image-size 512 "
+     "--dit-pos-embed-max-size 16", "--image-size (512) gives latent grids of 256 MMDiT tokens per side (VAE factor 1, "
+     "--dit-patch-size 2), more than --dit-pos-embed-max-size (16) holds; use --image-size <= 32"),
     ("--vae-path {root}/empty", "--vae-path ({root}/empty) has no config.json"),
     ("--lr nan", "--lr ('nan') is not a valid finite number"),
     ("--lr inf", "--lr ('inf') is not a valid finite number"),
