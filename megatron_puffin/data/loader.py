@@ -262,6 +262,17 @@ def _worker_death(error: Exception) -> Optional[str]:
     return None
 
 
+def _signal_of_dead_worker(batches) -> Optional[str]:
+    """torch's wording for a worker a signal ended, read from the worker iterator's processes. torch says "exited
+    unexpectedly" when its timeout check finds the dead worker before its SIGCHLD check names the signal (a race:
+    1 CI run in 8 met it), which lost the signal, and with it the out-of-memory hint."""
+    for worker in getattr(batches, "_workers", None) or ():
+        code = worker.exitcode  # None while alive; -N: ended by signal N
+        if code is not None and code < 0:
+            return f"DataLoader worker (pid {worker.pid}) is killed by signal: {signal.strsignal(-code)}."
+    return None
+
+
 def _describe_death(message: str) -> str:
     """torch's message ("DataLoader worker (pid 812) is killed by signal: Killed."), plus what the signal usually
     means here."""
@@ -386,6 +397,8 @@ class PuffinDataLoader:
                     death = _worker_death(error)
                     if death is None:
                         raise
+                    if "exited unexpectedly" in death:
+                        death = _signal_of_dead_worker(batches) or death
                 # torch's re-raised worker error sits in a reference cycle with the frames of its iterator: clear
                 # them, or the iterator and its workers live until a garbage collection, and at interpreter exit
                 # multiprocessing waits forever for workers that ignore its SIGTERM (process_lifetime.py).

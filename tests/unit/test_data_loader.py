@@ -291,3 +291,25 @@ def test_streams_are_checked_when_the_loader_is_built(data):
         build_data_loader(_config(data, STAGE), seed=1, vision_patch_size=14)
     with pytest.raises(ValueError, match="invalid data flags"):
         build_data_loader(_config(data, ["cam2image:/does/not/exist:2"]), seed=1)
+
+
+def test_a_worker_death_torch_calls_unexpected_still_names_its_signal():
+    """torch's timeout check can find a dead worker before its SIGCHLD check names the signal ("exited
+    unexpectedly"): the loader reads the signal from the worker process itself, so the out-of-memory hint stays."""
+    import multiprocessing
+    import signal
+    import time
+    import types
+
+    from megatron_puffin.data.loader import _describe_death, _signal_of_dead_worker
+
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    worker.start()
+    iterator = types.SimpleNamespace(_workers=[worker])
+    assert _signal_of_dead_worker(iterator) is None  # alive
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(10)
+    death = _signal_of_dead_worker(iterator)
+    assert death == f"DataLoader worker (pid {worker.pid}) is killed by signal: Killed."
+    assert _describe_death(death).endswith("is killed by signal: Killed (SIGKILL: usually the kernel's out-of-memory "
+                                           "killer, see dmesg)")
