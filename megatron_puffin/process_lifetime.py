@@ -61,8 +61,8 @@ def set_parent_death_signal(sig: int, expected_parent: Optional[int] = None) -> 
 
 
 def ignore_stop_signals_and_die_with(parent: Optional[int]) -> None:
-    """In a process a rank started with the stop signals blocked: ignore them, unblock them, and ask for SIGKILL
-    when ``parent`` (the rank) exits."""
+    """In a process a rank (or a tool's :func:`worker_pool`) started with the stop signals blocked: ignore them,
+    unblock them, and ask for SIGKILL when ``parent`` (the rank, the tool) exits."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -143,25 +143,9 @@ def stop_signals_interrupt() -> Iterator[None]:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
-def _pool_worker_init() -> None:
-    """``initializer`` of :func:`worker_pool`'s workers (started with SIGINT and the tool stop signals blocked).
-
-    Ctrl-C, SIGTERM and SIGHUP are ignored: sent to the whole job (a terminal's process group, ``kill`` of the
-    group, a scheduler), they are the tool's main process's business, which ends the pool. A worker killed by the
-    group's SIGTERM could die holding one of the pool's queue locks, and ``Pool.terminate`` then waited for that lock
-    forever (the tool hung in 1 of 4 tries); a handler that let a late-running SIGTERM through once the pool was
-    ending still hung in 2 of 12. The pool ends its workers with SIGKILL instead (:class:`_ToolPool`), at the point
-    where a stock pool sends SIGTERM, after it has taken those locks. The workers die with the tool
-    (``PR_SET_PDEATHSIG``), so a tool killed with SIGKILL leaves none behind.
-    """
-    for sig in (signal.SIGINT, *TOOL_STOP_SIGNALS):
-        signal.signal(sig, signal.SIG_IGN)
-    set_parent_death_signal(signal.SIGKILL, expected_parent=_FORK_PARENT.get("pool"))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, *TOOL_STOP_SIGNALS])
-
-
 class _ToolPool(multiprocessing.pool.Pool):
-    """A pool whose ``terminate`` ends its workers with SIGKILL (they ignore SIGTERM; :func:`_pool_worker_init`)."""
+    """A pool whose ``terminate`` ends its workers with SIGKILL: they ignore the stop signals (see
+    :func:`worker_pool`)."""
 
     @staticmethod
     def Process(ctx, *args, **kwds):  # noqa: N802 - multiprocessing.pool.Pool's factory name
@@ -172,22 +156,24 @@ class _ToolPool(multiprocessing.pool.Pool):
 
 def worker_pool(workers: int):
     """A ``multiprocessing`` pool (fork where the platform has it, else spawn) for the tools, whose workers leave
-    Ctrl-C, SIGTERM and SIGHUP to the tool's main process (:func:`_pool_worker_init`).
+    Ctrl-C, SIGTERM and SIGHUP to the tool's main process, which ends the pool.
 
-    A terminal's Ctrl-C reaches the whole foreground process group: every worker printed its own
-    ``KeyboardInterrupt`` traceback, while the tool's main process is the one that handles it and ends the pool
-    (``Pool.__exit__`` terminates the workers with SIGTERM). The pool is created with those signals blocked: a
-    Ctrl-C during a fork would otherwise kill a worker before its initializer ran, or be swallowed in the main
-    process (Python ignores exceptions raised in its at-fork callbacks), and the tool ran on; it is delivered when
-    the block is lifted. The pool's threads keep the block, so workers it starts later are protected the same way.
+    Those signals reach the whole job (a terminal's foreground process group, ``kill`` of the group, a scheduler).
+    On Ctrl-C every worker printed its own ``KeyboardInterrupt`` traceback; a worker killed by the group's SIGTERM
+    could die holding one of the pool's queue locks, and ``Pool.terminate`` then waited for that lock forever (the
+    tool hung in 1 of 4 tries; a handler that let a late-running SIGTERM through once the pool was ending still
+    hung in 2 of 12). So the workers ignore the stop signals and die with the tool
+    (:func:`ignore_stop_signals_and_die_with`, as the training's DataLoader workers do), and the pool ends them
+    with SIGKILL where a stock pool sends SIGTERM, after it has taken those locks (:class:`_ToolPool`). The pool is
+    created with the signals blocked (:func:`stop_signals_blocked`): a Ctrl-C during a fork would otherwise kill a
+    worker before its initializer ran, or be swallowed in the main process (Python ignores exceptions raised in its
+    at-fork callbacks), and the tool ran on; it is delivered when the block is lifted. The pool's threads keep the
+    block, so workers it starts later are protected the same way.
     """
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    _FORK_PARENT["pool"] = os.getpid()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT, *TOOL_STOP_SIGNALS])
-    try:
-        return _ToolPool(workers, initializer=_pool_worker_init, context=context)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    with stop_signals_blocked():
+        return _ToolPool(workers, initializer=ignore_stop_signals_and_die_with, initargs=(os.getpid(),),
+                         context=context)
 
 
 def one_process_problem(prog: str) -> Optional[str]:

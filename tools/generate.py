@@ -315,13 +315,16 @@ def earlier_outputs(output_dir: Path, key: Dict[str, Any], overwrite: bool) -> D
 
 
 def save_png(image, path: Path) -> None:
-    """Writes a uint8 ``[H, W, 3]`` image in one rename (a kill never leaves half a PNG under the final name)."""
+    """Writes a uint8 ``[H, W, 3]`` tensor or a PIL image in one rename (a kill never leaves half a PNG under the
+    final name)."""
     from PIL import Image
 
     from megatron_puffin.files import atomic_path
 
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(image.numpy())
     with atomic_path(path) as temporary:
-        Image.fromarray(image.numpy()).save(temporary, format="PNG")
+        image.save(temporary, format="PNG")
 
 
 def reusable_result(record: Optional[Dict[str, Any]], request: Dict[str, Any], seed: int, size: int, output_dir: Path):
@@ -351,9 +354,6 @@ def reusable_result(record: Optional[Dict[str, Any]], request: Dict[str, Any], s
 def write_outputs(loaded, args: argparse.Namespace, requests, results, estimates, output_dir: Path,
                   key: Dict[str, Any]) -> None:
     """The contact sheet and generations.json (the PNGs were written batch by batch)."""
-    import numpy as np
-    import torch
-
     from megatron_puffin.inference.contact_sheet import contact_sheet
     from megatron_puffin.files import write_text_atomically
 
@@ -368,7 +368,7 @@ def write_outputs(loaded, args: argparse.Namespace, requests, results, estimates
     shown = min(len(results), CONTACT_SHEET_MAX)
     sheet = contact_sheet([r.image for r in results[:shown]], [r["id"] for r in requests[:shown]],
                           [r.camera for r in results[:shown]])
-    save_png(torch.from_numpy(np.asarray(sheet)), output_dir / f"{CONTACT_SHEET}.png")
+    save_png(sheet, output_dir / f"{CONTACT_SHEET}.png")
     if shown < len(results):
         logger.warning("%s.png shows the first %d of the %d images", CONTACT_SHEET, shown, len(results))
     settings = {name: getattr(args, name) for name in ("guidance_scale", "steps", "seed", "negative_caption",
@@ -376,7 +376,7 @@ def write_outputs(loaded, args: argparse.Namespace, requests, results, estimates
     settings["image_size"] = int(results[0].image.shape[0])
     document = {"checkpoint": loaded.checkpoint, "settings": settings, "images": records, "key": key}
     write_text_atomically(output_dir / "generations.json", json.dumps(document, indent=2) + "\n")
-    print(f"wrote {len(records)} images, {output_dir / 'contact_sheet.png'} and {output_dir / 'generations.json'}")
+    print(f"wrote {len(records)} images, {output_dir / f'{CONTACT_SHEET}.png'} and {output_dir / 'generations.json'}")
 
 
 def run(args: argparse.Namespace, model_flags: List[str]) -> int:

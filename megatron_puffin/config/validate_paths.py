@@ -69,14 +69,16 @@ def check_vae_files(args: PuffinArguments) -> List[str]:
     VAE's latent channels (else the first generation step was a conv2d traceback, after every tower was built)."""
     if args.dry_run:
         return []
+    from megatron_puffin.training.flops import load_vae_config, vae_downsample_factor
+
     problems = vae_file_problems(args.model.vae_config, args.model.vae_path)
     source = args.model.vae_config or (args.model.vae_path and str(Path(args.model.vae_path) / "config.json"))
     if problems or not source:
         return problems
     try:
-        config = json.loads(Path(source).read_text())
-        latent = int(config.get("latent_channels", 4))  # diffusers' AutoencoderKL defaults
-        factor = 2 ** (len(config.get("block_out_channels", (64,))) - 1)
+        config = load_vae_config(args.model)
+        latent = int(config.get("latent_channels", 4))  # diffusers' AutoencoderKL default
+        factor = vae_downsample_factor(config)
     except (OSError, ValueError, TypeError, AttributeError) as error:
         return [f"the VAE config {source} cannot be read ({error.__class__.__name__}: {error})"]
     for flag, value in (("--dit-in-channels", args.dit.in_channels), ("--dit-out-channels", args.dit.out_channels)):

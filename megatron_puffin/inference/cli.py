@@ -179,12 +179,12 @@ class Progress:
 
 def run_tool(prog: str, body: Callable[[], int], expected: Tuple[type, ...]) -> int:
     """Runs ``body``; an expected error becomes one line on stderr and exit code 2, a file-system error mid-run (a
-    full disk, a lost mount) one line and exit code 1, Ctrl-C one line and exit code 130; the process group is
-    released. SIGTERM / SIGHUP end it like Ctrl-C, with exit code 128 + the signal."""
+    full disk, a lost mount) one line and exit code 1; the process group is released. Ctrl-C, SIGTERM and SIGHUP
+    are the data tools' (:func:`~megatron_puffin.process_lifetime.exit_on_ctrl_c`): one line, exit 128 + signal."""
     import megatron_puffin.distributed as mpd
-    from megatron_puffin.process_lifetime import EXIT_CTRL_C, Stopped, stop_signals_interrupt
+    from megatron_puffin.process_lifetime import exit_on_ctrl_c
 
-    with stop_signals_interrupt():  # the handlers stay until the one-line exit is printed
+    def guarded() -> int:
         try:
             return body()
         except expected as error:
@@ -196,13 +196,9 @@ def run_tool(prog: str, body: Callable[[], int], expected: Tuple[type, ...]) -> 
             print(f"{prog}: error: {error.strerror or error}{where}; the outputs finished so far are kept: fix "
                   "that and run the same command again (it resumes)", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:  # Ctrl-C: every finished batch is in the journal
-            print(f"{prog}: interrupted (Ctrl-C); the outputs finished so far are kept: run the same command again "
-                  "(it resumes)", file=sys.stderr)
-            return EXIT_CTRL_C
-        except Stopped as stop:  # a scheduler's SIGTERM, a closed terminal's SIGHUP: the same as Ctrl-C
-            print(f"{prog}: stopped by {stop.name}; the outputs finished so far are kept: run the same command again "
-                  "(it resumes)", file=sys.stderr)
-            return stop.exit_status
         finally:
             mpd.destroy()
+
+    # every finished batch is in the journal
+    return exit_on_ctrl_c(prog, guarded, "the outputs finished so far are kept: run the same command again "
+                                         "(it resumes)")

@@ -57,10 +57,9 @@ class BatchJournal:
         PreviousRunConflict: the journal holds finished work of a run with another key and ``overwrite`` is False.
     """
 
-    def __init__(self, path: Path, key: Dict[str, Any], writer: bool, overwrite: bool = False,
-                 fix: str = "run that command again to finish it") -> None:
+    def __init__(self, path: Path, key: Dict[str, Any], writer: bool, overwrite: bool = False) -> None:
         self.path, self.key, self.writer = Path(path), json.loads(json.dumps(key)), writer
-        self.overwrite, self.fix = overwrite, fix
+        self.overwrite = overwrite
         self._handle = None
         self.finished: Dict[str, Dict[str, Any]] = self._read()
 
@@ -89,7 +88,8 @@ class BatchJournal:
             if records and not self.overwrite:
                 raise PreviousRunConflict(
                     f"{self.path} holds {len(records)} finished images of an interrupted run with other settings "
-                    f"({difference}): {self.fix}, choose another output, or pass --overwrite to discard them")
+                    f"({difference}): run that command again to finish it, choose another output, or pass --overwrite "
+                    "to discard them")
             if records:
                 logger.warning("--overwrite: discarding %d finished images of an interrupted run with other settings "
                                "(%s) in %s", len(records), difference, self.path)

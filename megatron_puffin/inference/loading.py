@@ -238,19 +238,19 @@ def load_puffin(checkpoint: str, flags: Sequence[str] = (), tensor_model_paralle
         args.parallel.tensor_model_parallel_size = tensor_model_parallel_size
     tensor_model_parallel_size = args.parallel.tensor_model_parallel_size
     check_inference_layout(args)
-    if need_vae:  # the VAE is not in the checkpoint: its files come from the stored flags or --vae-path here
-        from megatron_puffin.config.validate_paths import check_vae_files
-
-        problems = check_vae_files(args)
-        if problems:
-            raise InferenceSetupError("; ".join(problems))
     tokenizer = _open_tokenizer(args.data, args.llm.vocab_size)
     difference = identity_difference(metadata.get("tokenizer"), tokenizer.identity())
     if difference:  # e.g. a --tokenizer override, or the stored path now holding another file
         raise InferenceSetupError(f"checkpoint {directory}: {difference}; give --tokenizer with the training "
                                   "tokenizer's path")
     args.model.image_pad_token_id = tokenizer.image_pad_id
-    config = _model_config(args, dtype, need_vae)
+    config = _model_config(args, dtype, need_vae)  # names a VAE file found neither here nor where training ran
+    if need_vae:  # the VAE is not in the checkpoint: its files come from the stored flags or --vae-path here
+        from megatron_puffin.config.validate_paths import check_vae_files
+
+        problems = check_vae_files(args)
+        if problems:
+            raise InferenceSetupError("; ".join(problems))
     world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     if world_size % tensor_model_parallel_size:
         raise InferenceSetupError(f"--tensor-model-parallel-size ({tensor_model_parallel_size}) must divide the number "
