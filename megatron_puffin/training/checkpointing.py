@@ -392,12 +392,19 @@ def check_fits(sharded_state_dict: Dict[str, Any], directory: str, what: str) ->
 
 
 def load_module(module: torch.nn.Module, directory: str, prefix: str = "", what: str = "checkpoint") -> None:
-    """Load one module (a whole model or a tower) from a distributed checkpoint whose keys carry ``prefix``."""
-    sharded = module.sharded_state_dict(prefix=prefix)
-    check_fits(sharded, directory, what)
-    drop_absent_extra_state(sharded, stored_checkpoint_keys(directory))
-    loaded = load_checkpoint(sharded, directory)
-    state = {key: loaded[key] for key in sharded}  # load() also returns the checkpoint's common (non-tensor) part
-    if prefix:
-        state = {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state.items()}
-    load_model_state(module, state, f"{what} {directory}")
+    """Load one module (a whole model or a tower) from a distributed checkpoint whose keys carry ``prefix``.
+
+    With ``--use-torch-fsdp2`` the module's parameters are DTensors: the load fills each one's local shard (the
+    sharded state dict is built without grad mode, as for a resume) and hands ``load_state_dict`` DTensors laid out
+    like them (:func:`~megatron_puffin.training.data_parallel.as_model_dtensors`)."""
+    from megatron_puffin.training.data_parallel import as_model_dtensors
+
+    with torch.no_grad():
+        sharded = module.sharded_state_dict(prefix=prefix)
+        check_fits(sharded, directory, what)
+        drop_absent_extra_state(sharded, stored_checkpoint_keys(directory))
+        loaded = load_checkpoint(sharded, directory)
+        state = {key: loaded[key] for key in sharded}  # load() also returns the checkpoint's common (non-tensor) part
+        if prefix:
+            state = {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state.items()}
+        load_model_state(module, as_model_dtensors(module, state), f"{what} {directory}")

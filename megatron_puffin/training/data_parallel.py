@@ -152,6 +152,41 @@ def gathered_parameters(ddp: DistributedDataParallel) -> Iterator[None]:
         ddp.enable_forward_pre_hook()
 
 
+@contextlib.contextmanager
+def unsharded_parameters(module: torch.nn.Module) -> Iterator[None]:
+    """Inside, every ``--use-torch-fsdp2`` unit of ``module`` holds its whole parameters on every rank and its
+    forwards run no collective: decoding (validation's camera metrics) calls the model's parts directly, outside
+    FSDP2's pre-forward hooks, and each data-parallel rank decodes its own images for its own number of steps.
+
+    Every unit is all-gathered once on entry (the same units in the same order on every rank) and told not to
+    reshard after its forward (what FSDP2's ``set_reshard_after_forward`` is for: evaluation); on exit each is
+    resharded and gets its own setting back. A no-op for a module without FSDP2 units."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [unit for unit in module.modules() if isinstance(unit, FSDPModule)]
+    if not units:
+        yield
+        return
+    # FSDP2 keeps each unit's setting as its parameter groups' post-forward mesh (None: no reshard after forward)
+    # and a root flag; both are restored exactly (the root unit never reshards after its forward).
+    saved = []
+    for unit in units:
+        state = unit._get_fsdp_state()
+        saved.append((unit, state._auto_reshard_after_forward,
+                      [(group, group.post_forward_mesh_info) for group in state._fsdp_param_groups]))
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        for unit in units:
+            unit.unshard()
+        yield
+    finally:
+        for unit, auto, groups in saved:
+            unit.reshard()
+            unit._get_fsdp_state()._auto_reshard_after_forward = auto
+            for group, mesh_info in groups:
+                group.post_forward_mesh_info = mesh_info
+
+
 class PuffinTorchFSDP(TorchFullyShardedDataParallel):
     """megatron-core's FSDP2 wrapper with Puffin's sharding units: every megatron-core ``TransformerLayer`` (LLM
     decoder, RADIO blocks, connector layers) and every MMDiT joint block is its own FSDP unit; everything else

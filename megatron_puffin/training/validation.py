@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Optional, TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from megatron_puffin.training.data_parallel import unsharded_parameters
+
 if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
     from megatron_puffin.config import PuffinArguments
     from megatron_puffin.training.validation_config import ValidationConfig
@@ -202,7 +204,9 @@ class Validator:
         losses = validation_losses(model, self.agreed_batches(), self.ctx.pipeline_model_parallel_size)
         result = ValidationResult(iteration, losses)
         if self.camera is not None:
-            result.camera = self.camera.run(unwrapped_model if unwrapped_model is not None else model)
+            decoder = unwrapped_model if unwrapped_model is not None else model
+            with unsharded_parameters(decoder):  # --use-torch-fsdp2: whole weights, no collective per token
+                result.camera = self.camera.run(decoder)
         bad = [task for task, loss in losses.items() if not math.isfinite(loss)]
         if bad and self.ctx.rank == 0:
             logger.warning("validation at iteration %d: non-finite loss for %s", iteration, bad)

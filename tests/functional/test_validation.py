@@ -85,9 +85,24 @@ def workdir(tmp_path_factory):
     return root
 
 
-def test_validation_losses_equal_a_separate_no_grad_pass_and_leave_training_unchanged(workdir):
-    proc = _run(workdir, *VALID, "--micro-batch-size", "1", "--eval-interval", "1", "--save", "run",
+@pytest.fixture(scope="module")
+def validated_run(workdir):
+    """The run with validation at DP 2 (its checkpoint ``run/iter_0000002`` starts the FSDP2 test's run)."""
+    return _run(workdir, *VALID, "--micro-batch-size", "1", "--eval-interval", "1", "--save", "run",
                 "--metrics-file", "with_validation.jsonl")
+
+
+def _check_against_reference(valid, workdir, checkpoint):
+    reference, counts, camera = _reference_losses(workdir, checkpoint)
+    assert counts["cam2image"] == 4  # 2 validation cycles, each one cam2image micro-batch of 2 samples (global)
+    for task, loss in reference.items():
+        assert valid[f"valid_loss/{task}"] == pytest.approx(loss, rel=1e-5, abs=0), task
+    for name in ("median_roll_error", "median_pitch_error", "median_vfov_error", "num_fallback"):
+        assert valid[f"valid_camera/image2text/{name}"] == pytest.approx(camera[name], abs=1e-9), name
+
+
+def test_validation_losses_equal_a_separate_no_grad_pass_and_leave_training_unchanged(workdir, validated_run):
+    proc = validated_run
     assert "validation iter 2 | loss image2text" in proc.stderr
     records = _records(workdir / "with_validation.jsonl")
     valid = {r["iteration"]: r for r in records if "valid_loss/image2text" in r}
@@ -98,12 +113,7 @@ def test_validation_losses_equal_a_separate_no_grad_pass_and_leave_training_unch
     assert set(valid[2]) == {"iteration", "valid_loss/image2text", "valid_loss/cam2image"} | camera_tags
     assert valid[2]["valid_camera/image2text/num_images"] == 3
 
-    reference, counts, camera = _reference_losses(workdir, workdir / "run" / "iter_0000002")
-    assert counts["cam2image"] == 4  # 2 validation cycles, each one cam2image micro-batch of 2 samples (global)
-    for task, loss in reference.items():
-        assert valid[2][f"valid_loss/{task}"] == pytest.approx(loss, rel=1e-5, abs=0), task
-    for name in ("median_roll_error", "median_pitch_error", "median_vfov_error", "num_fallback"):
-        assert valid[2][f"valid_camera/image2text/{name}"] == pytest.approx(camera[name], abs=1e-9), name
+    _check_against_reference(valid[2], workdir, workdir / "run" / "iter_0000002")
     # the weights changed between the two validations, so the losses did too
     assert valid[1]["valid_loss/image2text"] != valid[2]["valid_loss/image2text"]
 
@@ -112,3 +122,25 @@ def test_validation_losses_equal_a_separate_no_grad_pass_and_leave_training_unch
     for iteration in (1, 2):
         for task in ("image2text", "cam2image"):
             assert train[iteration][f"loss/{task}"] == plain[iteration][f"loss/{task}"]  # bit-identical
+
+
+def test_fsdp2_starts_from_a_pretrained_checkpoint_and_decodes_validation_cameras(workdir, validated_run):
+    """``--use-torch-fsdp2`` from ``--pretrained-checkpoint`` (the DDP run's weights loaded into DTensor shards)
+    with validation at DP 2: the 3 camera images split 2 + 1 over the ranks, each decoding its own number of
+    tokens with whole weights and no collective per token. Its training losses, before and after a validation,
+    equal the same start with plain DDP (1e-5 relative), and its last validation equals the one-process pass over
+    its own saved checkpoint."""
+    start = ["--pretrained-checkpoint", "run/iter_0000002", "--micro-batch-size", "1"]
+    proc = _run(workdir, *VALID, *start, "--eval-interval", "1", "--use-torch-fsdp2", "--save", "fsdp",
+                "--metrics-file", "fsdp.jsonl")
+    assert "validation iter 2 | loss image2text" in proc.stderr
+    _run(workdir, *start, "--metrics-file", "ddp_start.jsonl")
+    records = _records(workdir / "fsdp.jsonl")
+    fsdp = {r["iteration"]: r for r in records if "loss/image2text" in r}
+    valid = {r["iteration"]: r for r in records if "valid_loss/image2text" in r}
+    ddp = {r["iteration"]: r for r in _records(workdir / "ddp_start.jsonl")}
+    for iteration in (1, 2):  # iteration 2 trains after a validation: the weights were resharded
+        for task in ("image2text", "cam2image"):
+            assert fsdp[iteration][f"loss/{task}"] == pytest.approx(ddp[iteration][f"loss/{task}"], rel=1e-5, abs=0)
+    assert sorted(valid) == [1, 2] and valid[2]["valid_camera/image2text/num_images"] == 3
+    _check_against_reference(valid[2], workdir, workdir / "fsdp" / "iter_0000002")
