@@ -115,20 +115,25 @@ def vae_file_problems(vae_config: Optional[str], vae_path: Optional[str]) -> Lis
 
 
 def check_stream_datasets(args: PuffinArguments) -> List[str]:
-    """Every stream's paths open as finished shards (manifest, counts, .idx/.bin sizes) with its task's fields."""
+    """Every training and validation stream's paths open as finished shards (manifest, counts, .idx/.bin sizes)
+    with its task's fields, and with --cached-latents every generation stream's shards hold latents at the training
+    resolution."""
     from megatron_puffin.data.config import parse_task_stream
     from megatron_puffin.data.loader import stream_dataset_errors
 
     if args.dry_run:
         return []
+    cached = (args.data.image_size, args.data.image_size_unit) if args.data.cached_latents else None
     problems: List[str] = []
-    for spec_text in args.data.task_stream:
-        try:
-            spec = parse_task_stream(spec_text)
-        except ValueError:
-            continue  # reported by check_data
-        if all(Path(path).exists() for path in spec.paths):  # missing paths: reported by check_data
-            problems += stream_dataset_errors(spec)
+    for flag, specs in (("--task-stream", args.data.task_stream),
+                        ("--valid-task-stream", args.validation.valid_task_stream)):
+        for spec_text in specs:
+            try:
+                spec = parse_task_stream(spec_text)
+            except ValueError:
+                continue  # reported by check_data / the validation checks
+            if all(Path(path).exists() for path in spec.paths):  # missing paths: reported there too
+                problems += stream_dataset_errors(spec, flag, cached)
     return problems
 
 

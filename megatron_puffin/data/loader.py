@@ -24,7 +24,7 @@ import torch
 from megatron_puffin.data.collate import Collator
 from megatron_puffin.data.config import DataConfig, TaskStreamSpec, effective_data_seed, validate_data_config
 from megatron_puffin.data.format import DatasetFormatError, PuffinDataset, ShardUnavailableError
-from megatron_puffin.data.latents import TASK_MOMENTS, LatentCache
+from megatron_puffin.data.latents import TASK_MOMENTS, LatentCache, check_latent_manifest
 from megatron_puffin.data.sampler import (
     MicroBatchSchedule,
     SampleRef,
@@ -37,6 +37,7 @@ from megatron_puffin.data.sampler import (
 from megatron_puffin.data.task_encoders import REQUIRED_FIELDS, TaskEncoder, TaskEncoderConfig
 from megatron_puffin.data.tokenizer import PuffinTokenizer
 from megatron_puffin.process_lifetime import stop_signals_blocked, worker_init
+from megatron_puffin.tasks import TASK_VARIANTS
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,12 @@ def _shard_starts(dataset: PuffinDataset) -> List[int]:
     return starts
 
 
-def _check_fields(spec: TaskStreamSpec, dataset: PuffinDataset) -> None:
+def _stream_label(spec: TaskStreamSpec, flag: str = "--task-stream") -> str:
+    """How errors name a stream: its flag (``--task-stream`` or ``--valid-task-stream``), task and paths."""
+    return f"{flag} {spec.task}:{','.join(spec.paths)}"
+
+
+def _check_fields(spec: TaskStreamSpec, dataset: PuffinDataset, flag: str = "--task-stream") -> None:
     """Fails early when a stream's dataset has none of a field its task needs (e.g. no thinking captions)."""
     for field_name in REQUIRED_FIELDS[spec.task]:
         if field_name == "camera":  # stored as NaN when absent: look at the first sample of every shard
@@ -111,37 +117,44 @@ def _check_fields(spec: TaskStreamSpec, dataset: PuffinDataset) -> None:
             present = any(shard.manifest["fields"][field_name]["num_bytes"] > 0 for shard in dataset.shards)
         if not present:
             raise ValueError(
-                f"--task-stream {spec.task}:{','.join(spec.paths)}: task {spec.task} needs the field {field_name!r} "
+                f"{_stream_label(spec, flag)}: task {spec.task} needs the field {field_name!r} "
                 f"but the dataset has none (subsets {sorted({shard.subset for shard in dataset.shards})}); point "
                 "the stream at a dataset that has it (see docs/data.md)"
             )
 
 
-def stream_dataset_errors(spec: TaskStreamSpec) -> List[str]:
+def stream_dataset_errors(spec: TaskStreamSpec, flag: str = "--task-stream",
+                          cached_latents: Optional[Tuple[int, int]] = None) -> List[str]:
     """Opening problems of one stream's datasets (not a finished shard, truncated, missing fields for its task),
-    as messages naming the stream; cheap: manifests, index headers and file sizes, one sample per shard."""
-    label = f"--task-stream {spec.task}:{','.join(spec.paths)}"
+    as messages naming the stream (``flag``: ``--task-stream`` or ``--valid-task-stream``); cheap: manifests, index
+    headers and file sizes, one sample per shard. ``cached_latents``: with ``--cached-latents``, the training
+    ``(image_size, image_size_unit)``: a generation stream's shards must hold latents at that resolution (which
+    VAE made them is checked when the loader is built, next to the model's VAE)."""
+    label = _stream_label(spec, flag)
     try:
         dataset = PuffinDataset(list(spec.paths))
         if len(dataset) == 0:
             return [f"{label} has no samples"]
-        _check_fields(spec, dataset)
+        _check_fields(spec, dataset, flag)
+        if cached_latents is not None and TASK_VARIANTS[spec.task] in TASK_MOMENTS:
+            for shard in dataset.shards:
+                check_latent_manifest(shard.manifest, shard.dir, None, *cached_latents, label)
     except DatasetFormatError as error:
         return [f"{label}: {error}"]
-    except ValueError as error:
+    except ValueError as error:  # LatentCacheError included
         return [str(error)]
     return []
 
 
 def build_streams(specs: Sequence[TaskStreamSpec], tokenizer: PuffinTokenizer,
-                  encoder_config: TaskEncoderConfig) -> List[TaskStream]:
-    """Opens every stream's datasets and builds its encoder."""
+                  encoder_config: TaskEncoderConfig, flag: str = "--task-stream") -> List[TaskStream]:
+    """Opens every stream's datasets and builds its encoder (``flag`` names the streams in errors)."""
     streams = []
     for name, spec in zip(stream_names(specs), specs):
         dataset = PuffinDataset(list(spec.paths))
         if len(dataset) == 0:
-            raise ValueError(f"--task-stream {spec.task}:{','.join(spec.paths)} has no samples")
-        _check_fields(spec, dataset)
+            raise ValueError(f"{_stream_label(spec, flag)} has no samples")
+        _check_fields(spec, dataset, flag)
         streams.append(TaskStream(name, spec, dataset, TaskEncoder(spec.task, tokenizer, encoder_config, name)))
     return streams
 
@@ -441,7 +454,8 @@ class PuffinDataLoader:
 def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0, data_parallel_size: int = 1,
                       vision_patch_size: int = 16, vision_fold: int = 2, num_query_tokens: int = 64,
                       tokenizer: Optional[PuffinTokenizer] = None,
-                      vae_identity: Optional[Dict[str, Any]] = None) -> PuffinDataLoader:
+                      vae_identity: Optional[Dict[str, Any]] = None,
+                      stream_flag: str = "--task-stream") -> PuffinDataLoader:
     """Builds the loader of one data-parallel rank from the flags.
 
     Args:
@@ -456,6 +470,8 @@ def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0
         vae_identity: With ``config.cached_latents``, the training VAE's :func:`~.latents.vae_identity`, checked
             against every shard's cached latents (None: only the resolution is checked, e.g. on pipeline stages
             that hold no VAE).
+        stream_flag: The flag that named ``config.task_stream`` (``--valid-task-stream`` for the validation
+            loader), for error messages.
     """
     validate_data_config(config, vision_patch_size=vision_patch_size, vision_fold=vision_fold)
     data_seed = effective_data_seed(config.data_seed, seed)
@@ -467,8 +483,8 @@ def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0
         max_generation_text_tokens=config.max_generation_text_tokens,
         cfg_dropout_prob=config.cfg_text_dropout_prob, mixed_motion_prob=config.mixed_motion_prob,
     )
-    streams = build_streams(config.streams(), tokenizer, encoder_config)
-    _apply_speed_levers(streams, config, vae_identity)
+    streams = build_streams(config.streams(), tokenizer, encoder_config, stream_flag)
+    _apply_speed_levers(streams, config, vae_identity, stream_flag)
     collator = Collator(tokenizer.pad_id, compute_camera_maps=config.camera_maps_in_loader)
     return PuffinDataLoader(streams, collator, data_seed, data_parallel_rank, data_parallel_size,
                             config.num_workers, config.prefetch_factor, config.pin_memory, config.max_bad_samples,
@@ -476,7 +492,7 @@ def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0
 
 
 def _apply_speed_levers(streams: Sequence[TaskStream], config: DataConfig,
-                        vae_identity: Optional[Dict[str, Any]]) -> None:
+                        vae_identity: Optional[Dict[str, Any]], flag: str = "--task-stream") -> None:
     """--length-grouped (length proxies and windows) and --cached-latents (each generation stream's cache)."""
     if config.length_grouped:
         for stream in streams:
@@ -488,5 +504,5 @@ def _apply_speed_levers(streams: Sequence[TaskStream], config: DataConfig,
         logger.warning("--length-group-window (%d) has no effect without --length-grouped", config.length_group_window)
     if config.cached_latents:
         for stream in (s for s in streams if s.encoder.loss_task in TASK_MOMENTS):  # generation streams only
-            what = f"--task-stream {stream.spec.task}:{','.join(stream.spec.paths)}"
+            what = _stream_label(stream.spec, flag)
             stream.latents = LatentCache(stream.dataset, vae_identity, config.image_size, config.image_size_unit, what)

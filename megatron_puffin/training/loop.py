@@ -221,9 +221,14 @@ class Trainer:
         """The held-out validation of --valid-task-stream / --eval-interval (None without it)."""
         if self.args.validation.eval_interval is None:
             return None
+        from megatron_puffin.config import ConfigError
+        from megatron_puffin.data.latents import LatentCacheError
         from megatron_puffin.training.validation import Validator
 
-        return Validator(self.args, self.tokenizer, self.ctx, self.pg_collection)
+        try:
+            return Validator(self.args, self.tokenizer, self.ctx, self.pg_collection, self._vae_identity())
+        except LatentCacheError as error:  # latents of another VAE: one line and exit status 2, as for training
+            raise ConfigError([str(error)]) from None
 
     def validate(self) -> None:
         """One validation of the current weights, logged like a training interval (see training/validation.py)."""
@@ -260,9 +265,11 @@ class Trainer:
         """The VAE that --cached-latents must match (None where this stage holds no VAE, or without the flag)."""
         if not self.args.data.cached_latents or self.model.vae is None:
             return None
-        from megatron_puffin.data.latents import vae_identity
+        if getattr(self, "_vae_identity_value", None) is None:  # hashes the weights: once for both loaders
+            from megatron_puffin.data.latents import vae_identity
 
-        return vae_identity(self.model.vae)
+            self._vae_identity_value = vae_identity(self.model.vae)
+        return self._vae_identity_value
 
     # -- loading ------------------------------------------------------------------------------------------------
     def _tower_module(self, tower: str) -> Optional[torch.nn.Module]:

@@ -77,14 +77,17 @@ def validation_tasks(validation: ValidationConfig) -> List[str]:
     return tasks
 
 
-def build_validation_loader(args: PuffinArguments, tokenizer, dp_rank: int, dp_size: int):
-    """The data loader of the validation streams (the training data flags with the streams replaced)."""
+def build_validation_loader(args: PuffinArguments, tokenizer, dp_rank: int, dp_size: int,
+                            vae_identity: Optional[Dict[str, Any]] = None):
+    """The data loader of the validation streams (the training data flags with the streams replaced);
+    ``vae_identity``: the training VAE that --cached-latents of the validation streams must match, as for training."""
     from megatron_puffin.data import build_data_loader
 
     data = dataclasses.replace(args.data, task_stream=list(args.validation.valid_task_stream))
     return build_data_loader(
         data, args.training.seed, dp_rank, dp_size, vision_patch_size=args.vision.patch_size,
         vision_fold=args.vision.fold_size, num_query_tokens=args.connector.num_queries, tokenizer=tokenizer,
+        vae_identity=vae_identity, stream_flag="--valid-task-stream",
     )
 
 
@@ -147,10 +150,11 @@ class Validator:
         pg_collection: The run's process groups (the camera decoding gathers over ``pg_collection.dp``).
     """
 
-    def __init__(self, args: PuffinArguments, tokenizer, ctx, pg_collection) -> None:
+    def __init__(self, args: PuffinArguments, tokenizer, ctx, pg_collection,
+                 vae_identity: Optional[Dict[str, Any]] = None) -> None:
         self.args, self.tokenizer, self.ctx = args, tokenizer, ctx
         self.interval = args.validation.eval_interval
-        self.loader = build_validation_loader(args, tokenizer, ctx.dp_rank, ctx.data_parallel_size)
+        self.loader = build_validation_loader(args, tokenizer, ctx.dp_rank, ctx.data_parallel_size, vae_identity)
         self.start = self.loader.state_dict()
         self.num_micro_batches = validation_micro_batches(args)
         self.tasks = validation_tasks(args.validation)

@@ -55,6 +55,34 @@ def test_latents_of_another_vae_fail_before_training(workdir):
     assert "iter 1/" not in proc.stderr
 
 
+def test_validation_streams_are_checked_like_training_streams(workdir):
+    """--valid-task-stream datasets are opened at start-up with the training streams (a missing field, missing
+    latents: one line, exit status 2, before any model is built), and their cached latents must come from the
+    training VAE (checked when the validation loader is built, as for training). Runs after the first test cached
+    the seed-1234 VAE's latents of tiny/data."""
+    make_tiny_dataset(workdir / "plain", num_samples=16)  # the same samples, no latents
+    valid = ["--eval-interval", "1", "--eval-iters", "1", "--eval-camera-samples", "0"]
+    for stream, message in (
+            ("image2image:tiny/data/main", "--valid-task-stream image2image:tiny/data/main: task image2image needs "
+                                           "the field 'image_init'"),
+            ("image2image:plain/data/cross_view", "--cached-latents: --valid-task-stream "
+                                                  "image2image:plain/data/cross_view: shard plain/data/cross_view/"
+                                                  "shard-00000 has no cached latents")):
+        proc = run_pretrain(workdir, *RUN, "--cached-latents", *valid, "--valid-task-stream", stream, check=False,
+                            env=ENV)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert "weights of" not in proc.stderr  # refused before the towers were built and loaded
+    _run(workdir, ROOT / "tools" / "cache_latents.py", "--data", "plain/data", "--vae-config", "tiny/vae_config.json",
+         "--seed", "7", "--image-size", "96", "--dtype", "float32")
+    proc = run_pretrain(workdir, *RUN, "--cached-latents", *valid, "--valid-task-stream",
+                        "image2image:plain/data/cross_view", check=False, env=ENV)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--valid-task-stream image2image:plain/data/cross_view: shard plain/data/cross_view/shard-00000 holds " \
+           "latents of another VAE" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "weights of" in proc.stderr and "iter 1/" not in proc.stderr  # after the towers, before any step
+
+
 def test_length_grouped_run_logs_its_padding(workdir):
     proc = run_pretrain(workdir, *RUN, "--length-grouped", "--length-group-window", "4", env=ENV)
     lines = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines() if "iter 3/3" in line]
