@@ -201,9 +201,26 @@ def batch_problems(args: PuffinArguments, meta: Dict[str, Any], directory: str) 
         training.global_batch_size = stored  # the checkpoint's global batch, at this run's data-parallel size
         return []
     return [f"--load {directory} was trained with {stored} samples per optimizer step; this run's flags give {now} "
-            f"(data-parallel size {args.data_parallel_size}, one task-stream cycle is {cycle_samples} samples): set "
-            f"--global-batch-size {stored} with micro-batch sizes that divide it, or --global-batch-size {now} to "
-            "change the batch deliberately"]
+            f"(data-parallel size {args.data_parallel_size}, one task-stream cycle is {cycle_samples} samples, which "
+            f"does not divide {stored}): to keep the checkpoint's batch, "
+            f"{_smaller_cycle_hint(specs, stored, args.data_parallel_size)}; to change it deliberately, set "
+            f"--global-batch-size {now}"]
+
+
+def _smaller_cycle_hint(specs, stored: int, dp_size: int) -> str:
+    """How to make one task-stream cycle divide the checkpoint's batch: the streams' micro-batch sizes scaled by
+    one factor where that gives whole sizes (named per stream), else the general rule."""
+    from fractions import Fraction
+
+    per_rank = sum(spec.repeats * spec.micro_batch_size for spec in specs)
+    if stored % dp_size == 0:
+        scale = Fraction(stored // dp_size, per_rank)
+        sizes = [spec.micro_batch_size * scale for spec in specs]
+        if scale < 1 and all(size.denominator == 1 and size >= 1 for size in sizes):
+            named = ", ".join(f"{spec.task}:{','.join(spec.paths)}:{int(size)}" for spec, size in zip(specs, sizes))
+            return f"give the task streams MICRO_BATCH_SIZE x {scale} where they are set ({named})"
+    return "give the task streams smaller MICRO_BATCH_SIZEs where they are set (or use fewer data-parallel ranks) " \
+           f"until one cycle divides {stored}"
 
 
 def data_problems(args: PuffinArguments, stored: Dict[str, Any], directory: str) -> List[str]:

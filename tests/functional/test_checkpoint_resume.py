@@ -130,8 +130,11 @@ def test_startup_decisions(workdir, monkeypatch, capsys):
     args = parse_args([*FLAGS, "--micro-batch-size", "1", "--load", str(run)])  # 2 ranks x 1: the same batch
     assert args.training.global_batch_size is None and samples_per_step(args) == 4
     with pytest.raises(ConfigError, match="was trained with 4 samples per optimizer step; this run's flags give 8 "
-                                          r"\(data-parallel size 2"):
+                                          r"\(data-parallel size 2") as refused:
         parse_args([*FLAGS, *MBS2, "--load", str(run)])
+    # the fix it names: each stream's micro-batch size halved (2 -> 1), after which the batch is kept
+    assert "MICRO_BATCH_SIZE x 1/2 where they are set (image2text:tiny/data/main:1, cam2image:tiny/data/main:1)" \
+        in str(refused.value) and "set --global-batch-size 8" in str(refused.value)
 
 
 def test_moved_data_resumes_and_a_dataset_of_another_size_is_one_line(workdir):
