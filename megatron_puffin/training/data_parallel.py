@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -153,17 +153,19 @@ def gathered_parameters(ddp: DistributedDataParallel) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def unsharded_parameters(module: torch.nn.Module) -> Iterator[None]:
-    """Inside, every ``--use-torch-fsdp2`` unit of ``module`` holds its whole parameters on every rank and its
-    forwards run no collective: decoding (validation's camera metrics) calls the model's parts directly, outside
-    FSDP2's pre-forward hooks, and each data-parallel rank decodes its own images for its own number of steps.
+def unsharded_parameters(module: torch.nn.Module, skip: Optional[torch.nn.Module] = None) -> Iterator[None]:
+    """Inside, every ``--use-torch-fsdp2`` unit of ``module`` (but those inside ``skip``, a part the caller will not
+    run) holds its whole parameters on every rank and its forwards run no collective: decoding (validation's camera
+    metrics) calls the model's parts directly, outside FSDP2's pre-forward hooks, and each data-parallel rank decodes
+    its own images for its own number of steps.
 
     Every unit is all-gathered once on entry (the same units in the same order on every rank) and told not to
     reshard after its forward (what FSDP2's ``set_reshard_after_forward`` is for: evaluation); on exit each is
     resharded and gets its own setting back. A no-op for a module without FSDP2 units."""
     from torch.distributed.fsdp import FSDPModule
 
-    units = [unit for unit in module.modules() if isinstance(unit, FSDPModule)]
+    skipped = set(skip.modules()) if skip is not None else set()
+    units = [unit for unit in module.modules() if isinstance(unit, FSDPModule) and unit not in skipped]
     if not units:
         yield
         return

@@ -209,7 +209,9 @@ class Validator:
         result = ValidationResult(iteration, losses)
         if self.camera is not None:
             decoder = unwrapped_model if unwrapped_model is not None else model
-            with unsharded_parameters(decoder):  # --use-torch-fsdp2: whole weights, no collective per token
+            # --use-torch-fsdp2: whole weights (but the MMDiT's blocks, which decoding text never runs), no
+            # collective per token
+            with unsharded_parameters(decoder, skip=getattr(decoder, "dit", None)):
                 result.camera = self.camera.run(decoder)
         bad = [task for task, loss in losses.items() if not math.isfinite(loss)]
         if bad and self.ctx.rank == 0:
