@@ -36,6 +36,7 @@ from megatron_puffin.data.images import decode_image, dynamic_resize_image, pad_
 from megatron_puffin.data.preprocess import PreprocessOptions, preprocess  # noqa: E402
 from megatron_puffin.data.synthetic import SyntheticOptions, make_synthetic_dataset  # noqa: E402
 from megatron_puffin.data.tokenizer import PuffinTokenizer  # noqa: E402
+from bench_flags import positive_int  # noqa: E402
 
 
 class ReferenceStyleDataset(torch.utils.data.Dataset):
@@ -170,12 +171,12 @@ def directory_bytes(root, exclude=()):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-samples", type=int, default=200)
-    parser.add_argument("--image-size", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-samples", type=positive_int, default=200)
+    parser.add_argument("--image-size", type=positive_int, default=512)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--loader-workers", default="0,2")
     parser.add_argument("--preprocess-workers", default="1,2")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=2)
     parser.add_argument("--work-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

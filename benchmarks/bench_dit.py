@@ -39,26 +39,27 @@ import torch  # noqa: E402
 
 from megatron_puffin.testing.reference_dit import reference_dynamic_forward  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
+from bench_flags import available_device, nonnegative_int, positive_int  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", type=available_device)
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--latent-size", type=int, default=32, help="latent side (tokens = (side / 2)^2)")
-    parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--num-heads", type=int, default=6)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--text-tokens", type=int, default=64, help="Puffin: 64 meta-query tokens")
-    parser.add_argument("--joint-attention-dim", type=int, default=512)
-    parser.add_argument("--pooled-dim", type=int, default=256)
-    parser.add_argument("--num-conds", type=int, default=2, help="condition latents per sample (image2image: 2)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 gives stable numbers on shared hosts)")
+    parser.add_argument("--batch-size", type=positive_int, default=2)
+    parser.add_argument("--latent-size", type=positive_int, default=32, help="latent side (tokens = (side / 2)^2)")
+    parser.add_argument("--num-layers", type=positive_int, default=4)
+    parser.add_argument("--num-heads", type=positive_int, default=6)
+    parser.add_argument("--head-dim", type=positive_int, default=64)
+    parser.add_argument("--text-tokens", type=positive_int, default=64, help="Puffin: 64 meta-query tokens")
+    parser.add_argument("--joint-attention-dim", type=positive_int, default=512)
+    parser.add_argument("--pooled-dim", type=positive_int, default=256)
+    parser.add_argument("--num-conds", type=nonnegative_int, default=2, help="condition latents per sample (image2image: 2)")
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--warmup", type=nonnegative_int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=1, help="CPU threads (1 gives stable numbers on shared hosts)")
     parser.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"])
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile ours per joint block (megatron_puffin.models.compile, the --compile lever)")

@@ -38,6 +38,7 @@ from bench_puffin import _config  # noqa: E402
 import megatron_puffin.distributed as mpd  # noqa: E402
 from megatron_puffin.testing.reference_puffin import build_puffin_pair  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
+from bench_flags import positive_int  # noqa: E402
 
 CAPTIONS = ["A kitchen.", "A narrow street with parked bicycles and shop signs on both sides.",
             "A lake at dusk.", "Two chairs beside a window in a bright room with wooden floors and white walls."]
@@ -47,11 +48,11 @@ def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_and_model_args(parser)
     group = parser.add_argument_group("run")
-    group.add_argument("--prompts", type=int, default=4, help="prompts decoded together")
-    group.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per prompt")
-    group.add_argument("--images", type=int, default=2, help="images generated together")
-    group.add_argument("--steps", type=int, default=10, help="Euler steps per image (Puffin: 50)")
-    group.add_argument("--repeats", type=int, default=3)
+    group.add_argument("--prompts", type=positive_int, default=4, help="prompts decoded together")
+    group.add_argument("--new-tokens", type=positive_int, default=32, help="tokens decoded per prompt")
+    group.add_argument("--images", type=positive_int, default=2, help="images generated together")
+    group.add_argument("--steps", type=positive_int, default=10, help="Euler steps per image (Puffin: 50)")
+    group.add_argument("--repeats", type=positive_int, default=3)
     add_common_run_args(group, loss_tolerance=0.0, loss_tolerance_help="unused")
     return parser.parse_args()
 

@@ -22,15 +22,16 @@ warnings.filterwarnings("ignore")
 # puffin_bench_common (next to this script) comes first: importing it puts tests/ on sys.path for helpers.
 import puffin_bench_common  # noqa: E402,F401
 from helpers.puffin import TASK_STREAMS, make_tiny_dataset  # noqa: E402
+from bench_flags import positive_int  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-samples", type=int, default=256, help="synthetic main samples (cross-view: N / 4)")
-    parser.add_argument("--micro-batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=32, help="cycles of the six task streams drawn per order")
-    parser.add_argument("--window", type=int, default=8, help="--length-group-window (micro-batches)")
-    parser.add_argument("--image-size", type=int, default=96, help="image size (only the texts matter here)")
+    parser.add_argument("--num-samples", type=positive_int, default=256, help="synthetic main samples (cross-view: N / 4)")
+    parser.add_argument("--micro-batch-size", type=positive_int, default=4)
+    parser.add_argument("--steps", type=positive_int, default=32, help="cycles of the six task streams drawn per order")
+    parser.add_argument("--window", type=positive_int, default=8, help="--length-group-window (micro-batches)")
+    parser.add_argument("--image-size", type=positive_int, default=96, help="image size (only the texts matter here)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 

@@ -38,6 +38,7 @@ from megatron_puffin.models.llm import (  # noqa: E402
     shift_labels,
     vocab_parallel_token_losses,
 )
+from bench_flags import positive_int  # noqa: E402
 
 
 def _time(step, repeats: int) -> float:
@@ -52,15 +53,15 @@ def _time(step, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--ffn", type=int, default=1408)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--layers", type=positive_int, default=4)
+    parser.add_argument("--hidden", type=positive_int, default=512)
+    parser.add_argument("--heads", type=positive_int, default=8)
+    parser.add_argument("--kv-heads", type=positive_int, default=2)
+    parser.add_argument("--ffn", type=positive_int, default=1408)
+    parser.add_argument("--vocab", type=positive_int, default=32000)
+    parser.add_argument("--seq", type=positive_int, default=512)
+    parser.add_argument("--batch", type=positive_int, default=4)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"])
     args = parser.parse_args()
     setup()

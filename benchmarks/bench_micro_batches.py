@@ -29,13 +29,14 @@ import torch
 import bench_training  # noqa: E402  (puts tests/ on sys.path through puffin_bench_common)
 import profile_training  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
+from bench_flags import positive_int  # noqa: E402
 
 SIDES = (("ours", profile_training._our_micro_batch), ("reference", profile_training._reference_micro_batch))
 
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--turns", type=int, default=6, help="turns per task and side (median reported)")
+    parser.add_argument("--turns", type=positive_int, default=6, help="turns per task and side (median reported)")
     own, rest = parser.parse_known_args()
     if own.turns < 1:
         raise SystemExit(f"--turns ({own.turns}) must be >= 1")

@@ -29,6 +29,7 @@ from typing import Dict, List
 
 import bench_training as bt  # puffin_bench_common first: it puts tests/ on sys.path
 import torch
+from bench_flags import positive_int
 
 
 def _rusage() -> resource.struct_rusage:
@@ -56,7 +57,7 @@ def _own_args() -> argparse.Namespace:
     """``--compare`` and ``--repeats``; the rest of the command line is bench_training.py's."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--compare", required=True, choices=["host-malloc-cache", "compile"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     own, rest = parser.parse_known_args()
     sys.argv = [sys.argv[0], *rest]
     return own

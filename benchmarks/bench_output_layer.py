@@ -24,16 +24,17 @@ import torch  # noqa: E402
 
 import real_proportions  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
+from bench_flags import positive_int  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seq-length", type=int, default=379, help="positions per row (image2text: 256 image tokens "
+    parser.add_argument("--seq-length", type=positive_int, default=379, help="positions per row (image2text: 256 image tokens "
                                                                      "+ prompt + answer)")
-    parser.add_argument("--supervised", type=int, default=40, help="supervised (answer) positions per row")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--supervised", type=positive_int, default=40, help="supervised (answer) positions per row")
+    parser.add_argument("--batch-size", type=positive_int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=7)
+    parser.add_argument("--threads", type=positive_int, default=1)
     return parser.parse_args()
 
 

@@ -52,14 +52,15 @@ from helpers.puffin import TASK_STREAMS, task_batches  # noqa: E402
 from megatron_puffin.testing.reference_puffin import build_puffin_pair  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
 from megatron_puffin.training.objectives import puffin_loss  # noqa: E402
+from bench_flags import nonnegative_int, positive_int  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_and_model_args(parser)
     group = parser.add_argument_group("run")
-    group.add_argument("--repeats", type=int, default=5)
-    group.add_argument("--warmup", type=int, default=1)
+    group.add_argument("--repeats", type=positive_int, default=5)
+    group.add_argument("--warmup", type=nonnegative_int, default=1)
     add_common_run_args(group, loss_tolerance=1e-5, loss_tolerance_help="max relative loss difference (fp32)")
     group.add_argument("--levers", default=None,
                        help="speed levers of ours: compile, all or none (default: all with --real-proportions, "

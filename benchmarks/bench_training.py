@@ -69,6 +69,7 @@ from puffin_bench_common import (  # noqa: E402
 import real_proportions  # noqa: E402
 from helpers.puffin import TASK_STREAMS  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
+from bench_flags import nonnegative_int, positive_int  # noqa: E402
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -87,11 +88,11 @@ def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_and_model_args(parser, model_title="model size (bench_puffin.py's defaults)")
     group = parser.add_argument_group("run")
-    group.add_argument("--blocks", type=int, default=None,
+    group.add_argument("--blocks", type=positive_int, default=None,
                        help="timed blocks per variant (median over blocks; default 6, 2 with --real-proportions)")
-    group.add_argument("--steps-per-block", type=int, default=None,
+    group.add_argument("--steps-per-block", type=positive_int, default=None,
                        help="optimizer steps per block (default 2, 1 with --real-proportions)")
-    group.add_argument("--warmup-steps", type=int, default=None,
+    group.add_argument("--warmup-steps", type=nonnegative_int, default=None,
                        help="untimed optimizer steps per variant first (default 2, 1 with --real-proportions)")
     group.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                        help="what the timings measure: wall seconds, or the process's CPU seconds (for a loaded shared "

@@ -18,6 +18,7 @@ import time
 from typing import Callable, Dict, Tuple
 
 import torch
+from bench_flags import positive_int
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
@@ -118,10 +119,10 @@ def check_llm_layouts(batch: int, seq: int, layers: int, repeats: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=28)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--seq", type=positive_int, default=1024)
+    parser.add_argument("--layers", type=positive_int, default=28)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("FAIL no CUDA device")

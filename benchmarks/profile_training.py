@@ -23,13 +23,14 @@ from torch.profiler import ProfilerActivity, profile
 
 import bench_training  # noqa: E402  (puts tests/ on sys.path through puffin_bench_common)
 from megatron_puffin.platform import setup  # noqa: E402
+from bench_flags import positive_int  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:
     import sys
 
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--top", type=int, default=15, help="operators listed per side and task")
+    parser.add_argument("--top", type=positive_int, default=15, help="operators listed per side and task")
     parser.add_argument("--tasks", default="", help="comma list of tasks to profile (default: all six)")
     own, rest = parser.parse_known_args()
     sys.argv = sys.argv[:1] + rest

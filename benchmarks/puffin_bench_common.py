@@ -17,6 +17,7 @@ if _TESTS not in sys.path:
 from helpers.puffin import make_tiny_dataset  # noqa: E402
 from megatron_puffin.testing.reference_puffin import ReferencePuffin  # noqa: E402
 from megatron_puffin.training.objectives import puffin_loss  # noqa: E402
+from bench_flags import positive_int  # noqa: E402
 
 
 def model_loss(model, batch):
@@ -33,26 +34,26 @@ def add_data_and_model_args(parser: argparse.ArgumentParser, model_title: str = 
     group.add_argument("--real-proportions", action="store_true",
                        help="Puffin's real token counts and image size with every tower scaled by one factor "
                             "(real_proportions.py); overrides the model sizes and --image-size")
-    group.add_argument("--micro-batch-size", type=int, default=None, help="default 4 (2 with --real-proportions)")
-    group.add_argument("--image-size", type=int, default=128, help="square synthetic images (multiple of 32)")
-    group.add_argument("--num-samples", type=int, default=32, help="synthetic main samples (cross-view: N / 4)")
+    group.add_argument("--micro-batch-size", type=positive_int, default=None, help="default 4 (2 with --real-proportions)")
+    group.add_argument("--image-size", type=positive_int, default=128, help="square synthetic images (multiple of 32)")
+    group.add_argument("--num-samples", type=positive_int, default=32, help="synthetic main samples (cross-view: N / 4)")
     group = parser.add_argument_group(model_title)
-    group.add_argument("--llm-layers", type=int, default=4)
-    group.add_argument("--llm-hidden", type=int, default=256)
-    group.add_argument("--llm-heads", type=int, default=4)
-    group.add_argument("--llm-kv-heads", type=int, default=2)
-    group.add_argument("--llm-ffn", type=int, default=704)
-    group.add_argument("--vision-layers", type=int, default=2)
-    group.add_argument("--vision-hidden", type=int, default=128)
-    group.add_argument("--vision-heads", type=int, default=2)
-    group.add_argument("--num-queries", type=int, default=64, help="meta queries (Puffin: 64)")
-    group.add_argument("--connector-layers", type=int, default=2)
-    group.add_argument("--connector-hidden", type=int, default=128)
-    group.add_argument("--connector-heads", type=int, default=2)
-    group.add_argument("--dit-layers", type=int, default=4)
-    group.add_argument("--dit-heads", type=int, default=4)
-    group.add_argument("--dit-head-dim", type=int, default=64)
-    group.add_argument("--vae-width", type=int, default=32, help="channels of the 4-level AutoencoderKL (x8 down)")
+    group.add_argument("--llm-layers", type=positive_int, default=4)
+    group.add_argument("--llm-hidden", type=positive_int, default=256)
+    group.add_argument("--llm-heads", type=positive_int, default=4)
+    group.add_argument("--llm-kv-heads", type=positive_int, default=2)
+    group.add_argument("--llm-ffn", type=positive_int, default=704)
+    group.add_argument("--vision-layers", type=positive_int, default=2)
+    group.add_argument("--vision-hidden", type=positive_int, default=128)
+    group.add_argument("--vision-heads", type=positive_int, default=2)
+    group.add_argument("--num-queries", type=positive_int, default=64, help="meta queries (Puffin: 64)")
+    group.add_argument("--connector-layers", type=positive_int, default=2)
+    group.add_argument("--connector-hidden", type=positive_int, default=128)
+    group.add_argument("--connector-heads", type=positive_int, default=2)
+    group.add_argument("--dit-layers", type=positive_int, default=4)
+    group.add_argument("--dit-heads", type=positive_int, default=4)
+    group.add_argument("--dit-head-dim", type=positive_int, default=64)
+    group.add_argument("--vae-width", type=positive_int, default=32, help="channels of the 4-level AutoencoderKL (x8 down)")
     # Set by --real-proportions; None keeps the toy derivations (4x MLPs, tokenizer vocabulary, dims from the DiT).
     parser.set_defaults(llm_vocab=None, vision_ffn=None, connector_ffn=None, connector_pooled=None,
                         connector_joint=None, dit_caption=None, vae_blocks=None, vae_layers_per_block=1)
@@ -138,7 +139,7 @@ def activation_bytes(model, batches) -> int:
 
 def add_common_run_args(group: argparse._ArgumentGroup, loss_tolerance: float, loss_tolerance_help: str) -> None:
     """``--threads``, ``--hf-attn``, ``--loss-tolerance`` (default and help per benchmark) and ``--seed``."""
-    group.add_argument("--threads", type=int, default=1, help="CPU threads (1 gives stable numbers on shared hosts)")
+    group.add_argument("--threads", type=positive_int, default=1, help="CPU threads (1 gives stable numbers on shared hosts)")
     group.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="Qwen2 attention of the reference")
     group.add_argument("--loss-tolerance", type=float, default=loss_tolerance, help=loss_tolerance_help)
     group.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,43 @@
+"""argparse types the benchmarks share, so that a count of 0, a negative size or a device this machine lacks is one
+``error:`` line from the parser (exit status 2) instead of a traceback from deep inside the run."""
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (sizes, counts, repeats, threads)."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """A whole number >= 0 (warm-up steps, optional counts)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, lowest: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"{value} must be at least {lowest}")
+    return value
+
+
+def available_device(text: str) -> str:
+    """A torch device string this machine has (``cpu``, ``cuda``, ``cuda:1``)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device ({error})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has no usable CUDA device (use cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: the benchmarks run on cpu or cuda")
+    return text
