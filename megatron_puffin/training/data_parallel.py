@@ -192,8 +192,9 @@ def unsharded_parameters(module: torch.nn.Module, skip: Optional[torch.nn.Module
 class PuffinTorchFSDP(TorchFullyShardedDataParallel):
     """megatron-core's FSDP2 wrapper with Puffin's sharding units: every megatron-core ``TransformerLayer`` (LLM
     decoder, RADIO blocks, connector layers) and every MMDiT joint block is its own FSDP unit; everything else
-    (embeddings, the tied output layer, projections, the frozen VAE) belongs to the root unit, gathered for the whole
-    forward. The embedding cannot be a unit of its own: the tied output layer reads its weight outside the
+    (embeddings, the tied output layer, projections, meta queries) belongs to the root unit, gathered for the whole
+    forward. The frozen VAE is not a submodule of the model (``PuffinModel.vae``): every rank holds all of it. The
+    embedding cannot be a unit of its own: the tied output layer reads its weight outside the
     embedding's forward, after FSDP2 has resharded it (megatron-core's default units assume that does not happen).
     """
 
