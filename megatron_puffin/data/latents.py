@@ -54,15 +54,37 @@ class LatentCacheError(ValueError):
 
 
 def vae_identity(vae) -> Dict[str, Any]:
-    """``{"config": the AutoencoderKL config, "weights_sha256": hash of every tensor in state-dict order}`` of a
-    :class:`~megatron_puffin.models.vae.FrozenVAE`."""
+    """``{"config": the AutoencoderKL config, "weights_sha256": hash of every tensor (name, dtype, bytes) in
+    state-dict order, "dtype": the dtype it runs in}`` of a :class:`~megatron_puffin.models.vae.FrozenVAE`. Two
+    identities are the same VAE when :func:`same_vae` says so; ``dtype`` (already part of the hash) is kept to say
+    why two hashes differ."""
     digest = hashlib.sha256()
+    dtypes = set()
     for name, tensor in vae.vae.state_dict().items():
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        dtypes.add(str(tensor.dtype).replace("torch.", ""))
     config = {key: value for key, value in dict(vae.vae.config).items() if not key.startswith("_")}
-    return {"config": json.loads(json.dumps(config, default=str)), "weights_sha256": digest.hexdigest()}
+    return {"config": json.loads(json.dumps(config, default=str)), "weights_sha256": digest.hexdigest(),
+            "dtype": "/".join(sorted(dtypes))}
+
+
+def same_vae(cached: Optional[Mapping[str, Any]], training: Mapping[str, Any]) -> bool:
+    """Whether two :func:`vae_identity` values are one VAE: the same config and weights hash (latents cached
+    before the identity recorded its ``dtype`` match too)."""
+    return cached is not None and all(cached.get(key) == training[key] for key in ("config", "weights_sha256"))
+
+
+def _dtype_hint(cached: Mapping[str, Any], training: Mapping[str, Any]) -> str:
+    """Why two VAEs of the same config may hash apart: the dtype they run in."""
+    theirs, ours = cached.get("dtype"), training.get("dtype")
+    if theirs and ours and theirs != ours:
+        return f"; the cache ran the VAE in {theirs}, training runs it in {ours}: use --vae-dtype {ours}"
+    if ours and not theirs:
+        return f" (the same weights in another dtype count as another VAE: training runs it in {ours}, give " \
+               f"--vae-dtype {ours})"
+    return ""
 
 
 def _to_storage(moments: torch.Tensor, dtype: str) -> np.ndarray:
@@ -117,7 +139,7 @@ def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit
              "latent_channels": int(vae.vae.config.latent_channels), "vae": vae_identity(vae)}
     existing = manifest.get("latents")
     if existing is not None:
-        if {k: v for k, v in existing.items() if k != "fields"} == entry:
+        if _same_entry(existing, entry):
             return "skipped"
         if not overwrite:
             raise ValueError(f"{shard_dir} already holds cached latents of another "
@@ -182,14 +204,22 @@ def _resolution(entry: Mapping[str, Any]) -> str:
     return f"--image-size {entry.get('image_size')} --image-size-unit {entry.get('image_size_unit')}"
 
 
+def _same_entry(existing: Mapping[str, Any], entry: Mapping[str, Any]) -> bool:
+    """A shard's latents entry is the one asked for (its fields aside; the VAE compared by :func:`same_vae`)."""
+    rest = {k: v for k, v in existing.items() if k not in ("fields", "vae")}
+    return rest == {k: v for k, v in entry.items() if k != "vae"} and same_vae(existing.get("vae"), entry["vae"])
+
+
 def _entry_difference(existing: Mapping[str, Any], entry: Mapping[str, Any]) -> str:
     """What differs between a shard's latents and the ones asked for: "VAE (weights sha256 <cached> cached,
     <new> now)", "resolution (...)" or "dtype (...)"."""
-    if existing.get("vae") != entry["vae"]:
+    if not same_vae(existing.get("vae"), entry["vae"]):
         theirs, ours = existing.get("vae", {}).get("weights_sha256", "?")[:12], entry["vae"]["weights_sha256"][:12]
         if theirs == ours:  # the same weights under another config (e.g. its scaling factor)
             return f"VAE config ({_config_diff(existing['vae'].get('config', {}), entry['vae']['config'])})"
-        return f"VAE (weights sha256 {theirs} cached, {ours} now)"
+        dtypes = existing.get("vae", {}).get("dtype"), entry["vae"].get("dtype")
+        hint = f"; run in {dtypes[0]} cached, {dtypes[1]} now" if all(dtypes) and dtypes[0] != dtypes[1] else ""
+        return f"VAE (weights sha256 {theirs} cached, {ours} now{hint})"
     for key in ("image_size", "image_size_unit"):
         if existing.get(key) != entry[key]:
             return f"resolution ({_resolution(existing)} cached, {_resolution(entry)} now)"
@@ -257,14 +287,17 @@ def check_latent_manifest(manifest: Mapping[str, Any], shard_dir: Path, vae: Opt
     if ours != theirs:
         raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir} holds latents at {theirs}, training uses "
                          f"{ours}; re-run tools/cache_latents.py --overwrite at the training resolution")
-    if vae is not None and entry["vae"] != vae:
+    if vae is not None and not same_vae(entry["vae"], vae):
         theirs_vae = f"weights sha256 {entry['vae']['weights_sha256'][:12]}"
         ours_vae = f"weights sha256 {vae['weights_sha256'][:12]}"
+        hint = ""
         if entry["vae"]["config"] != vae["config"]:
             theirs_vae += f", config {_config_diff(entry['vae']['config'], vae['config'])}"
+        else:
+            hint = _dtype_hint(entry["vae"], vae)
         raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir} holds latents of another VAE "
                                f"({theirs_vae}) than the training one ({ours_vae}); re-run tools/cache_latents.py "
-                               f"--overwrite with the training VAE")
+                               f"--overwrite with the training VAE{hint}")
 
 
 def _config_diff(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> str:

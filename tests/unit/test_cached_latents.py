@@ -219,6 +219,44 @@ def test_the_refusal_names_a_config_change_of_the_same_weights(cached, tmp_path,
     assert "another VAE config (scaling_factor: cached 0.5 vs training 1.5305)" in capsys.readouterr().err
 
 
+def test_a_vae_run_in_another_dtype_is_named_and_latents_from_before_the_dtype_record_still_match(cached, tmp_path,
+                                                                                                  capsys):
+    """The fixture cached with the VAE in float32; training with --bf16 runs it in bfloat16, which hashes apart: the
+    refusal names both dtypes and the tool flag. Latents cached before the identity recorded its dtype keep
+    matching the same VAE (loader and tool), and a mismatch with them gets the general dtype hint."""
+    import copy
+
+    from megatron_puffin.data.format import read_manifest
+    from megatron_puffin.data.latents import check_latent_manifest, vae_identity
+
+    paths, model, _, _ = cached
+    shard = tmp_path / "shard"
+    shutil.copytree(f"{paths['data']}/main/shard-00000", shard)
+    ours = vae_identity(model.vae)
+    assert read_manifest(shard)["latents"]["vae"]["dtype"] == ours["dtype"] == "float32"
+    bf16 = copy.deepcopy(model.vae).to(torch.bfloat16)
+    training = vae_identity(bf16)
+    assert training["dtype"] == "bfloat16" and training["weights_sha256"] != ours["weights_sha256"]
+    with pytest.raises(ValueError, match="the cache ran the VAE in float32, training runs it in bfloat16: use "
+                                         "--vae-dtype bfloat16$"):
+        check_latent_manifest(read_manifest(shard), shard, training, IMAGE_SIZE, 32, "text2image")
+
+    manifest = json.loads((shard / "manifest.json").read_text())
+    del manifest["latents"]["vae"]["dtype"]  # as written before the identity recorded it
+    (shard / "manifest.json").write_text(json.dumps(manifest))
+    check_latent_manifest(read_manifest(shard), shard, ours, IMAGE_SIZE, 32, "text2image")  # still the same VAE
+    with pytest.raises(ValueError, match=r"another dtype count as another VAE: training runs it in bfloat16, give "
+                                         r"--vae-dtype bfloat16\)$"):
+        check_latent_manifest(read_manifest(shard), shard, training, IMAGE_SIZE, 32, "text2image")
+    flags = ["--data", str(shard), "--vae-config", paths["vae_config"], "--seed", "0", "--image-size",
+             str(IMAGE_SIZE), "--dtype", "float32"]
+    assert _cache_latents_tool()(flags) == 0 and "1 already done" in capsys.readouterr().out
+    assert _cache_latents_tool()([*flags, "--overwrite", "--vae-dtype", "bfloat16"]) == 0
+    assert read_manifest(shard)["latents"]["vae"]["dtype"] == "bfloat16"
+    assert _cache_latents_tool()(flags) == 2  # float32 asked over bfloat16 latents: refused, naming both
+    assert "; run in bfloat16 cached, float32 now); pass --overwrite" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("vae, flags, message", [
     ("tiny", ["--device", "gpu"], r"^error: --device \(gpu\) is not a torch device; give cpu, cuda or cuda:N$"),
     ("tiny", ["--device", "cuda"], r"^error: --device cuda: no CUDA device is available to this process; use --device "
