@@ -81,7 +81,7 @@ import megatron_puffin.distributed as mpd  # noqa: E402
 from megatron_puffin.convert.hf_io import HFDirectoryError, load_hf_directory  # noqa: E402
 from megatron_puffin.convert.qwen2 import hf_to_mcore, load_llm_state_dict  # noqa: E402
 from megatron_puffin.models.llm import LLMConfig, build_llm  # noqa: E402
-from megatron_puffin.training.checkpoint_safety import CheckpointError  # noqa: E402
+from megatron_puffin.training.checkpoint_safety import CheckpointError, weights_only_failure  # noqa: E402
 from megatron_puffin.models.extra_state import is_extra_state_key  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
 from megatron_puffin.training.checkpointing import (  # noqa: E402
@@ -142,13 +142,15 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         return load_file(path)
     try:
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": a plain pickle is refused below anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            try:
+                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - random bytes, truncated archives, objects other than tensors
         raise UsageError(
-            f"{path} is not a torch checkpoint of plain tensors ({_load_failure(error)}); this tool loads only "
+            f"{path} is not a torch checkpoint of plain tensors ({weights_only_failure(error)}); this tool loads only "
             "tensors and plain containers, never code from a file: save the tensors with safetensors where the file "
             "was made"
         ) from None
@@ -159,15 +161,6 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
             if _is_state_dict(loaded.get(key)):
                 return loaded[key]
     raise UsageError(f"{path} holds no state dict (a dict of tensors, or one under 'state_dict', 'model' or 'module')")
-
-
-def _load_failure(error: Exception) -> str:
-    """The informative line of a torch.load failure (torch's weights_only errors carry advice not meant here)."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    for line in lines:
-        if line.startswith("WeightsUnpickler error:"):
-            return line
-    return lines[0] if lines else type(error).__name__
 
 
 def pretrain_flags(extra: Sequence[str], command: str):

@@ -21,8 +21,9 @@ def _read_weights(path: str) -> Dict[str, torch.Tensor]:
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - garbled, truncated, or objects other than tensors
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise HFDirectoryError(f"{path} is not a readable weights file ({first_line})") from None
+        from megatron_puffin.training.checkpoint_safety import weights_only_failure
+
+        raise HFDirectoryError(f"{path} is not a readable weights file ({weights_only_failure(error)})") from None
 
 
 def load_hf_directory(directory: str) -> Tuple[Dict, Dict[str, torch.Tensor]]:

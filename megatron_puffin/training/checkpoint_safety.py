@@ -101,15 +101,38 @@ def load_dcp_metadata(path: str):
     return metadata
 
 
+_TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation of torch.load")
+
+
+def weights_only_failure(error: BaseException) -> str:
+    """The line of a ``torch.load(..., weights_only=True)`` failure that says what was refused (e.g. "Trying to load
+    unsupported GLOBAL posix.system ..."), without torch's surrounding advice, which suggests retrying with
+    ``weights_only=False``: exactly what would run the file's code."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            if not rest and index + 1 < len(lines) and not lines[index + 1].startswith(_TORCH_ADVICE):
+                rest = lines[index + 1]
+            return _without_allowlist_advice(f"WeightsUnpickler error: {rest}".rstrip())
+    kept = [line for line in lines if not line.startswith(_TORCH_ADVICE)]
+    return _without_allowlist_advice(kept[0] if kept else (lines[0] if lines else type(error).__name__))
+
+
+def _without_allowlist_advice(line: str) -> str:
+    """"... was not an allowed global by default. Please use `torch.serialization.add_safe_globals([...])` ... if you
+    trust this class/function." without its second sentence (allowlisting a file's global is how its code would run)."""
+    return line.split(". Please use `torch.serialization", 1)[0]
+
+
 def check_saved_object(data: bytes, where: str) -> None:
     """Refuse a saved object (a megatron-core ShardedObject) that torch's ``weights_only`` unpickler rejects."""
     try:
         torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
-            f"{where}: a saved object is not plain data ({first_line}); refusing to unpickle it (it could run code); "
-            "use a checkpoint written by pretrain_puffin.py or tools/convert_checkpoint.py"
+            f"{where}: a saved object is not plain data ({weights_only_failure(error)}); refusing to unpickle it (it "
+            "could run code); use a checkpoint written by pretrain_puffin.py or tools/convert_checkpoint.py"
         ) from None
 
 
@@ -201,9 +224,8 @@ def load_common(directory: str) -> Dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"{path} holds objects other than plain data ({first_line}); refusing to load it "
-                              "(it could run code)") from None
+        raise CheckpointError(f"{path} holds objects other than plain data ({weights_only_failure(error)}); refusing "
+                              "to load it (it could run code)") from None
     except Exception as error:  # noqa: BLE001 - truncated or garbled
         raise CheckpointError(f"{path} is not readable ({type(error).__name__}: {error}); the file is damaged, "
                               "use an earlier checkpoint") from None

@@ -10,6 +10,7 @@ import logging
 import os
 import pickle
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -95,17 +96,50 @@ def test_crafted_saved_object_and_common_file_are_refused(process_group, tmp_pat
     victim = tmp_path / "created_by_object"
     _write(tmp_path / "obj", obj=CreatesFile(victim))
     assert not victim.exists()
-    with pytest.raises(CheckpointError, match=r"obj \(obj/shard_0_1\): a saved object is not plain data"):
+    with pytest.raises(CheckpointError, match=r"obj \(obj/shard_0_1\): a saved object is not plain data") as refused:
         _load(tmp_path / "obj")
     assert not victim.exists()
+    _names_the_refusal_without_torch_advice(str(refused.value))
 
     _write(tmp_path / "common")
     victim = tmp_path / "created_by_common"
     torch.save({"step": CreatesFile(victim)}, tmp_path / "common" / "common.pt")
     safety.write_manifest(str(tmp_path / "common"))
-    with pytest.raises(CheckpointError, match=r"common/common.pt holds objects other than plain data"):
+    with pytest.raises(CheckpointError, match=r"common/common.pt holds objects other than plain data") as refused:
         _load(tmp_path / "common")
     assert not victim.exists()
+    _names_the_refusal_without_torch_advice(str(refused.value))
+
+
+def _names_the_refusal_without_torch_advice(message):
+    """The refused global is named; torch's advice to retry with weights_only=False (which would run the code) and
+    its links are not passed on."""
+    assert "Unsupported global: GLOBAL io.open was not an allowed global by default" in message, message
+    assert "weights_only" not in message and "add_safe_globals" not in message, message
+
+
+def test_weights_only_failure_keeps_the_line_that_says_what_was_refused(tmp_path):
+    class RunsCommand:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    cases = {"torch_save": None, "plain_pickle": pickle.dumps({"w": RunsCommand()}, protocol=4),
+             "random": bytes(range(256))}
+    torch.save({"w": RunsCommand()}, tmp_path / "torch_save")
+    for name, data in cases.items():
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+    found = {}
+    for name in cases:
+        with pytest.raises(Exception) as caught:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.load(tmp_path / name, weights_only=True)
+        found[name] = safety.weights_only_failure(caught.value)
+    assert "GLOBAL posix.system" in found["torch_save"] or "Unsupported global" in found["torch_save"], found
+    assert found["plain_pickle"] == "WeightsUnpickler error: Unsupported operand 149", found
+    assert found["random"] and all("weights_only" not in line and "safe_globals" not in line
+                                   for line in found.values()), found
 
 
 def test_flipped_and_truncated_bytes_name_the_file(process_group, tmp_path):
