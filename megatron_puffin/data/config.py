@@ -10,7 +10,7 @@ of the reference (docs/puffin.md §5.4)::
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from megatron_puffin.tasks import TASK_VARIANTS
 
@@ -54,6 +54,17 @@ def _is_int(text: str) -> bool:
 def effective_data_seed(data_seed: Optional[int], run_seed: Optional[int]) -> Optional[int]:
     """The seed of the sample order, prompt choice and CFG dropout: ``--data-seed``, else the run's ``--seed``."""
     return run_seed if data_seed is None else data_seed
+
+
+def stream_tasks(specs: Sequence[TaskStreamSpec]) -> List[str]:
+    """The tasks of ``specs``, in stream order without repeats, as logs, metrics and plots name them: the stream's
+    task (e.g. ``image2text_photography``, ``image2text_thinking``), not the loss it trains under (``image2text``).
+    Training and validation losses are keyed the same way."""
+    tasks: List[str] = []
+    for spec in specs:
+        if spec.task not in tasks:
+            tasks.append(spec.task)
+    return tasks
 
 
 def parse_task_stream(spec: str) -> TaskStreamSpec:

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 import megatron_puffin.distributed as mpd
+from megatron_puffin.data.config import stream_tasks
 from megatron_puffin.distributed.random import derive_seed, seed_everything
 from megatron_puffin.files import write_text_atomically
 from megatron_puffin.models.extra_state import drop_absent_extra_state, load_model_state
@@ -51,7 +52,6 @@ from megatron_puffin.training.towers import CHECKPOINT_MODULES, CHECKPOINT_TOWER
 
 if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
     from megatron_puffin.config import PuffinArguments
-    from megatron_puffin.data import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class Trainer:
         )
         self.dp_group = self.pg_collection.dp
         self.loader = self._build_loader()
-        self.tasks = _loss_tasks(args.data)
+        self.tasks = stream_tasks(args.data.streams())
         self.micro_batches = micro_batches_per_step(args)
         self.state = TrainState(consumed={task: 0 for task in self.tasks})
         self.trainable = trainable_towers(args.model)
@@ -648,16 +648,6 @@ class Trainer:
 
     def close(self) -> None:
         self.writer.close()
-
-
-def _loss_tasks(data: DataConfig) -> List[str]:
-    """The tasks of the configured streams, in stream order, as logs and plots name them (the stream's task, e.g.
-    ``image2text_photography``, not the loss it trains under, ``image2text``)."""
-    tasks: List[str] = []
-    for spec in data.streams():
-        if spec.task not in tasks:
-            tasks.append(spec.task)
-    return tasks
 
 
 def run(args: PuffinArguments) -> int:

@@ -65,16 +65,11 @@ class ValidationResult:
 
 
 def validation_tasks(validation: ValidationConfig) -> List[str]:
-    """The loss tasks of the validation streams, in stream order."""
-    from megatron_puffin.data.config import parse_task_stream
-    from megatron_puffin.tasks import TASK_VARIANTS
+    """The tasks of the validation streams as their losses are keyed (:func:`~megatron_puffin.data.config.stream_tasks`:
+    ``image2text_thinking``, not ``image2text``), in stream order."""
+    from megatron_puffin.data.config import parse_task_stream, stream_tasks
 
-    tasks: List[str] = []
-    for spec in validation.valid_task_stream:
-        task = TASK_VARIANTS[parse_task_stream(spec).task]
-        if task not in tasks:
-            tasks.append(task)
-    return tasks
+    return stream_tasks([parse_task_stream(spec) for spec in validation.valid_task_stream])
 
 
 def build_validation_loader(args: PuffinArguments, tokenizer, dp_rank: int, dp_size: int,

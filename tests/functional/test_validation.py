@@ -144,3 +144,18 @@ def test_fsdp2_starts_from_a_pretrained_checkpoint_and_decodes_validation_camera
             assert fsdp[iteration][f"loss/{task}"] == pytest.approx(ddp[iteration][f"loss/{task}"], rel=1e-5, abs=0)
     assert sorted(valid) == [1, 2] and valid[2]["valid_camera/image2text/num_images"] == 3
     _check_against_reference(valid[2], workdir, workdir / "fsdp" / "iter_0000002")
+
+
+def test_the_validation_line_shows_every_stream_task_it_logged(workdir):
+    """Streams of task variants (thinking answers) are logged under the stream's task, in the metrics file and in
+    the console line alike: the line used to list the loss tasks (``image2text``) and print "-" for them."""
+    import re
+
+    valid = ["--valid-task-stream", "image2text_thinking:tiny/heldout/main", "--valid-task-stream",
+             "cam2image_thinking:tiny/heldout/main", "--eval-iters", "1", "--eval-camera-samples", "0"]
+    proc = _run(workdir, *valid, "--micro-batch-size", "1", "--train-iters", "1", "--eval-interval", "1",
+                "--metrics-file", "variants.jsonl", nproc=1)
+    (record,) = [r for r in _records(workdir / "variants.jsonl") if "valid_loss/image2text_thinking" in r]
+    line = re.search(r"validation iter 1 \| loss (.*)", proc.stderr).group(1)
+    assert line == (f"image2text_thinking {record['valid_loss/image2text_thinking']:.4f} "
+                    f"cam2image_thinking {record['valid_loss/cam2image_thinking']:.4f}"), line
