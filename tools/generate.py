@@ -376,7 +376,8 @@ def write_outputs(loaded, args: argparse.Namespace, requests, results, estimates
     settings["image_size"] = int(results[0].image.shape[0])
     document = {"checkpoint": loaded.checkpoint, "settings": settings, "images": records, "key": key}
     write_text_atomically(output_dir / "generations.json", json.dumps(document, indent=2) + "\n")
-    print(f"wrote {len(records)} images, {output_dir / f'{CONTACT_SHEET}.png'} and {output_dir / 'generations.json'}")
+    count = f"{len(records)} image{'' if len(records) == 1 else 's'}"
+    print(f"wrote {count}, {output_dir / f'{CONTACT_SHEET}.png'} and {output_dir / 'generations.json'}")
 
 
 def run(args: argparse.Namespace, model_flags: List[str]) -> int:

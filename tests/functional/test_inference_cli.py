@@ -478,6 +478,11 @@ def test_a_full_disk_is_one_line_and_the_same_command_resumes(artefacts, tmp_pat
     finally:
         mpd.initialize(seed=0)
     assert (tmp_path / "gen" / "contact_sheet.png").is_file()
+    assert "wrote 1 image, " in capsys.readouterr().out  # not "1 images"
+    result = run_script(ROOT / "tools" / "understand.py", "--checkpoint", root / "run", "--images",
+                        tmp_path / "gen" / "contact_sheet.png", "--output", tmp_path / "answers.json",
+                        "--max-new-tokens", 2, "--no-progress", cwd=tmp_path, env=ENV)
+    assert ": 1 image (" in result.stdout, result.stdout
 
 
 def test_a_trained_checkpoint_finds_its_relative_tokenizer_from_any_directory(tmp_path):
