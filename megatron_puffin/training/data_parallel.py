@@ -153,6 +153,32 @@ def gathered_parameters(ddp: DistributedDataParallel) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def fsdp2_forward_records_kept(module: torch.nn.Module) -> Iterator[None]:
+    """Puts FSDP2's record of which units ran forward back as it was before the block (a no-op without FSDP2 units).
+
+    FSDP2 appends every unit's forward to a shared list (and the unit's index in it), which the next backward reads
+    to choose what to all-gather ahead, and which only a backward clears. Forward-only passes, such as validation,
+    leave their entries behind; where they differ between data-parallel ranks (each decodes its own camera images, one
+    rank perhaps none), the next training backward prefetches different units on different ranks and their
+    collectives no longer pair: with ``--eval-camera-samples 1`` at DP 2 the step after the first validation hung,
+    one rank in an all-gather and the other in a reduce-scatter."""
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [group for unit in module.modules() if isinstance(unit, FSDPModule)
+              for group in unit._get_fsdp_state()._fsdp_param_groups]
+    contexts = {id(group.comm_ctx): group.comm_ctx for group in groups}
+    orders = {key: list(context.post_forward_order) for key, context in contexts.items()}
+    indices = [(group, list(group._post_forward_indices)) for group in groups]
+    try:
+        yield
+    finally:
+        for key, context in contexts.items():
+            context.post_forward_order[:] = orders[key]
+        for group, saved in indices:
+            group._post_forward_indices[:] = saved
+
+
+@contextlib.contextmanager
 def unsharded_parameters(module: torch.nn.Module, skip: Optional[torch.nn.Module] = None) -> Iterator[None]:
     """Inside, every ``--use-torch-fsdp2`` unit of ``module`` (but those inside ``skip``, a part the caller will not
     run) holds its whole parameters on every rank and its forwards run no collective: decoding (validation's camera

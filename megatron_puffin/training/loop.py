@@ -42,6 +42,7 @@ from megatron_puffin.process_lifetime import STOP_SIGNALS
 from megatron_puffin.training import checkpointing as ckpt
 from megatron_puffin.training.data_parallel import (
     as_model_dtensors,
+    fsdp2_forward_records_kept,
     gathered_parameters,
     restore_dtensor_optimizer_states,
 )
@@ -235,7 +236,9 @@ class Trainer:
         from megatron_puffin.data.loader import DataLoaderError
 
         try:
-            with gathered_parameters(self.ddp):  # --overlap-param-gather leaves the gather to the next forward
+            # --overlap-param-gather leaves the gather to the next forward; --use-torch-fsdp2 keeps no record of the
+            # validation's forwards for the next backward's prefetch (ranks decode different images)
+            with gathered_parameters(self.ddp), fsdp2_forward_records_kept(self.model):
                 result = self.validator.run(self.ddp, self.state.iteration, unwrapped_model=self.model)
         except DataLoaderError as error:  # the validation loader's workers or shards (every rank raises together)
             if self.args.checkpoint.save:  # the step just trained is kept, as when the training data fails
