@@ -31,11 +31,14 @@ from megatron_puffin.camera import camera_map, camera_maps
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-maps", type=positive_int, default=128, help="maps per pass (also the number of .pt files)")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="cameras per camera_maps call in batched mode")
+    parser.add_argument("--num-maps", type=positive_int, default=128,
+                        help="maps per pass (also the number of .pt files)")
+    parser.add_argument("--batch-size", type=positive_int, default=32,
+                        help="cameras per camera_maps call in batched mode")
     parser.add_argument("--size", type=positive_int, default=512, help="map height and width")
     parser.add_argument("--repeats", type=positive_int, default=5, help="passes per method; the fastest is reported")
-    parser.add_argument("--device", default="cpu", type=available_device, help="device the maps are needed on (cpu, cuda, ...)")
+    parser.add_argument("--device", default="cpu", type=available_device,
+                        help="device the maps are needed on (cpu, cuda, ...)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 

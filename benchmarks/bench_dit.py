@@ -56,10 +56,12 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--text-tokens", type=positive_int, default=64, help="Puffin: 64 meta-query tokens")
     parser.add_argument("--joint-attention-dim", type=positive_int, default=512)
     parser.add_argument("--pooled-dim", type=positive_int, default=256)
-    parser.add_argument("--num-conds", type=nonnegative_int, default=2, help="condition latents per sample (image2image: 2)")
+    parser.add_argument("--num-conds", type=nonnegative_int, default=2,
+                        help="condition latents per sample (image2image: 2)")
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--warmup", type=nonnegative_int, default=2)
-    parser.add_argument("--threads", type=positive_int, default=1, help="CPU threads (1 gives stable numbers on shared hosts)")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="CPU threads (1 gives stable numbers on shared hosts)")
     parser.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"])
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile ours per joint block (megatron_puffin.models.compile, the --compile lever)")

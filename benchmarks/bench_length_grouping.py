@@ -27,7 +27,8 @@ from bench_flags import positive_int  # noqa: E402
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-samples", type=positive_int, default=256, help="synthetic main samples (cross-view: N / 4)")
+    parser.add_argument("--num-samples", type=positive_int, default=256,
+                        help="synthetic main samples (cross-view: N / 4)")
     parser.add_argument("--micro-batch-size", type=positive_int, default=4)
     parser.add_argument("--steps", type=positive_int, default=32, help="cycles of the six task streams drawn per order")
     parser.add_argument("--window", type=positive_int, default=8, help="--length-group-window (micro-batches)")

@@ -29,8 +29,8 @@ from bench_flags import positive_int  # noqa: E402
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seq-length", type=positive_int, default=379, help="positions per row (image2text: 256 image tokens "
-                                                                     "+ prompt + answer)")
+    parser.add_argument("--seq-length", type=positive_int, default=379,
+                        help="positions per row (image2text: 256 image tokens + prompt + answer)")
     parser.add_argument("--supervised", type=positive_int, default=40, help="supervised (answer) positions per row")
     parser.add_argument("--batch-size", type=positive_int, default=1)
     parser.add_argument("--repeats", type=positive_int, default=7)

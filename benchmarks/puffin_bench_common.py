@@ -34,9 +34,11 @@ def add_data_and_model_args(parser: argparse.ArgumentParser, model_title: str = 
     group.add_argument("--real-proportions", action="store_true",
                        help="Puffin's real token counts and image size with every tower scaled by one factor "
                             "(real_proportions.py); overrides the model sizes and --image-size")
-    group.add_argument("--micro-batch-size", type=positive_int, default=None, help="default 4 (2 with --real-proportions)")
+    group.add_argument("--micro-batch-size", type=positive_int, default=None,
+                       help="default 4 (2 with --real-proportions)")
     group.add_argument("--image-size", type=positive_int, default=128, help="square synthetic images (multiple of 32)")
-    group.add_argument("--num-samples", type=positive_int, default=32, help="synthetic main samples (cross-view: N / 4)")
+    group.add_argument("--num-samples", type=positive_int, default=32,
+                       help="synthetic main samples (cross-view: N / 4)")
     group = parser.add_argument_group(model_title)
     group.add_argument("--llm-layers", type=positive_int, default=4)
     group.add_argument("--llm-hidden", type=positive_int, default=256)
@@ -53,7 +55,8 @@ def add_data_and_model_args(parser: argparse.ArgumentParser, model_title: str = 
     group.add_argument("--dit-layers", type=positive_int, default=4)
     group.add_argument("--dit-heads", type=positive_int, default=4)
     group.add_argument("--dit-head-dim", type=positive_int, default=64)
-    group.add_argument("--vae-width", type=positive_int, default=32, help="channels of the 4-level AutoencoderKL (x8 down)")
+    group.add_argument("--vae-width", type=positive_int, default=32,
+                       help="channels of the 4-level AutoencoderKL (x8 down)")
     # Set by --real-proportions; None keeps the toy derivations (4x MLPs, tokenizer vocabulary, dims from the DiT).
     parser.set_defaults(llm_vocab=None, vision_ffn=None, connector_ffn=None, connector_pooled=None,
                         connector_joint=None, dit_caption=None, vae_blocks=None, vae_layers_per_block=1)
@@ -139,7 +142,8 @@ def activation_bytes(model, batches) -> int:
 
 def add_common_run_args(group: argparse._ArgumentGroup, loss_tolerance: float, loss_tolerance_help: str) -> None:
     """``--threads``, ``--hf-attn``, ``--loss-tolerance`` (default and help per benchmark) and ``--seed``."""
-    group.add_argument("--threads", type=positive_int, default=1, help="CPU threads (1 gives stable numbers on shared hosts)")
+    group.add_argument("--threads", type=positive_int, default=1,
+                       help="CPU threads (1 gives stable numbers on shared hosts)")
     group.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="Qwen2 attention of the reference")
     group.add_argument("--loss-tolerance", type=float, default=loss_tolerance, help=loss_tolerance_help)
     group.add_argument("--seed", type=int, default=0)

@@ -192,7 +192,8 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
         unparsed = sum(record["camera"] is None for record in records)
         reused = f", {len(paths) - len(todo)} kept from an interrupted run" if len(todo) < len(paths) else ""
         skipped = f", {len(listed) - len(paths)} unreadable left out" if len(paths) < len(listed) else ""
-        print(f"wrote {output}: {len(records)} image{'' if len(records) == 1 else 's'} ({unparsed} without a camera in the answer{reused}{skipped}) "
+        count = f"{len(records)} image{'' if len(records) == 1 else 's'}"
+        print(f"wrote {output}: {count} ({unparsed} without a camera in the answer{reused}{skipped}) "
               f"from {loaded.checkpoint}")
     return 0
 
