@@ -21,7 +21,6 @@ import ctypes
 import ctypes.util
 import logging
 import multiprocessing
-import multiprocessing.pool
 import os
 import signal
 import sys
@@ -116,9 +115,15 @@ class Stopped(BaseException):
         self.name, self.exit_status = signal.Signals(signum).name, 128 + int(signum)
 
 
+def _swallow(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signature
+    """The handler of a stop signal once the tool is stopping: a later one does nothing. A Python function, not
+    ``SIG_IGN``: a signal that arrived while the first was being handled would otherwise make Python print "Signal 15
+    ignored due to race condition" under the one-line message."""
+
+
 def _raise_stopped(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signature
     for sig in TOOL_STOP_SIGNALS:  # a second signal does not cut the one-line exit short
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, _swallow)
     raise Stopped(signum)
 
 
@@ -126,7 +131,8 @@ def _raise_stopped(signum: int, frame) -> None:  # noqa: ARG001 - signal handler
 def stop_signals_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM and SIGHUP raise :class:`Stopped` in the main thread (where they would otherwise
     end the process at once, with no word about what was kept). A signal the process ignores (``nohup``'s SIGHUP)
-    stays ignored; the previous handlers come back afterwards."""
+    stays ignored; the previous handlers come back afterwards, unless a stop signal came (the tool is ending: later
+    ones are swallowed until it has)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -140,40 +146,233 @@ def stop_signals_interrupt() -> Iterator[None]:
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            if signal.getsignal(sig) is not _swallow:
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
-class _ToolPool(multiprocessing.pool.Pool):
-    """A pool whose ``terminate`` ends its workers with SIGKILL: they ignore the stop signals (see
-    :func:`worker_pool`)."""
-
-    @staticmethod
-    def Process(ctx, *args, **kwds):  # noqa: N802 - multiprocessing.pool.Pool's factory name
-        process = ctx.Process(*args, **kwds)
-        process.terminate = process.kill
-        return process
+class WorkerLost(RuntimeError):
+    """A process of a tool's :func:`worker_pool` died while it held work (the out-of-memory killer, ``kill -9``)."""
 
 
-def worker_pool(workers: int):
-    """A ``multiprocessing`` pool (fork where the platform has it, else spawn) for the tools, whose workers leave
-    Ctrl-C, SIGTERM and SIGHUP to the tool's main process, which ends the pool.
+class _DeferredStop:
+    """While a tool's worker pool runs, Ctrl-C, SIGTERM and SIGHUP are recorded by their handler and acted on by
+    :meth:`check`, which the pool calls in the main thread between waits.
+
+    A handler that raises does so wherever the main thread is (Python runs it between any two bytecodes), also
+    just after the main thread took a lock that the pool's threads need and before the ``with`` block that would
+    release it has begun: that lock then stays taken, and a pool thread waiting for it never ends. Here the action
+    is the one the tool had installed (``KeyboardInterrupt``, :class:`Stopped`, the default exit), taken at a point
+    where the pool holds none of its locks.
+    """
+
+    SIGNALS = (signal.SIGINT,) + TOOL_STOP_SIGNALS
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self.acted = False
+        self.previous = {}
+
+    def _record(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if self.signum is None:  # the first one decides; a second one does not cut the stop short
+            self.signum = signum
+
+    def install(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread runs signal handlers; a pool in another thread keeps the process's own
+        for sig in self.SIGNALS:
+            handler = signal.getsignal(sig)
+            if handler not in (signal.SIG_IGN, None, _swallow):  # a signal started ignored (nohup) stays ignored
+                self.previous[sig] = handler
+                signal.signal(sig, self._record)
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            if signal.getsignal(sig) == self._record:
+                signal.signal(sig, _swallow if self.acted else handler)  # the tool is ending after a stop: swallow
+
+    def check(self) -> None:
+        """Act on a recorded signal, once: call the handler the tool had (it raises), or take the default action."""
+        if self.signum is None or self.acted:
+            return
+        self.acted = True
+        handler = self.previous[self.signum]
+        if callable(handler):
+            handler(self.signum, None)
+        else:  # SIG_DFL: the process ends as the signal's default action ends it
+            signal.signal(self.signum, signal.SIG_DFL)
+            signal.raise_signal(self.signum)
+
+
+class ToolPool:
+    """The workers of :func:`worker_pool`: :meth:`imap` maps a function over tasks on them, in order.
+
+    Each worker has a pipe of its own to the main process and shares no queue or lock with the others, so a worker
+    that dies (killed by the out-of-memory killer, halfway through sending a result) leaves nothing locked or half
+    read behind: its pipe reaches its end and the main process knows at once.
+    """
+
+    POLL_S = 0.1
+    """How often the main thread, waiting for a result, looks at a recorded stop signal."""
+
+    def __init__(self, context, workers: int, stop: _DeferredStop) -> None:
+        self._context, self._size, self._stop = context, workers, stop
+        self._workers = []  # (process, the main process's end of its pipe)
+        self._idle = True  # no worker holds a task or an unread result
+
+    def _start(self) -> None:
+        with stop_signals_blocked():  # a signal during a fork neither kills a worker early nor is lost
+            for _ in range(self._size):
+                ours, theirs = self._context.Pipe()
+                process = self._context.Process(target=_serve, args=(theirs, os.getpid()), daemon=True)
+                process.start()
+                theirs.close()  # the worker holds the only other end: its death ends the pipe
+                self._workers.append((process, ours))
+
+    def imap(self, function: Callable, tasks) -> Iterator:
+        """``function(task)`` for each task, computed by the workers and yielded in the order of ``tasks``; at most
+        two tasks per worker are handed out or held ahead of the one the caller waits for (memory stays bounded
+        however slowly the caller consumes). Tasks are small (a pipe's buffer holds two); results may be large.
+
+        Raises:
+            WorkerLost: A worker died (killed by the out-of-memory killer or a signal).
+            KeyboardInterrupt, Stopped: After Ctrl-C / SIGTERM / SIGHUP, where the tool had those handlers.
+            Exception: The exception ``function`` raised in a worker, with the worker's traceback as its cause.
+        """
+        from collections import deque
+        from multiprocessing.connection import wait
+
+        if not self._workers:
+            self._start()
+        self._idle = False
+        held = [deque() for _ in self._workers]  # per worker: the indices of the tasks it holds, in order
+        done, tasks, handed, wanted, exhausted = {}, iter(tasks), 0, 0, False
+        while True:
+            while not exhausted and handed < wanted + 2 * self._size:
+                task = next(tasks, _NO_TASK)
+                exhausted = task is _NO_TASK
+                if not exhausted:
+                    worker = min(range(len(held)), key=lambda w: len(held[w]))
+                    try:
+                        self._workers[worker][1].send((function, task))
+                    except OSError:  # its end of the pipe is closed: it died
+                        raise WorkerLost(_WORKER_LOST) from None
+                    held[worker].append(handed)
+                    handed += 1
+            if wanted in done:
+                self._stop.check()
+                yield done.pop(wanted)
+                wanted += 1
+                continue
+            if exhausted and wanted == handed:
+                self._idle = True
+                return
+            busy = {self._workers[w][1]: w for w in range(len(held)) if held[w]}
+            ready = wait(list(busy) + [process.sentinel for process, _ in self._workers], timeout=self.POLL_S)
+            self._stop.check()
+            for connection in (r for r in ready if r in busy):
+                try:
+                    ok, value = connection.recv()
+                except (EOFError, OSError):
+                    raise WorkerLost(_WORKER_LOST) from None
+                if not ok:
+                    error, remote_traceback = value
+                    raise error from _RemoteTraceback(remote_traceback)
+                done[held[busy[connection]].popleft()] = value
+            if any(not process.is_alive() for process, _ in self._workers):
+                raise WorkerLost(_WORKER_LOST)
+
+    def close(self, finished: bool) -> None:
+        """End the workers: a finished pool's are asked to exit; after an error, a stop or a consumer that left
+        early they are killed (each one computes in a process of its own and shares nothing, so no state is lost or
+        left locked)."""
+        finished = finished and self._idle
+        for process, connection in self._workers:
+            if finished:
+                try:
+                    connection.send(None)
+                except OSError:
+                    pass
+            connection.close()
+        for process, _ in self._workers:
+            process.join(timeout=10 if finished else 0)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self._workers = []
+
+
+_NO_TASK = object()
+_WORKER_LOST = "a worker process died while it held work (killed by the out-of-memory killer or a signal)"
+
+
+class _RemoteTraceback(Exception):
+    """The traceback of an exception raised in a pool worker, shown as its cause."""
+
+    def __str__(self) -> str:
+        return "\n" + self.args[0]
+
+
+def _serve(connection, parent: int) -> None:
+    """A :func:`worker_pool` worker: run ``(function, task)`` messages until a ``None`` (or the main process's end
+    of the pipe closing), sending back ``(True, result)`` or ``(False, (exception, traceback text))``."""
+    import traceback
+
+    ignore_stop_signals_and_die_with(parent)
+    while True:
+        try:
+            message = connection.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        function, task = message
+        try:
+            reply = (True, function(task))
+        except Exception as error:  # noqa: BLE001 - sent to the main process, which raises it
+            reply = (False, (error, traceback.format_exc()))
+        try:
+            connection.send(reply)
+        except (EOFError, OSError):
+            return
+        except Exception as error:  # noqa: BLE001 - a result or an exception that does not pickle
+            connection.send((False, (RuntimeError(f"a pool worker's reply does not pickle: {error!r}"),
+                                     traceback.format_exc())))
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[ToolPool]:
+    """A process pool for the tools (fork where the platform has it, else spawn), whose workers leave Ctrl-C,
+    SIGTERM and SIGHUP to the tool's main process, which ends them.
 
     Those signals reach the whole job (a terminal's foreground process group, ``kill`` of the group, a scheduler).
-    On Ctrl-C every worker printed its own ``KeyboardInterrupt`` traceback; a worker killed by the group's SIGTERM
-    could die holding one of the pool's queue locks, and ``Pool.terminate`` then waited for that lock forever (the
-    tool hung in 1 of 4 tries; a handler that let a late-running SIGTERM through once the pool was ending still
-    hung in 2 of 12). So the workers ignore the stop signals and die with the tool
-    (:func:`ignore_stop_signals_and_die_with`, as the training's DataLoader workers do), and the pool ends them
-    with SIGKILL where a stock pool sends SIGTERM, after it has taken those locks (:class:`_ToolPool`). The pool is
-    created with the signals blocked (:func:`stop_signals_blocked`): a Ctrl-C during a fork would otherwise kill a
-    worker before its initializer ran, or be swallowed in the main process (Python ignores exceptions raised in its
-    at-fork callbacks), and the tool ran on; it is delivered when the block is lifted. The pool's threads keep the
-    block, so workers it starts later are protected the same way.
+    On Ctrl-C every worker printed its own ``KeyboardInterrupt`` traceback, and a stock ``multiprocessing`` pool
+    (or ``concurrent.futures``' process pool) could hang forever: its workers share one result queue, and a worker
+    killed while it sent a result (a chunk of images is larger than a pipe's buffer) leaves that queue's lock taken
+    and half a message that the pool's result thread waits to finish. So:
+
+    - each worker has a pipe of its own (:class:`ToolPool`): a dead worker is :class:`WorkerLost` at once, and
+      killing the workers at a stop is safe;
+    - the workers ignore the stop signals and die with the tool (:func:`ignore_stop_signals_and_die_with`, as the
+      training's DataLoader workers do); they are created with the signals blocked (:func:`stop_signals_blocked`),
+      so a signal during a fork neither kills a worker before it ignores the signal nor is lost;
+    - the tool's main thread acts on the first stop signal between waits and swallows later ones until it has
+      ended (:class:`_DeferredStop`).
     """
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with stop_signals_blocked():
-        return _ToolPool(workers, initializer=ignore_stop_signals_and_die_with, initargs=(os.getpid(),),
-                         context=context)
+    stop = _DeferredStop()
+    stop.install()
+    pool = ToolPool(multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
+                                                else "spawn"), workers, stop)
+    try:
+        yield pool
+    except BaseException:
+        pool.close(finished=False)
+        stop.uninstall()
+        raise
+    pool.close(finished=True)
+    stop.uninstall()
+    stop.check()  # a signal recorded after the last wait acts now
 
 
 def one_process_problem(prog: str) -> Optional[str]:

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_puffin.process_lifetime import one_process_problem
+    from megatron_puffin.process_lifetime import WorkerLost, one_process_problem
 
     problem = one_process_problem("make_synthetic_dataset.py")
     if problem:
@@ -67,6 +67,10 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except WorkerLost as error:
+        print(f"error: {error}; run the same command again (with fewer --workers if the machine ran out of memory; "
+              "it starts over)", file=sys.stderr)
+        return 1
     except OSError as error:  # a full disk, a lost mount
         print(f"error: writing {args.output} failed ({error.strerror or error}); free space and run the same command "
               "again (it starts over)", file=sys.stderr)

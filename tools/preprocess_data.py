@@ -72,7 +72,7 @@ def _print_report(report: dict) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_puffin.process_lifetime import one_process_problem
+    from megatron_puffin.process_lifetime import WorkerLost, one_process_problem
 
     problem = one_process_problem("preprocess_data.py")
     if problem:
@@ -94,6 +94,11 @@ def main(argv=None) -> int:
         report = preprocess(options)
     except StrictModeError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except WorkerLost as error:
+        print(f"error: {error}; the finished shards are kept and the half-written one removed: run the same command "
+              "again (with fewer --workers if the machine ran out of memory), it writes only the unfinished shards",
+              file=sys.stderr)
         return 1
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

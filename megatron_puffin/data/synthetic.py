@@ -279,7 +279,7 @@ def make_synthetic_dataset(options: SyntheticOptions) -> Dict[str, int]:
              for subset, count in sizes.items() for start in range(0, count, chunk)]
     if options.workers > 1:
         with worker_pool(options.workers) as pool:
-            chunks = pool.map(_run_chunk, tasks)
+            chunks = list(pool.imap(_run_chunk, tasks))
     else:
         chunks = [_run_chunk(task) for task in tasks]
     texts, rows = [], {subset: [] for subset in sizes}

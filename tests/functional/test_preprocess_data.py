@@ -223,6 +223,44 @@ def test_a_write_failure_is_one_line_leaves_no_half_shard_and_the_same_command_f
         assert [finished[i]["key"] for i in range(len(finished))] == [clean[i]["key"] for i in range(len(clean))]
 
 
+def _start_two_worker_run_and_stop_it_after_the_first_shard(tmp_path):
+    """preprocess_data.py with two workers on 160 samples in shards of 4, its process group stopped (SIGSTOP) as
+    soon as the first shard is published, so what the caller does next lands while later shards are written.
+    Returns the process (continue it with SIGCONT to its group) and its command."""
+    import signal
+    import subprocess
+    import sys
+
+    raw = tmp_path / "raw"
+    make_synthetic_dataset(SyntheticOptions(raw, num_samples=160, image_size=96, seed=3, num_cross_view=0,
+                                            num_photography=0, supersample=1, workers=1))
+    command = [sys.executable, str(TOOL), "--input", str(raw), "--output-prefix", str(tmp_path / "out"),
+               "--no-progress", "--workers", "2", "--shard-size", "4"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_TOOL_ENV,
+                            start_new_session=True)
+    first = tmp_path / "out" / "main" / "shard-00000"
+    while not first.is_dir():
+        assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGSTOP)
+    assert proc.poll() is None, "the run ended before the interrupt"
+    return proc, command
+
+
+def _the_same_command_finishes_the_shards(tmp_path, command):
+    import subprocess
+
+    assert not list((tmp_path / "out").rglob("*.tmp")), "a half-written shard was left behind"
+    done = sorted(p.name for p in (tmp_path / "out" / "main").iterdir())
+    assert 1 <= len(done) < 40, done
+    subprocess.run(command, check=True, capture_output=True, env=_TOOL_ENV, timeout=300)
+    preprocess(PreprocessOptions(tmp_path / "raw", tmp_path / "clean", workers=1, shard_size=4, progress=False))
+    finished, clean = PuffinDataset(tmp_path / "out" / "main"), PuffinDataset(tmp_path / "clean" / "main")
+    assert [finished[i]["key"] for i in range(len(finished))] == [clean[i]["key"] for i in range(len(clean))]
+
+
+_TOOL_ENV = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+
+
 @pytest.mark.parametrize("signal_name, status, said", [
     ("SIGINT", 130, "interrupted (Ctrl-C)"),
     ("SIGTERM", 143, "stopped by SIGTERM"),
@@ -233,24 +271,11 @@ def test_ctrl_c_with_workers_is_one_line_leaves_no_half_shard_and_the_same_comma
     SIGTERM to the job's processes, delivered mid-run: the group is stopped (SIGSTOP) as soon as the first shard
     is published, signalled, and continued, so the signal lands while later shards are being written. Before, the
     tool and every worker printed a KeyboardInterrupt traceback on Ctrl-C, and SIGTERM ended the tool without a
-    word."""
+    word; later, a CI run of this case hung while the tool ended its ``multiprocessing`` pool (the deadlock
+    tests/unit/test_tool_pool.py reproduces)."""
     import signal
-    import subprocess
-    import sys
 
-    raw = tmp_path / "raw"
-    make_synthetic_dataset(SyntheticOptions(raw, num_samples=160, image_size=96, seed=3, num_cross_view=0,
-                                            num_photography=0, supersample=1, workers=1))
-    command = [sys.executable, str(TOOL), "--input", str(raw), "--output-prefix", str(tmp_path / "out"),
-               "--no-progress", "--workers", "2", "--shard-size", "4"]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    first = tmp_path / "out" / "main" / "shard-00000"
-    while not first.is_dir():
-        assert proc.poll() is None, proc.communicate()
-    os.killpg(proc.pid, signal.SIGSTOP)
-    assert proc.poll() is None, "the run ended before the interrupt"
+    proc, command = _start_two_worker_run_and_stop_it_after_the_first_shard(tmp_path)
     os.killpg(proc.pid, getattr(signal, signal_name))
     if signal_name == "SIGTERM":  # a second one, as a scheduler's kill-after does: the same one line
         os.killpg(proc.pid, signal.SIGTERM)
@@ -260,14 +285,27 @@ def test_ctrl_c_with_workers_is_one_line_leaves_no_half_shard_and_the_same_comma
     assert err.strip().splitlines() == [
         f"preprocess_data.py: {said}; the finished shards are kept and the half-written one removed: "
         "run the same command again, it writes only the unfinished shards"], err[-3000:]
-    assert not list((tmp_path / "out").rglob("*.tmp")), "a half-written shard was left behind"
-    done = sorted(p.name for p in (tmp_path / "out" / "main").iterdir())
-    assert 1 <= len(done) < 40, done
+    _the_same_command_finishes_the_shards(tmp_path, command)
 
-    subprocess.run(command, check=True, capture_output=True, env=env, timeout=300)
-    preprocess(PreprocessOptions(raw, tmp_path / "clean", workers=1, shard_size=4, progress=False))
-    finished, clean = PuffinDataset(tmp_path / "out" / "main"), PuffinDataset(tmp_path / "clean" / "main")
-    assert [finished[i]["key"] for i in range(len(finished))] == [clean[i]["key"] for i in range(len(clean))]
+
+def test_a_killed_worker_is_one_line_leaves_no_half_shard_and_the_same_command_finishes(tmp_path):
+    """A worker killed mid-run (the out-of-memory killer, ``kill -9``): before, the pool started a new worker and
+    waited forever for the lost chunk's result."""
+    import signal
+    import subprocess
+
+    proc, command = _start_two_worker_run_and_stop_it_after_the_first_shard(tmp_path)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[0]), signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in err, (out[-2000:], err[-3000:])
+    assert err.strip().splitlines() == [
+        "error: a worker process died while it held work (killed by the out-of-memory killer or a signal); the "
+        "finished shards are kept and the half-written one removed: run the same command again (with fewer "
+        "--workers if the machine ran out of memory), it writes only the unfinished shards"], err[-3000:]
+    _the_same_command_finishes_the_shards(tmp_path, command)
 
 
 @pytest.mark.parametrize("tool, flags", [
