@@ -131,8 +131,7 @@ def _raise_stopped(signum: int, frame) -> None:  # noqa: ARG001 - signal handler
 def stop_signals_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM and SIGHUP raise :class:`Stopped` in the main thread (where they would otherwise
     end the process at once, with no word about what was kept). A signal the process ignores (``nohup``'s SIGHUP)
-    stays ignored; the previous handlers come back afterwards, unless a stop signal came (the tool is ending: later
-    ones are swallowed until it has)."""
+    stays ignored; the previous handlers come back afterwards."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -146,8 +145,7 @@ def stop_signals_interrupt() -> Iterator[None]:
         yield
     finally:
         for sig, handler in previous.items():
-            if signal.getsignal(sig) is not _swallow:
-                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 class WorkerLost(RuntimeError):
