@@ -156,11 +156,9 @@ class _DeferredStop:
     """While a tool's worker pool runs, Ctrl-C, SIGTERM and SIGHUP are recorded by their handler and acted on by
     :meth:`check`, which the pool calls in the main thread between waits.
 
-    A handler that raises does so wherever the main thread is (Python runs it between any two bytecodes), also
-    just after the main thread took a lock that the pool's threads need and before the ``with`` block that would
-    release it has begun: that lock then stays taken, and a pool thread waiting for it never ends. Here the action
-    is the one the tool had installed (``KeyboardInterrupt``, :class:`Stopped`, the default exit), taken at a point
-    where the pool holds none of its locks.
+    The action is the one the tool had installed (``KeyboardInterrupt``, :class:`Stopped`, the default exit), taken
+    once: the first signal decides, and a second one (a terminal's Ctrl-C pressed twice, a scheduler's kill-after)
+    neither raises again while the pool kills its workers nor cuts the tool's one-line exit short.
     """
 
     SIGNALS = (signal.SIGINT,) + TOOL_STOP_SIGNALS
@@ -362,14 +360,13 @@ def worker_pool(workers: int) -> Iterator[ToolPool]:
     stop.install()
     pool = ToolPool(multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
                                                 else "spawn"), workers, stop)
+    finished = False
     try:
         yield pool
-    except BaseException:
-        pool.close(finished=False)
+        finished = True
+    finally:
+        pool.close(finished)
         stop.uninstall()
-        raise
-    pool.close(finished=True)
-    stop.uninstall()
     stop.check()  # a signal recorded after the last wait acts now
 
 
