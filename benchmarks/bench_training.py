@@ -44,6 +44,7 @@ import copy
 import logging
 import resource
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -76,12 +77,30 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 """``--clock``: wall seconds, or this process's CPU seconds (with one thread, the time the host gave the benchmark:
 other processes' load on a shared host stretches wall time, not CPU time)."""
 clock = time.perf_counter
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+"""Where both variants run: our ``Trainer`` takes the GPU when there is one, and the reference follows it."""
+
+
+def _progress(message: str, start: float) -> None:
+    """One progress line on stderr (a long GPU run shows where it is, also when a time limit stops it)."""
+    print(f"[bench_training {time.perf_counter() - start:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+
+def _synchronized_wall_clock() -> float:
+    """Wall seconds after the GPU's queued work has finished (CUDA runs asynchronously)."""
+    torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def set_clock(name: str) -> None:
-    """Time the steps (and the matmul rate) with ``CLOCKS[name]``."""
+    """Time the steps (and the matmul rate) with ``CLOCKS[name]`` (on a GPU: wall time, synchronized)."""
     global clock
-    clock = CLOCKS[name]
+    if DEVICE.type == "cuda":
+        if name != "wall":
+            raise SystemExit("--clock cpu: on a GPU only wall time measures the steps; drop --clock cpu")
+        clock = _synchronized_wall_clock
+    else:
+        clock = CLOCKS[name]
 
 
 def _parse_args() -> argparse.Namespace:
@@ -99,17 +118,22 @@ def _parse_args() -> argparse.Namespace:
                             "host, with --threads 1; on a GPU only wall is meaningful)")
     add_common_run_args(group, loss_tolerance=1e-4,
                         loss_tolerance_help="max relative difference of the first step's losses (fp32)")
+    group.add_argument("--bf16", action="store_true",
+                       help="bf16 weights and compute with fp32 master weights on both sides: ours --bf16 "
+                            "(megatron-core's mixed-precision optimizer), the reference as DeepSpeed's bf16 mode "
+                            "trains it (the whole model cast to bf16, fp32 master weights and Adam state); the "
+                            "GPU setting (default fp32, the CPU setting)")
     group.add_argument("--levers", default=None,
                        help=f"speed levers of ours: comma list of {', '.join(LEVERS)}, all or none (default: all "
                             "with --real-proportions, none otherwise)")
     args = parser.parse_args()
     resolve_sizes(args)
     set_clock(args.clock)
+    preset = args.real_proportions or args.full_size
     for name, toy, real in (("blocks", 6, 2), ("steps_per_block", 2, 1), ("warmup_steps", 2, 1)):
         if getattr(args, name) is None:
-            setattr(args, name, real if args.real_proportions else toy)
-    args.levers = parse_levers(args.levers if args.levers is not None else
-                               ("all" if args.real_proportions else "none"))
+            setattr(args, name, real if preset else toy)
+    args.levers = parse_levers(args.levers if args.levers is not None else ("all" if preset else "none"))
     return args
 
 
@@ -142,7 +166,7 @@ def _flags(args, paths: Dict[str, str]) -> List[str]:
         "--train-iters", 1000, "--lr", 1e-4, "--lr-warmup-iters", 2, "--lr-warmup-init", 1e-8,
         "--lr-decay-style", "cosine", "--min-lr", 0, "--weight-decay", 0.05, "--clip-grad", 1.0,
         "--seed", args.seed, "--log-interval", 1000,
-    ]
+    ] + (["--bf16"] if args.bf16 else [])
     for stream, subset in TASK_STREAMS.values():
         flags += ["--task-stream", f"{stream}:{paths['data']}/{subset}"]
     for lever in args.levers:
@@ -158,7 +182,8 @@ def _cache_latents(args, paths: Dict[str, str]) -> None:
     from megatron_puffin.models.puffin import build_vae
     from megatron_puffin.models.puffin_config import PuffinModelConfig
 
-    vae = build_vae(PuffinModelConfig(vae_config=paths["vae_config"]), torch.float32, torch.device("cpu"), args.seed)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32  # the VAE's dtype in training (the cache records it)
+    vae = build_vae(PuffinModelConfig(vae_config=paths["vae_config"]), dtype, DEVICE, args.seed)
     cache_dataset_latents([paths["data"]], vae, args.image_size, 32, dtype="float32")
 
 
@@ -217,13 +242,20 @@ def _our_step(trainer, timer: _OurTimer, batches) -> Dict[str, Any]:
 
 
 class ReferenceTrainer:
-    """The reference's training step: AdamW + clipping + cosine warm-up schedule, GAS over one task cycle."""
+    """The reference's training step: AdamW + clipping + cosine warm-up schedule, GAS over one task cycle.
+
+    A bf16 model (``--bf16``) trains as DeepSpeed's bf16 mode does: AdamW and clipping work on fp32 master copies
+    of the trainable weights; the bf16 gradients accumulated over the cycle are cast to the masters' ``.grad``
+    before clipping, and the updated masters are copied back into the bf16 weights."""
 
     def __init__(self, model: torch.nn.Module, training) -> None:
         from transformers import get_cosine_schedule_with_warmup
 
         self.model = model
-        params = [p for p in model.parameters() if p.requires_grad]
+        self.model_params = [p for p in model.parameters() if p.requires_grad]
+        self.masters = ([p.detach().float() for p in self.model_params]
+                        if any(p.dtype != torch.float32 for p in self.model_params) else None)
+        params = self.model_params if self.masters is None else self.masters
         groups = [
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": training.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
@@ -238,6 +270,9 @@ class ReferenceTrainer:
     def step(self, batches) -> Dict[str, Any]:
         start = clock()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.masters is not None:
+            for param in self.model_params:
+                param.grad = None
         micro, losses = [], {}
         for batch in batches:
             begin = clock()
@@ -245,20 +280,36 @@ class ReferenceTrainer:
             (loss / len(batches)).backward()
             micro.append(clock() - begin)
             losses.setdefault(batch["task"], []).append(loss.item())
+        self.update()
+        return {"time": clock() - start, "micro": micro, "losses": losses}
+
+    def update(self) -> None:
+        """Clip, step AdamW and the schedule with the gradients the model's parameters hold (through the fp32
+        masters for a bf16 model)."""
+        if self.masters is not None:
+            for master, param in zip(self.masters, self.model_params):
+                master.grad = None if param.grad is None else param.grad.float()
         torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.optimizer.step()
         self.scheduler.step()
-        return {"time": clock() - start, "micro": micro, "losses": losses}
+        if self.masters is not None:
+            with torch.no_grad():
+                for master, param in zip(self.masters, self.model_params):
+                    param.copy_(master)
 
 
-def _check_losses(ours: Dict[str, List[float]], reference: Dict[str, List[float]], tolerance: float) -> None:
-    failures = []
+def _check_losses(ours: Dict[str, List[float]], reference: Dict[str, List[float]], tolerance: float) -> float:
+    """Raise unless every first-step loss of ours is the reference's within ``tolerance`` (relative); returns the
+    largest relative difference."""
+    failures, largest = [], 0.0
     for task, values in reference.items():
         for a, b in zip(ours.get(task, []), values):
+            largest = max(largest, abs(a - b) / max(abs(b), 1e-12))
             if abs(a - b) > tolerance * abs(b):
                 failures.append(f"{task}: ours {a:.7g} vs reference {b:.7g}")
     if failures or set(ours) != set(reference):
         raise RuntimeError(f"first-step losses differ beyond {tolerance:g} relative: " + "; ".join(failures))
+    return largest
 
 
 def _block_stats(steps: List[Dict[str, Any]], cycles: List[List[Dict[str, Any]]], flops: float,
@@ -316,6 +367,9 @@ def build_variants(args: argparse.Namespace, root: Path) -> Variants:
     # second model of ours, whose weights ours then loads (vision tower copied, VAE shared by value).
     twin, reference = build_puffin_pair(trainer.config, seed=args.seed, attn_implementation=args.hf_attn)
     trainer.model.load_state_dict(twin.state_dict(), strict=True)
+    if hasattr(trainer.optimizer, "reload_model_params"):  # --bf16: the fp32 master weights copy the loaded ones
+        trainer.optimizer.reload_model_params()
+    reference.to(DEVICE)
     if trainer.model.vae is not None:
         reference._vae = [copy.deepcopy(trainer.model.vae.vae)]
     del twin
@@ -332,7 +386,7 @@ def _warm_up(variants: Variants, args) -> Dict[str, Any]:
     for index, cycle in enumerate(variants.draw(args.warmup_steps)):
         ours, ref = variants.our_step(cycle), variants.reference_step(cycle)
         if index == 0:
-            _check_losses(ours["losses"], ref["losses"], args.loss_tolerance)
+            measured["loss_difference"] = _check_losses(ours["losses"], ref["losses"], args.loss_tolerance)
             measured["first_cycle"] = cycle
             by_task = {"ours": activation_bytes_by_task(variants.trainer.model, cycle),
                        "reference": activation_bytes_by_task(variants.reference, [_without_moments(b) for b in cycle])}
@@ -345,7 +399,7 @@ def _warm_up(variants: Variants, args) -> Dict[str, Any]:
 def _timed_blocks(variants: Variants, args) -> Dict[str, Any]:
     """``--blocks`` blocks of ``--steps-per-block`` steps per variant, taking turns; per-block stats, each with
     the matmul rate measured right before it."""
-    from megatron_puffin.training.flops import measure_matmul_tflops, micro_batch_flops
+    from megatron_puffin.training.flops import micro_batch_flops
 
     config, trainable = variants.trainer.config, variants.trainer.trainable
     blocks: Dict[str, List[Dict[str, float]]] = {"ours": [], "reference": []}
@@ -360,13 +414,30 @@ def _timed_blocks(variants: Variants, args) -> Dict[str, Any]:
         samples_trained += sum(int(batch["input_ids"].shape[0]) for cycle in cycles for batch in cycle)
         for name in (["ours", "reference"] if block % 2 == 0 else ["reference", "ours"]):
             step = variants.our_step if name == "ours" else variants.reference_step
-            peaks.append(measure_matmul_tflops(dtype=torch.float32, seconds=1.0, clock=clock))
+            peaks.append(_matmul_rate(args))
             blocks[name].append(_block_stats([step(cycle) for cycle in cycles], cycles, flops[name], peaks[-1]))
     seq = {batch["task"]: int(batch["input_ids"].shape[1]) for cycle in cycles for batch in cycle}
     medians = {name: {key: statistics.median(b[key] for b in values) for key in values[0]}
                for name, values in blocks.items()}
     return {"medians": medians, "samples_trained": samples_trained, "seq": seq, "peaks": peaks,
             "timed_compiles": _dynamo_graphs() - graphs_before}
+
+
+def _matmul_rate(args) -> float:
+    """The dense matmul rate (TFLOP/s) MFU is measured against: fp32 1024^3 on the CPU; on a GPU, 8192^3 in the
+    training dtype (small products do not fill a GPU)."""
+    from megatron_puffin.training.flops import measure_matmul_tflops
+
+    if DEVICE.type == "cuda":
+        return measure_matmul_tflops(dtype=torch.bfloat16 if args.bf16 else torch.float32, size=8192, seconds=1.0,
+                                     device=DEVICE)
+    return measure_matmul_tflops(dtype=torch.float32, seconds=1.0, clock=clock)
+
+
+def _matmul_label(args) -> str:
+    if DEVICE.type == "cuda":
+        return f"{'bf16' if args.bf16 else 'fp32'} 8192^3 torch.mm on {torch.cuda.get_device_name()}"
+    return f"fp32 1024^3 torch.mm, {torch.get_num_threads()} thread(s)"
 
 
 def _dynamo_graphs() -> int:
@@ -381,10 +452,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     import megatron_puffin.distributed as mpd
 
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
+        start = time.perf_counter()
         variants = build_variants(args, Path(tmp))
         trainer = variants.trainer
+        _progress("data and both variants built", start)
         result: Dict[str, Any] = _warm_up(variants, args)
+        _progress(f"{args.warmup_steps} warm-up step(s) per variant done", start)
         result.update(_timed_blocks(variants, args))
+        _progress(f"{args.blocks} timed block(s) per variant done", start)
         result["config"], result["tasks"] = trainer.config, list(trainer.tasks)
         result["activation_estimates"] = _activation_estimates(trainer, result["first_cycle"])
         # Model FLOP shares, the VAE included (batches with cached moments would count it as not run).
@@ -399,7 +474,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def _print_header(args, result: Dict[str, Any]) -> None:
     config = result["config"]
-    print(f"Training throughput, cpu fp32, threads={torch.get_num_threads()}, TP=1 single process; six task streams "
+    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+    print(f"Training throughput, {where} {'bf16' if args.bf16 else 'fp32'}, threads={torch.get_num_threads()}, TP=1 "
+          f"single process; six task streams "
           f"(one micro-batch of {args.micro_batch_size} each per optimizer step), everything but the VAE trains; "
           f"LLM {config.llm.num_layers} x {config.llm.hidden_size}, vision {config.vision.num_layers} x "
           f"{config.vision.hidden_size}, {config.connector.num_queries} queries, connectors "
@@ -407,13 +484,15 @@ def _print_header(args, result: Dict[str, Any]) -> None:
           f"{config.dit.hidden_size}, images {args.image_size}^2; Qwen2 attention {args.hf_attn}")
     if args.real_proportions:
         print(real_proportions.describe())
+    if args.full_size:
+        print(real_proportions.describe_full(args.depth_divisor))
     print(f"clock: {args.clock} ({'process CPU seconds' if args.clock == 'cpu' else 'wall seconds'}); "
           f"median over {args.blocks} blocks of {args.steps_per_block} step(s) after {args.warmup_steps} warm-up "
           f"step(s); {result['samples_trained']} timed samples per variant; first-step losses equal within "
-          f"{args.loss_tolerance:g} relative")
+          f"{args.loss_tolerance:g} relative (largest difference {result['loss_difference']:.2e})")
 
 
-def _print_throughput(result: Dict[str, Any]) -> None:
+def _print_throughput(args, result: Dict[str, Any]) -> None:
     """The per-task table, the matmul rates and the MFU lines."""
     medians, seq = result["medians"], result["seq"]
     print(f"{'task':22s} {'seq':>5s} {'ours samples/s':>15s} {'reference samples/s':>20s} {'ratio':>7s}")
@@ -424,9 +503,9 @@ def _print_throughput(result: Dict[str, Any]) -> None:
     print("per task: samples / forward+backward time of its micro-batches; all: samples / optimizer-step time; "
           "ratio = ours / reference (> 1: ours faster)")
     peaks = result["peaks"]
-    print(f"matmul rate (fp32 1024^3 torch.mm, {torch.get_num_threads()} thread(s), 1 s before each variant's "
-          f"block): min {min(peaks) * 1e3:.1f} / median {statistics.median(peaks) * 1e3:.1f} / max "
-          f"{max(peaks) * 1e3:.1f} GFLOP/s over {len(peaks)} measurements")
+    print(f"matmul rate ({_matmul_label(args)}, 1 s before each variant's block): min {min(peaks) * 1e3:.1f} / "
+          f"median {statistics.median(peaks) * 1e3:.1f} / max {max(peaks) * 1e3:.1f} GFLOP/s over {len(peaks)} "
+          "measurements")
     for name in ("ours", "reference"):
         tflops = medians[name]["tflops"]
         print(f"{name:9s} model {tflops * 1e3:7.2f} GFLOP/s  MFU {100 * medians[name]['mfu']:5.1f} % (median over "
@@ -474,7 +553,7 @@ def main() -> None:
     run_start = time.perf_counter()
     result = run(args)
     _print_header(args, result)
-    _print_throughput(result)
+    _print_throughput(args, result)
     for line in result["shares"]:
         print(line)
     mem_ratio = _print_memory(result)
@@ -486,22 +565,35 @@ def main() -> None:
               "happened in the warm-up)")
     print(f"peak resident memory of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
           "(host-malloc-cache, a lever of ours, applies to the whole process: the reference's steps too)")
+    if DEVICE.type == "cuda":
+        print(f"peak GPU memory of the process (both variants held at once) "
+              f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB of {torch.cuda.mem_get_info()[1] / 2**30:.0f} GiB; "
+              f"allocator retries {torch.cuda.memory_stats().get('num_alloc_retries', 0)} (> 0: memory pressure "
+              "slowed the steps: raise --depth-divisor)")
     print(f"whole run {time.perf_counter() - run_start:.0f} s")
     print(f"overall ours/reference: {medians['ours']['all'] / medians['reference']['all']:.2f}")
 
 
 def _state_bytes(model: torch.nn.Module, optimizer) -> int:
-    """Parameters, their gradients (or megatron-core's gradient buffers) and optimizer state, in bytes."""
-    total = 0
-    for param in model.parameters():
-        total += param.numel() * param.element_size()
-        grad = getattr(param, "main_grad", None)
-        grad = grad if grad is not None else param.grad
-        if grad is not None:
-            total += grad.numel() * grad.element_size()
+    """Parameters, their gradients (or megatron-core's gradient buffers), fp32 master weights (and their gradients)
+    and optimizer state, in bytes; each storage counted once."""
+    seen, total = set(), 0
+
+    def add(tensor) -> None:
+        nonlocal total
+        if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in seen:
+            seen.add(tensor.untyped_storage().data_ptr())
+            total += tensor.untyped_storage().nbytes()
+
     inner = getattr(optimizer, "optimizer", optimizer)  # megatron-core wraps torch's optimizer
+    params = list(model.parameters()) + [p for group in inner.param_groups for p in group["params"]]
+    for param in params:
+        add(param)
+        grad = getattr(param, "main_grad", None)
+        add(grad if grad is not None else param.grad)
     for state in inner.state.values():
-        total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+        for value in state.values():
+            add(value)
     return total
 
 

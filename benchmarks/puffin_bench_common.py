@@ -34,8 +34,14 @@ def add_data_and_model_args(parser: argparse.ArgumentParser, model_title: str = 
     group.add_argument("--real-proportions", action="store_true",
                        help="Puffin's real token counts and image size with every tower scaled by one factor "
                             "(real_proportions.py); overrides the model sizes and --image-size")
+    group.add_argument("--full-size", action="store_true",
+                       help="GPU: the released Puffin's widths, heads, vocabulary and VAE at the real token counts, "
+                            "each transformer's depth divided by --depth-divisor; overrides the model sizes and "
+                            "--image-size")
+    group.add_argument("--depth-divisor", type=positive_int, default=1,
+                       help="with --full-size: layers of every transformer / N (both variants must fit one GPU)")
     group.add_argument("--micro-batch-size", type=positive_int, default=None,
-                       help="default 4 (2 with --real-proportions)")
+                       help="default 4 (2 with --real-proportions or --full-size)")
     group.add_argument("--image-size", type=positive_int, default=128, help="square synthetic images (multiple of 32)")
     group.add_argument("--num-samples", type=positive_int, default=32,
                        help="synthetic main samples (cross-view: N / 4)")
@@ -64,10 +70,14 @@ def add_data_and_model_args(parser: argparse.ArgumentParser, model_title: str = 
 
 def resolve_sizes(args: argparse.Namespace) -> None:
     """Apply ``--real-proportions`` and fill the derived sizes left None (in place)."""
-    if args.real_proportions:
+    if args.real_proportions and args.full_size:
+        raise SystemExit("--real-proportions and --full-size are two size presets; give one")
+    if args.depth_divisor != 1 and not args.full_size:
+        raise SystemExit("--depth-divisor applies to --full-size only; add --full-size or drop it")
+    if args.real_proportions or args.full_size:
         import real_proportions
 
-        real_proportions.apply(args)
+        (real_proportions.apply if args.real_proportions else real_proportions.apply_full)(args)
     if args.micro_batch_size is None:
         args.micro_batch_size = 4
     dit_hidden = args.dit_heads * args.dit_head_dim

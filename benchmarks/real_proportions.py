@@ -71,6 +71,37 @@ def scaled_sizes(full: Mapping[str, Any] = FULL_SIZES) -> Dict[str, Any]:
     return sizes
 
 
+def full_sizes(depth_divisor: int = 1) -> Dict[str, Any]:
+    """``--full-size``: the released widths, heads, vocabulary and VAE, with every transformer's depth divided by
+    ``depth_divisor`` (rounded, at least 1): a GPU benchmark holds ours and the reference at once, which at full
+    depth (about 4.3 B parameters, 18 bytes each per variant with bf16 weights and fp32 master weights and Adam
+    state) does not fit one 141 GB GPU. Per layer, the work is the full model's."""
+    sizes = dict(FULL_SIZES)
+    for key in ("llm_layers", "vision_layers", "connector_layers", "dit_layers"):
+        sizes[key] = max(1, int(math.floor(FULL_SIZES[key] / depth_divisor + 0.5)))
+    return sizes
+
+
+def apply_full(args: argparse.Namespace) -> None:
+    """Set the ``--full-size`` sizes (:func:`full_sizes` with ``--depth-divisor``), image size and queries."""
+    for key, value in full_sizes(args.depth_divisor).items():
+        setattr(args, key, value)
+    args.image_size, args.num_queries = IMAGE_SIZE, NUM_QUERIES
+    if args.micro_batch_size is None:
+        args.micro_batch_size = MICRO_BATCH_SIZE
+
+
+def describe_full(depth_divisor: int) -> str:
+    """One line stating the ``--full-size`` configuration."""
+    sizes = full_sizes(depth_divisor)
+    return (f"full size: {IMAGE_SIZE}^2 images, {NUM_QUERIES} queries, released widths and heads (LLM "
+            f"{sizes['llm_hidden']} x {sizes['llm_heads']} heads, vocab {sizes['llm_vocab']}; RADIO "
+            f"{sizes['vision_hidden']}; connectors {sizes['connector_hidden']}; MMDiT {sizes['dit_heads']} x "
+            f"{sizes['dit_head_dim']}; SD3 VAE), depth / {depth_divisor}: {sizes['llm_layers']} / "
+            f"{sizes['vision_layers']} / {sizes['connector_layers']} / {sizes['dit_layers']} layers (LLM / RADIO / "
+            f"connectors / MMDiT; released 28 / 32 / 6 / 24)")
+
+
 def describe() -> str:
     """One line stating the scaling."""
     return (f"real proportions: {IMAGE_SIZE}^2 images, {NUM_QUERIES} queries, {IMAGE_SIZE // 8}^2 latents; towers "

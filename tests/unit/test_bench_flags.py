@@ -43,3 +43,55 @@ def test_benchmark_parsers_refuse_with_one_line(monkeypatch, capsys):
         with pytest.raises(SystemExit) as stopped:
             parse()
         assert stopped.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_size_presets_refuse_conflicts_in_one_line(monkeypatch):
+    import warnings
+
+    with warnings.catch_warnings():
+        import bench_training
+
+    for argv, message in [(["--full-size", "--real-proportions"], "two size presets; give one"),
+                          (["--depth-divisor", "2"], "--depth-divisor applies to --full-size only")]:
+        monkeypatch.setattr(sys, "argv", ["bench_training.py", *argv])
+        with pytest.raises(SystemExit) as stopped:
+            bench_training._parse_args()
+        assert message in str(stopped.value), argv
+
+
+def test_bf16_reference_trainer_updates_fp32_masters_as_deepspeed_does():
+    """The reference's bf16 mode: AdamW + clipping on fp32 master weights, copied back into the bf16 weights.
+    An update too small for bf16 (1e-5 of a weight near 1) must survive in the masters and accumulate."""
+    import warnings
+    from types import SimpleNamespace
+
+    import torch
+
+    with warnings.catch_warnings():
+        import bench_training
+
+    training = SimpleNamespace(weight_decay=0.05, lr=1e-5, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8,
+                               clip_grad=1.0, lr_warmup_iters=0, train_iters=1000)
+    torch.manual_seed(0)
+    fp32 = torch.nn.Linear(8, 8)
+    with torch.no_grad():
+        fp32.weight.add_(1.0)
+    bf16 = torch.nn.Linear(8, 8).to(torch.bfloat16)
+    bf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in fp32.state_dict().items()})
+    fp32.load_state_dict({k: v.float() for k, v in bf16.state_dict().items()})  # same starting values
+    ours, plain = bench_training.ReferenceTrainer(bf16, training), bench_training.ReferenceTrainer(fp32, training)
+    assert ours.masters is not None and plain.masters is None
+    start = bf16.weight.detach().float().clone()
+    for step in range(3):
+        grads = [torch.randn(8, 8).bfloat16().float(), torch.randn(8).bfloat16().float()]  # bf16-representable
+        for model, trainer in ((bf16, ours), (fp32, plain)):
+            trainer.optimizer.zero_grad(set_to_none=True)
+            for param, grad in zip(model.parameters(), grads):
+                param.grad = grad.to(param.dtype)
+            trainer.update()
+        # masters follow the fp32 run exactly (same bf16-representable gradients); the weights are their bf16 copy
+        for master, param in zip(ours.masters, fp32.parameters()):
+            torch.testing.assert_close(master, param.detach(), rtol=0, atol=0)
+        for master, param in zip(ours.masters, bf16.parameters()):
+            assert torch.equal(param.detach(), master.to(torch.bfloat16))
+    assert not torch.equal(ours.masters[0], start)  # the small updates were kept in fp32

@@ -22,3 +22,12 @@ def test_heads_quartered_head_dims_halved_width_divided_by_eight():
     assert scaled["dit_head_dim"] == full["dit_head_dim"] // 2
     assert scaled["llm_kv_heads"] == 1 and scaled["llm_heads"] % scaled["llm_kv_heads"] == 0
     assert "LLM 3 x 64, RADIO 4 x 40, connectors 4 x 32, MMDiT 6 x 32" in rp.describe()
+
+
+def test_full_size_keeps_the_released_widths_and_divides_depth_only():
+    halved = rp.full_sizes(2)
+    assert [halved[f"{tower}_layers"] for tower in ("llm", "vision", "connector", "dit")] == [14, 16, 3, 12]
+    assert {k: v for k, v in halved.items() if not k.endswith("_layers")} == \
+        {k: v for k, v in rp.FULL_SIZES.items() if not k.endswith("_layers")}
+    assert rp.full_sizes(1) == rp.FULL_SIZES and rp.full_sizes(100)["connector_layers"] == 1
+    assert "depth / 2: 14 / 16 / 3 / 12 layers" in rp.describe_full(2)
