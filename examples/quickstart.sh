@@ -93,7 +93,7 @@ echo "== 9/10 camera evaluation of the stage 2 and stage 3 checkpoints on the he
 for name in stage2_sft stage3_thinking; do
     mode=(--max-new-tokens 96); [ "$name" = stage3_thinking ] && mode=(--thinking --max-new-tokens 256)
     python "$ROOT/tools/understand.py" --checkpoint "tiny/checkpoints/$name" --images tiny/raw/heldout/local_folder/000000 \
-        --output "eval/$name/predictions.json" --no-progress "${mode[@]}"
+        --output "eval/$name/predictions.json" --overwrite --no-progress "${mode[@]}"  # a re-run replaces its own
     python "$ROOT/tools/evaluate_camera.py" --predictions "eval/$name/predictions.json" \
         --ground-truth tiny/raw/heldout/cameras.csv --output-dir "eval/$name" \
         --title "$name on the 16 held-out images" | grep -v "^wrote"
@@ -102,10 +102,10 @@ done
 echo "== 10/10 generation: 4 cameras (stage 2, cameras re-estimated by the model) and one world-exploration view (stage 4)"
 python "$ROOT/tools/generate.py" --checkpoint tiny/checkpoints/stage2_sft --output-dir generated/cameras \
     --prompts "$ROOT/examples/tiny/generation_requests.json" --evaluate-cameras --max-new-tokens 96 --steps 30 \
-    --no-progress | tail -n 7  # 30 Euler steps to keep the quickstart short (Puffin: 50)
+    --overwrite --no-progress | tail -n 7  # 30 Euler steps to keep the quickstart short (Puffin: 50)
 python "$ROOT/tools/generate.py" --checkpoint tiny/checkpoints/stage4_instruction --output-dir generated/world_exploration \
     --init-image tiny/raw/heldout/cross_view/local_folder_init/000000/00000000.jpg \
-    --caption "" --roll 0.0 --pitch 0.0 --yaw 0.7854 --steps 30 --no-progress | tail -n 1
+    --caption "" --roll 0.0 --pitch 0.0 --yaw 0.7854 --steps 30 --overwrite --no-progress | tail -n 1
 cd "$ROOT"
 
 echo

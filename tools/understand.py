@@ -68,8 +68,8 @@ def build_parser():
                         help="centre square crop then resize (understanding default) or straight resize (default of "
                              "the cross-view tasks)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="discard the resume journal of an interrupted run with other settings beside --output "
-                             "(without it, such a journal is an error)")
+                        help="replace an existing --output file and discard the resume journal of an interrupted run "
+                             "with other settings beside it (without it, either is an error)")
     return parser
 
 
@@ -153,6 +153,9 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
     listed = collect_images(args.images)
     paths = check_images(listed, args.skip_bad_images)
     output = prepare_output_file(args.output, "--output")
+    if output.exists() and not args.overwrite:
+        raise UsageError(f"--output {output} already exists (the answers of an earlier run); choose another file, or "
+                         "pass --overwrite to replace it")
     mode = args.image_mode or ("center_crop" if args.task == "understanding" else "resize")
     prompt = args.prompt or {"understanding": None, "photography": templates.PHOTOGRAPHY_PROMPT,
                              "spatial-imagination": imagination_prompt(args.yaw)}[args.task]

@@ -54,6 +54,17 @@ def test_understand_writes_the_library_answers_and_evaluate_camera_scores_them(a
     assert [r["id"] for r in records] == [p.name for p in images]
     assert [r["output_text"] for r in records] == [e.text for e in expected]
     assert all(set(r) == {"id", "output_text", "camera", "reasoning", "finished"} for r in records)
+    # the finished answers are never replaced unasked: one line before the model loads; --overwrite replaces them
+    before = out.read_bytes()
+    again = _tool("understand.py", "--checkpoint", root / "run", "--images", images[0], "--output", out, check=False)
+    assert again.returncode != 0 and "Traceback" not in again.stderr, again.stderr
+    assert f"--output {out} already exists (the answers of an earlier run); choose another file, or pass " \
+           "--overwrite to replace it" in again.stderr
+    assert out.read_bytes() == before
+    _tool("understand.py", "--checkpoint", root / "run", "--images", images[0], "--output", out, "--overwrite",
+          "--max-new-tokens", NEW_TOKENS)
+    assert [r["id"] for r in json.loads(out.read_text())] == [images[0].name]
+    out.write_bytes(before)  # the camera evaluation below scores the first run's answers
     scored = _tool("evaluate_camera.py", "--predictions", out, "--ground-truth",
                    root / "tiny" / "raw" / "cameras.csv", "--output-dir", root / "und" / "eval")
     metrics = json.loads((root / "und" / "eval" / "metrics.json").read_text())
