@@ -74,6 +74,9 @@ def resolve_sizes(args: argparse.Namespace) -> None:
         raise SystemExit("--real-proportions and --full-size are two size presets; give one")
     if args.depth_divisor != 1 and not args.full_size:
         raise SystemExit("--depth-divisor applies to --full-size only; add --full-size or drop it")
+    if args.full_size and not _has_cuda():
+        raise SystemExit("--full-size needs a CUDA GPU (the released widths hold billions of parameters per variant); "
+                         "on a CPU use --real-proportions")
     if args.real_proportions or args.full_size:
         import real_proportions
 
@@ -86,6 +89,12 @@ def resolve_sizes(args: argparse.Namespace) -> None:
     args.connector_pooled = args.connector_pooled or dit_hidden // 2
     args.connector_joint = args.connector_joint or dit_hidden
     args.dit_caption = args.dit_caption or dit_hidden
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 LEVERS = ("compile", "cached-latents", "host-malloc-cache")

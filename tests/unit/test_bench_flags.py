@@ -48,11 +48,16 @@ def test_benchmark_parsers_refuse_with_one_line(monkeypatch, capsys):
 def test_size_presets_refuse_conflicts_in_one_line(monkeypatch):
     import warnings
 
+    import torch
+
     with warnings.catch_warnings():
         import bench_training
 
-    for argv, message in [(["--full-size", "--real-proportions"], "two size presets; give one"),
-                          (["--depth-divisor", "2"], "--depth-divisor applies to --full-size only")]:
+    cases = [(["--full-size", "--real-proportions"], "two size presets; give one"),
+             (["--depth-divisor", "2"], "--depth-divisor applies to --full-size only")]
+    if not torch.cuda.is_available():
+        cases.append((["--full-size"], "--full-size needs a CUDA GPU"))
+    for argv, message in cases:
         monkeypatch.setattr(sys, "argv", ["bench_training.py", *argv])
         with pytest.raises(SystemExit) as stopped:
             bench_training._parse_args()
