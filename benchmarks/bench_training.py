@@ -551,7 +551,14 @@ def main() -> None:
     setup()
     torch.set_num_threads(args.threads)
     run_start = time.perf_counter()
-    result = run(args)
+    try:
+        result = run(args)
+    except torch.OutOfMemoryError:  # CUDA's, or the CPU allocator's
+        where = (f"the GPU ({torch.cuda.mem_get_info()[1] / 2**30:.0f} GiB)" if DEVICE.type == "cuda" else
+                 "this host")
+        hint = (f"raise --depth-divisor (now {args.depth_divisor}; depth / 2 peaked at 126 GiB on a 140 GiB H200)"
+                if args.full_size else "use smaller sizes or --micro-batch-size")
+        raise SystemExit(f"bench_training.py: {where} ran out of memory holding both variants at once; {hint}") from None
     _print_header(args, result)
     _print_throughput(args, result)
     for line in result["shares"]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Speed on one GPU (issue 14): the MMDiT at SD3-medium size against diffusers, and the training step at the released
-# widths and token counts (--full-size, depth / 2 so that both variants fit one GPU at once) against the reference
-# assembly trained as DeepSpeed's bf16 mode does; each without and with --compile, in bf16.
+# widths and token counts (--full-size, depth / 2 on a 141 GB GPU, / 8 on a smaller one, so that both variants fit
+# at once) against the reference assembly trained as DeepSpeed's bf16 mode does; each without and with --compile,
+# in bf16.
 #   bash benchmarks/gpu_bench.sh [dit] [training]      # default: both parts
 # Prints each benchmark's ratio lines. Measured on one H200: 7.8 minutes (DiT 46 + 104 s, training 137 + 181 s).
 set -uo pipefail
@@ -25,10 +26,14 @@ for part in "${parts[@]}"; do
         timeout 150 "$PY" benchmarks/bench_dit.py "${DIT[@]}" $compile || status=1
       done ;;
     training)
+      # Both variants are held at once: depth / 2 peaked at 126 GiB on a 140 GiB H200; a smaller GPU (an 80 GB H100)
+      # gets depth / 8 (about 60 GiB by the same measure; DEPTH_DIVISOR=N to choose).
+      gib=$("$PY" -c "import torch; print(torch.cuda.mem_get_info()[1] // 2**30)")
+      depth="${DEPTH_DIVISOR:-$([ "$gib" -ge 135 ] && echo 2 || echo 8)}"
       # Levers off, then on (host-malloc-cache is a CPU lever: not used here).
       for levers in none compile,cached-latents; do
-        echo "== bench_training.py --full-size --depth-divisor 2 --bf16 --levers $levers ($(date -Is))"
-        timeout "$([ "$levers" = none ] && echo 190 || echo 230)" "$PY" benchmarks/bench_training.py --full-size --depth-divisor 2 --bf16 --levers "$levers" \
+        echo "== bench_training.py --full-size --depth-divisor $depth --bf16 --levers $levers (${gib} GiB GPU; $(date -Is))"
+        timeout "$([ "$levers" = none ] && echo 190 || echo 230)" "$PY" benchmarks/bench_training.py --full-size --depth-divisor "$depth" --bf16 --levers "$levers" \
           --threads 16 --num-samples 16 --blocks 3 --steps-per-block 2 --warmup-steps 2 --loss-tolerance 0.1 || status=1
       done ;;
     *) echo "benchmarks/gpu_bench.sh: unknown part '$part' (give dit and/or training)" >&2; exit 2 ;;

@@ -100,3 +100,27 @@ def test_bf16_reference_trainer_updates_fp32_masters_as_deepspeed_does():
         for master, param in zip(ours.masters, bf16.parameters()):
             assert torch.equal(param.detach(), master.to(torch.bfloat16))
     assert not torch.equal(ours.masters[0], start)  # the small updates were kept in fp32
+
+
+def test_out_of_memory_while_building_or_training_is_one_line(monkeypatch):
+    """Both variants are held at once: running out of memory says so and names the flag to change."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        import bench_training
+
+    def out_of_memory(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(bench_training, "run", out_of_memory)
+    monkeypatch.setattr(sys, "argv", ["bench_training.py", "--micro-batch-size", "8"])
+    threads = torch.get_num_threads()  # main() sets --threads for the process
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            bench_training.main()
+    finally:
+        torch.set_num_threads(threads)
+    assert "ran out of memory holding both variants at once; use smaller sizes or --micro-batch-size" in \
+        str(stopped.value)
