@@ -1,7 +1,8 @@
 """pretrain_puffin.py on one GPU in bf16 (NCCL, CUDA generators, the mixed-precision optimizer): it trains, saves,
 and a run resumed from its middle checkpoint repeats the uninterrupted run's losses. Skipped without CUDA.
 (First run on an H100: found and fixed CPU-initialised parameters left on the host, a CUDA generator used for a CPU
-draw, a count tensor on the wrong device, and fp32 norm weights confusing the bf16 optimizer's checkpoint map.)"""
+draw, a count tensor on the wrong device, and fp32 norm weights confusing the bf16 optimizer's checkpoint map.
+Passed on an H200 on 2026-12-04 with the right-padded LLM and text-first MMDiT layouts, torch 2.11 + CUDA 13.0.)"""
 import json
 import os
 import subprocess
