@@ -33,9 +33,15 @@ steps; the variants take turns (the first to run alternates between blocks). Per
 
 Reported: the median over blocks; ratio = ours / reference samples/s (> 1: ours faster).
 
+On a GPU (whenever CUDA is available) both variants run on it, the clock synchronizes before each reading and MFU
+is against the 8192^3 matmul rate; ``--bf16`` trains both in bf16 with fp32 master weights (ours: ``--bf16``; the
+reference: ``ReferenceTrainer``'s masters, as DeepSpeed's bf16 mode) and ``--full-size`` takes the released widths
+with every depth divided by ``--depth-divisor`` (``benchmarks/gpu_bench.sh``; docs/performance.md).
+
 Usage:
     python benchmarks/bench_training.py [--micro-batch-size 4] [--image-size 128] [--blocks 6] [--steps-per-block 2]
         [--warmup-steps 2] [--threads 1]   (model sizes: bench_puffin.py's defaults)
+    python benchmarks/bench_training.py --full-size --depth-divisor 2 --bf16 --levers compile,cached-latents  # GPU
 """
 from __future__ import annotations
 
