@@ -223,6 +223,11 @@ def train_sentencepiece_tokenizer(texts: Iterable[str], output_file: "str | os.P
 
     Returns:
         The written model path.
+
+    A different model already at ``output_file`` (a re-run with other captions or another vocabulary size) is kept
+    beside it as ``<stem>.previous-<sha256 prefix>.model``, with a warning: checkpoints trained with it refuse the
+    new one (their tokenizer record), and with the kept file they still load. A byte-identical model (the same
+    texts and size: training is deterministic) is simply written again.
     """
     import sentencepiece
 
@@ -255,6 +260,13 @@ def train_sentencepiece_tokenizer(texts: Iterable[str], output_file: "str | os.P
                          f"{' '.join(str(error).split())}") from None
     tmp_file = output_file.with_suffix(".model.tmp")
     tmp_file.write_bytes(model.getvalue())
+    previous = output_file.read_bytes() if output_file.is_file() else None
+    if previous is not None and previous != model.getvalue():
+        kept = output_file.with_name(f"{output_file.stem}.previous-{hashlib.sha256(previous).hexdigest()[:12]}"
+                                     f"{output_file.suffix}")
+        os.replace(output_file, kept)
+        logger.warning("replaced the tokenizer %s: the texts train another vocabulary; the previous one is kept as %s "
+                       "(checkpoints trained with it need --tokenizer %s)", output_file, kept, kept)
     os.replace(tmp_file, output_file)
     return output_file
 

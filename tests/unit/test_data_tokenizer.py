@@ -87,3 +87,19 @@ def test_templates_are_the_spec_strings():
         "all visible elements in the target image and describe their significance to the overall scene. CAM")
     assert templates.GENERATION_CROSS_TEMPLATE.format(input="x") == (
         "Generate a target image given an initial view: x")
+
+
+def test_retraining_into_the_same_file_keeps_a_different_previous_tokenizer(tmp_path, caplog):
+    """A re-run with the same texts writes the same bytes (no copy kept); other texts keep the previous model
+    beside the new one, which still loads, with a warning naming it."""
+    path = tmp_path / "tok" / "synthetic.model"
+    first = train_sentencepiece_tokenizer(CORPUS, path, vocab_size=400).read_bytes()
+    train_sentencepiece_tokenizer(CORPUS, path, vocab_size=400)
+    assert path.read_bytes() == first and sorted(p.name for p in path.parent.iterdir()) == ["synthetic.model"]
+    with caplog.at_level("WARNING"):
+        train_sentencepiece_tokenizer(CORPUS, path, vocab_size=360)
+    kept = [p for p in path.parent.iterdir() if p != path]
+    assert len(kept) == 1 and kept[0].name.startswith("synthetic.previous-") and kept[0].suffix == ".model"
+    assert kept[0].read_bytes() == first and path.read_bytes() != first
+    assert PuffinTokenizer(kept[0]).vocab_size != PuffinTokenizer(path).vocab_size
+    assert f"the previous one is kept as {kept[0]}" in caplog.text
