@@ -276,9 +276,7 @@ class ReferenceTrainer:
     def step(self, batches) -> Dict[str, Any]:
         start = clock()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.masters is not None:
-            for param in self.model_params:
-                param.grad = None
+        self.model.zero_grad(set_to_none=True)  # with fp32 masters, the bf16 weights hold gradients of their own
         micro, losses = [], {}
         for batch in batches:
             begin = clock()

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Dict, Iterable, List
 
+import torch
+
 _TESTS = str(Path(__file__).resolve().parents[1] / "tests")
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
@@ -69,18 +71,18 @@ def add_data_and_model_args(parser: argparse.ArgumentParser, model_title: str = 
 
 
 def resolve_sizes(args: argparse.Namespace) -> None:
-    """Apply ``--real-proportions`` and fill the derived sizes left None (in place)."""
+    """Apply ``--real-proportions`` or ``--full-size`` and fill the derived sizes left None (in place)."""
     if args.real_proportions and args.full_size:
         raise SystemExit("--real-proportions and --full-size are two size presets; give one")
     if args.depth_divisor != 1 and not args.full_size:
         raise SystemExit("--depth-divisor applies to --full-size only; add --full-size or drop it")
-    if args.full_size and not _has_cuda():
+    if args.full_size and not torch.cuda.is_available():
         raise SystemExit("--full-size needs a CUDA GPU (the released widths hold billions of parameters per variant); "
                          "on a CPU use --real-proportions")
     if args.real_proportions or args.full_size:
         import real_proportions
 
-        (real_proportions.apply if args.real_proportions else real_proportions.apply_full)(args)
+        real_proportions.apply(args)
     if args.micro_batch_size is None:
         args.micro_batch_size = 4
     dit_hidden = args.dit_heads * args.dit_head_dim
@@ -89,12 +91,6 @@ def resolve_sizes(args: argparse.Namespace) -> None:
     args.connector_pooled = args.connector_pooled or dit_hidden // 2
     args.connector_joint = args.connector_joint or dit_hidden
     args.dit_caption = args.dit_caption or dit_hidden
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 LEVERS = ("compile", "cached-latents", "host-malloc-cache")

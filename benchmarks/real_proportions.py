@@ -51,8 +51,8 @@ FULL_SIZES: Dict[str, Any] = dict(
 """The released Puffin (docs/puffin.md §1), in the benchmarks' size names."""
 
 
-def _depth(layers: int) -> int:
-    return max(1, int(math.floor(layers / DEPTH_DIVISOR + 0.5)))
+def _depth(layers: int, divisor: int = DEPTH_DIVISOR) -> int:
+    return max(1, int(math.floor(layers / divisor + 0.5)))
 
 
 def scaled_sizes(full: Mapping[str, Any] = FULL_SIZES) -> Dict[str, Any]:
@@ -78,17 +78,8 @@ def full_sizes(depth_divisor: int = 1) -> Dict[str, Any]:
     state) does not fit one 141 GB GPU. Per layer, the work is the full model's."""
     sizes = dict(FULL_SIZES)
     for key in ("llm_layers", "vision_layers", "connector_layers", "dit_layers"):
-        sizes[key] = max(1, int(math.floor(FULL_SIZES[key] / depth_divisor + 0.5)))
+        sizes[key] = _depth(FULL_SIZES[key], depth_divisor)
     return sizes
-
-
-def apply_full(args: argparse.Namespace) -> None:
-    """Set the ``--full-size`` sizes (:func:`full_sizes` with ``--depth-divisor``), image size and queries."""
-    for key, value in full_sizes(args.depth_divisor).items():
-        setattr(args, key, value)
-    args.image_size, args.num_queries = IMAGE_SIZE, NUM_QUERIES
-    if args.micro_batch_size is None:
-        args.micro_batch_size = MICRO_BATCH_SIZE
 
 
 def describe_full(depth_divisor: int) -> str:
@@ -120,8 +111,10 @@ def head_dims(full: Mapping[str, Any] = FULL_SIZES) -> str:
 
 
 def apply(args: argparse.Namespace) -> None:
-    """Set the real-proportion sizes on a benchmark's parsed flags (model sizes, image size, queries)."""
-    for key, value in scaled_sizes().items():
+    """Set the sizes of the preset a benchmark's parsed flags name (``--real-proportions``: :func:`scaled_sizes`;
+    ``--full-size``: :func:`full_sizes` with ``--depth-divisor``), the real image size and queries."""
+    sizes = full_sizes(args.depth_divisor) if args.full_size else scaled_sizes()
+    for key, value in sizes.items():
         setattr(args, key, value)
     args.image_size, args.num_queries = IMAGE_SIZE, NUM_QUERIES
     if args.micro_batch_size is None:

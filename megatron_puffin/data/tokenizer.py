@@ -258,10 +258,11 @@ def train_sentencepiece_tokenizer(texts: Iterable[str], output_file: "str | os.P
     except RuntimeError as error:  # e.g. a vocabulary smaller than the corpus' characters + the special pieces
         raise ValueError(f"the SentencePiece tokenizer cannot be trained with vocab_size {vocab_size}: "
                          f"{' '.join(str(error).split())}") from None
+    trained = model.getvalue()
     tmp_file = output_file.with_suffix(".model.tmp")
-    tmp_file.write_bytes(model.getvalue())
+    tmp_file.write_bytes(trained)
     previous = output_file.read_bytes() if output_file.is_file() else None
-    if previous is not None and previous != model.getvalue():
+    if previous is not None and previous != trained:
         kept = output_file.with_name(f"{output_file.stem}.previous-{hashlib.sha256(previous).hexdigest()[:12]}"
                                      f"{output_file.suffix}")
         os.replace(output_file, kept)
