@@ -11,8 +11,13 @@ the levers, the DDP gradient buffer and the weight-gradient accumulation the Tra
 median seconds of each side, reference / ours (> 1: ours faster) and the minor page faults and system seconds per
 micro-batch (``getrusage``).
 
+``--host-bound`` (tiny widths, the layers of ``--full-size``) makes every kernel negligible, so the table is each
+side's host cost per micro-batch: what an eager step on a GPU pays when its kernels are shorter than their launch
+path (docs/performance.md, round 13).
+
 Usage:
     python benchmarks/bench_micro_batches.py --real-proportions --levers none --micro-batch-size 2 [--turns 4]
+    python benchmarks/bench_micro_batches.py --host-bound --depth-divisor 2 --levers host-malloc-cache --clock cpu
 """
 from __future__ import annotations
 
@@ -76,6 +81,10 @@ def main() -> None:
         mpd.destroy()
     print(f"{args.clock} clock, threads {torch.get_num_threads()}, levers: {', '.join(args.levers) or 'none'}; "
           f"forward+backward of one micro-batch per task, median of {args.turns} alternating turns")
+    if args.host_bound:
+        import real_proportions
+
+        print(real_proportions.describe_host_bound(args.depth_divisor))
     print(f"{'task':24s} {'ours s':>8s} {'ref s':>8s} {'ref/ours':>9s} {'faults ours':>12s} {'faults ref':>11s} "
           f"{'sys ours':>9s} {'sys ref':>8s}")
     ratios = []

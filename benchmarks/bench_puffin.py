@@ -199,6 +199,10 @@ def main() -> None:
             print(real_proportions.describe())
             for line in real_proportions.share_table(config, list(batches.values()), trainable_towers(config.model)):
                 print(line)
+        if args.host_bound:
+            import real_proportions
+
+            print(real_proportions.describe_host_bound(args.depth_divisor))
         memory = {name: activation_bytes(model, batches.values()) for name, model in (("ours", ours),
                                                                                        ("reference", reference))}
         print(f"activation memory (distinct storages saved for backward, largest task): ours "

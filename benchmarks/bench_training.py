@@ -490,6 +490,8 @@ def _print_header(args, result: Dict[str, Any]) -> None:
         print(real_proportions.describe())
     if args.full_size:
         print(real_proportions.describe_full(args.depth_divisor))
+    if args.host_bound:
+        print(real_proportions.describe_host_bound(args.depth_divisor))
     print(f"clock: {args.clock} ({'process CPU seconds' if args.clock == 'cpu' else 'wall seconds'}); "
           f"median over {args.blocks} blocks of {args.steps_per_block} step(s) after {args.warmup_steps} warm-up "
           f"step(s); {result['samples_trained']} timed samples per variant; first-step losses equal within "
@@ -609,18 +611,25 @@ def _state_bytes(model: torch.nn.Module, optimizer) -> int:
 
 
 def _print_targets(args, medians, tasks: List[str], mem_ratio: float) -> None:
-    """Issue 14's targets against this run (levers on: >= 1.3x overall; off: >= 1.0x per task; MFU >= 60 % of
-    the matmul rate; memory <= the reference's)."""
+    """Issue 14's targets against this run (CPU, levers on: >= 1.3x overall; off: >= 1.0x per task; MFU >= 60 %
+    of the matmul rate; GPU (--full-size): >= 1.2x overall; memory <= the reference's; none for --host-bound)."""
     ratios = {task: medians["ours"][task] / medians["reference"][task] for task in tasks}
     overall = medians["ours"]["all"] / medians["reference"]["all"]
     mfu = medians["ours"]["mfu"]
     levers = ", ".join(args.levers) or "none"
     print(f"levers of ours: {levers}; threads {torch.get_num_threads()}")
-    checks = [("overall >= 1.3x (levers on)" if args.levers else "every task >= 1.0x (levers off)",
-               overall >= 1.3 if args.levers else min(ratios.values()) >= 1.0,
-               f"overall {overall:.2f}, lowest task {min(ratios.values()):.2f}"),
-              ("MFU >= 60 % of the matmul rate", mfu >= 0.6, f"{100 * mfu:.1f} %"),
-              ("memory <= reference", mem_ratio <= 1.0, f"{mem_ratio:.2f}x")]
+    if args.host_bound:  # kernels take microseconds here: speed and MFU targets are not this run's question
+        print("targets: not evaluated (--host-bound measures the host's cost per operator; the targets are for "
+              "--real-proportions on a CPU and --full-size on a GPU)")
+        return
+    lowest = f"overall {overall:.2f}, lowest task {min(ratios.values()):.2f}"
+    if args.full_size:  # issue 14's GPU target; MFU has no GPU target (micro-batch 2 leaves the GPU waiting)
+        checks = [("overall >= 1.2x (GPU)", overall >= 1.2, lowest)]
+    else:
+        checks = [("overall >= 1.3x (levers on)" if args.levers else "every task >= 1.0x (levers off)",
+                   overall >= 1.3 if args.levers else min(ratios.values()) >= 1.0, lowest),
+                  ("MFU >= 60 % of the matmul rate", mfu >= 0.6, f"{100 * mfu:.1f} %")]
+    checks.append(("memory <= reference", mem_ratio <= 1.0, f"{mem_ratio:.2f}x"))
     for name, met, value in checks:
         print(f"target {name:34s} {'met' if met else 'NOT met'} ({value})")
 

@@ -40,8 +40,13 @@ def add_data_and_model_args(parser: argparse.ArgumentParser, model_title: str = 
                        help="GPU: the released Puffin's widths, heads, vocabulary and VAE at the real token counts, "
                             "each transformer's depth divided by --depth-divisor; overrides the model sizes and "
                             "--image-size")
+    group.add_argument("--host-bound", action="store_true",
+                       help="the operators of --full-size (its layers, / --depth-divisor) at tiny widths: measures "
+                            "each side's host cost per operator (Python, dispatch, autograd), what an eager GPU step "
+                            "pays when its kernels are short; runs on a CPU")
     group.add_argument("--depth-divisor", type=positive_int, default=1,
-                       help="with --full-size: layers of every transformer / N (both variants must fit one GPU)")
+                       help="with --full-size or --host-bound: layers of every transformer / N (with --full-size both "
+                            "variants must fit one GPU)")
     group.add_argument("--micro-batch-size", type=positive_int, default=None,
                        help="default 4 (2 with --real-proportions or --full-size)")
     group.add_argument("--image-size", type=positive_int, default=128, help="square synthetic images (multiple of 32)")
@@ -72,14 +77,16 @@ def add_data_and_model_args(parser: argparse.ArgumentParser, model_title: str = 
 
 def resolve_sizes(args: argparse.Namespace) -> None:
     """Apply ``--real-proportions`` or ``--full-size`` and fill the derived sizes left None (in place)."""
-    if args.real_proportions and args.full_size:
-        raise SystemExit("--real-proportions and --full-size are two size presets; give one")
-    if args.depth_divisor != 1 and not args.full_size:
-        raise SystemExit("--depth-divisor applies to --full-size only; add --full-size or drop it")
+    presets = [flag for flag, on in (("--real-proportions", args.real_proportions), ("--full-size", args.full_size),
+                                     ("--host-bound", args.host_bound)) if on]
+    if len(presets) > 1:
+        raise SystemExit(f"{' and '.join(presets)} are {len(presets)} size presets; give one")
+    if args.depth_divisor != 1 and not (args.full_size or args.host_bound):
+        raise SystemExit("--depth-divisor applies to --full-size and --host-bound only; add one of them or drop it")
     if args.full_size and not torch.cuda.is_available():
         raise SystemExit("--full-size needs a CUDA GPU (the released widths hold billions of parameters per variant); "
                          "on a CPU use --real-proportions")
-    if args.real_proportions or args.full_size:
+    if presets:
         import real_proportions
 
         real_proportions.apply(args)

@@ -82,6 +82,36 @@ def full_sizes(depth_divisor: int = 1) -> Dict[str, Any]:
     return sizes
 
 
+HOST_BOUND_WIDTH = 32
+HOST_BOUND_IMAGE_SIZE = 128
+
+
+def host_bound_sizes(depth_divisor: int = 1) -> Dict[str, Any]:
+    """``--host-bound``: the layer structure of :func:`full_sizes` (the same towers, layers, 64 queries and the SD3
+    VAE's levels and ResNets per level) with every width tiny (hidden 32, two heads of 16, one key/value head, MLP
+    64, VAE 16 channels, the tokenizer's vocabulary, 128^2 images). Each kernel then takes microseconds, so a
+    micro-batch's time is the host's: Python, dispatch and autograd per operator, the cost that decides an eager
+    step on a GPU when its kernels are shorter than their launch path (micro-batch 2 on an H200). The numbers the
+    towers compute are meaningless at this width; the operators each side issues are the full model's."""
+    sizes = full_sizes(depth_divisor)
+    width = HOST_BOUND_WIDTH
+    sizes.update(llm_hidden=width, llm_heads=2, llm_kv_heads=1, llm_ffn=2 * width, llm_vocab=None,
+                 vision_hidden=width, vision_heads=2, vision_ffn=2 * width,
+                 connector_hidden=width, connector_heads=2, connector_ffn=2 * width, connector_pooled=width,
+                 connector_joint=width, dit_heads=2, dit_head_dim=width // 2, dit_caption=width,
+                 vae_blocks=[width // 2] * len(FULL_SIZES["vae_blocks"]))
+    return sizes
+
+
+def describe_host_bound(depth_divisor: int) -> str:
+    """One line stating the ``--host-bound`` configuration."""
+    sizes = host_bound_sizes(depth_divisor)
+    return (f"host-bound: the operators of --full-size --depth-divisor {depth_divisor} ({sizes['llm_layers']} / "
+            f"{sizes['vision_layers']} / {sizes['connector_layers']} / {sizes['dit_layers']} layers of LLM / RADIO / "
+            f"connectors / MMDiT, {NUM_QUERIES} queries, SD3 VAE levels) at width {HOST_BOUND_WIDTH} and "
+            f"{HOST_BOUND_IMAGE_SIZE}^2 images: the time is the host's per-operator cost, not the kernels'")
+
+
 def describe_full(depth_divisor: int) -> str:
     """One line stating the ``--full-size`` configuration."""
     sizes = full_sizes(depth_divisor)
@@ -112,11 +142,16 @@ def head_dims(full: Mapping[str, Any] = FULL_SIZES) -> str:
 
 def apply(args: argparse.Namespace) -> None:
     """Set the sizes of the preset a benchmark's parsed flags name (``--real-proportions``: :func:`scaled_sizes`;
-    ``--full-size``: :func:`full_sizes` with ``--depth-divisor``), the real image size and queries."""
-    sizes = full_sizes(args.depth_divisor) if args.full_size else scaled_sizes()
+    ``--full-size``: :func:`full_sizes` with ``--depth-divisor``; ``--host-bound``: :func:`host_bound_sizes`), the
+    preset's image size and the real queries."""
+    if args.host_bound:
+        sizes = host_bound_sizes(args.depth_divisor)
+    else:
+        sizes = full_sizes(args.depth_divisor) if args.full_size else scaled_sizes()
     for key, value in sizes.items():
         setattr(args, key, value)
-    args.image_size, args.num_queries = IMAGE_SIZE, NUM_QUERIES
+    args.image_size = HOST_BOUND_IMAGE_SIZE if args.host_bound else IMAGE_SIZE
+    args.num_queries = NUM_QUERIES
     if args.micro_batch_size is None:
         args.micro_batch_size = MICRO_BATCH_SIZE
 

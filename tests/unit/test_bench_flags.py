@@ -53,8 +53,9 @@ def test_size_presets_refuse_conflicts_in_one_line(monkeypatch):
     with warnings.catch_warnings():
         import bench_training
 
-    cases = [(["--full-size", "--real-proportions"], "two size presets; give one"),
-             (["--depth-divisor", "2"], "--depth-divisor applies to --full-size only")]
+    cases = [(["--full-size", "--real-proportions"], "--real-proportions and --full-size are 2 size presets"),
+             (["--host-bound", "--real-proportions"], "--real-proportions and --host-bound are 2 size presets"),
+             (["--depth-divisor", "2"], "--depth-divisor applies to --full-size and --host-bound only")]
     if not torch.cuda.is_available():
         cases.append((["--full-size"], "--full-size needs a CUDA GPU"))
     for argv, message in cases:
@@ -124,3 +125,50 @@ def test_out_of_memory_while_building_or_training_is_one_line(monkeypatch):
         torch.set_num_threads(threads)
     assert "ran out of memory holding both variants at once; use smaller sizes or --micro-batch-size" in \
         str(stopped.value)
+
+
+def test_host_bound_preset_runs_both_sides_on_every_task(tmp_path):
+    """``bench_micro_batches.py --host-bound``: the --full-size layer structure at tiny widths builds, both sides
+    train one micro-batch of each of the six tasks, and the table names every task (a CPU run, any host)."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONHASHSEED="0", CUDA_VISIBLE_DEVICES="", TMPDIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, str(root / "benchmarks" / "bench_micro_batches.py"), "--host-bound", "--depth-divisor",
+               "8", "--turns", "1", "--warmup-steps", "1", "--num-samples", "8", "--clock", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "levers: none" in lines[0] and lines[1].startswith("host-bound: the operators of --full-size"), lines
+    rows = {line.split()[0]: line.split() for line in lines[3:9]}
+    assert set(rows) == {"image2text", "image2text_cross_view", "text2text", "text2image", "cam2image", "image2image"}
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows.values())
+    assert lines[-1].startswith("geometric mean reference/ours:")
+
+
+def test_targets_are_the_ones_of_the_run_s_setting(capsys):
+    """CPU presets print issue 14's CPU targets, --full-size the GPU one (1.2x, no MFU target), --host-bound none."""
+    import warnings
+    from types import SimpleNamespace
+
+    with warnings.catch_warnings():
+        import bench_training
+
+    medians = {"ours": {"image2text": 1.25, "all": 1.25, "mfu": 0.5}, "reference": {"image2text": 1.0, "all": 1.0}}
+
+    def targets(**preset):
+        args = SimpleNamespace(levers=["compile"], host_bound=False, full_size=False, real_proportions=False)
+        vars(args).update(preset)
+        bench_training._print_targets(args, medians, ["image2text"], 0.9)
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("target")]
+
+    cpu = targets(real_proportions=True)
+    assert [line.split("  ")[0] for line in cpu] == ["target overall >= 1.3x (levers on)",
+                                                     "target MFU >= 60 % of the matmul rate", "target memory <= reference"]
+    assert "NOT met (overall 1.25" in cpu[0] and "NOT met (50.0 %)" in cpu[1] and "met (0.90x)" in cpu[2]
+    gpu = targets(full_size=True)
+    assert len(gpu) == 2 and "overall >= 1.2x (GPU)" in gpu[0] and " met (overall 1.25" in gpu[0]
+    assert targets(host_bound=True) == ["targets: not evaluated (--host-bound measures the host's cost per operator; "
+                                        "the targets are for --real-proportions on a CPU and --full-size on a GPU)"]

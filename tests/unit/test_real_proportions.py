@@ -31,3 +31,16 @@ def test_full_size_keeps_the_released_widths_and_divides_depth_only():
         {k: v for k, v in rp.FULL_SIZES.items() if not k.endswith("_layers")}
     assert rp.full_sizes(1) == rp.FULL_SIZES and rp.full_sizes(100)["connector_layers"] == 1
     assert "depth / 2: 14 / 16 / 3 / 12 layers" in rp.describe_full(2)
+
+
+def test_host_bound_keeps_the_full_size_layers_at_tiny_widths():
+    """--host-bound measures the host cost of the operators --full-size issues: same depths, queries and VAE levels;
+    every width small enough that no kernel matters (attention heads still divide their widths)."""
+    full, tiny = rp.full_sizes(2), rp.host_bound_sizes(2)
+    layers = [key for key in full if key.endswith("_layers")] + ["vae_layers_per_block"]
+    assert {key: tiny[key] for key in layers} == {key: full[key] for key in layers}
+    assert len(tiny["vae_blocks"]) == len(full["vae_blocks"]) and max(tiny["vae_blocks"]) <= 32
+    for tower in ("llm", "vision", "connector"):
+        assert tiny[f"{tower}_hidden"] <= 32 and tiny[f"{tower}_hidden"] % tiny[f"{tower}_heads"] == 0, tower
+    assert tiny["dit_heads"] * tiny["dit_head_dim"] <= 32 and tiny["llm_vocab"] is None
+    assert "14 / 16 / 3 / 12 layers" in rp.describe_host_bound(2)
