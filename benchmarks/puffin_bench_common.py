@@ -48,7 +48,7 @@ def add_data_and_model_args(parser: argparse.ArgumentParser, model_title: str = 
                        help="with --full-size or --host-bound: layers of every transformer / N (with --full-size both "
                             "variants must fit one GPU)")
     group.add_argument("--micro-batch-size", type=positive_int, default=None,
-                       help="default 4 (2 with --real-proportions or --full-size)")
+                       help="default 4 (2 with a size preset: --real-proportions, --full-size, --host-bound)")
     group.add_argument("--image-size", type=positive_int, default=128, help="square synthetic images (multiple of 32)")
     group.add_argument("--num-samples", type=positive_int, default=32,
                        help="synthetic main samples (cross-view: N / 4)")
@@ -76,7 +76,8 @@ def add_data_and_model_args(parser: argparse.ArgumentParser, model_title: str = 
 
 
 def resolve_sizes(args: argparse.Namespace) -> None:
-    """Apply ``--real-proportions`` or ``--full-size`` and fill the derived sizes left None (in place)."""
+    """Apply the size preset (``--real-proportions``, ``--full-size`` or ``--host-bound``; at most one) and fill the
+    derived sizes left None (in place)."""
     presets = [flag for flag, on in (("--real-proportions", args.real_proportions), ("--full-size", args.full_size),
                                      ("--host-bound", args.host_bound)) if on]
     if len(presets) > 1:

@@ -83,13 +83,13 @@ def full_sizes(depth_divisor: int = 1) -> Dict[str, Any]:
 
 
 HOST_BOUND_WIDTH = 32
-HOST_BOUND_IMAGE_SIZE = 128
+HOST_BOUND_IMAGE_SIZE = 96
 
 
 def host_bound_sizes(depth_divisor: int = 1) -> Dict[str, Any]:
     """``--host-bound``: the layer structure of :func:`full_sizes` (the same towers, layers, 64 queries and the SD3
     VAE's levels and ResNets per level) with every width tiny (hidden 32, two heads of 16, one key/value head, MLP
-    64, VAE 16 channels, the tokenizer's vocabulary, 128^2 images). Each kernel then takes microseconds, so a
+    64, VAE 8 channels, the tokenizer's vocabulary, 96^2 images, the smallest the data tools take). Each kernel then takes microseconds, so a
     micro-batch's time is the host's: Python, dispatch and autograd per operator, the cost that decides an eager
     step on a GPU when its kernels are shorter than their launch path (micro-batch 2 on an H200). The numbers the
     towers compute are meaningless at this width; the operators each side issues are the full model's."""
@@ -99,7 +99,7 @@ def host_bound_sizes(depth_divisor: int = 1) -> Dict[str, Any]:
                  vision_hidden=width, vision_heads=2, vision_ffn=2 * width,
                  connector_hidden=width, connector_heads=2, connector_ffn=2 * width, connector_pooled=width,
                  connector_joint=width, dit_heads=2, dit_head_dim=width // 2, dit_caption=width,
-                 vae_blocks=[width // 2] * len(FULL_SIZES["vae_blocks"]))
+                 vae_blocks=[width // 4] * len(FULL_SIZES["vae_blocks"]))
     return sizes
 
 
