@@ -33,6 +33,7 @@ import torch
 
 import bench_training  # noqa: E402  (puts tests/ on sys.path through puffin_bench_common)
 import profile_training  # noqa: E402
+import real_proportions  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
 from bench_flags import positive_int  # noqa: E402
 
@@ -81,10 +82,9 @@ def main() -> None:
         mpd.destroy()
     print(f"{args.clock} clock, threads {torch.get_num_threads()}, levers: {', '.join(args.levers) or 'none'}; "
           f"forward+backward of one micro-batch per task, median of {args.turns} alternating turns")
-    if args.host_bound:
-        import real_proportions
-
-        print(real_proportions.describe_host_bound(args.depth_divisor))
+    preset = real_proportions.describe_preset(args)
+    if preset:
+        print(preset)
     print(f"{'task':24s} {'ours s':>8s} {'ref s':>8s} {'ref/ours':>9s} {'faults ours':>12s} {'faults ref':>11s} "
           f"{'sys ours':>9s} {'sys ref':>8s}")
     ratios = []

@@ -192,17 +192,16 @@ def main() -> None:
             times = _time({"ours": ours, "reference": reference}, batch, args.repeats, args.warmup)
             medians[task] = (times["ours"], times["reference"])
         geomean = _report(args, config, batches, losses, medians)
+        import real_proportions
+
+        preset = real_proportions.describe_preset(args)
+        if preset:
+            print(preset)
         if args.real_proportions:
-            import real_proportions
             from megatron_puffin.training.flops import trainable_towers
 
-            print(real_proportions.describe())
             for line in real_proportions.share_table(config, list(batches.values()), trainable_towers(config.model)):
                 print(line)
-        if args.host_bound:
-            import real_proportions
-
-            print(real_proportions.describe_host_bound(args.depth_divisor))
         memory = {name: activation_bytes(model, batches.values()) for name, model in (("ours", ours),
                                                                                        ("reference", reference))}
         print(f"activation memory (distinct storages saved for backward, largest task): ours "

@@ -486,12 +486,9 @@ def _print_header(args, result: Dict[str, Any]) -> None:
           f"{config.vision.hidden_size}, {config.connector.num_queries} queries, connectors "
           f"{config.connector.num_layers} x {config.connector.hidden_size}, DiT {config.dit.num_layers} x "
           f"{config.dit.hidden_size}, images {args.image_size}^2; Qwen2 attention {args.hf_attn}")
-    if args.real_proportions:
-        print(real_proportions.describe())
-    if args.full_size:
-        print(real_proportions.describe_full(args.depth_divisor))
-    if args.host_bound:
-        print(real_proportions.describe_host_bound(args.depth_divisor))
+    preset = real_proportions.describe_preset(args)
+    if preset:
+        print(preset)
     print(f"clock: {args.clock} ({'process CPU seconds' if args.clock == 'cpu' else 'wall seconds'}); "
           f"median over {args.blocks} blocks of {args.steps_per_block} step(s) after {args.warmup_steps} warm-up "
           f"step(s); {result['samples_trained']} timed samples per variant; first-step losses equal within "

@@ -28,7 +28,7 @@ import math
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 WIDTH_DIVISOR = 8
 DEPTH_DIVISOR = 4
@@ -89,10 +89,11 @@ HOST_BOUND_IMAGE_SIZE = 96
 def host_bound_sizes(depth_divisor: int = 1) -> Dict[str, Any]:
     """``--host-bound``: the layer structure of :func:`full_sizes` (the same towers, layers, 64 queries and the SD3
     VAE's levels and ResNets per level) with every width tiny (hidden 32, two heads of 16, one key/value head, MLP
-    64, VAE 8 channels, the tokenizer's vocabulary, 96^2 images, the smallest the data tools take). Each kernel then takes microseconds, so a
-    micro-batch's time is the host's: Python, dispatch and autograd per operator, the cost that decides an eager
-    step on a GPU when its kernels are shorter than their launch path (micro-batch 2 on an H200). The numbers the
-    towers compute are meaningless at this width; the operators each side issues are the full model's."""
+    64, VAE 8 channels, the tokenizer's vocabulary, 96^2 images, the smallest the data tools take). Each kernel
+    then takes microseconds, so a micro-batch's time is the host's: Python, dispatch and autograd per operator, the
+    cost that decides an eager step on a GPU when its kernels are shorter than their launch path (micro-batch 2 on
+    an H200). The numbers the towers compute are meaningless at this width; the operators each side issues are the
+    full model's."""
     sizes = full_sizes(depth_divisor)
     width = HOST_BOUND_WIDTH
     sizes.update(llm_hidden=width, llm_heads=2, llm_kv_heads=1, llm_ffn=2 * width, llm_vocab=None,
@@ -146,14 +147,25 @@ def apply(args: argparse.Namespace) -> None:
     preset's image size and the real queries."""
     if args.host_bound:
         sizes = host_bound_sizes(args.depth_divisor)
+    elif args.full_size:
+        sizes = full_sizes(args.depth_divisor)
     else:
-        sizes = full_sizes(args.depth_divisor) if args.full_size else scaled_sizes()
+        sizes = scaled_sizes()
     for key, value in sizes.items():
         setattr(args, key, value)
     args.image_size = HOST_BOUND_IMAGE_SIZE if args.host_bound else IMAGE_SIZE
     args.num_queries = NUM_QUERIES
     if args.micro_batch_size is None:
         args.micro_batch_size = MICRO_BATCH_SIZE
+
+
+def describe_preset(args: argparse.Namespace) -> Optional[str]:
+    """The one-line description of the size preset a benchmark's parsed flags name, None without one."""
+    if args.host_bound:
+        return describe_host_bound(args.depth_divisor)
+    if args.full_size:
+        return describe_full(args.depth_divisor)
+    return describe() if args.real_proportions else None
 
 
 def sd3_vae_config(blocks: Sequence[int], layers_per_block: int, image_size: int) -> Dict[str, Any]:
