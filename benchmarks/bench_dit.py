@@ -97,12 +97,13 @@ def _build_models(args, dtype, device):
     initialize(seed=0)
     torch.manual_seed(0)
     hidden = args.num_heads * args.head_dim
-    ref = SD3Transformer2DModel(
-        sample_size=args.latent_size, patch_size=2, in_channels=16, out_channels=16, num_layers=args.num_layers,
-        attention_head_dim=args.head_dim, num_attention_heads=args.num_heads,
-        joint_attention_dim=args.joint_attention_dim, caption_projection_dim=hidden,
-        pooled_projection_dim=args.pooled_dim, pos_embed_max_size=max(96, args.latent_size),
-    ).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialised where it runs (on the host SD3-medium's 2 B parameters take ~20 s)
+        ref = SD3Transformer2DModel(
+            sample_size=args.latent_size, patch_size=2, in_channels=16, out_channels=16, num_layers=args.num_layers,
+            attention_head_dim=args.head_dim, num_attention_heads=args.num_heads,
+            joint_attention_dim=args.joint_attention_dim, caption_projection_dim=hidden,
+            pooled_projection_dim=args.pooled_dim, pos_embed_max_size=max(96, args.latent_size),
+        ).to(dtype=dtype)
     config = DiTConfig.from_diffusers(dict(ref.config))
     tc = config.to_transformer_config(params_dtype=dtype)
     ours = build_dit(config, transformer_config=tc, transformer_impl=args.transformer_impl, device=device,

@@ -56,7 +56,7 @@ import time
 import warnings
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 warnings.filterwarnings("ignore")
 
@@ -356,17 +356,25 @@ class Variants:
         return self.reference_trainer.step([_without_moments(batch) for batch in cycle])
 
 
-def build_variants(args: argparse.Namespace, root: Path) -> Variants:
+def build_variants(args: argparse.Namespace, root: Path, start: Optional[float] = None) -> Variants:
     """The dataset under ``root`` (latents cached when the lever is on), our ``Trainer`` from ``_flags`` and the
-    reference assembly holding the same weights, both in training mode."""
+    reference assembly holding the same weights, both in training mode; a progress line per part when ``start``
+    (a ``time.perf_counter`` reading) is given."""
+    def done(part: str) -> None:
+        if start is not None:
+            _progress(part, start)
+
     from megatron_puffin.config import parse_args
     from megatron_puffin.testing.reference_puffin import build_puffin_pair
     from megatron_puffin.training.loop import Trainer
 
     paths = make_dataset(root, args)
+    done("dataset rendered and preprocessed")
     if "cached-latents" in args.levers:
         _cache_latents(args, paths)
+        done("latents cached")
     trainer = Trainer(parse_args(_flags(args, paths)))
+    done("our Trainer built")
     # The reference assembly with the same weights: build_puffin_pair converts the reference's towers into a
     # second model of ours, whose weights ours then loads (vision tower copied, VAE shared by value).
     twin, reference = build_puffin_pair(trainer.config, seed=args.seed, attn_implementation=args.hf_attn)
@@ -377,6 +385,7 @@ def build_variants(args: argparse.Namespace, root: Path) -> Variants:
     if trainer.model.vae is not None:
         reference._vae = [copy.deepcopy(trainer.model.vae.vae)]
     del twin
+    done("reference assembly built with the same weights")
     variants = Variants(trainer, reference, ReferenceTrainer(reference, trainer.args.training), _OurTimer(trainer),
                         iter(trainer.loader))
     trainer.ddp.train()
@@ -400,9 +409,9 @@ def _warm_up(variants: Variants, args) -> Dict[str, Any]:
     return measured
 
 
-def _timed_blocks(variants: Variants, args) -> Dict[str, Any]:
+def _timed_blocks(variants: Variants, args, start: float) -> Dict[str, Any]:
     """``--blocks`` blocks of ``--steps-per-block`` steps per variant, taking turns; per-block stats, each with
-    the matmul rate measured right before it."""
+    the matmul rate measured right before it; a progress line per block (``start``: the run's first reading)."""
     from megatron_puffin.training.flops import micro_batch_flops
 
     config, trainable = variants.trainer.config, variants.trainer.trainable
@@ -420,6 +429,7 @@ def _timed_blocks(variants: Variants, args) -> Dict[str, Any]:
             step = variants.our_step if name == "ours" else variants.reference_step
             peaks.append(_matmul_rate(args))
             blocks[name].append(_block_stats([step(cycle) for cycle in cycles], cycles, flops[name], peaks[-1]))
+        _progress(f"timed block {block + 1} of {args.blocks} per variant done", start)
     seq = {batch["task"]: int(batch["input_ids"].shape[1]) for cycle in cycles for batch in cycle}
     medians = {name: {key: statistics.median(b[key] for b in values) for key in values[0]}
                for name, values in blocks.items()}
@@ -457,13 +467,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
         start = time.perf_counter()
-        variants = build_variants(args, Path(tmp))
+        variants = build_variants(args, Path(tmp), start)
         trainer = variants.trainer
-        _progress("data and both variants built", start)
         result: Dict[str, Any] = _warm_up(variants, args)
         _progress(f"{args.warmup_steps} warm-up step(s) per variant done", start)
-        result.update(_timed_blocks(variants, args))
-        _progress(f"{args.blocks} timed block(s) per variant done", start)
+        result.update(_timed_blocks(variants, args, start))
         result["config"], result["tasks"] = trainer.config, list(trainer.tasks)
         result["activation_estimates"] = _activation_estimates(trainer, result["first_cycle"])
         # Model FLOP shares, the VAE included (batches with cached moments would count it as not run).
