@@ -4,7 +4,7 @@
 # at once) against the reference assembly trained as DeepSpeed's bf16 mode does; each without and with --compile,
 # in bf16.
 #   bash benchmarks/gpu_bench.sh [dit] [training]      # default: both parts
-# Prints each benchmark's ratio lines. Measured on one H200: 7.8 minutes (DiT 46 + 104 s, training 137 + 181 s).
+# Prints each benchmark's ratio lines. Measured on a fresh H200: 6 min 45 s (DiT 40 + 106 s, training 88 + 168 s).
 set -uo pipefail
 PY="${PYTHON:-python3}"  # the interpreter of the project's environment (PYTHON=... to choose another)
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"

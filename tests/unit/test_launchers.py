@@ -365,3 +365,25 @@ def test_sourcing_the_bootstrap_leaves_the_callers_shell_options_alone(tmp_path)
     assert "alive" in lines and "rc=0" not in lines, result.stdout + result.stderr
     assert any(line.split() == ["nounset", "on"] for line in lines)  # the caller's own option is kept
     assert any(line.split() == ["errexit", "off"] for line in lines)
+
+
+# -- benchmarks/gpu_check.sh ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_tests", [False, True], ids=["benchmarks", "with_tests"])
+def test_gpu_check_runs_the_benchmarks_and_the_gpu_tests_only_when_asked(tmp_path, with_tests):
+    """The interpreter is a stand-in recording each call (every one succeeds, as on a GPU machine): gpu_check.py
+    gets the flags meant for it, never --with-tests; both benchmarks run; pytest tests/gpu only with --with-tests."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "$*" >> "$FAKE_RECORD"\n')
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "FAKE_RECORD": str(tmp_path / "record"),
+           "PYTHON": str(fake)}
+    flags = ["--with-tests"] * with_tests + ["--batch", "2"]
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), *flags], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = recorded(tmp_path)
+    assert calls[0] == "benchmarks/gpu_check.py --batch 2"
+    assert sum("benchmarks/bench_dit.py" in call for call in calls) == 2  # eager and --compile
+    assert sum("benchmarks/bench_training.py --full-size" in call for call in calls) == 2  # levers off and on
+    assert ("-m pytest tests/gpu -q -rs" in calls) == with_tests
+    assert ("== tests/gpu" in result.stdout) == with_tests and "status 0" in result.stdout
