@@ -360,13 +360,13 @@ def build_variants(args: argparse.Namespace, root: Path, start: Optional[float] 
     """The dataset under ``root`` (latents cached when the lever is on), our ``Trainer`` from ``_flags`` and the
     reference assembly holding the same weights, both in training mode; a progress line per part when ``start``
     (a ``time.perf_counter`` reading) is given."""
-    def done(part: str) -> None:
-        if start is not None:
-            _progress(part, start)
-
     from megatron_puffin.config import parse_args
     from megatron_puffin.testing.reference_puffin import build_puffin_pair
     from megatron_puffin.training.loop import Trainer
+
+    def done(part: str) -> None:
+        if start is not None:
+            _progress(part, start)
 
     paths = make_dataset(root, args)
     done("dataset rendered and preprocessed")
