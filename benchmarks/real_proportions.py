@@ -93,7 +93,7 @@ def host_bound_sizes(depth_divisor: int = 1) -> Dict[str, Any]:
     then takes microseconds, so a micro-batch's time is the host's: Python, dispatch and autograd per operator, the
     cost that decides an eager step on a GPU when its kernels are shorter than their launch path (micro-batch 2 on
     an H200). The numbers the towers compute are meaningless at this width; the operators each side issues are the
-    full model's."""
+    full model's. Ours runs as on a GPU without apex: no fused weight-gradient accumulation (bench_training)."""
     sizes = full_sizes(depth_divisor)
     width = HOST_BOUND_WIDTH
     sizes.update(llm_hidden=width, llm_heads=2, llm_kv_heads=1, llm_ffn=2 * width, llm_vocab=None,
@@ -110,7 +110,8 @@ def describe_host_bound(depth_divisor: int) -> str:
     return (f"host-bound: the operators of --full-size --depth-divisor {depth_divisor} ({sizes['llm_layers']} / "
             f"{sizes['vision_layers']} / {sizes['connector_layers']} / {sizes['dit_layers']} layers of LLM / RADIO / "
             f"connectors / MMDiT, {NUM_QUERIES} queries, SD3 VAE levels) at width {HOST_BOUND_WIDTH} and "
-            f"{HOST_BOUND_IMAGE_SIZE}^2 images: the time is the host's per-operator cost, not the kernels'")
+            f"{HOST_BOUND_IMAGE_SIZE}^2 images, ours without fused weight-gradient accumulation (as on a GPU "
+            "without apex): the time is the host's per-operator cost, not the kernels'")
 
 
 def describe_full(depth_divisor: int) -> str:

@@ -14,6 +14,7 @@ each patch is still needed. The table (:data:`PATCHES`) gives each patch's reaso
 (distributed-optimizer checkpoint bugs of megatron-core 0.16.1), :mod:`megatron_puffin.training.fsdp2_checkpoint`
 (FSDP2 checkpoint records), :mod:`megatron_puffin.models.llm.rope` (RoPE without per-layer recomputation),
 :mod:`megatron_puffin.training.wgrad_accumulation` (weight gradients into the gradient buffer on CPU),
+:mod:`megatron_puffin.models.common.plain_linear` (linear layers at TP=1 as one ``F.linear``),
 :mod:`megatron_puffin.training.save_queue` (the lifetime of the checkpoint write-results queue's process) and,
 for the one-line row-parallel fix, here. See
 docs/megatron_patches.md.
@@ -116,6 +117,15 @@ def _rope_cos_sin_once() -> List[Replacement]:
     from megatron_puffin.models.llm.rope import make_apply_rotary_pos_emb
 
     return [(attention, "apply_rotary_pos_emb", make_apply_rotary_pos_emb(attention.apply_rotary_pos_emb))]
+
+
+def _plain_linear_at_tp1() -> List[Replacement]:
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_puffin.models.common.plain_linear import make_forwards
+
+    column, row = make_forwards(ColumnParallelLinear.forward, RowParallelLinear.forward)
+    return [(ColumnParallelLinear, "forward", column), (RowParallelLinear, "forward", row)]
 
 
 def _save_queue_lifetime() -> List[Replacement]:
@@ -238,6 +248,16 @@ PATCHES: Tuple[MegatronPatch, ...] = (
         "outside inference; the replacement computes cos/sin once per angle tensor (once per forward) and skips "
         "the copy, bit-identical; other RoPE variants go to megatron-core's function",
         _always, _rope_cos_sin_once,
+    ),
+    MegatronPatch(
+        "PLAIN_LINEAR_AT_TP1",
+        "at tensor-parallel size 1 ColumnParallelLinear / RowParallelLinear still run two identity autograd "
+        "functions (the region copy and reduce), their own Python autograd function for the product behind autocast "
+        "wrappers and a separate bias add: about 245 us more host time per forward + backward than nn.Linear, "
+        "which an eager GPU step at small micro-batches waits on; a call that is the product and the bias alone "
+        "(TP 1, no sequence parallelism, no fused weight-gradient accumulation, no deferred weight gradients, no "
+        "offloading, not while torch.compile traces) is F.linear, every other call megatron-core's forward",
+        _always, _plain_linear_at_tp1,
     ),
     MegatronPatch(
         "CPU_WGRAD_ACCUMULATION",

@@ -1,5 +1,6 @@
 """Speed patches of megatron-core (megatron_puffin.platform): each is still needed (megatron-core's own call site
 does the extra work with the patch off) and changes no number."""
+import contextlib
 from collections import Counter
 
 import pytest
@@ -61,3 +62,65 @@ def test_rope_replacement_leaves_other_variants_to_megatron_core(single_process)
     full = torch.randn(5, 2, 1, 16)
     assert torch.equal(replacement(t, full, config, mscale=0.5), replacement.original(t, full, config, mscale=0.5))
     assert torch.equal(replacement(t, full, config), replacement.original(t, full, config))
+
+
+def test_plain_linear_at_tp1_is_still_needed_and_changes_no_number(single_process):
+    """Through a 3-layer LLM at TP=1: megatron-core's forward runs its own autograd function and the two region
+    functions in every one of the 12 layer linears; patched, those 12 are one aten::linear each (the tied output
+    layer, fed the embedding's weight, stays megatron-core's), with the same logits and gradients."""
+    assert "PLAIN_LINEAR_AT_TP1" in platform.applied()
+    num_layers = 3
+    model = build_llm(tiny_llm_config(num_layers=num_layers), pg_collection=single_process)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, 250, (2, 11), generator=generator)
+    position_ids = torch.arange(11).expand(2, 11)
+    patched = _profiled_fwd_bwd(model, input_ids, position_ids)
+    with platform.unpatched("PLAIN_LINEAR_AT_TP1"):
+        original = _profiled_fwd_bwd(model, input_ids, position_ids)
+    megatron_linear = "autograd::engine::evaluate_function: LinearWithGradAccumulationAndAsyncCommunicationBackward"
+    layer_linears = 4 * num_layers  # qkv, proj, fc1, fc2
+    assert original[2][megatron_linear] == layer_linears + 1 and original[2]["aten::linear"] == 0
+    assert patched[2][megatron_linear] == 1 and patched[2]["aten::linear"] == layer_linears
+    for region in ("_CopyToModelParallelRegion", "_ReduceFromModelParallelRegion"):
+        assert original[2][region] - patched[2][region] == layer_linears // 2
+    torch.testing.assert_close(patched[0], original[0], rtol=1e-6, atol=1e-7)
+    for name, grad in original[1].items():
+        torch.testing.assert_close(patched[1][name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("skip_bias_add", [False, True], ids=["bias_added", "bias_returned"])
+def test_plain_linear_returns_what_megatron_core_returns(single_process, skip_bias_add):
+    """Both layer kinds, bias added or handed back (skip_bias_add): the same (output, output_bias) and gradients;
+    a call that is not plain (fused weight-gradient accumulation, sequence parallelism, an external weight) is
+    megatron-core's own forward."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_puffin.models.common.plain_linear import is_plain
+
+    config = tiny_llm_config(num_layers=1).to_transformer_config()
+    init = torch.nn.init.normal_
+    layers = [ColumnParallelLinear(16, 24, config=config, init_method=init, bias=True, gather_output=False,
+                                   skip_bias_add=skip_bias_add, tp_group=single_process.tp),
+              RowParallelLinear(16, 24, config=config, init_method=init, bias=True, input_is_parallel=True,
+                                skip_bias_add=skip_bias_add, tp_group=single_process.tp)]
+    x = torch.randn(5, 2, 16, generator=torch.Generator().manual_seed(1))
+    for layer in layers:
+        assert is_plain(layer)
+        results = []
+        for patch_on in (True, False):
+            layer.zero_grad(set_to_none=True)
+            with contextlib.nullcontext() if patch_on else platform.unpatched("PLAIN_LINEAR_AT_TP1"):
+                output, output_bias = layer(x)
+            assert (output_bias is layer.bias) if skip_bias_add else output_bias is None
+            (output * torch.linspace(-1, 1, 24)).sum().backward()
+            results.append((output.detach(), layer.weight.grad.clone()))
+        torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
+        layer.gradient_accumulation_fusion = True
+        assert not is_plain(layer)
+        layer.gradient_accumulation_fusion = False
+        layer.sequence_parallel = True
+        assert not is_plain(layer)
+        layer.sequence_parallel = False
+    external = torch.randn(24, 16)  # the tied output layer's way: megatron-core's forward, external weight used
+    torch.testing.assert_close(layers[0](x, weight=external)[0][..., :3],
+                               (x @ external.t() + (0 if skip_bias_add else layers[0].bias))[..., :3])
