@@ -32,7 +32,8 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 # puffin_bench_common (next to this script) comes first: importing it puts tests/ on sys.path for helpers.
-from puffin_bench_common import add_common_run_args, add_data_and_model_args, make_dataset  # noqa: E402
+from puffin_bench_common import (  # noqa: E402
+    add_common_run_args, add_data_and_model_args, make_dataset, resolve_sizes)
 from bench_puffin import _config  # noqa: E402
 
 import megatron_puffin.distributed as mpd  # noqa: E402
@@ -54,7 +55,9 @@ def _parse_args() -> argparse.Namespace:
     group.add_argument("--steps", type=positive_int, default=10, help="Euler steps per image (Puffin: 50)")
     group.add_argument("--repeats", type=positive_int, default=3)
     add_common_run_args(group, loss_tolerance=0.0, loss_tolerance_help="unused")
-    return parser.parse_args()
+    args = parser.parse_args()
+    resolve_sizes(args)  # the derived sizes (and a size preset), as bench_puffin.py does
+    return args
 
 
 def _median_times(functions, repeats: int):

@@ -142,6 +142,7 @@ def test_host_bound_preset_runs_both_sides_on_every_task(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert "levers: none" in lines[0] and lines[1].startswith("host-bound: the operators of --full-size"), lines
+    assert "ours without fused weight-gradient accumulation" in lines[1]
     rows = {line.split()[0]: line.split() for line in lines[3:9]}
     assert set(rows) == {"image2text", "image2text_cross_view", "text2text", "text2image", "cam2image", "image2image"}
     assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows.values())
@@ -172,3 +173,20 @@ def test_targets_are_the_ones_of_the_run_s_setting(capsys):
     assert len(gpu) == 2 and "overall >= 1.2x (GPU)" in gpu[0] and " met (overall 1.25" in gpu[0]
     assert targets(host_bound=True) == ["targets: not evaluated (--host-bound measures the host's cost per operator; "
                                         "the targets are for --real-proportions on a CPU and --full-size on a GPU)"]
+
+
+def test_inference_benchmark_runs_with_the_sizes_it_derives(tmp_path):
+    """``bench_inference.py`` with the model sizes it derives itself (a run once stopped on a size left None): both
+    decoders give the same tokens and both image pipelines run (one prompt, two tokens, one image, one step)."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONHASHSEED="0", CUDA_VISIBLE_DEVICES="", TMPDIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, str(root / "benchmarks" / "bench_inference.py"), "--prompts", "1", "--new-tokens", "2",
+               "--images", "1", "--steps", "1", "--repeats", "1", "--num-samples", "8"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tokens identical to transformers: True" in result.stdout, result.stdout
+    assert "ratio reference / ours" in result.stdout.splitlines()[-1], result.stdout
