@@ -29,19 +29,24 @@ def _profiled_fwd_bwd(model, input_ids, position_ids):
     return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}, counts
 
 
-def test_rope_cos_sin_once_is_still_needed_and_bit_identical(single_process):
-    """Through SelfAttention.forward of a 3-layer LLM: megatron-core's RoPE takes cos and sin twice per layer
-    (query, key) and copies both; patched, once per forward and one cat fewer per call (rotate_half's remains),
-    with identical logits and gradients (torch.equal)."""
-    assert "ROPE_COS_SIN_ONCE" in platform.applied()
-    num_layers = 3
-    model = build_llm(tiny_llm_config(num_layers=num_layers), pg_collection=single_process)
+def _with_and_without(patch: str, groups, num_layers: int):
+    """``_profiled_fwd_bwd`` of one LLM of ``num_layers`` layers on one batch, with ``patch`` and without it."""
+    assert patch in platform.applied()
+    model = build_llm(tiny_llm_config(num_layers=num_layers), pg_collection=groups)
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, 250, (2, 11), generator=generator)
     position_ids = torch.arange(11).expand(2, 11)
     patched = _profiled_fwd_bwd(model, input_ids, position_ids)
-    with platform.unpatched("ROPE_COS_SIN_ONCE"):
-        original = _profiled_fwd_bwd(model, input_ids, position_ids)
+    with platform.unpatched(patch):
+        return patched, _profiled_fwd_bwd(model, input_ids, position_ids)
+
+
+def test_rope_cos_sin_once_is_still_needed_and_bit_identical(single_process):
+    """Through SelfAttention.forward of a 3-layer LLM: megatron-core's RoPE takes cos and sin twice per layer
+    (query, key) and copies both; patched, once per forward and one cat fewer per call (rotate_half's remains),
+    with identical logits and gradients (torch.equal)."""
+    num_layers = 3
+    patched, original = _with_and_without("ROPE_COS_SIN_ONCE", single_process, num_layers)
     assert original[2]["aten::cos"] == original[2]["aten::sin"] == 2 * num_layers
     assert patched[2]["aten::cos"] == patched[2]["aten::sin"] == 1
     assert original[2]["aten::cat"] - patched[2]["aten::cat"] == 2 * num_layers
@@ -68,15 +73,8 @@ def test_plain_linear_at_tp1_is_still_needed_and_changes_no_number(single_proces
     """Through a 3-layer LLM at TP=1: megatron-core's forward runs its own autograd function and the two region
     functions in every one of the 12 layer linears; patched, those 12 are one aten::linear each (the tied output
     layer, fed the embedding's weight, stays megatron-core's), with the same logits and gradients."""
-    assert "PLAIN_LINEAR_AT_TP1" in platform.applied()
     num_layers = 3
-    model = build_llm(tiny_llm_config(num_layers=num_layers), pg_collection=single_process)
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, 250, (2, 11), generator=generator)
-    position_ids = torch.arange(11).expand(2, 11)
-    patched = _profiled_fwd_bwd(model, input_ids, position_ids)
-    with platform.unpatched("PLAIN_LINEAR_AT_TP1"):
-        original = _profiled_fwd_bwd(model, input_ids, position_ids)
+    patched, original = _with_and_without("PLAIN_LINEAR_AT_TP1", single_process, num_layers)
     megatron_linear = "autograd::engine::evaluate_function: LinearWithGradAccumulationAndAsyncCommunicationBackward"
     layer_linears = 4 * num_layers  # qkv, proj, fc1, fc2
     assert original[2][megatron_linear] == layer_linears + 1 and original[2]["aten::linear"] == 0
