@@ -356,14 +356,13 @@ class Variants:
         return self.reference_trainer.step([_without_moments(batch) for batch in cycle])
 
 
-def _unfuse_weight_gradients(trainer) -> int:
+def _unfuse_weight_gradients(trainer) -> None:
     """``--host-bound`` stands in for an eager GPU step, and a GPU without apex has no fused weight-gradient
     accumulation: the layers the Trainer switched to the CPU's (``training.wgrad_accumulation``) are switched back,
-    so each runs as on that GPU (at TP=1 one ``F.linear``, patch ``PLAIN_LINEAR_AT_TP1``). Returns how many."""
-    switched = [module for module in trainer.model.modules() if getattr(module, "gradient_accumulation_fusion", False)]
-    for module in switched:
-        module.gradient_accumulation_fusion = False
-    return len(switched)
+    so each runs as on that GPU (at TP=1 one ``F.linear``, patch ``PLAIN_LINEAR_AT_TP1``)."""
+    for module in trainer.model.modules():
+        if getattr(module, "gradient_accumulation_fusion", False):
+            module.gradient_accumulation_fusion = False
 
 
 def build_variants(args: argparse.Namespace, root: Path, start: Optional[float] = None) -> Variants:

@@ -104,12 +104,17 @@ def host_bound_sizes(depth_divisor: int = 1) -> Dict[str, Any]:
     return sizes
 
 
+def _layer_counts(sizes: Mapping[str, Any]) -> str:
+    """"LLM / RADIO / connectors / MMDiT" layer counts of a sizes dict, e.g. "14 / 16 / 3 / 12"."""
+    return " / ".join(str(sizes[f"{tower}_layers"]) for tower in ("llm", "vision", "connector", "dit"))
+
+
 def describe_host_bound(depth_divisor: int) -> str:
     """One line stating the ``--host-bound`` configuration."""
     sizes = host_bound_sizes(depth_divisor)
-    return (f"host-bound: the operators of --full-size --depth-divisor {depth_divisor} ({sizes['llm_layers']} / "
-            f"{sizes['vision_layers']} / {sizes['connector_layers']} / {sizes['dit_layers']} layers of LLM / RADIO / "
-            f"connectors / MMDiT, {NUM_QUERIES} queries, SD3 VAE levels) at width {HOST_BOUND_WIDTH} and "
+    return (f"host-bound: the operators of --full-size --depth-divisor {depth_divisor} ({_layer_counts(sizes)} "
+            f"layers of LLM / RADIO / connectors / MMDiT, {NUM_QUERIES} queries, SD3 VAE levels) at width "
+            f"{HOST_BOUND_WIDTH} and "
             f"{HOST_BOUND_IMAGE_SIZE}^2 images, ours without fused weight-gradient accumulation (as on a GPU "
             "without apex): the time is the host's per-operator cost, not the kernels'")
 
@@ -120,9 +125,8 @@ def describe_full(depth_divisor: int) -> str:
     return (f"full size: {IMAGE_SIZE}^2 images, {NUM_QUERIES} queries, released widths and heads (LLM "
             f"{sizes['llm_hidden']} x {sizes['llm_heads']} heads, vocab {sizes['llm_vocab']}; RADIO "
             f"{sizes['vision_hidden']}; connectors {sizes['connector_hidden']}; MMDiT {sizes['dit_heads']} x "
-            f"{sizes['dit_head_dim']}; SD3 VAE), depth / {depth_divisor}: {sizes['llm_layers']} / "
-            f"{sizes['vision_layers']} / {sizes['connector_layers']} / {sizes['dit_layers']} layers (LLM / RADIO / "
-            f"connectors / MMDiT; released 28 / 32 / 6 / 24)")
+            f"{sizes['dit_head_dim']}; SD3 VAE), depth / {depth_divisor}: {_layer_counts(sizes)} layers (LLM / "
+            f"RADIO / connectors / MMDiT; released {_layer_counts(FULL_SIZES)})")
 
 
 def describe() -> str:

@@ -127,19 +127,25 @@ def test_out_of_memory_while_building_or_training_is_one_line(monkeypatch):
         str(stopped.value)
 
 
-def test_host_bound_preset_runs_both_sides_on_every_task(tmp_path):
-    """``bench_micro_batches.py --host-bound``: the --full-size layer structure at tiny widths builds, both sides
-    train one micro-batch of each of the six tasks, and the table names every task (a CPU run, any host)."""
+def _run_benchmark(tmp_path, script: str, *flags: str):
+    """``benchmarks/<script> FLAGS`` as a CPU command from the repository root; asserts it exited 0."""
     import os
     import subprocess
 
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONHASHSEED="0", CUDA_VISIBLE_DEVICES="", TMPDIR=str(tmp_path),
                PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, str(root / "benchmarks" / "bench_micro_batches.py"), "--host-bound", "--depth-divisor",
-               "8", "--turns", "1", "--warmup-steps", "1", "--num-samples", "8", "--clock", "cpu"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=root)
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / script), *flags], capture_output=True,
+                            text=True, env=env, timeout=600, cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_host_bound_preset_runs_both_sides_on_every_task(tmp_path):
+    """``bench_micro_batches.py --host-bound``: the --full-size layer structure at tiny widths builds, both sides
+    train one micro-batch of each of the six tasks, and the table names every task (a CPU run, any host)."""
+    result = _run_benchmark(tmp_path, "bench_micro_batches.py", "--host-bound", "--depth-divisor", "8", "--turns", "1",
+                            "--warmup-steps", "1", "--num-samples", "8", "--clock", "cpu")
     lines = result.stdout.splitlines()
     assert "levers: none" in lines[0] and lines[1].startswith("host-bound: the operators of --full-size"), lines
     assert "ours without fused weight-gradient accumulation" in lines[1]
@@ -178,15 +184,7 @@ def test_targets_are_the_ones_of_the_run_s_setting(capsys):
 def test_inference_benchmark_runs_with_the_sizes_it_derives(tmp_path):
     """``bench_inference.py`` with the model sizes it derives itself (a run once stopped on a size left None): both
     decoders give the same tokens and both image pipelines run (one prompt, two tokens, one image, one step)."""
-    import os
-    import subprocess
-
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, PYTHONHASHSEED="0", CUDA_VISIBLE_DEVICES="", TMPDIR=str(tmp_path),
-               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, str(root / "benchmarks" / "bench_inference.py"), "--prompts", "1", "--new-tokens", "2",
-               "--images", "1", "--steps", "1", "--repeats", "1", "--num-samples", "8"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=root)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run_benchmark(tmp_path, "bench_inference.py", "--prompts", "1", "--new-tokens", "2", "--images", "1",
+                            "--steps", "1", "--repeats", "1", "--num-samples", "8")
     assert "tokens identical to transformers: True" in result.stdout, result.stdout
     assert "ratio reference / ours" in result.stdout.splitlines()[-1], result.stdout
