@@ -356,15 +356,6 @@ class Variants:
         return self.reference_trainer.step([_without_moments(batch) for batch in cycle])
 
 
-def _unfuse_weight_gradients(trainer) -> None:
-    """``--host-bound`` stands in for an eager GPU step, and a GPU without apex has no fused weight-gradient
-    accumulation: the layers the Trainer switched to the CPU's (``training.wgrad_accumulation``) are switched back,
-    so each runs as on that GPU (at TP=1 one ``F.linear``, patch ``PLAIN_LINEAR_AT_TP1``)."""
-    for module in trainer.model.modules():
-        if getattr(module, "gradient_accumulation_fusion", False):
-            module.gradient_accumulation_fusion = False
-
-
 def build_variants(args: argparse.Namespace, root: Path, start: Optional[float] = None) -> Variants:
     """The dataset under ``root`` (latents cached when the lever is on), our ``Trainer`` from ``_flags`` and the
     reference assembly holding the same weights, both in training mode; a progress line per part when ``start``
@@ -383,8 +374,6 @@ def build_variants(args: argparse.Namespace, root: Path, start: Optional[float] 
         _cache_latents(args, paths)
         done("latents cached")
     trainer = Trainer(parse_args(_flags(args, paths)))
-    if args.host_bound:
-        _unfuse_weight_gradients(trainer)
     done("our Trainer built")
     # The reference assembly with the same weights: build_puffin_pair converts the reference's towers into a
     # second model of ours, whose weights ours then loads (vision tower copied, VAE shared by value).

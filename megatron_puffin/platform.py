@@ -325,6 +325,12 @@ def applied() -> List[str]:
     return list(_APPLIED)
 
 
+def in_place(name: str) -> bool:
+    """Whether the patch ``name`` was applied and its replacements are in place now (not inside :func:`unpatched`)."""
+    return name in _APPLIED and all(_current(owner, attribute) is not original
+                                    for owner, attribute, original in _APPLIED[name])
+
+
 def is_set_up() -> bool:
     """Whether :func:`setup` ran in this process."""
     return _STATE["set_up"]

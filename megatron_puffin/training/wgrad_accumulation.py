@@ -8,7 +8,11 @@ itself (apex's ``fused_weight_gradient_mlp_cuda``; GPU only). On CPU the same GE
 ``main_grad.addmm_(grad_output.t(), input)`` (BLAS with beta 1): :data:`CPU_WGRAD_KERNELS` stands in for the apex
 module (patch ``CPU_WGRAD_ACCUMULATION`` of :mod:`megatron_puffin.platform`, applied without CUDA when apex's
 module is missing), and :func:`enable_gradient_accumulation_fusion` switches the layers of a megatron-core
-``DistributedDataParallel`` model to it.
+``DistributedDataParallel`` model to it where megatron-core's linear function runs anyway: at tensor-parallel size 1
+without sequence parallelism a layer is one ``F.linear`` instead (patch ``PLAIN_LINEAR_AT_TP1``), measured 2-3 %
+faster per generation micro-batch at real proportions than the fused path, whose Python autograd function and
+separate bias add cost more than the weight-sized temporary and the buffer ``add_`` it saves (round 15 of
+docs/performance.md).
 
 The gradients equal the unfused ones within fp32 rounding (the product is added to the buffer inside the GEMM
 instead of after it; ``tests/unit/test_wgrad_accumulation.py``). On a GPU nothing changes: the patch does not
@@ -62,7 +66,8 @@ def enable_gradient_accumulation_fusion(ddp: torch.nn.Module) -> int:
     ``DistributedDataParallel`` model whose own weight trains in the gradient buffer to fused weight-gradient
     accumulation (the layer's ``gradient_accumulation_fusion``, what ``TransformerConfig.gradient_accumulation_fusion``
     sets at construction). Only where the CPU stand-in is applied; layers fed an external weight (the tied output
-    layer) keep the unfused path. Not for ``torch.compile``d layers (dynamo cannot trace the in-place update of the
+    layer) keep the unfused path, and layers that run as one ``F.linear`` (patch ``PLAIN_LINEAR_AT_TP1``: TP=1, no
+    sequence parallelism) stay so. Not for ``torch.compile``d layers (dynamo cannot trace the in-place update of the
     buffer from the layer's backward): the caller skips it under ``--compile``.
 
     Returns:
@@ -72,14 +77,16 @@ def enable_gradient_accumulation_fusion(ddp: torch.nn.Module) -> int:
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     from megatron_puffin import platform
+    from megatron_puffin.models.common.plain_linear import is_plain
 
     if PATCH_NAME not in platform.applied() or not isinstance(ddp, DistributedDataParallel):
         return 0
+    plain = platform.in_place("PLAIN_LINEAR_AT_TP1")
     switched = 0
     for module in ddp.module.modules():
         weight = getattr(module, "weight", None)
         if (isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and weight is not None
-                and weight.requires_grad and hasattr(weight, "main_grad")):
+                and weight.requires_grad and hasattr(weight, "main_grad") and not (plain and is_plain(module))):
             module.gradient_accumulation_fusion = True
             switched += 1
     logger.info("weight gradients of %d linear layers accumulate into the gradient buffer (%s)", switched, PATCH_NAME)

@@ -200,8 +200,8 @@ def _row_parallel_linear():
 def test_row_parallel_linear_passes_its_group_so_compiled_layers_do_not_break_their_graph():
     """megatron-core's RowParallelLinear still hands tp_group=None to its linear function (a DeprecationWarning from
     get_tensor_model_parallel_group_if_none, which dynamo cannot trace); patched, no warning and one graph. (At TP=1
-    an eager call is F.linear, PLAIN_LINEAR_AT_TP1, and never reaches the linear function: that patch is off here,
-    as it is while dynamo traces.)"""
+    a call is F.linear, PLAIN_LINEAR_AT_TP1, and never reaches the linear function: that patch is off here, as if
+    the layer were one of several tensor-parallel ranks.)"""
     layer, x = _row_parallel_linear(), torch.randn(3, 2, 8)
     with platform.unpatched("ROW_PARALLEL_TP_GROUP", "PLAIN_LINEAR_AT_TP1"), \
             pytest.warns(DeprecationWarning, match="tp_group is None"):
@@ -211,7 +211,7 @@ def test_row_parallel_linear_passes_its_group_so_compiled_layers_do_not_break_th
     with platform.unpatched("PLAIN_LINEAR_AT_TP1"), warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*tp_group is None.*")
         layer(x)
-    explanation = torch._dynamo.explain(layer)(x)
+        explanation = torch._dynamo.explain(layer)(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
 
 

@@ -122,3 +122,31 @@ def test_plain_linear_returns_what_megatron_core_returns(single_process, skip_bi
     external = torch.randn(24, 16)  # the tied output layer's way: megatron-core's forward, external weight used
     torch.testing.assert_close(layers[0](x, weight=external)[0][..., :3],
                                (x @ external.t() + (0 if skip_bias_add else layers[0].bias))[..., :3])
+
+
+def test_plain_linear_is_what_a_compiled_layer_traces(single_process):
+    """Under torch.compile (--compile) a TP=1 layer traces one F.linear: one graph, no break, no megatron-core
+    linear function in it; compiled calls equal eager ones. Two layers share the compiled code whether or not one
+    ran eagerly first (the single-rank flag it cached then is not read while dynamo traces: a guard on it made every
+    MMDiT block recompile once)."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    config = tiny_llm_config(num_layers=1).to_transformer_config()
+
+    def layer():
+        return ColumnParallelLinear(16, 24, config=config, init_method=torch.nn.init.normal_, bias=True,
+                                    gather_output=False, tp_group=single_process.tp)
+
+    x = torch.randn(5, 2, 16, generator=torch.Generator().manual_seed(2))
+    explanation = torch._dynamo.explain(layer())(x)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+    code = explanation.graphs[0].code
+    assert "linear" in code and "LinearWithGradAccumulation" not in code, code
+    torch._dynamo.reset()
+    ran_eagerly, fresh = layer(), layer()
+    ran_eagerly(x)
+    compiled = [torch.compile(module, backend="aot_eager") for module in (ran_eagerly, fresh)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outputs = [function(x)[0] for function in compiled for _ in range(2)]
+    for output, module in zip(outputs, (ran_eagerly, ran_eagerly, fresh, fresh)):
+        torch.testing.assert_close(output, module(x)[0], rtol=1e-6, atol=1e-7)

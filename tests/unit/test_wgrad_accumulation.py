@@ -32,22 +32,50 @@ def test_megatron_core_refuses_the_fusion_without_the_patch(tiny):
                                 tp_group=mpd.process_groups().tp).gradient_accumulation_fusion
 
 
+def _tiny_ddp(paths):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    from megatron_puffin.models.puffin import build_puffin
+
+    torch.manual_seed(0)
+    model = build_puffin(tiny_puffin_config(paths), pg_collection=mpd.process_groups())
+    model.train()
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    return model, ddp
+
+
+def test_plain_layers_stay_plain(tiny):
+    """At TP=1 a linear layer is one F.linear (patch PLAIN_LINEAR_AT_TP1), faster than the fused path on a CPU:
+    nothing is switched while that patch is in place, and every layer still is plain."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_puffin.models.common.plain_linear import is_plain
+
+    assert platform.in_place("PLAIN_LINEAR_AT_TP1")
+    model, ddp = _tiny_ddp(tiny)
+    assert enable_gradient_accumulation_fusion(ddp) == 0
+    linears = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))
+               and m.weight is not None]
+    assert len(linears) > 20 and all(is_plain(m) for m in linears)
+
+
 def test_gradients_equal_the_unfused_ones(tiny):
     """image2text then text2image (vision, LLM, connectors, MMDiT) through megatron-core's schedule and DDP,
     gradients accumulating over both: every gradient buffer entry equals the unfused run within fp32 rounding, the
     losses exactly; the tied output layer (an external weight) stays unfused, every other trainable linear is
-    switched. (The six-task equality of the towers' numbers is the golden-loss test's.)"""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    switched. megatron-core's own linear path, as layers at TP > 1 or with sequence parallelism run it (at TP=1
+    they are plain, above). (The six-task equality of the towers' numbers is the golden-loss test's.)"""
+    with platform.unpatched("PLAIN_LINEAR_AT_TP1"):
+        _fused_equals_unfused(tiny)
+
+
+def _fused_equals_unfused(tiny):
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-    from megatron_puffin.models.puffin import build_puffin
     from megatron_puffin.training.step import forward_backward
 
-    torch.manual_seed(0)
-    model = build_puffin(tiny_puffin_config(tiny), pg_collection=mpd.process_groups())
-    model.train()
-    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
-    model.config.finalize_model_grads_func = finalize_model_grads
+    model, ddp = _tiny_ddp(tiny)
     batches = task_batches(tiny, micro_batch_size=2)
     cycle = [batches[task][0] for task in ("image2text", "text2image")]
 

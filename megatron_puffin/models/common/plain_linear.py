@@ -11,11 +11,12 @@ depth calls such layers about 245 times.
 :func:`make_forwards` builds the replacements of both classes' ``forward`` (patch ``PLAIN_LINEAR_AT_TP1`` of
 :mod:`megatron_puffin.platform`): when the call is the product and the bias alone (:func:`is_plain`: TP=1, no
 sequence parallelism, no fused weight-gradient accumulation, no deferred weight gradients, no CPU offloading, no
-expert communication, the layer's own weight, not inside ``torch.compile``'s tracing, where the host cost is gone
-anyway and the graphs stay megatron-core's) it returns ``F.linear(input, weight, bias)``, whose autograd is torch's
+expert communication, the layer's own weight) it returns ``F.linear(input, weight, bias)``, whose autograd is torch's
 C++ one; every other call goes to megatron-core's forward. The products are the same; the bias is added inside the
 GEMM (as ``nn.Linear`` does) instead of after it, so results equal megatron-core's within rounding
-(``tests/unit/test_megatron_speed_patches.py``).
+(``tests/unit/test_megatron_speed_patches.py``). Inside ``torch.compile``'s tracing (``--compile``) the same rule
+holds: the graph then holds one ``addmm`` per layer instead of megatron-core's autograd function, its matmul and a
+separate bias add (round 15 of docs/performance.md: the compiled real-proportion MMDiT 6 % faster on a CPU).
 """
 from __future__ import annotations
 
@@ -28,7 +29,11 @@ _SINGLE_RANK = "_puffin_single_tp_rank"
 
 
 def _single_rank(layer: torch.nn.Module) -> bool:
-    """The layer's tensor-parallel group has one rank (kept on the layer: a group's size never changes)."""
+    """The layer's tensor-parallel group has one rank (kept on the layer: a group's size never changes; not while
+    dynamo traces, where writing the attribute would make the next call's guards fail and the layer recompile)."""
+    if torch.compiler.is_compiling():
+        group = getattr(layer, "tp_group", None)
+        return group is not None and group.size() == 1
     single = layer.__dict__.get(_SINGLE_RANK)
     if single is None:
         group = getattr(layer, "tp_group", None)
@@ -39,8 +44,6 @@ def _single_rank(layer: torch.nn.Module) -> bool:
 
 def is_plain(layer: torch.nn.Module) -> bool:
     """Whether megatron-core's forward of ``layer`` (column- or row-parallel) is ``F.linear`` on this call."""
-    if torch.compiler.is_compiling():
-        return False
     config = layer.config
     return (_single_rank(layer) and not layer.sequence_parallel and not layer.gradient_accumulation_fusion
             and not layer.explicit_expert_comm and not config.defer_embedding_wgrad_compute
