@@ -93,7 +93,8 @@ def host_bound_sizes(depth_divisor: int = 1) -> Dict[str, Any]:
     then takes microseconds, so a micro-batch's time is the host's: Python, dispatch and autograd per operator, the
     cost that decides an eager step on a GPU when its kernels are shorter than their launch path (micro-batch 2 on
     an H200). The numbers the towers compute are meaningless at this width; the operators each side issues are the
-    full model's. Ours runs as on a GPU without apex: no fused weight-gradient accumulation (bench_training)."""
+    full model's. Ours runs as on a GPU without apex: at TP=1 the Trainer fuses no weight-gradient accumulation
+    (its linear layers are one ``F.linear``, patch ``PLAIN_LINEAR_AT_TP1``)."""
     sizes = full_sizes(depth_divisor)
     width = HOST_BOUND_WIDTH
     sizes.update(llm_hidden=width, llm_heads=2, llm_kv_heads=1, llm_ffn=2 * width, llm_vocab=None,
@@ -114,9 +115,8 @@ def describe_host_bound(depth_divisor: int) -> str:
     sizes = host_bound_sizes(depth_divisor)
     return (f"host-bound: the operators of --full-size --depth-divisor {depth_divisor} ({_layer_counts(sizes)} "
             f"layers of LLM / RADIO / connectors / MMDiT, {NUM_QUERIES} queries, SD3 VAE levels) at width "
-            f"{HOST_BOUND_WIDTH} and "
-            f"{HOST_BOUND_IMAGE_SIZE}^2 images, ours without fused weight-gradient accumulation (as on a GPU "
-            "without apex): the time is the host's per-operator cost, not the kernels'")
+            f"{HOST_BOUND_WIDTH} and {HOST_BOUND_IMAGE_SIZE}^2 images, ours without fused weight-gradient "
+            "accumulation (as on a GPU without apex): the time is the host's per-operator cost, not the kernels'")
 
 
 def describe_full(depth_divisor: int) -> str:

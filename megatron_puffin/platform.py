@@ -256,7 +256,7 @@ PATCHES: Tuple[MegatronPatch, ...] = (
         "wrappers and a separate bias add: about 245 us more host time per forward + backward than nn.Linear, "
         "which an eager GPU step at small micro-batches waits on; a call that is the product and the bias alone "
         "(TP 1, no sequence parallelism, no fused weight-gradient accumulation, no deferred weight gradients, no "
-        "offloading, not while torch.compile traces) is F.linear, every other call megatron-core's forward",
+        "offloading) is F.linear, also in torch.compile's graphs; every other call megatron-core's forward",
         _always, _plain_linear_at_tp1,
     ),
     MegatronPatch(
