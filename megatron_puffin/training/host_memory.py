@@ -16,8 +16,10 @@ mapping; a thread's arena still falls back to ``mmap`` when its heap cannot grow
 ``M_TRIM_THRESHOLD`` = the largest value (the heap is never trimmed). The numbers computed do not change; the
 process's resident memory stays at its peak instead of shrinking between steps, as on a GPU. Process-wide, for the
 rest of the process (data-loader workers forked later inherit it). ``--host-malloc-cache``
-(``TrainingConfig.host_malloc_cache``, off by default) switches it on. Nothing happens where the C library is not
-glibc (macOS, musl) or on a GPU run, where the large buffers live in CUDA's caching allocator anyway.
+(``TrainingConfig.host_malloc_cache``, off by default) switches it on in training; ``tools/cache_latents.py`` applies
+it by default with ``--device cpu`` (1.48x through the tool at 512², ``docs/performance.md``). Nothing happens where
+the C library is not glibc (macOS, musl) or on a GPU run, where the large buffers live in CUDA's caching allocator
+anyway.
 """
 from __future__ import annotations
 
