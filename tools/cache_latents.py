@@ -10,7 +10,8 @@ loader's dynamic resize; camera maps at the target's size) and writes them as ex
 the manifest records the VAE (config + weights SHA-256), the resolution and the dtype (docs/performance.md).
 Re-running with the same VAE and flags skips finished shards; a shard holding latents of another VAE, resolution
 or dtype is an error unless --overwrite is given. For a random tiny VAE (--vae-config) give the
-training --seed: the VAE is drawn from it exactly as training draws it.
+training --seed: the VAE is drawn from it exactly as training draws it. On a CPU the tool keeps freed host memory for
+reuse (about 1.5x faster at 512^2, the same latents); --no-host-malloc-cache turns that off.
 
 Several GPUs: ``torchrun --nproc-per-node 8 tools/cache_latents.py ... --device cuda`` gives each process every
 8th shard (no process group, no shard shared) and the GPU of its LOCAL_RANK; each prints its own counts.
