@@ -93,13 +93,10 @@ def main(argv=None) -> int:
         print("error: " + "; ".join(errors), file=sys.stderr)
         return 2
 
-    if torch.device(args.device).type == "cpu" and args.host_malloc_cache is not False:
-        from megatron_puffin.training.host_memory import retain_freed_memory
+    from megatron_puffin.training.host_memory import cache_for_device
 
-        retain_freed_memory()  # before the first VAE call allocates
-    elif args.host_malloc_cache:
-        logging.getLogger("cache_latents").warning("--host-malloc-cache has no effect with --device %s (CUDA's "
-                                                   "allocator caches already)", args.device)
+    device_type = torch.device(args.device).type  # on by default on a CPU; before the first VAE call allocates
+    cache_for_device(device_type == "cpu" if args.host_malloc_cache is None else args.host_malloc_cache, device_type)
 
     from megatron_puffin.data.latents import cache_dataset_latents
     from megatron_puffin.models.puffin import build_vae

@@ -64,3 +64,15 @@ def retain_freed_memory() -> bool:
     else:
         logger.warning("host memory cache: glibc refused mallopt; its malloc defaults stay")
     return accepted
+
+
+def cache_for_device(enabled: bool, device_type: str) -> bool:
+    """``--host-malloc-cache`` for a run on ``device_type`` (training, ``tools/cache_latents.py``): on a CPU
+    :func:`retain_freed_memory` when ``enabled``; on a GPU a request only warns (CUDA's caching allocator keeps the
+    large buffers already). True when the setting took effect."""
+    if not enabled:
+        return False
+    if device_type != "cpu":
+        logger.warning("--host-malloc-cache has no effect on a %s run (CUDA's allocator caches already)", device_type)
+        return False
+    return retain_freed_memory()

@@ -152,7 +152,7 @@ class Trainer:
         from megatron_puffin.data import PuffinTokenizer
         from megatron_puffin.models.puffin import PuffinConfig, build_puffin
         from megatron_puffin.training.data_parallel import wire_overlap, wrap_data_parallel
-        from megatron_puffin.training.host_memory import retain_freed_memory
+        from megatron_puffin.training.host_memory import cache_for_device
         from megatron_puffin.training.wgrad_accumulation import enable_gradient_accumulation_fusion
         from megatron_puffin.training.optimizer import build_optimizer
 
@@ -177,10 +177,8 @@ class Trainer:
         freeze_towers(self.model, args.model)
         if self.ctx.device.type == "cuda":  # megatron-core layers may initialise on the CPU (use_cpu_initialization)
             self.model.cuda(self.ctx.device)
-            if training.host_malloc_cache:
-                logger.warning("--host-malloc-cache has no effect on a GPU run (CUDA's allocator caches already)")
-        elif training.host_malloc_cache:  # before the first step allocates; forked loader workers inherit it
-            retain_freed_memory()
+        # Before the first step allocates; forked loader workers inherit it.
+        cache_for_device(training.host_malloc_cache, self.ctx.device.type)
         if args.compile.compile:  # in place, per layer: names, DDP buckets and checkpoints are unchanged
             from megatron_puffin.models.compile import compile_model
 

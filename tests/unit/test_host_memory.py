@@ -50,3 +50,14 @@ def test_freed_buffers_are_reused_instead_of_faulted_in_again():
 def test_other_c_libraries_keep_their_defaults(monkeypatch):
     monkeypatch.setattr(host_memory, "_glibc", lambda: None)
     assert host_memory.retain_freed_memory() is False
+
+
+def test_the_setting_applies_to_cpu_runs_only(monkeypatch, caplog):
+    """Training's and tools/cache_latents.py's one rule: on a CPU the setting is applied when asked for; on a GPU a
+    request only warns (it would change nothing there), and nothing is applied."""
+    calls = []
+    monkeypatch.setattr(host_memory, "retain_freed_memory", lambda: calls.append("applied") or True)
+    assert host_memory.cache_for_device(False, "cpu") is False and calls == []
+    assert host_memory.cache_for_device(True, "cuda") is False and calls == []
+    assert "--host-malloc-cache has no effect on a cuda run" in caplog.text
+    assert host_memory.cache_for_device(True, "cpu") is True and calls == ["applied"]

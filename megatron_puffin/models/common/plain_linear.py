@@ -33,14 +33,16 @@ def _single_rank(layer: torch.nn.Module) -> bool:
     """The layer's tensor-parallel group has one rank (kept on the layer: a group's size never changes; not while
     dynamo traces, where writing the attribute would make the next call's guards fail and the layer recompile)."""
     if torch.compiler.is_compiling():
-        group = getattr(layer, "tp_group", None)
-        return group is not None and group.size() == 1
+        return _group_has_one_rank(layer)
     single = layer.__dict__.get(_SINGLE_RANK)
     if single is None:
-        group = getattr(layer, "tp_group", None)
-        single = group is not None and group.size() == 1
-        layer.__dict__[_SINGLE_RANK] = single
+        single = layer.__dict__[_SINGLE_RANK] = _group_has_one_rank(layer)
     return single
+
+
+def _group_has_one_rank(layer: torch.nn.Module) -> bool:
+    group = getattr(layer, "tp_group", None)
+    return group is not None and group.size() == 1
 
 
 def is_plain(layer: torch.nn.Module) -> bool:
