@@ -188,3 +188,15 @@ def test_inference_benchmark_runs_with_the_sizes_it_derives(tmp_path):
                             "--steps", "1", "--repeats", "1", "--num-samples", "8")
     assert "tokens identical to transformers: True" in result.stdout, result.stdout
     assert "ratio reference / ours" in result.stdout.splitlines()[-1], result.stdout
+
+
+def test_cross_entropy_benchmark_checks_ours_bit_identical_and_times_every_variant(tmp_path):
+    """``bench_cross_entropy.py``: it refuses to time variants that compute other numbers (ours and megatron-core's
+    helpers must be bit-identical to ``vocab_parallel_cross_entropy``; the run exits non-zero otherwise), then
+    prints one timed row per variant with its ratio to megatron-core's function."""
+    result = _run_benchmark(tmp_path, "bench_cross_entropy.py", "--rows", "9", "--vocab", "37", "--repeats", "3")
+    lines = result.stdout.splitlines()
+    assert "9 rows x vocabulary 37" in lines[0] and "bit-identical to megatron-core" in lines[0], lines
+    rows = {line.split("  ")[1].strip(): line for line in lines[1:]}
+    assert set(rows) == {"megatron-core", "helpers, torch.max", "ours", "F.cross_entropy"}, lines
+    assert rows["megatron-core"].rstrip().endswith("1.00")
