@@ -4,9 +4,9 @@ Four variants on one ``[rows, 1, vocab]`` fp32 logit tensor (the supervised rows
 
 * ``megatron-core``: ``tensor_parallel.vocab_parallel_cross_entropy`` with its tensor-parallel group of one rank
   (three ``all_reduce`` calls over that group);
-* ``helpers, torch.max``: megatron-core's ``VocabParallelCrossEntropy`` helpers without the collectives, the
-  maximum taken by ``calculate_logits_max`` (``torch.max(dim=-1)``, which also computes argmax indices): ours'
-  single-rank form before the maximum changed;
+* ``helpers, torch.max``: ours' single-rank function (megatron-core's ``VocabParallelCrossEntropy`` helpers
+  without the collectives) with the maximum taken as ``calculate_logits_max`` takes it (``torch.max(dim=-1)``,
+  which also computes argmax indices): ours before the maximum changed;
 * ``ours``: ``vocab_parallel_token_losses`` with the group of one rank (the same helpers, the maximum with
   ``torch.amax``), what training runs;
 * ``F.cross_entropy``: the reference's loss (``log_softmax`` + NLL, a different but equal-within-rounding form).
@@ -51,27 +51,9 @@ def _parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-class _HelpersWithMax(torch.autograd.Function):
-    """megatron-core's helpers in order, without collectives, the maximum from ``calculate_logits_max``."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy as helpers
-
-        logits, logits_max = helpers.calculate_logits_max(logits)
-        target_mask, masked_target_1d, predicted, sum_exp, exp_logits = helpers.calculate_predicted_logits(
-            logits, target, logits_max, 0, logits.shape[-1])
-        softmax, loss = helpers.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
-        ctx.save_for_backward(softmax, target_mask, masked_target_1d)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy as helpers
-
-        softmax, target_mask, masked_target_1d = ctx.saved_tensors
-        operands = helpers.prepare_gradient_calculation_operands(softmax, target_mask)
-        return helpers.calculate_gradients(*operands[:2], masked_target_1d, *operands[2:], grad_output), None
+def _torch_max(logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """megatron-core's ``calculate_logits_max``: ``torch.max`` (values and argmax indices), the values kept."""
+    return torch.max(logits, dim=dim)[0]
 
 
 def _variants(tp_group) -> Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
@@ -79,6 +61,7 @@ def _variants(tp_group) -> Dict[str, Callable[[torch.Tensor, torch.Tensor], torc
     from megatron.core import tensor_parallel
 
     from megatron_puffin.models.llm import vocab_parallel_token_losses
+    from megatron_puffin.models.llm.model import _SingleRankCrossEntropy
 
     def cross_entropy(logits, labels):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), reduction="none")[None]
@@ -86,8 +69,8 @@ def _variants(tp_group) -> Dict[str, Callable[[torch.Tensor, torch.Tensor], torc
     return {
         "megatron-core": lambda logits, labels: tensor_parallel.vocab_parallel_cross_entropy(
             logits, labels.transpose(0, 1).contiguous()).transpose(0, 1),
-        "helpers, torch.max": lambda logits, labels: _HelpersWithMax.apply(
-            logits, labels.transpose(0, 1).contiguous()).transpose(0, 1),
+        "helpers, torch.max": lambda logits, labels: _SingleRankCrossEntropy.apply(
+            logits, labels.transpose(0, 1).contiguous(), _torch_max).transpose(0, 1),
         "ours": lambda logits, labels: vocab_parallel_token_losses(logits, labels, tp_group=tp_group),
         "F.cross_entropy": cross_entropy,
     }

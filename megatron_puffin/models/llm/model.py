@@ -230,13 +230,16 @@ class _SingleRankCrossEntropy(torch.autograd.Function):
     thread hand-off on CPU). The row maximum is ``torch.amax``: megatron-core's ``calculate_logits_max`` takes
     ``torch.max(dim=-1)[0]`` and drops the argmax indices that call also computes, the same values at about 15x the
     time on CPU (1.30 against 0.09 ms for 327 x 4,748 logits, one thread). Bit-identical to
-    ``tensor_parallel.vocab_parallel_cross_entropy`` at TP=1."""
+    ``tensor_parallel.vocab_parallel_cross_entropy`` at TP=1.
+
+    ``row_max(logits, dim)`` computes that maximum; ``benchmarks/bench_cross_entropy.py`` passes megatron-core's
+    ``torch.max`` form to measure what ``amax`` saves."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, row_max=torch.amax) -> torch.Tensor:
         helpers = tensor_parallel.cross_entropy.VocabParallelCrossEntropy
         logits = logits.float()
-        logits_max = torch.amax(logits, dim=-1)
+        logits_max = row_max(logits, dim=-1)
         target_mask, masked_target_1d, predicted, sum_exp, exp_logits = helpers.calculate_predicted_logits(
             logits, target, logits_max, 0, logits.shape[-1])
         softmax, loss = helpers.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
@@ -248,7 +251,8 @@ class _SingleRankCrossEntropy(torch.autograd.Function):
         helpers = tensor_parallel.cross_entropy.VocabParallelCrossEntropy
         softmax, target_mask, masked_target_1d = ctx.saved_tensors
         grad_2d, arange_1d, update, grad_input = helpers.prepare_gradient_calculation_operands(softmax, target_mask)
-        return helpers.calculate_gradients(grad_2d, arange_1d, masked_target_1d, update, grad_input, grad_output), None
+        return helpers.calculate_gradients(grad_2d, arange_1d, masked_target_1d, update, grad_input, grad_output), \
+            None, None
 
 
 def vocab_parallel_token_losses(logits: torch.Tensor, labels: torch.Tensor, tp_group=None) -> torch.Tensor:
