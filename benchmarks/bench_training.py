@@ -31,7 +31,9 @@ steps; the variants take turns (the first to run alternates between blocks). Per
   thread count and clock) measured right before the block, so each block is paired with the rate the host gave at
   that time (a shared host's rate moved between 58 and 83 GFLOP/s within one day's runs on one thread).
 
-Reported: the median over blocks; ratio = ours / reference samples/s (> 1: ours faster).
+Reported: the median over blocks; ratio = ours / reference samples/s (> 1: ours faster), and per task the lowest
+and highest ratio of single blocks (block i of both sides trains the same micro-batches), the spread one run's
+ratio carries.
 
 On a GPU (whenever CUDA is available) both variants run on it, the clock synchronizes before each reading and MFU
 is against the 8192^3 matmul rate; ``--bf16`` trains both in bf16 with fp32 master weights (ours: ``--bf16``; the
@@ -434,7 +436,14 @@ def _timed_blocks(variants: Variants, args, start: float) -> Dict[str, Any]:
     medians = {name: {key: statistics.median(b[key] for b in values) for key in values[0]}
                for name, values in blocks.items()}
     return {"medians": medians, "samples_trained": samples_trained, "seq": seq, "peaks": peaks,
-            "timed_compiles": _dynamo_graphs() - graphs_before}
+            "timed_compiles": _dynamo_graphs() - graphs_before, "block_ratios": _block_ratios(blocks)}
+
+
+def _block_ratios(blocks: Dict[str, List[Dict[str, float]]]) -> Dict[str, List[float]]:
+    """Per task (and ``all``): ours / reference samples/s of each block, the two sides' blocks paired by index
+    (block ``i`` of both trained the same micro-batches)."""
+    return {key: [ours[key] / ref[key] for ours, ref in zip(blocks["ours"], blocks["reference"])]
+            for key in blocks["ours"][0]}
 
 
 def _matmul_rate(args) -> float:
@@ -505,14 +514,18 @@ def _print_header(args, result: Dict[str, Any]) -> None:
 
 def _print_throughput(args, result: Dict[str, Any]) -> None:
     """The per-task table, the matmul rates and the MFU lines."""
-    medians, seq = result["medians"], result["seq"]
-    print(f"{'task':22s} {'seq':>5s} {'ours samples/s':>15s} {'reference samples/s':>20s} {'ratio':>7s}")
+    medians, seq, spread = result["medians"], result["seq"], result["block_ratios"]
+    print(f"{'task':22s} {'seq':>5s} {'ours samples/s':>15s} {'reference samples/s':>20s} {'ratio':>7s} "
+          f"{'blocks min-max':>15s}")
     for task in result["tasks"] + ["all"]:
         label = "all (optimizer steps)" if task == "all" else task
         ours, ref = medians["ours"][task], medians["reference"][task]
-        print(f"{label:22s} {str(seq.get(task, '')):>5s} {ours:15.2f} {ref:20.2f} {ours / ref:7.3f}")
+        print(f"{label:22s} {str(seq.get(task, '')):>5s} {ours:15.2f} {ref:20.2f} {ours / ref:7.3f} "
+              f"{f'{min(spread[task]):.3f}-{max(spread[task]):.3f}':>15s}")
     print("per task: samples / forward+backward time of its micro-batches; all: samples / optimizer-step time; "
-          "ratio = ours / reference (> 1: ours faster)")
+          "ratio = ours / reference (> 1: ours faster) of the medians over blocks; blocks min-max: the lowest and "
+          "highest ratio of single blocks (ours' and the reference's block i trained the same micro-batches), the "
+          "spread a single run's ratio carries")
     peaks = result["peaks"]
     print(f"matmul rate ({_matmul_label(args)}, 1 s before each variant's block): min {min(peaks) * 1e3:.1f} / "
           f"median {statistics.median(peaks) * 1e3:.1f} / max {max(peaks) * 1e3:.1f} GFLOP/s over {len(peaks)} "

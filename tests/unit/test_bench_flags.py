@@ -15,7 +15,11 @@ def test_types_accept_what_they_should_and_name_what_is_wrong():
 
     assert bench_flags.positive_int("3") == 3 and bench_flags.nonnegative_int("0") == 0
     assert bench_flags.available_device("cpu") == "cpu"
+    assert bench_flags.synthetic_image_size("96") == 96 and bench_flags.synthetic_image_size("512") == 512
     for kind, text, message in ((bench_flags.positive_int, "0", "0 must be at least 1"),
+                                (bench_flags.synthetic_image_size, "64", "64 must be at least 96"),
+                                (bench_flags.synthetic_image_size, "8192", "8192 must be at most 4096"),
+                                (bench_flags.synthetic_image_size, "112", "112 must be a multiple of 32"),
                                 (bench_flags.nonnegative_int, "-1", "-1 must be at least 0"),
                                 (bench_flags.positive_int, "2.5", "'2.5' is not a whole number"),
                                 (bench_flags.available_device, "tpu", "'tpu' is not a torch device"),
@@ -35,6 +39,7 @@ def test_benchmark_parsers_refuse_with_one_line(monkeypatch, capsys):
 
     cases = [(bench_training._parse_args, ["--threads", "0"], "argument --threads: 0 must be at least 1"),
              (bench_training._parse_args, ["--blocks", "0"], "argument --blocks: 0 must be at least 1"),
+             (bench_training._parse_args, ["--image-size", "64"], "argument --image-size: 64 must be at least 96"),
              (bench_dit._parse_args, ["--repeats", "-2"], "argument --repeats: -2 must be at least 1")]
     if not torch.cuda.is_available():
         cases.append((bench_dit._parse_args, ["--device", "cuda"], "no usable CUDA device (use cpu)"))
@@ -200,3 +205,16 @@ def test_cross_entropy_benchmark_checks_ours_bit_identical_and_times_every_varia
     rows = {line.split("  ")[1].strip(): line for line in lines[1:]}
     assert set(rows) == {"megatron-core", "helpers, torch.max", "ours", "F.cross_entropy"}, lines
     assert rows["megatron-core"].rstrip().endswith("1.00")
+
+
+def test_block_ratios_pair_the_two_sides_blocks_by_index():
+    """``bench_training._block_ratios``: per task, ours / reference of block i of each side (the blocks that
+    trained the same micro-batches), so a run prints the spread its median ratio carries."""
+    import warnings
+
+    with warnings.catch_warnings():
+        import bench_training
+
+    blocks = {"ours": [{"text2text": 2.0, "all": 1.0}, {"text2text": 3.0, "all": 1.5}],
+              "reference": [{"text2text": 4.0, "all": 1.0}, {"text2text": 2.0, "all": 1.0}]}
+    assert bench_training._block_ratios(blocks) == {"text2text": [0.5, 1.5], "all": [1.0, 1.5]}
