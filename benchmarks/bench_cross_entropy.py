@@ -113,9 +113,10 @@ def main() -> None:
             times[name].append(_run(variants[name], values, labels)[2])
     mpd.destroy()
     medians = {name: statistics.median(values) for name, values in times.items()}
+    malloc = "on" if args.host_malloc_cache else "off"
     print(f"cross-entropy fwd+bwd, {args.rows} rows x vocabulary {args.vocab}, fp32, {torch.get_num_threads()} "
-          f"thread(s), host-malloc-cache {'on' if args.host_malloc_cache else 'off'}, median of {args.repeats} (variants taking turns); ours and the helpers bit-identical to "
-          f"megatron-core, F.cross_entropy within 1e-5")
+          f"thread(s), host-malloc-cache {malloc}, median of {args.repeats} (variants taking turns); ours and the "
+          f"helpers bit-identical to megatron-core, F.cross_entropy within 1e-5")
     for name, seconds in medians.items():
         print(f"  {name:20s} {seconds * 1e3:7.3f} ms   megatron-core / this {medians['megatron-core'] / seconds:5.2f}")
 

@@ -49,7 +49,8 @@ def add_data_and_model_args(parser: argparse.ArgumentParser, model_title: str = 
                             "variants must fit one GPU)")
     group.add_argument("--micro-batch-size", type=positive_int, default=None,
                        help="default 4 (2 with a size preset: --real-proportions, --full-size, --host-bound)")
-    group.add_argument("--image-size", type=synthetic_image_size, default=128, help="square synthetic images (multiple of 32)")
+    group.add_argument("--image-size", type=synthetic_image_size, default=128,
+                       help="square synthetic images (96-4096, a multiple of 32)")
     group.add_argument("--num-samples", type=positive_int, default=32,
                        help="synthetic main samples (cross-view: N / 4)")
     group = parser.add_argument_group(model_title)
