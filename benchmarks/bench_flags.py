@@ -29,14 +29,14 @@ def synthetic_image_size(text: str) -> int:
     """The side of the benchmarks' synthetic images: what ``tools/make_synthetic_dataset.py`` accepts, [96, 4096]
     (preprocessing rejects images of 80 pixels or less), and a multiple of the training's ``--image-size-unit``
     (32, the default the benchmarks train with)."""
-    from megatron_puffin.data.synthetic import MAX_IMAGE_SIZE
+    from megatron_puffin.data.synthetic import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
-    value = _int_at_least(text, 96)
+    value = _int_at_least(text, MIN_IMAGE_SIZE)
     if value > MAX_IMAGE_SIZE:
         raise argparse.ArgumentTypeError(f"{value} must be at most {MAX_IMAGE_SIZE}")
     if value % 32:
         raise argparse.ArgumentTypeError(f"{value} must be a multiple of 32 (the training's --image-size-unit), "
-                                         f"e.g. {max(96, value // 32 * 32)}")
+                                         f"e.g. {max(MIN_IMAGE_SIZE, value // 32 * 32)}")
     return value
 
 

@@ -228,6 +228,8 @@ def _write_index(root: Path, subset: str, rows: List[tuple]) -> None:
         writer.writerows(rows)
 
 
+MIN_IMAGE_SIZE = 96
+"""Smallest --image-size: preprocessing rejects images with a side of 80 pixels or less."""
 MAX_IMAGE_SIZE = 4096
 """Largest --image-size (and --camera-map-size): rendering holds a few float64 arrays of (size * supersample)^2."""
 MIN_TOKENIZER_VOCAB = 400
@@ -244,9 +246,9 @@ def _option_problems(options: SyntheticOptions) -> List[str]:
                              ("--camera-map-size", options.camera_map_size, 1)):
         if value is not None and value < low:
             problems.append(f"{flag} ({value}) must be >= {low}")
-    if not 96 <= options.image_size <= MAX_IMAGE_SIZE:
-        problems.append(f"--image-size ({options.image_size}) must lie in [96, {MAX_IMAGE_SIZE}] (smaller images are "
-                        "rejected by preprocessing, docs/puffin.md §3.5)")
+    if not MIN_IMAGE_SIZE <= options.image_size <= MAX_IMAGE_SIZE:
+        problems.append(f"--image-size ({options.image_size}) must lie in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] "
+                        "(smaller images are rejected by preprocessing, docs/puffin.md §3.5)")
     if options.camera_map_size is not None and options.camera_map_size > MAX_IMAGE_SIZE:
         problems.append(f"--camera-map-size ({options.camera_map_size}) must be <= {MAX_IMAGE_SIZE}")
     if options.supersample > 8:
