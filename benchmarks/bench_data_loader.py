@@ -36,7 +36,7 @@ from megatron_puffin.data.images import decode_image, dynamic_resize_image, pad_
 from megatron_puffin.data.preprocess import PreprocessOptions, preprocess  # noqa: E402
 from megatron_puffin.data.synthetic import SyntheticOptions, make_synthetic_dataset  # noqa: E402
 from megatron_puffin.data.tokenizer import PuffinTokenizer  # noqa: E402
-from bench_flags import positive_int  # noqa: E402
+from bench_flags import int_list, positive_int, synthetic_image_size  # noqa: E402
 
 
 class ReferenceStyleDataset(torch.utils.data.Dataset):
@@ -97,6 +97,11 @@ def drop_page_cache(*roots):
                     os.close(descriptor)
 
 
+def warmup_batches(workers: int) -> int:
+    """Untimed batches before timing: one per loader worker (each worker's start-up), at least one."""
+    return max(1, workers)
+
+
 def time_batches(iterator, num_batches, warmup):
     """Seconds to pull ``num_batches`` batches after ``warmup`` batches (worker start-up excluded)."""
     for _ in range(warmup):
@@ -111,7 +116,7 @@ def bench_ours(index_dir, tokenizer, task, workers, batch_size, num_batches, ima
     config = DataConfig(task_stream=[f"{task}:{index_dir}:{batch_size}"], tokenizer=str(tokenizer),
                         num_workers=workers, prefetch_factor=2, pin_memory=False, image_size=image_size,
                         cfg_text_dropout_prob=0.0, camera_maps_in_loader=maps)
-    return time_batches(iter(build_data_loader(config, seed=0)), num_batches, max(1, workers))
+    return time_batches(iter(build_data_loader(config, seed=0)), num_batches, warmup_batches(workers))
 
 
 def bench_ours_without_maps(*args):
@@ -126,7 +131,7 @@ def bench_reference(raw_dir, tokenizer, task, workers, batch_size, num_batches, 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                          collate_fn=reference_collate(pad),
                                          **({"prefetch_factor": 2} if workers else {}))
-    return time_batches(iter(loader), num_batches, max(1, workers))
+    return time_batches(iter(loader), num_batches, warmup_batches(workers))
 
 
 def bench_preprocess(raw_dir, work, worker_counts, repeats):
@@ -172,13 +177,17 @@ def directory_bytes(root, exclude=()):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-samples", type=positive_int, default=200)
-    parser.add_argument("--image-size", type=positive_int, default=512)
+    parser.add_argument("--image-size", type=synthetic_image_size, default=512)
     parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--loader-workers", default="0,2")
-    parser.add_argument("--preprocess-workers", default="1,2")
+    parser.add_argument("--loader-workers", type=int_list(0), default=[0, 2], help="comma list (default 0,2)")
+    parser.add_argument("--preprocess-workers", type=int_list(1), default=[1, 2], help="comma list (default 1,2)")
     parser.add_argument("--repeats", type=positive_int, default=2)
     parser.add_argument("--work-dir", type=Path, default=None)
     args = parser.parse_args(argv)
+    needed = (warmup_batches(max(args.loader_workers)) + 1) * args.batch_size
+    if args.num_samples < needed:
+        parser.error(f"--num-samples ({args.num_samples}) must be at least {needed}: one epoch of --batch-size "
+                     f"{args.batch_size} must hold the untimed warm-up batches (one per loader worker) and one timed")
     torch.set_num_threads(1)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_data_"))
     raw, index, tokenizer = work / "raw", work / "idx", work / "tok.model"
@@ -187,13 +196,14 @@ def main(argv=None):
                                             num_photography=0, workers=2, tokenizer_out=tokenizer, supersample=1,
                                             camera_map_size=512))
     print(f"synthetic data: {args.num_samples} samples {args.image_size}px in {time.perf_counter() - started:.1f} s")
-    preprocess_rows = bench_preprocess(raw, work, [int(w) for w in args.preprocess_workers.split(",")], args.repeats)
+    preprocess_rows = bench_preprocess(raw, work, args.preprocess_workers, args.repeats)
     preprocess(PreprocessOptions(raw, index, workers=2, progress=False))
-    num_batches = args.num_samples // args.batch_size - 2  # two batches of warm-up
+    # The reference-style loader runs one epoch: warm-up and timed batches of the largest worker count fit in it.
+    num_batches = args.num_samples // args.batch_size - warmup_batches(max(args.loader_workers))
     results = []
     for cache in ("warm", "cold"):
         for task in ("cam2image", "image2text"):
-            for workers in (int(w) for w in args.loader_workers.split(",")):
+            for workers in args.loader_workers:
                 results.append(bench_loaders(args, raw, index, tokenizer, task, workers, num_batches, cache))
     sizes = {"raw_bytes": directory_bytes(raw, exclude=("tok.model",)), "indexed_bytes": directory_bytes(index)}
     print(f"\npreprocessing ({args.num_samples} samples of {args.image_size}px):")

@@ -25,6 +25,32 @@ def _int_at_least(text: str, lowest: int) -> int:
     return value
 
 
+def int_list(lowest: int):
+    """A comma list of whole numbers, each >= ``lowest`` (worker counts to sweep: ``0,2``)."""
+
+    def parse(text: str) -> list:
+        items = [item.strip() for item in text.split(",")]
+        if not all(items):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of whole numbers (e.g. 0,2)")
+        return [_int_at_least(item, lowest) for item in items]
+
+    return parse
+
+
+def choice_list(choices):
+    """A comma list of names out of ``choices`` (no repeats), e.g. the tasks to profile."""
+
+    def parse(text: str) -> list:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"{'unknown ' + ', '.join(unknown) if unknown else 'empty list'}; "
+                                             f"give a comma list of {', '.join(choices)}")
+        return list(dict.fromkeys(names))
+
+    return parse
+
+
 def synthetic_image_size(text: str) -> int:
     """The side of the benchmarks' synthetic images: what ``tools/make_synthetic_dataset.py`` accepts, [96, 4096]
     (preprocessing rejects images of 80 pixels or less), and a multiple of the training's ``--image-size-unit``
@@ -38,6 +64,18 @@ def synthetic_image_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{value} must be a multiple of 32 (the training's --image-size-unit), "
                                          f"e.g. {max(MIN_IMAGE_SIZE, value // 32 * 32)}")
     return value
+
+
+def synthetic_num_samples(text: str) -> int:
+    """The benchmarks' ``--num-samples``: at least ``CROSS_VIEW_DIVISOR`` (4), so that the synthetic generator's
+    ``N // 4`` cross-view pairs (the image2text_cross_view and image2image streams) are not empty."""
+    from megatron_puffin.data.synthetic import CROSS_VIEW_DIVISOR
+
+    try:
+        return _int_at_least(text, CROSS_VIEW_DIVISOR)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error} (the cross-view streams get N // {CROSS_VIEW_DIVISOR} "
+                                         "pairs)") from None
 
 
 def available_device(text: str) -> str:

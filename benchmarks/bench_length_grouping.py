@@ -22,12 +22,12 @@ warnings.filterwarnings("ignore")
 # puffin_bench_common (next to this script) comes first: importing it puts tests/ on sys.path for helpers.
 import puffin_bench_common  # noqa: E402,F401
 from helpers.puffin import TASK_STREAMS, make_tiny_dataset  # noqa: E402
-from bench_flags import positive_int  # noqa: E402
+from bench_flags import positive_int, synthetic_num_samples  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-samples", type=positive_int, default=256,
+    parser.add_argument("--num-samples", type=synthetic_num_samples, default=256,
                         help="synthetic main samples (cross-view: N / 4)")
     parser.add_argument("--micro-batch-size", type=positive_int, default=4)
     parser.add_argument("--steps", type=positive_int, default=32, help="cycles of the six task streams drawn per order")

@@ -23,7 +23,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import bench_training  # noqa: E402  (puts tests/ on sys.path through puffin_bench_common)
 from megatron_puffin.platform import setup  # noqa: E402
-from bench_flags import positive_int  # noqa: E402
+from bench_flags import choice_list, positive_int  # noqa: E402
+from helpers.puffin import TASK_STREAMS  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:
@@ -31,11 +32,12 @@ def _parse_args() -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--top", type=positive_int, default=15, help="operators listed per side and task")
-    parser.add_argument("--tasks", default="", help="comma list of tasks to profile (default: all six)")
+    parser.add_argument("--tasks", type=choice_list(tuple(TASK_STREAMS)), default=None,
+                        help="comma list of tasks to profile (default: all six)")
     own, rest = parser.parse_known_args()
     sys.argv = sys.argv[:1] + rest
     args = bench_training._parse_args()
-    args.top, args.tasks = own.top, [t for t in own.tasks.split(",") if t]
+    args.top, args.tasks = own.top, own.tasks or []
     return args
 
 

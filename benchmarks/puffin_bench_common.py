@@ -19,7 +19,7 @@ if _TESTS not in sys.path:
 from helpers.puffin import make_tiny_dataset  # noqa: E402
 from megatron_puffin.testing.reference_puffin import ReferencePuffin  # noqa: E402
 from megatron_puffin.training.objectives import puffin_loss  # noqa: E402
-from bench_flags import positive_int, synthetic_image_size  # noqa: E402
+from bench_flags import positive_int, synthetic_image_size, synthetic_num_samples  # noqa: E402
 
 
 def model_loss(model, batch):
@@ -51,7 +51,7 @@ def add_data_and_model_args(parser: argparse.ArgumentParser, model_title: str = 
                        help="default 4 (2 with a size preset: --real-proportions, --full-size, --host-bound)")
     group.add_argument("--image-size", type=synthetic_image_size, default=128,
                        help="square synthetic images (96-4096, a multiple of 32)")
-    group.add_argument("--num-samples", type=positive_int, default=32,
+    group.add_argument("--num-samples", type=synthetic_num_samples, default=32,
                        help="synthetic main samples (cross-view: N / 4)")
     group = parser.add_argument_group(model_title)
     group.add_argument("--llm-layers", type=positive_int, default=4)

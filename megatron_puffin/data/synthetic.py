@@ -48,6 +48,8 @@ VFOV_RANGE = (0.3491, 1.8326)
 CROSS_VIEW_ROLL_PITCH_RANGE = (-0.3927, 0.3927)
 CROSS_VIEW_VFOV = 1.48
 SAMPLES_PER_FOLDER = 1000
+CROSS_VIEW_DIVISOR = 4
+"""Cross-view pairs rendered by default: ``num_samples // CROSS_VIEW_DIVISOR``."""
 JPEG_QUALITY = 95
 CSV_COLUMNS = ("fname", "roll", "pitch", "vfov", "yaw", "width", "height")
 
@@ -61,7 +63,7 @@ class SyntheticOptions:
         num_samples: Main (single-view) samples.
         image_size: Square image side in pixels.
         seed: Seed of everything.
-        num_cross_view: Cross-view pairs (default num_samples // 4).
+        num_cross_view: Cross-view pairs (default num_samples // CROSS_VIEW_DIVISOR).
         num_photography: Photography samples (default num_samples // 8).
         workers: Processes used for rendering.
         tokenizer_out: Where to write the SentencePiece model (None: no tokenizer).
@@ -204,7 +206,7 @@ def _run_chunk(task: Tuple[SyntheticOptions, str, int, int]) -> List[Tuple[List[
 
 
 def _subset_sizes(options: SyntheticOptions) -> Dict[str, int]:
-    cross = options.num_samples // 4 if options.num_cross_view is None else options.num_cross_view
+    cross = options.num_samples // CROSS_VIEW_DIVISOR if options.num_cross_view is None else options.num_cross_view
     photo = options.num_samples // 8 if options.num_photography is None else options.num_photography
     return {"main": options.num_samples, "cross_view": cross, "photography": photo}
 

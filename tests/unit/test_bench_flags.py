@@ -16,6 +16,9 @@ def test_types_accept_what_they_should_and_name_what_is_wrong():
     assert bench_flags.positive_int("3") == 3 and bench_flags.nonnegative_int("0") == 0
     assert bench_flags.available_device("cpu") == "cpu"
     assert bench_flags.synthetic_image_size("96") == 96 and bench_flags.synthetic_image_size("512") == 512
+    assert bench_flags.synthetic_num_samples("4") == 4
+    assert bench_flags.int_list(0)("0, 2") == [0, 2]
+    assert bench_flags.choice_list(("a", "b"))("b,a,b") == ["b", "a"]
     for kind, text, message in ((bench_flags.positive_int, "0", "0 must be at least 1"),
                                 (bench_flags.synthetic_image_size, "64", "64 must be at least 96"),
                                 (bench_flags.synthetic_image_size, "8192", "8192 must be at most 4096"),
@@ -23,7 +26,12 @@ def test_types_accept_what_they_should_and_name_what_is_wrong():
                                 (bench_flags.nonnegative_int, "-1", "-1 must be at least 0"),
                                 (bench_flags.positive_int, "2.5", "'2.5' is not a whole number"),
                                 (bench_flags.available_device, "tpu", "'tpu' is not a torch device"),
-                                (bench_flags.available_device, "mps", "the benchmarks run on cpu or cuda")):
+                                (bench_flags.available_device, "mps", "the benchmarks run on cpu or cuda"),
+                                (bench_flags.synthetic_num_samples, "3", r"3 must be at least 4 \(the cross-view"),
+                                (bench_flags.int_list(0), "0,,2", "is not a comma list of whole numbers"),
+                                (bench_flags.int_list(1), "1,0", "0 must be at least 1"),
+                                (bench_flags.choice_list(("a", "b")), "a,c", "unknown c; give a comma list of a, b"),
+                                (bench_flags.choice_list(("a", "b")), ",", "empty list")):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             kind(text)
 
@@ -34,13 +42,19 @@ def test_benchmark_parsers_refuse_with_one_line(monkeypatch, capsys):
     import torch
 
     with warnings.catch_warnings():  # both benchmarks silence every warning when imported: keep that local
+        import bench_data_loader
         import bench_dit
         import bench_training
+        import profile_training
 
     cases = [(bench_training._parse_args, ["--threads", "0"], "argument --threads: 0 must be at least 1"),
              (bench_training._parse_args, ["--blocks", "0"], "argument --blocks: 0 must be at least 1"),
              (bench_training._parse_args, ["--image-size", "64"], "argument --image-size: 64 must be at least 96"),
-             (bench_dit._parse_args, ["--repeats", "-2"], "argument --repeats: -2 must be at least 1")]
+             (bench_training._parse_args, ["--num-samples", "2"], "argument --num-samples: 2 must be at least 4"),
+             (bench_dit._parse_args, ["--repeats", "-2"], "argument --repeats: -2 must be at least 1"),
+             (profile_training._parse_args, ["--tasks", "text2txt"], "argument --tasks: unknown text2txt"),
+             (bench_data_loader.main, ["--loader-workers", "0,x"], "argument --loader-workers: 'x' is not a whole"),
+             (bench_data_loader.main, ["--num-samples", "8"], "--num-samples (8) must be at least 24")]
     if not torch.cuda.is_available():
         cases.append((bench_dit._parse_args, ["--device", "cuda"], "no usable CUDA device (use cpu)"))
     for parse, argv, message in cases:
