@@ -184,7 +184,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=positive_int, default=2)
     parser.add_argument("--work-dir", type=Path, default=None)
     args = parser.parse_args(argv)
-    needed = (warmup_batches(max(args.loader_workers)) + 1) * args.batch_size
+    # The reference-style loader runs one epoch: the warm-up and timed batches of the largest worker count fit in it.
+    warmup = warmup_batches(max(args.loader_workers))
+    needed = (warmup + 1) * args.batch_size
     if args.num_samples < needed:
         parser.error(f"--num-samples ({args.num_samples}) must be at least {needed}: one epoch of --batch-size "
                      f"{args.batch_size} must hold the untimed warm-up batches (one per loader worker) and one timed")
@@ -198,8 +200,7 @@ def main(argv=None):
     print(f"synthetic data: {args.num_samples} samples {args.image_size}px in {time.perf_counter() - started:.1f} s")
     preprocess_rows = bench_preprocess(raw, work, args.preprocess_workers, args.repeats)
     preprocess(PreprocessOptions(raw, index, workers=2, progress=False))
-    # The reference-style loader runs one epoch: warm-up and timed batches of the largest worker count fit in it.
-    num_batches = args.num_samples // args.batch_size - warmup_batches(max(args.loader_workers))
+    num_batches = args.num_samples // args.batch_size - warmup
     results = []
     for cache in ("warm", "cold"):
         for task in ("cam2image", "image2text"):

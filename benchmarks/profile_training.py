@@ -32,12 +32,12 @@ def _parse_args() -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--top", type=positive_int, default=15, help="operators listed per side and task")
-    parser.add_argument("--tasks", type=choice_list(tuple(TASK_STREAMS)), default=None,
+    parser.add_argument("--tasks", type=choice_list(tuple(TASK_STREAMS)), default=[],
                         help="comma list of tasks to profile (default: all six)")
     own, rest = parser.parse_known_args()
     sys.argv = sys.argv[:1] + rest
     args = bench_training._parse_args()
-    args.top, args.tasks = own.top, own.tasks or []
+    args.top, args.tasks = own.top, own.tasks
     return args
 
 
