@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def positive_int(text: str) -> int:
@@ -22,6 +23,17 @@ def _int_at_least(text: str, lowest: int) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < lowest:
         raise argparse.ArgumentTypeError(f"{value} must be at least {lowest}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0 (tolerances): ``nan`` would make every comparison fail, a negative one every check."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
     return value
 
 

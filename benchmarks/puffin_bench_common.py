@@ -19,7 +19,7 @@ if _TESTS not in sys.path:
 from helpers.puffin import make_tiny_dataset  # noqa: E402
 from megatron_puffin.testing.reference_puffin import ReferencePuffin  # noqa: E402
 from megatron_puffin.training.objectives import puffin_loss  # noqa: E402
-from bench_flags import positive_int, synthetic_image_size, synthetic_num_samples  # noqa: E402
+from bench_flags import nonnegative_float, positive_int, synthetic_image_size, synthetic_num_samples  # noqa: E402
 
 
 def model_loss(model, batch):
@@ -169,7 +169,7 @@ def add_common_run_args(group: argparse._ArgumentGroup, loss_tolerance: float, l
     group.add_argument("--threads", type=positive_int, default=1,
                        help="CPU threads (1 gives stable numbers on shared hosts)")
     group.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="Qwen2 attention of the reference")
-    group.add_argument("--loss-tolerance", type=float, default=loss_tolerance, help=loss_tolerance_help)
+    group.add_argument("--loss-tolerance", type=nonnegative_float, default=loss_tolerance, help=loss_tolerance_help)
     group.add_argument("--seed", type=int, default=0)
 
 
