@@ -8,8 +8,10 @@ reach our tower through :func:`megatron_puffin.convert.radio.radio_to_mcore`, so
 converter against a real timm model. Patch features (class/register tokens stripped) and every parameter
 gradient are compared in fp32 on the CPU, and on CUDA when present (TF32 off).
 
-timm needs torchvision, which has no CPU build in this project's environment, and installing timm would pull a
-CUDA torch: the test skips when ``import timm`` fails and runs on a machine that has timm (the GPU image).
+timm needs torchvision, which has no CPU build on PyPI: ``torchvision==0.28.0`` installs beside this project's CPU
+torch 2.13 without replacing it, but its import then fails (``operator torchvision::nms does not exist``: its compiled
+operators need a CUDA torch). The test skips when ``import timm`` fails and runs on a machine that has timm (the GPU
+image).
 """
 import pytest
 import torch
