@@ -65,7 +65,37 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"])
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile ours per joint block (megatron_puffin.models.compile, the --compile lever)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    problems = _dit_problems(args)
+    if problems:  # before any process group starts
+        parser.error("; ".join(problems))
+    return args
+
+
+# The tower's flag names in its validation messages, as this benchmark spells them.
+_BENCH_FLAGS = {"--dit-sample-size": "--latent-size", "--dit-attention-head-dim": "--head-dim",
+                "--dit-num-attention-heads": "--num-heads", "--dit-num-layers": "--num-layers",
+                "--dit-joint-attention-dim": "--joint-attention-dim", "--dit-pooled-projection-dim": "--pooled-dim",
+                "--dit-patch-size": "the patch size"}
+
+
+def _diffusers_kwargs(args) -> dict:
+    """The ``SD3Transformer2DModel`` configuration the flags describe (the reference is built from it; ours from
+    its ``DiTConfig``)."""
+    return dict(sample_size=args.latent_size, patch_size=2, in_channels=16, out_channels=16,
+                num_layers=args.num_layers, attention_head_dim=args.head_dim, num_attention_heads=args.num_heads,
+                joint_attention_dim=args.joint_attention_dim, caption_projection_dim=args.num_heads * args.head_dim,
+                pooled_projection_dim=args.pooled_dim, pos_embed_max_size=max(96, args.latent_size))
+
+
+def _dit_problems(args) -> list:
+    """The MMDiT's own validation of the flags' configuration, naming this benchmark's flags."""
+    from megatron_puffin.models.dit import DiTConfig
+
+    problems = DiTConfig.from_diffusers(_diffusers_kwargs(args)).validate()
+    for tower_flag, bench_flag in _BENCH_FLAGS.items():
+        problems = [problem.replace(tower_flag, bench_flag) for problem in problems]
+    return problems
 
 
 def _unpatchify(tokens: torch.Tensor, side: int, patch: int, channels: int) -> torch.Tensor:
@@ -96,14 +126,8 @@ def _build_models(args, dtype, device):
 
     initialize(seed=0)
     torch.manual_seed(0)
-    hidden = args.num_heads * args.head_dim
     with torch.device(device):  # initialised where it runs (on the host SD3-medium's 2 B parameters take ~20 s)
-        ref = SD3Transformer2DModel(
-            sample_size=args.latent_size, patch_size=2, in_channels=16, out_channels=16, num_layers=args.num_layers,
-            attention_head_dim=args.head_dim, num_attention_heads=args.num_heads,
-            joint_attention_dim=args.joint_attention_dim, caption_projection_dim=hidden,
-            pooled_projection_dim=args.pooled_dim, pos_embed_max_size=max(96, args.latent_size),
-        ).to(dtype=dtype)
+        ref = SD3Transformer2DModel(**_diffusers_kwargs(args)).to(dtype=dtype)
     config = DiTConfig.from_diffusers(dict(ref.config))
     tc = config.to_transformer_config(params_dtype=dtype)
     ours = build_dit(config, transformer_config=tc, transformer_impl=args.transformer_impl, device=device,

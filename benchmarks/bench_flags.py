@@ -63,6 +63,23 @@ def choice_list(choices):
     return parse
 
 
+def lever_list(levers):
+    """``--levers``: ``all`` (every one of ``levers``), ``none``, or a comma list out of ``levers``."""
+    names = choice_list(levers)
+
+    def parse(text: str) -> list:
+        if text.strip() in ("all", "none"):
+            return list(levers) if text.strip() == "all" else []
+        try:
+            return names(text)
+        except argparse.ArgumentTypeError as error:
+            problem = str(error).split(";")[0]
+            raise argparse.ArgumentTypeError(f"{problem}; give all, none or a comma list of {', '.join(levers)}") \
+                from None
+
+    return parse
+
+
 def synthetic_image_size(text: str) -> int:
     """The side of the benchmarks' synthetic images: what ``tools/make_synthetic_dataset.py`` accepts, [96, 4096]
     (preprocessing rejects images of 80 pixels or less), and a multiple of the training's ``--image-size-unit``

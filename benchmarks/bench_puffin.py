@@ -43,7 +43,6 @@ from puffin_bench_common import (  # noqa: E402
     add_data_and_model_args,
     make_dataset,
     model_loss,
-    parse_levers,
     resolve_sizes,
 )
 
@@ -52,7 +51,7 @@ from helpers.puffin import TASK_STREAMS, task_batches  # noqa: E402
 from megatron_puffin.testing.reference_puffin import build_puffin_pair  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
 from megatron_puffin.training.objectives import puffin_loss  # noqa: E402
-from bench_flags import nonnegative_int, positive_int  # noqa: E402
+from bench_flags import lever_list, nonnegative_int, positive_int  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:
@@ -62,15 +61,14 @@ def _parse_args() -> argparse.Namespace:
     group.add_argument("--repeats", type=positive_int, default=5)
     group.add_argument("--warmup", type=nonnegative_int, default=1)
     add_common_run_args(group, loss_tolerance=1e-5, loss_tolerance_help="max relative loss difference (fp32)")
-    group.add_argument("--levers", default=None,
+    group.add_argument("--levers", type=lever_list(("compile",)), default=None,
                        help="speed levers of ours: compile, all or none (default: all with --real-proportions, "
                             "none otherwise; cached latents and the host malloc cache are the training loop's: "
                             "bench_training.py)")
     args = parser.parse_args()
     resolve_sizes(args)
-    args.levers = [lever for lever in parse_levers(args.levers if args.levers is not None else
-                                                   ("all" if args.real_proportions else "none"))
-                   if lever == "compile"]
+    if args.levers is None:
+        args.levers = ["compile"] if args.real_proportions else []
     return args
 
 

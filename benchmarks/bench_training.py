@@ -71,14 +71,13 @@ from puffin_bench_common import (  # noqa: E402
     add_data_and_model_args,
     make_dataset,
     model_loss,
-    parse_levers,
     resolve_sizes,
 )
 
 import real_proportions  # noqa: E402
 from helpers.puffin import TASK_STREAMS  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
-from bench_flags import nonnegative_int, positive_int  # noqa: E402
+from bench_flags import lever_list, nonnegative_int, positive_int  # noqa: E402
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -131,7 +130,7 @@ def _parse_args() -> argparse.Namespace:
                             "(megatron-core's mixed-precision optimizer), the reference as DeepSpeed's bf16 mode "
                             "trains it (the whole model cast to bf16, fp32 master weights and Adam state); the "
                             "GPU setting (default fp32, the CPU setting)")
-    group.add_argument("--levers", default=None,
+    group.add_argument("--levers", type=lever_list(LEVERS), default=None,
                        help=f"speed levers of ours: comma list of {', '.join(LEVERS)}, all or none (default: all "
                             "with --real-proportions, none otherwise)")
     args = parser.parse_args()
@@ -141,7 +140,8 @@ def _parse_args() -> argparse.Namespace:
     for name, toy, real in (("blocks", 6, 2), ("steps_per_block", 2, 1), ("warmup_steps", 2, 1)):
         if getattr(args, name) is None:
             setattr(args, name, real if preset else toy)
-    args.levers = parse_levers(args.levers if args.levers is not None else ("all" if preset else "none"))
+    if args.levers is None:
+        args.levers = list(LEVERS) if preset else []
     return args
 
 

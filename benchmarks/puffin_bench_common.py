@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable
 
 import torch
 
@@ -103,17 +103,6 @@ def resolve_sizes(args: argparse.Namespace) -> None:
 
 
 LEVERS = ("compile", "cached-latents", "host-malloc-cache")
-
-
-def parse_levers(text: str) -> List[str]:
-    """``--levers``: a comma list of :data:`LEVERS`, ``all`` or ``none``."""
-    if text in ("none", ""):
-        return []
-    names = list(LEVERS) if text == "all" else [name.strip() for name in text.split(",")]
-    unknown = [name for name in names if name not in LEVERS]
-    if unknown:
-        raise SystemExit(f"--levers: unknown {unknown}; give a comma list of {', '.join(LEVERS)}, all or none")
-    return names
 
 
 class ActivationMeter:

@@ -19,6 +19,8 @@ def test_types_accept_what_they_should_and_name_what_is_wrong():
     assert bench_flags.synthetic_num_samples("4") == 4
     assert bench_flags.int_list(0)("0, 2") == [0, 2]
     assert bench_flags.choice_list(("a", "b"))("b,a,b") == ["b", "a"]
+    assert bench_flags.lever_list(("a", "b"))("all") == ["a", "b"] and bench_flags.lever_list(("a",))("none") == []
+    assert bench_flags.lever_list(("a", "b"))("b") == ["b"]
     assert bench_flags.nonnegative_float("0") == 0.0 and bench_flags.nonnegative_float("1e-4") == 1e-4
     for kind, text, message in ((bench_flags.positive_int, "0", "0 must be at least 1"),
                                 (bench_flags.synthetic_image_size, "64", "64 must be at least 96"),
@@ -33,6 +35,8 @@ def test_types_accept_what_they_should_and_name_what_is_wrong():
                                 (bench_flags.int_list(1), "1,0", "0 must be at least 1"),
                                 (bench_flags.choice_list(("a", "b")), "a,c", "unknown c; give a comma list of a, b"),
                                 (bench_flags.choice_list(("a", "b")), ",", "empty list"),
+                                (bench_flags.lever_list(("a", "b")), ",", "empty list; give all, none or a comma"),
+                                (bench_flags.lever_list(("a",)), "a,b", "unknown b; give all, none or a comma list of a$"),
                                 (bench_flags.nonnegative_float, "-1e-4", "-1e-4 must be a finite number >= 0"),
                                 (bench_flags.nonnegative_float, "nan", "nan must be a finite number >= 0"),
                                 (bench_flags.nonnegative_float, "tiny", "'tiny' is not a number")):
@@ -48,6 +52,7 @@ def test_benchmark_parsers_refuse_with_one_line(monkeypatch, capsys):
     with warnings.catch_warnings():  # both benchmarks silence every warning when imported: keep that local
         import bench_data_loader
         import bench_dit
+        import bench_puffin
         import bench_training
         import profile_training
 
@@ -56,6 +61,9 @@ def test_benchmark_parsers_refuse_with_one_line(monkeypatch, capsys):
              (bench_training._parse_args, ["--image-size", "64"], "argument --image-size: 64 must be at least 96"),
              (bench_training._parse_args, ["--num-samples", "2"], "argument --num-samples: 2 must be at least 4"),
              (bench_training._parse_args, ["--loss-tolerance", "nan"], "argument --loss-tolerance: nan must be"),
+             (bench_training._parse_args, ["--levers", "compile,bogus"], "argument --levers: unknown bogus; give"),
+             (bench_puffin._parse_args, ["--levers", "cached-latents"], "unknown cached-latents; give all, none or"),
+             (bench_dit._parse_args, ["--latent-size", "7"], "--latent-size (7) must be divisible by the patch size"),
              (bench_dit._parse_args, ["--repeats", "-2"], "argument --repeats: -2 must be at least 1"),
              (profile_training._parse_args, ["--tasks", "text2txt"], "argument --tasks: unknown text2txt"),
              (bench_data_loader.main, ["--loader-workers", "0,x"], "argument --loader-workers: 'x' is not a whole"),
