@@ -35,6 +35,7 @@ from megatron_puffin.data.collate import left_pad  # noqa: E402
 from megatron_puffin.data.images import decode_image, dynamic_resize_image, pad_to_square, to_tensor  # noqa: E402
 from megatron_puffin.data.preprocess import PreprocessOptions, preprocess  # noqa: E402
 from megatron_puffin.data.synthetic import SyntheticOptions, make_synthetic_dataset  # noqa: E402
+from megatron_puffin.files import folder_problem  # noqa: E402
 from megatron_puffin.data.tokenizer import PuffinTokenizer  # noqa: E402
 from bench_flags import int_list, positive_int, synthetic_image_size  # noqa: E402
 
@@ -182,7 +183,9 @@ def main(argv=None):
     parser.add_argument("--loader-workers", type=int_list(0), default=[0, 2], help="comma list (default 0,2)")
     parser.add_argument("--preprocess-workers", type=int_list(1), default=[1, 2], help="comma list (default 1,2)")
     parser.add_argument("--repeats", type=positive_int, default=2)
-    parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="scratch folder for the synthetic data, its shards and tokenizer, rewritten by every run "
+                             "(default: a new temporary folder, removed at the end)")
     args = parser.parse_args(argv)
     # The reference-style loader runs one epoch: the warm-up and timed batches of the largest worker count fit in it.
     warmup = warmup_batches(max(args.loader_workers))
@@ -190,6 +193,8 @@ def main(argv=None):
     if args.num_samples < needed:
         parser.error(f"--num-samples ({args.num_samples}) must be at least {needed}: one epoch of --batch-size "
                      f"{args.batch_size} must hold the untimed warm-up batches (one per loader worker) and one timed")
+    if args.work_dir is not None and folder_problem(args.work_dir):
+        parser.error(f"--work-dir ({args.work_dir.absolute()}): {folder_problem(args.work_dir)}")
     torch.set_num_threads(1)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_data_"))
     raw, index, tokenizer = work / "raw", work / "idx", work / "tok.model"

@@ -67,7 +67,8 @@ def test_benchmark_parsers_refuse_with_one_line(monkeypatch, capsys):
              (bench_dit._parse_args, ["--repeats", "-2"], "argument --repeats: -2 must be at least 1"),
              (profile_training._parse_args, ["--tasks", "text2txt"], "argument --tasks: unknown text2txt"),
              (bench_data_loader.main, ["--loader-workers", "0,x"], "argument --loader-workers: 'x' is not a whole"),
-             (bench_data_loader.main, ["--num-samples", "8"], "--num-samples (8) must be at least 24")]
+             (bench_data_loader.main, ["--num-samples", "8"], "--num-samples (8) must be at least 24"),
+             (bench_data_loader.main, ["--work-dir", "/proc/puffin"], "--work-dir (/proc/puffin): the folder /proc is")]
     if not torch.cuda.is_available():
         cases.append((bench_dit._parse_args, ["--device", "cuda"], "no usable CUDA device (use cpu)"))
     for parse, argv, message in cases:
