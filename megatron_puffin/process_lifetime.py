@@ -121,25 +121,41 @@ def _swallow(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signa
     ignored due to race condition" under the one-line message."""
 
 
+def _stopping() -> None:
+    """A stop signal is being acted on: a later one (Ctrl-C pressed twice, a scheduler's kill-after) neither cuts
+    the tool's clean-up (``finally`` blocks removing temporary or half-written files) nor its one-line exit short."""
+    for sig in (signal.SIGINT,) + TOOL_STOP_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _swallow)
+
+
 def _raise_stopped(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signature
-    for sig in TOOL_STOP_SIGNALS:  # a second signal does not cut the one-line exit short
-        signal.signal(sig, _swallow)
+    _stopping()
     raise Stopped(signum)
+
+
+def _raise_interrupted(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signature
+    _stopping()
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def stop_signals_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM and SIGHUP raise :class:`Stopped` in the main thread (where they would otherwise
-    end the process at once, with no word about what was kept). A signal the process ignores (``nohup``'s SIGHUP)
-    stays ignored; the previous handlers come back afterwards."""
+    end the process at once, with no word about what was kept), and Ctrl-C raises ``KeyboardInterrupt`` as Python's
+    own handler does; after the first of them, every later one is swallowed. A signal the process ignores
+    (``nohup``'s SIGHUP, SIGINT of a background job) stays ignored; the previous handlers come back afterwards."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in TOOL_STOP_SIGNALS}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT,) + TOOL_STOP_SIGNALS}
     for sig, handler in previous.items():
-        if handler == signal.SIG_DFL:
+        if sig == signal.SIGINT:
+            if handler is signal.default_int_handler:
+                signal.signal(sig, _raise_interrupted)
+        elif handler == signal.SIG_DFL:
             signal.signal(sig, _raise_stopped)
     try:
         yield
