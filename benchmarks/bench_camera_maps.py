@@ -25,7 +25,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from bench_flags import available_device, positive_int
+from bench_flags import available_device, positive_int, run_main
 from megatron_puffin.camera import camera_map, camera_maps
 
 
@@ -157,4 +157,4 @@ def main() -> None:
         print(f"{method:44s} {rate:10.1f}{ratios}")
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -34,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import real_proportions  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
-from bench_flags import positive_int  # noqa: E402
+from bench_flags import positive_int, run_main  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:
@@ -122,4 +122,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -37,7 +37,7 @@ from megatron_puffin.data.preprocess import PreprocessOptions, preprocess  # noq
 from megatron_puffin.data.synthetic import SyntheticOptions, make_synthetic_dataset  # noqa: E402
 from megatron_puffin.files import folder_problem  # noqa: E402
 from megatron_puffin.data.tokenizer import PuffinTokenizer  # noqa: E402
-from bench_flags import int_list, positive_int, synthetic_image_size  # noqa: E402
+from bench_flags import int_list, positive_int, run_main, synthetic_image_size  # noqa: E402
 
 
 class ReferenceStyleDataset(torch.utils.data.Dataset):
@@ -197,36 +197,40 @@ def main(argv=None):
         parser.error(f"--work-dir ({args.work_dir.absolute()}): {folder_problem(args.work_dir)}")
     torch.set_num_threads(1)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_data_"))
-    raw, index, tokenizer = work / "raw", work / "idx", work / "tok.model"
-    started = time.perf_counter()
-    make_synthetic_dataset(SyntheticOptions(raw, args.num_samples, args.image_size, seed=0, num_cross_view=0,
-                                            num_photography=0, workers=2, tokenizer_out=tokenizer, supersample=1,
-                                            camera_map_size=512))
-    print(f"synthetic data: {args.num_samples} samples {args.image_size}px in {time.perf_counter() - started:.1f} s")
-    preprocess_rows = bench_preprocess(raw, work, args.preprocess_workers, args.repeats)
-    preprocess(PreprocessOptions(raw, index, workers=2, progress=False))
-    num_batches = args.num_samples // args.batch_size - warmup
-    results = []
-    for cache in ("warm", "cold"):
-        for task in ("cam2image", "image2text"):
-            for workers in args.loader_workers:
-                results.append(bench_loaders(args, raw, index, tokenizer, task, workers, num_batches, cache))
-    sizes = {"raw_bytes": directory_bytes(raw, exclude=("tok.model",)), "indexed_bytes": directory_bytes(index)}
-    print(f"\npreprocessing ({args.num_samples} samples of {args.image_size}px):")
-    for row in preprocess_rows:
-        print(f"  workers {row['workers']}: {row['samples_per_s']:8.1f} samples/s  ({row['per_worker']:.1f} per worker, "
-              f"x{row['scaling']} vs 1 worker)")
-    print(f"\nloader, {num_batches} micro-batches of {args.batch_size} after warm-up (samples/s, best of {args.repeats}):")
-    for row in results:
-        print(f"  {row['cache']} {row['task']:10s} workers {row['workers']}: ours {row['ours']:7.1f}"
-              f" (maps on device: {row['ours_maps_on_device']:7.1f}), reference-style {row['reference']:7.1f}, "
-              f"ratio x{row['ratio']}")
-    print(f"\non disk: Puffin-4M layout with .pt maps {sizes['raw_bytes'] / 2**20:.1f} MiB, "
-          f"indexed shards {sizes['indexed_bytes'] / 2**20:.1f} MiB")
-    print(json.dumps({"preprocess": preprocess_rows, "loader": results, "disk": sizes}))
-    if args.work_dir is None:
-        shutil.rmtree(work)
+    try:
+        raw, index, tokenizer = work / "raw", work / "idx", work / "tok.model"
+        started = time.perf_counter()
+        make_synthetic_dataset(SyntheticOptions(raw, args.num_samples, args.image_size, seed=0, num_cross_view=0,
+                                                num_photography=0, workers=2, tokenizer_out=tokenizer, supersample=1,
+                                                camera_map_size=512))
+        print(f"synthetic data: {args.num_samples} samples {args.image_size}px in "
+              f"{time.perf_counter() - started:.1f} s")
+        preprocess_rows = bench_preprocess(raw, work, args.preprocess_workers, args.repeats)
+        preprocess(PreprocessOptions(raw, index, workers=2, progress=False))
+        num_batches = args.num_samples // args.batch_size - warmup
+        results = []
+        for cache in ("warm", "cold"):
+            for task in ("cam2image", "image2text"):
+                for workers in args.loader_workers:
+                    results.append(bench_loaders(args, raw, index, tokenizer, task, workers, num_batches, cache))
+        sizes = {"raw_bytes": directory_bytes(raw, exclude=("tok.model",)), "indexed_bytes": directory_bytes(index)}
+        print(f"\npreprocessing ({args.num_samples} samples of {args.image_size}px):")
+        for row in preprocess_rows:
+            print(f"  workers {row['workers']}: {row['samples_per_s']:8.1f} samples/s  "
+                  f"({row['per_worker']:.1f} per worker, x{row['scaling']} vs 1 worker)")
+        print(f"\nloader, {num_batches} micro-batches of {args.batch_size} after warm-up "
+              f"(samples/s, best of {args.repeats}):")
+        for row in results:
+            print(f"  {row['cache']} {row['task']:10s} workers {row['workers']}: ours {row['ours']:7.1f}"
+                  f" (maps on device: {row['ours_maps_on_device']:7.1f}), reference-style {row['reference']:7.1f}, "
+                  f"ratio x{row['ratio']}")
+        print(f"\non disk: Puffin-4M layout with .pt maps {sizes['raw_bytes'] / 2**20:.1f} MiB, "
+              f"indexed shards {sizes['indexed_bytes'] / 2**20:.1f} MiB")
+        print(json.dumps({"preprocess": preprocess_rows, "loader": results, "disk": sizes}))
+    finally:  # also on Ctrl-C or SIGTERM (bench_flags.run_main)
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, kept="no result; its temporary data was removed (a --work-dir you named is kept)")

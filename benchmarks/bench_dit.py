@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from megatron_puffin.testing.reference_dit import reference_dynamic_forward  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
-from bench_flags import available_device, nonnegative_int, positive_int  # noqa: E402
+from bench_flags import available_device, nonnegative_int, positive_int, run_main  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -281,4 +281,4 @@ def _report(args, times, memory) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

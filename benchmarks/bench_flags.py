@@ -1,9 +1,14 @@
 """argparse types the benchmarks share, so that a count of 0, a negative size or a device this machine lacks is one
-``error:`` line from the parser (exit status 2) instead of a traceback from deep inside the run."""
+``error:`` line from the parser (exit status 2) instead of a traceback from deep inside the run; and
+:func:`run_main`, the benchmarks' entry point, so that Ctrl-C or a scheduler's SIGTERM ends one with one line after
+its temporary data is removed."""
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
+from typing import Callable, NoReturn, Optional
 
 
 def positive_int(text: str) -> int:
@@ -123,3 +128,15 @@ def available_device(text: str) -> str:
     elif device.type != "cpu":
         raise argparse.ArgumentTypeError(f"{text!r}: the benchmarks run on cpu or cuda")
     return text
+
+
+def run_main(main: Callable[[], Optional[int]], kept: str = "no result; its temporary data was removed") -> NoReturn:
+    """Run a benchmark's ``main`` and exit with its status (None: 0). Ctrl-C, SIGTERM (``timeout``, ``scancel``)
+    and SIGHUP raise in the main thread, so its ``with tempfile.TemporaryDirectory()`` blocks remove their data on
+    the way out; then one line, exit status 130 or 128 + the signal. Under SIGTERM's default action the process
+    ended at once and left its synthetic dataset, shards and cached latents in the temporary folder. ``kept``: what
+    the one line says is left."""
+    from megatron_puffin.process_lifetime import exit_on_ctrl_c
+
+    prog = os.path.basename(sys.argv[0])
+    sys.exit(exit_on_ctrl_c(prog, lambda: main() or 0, kept))

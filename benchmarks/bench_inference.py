@@ -39,7 +39,7 @@ from bench_puffin import _config  # noqa: E402
 import megatron_puffin.distributed as mpd  # noqa: E402
 from megatron_puffin.testing.reference_puffin import build_puffin_pair  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
-from bench_flags import positive_int  # noqa: E402
+from bench_flags import positive_int, run_main  # noqa: E402
 
 CAPTIONS = ["A kitchen.", "A narrow street with parked bicycles and shop signs on both sides.",
             "A lake at dusk.", "Two chairs beside a window in a bright room with wooden floors and white walls."]
@@ -172,4 +172,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore")
 # puffin_bench_common (next to this script) comes first: importing it puts tests/ on sys.path for helpers.
 import puffin_bench_common  # noqa: E402,F401
 from helpers.puffin import TASK_STREAMS, make_tiny_dataset  # noqa: E402
-from bench_flags import positive_int, synthetic_num_samples  # noqa: E402
+from bench_flags import positive_int, run_main, synthetic_num_samples  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:
@@ -80,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -38,7 +38,7 @@ from megatron_puffin.models.llm import (  # noqa: E402
     shift_labels,
     vocab_parallel_token_losses,
 )
-from bench_flags import positive_int  # noqa: E402
+from bench_flags import positive_int, run_main  # noqa: E402
 
 
 def _time(step, repeats: int) -> float:
@@ -118,4 +118,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

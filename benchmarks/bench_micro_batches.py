@@ -35,7 +35,7 @@ import bench_training  # noqa: E402  (puts tests/ on sys.path through puffin_ben
 import profile_training  # noqa: E402
 import real_proportions  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
-from bench_flags import positive_int  # noqa: E402
+from bench_flags import positive_int, run_main  # noqa: E402
 
 SIDES = (("ours", profile_training._our_micro_batch), ("reference", profile_training._reference_micro_batch))
 
@@ -98,4 +98,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -29,7 +29,7 @@ from typing import Dict, List
 
 import bench_training as bt  # puffin_bench_common first: it puts tests/ on sys.path
 import torch
-from bench_flags import positive_int
+from bench_flags import positive_int, run_main
 
 
 def _rusage() -> resource.struct_rusage:
@@ -116,4 +116,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

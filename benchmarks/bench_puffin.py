@@ -51,7 +51,7 @@ from helpers.puffin import TASK_STREAMS, task_batches  # noqa: E402
 from megatron_puffin.testing.reference_puffin import build_puffin_pair  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
 from megatron_puffin.training.objectives import puffin_loss  # noqa: E402
-from bench_flags import lever_list, nonnegative_int, positive_int  # noqa: E402
+from bench_flags import lever_list, nonnegative_int, positive_int, run_main  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:
@@ -211,4 +211,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

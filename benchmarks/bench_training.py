@@ -77,7 +77,7 @@ from puffin_bench_common import (  # noqa: E402
 import real_proportions  # noqa: E402
 from helpers.puffin import TASK_STREAMS  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
-from bench_flags import lever_list, nonnegative_int, positive_int  # noqa: E402
+from bench_flags import lever_list, nonnegative_int, positive_int, run_main  # noqa: E402
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -654,4 +654,4 @@ def _print_targets(args, medians, tasks: List[str], mem_ratio: float) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -18,7 +18,7 @@ import time
 from typing import Callable, Dict, Tuple
 
 import torch
-from bench_flags import positive_int
+from bench_flags import positive_int, run_main
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
@@ -138,4 +138,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import bench_training  # noqa: E402  (puts tests/ on sys.path through puffin_bench_common)
 from megatron_puffin.platform import setup  # noqa: E402
-from bench_flags import choice_list, positive_int  # noqa: E402
+from bench_flags import choice_list, positive_int, run_main  # noqa: E402
 from helpers.puffin import TASK_STREAMS  # noqa: E402
 
 
@@ -106,4 +106,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
