@@ -9,6 +9,7 @@ seeds the RNG streams (see :mod:`.random`). It does not patch megatron-core: the
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -28,6 +29,9 @@ from megatron_puffin.platform import require_setup
 logger = logging.getLogger(__name__)
 
 _STORE_FILES: list = []
+"""``(pid, path)`` of the file stores of single-process groups: removed by :func:`destroy`, or at exit by a process
+that ends without it (an exception, a tool's or benchmark's stop signal); a forked child inherits the list and
+leaves its parent's files alone."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ def _init_process_group(backend: str, timeout_minutes: int) -> None:
     # A single process without torchrun: a private file store, so no port can be taken by another process.
     store_file = tempfile.NamedTemporaryFile(prefix="puffin_store_", delete=False)
     store_file.close()
-    _STORE_FILES.append(store_file.name)
+    _STORE_FILES.append((os.getpid(), store_file.name))
     dist.init_process_group(
         backend=backend, init_method=f"file://{store_file.name}", rank=0, world_size=1, timeout=timeout
     )
@@ -169,8 +173,18 @@ def destroy() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    _remove_store_files()
+
+
+def _remove_store_files() -> None:
+    """Remove the file stores this process's single-process groups made (nothing else opens them)."""
     while _STORE_FILES:
-        try:
-            os.unlink(_STORE_FILES.pop())
-        except OSError:
-            pass
+        pid, path = _STORE_FILES.pop()
+        if pid == os.getpid():
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+atexit.register(_remove_store_files)

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -225,6 +226,7 @@ class ForkedProcess:
 
     def __init__(self, script, argv: list, cwd, env: Dict[str, str]) -> None:
         self._tmp = tempfile.mkdtemp(prefix="puffin-forked-")
+        self._remove_tmp = weakref.finalize(self, shutil.rmtree, self._tmp, True)  # also for tests that only wait
         self._paths = (os.path.join(self._tmp, "stdout"), os.path.join(self._tmp, "stderr"))
         self._child = _start_forked(script, argv, cwd, env, *self._paths)
         self.pid = self._child.pid
@@ -251,7 +253,7 @@ class ForkedProcess:
     def communicate(self, timeout: Optional[float] = None) -> Tuple[str, str]:
         self.wait(timeout)
         out, err = (Path(path).read_text(errors="replace") if os.path.exists(path) else "" for path in self._paths)
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._remove_tmp()
         return out, err
 
 
