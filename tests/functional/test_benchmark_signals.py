@@ -17,7 +17,8 @@ from helpers.puffin import ROOT
 TIMEOUT = 300
 
 
-@pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGHUP)],
+@pytest.mark.parametrize("signals",
+                         [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGHUP)],
                          ids=["sigterm", "ctrl-c-twice", "sigterm-then-sighup"])
 def test_a_stopped_benchmark_says_so_in_one_line_and_removes_its_temporary_data(tmp_path, signals):
     scratch = tmp_path / "tmp"

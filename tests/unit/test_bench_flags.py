@@ -36,7 +36,8 @@ def test_types_accept_what_they_should_and_name_what_is_wrong():
                                 (bench_flags.choice_list(("a", "b")), "a,c", "unknown c; give a comma list of a, b"),
                                 (bench_flags.choice_list(("a", "b")), ",", "empty list"),
                                 (bench_flags.lever_list(("a", "b")), ",", "empty list; give all, none or a comma"),
-                                (bench_flags.lever_list(("a",)), "a,b", "unknown b; give all, none or a comma list of a$"),
+                                (bench_flags.lever_list(("a",)), "a,b",
+                                 "unknown b; give all, none or a comma list of a$"),
                                 (bench_flags.nonnegative_float, "-1e-4", "-1e-4 must be a finite number >= 0"),
                                 (bench_flags.nonnegative_float, "nan", "nan must be a finite number >= 0"),
                                 (bench_flags.nonnegative_float, "tiny", "'tiny' is not a number")):
