@@ -35,8 +35,8 @@ from megatron_puffin.data.collate import left_pad  # noqa: E402
 from megatron_puffin.data.images import decode_image, dynamic_resize_image, pad_to_square, to_tensor  # noqa: E402
 from megatron_puffin.data.preprocess import PreprocessOptions, preprocess  # noqa: E402
 from megatron_puffin.data.synthetic import SyntheticOptions, make_synthetic_dataset  # noqa: E402
-from megatron_puffin.files import folder_problem  # noqa: E402
 from megatron_puffin.data.tokenizer import PuffinTokenizer  # noqa: E402
+from megatron_puffin.files import folder_problem  # noqa: E402
 from bench_flags import int_list, positive_int, run_main, synthetic_image_size  # noqa: E402
 
 
