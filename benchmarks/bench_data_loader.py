@@ -193,8 +193,8 @@ def main(argv=None):
     if args.num_samples < needed:
         parser.error(f"--num-samples ({args.num_samples}) must be at least {needed}: one epoch of --batch-size "
                      f"{args.batch_size} must hold the untimed warm-up batches (one per loader worker) and one timed")
-    if args.work_dir is not None and folder_problem(args.work_dir):
-        parser.error(f"--work-dir ({args.work_dir.absolute()}): {folder_problem(args.work_dir)}")
+    if args.work_dir is not None and (problem := folder_problem(args.work_dir)):
+        parser.error(f"--work-dir ({args.work_dir.absolute()}): {problem}")
     torch.set_num_threads(1)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_data_"))
     try:

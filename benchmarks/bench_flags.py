@@ -54,15 +54,20 @@ def int_list(lowest: int):
     return parse
 
 
-def choice_list(choices):
-    """A comma list of names out of ``choices`` (no repeats), e.g. the tasks to profile."""
+def choice_list(choices, words: Optional[dict] = None):
+    """A comma list of names out of ``choices`` (no repeats), e.g. the tasks to profile; ``words`` maps whole
+    answers (``all``, ``none``) to their lists."""
+    words = words or {}
 
     def parse(text: str) -> list:
+        if text.strip() in words:
+            return list(words[text.strip()])
         names = [name.strip() for name in text.split(",") if name.strip()]
         unknown = [name for name in names if name not in choices]
         if unknown or not names:
+            also = f"{', '.join(words)} or " if words else ""
             raise argparse.ArgumentTypeError(f"{'unknown ' + ', '.join(unknown) if unknown else 'empty list'}; "
-                                             f"give a comma list of {', '.join(choices)}")
+                                             f"give {also}a comma list of {', '.join(choices)}")
         return list(dict.fromkeys(names))
 
     return parse
@@ -70,19 +75,7 @@ def choice_list(choices):
 
 def lever_list(levers):
     """``--levers``: ``all`` (every one of ``levers``), ``none``, or a comma list out of ``levers``."""
-    names = choice_list(levers)
-
-    def parse(text: str) -> list:
-        if text.strip() in ("all", "none"):
-            return list(levers) if text.strip() == "all" else []
-        try:
-            return names(text)
-        except argparse.ArgumentTypeError as error:
-            problem = str(error).split(";")[0]
-            raise argparse.ArgumentTypeError(f"{problem}; give all, none or a comma list of {', '.join(levers)}") \
-                from None
-
-    return parse
+    return choice_list(levers, {"all": levers, "none": ()})
 
 
 def synthetic_image_size(text: str) -> int:
