@@ -273,6 +273,11 @@ def test_a_worker_killed_by_sigbus_is_named_as_such_and_restarted(data, caplog):
         next(iterator)
         workers = [process for process in multiprocessing.active_children() if process not in before]
         assert workers
+        # Let the worker finish the batch prefetched by next() and wait for the next index: right after taking an
+        # index it reads the loader's done event under that event's lock, and a worker killed holding it deadlocks
+        # the main process in torch's _mark_worker_as_unavailable (seen once in CI). A shard read, where a real
+        # SIGBUS strikes, holds no such lock.
+        time.sleep(1.0)
         os.kill(workers[0].pid, signal.SIGBUS)
         time.sleep(0.5)
         with caplog.at_level("WARNING", logger="megatron_puffin.data.loader"):
