@@ -6,8 +6,10 @@ decode and preprocess images, tokenise and collate. Because workers run ahead of
 :meth:`~PuffinDataLoader.state_dict` is computed from the micro-batches actually *handed out*, by the schedule
 arithmetic, so a checkpoint resumes exactly at the next unseen micro-batch (also at another data-parallel size).
 """
+import ctypes
 import functools
 import logging
+import multiprocessing.context
 import re
 import signal
 import struct
@@ -300,6 +302,45 @@ def _describe_death(message: str) -> str:
     return message
 
 
+class _UnlockedEvent:
+    """The "workers done" flag torch's DataLoader shares with its worker processes, without a lock.
+
+    multiprocessing's Event takes a lock shared by every worker each time one of them calls ``is_set()`` (after
+    every index it receives). A worker killed while holding it (the out-of-memory killer's SIGKILL lands anywhere)
+    never releases it, and the main process blocks forever in its next ``is_set()`` or ``set()``: when torch
+    finds the dead worker, or shuts the others down. Here the flag is one byte of shared memory that only the main
+    process writes, so a worker's death cannot block anyone."""
+
+    def __init__(self, context: multiprocessing.context.BaseContext):
+        self._flag = context.RawValue(ctypes.c_bool, False)
+
+    def is_set(self) -> bool:
+        return bool(self._flag.value)
+
+    def set(self) -> None:
+        self._flag.value = True
+
+    def clear(self) -> None:
+        self._flag.value = False
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set() and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.01)
+        return self.is_set()
+
+
+class _WorkerContext(multiprocessing.context.ForkContext):
+    """The fork start method (what the loader has always used on Linux, and what ``stop_signals_blocked`` around
+    the workers' start assumes), with :class:`_UnlockedEvent` as its Event."""
+
+    def Event(self) -> _UnlockedEvent:  # noqa: N802 - multiprocessing's name
+        return _UnlockedEvent(self)
+
+
+_WORKER_CONTEXT = _WorkerContext()
+
+
 def _collate_reporting(collator: Collator, items: Sequence[tuple]) -> Dict[str, Any]:
     """Collates the samples and carries the decoding failures met while reading them (``bad_samples``)."""
     batch = collator([sample for sample, _ in items])
@@ -382,7 +423,8 @@ class PuffinDataLoader:
     def _torch_loader(self) -> torch.utils.data.DataLoader:
         kwargs: Dict[str, Any] = {}
         if self.num_workers > 0:
-            kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=False, worker_init_fn=worker_init)
+            kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=False, worker_init_fn=worker_init,
+                          multiprocessing_context=_WORKER_CONTEXT)
         return torch.utils.data.DataLoader(
             _StreamSamples(self.streams), batch_sampler=self.sampler(),
             collate_fn=functools.partial(_collate_reporting, self.collator),

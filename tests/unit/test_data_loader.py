@@ -137,6 +137,36 @@ def test_a_killed_worker_is_restarted_where_it_died_and_one_death_too_many_is_on
         iterator.close()  # a failed assertion must not leave workers that block the interpreter's exit
 
 
+def _is_set_forever(event) -> None:
+    while True:
+        event.is_set()
+
+
+def test_a_worker_killed_anywhere_cannot_block_the_main_process_on_the_shared_done_flag():
+    """torch's workers read the "workers done" flag after every index they take. With multiprocessing's Event that
+    read holds a lock shared with the main process, and a worker SIGKILLed inside it blocked the main process
+    forever (a CI run hung in torch's _mark_worker_as_unavailable). Twenty processes killed while reading the
+    loader's flag in a loop: the main process still sets and reads it at once (multiprocessing's Event blocks)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from megatron_puffin.data.loader import _WORKER_CONTEXT
+
+    event = _WORKER_CONTEXT.Event()
+    for _ in range(20):
+        child = _WORKER_CONTEXT.Process(target=_is_set_forever, args=(event,), daemon=True)
+        child.start()
+        time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+    answered = threading.Event()
+    threading.Thread(target=lambda: (event.set(), event.is_set() and answered.set()), daemon=True).start()
+    assert answered.wait(10), "the main process blocked on the flag a killed worker was reading"
+    assert _WORKER_CONTEXT.get_start_method() == "fork"
+
+
 def test_a_shard_gone_while_the_run_reads_it_is_one_error_not_bad_samples(data, tmp_path):
     """New workers (each validation, each restart) open the shards again: a shard deleted or replaced since the run
     started is one error naming it, not a traceback from megatron-core's IndexedDataset or a skip of every sample."""
@@ -273,11 +303,6 @@ def test_a_worker_killed_by_sigbus_is_named_as_such_and_restarted(data, caplog):
         next(iterator)
         workers = [process for process in multiprocessing.active_children() if process not in before]
         assert workers
-        # Let the worker finish the batch prefetched by next() and wait for the next index: right after taking an
-        # index it reads the loader's done event under that event's lock, and a worker killed holding it deadlocks
-        # the main process in torch's _mark_worker_as_unavailable (seen once in CI). A shard read, where a real
-        # SIGBUS strikes, holds no such lock.
-        time.sleep(1.0)
         os.kill(workers[0].pid, signal.SIGBUS)
         time.sleep(0.5)
         with caplog.at_level("WARNING", logger="megatron_puffin.data.loader"):
