@@ -6,6 +6,7 @@ decode and preprocess images, tokenise and collate. Because workers run ahead of
 :meth:`~PuffinDataLoader.state_dict` is computed from the micro-batches actually *handed out*, by the schedule
 arithmetic, so a checkpoint resumes exactly at the next unseen micro-batch (also at another data-parallel size).
 """
+import contextlib
 import ctypes
 import functools
 import logging
@@ -18,7 +19,7 @@ import time
 import traceback
 import zlib
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -231,14 +232,52 @@ def _unavailable(error: Exception) -> Optional[str]:
 
 
 _WORKER_DIED = re.compile(r"DataLoader worker \(pid")  # torch's errors for a worker process that died
-_worker_failures: List[str] = []  # torch's own description of each death its SIGCHLD check found (see below)
+_NAMED_PIDS = re.compile(r"\(pid(?:\(s\))? ([\d, ]+)\)")
+
+
+class _WorkerDeaths:
+    """The worker deaths torch's SIGCHLD check found, by process id, and the workers the main thread is waiting on.
+
+    torch's SIGCHLD handler raises its "worker died" error wherever the main thread is when the signal arrives:
+    inside a training step, or half-way through writing a checkpoint. Wrapped (:func:`_defer_worker_failure_errors`),
+    it records the death instead, and the loader acts on it before it next reads a batch: a worker killed half-way
+    through writing a batch into the pipe all workers share leaves a partial message there, and a read of it never
+    ends (no other worker can write: the dead one holds their lock). The handler still raises while the main thread
+    waits for a batch from the dead worker's set, which ends that read."""
+
+    def __init__(self):
+        self.recorded: Dict[int, str] = {}  # pid -> torch's description of its death
+        self.waiting_on: FrozenSet[int] = frozenset()
+
+    def record(self, message: str) -> bool:
+        """Records a death; True when the main thread is waiting on that worker (the handler then raises)."""
+        pids = {int(pid) for pid in re.findall(r"\d+", _NAMED_PIDS.search(message).group(1))} \
+            if _NAMED_PIDS.search(message) else {0}
+        for pid in pids:
+            self.recorded.setdefault(pid, message)
+        return bool(pids & self.waiting_on)
+
+    def take(self, pids: Optional[Collection[int]] = None) -> Optional[str]:
+        """The recorded deaths of ``pids`` (None: all of them), forgotten once taken; None if there are none."""
+        taken = [self.recorded.pop(pid) for pid in list(self.recorded) if pids is None or pid in pids or pid == 0]
+        return "; ".join(dict.fromkeys(taken)) or None
+
+    @contextlib.contextmanager
+    def waiting(self, pids: FrozenSet[int]) -> Iterator[None]:
+        self.waiting_on = pids
+        try:
+            yield
+        finally:
+            self.waiting_on = frozenset()
+
+
+_DEATHS = _WorkerDeaths()
 
 
 def _defer_worker_failure_errors() -> None:
-    """torch's SIGCHLD handler raises its "worker died" error wherever the main thread is when the signal arrives:
-    inside a training step, or half-way through writing a checkpoint. Wrap it (once per process, after torch has
-    installed it with the first worker iterator) so that it only records the error; the loader meets the dead
-    worker when it next waits for a batch (torch checks its workers then) and restarts them there."""
+    """Wraps torch's SIGCHLD handler (once per process, after torch has installed it with the first worker
+    iterator) so that it records a worker's death in :data:`_DEATHS` and only raises while the main thread waits
+    on that worker."""
     if threading.current_thread() is not threading.main_thread():
         return
     handler = signal.getsignal(signal.SIGCHLD)
@@ -249,31 +288,27 @@ def _defer_worker_failure_errors() -> None:
         try:
             handler(signum, frame)
         except RuntimeError as error:  # e.g. "DataLoader worker (pid 812) is killed by signal: Killed."
-            if not _WORKER_DIED.match(str(error)):
+            if not _WORKER_DIED.match(str(error)) or _DEATHS.record(str(error)):
                 raise
-            _worker_failures.append(str(error))
 
     record.records_worker_failures = True
     signal.signal(signal.SIGCHLD, record)
 
 
-def _take_worker_failure() -> Optional[str]:
-    failures = list(_worker_failures)
-    _worker_failures.clear()
-    return "; ".join(failures) or None
-
-
-def _worker_death(error: Exception) -> Optional[str]:
-    """torch's description of the worker death behind ``error`` from the worker iterator; None if it is not one."""
+def _worker_death(error: Exception, pids: Collection[int]) -> Optional[str]:
+    """torch's description of the death of one of ``pids`` behind ``error`` from their iterator; None if it is
+    not one."""
     if isinstance(error, RuntimeError) and _WORKER_DIED.match(str(error)):  # torch found the dead worker itself
-        return _take_worker_failure() or str(error)
+        return _DEATHS.take(pids) or str(error)
     if isinstance(error, (ConnectionError, EOFError, FileNotFoundError)):
         # A worker killed while handing a batch's shared memory over breaks the hand-over before the kernel reports
         # the death: wait for its SIGCHLD (recorded by _defer_worker_failure_errors) to tell the two apart.
         deadline = time.monotonic() + 2.0
-        while not _worker_failures and time.monotonic() < deadline:
+        death = _DEATHS.take(pids)
+        while death is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        return _take_worker_failure()
+            death = _DEATHS.take(pids)
+        return death
     return None
 
 
@@ -435,29 +470,40 @@ class PuffinDataLoader:
         while True:
             with stop_signals_blocked():  # workers are forked here (see megatron_puffin/process_lifetime.py)
                 batches = iter(self._torch_loader())
-            if self.num_workers > 0:
+            workers = frozenset(worker.pid for worker in getattr(batches, "_workers", None) or ())
+            if workers:
                 _defer_worker_failure_errors()
+            unavailable = death = None
             try:
-                for batch in batches:
+                while death is None:
+                    # a worker of this set that died since the last batch: restart before reading (see _WorkerDeaths)
+                    with _DEATHS.waiting(workers):
+                        death = _DEATHS.take(workers) if workers else None
+                        batch = next(batches) if death is None else None
+                    if batch is None:
+                        break
                     stream = self.schedule.stream_at(self._state.step)
                     batch["stream"] = self.specs[stream].name
                     batch["step"] = self._state.step
                     self._record_bad_samples(batch.pop("bad_samples"))
                     self._state = self.schedule.advance(self._state)
                     yield batch
+            except StopIteration:
                 return
             except Exception as error:  # noqa: BLE001 - re-raised below unless a worker died or a shard is gone
-                unavailable, death = _unavailable(error), None
+                unavailable = _unavailable(error)
                 if unavailable is None:
-                    death = _worker_death(error)
+                    death = _worker_death(error, workers)
                     if death is None:
                         raise
-                    if "exited unexpectedly" in death:
-                        death = _signal_of_dead_worker(batches) or death
                 # torch's re-raised worker error sits in a reference cycle with the frames of its iterator: clear
                 # them, or the iterator and its workers live until a garbage collection, and at interpreter exit
                 # multiprocessing waits forever for workers that ignore its SIGTERM (process_lifetime.py).
                 traceback.clear_frames(error.__traceback__)
+            finally:
+                _DEATHS.take(workers)  # deaths of this set recorded since: its iterator ends (pids are reused)
+            if death is not None and "exited unexpectedly" in death:
+                death = _signal_of_dead_worker(batches) or death
             del batches  # shuts the surviving workers down now (the torch iterator's __del__)
             if unavailable is not None:
                 raise DataUnavailableError(unavailable)
