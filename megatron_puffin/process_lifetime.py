@@ -405,12 +405,15 @@ def exit_on_ctrl_c(prog: str, main: Callable[[], int], kept: str) -> int:
         main: The tool's main function; its return value is the exit status.
         kept: What an interrupted run leaves and how to go on (each tool's own recovery).
     """
-    with stop_signals_interrupt():
-        try:
+    try:
+        # the handlers are caught outside the block: a signal that lands while it ends (main has returned, the
+        # previous handlers are not back yet; torchrun stopping the other copy of a tool launched twice did it)
+        # is the same one line, not a traceback from the context manager's exit
+        with stop_signals_interrupt():
             return main()
-        except KeyboardInterrupt:
-            print(f"{prog}: interrupted (Ctrl-C); {kept}", file=sys.stderr)
-            return EXIT_CTRL_C
-        except Stopped as stop:
-            print(f"{prog}: stopped by {stop.name}; {kept}", file=sys.stderr)
-            return stop.exit_status
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (Ctrl-C); {kept}", file=sys.stderr)
+        return EXIT_CTRL_C
+    except Stopped as stop:
+        print(f"{prog}: stopped by {stop.name}; {kept}", file=sys.stderr)
+        return stop.exit_status

@@ -1,6 +1,7 @@
-"""The tools' worker pool (megatron_puffin/process_lifetime.py, worker_pool): results in order, a stop that never
-hangs on a worker halfway through a large result, a dead worker as one exception (also one killed while it sends a
-large result), a worker's exception raised with its traceback, Ctrl-C acted on between waits.
+"""The tools' worker pool and exit (megatron_puffin/process_lifetime.py: worker_pool, exit_on_ctrl_c): results in
+order, a stop that never hangs on a worker halfway through a large result, a dead worker as one exception (also one
+killed while it sends a large result), a worker's exception raised with its traceback, Ctrl-C acted on between
+waits, a stop signal as a tool ends.
 
 Each case runs in its own interpreter with a time limit, so a hang fails the case instead of the suite."""
 import subprocess
@@ -131,3 +132,30 @@ def test_ctrl_c_is_raised_between_waits_and_the_workers_ignore_it():
     seconds = float(proc.stdout.split()[2])
     assert seconds < 10, proc.stdout  # 100 tasks would take 25 s
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_stop_signal_landing_as_a_tool_ends_is_its_one_line_not_a_traceback():
+    """A tool launched twice under torchrun: one copy says it must run alone and returns; torchrun then SIGTERMs the
+    other, which may be between its main's return and the restoring of its signal handlers (1 CI run hit it and
+    printed the ``Stopped`` traceback). Here the SIGTERM is sent at exactly that point, through the real handlers:
+    the tool still ends with its one line and 128 + 15."""
+    proc = _run("""
+        import contextlib
+        from megatron_puffin import process_lifetime
+
+        real = process_lifetime.stop_signals_interrupt
+
+        @contextlib.contextmanager
+        def signalled_as_the_block_ends():
+            with real():
+                yield
+                os.kill(os.getpid(), signal.SIGTERM)  # main has returned; the handlers are still the tool's
+                time.sleep(2)  # the handler runs here
+                raise AssertionError("the SIGTERM was not handled")
+
+        process_lifetime.stop_signals_interrupt = signalled_as_the_block_ends
+        print("status", process_lifetime.exit_on_ctrl_c("tool.py", lambda: 2, "nothing was written"))
+    """)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "status 143", proc.stdout
+    assert proc.stderr.strip() == "tool.py: stopped by SIGTERM; nothing was written", proc.stderr
