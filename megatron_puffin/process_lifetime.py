@@ -406,9 +406,9 @@ def exit_on_ctrl_c(prog: str, main: Callable[[], int], kept: str) -> int:
         kept: What an interrupted run leaves and how to go on (each tool's own recovery).
     """
     try:
-        # the handlers are caught outside the block: a signal that lands while it ends (main has returned, the
-        # previous handlers are not back yet; torchrun stopping the other copy of a tool launched twice did it)
-        # is the same one line, not a traceback from the context manager's exit
+        # caught outside the block: a stop signal that lands while it ends (main has returned, the previous
+        # handlers are not back yet; torchrun stopping the other copy of a tool launched twice did it) is the same
+        # one line, not a traceback from the context manager's exit
         with stop_signals_interrupt():
             return main()
     except KeyboardInterrupt:

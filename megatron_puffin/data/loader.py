@@ -251,8 +251,8 @@ class _WorkerDeaths:
 
     def record(self, message: str) -> bool:
         """Records a death; True when the main thread is waiting on that worker (the handler then raises)."""
-        pids = {int(pid) for pid in re.findall(r"\d+", _NAMED_PIDS.search(message).group(1))} \
-            if _NAMED_PIDS.search(message) else {0}
+        named = _NAMED_PIDS.search(message)
+        pids = {int(pid) for pid in re.findall(r"\d+", named.group(1))} if named else {0}  # 0: any worker
         for pid in pids:
             self.recorded.setdefault(pid, message)
         return bool(pids & self.waiting_on)
@@ -264,6 +264,7 @@ class _WorkerDeaths:
 
     @contextlib.contextmanager
     def waiting(self, pids: FrozenSet[int]) -> Iterator[None]:
+        """Within the block the main thread waits on ``pids``: a death of one of them raises at once."""
         self.waiting_on = pids
         try:
             yield
