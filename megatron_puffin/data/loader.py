@@ -345,7 +345,8 @@ class _UnlockedEvent:
     every index it receives). A worker killed while holding it (the out-of-memory killer's SIGKILL lands anywhere)
     never releases it, and the main process blocks forever in its next ``is_set()`` or ``set()``: when torch
     finds the dead worker, or shuts the others down. Here the flag is one byte of shared memory that only the main
-    process writes, so a worker's death cannot block anyone."""
+    process writes, so a worker's death cannot block anyone. It has what torch's DataLoader calls: ``set`` in the
+    main process, ``is_set`` in both."""
 
     def __init__(self, context: multiprocessing.context.BaseContext):
         self._flag = context.RawValue(ctypes.c_bool, False)
@@ -355,15 +356,6 @@ class _UnlockedEvent:
 
     def set(self) -> None:
         self._flag.value = True
-
-    def clear(self) -> None:
-        self._flag.value = False
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.is_set() and (deadline is None or time.monotonic() < deadline):
-            time.sleep(0.01)
-        return self.is_set()
 
 
 class _WorkerContext(multiprocessing.context.ForkContext):
