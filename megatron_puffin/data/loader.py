@@ -276,11 +276,14 @@ _DEATHS = _WorkerDeaths()
 
 
 def _defer_worker_failure_errors() -> None:
-    """Wraps torch's SIGCHLD handler (once per process, after torch has installed it with the first worker
-    iterator) so that it records a worker's death in :data:`_DEATHS` and only raises while the main thread waits
-    on that worker."""
+    """Wraps torch's SIGCHLD handler (once per process) so that it records a worker's death in :data:`_DEATHS` and
+    only raises while the main thread waits on that worker. Installed before the first workers start: torch's own
+    handler, which its worker iterator would install once the workers run, is installed here first (a no-op for
+    torch afterwards), so no death can meet it unwrapped (a worker killed while the first iterator started raised
+    its error outside the loader's handling)."""
     if threading.current_thread() is not threading.main_thread():
         return
+    torch.utils.data._utils.signal_handling._set_SIGCHLD_handler()
     handler = signal.getsignal(signal.SIGCHLD)
     if not callable(handler) or getattr(handler, "records_worker_failures", False):
         return
@@ -461,11 +464,11 @@ class PuffinDataLoader:
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         while True:
+            if self.num_workers > 0:
+                _defer_worker_failure_errors()
             with stop_signals_blocked():  # workers are forked here (see megatron_puffin/process_lifetime.py)
                 batches = iter(self._torch_loader())
             workers = frozenset(worker.pid for worker in getattr(batches, "_workers", None) or ())
-            if workers:
-                _defer_worker_failure_errors()
             unavailable = death = None
             try:
                 while death is None:
