@@ -129,7 +129,7 @@ def run_main(main: Callable[[], Optional[int]], kept: str = "no result; its temp
     the way out; then one line, exit status 130 or 128 + the signal. Under SIGTERM's default action the process
     ended at once and left its synthetic dataset, shards and cached latents in the temporary folder. ``kept``: what
     the one line says is left."""
-    from megatron_puffin.process_lifetime import exit_on_ctrl_c
+    from megatron_puffin.process_lifetime import exit_on_ctrl_c, exit_process
 
     prog = os.path.basename(sys.argv[0])
-    sys.exit(exit_on_ctrl_c(prog, lambda: main() or 0, kept))
+    exit_process(exit_on_ctrl_c(prog, lambda: main() or 0, kept))

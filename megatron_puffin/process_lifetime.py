@@ -24,7 +24,7 @@ import multiprocessing
 import os
 import signal
 import sys
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NoReturn, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -405,6 +405,7 @@ def exit_on_ctrl_c(prog: str, main: Callable[[], int], kept: str) -> int:
         main: The tool's main function; its return value is the exit status.
         kept: What an interrupted run leaves and how to go on (each tool's own recovery).
     """
+    global _a_tool_was_stopped
     try:
         # caught outside the block: a stop signal that lands while it ends (main has returned, the previous
         # handlers are not back yet; torchrun stopping the other copy of a tool launched twice did it) is the same
@@ -412,8 +413,28 @@ def exit_on_ctrl_c(prog: str, main: Callable[[], int], kept: str) -> int:
         with stop_signals_interrupt():
             return main()
     except KeyboardInterrupt:
+        _a_tool_was_stopped = True
         print(f"{prog}: interrupted (Ctrl-C); {kept}", file=sys.stderr)
         return EXIT_CTRL_C
     except Stopped as stop:
+        _a_tool_was_stopped = True
         print(f"{prog}: stopped by {stop.name}; {kept}", file=sys.stderr)
         return stop.exit_status
+
+
+_a_tool_was_stopped = False
+"""Whether :func:`exit_on_ctrl_c` has acted on a stop signal in this process (read by :func:`exit_process`)."""
+
+
+def exit_process(status: int) -> NoReturn:
+    """End a command-line tool's process with ``status`` (its ``if __name__ == "__main__"`` line).
+
+    After :func:`exit_on_ctrl_c` has acted on a stop signal, every later one is swallowed until the process is
+    gone: the interpreter's exit still runs clean-up (``atexit`` removes the single-process rendezvous files,
+    temporary folders are finalized), and a second Ctrl-C or a scheduler's kill-after landing there raised
+    ``KeyboardInterrupt`` inside it, printed "Exception ignored in atexit callback" with a traceback under the
+    tool's one line and left the clean-up half done. :func:`exit_on_ctrl_c` itself restores the previous handlers,
+    since the inference tools' ``main`` also runs inside other programs (a notebook, the tests)."""
+    if _a_tool_was_stopped:
+        _stopping()
+    sys.exit(status)

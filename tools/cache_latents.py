@@ -127,7 +127,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from megatron_puffin.process_lifetime import exit_on_ctrl_c
+    from megatron_puffin.process_lifetime import exit_on_ctrl_c, exit_process
 
-    sys.exit(exit_on_ctrl_c("cache_latents.py", main,
+    exit_process(exit_on_ctrl_c("cache_latents.py", main,
                             "the shards finished so far keep their latents: run the same command again, it skips them"))

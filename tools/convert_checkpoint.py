@@ -544,7 +544,7 @@ def input_problem(args: argparse.Namespace) -> Optional[str]:
 
 
 if __name__ == "__main__":
-    from megatron_puffin.process_lifetime import exit_on_ctrl_c
+    from megatron_puffin.process_lifetime import exit_on_ctrl_c, exit_process
 
-    sys.exit(exit_on_ctrl_c("convert_checkpoint.py", main,
+    exit_process(exit_on_ctrl_c("convert_checkpoint.py", main,
                             "no partial output is left (the staging folder is removed): run the same command again"))

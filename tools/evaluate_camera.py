@@ -67,7 +67,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from megatron_puffin.process_lifetime import exit_on_ctrl_c
+    from megatron_puffin.process_lifetime import exit_on_ctrl_c, exit_process
 
-    sys.exit(exit_on_ctrl_c("evaluate_camera.py", main,
+    exit_process(exit_on_ctrl_c("evaluate_camera.py", main,
                             "the files in --output-dir may be incomplete: run the same command again"))

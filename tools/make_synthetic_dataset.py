@@ -81,7 +81,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from megatron_puffin.process_lifetime import exit_on_ctrl_c
+    from megatron_puffin.process_lifetime import exit_on_ctrl_c, exit_process
 
-    sys.exit(exit_on_ctrl_c("make_synthetic_dataset.py", main,
+    exit_process(exit_on_ctrl_c("make_synthetic_dataset.py", main,
                             "--output is incomplete: run the same command again (it starts over)"))

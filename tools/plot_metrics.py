@@ -288,7 +288,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from megatron_puffin.process_lifetime import exit_on_ctrl_c
+    from megatron_puffin.process_lifetime import exit_on_ctrl_c, exit_process
 
-    sys.exit(exit_on_ctrl_c("plot_metrics.py", main,
+    exit_process(exit_on_ctrl_c("plot_metrics.py", main,
                             "no plot was written or replaced: run the same command again"))

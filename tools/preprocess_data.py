@@ -116,7 +116,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from megatron_puffin.process_lifetime import exit_on_ctrl_c
+    from megatron_puffin.process_lifetime import exit_on_ctrl_c, exit_process
 
-    sys.exit(exit_on_ctrl_c("preprocess_data.py", main, "the finished shards are kept and the half-written one "
+    exit_process(exit_on_ctrl_c("preprocess_data.py", main, "the finished shards are kept and the half-written one "
                             "removed: run the same command again, it writes only the unfinished shards"))

@@ -231,4 +231,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_puffin.process_lifetime import exit_process
+
+    exit_process(main())

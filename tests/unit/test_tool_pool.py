@@ -1,7 +1,7 @@
 """The tools' worker pool and exit (megatron_puffin/process_lifetime.py: worker_pool, exit_on_ctrl_c): results in
 order, a stop that never hangs on a worker halfway through a large result, a dead worker as one exception (also one
 killed while it sends a large result), a worker's exception raised with its traceback, Ctrl-C acted on between
-waits, a stop signal as a tool ends.
+waits, a stop signal as a tool ends, a second one during its exit clean-up.
 
 Each case runs in its own interpreter with a time limit, so a hang fails the case instead of the suite."""
 import subprocess
@@ -159,3 +159,38 @@ def test_a_stop_signal_landing_as_a_tool_ends_is_its_one_line_not_a_traceback():
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stdout.strip() == "status 143", proc.stdout
     assert proc.stderr.strip() == "tool.py: stopped by SIGTERM; nothing was written", proc.stderr
+
+
+_SECOND_SIGNAL_IN_ATEXIT = """
+    import atexit
+    from megatron_puffin.process_lifetime import exit_on_ctrl_c, exit_process
+
+    def clean_up():  # what the interpreter's exit runs after the tool's one line (rendezvous files, temporary data)
+        os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C, or a scheduler's kill-after, lands in it
+        time.sleep(1)  # the handler runs here
+        print("clean-up finished", signal.getsignal(signal.SIGINT) is signal.default_int_handler, flush=True)
+
+    def main():
+        atexit.register(clean_up)
+        if STOP:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(2)
+            raise AssertionError("the SIGTERM was not handled")
+        return 0
+
+    exit_process(exit_on_ctrl_c("tool.py", main, "nothing was written"))
+"""
+
+
+def test_a_second_stop_signal_during_a_stopped_tools_exit_clean_up_is_swallowed():
+    """A tool stopped by SIGTERM prints its one line, then the interpreter's exit runs the ``atexit`` clean-up; a
+    second signal landing there raised ``KeyboardInterrupt`` inside it ("Exception ignored in atexit callback" and a
+    traceback under the one line) and cut the clean-up short. Now it is swallowed and the clean-up finishes. A tool
+    that was not stopped keeps Python's Ctrl-C through its exit: that Ctrl-C is a new interruption."""
+    stopped = _run("STOP = True\n" + textwrap.dedent(_SECOND_SIGNAL_IN_ATEXIT))
+    assert stopped.returncode == 143, (stopped.returncode, stopped.stderr[-3000:])
+    assert stopped.stderr.strip() == "tool.py: stopped by SIGTERM; nothing was written", stopped.stderr
+    assert stopped.stdout.strip() == "clean-up finished False", stopped.stdout
+    finished = _run("STOP = False\n" + textwrap.dedent(_SECOND_SIGNAL_IN_ATEXIT))
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "KeyboardInterrupt" in finished.stderr and "clean-up finished" not in finished.stdout, finished
