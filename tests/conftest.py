@@ -23,3 +23,18 @@ def pytest_runtest_teardown(item, nextitem):
     pools = sys.modules.get("helpers.multiprocess")
     if pools is not None and (nextitem is None or nextitem.path.parent != item.path.parent):
         pools.close_pools()
+
+
+def pytest_unconfigure(config):
+    """A test that fails while a data loader's workers run can leave them alive (its traceback keeps the loader):
+    they ignore SIGTERM by design (megatron_puffin/process_lifetime.py), so the interpreter's exit would wait for
+    them forever and turn one failure into a hung suite. They are killed here, after the report, and named."""
+    import multiprocessing
+
+    left = multiprocessing.active_children()
+    for child in left:
+        child.kill()
+        child.join(10)
+    if left:
+        print(f"\nconftest: killed {len(left)} child process(es) still running at the end of the session: "
+              f"{', '.join(f'{child.name} (pid {child.pid})' for child in left)}", file=sys.stderr)

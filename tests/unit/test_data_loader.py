@@ -406,3 +406,41 @@ def test_a_worker_death_torch_calls_unexpected_still_names_its_signal():
     assert death == f"DataLoader worker (pid {worker.pid}) is killed by signal: Killed."
     assert _describe_death(death).endswith("is killed by signal: Killed (SIGKILL: usually the kernel's out-of-memory "
                                            "killer, see dmesg)")
+
+
+def test_a_worker_death_met_inside_code_that_catches_exception_still_restarts_the_workers(data, caplog):
+    """While the main process waits on its workers, a worker's death interrupts it (the SIGCHLD wrapper) with a
+    ``BaseException``, as Ctrl-C does: code on that path that catches ``Exception`` cannot drop it. torch's
+    profiler logged and dropped the ``RuntimeError`` this used to be, when it landed while the first batch read
+    imported the profiler's optional monitor (a warning with a traceback, 1 run in 6 under load). Here such code
+    sits right in the read; the death must still end it at once and restart the workers."""
+    import signal
+    import time
+
+    reference = _take(build_data_loader(_config(data, STAGE), seed=5), 4)
+    loader = build_data_loader(_config(data, STAGE, num_workers=1, prefetch_factor=1), seed=5)
+    iterator = iter(loader)
+    try:
+        got = [next(iterator)]
+        batches = iterator.gi_frame.f_locals["batches"]  # the torch iterator the loader is reading from
+        read, swallowed = batches._next_data, []
+
+        def read_through_code_that_catches_exception():
+            try:
+                os.kill(batches._workers[0].pid, signal.SIGKILL)
+                time.sleep(10)  # the SIGCHLD lands here
+            except Exception as error:  # noqa: BLE001 - what the profiler's optional import does
+                swallowed.append(error)
+            return read()
+
+        batches._next_data = read_through_code_that_catches_exception
+        started = time.monotonic()
+        with caplog.at_level("WARNING", logger="megatron_puffin.data.loader"):
+            got += [next(iterator) for _ in range(3)]
+        assert time.monotonic() - started < 8 and not swallowed, swallowed
+        assert "killed by signal: Killed" in caplog.text and "restarting the workers at micro-batch 1" in caplog.text
+        assert loader.worker_restarts == 1
+        for expected, batch in zip(reference, got):
+            _same(expected, batch)
+    finally:
+        iterator.close()
