@@ -396,6 +396,10 @@ def one_process_problem(prog: str) -> Optional[str]:
             f"not torchrun (this launch has WORLD_SIZE={world_size}, and every copy would write the same files)")
 
 
+_a_tool_was_stopped = False
+"""Whether :func:`exit_on_ctrl_c` has acted on a stop signal in this process (read by :func:`exit_process`)."""
+
+
 def exit_on_ctrl_c(prog: str, main: Callable[[], int], kept: str) -> int:
     """Run a tool's ``main``; Ctrl-C (``KeyboardInterrupt``) becomes one line saying what was kept, and
     :data:`EXIT_CTRL_C`, instead of a traceback; SIGTERM / SIGHUP likewise (:class:`Stopped`, exit 128 + signal).
@@ -420,10 +424,6 @@ def exit_on_ctrl_c(prog: str, main: Callable[[], int], kept: str) -> int:
         _a_tool_was_stopped = True
         print(f"{prog}: stopped by {stop.name}; {kept}", file=sys.stderr)
         return stop.exit_status
-
-
-_a_tool_was_stopped = False
-"""Whether :func:`exit_on_ctrl_c` has acted on a stop signal in this process (read by :func:`exit_process`)."""
 
 
 def exit_process(status: int) -> NoReturn:

@@ -242,8 +242,8 @@ class _WorkerDeaths:
     inside a training step, or half-way through writing a checkpoint. Wrapped (:func:`_defer_worker_failure_errors`),
     it records the death instead, and the loader acts on it before it next reads a batch: a worker killed half-way
     through writing a batch into the pipe all workers share leaves a partial message there, and a read of it never
-    ends (no other worker can write: the dead one holds their lock). The handler still raises (:class:`_WorkerDied`) while the
-    main thread waits for a batch from the dead worker's set, which ends that read."""
+    ends (no other worker can write: the dead one holds their lock). The handler still raises
+    (:class:`_WorkerDied`) while the main thread waits for a batch from the dead worker's set, which ends that read."""
 
     def __init__(self):
         self.recorded: Dict[int, str] = {}  # pid -> torch's description of its death
@@ -280,7 +280,7 @@ class _WorkerDied(BaseException):
 
     A ``BaseException``, as ``KeyboardInterrupt`` is: library code on that path catches ``Exception``, and torch's
     profiler logs and drops one raised while ``record_function`` imports its optional CUPTI monitor, which the first
-    batch read does (1 run in 6 of the worker-death test under load: a warning with a traceback, and the death
+    batch read does (2 runs in 6 of the worker-death test under load: a warning with a traceback, and the death
     acted on only by torch's 5 s timeout check)."""
 
 

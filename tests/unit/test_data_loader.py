@@ -412,7 +412,7 @@ def test_a_worker_death_met_inside_code_that_catches_exception_still_restarts_th
     """While the main process waits on its workers, a worker's death interrupts it (the SIGCHLD wrapper) with a
     ``BaseException``, as Ctrl-C does: code on that path that catches ``Exception`` cannot drop it. torch's
     profiler logged and dropped the ``RuntimeError`` this used to be, when it landed while the first batch read
-    imported the profiler's optional monitor (a warning with a traceback, 1 run in 6 under load). Here such code
+    imported the profiler's optional monitor (a warning with a traceback, 2 runs in 6 under load). Here such code
     sits right in the read; the death must still end it at once and restart the workers."""
     import signal
     import time
