@@ -26,12 +26,14 @@ def pytest_runtest_teardown(item, nextitem):
 
 
 def pytest_unconfigure(config):
-    """A test that fails while a data loader's workers run can leave them alive (its traceback keeps the loader):
-    they ignore SIGTERM by design (megatron_puffin/process_lifetime.py), so the interpreter's exit would wait for
-    them forever and turn one failure into a hung suite. They are killed here, after the report, and named."""
+    """A test that fails while a data loader's workers run can leave them alive (its traceback keeps the loader).
+    At the interpreter's exit multiprocessing sends its daemonic children SIGTERM and waits for them, but the
+    workers ignore SIGTERM by design (megatron_puffin/process_lifetime.py): one failure would become a hung suite.
+    They are killed here, after the report, and named. Other children (the checkpoint queue's manager) are shut
+    down by their own finalizers."""
     import multiprocessing
 
-    left = multiprocessing.active_children()
+    left = [child for child in multiprocessing.active_children() if child.daemon]
     for child in left:
         child.kill()
         child.join(10)
