@@ -430,8 +430,8 @@ def exit_process(status: int) -> NoReturn:
     """End a command-line tool's process with ``status`` (its ``if __name__ == "__main__"`` line).
 
     After :func:`exit_on_ctrl_c` has acted on a stop signal, every later one is swallowed until the process is
-    gone: the interpreter's exit still runs clean-up (``atexit`` removes the single-process rendezvous files,
-    temporary folders are finalized), and a second Ctrl-C or a scheduler's kill-after landing there raised
+    gone: the interpreter's exit still runs clean-up (``atexit`` handlers, temporary folders are finalized,
+    multiprocessing's helper processes are shut down), and a second Ctrl-C or a scheduler's kill-after landing there raised
     ``KeyboardInterrupt`` inside it, printed "Exception ignored in atexit callback" with a traceback under the
     tool's one line and left the clean-up half done. :func:`exit_on_ctrl_c` itself restores the previous handlers,
     since the inference tools' ``main`` also runs inside other programs (a notebook, the tests)."""

@@ -9,12 +9,10 @@ seeds the RNG streams (see :mod:`.random`). It does not patch megatron-core: the
 """
 from __future__ import annotations
 
-import atexit
 import datetime
 import logging
 import os
 import socket
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,12 +25,6 @@ from megatron_puffin.distributed.random import seed_everything
 from megatron_puffin.platform import require_setup
 
 logger = logging.getLogger(__name__)
-
-_STORE_FILES: list = []
-"""``(pid, path)`` of the file stores of single-process groups: removed by :func:`destroy`, or at exit by a process
-that ends without it (an exception, a tool's or benchmark's stop signal); a forked child inherits the list and
-leaves its parent's files alone."""
-
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -81,13 +73,9 @@ def _init_process_group(backend: str, timeout_minutes: int) -> None:
         return
     if world_size != 1:
         raise RuntimeError(f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set; launch with torchrun")
-    # A single process without torchrun: a private file store, so no port can be taken by another process.
-    store_file = tempfile.NamedTemporaryFile(prefix="puffin_store_", delete=False)
-    store_file.close()
-    _STORE_FILES.append((os.getpid(), store_file.name))
-    dist.init_process_group(
-        backend=backend, init_method=f"file://{store_file.name}", rank=0, world_size=1, timeout=timeout
-    )
+    # A single process without torchrun: a store in this process's memory. No port can be taken by another
+    # process, and nothing is left behind by a process killed with SIGKILL (a file store stayed in /tmp).
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
 def initialize(
@@ -173,18 +161,3 @@ def destroy() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-    _remove_store_files()
-
-
-def _remove_store_files() -> None:
-    """Remove the file stores this process's single-process groups made (nothing else opens them)."""
-    while _STORE_FILES:
-        pid, path = _STORE_FILES.pop()
-        if pid == os.getpid():
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-
-
-atexit.register(_remove_store_files)

@@ -130,7 +130,7 @@ def test_a_write_failure_is_one_line_and_publishes_nothing(tmp_path, capsys, com
     else:
         assert _main(capsys, "hf-to-mcore", "--hf-dir", tmp_path / "hf", "--output", tmp_path / "ckpt")[0] == 0
         argv = ["mcore-to-hf", "--input", tmp_path / "ckpt", "--output", tmp_path / "out"]
-    with file_size_limit(200_000):  # above the process-group store file, below the 1.2 MB of weights
+    with file_size_limit(200_000):  # below the 1.2 MB of weights
         code, err = _main(capsys, *argv)
     line = _one_line(err)
     assert code == 1 and line.endswith(f"--output {tmp_path / 'out'} was not published (outputs appear whole or not "

@@ -15,7 +15,7 @@ from helpers.puffin import ROOT, make_tiny_dataset, run_script, start_script
 
 ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 NEW_TOKENS = 6
-LIMIT_BYTES = 12_000  # above the process-group store file, below one generated PNG
+LIMIT_BYTES = 12_000  # below one generated PNG
 STEPS = 2
 
 

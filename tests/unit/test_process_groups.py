@@ -41,3 +41,37 @@ def test_process_groups_hold_what_the_towers_read():
             assert getattr(groups, name).size() == 1, name
     finally:
         mpd.destroy()
+
+
+def test_a_single_process_group_leaves_nothing_behind_when_its_process_is_killed(tmp_path):
+    """Without torchrun the group's store lives in the process's memory: a tool or run killed with SIGKILL (the
+    out-of-memory killer, a test's kill) used to leave its file store in the temporary folder, one per kill. The
+    group still does what megatron-core asks of it (new subgroups, a collective)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    script = (
+        "import sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {str(root)!r})\n"
+        "from megatron_puffin.platform import setup\n"
+        "import megatron_puffin.distributed as mpd\n"
+        "setup(); context = mpd.initialize()\n"
+        "x = torch.ones(2); dist.all_reduce(x, group=dist.new_group([0]))\n"
+        "print(context.world_size, x.tolist(), flush=True)\n"
+        "sys.stdin.read()\n"  # killed here
+    )
+    env = dict(os.environ, TMPDIR=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(name, None)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "1 [1.0, 1.0]", proc.stderr.read() if proc.poll() else ""
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    assert list(tmp_path.iterdir()) == []

@@ -165,7 +165,7 @@ _SECOND_SIGNAL_IN_ATEXIT = """
     import atexit
     from megatron_puffin.process_lifetime import exit_on_ctrl_c, exit_process
 
-    def clean_up():  # what the interpreter's exit runs after the tool's one line (rendezvous files, temporary data)
+    def clean_up():  # what the interpreter's exit runs after the tool's one line (temporary data, log handlers)
         os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C, or a scheduler's kill-after, lands in it
         time.sleep(1)  # the handler runs here
         print("clean-up finished", signal.getsignal(signal.SIGINT) is signal.default_int_handler, flush=True)
