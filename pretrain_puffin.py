@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
     setup()  # megatron-core's patches, once per process (each torchrun child runs this main)
     try:
-        return run(args)
+        return run(args, restore_signal_handlers=False)  # after a stop, __main__'s exit_process takes over
     except ConfigError as error:
         print(f"pretrain_puffin.py: {error}", file=sys.stderr)
         return 2
@@ -74,4 +74,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_puffin.process_lifetime import EXIT_CTRL_C, EXIT_INTERRUPTED, exit_process
+
+    status = main()
+    # stopped by a signal (saved and stopped; Ctrl-C before training): a later one cannot change the exit status
+    # or print a traceback while the interpreter shuts the run's helper processes down
+    exit_process(status, stopped=status in (EXIT_INTERRUPTED, EXIT_CTRL_C))

@@ -24,7 +24,7 @@ import multiprocessing
 import os
 import signal
 import sys
-from typing import Callable, Iterator, NoReturn, Optional
+from typing import Callable, Iterable, Iterator, NoReturn, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,10 @@ def die_with_launcher() -> None:
 
 
 # -- Ctrl-C in the command-line tools ----------------------------------------------------------------------------
+EXIT_INTERRUPTED = 75
+"""Exit status of a training run a stop signal ended after saving (EX_TEMPFAIL: requeue and ``--load`` to
+continue)."""
+
 EXIT_CTRL_C = 130
 """Exit status of a tool stopped by Ctrl-C (128 + SIGINT, what a shell reports for a command it interrupted)."""
 
@@ -121,10 +125,10 @@ def _swallow(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signa
     ignored due to race condition" under the one-line message."""
 
 
-def _stopping() -> None:
+def _stopping(signals: Iterable[int] = (signal.SIGINT,) + TOOL_STOP_SIGNALS) -> None:
     """A stop signal is being acted on: a later one (Ctrl-C pressed twice, a scheduler's kill-after) neither cuts
     the tool's clean-up (``finally`` blocks removing temporary or half-written files) nor its one-line exit short."""
-    for sig in (signal.SIGINT,) + TOOL_STOP_SIGNALS:
+    for sig in signals:
         if signal.getsignal(sig) is not signal.SIG_IGN:
             signal.signal(sig, _swallow)
 
@@ -426,15 +430,26 @@ def exit_on_ctrl_c(prog: str, main: Callable[[], int], kept: str) -> int:
         return stop.exit_status
 
 
-def exit_process(status: int) -> NoReturn:
-    """End a command-line tool's process with ``status`` (its ``if __name__ == "__main__"`` line).
+def exit_process(status: int, stopped: bool = False) -> NoReturn:
+    """End a command-line program's process with ``status`` (its ``if __name__ == "__main__"`` line).
 
-    After :func:`exit_on_ctrl_c` has acted on a stop signal, every later one is swallowed until the process is
-    gone: the interpreter's exit still runs clean-up (``atexit`` handlers, temporary folders are finalized,
-    multiprocessing's helper processes are shut down), and a second Ctrl-C or a scheduler's kill-after landing there raised
-    ``KeyboardInterrupt`` inside it, printed "Exception ignored in atexit callback" with a traceback under the
-    tool's one line and left the clean-up half done. :func:`exit_on_ctrl_c` itself restores the previous handlers,
-    since the inference tools' ``main`` also runs inside other programs (a notebook, the tests)."""
-    if _a_tool_was_stopped:
-        _stopping()
+    After a stop signal was acted on (by :func:`exit_on_ctrl_c`, or ``stopped``: the training run saved and
+    stopped), every later one (:data:`STOP_SIGNALS`) is swallowed until the process is gone. The interpreter's
+    exit still runs clean-up (``atexit`` handlers, temporary folders, multiprocessing's helper processes), and a
+    second Ctrl-C landing there raised ``KeyboardInterrupt`` inside it: "Exception ignored in atexit callback" and a
+    traceback under the one line, the clean-up half done, and for training an exit status of "killed by SIGINT"
+    instead of 75. :func:`exit_on_ctrl_c` and the training run restore the previous handlers themselves, since
+    their code also runs inside other programs (a notebook, the tests)."""
+    while stopped or _a_tool_was_stopped:
+        try:
+            _stopping(STOP_SIGNALS)
+            # then "ignore", which the interpreter's shutdown keeps (it resets Python handlers to the default
+            # action: a signal landing after that ended the process by SIGINT); each change runs pending handlers
+            # first, now the swallowing ones
+            for sig in STOP_SIGNALS:
+                if signal.getsignal(sig) is _swallow:
+                    signal.signal(sig, signal.SIG_IGN)
+            break
+        except (KeyboardInterrupt, Stopped):  # one landed before the swallowing handlers were in place
+            continue
     sys.exit(status)

@@ -38,7 +38,7 @@ from megatron_puffin.data.config import stream_tasks
 from megatron_puffin.distributed.random import derive_seed, seed_everything
 from megatron_puffin.files import write_text_atomically
 from megatron_puffin.models.extra_state import drop_absent_extra_state, load_model_state
-from megatron_puffin.process_lifetime import STOP_SIGNALS
+from megatron_puffin.process_lifetime import EXIT_INTERRUPTED, STOP_SIGNALS
 from megatron_puffin.training import checkpointing as ckpt
 from megatron_puffin.training.data_parallel import (
     as_model_dtensors,
@@ -57,7 +57,6 @@ if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much o
 logger = logging.getLogger(__name__)
 
 EXIT_FINISHED = 0
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped early after saving; requeue and --load to continue
 BAD_SAMPLES = "--max-bad-samples"  # stop reason: too many undecodable samples (the run fails after saving)
 DATA_FAILED = "data loader"  # stop reason: workers that kept dying, shards gone (the run fails after saving)
 STATUS_FILE = "run_status.json"  # in --save: {"status": "finished" | "interrupted" | "stopped" | "failed", ...}
@@ -598,11 +597,12 @@ class Trainer:
                                    "interrupted" if stopped and not stopped.startswith("--exit-interval") else
                                    "stopped" if stopped else "finished", stopped)
         finally:
-            self.stop.restore()
             # Shut the data-loader workers down now, also when an error leaves this function: its traceback would
             # keep the iterator alive to interpreter exit, where multiprocessing stops daemonic children with
             # SIGTERM, which the workers ignore (process_lifetime), and then waits for them forever.
             iterator.close()
+            if not self.stop.received:  # after a stop, a later signal is logged and ignored until run() tore down
+                self.stop.restore()
         if stopped == BAD_SAMPLES:
             raise TrainingError(self.loader.bad_sample_error or "another rank met too many undecodable samples "
                                 "(--max-bad-samples); see its log")
@@ -651,8 +651,14 @@ class Trainer:
         self.writer.close()
 
 
-def run(args: PuffinArguments) -> int:
-    """Build, train and tear down; returns the exit code (:data:`EXIT_FINISHED` or :data:`EXIT_INTERRUPTED`)."""
+def run(args: PuffinArguments, restore_signal_handlers: bool = True) -> int:
+    """Build, train and tear down; returns the exit code (:data:`EXIT_FINISHED` or :data:`EXIT_INTERRUPTED`).
+
+    ``restore_signal_handlers=False`` (``pretrain_puffin.py``): after a stop, the run's handler stays installed (a
+    later stop signal is logged and ignored) for the process's exit to take over
+    (:func:`~megatron_puffin.process_lifetime.exit_process`). Restored, a second Ctrl-C landing while the run's
+    objects were freed or the interpreter shut down raised ``KeyboardInterrupt`` there: tracebacks, and the exit
+    status "killed by SIGINT" instead of 75."""
     from megatron_puffin.process_lifetime import die_with_launcher
     from megatron_puffin.training.run_lock import SaveDirectoryLock, lock_save_directory
 
@@ -671,5 +677,7 @@ def run(args: PuffinArguments) -> int:
         finally:
             trainer.close()
             mpd.destroy()
+            if restore_signal_handlers or not trainer.stop.received:
+                trainer.stop.restore()
     finally:
         lock.release()

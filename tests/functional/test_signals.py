@@ -6,7 +6,7 @@ run_status.json "interrupted" and leaves no process behind.
     process group while the checkpoint is being written does not kill the save;
 (b) SIGUSR1 to plain torchrun (which does not handle it and dies) makes the rank save and exit, not orphan it;
 (c) Ctrl-C twice to plain torchrun (SIGINT to its process group, then again) makes the rank save, not raise
-    KeyboardInterrupt;
+    KeyboardInterrupt; Ctrl-C held down to plain python saves and still exits 75;
 (d) SIGHUP to torchrun (the terminal closed), forwarded to the rank's group, saves; the workers ignore it;
 (e) a rank killed with SIGKILL after a periodic save takes its data-loader workers and the queue's process with it.
 """
@@ -159,6 +159,33 @@ def test_ctrl_c_twice_to_plain_torchrun_saves(workdir):
     assert "KeyboardInterrupt" not in output and "pretrain_puffin.py\", line" not in output, output[-4000:]
     _assert_saved_on_signal(workdir / "run_int")
     _assert_all_end([rank], "after torchrun ended")
+
+
+def test_ctrl_c_held_down_to_python_saves_and_exits_75_without_a_traceback(workdir):
+    # The key held down (the terminal's auto-repeat, or Ctrl-C mashed): SIGINT to the foreground process group every
+    # 5 ms until the process is gone. The first stops the run, those during the save are ignored; those after it
+    # landed, once the run had given the handlers back, in the freeing of its objects or the interpreter's
+    # shutdown: KeyboardInterrupt tracebacks, and the process "killed by SIGINT" (-2) instead of 75 (3 runs of 3).
+    log = workdir / "held.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain_puffin.py"), *FLAGS, "--save", "run_held",
+                                 "--metrics-file", "held.jsonl"], cwd=workdir, env=ENV, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_for(lambda: _metrics_lines(workdir / "held.jsonl") >= 2, proc, "two iterations")
+        sent = 0
+        while proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGINT)
+            except ProcessLookupError:  # the process ended (its group has gone)
+                break
+            sent += 1
+            time.sleep(0.005)
+        proc.wait(timeout=TIMEOUT)
+    output = log.read_text()
+    assert proc.returncode == 75, (proc.returncode, output[-4000:])
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-4000:]
+    assert sent > 20, sent
+    _assert_saved_on_signal(workdir / "run_held")
 
 
 def test_the_terminal_closing_under_torchrun_saves_and_the_workers_survive_it(workdir):
