@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -123,6 +124,7 @@ class StopFlag:
     def __init__(self) -> None:
         self.received: Optional[str] = None
         self._previous = {}
+        self._ignored, self._last_warning = 0, -math.inf
 
     def install(self) -> None:
         for sig in self.SIGNALS:
@@ -130,8 +132,13 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         if self.received:  # e.g. a launcher repeating its signal while the checkpoint is written
-            logger.warning("%s received while stopping (%s): ignored, the save goes on (SIGKILL aborts it, "
-                           "losing the steps since the last checkpoint)", signal.Signals(signum).name, self.received)
+            self._ignored += 1
+            now = time.monotonic()
+            if now - self._last_warning >= 5.0:  # Ctrl-C held down sends hundreds a second: one line per 5 s
+                self._last_warning = now
+                logger.warning("%s received while stopping (%s): ignored (%d so far), the save goes on (SIGKILL "
+                               "aborts it, losing the steps since the last checkpoint)",
+                               signal.Signals(signum).name, self.received, self._ignored)
             return
         self.received = signal.Signals(signum).name
 
