@@ -24,7 +24,7 @@ import multiprocessing
 import os
 import signal
 import sys
-from typing import Callable, Iterable, Iterator, NoReturn, Optional
+from typing import Callable, Iterator, NoReturn, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +125,10 @@ def _swallow(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signa
     ignored due to race condition" under the one-line message."""
 
 
-def _stopping(signals: Iterable[int] = (signal.SIGINT,) + TOOL_STOP_SIGNALS) -> None:
+def _stopping() -> None:
     """A stop signal is being acted on: a later one (Ctrl-C pressed twice, a scheduler's kill-after) neither cuts
     the tool's clean-up (``finally`` blocks removing temporary or half-written files) nor its one-line exit short."""
-    for sig in signals:
+    for sig in (signal.SIGINT,) + TOOL_STOP_SIGNALS:
         if signal.getsignal(sig) is not signal.SIG_IGN:
             signal.signal(sig, _swallow)
 
@@ -442,14 +442,11 @@ def exit_process(status: int, stopped: bool = False) -> NoReturn:
     their code also runs inside other programs (a notebook, the tests)."""
     while stopped or _a_tool_was_stopped:
         try:
-            _stopping(STOP_SIGNALS)
-            # then "ignore", which the interpreter's shutdown keeps (it resets Python handlers to the default
-            # action: a signal landing after that ended the process by SIGINT); each change runs pending handlers
-            # first, now the swallowing ones
+            # "ignore", which the interpreter's shutdown keeps (it resets Python handlers to the default action: a
+            # signal landing after that ended the process by SIGINT); each change first runs the pending handlers
             for sig in STOP_SIGNALS:
-                if signal.getsignal(sig) is _swallow:
-                    signal.signal(sig, signal.SIG_IGN)
+                signal.signal(sig, signal.SIG_IGN)
             break
-        except (KeyboardInterrupt, Stopped):  # one landed before the swallowing handlers were in place
+        except (KeyboardInterrupt, Stopped):  # one landed before "ignore" was in place: again
             continue
     sys.exit(status)

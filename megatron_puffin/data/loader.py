@@ -482,13 +482,13 @@ class PuffinDataLoader:
             workers = frozenset(worker.pid for worker in getattr(batches, "_workers", None) or ())
             unavailable = death = None
             try:
-                while death is None:
-                    # a worker of this set that died since the last batch: restart before reading (see _WorkerDeaths)
+                while True:
                     with _DEATHS.waiting(workers):
+                        # a worker of this set died since the last batch: restart before reading (see _WorkerDeaths)
                         death = _DEATHS.take(workers) if workers else None
-                        batch = next(batches) if death is None else None
-                    if batch is None:
-                        break
+                        if death is not None:
+                            break
+                        batch = next(batches)
                     stream = self.schedule.stream_at(self._state.step)
                     batch["stream"] = self.specs[stream].name
                     batch["step"] = self._state.step
