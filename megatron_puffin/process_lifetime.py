@@ -143,6 +143,39 @@ def _raise_interrupted(signum: int, frame) -> None:  # noqa: ARG001 - signal han
     raise KeyboardInterrupt
 
 
+_starting_prog = ""
+"""The tool named by :func:`exit_quietly_while_starting`, first on its one line."""
+
+
+def _exit_while_starting(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signature
+    what = "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    os.write(2, f"{_starting_prog}: {what} while starting; nothing was written\n".encode())
+    os._exit(128 + int(signum))
+
+
+def exit_quietly_while_starting(prog: str) -> None:
+    """A command-line tool's first step, before it imports its libraries (torch, megatron-core: seconds): until
+    :func:`exit_on_ctrl_c` takes over, Ctrl-C, SIGTERM and SIGHUP end the process at once with one line and exit
+    status 128 + the signal. Ctrl-C there was a ``KeyboardInterrupt`` traceback from deep inside an import, SIGTERM
+    and SIGHUP a silent end. The tool has written nothing yet, so there is nothing to clean up. A signal the process
+    ignores (``nohup``'s SIGHUP) stays ignored.
+
+    Call it only where the tool runs as a program (``if __name__ == "__main__"``), never where its module is
+    imported: the handler ends the whole process."""
+    global _starting_prog
+    _starting_prog = prog
+    for sig in (signal.SIGINT,) + TOOL_STOP_SIGNALS:
+        if signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL):
+            signal.signal(sig, _exit_while_starting)
+
+
+def _python_default(sig: int, handler):
+    """``handler``, or Python's own default where it is the start-up handler (which must not outlive the start)."""
+    if handler is not _exit_while_starting:
+        return handler
+    return signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+
+
 @contextlib.contextmanager
 def stop_signals_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM and SIGHUP raise :class:`Stopped` in the main thread (where they would otherwise
@@ -154,7 +187,7 @@ def stop_signals_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT,) + TOOL_STOP_SIGNALS}
+    previous = {sig: _python_default(sig, signal.getsignal(sig)) for sig in (signal.SIGINT,) + TOOL_STOP_SIGNALS}
     for sig, handler in previous.items():
         if sig == signal.SIGINT:
             if handler is signal.default_int_handler:

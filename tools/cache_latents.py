@@ -23,6 +23,11 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
+if __name__ == "__main__":  # Ctrl-C while the libraries below load: one line, not an import's traceback
+    from megatron_puffin.process_lifetime import exit_quietly_while_starting
+
+    exit_quietly_while_starting("cache_latents.py")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

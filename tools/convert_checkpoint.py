@@ -74,6 +74,11 @@ warnings.filterwarnings("ignore", category=UserWarning)
 # ShardedTensor", "`load_state_dict` is deprecated"), printed on every load of a megatron-core checkpoint
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+if __name__ == "__main__":  # Ctrl-C while the libraries below load: one line, not an import's traceback
+    from megatron_puffin.process_lifetime import exit_quietly_while_starting
+
+    exit_quietly_while_starting("convert_checkpoint.py")
+
 import torch  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
 

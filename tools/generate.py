@@ -29,6 +29,11 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
+if __name__ == "__main__":  # Ctrl-C while the libraries below load: one line, not an import's traceback
+    from megatron_puffin.process_lifetime import exit_quietly_while_starting
+
+    exit_quietly_while_starting("generate.py")
+
 from megatron_puffin.inference.cli import (  # noqa: E402
     Progress,
     ReplicaRounds,

@@ -21,7 +21,12 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
+if __name__ == "__main__":  # Ctrl-C while the libraries below load: one line, not an import's traceback
+    from megatron_puffin.process_lifetime import exit_quietly_while_starting
+
+    exit_quietly_while_starting("plot_metrics.py")
+
+import numpy as np  # noqa: E402
 
 LOSS_PREFIX = "loss/"
 VALID_LOSS_PREFIX = "valid_loss/"

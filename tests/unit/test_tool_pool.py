@@ -194,3 +194,38 @@ def test_a_second_stop_signal_during_a_stopped_tools_exit_clean_up_is_swallowed(
     finished = _run("STOP = False\n" + textwrap.dedent(_SECOND_SIGNAL_IN_ATEXIT))
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "KeyboardInterrupt" in finished.stderr and "clean-up finished" not in finished.stdout, finished
+
+
+_WHILE_STARTING = """
+    from megatron_puffin import process_lifetime
+
+    process_lifetime.exit_quietly_while_starting("tool.py")
+    if SIGNAL == "SIGHUP":
+        print("ignored", signal.getsignal(signal.SIGHUP) is signal.SIG_IGN, flush=True)
+    if SIGNAL != "none":
+        os.kill(os.getpid(), getattr(signal, SIGNAL))
+        for _ in range(200):  # a library loading: the handler runs between its steps
+            time.sleep(0.01)
+        print("still running", flush=True)
+    # the tool's own handling takes over, and hands Python's defaults back when it ends (never the start-up handler)
+    status = process_lifetime.exit_on_ctrl_c("tool.py", lambda: 0, "nothing was written")
+    print("status", status, signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+          signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, flush=True)
+"""
+
+
+def test_a_stop_signal_while_a_tool_is_still_starting_is_one_line_and_its_exit_status():
+    """Before a tool's own handling starts (its libraries load for seconds), Ctrl-C was a ``KeyboardInterrupt``
+    traceback from inside an import and SIGTERM a silent end: now one line and 128 + the signal. A SIGHUP the tool
+    was started ignoring (``nohup``) stays ignored; once the tool's main has run, Python's defaults are back."""
+    for name, status in (("SIGINT", 130), ("SIGTERM", 143)):
+        proc = _run(f"SIGNAL = {name!r}\n" + textwrap.dedent(_WHILE_STARTING))
+        what = "interrupted (Ctrl-C)" if name == "SIGINT" else f"stopped by {name}"
+        assert proc.returncode == status, (name, proc.returncode, proc.stderr[-3000:])
+        assert proc.stderr == f"tool.py: {what} while starting; nothing was written\n", proc.stderr
+        assert proc.stdout == "", proc.stdout
+    proc = _run("SIGNAL = 'none'\n" + textwrap.dedent(_WHILE_STARTING))
+    assert proc.returncode == 0 and proc.stdout.strip() == "status 0 True True", (proc.stdout, proc.stderr[-3000:])
+    nohup = _run("signal.signal(signal.SIGHUP, signal.SIG_IGN)\nSIGNAL = 'SIGHUP'\n" + textwrap.dedent(_WHILE_STARTING))
+    assert nohup.returncode == 0, nohup.stderr[-3000:]
+    assert nohup.stdout.split("\n")[:2] == ["ignored True", "still running"], nohup.stdout
