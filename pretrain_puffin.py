@@ -74,8 +74,13 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from megatron_puffin.process_lifetime import EXIT_CTRL_C, EXIT_INTERRUPTED, exit_process
+    from megatron_puffin.process_lifetime import (EXIT_CTRL_C, EXIT_INTERRUPTED, exit_process,
+                                                  exit_quietly_while_starting, startup_finished)
 
+    # a stop signal while torch and megatron-core load (seconds): one line, not an import's traceback
+    exit_quietly_while_starting("pretrain_puffin.py")
+    import megatron_puffin.training.loop  # noqa: F401,E402  the libraries main imports
+    startup_finished()
     status = main()
     # stopped by a signal (saved and stopped; Ctrl-C before training): a later one cannot change the exit status
     # or print a traceback while the interpreter shuts the run's helper processes down

@@ -169,6 +169,16 @@ def exit_quietly_while_starting(prog: str) -> None:
             signal.signal(sig, _exit_while_starting)
 
 
+def startup_finished() -> None:
+    """Give Python's own handlers back where :func:`exit_quietly_while_starting`'s are still installed: for a program
+    whose own stop handling is not a :func:`stop_signals_interrupt` block (``pretrain_puffin.py``: its main catches
+    ``KeyboardInterrupt`` while it builds, and the training loop installs its own handler)."""
+    for sig in (signal.SIGINT,) + TOOL_STOP_SIGNALS:
+        handler = signal.getsignal(sig)
+        if handler is _exit_while_starting:
+            signal.signal(sig, _python_default(sig, handler))
+
+
 def _python_default(sig: int, handler):
     """``handler``, or Python's own default where it is the start-up handler (which must not outlive the start)."""
     if handler is not _exit_while_starting:

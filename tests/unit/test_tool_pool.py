@@ -226,6 +226,15 @@ def test_a_stop_signal_while_a_tool_is_still_starting_is_one_line_and_its_exit_s
         assert proc.stdout == "", proc.stdout
     proc = _run("SIGNAL = 'none'\n" + textwrap.dedent(_WHILE_STARTING))
     assert proc.returncode == 0 and proc.stdout.strip() == "status 0 True True", (proc.stdout, proc.stderr[-3000:])
+    trainer = _run("""
+        from megatron_puffin import process_lifetime
+
+        process_lifetime.exit_quietly_while_starting("pretrain_puffin.py")
+        process_lifetime.startup_finished()  # the trainer's own handling takes over from here
+        print(signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+              signal.getsignal(signal.SIGHUP) == signal.SIG_DFL)
+    """)
+    assert trainer.returncode == 0 and trainer.stdout.strip() == "True True", (trainer.stdout, trainer.stderr[-3000:])
     nohup = _run("signal.signal(signal.SIGHUP, signal.SIG_IGN)\nSIGNAL = 'SIGHUP'\n" + textwrap.dedent(_WHILE_STARTING))
     assert nohup.returncode == 0, nohup.stderr[-3000:]
     assert nohup.stdout.split("\n")[:2] == ["ignored True", "still running"], nohup.stdout
