@@ -3,8 +3,11 @@
 (a) Golden numbers: all six tasks (and the three generation tasks with targets of mixed sizes, so the MMDiT stream is
     padded) through the composed tiny model, micro-batches of 3 with padded sequences; each task's loss and, per
     parameter, the gradient's norm and its projection on a fixed random vector. They were recorded with
-    the previous layout (left-padded LLM with a ``[b, 1, s, s]`` mask, MMDiT stream ``[image + pad ; text]``) and
-    must hold within 1e-6 relative (fp32). Regenerate only deliberately: PUFFIN_REGENERATE_GOLDEN=1.
+    the previous layout (left-padded LLM with a ``[b, 1, s, s]`` mask, MMDiT stream ``[image + pad ; text]``), on
+    one CPU, and must hold within 1e-6 relative for the losses and 3e-5 for the gradients (fp32): another CPU's
+    kernels round differently (on an Intel Xeon, where the file was not recorded: losses within 1.2e-7, the
+    cam2image and image2image MMDiT gradients up to 6e-6), while a layout mistake moves them by percents.
+    Regenerate only deliberately: PUFFIN_REGENERATE_GOLDEN=1.
 (b) The LLM tower live: the same sequences right-padded and causal (no mask) against left-padded with the explicit
     mask, logits of real tokens and every gradient within 1e-6.
 """
@@ -28,6 +31,7 @@ from megatron_puffin.training.objectives import puffin_loss
 
 GOLDEN = Path(__file__).parent / "golden" / "left_padding_reference.json"
 REL_TOL = 1e-6
+GRAD_TOL = 3e-5
 GENERATION = ("text2image", "cam2image", "image2image")
 
 
@@ -68,20 +72,21 @@ def _record(model, batch):
     return {"loss": float(loss.detach()), "grads": grads}
 
 
-def _close(actual: float, expected: float, scale: float) -> bool:
-    return abs(actual - expected) <= REL_TOL * max(abs(expected), scale)
+def _close(actual: float, expected: float, scale: float, tolerance: float = REL_TOL) -> bool:
+    return abs(actual - expected) <= tolerance * max(abs(expected), scale)
 
 
 def _grad_failures(case: str, actual: dict, expected: dict) -> list:
-    """Per parameter: the gradient norm and its projection within 1e-6 of the norm, with an absolute floor of 1e-9 of
-    the whole gradient's norm (some gradients are zero in exact arithmetic, e.g. of key biases, which softmax
-    ignores; theirs is rounding noise)."""
+    """Per parameter: the gradient norm and its projection within :data:`GRAD_TOL` of the norm, with an absolute
+    floor of 1e-3 of the whole gradient's norm (some gradients are zero in exact arithmetic, e.g. of key biases,
+    which softmax ignores; theirs is rounding noise)."""
     floor = 1e-3 * sum(square for square, _ in expected.values()) ** 0.5
     failures = []
     for name, (square, projection) in expected.items():
         got_square, got_projection = actual[name]
         scale = max(square ** 0.5, floor)
-        if not _close(got_square ** 0.5, square ** 0.5, scale) or not _close(got_projection, projection, scale):
+        if not (_close(got_square ** 0.5, square ** 0.5, scale, GRAD_TOL)
+                and _close(got_projection, projection, scale, GRAD_TOL)):
             failures.append(f"{case} {name}: {got_square, got_projection} != {square, projection}")
     return failures
 
