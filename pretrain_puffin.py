@@ -78,7 +78,7 @@ if __name__ == "__main__":
                                                   exit_quietly_while_starting, startup_finished)
 
     # a stop signal while torch and megatron-core load (seconds): one line, not an import's traceback
-    exit_quietly_while_starting("pretrain_puffin.py")
+    exit_quietly_while_starting(__name__, "pretrain_puffin.py")
     import megatron_puffin.training.loop  # noqa: F401,E402  the libraries main imports
     startup_finished()
     status = main()

@@ -153,16 +153,21 @@ def _exit_while_starting(signum: int, frame) -> None:  # noqa: ARG001 - signal h
     os._exit(128 + int(signum))
 
 
-def exit_quietly_while_starting(prog: str) -> None:
+def exit_quietly_while_starting(module_name: str, prog: str) -> None:
     """A command-line tool's first step, before it imports its libraries (torch, megatron-core: seconds): until
     :func:`exit_on_ctrl_c` takes over, Ctrl-C, SIGTERM and SIGHUP end the process at once with one line and exit
     status 128 + the signal. Ctrl-C there was a ``KeyboardInterrupt`` traceback from deep inside an import, SIGTERM
     and SIGHUP a silent end. The tool has written nothing yet, so there is nothing to clean up. A signal the process
     ignores (``nohup``'s SIGHUP) stays ignored.
 
-    Call it only where the tool runs as a program (``if __name__ == "__main__"``), never where its module is
-    imported: the handler ends the whole process."""
+    Args:
+        module_name: The caller's ``__name__``. Only a tool run as a program (``"__main__"``) gets the handler: it
+            ends the whole process, so a tool module imported by other code (the tests, a notebook) installs nothing.
+        prog: The tool's name, first on the line.
+    """
     global _starting_prog
+    if module_name != "__main__":
+        return
     _starting_prog = prog
     for sig in (signal.SIGINT,) + TOOL_STOP_SIGNALS:
         if signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL):

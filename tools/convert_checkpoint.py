@@ -74,10 +74,9 @@ warnings.filterwarnings("ignore", category=UserWarning)
 # ShardedTensor", "`load_state_dict` is deprecated"), printed on every load of a megatron-core checkpoint
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-if __name__ == "__main__":  # Ctrl-C while the libraries below load: one line, not an import's traceback
-    from megatron_puffin.process_lifetime import exit_quietly_while_starting
+from megatron_puffin.process_lifetime import exit_quietly_while_starting  # noqa: E402
 
-    exit_quietly_while_starting("convert_checkpoint.py")
+exit_quietly_while_starting(__name__, "convert_checkpoint.py")  # Ctrl-C while the libraries below load: one line
 
 import torch  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402

@@ -29,10 +29,9 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-if __name__ == "__main__":  # Ctrl-C while the libraries below load: one line, not an import's traceback
-    from megatron_puffin.process_lifetime import exit_quietly_while_starting
+from megatron_puffin.process_lifetime import exit_quietly_while_starting  # noqa: E402
 
-    exit_quietly_while_starting("generate.py")
+exit_quietly_while_starting(__name__, "generate.py")  # Ctrl-C while the libraries below load: one line
 
 from megatron_puffin.inference.cli import (  # noqa: E402
     Progress,

@@ -21,10 +21,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-if __name__ == "__main__":  # Ctrl-C while the libraries below load: one line, not an import's traceback
-    from megatron_puffin.process_lifetime import exit_quietly_while_starting
+from megatron_puffin.process_lifetime import exit_quietly_while_starting
 
-    exit_quietly_while_starting("plot_metrics.py")
+exit_quietly_while_starting(__name__, "plot_metrics.py")  # Ctrl-C while the libraries below load: one line
 
 import numpy as np  # noqa: E402
 

@@ -199,7 +199,7 @@ def test_a_second_stop_signal_during_a_stopped_tools_exit_clean_up_is_swallowed(
 _WHILE_STARTING = """
     from megatron_puffin import process_lifetime
 
-    process_lifetime.exit_quietly_while_starting("tool.py")
+    process_lifetime.exit_quietly_while_starting("__main__", "tool.py")
     if SIGNAL == "SIGHUP":
         print("ignored", signal.getsignal(signal.SIGHUP) is signal.SIG_IGN, flush=True)
     if SIGNAL != "none":
@@ -217,7 +217,8 @@ _WHILE_STARTING = """
 def test_a_stop_signal_while_a_tool_is_still_starting_is_one_line_and_its_exit_status():
     """Before a tool's own handling starts (its libraries load for seconds), Ctrl-C was a ``KeyboardInterrupt``
     traceback from inside an import and SIGTERM a silent end: now one line and 128 + the signal. A SIGHUP the tool
-    was started ignoring (``nohup``) stays ignored; once the tool's main has run, Python's defaults are back."""
+    was started ignoring (``nohup``) stays ignored; once the tool's main has run, Python's defaults are back; a tool
+    module imported by other code installs nothing."""
     for name, status in (("SIGINT", 130), ("SIGTERM", 143)):
         proc = _run(f"SIGNAL = {name!r}\n" + textwrap.dedent(_WHILE_STARTING))
         what = "interrupted (Ctrl-C)" if name == "SIGINT" else f"stopped by {name}"
@@ -229,7 +230,9 @@ def test_a_stop_signal_while_a_tool_is_still_starting_is_one_line_and_its_exit_s
     trainer = _run("""
         from megatron_puffin import process_lifetime
 
-        process_lifetime.exit_quietly_while_starting("pretrain_puffin.py")
+        process_lifetime.exit_quietly_while_starting("tools.understand", "understand.py")  # imported, not run
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        process_lifetime.exit_quietly_while_starting("__main__", "pretrain_puffin.py")
         process_lifetime.startup_finished()  # the trainer's own handling takes over from here
         print(signal.getsignal(signal.SIGINT) is signal.default_int_handler,
               signal.getsignal(signal.SIGHUP) == signal.SIG_DFL)
