@@ -275,7 +275,7 @@ def image_record(request: Dict[str, Any], result) -> Dict[str, Any]:
     """generations.json's entry of one image (also its journal line while the run is going)."""
     return {"id": request["id"], "file": f"{request['id']}.png", "task": result.task, "caption": request["caption"],
             "prompt": result.prompt, "reasoning": result.reasoning, "camera": camera_dict(result.camera),
-            "seed": result.seed, "init_image": request["init_image"]}
+            "seed": result.seed, "init_image": request["init_image"], "prompt_cut": result.prompt_cut}
 
 
 def earlier_outputs(output_dir: Path, key: Dict[str, Any], overwrite: bool) -> Dict[str, Dict[str, Any]]:
@@ -352,7 +352,8 @@ def reusable_result(record: Optional[Dict[str, Any]], request: Dict[str, Any], s
     if tuple(image.shape) != (size, size, 3):
         return None
     return GeneratedImage(image=image, prompt=record.get("prompt", ""), reasoning=record.get("reasoning"),
-                          camera=request["camera"], seed=seed, task=record.get("task", ""))
+                          camera=request["camera"], seed=seed, task=record.get("task", ""),
+                          prompt_cut=bool(record.get("prompt_cut", False)))
 
 
 def write_outputs(loaded, args: argparse.Namespace, requests, results, estimates, output_dir: Path,

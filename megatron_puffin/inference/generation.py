@@ -96,6 +96,9 @@ class GeneratedImage:
         camera: the requested camera.
         seed: the seed used.
         task: ``cam2image`` or ``image2image`` (world exploration).
+        prompt_cut: True when ``prompt`` had more text tokens than the prompt assembly's limit (a checkpoint's
+            ``--max-generation-text-tokens``, as in training) and was cut on the right: the model did not see its
+            end (the camera sentence, the reasoning).
     """
 
     image: torch.Tensor
@@ -104,6 +107,7 @@ class GeneratedImage:
     camera: Camera
     seed: int
     task: str
+    prompt_cut: bool = False
 
 
 def prompt_text(request: GenerationRequest) -> str:
@@ -187,6 +191,7 @@ class PreparedGeneration:
         conds: per request, its clean condition latents (both branches get the same).
         noise: the initial latents ``[b, C, h, w]``.
         texts, reasoning: prompt texts and thinking reasoning (None entries without thinking).
+        prompt_cut: per request, whether its prompt was cut to the text-token limit (see ``GeneratedImage``).
         velocity_fn: the DiT velocity over the ``[negatives; positives]`` latents (see ``FlowMatchEulerSampler``).
     """
 
@@ -198,6 +203,7 @@ class PreparedGeneration:
     texts: List[str]
     reasoning: List[Optional[str]]
     velocity_fn: Callable
+    prompt_cut: List[bool]
 
 
 class _Generator:
@@ -216,24 +222,33 @@ class _Generator:
         return [f"{text} {thought}" for text, thought in zip(texts, reasoning)], reasoning
 
     def conditioning(self, texts: Sequence[str], init_images: Optional[torch.Tensor]):
-        """(prompt batch, (pooled, sequence) of the positives, of the negatives or None without CFG)."""
+        """(prompt batch, (pooled, sequence) of the positives, of the negatives or None without CFG, per text
+        whether it was cut to the text-token limit)."""
         views = [None] * len(texts) if init_images is None else list(init_images)
         samples = [self.encoder.generation_prompt(text, view) for text, view in zip(texts, views)]
+        cut = [sample.truncated for sample in samples]
+        for text, was_cut in zip(texts, cut):
+            if was_cut:
+                logger.warning("the generation prompt %r has more than %d text tokens (the checkpoint's "
+                               "--max-generation-text-tokens, as in training): it was cut on the right, so the model "
+                               "did not see its end (the camera sentence); shorten the caption",
+                               text if len(text) <= 60 else text[:57] + "...",
+                               self.encoder.config.max_generation_text_tokens)
         if self.sampler.do_classifier_free_guidance:
             negatives = [self.encoder.generation_prompt(self.settings.negative_caption, view) for view in views]
             samples = negatives + samples
         batch = prompt_batch(samples, self.tokenizer.pad_id)
         pooled, sequence = query_conditioning(self.model, batch)
         if not self.sampler.do_classifier_free_guidance:
-            return batch, (pooled, sequence), None
+            return batch, (pooled, sequence), None, cut
         count = len(texts)
-        return batch, (pooled[count:], sequence[count:]), (pooled[:count], sequence[:count])
+        return batch, (pooled[count:], sequence[count:]), (pooled[:count], sequence[:count]), cut
 
     @torch.no_grad()
     def prepare(self, requests: Sequence[GenerationRequest], seeds: Sequence[int]) -> PreparedGeneration:
         init = None if requests[0].init_image is None else torch.stack([r.init_image for r in requests])
         texts, reasoning = self.prompts(requests)
-        batch, positive, negative = self.conditioning(texts, init)
+        batch, positive, negative, cut = self.conditioning(texts, init)
         dtype = self.model.puffin_config.params_dtype
         positive = (positive[0].to(dtype), positive[1].to(dtype))
         negative = None if negative is None else (negative[0].to(dtype), negative[1].to(dtype))
@@ -243,7 +258,7 @@ class _Generator:
                                        None if negative is None else negative[0], cond_hidden_states=conds)
         return PreparedGeneration(batch=batch, positive=positive, negative=negative, conds=conds,
                                   noise=initial_noise(self.model, seeds, self.size), texts=texts,
-                                  reasoning=reasoning, velocity_fn=velocity)
+                                  reasoning=reasoning, velocity_fn=velocity, prompt_cut=cut)
 
     @torch.no_grad()
     def __call__(self, requests: Sequence[GenerationRequest], seeds: Sequence[int]) -> List[GeneratedImage]:
@@ -252,9 +267,9 @@ class _Generator:
         images = to_uint8(self.model.vae.decode(latents))
         task = "cam2image" if requests[0].init_image is None else "image2image"
         return [GeneratedImage(image=image, prompt=text, reasoning=thought, camera=request.camera, seed=seed,
-                               task=task)
-                for image, text, thought, request, seed in zip(images, prepared.texts, prepared.reasoning,
-                                                               requests, seeds)]
+                               task=task, prompt_cut=cut)
+                for image, text, thought, request, seed, cut in zip(images, prepared.texts, prepared.reasoning,
+                                                                    requests, seeds, prepared.prompt_cut)]
 
 
 def _batches(requests: Sequence[GenerationRequest], batch_size: int) -> List[List[int]]:

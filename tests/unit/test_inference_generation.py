@@ -130,3 +130,28 @@ def test_bad_sizes_are_reported(setup):
         generate(model, tokenizer, [GenerationRequest(CAMERA)], GenerationSettings(image_size=90))
     with pytest.raises(ValueError, match="resize it to 64x64"):
         generate(model, tokenizer, [GenerationRequest(CAMERA, init_image=init)], GenerationSettings(image_size=64))
+
+
+def test_a_prompt_over_the_text_token_limit_is_cut_as_in_training_and_said_so(setup, caplog):
+    """A caption longer than the checkpoint's --max-generation-text-tokens loses the end of its prompt (the camera
+    sentence) as in training; generation says so in a warning and in ``prompt_cut`` instead of doing it silently."""
+    import dataclasses
+
+    from megatron_puffin.inference.understanding import default_encoder_config
+
+    model, tokenizer, _ = setup
+    limited = dataclasses.replace(default_encoder_config(model), max_generation_text_tokens=64)
+    requests = [GenerationRequest(CAMERA, "a room"), GenerationRequest(CAMERA, "a long hall " * 40)]
+    settings = GenerationSettings(num_inference_steps=1)
+    with caplog.at_level("WARNING", logger="megatron_puffin.inference.generation"):
+        prepared = prepare_generation(model, tokenizer, requests, settings, encoder_config=limited)
+    assert prepared.prompt_cut == [False, True]
+    warnings = [r.getMessage() for r in caplog.records if "was cut on the right" in r.getMessage()]
+    assert len(warnings) == 1 and "'a long hall" in warnings[0] and "64 text tokens" in warnings[0]
+    ids, mask = prepared.batch["input_ids"], prepared.batch["attention_mask"]
+    seen = [tokenizer.decode(row[keep & (row >= 0)].tolist()) for row, keep in zip(ids, mask)]
+    assert templates.CAMERA_SENTENCE_START in seen[2] and templates.CAMERA_SENTENCE_START not in seen[3]
+    out = generate(model, tokenizer, requests, settings, encoder_config=limited)
+    assert [image.prompt_cut for image in out] == [False, True]
+    assert out[1].prompt == prepared.texts[1]  # the prompt as asked; prompt_cut says the model saw less
+    assert not any(image.prompt_cut for image in generate(model, tokenizer, requests, settings))
