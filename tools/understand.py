@@ -152,6 +152,7 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
     from megatron_puffin.inference.loading import resolve_inference_checkpoint
     from megatron_puffin.inference.tasks import imagination_prompt
     from megatron_puffin.data import templates
+    from megatron_puffin.data.task_encoders import TextTooLong
 
     check_args(args)
     listed = collect_images(args.images)
@@ -179,9 +180,14 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
     progress(len(paths) - len(todo))
     def answer(chunk):
         images = [load_image(paths[index], size, mode) for index in chunk]
-        outputs = understand(loaded.model, loaded.tokenizer, images, prompt=prompt, thinking=args.thinking,
-                             max_new_tokens=args.max_new_tokens, batch_size=len(chunk),
-                             encoder_config=loaded.encoder_config)
+        try:
+            outputs = understand(loaded.model, loaded.tokenizer, images, prompt=prompt, thinking=args.thinking,
+                                 max_new_tokens=args.max_new_tokens, batch_size=len(chunk),
+                                 encoder_config=loaded.encoder_config)
+        except TextTooLong as error:  # only a --prompt can be that long; the tool has no limit flag to raise
+            raise UsageError(f"--prompt: with the task's template it has {error.tokens} text tokens, more than the "
+                             f"{error.limit} this checkpoint's prompts hold (set by its training's "
+                             "--max-understanding-text-tokens); shorten --prompt") from None
         return [{"id": paths[index].name, "output_text": output.text,
                  "camera": None if output.camera is None else dict(output.camera._asdict()),
                  "reasoning": output.reasoning, "finished": output.finished} for index, output in zip(chunk, outputs)]

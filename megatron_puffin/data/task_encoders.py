@@ -147,7 +147,14 @@ def _require(sample: Dict[str, Any], task: str) -> None:
 
 class TextTooLong(ValueError):
     """A prompt whose fixed part (the instruction, not the trimmable caption or answer) exceeds the text-token
-    limit; the message names the limit's flag."""
+    limit; the message names the limit's flag, ``tokens`` and ``limit`` are the two numbers."""
+
+    def __init__(self, message: str, tokens: int = 0, limit: int = 0):
+        super().__init__(message)
+        self.tokens, self.limit = tokens, limit
+
+    def __reduce__(self):
+        return (TextTooLong, (str(self), self.tokens, self.limit))
 
 
 class TaskEncoder:
@@ -209,7 +216,8 @@ class TaskEncoder:
                 if len(ids) > budget + extra_tokens:
                     raise TextTooLong(
                         f"the fixed part of the {self.task} prompt has {len(ids) - extra_tokens} tokens, more than "
-                        f"the limit {budget}; shorten the instruction or raise {limit_flag}"
+                        f"the limit {budget}; shorten the instruction or raise {limit_flag}",
+                        len(ids) - extra_tokens, budget,
                     )
                 return ids, cut, True
             keep -= 1
