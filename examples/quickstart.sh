@@ -22,7 +22,8 @@ OUT="${QUICKSTART_DIR:-$ROOT/runs/quickstart}"
 rm -rf "$OUT/tiny"
 mkdir -p "$OUT/tiny" "$OUT/logs" "$OUT/plots"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
-TORCHRUN=(python -m torch.distributed.run --standalone --nproc-per-node 2)
+# torchrun through megatron_puffin.launch: a failed stage ends with its rank's exit status and one line
+TORCHRUN=(python -m megatron_puffin.launch --standalone --nproc-per-node 2)
 TINY=(@"$ROOT/examples/tiny/model.args")
 
 echo "== 1/10 synthetic Puffin-4M dataset (+ a held-out split) -> $OUT/tiny/raw"

@@ -12,16 +12,19 @@
 #   NPROC_PER_NODE  processes (default: the number of visible GPUs, or 1 without GPUs)
 #   MASTER_PORT     fixed rendezvous port (default: torchrun --standalone picks a free one)
 #   LOG_DIR         directory of train-<date>.log (default: logs)
+#   LAUNCHER        the torchrun-compatible launcher (default: python -m megatron_puffin.launch, torchrun's own
+#                   launcher with the ranks' exit status; LAUNCHER=torchrun works too, with torchrun's endings)
 #
-# Exit status: torchrun's. It is 0 when every rank of pretrain_puffin.py finished with 0; torchrun reports any
-# other rank exit status as 1, including 75 ("stopped early after saving" on SIGTERM / SIGUSR1 / SIGINT /
-# --exit-duration-in-mins; its summary then reads "exitcode : 75"): rerun with --load <the --save directory>.
-# With SAVE_DIR, the status rank 0 wrote to SAVE_DIR/run_status.json ("finished", "interrupted": rerun to resume,
-# "stopped": --exit-interval) is printed at the end. SIGTERM and SIGUSR1 sent to this script are forwarded to
-# torchrun, which forwards them to the ranks; the terminal's SIGINT (Ctrl-C), SIGQUIT and SIGHUP go to this
-# script's process group, which holds torchrun but not the ranks (torchrun starts each in a session of its own):
-# torchrun forwards them. Ctrl-C and SIGHUP stop like SIGTERM (save, exit 75); a second Ctrl-C makes torchrun send
-# SIGTERM, which the saving ranks ignore.
+# Exit status: the launcher's. 0 when every rank of pretrain_puffin.py finished with 0; otherwise the first failed
+# rank's: 75 "stopped early after saving" (SIGTERM / SIGUSR1 sent to the ranks, --exit-duration-in-mins): rerun
+# with --load <the --save directory>; 2 a flag mistake; 128 + N for a rank killed by signal N. When the launcher
+# itself is stopped (a signal to this script or Ctrl-C), 128 + that signal, after the ranks have saved (plain
+# torchrun: 1 in every such case). With SAVE_DIR, the status rank 0 wrote to SAVE_DIR/run_status.json
+# ("finished", "interrupted": rerun to resume, "stopped": --exit-interval) is printed at the end. SIGTERM and
+# SIGUSR1 sent to this script are forwarded to the launcher, which forwards them to the ranks; the terminal's
+# SIGINT (Ctrl-C), SIGQUIT and SIGHUP go to this script's process group, which holds the launcher but not the
+# ranks (torchrun starts each in a session of its own): the launcher forwards them. Ctrl-C and SIGHUP stop like
+# SIGTERM (save, then exit); a second Ctrl-C makes the launcher send SIGTERM, which the saving ranks ignore.
 set -euo pipefail
 # Signals torchrun forwards to the ranks (its --signals-to-handle, read from PET_*; torch < 2.9 ignores it and
 # forwards only SIGTERM, SIGINT, SIGHUP and SIGQUIT).
@@ -53,8 +56,14 @@ gpu_count() {
 [ -n "${STAGE_ARGS:-}" ] ||
   usage "STAGE_ARGS is not set; give the stage's flag file, e.g. STAGE_ARGS=examples/tiny/stage1_alignment.args"
 [ -f "$STAGE_ARGS" ] || usage "STAGE_ARGS=$STAGE_ARGS is not a file"
-command -v torchrun > /dev/null 2>&1 ||
-  usage "torchrun not found on PATH; activate the environment first (source .venv/bin/activate)"
+if [ -n "${LAUNCHER:-}" ]; then
+  read -r -a launcher <<< "$LAUNCHER"
+  command -v "${launcher[0]}" > /dev/null 2>&1 || usage "LAUNCHER=$LAUNCHER: ${launcher[0]} not found on PATH"
+else
+  launcher=(python -m megatron_puffin.launch)
+  python -c "import megatron_puffin.launch" > /dev/null 2>&1 ||
+    usage "python cannot import megatron_puffin; activate the environment first (source .venv/bin/activate)"
+fi
 
 gpus="$(gpu_count)"
 NPROC_PER_NODE="${NPROC_PER_NODE:-$([ "${gpus:-0}" -gt 0 ] && echo "$gpus" || echo 1)}"
@@ -81,18 +90,18 @@ echo "[train.sh] $NPROC_PER_NODE process(es), flags ${flags[*]}; log: $log" >&2
 exec > >(trap '' INT QUIT HUP; exec tee -a "$log") 2>&1  # the log outlives Ctrl-C: the ranks log their save
 pid=""
 pending=""
-forward() {  # SIGTERM / SIGUSR1 to this script: pass it on to torchrun (once it has started)
+forward() {  # SIGTERM / SIGUSR1 to this script: pass it on to the launcher (once it has started)
   if [ -n "$pid" ]; then kill -"$1" "$pid" 2> /dev/null || true; else pending="$1"; fi
 }
 trap 'forward TERM' TERM
 trap 'forward USR1' USR1
-trap : INT QUIT HUP  # the terminal sends them to torchrun too (same process group): forwarding would double them
-torchrun "${rendezvous[@]}" --nproc-per-node "$NPROC_PER_NODE" \
+trap : INT QUIT HUP  # the terminal sends them to the launcher too (same process group): forwarding would double them
+"${launcher[@]}" "${rendezvous[@]}" --nproc-per-node "$NPROC_PER_NODE" \
   "$ROOT/pretrain_puffin.py" "${flags[@]}" &
 pid=$!
 [ -z "$pending" ] || forward "$pending"
 
-# `wait` returns early (status > 128) when a trapped signal arrives: wait until torchrun has exited, then collect
+# `wait` returns early (status > 128) when a trapped signal arrives: wait until the launcher has exited, then collect
 # its own status if the last wait was the interrupted one (127: already collected).
 status=0
 wait "$pid" || status=$?

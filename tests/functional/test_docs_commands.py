@@ -91,13 +91,15 @@ def _load(relative: str, name: str):
 
 
 def _program(words: List[str]):
-    """(script, its arguments, torchrun options) of a ``python X.py`` / ``torchrun [opts] X.py`` command."""
+    """(script, its arguments, torchrun options) of a ``python X.py`` / ``torchrun [opts] X.py`` /
+    ``python -m megatron_puffin.launch [opts] X.py`` command."""
     if words[0] in ("python", "python3") and len(words) > 1 and words[1].endswith(".py"):
         return words[1], words[2:], []
-    if words[0] == "torchrun":
-        for index, word in enumerate(words[1:], start=1):
+    start = 1 if words[0] == "torchrun" else 3 if words[1:3] == ["-m", "megatron_puffin.launch"] else None
+    if start is not None:
+        for index, word in enumerate(words[start:], start=start):
             if word.endswith(".py"):
-                return word, words[index + 1:], words[1:index]
+                return word, words[index + 1:], words[start:index]
     return None, [], []
 
 

@@ -1,9 +1,10 @@
 """Stopping signals through the real launchers, with data-loader workers (the default): the run saves, writes
 run_status.json "interrupted" and leaves no process behind.
 
-(a) SIGTERM to examples/train.sh (-> torchrun -> the rank's whole process group, workers and the checkpoint
-    write-results queue's process of the periodic save before it included) saves; a second SIGTERM to the rank's
-    process group while the checkpoint is being written does not kill the save;
+(a) SIGTERM to examples/train.sh (-> python -m megatron_puffin.launch, torchrun's launcher -> the rank's whole
+    process group, workers and the checkpoint write-results queue's process of the periodic save before it
+    included) saves; a second SIGTERM to the rank's process group while the checkpoint is being written does not
+    kill the save; the launcher ends with one line and exit status 143;
 (b) SIGUSR1 to plain torchrun (which does not handle it and dies) makes the rank save and exit, not orphan it;
 (c) Ctrl-C twice to plain torchrun (SIGINT to its process group, then again) makes the rank save, not raise
     KeyboardInterrupt; Ctrl-C held down to plain python saves and still exits 75;
@@ -66,13 +67,15 @@ def _metrics_lines(path):
 
 
 def _rank_pid(launcher_pid):
-    """The pretrain_puffin.py process below a launcher (train.sh -> torchrun -> rank, or torchrun -> rank)."""
+    """The pretrain_puffin.py process below a launcher (train.sh -> megatron_puffin.launch -> rank, or torchrun ->
+    rank)."""
     for child in _children(launcher_pid):
         try:
             cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"pretrain_puffin.py" in cmdline and b"torchrun" not in cmdline and b"torch.distributed.run" not in cmdline:
+        launcher = (b"torchrun", b"torch.distributed.run", b"megatron_puffin.launch")
+        if b"pretrain_puffin.py" in cmdline and not any(name in cmdline for name in launcher):
             return child
         found = _rank_pid(child)
         if found:
@@ -99,8 +102,11 @@ def test_sigterm_to_train_sh_saves_with_workers_and_a_second_signal_does_not_kil
     staging = _wait_for(lambda: next((workdir / "run_sh").glob("iter_*.tmp"), None), proc, "the interrupt save")
     os.killpg(rank, signal.SIGTERM)  # as torchrun or Slurm would repeat it: the rank and its workers
     output, _ = proc.communicate(timeout=TIMEOUT)
-    # torchrun itself ends with a SignalException traceback (its way of reporting the signal); the rank must not.
-    assert "killed by signal" not in output and "pretrain_puffin.py\", line" not in output, output[-4000:]
+    # The launcher (torchrun's, through megatron_puffin.launch) ends with one line and 128 + SIGTERM; plain torchrun
+    # printed a SignalException traceback and exited 1.
+    assert "Traceback" not in output and "killed by signal" not in output, output[-4000:]
+    assert "megatron_puffin.launch: stopped by SIGTERM, which it forwarded to every rank" in output, output[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, output[-3000:])
     assert "BrokenPipeError" not in output, output[-4000:]
     assert "received while stopping" in output, output[-3000:]
     status = _status(workdir / "run_sh")

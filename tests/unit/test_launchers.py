@@ -4,6 +4,8 @@ one, by the exit status otherwise).
 
 torchrun, srun and scontrol are replaced by small scripts on PATH that record how they were called (the launchers
 are the things under test; the real torchrun is exercised by the distributed tests, Slurm is not available here).
+So is ``python``: the scripts launch with ``python -m megatron_puffin.launch`` (torchrun's own launcher, see
+``tests/functional/test_launch.py``), which the fake passes on to the fake torchrun.
 """
 import os
 import shutil
@@ -59,6 +61,14 @@ echo "$OMP_NUM_THREADS" > "$FAKE_RECORD.omp"
 for _ in $(seq "${FAKE_TICKS:-1}"); do sleep 0.05; done
 end_run "${FAKE_EXIT:-0}"
 """
+# `python -c ...` (train.sh's import check) succeeds; `python -m megatron_puffin.launch ARGS` is torchrun ARGS.
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+[ "$1" != -c ] || exit 0
+[ "$1 $2" = "-m megatron_puffin.launch" ] || { echo "fake python: unexpected $*" >&2; exit 9; }
+shift 2
+echo launch >> "$FAKE_RECORD.launcher"
+exec torchrun "$@"
+"""
 FAKE_SCONTROL = """#!/usr/bin/env bash
 case "$1 $2" in
   "show hostnames") printf 'gpu-node-07\\ngpu-node-08\\n' ;;
@@ -72,7 +82,8 @@ esac
 def fakes(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("torchrun", FAKE_TORCHRUN), ("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+    for name, text in (("torchrun", FAKE_TORCHRUN), ("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL),
+                       ("python", FAKE_PYTHON)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     stage = tmp_path / "stage.args"
@@ -135,6 +146,18 @@ def test_train_sh_runs_torchrun_on_every_visible_gpu_tees_the_log_and_keeps_its_
     assert len(logs) == 1
     assert "fake torchrun PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in logs[0].read_text()
     assert "fake torchrun" in result.stdout
+    assert recorded(tmp_path, ".launcher") == ["launch"]  # through python -m megatron_puffin.launch
+
+
+def test_train_sh_takes_another_launcher_and_names_one_it_cannot_find(fakes):
+    tmp_path, env = fakes
+    env.update(LAUNCHER="torchrun", FAKE_EXIT="75")
+    assert run(TRAIN_SH, env).returncode == 75
+    assert recorded(tmp_path)[:3] == ["--standalone", "--nproc-per-node", "3"]
+    assert not recorded(tmp_path, ".launcher")  # plain torchrun, not python -m megatron_puffin.launch
+    env.update(LAUNCHER="no-such-launcher --flag")
+    result = run(TRAIN_SH, env)
+    assert result.returncode == 2 and "LAUNCHER=no-such-launcher --flag: no-such-launcher not found" in result.stderr
 
 
 def test_train_sh_takes_nproc_and_a_fixed_master_port(fakes):
@@ -211,11 +234,13 @@ def test_sbatch_runs_one_torchrun_per_node_resuming_from_save_dir(fakes):
     result = run(SBATCH, slurm_env(env, tmp_path, EXTRA_ARGS="--lr 2e-5"))
     assert result.returncode == 0, result.stderr
     assert recorded(tmp_path) == [
-        "--kill-on-bad-exit=1", "torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--rdzv-backend", "c10d",
+        "--kill-on-bad-exit=1", "python", "-m", "megatron_puffin.launch", "--nnodes", "2", "--nproc-per-node", "8", "--rdzv-backend", "c10d",
         "--rdzv-endpoint", "gpu-node-07:29500", "--rdzv-id", "4242", str(ROOT / "pretrain_puffin.py"),
         f"@{env['STAGE_ARGS']}", "--save", str(tmp_path / "run"), "--load", str(tmp_path / "run"), "--lr", "2e-5",
     ]
     assert not recorded(tmp_path, ".requeue")
+    assert run(SBATCH, slurm_env(env, tmp_path, LAUNCHER="torchrun")).returncode == 0
+    assert recorded(tmp_path)[1:3] == ["torchrun", "--nnodes"]
 
 
 @pytest.mark.parametrize("run_status, code, requeued, status", [

@@ -1,0 +1,103 @@
+"""``python -m megatron_puffin.launch``: torchrun's own launcher, run for real (two ranks, c10d rendezvous), ending
+with the first failed rank's exit status and one line instead of torchrun's 1 and traceback.
+
+The ranks are a small Python script (no torch import, so each launch costs the launcher's start only); the real
+trainer under the launcher is covered by ``test_signals.py`` (SIGTERM to ``examples/train.sh``).
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers.puffin import ROOT
+
+# Rank RANK exits with RANK_<RANK>_EXIT ("kill": kills itself with SIGKILL; default 0), after RANK_<RANK>_SLEEP s.
+# With STOP_FILE set it runs until a stop signal, writes STOP_FILE.<RANK> and exits 75 (like pretrain_puffin.py
+# after saving).
+RANK_SCRIPT = r"""
+import os, signal, sys, time
+rank = os.environ["RANK"]
+if os.environ.get("STOP_FILE"):
+    def stop(signum, frame):
+        open(os.environ["STOP_FILE"] + "." + rank, "w").write(signal.Signals(signum).name)
+        sys.exit(75)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    open(os.environ["STOP_FILE"] + ".ready." + rank, "w").close()
+    while True:
+        time.sleep(0.05)
+time.sleep(float(os.environ.get(f"RANK_{rank}_SLEEP", "0")))
+code = os.environ.get(f"RANK_{rank}_EXIT", "0")
+if code == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+sys.exit(int(code))
+"""
+TIMEOUT = 120
+
+
+def _launch(tmp_path, **env):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    environment = dict(os.environ, PYTHONWARNINGS="ignore", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="30", **env)
+    return subprocess.Popen([sys.executable, "-m", "megatron_puffin.launch", "--standalone", "--nproc-per-node", "2",
+                             str(script)], cwd=tmp_path, env=environment, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(proc):
+    output, _ = proc.communicate(timeout=TIMEOUT)
+    return proc.returncode, output
+
+
+@pytest.mark.parametrize("exits, status, line", [
+    ({}, 0, None),
+    # rank 1 fails first (rank 0 is still sleeping when torchrun stops it): its status, not torchrun's 1
+    ({"RANK_0_SLEEP": "30", "RANK_1_EXIT": "75"}, 75,
+     r"megatron_puffin.launch: rank 1 \(local rank 1 on \S+\) exited with status 75 first; it stopped early after "
+     r"saving a checkpoint: run the same command with --load <the --save folder> to resume$"),
+    ({"RANK_0_EXIT": "2", "RANK_1_SLEEP": "30"}, 2,
+     r"megatron_puffin.launch: rank 0 \(local rank 0 on \S+\) exited with status 2 first; the ranks' error lines "
+     r"above say which flags to fix$"),
+    ({"RANK_0_SLEEP": "30", "RANK_1_EXIT": "kill"}, 128 + signal.SIGKILL,
+     r"megatron_puffin.launch: rank 1 \(local rank 1 on \S+\) was killed by SIGKILL first; its log above says why$"),
+])
+def test_the_exit_status_is_the_first_failed_ranks_and_the_ending_one_line(tmp_path, exits, status, line):
+    import re
+
+    code, output = _finish(_launch(tmp_path, **exits))
+    assert code == status, output[-3000:]
+    assert "Traceback" not in output and "ChildFailedError" not in output, output[-3000:]
+    last = output.strip().splitlines()[-1] if output.strip() else ""
+    if line is None:
+        assert "megatron_puffin.launch:" not in output, output[-3000:]
+    else:
+        assert re.search(line, last), output[-3000:]
+
+
+def test_a_stop_signal_reaches_every_rank_and_the_launcher_ends_with_one_line(tmp_path):
+    """Ctrl-C in the launcher's terminal (SIGINT to its process group): torchrun forwards it, the ranks stop (75),
+    and the launcher exits 130 with one line where torchrun printed a SignalException traceback and exited 1."""
+    stop = tmp_path / "stopped"
+    proc = _launch(tmp_path, STOP_FILE=str(stop))
+    deadline = time.time() + TIMEOUT
+    while not all((tmp_path / f"stopped.ready.{rank}").exists() for rank in (0, 1)):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    code, output = _finish(proc)
+    assert code == 128 + signal.SIGINT, output[-3000:]
+    assert "Traceback" not in output and "SignalException" not in output, output[-3000:]
+    assert output.strip().splitlines()[-1].startswith("megatron_puffin.launch: stopped by SIGINT, which it forwarded "
+                                                      "to every rank"), output[-3000:]
+    assert all((tmp_path / f"stopped.{rank}").read_text() == "SIGINT" for rank in (0, 1))
+
+
+def test_a_wrong_torchrun_flag_is_torchruns_usage_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "megatron_puffin.launch", "--nproc-per-node", "2",
+                           "--no-such-flag", str(ROOT / "pretrain_puffin.py")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert proc.returncode == 2 and "unrecognized arguments: --no-such-flag" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
