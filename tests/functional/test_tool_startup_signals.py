@@ -11,11 +11,13 @@ import time
 from helpers.puffin import ROOT
 
 PROGRAMS = ("tools/preprocess_data.py", "tools/make_synthetic_dataset.py", "tools/convert_checkpoint.py",
-            "tools/evaluate_camera.py", "tools/generate.py", "tools/understand.py", "pretrain_puffin.py")
+            "tools/evaluate_camera.py", "tools/generate.py", "tools/understand.py", "pretrain_puffin.py",
+            "-m megatron_puffin.launch")
 
 
 def _start_and_signal_while_importing(program: str, signum: int) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen([sys.executable, str(ROOT / program), "--help"], cwd=ROOT, text=True,
+    command = program.split() if program.startswith("-m ") else [str(ROOT / program)]
+    proc = subprocess.Popen([sys.executable, *command, "--help"], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                             env=dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES=""))
     deadline = time.monotonic() + 120
@@ -37,7 +39,7 @@ def test_a_stop_signal_while_a_tool_or_the_trainer_loads_its_libraries_is_one_li
     for index, program in enumerate(PROGRAMS):
         signum = signal.SIGTERM if index % 3 == 2 else signal.SIGINT
         proc = _start_and_signal_while_importing(program, signum)
-        tool = os.path.basename(program)
+        tool = program.removeprefix("-m ") if program.startswith("-m ") else os.path.basename(program)
         what = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "stopped by SIGTERM"
         assert proc.returncode == 128 + signum, (tool, proc.returncode, proc.stdout[-500:], proc.stderr[-3000:])
         assert proc.stderr == f"{tool}: {what} while starting; nothing was written\n", (tool, proc.stderr[-3000:])
