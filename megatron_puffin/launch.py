@@ -11,11 +11,17 @@ processes, signal forwarding, ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``). What differs 
   and waits for them as before (they save and exit), then printed a ``SignalException`` traceback and exited 1. Here
   it is one line and exit status 128 + the signal.
 
+Two of torchrun's defaults are the training scripts' instead, where the environment does not set them:
+``PET_SIGNALS_TO_HANDLE`` (``--signals-to-handle``) includes SIGUSR1, Slurm's warning before a time limit, which
+plain torchrun does not handle and dies of; and ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, how long the ranks get to save
+after a forwarded signal before they are killed, is 600 s instead of 30 s (a large checkpoint takes longer).
+
 ``examples/train.sh``, the sbatch script and the quickstart launch through it; plain ``torchrun`` still works the
-same way, with torchrun's endings.
+same way, with torchrun's endings and defaults.
 """
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -24,6 +30,12 @@ from typing import List, Optional
 from megatron_puffin.process_lifetime import exit_quietly_while_starting, startup_finished
 
 PROG = "megatron_puffin.launch"
+
+ENVIRONMENT_DEFAULTS = {
+    "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600",
+}
+"""torchrun settings this launcher gives where the environment does not (flags on the command line still win)."""
 
 STOPPED_AFTER_SAVING = 75
 """``pretrain_puffin.py``'s exit status after a stop signal or ``--exit-duration-in-mins``: a checkpoint was saved."""
@@ -63,6 +75,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    for name, value in ENVIRONMENT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     args = parse_args(argv)
     startup_finished()  # from here torchrun's agent handles the stop signals
     try:

@@ -24,7 +24,7 @@ if os.environ.get("STOP_FILE"):
     def stop(signum, frame):
         open(os.environ["STOP_FILE"] + "." + rank, "w").write(signal.Signals(signum).name)
         sys.exit(75)
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, stop)
     open(os.environ["STOP_FILE"] + ".ready." + rank, "w").close()
     while True:
@@ -38,10 +38,10 @@ sys.exit(int(code))
 TIMEOUT = 120
 
 
-def _launch(tmp_path, **env):
+def _launch(tmp_path, environment=None, **env):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    environment = dict(os.environ, PYTHONWARNINGS="ignore", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="30", **env)
+    environment = dict(os.environ if environment is None else environment, PYTHONWARNINGS="ignore", **env)
     return subprocess.Popen([sys.executable, "-m", "megatron_puffin.launch", "--standalone", "--nproc-per-node", "2",
                              str(script)], cwd=tmp_path, env=environment, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -77,22 +77,30 @@ def test_the_exit_status_is_the_first_failed_ranks_and_the_ending_one_line(tmp_p
         assert re.search(line, last), output[-3000:]
 
 
-def test_a_stop_signal_reaches_every_rank_and_the_launcher_ends_with_one_line(tmp_path):
-    """Ctrl-C in the launcher's terminal (SIGINT to its process group): torchrun forwards it, the ranks stop (75),
-    and the launcher exits 130 with one line where torchrun printed a SignalException traceback and exited 1."""
+@pytest.mark.parametrize("sig, group", [(signal.SIGINT, True), (signal.SIGUSR1, False)])
+def test_a_stop_signal_reaches_every_rank_and_the_launcher_ends_with_one_line(tmp_path, sig, group):
+    """Ctrl-C in the launcher's terminal (SIGINT to its process group), or Slurm's SIGUSR1 warning to the launcher
+    alone: it is forwarded, the ranks stop (75), and the launcher exits 128 + the signal with one line, where
+    torchrun printed a SignalException traceback and exited 1 (SIGINT) or died of the signal it does not handle
+    without ``--signals-to-handle`` (SIGUSR1)."""
     stop = tmp_path / "stopped"
-    proc = _launch(tmp_path, STOP_FILE=str(stop))
+    environment = {name: value for name, value in os.environ.items()
+                   if name not in ("PET_SIGNALS_TO_HANDLE", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")}
+    proc = _launch(tmp_path, STOP_FILE=str(stop), environment=environment)
     deadline = time.time() + TIMEOUT
     while not all((tmp_path / f"stopped.ready.{rank}").exists() for rank in (0, 1)):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
     code, output = _finish(proc)
-    assert code == 128 + signal.SIGINT, output[-3000:]
+    assert code == 128 + sig, output[-3000:]
     assert "Traceback" not in output and "SignalException" not in output, output[-3000:]
-    assert output.strip().splitlines()[-1].startswith("megatron_puffin.launch: stopped by SIGINT, which it forwarded "
-                                                      "to every rank"), output[-3000:]
-    assert all((tmp_path / f"stopped.{rank}").read_text() == "SIGINT" for rank in (0, 1))
+    assert output.strip().splitlines()[-1].startswith(f"megatron_puffin.launch: stopped by {sig.name}, which it "
+                                                      "forwarded to every rank"), output[-3000:]
+    assert all((tmp_path / f"stopped.{rank}").read_text() == sig.name for rank in (0, 1))
 
 
 def test_a_wrong_torchrun_flag_is_torchruns_usage_error(tmp_path):
