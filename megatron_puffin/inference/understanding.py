@@ -100,7 +100,8 @@ def decode_prompts(model, tokenizer, samples: Sequence[EncodedSample], max_new_t
     """Greedy answers to encoded understanding prompts, ``batch_size`` at a time (left padded with 0).
 
     Args:
-        model: a :class:`~megatron_puffin.models.puffin.PuffinModel` (PP=1, any TP) in eval mode.
+        model: a :class:`~megatron_puffin.models.puffin.PuffinModel` (any TP; with pipeline stages every pipeline
+            rank calls this with the same prompts) in eval mode.
         tokenizer: its :class:`~megatron_puffin.data.PuffinTokenizer`.
         samples: prompts from :meth:`TaskEncoder.understanding_prompt`.
         max_new_tokens: decoding limit per answer.
@@ -133,8 +134,9 @@ def understand(model, tokenizer, images: Sequence[torch.Tensor], prompt: Union[N
     """Describe images and estimate their cameras by greedy decoding with a KV cache.
 
     Args:
-        model: a built, loaded :class:`~megatron_puffin.models.puffin.PuffinModel` (pipeline size 1, any TP; every
-            TP rank calls this with the same inputs), in eval mode (:func:`~.loading.load_puffin` returns one).
+        model: a built, loaded :class:`~megatron_puffin.models.puffin.PuffinModel` (any TP; every TP rank calls this
+            with the same inputs, and with pipeline stages every pipeline rank too: validation at PP > 1), in eval
+            mode (:func:`~.loading.load_puffin` returns one).
         tokenizer: the checkpoint's :class:`~megatron_puffin.data.PuffinTokenizer`.
         images: float32 ``[3, H, W]`` in [-1, 1], sides multiples of patch * fold (e.g. from
             :func:`~.images.load_image`); they are padded to squares as in training.

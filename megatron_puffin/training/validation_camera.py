@@ -6,7 +6,8 @@ described with the base caption prompt (thinking streams: the thinking prompt) b
 of :mod:`megatron_puffin.inference`, and scored against their stored cameras with
 :mod:`megatron_puffin.evaluation` (first float triple or the fallback, portrait vFoV restore, degrees). The images
 are split over the data-parallel ranks and the texts gathered, so the metric does not depend on the layout; every
-tensor-parallel rank decodes the same images (the decoder needs that). Needs pipeline size 1.
+tensor-parallel rank decodes the same images (the decoder needs that), and so does every pipeline stage: the
+decoder passes the hidden states from stage to stage (:mod:`megatron_puffin.inference.decoding`).
 """
 from __future__ import annotations
 

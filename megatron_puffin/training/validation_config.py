@@ -52,12 +52,6 @@ def validation_errors(args: PuffinArguments) -> List[str]:
     if config.eval_interval is not None and not config.valid_task_stream:
         problems.append(f"--eval-interval ({config.eval_interval}) needs at least one --valid-task-stream "
                         f"({TASK_STREAM_FORMAT}) on held-out data")
-    if config.eval_interval is not None and config.eval_camera_samples and \
-            args.parallel.pipeline_model_parallel_size > 1:
-        problems.append(f"--eval-camera-samples ({config.eval_camera_samples}) decodes with the whole model on one "
-                        f"pipeline stage; with --pipeline-model-parallel-size "
-                        f"{args.parallel.pipeline_model_parallel_size} set --eval-camera-samples 0 (the validation "
-                        "losses still work)")
     generation = []
     for spec in config.valid_task_stream:
         try:

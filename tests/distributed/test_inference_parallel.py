@@ -1,5 +1,5 @@
-"""Inference at TP=2 equals TP=1, and a checkpoint saved with PP=2 loads for inference at TP=1 and TP=2 (one
-spawned group of two gloo ranks): understanding tokens identical, one CFG velocity within 1e-5, generated images
+"""Inference at TP=2 equals TP=1, a checkpoint saved with PP=2 loads for inference at TP=1 and TP=2, and greedy
+decoding runs on the PP=2 layout itself (one spawned group of two gloo ranks): understanding tokens identical, one CFG velocity within 1e-5, generated images
 within one uint8 level. The same group checks how the tools deal batches to two data-parallel replicas."""
 import torch
 
@@ -11,16 +11,25 @@ IMAGE_LEVELS = 1  # uint8 levels: TP changes reduction order, the decoded image 
 NEW_TOKENS = 5
 
 
+def _images():
+    generator = torch.Generator().manual_seed(0)
+    return [torch.rand(3, 96, 96, generator=generator) * 2 - 1 for _ in range(2)]
+
+
+def _understanding_tokens(model, tokenizer):
+    from megatron_puffin.inference import understand
+
+    return [o.token_ids for o in understand(model, tokenizer, _images(), max_new_tokens=NEW_TOKENS)]
+
+
 def _infer(model, tokenizer):
     """Understanding tokens, one guided velocity and a 2-step image from fixed inputs."""
     from megatron_puffin.camera import Camera
     from megatron_puffin.diffusion import FlowMatchEulerSampler
-    from megatron_puffin.inference import (GenerationRequest, GenerationSettings, generate, prepare_generation,
-                                           understand)
+    from megatron_puffin.inference import GenerationRequest, GenerationSettings, generate, prepare_generation
 
-    generator = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, 96, 96, generator=generator) * 2 - 1 for _ in range(2)]
-    tokens = [o.token_ids for o in understand(model, tokenizer, images, max_new_tokens=NEW_TOKENS)]
+    images = _images()
+    tokens = _understanding_tokens(model, tokenizer)
     requests = [GenerationRequest(Camera(0.1, -0.2, 1.48, 0.5), "a room", init_image=images[0])]
     settings = GenerationSettings(num_inference_steps=2)
     prepared = prepare_generation(model, tokenizer, requests, settings)
@@ -57,6 +66,9 @@ def _worker(root, paths):
     stage, _ = build_tiny_model(paths, pre_process=ctx.is_first_pipeline_stage,
                                 post_process=ctx.is_last_pipeline_stage)
     load_module(stage, str(root / "tp1" / "iter_0000001"))
+    stage.eval()
+    # decoding with the PP=2 training layout itself (validation's camera metric): tokens from stage to stage
+    results["decoded_at_pp2"] = _understanding_tokens(stage, PuffinTokenizer(paths["tokenizer"]))
     save_model_checkpoint(stage, args, root / "pp2" / "iter_0000001")
     for name, checkpoint, tp in (("tp2", "tp1", 2), ("pp2_at_tp1", "pp2", 1), ("pp2_at_tp2", "pp2", 2)):
         loaded = load_puffin(str(root / checkpoint), tensor_model_parallel_size=tp)
@@ -74,7 +86,8 @@ def test_inference_is_the_same_at_every_layout(tmp_path):
     assert results[0]["gathered"] == results[1]["gathered"] == expected
     reference = results[0]["reference"]
     assert len({tuple(t) for t in reference["tokens"]}) == 2 and reference["image"].float().std() > 0
-    for rank_results in results:
+    for rank_results in results:  # both stages of the PP=2 layout end with the same tokens
+        assert rank_results["decoded_at_pp2"] == reference["tokens"]
         for name in ("reference", "tp2", "pp2_at_tp1", "pp2_at_tp2"):
             got = rank_results[name]
             assert got["tokens"] == reference["tokens"], name

@@ -147,6 +147,18 @@ def test_fsdp2_starts_from_a_pretrained_checkpoint_and_decodes_validation_camera
     _check_against_reference(valid[2], workdir, workdir / "fsdp" / "iter_0000002", camera_samples=1)
 
 
+def test_at_pipeline_size_2_the_camera_metric_decodes_stage_to_stage(workdir, validated_run):
+    """``--pipeline-model-parallel-size 2`` with the camera metric, which used to need one stage holding the whole
+    LLM (the flag check refused it): each step the hidden states go from stage to stage and the last stage's tokens
+    come back. Its losses and camera errors equal the one-process pass over its own saved checkpoint."""
+    proc = _run(workdir, *VALID, "--pipeline-model-parallel-size", "2", "--micro-batch-size", "2",
+                "--eval-interval", "2", "--save", "pp2", "--metrics-file", "pp2.jsonl")
+    assert "validation iter 2 | loss image2text" in proc.stderr and "| camera image2text median roll" in proc.stderr
+    valid = {r["iteration"]: r for r in _records(workdir / "pp2.jsonl") if "valid_loss/image2text" in r}
+    assert sorted(valid) == [2] and valid[2]["valid_camera/image2text/num_images"] == 3
+    _check_against_reference(valid[2], workdir, workdir / "pp2" / "iter_0000002")
+
+
 def test_the_validation_line_shows_every_stream_task_it_logged(workdir):
     """Streams of task variants (thinking answers) are logged under the stream's task, in the metrics file and in
     the console line alike: the line used to list the loss tasks (``image2text``) and print "-" for them."""
