@@ -12,7 +12,7 @@ every position up to the current one. The core attention receives an explicit ke
 (the local spec's SDPA core treats "no mask" as top-left causal, which is wrong for one query against many keys).
 
 Pipeline stages (validation during a PP > 1 run decodes with the training layout): each stage keeps the cache of its
-own layers; per step the hidden states go stage to stage (point-to-point, in the decoder weights' dtype) and the
+own layers; per step the hidden states go stage to stage (point-to-point, in the model's parameter dtype) and the
 last stage's chosen tokens are broadcast back to every stage, which embeds them (first stage), extends its mask and
 positions, and stops when the last stage's tokens say so. The tokens equal one stage's (the same layers in the same
 order; tests/distributed/test_inference_parallel.py).
@@ -106,7 +106,7 @@ class _PipelineStages:
         self.next = dist.get_global_rank(self.group, rank + 1) if rank + 1 < size else None
         self.last = dist.get_global_rank(self.group, size - 1)
         self.device = model.device
-        self.dtype = next(model.llm.decoder.parameters()).dtype  # every stage's activations: its weights' dtype
+        self.dtype = model.puffin_config.params_dtype  # the activations' dtype on every stage
 
     def receive(self, positions: int, batch_size: int, hidden_size: int) -> torch.Tensor:
         hidden = torch.empty(positions, batch_size, hidden_size, dtype=self.dtype, device=self.device)
