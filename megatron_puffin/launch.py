@@ -27,7 +27,7 @@ import socket
 import sys
 from typing import List, Optional
 
-from megatron_puffin.process_lifetime import exit_quietly_while_starting, startup_finished
+from megatron_puffin.process_lifetime import EXIT_INTERRUPTED, exit_quietly_while_starting, startup_finished
 
 PROG = "megatron_puffin.launch"
 
@@ -36,10 +36,6 @@ ENVIRONMENT_DEFAULTS = {
     "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600",
 }
 """torchrun settings this launcher gives where the environment does not (flags on the command line still win)."""
-
-STOPPED_AFTER_SAVING = 75
-"""``pretrain_puffin.py``'s exit status after a stop signal or ``--exit-duration-in-mins``: a checkpoint was saved."""
-
 
 def rank_exit_status(exitcode: int) -> int:
     """A shell's exit status for a worker's ``exitcode`` as torch reports it (negative: killed by that signal)."""
@@ -63,7 +59,7 @@ def _describe_failure(error) -> tuple[int, str]:
         how = f"was killed by {_signal_name(-failure.exitcode)}"
     else:
         how = f"exited with status {failure.exitcode}"
-    hint = {STOPPED_AFTER_SAVING: "; it stopped early after saving a checkpoint: run the same command with --load "
+    hint = {EXIT_INTERRUPTED: "; it stopped early after saving a checkpoint: run the same command with --load "
                                   "<the --save folder> to resume",
             2: "; the ranks' error lines above say which flags to fix"}.get(status, "; its log above says why")
     where = f"rank {rank} (local rank {failure.local_rank} on {socket.gethostname()})"
