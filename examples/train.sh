@@ -58,6 +58,7 @@ gpu_count() {
 [ -f "$STAGE_ARGS" ] || usage "STAGE_ARGS=$STAGE_ARGS is not a file"
 if [ -n "${LAUNCHER:-}" ]; then
   read -r -a launcher <<< "$LAUNCHER"
+  [ "${#launcher[@]}" -gt 0 ] || usage "LAUNCHER='$LAUNCHER' names no program; unset it or give e.g. LAUNCHER=torchrun"
   command -v "${launcher[0]}" > /dev/null 2>&1 || usage "LAUNCHER=$LAUNCHER: ${launcher[0]} not found on PATH"
 else
   launcher=(python -m megatron_puffin.launch)

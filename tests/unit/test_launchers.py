@@ -158,6 +158,9 @@ def test_train_sh_takes_another_launcher_and_names_one_it_cannot_find(fakes):
     env.update(LAUNCHER="no-such-launcher --flag")
     result = run(TRAIN_SH, env)
     assert result.returncode == 2 and "LAUNCHER=no-such-launcher --flag: no-such-launcher not found" in result.stderr
+    env.update(LAUNCHER="   ")
+    result = run(TRAIN_SH, env)
+    assert result.returncode == 2 and "LAUNCHER='   ' names no program" in result.stderr
 
 
 def test_train_sh_takes_nproc_and_a_fixed_master_port(fakes):
@@ -241,6 +244,8 @@ def test_sbatch_runs_one_torchrun_per_node_resuming_from_save_dir(fakes):
     assert not recorded(tmp_path, ".requeue")
     assert run(SBATCH, slurm_env(env, tmp_path, LAUNCHER="torchrun")).returncode == 0
     assert recorded(tmp_path)[1:3] == ["torchrun", "--nnodes"]
+    result = run(SBATCH, slurm_env(env, tmp_path, LAUNCHER=" "))
+    assert result.returncode == 2 and "LAUNCHER=' ' names no program" in result.stderr
 
 
 @pytest.mark.parametrize("run_status, code, requeued, status", [
