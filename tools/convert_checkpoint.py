@@ -496,12 +496,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from megatron_puffin.optional_deps import log_backends_once
 
-    log_backends_once(logger)
-    setup()
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(argv)  # --help and usage errors first, without the start-up log lines
     if extra and args.command not in FLAG_COMMANDS:
         parser.error(f"{args.command}: unrecognized arguments: {' '.join(extra)}")
+    log_backends_once(logger)
+    setup()
     problem = input_problem(args)
     if problem:
         print(f"convert_checkpoint.py {args.command}: {problem}", file=sys.stderr)
