@@ -233,11 +233,10 @@ def main(argv=None) -> int:
     args, model_flags = parse_tool_args(parser, argv)
     setup_logging(args.log_level)
     setup()
-    from megatron_puffin.data.task_encoders import TextTooLong
     from megatron_puffin.inference.journal import PreviousRunConflict
 
     return run_tool("understand.py", lambda: run(args, model_flags),
-                    (InferenceSetupError, ImageError, UsageError, PreviousRunConflict, TextTooLong))
+                    (InferenceSetupError, ImageError, UsageError, PreviousRunConflict))
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def greedy_decode(model, batch: Dict[str, Any], end_token_id: int, max_new_token
     logits_kept: List[torch.Tensor] = []
     step_input = embeds
     for step in range(max_new_tokens):
-        if stages is not None and not model.pre_process:
+        if not model.pre_process:  # a later pipeline stage: the previous stage's output
             step_input = stages.receive(mask.shape[1] if step == 0 else 1, batch_size,
                                         model.puffin_config.llm.hidden_size)
         if cache is not None:

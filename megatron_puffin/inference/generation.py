@@ -35,6 +35,7 @@ from megatron_puffin.diffusion import FlowMatchEulerSampler, guided_dit_velocity
 from megatron_puffin.distributed.random import derive_seed
 from megatron_puffin.inference.batching import prompt_batch
 from megatron_puffin.inference.images import to_uint8
+from megatron_puffin.inference.journal import shorten
 from megatron_puffin.models.batch import PuffinBatch
 from megatron_puffin.inference.understanding import DEFAULT_MAX_NEW_TOKENS, default_encoder_config, reason
 
@@ -232,7 +233,7 @@ class _Generator:
                 logger.warning("the generation prompt %r has more than %d text tokens (the checkpoint's "
                                "--max-generation-text-tokens, as in training): it was cut on the right, so the model "
                                "did not see its end (the camera sentence); shorten the caption",
-                               text if len(text) <= 60 else text[:57] + "...",
+                               shorten(text),
                                self.encoder.config.max_generation_text_tokens)
         if self.sampler.do_classifier_free_guidance:
             negatives = [self.encoder.generation_prompt(self.settings.negative_caption, view) for view in views]

@@ -41,11 +41,12 @@ def key_difference(old: Any, new: Mapping[str, Any]) -> str:
             if name == "fingerprint":
                 changed.append("the checkpoint's contents (retrained or replaced at the same path)")
             else:
-                changed.append(f"{name} {_short(then)} (then) vs {_short(now)} (now)")
+                changed.append(f"{name} {shorten(then)} (then) vs {shorten(now)} (now)")
     return "; ".join(changed)
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def shorten(value: Any, limit: int = 60) -> str:
+    """``value`` (a string as is, anything else as JSON) cut to ``limit`` characters with "..." for a message."""
     text = json.dumps(value) if not isinstance(value, str) else value
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
