@@ -41,8 +41,10 @@ def _parse_args() -> argparse.Namespace:
     return args
 
 
-def _profiled(fn: Callable[[], Any]) -> Tuple[float, Dict[str, float]]:
-    """Wall seconds of ``fn`` and the self CPU seconds per operator under the profiler."""
+def _profiled(prepare: Callable[[], Any], fn: Callable[[], Any]) -> Tuple[float, Dict[str, float]]:
+    """Wall seconds of ``fn`` and the self CPU seconds per operator under the profiler (``prepare`` runs before,
+    unprofiled)."""
+    prepare()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         fn()
@@ -50,21 +52,29 @@ def _profiled(fn: Callable[[], Any]) -> Tuple[float, Dict[str, float]]:
     return elapsed, {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
 
 
-def _our_micro_batch(variants, batch) -> Callable[[], Any]:
+# Both sides are profiled as a micro-batch in the middle of a step runs: gradients accumulate into buffers that
+# already exist (ours: DDP's ``main_grad`` buffer; the reference: each parameter's ``.grad``, zeroed in place, not
+# set to None, which would make its backward assign instead of add). Zeroing them happens once per optimizer step
+# in training and is left out of the profile on both sides.
+def _our_micro_batch(variants, batch) -> Tuple[Callable[[], Any], Callable[[], Any]]:
     from megatron_puffin.training.step import forward_backward
 
     def run():
-        variants.trainer.ddp.zero_grad_buffer()
         forward_backward(variants.trainer.ddp, [batch])
         variants.timer.marks.clear()
-    return run
+    return variants.trainer.ddp.zero_grad_buffer, run
 
 
-def _reference_micro_batch(variants, batch) -> Callable[[], Any]:
+def _reference_micro_batch(variants, batch) -> Tuple[Callable[[], Any], Callable[[], Any]]:
+    def prepare():
+        for parameter in variants.reference.parameters():
+            if parameter.requires_grad and parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        variants.reference.zero_grad(set_to_none=False)
+
     def run():
-        variants.reference.zero_grad(set_to_none=True)
         variants.reference(bench_training._without_moments(batch))["loss"].backward()
-    return run
+    return prepare, run
 
 
 def _print_side_by_side(title: str, ours: Dict[str, float], ref: Dict[str, float], top: int) -> None:
@@ -94,8 +104,8 @@ def main() -> None:
         for batch in variants.draw(1)[0]:
             if args.tasks and batch["task"] not in args.tasks:
                 continue
-            ours_s, ours = _profiled(_our_micro_batch(variants, batch))
-            ref_s, ref = _profiled(_reference_micro_batch(variants, batch))
+            ours_s, ours = _profiled(*_our_micro_batch(variants, batch))
+            ref_s, ref = _profiled(*_reference_micro_batch(variants, batch))
             for total, table in zip(totals, (ours, ref)):
                 for key, value in table.items():
                     total[key] = total.get(key, 0.0) + value
