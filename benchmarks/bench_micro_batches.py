@@ -9,7 +9,13 @@ task's micro-batch forward and backward on both sides, alternating which side go
 isolates forward and backward; unlike ``bench_puffin.py`` (the bare models), ours runs the training path, with
 the levers, the DDP gradient buffer and the weight-gradient accumulation the Trainer sets up. Prints per task the
 median seconds of each side, reference / ours (> 1: ours faster) and the minor page faults and system seconds per
-micro-batch (``getrusage``).
+micro-batch (``getrusage``). Both sides run as a micro-batch in the middle of a training step does: their gradient
+buffers exist and are zeroed before the timing, so both backwards accumulate (``profile_training.py``).
+
+Each turn gives one paired ratio (the two sides ran back to back; ``paired`` is their median, where ``ref/ours`` is
+the ratio of each side's median over the turns, which the host's drift between turns moves), then a 95 % bootstrap
+interval of that median (``--bootstrap`` resamples, seeded) and its verdict: an interval that contains 1.0 says this
+host cannot tell the two sides apart on that task with this many turns.
 
 ``--host-bound`` (tiny widths, the layers of ``--full-size``) makes every kernel negligible, so the table is each
 side's host cost per micro-batch: what an eager step on a GPU pays when its kernels are shorter than their launch
@@ -34,6 +40,7 @@ import torch
 import bench_training  # noqa: E402  (puts tests/ on sys.path through puffin_bench_common)
 import profile_training  # noqa: E402
 import real_proportions  # noqa: E402
+from puffin_bench_common import median_interval, paired_verdict  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
 from bench_flags import positive_int, run_main  # noqa: E402
 
@@ -43,16 +50,20 @@ SIDES = (("ours", profile_training._our_micro_batch), ("reference", profile_trai
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--turns", type=positive_int, default=6, help="turns per task and side (median reported)")
+    parser.add_argument("--bootstrap", type=positive_int, default=2000,
+                        help="resamples of the paired ratios for the 95 %% interval of their median")
     own, rest = parser.parse_known_args()
     if own.turns < 1:
         raise SystemExit(f"--turns ({own.turns}) must be >= 1")
     sys.argv = sys.argv[:1] + rest
     args = bench_training._parse_args()
-    args.turns = own.turns
+    args.turns, args.bootstrap = own.turns, own.bootstrap
     return args
 
 
-def _timed(run, clock) -> Tuple[float, int, float]:
+def _timed(prepare_and_run, clock) -> Tuple[float, int, float]:
+    prepare, run = prepare_and_run
+    prepare()  # untimed: the gradient buffers are zeroed once per optimizer step in training
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = clock()
     run()
@@ -85,14 +96,18 @@ def main() -> None:
     preset = real_proportions.describe_preset(args)
     if preset:
         print(preset)
-    print(f"{'task':24s} {'ours s':>8s} {'ref s':>8s} {'ref/ours':>9s} {'faults ours':>12s} {'faults ref':>11s} "
-          f"{'sys ours':>9s} {'sys ref':>8s}")
+    print(f"{'task':24s} {'ours s':>8s} {'ref s':>8s} {'ref/ours':>9s} {'paired':>7s} {'95% interval':>14s} "
+          f"{'verdict':>17s} {'faults ours':>12s} {'faults ref':>11s} {'sys ours':>9s} {'sys ref':>8s}")
     ratios = []
     for batch in batches:
         ours, ref = (results[(batch["task"], side)] for side, _ in SIDES)
         median = [statistics.median(column) for column in (*zip(*ours), *zip(*ref))]
         ratios.append(median[3] / median[0])
-        print(f"{batch['task']:24s} {median[0]:8.3f} {median[3]:8.3f} {ratios[-1]:9.3f} {median[1]:12.0f} "
+        paired = [r[0] / o[0] for o, r in zip(ours, ref)]
+        low, high = median_interval(paired, args.bootstrap)
+        print(f"{batch['task']:24s} {median[0]:8.3f} {median[3]:8.3f} {ratios[-1]:9.3f} "
+              f"{statistics.median(paired):7.3f} {f'{low:.3f}-{high:.3f}':>14s} {paired_verdict(low, high):>17s} "
+              f"{median[1]:12.0f} "
               f"{median[4]:11.0f} {median[2]:9.3f} {median[5]:8.3f}")
     print(f"geometric mean reference/ours: {statistics.geometric_mean(ratios):.3f}")
 

@@ -6,9 +6,11 @@ Importing this module puts ``tests/`` on ``sys.path`` (for ``helpers.puffin``).
 from __future__ import annotations
 
 import argparse
+import random
+import statistics
 import sys
 from pathlib import Path
-from typing import Dict, Iterable
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 
@@ -20,6 +22,23 @@ from helpers.puffin import make_tiny_dataset  # noqa: E402
 from megatron_puffin.testing.reference_puffin import ReferencePuffin  # noqa: E402
 from megatron_puffin.training.objectives import puffin_loss  # noqa: E402
 from bench_flags import nonnegative_float, positive_int, synthetic_image_size, synthetic_num_samples  # noqa: E402
+
+
+def median_interval(values: List[float], resamples: int = 2000, seed: int = 0) -> Tuple[float, float]:
+    """A 95 % interval of the median of ``values``: the 2.5th and 97.5th percentiles of the medians of ``resamples``
+    resamplings with replacement (a percentile bootstrap, seeded: the same values give the same interval)."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * (resamples - 1))], medians[int(round(0.975 * (resamples - 1)))]
+
+
+def paired_verdict(low: float, high: float) -> str:
+    """What a 95 % interval of ours / reference ratios says about the two sides."""
+    if low > 1.0:
+        return "ours faster"
+    if high < 1.0:
+        return "ours slower"
+    return "cannot tell apart"
 
 
 def model_loss(model, batch):

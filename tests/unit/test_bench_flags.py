@@ -186,7 +186,28 @@ def test_host_bound_preset_runs_both_sides_on_every_task(tmp_path):
     rows = {line.split()[0]: line.split() for line in lines[3:9]}
     assert set(rows) == {"image2text", "image2text_cross_view", "text2text", "text2image", "cam2image", "image2image"}
     assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows.values())
+    for row in rows.values():  # one turn: the paired ratio is the ratio, and its interval is that one value
+        low, high = (float(x) for x in row[5].split("-"))
+        assert float(row[4]) == float(row[3]) and low == high == float(row[4]), row
+        verdict = "ours faster" if low > 1.0 else "ours slower" if low < 1.0 else "cannot tell apart"
+        assert " ".join(row[6:6 + len(verdict.split())]) == verdict, row
     assert lines[-1].startswith("geometric mean reference/ours:")
+
+
+def test_median_interval_is_a_seeded_percentile_bootstrap():
+    """The interval the benchmarks print for paired ratios: ordered, around the sample median, as wide as the
+    spread allows, the same on a rerun, one point for identical values; and what each interval says."""
+    from puffin_bench_common import median_interval, paired_verdict
+
+    values = [0.9, 0.95, 1.0, 1.02, 1.05, 1.1, 0.97, 1.01]
+    low, high = median_interval(values, 2000)
+    assert min(values) <= low <= 1.0 <= high <= max(values) and low < high
+    assert median_interval(values, 2000) == (low, high)
+    assert median_interval([1.2] * 5, 100) == (1.2, 1.2)
+    narrow = median_interval([1.0 + 0.001 * i for i in range(40)], 2000)
+    assert narrow[1] - narrow[0] < high - low
+    assert [paired_verdict(*interval) for interval in ((low, high), (1.01, 1.2), (0.8, 0.99), (1.0, 1.0))] == \
+        ["cannot tell apart", "ours faster", "ours slower", "cannot tell apart"]
 
 
 def test_targets_are_the_ones_of_the_run_s_setting(capsys):
@@ -265,3 +286,30 @@ def test_target_lines_name_the_slowest_task(capsys):
     assert "target every task >= 1.0x (levers off)    NOT met (overall 1.14, lowest task image2text 0.96)" in out
     assert "target MFU >= 60 % of the matmul rate     met (61.0 %)" in out
     assert "target memory <= reference                met (0.68x)" in out
+
+
+def test_speed_targets_are_also_asked_of_the_paired_block_ratios(capsys):
+    """With the single blocks' ratios, each speed target line is followed by the paired answer: the lowest task's
+    (levers off) or the whole steps' (levers on) median block ratio, its 95 % interval and what that says."""
+    import argparse
+    import warnings
+
+    with warnings.catch_warnings():
+        import bench_training
+
+    medians = {"ours": {"image2text": 0.96, "text2text": 1.10, "all": 1.14, "mfu": 0.61},
+               "reference": {"image2text": 1.0, "text2text": 1.0, "all": 1.0}}
+    blocks = {"image2text": [0.9, 1.05, 0.98, 1.02, 1.01, 0.97], "text2text": [1.2, 1.1, 1.15, 1.3, 1.12, 1.18],
+              "all": [1.31, 1.35, 1.33, 1.4, 1.32, 1.36]}
+    bench_training._print_targets(argparse.Namespace(levers=[], host_bound=False, full_size=False), medians,
+                                  ["image2text", "text2text"], 0.68, blocks)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("target every task >= 1.0x (levers off)    NOT met (overall 1.14")
+    assert lines[2].strip().startswith("paired block ratios: lowest task image2text 0.995 (95 % interval 0.9")
+    assert lines[2].endswith(", cannot tell apart)") and lines[3].startswith("target MFU")
+    bench_training._print_targets(argparse.Namespace(levers=["all"], host_bound=False, full_size=False), medians,
+                                  ["image2text", "text2text"], 0.68, blocks)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].strip().startswith("paired block ratios: whole steps 1.340 (95 % interval 1.3")
+    low, high = (float(x) for x in lines[2].split("interval ")[1].split(",")[0].split("-"))
+    assert 1.0 < low < 1.34 < high <= 1.4 and lines[2].endswith(", ours faster)")
