@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -49,16 +48,11 @@ SIDES = (("ours", profile_training._our_micro_batch), ("reference", profile_trai
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--turns", type=positive_int, default=6, help="turns per task and side (median reported)")
-    parser.add_argument("--bootstrap", type=positive_int, default=2000,
-                        help="resamples of the paired ratios for the 95 %% interval of their median")
-    own, rest = parser.parse_known_args()
-    if own.turns < 1:
-        raise SystemExit(f"--turns ({own.turns}) must be >= 1")
-    sys.argv = sys.argv[:1] + rest
-    args = bench_training._parse_args()
-    args.turns, args.bootstrap = own.turns, own.bootstrap
-    return args
+    group = parser.add_argument_group("turns")
+    group.add_argument("--turns", type=positive_int, default=6, help="turns per task and side (median reported)")
+    group.add_argument("--bootstrap", type=positive_int, default=2000,
+                       help="resamples of the paired ratios for the 95 %% interval of their median")
+    return bench_training._parse_args(parser, description=__doc__.split("\n\n")[0])
 
 
 def _timed(prepare_and_run, clock) -> Tuple[float, int, float]:

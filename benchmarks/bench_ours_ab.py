@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, List
@@ -53,14 +52,14 @@ def _round(trainer, timer, cycles: List[list], repeats: int) -> Dict[str, float]
     return medians
 
 
-def _own_args() -> argparse.Namespace:
-    """``--compare`` and ``--repeats``; the rest of the command line is bench_training.py's."""
+def _parse_args() -> argparse.Namespace:
+    """``--compare`` and ``--repeats`` with bench_training.py's flags."""
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--compare", required=True, choices=["host-malloc-cache", "compile"])
-    parser.add_argument("--repeats", type=positive_int, default=3)
-    own, rest = parser.parse_known_args()
-    sys.argv = [sys.argv[0], *rest]
-    return own
+    group = parser.add_argument_group("comparison")
+    group.add_argument("--compare", required=True, choices=["host-malloc-cache", "compile"],
+                       help="the change switched on between the rounds")
+    group.add_argument("--repeats", type=positive_int, default=3, help="runs of the cycles per round")
+    return bt._parse_args(parser, description=__doc__.split("\n\n")[0])
 
 
 def _switch_on(compare: str, trainer) -> None:
@@ -79,11 +78,10 @@ def _switch_on(compare: str, trainer) -> None:
 
 
 def main() -> None:
-    own = _own_args()
-    args = bt._parse_args()
-    if own.compare in args.levers:
-        raise SystemExit(f"--compare {own.compare}: leave it out of --levers (it is the change)")
-    repeats = own.repeats
+    args = _parse_args()
+    if args.compare in args.levers:
+        raise SystemExit(f"--compare {args.compare}: leave it out of --levers (it is the change)")
+    repeats = args.repeats
     bt.setup()
     torch.set_num_threads(args.threads)
     from megatron_puffin.config import parse_args
@@ -99,11 +97,11 @@ def main() -> None:
     cycles = [[next(iterator) for _ in range(trainer.micro_batches)] for _ in range(3)]
     rounds = {"before": _round(trainer, timer, cycles, repeats),
               "before again": _round(trainer, timer, cycles, repeats)}
-    _switch_on(own.compare, trainer)
+    _switch_on(args.compare, trainer)
     rounds["after"] = _round(trainer, timer, cycles, repeats)
     tasks = [task for task in rounds["before"] if task not in ("sum", "faults", "sys_s")]
     levers = ", ".join(args.levers) or "none"
-    print(f"{own.compare}: ours only, {args.clock} clock, threads {torch.get_num_threads()}, levers: {levers}"
+    print(f"{args.compare}: ours only, {args.clock} clock, threads {torch.get_num_threads()}, levers: {levers}"
           f"; median fwd+bwd seconds per task micro-batch over {repeats} x {len(cycles)} steps per round")
     print(f"{'round':18s} " + " ".join(f"{task[:12]:>12s}" for task in tasks) + f" {'sum':>8s} {'faults':>10s} "
           f"{'sys s':>7s}")

@@ -114,8 +114,11 @@ def set_clock(name: str) -> None:
         clock = CLOCKS[name]
 
 
-def _parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _parse_args(own: Optional[argparse.ArgumentParser] = None, description: Optional[str] = None) -> argparse.Namespace:
+    """This benchmark's flags, plus those of ``own`` (a parser made with ``add_help=False``: the flags of a script
+    built on this benchmark's model, listed by its ``--help`` with these and parsed with them)."""
+    parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0],
+                                     parents=[own] if own is not None else [])
     add_data_and_model_args(parser, model_title="model size (bench_puffin.py's defaults)")
     group = parser.add_argument_group("run")
     group.add_argument("--blocks", type=positive_int, default=None,

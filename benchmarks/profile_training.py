@@ -28,17 +28,12 @@ from helpers.puffin import TASK_STREAMS  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:
-    import sys
-
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--top", type=positive_int, default=15, help="operators listed per side and task")
-    parser.add_argument("--tasks", type=choice_list(tuple(TASK_STREAMS)), default=[],
-                        help="comma list of tasks to profile (default: all six)")
-    own, rest = parser.parse_known_args()
-    sys.argv = sys.argv[:1] + rest
-    args = bench_training._parse_args()
-    args.top, args.tasks = own.top, own.tasks
-    return args
+    group = parser.add_argument_group("profile")
+    group.add_argument("--top", type=positive_int, default=15, help="operators listed per side and task")
+    group.add_argument("--tasks", type=choice_list(tuple(TASK_STREAMS)), default=[],
+                       help="comma list of tasks to profile (default: all six)")
+    return bench_training._parse_args(parser, description=__doc__.split("\n\n")[0])
 
 
 def _profiled(prepare: Callable[[], Any], fn: Callable[[], Any]) -> Tuple[float, Dict[str, float]]:

@@ -54,6 +54,8 @@ def test_benchmark_parsers_refuse_with_one_line(monkeypatch, capsys):
         import bench_data_loader
         import bench_dit
         import bench_puffin
+        import bench_micro_batches
+        import bench_ours_ab
         import bench_training
         import profile_training
 
@@ -67,6 +69,9 @@ def test_benchmark_parsers_refuse_with_one_line(monkeypatch, capsys):
              (bench_dit._parse_args, ["--latent-size", "7"], "--latent-size (7) must be divisible by the patch size"),
              (bench_dit._parse_args, ["--repeats", "-2"], "argument --repeats: -2 must be at least 1"),
              (profile_training._parse_args, ["--tasks", "text2txt"], "argument --tasks: unknown text2txt"),
+             (bench_micro_batches._parse_args, ["--bootstrap", "0"], "argument --bootstrap: 0 must be at least 1"),
+             (bench_micro_batches._parse_args, ["--turns", "2", "--blocks", "x"], "argument --blocks: 'x' is not a"),
+             (bench_ours_ab._parse_args, ["--levers", "none"], "the following arguments are required: --compare"),
              (bench_data_loader.main, ["--loader-workers", "0,x"], "argument --loader-workers: 'x' is not a whole"),
              (bench_data_loader.main, ["--num-samples", "8"], "--num-samples (8) must be at least 24"),
              (bench_data_loader.main, ["--work-dir", "/proc/puffin"], "--work-dir (/proc/puffin): the folder /proc is")]
@@ -77,6 +82,30 @@ def test_benchmark_parsers_refuse_with_one_line(monkeypatch, capsys):
         with pytest.raises(SystemExit) as stopped:
             parse()
         assert stopped.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_scripts_built_on_bench_training_list_their_own_flags_in_help(monkeypatch, capsys):
+    """profile_training, bench_micro_batches and bench_ours_ab take bench_training's flags plus their own: --help
+    lists both (their own flags were parsed aside once, and missing from --help), and both parse together."""
+    import warnings
+
+    with warnings.catch_warnings():
+        import bench_micro_batches
+        import bench_ours_ab
+        import profile_training
+
+    for module, own in ((profile_training, ["--top", "--tasks"]), (bench_micro_batches, ["--turns", "--bootstrap"]),
+                        (bench_ours_ab, ["--compare", "--repeats"])):
+        monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", "--help"])
+        with pytest.raises(SystemExit) as stopped:
+            module._parse_args()
+        text = capsys.readouterr().out
+        assert stopped.value.code == 0 and all(flag in text for flag in own + ["--blocks", "--levers"]), module
+        assert text.startswith(f"usage: {module.__name__}.py")
+        assert " ".join(module.__doc__.split("\n")[0].split()) in " ".join(text.split())  # its own description
+    monkeypatch.setattr(sys, "argv", ["bench_micro_batches.py", "--turns", "3", "--levers", "none", "--blocks", "4"])
+    args = bench_micro_batches._parse_args()
+    assert (args.turns, args.bootstrap, args.levers, args.blocks) == (3, 2000, [], 4)
 
 
 def test_size_presets_refuse_conflicts_in_one_line(monkeypatch):
