@@ -11,6 +11,13 @@ processes, signal forwarding, ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``). What differs 
   and waits for them as before (they save and exit), then printed a ``SignalException`` traceback and exited 1. Here
   it is one line and exit status 128 + the signal.
 
+torchrun also makes a fresh temporary folder (``torchelastic_*``, for its workers' redirected output and error files)
+on every launch and leaves it behind, an empty tree of folders unless something was written into it; hundreds
+pile up in ``/tmp`` (or a node's local disk) over a project's runs. Without ``--log-dir`` or ``--logs-specs`` this
+launcher makes that folder itself and removes the folders in it that stay empty when the launch ends (a rank
+failure and a stop signal included); files, e.g. ``--redirects`` logs, are never removed, nor the folders holding
+them. A launcher killed with SIGKILL still leaves its folder.
+
 Two of torchrun's defaults are the training scripts' instead, where the environment does not set them:
 ``PET_SIGNALS_TO_HANDLE`` (``--signals-to-handle``) includes SIGUSR1, Slurm's warning before a time limit, which
 plain torchrun does not handle and dies of; and ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, how long the ranks get to save
@@ -25,6 +32,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 from typing import List, Optional
 
 from megatron_puffin.process_lifetime import EXIT_INTERRUPTED, exit_quietly_while_starting, startup_finished
@@ -66,6 +74,25 @@ def _describe_failure(error) -> tuple[int, str]:
     return status, f"{PROG}: {where} {how} first{hint}"
 
 
+def own_log_dir(args) -> Optional[str]:
+    """Make the temporary folder torchrun would make for its logs (``torchelastic_*``), and return it, unless the
+    command gives ``--log-dir`` or ``--logs-specs`` (then None: that is the user's)."""
+    if args.log_dir or getattr(args, "logs_specs", None):
+        return None
+    args.log_dir = tempfile.mkdtemp(prefix="torchelastic_")
+    return args.log_dir
+
+
+def remove_empty_folders(path: str) -> None:
+    """Remove ``path`` and the folders below it that hold no file, deepest first; ``os.rmdir`` removes only an empty
+    folder, so a file, and every folder above one, stays."""
+    for folder, _, _ in os.walk(path, topdown=False):
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty (it holds a file, or a folder that does), or already gone
+            pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -74,19 +101,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, value in ENVIRONMENT_DEFAULTS.items():
         os.environ.setdefault(name, value)
     args = parse_args(argv)
+    log_dir = own_log_dir(args)
     startup_finished()  # from here torchrun's agent handles the stop signals
+    status, line = 0, None
     try:
         run(args)
     except ChildFailedError as error:
         status, line = _describe_failure(error)
-        print(line, file=sys.stderr, flush=True)
-        return status
     except SignalException as error:
         name = _signal_name(int(error.sigval))
-        print(f"{PROG}: stopped by {name}, which it forwarded to every rank (pretrain_puffin.py saves a checkpoint "
-              "and exits; its run_status.json says how the run ended)", file=sys.stderr, flush=True)
-        return 128 + int(error.sigval)
-    return 0
+        status = 128 + int(error.sigval)
+        line = (f"{PROG}: stopped by {name}, which it forwarded to every rank (pretrain_puffin.py saves a checkpoint "
+                "and exits; its run_status.json says how the run ended)")
+    finally:
+        for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
+            signal.signal(stop, signal.SIG_IGN)  # the ranks are gone: a late second signal ends nothing mid-line
+        if log_dir is not None:
+            remove_empty_folders(log_dir)
+            if os.path.isdir(log_dir):
+                print(f"{PROG}: the ranks' log files are kept under {log_dir}", file=sys.stderr, flush=True)
+    if line is not None:
+        print(line, file=sys.stderr, flush=True)
+    return status
 
 
 if __name__ == "__main__":

@@ -38,13 +38,21 @@ sys.exit(int(code))
 TIMEOUT = 120
 
 
-def _launch(tmp_path, environment=None, **env):
+def _launch(tmp_path, environment=None, flags=(), **env):
+    """The launcher on two ranks of RANK_SCRIPT, with ``tmp_path/tmp`` as its TMPDIR (see ``_left_in_tmp``)."""
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    environment = dict(os.environ if environment is None else environment, PYTHONWARNINGS="ignore", **env)
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    environment = dict(os.environ if environment is None else environment, PYTHONWARNINGS="ignore",
+                       TMPDIR=str(tmp_path / "tmp"), **env)
     return subprocess.Popen([sys.executable, "-m", "megatron_puffin.launch", "--standalone", "--nproc-per-node", "2",
-                             str(script)], cwd=tmp_path, env=environment, stdout=subprocess.PIPE,
+                             *flags, str(script)], cwd=tmp_path, env=environment, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _left_in_tmp(tmp_path):
+    """What the launch left in its TMPDIR: torchrun leaves a ``torchelastic_*`` tree of empty folders per launch."""
+    return sorted(path.name for path in (tmp_path / "tmp").iterdir())
 
 
 def _finish(proc):
@@ -75,6 +83,7 @@ def test_the_exit_status_is_the_first_failed_ranks_and_the_ending_one_line(tmp_p
         assert "megatron_puffin.launch:" not in output, output[-3000:]
     else:
         assert re.search(line, last), output[-3000:]
+    assert _left_in_tmp(tmp_path) == [], "the launcher left its empty log folders behind"
 
 
 @pytest.mark.parametrize("sig, group", [(signal.SIGINT, True), (signal.SIGUSR1, False)])
@@ -101,6 +110,23 @@ def test_a_stop_signal_reaches_every_rank_and_the_launcher_ends_with_one_line(tm
     assert output.strip().splitlines()[-1].startswith(f"megatron_puffin.launch: stopped by {sig.name}, which it "
                                                       "forwarded to every rank"), output[-3000:]
     assert all((tmp_path / f"stopped.{rank}").read_text() == sig.name for rank in (0, 1))
+    assert _left_in_tmp(tmp_path) == []
+
+
+def test_log_files_and_a_given_log_dir_are_kept(tmp_path):
+    """Only empty folders are removed: with ``--redirects`` the ranks' log files stay (and the launcher says where),
+    and a ``--log-dir`` of the user's is left as torchrun leaves it."""
+    code, output = _finish(_launch(tmp_path, flags=["--redirects", "3"]))
+    kept = _left_in_tmp(tmp_path)
+    assert code == 0 and len(kept) == 1 and kept[0].startswith("torchelastic_"), (kept, output[-3000:])
+    logs = sorted(path.name for path in (tmp_path / "tmp" / kept[0]).rglob("*.log"))
+    assert logs == ["stderr.log", "stderr.log", "stdout.log", "stdout.log"], logs
+    assert output.strip().splitlines()[-1] == ("megatron_puffin.launch: the ranks' log files are kept under "
+                                               f"{tmp_path / 'tmp' / kept[0]}"), output[-3000:]
+    mine = tmp_path / "my_logs"
+    code, output = _finish(_launch(tmp_path, flags=["--log-dir", str(mine)]))
+    assert code == 0 and mine.is_dir() and any(mine.iterdir()), output[-3000:]
+    assert "log files are kept" not in output and _left_in_tmp(tmp_path) == kept
 
 
 def test_a_wrong_torchrun_flag_is_torchruns_usage_error(tmp_path):
