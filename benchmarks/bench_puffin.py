@@ -15,7 +15,9 @@ Micro-batches come from a synthetic Puffin-4M dataset rendered and preprocessed 
 timing, both models' losses are checked equal per task (fp32, ``--loss-tolerance`` relative): the reference draws
 its posterior noise, noise levels and Gaussian noise from per-sample generators keyed as ours, so both see the same
 noise. Each time is the median of ``--repeats`` forward+backward passes after ``--warmup`` passes; the two models
-take turns.
+take turns (the first to run alternates). Per task it also prints the paired ratio (the median of the per-turn
+ratios, the two passes back to back), a 95 % bootstrap interval of it and its verdict (an interval containing 1.0:
+this run cannot tell the two sides apart on that task).
 
 Usage:
     python benchmarks/bench_puffin.py [--micro-batch-size 4] [--image-size 128] [--llm-layers 4] [--llm-hidden 256]
@@ -42,7 +44,9 @@ from puffin_bench_common import (  # noqa: E402
     add_common_run_args,
     add_data_and_model_args,
     make_dataset,
+    median_interval,
     model_loss,
+    paired_verdict,
     resolve_sizes,
 )
 
@@ -131,19 +135,21 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def _time(models: Dict[str, torch.nn.Module], batch, repeats: int, warmup: int) -> Dict[str, float]:
-    """Median fwd+bwd seconds per model; the models take turns."""
+def _time(models: Dict[str, torch.nn.Module], batch, repeats: int, warmup: int) -> Dict[str, List[float]]:
+    """Fwd+bwd seconds of each turn per model; the models take turns, the first alternating between turns."""
     for _ in range(warmup):
         for model in models.values():
             _step(model, batch)
     times: Dict[str, List[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            times[name].append(_step(model, batch))
-    return {name: statistics.median(values) for name, values in times.items()}
+    order = list(models)
+    for turn in range(repeats):
+        for name in (order if turn % 2 == 0 else order[::-1]):
+            times[name].append(_step(models[name], batch))
+    return times
 
 
-def _report(args, config, batches, losses, medians) -> None:
+def _report(args, config, batches, losses, times) -> float:
+    """The per-task table (``times``: per task, each side's per-turn seconds); returns the geometric mean ratio."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"Puffin fwd+bwd per task micro-batch, {device} fp32, threads={torch.get_num_threads()}, "
           f"micro-batch {args.micro_batch_size}, images {args.image_size}^2; LLM {config.llm.num_layers} layers "
@@ -152,17 +158,23 @@ def _report(args, config, batches, losses, medians) -> None:
           f"{config.connector.num_layers} layers, DiT {config.dit.num_layers} blocks hidden {config.dit.hidden_size}; "
           f"Qwen2 attention {args.hf_attn}")
     print("vision tower: ours in both models (timm RADIO unavailable on CPU); it adds the same time to both sides")
-    print(f"{'task':22s} {'seq':>5s} {'loss':>9s} {'rel diff':>9s} {'ours ms':>9s} {'reference ms':>13s} {'ratio':>7s}")
+    print(f"{'task':22s} {'seq':>5s} {'loss':>9s} {'rel diff':>9s} {'ours ms':>9s} {'reference ms':>13s} {'ratio':>7s} "
+          f"{'paired':>7s} {'95% interval':>13s} {'verdict':>17s}")
     ratios = []
-    for task, (ours_s, ref_s) in medians.items():
+    for task, sides in times.items():
+        ours_s, ref_s = statistics.median(sides["ours"]), statistics.median(sides["reference"])
         ratios.append(ref_s / ours_s)
+        paired = [ref / ours for ours, ref in zip(sides["ours"], sides["reference"])]
+        low, high = median_interval(paired)
         ours_loss, ref_loss = losses[task]
         print(f"{task:22s} {batches[task]['input_ids'].shape[1]:5d} {ours_loss:9.5f} "
               f"{abs(ours_loss - ref_loss) / abs(ref_loss):9.1e} {1e3 * ours_s:9.1f} {1e3 * ref_s:13.1f} "
-              f"{ratios[-1]:7.3f}")
+              f"{ratios[-1]:7.3f} {statistics.median(paired):7.3f} {f'{low:.3f}-{high:.3f}':>13s} "
+              f"{paired_verdict(low, high):>17s}")
     geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-    print(f"ratio = reference / ours (> 1: ours faster); losses equal within {args.loss_tolerance:g} relative; "
-          f"geometric mean ratio over {len(ratios)} tasks: {geomean:.3f}")
+    print(f"ratio = reference / ours (> 1: ours faster) of the medians; paired: the median of the per-turn ratios, its "
+          f"95 % interval and what that says; losses equal within {args.loss_tolerance:g} relative; geometric mean "
+          f"ratio over {len(ratios)} tasks: {geomean:.3f}")
     return geomean
 
 
@@ -185,11 +197,9 @@ def main() -> None:
 
             compile_model(ours)
         losses = _check_losses(ours, reference, batches, args.loss_tolerance)
-        medians = {}
-        for task, batch in batches.items():
-            times = _time({"ours": ours, "reference": reference}, batch, args.repeats, args.warmup)
-            medians[task] = (times["ours"], times["reference"])
-        geomean = _report(args, config, batches, losses, medians)
+        times = {task: _time({"ours": ours, "reference": reference}, batch, args.repeats, args.warmup)
+                 for task, batch in batches.items()}
+        geomean = _report(args, config, batches, losses, times)
         import real_proportions
 
         preset = real_proportions.describe_preset(args)
