@@ -1,5 +1,6 @@
 """The benchmarks' flag types (``benchmarks/bench_flags.py``): a count of 0, a negative size or a device this machine
-lacks is one ``error:`` line from the parser with exit status 2, checked through two benchmarks' own parsers."""
+lacks is one ``error:`` line from the parser with exit status 2, checked through the benchmarks' own parsers; and the
+benchmarks' reports: tiny end-to-end runs, the paired-ratio intervals and the target lines."""
 import sys
 from pathlib import Path
 
@@ -8,6 +9,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import bench_flags  # noqa: E402
+
+TASKS = ("image2text", "image2text_cross_view", "text2text", "text2image", "cam2image", "image2image")
+"""The six task rows every per-task benchmark prints."""
 
 
 def test_types_accept_what_they_should_and_name_what_is_wrong():
@@ -213,7 +217,7 @@ def test_host_bound_preset_runs_both_sides_on_every_task(tmp_path):
     assert "levers: none" in lines[0] and lines[1].startswith("host-bound: the operators of --full-size"), lines
     assert "ours without fused weight-gradient accumulation" in lines[1]
     rows = {line.split()[0]: line.split() for line in lines[3:9]}
-    assert set(rows) == {"image2text", "image2text_cross_view", "text2text", "text2image", "cam2image", "image2image"}
+    assert set(rows) == set(TASKS)
     assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows.values())
     for row in rows.values():  # one turn: the paired ratio is the ratio, and its interval is that one value
         low, high = (float(x) for x in row[5].split("-"))
@@ -221,6 +225,26 @@ def test_host_bound_preset_runs_both_sides_on_every_task(tmp_path):
         verdict = "ours faster" if low > 1.0 else "ours slower" if low < 1.0 else "cannot tell apart"
         assert " ".join(row[6:6 + len(verdict.split())]) == verdict, row
     assert lines[-1].startswith("geometric mean reference/ours:")
+
+
+def test_puffin_benchmark_times_both_models_on_every_task(tmp_path):
+    """``bench_puffin.py`` end to end at tiny sizes: both models' losses agree before timing, and every task's row
+    carries both times, the ratio, the paired ratio with its interval and a verdict (two turns)."""
+    tiny = ["--repeats", "2", "--warmup", "0", "--num-samples", "8", "--image-size", "96", "--micro-batch-size", "1",
+            "--llm-layers", "1", "--llm-hidden", "64", "--llm-heads", "2", "--llm-kv-heads", "1", "--llm-ffn", "128",
+            "--vision-layers", "1", "--vision-hidden", "64", "--vision-heads", "2", "--connector-layers", "1",
+            "--connector-hidden", "64", "--connector-heads", "2", "--dit-layers", "1", "--dit-heads", "2",
+            "--dit-head-dim", "16", "--num-queries", "8"]
+    lines = _run_benchmark(tmp_path, "bench_puffin.py", *tiny).stdout.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in TASKS}
+    assert set(rows) == set(TASKS), lines
+    for row in rows.values():
+        ours_ms, ref_ms, ratio, paired = (float(x) for x in row[4:8])
+        low, high = (float(x) for x in row[8].split("-"))
+        assert float(row[3]) <= 1e-5 and ours_ms > 0 and ref_ms > 0 and low <= paired <= high, row
+        assert abs(ratio - ref_ms / ours_ms) < 0.01 and " ".join(row[9:]) in ("ours faster", "ours slower",
+                                                                               "cannot tell apart"), row
+    assert lines[-1].startswith("overall ours/reference: "), lines
 
 
 def test_median_interval_is_a_seeded_percentile_bootstrap():
