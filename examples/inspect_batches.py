@@ -10,8 +10,16 @@ your stage's flag file, to check prompts, captions and camera sentences before t
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import warnings
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
+
+from megatron_puffin.process_lifetime import exit_quietly_while_starting  # noqa: E402
+
+exit_quietly_while_starting(__name__, "inspect_batches.py")  # Ctrl-C while torch loads: one line
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -68,17 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # the loader's "bad sample skipped" lines
     try:
         tokenizer = PuffinTokenizer(args.tokenizer)
         config = DataConfig(task_stream=args.task_stream, tokenizer=args.tokenizer, num_workers=0,
-                            image_size=args.image_size)
+                            image_size=args.image_size, pin_memory=False)
         loader = build_data_loader(config, seed=args.seed)
     except (ValueError, OSError) as error:  # bad streams, datasets or tokenizer: the library's one-line messages
         print(f"inspect_batches.py: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     iterator = iter(loader)
     for _ in range(len(args.task_stream)):
-        batch = next(iterator)
+        try:
+            batch = next(iterator)
+        except (ValueError, OSError) as error:  # e.g. a stream none of whose samples decodes
+            print(f"inspect_batches.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+            return 1
         print(f"--- micro-batch of task {batch['task']}")
         for key in TENSOR_KEYS:
             if key in batch:
@@ -88,8 +101,14 @@ def main(argv=None) -> int:
         print(f"  first sample, trained answer: {answer!r}" if answer is not None else
               "  first sample, trained on: the target image (flow matching; no text target)")
     print(f"loader state after {len(args.task_stream)} micro-batches: {loader.state_dict()}")
+    if loader.bad_samples_total:
+        print(f"{loader.bad_samples_total} sample(s) failed to decode and were replaced by the next one that does (the "
+              "'bad sample skipped' lines name them); training skips and counts them the same way, up to "
+              "--max-bad-samples")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_puffin.process_lifetime import exit_on_ctrl_c, exit_process
+
+    exit_process(exit_on_ctrl_c("inspect_batches.py", main, "it only reads the shards: nothing to clean up"))

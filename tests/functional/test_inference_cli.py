@@ -470,6 +470,36 @@ def test_inspect_batches_shows_the_prompt_and_the_trained_answer(artefacts):
     assert bad.returncode == 2 and "looks like raw Puffin-4M data" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_inspect_batches_names_the_samples_that_do_not_decode(artefacts, tmp_path):
+    """The tool checks a user's own data, so bad images are shown, not a traceback: with the first half of a shard's
+    image bytes garbled, each skipped sample is one line naming shard and index and the end counts them (training
+    skips them the same way); with every image garbled, one error line and exit 1."""
+    import shutil
+
+    paths = artefacts[1]
+    data = Path(shutil.copytree(Path(paths["data"]) / "main", tmp_path / "main"))
+    images = next(data.glob("shard-*/image.bin"))
+    raw = bytearray(images.read_bytes())
+
+    def inspect(fraction):
+        garbled = bytearray(raw)
+        for index in range(0, int(len(garbled) * fraction), 7):
+            garbled[index] = 0x41
+        images.write_bytes(bytes(garbled))
+        return run_script(ROOT / "examples" / "inspect_batches.py", "--tokenizer", paths["tokenizer"], "--image-size",
+                          96, "--task-stream", f"image2text:{data}:4", cwd=os.getcwd(), env=ENV, check=False)
+
+    half = inspect(0.5)
+    skipped = [line for line in half.stderr.splitlines() if line.startswith("bad sample skipped")]
+    assert half.returncode == 0 and skipped and "Traceback" not in half.stderr, half.stderr[-3000:]
+    assert f"shard {images.parent} index" in skipped[0] and "image_unreadable" in skipped[0], skipped[0]
+    assert f"{len(skipped)} sample(s) failed to decode and were replaced" in half.stdout, half.stdout[-2000:]
+    every = inspect(1.0)
+    assert every.returncode == 1 and "Traceback" not in every.stderr, every.stderr[-3000:]
+    assert every.stderr.strip().splitlines()[-1].startswith("inspect_batches.py: error: stream image2text#0: none of "
+                                                            "its"), every.stderr[-3000:]
+
+
 def test_a_full_disk_is_one_line_and_the_same_command_resumes(artefacts, tmp_path, capsys):
     """A write that fails mid-run (ENOSPC; here EFBIG from a per-file size limit below one generated PNG): one line
     and exit 1, not a traceback; what was finished stays, and the same command without the limit completes."""
