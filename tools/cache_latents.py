@@ -125,8 +125,10 @@ def main(argv=None) -> int:
               "that and run the same command again, it skips them", file=sys.stderr)
         return 1
     process = f"process {rank} of {world_size}: " if world_size > 1 else ""
+    bad = (f"; {counts['bad_samples']} sample(s) do not decode and have no latents (named above; training skips "
+           "and counts them the same way)" if counts["bad_samples"] else "")
     print(f"{process}cached {args.dtype} VAE latents at --image-size {args.image_size}: {counts['written']} shard(s) "
-          f"written, {counts['replaced']} replaced, {counts['skipped']} already done")
+          f"written, {counts['replaced']} replaced, {counts['skipped']} already done{bad}")
     return 0
 
 

@@ -122,8 +122,24 @@ def _encode(vae, images: List[torch.Tensor]) -> List[torch.Tensor]:
     return [torch.stack([m, s]).float() for m, s in zip(mean, std)]
 
 
+def _sources_or_none(shard_dir: Path, dataset, index: int, image_size: int, image_unit: int,
+                     bad_samples: List[str]) -> Dict[str, Optional[torch.Tensor]]:
+    """:func:`_sources` of sample ``index``; a sample that does not decode (what training's loader counts as a bad
+    sample) gets no latents, and one line in ``bad_samples`` and the log."""
+    from megatron_puffin.data.loader import BAD_SAMPLE_ERRORS
+
+    try:
+        return _sources(dataset[index], image_size, image_unit)
+    except BAD_SAMPLE_ERRORS as error:
+        line = f"shard {shard_dir} index {index}: {type(error).__name__}: {' '.join(str(error).split())}"
+        bad_samples.append(line)
+        logger.warning("bad sample left without latents (training skips it and counts it the same way): %s", line)
+        return {name: None for name in LATENT_FIELDS}
+
+
 def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit: int, dtype: str = "bfloat16",
-                        batch_size: int = 16, overwrite: bool = False) -> str:
+                        batch_size: int = 16, overwrite: bool = False,
+                        bad_samples: Optional[List[str]] = None) -> str:
     """Adds the latent fields to one shard (atomically: the manifest is replaced last).
 
     Returns "skipped" when the shard already holds latents of this VAE, resolution and dtype, "written" when it
@@ -132,6 +148,11 @@ def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit
     were); a replacement then removes the manifest's entry before renaming them into place, so an interruption
     among the renames leaves a shard without latents (training says so; a re-run writes them), never the old
     identity over new fields.
+
+    A sample whose images do not decode (a shard damaged after preprocessing, which checks every image) gets empty
+    latents, as a sample without that image does: training's loader fails to decode the same sample first and
+    replaces it by the next one, so those latents are never read. Each such sample is one line appended to
+    ``bad_samples`` (and logged).
     """
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
@@ -153,7 +174,8 @@ def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit
         num_bytes = {name: 0 for name in [*LATENT_FIELDS, SHAPE_FIELD]}
         for start in range(0, len(dataset), batch_size):
             stop = min(start + batch_size, len(dataset))
-            samples = [_sources(dataset[i], image_size, image_unit) for i in range(start, stop)]
+            samples = [_sources_or_none(shard_dir, dataset, i, image_size, image_unit,
+                                        [] if bad_samples is None else bad_samples) for i in range(start, stop)]
             encoded = {}
             for name in LATENT_FIELDS:
                 present = [i for i, sample in enumerate(samples) if sample[name] is not None]
@@ -310,11 +332,14 @@ def cache_dataset_latents(paths: Sequence[os.PathLike], vae, image_size: int, im
                           rank: int = 0, world_size: int = 1) -> Dict[str, int]:
     """:func:`cache_shard_latents` on every shard under ``paths`` (with ``world_size`` > 1: the shards whose
     position in that list is ``rank`` modulo ``world_size``, so processes launched together never share a shard);
-    returns counts of shards written / replaced / skipped."""
+    returns counts of shards written / replaced / skipped and of the samples left without latents because they do
+    not decode (``bad_samples``)."""
     from megatron_puffin.data.format import find_shards
 
     counts = {"written": 0, "replaced": 0, "skipped": 0}
+    bad_samples: List[str] = []
     shards = [shard for path in paths for shard in find_shards(path)]
     for shard in shards[rank::world_size]:
-        counts[cache_shard_latents(shard, vae, image_size, image_unit, dtype, batch_size, overwrite)] += 1
+        counts[cache_shard_latents(shard, vae, image_size, image_unit, dtype, batch_size, overwrite, bad_samples)] += 1
+    counts["bad_samples"] = len(bad_samples)
     return counts

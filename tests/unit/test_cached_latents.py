@@ -346,3 +346,43 @@ def test_processes_of_a_torchrun_launch_split_the_shards_and_write_what_one_proc
     files = {path.relative_to(tmp_path / "single"): path.read_bytes()
              for path in sorted((tmp_path / "single").rglob("*")) if path.is_file()}
     assert files and all((tmp_path / "split" / name).read_bytes() == content for name, content in files.items())
+
+
+def test_a_sample_that_does_not_decode_is_named_and_left_without_latents(cached, tmp_path, capsys, caplog):
+    """A shard damaged after preprocessing (the first half of its image bytes garbled): the tool names each sample
+    that does not decode, leaves it without latents and counts it, where it stopped at the first one with exit 2 and
+    a line naming neither shard nor sample; training with --cached-latents skips those samples as bad samples (its
+    loader fails to decode them before reading latents) and every batch it gives has the cached moments."""
+    import logging
+
+    from megatron_puffin.data import DataConfig, build_data_loader
+
+    paths = cached[0]
+    shard = tmp_path / "shard"
+    shutil.copytree(f"{paths['data']}/main/shard-00000", shard)
+    for name in ("latent_image", "latent_init", "latent_camera", "latent_shape"):
+        for suffix in (".bin", ".idx"):
+            (shard / f"{name}{suffix}").unlink()
+    manifest = json.loads((shard / "manifest.json").read_text())
+    del manifest["latents"]
+    (shard / "manifest.json").write_text(json.dumps(manifest))
+    images = bytearray((shard / "image.bin").read_bytes())
+    for index in range(0, len(images) // 2, 7):
+        images[index] = 0x41
+    (shard / "image.bin").write_bytes(bytes(images))
+    flags = ["--data", str(shard), "--vae-config", paths["vae_config"], "--seed", "0", "--image-size",
+             str(IMAGE_SIZE), "--dtype", "float32", "--batch-size", "3"]
+    with caplog.at_level(logging.WARNING, logger="megatron_puffin.data.latents"):
+        assert _cache_latents_tool()(flags) == 0
+    named = [record.getMessage() for record in caplog.records if "left without latents" in record.getMessage()]
+    assert named and all(f"shard {shard} index " in line and "image_unreadable" in line for line in named), named
+    assert (f"1 shard(s) written, 0 replaced, 0 already done; {len(named)} sample(s) do not decode and have no "
+            "latents") in capsys.readouterr().out
+    config = DataConfig(task_stream=[f"text2image:{shard}:2"], tokenizer=paths["tokenizer"], num_workers=0,
+                        image_size=IMAGE_SIZE, pin_memory=False, cached_latents=True)
+    loader = build_data_loader(config, seed=0, num_query_tokens=NUM_QUERIES)
+    iterator = iter(loader)
+    for _ in range(4):
+        batch = next(iterator)
+        assert batch["target_moments"].shape[0] == 2
+    assert loader.bad_samples_total > 0
