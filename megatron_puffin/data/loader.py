@@ -174,6 +174,10 @@ def _bad_sample(stream: TaskStream, index: int, error: BaseException) -> Dict[st
     return {"stream": stream.name, "shard": str(shard.dir), "index": local, "reason": reason}
 
 
+class UndecodableStreamError(DatasetFormatError):
+    """No sample of a stream's dataset decodes (raised where a sample is read: in a worker, or in the rank)."""
+
+
 class _StreamSamples(torch.utils.data.Dataset):
     """Map-style dataset over :data:`SampleRef` items: reads one sample and encodes it for its stream.
 
@@ -195,8 +199,11 @@ class _StreamSamples(torch.utils.data.Dataset):
                 return self._encode(item, candidate, position), bad
             except BAD_SAMPLE_ERRORS as error:
                 bad.append(_bad_sample(item, candidate, error))
-        raise DatasetFormatError(f"stream {item.name}: none of its {len(item.dataset)} samples decodes; the last "
-                                 f"failure: {bad[-1]}")
+        last = bad[-1]
+        raise UndecodableStreamError(
+            f"stream {item.name}: none of its {len(item.dataset)} samples decodes (the last: shard {last['shard']} "
+            f"index {last['index']}: {last['reason']}); preprocessing checks every sample, so its shards were damaged "
+            "or replaced since: preprocess them again (tools/preprocess_data.py), or leave the stream out")
 
     @staticmethod
     def _encode(item: TaskStream, index: int, position: int):
@@ -222,13 +229,21 @@ class DataUnavailableError(DataLoaderError):
     """A shard opened at start-up cannot be read any more (see :class:`~.format.ShardUnavailableError`)."""
 
 
-def _unavailable(error: Exception) -> Optional[str]:
-    """The message of a :class:`~.format.ShardUnavailableError`, also one a worker raised (torch re-raises it in
-    this process with the worker's whole traceback as its message: keep the original one-line message)."""
-    if not isinstance(error, ShardUnavailableError):
+class DataUndecodableError(DataLoaderError):
+    """No sample of a stream decodes (see :class:`UndecodableStreamError`)."""
+
+
+def _original_message(error: Exception, kind: type) -> Optional[str]:
+    """The one-line message of a ``kind`` error, also one a worker raised (torch re-raises it in this process with
+    the worker's whole traceback as its message: keep the original line)."""
+    if not isinstance(error, kind):
         return None
-    marker = f"{ShardUnavailableError.__name__}: "
-    return str(error).strip().splitlines()[-1].split(marker, 1)[-1]
+    return str(error).strip().splitlines()[-1].split(f"{kind.__name__}: ", 1)[-1]
+
+
+def _unavailable(error: Exception) -> Optional[str]:
+    """The message of a :class:`~.format.ShardUnavailableError` (see :func:`_original_message`)."""
+    return _original_message(error, ShardUnavailableError)
 
 
 _WORKER_DIED = re.compile(r"DataLoader worker \(pid")  # torch's errors for a worker process that died
@@ -505,6 +520,13 @@ class PuffinDataLoader:
                 if unavailable is None:
                     death = _worker_death(error, workers)
                     if death is None:
+                        # Not something a restart cures: end this iterator and its workers before raising (the
+                        # interpreter's exit would wait for them forever otherwise; see below).
+                        undecodable = _original_message(error, UndecodableStreamError)
+                        traceback.clear_frames(error.__traceback__)
+                        batches = None
+                        if undecodable is not None:
+                            raise DataUndecodableError(undecodable) from None
                         raise
                 # torch's re-raised worker error sits in a reference cycle with the frames of its iterator: clear
                 # them, or the iterator and its workers live until a garbage collection, and at interpreter exit

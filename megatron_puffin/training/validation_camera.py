@@ -45,17 +45,25 @@ class CameraStream:
 def _camera_stream(name: str, thinking: bool, paths: Sequence[str], num_samples: int, image_size: int) -> CameraStream:
     from megatron_puffin.data.format import PuffinDataset
     from megatron_puffin.data.images import decode_image
+    from megatron_puffin.data.loader import BAD_SAMPLE_ERRORS
     from megatron_puffin.inference import load_image
 
     dataset = PuffinDataset(list(paths))
     images, truths = [], []
     for index in range(min(num_samples, len(dataset))):
-        sample = dataset[index]
-        camera = sample["camera"]
-        if camera is None or sample["image"] is None:
+        try:  # a sample that does not decode is left out, as one without a camera is (the loss loader replaces it)
+            sample = dataset[index]
+            camera = sample["camera"]
+            if camera is None or sample["image"] is None:
+                continue
+            width, height = decode_image(sample["image"]).size
+            image = load_image(sample["image"], image_size, mode="center_crop")
+        except BAD_SAMPLE_ERRORS as error:
+            shard, local = dataset.locate(index)
+            logger.warning("camera validation of %s leaves out a sample that does not decode: shard %s index %d: %s: "
+                           "%s", name, shard.dir, local, type(error).__name__, " ".join(str(error).split()))
             continue
-        width, height = decode_image(sample["image"]).size
-        images.append(load_image(sample["image"], image_size, mode="center_crop"))
+        images.append(image)
         truths.append(GroundTruthCamera(f"{name}/{index}", camera.roll, camera.pitch, camera.vfov, width, height))
     return CameraStream(name, thinking, images, truths)
 

@@ -90,3 +90,29 @@ def test_max_bad_samples_zero_stops_at_the_first_with_an_error_naming_it(workdir
     assert "Traceback" not in proc.stderr
     status = json.loads((workdir / "strict" / "run_status.json").read_text())
     assert (status["status"], status["reason"]) == ("failed", "--max-bad-samples")
+
+
+def test_a_validation_stream_none_of_whose_samples_decodes_ends_the_run_in_one_line(workdir):
+    """Every image of the validation stream's shard garbled: the run saves the step it trained, says which stream and
+    sample and what to do in one line, and exits 1. It printed a worker's traceback and then hung at exit (the
+    loader's workers outlived the error and ignore the SIGTERM multiprocessing sends them at exit); with the camera
+    metric on (the tiny model's flags), it already stopped at start-up with a traceback."""
+    import shutil
+
+    held_out = workdir / "held_out_bad"
+    shutil.copytree(workdir / "tiny" / "data" / "main", held_out)
+    for images in held_out.glob("shard-*/image.bin"):
+        garbled = bytearray(images.read_bytes())
+        garbled[::7] = b"A" * len(garbled[::7])
+        images.write_bytes(bytes(garbled))
+    proc = run_pretrain(workdir, *FLAGS, "--save", "undecodable", "--valid-task-stream", f"image2text:{held_out}",
+                        "--eval-interval", "2", "--eval-iters", "1", check=False, env=ENV, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "pretrain_puffin.py (rank 0): validation at iteration 2: stream image2text#0: none of its 16 samples decodes"
+    ), proc.stderr[-3000:]
+    # the camera metric's held-out images, read at start-up, leave each such sample out (it was an ImageError
+    # traceback from the Trainer's constructor)
+    assert "camera validation of image2text leaves out a sample that does not decode: shard" in proc.stderr
+    status = json.loads((workdir / "undecodable" / "run_status.json").read_text())
+    assert (status["status"], status["reason"], status["iteration"]) == ("failed", "validation data loader", 2)

@@ -266,6 +266,34 @@ def _wait_until_idle(processes, timeout: float = 60.0, window: float = 0.25) -> 
     raise AssertionError(f"the loader's workers did not go idle within {timeout:.0f} s")
 
 
+@pytest.mark.parametrize("workers", [1, 0])
+def test_a_stream_none_of_whose_samples_decodes_is_one_error_and_ends_its_workers(data, tmp_path, workers):
+    """Every image of a stream's shards garbled: the sample reader gives up after trying each one, and that is one
+    loader error naming the stream, the last sample and what to do. Before, torch re-raised the worker's exception
+    with its traceback as the message, and the torch iterator and its workers outlived it: the training run printed
+    the traceback and then hung at exit, multiprocessing waiting for workers that ignore its SIGTERM."""
+    import multiprocessing
+    import shutil
+
+    from megatron_puffin.data.loader import DataUndecodableError
+
+    shutil.copytree(data / "idx", tmp_path / "idx")
+    for images in (tmp_path / "idx" / "main").glob("shard-*/image.bin"):
+        garbled = bytearray(images.read_bytes())
+        garbled[::7] = b"A" * len(garbled[::7])
+        images.write_bytes(bytes(garbled))
+    config = _config(tmp_path, ["image2text:{idx}/main:2"], tokenizer=str(data / "tok.model"), num_workers=workers)
+    before = set(multiprocessing.active_children())
+    iterator = iter(build_data_loader(config, seed=5))
+    with pytest.raises(DataUndecodableError, match=r"^stream image2text#0: none of its 24 samples decodes \(the "
+                                                   r"last: shard \S+shard-0000\d index \d+: ImageError: "
+                                                   r"image_unreadable: .*\); preprocessing checks every sample, so "
+                                                   r"its shards were damaged or replaced since: preprocess them again "
+                                                   r"\(tools/preprocess_data.py\), or leave the stream out$"):
+        next(iterator)
+    assert set(multiprocessing.active_children()) <= before  # its workers are gone with the error
+
+
 def test_a_shard_truncated_under_a_running_worker_is_one_error_not_a_sigbus(data, tmp_path, caplog):
     """Reading a memory-mapped file past its new end is a SIGBUS (it killed the worker, and torch blamed shared
     memory): every read first checks the mapped file's size against the one the run started with, so the running
