@@ -26,6 +26,7 @@ warnings.filterwarnings("ignore", category=UserWarning)
 import torch  # noqa: E402
 
 from megatron_puffin.data import DataConfig, build_data_loader  # noqa: E402
+from megatron_puffin.data.loader import DataLoaderError  # noqa: E402
 from megatron_puffin.data.templates import QUERY_TOKEN_INDEX  # noqa: E402
 from megatron_puffin.data.tokenizer import PuffinTokenizer  # noqa: E402
 
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     for _ in range(len(args.task_stream)):
         try:
             batch = next(iterator)
-        except (ValueError, OSError) as error:  # e.g. a stream none of whose samples decodes
+        except (DataLoaderError, ValueError, OSError) as error:  # e.g. a stream none of whose samples decodes
             print(f"inspect_batches.py: error: {' '.join(str(error).split())}", file=sys.stderr)
             return 1
         print(f"--- micro-batch of task {batch['task']}")
