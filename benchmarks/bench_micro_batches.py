@@ -39,7 +39,7 @@ import torch
 import bench_training  # noqa: E402  (puts tests/ on sys.path through puffin_bench_common)
 import profile_training  # noqa: E402
 import real_proportions  # noqa: E402
-from puffin_bench_common import median_interval, paired_verdict  # noqa: E402
+from puffin_bench_common import PAIRED_HEADER, paired_columns  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
 from bench_flags import positive_int, run_main  # noqa: E402
 
@@ -90,18 +90,15 @@ def main() -> None:
     preset = real_proportions.describe_preset(args)
     if preset:
         print(preset)
-    print(f"{'task':24s} {'ours s':>8s} {'ref s':>8s} {'ref/ours':>9s} {'paired':>7s} {'95% interval':>14s} "
-          f"{'verdict':>17s} {'faults ours':>12s} {'faults ref':>11s} {'sys ours':>9s} {'sys ref':>8s}")
+    print(f"{'task':24s} {'ours s':>8s} {'ref s':>8s} {'ref/ours':>9s} {PAIRED_HEADER} {'faults ours':>12s} {'faults ref':>11s} {'sys ours':>9s} {'sys ref':>8s}")
     ratios = []
     for batch in batches:
         ours, ref = (results[(batch["task"], side)] for side, _ in SIDES)
         median = [statistics.median(column) for column in (*zip(*ours), *zip(*ref))]
         ratios.append(median[3] / median[0])
         paired = [r[0] / o[0] for o, r in zip(ours, ref)]
-        low, high = median_interval(paired, args.bootstrap)
         print(f"{batch['task']:24s} {median[0]:8.3f} {median[3]:8.3f} {ratios[-1]:9.3f} "
-              f"{statistics.median(paired):7.3f} {f'{low:.3f}-{high:.3f}':>14s} {paired_verdict(low, high):>17s} "
-              f"{median[1]:12.0f} "
+              f"{paired_columns(paired, args.bootstrap)} {median[1]:12.0f} "
               f"{median[4]:11.0f} {median[2]:9.3f} {median[5]:8.3f}")
     print(f"geometric mean reference/ours: {statistics.geometric_mean(ratios):.3f}")
 

@@ -44,9 +44,9 @@ from puffin_bench_common import (  # noqa: E402
     add_common_run_args,
     add_data_and_model_args,
     make_dataset,
-    median_interval,
+    PAIRED_HEADER,
     model_loss,
-    paired_verdict,
+    paired_columns,
     resolve_sizes,
 )
 
@@ -159,18 +159,16 @@ def _report(args, config, batches, losses, times) -> float:
           f"Qwen2 attention {args.hf_attn}")
     print("vision tower: ours in both models (timm RADIO unavailable on CPU); it adds the same time to both sides")
     print(f"{'task':22s} {'seq':>5s} {'loss':>9s} {'rel diff':>9s} {'ours ms':>9s} {'reference ms':>13s} {'ratio':>7s} "
-          f"{'paired':>7s} {'95% interval':>13s} {'verdict':>17s}")
+          f"{PAIRED_HEADER}")
     ratios = []
     for task, sides in times.items():
         ours_s, ref_s = statistics.median(sides["ours"]), statistics.median(sides["reference"])
         ratios.append(ref_s / ours_s)
         paired = [ref / ours for ours, ref in zip(sides["ours"], sides["reference"])]
-        low, high = median_interval(paired)
         ours_loss, ref_loss = losses[task]
         print(f"{task:22s} {batches[task]['input_ids'].shape[1]:5d} {ours_loss:9.5f} "
               f"{abs(ours_loss - ref_loss) / abs(ref_loss):9.1e} {1e3 * ours_s:9.1f} {1e3 * ref_s:13.1f} "
-              f"{ratios[-1]:7.3f} {statistics.median(paired):7.3f} {f'{low:.3f}-{high:.3f}':>13s} "
-              f"{paired_verdict(low, high):>17s}")
+              f"{ratios[-1]:7.3f} {paired_columns(paired)}")
     geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
     print(f"ratio = reference / ours (> 1: ours faster) of the medians; paired: the median of the per-turn ratios, its "
           f"95 % interval and what that says; losses equal within {args.loss_tolerance:g} relative; geometric mean "

@@ -71,9 +71,11 @@ from puffin_bench_common import (  # noqa: E402
     activation_bytes_by_task,
     add_common_run_args,
     add_data_and_model_args,
+    PAIRED_HEADER,
     make_dataset,
     median_interval,
     model_loss,
+    paired_columns,
     paired_verdict,
     resolve_sizes,
 )
@@ -523,14 +525,12 @@ def _print_throughput(args, result: Dict[str, Any]) -> None:
     """The per-task table, the matmul rates and the MFU lines."""
     medians, seq, spread = result["medians"], result["seq"], result["block_ratios"]
     print(f"{'task':22s} {'seq':>5s} {'ours samples/s':>15s} {'reference samples/s':>20s} {'ratio':>7s} "
-          f"{'paired':>7s} {'95% interval':>13s} {'verdict':>17s} {'blocks min-max':>15s}")
+          f"{PAIRED_HEADER} {'blocks min-max':>15s}")
     for task in result["tasks"] + ["all"]:
         label = "all (optimizer steps)" if task == "all" else task
         ours, ref = medians["ours"][task], medians["reference"][task]
-        low, high = median_interval(spread[task])
         print(f"{label:22s} {str(seq.get(task, '')):>5s} {ours:15.2f} {ref:20.2f} {ours / ref:7.3f} "
-              f"{statistics.median(spread[task]):7.3f} {f'{low:.3f}-{high:.3f}':>13s} "
-              f"{paired_verdict(low, high):>17s} {f'{min(spread[task]):.3f}-{max(spread[task]):.3f}':>15s}")
+              f"{paired_columns(spread[task])} {f'{min(spread[task]):.3f}-{max(spread[task]):.3f}':>15s}")
     print("per task: samples / forward+backward time of its micro-batches; all: samples / optimizer-step time; "
           "ratio = ours / reference (> 1: ours faster) of the medians over blocks; paired: the median of single "
           "blocks' ratios (ours' and the reference's block i trained the same micro-batches, back to back), its 95 % "

@@ -41,6 +41,16 @@ def paired_verdict(low: float, high: float) -> str:
     return "cannot tell apart"
 
 
+PAIRED_HEADER = f"{'paired':>7s} {'95% interval':>13s} {'verdict':>17s}"
+"""The column titles of :func:`paired_columns`."""
+
+
+def paired_columns(ratios: List[float], resamples: int = 2000) -> str:
+    """Table columns for one task's paired ratios: their median, its 95 % interval and what that says."""
+    low, high = median_interval(ratios, resamples)
+    return f"{statistics.median(ratios):7.3f} {f'{low:.3f}-{high:.3f}':>13s} {paired_verdict(low, high):>17s}"
+
+
 def model_loss(model, batch):
     """The loss to back-propagate of one micro-batch: ours through its objective (``puffin_loss``), the reference
     assembly through its own forward (it computes its loss itself and has no pipeline stages)."""

@@ -155,6 +155,7 @@ def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit
     ``bad_samples`` (and logged).
     """
     shard_dir = Path(shard_dir)
+    bad_samples = [] if bad_samples is None else bad_samples
     manifest = read_manifest(shard_dir)
     entry = {"dtype": dtype, "image_size": image_size, "image_size_unit": image_unit,
              "latent_channels": int(vae.vae.config.latent_channels), "vae": vae_identity(vae)}
@@ -174,8 +175,8 @@ def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit
         num_bytes = {name: 0 for name in [*LATENT_FIELDS, SHAPE_FIELD]}
         for start in range(0, len(dataset), batch_size):
             stop = min(start + batch_size, len(dataset))
-            samples = [_sources_or_none(shard_dir, dataset, i, image_size, image_unit,
-                                        [] if bad_samples is None else bad_samples) for i in range(start, stop)]
+            samples = [_sources_or_none(shard_dir, dataset, i, image_size, image_unit, bad_samples)
+                       for i in range(start, stop)]
             encoded = {}
             for name in LATENT_FIELDS:
                 present = [i for i, sample in enumerate(samples) if sample[name] is not None]

@@ -241,11 +241,6 @@ def _original_message(error: Exception, kind: type) -> Optional[str]:
     return str(error).strip().splitlines()[-1].split(f"{kind.__name__}: ", 1)[-1]
 
 
-def _unavailable(error: Exception) -> Optional[str]:
-    """The message of a :class:`~.format.ShardUnavailableError` (see :func:`_original_message`)."""
-    return _original_message(error, ShardUnavailableError)
-
-
 _WORKER_DIED = re.compile(r"DataLoader worker \(pid")  # torch's errors for a worker process that died
 _NAMED_PIDS = re.compile(r"\(pid(?:\(s\))? ([\d, ]+)\)")
 
@@ -516,7 +511,7 @@ class PuffinDataLoader:
                 death = _DEATHS.take(workers) or str(died)
                 traceback.clear_frames(died.__traceback__)  # the torch iterator's frames (see below)
             except Exception as error:  # noqa: BLE001 - re-raised below unless a worker died or a shard is gone
-                unavailable = _unavailable(error)
+                unavailable = _original_message(error, ShardUnavailableError)
                 if unavailable is None:
                     death = _worker_death(error, workers)
                     if death is None:
