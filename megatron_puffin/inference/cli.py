@@ -178,11 +178,15 @@ class Progress:
 
 
 def run_tool(prog: str, body: Callable[[], int], expected: Tuple[type, ...]) -> int:
-    """Runs ``body``; an expected error becomes one line on stderr and exit code 2, a file-system error mid-run (a
-    full disk, a lost mount) one line and exit code 1; the process group is released. Ctrl-C, SIGTERM and SIGHUP
-    are the data tools' (:func:`~megatron_puffin.process_lifetime.exit_on_ctrl_c`): one line, exit 128 + signal."""
+    """Runs ``body``; an expected error, or a checkpoint that cannot be used (damaged, refused), becomes one line
+    on stderr and exit code 2, a file-system error mid-run (a full disk, a lost mount) one line and exit code 1;
+    the process group is released. Ctrl-C, SIGTERM and SIGHUP are the data tools'
+    (:func:`~megatron_puffin.process_lifetime.exit_on_ctrl_c`): one line, exit 128 + signal."""
     import megatron_puffin.distributed as mpd
     from megatron_puffin.process_lifetime import exit_on_ctrl_c
+    from megatron_puffin.training.checkpoint_safety import CheckpointError
+
+    expected = tuple(expected) + (CheckpointError,)
 
     def guarded() -> int:
         try:

@@ -189,6 +189,12 @@ def _tool_main(name):
     ("understand.py", ["--images", "IMAGE", "--output", "x.json", "--prompt", "describe the room " * 1500],
      r"--prompt: with the task's template it has \d+ text tokens, more than the \d+ this checkpoint's prompts hold "
      r"\(set by its training's --max-understanding-text-tokens\); shorten --prompt$"),
+    # were a traceback ending in the (clear) CheckpointError: a checkpoint whose bytes changed after it was written
+    ("understand.py", ["--images", "IMAGE", "--output", "x.json", "--checkpoint", "DAMAGED"],
+     r"^understand.py: error: \S+__0_0.distcp does not match its SHA-256 in puffin_manifest.json .*; use an earlier "
+     r"checkpoint$"),
+    ("generate.py", ["--output-dir", "GEN", "--roll", "0", "--pitch", "0", "--vfov", "1", "--checkpoint", "DAMAGED"],
+     r"^generate.py: error: \S+__0_0.distcp does not match its SHA-256"),
     # every wrong request at once, not one per re-run
     ("generate.py", ["--output-dir", "GEN", "--prompts", "TWO_BAD"],
      r"^generate.py: error: 2 of 3 requests are wrong: --prompts \S+ row 0: camera vfov .*; --prompts \S+ row 2: "
@@ -211,7 +217,16 @@ def test_bad_inputs_exit_with_one_line(artefacts, tool, args, message, capsys):
     (root / "two_bad.json").write_text(json.dumps([{"id": "a", "roll": 0, "pitch": 0, "vfov": 4},
                                                    {"id": "b", "roll": 0, "pitch": 0, "vfov": 1},
                                                    {"id": "c", "roll": 0, "vfov": 1}]))
-    substitutions = {"CAPITALISED": root / "capitalised.csv", "UNQUOTED": root / "unquoted.csv",
+    damaged = root / "damaged_run"
+    if not damaged.exists():
+        import shutil
+
+        shutil.copytree(root / "run", damaged)
+        shard = damaged / "iter_0000002" / "__0_0.distcp"
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # same size: only the SHA-256 of the manifest tells
+        shard.write_bytes(bytes(data))
+    substitutions = {"DAMAGED": damaged, "CAPITALISED": root / "capitalised.csv", "UNQUOTED": root / "unquoted.csv",
                      "SHEET_ID": root / "sheet_id.csv",
                      "TWO_BAD": root / "two_bad.json", "OTHER_TOKENIZER": root / "other_tokenizer.model",
                      "BAD": root / "bad.jpg", "IMAGE": images[0], "MISSING": root / "missing", "FOLDER": root,
