@@ -168,6 +168,31 @@ def check_tokenizer(args: PuffinArguments) -> List[str]:
         if difference:
             problems.append(f"{flag} {directory}: {difference}; give --tokenizer {record.get('path')} (or a copy of "
                             "it)")
+    return problems + _prompt_length_problems(args, tokenizer)
+
+
+def _prompt_length_problems(args: PuffinArguments, tokenizer) -> List[str]:
+    """--max-understanding-text-tokens / --max-generation-text-tokens hold the fixed part of every stream's prompts
+    (checked on each stream's first sample with the training encoder; too small a limit would otherwise make every
+    sample of the stream undecodable once training runs)."""
+    from megatron_puffin.data.config import effective_data_seed, parse_task_stream
+    from megatron_puffin.data.loader import stream_prompt_error, task_encoder_config
+
+    if min(args.vision.patch_size, args.vision.fold_size, args.data.image_size, args.data.image_size_unit) < 1:
+        return []  # reported by the vision and data checks
+    encoder_config = task_encoder_config(args.data, effective_data_seed(args.data.data_seed, args.training.seed),
+                                         args.vision.patch_size, args.vision.fold_size, args.connector.num_queries)
+    problems: List[str] = []
+    for flag, specs in (("--task-stream", args.data.task_stream),
+                        ("--valid-task-stream", args.validation.valid_task_stream)):
+        for spec_text in specs:
+            try:
+                spec = parse_task_stream(spec_text)
+            except ValueError:
+                continue  # reported by check_data / the validation checks
+            if all(Path(path).exists() for path in spec.paths):
+                problem = stream_prompt_error(spec, tokenizer, encoder_config, flag)
+                problems += [problem] if problem else []
     return problems
 
 

@@ -37,7 +37,7 @@ from megatron_puffin.data.sampler import (
     state_from_dict,
     state_to_dict,
 )
-from megatron_puffin.data.task_encoders import REQUIRED_FIELDS, TaskEncoder, TaskEncoderConfig
+from megatron_puffin.data.task_encoders import REQUIRED_FIELDS, TaskEncoder, TaskEncoderConfig, TextTooLong
 from megatron_puffin.data.tokenizer import PuffinTokenizer
 from megatron_puffin.process_lifetime import stop_signals_blocked, worker_init
 from megatron_puffin.tasks import TASK_VARIANTS
@@ -193,17 +193,23 @@ class _StreamSamples(torch.utils.data.Dataset):
         stream, position, index = ref
         item = self.streams[stream]
         bad: List[Dict[str, Any]] = []
+        last_error = None
         for attempt in range(len(item.dataset)):
             candidate = (index + attempt) % len(item.dataset)
             try:
                 return self._encode(item, candidate, position), bad
             except BAD_SAMPLE_ERRORS as error:
                 bad.append(_bad_sample(item, candidate, error))
+                last_error = error
         last = bad[-1]
+        where = f"shard {last['shard']} index {last['index']}"
+        if isinstance(last_error, TextTooLong):  # a flag's limit, not the data (the pre-start check sees one sample)
+            raise UndecodableStreamError(f"stream {item.name}: none of its {len(item.dataset)} samples fits (the "
+                                         f"last: {where}: {last_error})")
         raise UndecodableStreamError(
-            f"stream {item.name}: none of its {len(item.dataset)} samples decodes (the last: shard {last['shard']} "
-            f"index {last['index']}: {last['reason']}); preprocessing checks every sample, so its shards were damaged "
-            "or replaced since: preprocess them again (tools/preprocess_data.py), or leave the stream out")
+            f"stream {item.name}: none of its {len(item.dataset)} samples decodes (the last: {where}: "
+            f"{last['reason']}); preprocessing checks every sample, so its shards were damaged or replaced since: "
+            "preprocess them again (tools/preprocess_data.py), or leave the stream out")
 
     @staticmethod
     def _encode(item: TaskStream, index: int, position: int):
@@ -566,6 +572,41 @@ class PuffinDataLoader:
                 )
 
 
+def task_encoder_config(config: DataConfig, data_seed: int, vision_patch_size: int, vision_fold: int,
+                        num_query_tokens: int) -> TaskEncoderConfig:
+    """The task encoders' settings from the data flags (``data_seed``: :func:`effective_data_seed`)."""
+    return TaskEncoderConfig(
+        seed=data_seed, image_max_size=config.image_size, image_unit=config.image_size_unit,
+        vision_patch_size=vision_patch_size, vision_fold=vision_fold, num_query_tokens=num_query_tokens,
+        max_understanding_text_tokens=config.max_understanding_text_tokens,
+        max_generation_text_tokens=config.max_generation_text_tokens,
+        cfg_dropout_prob=config.cfg_text_dropout_prob, mixed_motion_prob=config.mixed_motion_prob,
+    )
+
+
+def stream_prompt_error(spec: TaskStreamSpec, tokenizer: PuffinTokenizer, encoder_config: TaskEncoderConfig,
+                        flag: str = "--task-stream") -> Optional[str]:
+    """A text-token limit too small for the fixed part of the stream's prompts, found before training starts by
+    encoding its first sample with each prompt template (at run time the samples would be skipped as undecodable);
+    the message names the smallest limit that fits every template. None when they fit or the sample does not
+    decode for another reason (the loader reports that one)."""
+    too_long: List[TextTooLong] = []
+    try:
+        dataset = PuffinDataset(list(spec.paths))
+        if len(dataset) == 0:
+            return None
+        sample = dataset[0]
+        encoder = TaskEncoder(spec.task, tokenizer, encoder_config)
+        for position in encoder.prompt_variant_positions():
+            try:
+                encoder(sample, position)
+            except TextTooLong as error:
+                too_long.append(error)
+    except (DatasetFormatError, *BAD_SAMPLE_ERRORS):
+        return None
+    return f"{_stream_label(spec, flag)}: {max(too_long, key=lambda e: e.tokens)}" if too_long else None
+
+
 def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0, data_parallel_size: int = 1,
                       vision_patch_size: int = 16, vision_fold: int = 2, num_query_tokens: int = 64,
                       tokenizer: Optional[PuffinTokenizer] = None,
@@ -591,13 +632,7 @@ def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0
     validate_data_config(config, vision_patch_size=vision_patch_size, vision_fold=vision_fold)
     data_seed = effective_data_seed(config.data_seed, seed)
     tokenizer = tokenizer or PuffinTokenizer(config.tokenizer)
-    encoder_config = TaskEncoderConfig(
-        seed=data_seed, image_max_size=config.image_size, image_unit=config.image_size_unit,
-        vision_patch_size=vision_patch_size, vision_fold=vision_fold, num_query_tokens=num_query_tokens,
-        max_understanding_text_tokens=config.max_understanding_text_tokens,
-        max_generation_text_tokens=config.max_generation_text_tokens,
-        cfg_dropout_prob=config.cfg_text_dropout_prob, mixed_motion_prob=config.mixed_motion_prob,
-    )
+    encoder_config = task_encoder_config(config, data_seed, vision_patch_size, vision_fold, num_query_tokens)
     streams = build_streams(config.streams(), tokenizer, encoder_config, stream_flag)
     _apply_speed_levers(streams, config, vae_identity, stream_flag)
     collator = Collator(tokenizer.pad_id, compute_camera_maps=config.camera_maps_in_loader)

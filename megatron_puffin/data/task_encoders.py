@@ -147,7 +147,9 @@ def _require(sample: Dict[str, Any], task: str) -> None:
 
 class TextTooLong(ValueError):
     """A prompt whose fixed part (the instruction, not the trimmable caption or answer) exceeds the text-token
-    limit; the message names the limit's flag, ``tokens`` and ``limit`` are the two numbers."""
+    limit; the message names the limit's flag. ``tokens``: the text tokens the fixed part needs (for an
+    understanding task with the shortest answer, one token), the smallest value of the flag that fits; ``limit``:
+    the flag's value."""
 
     def __init__(self, message: str, tokens: int = 0, limit: int = 0):
         super().__init__(message)
@@ -185,6 +187,20 @@ class TaskEncoder:
     def _choice(self, purpose: str, position: int, count: int) -> int:
         return derive_seed(self.config.seed, purpose, self.stream, position) % count
 
+    def prompt_variant_positions(self) -> List[int]:
+        """Stream positions at which this encoder uses each of its prompt templates once (the caption heads of
+        image2text, the cross-view tails; one position for a task with a single template): encoding one sample at
+        each shows the longest fixed prompt part."""
+        purpose, count = {"image2text": ("prompt_head", len(templates.CAPTION_PROMPT_HEADS)),
+                          "image2text_cross_view": ("prompt_tail", len(templates.CROSS_VIEW_PROMPT_TAILS))}.get(
+                              self.task, ("", 1))
+        positions: Dict[int, int] = {}
+        position = 0
+        while len(positions) < count:  # each draw is uniform over count: a few times count positions suffice
+            positions.setdefault(self._choice(purpose, position, count) if count > 1 else 0, position)
+            position += 1
+        return sorted(positions.values())
+
     def _happens(self, purpose: str, position: int, probability: float) -> bool:
         return probability > 0 and _uniform(self.config.seed, purpose, self.stream, position) < probability
 
@@ -198,11 +214,14 @@ class TaskEncoder:
 
     # --- texts -------------------------------------------------------------------------------------------------
     def _fit_text(self, render, text: str, budget: int, extra_tokens: int = 0,
-                  limit_flag: str = "--max-understanding-text-tokens") -> Tuple[List[int], str, bool]:
+                  limit_flag: str = "--max-understanding-text-tokens",
+                  reserved: int = 0) -> Tuple[List[int], str, bool]:
         """Tokenises ``render(text)``, cutting ``text`` on the right until it has <= budget + extra_tokens ids.
 
         The whole rendered string is tokenised at once (as the reference does), so ids are identical to the
-        reference whenever no cut is needed. Returns (ids, text actually used, truncated).
+        reference whenever no cut is needed. ``reserved``: the text tokens outside ``render`` that count against the
+        same flag (``budget + reserved`` is its value), for the error message. Returns (ids, text actually used,
+        truncated).
         """
         ids = self.tokenizer.encode(render(text))
         if len(ids) <= budget + extra_tokens:
@@ -214,10 +233,10 @@ class TaskEncoder:
             ids = self.tokenizer.encode(render(cut))
             if len(ids) <= budget + extra_tokens or keep == 0:
                 if len(ids) > budget + extra_tokens:
+                    needed, limit = len(ids) - extra_tokens + reserved, budget + reserved
                     raise TextTooLong(
-                        f"the fixed part of the {self.task} prompt has {len(ids) - extra_tokens} tokens, more than "
-                        f"the limit {budget}; shorten the instruction or raise {limit_flag}",
-                        len(ids) - extra_tokens, budget,
+                        f"the fixed part of the {self.task} prompt needs {needed} text tokens, more than "
+                        f"{limit_flag} {limit}; raise {limit_flag} to at least {needed}", needed, limit,
                     )
                 return ids, cut, True
             keep -= 1
@@ -239,7 +258,9 @@ class TaskEncoder:
         def render_tail(text):
             return render(text).split(templates.DEFAULT_IMAGE_TOKEN, 1)[1] if image is not None else render(text)
 
-        tail_ids, used, prompt_cut = self._fit_text(render_tail, variable, budget - len(head) - 1)
+        # the answer keeps at least one token
+        tail_ids, used, prompt_cut = self._fit_text(render_tail, variable, budget - len(head) - 1,
+                                                    reserved=len(head) + 1)
         prompt_ids = head + [templates.INPUT_IMAGE_TOKEN_INDEX] * num_tokens + tail_ids
         answer_ids, answer_cut = self._answer_ids(answer, budget - len(head) - len(tail_ids))
         input_ids = torch.tensor(prompt_ids + answer_ids, dtype=torch.long)

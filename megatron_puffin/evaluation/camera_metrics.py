@@ -145,7 +145,7 @@ def _number(path: Path, line: int, column: str, text: str, kind=float):
         value = kind(text)
     except (TypeError, ValueError):
         raise EvaluationInputError(
-            f"--ground-truth {path} line {line}: column {column!r} ({text!r}) is not a {kind.__name__}"
+            f"--ground-truth {path} line {line}: column {column!r} ({text!r}) is not {'a whole number' if kind is int else 'a number'}"
         ) from None
     if kind is float and not math.isfinite(value):
         raise EvaluationInputError(f"--ground-truth {path} line {line}: column {column!r} ({text!r}) is not finite")

@@ -294,6 +294,20 @@ def test_a_stream_none_of_whose_samples_decodes_is_one_error_and_ends_its_worker
     assert set(multiprocessing.active_children()) <= before  # its workers are gone with the error
 
 
+def test_a_stream_whose_prompts_all_exceed_the_text_limit_names_the_flag_not_the_shards(data):
+    """A limit below every sample's fixed prompt part (the pre-start check, config.validate_paths, encodes one
+    sample per template; a library user building the loader directly gets here): the error names the flag and the
+    value that fits, not damaged shards."""
+    from megatron_puffin.data.loader import DataUndecodableError
+
+    config = _config(data, ["image2text:{idx}/main:2"], max_understanding_text_tokens=4)
+    with pytest.raises(DataUndecodableError, match=r"^stream image2text#0: none of its 24 samples fits \(the last: "
+                                                   r"shard \S+ index \d+: the fixed part of the image2text prompt "
+                                                   r"needs \d+ text tokens, more than --max-understanding-text-tokens "
+                                                   r"4; raise --max-understanding-text-tokens to at least \d+\)$"):
+        next(iter(build_data_loader(config, seed=5)))
+
+
 def test_a_shard_truncated_under_a_running_worker_is_one_error_not_a_sigbus(data, tmp_path, caplog):
     """Reading a memory-mapped file past its new end is a SIGBUS (it killed the worker, and torch blamed shared
     memory): every read first checks the mapped file's size against the one the run started with, so the running

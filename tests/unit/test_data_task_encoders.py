@@ -195,3 +195,32 @@ def test_missing_fields_and_unknown_tasks_fail_clearly(tokenizer):
         TaskEncoder("video2text", tokenizer, EXACT)
     with pytest.raises(ValueError, match="patch\\*fold"):
         TaskEncoderConfig(vision_patch_size=14).num_image_tokens(256, 256)
+
+
+def test_a_too_small_text_limit_names_the_smallest_one_that_fits(tokenizer):
+    """TextTooLong.tokens is the smallest value of the limit's flag that fits the fixed prompt part (understanding:
+    with a one-token answer), for the task's longest prompt template; the message names the flag and that value."""
+    from megatron_puffin.data.task_encoders import TextTooLong
+
+    for task, flag, field in (("image2text", "--max-understanding-text-tokens", "max_understanding_text_tokens"),
+                              ("cam2image", "--max-generation-text-tokens", "max_generation_text_tokens")):
+        encoder = TaskEncoder(task, tokenizer, TaskEncoderConfig(**{field: 4}))
+        positions = encoder.prompt_variant_positions()
+        needed = []
+        for position in positions:
+            with pytest.raises(TextTooLong) as info:
+                encoder(SAMPLE, position)
+            assert f"more than {flag} 4; raise {flag} to at least {info.value.tokens}" in str(info.value)
+            needed.append(info.value.tokens)
+        enough = TaskEncoder(task, tokenizer, TaskEncoderConfig(**{field: max(needed)}))
+        for position in positions:
+            enough(SAMPLE, position)  # fits at the named value
+        short = TaskEncoder(task, tokenizer, TaskEncoderConfig(**{field: max(needed) - 1}))
+        with pytest.raises(TextTooLong):
+            for position in positions:
+                short(SAMPLE, position)
+    image2text = TaskEncoder("image2text", tokenizer, TaskEncoderConfig())
+    heads = {image2text._choice("prompt_head", p, len(templates.CAPTION_PROMPT_HEADS))
+             for p in image2text.prompt_variant_positions()}
+    assert heads == set(range(len(templates.CAPTION_PROMPT_HEADS)))
+    assert TaskEncoder("cam2image", tokenizer, TaskEncoderConfig()).prompt_variant_positions() == [0]

@@ -20,6 +20,15 @@ def files(tmp_path_factory):
         writer.add(PuffinRecord(key=f"k{index}", image=b"\xff\xd8" + bytes(8), caption=f"caption {index}",
                                 camera=Camera(0.1, 0.2, 0.9)))
     writer.finalize()
+    import io
+
+    from PIL import Image
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (32, 32), (90, 120, 150)).save(jpeg, format="JPEG")
+    writer = ShardWriter(root / "decodable" / "shard_0", "main")  # images that decode: the prompts get encoded
+    writer.add(PuffinRecord(key="k0", image=jpeg.getvalue(), caption="a room", camera=Camera(0.1, 0.2, 0.9)))
+    writer.finalize()
     (root / "empty").mkdir()
     train_sentencepiece_tokenizer(["a photo of a cat on a mat"] * 10, root / "tok.model", vocab_size=300)
     (root / "broken.model").write_bytes(b"not a tokenizer")
@@ -58,6 +67,11 @@ CASES = [
     ("--task-stream cam2image:{root}/main:2 --vae-config {root}/vae.json --dit-in-channels 4 --image-size 512 "
      "--dit-pos-embed-max-size 16", "--image-size (512) gives latent grids of 256 MMDiT tokens per side (VAE factor 1, "
      "--dit-patch-size 2), more than --dit-pos-embed-max-size (16) holds; use --image-size <= 32"),
+    # were found only once training ran: every sample skipped as undecodable, then "preprocess the shards again"
+    ("--task-stream image2text:{root}/decodable:2 --max-understanding-text-tokens 8",
+     "--task-stream image2text:{root}/decodable: the fixed part of the image2text prompt needs "),
+    ("--task-stream cam2image:{root}/decodable:2 --vae-config {root}/vae.json --dit-in-channels 4 "
+     "--max-generation-text-tokens 3", "the fixed part of the cam2image prompt needs "),
     ("--vae-path {root}/empty", "--vae-path ({root}/empty) has no config.json"),
     ("--lr nan", "--lr ('nan') is not a valid finite number"),
     ("--lr inf", "--lr ('inf') is not a valid finite number"),
@@ -121,7 +135,7 @@ def test_validators_survive_each_others_bad_values(files):
              "--num-query-groups 0 --hidden-size 0 --vision-patch-size 0 --vision-num-attention-heads 0 "
              "--dit-num-attention-heads 0 --connector-num-attention-heads 0 --micro-batch-size 0 --lr nan "
              "--train-iters 0 --image-size-unit 0").split()
-    problems = _problems(_base(files) + flags)
+    problems = _problems(_base(files) + flags + ["--task-stream", f"image2text:{files / 'decodable'}:2"])
     for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--num-layers", "--lr ('nan')",
                  "--train-iters", "--image-size-unit"):
         assert any(flag in p for p in problems), (flag, problems)
