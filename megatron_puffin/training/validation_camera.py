@@ -46,7 +46,7 @@ def _camera_stream(name: str, thinking: bool, paths: Sequence[str], num_samples:
     from megatron_puffin.data.format import PuffinDataset
     from megatron_puffin.data.images import decode_image
     from megatron_puffin.data.loader import BAD_SAMPLE_ERRORS
-    from megatron_puffin.inference import load_image
+    from megatron_puffin.inference.images import prepare_image
 
     dataset = PuffinDataset(list(paths))
     images, truths = [], []
@@ -56,8 +56,9 @@ def _camera_stream(name: str, thinking: bool, paths: Sequence[str], num_samples:
             camera = sample["camera"]
             if camera is None or sample["image"] is None:
                 continue
-            width, height = decode_image(sample["image"]).size
-            image = load_image(sample["image"], image_size, mode="center_crop")
+            decoded = decode_image(sample["image"])  # once: its size is the ground truth's, then the model's input
+            width, height = decoded.size
+            image = prepare_image(decoded, image_size, "center_crop")
         except BAD_SAMPLE_ERRORS as error:
             shard, local = dataset.locate(index)
             logger.warning("camera validation of %s leaves out a sample that does not decode: shard %s index %d: %s: "
