@@ -23,6 +23,7 @@ path (docs/performance.md, round 13).
 
 Usage:
     python benchmarks/bench_micro_batches.py --real-proportions --levers none --micro-batch-size 2 [--turns 4]
+    python benchmarks/bench_micro_batches.py --real-proportions --levers none --tasks image2text,text2text --turns 40
     python benchmarks/bench_micro_batches.py --host-bound --depth-divisor 2 --levers host-malloc-cache --clock cpu
 """
 from __future__ import annotations
@@ -52,6 +53,9 @@ def _parse_args() -> argparse.Namespace:
     group.add_argument("--turns", type=positive_int, default=6, help="turns per task and side (median reported)")
     group.add_argument("--bootstrap", type=positive_int, default=2000,
                        help="resamples of the paired ratios for the 95 %% interval of their median")
+    group.add_argument("--tasks", type=profile_training.task_list, default=[],
+                       help="comma list of tasks to time (default: all six): more turns of a few tasks in the same "
+                            "time")
     return bench_training._parse_args(parser, description=__doc__.split("\n\n")[0])
 
 
@@ -78,7 +82,7 @@ def main() -> None:
         for cycle in variants.draw(args.warmup_steps):
             variants.our_step(cycle)
             variants.reference_step(cycle)
-        batches = variants.draw(1)[0]
+        batches = [batch for batch in variants.draw(1)[0] if not args.tasks or batch["task"] in args.tasks]
         results: Dict[Tuple[str, str], List[Tuple[float, int, float]]] = {}
         for turn in range(args.turns):
             for batch in batches:

@@ -27,11 +27,15 @@ from bench_flags import choice_list, positive_int, run_main  # noqa: E402
 from helpers.puffin import TASK_STREAMS  # noqa: E402
 
 
+#: ``--tasks``: a comma list of the six tasks (also bench_micro_batches.py's)
+task_list = choice_list(tuple(TASK_STREAMS))
+
+
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("profile")
     group.add_argument("--top", type=positive_int, default=15, help="operators listed per side and task")
-    group.add_argument("--tasks", type=choice_list(tuple(TASK_STREAMS)), default=[],
+    group.add_argument("--tasks", type=task_list, default=[],
                        help="comma list of tasks to profile (default: all six)")
     return bench_training._parse_args(parser, description=__doc__.split("\n\n")[0])
 

@@ -74,6 +74,7 @@ def test_benchmark_parsers_refuse_with_one_line(monkeypatch, capsys):
              (bench_dit._parse_args, ["--repeats", "-2"], "argument --repeats: -2 must be at least 1"),
              (profile_training._parse_args, ["--tasks", "text2txt"], "argument --tasks: unknown text2txt"),
              (bench_micro_batches._parse_args, ["--bootstrap", "0"], "argument --bootstrap: 0 must be at least 1"),
+             (bench_micro_batches._parse_args, ["--tasks", "img2text"], "argument --tasks: unknown img2text"),
              (bench_micro_batches._parse_args, ["--turns", "2", "--blocks", "x"], "argument --blocks: 'x' is not a"),
              (bench_ours_ab._parse_args, ["--levers", "none"], "the following arguments are required: --compare"),
              (bench_data_loader.main, ["--loader-workers", "0,x"], "argument --loader-workers: 'x' is not a whole"),
@@ -98,7 +99,7 @@ def test_scripts_built_on_bench_training_list_their_own_flags_in_help(monkeypatc
         import bench_ours_ab
         import profile_training
 
-    for module, own in ((profile_training, ["--top", "--tasks"]), (bench_micro_batches, ["--turns", "--bootstrap"]),
+    for module, own in ((profile_training, ["--top", "--tasks"]), (bench_micro_batches, ["--turns", "--bootstrap", "--tasks"]),
                         (bench_ours_ab, ["--compare", "--repeats"])):
         monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", "--help"])
         with pytest.raises(SystemExit) as stopped:
@@ -225,6 +226,13 @@ def test_host_bound_preset_runs_both_sides_on_every_task(tmp_path):
         verdict = "ours faster" if low > 1.0 else "ours slower" if low < 1.0 else "cannot tell apart"
         assert " ".join(row[6:6 + len(verdict.split())]) == verdict, row
     assert lines[-1].startswith("geometric mean reference/ours:")
+
+
+def test_micro_batch_benchmark_times_only_the_tasks_asked_for(tmp_path):
+    result = _run_benchmark(tmp_path, "bench_micro_batches.py", "--host-bound", "--depth-divisor", "8", "--turns", "2",
+                            "--warmup-steps", "1", "--num-samples", "8", "--clock", "cpu", "--tasks", "text2text")
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines[3:-1]] == ["text2text"], lines
 
 
 def test_puffin_benchmark_times_both_models_on_every_task(tmp_path):
