@@ -6,13 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, TYPE_CHECKING
+from typing import Any, Dict, Iterator, List, Optional, Tuple, TYPE_CHECKING
 
 from megatron_puffin.config.dataclass_args import flag_name
 from megatron_puffin.files import folder_problem
 
 if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
     from megatron_puffin.config.arguments import PuffinArguments
+    from megatron_puffin.data.config import TaskStreamSpec
 
 
 def _not_a_file(flag: str, path: Optional[str], what: str = "a directory") -> List[str]:
@@ -118,23 +119,29 @@ def check_stream_datasets(args: PuffinArguments) -> List[str]:
     """Every training and validation stream's paths open as finished shards (manifest, counts, .idx/.bin sizes)
     with its task's fields, and with --cached-latents every generation stream's shards hold latents at the training
     resolution."""
-    from megatron_puffin.data.config import parse_task_stream
     from megatron_puffin.data.loader import stream_dataset_errors
 
     if args.dry_run:
         return []
     cached = (args.data.image_size, args.data.image_size_unit) if args.data.cached_latents else None
-    problems: List[str] = []
+    return [problem for flag, spec in _present_streams(args)
+            for problem in stream_dataset_errors(spec, flag, cached)]
+
+
+def _present_streams(args: PuffinArguments) -> Iterator[Tuple[str, TaskStreamSpec]]:
+    """(flag, spec) of every training and validation stream that parses and whose paths exist (the others are
+    reported by check_data and the validation checks)."""
+    from megatron_puffin.data.config import parse_task_stream
+
     for flag, specs in (("--task-stream", args.data.task_stream),
                         ("--valid-task-stream", args.validation.valid_task_stream)):
         for spec_text in specs:
             try:
                 spec = parse_task_stream(spec_text)
             except ValueError:
-                continue  # reported by check_data / the validation checks
-            if all(Path(path).exists() for path in spec.paths):  # missing paths: reported there too
-                problems += stream_dataset_errors(spec, flag, cached)
-    return problems
+                continue
+            if all(Path(path).exists() for path in spec.paths):
+                yield flag, spec
 
 
 def check_tokenizer(args: PuffinArguments) -> List[str]:
@@ -175,25 +182,15 @@ def _prompt_length_problems(args: PuffinArguments, tokenizer) -> List[str]:
     """--max-understanding-text-tokens / --max-generation-text-tokens hold the fixed part of every stream's prompts
     (checked on each stream's first sample with the training encoder; too small a limit would otherwise make every
     sample of the stream undecodable once training runs)."""
-    from megatron_puffin.data.config import effective_data_seed, parse_task_stream
+    from megatron_puffin.data.config import effective_data_seed
     from megatron_puffin.data.loader import stream_prompt_error, task_encoder_config
 
     if min(args.vision.patch_size, args.vision.fold_size, args.data.image_size, args.data.image_size_unit) < 1:
         return []  # reported by the vision and data checks
     encoder_config = task_encoder_config(args.data, effective_data_seed(args.data.data_seed, args.training.seed),
                                          args.vision.patch_size, args.vision.fold_size, args.connector.num_queries)
-    problems: List[str] = []
-    for flag, specs in (("--task-stream", args.data.task_stream),
-                        ("--valid-task-stream", args.validation.valid_task_stream)):
-        for spec_text in specs:
-            try:
-                spec = parse_task_stream(spec_text)
-            except ValueError:
-                continue  # reported by check_data / the validation checks
-            if all(Path(path).exists() for path in spec.paths):
-                problem = stream_prompt_error(spec, tokenizer, encoder_config, flag)
-                problems += [problem] if problem else []
-    return problems
+    problems = (stream_prompt_error(spec, tokenizer, encoder_config, flag) for flag, spec in _present_streams(args))
+    return [problem for problem in problems if problem]
 
 
 # The flags that give a tower's tensors their shapes, by config group: a checkpoint trained with other values does

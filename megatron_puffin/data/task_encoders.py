@@ -191,15 +191,18 @@ class TaskEncoder:
         """Stream positions at which this encoder uses each of its prompt templates once (the caption heads of
         image2text, the cross-view tails; one position for a task with a single template): encoding one sample at
         each shows the longest fixed prompt part."""
-        purpose, count = {"image2text": ("prompt_head", len(templates.CAPTION_PROMPT_HEADS)),
-                          "image2text_cross_view": ("prompt_tail", len(templates.CROSS_VIEW_PROMPT_TAILS))}.get(
-                              self.task, ("", 1))
-        positions: Dict[int, int] = {}
+        if self.task == "image2text":
+            purpose, count = "prompt_head", len(templates.CAPTION_PROMPT_HEADS)
+        elif self.task == "image2text_cross_view":
+            purpose, count = "prompt_tail", len(templates.CROSS_VIEW_PROMPT_TAILS)
+        else:
+            return [0]
+        first: Dict[int, int] = {}  # template -> the first position drawing it
         position = 0
-        while len(positions) < count:  # each draw is uniform over count: a few times count positions suffice
-            positions.setdefault(self._choice(purpose, position, count) if count > 1 else 0, position)
+        while len(first) < count:  # each draw is uniform over count: a few times count positions suffice
+            first.setdefault(self._choice(purpose, position, count), position)
             position += 1
-        return sorted(positions.values())
+        return sorted(first.values())
 
     def _happens(self, purpose: str, position: int, probability: float) -> bool:
         return probability > 0 and _uniform(self.config.seed, purpose, self.stream, position) < probability

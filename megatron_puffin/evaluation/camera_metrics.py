@@ -144,9 +144,9 @@ def _number(path: Path, line: int, column: str, text: str, kind=float):
     try:
         value = kind(text)
     except (TypeError, ValueError):
-        raise EvaluationInputError(
-            f"--ground-truth {path} line {line}: column {column!r} ({text!r}) is not {'a whole number' if kind is int else 'a number'}"
-        ) from None
+        what = "a whole number" if kind is int else "a number"
+        raise EvaluationInputError(f"--ground-truth {path} line {line}: column {column!r} ({text!r}) is not {what}") \
+            from None
     if kind is float and not math.isfinite(value):
         raise EvaluationInputError(f"--ground-truth {path} line {line}: column {column!r} ({text!r}) is not finite")
     if kind is int and value < 1:
