@@ -82,6 +82,7 @@ import torch  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
 
 import megatron_puffin.distributed as mpd  # noqa: E402
+from megatron_puffin.convert.common import ConversionError  # noqa: E402
 from megatron_puffin.convert.hf_io import HFDirectoryError, load_hf_directory  # noqa: E402
 from megatron_puffin.convert.qwen2 import hf_to_mcore, load_llm_state_dict  # noqa: E402
 from megatron_puffin.models.llm import LLMConfig, build_llm  # noqa: E402
@@ -190,11 +191,16 @@ def _seed(flags) -> int:
 # --- LLM ------------------------------------------------------------------------------------------------------------
 def hf_to_mcore_command(args: argparse.Namespace) -> None:
     hf_config, hf_state = load_hf_directory(args.hf_dir)
-    config = LLMConfig.from_hf(hf_config)
+    try:
+        config = LLMConfig.from_hf(hf_config)
+    except ValueError as error:  # another model family, or Qwen2 options the tower does not implement
+        raise HFDirectoryError(f"{args.hf_dir}: {error}") from None
+    except KeyError as error:
+        raise HFDirectoryError(f"{args.hf_dir}: config.json lacks {error}; pass a Hugging Face Qwen2 model "
+                               "directory") from None
     ctx = mpd.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=0)
     model = build_llm(config, pre_process=ctx.is_first_pipeline_stage, post_process=ctx.is_last_pipeline_stage,
                       pg_collection=mpd.process_groups())
-    from megatron_puffin.convert.common import ConversionError
 
     try:
         load_llm_state_dict(model, hf_to_mcore(hf_state, config), config)
@@ -240,7 +246,6 @@ def mcore_to_towers_command(args: argparse.Namespace) -> None:
 
 
 def mcore_to_puffin_command(args: argparse.Namespace) -> None:
-    from megatron_puffin.convert.common import ConversionError
     from megatron_puffin.convert.export import ExportError, export_puffin, resolve_source
 
     try:
@@ -259,8 +264,15 @@ def sd3_to_mcore_command(args: argparse.Namespace) -> None:
     from megatron_puffin.models.dit import DiTConfig, build_dit
 
     diffusers_config, diffusers_state = load_hf_directory(args.transformer_dir)
-    config = DiTConfig.from_diffusers(diffusers_config)
-    state = diffusers_to_mcore(diffusers_state, config)
+    try:
+        config = DiTConfig.from_diffusers(diffusers_config)
+    except ValueError as error:  # another model class, or SD3.5 options the tower does not implement
+        raise HFDirectoryError(f"{args.transformer_dir}: {error}") from None
+    try:
+        state = diffusers_to_mcore(diffusers_state, config)
+    except ConversionError as error:  # weights of another model or size than config.json
+        reason = str(error).strip().splitlines()[0]
+        raise HFDirectoryError(f"{args.transformer_dir}: its weights do not fit its config.json: {reason}") from None
     source_dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values() if t.is_floating_point()})
     ctx = mpd.initialize(args.tensor_model_parallel_size, 1, seed=0)
     model = build_dit(config, pg_collection=mpd.process_groups())
@@ -309,7 +321,7 @@ def mcore_to_sd3_command(args: argparse.Namespace) -> None:
 
 # --- vision ---------------------------------------------------------------------------------------------------------
 def radio_to_mcore_command(args: argparse.Namespace, extra: Sequence[str]) -> None:
-    from megatron_puffin.convert.common import ConversionError, shard_by_table
+    from megatron_puffin.convert.common import shard_by_table
     from megatron_puffin.convert.radio import encoder_tensor_table, radio_to_mcore, radio_vision_shape
     from megatron_puffin.models.vision import build_vision
 
@@ -359,7 +371,6 @@ def _tower_list(supplied: Sequence[str]) -> List[str]:
 
 
 def puffin_to_mcore_command(args: argparse.Namespace, extra: Sequence[str]) -> None:
-    from megatron_puffin.convert.common import ConversionError
     from megatron_puffin.convert.puffin import load_puffin_state_dict, puffin_to_mcore, weights_only_config
     from megatron_puffin.models.puffin import PuffinConfig, build_puffin
 

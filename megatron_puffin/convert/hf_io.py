@@ -27,7 +27,8 @@ def _read_weights(path: str) -> Dict[str, torch.Tensor]:
 
 
 def load_hf_directory(directory: str) -> Tuple[Dict, Dict[str, torch.Tensor]]:
-    """(config dict, state dict) of an HF directory with ``*.safetensors`` (or ``pytorch_model*.bin``) files."""
+    """(config dict, state dict) of an HF directory with ``*.safetensors`` files, else ``*pytorch_model*.bin`` ones
+    (transformers' ``pytorch_model*.bin``, diffusers' ``diffusion_pytorch_model*.bin``)."""
     if not os.path.isdir(directory):
         raise HFDirectoryError(f"{directory} is not a directory; pass a Hugging Face model directory")
     config_path = os.path.join(directory, "config.json")
@@ -41,12 +42,12 @@ def load_hf_directory(directory: str) -> Tuple[Dict, Dict[str, torch.Tensor]]:
     if not isinstance(config, dict):
         raise HFDirectoryError(f"{config_path} holds a JSON {type(config).__name__}, not an object")
     files = sorted(glob(os.path.join(directory, "*.safetensors"))) or \
-        sorted(glob(os.path.join(directory, "pytorch_model*.bin")))
+        sorted(glob(os.path.join(directory, "*pytorch_model*.bin")))
     state: Dict[str, torch.Tensor] = {}
     for path in files:
         state.update(_read_weights(path))
     if not state:
-        raise HFDirectoryError(f"{directory} has no *.safetensors or pytorch_model*.bin weights")
+        raise HFDirectoryError(f"{directory} has no *.safetensors or *pytorch_model*.bin weights")
     return config, state
 
 

@@ -74,12 +74,35 @@ def test_bad_weight_files(tmp_path, capsys):
 
 
 def test_bad_directories_and_layouts(tmp_path, capsys):
+    import torch
+
     (tmp_path / "empty").mkdir()
     code, err = _main(capsys, "hf-to-mcore", "--hf-dir", tmp_path / "empty", "--output", tmp_path / "out")
     assert code == 1 and _one_line(err).endswith("empty has no config.json; pass a Hugging Face model directory")
     (tmp_path / "empty" / "config.json").write_text("{}")
     code, err = _main(capsys, "hf-to-mcore", "--hf-dir", tmp_path / "empty", "--output", tmp_path / "out")
-    assert code == 1 and "has no *.safetensors or pytorch_model*.bin weights" in _one_line(err)
+    assert code == 1 and "has no *.safetensors or *pytorch_model*.bin weights" in _one_line(err)
+
+    # was a traceback (ValueError / KeyError from the config), or a list of missing q/k/v biases for a Llama folder
+    import json
+
+    for config, message in (({"model_type": "llama"}, "config.json says model_type 'llama': not a Qwen2 / Qwen2.5"),
+                            ({"model_type": "qwen2", "rope_scaling": {"type": "yarn"}},
+                             "unsupported Qwen2 config options: rope_scaling="),
+                            ({"model_type": "qwen2"}, "config.json lacks 'num_attention_heads'")):
+        (tmp_path / "other").mkdir(exist_ok=True)
+        (tmp_path / "other" / "config.json").write_text(json.dumps(config))
+        torch.save({"w": torch.zeros(1)}, tmp_path / "other" / "pytorch_model.bin")
+        code, err = _main(capsys, "hf-to-mcore", "--hf-dir", tmp_path / "other", "--output", tmp_path / "out")
+        assert code == 1 and message in _one_line(err), err
+    # the same for sd3-to-mcore; diffusers names its .bin files diffusion_pytorch_model*.bin (were not looked for)
+    (tmp_path / "other" / "pytorch_model.bin").rename(tmp_path / "other" / "diffusion_pytorch_model.bin")
+    for config, message in (({"_class_name": "UNet2DModel"}, "config.json describes a UNet2DModel, not an SD3"),
+                            ({"_class_name": "SD3Transformer2DModel", "num_layers": 2},
+                             "its weights do not fit its config.json: diffusers -> mcore: 1 unmatched tensor(s): w;")):
+        (tmp_path / "other" / "config.json").write_text(json.dumps(config))
+        code, err = _main(capsys, "sd3-to-mcore", "--transformer-dir", tmp_path / "other", "--output", tmp_path / "out")
+        assert code == 1 and message in _one_line(err), err
 
     (tmp_path / "exists").mkdir()
     code, err = _main(capsys, "mcore-to-hf", "--input", tmp_path / "empty", "--output", tmp_path / "exists")

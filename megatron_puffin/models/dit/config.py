@@ -75,6 +75,10 @@ class DiTConfig:
         Raises:
             ValueError: for SD3.5-only features (dual attention layers, QK norm) or unknown keys.
         """
+        class_name = config_dict.get("_class_name", "SD3Transformer2DModel")
+        if class_name != "SD3Transformer2DModel":
+            raise ValueError(f"config.json describes a {class_name}, not an SD3Transformer2DModel (give the "
+                             "transformer/ folder of an SD3 diffusers pipeline)")
         unsupported = []
         if config_dict.get("dual_attention_layers"):
             unsupported.append(f"dual_attention_layers={list(config_dict['dual_attention_layers'])}")

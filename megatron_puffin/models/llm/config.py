@@ -60,6 +60,10 @@ class LLMConfig:
     @classmethod
     def from_hf(cls, config_dict: Dict[str, Any]) -> "LLMConfig":
         """Build from a Hugging Face Qwen2 ``config.json`` dictionary."""
+        model_type = config_dict.get("model_type", "qwen2")
+        if model_type != "qwen2":  # Qwen2.5 is "qwen2" too; another family's tensors would be reported one by one
+            raise ValueError(f"config.json says model_type {model_type!r}: not a Qwen2 / Qwen2.5 model (model_type "
+                             "'qwen2'), the only LLM this tower converts")
         unsupported = []
         if config_dict.get("use_sliding_window"):
             unsupported.append("use_sliding_window=true")
