@@ -93,6 +93,28 @@ def remove_empty_folders(path: str) -> None:
             pass
 
 
+def launch_flag_problem(args) -> Optional[str]:
+    """What torchrun would refuse in the parsed flags, as one message (torchrun raises it as a traceback from inside
+    its launch: a bare ``AssertionError`` for ``--nproc-per-node 0``), or None. Checked before anything is made."""
+    from torch.distributed.run import config_from_args
+
+    try:
+        if int(args.nproc_per_node) < 1:
+            return f"--nproc-per-node ({args.nproc_per_node}) must be at least 1 (or gpu, cpu, auto)"
+    except ValueError:
+        pass  # gpu / cpu / auto, or a word torchrun names below
+    try:
+        config_from_args(args)
+    except (ValueError, AssertionError) as error:
+        message = " ".join(str(error).split()).rstrip(".") or type(error).__name__
+        flag = next((f"{flag} ({value}): " for prefix, flag, value in (
+            ("min_nodes", "--nnodes", args.nnodes), ("max_restarts", "--max-restarts", args.max_restarts),
+            ("Unsupported nproc_per_node", "--nproc-per-node", args.nproc_per_node),
+            ("Cuda is not available", "--nproc-per-node", args.nproc_per_node)) if message.startswith(prefix)), "")
+        return flag + message
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -101,6 +123,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, value in ENVIRONMENT_DEFAULTS.items():
         os.environ.setdefault(name, value)
     args = parse_args(argv)
+    problem = launch_flag_problem(args)
+    if problem:
+        print(f"{PROG}: error: {problem}; see python -m megatron_puffin.launch --help (torchrun's flags)",
+              file=sys.stderr, flush=True)
+        return 2
     log_dir = own_log_dir(args)
     startup_finished()  # from here torchrun's agent handles the stop signals
     status, line = 0, None

@@ -135,3 +135,22 @@ def test_a_wrong_torchrun_flag_is_torchruns_usage_error(tmp_path):
                           text=True, timeout=TIMEOUT)
     assert proc.returncode == 2 and "unrecognized arguments: --no-such-flag" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_values_torchrun_refuses_are_one_line_before_anything_is_made(tmp_path):
+    """Were torchrun's tracebacks from inside its launch (a bare AssertionError for --nproc-per-node 0)."""
+    cases = [(["--nproc-per-node", "0"], "--nproc-per-node (0) must be at least 1 (or gpu, cpu, auto)"),
+             (["--nproc-per-node", "two"], "--nproc-per-node (two): Unsupported nproc_per_node value: two"),
+             (["--nnodes", "0"], "--nnodes (0): min_nodes must be > 0"),
+             (["--max-restarts", "-1"], "--max-restarts (-1): max_restarts must be >= 0")]
+    script = ("import sys\nfrom megatron_puffin.launch import main\n"
+              f"for flags in {[flags for flags, _ in cases]!r}:\n"
+              f"    print('exit', main(['--standalone', *flags, {str(ROOT / 'pretrain_puffin.py')!r}]), flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=TIMEOUT, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert proc.stdout.split() == ["exit", "2"] * len(cases), proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == len(cases) and "Traceback" not in proc.stderr, proc.stderr
+    for line, (_, message) in zip(lines, cases):
+        assert line.startswith(f"megatron_puffin.launch: error: {message}"), line
+    assert list(tmp_path.iterdir()) == []  # no torchelastic_* folder was made

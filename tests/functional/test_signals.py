@@ -119,9 +119,10 @@ def test_sigterm_to_train_sh_saves_with_workers_and_a_second_signal_does_not_kil
 
 def _plain_torchrun(workdir, name, env=ENV):
     """``torchrun`` (its own session, as a terminal's foreground job) training with ``--save run_NAME`` after two
-    iterations; returns (the torchrun process, its rank's pid)."""
+    iterations; returns (the torchrun process, its rank's pid). Its log folder goes under ``workdir`` (plain
+    torchrun leaves a ``torchelastic_*`` tree in the system's temporary folder on every launch)."""
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-                             str(ROOT / "pretrain_puffin.py"), *FLAGS, "--save", f"run_{name}", "--metrics-file",
+                             "--log-dir", str(workdir / f"torchelastic_{name}"), str(ROOT / "pretrain_puffin.py"), *FLAGS, "--save", f"run_{name}", "--metrics-file",
                              f"{name}.jsonl"], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     _wait_for(lambda: _metrics_lines(workdir / f"{name}.jsonl") >= 2, proc, "two iterations")
