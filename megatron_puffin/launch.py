@@ -28,6 +28,7 @@ same way, with torchrun's endings and defaults.
 """
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import socket
@@ -103,8 +104,12 @@ def launch_flag_problem(args) -> Optional[str]:
             return f"--nproc-per-node ({args.nproc_per_node}) must be at least 1 (or gpu, cpu, auto)"
     except ValueError:
         pass  # gpu / cpu / auto, or a word torchrun names below
+    if args.log_dir and os.path.isfile(args.log_dir):
+        return f"--log-dir ({args.log_dir}) is a file; give a folder"
+    probe = copy.copy(args)
+    probe.log_dir = os.devnull  # torchrun's log specs would make (and leave) a torchelastic_* folder for None
     try:
-        config_from_args(args)
+        config_from_args(probe)
     except (ValueError, AssertionError) as error:
         message = " ".join(str(error).split()).rstrip(".") or type(error).__name__
         flag = next((f"{flag} ({value}): " for prefix, flag, value in (

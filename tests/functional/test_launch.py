@@ -142,7 +142,9 @@ def test_values_torchrun_refuses_are_one_line_before_anything_is_made(tmp_path):
     cases = [(["--nproc-per-node", "0"], "--nproc-per-node (0) must be at least 1 (or gpu, cpu, auto)"),
              (["--nproc-per-node", "two"], "--nproc-per-node (two): Unsupported nproc_per_node value: two"),
              (["--nnodes", "0"], "--nnodes (0): min_nodes must be > 0"),
-             (["--max-restarts", "-1"], "--max-restarts (-1): max_restarts must be >= 0")]
+             (["--max-restarts", "-1"], "--max-restarts (-1): max_restarts must be >= 0"),
+             (["--log-dir", str(tmp_path / "a_file")], f"--log-dir ({tmp_path / 'a_file'}) is a file; give a folder")]
+    (tmp_path / "a_file").write_text("")
     script = ("import sys\nfrom megatron_puffin.launch import main\n"
               f"for flags in {[flags for flags, _ in cases]!r}:\n"
               f"    print('exit', main(['--standalone', *flags, {str(ROOT / 'pretrain_puffin.py')!r}]), flush=True)\n")
@@ -153,4 +155,4 @@ def test_values_torchrun_refuses_are_one_line_before_anything_is_made(tmp_path):
     assert len(lines) == len(cases) and "Traceback" not in proc.stderr, proc.stderr
     for line, (_, message) in zip(lines, cases):
         assert line.startswith(f"megatron_puffin.launch: error: {message}"), line
-    assert list(tmp_path.iterdir()) == []  # no torchelastic_* folder was made
+    assert list(tmp_path.iterdir()) == [tmp_path / "a_file"]  # no torchelastic_* folder was made
