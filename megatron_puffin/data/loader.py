@@ -11,6 +11,7 @@ import ctypes
 import functools
 import logging
 import multiprocessing.context
+import multiprocessing.util
 import re
 import signal
 import struct
@@ -483,6 +484,11 @@ class PuffinDataLoader:
         if self.num_workers > 0:
             kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=False, worker_init_fn=worker_init,
                           multiprocessing_context=_WORKER_CONTEXT)
+            # multiprocessing's temporary folder (``pymp-*``: the sockets workers pass shared-memory handles through)
+            # made here, before the fork: the workers share it and this process removes it when it exits. A worker's
+            # own, made on its first batch, stayed behind whenever the worker was killed (the out-of-memory killer, a
+            # SIGBUS), one folder per death.
+            multiprocessing.util.get_temp_dir()
         return torch.utils.data.DataLoader(
             _StreamSamples(self.streams), batch_sampler=self.sampler(),
             collate_fn=functools.partial(_collate_reporting, self.collator),

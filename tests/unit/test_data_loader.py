@@ -106,9 +106,14 @@ def test_a_killed_worker_is_restarted_where_it_died_and_one_death_too_many_is_on
 
     from megatron_puffin.data.loader import DataLoaderWorkerError
 
+    import multiprocessing.util
+    import tempfile
+    from pathlib import Path
+
     reference = _take(build_data_loader(_config(data, STAGE), seed=5), 9)
     loader = build_data_loader(_config(data, STAGE, num_workers=2, prefetch_factor=2, max_worker_restarts=1), seed=5)
     before = set(multiprocessing.active_children())
+    folders_before = set(Path(tempfile.gettempdir()).glob("pymp-*"))
     iterator = iter(loader)
     try:
         got = [next(iterator) for _ in range(3)]
@@ -135,6 +140,10 @@ def test_a_killed_worker_is_restarted_where_it_died_and_one_death_too_many_is_on
             for _ in range(6):
                 next(iterator)
         assert loader.state_dict()["step"] <= 15  # the position of what was handed out: a checkpoint resumes there
+        # the killed workers used this process's multiprocessing folder, which goes when it exits: nothing stays in
+        # the temporary folder for each death (a worker's own pymp-* folder did)
+        left = set(Path(tempfile.gettempdir()).glob("pymp-*")) - folders_before
+        assert left <= {Path(multiprocessing.util.get_temp_dir())}, left
     finally:
         iterator.close()  # a failed assertion must not leave workers that block the interpreter's exit
 
