@@ -44,8 +44,9 @@ sys.stdin.read()  # until the test kills this process
 """
 
 
-def test_queue_process_ignores_stop_signals_and_dies_with_its_rank():
-    env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+def test_queue_process_ignores_stop_signals_and_dies_with_its_rank(tmp_path):
+    # the SIGKILLed child cannot remove its multiprocessing folder (pymp-*): it goes under tmp_path, not /tmp
+    env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", TMPDIR=str(tmp_path))
     child = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -89,11 +90,11 @@ print(json.dumps({"tracker_was_running": tracker_was_running, "spawned": spawned
 """
 
 
-def test_the_first_spawn_of_a_process_starts_the_queue_process_with_the_stop_signals_blocked():
+def test_the_first_spawn_of_a_process_starts_the_queue_process_with_the_stop_signals_blocked(tmp_path):
     # A run's first save is the first spawn of the rank: multiprocessing launches its resource tracker first, and
     # that launch unblocks SIGINT and SIGTERM when done. The queue's process must still start with every stop
     # signal blocked (it sets "ignore" before unblocking them), or the second signal of a double Ctrl-C kills it.
-    env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", TMPDIR=str(tmp_path))
     result = subprocess.run([sys.executable, "-c", FIRST_SPAWN], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
