@@ -61,13 +61,14 @@ encoder but no projector gets a freshly initialised projector (reported).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
 import sys
 import warnings
 from glob import glob
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 warnings.filterwarnings("ignore", category=UserWarning)
 # deprecation notices of torch.distributed.checkpoint / megatron-core about their own internals ("we are deprecating
@@ -188,25 +189,32 @@ def _seed(flags) -> int:
     return flags.training.seed
 
 
+@contextlib.contextmanager
+def _one_line_errors(directory: str, mismatch: Tuple[type, ...] = (ConversionError,)):
+    """A Hugging Face / diffusers folder that is not what the command converts, as one line naming it: weights that
+    do not fit its ``config.json`` (``mismatch``: a mixed folder, another model), another model family or options
+    the tower does not implement (ValueError), a ``config.json`` lacking a key."""
+    try:
+        yield
+    except mismatch as error:
+        reason = str(error).strip().splitlines()[0]
+        raise HFDirectoryError(f"{directory}: its weights do not fit its config.json: {reason}") from None
+    except ValueError as error:
+        raise HFDirectoryError(f"{directory}: {error}") from None
+    except KeyError as error:
+        raise HFDirectoryError(f"{directory}: config.json lacks {error}") from None
+
+
 # --- LLM ------------------------------------------------------------------------------------------------------------
 def hf_to_mcore_command(args: argparse.Namespace) -> None:
     hf_config, hf_state = load_hf_directory(args.hf_dir)
-    try:
+    with _one_line_errors(args.hf_dir):
         config = LLMConfig.from_hf(hf_config)
-    except ValueError as error:  # another model family, or Qwen2 options the tower does not implement
-        raise HFDirectoryError(f"{args.hf_dir}: {error}") from None
-    except KeyError as error:
-        raise HFDirectoryError(f"{args.hf_dir}: config.json lacks {error}; pass a Hugging Face Qwen2 model "
-                               "directory") from None
     ctx = mpd.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=0)
     model = build_llm(config, pre_process=ctx.is_first_pipeline_stage, post_process=ctx.is_last_pipeline_stage,
                       pg_collection=mpd.process_groups())
-
-    try:
+    with _one_line_errors(args.hf_dir, mismatch=(ConversionError, RuntimeError)):  # RuntimeError: torch's sizes
         load_llm_state_dict(model, hf_to_mcore(hf_state, config), config)
-    except (ConversionError, RuntimeError) as error:  # weights of another size than config.json (a mixed folder)
-        reason = str(error).strip().splitlines()[0]
-        raise HFDirectoryError(f"{args.hf_dir}: its weights do not fit its config.json: {reason}") from None
     metadata = {
         "kind": "llm",
         "source": args.hf_dir,
@@ -264,15 +272,9 @@ def sd3_to_mcore_command(args: argparse.Namespace) -> None:
     from megatron_puffin.models.dit import DiTConfig, build_dit
 
     diffusers_config, diffusers_state = load_hf_directory(args.transformer_dir)
-    try:
+    with _one_line_errors(args.transformer_dir):
         config = DiTConfig.from_diffusers(diffusers_config)
-    except ValueError as error:  # another model class, or SD3.5 options the tower does not implement
-        raise HFDirectoryError(f"{args.transformer_dir}: {error}") from None
-    try:
         state = diffusers_to_mcore(diffusers_state, config)
-    except ConversionError as error:  # weights of another model or size than config.json
-        reason = str(error).strip().splitlines()[0]
-        raise HFDirectoryError(f"{args.transformer_dir}: its weights do not fit its config.json: {reason}") from None
     source_dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values() if t.is_floating_point()})
     ctx = mpd.initialize(args.tensor_model_parallel_size, 1, seed=0)
     model = build_dit(config, pg_collection=mpd.process_groups())
