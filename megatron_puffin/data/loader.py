@@ -596,21 +596,14 @@ def stream_prompt_error(spec: TaskStreamSpec, tokenizer: PuffinTokenizer, encode
     encoding its first sample with each prompt template (at run time the samples would be skipped as undecodable);
     the message names the smallest limit that fits every template. None when they fit or the sample does not
     decode for another reason (the loader reports that one)."""
-    too_long: List[TextTooLong] = []
     try:
         dataset = PuffinDataset(list(spec.paths))
         if len(dataset) == 0:
             return None
-        sample = dataset[0]
-        encoder = TaskEncoder(spec.task, tokenizer, encoder_config)
-        for position in encoder.prompt_variant_positions():
-            try:
-                encoder(sample, position)
-            except TextTooLong as error:
-                too_long.append(error)
+        too_long = TaskEncoder(spec.task, tokenizer, encoder_config).prompt_limit_error(dataset[0])
     except (DatasetFormatError, *BAD_SAMPLE_ERRORS):
         return None
-    return f"{_stream_label(spec, flag)}: {max(too_long, key=lambda e: e.tokens)}" if too_long else None
+    return f"{_stream_label(spec, flag)}: {too_long}" if too_long else None
 
 
 def build_data_loader(config: DataConfig, seed: int, data_parallel_rank: int = 0, data_parallel_size: int = 1,

@@ -21,6 +21,7 @@ position of the sample in the stream's global order), so it is identical on ever
 of data-parallel ranks and workers, and differs between epochs. Length limits count text tokens only (image
 placeholders and queries are never dropped) and cut the answer on the right (reference: left truncation, §9.7).
 """
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -203,6 +204,22 @@ class TaskEncoder:
             first.setdefault(self._choice(purpose, position, count), position)
             position += 1
         return sorted(first.values())
+
+    def prompt_limit_error(self, sample: Dict[str, Any]) -> Optional[TextTooLong]:
+        """Encodes ``sample`` once per prompt template (:meth:`prompt_variant_positions`; its images decoded once)
+        and returns the :class:`TextTooLong` of the template that needs the most text tokens, or None when every
+        template fits the limits."""
+        errors: List[TextTooLong] = []
+        self._load = functools.lru_cache(maxsize=2)(self._load)  # the same bytes at every position
+        try:
+            for position in self.prompt_variant_positions():
+                try:
+                    self(sample, position)
+                except TextTooLong as error:
+                    errors.append(error)
+        finally:
+            del self._load  # back to the method
+        return max(errors, key=lambda error: error.tokens) if errors else None
 
     def _happens(self, purpose: str, position: int, probability: float) -> bool:
         return probability > 0 and _uniform(self.config.seed, purpose, self.stream, position) < probability

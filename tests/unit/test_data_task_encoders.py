@@ -212,9 +212,11 @@ def test_a_too_small_text_limit_names_the_smallest_one_that_fits(tokenizer):
                 encoder(SAMPLE, position)
             assert f"more than {flag} 4; raise {flag} to at least {info.value.tokens}" in str(info.value)
             needed.append(info.value.tokens)
+        assert encoder.prompt_limit_error(SAMPLE).tokens == max(needed)  # the pre-start check's one call
         enough = TaskEncoder(task, tokenizer, TaskEncoderConfig(**{field: max(needed)}))
         for position in positions:
             enough(SAMPLE, position)  # fits at the named value
+        assert enough.prompt_limit_error(SAMPLE) is None
         short = TaskEncoder(task, tokenizer, TaskEncoderConfig(**{field: max(needed) - 1}))
         with pytest.raises(TextTooLong):
             for position in positions:
