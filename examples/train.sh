@@ -76,6 +76,10 @@ else
   rendezvous=(--standalone)
 fi
 
+mkdir -p "$LOG_DIR" 2> /dev/null || usage "LOG_DIR=$LOG_DIR cannot be made a directory (a file, or a parent that is one?)"
+log="$LOG_DIR/train-$(date +%Y%m%d-%H%M%S).log"
+{ : >> "$log"; } 2> /dev/null || usage "cannot write the log $log; set LOG_DIR to a writable directory"
+
 flags=("@$STAGE_ARGS")
 if [ -n "${SAVE_DIR:-}" ]; then
   flags+=(--save "$SAVE_DIR" --load "$SAVE_DIR")
@@ -85,8 +89,6 @@ if [ -n "${SAVE_DIR:-}" ]; then
 fi
 flags+=(${extra_args[@]+"${extra_args[@]}"})
 
-mkdir -p "$LOG_DIR"
-log="$LOG_DIR/train-$(date +%Y%m%d-%H%M%S).log"
 echo "[train.sh] $NPROC_PER_NODE process(es), flags ${flags[*]}; log: $log" >&2
 exec > >(trap '' INT QUIT HUP; exec tee -a "$log") 2>&1  # the log outlives Ctrl-C: the ranks log their save
 pid=""

@@ -135,6 +135,17 @@ def test_train_sh_with_a_missing_flag_file_fails(fakes):
     assert result.returncode == 2 and "is not a file" in result.stderr
 
 
+@pytest.mark.parametrize("log_dir", ["a_file", "a_file/logs"])
+def test_train_sh_with_a_log_dir_it_cannot_make_fails_before_launching(fakes, log_dir):
+    tmp_path, env = fakes
+    (tmp_path / "a_file").write_text("not a directory\n")
+    env["LOG_DIR"] = str(tmp_path / log_dir)
+    result = run(TRAIN_SH, env)
+    assert result.returncode == 2, result.stderr
+    assert f"error: LOG_DIR={tmp_path / log_dir} cannot be made a directory" in result.stderr
+    assert "mkdir:" not in result.stderr and not recorded(tmp_path)  # one line of ours; torchrun never started
+
+
 def test_train_sh_runs_torchrun_on_every_visible_gpu_tees_the_log_and_keeps_its_status(fakes):
     tmp_path, env = fakes
     env.update(EXTRA_ARGS="--lr 1e-5  --save runs/x", LOG_DIR=str(tmp_path / "logs"), FAKE_EXIT="75")
