@@ -60,6 +60,7 @@ def test_benchmark_parsers_refuse_with_one_line(monkeypatch, capsys):
         import bench_puffin
         import bench_micro_batches
         import bench_ours_ab
+        import bench_task_order
         import bench_training
         import profile_training
 
@@ -77,6 +78,8 @@ def test_benchmark_parsers_refuse_with_one_line(monkeypatch, capsys):
              (bench_micro_batches._parse_args, ["--tasks", "img2text"], "argument --tasks: unknown img2text"),
              (bench_micro_batches._parse_args, ["--turns", "2", "--blocks", "x"], "argument --blocks: 'x' is not a"),
              (bench_ours_ab._parse_args, ["--levers", "none"], "the following arguments are required: --compare"),
+             (bench_task_order._parse_args, ["--task", "img2text"], "argument --task: invalid choice: 'img2text'"),
+             (bench_task_order._parse_args, ["--turns", "0"], "argument --turns: 0 must be at least 1"),
              (bench_data_loader.main, ["--loader-workers", "0,x"], "argument --loader-workers: 'x' is not a whole"),
              (bench_data_loader.main, ["--num-samples", "8"], "--num-samples (8) must be at least 24"),
              (bench_data_loader.main, ["--work-dir", "/proc/puffin"], "--work-dir (/proc/puffin): the folder /proc is")]
@@ -97,10 +100,11 @@ def test_scripts_built_on_bench_training_list_their_own_flags_in_help(monkeypatc
     with warnings.catch_warnings():
         import bench_micro_batches
         import bench_ours_ab
+        import bench_task_order
         import profile_training
 
     for module, own in ((profile_training, ["--top", "--tasks"]), (bench_micro_batches, ["--turns", "--bootstrap", "--tasks"]),
-                        (bench_ours_ab, ["--compare", "--repeats"])):
+                        (bench_ours_ab, ["--compare", "--repeats"]), (bench_task_order, ["--task", "--turns"])):
         monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", "--help"])
         with pytest.raises(SystemExit) as stopped:
             module._parse_args()
@@ -233,6 +237,34 @@ def test_micro_batch_benchmark_times_only_the_tasks_asked_for(tmp_path):
                             "--warmup-steps", "1", "--num-samples", "8", "--clock", "cpu", "--tasks", "text2text")
     lines = result.stdout.splitlines()
     assert [line.split()[0] for line in lines[3:-1]] == ["text2text"], lines
+
+
+def test_task_order_benchmark_moves_only_the_task_and_reports_both_sides(tmp_path):
+    """``bench_task_order.py``: the two orders hold the same micro-batches, the task first or third and the others
+    in their order; a tiny run prints both sides' times, first / third ratio, interval and verdict, and the shift of
+    bench_training's ratio."""
+    import bench_task_order
+
+    cycle = [{"task": task} for task in TASKS]
+    arranged = bench_task_order.orders(cycle, "text2image")
+    assert [b["task"] for b in arranged["first"]] == ["text2image", *TASKS[:3], *TASKS[4:]]
+    assert [b["task"] for b in arranged["third"]] == [*TASKS[:2], "text2image", TASKS[2], *TASKS[4:]]
+    with pytest.raises(ValueError, match="holds 2 micro-batches of text2text"):
+        bench_task_order.orders(cycle + [{"task": "text2text"}], "text2text")
+    result = _run_benchmark(tmp_path, "bench_task_order.py", "--host-bound", "--depth-divisor", "8", "--turns", "2",
+                            "--warmup-steps", "1", "--num-samples", "8", "--clock", "cpu", "--task", "text2text")
+    lines = result.stdout.splitlines()
+    assert "text2text's forward+backward first in the optimizer step vs third, 2 turns" in lines[0], lines
+    rows = {line.split()[0]: line.split() for line in lines if line.split()[0] in ("ours", "reference")}
+    assert set(rows) == {"ours", "reference"}
+    for row in rows.values():
+        first, third, ratio = (float(x) for x in row[1:4])
+        low, high = (float(x) for x in row[4].split("-"))
+        assert first > 0 and third > 0 and low <= ratio <= high, row
+        assert " ".join(row[5:]) == bench_task_order.verdict(low, high), row
+    assert lines[-1].startswith("text2text first moves bench_training's ours/reference ratio by "), lines
+    shift = float(lines[-1].split(" by ")[1].split("x")[0])
+    assert shift == pytest.approx(float(rows["reference"][3]) / float(rows["ours"][3]), abs=2e-3)  # printed rounded
 
 
 def test_puffin_benchmark_times_both_models_on_every_task(tmp_path):
