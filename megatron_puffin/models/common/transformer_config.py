@@ -1,8 +1,9 @@
 """What every tower's megatron-core ``TransformerConfig`` shares: layout, precision, fusions and recomputation;
-the encoder towers' (ViT, connectors) common arguments; the tensor-parallel divisibility messages."""
+the encoder towers' (ViT, connectors) common arguments; the tensor-parallel divisibility messages; and
+:class:`CheckedConfig`, the ``check`` of the tower configs that validate themselves."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 import torch
 
@@ -93,3 +94,20 @@ def tensor_parallel_problems(tower: str, tensor_model_parallel_size: int, **size
         f"use a --tensor-model-parallel-size of {', '.join(map(str, valid))}"
         for name, value in bad.items()
     ]
+
+
+class CheckedConfig:
+    """Base of the tower configs with a ``validate(tensor_model_parallel_size) -> problems`` method: :meth:`check`
+    raises them all at once, each naming its flag."""
+
+    TOWER: ClassVar[str] = ""
+    """The tower's name in the error, e.g. ``"invalid DiT configuration"``."""
+
+    def validate(self, tensor_model_parallel_size: int = 1) -> List[str]:
+        raise NotImplementedError
+
+    def check(self, tensor_model_parallel_size: int = 1) -> None:
+        """Raise ``ValueError`` listing every problem of :meth:`validate`."""
+        problems = self.validate(tensor_model_parallel_size)
+        if problems:
+            raise ValueError(f"invalid {self.TOWER} configuration:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -8,7 +8,11 @@ from typing import ClassVar, List, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_puffin.models.common.transformer_config import encoder_transformer_kwargs, tensor_parallel_problems
+from megatron_puffin.models.common.transformer_config import (
+    CheckedConfig,
+    encoder_transformer_kwargs,
+    tensor_parallel_problems,
+)
 from megatron_puffin.optional_deps import transformer_engine_error
 
 
@@ -18,10 +22,11 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class ConnectorConfig:
+class ConnectorConfig(CheckedConfig):
     """The connectors between the LLM's meta-query states and the DiT (two identical bidirectional encoders)."""
 
     FLAG_PREFIX: ClassVar[str] = "connector-"
+    TOWER: ClassVar[str] = "connector"
 
     num_queries: int = 64
     """Learnable meta queries appended to the prompt; their last-layer LLM states condition the DiT."""
@@ -67,12 +72,6 @@ class ConnectorConfig:
         if not self.layernorm_epsilon > 0:  # a layer norm of a constant row divides by sqrt(epsilon)
             problems.append(f"--connector-layernorm-epsilon ({self.layernorm_epsilon}) must be positive (e.g. 1e-6)")
         return problems
-
-    def check(self, tensor_model_parallel_size: int = 1) -> None:
-        """Raise ``ValueError`` listing every problem of :meth:`validate`."""
-        problems = self.validate(tensor_model_parallel_size)
-        if problems:
-            raise ValueError("invalid connector configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
     def to_transformer_config(
         self,

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_puffin.models.common.transformer_config import runtime_transformer_kwargs
+from megatron_puffin.models.common.transformer_config import CheckedConfig, runtime_transformer_kwargs
 from megatron_puffin.optional_deps import transformer_engine_error
 
 # diffusers' SD3Transformer2DModel config keys that only carry bookkeeping (no effect on the computation).
@@ -23,10 +23,11 @@ def _divisors(n: int) -> List[int]:
 
 
 @dataclass
-class DiTConfig:
+class DiTConfig(CheckedConfig):
     """The SD3 MMDiT generator ("dynamic" variant): shapes, positional grid and activation recomputation."""
 
     FLAG_PREFIX: ClassVar[str] = "dit-"
+    TOWER: ClassVar[str] = "DiT"
 
     sample_size: int = 128
     """Latent height/width the positional embedding was designed for (SD3-medium: 128); sets its base grid."""
@@ -143,12 +144,6 @@ class DiTConfig:
                 f"({self.hidden_size}) a multiple of 4 (sin-cos timestep and 2-D position embeddings)"
             )
         return problems
-
-    def check(self, tensor_model_parallel_size: int = 1) -> None:
-        """Raise ``ValueError`` listing every problem of :meth:`validate`."""
-        problems = self.validate(tensor_model_parallel_size)
-        if problems:
-            raise ValueError("invalid DiT configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
     def to_transformer_config(
         self,

@@ -9,7 +9,11 @@ from typing import ClassVar, List, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_puffin.models.common.transformer_config import encoder_transformer_kwargs, tensor_parallel_problems
+from megatron_puffin.models.common.transformer_config import (
+    CheckedConfig,
+    encoder_transformer_kwargs,
+    tensor_parallel_problems,
+)
 from megatron_puffin.optional_deps import transformer_engine_error
 
 # OpenAI CLIP normalisation used by RADIO's input conditioner (docs/puffin.md §1.3).
@@ -18,10 +22,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
-class VisionConfig:
+class VisionConfig(CheckedConfig):
     """The RADIO vision encoder (C-RADIOv3-H shape), the 2x2 pixel fold and the MLP projector into the LLM."""
 
     FLAG_PREFIX: ClassVar[str] = "vision-"
+    TOWER: ClassVar[str] = "vision"
 
     patch_size: int = 16
     """Side of the square pixel patch embedded as one token (C-RADIOv3-H: 16)."""
@@ -112,12 +117,6 @@ class VisionConfig:
         if not self.layernorm_epsilon > 0:  # a layer norm of a constant row divides by sqrt(epsilon)
             problems.append(f"--vision-layernorm-epsilon ({self.layernorm_epsilon}) must be positive (e.g. 1e-6)")
         return problems
-
-    def check(self, tensor_model_parallel_size: int = 1) -> None:
-        """Raise ``ValueError`` listing every problem of :meth:`validate`."""
-        problems = self.validate(tensor_model_parallel_size)
-        if problems:
-            raise ValueError("invalid vision configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
     def to_transformer_config(
         self,
