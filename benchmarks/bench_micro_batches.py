@@ -39,7 +39,6 @@ import torch
 
 import bench_training  # noqa: E402  (puts tests/ on sys.path through puffin_bench_common)
 import profile_training  # noqa: E402
-import real_proportions  # noqa: E402
 from puffin_bench_common import PAIRED_HEADER, paired_columns  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
 from bench_flags import positive_int, run_main  # noqa: E402
@@ -89,11 +88,8 @@ def main() -> None:
                 for side, make in (SIDES if turn % 2 == 0 else SIDES[::-1]):
                     results.setdefault((batch["task"], side), []).append(_timed(make(variants, batch), clock))
         mpd.destroy()
-    print(f"{args.clock} clock, threads {torch.get_num_threads()}, levers: {', '.join(args.levers) or 'none'}; "
-          f"forward+backward of one micro-batch per task, median of {args.turns} alternating turns")
-    preset = real_proportions.describe_preset(args)
-    if preset:
-        print(preset)
+    bench_training.print_turns_header(
+        args, f"forward+backward of one micro-batch per task, median of {args.turns} alternating turns")
     print(f"{'task':24s} {'ours s':>8s} {'ref s':>8s} {'ref/ours':>9s} {PAIRED_HEADER} {'faults ours':>12s} {'faults ref':>11s} {'sys ours':>9s} {'sys ref':>8s}")
     ratios = []
     for batch in batches:

@@ -29,7 +29,6 @@ from typing import Dict, List
 import torch
 
 import bench_training  # noqa: E402  (puts tests/ on sys.path through puffin_bench_common)
-import real_proportions  # noqa: E402
 from puffin_bench_common import median_interval  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
 from bench_flags import positive_int, run_main  # noqa: E402
@@ -91,11 +90,8 @@ def main() -> None:
                     times[side][name].append(step(arranged[name])["micro"][0 if name == "first" else POSITION])
                 ratios[side].append(times[side]["first"][-1] / times[side]["third"][-1])
         mpd.destroy()
-    print(f"{args.clock} clock, threads {torch.get_num_threads()}, levers: {', '.join(args.levers) or 'none'}; "
-          f"{args.task}'s forward+backward first in the optimizer step vs third, {args.turns} turns per side")
-    preset = real_proportions.describe_preset(args)
-    if preset:
-        print(preset)
+    bench_training.print_turns_header(
+        args, f"{args.task}'s forward+backward first in the optimizer step vs third, {args.turns} turns per side")
     print(f"{'side':10s} {'first s':>8s} {'third s':>8s} {'first/third':>12s} {'95% interval':>13s} {'verdict':>17s}")
     for side in SIDES:
         low, high = median_interval(ratios[side], args.bootstrap)

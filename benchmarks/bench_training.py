@@ -404,6 +404,15 @@ def build_variants(args: argparse.Namespace, root: Path, start: Optional[float] 
     return variants
 
 
+def print_turns_header(args: argparse.Namespace, timed: str) -> None:
+    """The first lines of the reports of the benchmarks that take turns on ``build_variants``' two sides: the clock,
+    threads and levers with what was ``timed``, then the size preset's description when one was chosen."""
+    print(f"{args.clock} clock, threads {torch.get_num_threads()}, levers: {', '.join(args.levers) or 'none'}; {timed}")
+    preset = real_proportions.describe_preset(args)
+    if preset:
+        print(preset)
+
+
 def _warm_up(variants: Variants, args) -> Dict[str, Any]:
     """The untimed steps; the first one checks the losses equal and measures both activation peaks."""
     measured: Dict[str, Any] = {}
