@@ -1,13 +1,15 @@
 """File-system helpers shared by the entry point and the tools: whether an output folder can be made (checked before
-any work, so a bad path fails at once instead of when the results are written) and atomic writes."""
+any work, so a bad path fails at once instead of when the results are written), atomic writes, and the JSON objects
+the project's own files hold (shard manifests, checkpoint sidecars, model configs)."""
 from __future__ import annotations
 
 import codecs
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Type, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -61,3 +63,20 @@ def write_text_atomically(path: PathLike, text: str) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
+
+
+def read_json_object(path: PathLike, error: Type[Exception], advice: str = "",
+                     name: Optional[str] = None) -> Dict[str, Any]:
+    """The JSON object the file ``path`` holds (read as :func:`read_text` does). A file that is not JSON, or whose
+    JSON is not an object (an array, a string, ``null``: an overwritten file), raises ``error`` with one line naming
+    the file (as ``name``, default its path), what is wrong and ``advice`` (e.g. ``"; the checkpoint is damaged"``).
+    A file that cannot be read raises its ``OSError``: what a missing file means is the caller's to say."""
+    name = str(path) if name is None else name
+    try:
+        value = json.loads(read_text(path))
+    except ValueError as problem:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise error(f"{name} is not valid JSON ({problem}){advice}") from None
+    if not isinstance(value, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+        raise error(f"{name} holds {kind}, not a JSON object{advice}")
+    return value

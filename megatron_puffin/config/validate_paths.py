@@ -4,12 +4,11 @@ model of the shape the flags describe (read from their JSON sidecar only), outpu
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, TYPE_CHECKING
 
 from megatron_puffin.config.dataclass_args import flag_name
-from megatron_puffin.files import folder_problem
+from megatron_puffin.files import folder_problem, read_json_object
 
 if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
     from megatron_puffin.config.arguments import PuffinArguments
@@ -100,19 +99,26 @@ def vae_file_problems(vae_config: Optional[str], vae_path: Optional[str]) -> Lis
     """The checks of :func:`check_vae_files` on the two flags' values (also used by ``tools/cache_latents.py``)."""
     problems = []
     if vae_config:
-        path = Path(vae_config)
-        try:
-            config = json.loads(path.read_text())
-            if not isinstance(config, dict):
-                problems.append(f"--vae-config ({path}) must hold a JSON object (an AutoencoderKL config)")
-        except (OSError, UnicodeDecodeError) as error:
-            problems.append(f"--vae-config ({path}) cannot be read ({error.__class__.__name__}); check the path")
-        except json.JSONDecodeError as error:
-            problems.append(f"--vae-config ({path}) is not valid JSON ({error}); give an AutoencoderKL config file")
+        problems += _json_object_problems(Path(vae_config), f"--vae-config ({vae_config})",
+                                          "give an AutoencoderKL config file")
     if vae_path and not (Path(vae_path) / "config.json").is_file():
         problems.append(f"--vae-path ({vae_path}) has no config.json; give diffusers' AutoencoderKL folder "
                         "(SD3's vae/)")
+    elif vae_path:
+        problems += _json_object_problems(Path(vae_path) / "config.json", f"--vae-path ({vae_path}): config.json",
+                                          "give diffusers' AutoencoderKL folder (SD3's vae/)")
     return problems
+
+
+def _json_object_problems(path: Path, name: str, advice: str) -> List[str]:
+    """[why the file ``path`` (``name`` in the message) is not a readable JSON object, and ``advice``], or []."""
+    try:
+        read_json_object(path, ValueError, f"; {advice}", name=name)
+    except OSError as error:
+        return [f"{name} cannot be read ({error.__class__.__name__}); check the path"]
+    except ValueError as error:
+        return [str(error)]
+    return []
 
 
 def check_stream_datasets(args: PuffinArguments) -> List[str]:

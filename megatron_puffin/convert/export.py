@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from megatron_puffin.files import read_json_object
 from megatron_puffin.distributed import process_groups
 from megatron_puffin.models.llm import LLMConfig, build_llm
 from megatron_puffin.training.checkpointing import load_module, read_metadata, resolve_checkpoint
@@ -331,8 +332,7 @@ def load_exported_towers(directory: str, dtype: Optional[torch.dtype] = None) ->
     path = os.path.join(directory, TOWERS_FILE)
     if not os.path.isfile(path):
         raise ExportError(f"{directory} has no {TOWERS_FILE}; it was not written by mcore-to-towers")
-    with open(path) as handle:
-        manifest = json.load(handle)
+    manifest = read_json_object(path, ExportError, "; export the towers again (mcore-to-towers)")
     if manifest.get("format") != TOWERS_FORMAT or manifest.get("version") != TOWERS_VERSION:
         raise ExportError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
                           f"this version reads {TOWERS_FORMAT!r} version {TOWERS_VERSION}")

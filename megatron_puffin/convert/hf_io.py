@@ -8,6 +8,8 @@ from typing import Dict, Tuple
 
 import torch
 
+from megatron_puffin.files import read_json_object
+
 
 class HFDirectoryError(ValueError):
     """A directory that is not a readable Hugging Face model directory; the message names the file."""
@@ -34,13 +36,7 @@ def load_hf_directory(directory: str) -> Tuple[Dict, Dict[str, torch.Tensor]]:
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
         raise HFDirectoryError(f"{directory} has no config.json; pass a Hugging Face model directory")
-    try:
-        with open(config_path) as handle:
-            config = json.load(handle)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise HFDirectoryError(f"{config_path} is not valid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise HFDirectoryError(f"{config_path} holds a JSON {type(config).__name__}, not an object")
+    config = read_json_object(config_path, HFDirectoryError)
     files = sorted(glob(os.path.join(directory, "*.safetensors"))) or \
         sorted(glob(os.path.join(directory, "*pytorch_model*.bin")))
     state: Dict[str, torch.Tensor] = {}

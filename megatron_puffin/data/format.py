@@ -29,6 +29,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, get_bin_path, get_idx_path
 
 from megatron_puffin.camera import Camera
+from megatron_puffin.files import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -195,19 +196,25 @@ def read_manifest(shard_dir: Union[str, os.PathLike]) -> Dict[str, Any]:
     """Reads and checks a shard manifest (format name, schema version, fields)."""
     path = Path(shard_dir) / MANIFEST_NAME
     try:
-        manifest = json.loads(path.read_text())
+        manifest = read_json_object(path, DatasetFormatError, "; the shard is corrupt, re-create it")
     except FileNotFoundError as error:
         raise DatasetFormatError(f"{path} is missing: {shard_dir} is not a finished shard") from error
-    except json.JSONDecodeError as error:
-        raise DatasetFormatError(f"{path} is not valid JSON ({error}); the shard is corrupt, re-create it") from error
     if manifest.get("format") != FORMAT_NAME or manifest.get("schema_version") != SCHEMA_VERSION:
         raise DatasetFormatError(
             f"{path}: format {manifest.get('format')!r} schema {manifest.get('schema_version')!r} is not "
             f"{FORMAT_NAME!r} schema {SCHEMA_VERSION}; re-run tools/preprocess_data.py"
         )
-    missing = sorted(set(FIELDS) - set(manifest.get("fields", {})))
+    fields = manifest.get("fields")
+    if not isinstance(fields, dict):
+        raise DatasetFormatError(f"{path} has no \"fields\" object; the shard is corrupt, re-create it")
+    missing = sorted(set(FIELDS) - set(fields))
     if missing:
         raise DatasetFormatError(f"{path} lacks fields {missing}")
+    counts = [manifest.get("num_samples")] + [entry.get("num_bytes") if isinstance(entry, dict) else None
+                                             for entry in (fields[name] for name in FIELDS)]
+    if not all(isinstance(count, int) and not isinstance(count, bool) and count >= 0 for count in counts):
+        raise DatasetFormatError(f"{path}: \"num_samples\" and each field's \"num_bytes\" must be whole numbers "
+                                 "of at least 0; the shard is corrupt, re-create it")
     return manifest
 
 

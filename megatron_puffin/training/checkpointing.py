@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_puffin.files import read_json_object
 from megatron_puffin.training import checkpoint_safety as safety
 from megatron_puffin.training.checkpoint_safety import CheckpointError
 from megatron_puffin.models.extra_state import (
@@ -220,14 +221,7 @@ def read_metadata(directory: str) -> Optional[Dict[str, Any]]:
     path = os.path.join(directory, META_FILE)
     if not os.path.exists(path):
         return None
-    try:
-        with open(path) as handle:
-            meta = json.load(handle)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error}); the checkpoint is damaged") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(meta).__name__}, not an object; the checkpoint is damaged")
-    return meta
+    return read_json_object(path, CheckpointError, "; the checkpoint is damaged")
 
 
 # --- run directories --------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ is **not** counted, nor is activation recomputation: this is model FLOPs, not ha
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -42,6 +41,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from megatron_puffin.tasks import GENERATION_TASKS
+from megatron_puffin.files import read_json_object
 from megatron_puffin.models.dit.embeddings import TIMESTEP_CHANNELS
 
 logger = logging.getLogger(__name__)
@@ -265,8 +265,7 @@ def vae_downsample_factor(vae_config: Mapping[str, Any]) -> int:
 
 @lru_cache(maxsize=8)
 def _read_json(path: str) -> Dict[str, Any]:
-    with open(path) as handle:
-        return json.load(handle)
+    return read_json_object(path, ValueError)
 
 
 def load_vae_config(model_config) -> Optional[Dict[str, Any]]:

@@ -1,4 +1,5 @@
 """The indexed shard format: every field round-trips, several shards read as one, damaged shards are refused."""
+import json
 import pickle
 
 import numpy as np
@@ -114,6 +115,20 @@ def test_missing_or_foreign_manifest_is_refused(tmp_path):
     (shard / "manifest.json").write_text("{not json")
     with pytest.raises(DatasetFormatError, match="not valid JSON"):
         PuffinDataset(shard)
+    # valid JSON of the wrong shape, or bytes that are no text: one DatasetFormatError naming the file, where a list
+    # or null raised AttributeError and binary bytes a UnicodeDecodeError that named no file
+    good = json.loads(manifest)
+    wrong_counts = dict(good, fields=dict(good["fields"], caption=dict(good["fields"]["caption"], num_bytes="9")))
+    for content, message in ((b"[1, 2]", "holds an array, not a JSON object; the shard is corrupt"),
+                             (b"null", "holds null, not a JSON object"),
+                             (b"\xff\xfe\x00\x01garbage", "is not valid JSON"),
+                             (json.dumps(dict(good, fields=[])).encode(), 'has no "fields" object'),
+                             (json.dumps(dict(good, num_samples=-1)).encode(), '"num_samples" and each field'),
+                             (json.dumps(wrong_counts).encode(), "must be whole numbers of at least 0")):
+        (shard / "manifest.json").write_bytes(content)
+        with pytest.raises(DatasetFormatError) as refused:
+            PuffinDataset(shard)
+        assert message in str(refused.value) and str(shard / "manifest.json") in str(refused.value), content
     with pytest.raises(DatasetFormatError, match="no shard"):
         PuffinDataset(tmp_path / "nothing_here_dir" if (tmp_path / "nothing_here_dir").mkdir() is None else None)
 

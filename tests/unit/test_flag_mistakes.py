@@ -35,6 +35,9 @@ def files(tmp_path_factory):
     (root / "a_file").write_text("x")
     (root / "vae.json").write_text('{"latent_channels": 4}')
     (root / "bad_vae.json").write_text("{not json")
+    (root / "array_vae.json").write_text("[4, 16]")
+    (root / "array_vae").mkdir()
+    (root / "array_vae" / "config.json").write_text("null")
     (root / "quote.args").write_text("--lr 1e-4\n--stage-name 'unbalanced\n")
     (root / "binary.args").write_bytes(b"--lr \x00\xff\xfe 1e-4\n")
     (root / "self.args").write_text(f"--lr 1e-4\n@{root / 'self.args'}\n")
@@ -73,6 +76,11 @@ CASES = [
     ("--task-stream cam2image:{root}/decodable:2 --vae-config {root}/vae.json --dit-in-channels 4 "
      "--max-generation-text-tokens 3", "the fixed part of the cam2image prompt needs "),
     ("--vae-path {root}/empty", "--vae-path ({root}/empty) has no config.json"),
+    # were "cannot be read (AttributeError: 'list' object has no attribute 'get')" (--vae-path's config.json)
+    ("--vae-config {root}/array_vae.json",
+     "--vae-config ({root}/array_vae.json) holds an array, not a JSON object; give an AutoencoderKL config file"),
+    ("--vae-path {root}/array_vae", "--vae-path ({root}/array_vae): config.json holds null, not a JSON object; "
+     "give diffusers' AutoencoderKL folder (SD3's vae/)"),
     ("--lr nan", "--lr ('nan') is not a valid finite number"),
     ("--lr inf", "--lr ('inf') is not a valid finite number"),
     ("--lr -0.5", "--lr (-0.5) must be at least 0"),
