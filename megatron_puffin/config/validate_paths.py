@@ -155,16 +155,15 @@ def check_tokenizer(args: PuffinArguments) -> List[str]:
     whose LLM this run continues (--load, --pretrained-checkpoint) was trained with this vocabulary (the record its
     ``puffin_meta.json`` holds, :meth:`PuffinTokenizer.identity`): the same sizes with another vocabulary pass every
     shape check and train the embedding rows of one word as another's."""
-    from megatron_puffin.data.tokenizer import PuffinTokenizer, identity_difference
+    from megatron_puffin.data.tokenizer import PuffinTokenizer, TokenizerError, identity_difference
 
     path = args.data.tokenizer
     if args.dry_run or not path or not Path(path).exists():
         return []  # a missing one is reported by check_data
     try:
         tokenizer = PuffinTokenizer(path)
-    except Exception as error:  # noqa: BLE001 - SentencePiece/transformers raise many types for a broken file
-        return [f"--tokenizer ({path}) cannot be loaded ({type(error).__name__}: {str(error)[:200]}); give an HF "
-                "tokenizer directory or a SentencePiece .model"]
+    except TokenizerError as error:
+        return [f"--tokenizer: {error}"]
     vocab = tokenizer.vocab_size
     if vocab > args.llm.vocab_size:
         return [f"--vocab-size ({args.llm.vocab_size}) is smaller than the vocabulary of --tokenizer {path} "

@@ -198,14 +198,13 @@ def export_llm_to_hf(source: ExportSource, output: str, tokenizer: Optional[str]
     ``source``; returns a summary for the log."""
     from megatron_puffin.convert.hf_io import save_hf_directory
     from megatron_puffin.convert.qwen2 import mcore_to_hf
+    from megatron_puffin.data.tokenizer import PuffinTokenizer, TokenizerError, identity_difference
 
     found = tokenizer_path(source, tokenizer)
     if found and not os.path.exists(found):
         raise ExportError(f"tokenizer {found} does not exist (paths in the training flags are relative to the "
                           "directory training ran in); give --tokenizer PATH")
     if found:  # the export would ship another vocabulary than the weights were trained with
-        from megatron_puffin.data.tokenizer import PuffinTokenizer, TokenizerError, identity_difference
-
         try:
             current = PuffinTokenizer(found).identity()
         except TokenizerError:  # not a loadable tokenizer: copying it names what is missing
@@ -223,7 +222,10 @@ def export_llm_to_hf(source: ExportSource, output: str, tokenizer: Optional[str]
     hf_config["torch_dtype"] = str(written_dtype).replace("torch.", "")
     save_hf_directory(output, hf_config, weights)
     copied = copy_tokenizer(found, output) if found else []
-    generation = generation_config(found)
+    try:
+        generation = generation_config(found)
+    except TokenizerError as error:  # its files are there (copied) but do not load: garbled, or no chat tokens
+        raise ExportError(f"--tokenizer {found}: {error}") from None
     origin = source.metadata.get("source")
     if source.kind == "llm" and origin and os.path.isfile(os.path.join(origin, "generation_config.json")):
         with open(os.path.join(origin, "generation_config.json")) as handle:

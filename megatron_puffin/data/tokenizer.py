@@ -104,19 +104,30 @@ class _SentencePieceBackend:
         self.__init__(state["path"])
 
 
+def _load(backend, source: Path):
+    """``backend(source)``, with whatever the tokenizer library raises for a broken file (``tokenizers``: a bare
+    ``Exception``; SentencePiece: ``RuntimeError`` / ``OSError``) as one :class:`TokenizerError` naming it."""
+    try:
+        return backend(source)
+    except Exception as error:  # noqa: BLE001 - the libraries' types for a broken file vary (see above)
+        reason = " ".join(str(error).split())[:200]
+        raise TokenizerError(f"{source} cannot be loaded as a tokenizer ({type(error).__name__}: {reason}); give an "
+                             "HF tokenizer directory or a SentencePiece .model") from None
+
+
 def _open_backend(path: Path):
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
-            return _HFBackend(path)
+            return _load(_HFBackend, path)
         models = sorted(path.glob("*.model"))
         if len(models) == 1:
-            return _SentencePieceBackend(models[0])
+            return _load(_SentencePieceBackend, models[0])
         raise TokenizerError(
             f"tokenizer directory {path} has no tokenizer.json (HF fast tokenizer) and no single *.model "
             "(SentencePiece); pass the Qwen2.5 tokenizer directory or a SentencePiece .model file"
         )
     if path.is_file() and path.suffix == ".model":
-        return _SentencePieceBackend(path)
+        return _load(_SentencePieceBackend, path)
     if not path.exists():
         raise TokenizerError(f"tokenizer path {path} does not exist")
     raise TokenizerError(f"tokenizer path {path} is neither an HF tokenizer directory nor a SentencePiece .model")

@@ -79,6 +79,11 @@ def test_trained_llm_exports_to_hugging_face_with_identical_logits(trained, monk
     with pytest.raises(SystemExit, match="holds no tokenizer files"):
         _tool().main(["mcore-to-hf", "--input", "run", "--output", "other", "--tokenizer", "not_a_tokenizer"])
     assert sorted(p.name for p in trained.iterdir() if "other" in p.name) == []
+    (trained / "garbled_tokenizer").mkdir()  # its tokenizer.json is there but does not load: was a traceback
+    (trained / "garbled_tokenizer" / "tokenizer.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match=r"--tokenizer garbled_tokenizer: garbled_tokenizer cannot be loaded as a "):
+        _tool().main(["mcore-to-hf", "--input", "run", "--output", "other", "--tokenizer", "garbled_tokenizer"])
+    assert sorted(p.name for p in trained.iterdir() if "other" in p.name) == []
     assert _tool().main(["mcore-to-hf", "--input", "run", "--output", "other"]) == 0
     assert (trained / "other" / "model.safetensors").read_bytes() == (exported / "model.safetensors").read_bytes()
 

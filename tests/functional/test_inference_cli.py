@@ -189,6 +189,10 @@ def _tool_main(name):
     ("understand.py", ["--images", "IMAGE", "--output", "x.json", "--prompt", "describe the room " * 1500],
      r"--prompt: with the task's template it has \d+ text tokens, more than the \d+ this checkpoint's prompts hold "
      r"\(set by its training's --max-understanding-text-tokens\); shorten --prompt$"),
+    # an HF tokenizer folder whose tokenizer.json is garbled: was the tokenizers library's bare Exception, a traceback
+    ("understand.py", ["--images", "IMAGE", "--output", "x.json", "--tokenizer", "BROKEN_TOKENIZER"],
+     r"^understand.py: error: --tokenizer \S+broken_tokenizer: \S+broken_tokenizer cannot be loaded as a tokenizer "
+     r"\(Exception: .*\); give an HF tokenizer directory or a SentencePiece .model$"),
     # were a traceback ending in the (clear) CheckpointError: a checkpoint whose bytes changed after it was written
     ("understand.py", ["--images", "IMAGE", "--output", "x.json", "--checkpoint", "DAMAGED"],
      r"^understand.py: error: \S+__0_0.distcp does not match its SHA-256 in puffin_manifest.json .*; use an earlier "
@@ -210,6 +214,8 @@ def test_bad_inputs_exit_with_one_line(artefacts, tool, args, message, capsys):
     (root / "capitalised.csv").write_text("id,Caption,roll,pitch,vfov\nk,a kitchen,0.1,0.0,1.0\n")
     (root / "unquoted.csv").write_text("id,caption,roll,pitch,vfov\nk,a kitchen, table and chairs,0.1,0.0,1.0\n")
     (root / "sheet_id.csv").write_text("id,caption,roll,pitch,vfov\ncontact_sheet,a room,0.1,0.0,1.0\n")
+    (root / "broken_tokenizer").mkdir(exist_ok=True)
+    (root / "broken_tokenizer" / "tokenizer.json").write_text("[1, 2")
     if not (root / "other_tokenizer.model").exists():
         from megatron_puffin.data.tokenizer import train_sentencepiece_tokenizer
 
@@ -227,7 +233,7 @@ def test_bad_inputs_exit_with_one_line(artefacts, tool, args, message, capsys):
         data[len(data) // 2] ^= 0xFF  # same size: only the SHA-256 of the manifest tells
         shard.write_bytes(bytes(data))
     substitutions = {"DAMAGED": damaged, "CAPITALISED": root / "capitalised.csv", "UNQUOTED": root / "unquoted.csv",
-                     "SHEET_ID": root / "sheet_id.csv",
+                     "SHEET_ID": root / "sheet_id.csv", "BROKEN_TOKENIZER": root / "broken_tokenizer",
                      "TWO_BAD": root / "two_bad.json", "OTHER_TOKENIZER": root / "other_tokenizer.model",
                      "BAD": root / "bad.jpg", "IMAGE": images[0], "MISSING": root / "missing", "FOLDER": root,
                      "FILE": root / "a_file", "FILE/p.json": root / "a_file" / "p.json", "GEN": root / "gen_bad"}
@@ -483,6 +489,15 @@ def test_inspect_batches_shows_the_prompt_and_the_trained_answer(artefacts):
     bad = run_script(ROOT / "examples" / "inspect_batches.py", "--tokenizer", paths["tokenizer"], "--task-stream",
                      f"image2text:{root / 'tiny' / 'raw'}:2", cwd=os.getcwd(), env=ENV, check=False)
     assert bad.returncode == 2 and "looks like raw Puffin-4M data" in bad.stderr and "Traceback" not in bad.stderr
+    (root / "garbled_tokenizer").mkdir(exist_ok=True)
+    (root / "garbled_tokenizer" / "tokenizer.json").write_text("[1, 2]")  # was the tokenizers library's traceback
+    bad = run_script(ROOT / "examples" / "inspect_batches.py", "--tokenizer", root / "garbled_tokenizer",
+                     "--task-stream", f"image2text:{data}:2", cwd=os.getcwd(), env=ENV, check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    line = bad.stderr.strip()
+    assert "\n" not in line and line.startswith(f"inspect_batches.py: error: {root / 'garbled_tokenizer'} cannot be "
+                                               "loaded as a tokenizer (Exception: "), line
+    assert line.endswith("); give an HF tokenizer directory or a SentencePiece .model"), line
 
 
 def test_inspect_batches_names_the_samples_that_do_not_decode(artefacts, tmp_path):

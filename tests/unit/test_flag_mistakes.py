@@ -114,7 +114,7 @@ CASES = [
     ("--world-size 4", "--world-size (4) contradicts the launch (WORLD_SIZE=1)"),
     ("--seq-length 1024", "--seq-length is not a flag of pretrain_puffin.py"),
     ("--task-stream text2text:{root}/main:2 --freeze-llm", "--task-stream text2text trains only the LLM"),
-    ("--tokenizer {root}/broken.model", "--tokenizer ({root}/broken.model) cannot be loaded"),
+    ("--tokenizer {root}/broken.model", "--tokenizer: {root}/broken.model cannot be loaded as a tokenizer (RuntimeError"),
     ("--vocab-size 100", "--vocab-size (100) is smaller than the vocabulary of --tokenizer"),
     ("@{root}/quote.args", "flag file @{root}/quote.args line 2: No closing quotation (an unbalanced quote)"),
     ("@{root}/binary.args", "flag file @{root}/binary.args is not a text file"),
