@@ -111,6 +111,8 @@ def _number(row: Dict[str, Any], name: str, where: str, default: Optional[float]
     value = row.get(name, default)
     if value is None:
         return None
+    if isinstance(value, bool):  # JSON true / false: float() would take them for 1 and 0
+        raise UsageError(f"{where}: {name} {value!r} is not a number of radians")
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -118,6 +120,19 @@ def _number(row: Dict[str, Any], name: str, where: str, default: Optional[float]
     if not math.isfinite(number):
         raise UsageError(f"{where}: {name} {value!r} must be finite")
     return number
+
+
+def _seed(row: Dict[str, Any], where: str) -> Optional[int]:
+    """A request's own seed: a whole number (a JSON integer, or a CSV cell of digits), or None."""
+    value = row.get("seed")
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not text.lstrip("+-").isdigit():
+        raise UsageError(f"{where}: seed {value!r} is not a whole number")  # 1.5 was taken for 1
+    return int(text)
 
 
 def _camera(row: Dict[str, Any], where: str, has_init: bool):
@@ -181,12 +196,12 @@ def _request(row: Dict[str, Any], index: int, where: str, init_image: Optional[s
     if unknown:  # e.g. "Caption": silently ignored, it would have generated without the caption
         raise UsageError(f"{where}: unknown field {unknown[0]!r}; the fields are {', '.join(REQUEST_FIELDS)}")
     init = row.get("init_image") or init_image
-    seed = _number(row, "seed", where)
+    seed = _seed(row, where)
     identifier = row.get("id")
     if identifier is None or str(identifier).strip() == "":  # a CSV's empty id cell: a hidden ".png" otherwise
         identifier = f"{index:04d}"
     return {"id": str(identifier), "caption": str(row.get("caption", "") or ""),
-            "camera": _camera(row, where, init is not None), "seed": None if seed is None else int(seed),
+            "camera": _camera(row, where, init is not None), "seed": seed,
             "init_image": init}
 
 

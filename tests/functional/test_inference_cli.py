@@ -585,6 +585,34 @@ def test_an_empty_id_cell_takes_the_row_number(tmp_path):
     assert [request["id"] for request in module.read_requests(args)] == ["0000", "k", "0002"]
 
 
+def test_request_seeds_are_whole_numbers_and_angles_are_not_booleans(tmp_path):
+    """A JSON request's seed 1.5 was taken for 1 and a roll of true for 1 rad (an image of another camera than
+    asked, with a warning about the range at best); both are now named. Whole seeds, as JSON integers, integral
+    floats or CSV digits, still pass."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_seed_tool", ROOT / "tools" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [{"id": "a", "roll": 0, "pitch": 0, "vfov": 1, "seed": 7}, {"id": "b", "roll": 0, "pitch": 0, "vfov": 1,
+                                                                        "seed": 8.0}]
+    requests = tmp_path / "r.json"
+    requests.write_text(json.dumps(rows))
+    args = module.build_parser().parse_args(["--checkpoint", "x", "--output-dir", "o", "--prompts", str(requests)])
+    assert [request["seed"] for request in module.read_requests(args)] == [7, 8]
+    (tmp_path / "r.csv").write_text("id,caption,roll,pitch,vfov,seed\nc,a room,0.1,0.0,1.0, 9\n")
+    args.prompts = str(tmp_path / "r.csv")
+    assert [request["seed"] for request in module.read_requests(args)] == [9]
+    requests.write_text(json.dumps([dict(rows[0], seed=1.5), dict(rows[1], roll=True), dict(rows[1], id="c",
+                                                                                            seed=True)]))
+    args.prompts = str(requests)
+    with pytest.raises(module.UsageError) as refused:
+        module.read_requests(args)
+    assert str(refused.value) == (f"3 of 3 requests are wrong: --prompts {requests} row 0: seed 1.5 is not a whole "
+                                  f"number; --prompts {requests} row 1: roll True is not a number of radians; "
+                                  f"--prompts {requests} row 2: seed True is not a whole number")
+
+
 def test_the_contact_sheet_shows_at_most_its_limit_of_images(artefacts, caplog):
     """10,000 requests at 512² made a 2.8-gigapixel contact sheet; it now holds the first CONTACT_SHEET_MAX."""
     import importlib.util
