@@ -19,8 +19,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from megatron_puffin.files import read_json_object
 from megatron_puffin.distributed import process_groups
+from megatron_puffin.files import read_json_object
 from megatron_puffin.models.llm import LLMConfig, build_llm
 from megatron_puffin.training.checkpointing import load_module, read_metadata, resolve_checkpoint
 from megatron_puffin.training.towers import CHECKPOINT_MODULES

@@ -40,9 +40,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_puffin.tasks import GENERATION_TASKS
 from megatron_puffin.files import read_json_object
 from megatron_puffin.models.dit.embeddings import TIMESTEP_CHANNELS
+from megatron_puffin.tasks import GENERATION_TASKS
 
 logger = logging.getLogger(__name__)
 

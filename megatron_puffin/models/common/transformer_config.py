@@ -104,6 +104,7 @@ class CheckedConfig:
     """The tower's name in the error, e.g. ``"invalid DiT configuration"``."""
 
     def validate(self, tensor_model_parallel_size: int = 1) -> List[str]:
+        """Every rule of the tower's flags as flag-naming messages (empty when valid); each config has its own."""
         raise NotImplementedError
 
     def check(self, tensor_model_parallel_size: int = 1) -> None:
