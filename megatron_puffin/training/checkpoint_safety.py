@@ -29,6 +29,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
+from megatron_puffin.files import read_json_object
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "puffin_manifest.json"
@@ -271,15 +273,13 @@ def read_manifest(directory: str) -> Optional[Dict[str, Any]]:
     path = os.path.join(directory, MANIFEST_FILE)
     if not os.path.exists(path):
         return None
-    try:
-        with open(path) as handle:
-            manifest = json.load(handle)
-        files = manifest["files"]
-        if not all(isinstance(v["size"], int) and isinstance(v["sha256"], str) for v in files.values()):
-            raise ValueError("bad entry")
-    except Exception as error:  # noqa: BLE001
-        raise CheckpointError(f"{path} is not a valid integrity manifest ({type(error).__name__}: {error}); the "
-                              "checkpoint is damaged, use an earlier one") from None
+    damaged = "; the checkpoint is damaged, use an earlier one"
+    manifest = read_json_object(path, CheckpointError, damaged)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(entry, dict) and isinstance(entry.get("size"), int)
+                                              and isinstance(entry.get("sha256"), str) for entry in files.values()):
+        raise CheckpointError(f"{path} is not a valid integrity manifest (\"files\" must map each file to its size "
+                              f"and sha256){damaged}")
     return manifest
 
 

@@ -158,6 +158,19 @@ def test_flipped_and_truncated_bytes_name_the_file(process_group, tmp_path):
         _load(tmp_path / "ck")
 
 
+def test_a_garbled_integrity_manifest_is_one_checkpoint_error(tmp_path):
+    """The manifest is read like the project's other JSON files: not JSON, not an object, or entries without a size
+    and hash is one CheckpointError naming it."""
+    (tmp_path / "ck").mkdir()
+    manifest = tmp_path / "ck" / safety.MANIFEST_FILE
+    for content, message in (("{not json", "is not valid JSON"), ("[1]", "holds an array, not a JSON object"),
+                             ('{"files": {"a.distcp": 5}}', "is not a valid integrity manifest"),
+                             ('{"files": {"a.distcp": {"size": "5", "sha256": "x"}}}', "is not a valid integrity")):
+        manifest.write_text(content)
+        with pytest.raises(CheckpointError, match=f"{safety.MANIFEST_FILE} {message}.*the checkpoint is damaged"):
+            safety.read_manifest(str(tmp_path / "ck"))
+
+
 def test_run_directory_falls_back_past_damaged_checkpoints(process_group, tmp_path, caplog):
     run = tmp_path / "run"
     for iteration in (2, 4, 6):

@@ -101,7 +101,7 @@ class CheckedConfig:
     raises them all at once, each naming its flag."""
 
     TOWER: ClassVar[str] = ""
-    """The tower's name in the error, e.g. ``"invalid DiT configuration"``."""
+    """The tower's name in the error: ``"DiT"`` gives ``invalid DiT configuration``."""
 
     def validate(self, tensor_model_parallel_size: int = 1) -> List[str]:
         """Every rule of the tower's flags as flag-naming messages (empty when valid); each config has its own."""
