@@ -161,11 +161,13 @@ def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit
              "latent_channels": int(vae.vae.config.latent_channels), "vae": vae_identity(vae)}
     existing = manifest.get("latents")
     if existing is not None:
-        if _same_entry(existing, entry):
+        problem = entry_problem(existing)
+        if problem is None and _same_entry(existing, entry):
             return "skipped"
         if not overwrite:
-            raise ValueError(f"{shard_dir} already holds cached latents of another "
-                             f"{_entry_difference(existing, entry)}; pass --overwrite to replace them")
+            what = f"a malformed latents entry ({problem})" if problem is not None \
+                else f"cached latents of another {_entry_difference(existing, entry)}"
+            raise ValueError(f"{shard_dir} already holds {what}; pass --overwrite to replace them")
     dataset = PuffinDataset(str(shard_dir))
     builders = {name: IndexedDatasetBuilder(get_bin_path(str(shard_dir / f"{name}.tmp")),
                                             dtype=np.float32 if dtype == "float32" else np.uint16)
@@ -298,13 +300,66 @@ class LatentCache:
         return result
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def entry_problem(entry: Any) -> Optional[str]:
+    """What is wrong with a manifest's ``latents`` entry as a value (None: it has every key
+    :func:`cache_shard_latents` writes, of the right type): a hand-edited or damaged entry would otherwise fail
+    later, inside a loader worker, as a KeyError or a reshape error."""
+    if not isinstance(entry, dict):
+        return f"it is {json.dumps(entry)[:40]}, not a JSON object"
+    if entry.get("dtype") not in STORAGE_DTYPES:
+        return f"dtype {entry.get('dtype')!r} is not one of {', '.join(STORAGE_DTYPES)}"
+    for key in ("image_size", "image_size_unit", "latent_channels"):
+        if not _whole(entry.get(key)) or not entry[key]:
+            return f"{key} {entry.get(key)!r} is not a positive whole number"
+    vae = entry.get("vae")
+    if not isinstance(vae, dict) or not isinstance(vae.get("config"), dict) \
+            or not isinstance(vae.get("weights_sha256"), str):
+        return "vae is not an object with a config object and a weights_sha256 string"
+    if vae["config"].get("latent_channels", entry["latent_channels"]) != entry["latent_channels"]:
+        return f"latent_channels {entry['latent_channels']} differs from its VAE config's " \
+               f"{vae['config']['latent_channels']}"
+    fields = entry.get("fields")
+    for name in [*LATENT_FIELDS, SHAPE_FIELD]:
+        if not isinstance(fields, dict) or not isinstance(fields.get(name), dict) \
+                or not _whole(fields[name].get("num_bytes")):
+            return f"fields.{name}.num_bytes is missing or not a whole number"
+    return None
+
+
+def _field_file_problem(shard_dir: Path, name: str, num_bytes: int) -> Optional[str]:
+    """Whether a latent field's two files are there, the data file of the size its manifest entry says."""
+    prefix = str(shard_dir / name)
+    for path in (get_idx_path(prefix), get_bin_path(prefix)):
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+    size = os.path.getsize(get_bin_path(prefix))
+    if size != num_bytes:
+        return f"{get_bin_path(prefix)} has {size} bytes, its manifest says {num_bytes}"
+    return None
+
+
 def check_latent_manifest(manifest: Mapping[str, Any], shard_dir: Path, vae: Optional[Mapping[str, Any]],
                           image_size: int, image_unit: int, what: str) -> None:
-    """Raises ValueError when a shard's cached latents are missing or were made by another VAE or resolution."""
+    """Raises ValueError when a shard's cached latents are missing, malformed or were made by another VAE or
+    resolution."""
     entry = manifest.get("latents")
     if entry is None:
         raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir} has no cached latents; run "
                          f"tools/cache_latents.py --data {shard_dir} with the training VAE, or drop --cached-latents")
+    problem = entry_problem(entry)
+    if problem is not None:
+        raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir}: the latents entry of its "
+                               f"{MANIFEST_NAME} is malformed ({problem}); re-run tools/cache_latents.py "
+                               f"--data {shard_dir} --overwrite with the training VAE")
+    for name in [*LATENT_FIELDS, SHAPE_FIELD]:
+        problem = _field_file_problem(Path(shard_dir), name, entry["fields"][name]["num_bytes"])
+        if problem is not None:
+            raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir}: {problem}; re-run "
+                                   f"tools/cache_latents.py --data {shard_dir} --overwrite with the training VAE")
     ours = _resolution({"image_size": image_size, "image_size_unit": image_unit})
     theirs = _resolution(entry)
     if ours != theirs:

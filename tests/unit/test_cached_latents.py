@@ -115,6 +115,69 @@ def test_another_vae_or_resolution_is_a_clear_error(cached, tmp_path):
         build_data_loader(config, seed=0, num_query_tokens=NUM_QUERIES)
 
 
+MALFORMED_ENTRIES = [  # (how the hand-edited latents entry changes, what the one line says)
+    (lambda entry: [1, 2], "it is [1, 2], not a JSON object"),
+    (lambda entry: dict(entry, dtype="int8"), "dtype 'int8' is not one of float32, bfloat16, float16"),
+    (lambda entry: dict(entry, latent_channels="4"), "latent_channels '4' is not a positive whole number"),
+    (lambda entry: dict(entry, latent_channels=3), "latent_channels 3 differs from its VAE config's 4"),
+    (lambda entry: dict(entry, image_size=True), "image_size True is not a positive whole number"),
+    (lambda entry: dict(entry, vae=None), "vae is not an object with a config object"),
+    (lambda entry: {k: v for k, v in entry.items() if k != "fields"}, "fields.latent_image.num_bytes is missing"),
+    (lambda entry: dict(entry, fields=dict(entry["fields"], latent_shape={"num_bytes": -1})),
+     "fields.latent_shape.num_bytes is missing or not a whole number"),
+]
+
+
+@pytest.mark.parametrize("edit, message", MALFORMED_ENTRIES)
+def test_a_malformed_latents_entry_is_one_line_at_start_up_and_replaced_only_when_asked(cached, tmp_path, capsys,
+                                                                                       edit, message):
+    """A hand-edited or damaged ``latents`` entry is named before any worker reads it (it was a KeyError or a
+    reshape error inside a loader worker); the cache tool refuses to skip or replace it unasked."""
+    from megatron_puffin.data import DataConfig, build_data_loader, parse_task_stream
+    from megatron_puffin.data.format import read_manifest
+    from megatron_puffin.data.loader import stream_dataset_errors
+
+    paths = cached[0]
+    shard = tmp_path / "shard"
+    shutil.copytree(f"{paths['data']}/main/shard-00000", shard)
+    manifest = read_manifest(shard)
+    manifest["latents"] = edit(manifest["latents"])
+    (shard / "manifest.json").write_text(json.dumps(manifest))
+    config = DataConfig(task_stream=[f"text2image:{shard}:2"], tokenizer=paths["tokenizer"], num_workers=0,
+                        image_size=IMAGE_SIZE, pin_memory=False, cached_latents=True)
+    with pytest.raises(ValueError, match="the latents entry of its manifest.json is malformed") as raised:
+        build_data_loader(config, seed=0, num_query_tokens=NUM_QUERIES)
+    assert message in str(raised.value) and "--overwrite" in str(raised.value)
+    errors = stream_dataset_errors(parse_task_stream(f"text2image:{shard}:2"), cached_latents=(IMAGE_SIZE, 32))
+    assert len(errors) == 1 and message in errors[0]
+    tool = _cache_latents_tool()
+    flags = ["--data", str(shard), "--vae-config", paths["vae_config"], "--seed", "0", "--image-size",
+             str(IMAGE_SIZE), "--dtype", "float32", "--batch-size", "3"]
+    assert tool(flags) == 2
+    assert f"already holds a malformed latents entry ({message}" in capsys.readouterr().err
+    assert tool([*flags, "--overwrite"]) == 0
+    assert "0 shard(s) written, 1 replaced" in capsys.readouterr().out
+    build_data_loader(config, seed=0, num_query_tokens=NUM_QUERIES)
+
+
+def test_a_missing_or_resized_latent_file_is_named_at_start_up(cached, tmp_path):
+    from megatron_puffin.data import DataConfig, build_data_loader
+
+    paths = cached[0]
+    shard = tmp_path / "shard"
+    shutil.copytree(f"{paths['data']}/main/shard-00000", shard)
+    config = DataConfig(task_stream=[f"text2image:{shard}:2"], tokenizer=paths["tokenizer"], num_workers=0,
+                        image_size=IMAGE_SIZE, pin_memory=False, cached_latents=True)
+    with open(shard / "latent_init.bin", "ab") as handle:
+        handle.write(b"\0" * 8)
+    with pytest.raises(ValueError, match=r"latent_init.bin has \d+ bytes, its manifest says \d+; re-run"):
+        build_data_loader(config, seed=0, num_query_tokens=NUM_QUERIES)
+    (shard / "latent_camera.idx").unlink()
+    (shard / "latent_init.bin").unlink()
+    with pytest.raises(ValueError, match="latent_init.bin is missing; re-run tools/cache_latents.py"):
+        build_data_loader(config, seed=0, num_query_tokens=NUM_QUERIES)
+
+
 def test_other_latents_are_replaced_only_when_asked_and_never_half_way(cached, tmp_path, capsys, monkeypatch):
     from megatron_puffin.data.format import read_manifest
     from megatron_puffin.data.latents import cache_shard_latents, check_latent_manifest, vae_identity
