@@ -130,23 +130,32 @@ def _is_state_dict(value) -> bool:
     return isinstance(value, dict) and bool(value) and all(torch.is_tensor(v) for v in value.values())
 
 
+def _read_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    """One safetensors file's tensors; a file that is not one (garbled, truncated) is a usage error naming it, not
+    a write failure of --output."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except SafetensorError as error:
+        raise UsageError(f"{path} is not a readable safetensors file ({error}); download or copy it again") from None
+
+
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """Tensors of a safetensors file, a directory of safetensors, or a torch checkpoint (a plain state dict or one
     under ``state_dict`` / ``model`` / ``module``)."""
-    from safetensors.torch import load_file
-
     if os.path.isdir(path):
         files = sorted(glob(os.path.join(path, "*.safetensors")))
         if not files:
             raise UsageError(f"{path} is a directory without *.safetensors files")
         state: Dict[str, torch.Tensor] = {}
         for name in files:
-            state.update(load_file(name))
+            state.update(_read_safetensors(name))
         return state
     if not os.path.exists(path):
         raise UsageError(f"no such file: {path}")
     if path.endswith(".safetensors"):
-        return load_file(path)
+        return _read_safetensors(path)
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol 4": a plain pickle is refused below anyway
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)

@@ -326,9 +326,26 @@ def export_puffin(source: ExportSource, output: str, dtype: Optional[str] = None
     return towers
 
 
+def _towers_manifest_problem(manifest: Dict[str, Any]) -> Optional[str]:
+    """What a towers manifest lacks (None: every key :func:`export_towers` writes, of the right type)."""
+    if manifest.get("dtype") not in DTYPES:
+        return f"dtype {manifest.get('dtype')!r} is not one of {', '.join(DTYPES)}"
+    towers = manifest.get("towers")
+    if not isinstance(towers, list) or not towers or any(tower not in EXPORTABLE_TOWERS for tower in towers):
+        return f"towers {towers!r} is not a list of {' / '.join(EXPORTABLE_TOWERS)}"
+    for key in ("vision_config", "connector_config"):
+        if not isinstance(manifest.get(key), dict):
+            return f"{key} is not a JSON object"
+    size = manifest.get("llm_hidden_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        return f"llm_hidden_size {size!r} is not a positive whole number"
+    return None
+
+
 def load_exported_towers(directory: str, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.nn.Module]:
     """Rebuild the towers of an :func:`export_towers` directory with their weights (strict); megatron-core's
     parallel state must be initialised (``megatron_puffin.distributed.initialize()``, TP=1)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = os.path.join(directory, TOWERS_FILE)
@@ -338,12 +355,24 @@ def load_exported_towers(directory: str, dtype: Optional[torch.dtype] = None) ->
     if manifest.get("format") != TOWERS_FORMAT or manifest.get("version") != TOWERS_VERSION:
         raise ExportError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
                           f"this version reads {TOWERS_FORMAT!r} version {TOWERS_VERSION}")
+    problem = _towers_manifest_problem(manifest)
+    if problem is not None:
+        raise ExportError(f"{path}: {problem}; export the towers again (mcore-to-towers)")
     stored = DTYPES[manifest["dtype"]]
     towers = {}
     for tower in manifest["towers"]:
-        module = build_tower(tower, manifest["vision_config"], manifest["connector_config"],
-                             manifest["llm_hidden_size"], dtype or stored)
-        weights = load_file(os.path.join(directory, f"{tower}.safetensors"))
+        try:
+            module = build_tower(tower, manifest["vision_config"], manifest["connector_config"],
+                                 manifest["llm_hidden_size"], dtype or stored)
+        except (TypeError, ValueError) as error:  # a config key or value this version does not know
+            raise ExportError(f"{path}: the {tower} tower cannot be built from its config ({error}); export the "
+                              "towers again (mcore-to-towers) with this version") from None
+        weights_path = os.path.join(directory, f"{tower}.safetensors")
+        try:
+            weights = load_file(weights_path)
+        except (OSError, SafetensorError) as error:
+            raise ExportError(f"{weights_path} is not a readable safetensors file ({error}); export the towers "
+                              "again (mcore-to-towers)") from None
         result = module.load_state_dict(weights, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing or result.unexpected_keys:

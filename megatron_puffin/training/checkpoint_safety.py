@@ -117,6 +117,8 @@ def weights_only_failure(error: BaseException) -> str:
             if not rest and index + 1 < len(lines) and not lines[index + 1].startswith(_TORCH_ADVICE):
                 rest = lines[index + 1]
             return _without_allowlist_advice(f"WeightsUnpickler error: {rest}".rstrip())
+    if isinstance(error, (KeyError, EOFError)):  # torch's legacy reader on bytes torch.save did not write
+        return f"not a file torch.save wrote: {type(error).__name__} {str(error) or 'at the end of the file'}"
     kept = [line for line in lines if not line.startswith(_TORCH_ADVICE)]
     return _without_allowlist_advice(kept[0] if kept else (lines[0] if lines else type(error).__name__))
 

@@ -72,6 +72,24 @@ def test_bad_weight_files(tmp_path, capsys):
     assert code == 1 and "(WeightsUnpickler error: Unsupported operand 149)" in _one_line(err)
     assert not victim.exists() and not (tmp_path / "out").exists()
 
+    # Text and empty files reach torch's legacy reader (was "(101)", the KeyError of the byte 'e'), and a garbled
+    # .safetensors file was reported as a failure to write --output, with the free space of its file system
+    (tmp_path / "text.pth").write_text("hello\n")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "random.safetensors").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "model-00001.safetensors").write_bytes(b"\x08" + bytes(15))
+    for name, message in (("text.pth", "text.pth is not a torch checkpoint of plain tensors (not a file torch.save "
+                                       "wrote: KeyError 101)"),
+                          ("empty.pth", "empty.pth is not a torch checkpoint of plain tensors (not a file torch.save "
+                                        "wrote: EOFError at the end of the file)"),
+                          ("random.safetensors", "random.safetensors is not a readable safetensors file ("),
+                          ("shards", "model-00001.safetensors is not a readable safetensors file (")):
+        code, err = _main(capsys, "radio-to-mcore", "--radio-checkpoint", tmp_path / name, "--output",
+                          tmp_path / "out", "--", f"@{TINY / 'model.args'}")
+        assert code == 1 and message in _one_line(err) and "was not published" not in err, err
+    assert not (tmp_path / "out").exists()
+
 
 def test_bad_directories_and_layouts(tmp_path, capsys):
     import torch

@@ -115,8 +115,37 @@ def test_vision_tower_and_query_path_round_trip_through_our_format(trained):
             direct_vision = build_tower("vision", source.args["vision"], source.args["connector"], 48)
             load_module(direct_vision, str(checkpoint), prefix="vision.")
             torch.testing.assert_close(reloaded["vision"].eval()(images), direct_vision.eval()(images), rtol=0, atol=0)
+        _garbled_towers_are_one_export_error(trained / "towers", trained / "garbled_towers")
     finally:
         mpd.destroy()
+
+
+def _garbled_towers_are_one_export_error(towers, garbled):
+    """A hand-edited towers manifest or a damaged tower file is one ExportError naming it (were a KeyError, a
+    TypeError from a config dataclass, or safetensors' own error naming no file)."""
+    from megatron_puffin.convert.export import ExportError, load_exported_towers
+
+    manifest = json.loads((towers / "puffin_towers.json").read_text())
+    for change, message in (({"dtype": "int4"}, "dtype 'int4' is not one of float32"),
+                            ({"towers": ["vision", "dit"]}, "towers ['vision', 'dit'] is not a list of vision"),
+                            ({"vision_config": None}, "vision_config is not a JSON object"),
+                            ({"llm_hidden_size": "48"}, "llm_hidden_size '48' is not a positive whole number"),
+                            ({"connector_config": {**manifest["connector_config"], "unknown_knob": 1}},
+                             "the queries tower cannot be built from its config (")):
+        shutil.rmtree(garbled, ignore_errors=True)
+        shutil.copytree(towers, garbled)
+        (garbled / "puffin_towers.json").write_text(json.dumps({**manifest, **change}))
+        with pytest.raises(ExportError, match="export the towers again") as raised:
+            load_exported_towers(str(garbled))
+        assert message in str(raised.value), raised.value
+    shutil.rmtree(garbled)
+    shutil.copytree(towers, garbled)
+    (garbled / "vision.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ExportError, match="vision.safetensors is not a readable safetensors file"):
+        load_exported_towers(str(garbled))
+    (garbled / "vision.safetensors").unlink()
+    with pytest.raises(ExportError, match="vision.safetensors is not a readable safetensors file"):
+        load_exported_towers(str(garbled))
 
 
 def _towers_of(checkpoint, towers):
