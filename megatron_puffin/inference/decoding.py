@@ -122,6 +122,14 @@ class _PipelineStages:
         dist.broadcast(next_ids, src=self.last, group=self.group)
         return next_ids
 
+    def logits_from_last_stage(self, logits: Optional[torch.Tensor], batch_size: int,
+                               vocab_size: int) -> torch.Tensor:
+        """The last stage's float32 ``[b, vocab_size]`` logits of this step, on every stage (``keep_logits``)."""
+        if logits is None:
+            logits = torch.empty(batch_size, vocab_size, dtype=torch.float32, device=self.device)
+        dist.broadcast(logits.contiguous(), src=self.last, group=self.group)
+        return logits
+
 
 def _next_tokens(llm, hidden_last: torch.Tensor, vocab_size: int):
     """(argmax ids ``[b]``, float32 logits ``[b, V]``) from the last position's hidden states ``[b, h]``."""
@@ -136,21 +144,19 @@ def greedy_decode(model, batch: Dict[str, Any], end_token_id: int, max_new_token
 
     Args:
         model: a :class:`~megatron_puffin.models.puffin.PuffinModel` in eval mode, any TP; with pipeline stages,
-            every rank of the pipeline calls this with the same batch (the KV cache is then always used, and the
-            tokens come from the last stage to every stage).
+            every rank of the pipeline calls this with the same batch (the tokens, and with ``keep_logits`` the
+            logits, come from the last stage to every stage).
         batch: ``task``, ``input_ids`` / ``attention_mask`` / ``position_ids`` ``[b, s]`` (left padded),
             ``vision_images`` and ``positions`` when the prompt holds image placeholders (as the collator makes).
         end_token_id: ``<|im_end|>``.
         max_new_tokens: at most this many tokens per sequence (and no more than the LLM's
             ``max_position_embeddings`` less the prompt length).
         vocab_size: real vocabulary size (padded rows are never chosen).
-        use_kv_cache: decode with the KV cache (default) or recompute the whole sequence every step (one stage).
-        keep_logits: return every step's logits (one stage).
+        use_kv_cache: decode with the KV cache (default) or recompute the whole sequence every step (then every
+            stage sends the whole sequence's hidden states on).
+        keep_logits: return every step's logits (on every pipeline stage).
     """
     stages = None if model.pre_process and model.post_process else _PipelineStages(model)
-    if stages is not None and (keep_logits or not use_kv_cache):
-        raise ValueError("decoding over pipeline stages keeps no logits and always uses the KV cache; load the "
-                         "checkpoint with pipeline size 1 for keep_logits or use_kv_cache=False")
     llm, device = model.llm, model.device
     embeds = model.embed_inputs(PuffinBatch.from_collated(batch)) if model.pre_process else None  # [s, b, h]
     mask = batch["attention_mask"].to(device).bool()
@@ -166,12 +172,15 @@ def greedy_decode(model, batch: Dict[str, Any], end_token_id: int, max_new_token
     step_input = embeds
     for step in range(max_new_tokens):
         if not model.pre_process:  # a later pipeline stage: the previous stage's output
-            step_input = stages.receive(mask.shape[1] if step == 0 else 1, batch_size,
+            step_input = stages.receive(mask.shape[1] if step == 0 or cache is None else 1, batch_size,
                                         model.puffin_config.llm.hidden_size)
         if cache is not None:
             hidden = cache.step(step_input, positions, mask)
         else:
-            hidden = llm(decoder_input=embeds, position_ids=positions, padding_mask=mask, output="hidden")
+            if not model.pre_process:  # megatron-core's block reads a later stage's input from set_input_tensor
+                llm.decoder.set_input_tensor(step_input)
+            hidden = llm(decoder_input=embeds if model.pre_process else step_input, position_ids=positions,
+                         padding_mask=mask, output="hidden")
         next_ids = logits = None
         if model.post_process:
             next_ids, logits = _next_tokens(llm, hidden[-1], vocab_size)
@@ -179,6 +188,8 @@ def greedy_decode(model, batch: Dict[str, Any], end_token_id: int, max_new_token
             stages.send(hidden)
         if stages is not None:
             next_ids = stages.tokens_from_last_stage(next_ids, batch_size)
+            if keep_logits:
+                logits = stages.logits_from_last_stage(logits, batch_size, vocab_size)
         next_ids = torch.where(done, torch.full_like(next_ids, end_token_id), next_ids)
         tokens.append(next_ids)
         if keep_logits:

@@ -1,5 +1,6 @@
 """Inference at TP=2 equals TP=1, a checkpoint saved with PP=2 loads for inference at TP=1 and TP=2, and greedy
-decoding runs on the PP=2 layout itself (one spawned group of two gloo ranks): understanding tokens identical, one CFG velocity within 1e-5, generated images
+decoding runs on the PP=2 layout itself, with the KV cache or recomputing, every step's logits on both stages
+(one spawned group of two gloo ranks): understanding tokens identical, one CFG velocity within 1e-5, generated images
 within one uint8 level. The same group checks how the tools deal batches to two data-parallel replicas."""
 import torch
 
@@ -9,6 +10,7 @@ from helpers.puffin import make_tiny_dataset
 VELOCITY_TOLERANCE = 1e-5  # fp32, absolute
 IMAGE_LEVELS = 1  # uint8 levels: TP changes reduction order, the decoded image may round the other way
 NEW_TOKENS = 5
+LOGIT_TOLERANCE = 1e-5  # fp32, absolute
 
 
 def _images():
@@ -20,6 +22,22 @@ def _understanding_tokens(model, tokenizer):
     from megatron_puffin.inference import understand
 
     return [o.token_ids for o in understand(model, tokenizer, _images(), max_new_tokens=NEW_TOKENS)]
+
+
+def _decoded(model, tokenizer, use_kv_cache=True):
+    """Greedy tokens and every step's logits of two left-padded understanding prompts."""
+    from megatron_puffin.data import templates
+    from megatron_puffin.data.task_encoders import TaskEncoder
+    from megatron_puffin.inference import greedy_decode
+    from megatron_puffin.inference.batching import prompt_batch
+    from megatron_puffin.inference.understanding import default_encoder_config
+
+    encoder = TaskEncoder("image2text", tokenizer, default_encoder_config(model))
+    prompts = [encoder.understanding_prompt(templates.caption_prompt(i * 4), image)
+               for i, image in enumerate(_images())]
+    decoded = greedy_decode(model, prompt_batch(prompts, templates.UNDERSTANDING_PAD_ID), -1, NEW_TOKENS,
+                            model.puffin_config.llm.vocab_size, use_kv_cache=use_kv_cache, keep_logits=True)
+    return decoded.tokens, [step.cpu() for step in decoded.logits]
 
 
 def _infer(model, tokenizer):
@@ -62,6 +80,7 @@ def _worker(root, paths):
     model, args = build_tiny_model(paths)
     save_model_checkpoint(model, args, root / "tp1" / "iter_0000001")
     results["reference"] = _infer(model, PuffinTokenizer(paths["tokenizer"]))
+    results["reference_logits"] = _decoded(model, PuffinTokenizer(paths["tokenizer"]))
     ctx = mpd.initialize(1, 2, seed=0)  # the same weights as a PP=2 training layout saves them
     stage, _ = build_tiny_model(paths, pre_process=ctx.is_first_pipeline_stage,
                                 post_process=ctx.is_last_pipeline_stage)
@@ -69,6 +88,9 @@ def _worker(root, paths):
     stage.eval()
     # decoding with the PP=2 training layout itself (validation's camera metric): tokens from stage to stage
     results["decoded_at_pp2"] = _understanding_tokens(stage, PuffinTokenizer(paths["tokenizer"]))
+    # with every step's logits, by the KV cache and by recomputing the whole sequence each step
+    results["logits_at_pp2"] = {cached: _decoded(stage, PuffinTokenizer(paths["tokenizer"]), use_kv_cache=cached)
+                                for cached in (True, False)}
     save_model_checkpoint(stage, args, root / "pp2" / "iter_0000001")
     for name, checkpoint, tp in (("tp2", "tp1", 2), ("pp2_at_tp1", "pp2", 1), ("pp2_at_tp2", "pp2", 2)):
         loaded = load_puffin(str(root / checkpoint), tensor_model_parallel_size=tp)
@@ -86,8 +108,15 @@ def test_inference_is_the_same_at_every_layout(tmp_path):
     assert results[0]["gathered"] == results[1]["gathered"] == expected
     reference = results[0]["reference"]
     assert len({tuple(t) for t in reference["tokens"]}) == 2 and reference["image"].float().std() > 0
+    tokens, logits = results[0]["reference_logits"]
+    assert len(set(tokens.flatten().tolist())) > 3  # varied tokens: positions and the cache matter
     for rank_results in results:  # both stages of the PP=2 layout end with the same tokens
         assert rank_results["decoded_at_pp2"] == reference["tokens"]
+        for cached, (got_tokens, got_logits) in rank_results["logits_at_pp2"].items():
+            assert torch.equal(got_tokens, tokens), cached
+            assert len(got_logits) == len(logits) == NEW_TOKENS
+            for step_got, step_expected in zip(got_logits, logits):
+                torch.testing.assert_close(step_got, step_expected, atol=LOGIT_TOLERANCE, rtol=0)
         for name in ("reference", "tp2", "pp2_at_tp1", "pp2_at_tp2"):
             got = rank_results[name]
             assert got["tokens"] == reference["tokens"], name
