@@ -33,9 +33,11 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     level = args.logging.log_level if rank == 0 else "WARNING"
     logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    from megatron_puffin.optional_deps import log_backends_once, quiet_library_deprecations
+
     if args.logging.log_level != "DEBUG":  # megatron-core logs every shard it opens at INFO
         logging.getLogger("megatron.core").setLevel(logging.WARNING)
-    from megatron_puffin.optional_deps import log_backends_once
+        quiet_library_deprecations()
 
     log_backends_once(logger)
     if args.dry_run:

@@ -32,6 +32,18 @@ def quiet_backend_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 
+# Deprecation notices the libraries raise about their own calls into each other (megatron-core's checkpointing on
+# torch.distributed.checkpoint's ShardedTensor and load_state_dict, ...): nothing a user of this project can act on.
+LIBRARY_DEPRECATION_MODULES = r"(megatron\.core|torch\.distributed|diffusers|transformers)(\.|$)"
+
+
+def quiet_library_deprecations() -> None:
+    """Ignore the libraries' FutureWarnings about their own internals and diffusers' "CUDA is not available"
+    autocast notice (entry points call this unless ``--log-level DEBUG``)."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=LIBRARY_DEPRECATION_MODULES)
+    warnings.filterwarnings("ignore", message="CUDA is not available")
+
+
 @functools.lru_cache(maxsize=None)
 def apex_available() -> bool:
     try:

@@ -167,4 +167,5 @@ class LoggingConfig:
     log_memory: bool = True
     """Report peak accelerator memory (CUDA) or peak resident memory of the process (CPU) in the log line."""
     log_level: str = field(default="INFO", metadata={"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]})
-    """Logging level of rank 0 (other ranks log warnings and errors only)."""
+    """Logging level of rank 0 (other ranks log warnings and errors only). Below DEBUG, megatron-core's and torch's
+    deprecation notices about their own internals (checkpointing on ShardedTensor, ...) are not printed."""

@@ -8,13 +8,13 @@ import logging
 import os
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
 from megatron_puffin.config.dataclass_args import FlagFileParser
+from megatron_puffin.optional_deps import quiet_library_deprecations
 
 logger = logging.getLogger(__name__)
 
@@ -141,9 +141,7 @@ def setup_logging(level: str) -> None:
     """Rank-0 logging; library deprecation chatter (megatron-core / torch checkpoint APIs, diffusers' CUDA autocast
     notice) is silenced unless ``DEBUG``."""
     if level != "DEBUG":
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", message="CUDA is not available")
-        warnings.filterwarnings("ignore", message="full scope is deprecated")  # megatron-core's own default
+        quiet_library_deprecations()
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=level if rank == 0 else "ERROR", format="%(levelname)s %(name)s: %(message)s")
     if level != "DEBUG":

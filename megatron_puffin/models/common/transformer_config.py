@@ -50,6 +50,7 @@ def runtime_transformer_kwargs(
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
+        cuda_graph_scope=[],  # no CUDA graphs; megatron-core's default, "full", is the deprecated spelling and warns
     )
 
 
