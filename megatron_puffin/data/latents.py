@@ -161,7 +161,7 @@ def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit
              "latent_channels": int(vae.vae.config.latent_channels), "vae": vae_identity(vae)}
     existing = manifest.get("latents")
     if existing is not None:
-        problem = entry_problem(existing)
+        problem = _entry_problem(existing)
         if problem is None and _same_entry(existing, entry):
             return "skipped"
         if not overwrite:
@@ -304,7 +304,7 @@ def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def entry_problem(entry: Any) -> Optional[str]:
+def _entry_problem(entry: Any) -> Optional[str]:
     """What is wrong with a manifest's ``latents`` entry as a value (None: it has every key
     :func:`cache_shard_latents` writes, of the right type): a hand-edited or damaged entry would otherwise fail
     later, inside a loader worker, as a KeyError or a reshape error."""
@@ -350,7 +350,7 @@ def check_latent_manifest(manifest: Mapping[str, Any], shard_dir: Path, vae: Opt
     if entry is None:
         raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir} has no cached latents; run "
                          f"tools/cache_latents.py --data {shard_dir} with the training VAE, or drop --cached-latents")
-    problem = entry_problem(entry)
+    problem = _entry_problem(entry)
     if problem is not None:
         raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir}: the latents entry of its "
                                f"{MANIFEST_NAME} is malformed ({problem}); re-run tools/cache_latents.py "
