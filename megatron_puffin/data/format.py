@@ -19,6 +19,8 @@ import logging
 import math
 import os
 import shutil
+import struct
+import zlib
 from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,12 @@ FIELDS: Dict[str, Dict[str, str]] = {
 """Field name -> storage dtype, kind and meaning. Every shard has all fields."""
 
 _NUMPY_DTYPES = {"uint8": np.uint8, "float32": np.float32}
+
+
+# What reading a sample that cannot be decoded raises (the loader counts and skips it, the tools name it): garbled
+# image bytes (PIL: OSError, SyntaxError, EOFError, zlib and struct errors), bad UTF-8 (UnicodeDecodeError), a bad
+# index pointer (ValueError/IndexError from the memory map), a non-finite camera (BadSampleError).
+BAD_SAMPLE_ERRORS = (ValueError, IndexError, OSError, EOFError, SyntaxError, struct.error, zlib.error)
 
 
 class DatasetFormatError(ValueError):

@@ -30,7 +30,14 @@ import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
-from megatron_puffin.data.format import MANIFEST_NAME, MappedField, PuffinDataset, read_manifest, reopen_field
+from megatron_puffin.data.format import (
+    BAD_SAMPLE_ERRORS,
+    MANIFEST_NAME,
+    MappedField,
+    PuffinDataset,
+    read_manifest,
+    reopen_field,
+)
 from megatron_puffin.files import write_text_atomically
 
 logger = logging.getLogger(__name__)
@@ -126,8 +133,6 @@ def _sources_or_none(shard_dir: Path, dataset, index: int, image_size: int, imag
                      bad_samples: List[str]) -> Dict[str, Optional[torch.Tensor]]:
     """:func:`_sources` of sample ``index``; a sample that does not decode (what training's loader counts as a bad
     sample) gets no latents, and one line in ``bad_samples`` and the log."""
-    from megatron_puffin.data.loader import BAD_SAMPLE_ERRORS
-
     try:
         return _sources(dataset[index], image_size, image_unit)
     except BAD_SAMPLE_ERRORS as error:

@@ -14,11 +14,9 @@ import multiprocessing.context
 import multiprocessing.util
 import re
 import signal
-import struct
 import threading
 import time
 import traceback
-import zlib
 from dataclasses import dataclass
 from typing import Any, Collection, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
@@ -27,7 +25,7 @@ import torch
 
 from megatron_puffin.data.collate import Collator
 from megatron_puffin.data.config import DataConfig, TaskStreamSpec, effective_data_seed, validate_data_config
-from megatron_puffin.data.format import DatasetFormatError, PuffinDataset, ShardUnavailableError
+from megatron_puffin.data.format import BAD_SAMPLE_ERRORS, DatasetFormatError, PuffinDataset, ShardUnavailableError
 from megatron_puffin.data.latents import TASK_MOMENTS, LatentCache, check_latent_manifest
 from megatron_puffin.data.sampler import (
     MicroBatchSchedule,
@@ -161,12 +159,6 @@ def build_streams(specs: Sequence[TaskStreamSpec], tokenizer: PuffinTokenizer,
         _check_fields(spec, dataset, flag)
         streams.append(TaskStream(name, spec, dataset, TaskEncoder(spec.task, tokenizer, encoder_config, name)))
     return streams
-
-
-# What a sample that cannot be decoded raises: garbled image bytes (PIL: OSError, SyntaxError, EOFError, zlib and
-# struct errors), bad UTF-8 (UnicodeDecodeError), a bad index pointer (ValueError/IndexError from the memory map),
-# a non-finite camera (BadSampleError).
-BAD_SAMPLE_ERRORS = (ValueError, IndexError, OSError, EOFError, SyntaxError, struct.error, zlib.error)
 
 
 def _bad_sample(stream: TaskStream, index: int, error: BaseException) -> Dict[str, Any]:

@@ -43,9 +43,8 @@ class CameraStream:
 
 
 def _camera_stream(name: str, thinking: bool, paths: Sequence[str], num_samples: int, image_size: int) -> CameraStream:
-    from megatron_puffin.data.format import PuffinDataset
+    from megatron_puffin.data.format import BAD_SAMPLE_ERRORS, PuffinDataset
     from megatron_puffin.data.images import decode_image
-    from megatron_puffin.data.loader import BAD_SAMPLE_ERRORS
     from megatron_puffin.inference.images import prepare_image
 
     dataset = PuffinDataset(list(paths))
