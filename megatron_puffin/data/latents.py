@@ -292,15 +292,28 @@ class LatentCache:
 
     def moments(self, index: int, keys: Sequence[str] = tuple(BATCH_KEYS.values())) -> Dict[str, torch.Tensor]:
         """Batch key (:data:`BATCH_KEYS`, those in ``keys``) -> float32 ``[2, C, h, w]`` of one sample, for the
-        sources it has."""
+        sources it has.
+
+        Raises:
+            ValueError: the sample's stored shape and values disagree (damaged bytes): the loader counts it as a bad
+                sample and takes the next one, as for an image that does not decode.
+        """
         shard, local = self.dataset.locate(index)
         fields, entry = self._shard_fields(shard), shard.manifest["latents"]
         shape = fields[SHAPE_FIELD][local].tolist()
+        if len(shape) != 2 * len(LATENT_FIELDS) or min(shape) < 0:
+            raise ValueError(f"cached latents of shard {shard.dir} index {local}: latent_shape holds {shape}, not "
+                             f"{len(LATENT_FIELDS)} (height, width) pairs; re-run tools/cache_latents.py --overwrite")
         result = {}
         for slot, name in enumerate(LATENT_FIELDS):
             height, width = shape[2 * slot], shape[2 * slot + 1]
             if height and BATCH_KEYS[name] in keys:
                 values = _from_storage(fields[name][local], entry["dtype"])
+                expected = 2 * entry["latent_channels"] * height * width
+                if values.numel() != expected:
+                    raise ValueError(f"cached latents of shard {shard.dir} index {local}: {name} holds {values.numel()} "
+                                     f"values, latent_shape says {height}x{width} ({expected}); re-run "
+                                     "tools/cache_latents.py --overwrite")
                 result[BATCH_KEYS[name]] = values.reshape(2, entry["latent_channels"], height, width)
         return result
 

@@ -352,6 +352,32 @@ def test_sixteen_bit_storage_round_trips_the_cast():
         assert torch.equal(restored, moments.to(torch_dtype).float()), dtype
 
 
+def test_damaged_latent_shapes_make_a_bad_sample_not_a_crash(cached, tmp_path, caplog):
+    """A sample whose stored latent shape disagrees with its stored values (damaged bytes of the same size) is
+    counted and skipped like an image that does not decode (was a reshape RuntimeError inside the loader)."""
+    import numpy as np
+
+    from megatron_puffin.data import DataConfig, build_data_loader
+    from megatron_puffin.data.format import read_manifest
+    from megatron_puffin.data.latents import vae_identity
+
+    paths, model, _, _ = cached
+    shard = tmp_path / "shard"
+    shutil.copytree(f"{paths['data']}/main/shard-00000", shard)
+    shapes = np.fromfile(shard / "latent_shape.bin", dtype=np.int32)
+    shapes[0] += 1  # the first sample's target height
+    shapes.tofile(shard / "latent_shape.bin")
+    config = DataConfig(task_stream=[f"text2image:{shard}:2"], tokenizer=paths["tokenizer"], num_workers=0,
+                        image_size=IMAGE_SIZE, pin_memory=False, cached_latents=True)
+    loader = build_data_loader(config, seed=0, num_query_tokens=NUM_QUERIES, vae_identity=vae_identity(model.vae))
+    iterator = iter(loader)
+    samples = read_manifest(shard)["num_samples"]
+    batches = [next(iterator) for _ in range(samples // 2 + 1)]  # one epoch of the shard and a little more
+    assert all(batch["target_moments"].shape[1:3] == (2, 4) for batch in batches)
+    assert loader.bad_samples_total == 1
+    assert "latent_image holds" in caplog.text and "latent_shape says" in caplog.text
+
+
 def test_latents_truncated_under_the_run_are_one_error_not_a_sigbus(cached, tmp_path):
     """The cached moments are memory-mapped like the other fields: reads check the file's size first. In a child
     process, so that a regression (a SIGBUS) cannot kill the suite."""
