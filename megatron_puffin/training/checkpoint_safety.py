@@ -320,12 +320,27 @@ def verify_manifest(directory: str, rank: int = 0, world_size: int = 1) -> List[
     for index, (name, entry) in enumerate(sorted(manifest["files"].items())):
         if index % world_size != rank:
             continue
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            problems.append(f"{path} is missing")
-        elif os.path.getsize(path) != entry["size"]:
-            problems.append(f"{path} has {os.path.getsize(path)} bytes, the manifest records {entry['size']}")
-        elif _sha256(path) != entry["sha256"]:
-            problems.append(f"{path} does not match its SHA-256 in {MANIFEST_FILE} (the bytes changed after the "
-                            "checkpoint was written)")
+        problem = _file_problem(os.path.join(directory, name), entry)
+        if problem is not None:
+            problems.append(problem)
     return problems
+
+
+def _file_problem(path: str, entry: Dict[str, Any]) -> Optional[str]:
+    """How one file differs from its manifest entry (missing, size, SHA-256), or None."""
+    if not os.path.isfile(path):
+        return f"{path} is missing"
+    if os.path.getsize(path) != entry["size"]:
+        return f"{path} has {os.path.getsize(path)} bytes, the manifest records {entry['size']}"
+    if _sha256(path) != entry["sha256"]:
+        return f"{path} does not match its SHA-256 in {MANIFEST_FILE} (the bytes changed after the checkpoint was " \
+               "written)"
+    return None
+
+
+def file_problem(directory: str, name: str) -> Optional[str]:
+    """:func:`verify_manifest` for one small file read before the weights (the ``puffin_meta.json`` sidecar):
+    None when it matches its manifest entry or the checkpoint has no manifest or no entry for it."""
+    manifest = read_manifest(directory)
+    entry = None if manifest is None else manifest["files"].get(name)
+    return None if entry is None else _file_problem(os.path.join(directory, name), entry)

@@ -216,12 +216,39 @@ def load_model_checkpoint(model: torch.nn.Module, directory: str) -> None:
     load_model_state(model, state, f"checkpoint {directory}")
 
 
+# The sidecar's top-level entries and the JSON type each must have where present (older checkpoints lack some).
+_METADATA_TYPES = {"args": dict, "consumed": dict, "layout": dict, "lineage": list, "towers": list, "kind": str,
+                   "iteration": int, "samples_per_step": int}
+
+
 def read_metadata(directory: str) -> Optional[Dict[str, Any]]:
-    """The JSON sidecar of a checkpoint, if any."""
+    """The JSON sidecar of a checkpoint, if any, checked against the checkpoint's integrity manifest (an edited
+    sidecar would otherwise rebuild a model of other flags before the weights' check) and for its entries' types.
+
+    Raises:
+        CheckpointError: the sidecar changed since the checkpoint was written, is not a JSON object, or holds an
+            entry of the wrong type (naming it).
+    """
     path = os.path.join(directory, META_FILE)
     if not os.path.exists(path):
         return None
-    return read_json_object(path, CheckpointError, "; the checkpoint is damaged")
+    problem = safety.file_problem(directory, META_FILE)
+    if problem is not None:
+        raise CheckpointError(f"{problem}; use an earlier checkpoint")
+    meta = read_json_object(path, CheckpointError, "; the checkpoint is damaged")
+    for key, kind in _METADATA_TYPES.items():
+        value = meta.get(key)
+        if key in meta and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise CheckpointError(f"{path}: {key} holds {json.dumps(value)[:40]}, not a JSON "
+                                  f"{_JSON_NAMES[kind]}; the checkpoint is damaged: use an earlier one")
+    for group, values in meta.get("args", {}).items():
+        if not isinstance(values, dict):
+            raise CheckpointError(f"{path}: args.{group} holds {json.dumps(values)[:40]}, not a JSON object; the "
+                                  "checkpoint is damaged: use an earlier one")
+    return meta
+
+
+_JSON_NAMES = {dict: "object", list: "array", str: "string", int: "whole number"}
 
 
 # --- run directories --------------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def test_startup_decisions(workdir, monkeypatch, capsys):
     (damaged / "iter_0000004" / "puffin_meta.json").write_text("[1, 2")
     code, err = _startup(monkeypatch, capsys, workdir, *MBS2, "--load", "damaged")
     assert code == 2 and "damaged: no usable checkpoint; the newest, damaged/iter_0000004, is damaged: " \
-        "damaged/iter_0000004/puffin_meta.json is not valid JSON" in err
+        "damaged/iter_0000004/puffin_meta.json has 5 bytes, the manifest records" in err
 
     code, err = _startup(monkeypatch, capsys, workdir, *MBS2, "--pretrained-checkpoint", "damaged/iter_0000002",
                          "--llm-checkpoint", "nowhere")

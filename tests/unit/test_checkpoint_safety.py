@@ -158,6 +158,30 @@ def test_flipped_and_truncated_bytes_name_the_file(process_group, tmp_path):
         _load(tmp_path / "ck")
 
 
+def test_an_edited_or_mistyped_sidecar_is_one_checkpoint_error(process_group, tmp_path):
+    """puffin_meta.json is read (to rebuild the model's flags) before the weights are verified: it is checked against
+    the integrity manifest first, and its entries' types in checkpoints without one (an edited sidecar rebuilt a model
+    of other flags, or raised a TypeError from a null flag group)."""
+    _write(tmp_path / "ck", iteration=3)
+    sidecar = tmp_path / "ck" / ckpt.META_FILE
+    assert ckpt.read_metadata(str(tmp_path / "ck")) == {"iteration": 3}
+    sidecar.write_text(sidecar.read_text().replace("3", "4"))  # the same size, other bytes
+    with pytest.raises(CheckpointError, match=rf"{ckpt.META_FILE} does not match its SHA-256 in "
+                                              rf"{safety.MANIFEST_FILE}.*use an earlier checkpoint"):
+        ckpt.read_metadata(str(tmp_path / "ck"))
+    (tmp_path / "ck" / safety.MANIFEST_FILE).unlink()  # written before integrity manifests: types are checked
+    assert ckpt.read_metadata(str(tmp_path / "ck")) == {"iteration": 4}
+    for meta, message in (({"iteration": "4"}, 'iteration holds "4", not a JSON whole number'),
+                          ({"iteration": True}, "iteration holds true, not a JSON whole number"),
+                          ({"args": []}, "args holds [], not a JSON object"),
+                          ({"args": {"llm": None}}, "args.llm holds null, not a JSON object"),
+                          ({"towers": None}, "towers holds null, not a JSON array")):
+        sidecar.write_text(json.dumps(meta))
+        with pytest.raises(CheckpointError, match="the checkpoint is damaged: use an earlier one") as raised:
+            ckpt.read_metadata(str(tmp_path / "ck"))
+        assert message in str(raised.value)
+
+
 def test_a_garbled_integrity_manifest_is_one_checkpoint_error(tmp_path):
     """The manifest is read like the project's other JSON files: not JSON, not an object, or entries without a size
     and hash is one CheckpointError naming it."""
@@ -180,7 +204,8 @@ def test_run_directory_falls_back_past_damaged_checkpoints(process_group, tmp_pa
     with caplog.at_level(logging.WARNING):
         assert ckpt.resolve_checkpoint(str(run)) == str(run / "iter_0000002")
     assert "iter_0000006/common.pt is missing" in caplog.text
-    assert "iter_0000004/puffin_meta.json is not valid JSON" in caplog.text
+    # the sidecar is checked against the integrity manifest before it is parsed
+    assert "iter_0000004/puffin_meta.json has 9 bytes, the manifest records" in caplog.text
     shutil.rmtree(run / "iter_0000002" / ".metadata", ignore_errors=True)
     (run / "iter_0000002" / ".metadata").unlink()
     with pytest.raises(CheckpointError, match=r"no usable checkpoint; the newest, .*iter_0000006, is damaged"):
