@@ -233,6 +233,12 @@ def load_puffin(checkpoint: str, flags: Sequence[str] = (), tensor_model_paralle
 
     directory = resolve_inference_checkpoint(checkpoint)
     metadata = read_metadata(directory) or {}
+    kind = metadata.get("kind", "puffin")
+    if kind != "puffin":  # a converted tower (tools/convert_checkpoint.py *-to-mcore): no flags, no other towers
+        raise InferenceSetupError(
+            f"checkpoint {directory} holds the {kind} tower alone (tools/convert_checkpoint.py), not a Puffin model: "
+            f"train from it (pretrain_puffin.py --{kind}-checkpoint {directory}), or give a pretrain_puffin.py "
+            "checkpoint or puffin-to-mcore's output")
     args = resolve_flags(metadata, flags)
     if tensor_model_parallel_size is not None:
         args.parallel.tensor_model_parallel_size = tensor_model_parallel_size

@@ -16,6 +16,10 @@ def setup(tmp_path_factory):
     mpd.initialize(seed=0)
     model, args = build_tiny_model(paths)
     save_model_checkpoint(model, args, root / "run" / "iter_0000003", iteration=3)
+    from megatron_puffin.training.checkpointing import save_checkpoint
+
+    # the LLM tower alone, as hf-to-mcore writes it (for --llm-checkpoint)
+    save_checkpoint(model.llm.sharded_state_dict(), str(root / "llm_only"), metadata={"kind": "llm"})
     yield root, paths, model
     mpd.destroy()
 
@@ -44,6 +48,9 @@ def test_a_run_directory_loads_its_latest_checkpoint_with_the_stored_shape(setup
     ("run", ("--tensor-model-parallel-size", "4"), r"--num-attention-heads \(6\) must be divisible"),
     ("run", ("--tokenizer", "/nonexistent/tokenizer.model"), "--tokenizer /nonexistent/tokenizer.model: not found"),
     ("run", ("--num-layerz", "2"), "unknown flag or argument '--num-layerz'"),
+    # was "no tokenizer: the checkpoint stores none", then a shape mismatch once --tokenizer was given
+    ("llm_only", (), r"holds the llm tower alone \(tools/convert_checkpoint.py\), not a Puffin model: train from it "
+                     r"\(pretrain_puffin.py --llm-checkpoint .*llm_only\)"),
 ])
 def test_bad_inputs_give_one_line_errors(setup, where, flags, message):
     root, _, _ = setup
