@@ -4,6 +4,7 @@ model of the shape the flags describe (read from their JSON sidecar only), outpu
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, TYPE_CHECKING
 
@@ -59,8 +60,10 @@ def check_input_checkpoints(args: PuffinArguments) -> List[str]:
         elif not directory.is_dir():
             problems.append(f"{flag} ({path}) is a file; give the checkpoint directory")
         elif flag != "--pretrained-checkpoint" and not (directory / "metadata.json").is_file():
-            problems.append(f"{flag} ({path}) is not a distributed checkpoint (no metadata.json); create it with "
-                            "tools/convert_checkpoint.py")
+            run = any(directory.glob("iter_*")) or (directory / "puffin_meta.json").is_file()
+            hint = f"; it is a pretrain_puffin.py run or checkpoint: start from it with --pretrained-checkpoint " \
+                   f"{path}" if run else "; create it with tools/convert_checkpoint.py"
+            problems.append(f"{flag} ({path}) is not a distributed checkpoint (no metadata.json){hint}")
     return problems
 
 
@@ -316,6 +319,39 @@ def _checkpoint_metadata(args: PuffinArguments) -> List[Tuple[str, str, bool, Di
     return found
 
 
+TOWER_CHECKPOINT_KINDS = {"--llm-checkpoint": "llm", "--vision-checkpoint": "vision", "--dit-checkpoint": "dit"}
+"""Tower flag -> the ``kind`` tools/convert_checkpoint.py records in the checkpoints it writes for it."""
+
+
+def check_checkpoint_kinds(args: PuffinArguments) -> List[str]:
+    """Each checkpoint is of the kind its flag loads (its ``puffin_meta.json`` ``kind``): a converted tower for its
+    own tower flag, a whole model (``puffin``) for --load / --pretrained-checkpoint. A converted LLM given as
+    --dit-checkpoint was loaded into nothing when --pretrained-checkpoint supplied the DiT, else failed on its
+    tensors after the process groups started; one given as --pretrained-checkpoint failed on its tensors."""
+    if args.dry_run:
+        return []
+    problems = []
+    given = {"--llm-checkpoint": args.checkpoint.llm_checkpoint, "--vision-checkpoint": args.checkpoint.vision_checkpoint,
+             "--dit-checkpoint": args.checkpoint.dit_checkpoint}
+    for flag, directory, _, meta in _checkpoint_metadata(args):
+        kind = meta.get("kind")
+        expected = TOWER_CHECKPOINT_KINDS.get(flag, "puffin")
+        if kind is None or kind == expected:
+            continue
+        if flag in given and os.path.realpath(directory) != os.path.realpath(given[flag]):
+            continue  # a run directory given for a tower: check_input_checkpoints names it (no metadata.json there)
+        if kind == "puffin":
+            problems.append(f"{flag} ({directory}) is a whole Puffin checkpoint, not a converted {expected} tower; "
+                            f"start from it with --pretrained-checkpoint {directory}")
+        elif kind in TOWER_CHECKPOINT_KINDS.values():
+            problems.append(f"{flag} ({directory}) holds the {kind} tower alone (tools/convert_checkpoint.py); give "
+                            f"it as --{kind}-checkpoint {directory}")
+        else:
+            problems.append(f"{flag} ({directory}) holds a checkpoint of kind {kind!r}, which this version does not "
+                            "know; give a pretrain_puffin.py checkpoint or one tools/convert_checkpoint.py wrote")
+    return problems
+
+
 def check_checkpoint_shapes(args: PuffinArguments) -> List[str]:
     """Every checkpoint the run loads (--load, --pretrained-checkpoint, the tower checkpoints) holds towers of the
     shape the flags give, compared through its ``puffin_meta.json``, before any process group exists; the tensors
@@ -329,4 +365,4 @@ def check_checkpoint_shapes(args: PuffinArguments) -> List[str]:
 
 
 PATH_VALIDATORS = [check_output_paths, check_input_checkpoints, check_vae_files, check_stream_datasets,
-                   check_tokenizer, check_checkpoint_shapes]
+                   check_tokenizer, check_checkpoint_kinds, check_checkpoint_shapes]

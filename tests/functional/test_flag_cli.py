@@ -89,6 +89,41 @@ def test_a_checkpoint_of_another_tokenizer_is_refused_before_any_work(files):
     assert "another shape" not in stderr, stderr
 
 
+def test_a_checkpoint_given_to_the_wrong_flag_is_named_with_the_right_one(files):
+    """A converted LLM (hf-to-mcore) given as --pretrained-checkpoint or --dit-checkpoint, and the shared tiny run
+    given as --llm-checkpoint / --vision-checkpoint: each named with the flag it is for, before any work. Before, the
+    first failed on its tensors after the process groups started, the second was loaded into nothing (the
+    --pretrained-checkpoint supplied the DiT), the third said "create it with tools/convert_checkpoint.py"."""
+    import importlib.util
+
+    from helpers.llm import hf_qwen2
+    from megatron_puffin.models.llm import LLMConfig
+
+    run = tiny_run()
+    config = LLMConfig(num_layers=2, hidden_size=48, ffn_hidden_size=64, num_attention_heads=6, num_query_groups=2,
+                       kv_channels=8, vocab_size=1024, max_position_embeddings=1024)  # examples/tiny/model.args
+    hf_qwen2(config).save_pretrained(files / "qwen_hf", safe_serialization=True)
+    spec = importlib.util.spec_from_file_location("convert_checkpoint_flag_cli", ROOT / "tools" / "convert_checkpoint.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["hf-to-mcore", "--hf-dir", str(files / "qwen_hf"), "--output", str(files / "qwen_mcore")]) == 0
+    llm = files / "qwen_mcore"
+    stderr = _cli(*RESUME_FLAGS, "--micro-batch-size", "2", "--save", files / "kinds", "--pretrained-checkpoint", llm,
+                  "--dit-checkpoint", llm, "--llm-checkpoint", "run/iter_0000002", "--vision-checkpoint", "run",
+                  cwd=run)
+    for line in (f"--pretrained-checkpoint ({llm}) holds the llm tower alone (tools/convert_checkpoint.py); give it "
+                 f"as --llm-checkpoint {llm}",
+                 f"--dit-checkpoint ({llm}) holds the llm tower alone (tools/convert_checkpoint.py); give it as "
+                 f"--llm-checkpoint {llm}",
+                 "--llm-checkpoint (run/iter_0000002) is a whole Puffin checkpoint, not a converted llm tower; start "
+                 "from it with --pretrained-checkpoint run/iter_0000002",
+                 "--vision-checkpoint (run) is not a distributed checkpoint (no metadata.json); it is a "
+                 "pretrain_puffin.py run or checkpoint: start from it with --pretrained-checkpoint run"):
+        assert f"  - {line}\n" in stderr, (line, stderr)
+    assert stderr.count("  - ") == 4, stderr
+    assert not (files / "kinds").exists()
+
+
 def test_a_dry_run_reports_the_paths_a_real_run_would_stop_on_and_still_succeeds(files):
     """--dry-run skips path checks (it describes a cluster configuration from any machine); run on the login node
     with a wrong stream it said nothing, and the job failed only after waiting in the queue. It now lists what a
