@@ -323,33 +323,34 @@ TOWER_CHECKPOINT_KINDS = {"--llm-checkpoint": "llm", "--vision-checkpoint": "vis
 """Tower flag -> the ``kind`` tools/convert_checkpoint.py records in the checkpoints it writes for it."""
 
 
+def _kind_problem(args: PuffinArguments, flag: str, directory: str, meta: Dict[str, Any]) -> Optional[str]:
+    """Whether a checkpoint is of the kind its flag loads (its ``puffin_meta.json`` ``kind``): a converted tower for
+    its own tower flag, a whole model (``puffin``) for --load / --pretrained-checkpoint."""
+    kind = meta.get("kind")
+    expected = TOWER_CHECKPOINT_KINDS.get(flag, "puffin")
+    if kind is None or kind == expected:
+        return None
+    given = getattr(args.checkpoint, flag[2:].replace("-", "_"), None) if flag in TOWER_CHECKPOINT_KINDS else None
+    if given and os.path.realpath(directory) != os.path.realpath(given):
+        return None  # a run directory given for a tower: check_input_checkpoints names it (no metadata.json there)
+    if kind == "puffin":
+        return (f"{flag} ({directory}) is a whole Puffin checkpoint, not a converted {expected} tower; start from it "
+                f"with --pretrained-checkpoint {directory}")
+    if kind in TOWER_CHECKPOINT_KINDS.values():
+        return (f"{flag} ({directory}) holds the {kind} tower alone (tools/convert_checkpoint.py); give it as "
+                f"--{kind}-checkpoint {directory}")
+    return (f"{flag} ({directory}) holds a checkpoint of kind {kind!r}, which this version does not know; give a "
+            "pretrain_puffin.py checkpoint or one tools/convert_checkpoint.py wrote")
+
+
 def check_checkpoint_kinds(args: PuffinArguments) -> List[str]:
-    """Each checkpoint is of the kind its flag loads (its ``puffin_meta.json`` ``kind``): a converted tower for its
-    own tower flag, a whole model (``puffin``) for --load / --pretrained-checkpoint. A converted LLM given as
+    """Every checkpoint the run loads is of the kind its flag loads (:func:`_kind_problem`). A converted LLM given as
     --dit-checkpoint was loaded into nothing when --pretrained-checkpoint supplied the DiT, else failed on its
     tensors after the process groups started; one given as --pretrained-checkpoint failed on its tensors."""
     if args.dry_run:
         return []
-    problems = []
-    given = {"--llm-checkpoint": args.checkpoint.llm_checkpoint, "--vision-checkpoint": args.checkpoint.vision_checkpoint,
-             "--dit-checkpoint": args.checkpoint.dit_checkpoint}
-    for flag, directory, _, meta in _checkpoint_metadata(args):
-        kind = meta.get("kind")
-        expected = TOWER_CHECKPOINT_KINDS.get(flag, "puffin")
-        if kind is None or kind == expected:
-            continue
-        if flag in given and os.path.realpath(directory) != os.path.realpath(given[flag]):
-            continue  # a run directory given for a tower: check_input_checkpoints names it (no metadata.json there)
-        if kind == "puffin":
-            problems.append(f"{flag} ({directory}) is a whole Puffin checkpoint, not a converted {expected} tower; "
-                            f"start from it with --pretrained-checkpoint {directory}")
-        elif kind in TOWER_CHECKPOINT_KINDS.values():
-            problems.append(f"{flag} ({directory}) holds the {kind} tower alone (tools/convert_checkpoint.py); give "
-                            f"it as --{kind}-checkpoint {directory}")
-        else:
-            problems.append(f"{flag} ({directory}) holds a checkpoint of kind {kind!r}, which this version does not "
-                            "know; give a pretrain_puffin.py checkpoint or one tools/convert_checkpoint.py wrote")
-    return problems
+    found = (_kind_problem(args, flag, directory, meta) for flag, directory, _, meta in _checkpoint_metadata(args))
+    return [problem for problem in found if problem is not None]
 
 
 def check_checkpoint_shapes(args: PuffinArguments) -> List[str]:
@@ -360,7 +361,8 @@ def check_checkpoint_shapes(args: PuffinArguments) -> List[str]:
         return []
     problems: List[str] = []
     for flag, directory, need_all_towers, meta in _checkpoint_metadata(args):
-        problems += checkpoint_shape_problems(args, flag, directory, meta, need_all_towers)
+        if _kind_problem(args, flag, directory, meta) is None:  # else check_checkpoint_kinds names the right flag
+            problems += checkpoint_shape_problems(args, flag, directory, meta, need_all_towers)
     return problems
 
 

@@ -296,6 +296,12 @@ def startup_problems(args: PuffinArguments) -> List[str]:
         meta = ckpt.read_metadata(resumed) or {}
     except CheckpointError as error:
         return problems + [str(error)]
+    if meta.get("kind") not in (None, "puffin"):  # a converted tower: check_checkpoint_kinds names it
+        return problems
+    if "imported" in meta:  # puffin-to-mcore output: weights only, nothing of a run to resume
+        return problems + [f"--load {resumed} was imported from {meta['imported'].get('source')} (puffin-to-mcore): "
+                           "it holds weights only, no optimizer, schedule or data position to resume; start from "
+                           f"it with --pretrained-checkpoint {resumed}"]
     stored = meta.get("args") or {}
     return (problems + schedule_problems(args, stored, resumed) + layout_problems(args, stored, resumed)
             + unreadable_fsdp2_records(meta, resumed, "--load") + batch_problems(args, meta, resumed)

@@ -123,6 +123,22 @@ def test_a_checkpoint_given_to_the_wrong_flag_is_named_with_the_right_one(files)
     assert stderr.count("  - ") == 4, stderr
     assert not (files / "kinds").exists()
 
+    # --load of a converted tower, and of puffin-to-mcore's output (weights only): one line each, naming the flag
+    # (were a shape mismatch advising --pretrained-checkpoint for the first, and schedule and data-order mismatches
+    # of the stored defaults for the second)
+    stderr = _cli(*RESUME_FLAGS, "--micro-batch-size", "2", "--save", files / "kinds", "--load", llm, cwd=run)
+    assert stderr.count("  - ") == 1 and f"--load ({llm}) holds the llm tower alone" in stderr, stderr
+    assert tool.main(["mcore-to-puffin", "--input", str(run / "run" / "iter_0000002"), "--output",
+                      str(files / "Puffin-Tiny.pth")]) == 0
+    assert tool.main(["puffin-to-mcore", "--puffin-checkpoint", str(files / "Puffin-Tiny.pth"), "--output",
+                      str(files / "imported"), "--", f"@{ROOT / 'examples' / 'tiny' / 'model.args'}"]) == 0
+    stderr = _cli(*RESUME_FLAGS, "--micro-batch-size", "2", "--save", files / "kinds", "--load", files / "imported",
+                  cwd=run)
+    assert stderr.count("  - ") == 1, stderr
+    assert f"--load {files / 'imported'} was imported from {files / 'Puffin-Tiny.pth'} (puffin-to-mcore): it holds " \
+           f"weights only, no optimizer, schedule or data position to resume; start from it with " \
+           f"--pretrained-checkpoint {files / 'imported'}" in stderr, stderr
+
 
 def test_a_dry_run_reports_the_paths_a_real_run_would_stop_on_and_still_succeeds(files):
     """--dry-run skips path checks (it describes a cluster configuration from any machine); run on the login node
