@@ -218,7 +218,7 @@ def load_model_checkpoint(model: torch.nn.Module, directory: str) -> None:
 
 # The sidecar's top-level entries and the JSON type each must have where present (older checkpoints lack some).
 _METADATA_TYPES = {"args": dict, "consumed": dict, "layout": dict, "lineage": list, "towers": list, "kind": str,
-                   "iteration": int, "samples_per_step": int}
+                   "iteration": int, "samples_per_step": int, "imported": dict}
 
 
 def read_metadata(directory: str) -> Optional[Dict[str, Any]]:
