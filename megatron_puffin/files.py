@@ -80,3 +80,9 @@ def read_json_object(path: PathLike, error: Type[Exception], advice: str = "",
         kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
         raise error(f"{name} holds {kind}, not a JSON object{advice}")
     return value
+
+
+def is_whole_number(value: Any, minimum: int = 0) -> bool:
+    """Whether a value read from JSON is a whole number of at least ``minimum`` (``true`` / ``false`` are not: Python
+    takes them for 1 and 0)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum

@@ -343,28 +343,21 @@ def _kind_problem(args: PuffinArguments, flag: str, directory: str, meta: Dict[s
             "pretrain_puffin.py checkpoint or one tools/convert_checkpoint.py wrote")
 
 
-def check_checkpoint_kinds(args: PuffinArguments) -> List[str]:
-    """Every checkpoint the run loads is of the kind its flag loads (:func:`_kind_problem`). A converted LLM given as
-    --dit-checkpoint was loaded into nothing when --pretrained-checkpoint supplied the DiT, else failed on its
-    tensors after the process groups started; one given as --pretrained-checkpoint failed on its tensors."""
-    if args.dry_run:
-        return []
-    found = (_kind_problem(args, flag, directory, meta) for flag, directory, _, meta in _checkpoint_metadata(args))
-    return [problem for problem in found if problem is not None]
-
-
 def check_checkpoint_shapes(args: PuffinArguments) -> List[str]:
-    """Every checkpoint the run loads (--load, --pretrained-checkpoint, the tower checkpoints) holds towers of the
-    shape the flags give, compared through its ``puffin_meta.json``, before any process group exists; the tensors
-    themselves are compared again when they load."""
+    """Every checkpoint the run loads (--load, --pretrained-checkpoint, the tower checkpoints) is of the kind its flag
+    loads (:func:`_kind_problem`: a converted LLM given as --dit-checkpoint was loaded into nothing when
+    --pretrained-checkpoint supplied the DiT, else failed on its tensors after the process groups started) and holds
+    towers of the shape the flags give, compared through its ``puffin_meta.json``, before any process group exists;
+    the tensors themselves are compared again when they load."""
     if args.dry_run:
         return []
     problems: List[str] = []
     for flag, directory, need_all_towers, meta in _checkpoint_metadata(args):
-        if _kind_problem(args, flag, directory, meta) is None:  # else check_checkpoint_kinds names the right flag
-            problems += checkpoint_shape_problems(args, flag, directory, meta, need_all_towers)
+        kind_problem = _kind_problem(args, flag, directory, meta)
+        problems += [kind_problem] if kind_problem else checkpoint_shape_problems(args, flag, directory, meta,
+                                                                                  need_all_towers)
     return problems
 
 
 PATH_VALIDATORS = [check_output_paths, check_input_checkpoints, check_vae_files, check_stream_datasets,
-                   check_tokenizer, check_checkpoint_kinds, check_checkpoint_shapes]
+                   check_tokenizer, check_checkpoint_shapes]

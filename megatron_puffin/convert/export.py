@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from megatron_puffin.distributed import process_groups
-from megatron_puffin.files import read_json_object
+from megatron_puffin.files import is_whole_number, read_json_object
 from megatron_puffin.models.llm import LLMConfig, build_llm
 from megatron_puffin.training.checkpointing import load_module, read_metadata, resolve_checkpoint
 from megatron_puffin.training.towers import CHECKPOINT_MODULES
@@ -337,7 +337,7 @@ def _towers_manifest_problem(manifest: Dict[str, Any]) -> Optional[str]:
         if not isinstance(manifest.get(key), dict):
             return f"{key} is not a JSON object"
     size = manifest.get("llm_hidden_size")
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+    if not is_whole_number(size, minimum=1):
         return f"llm_hidden_size {size!r} is not a positive whole number"
     return None
 

@@ -31,7 +31,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, get_bin_path, get_idx_path
 
 from megatron_puffin.camera import Camera
-from megatron_puffin.files import read_json_object
+from megatron_puffin.files import is_whole_number, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def read_manifest(shard_dir: Union[str, os.PathLike]) -> Dict[str, Any]:
         raise DatasetFormatError(f"{path} lacks fields {missing}")
     counts = [manifest.get("num_samples")] + [entry.get("num_bytes") if isinstance(entry, dict) else None
                                              for entry in (fields[name] for name in FIELDS)]
-    if not all(isinstance(count, int) and not isinstance(count, bool) and count >= 0 for count in counts):
+    if not all(is_whole_number(count) for count in counts):
         raise DatasetFormatError(f"{path}: \"num_samples\" and each field's \"num_bytes\" must be whole numbers "
                                  "of at least 0; the shard is corrupt, re-create it")
     return manifest

@@ -38,7 +38,7 @@ from megatron_puffin.data.format import (
     read_manifest,
     reopen_field,
 )
-from megatron_puffin.files import write_text_atomically
+from megatron_puffin.files import is_whole_number, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +174,24 @@ def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit
                 else f"cached latents of another {_entry_difference(existing, entry)}"
             raise ValueError(f"{shard_dir} already holds {what}; pass --overwrite to replace them")
     dataset = PuffinDataset(str(shard_dir))
+    num_bytes = _write_latent_fields(shard_dir, dataset, vae, image_size, image_unit, dtype, batch_size, bad_samples)
+    if existing is not None:
+        del manifest["latents"]
+        _write_manifest(shard_dir, manifest)
+    for name in [*LATENT_FIELDS, SHAPE_FIELD]:
+        for suffix in (".bin", ".idx"):
+            os.replace(shard_dir / f"{name}.tmp{suffix}", shard_dir / f"{name}{suffix}")
+    manifest["latents"] = dict(entry, fields={name: {"num_bytes": count} for name, count in num_bytes.items()})
+    _write_manifest(shard_dir, manifest)
+    logger.info("cached %s latents of %d samples in %s", dtype, len(dataset), shard_dir)
+    return "written" if existing is None else "replaced"
+
+
+def _write_latent_fields(shard_dir: Path, dataset: PuffinDataset, vae, image_size: int, image_unit: int, dtype: str,
+                         batch_size: int, bad_samples: List[str]) -> Dict[str, int]:
+    """Encodes every sample of ``dataset`` ``batch_size`` at a time into the ``<field>.tmp`` files of
+    :data:`LATENT_FIELDS` and :data:`SHAPE_FIELD` beside the shard; returns each field's byte count. On any failure
+    (a full disk, Ctrl-C) the temporary files are removed before the error goes on."""
     builders = {name: IndexedDatasetBuilder(get_bin_path(str(shard_dir / f"{name}.tmp")),
                                             dtype=np.float32 if dtype == "float32" else np.uint16)
                 for name in LATENT_FIELDS}
@@ -213,16 +231,7 @@ def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit
             for suffix in (".bin", ".idx"):
                 Path(shard_dir / f"{name}.tmp{suffix}").unlink(missing_ok=True)
         raise
-    if existing is not None:
-        del manifest["latents"]
-        _write_manifest(shard_dir, manifest)
-    for name in [*builders, SHAPE_FIELD]:
-        for suffix in (".bin", ".idx"):
-            os.replace(shard_dir / f"{name}.tmp{suffix}", shard_dir / f"{name}{suffix}")
-    manifest["latents"] = dict(entry, fields={name: {"num_bytes": count} for name, count in num_bytes.items()})
-    _write_manifest(shard_dir, manifest)
-    logger.info("cached %s latents of %d samples in %s", dtype, len(dataset), shard_dir)
-    return "written" if existing is None else "replaced"
+    return num_bytes
 
 
 def _write_manifest(shard_dir: Path, manifest: Mapping[str, Any]) -> None:
@@ -318,10 +327,6 @@ class LatentCache:
         return result
 
 
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _entry_problem(entry: Any) -> Optional[str]:
     """What is wrong with a manifest's ``latents`` entry as a value (None: it has every key
     :func:`cache_shard_latents` writes, of the right type): a hand-edited or damaged entry would otherwise fail
@@ -331,7 +336,7 @@ def _entry_problem(entry: Any) -> Optional[str]:
     if entry.get("dtype") not in STORAGE_DTYPES:
         return f"dtype {entry.get('dtype')!r} is not one of {', '.join(STORAGE_DTYPES)}"
     for key in ("image_size", "image_size_unit", "latent_channels"):
-        if not _whole(entry.get(key)) or not entry[key]:
+        if not is_whole_number(entry.get(key), minimum=1):
             return f"{key} {entry.get(key)!r} is not a positive whole number"
     vae = entry.get("vae")
     if not isinstance(vae, dict) or not isinstance(vae.get("config"), dict) \
@@ -343,7 +348,7 @@ def _entry_problem(entry: Any) -> Optional[str]:
     fields = entry.get("fields")
     for name in [*LATENT_FIELDS, SHAPE_FIELD]:
         if not isinstance(fields, dict) or not isinstance(fields.get(name), dict) \
-                or not _whole(fields[name].get("num_bytes")):
+                or not is_whole_number(fields[name].get("num_bytes")):
             return f"fields.{name}.num_bytes is missing or not a whole number"
     return None
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_puffin.files import read_json_object
+from megatron_puffin.files import is_whole_number, read_json_object
 from megatron_puffin.training import checkpoint_safety as safety
 from megatron_puffin.training.checkpoint_safety import CheckpointError
 from megatron_puffin.models.extra_state import (
@@ -238,7 +238,7 @@ def read_metadata(directory: str) -> Optional[Dict[str, Any]]:
     meta = read_json_object(path, CheckpointError, "; the checkpoint is damaged")
     for key, kind in _METADATA_TYPES.items():
         value = meta.get(key)
-        if key in meta and (not isinstance(value, kind) or isinstance(value, bool)):
+        if key in meta and not (is_whole_number(value) if kind is int else isinstance(value, kind)):
             raise CheckpointError(f"{path}: {key} holds {json.dumps(value)[:40]}, not a JSON "
                                   f"{_JSON_NAMES[kind]}; the checkpoint is damaged: use an earlier one")
     for group, values in meta.get("args", {}).items():

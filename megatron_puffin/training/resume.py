@@ -296,7 +296,7 @@ def startup_problems(args: PuffinArguments) -> List[str]:
         meta = ckpt.read_metadata(resumed) or {}
     except CheckpointError as error:
         return problems + [str(error)]
-    if meta.get("kind") not in (None, "puffin"):  # a converted tower: check_checkpoint_kinds names it
+    if meta.get("kind") not in (None, "puffin"):  # a converted tower: check_checkpoint_shapes names it
         return problems
     if "imported" in meta:  # puffin-to-mcore output: weights only, nothing of a run to resume
         return problems + [f"--load {resumed} was imported from {meta['imported'].get('source')} (puffin-to-mcore): "
