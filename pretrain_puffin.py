@@ -23,10 +23,11 @@ def main(argv=None) -> int:
     # Imported here, not at module level: the process megatron-core spawns at the first checkpoint save (the
     # write-results queue, megatron_puffin/training/save_queue.py) re-imports this file as its __main__ before it
     # can answer; with these imports at module level that took 6.3 s of the first save (0.13 s without).
-    from megatron_puffin.config import ConfigError, parse_args
+    from megatron_puffin.config import ConfigError
+    from megatron_puffin.training.preflight import parse_run_args
 
     try:
-        args = parse_args(argv)
+        args = parse_run_args(argv)
     except ConfigError as error:
         print(f"pretrain_puffin.py: {error}", file=sys.stderr)
         return 2
@@ -41,8 +42,8 @@ def main(argv=None) -> int:
 
     log_backends_once(logger)
     if args.dry_run:
-        from megatron_puffin.config.validate import path_problems_here
         from megatron_puffin.training.layout import describe
+        from megatron_puffin.training.preflight import path_problems_here
 
         print(describe(args))
         problems = path_problems_here(args)

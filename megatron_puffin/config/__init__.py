@@ -1,5 +1,6 @@
 """Configuration: one dataclass per concern, argparse groups generated from them, one validation step."""
-from megatron_puffin.config.arguments import CONFIG_GROUPS, PuffinArguments, build_parser, parse_args
+from megatron_puffin.config.arguments import CONFIG_GROUPS, PuffinArguments
+from megatron_puffin.config.parser import build_parser, parse_args
 from megatron_puffin.config.schema import (
     CheckpointConfig,
     LoggingConfig,

@@ -1,22 +1,19 @@
-"""Parse flags (command line and ``@flagfile``\\ s) into the per-concern dataclasses, then validate once."""
+"""All configuration of one run: the per-concern dataclasses, gathered in :class:`PuffinArguments`. The command
+line and ``@flagfile``\\ s are parsed into them by :mod:`megatron_puffin.config.parser`."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
-from megatron_puffin.config.dataclass_args import (
-    FlagFileParser,
-    InvalidValue,
-    add_dataclass_group,
-    build_dataclass,
-)
+from megatron_puffin.config.dataclass_args import InvalidValue
 from megatron_puffin.config.schema import (
     CheckpointConfig,
     LoggingConfig,
     ParallelConfig,
     PrecisionConfig,
     TrainingConfig,
+    ValidationConfig,
 )
 from megatron_puffin.data.config import DataConfig
 from megatron_puffin.diffusion.config import FlowMatchingConfig
@@ -26,7 +23,6 @@ from megatron_puffin.models.compile import CompileConfig
 from megatron_puffin.models.llm.config import LLMConfig
 from megatron_puffin.models.puffin_config import PuffinModelConfig
 from megatron_puffin.models.vision.config import VisionConfig
-from megatron_puffin.training.validation_config import ValidationConfig
 
 # (typed field of PuffinArguments, dataclass, argparse group title): a new concern adds a row here and a field there.
 CONFIG_GROUPS: List[Tuple[str, type, str]] = [
@@ -91,50 +87,13 @@ class PuffinArguments:
         return {name: {f.name: getattr(cfg, f.name) for f in fields(cfg)} for name, cfg in self.groups.items()}
 
 
-def build_parser(prog: Optional[str] = None) -> FlagFileParser:
-    """The parser of ``pretrain_puffin.py``: one group per configuration dataclass."""
-    parser = FlagFileParser(
-        prog=prog,
-        description="Train Puffin on megatron-core. Flags may come from @flagfiles (# comments, several flags per "
-        "line); later flags override earlier ones.",
-    )
-    for _, cls, title in CONFIG_GROUPS:
-        add_dataclass_group(parser, cls, title)
-    run = parser.add_argument_group("run")
-    run.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="validate the configuration, print the parallel layout, parameter counts and a memory estimate, "
-        "and exit without creating process groups or models",
-    )
-    return parser
-
-
-def with_default_micro_batch(spec: str, micro_batch_size: int) -> str:
-    """``TASK:PATH`` (no MICRO_BATCH_SIZE) -> ``TASK:PATH:<--micro-batch-size>``; complete specs are unchanged."""
-    task, separator, rest = spec.partition(":")
-    if not separator or not rest or rest.rsplit(":", 1)[-1].lstrip("+-").isdigit():
-        return spec
-    return f"{spec}:{micro_batch_size}"
-
-
-def parse_args(argv: Optional[Sequence[str]] = None, validate: bool = True) -> PuffinArguments:
-    """Parse ``argv`` (default ``sys.argv[1:]``) and, unless ``validate=False``, run :func:`validate_args`,
-    which raises one ``ValueError`` listing every mistake."""
-    parser = build_parser()
-    namespace, unknown = parser.parse_known_args(argv)
-    invalid: List[InvalidValue] = []
-    groups = {name: build_dataclass(cls, namespace, invalid) for name, cls, _ in CONFIG_GROUPS}
-    args = PuffinArguments(**groups, dry_run=namespace.dry_run, unknown=tuple(unknown), invalid=tuple(invalid),
-                           flag_file_problems=tuple(parser.flag_file_problems))
-    args.data.task_stream = [
-        with_default_micro_batch(spec, args.training.micro_batch_size) for spec in args.data.task_stream
-    ]
-    args.validation.valid_task_stream = [
-        with_default_micro_batch(spec, args.training.micro_batch_size) for spec in args.validation.valid_task_stream
-    ]
-    if validate:
-        from megatron_puffin.config.validate import validate_args
-
-        validate_args(args)
-    return args
+def micro_batches_per_step(args: PuffinArguments) -> int:
+    """Micro-batches per optimizer step from the flags (validated by :func:`~megatron_puffin.config.validate.check_step`)."""
+    specs = args.data.streams()
+    cycle = sum(spec.repeats for spec in specs)
+    if args.training.micro_batches_per_step is not None:
+        return args.training.micro_batches_per_step
+    if args.training.global_batch_size is not None:
+        cycle_samples = sum(spec.repeats * spec.micro_batch_size for spec in specs) * args.data_parallel_size
+        return args.training.global_batch_size // cycle_samples * cycle
+    return cycle

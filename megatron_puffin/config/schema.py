@@ -1,5 +1,6 @@
 """One configuration dataclass per concern. Tower shapes live with their towers (``LLMConfig`` in
-``megatron_puffin.models.llm``); this module holds parallelism, precision, training, checkpointing and logging."""
+``megatron_puffin.models.llm``); this module holds parallelism, precision, training, checkpointing, logging and
+validation while training."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -169,3 +170,21 @@ class LoggingConfig:
     log_level: str = field(default="INFO", metadata={"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]})
     """Logging level of rank 0 (other ranks log warnings and errors only). Below DEBUG, megatron-core's and torch's
     deprecation notices about their own internals (checkpointing on ShardedTensor, ...) are not printed."""
+
+
+@dataclass
+class ValidationConfig:
+    """Held-out validation while training: per-task losses and, for understanding streams, camera errors."""
+
+    valid_task_stream: List[str] = field(default_factory=list)
+    """Repeatable. A validation stream, same syntax as --task-stream (TASK:PATH[,PATH...]:MICRO_BATCH_SIZE[:REPEATS])
+    on held-out shards; one validation iteration is one cycle of these streams."""
+    eval_interval: Optional[int] = None
+    """Validate after every optimizer step whose number is a multiple of this (needs --valid-task-stream)."""
+    eval_iters: int = 1
+    """Validation iterations (cycles of the validation streams) per validation; the same samples every time."""
+    eval_camera_samples: int = 8
+    """Images per validation whose camera is decoded greedily from each image2text / image2text_thinking validation
+    stream and scored against the ground truth (median roll / pitch / vFoV error); 0 disables."""
+    eval_max_new_tokens: int = 96
+    """Most tokens generated per image for the camera metric (a camera sentence needs about 40)."""

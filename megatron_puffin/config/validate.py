@@ -2,16 +2,19 @@
 each naming the flag, the value, the rule and a fix. Runs before any process group or model exists."""
 from __future__ import annotations
 
-from typing import Callable, List, Tuple, TYPE_CHECKING
+import dataclasses
+from typing import Callable, List, Sequence, Tuple, TYPE_CHECKING
 
 import torch
 
 from megatron_puffin.config.dataclass_args import choice_errors
+from megatron_puffin.config.tensor_parallel import merge_tensor_parallel_problems
 from megatron_puffin.config.validate_paths import PATH_VALIDATORS
 from megatron_puffin.config.validate_fp8 import fp8_shape_problems
 from megatron_puffin.config.validate_fsdp import FSDP_VALIDATORS
 from megatron_puffin.config.validate_pipeline import PIPELINE_VALIDATORS
 from megatron_puffin.config.validate_values import VALUE_VALIDATORS
+from megatron_puffin.config.validate_eval import validation_errors
 from megatron_puffin.models.fp8 import fp8_tower_problems
 from megatron_puffin.optional_deps import transformer_engine_error
 
@@ -266,13 +269,6 @@ def check_checkpoint(args: PuffinArguments) -> List[str]:
     return problems
 
 
-def check_checkpoint_directories(args: PuffinArguments) -> List[str]:
-    """What --load and --save hold: resume, refuse or (asked) replace; see megatron_puffin.training.resume."""
-    from megatron_puffin.training.resume import startup_problems
-
-    return startup_problems(args)
-
-
 def check_towers(args: PuffinArguments) -> List[str]:
     """Rules owned by the tower and diffusion configs themselves."""
     tp = args.parallel.tensor_model_parallel_size
@@ -312,9 +308,7 @@ def check_trained_towers(args: PuffinArguments) -> List[str]:
 
 
 def check_validation(args: PuffinArguments) -> List[str]:
-    """Validation streams and intervals (see megatron_puffin.training.validation_config)."""
-    from megatron_puffin.training.validation_config import validation_errors
-
+    """Validation streams and intervals (see megatron_puffin.config.validate_eval)."""
     return validation_errors(args)
 
 
@@ -341,27 +335,23 @@ VALIDATORS: List[Callable] = [
     *FSDP_VALIDATORS,
     *PATH_VALIDATORS,
     check_validation,
-    check_checkpoint_directories,
     check_compile,
 ]
 
 
-PATH_CHECKS: List[Callable] = [check_data, *PATH_VALIDATORS, check_validation, check_checkpoint_directories]
-"""The validators that read the file system (data, tokenizer, VAE files, checkpoints, outputs); --dry-run skips
-their path checks, since it describes a cluster's configuration from any machine."""
+PATH_CHECKS: List[Callable] = [check_data, *PATH_VALIDATORS, check_validation]
+"""The validators that read the file system (data, tokenizer, VAE files, outputs); --dry-run skips their path
+checks, since it describes a cluster's configuration from any machine."""
 
 
-def path_problems_here(args: PuffinArguments) -> List[str]:
-    """What :data:`PATH_CHECKS` find on this machine for a ``--dry-run``'s flags, checked as a real run would: the
-    dry run prints them (not fatal), so that a configuration checked on the cluster's login node also checks its
-    paths before the job waits in the queue."""
-    import dataclasses
-
-    problems, _ = _run(PATH_CHECKS, dataclasses.replace(args, dry_run=False))  # a crash: a value the dry run reports
+def path_problems(args: PuffinArguments, checks: Sequence[Callable] = PATH_CHECKS) -> List[str]:
+    """What ``checks`` find on this machine for a ``--dry-run``'s flags, checked as a real run would (see
+    :func:`megatron_puffin.training.preflight.path_problems_here`, which adds the checkpoints' checks)."""
+    problems, _ = _run(checks, dataclasses.replace(args, dry_run=False))  # a crash: a value the dry run reports
     return problems
 
 
-def _run(validators: List[Callable], args: PuffinArguments) -> Tuple[List[str], List[Exception]]:
+def _run(validators: Sequence[Callable], args: PuffinArguments) -> Tuple[List[str], List[Exception]]:
     """Every validator's problems, and the errors of those that crashed on a bad value (a consequence of a bad
     value another validator reports)."""
     problems: List[str] = []
@@ -374,13 +364,13 @@ def _run(validators: List[Callable], args: PuffinArguments) -> Tuple[List[str], 
     return problems, crashes
 
 
-def validate_args(args: PuffinArguments) -> None:
-    """Run every validator; raise :class:`ConfigError` listing all problems if there is any."""
-    problems, crashes = _run(VALIDATORS, args)
+def validate_args(args: PuffinArguments, validators: Sequence[Callable] = VALIDATORS) -> None:
+    """Run ``validators`` (default: every check of the flags and the files they name; a run adds those of its
+    checkpoints, :func:`megatron_puffin.training.preflight.validate_run`); raise :class:`ConfigError` listing all
+    problems if there is any."""
+    problems, crashes = _run(validators, args)
     if crashes and not problems:  # nothing explains it: a bug in a validator, not a user mistake
         raise crashes[0]
-    from megatron_puffin.config.tensor_parallel import merge_tensor_parallel_problems
-
     problems = merge_tensor_parallel_problems(args, problems, (check_llm_parallel, check_towers))
     if problems:
         raise ConfigError(problems)

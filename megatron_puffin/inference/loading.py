@@ -108,7 +108,7 @@ def stored_path(path: Optional[str], metadata: Dict[str, Any]) -> Optional[str]:
 def resolve_flags(metadata: Dict[str, Any], flags: Sequence[str] = ()):
     """``pretrain_puffin.py`` arguments: the checkpoint's stored flags overridden by ``flags`` (unvalidated), with
     relative tokenizer and VAE paths found through :func:`stored_path`."""
-    from megatron_puffin.config.arguments import CONFIG_GROUPS, PuffinArguments, build_parser
+    from megatron_puffin.config import CONFIG_GROUPS, PuffinArguments, build_parser
     from megatron_puffin.config.dataclass_args import build_dataclass
 
     parser = build_parser()

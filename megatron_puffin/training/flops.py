@@ -32,16 +32,14 @@ is **not** counted, nor is activation recomputation: this is model FLOPs, not ha
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_puffin.files import read_json_object
 from megatron_puffin.models.dit.embeddings import TIMESTEP_CHANNELS
+from megatron_puffin.models.vae_config import load_vae_config, vae_downsample_factor
 from megatron_puffin.tasks import GENERATION_TASKS
 
 logger = logging.getLogger(__name__)
@@ -256,25 +254,6 @@ def _vae_encoder_one(vae_config: Mapping[str, Any], channels: List[int], size: S
         conv += conv_flops(2 * latent, 2 * latent, 1, size)
     flops.conv = conv
     return flops
-
-
-def vae_downsample_factor(vae_config: Mapping[str, Any]) -> int:
-    """Pixels per latent along each side: 2 per encoder block but the last (SD3: 8)."""
-    return 2 ** (len(vae_config.get("block_out_channels", [64])) - 1)
-
-
-@lru_cache(maxsize=8)
-def _read_json(path: str) -> Dict[str, Any]:
-    return read_json_object(path, ValueError)
-
-
-def load_vae_config(model_config) -> Optional[Dict[str, Any]]:
-    """The VAE's ``AutoencoderKL`` config dictionary from ``--vae-config`` or ``--vae-path``, or None."""
-    if model_config.vae_config:
-        return _read_json(model_config.vae_config)
-    if model_config.vae_path:
-        return _read_json(os.path.join(model_config.vae_path, "config.json"))
-    return None
 
 
 # -- a micro-batch ----------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 import megatron_puffin.distributed as mpd
+from megatron_puffin.config.arguments import micro_batches_per_step
 from megatron_puffin.data.config import stream_tasks
 from megatron_puffin.distributed.random import derive_seed, seed_everything
 from megatron_puffin.files import write_text_atomically
@@ -68,18 +69,6 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row); the message says why and what to do."""
-
-
-def micro_batches_per_step(args: PuffinArguments) -> int:
-    """Micro-batches per optimizer step from the flags (validated by ``validate.check_step``)."""
-    specs = args.data.streams()
-    cycle = sum(spec.repeats for spec in specs)
-    if args.training.micro_batches_per_step is not None:
-        return args.training.micro_batches_per_step
-    if args.training.global_batch_size is not None:
-        cycle_samples = sum(spec.repeats * spec.micro_batch_size for spec in specs) * args.data_parallel_size
-        return args.training.global_batch_size // cycle_samples * cycle
-    return cycle
 
 
 def _stage_name(args: PuffinArguments) -> str:
@@ -149,7 +138,12 @@ class StopFlag:
 
 
 class Trainer:
-    """Everything one rank holds for a run; :meth:`train` runs it (see the module docstring)."""
+    """Everything one rank holds for a run; :meth:`train` runs it (see the module docstring).
+
+    ``args`` come checked by :func:`megatron_puffin.training.preflight.validate_run` (``pretrain_puffin.py``:
+    :func:`~megatron_puffin.training.preflight.parse_run_args`), which also keeps a resumed checkpoint's global batch
+    when the flags set none; flags parsed by :func:`megatron_puffin.config.parse_args` alone lack the checks of the
+    checkpoints they name."""
 
     def __init__(self, args: PuffinArguments) -> None:
         from megatron.core.distributed import finalize_model_grads

@@ -24,6 +24,7 @@ from megatron_puffin.config.validate_pipeline import (
     placement_problems,
     stage_layer_counts,
 )
+from megatron_puffin.models.vae_config import load_vae_config, vae_downsample_factor
 
 if TYPE_CHECKING:  # annotations only (megatron_puffin.config imports much of the package)
     from megatron_puffin.config.arguments import PuffinArguments
@@ -57,10 +58,8 @@ SD3_VAE_CONFIG: Dict[str, Any] = {
 
 def vae_config_for_estimate(args: PuffinArguments) -> Tuple[Dict[str, Any], bool]:
     """(the VAE config of the flags, True) or (:data:`SD3_VAE_CONFIG`, False) when it cannot be read here."""
-    from megatron_puffin.training import flops
-
     try:
-        config = flops.load_vae_config(args.model)
+        config = load_vae_config(args.model)
     except (OSError, ValueError):
         config = None
     return (config, True) if config is not None else (SD3_VAE_CONFIG, False)
@@ -97,7 +96,7 @@ def task_work(args: PuffinArguments, task: str, micro_batch_size: int, repeats: 
     last = factor["llm"] * output
     if generation:
         vae_config, _ = vae_config_for_estimate(args)
-        side = size // flops.vae_downsample_factor(vae_config)
+        side = size // vae_downsample_factor(vae_config)
         per_sample = 1 + (task in ("cam2image", "image2image")) + (task == "image2image")
         last += factor["queries"] * flops.query_flops(args.connector, args.llm.hidden_size, b).total
         last += factor["dit"] * flops.dit_flops(args.dit, [[(side, side)] * per_sample] * b,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, TYPE_CHECKING
 
+from megatron_puffin.config.arguments import micro_batches_per_step
 from megatron_puffin.training import checkpointing as ckpt
 from megatron_puffin.training.checkpoint_safety import CheckpointError
 from megatron_puffin.training.towers import TOWERS
@@ -36,8 +37,6 @@ FREEZE_FLAGS = tuple(spec.freeze_flag for spec in TOWERS if spec.freeze_flag)
 
 def samples_per_step(args: PuffinArguments) -> int:
     """Samples of one optimizer step over all data-parallel ranks (the global batch)."""
-    from megatron_puffin.training.loop import micro_batches_per_step
-
     specs = args.data.streams()
     cycle = [spec for spec in specs for _ in range(spec.repeats)]
     return sum(cycle[i % len(cycle)].micro_batch_size for i in range(micro_batches_per_step(args))) \

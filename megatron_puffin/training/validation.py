@@ -30,7 +30,7 @@ from megatron_puffin.training.data_parallel import unsharded_parameters
 
 if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
     from megatron_puffin.config import PuffinArguments
-    from megatron_puffin.training.validation_config import ValidationConfig
+    from megatron_puffin.config.schema import ValidationConfig
 
 logger = logging.getLogger(__name__)
 

@@ -27,14 +27,14 @@ FLAGS = ["--micro-batch-size", "1", "--connector-ffn-hidden-size", "33"]
 
 
 def _run(flags):
-    from megatron_puffin.config import parse_args
     from megatron_puffin.training import loop
+    from megatron_puffin.training.preflight import parse_run_args
 
     from helpers.puffin import RESUME_FLAGS
 
     # Trainer + train + close is loop.run without its process-group teardown (the next run reuses the group).
-    trainer = loop.Trainer(parse_args([*RESUME_FLAGS, *FLAGS, "--train-iters", "3",
-                                       "--lr-warmup-iters", "1", *flags]))
+    trainer = loop.Trainer(parse_run_args([*RESUME_FLAGS, *FLAGS, "--train-iters", "3",
+                                           "--lr-warmup-iters", "1", *flags]))
     try:
         assert trainer.train() == loop.EXIT_FINISHED
     finally:
@@ -125,12 +125,12 @@ def _shard_facts(flags):
     in checkpoints (:func:`_patch_checks`)."""
     from torch.distributed.tensor import DTensor
 
-    from megatron_puffin.config import parse_args
     from megatron_puffin.training.loop import Trainer
+    from megatron_puffin.training.preflight import parse_run_args
 
     from helpers.puffin import RESUME_FLAGS
 
-    trainer = Trainer(parse_args([*RESUME_FLAGS, *FLAGS, *flags]))
+    trainer = Trainer(parse_run_args([*RESUME_FLAGS, *FLAGS, *flags]))
     try:
         params = dict(trainer.model.named_parameters())
         halves = all(isinstance(p, DTensor) and p.to_local().shape[0] == (p.shape[0] + 1) // 2 for p in params.values()

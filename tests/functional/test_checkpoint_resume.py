@@ -121,17 +121,18 @@ def test_startup_decisions(workdir, monkeypatch, capsys):
 
     # The checkpoint's global batch (4 samples per step) is kept when this run's flags would change it and it is a
     # whole number of task-stream cycles; otherwise the run is refused.
-    from megatron_puffin.config import ConfigError, parse_args
+    from megatron_puffin.config import ConfigError
+    from megatron_puffin.training.preflight import parse_run_args
     from megatron_puffin.training.resume import samples_per_step
 
-    args = parse_args([*FLAGS, "--micro-batch-size", "1", "--load", str(run)])  # 2 samples per cycle
+    args = parse_run_args([*FLAGS, "--micro-batch-size", "1", "--load", str(run)])  # 2 samples per cycle
     assert args.training.global_batch_size == 4 and samples_per_step(args) == 4
     monkeypatch.setenv("WORLD_SIZE", "2")
-    args = parse_args([*FLAGS, "--micro-batch-size", "1", "--load", str(run)])  # 2 ranks x 1: the same batch
+    args = parse_run_args([*FLAGS, "--micro-batch-size", "1", "--load", str(run)])  # 2 ranks x 1: the same batch
     assert args.training.global_batch_size is None and samples_per_step(args) == 4
     with pytest.raises(ConfigError, match="was trained with 4 samples per optimizer step; this run's flags give 8 "
                                           r"\(data-parallel size 2") as refused:
-        parse_args([*FLAGS, *MBS2, "--load", str(run)])
+        parse_run_args([*FLAGS, *MBS2, "--load", str(run)])
     # the fix it names: each stream's micro-batch size halved (2 -> 1), after which the batch is kept
     assert "MICRO_BATCH_SIZE x 1/2 where they are set (image2text:tiny/data/main:1, cam2image:tiny/data/main:1)" \
         in str(refused.value) and "set --global-batch-size 8" in str(refused.value)

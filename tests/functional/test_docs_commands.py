@@ -153,7 +153,7 @@ MODEL_FLAG_TOOLS = {"tools/understand.py", "tools/generate.py"}  # their unknown
 
 
 def _model_flags_exist(flags: List[str]) -> None:
-    from megatron_puffin.config.arguments import build_parser as build_pretrain_parser
+    from megatron_puffin.config.parser import build_parser as build_pretrain_parser
 
     known = build_pretrain_parser()._option_string_actions
     for flag in (f.split("=", 1)[0] for f in flags if f.startswith("--")):

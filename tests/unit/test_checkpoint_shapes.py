@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from megatron_puffin.config import parse_args
-from megatron_puffin.config.validate_paths import checkpoint_shape_problems
+from megatron_puffin.training.preflight import checkpoint_shape_problems
 from megatron_puffin.models.dit import DiTConfig
 from megatron_puffin.models.llm import LLMConfig
 

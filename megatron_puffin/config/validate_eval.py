@@ -1,41 +1,21 @@
-"""Validation-during-training flags (``--valid-task-stream``, ``--eval-interval``, ...) and their checks.
-
-Kept apart from :mod:`~megatron_puffin.training.validation` so that parsing flags imports no torch."""
+"""Checks of the validation-while-training flags (``--valid-task-stream``, ``--eval-interval``, ...; their dataclass
+is :class:`~megatron_puffin.config.schema.ValidationConfig`, the run itself :mod:`megatron_puffin.training.validation`).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, TYPE_CHECKING
+from typing import List, TYPE_CHECKING
 
-from megatron_puffin.data.config import TASK_STREAM_FORMAT
+from megatron_puffin.data.config import TASK_STREAM_FORMAT, parse_task_stream
+from megatron_puffin.tasks import GENERATION_TASKS, TASK_VARIANTS
 
-if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+if TYPE_CHECKING:  # for annotations only
     from megatron_puffin.config.arguments import PuffinArguments
-
-
-@dataclass
-class ValidationConfig:
-    """Held-out validation while training: per-task losses and, for understanding streams, camera errors."""
-
-    valid_task_stream: List[str] = field(default_factory=list)
-    """Repeatable. A validation stream, same syntax as --task-stream (TASK:PATH[,PATH...]:MICRO_BATCH_SIZE[:REPEATS])
-    on held-out shards; one validation iteration is one cycle of these streams."""
-    eval_interval: Optional[int] = None
-    """Validate after every optimizer step whose number is a multiple of this (needs --valid-task-stream)."""
-    eval_iters: int = 1
-    """Validation iterations (cycles of the validation streams) per validation; the same samples every time."""
-    eval_camera_samples: int = 8
-    """Images per validation whose camera is decoded greedily from each image2text / image2text_thinking validation
-    stream and scored against the ground truth (median roll / pitch / vFoV error); 0 disables."""
-    eval_max_new_tokens: int = 96
-    """Most tokens generated per image for the camera metric (a camera sentence needs about 40)."""
+    from megatron_puffin.config.schema import ValidationConfig
 
 
 def validation_errors(args: PuffinArguments) -> List[str]:
     """Every problem with the validation flags, as flag-naming messages (empty when valid)."""
-    from megatron_puffin.data.config import parse_task_stream
-    from megatron_puffin.tasks import GENERATION_TASKS, TASK_VARIANTS
-
     config: ValidationConfig = args.validation
     problems: List[str] = []
     if config.eval_interval is not None and config.eval_interval < 1:
