@@ -21,38 +21,27 @@ docs/megatron_patches.md.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 
+from megatron_puffin.patching import (
+    MegatronPatch,
+    Replacement,
+    applied,
+    apply,
+    in_place,
+    is_set_up,
+    require_setup,
+    unpatched,
+)
+
+# The mechanism (megatron_puffin.patching) is read through this module too: platform.unpatched("NAME") in the tests.
+__all__ = ["PATCHES", "MegatronPatch", "Replacement", "applied", "in_place", "is_set_up", "require_setup", "setup",
+           "unpatched"]
+
 logger = logging.getLogger(__name__)
-
-# (owner, attribute name, replacement): owner is a module, a class or torch.cuda.
-Replacement = Tuple[Any, str, Any]
-
-_MISSING = object()
-
-
-@dataclass(frozen=True)
-class MegatronPatch:
-    """One change to megatron-core (or to a torch function megatron-core calls).
-
-    Attributes:
-        name: the patch's name in logs and tests.
-        reason: what megatron-core does that needs it, and what the replacement does instead.
-        needed: whether this process needs it (e.g. only without CUDA); evaluated once by :func:`setup`.
-        replacements: builds the ``(owner, attribute, replacement)`` triples; called once, while the originals
-            are still in place (a replacement may wrap the original).
-    """
-
-    name: str
-    reason: str
-    needed: Callable[[], bool]
-    replacements: Callable[[], List[Replacement]]
-
 
 def _without_cuda() -> bool:
     return not torch.cuda.is_available()
@@ -86,13 +75,16 @@ def _distributed_optimizer(name: str) -> Callable[[], List[Replacement]]:
     return build
 
 
+_ABSENT = object()
+
+
 def _row_parallel_tp_group() -> List[Replacement]:
     from megatron.core.tensor_parallel.layers import RowParallelLinear
 
     original = RowParallelLinear._forward_impl
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        if kwargs.get("tp_group", _MISSING) is None:
+        if kwargs.get("tp_group", _ABSENT) is None:
             kwargs["tp_group"] = self.tp_group  # the group the layer was built with, as ColumnParallelLinear passes
         return original(self, input, weight, *args, **kwargs)
 
@@ -278,32 +270,6 @@ PATCHES: Tuple[MegatronPatch, ...] = (
     ),
 )
 
-# name -> [(owner, attribute, original)] of every applied patch.
-_APPLIED: Dict[str, List[Tuple[Any, str, Any]]] = {}
-_STATE = {"set_up": False}
-
-
-def _current(owner: Any, attribute: str) -> Any:
-    """The attribute as the owner itself holds it (a staticmethod stays a staticmethod; an inherited method is
-    _MISSING, so restoring it removes the override)."""
-    if isinstance(owner, type):
-        return vars(owner).get(attribute, _MISSING)
-    return getattr(owner, attribute, _MISSING)
-
-
-def _assign(owner: Any, attribute: str, value: Any) -> None:
-    if value is _MISSING:
-        delattr(owner, attribute)
-    else:
-        setattr(owner, attribute, value)
-
-
-def _apply(patch: MegatronPatch) -> None:
-    replacements = patch.replacements()
-    _APPLIED[patch.name] = [(owner, attribute, _current(owner, attribute)) for owner, attribute, _ in replacements]
-    for owner, attribute, value in replacements:
-        _assign(owner, attribute, value)
-
 
 def setup() -> List[str]:
     """Apply every patch this process needs, once (later calls do nothing).
@@ -311,61 +277,6 @@ def setup() -> List[str]:
     Returns:
         The names of the applied patches.
     """
-    if not _STATE["set_up"]:
-        for patch in PATCHES:
-            if patch.needed():
-                _apply(patch)
-        _STATE["set_up"] = True
-        logger.info("megatron-core patches applied: %s", ", ".join(_APPLIED) or "none needed")
+    if apply(PATCHES):
+        logger.info("megatron-core patches applied: %s", ", ".join(applied()) or "none needed")
     return applied()
-
-
-def applied() -> List[str]:
-    """The names of the patches :func:`setup` applied in this process."""
-    return list(_APPLIED)
-
-
-def in_place(name: str) -> bool:
-    """Whether the patch ``name`` was applied and its replacements are in place now (not inside :func:`unpatched`)."""
-    return name in _APPLIED and all(_current(owner, attribute) is not original
-                                    for owner, attribute, original in _APPLIED[name])
-
-
-def is_set_up() -> bool:
-    """Whether :func:`setup` ran in this process."""
-    return _STATE["set_up"]
-
-
-def require_setup(caller: str) -> None:
-    """Raise if :func:`setup` has not run in this process.
-
-    Args:
-        caller: the function that needs the patches, named in the error.
-    """
-    if not _STATE["set_up"]:
-        raise RuntimeError(
-            f"{caller} needs megatron-core's patches, which are not applied in this process: call "
-            "megatron_puffin.platform.setup() once at the start of the program (a new process, e.g. a spawned "
-            "rank, needs its own call)"
-        )
-
-
-@contextlib.contextmanager
-def unpatched(*names: str) -> Iterator[None]:
-    """Run a block with the named patches' originals in place, then put back what was there before.
-
-    Raises:
-        KeyError: a name that is not an applied patch.
-    """
-    missing = [name for name in names if name not in _APPLIED]
-    if missing:
-        raise KeyError(f"not applied in this process: {missing}; applied: {applied()}")
-    saved = [(owner, attribute, _current(owner, attribute)) for name in names for owner, attribute, _ in _APPLIED[name]]
-    try:
-        for name in names:
-            for owner, attribute, original in _APPLIED[name]:
-                _assign(owner, attribute, original)
-        yield
-    finally:
-        for owner, attribute, value in saved:
-            _assign(owner, attribute, value)

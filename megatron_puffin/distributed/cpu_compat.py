@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, Iterator, List
 
 import torch
 
-from megatron_puffin.platform import Replacement
+from megatron_puffin.patching import Replacement
 
 # Modules of megatron-core that build tensors with a literal device "cuda".
 CUDA_FACTORY_MODULES: List[str] = [

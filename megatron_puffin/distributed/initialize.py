@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron_puffin.distributed.cpu_compat import cuda_available
 from megatron_puffin.distributed.launch import cuda_device_index, launch_environment
 from megatron_puffin.distributed.random import seed_everything
-from megatron_puffin.platform import require_setup
+from megatron_puffin.patching import require_setup
 
 logger = logging.getLogger(__name__)
 

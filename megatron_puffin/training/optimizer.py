@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List
 
 import torch
 
-from megatron_puffin.platform import Replacement, require_setup
+from megatron_puffin.patching import Replacement, require_setup
 
 if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
     from megatron_puffin.config import PrecisionConfig, TrainingConfig

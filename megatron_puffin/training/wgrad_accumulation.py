@@ -25,6 +25,8 @@ import types
 
 import torch
 
+from megatron_puffin import patching
+
 logger = logging.getLogger(__name__)
 
 PATCH_NAME = "CPU_WGRAD_ACCUMULATION"
@@ -76,12 +78,11 @@ def enable_gradient_accumulation_fusion(ddp: torch.nn.Module) -> int:
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-    from megatron_puffin import platform
     from megatron_puffin.models.common.plain_linear import is_plain
 
-    if PATCH_NAME not in platform.applied() or not isinstance(ddp, DistributedDataParallel):
+    if PATCH_NAME not in patching.applied() or not isinstance(ddp, DistributedDataParallel):
         return 0
-    plain = platform.in_place("PLAIN_LINEAR_AT_TP1")
+    plain = patching.in_place("PLAIN_LINEAR_AT_TP1")
     switched = 0
     for module in ddp.module.modules():
         weight = getattr(module, "weight", None)

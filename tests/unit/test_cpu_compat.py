@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import megatron_puffin.distributed as mpd
-from megatron_puffin import platform
+from megatron_puffin import patching, platform
 from megatron_puffin.distributed import cpu_compat
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU patches apply only without CUDA")
@@ -57,7 +57,7 @@ def test_setup_applied_every_cpu_patch_once():
 
 
 def test_initialize_refuses_to_run_without_setup(monkeypatch):
-    monkeypatch.setitem(platform._STATE, "set_up", False)
+    monkeypatch.setitem(patching._STATE, "set_up", False)
     with pytest.raises(RuntimeError, match=r"megatron_puffin\.platform\.setup\(\)"):
         mpd.initialize(seed=5)
 
