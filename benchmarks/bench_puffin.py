@@ -204,7 +204,7 @@ def main() -> None:
         if preset:
             print(preset)
         if args.real_proportions:
-            from megatron_puffin.training.flops import trainable_towers
+            from megatron_puffin.training.towers import trainable_towers
 
             for line in real_proportions.share_table(config, list(batches.values()), trainable_towers(config.model)):
                 print(line)

@@ -26,7 +26,7 @@ steps; the variants take turns (the first to run alternates between blocks). Per
   finalisation, clipping, optimizer and scheduler steps);
 * per task samples/s = the task's samples / the time of its micro-batches' forward+backward (ours: from one
   micro-batch's forward start to the next one's, the last ending where megatron-core finalises the gradients);
-* model TFLOP/s = ``training.flops.micro_batch_flops`` summed over the block's micro-batches / block time; MFU =
+* model TFLOP/s = ``training.towers.micro_batch_flops`` summed over the block's micro-batches / block time; MFU =
   that / the dense fp32 matmul rate of this machine (``training.flops.measure_matmul_tflops``, 1 s at the same
   thread count and clock) measured right before the block, so each block is paired with the rate the host gave at
   that time (a shared host's rate moved between 58 and 83 GFLOP/s within one day's runs on one thread).
@@ -432,7 +432,7 @@ def _warm_up(variants: Variants, args) -> Dict[str, Any]:
 def _timed_blocks(variants: Variants, args, start: float) -> Dict[str, Any]:
     """``--blocks`` blocks of ``--steps-per-block`` steps per variant, taking turns; per-block stats, each with
     the matmul rate measured right before it; a progress line per block (``start``: the run's first reading)."""
-    from megatron_puffin.training.flops import micro_batch_flops
+    from megatron_puffin.training.towers import micro_batch_flops
 
     config, trainable = variants.trainer.config, variants.trainer.trainable
     blocks: Dict[str, List[Dict[str, float]]] = {"ours": [], "reference": []}

@@ -197,8 +197,8 @@ def _full_config(vae_path: str):
 
 
 def tower_shares(config, batches: Sequence[Mapping[str, Any]], trainable: Mapping[str, bool]) -> Dict[str, float]:
-    """Each tower's share of the training FLOPs (``training.flops.micro_batch_flops``) summed over ``batches``."""
-    from megatron_puffin.training.flops import micro_batch_flops
+    """Each tower's share of the training FLOPs (``training.towers.micro_batch_flops``) summed over ``batches``."""
+    from megatron_puffin.training.towers import micro_batch_flops
     from megatron_puffin.training.towers import TOWER_NAMES as TOWERS
 
     totals = {tower: 0.0 for tower in TOWERS}

@@ -6,7 +6,7 @@ import dataclasses
 import re
 from typing import Callable, List, Sequence, TYPE_CHECKING
 
-if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+if TYPE_CHECKING:  # for annotations only
     from megatron_puffin.config.arguments import PuffinArguments
 
 TP_FLAG = "--tensor-model-parallel-size"

@@ -18,7 +18,7 @@ from megatron_puffin.config.validate_eval import validation_errors
 from megatron_puffin.models.fp8 import fp8_tower_problems
 from megatron_puffin.optional_deps import transformer_engine_error
 
-if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+if TYPE_CHECKING:  # for annotations only
     from megatron_puffin.config.arguments import PuffinArguments
 
 

@@ -13,7 +13,7 @@ from typing import List, Sequence, Tuple, TYPE_CHECKING
 
 from megatron_puffin.models.fp8 import fp8_token_multiple
 
-if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+if TYPE_CHECKING:  # for annotations only
     from megatron_puffin.config.arguments import PuffinArguments
 
 #: (flag expression, per-rank width) of the GEMMs' input and output sides.

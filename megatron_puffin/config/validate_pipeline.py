@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import List, Optional, TYPE_CHECKING
 
-if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+if TYPE_CHECKING:  # for annotations only
     from megatron_puffin.config.arguments import PuffinArguments
 
 FIRST_FLAG, LAST_FLAG = "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers"

@@ -8,7 +8,7 @@ from typing import List, Optional, TYPE_CHECKING
 
 from megatron_puffin.distributed.random import seed_problems
 
-if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+if TYPE_CHECKING:  # for annotations only
     from megatron_puffin.config.arguments import PuffinArguments
 
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from megatron_puffin.training.towers import CHECKPOINT_MODULES
 
-if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+if TYPE_CHECKING:  # for annotations only
     from megatron_puffin.config import PuffinArguments
     from megatron_puffin.data import DataConfig
 

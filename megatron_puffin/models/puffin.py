@@ -56,7 +56,7 @@ from megatron_puffin.models.sequence_parallel import (
 from megatron_puffin.models.vae import FrozenVAE
 from megatron_puffin.models.vision import VisionConfig, build_vision
 
-if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+if TYPE_CHECKING:  # for annotations only
     from megatron_puffin.config.arguments import PuffinArguments
 
 logger = logging.getLogger(__name__)

@@ -37,8 +37,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Sequence, Tuple, TYPE_CHECKING
 
 from megatron_puffin.tasks import GENERATION_TASKS, TASK_VARIANTS, UNDERSTANDING_TASKS
+from megatron_puffin.training.flops import generation_images, supervised_positions
+from megatron_puffin.training.parameter_counts import weight_bytes
+from megatron_puffin.training.towers import trainable_towers
 
-if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+if TYPE_CHECKING:  # for annotations only
     from megatron_puffin.config import PuffinArguments
 
 ACTIVATION_TOWERS = ("vision", "llm", "queries", "dit")
@@ -171,7 +174,7 @@ def activation_bytes_estimate(config, shape: MicroBatchShape, trainable: Mapping
         config: the model's tower configs (``llm``, ``vision``, ``connector``, ``dit`` attributes: a
             :class:`~megatron_puffin.models.puffin.PuffinConfig` or parsed ``pretrain_puffin.py`` flags).
         shape: the micro-batch's token counts.
-        trainable: tower name -> trains (``training.flops.trainable_towers``).
+        trainable: tower name -> trains (:func:`~megatron_puffin.training.towers.trainable_towers`).
         bytes_per_value: 4 in fp32, 2 in bf16/fp16.
     """
     values = _tower_values(config, shape, trainable, config.llm.num_layers)
@@ -225,15 +228,13 @@ def _image_size(image) -> Tuple[int, int]:
 
 def shape_of_batch(config, batch: Mapping[str, Any]) -> MicroBatchShape:
     """The :class:`MicroBatchShape` of a collated task micro-batch."""
-    from megatron_puffin.training.flops import _generation_images, supervised_positions
-
     task, ids = batch["task"], batch["input_ids"]
     images = batch.get("vision_images")
     vision = [] if images is None else [_image_size(image) for image in images]
     dit_tokens = dit_queries = 0
     if task in GENERATION_TASKS:
         step = 8 * config.dit.patch_size  # the VAE's x8 and the DiT's patches
-        samples = _generation_images(batch)
+        samples = generation_images(batch)
         dit_tokens = sum((hh // step) * (ww // step) for sample in samples for hh, ww in sample)
         # The last block's queries: the longest target's tokens, for every sample (the stream's targets prefix).
         dit_queries = len(samples) * max((hh // step) * (ww // step) for (hh, ww), *_ in samples)
@@ -264,8 +265,6 @@ def worst_case_shape(args: PuffinArguments, task: str, batch_size: int) -> Micro
 def activation_lines(args: PuffinArguments, bytes_per_value: int) -> List[str]:
     """``--dry-run`` lines: each stream's worst-case activation estimate per micro-batch (one micro-batch's
     activations are alive at a time without pipelining; with PP, up to PP micro-batches per stage)."""
-    from megatron_puffin.training.flops import trainable_towers
-
     try:
         streams = args.data.streams()
     except ValueError:
@@ -290,9 +289,6 @@ def pipeline_activation_bytes(args: PuffinArguments, layers: Sequence[int]) -> L
         args: parsed ``pretrain_puffin.py`` flags.
         layers: the LLM's decoder layers on each stage.
     """
-    from megatron_puffin.training.flops import trainable_towers
-    from megatron_puffin.training.layout import weight_bytes
-
     streams = args.data.streams()
     trainable = trainable_towers(args.model)
     parallel = args.parallel

@@ -23,9 +23,9 @@ left-padded length ``S`` of the batch with dense ``S x S`` score matrices, the D
 image-stream length with dense masked attention, the output layer over the padded vocabulary at TP=1. The
 difference between the two is the work spent on padding and causal masking.
 
-Training cost per micro-batch (:func:`micro_batch_flops`): a trainable tower costs forward + backward = 3x its
-forward (the backward computes input and weight gradients, each as costly as the forward). A frozen tower counts
-its forward pass only. The activation-gradient backward (1x forward) that a frozen tower still runs when a
+Training cost per micro-batch (:func:`megatron_puffin.training.towers.micro_batch_flops`, which sums the tower
+registry's rows): a trainable tower costs forward + backward = 3x its forward (the backward computes input and
+weight gradients, each as costly as the forward). A frozen tower counts its forward pass only. The activation-gradient backward (1x forward) that a frozen tower still runs when a
 trainable tower lies before it (e.g. a frozen LLM between the trainable vision projector and the connectors)
 is **not** counted, nor is activation recomputation: this is model FLOPs, not hardware FLOPs.
 """
@@ -257,7 +257,7 @@ def _vae_encoder_one(vae_config: Mapping[str, Any], channels: List[int], size: S
 
 
 # -- a micro-batch ----------------------------------------------------------------------------------------------
-def _generation_images(batch: Mapping[str, Any]) -> List[List[Size]]:
+def generation_images(batch: Mapping[str, Any]) -> List[List[Size]]:
     """Per sample, the pixel sizes of the target then its condition images (camera map, initial view)."""
     targets = image_sizes(batch["target_images"])
     samples = [[size] for size in targets]
@@ -302,14 +302,14 @@ def query_tower_flops(config, batch: Mapping[str, Any], as_executed: bool) -> To
     if batch["task"] not in GENERATION_TASKS:
         return TowerFlops()
     _vae_config_of(config, batch)
-    return query_flops(config.connector, config.llm.hidden_size, len(_generation_images(batch)))
+    return query_flops(config.connector, config.llm.hidden_size, len(generation_images(batch)))
 
 
 def dit_tower_flops(config, batch: Mapping[str, Any], as_executed: bool) -> TowerFlops:
     if batch["task"] not in GENERATION_TASKS:
         return TowerFlops()
     factor = vae_downsample_factor(_vae_config_of(config, batch))
-    latents = [[(hh // factor, ww // factor) for hh, ww in sample] for sample in _generation_images(batch)]
+    latents = [[(hh // factor, ww // factor) for hh, ww in sample] for sample in generation_images(batch)]
     return dit_flops(config.dit, latents, config.connector.num_queries, as_executed)
 
 
@@ -318,7 +318,7 @@ def vae_tower_flops(config, batch: Mapping[str, Any], as_executed: bool) -> Towe
         return TowerFlops()
     vae_config = _vae_config_of(config, batch)
     # With --cached-latents the batch carries the posterior moments and the VAE encoder never runs.
-    images = _generation_images(batch)
+    images = generation_images(batch)
     encoded = [size for sample in images for size in sample] if "target_moments" not in batch else []
     return vae_encoder_flops(vae_config, encoded)
 
@@ -330,58 +330,6 @@ def supervised_positions(batch: Mapping[str, Any]) -> int:
     from megatron_puffin.models.llm import shift_labels
 
     return int((shift_labels(batch["labels"]) >= 0).sum())
-
-
-def forward_flops(config, batch: Mapping[str, Any], as_executed: bool = False) -> Dict[str, TowerFlops]:
-    """Forward FLOPs of every tower of :data:`~megatron_puffin.training.towers.TOWERS` (zero for towers the task
-    does not run).
-
-    Args:
-        config: :class:`~megatron_puffin.models.puffin.PuffinConfig`.
-        batch: a collated task micro-batch (``task``, ``attention_mask`` [B, S], ``vision_images``,
-            ``target_images``, ``camera_maps``, ``init_images`` where the task has them).
-        as_executed: count padded tokens and dense attention (see the module docstring).
-    """
-    from megatron_puffin.training.towers import TOWERS
-
-    return {spec.name: spec.forward_flops(config, batch, as_executed) for spec in TOWERS}
-
-
-def trainable_towers(model_config) -> Dict[str, bool]:
-    """Which towers train under the freeze flags of a :class:`~megatron_puffin.models.puffin_config.
-    PuffinModelConfig` (read from :data:`~megatron_puffin.training.towers.TOWERS`)."""
-    from megatron_puffin.training.towers import trainable_towers as registry_trainable
-
-    return registry_trainable(model_config)
-
-
-def micro_batch_flops(
-    config, batch: Mapping[str, Any], trainable: Mapping[str, bool], as_executed: bool = False
-) -> Dict[str, float]:
-    """Training FLOPs of one task micro-batch per tower, plus ``total``.
-
-    A trainable tower counts 3x its forward FLOPs (forward + backward), a frozen one 1x (its activation-gradient
-    backward is not counted; see the module docstring).
-
-    Args:
-        config: :class:`~megatron_puffin.models.puffin.PuffinConfig`.
-        batch: a collated task micro-batch as the loader yields it.
-        trainable: tower name -> whether it trains (every tower of the registry; see :func:`trainable_towers`).
-        as_executed: count padded tokens and dense attention instead of model FLOPs.
-
-    Returns:
-        ``{tower: FLOPs of each registry tower, "total": their sum}``.
-    """
-    from megatron_puffin.training.towers import TOWER_NAMES
-
-    missing = [tower for tower in TOWER_NAMES if tower not in trainable]
-    if missing:
-        raise ValueError(f"trainable must name every tower {TOWER_NAMES}; missing {missing} "
-                         "(use megatron_puffin.training.flops.trainable_towers(config.model))")
-    forward = forward_flops(config, batch, as_executed=as_executed)
-    result = {tower: forward[tower].total * (3.0 if trainable[tower] else 1.0) for tower in TOWER_NAMES}
-    result["total"] = sum(result.values())
-    return result
 
 
 # -- the machine ------------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ from megatron_puffin.training.step import stream_task
 from megatron_puffin.training.resume import fsdp2_records_metadata, samples_per_step
 from megatron_puffin.training.towers import CHECKPOINT_MODULES, CHECKPOINT_TOWERS, freeze_towers, trainable_towers
 
-if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+if TYPE_CHECKING:  # for annotations only
     from megatron_puffin.config import PuffinArguments
 
 logger = logging.getLogger(__name__)
@@ -485,7 +485,7 @@ class Trainer:
 
     def _count_batches(self, batches: List[Dict[str, Any]], interval: Interval, wait: float) -> None:
         """Samples, tokens, FLOPs and padding of the micro-batches this step trains, for the log and the state."""
-        from megatron_puffin.training.flops import micro_batch_flops
+        from megatron_puffin.training.towers import micro_batch_flops
 
         interval.data_wait += wait
         for batch in batches:

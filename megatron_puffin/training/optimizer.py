@@ -7,7 +7,7 @@ import torch
 
 from megatron_puffin.patching import Replacement, require_setup
 
-if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+if TYPE_CHECKING:  # for annotations only
     from megatron_puffin.config import PrecisionConfig, TrainingConfig
 
 

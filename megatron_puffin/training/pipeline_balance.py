@@ -25,8 +25,11 @@ from megatron_puffin.config.validate_pipeline import (
     stage_layer_counts,
 )
 from megatron_puffin.models.vae_config import load_vae_config, vae_downsample_factor
+from megatron_puffin.tasks import GENERATION_TASKS, TASK_VARIANTS
+from megatron_puffin.training import flops
+from megatron_puffin.training.towers import trainable_towers
 
-if TYPE_CHECKING:  # annotations only (megatron_puffin.config imports much of the package)
+if TYPE_CHECKING:  # annotations only
     from megatron_puffin.config.arguments import PuffinArguments
 
 UNDERSTANDING_WITH_IMAGE = ("image2text", "image2text_cross_view")
@@ -79,11 +82,8 @@ def _sequence(args: PuffinArguments, task: str) -> Tuple[int, int]:
 
 def task_work(args: PuffinArguments, task: str, micro_batch_size: int, repeats: int) -> TaskWork:
     """The FLOPs of one micro-batch of ``task`` split by pipeline placement (see the module docstring)."""
-    from megatron_puffin.tasks import GENERATION_TASKS
-    from megatron_puffin.training import flops
-
     b, size = micro_batch_size, args.data.image_size
-    factor = {tower: 3.0 if on else 1.0 for tower, on in flops.trainable_towers(args.model).items()}
+    factor = {tower: 3.0 if on else 1.0 for tower, on in trainable_towers(args.model).items()}
     tokens, images = _sequence(args, task)
     generation = task in GENERATION_TASKS
     decoder = flops.llm_flops(args.llm, [tokens] * b, 0, tokens, False).total
@@ -110,8 +110,6 @@ def task_work(args: PuffinArguments, task: str, micro_batch_size: int, repeats: 
 
 def workload(args: PuffinArguments) -> List[TaskWork]:
     """One :class:`TaskWork` per task stream (stream variants count as their loss task)."""
-    from megatron_puffin.data.task_encoders import TASK_VARIANTS
-
     return [task_work(args, TASK_VARIANTS[s.task], s.micro_batch_size, s.repeats) for s in args.data.streams()]
 
 

@@ -29,7 +29,7 @@ from megatron_puffin.training import checkpointing as ckpt
 from megatron_puffin.training.checkpoint_safety import CheckpointError
 from megatron_puffin.training.towers import TOWERS
 
-if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+if TYPE_CHECKING:  # for annotations only
     from megatron_puffin.config import PuffinArguments
 
 FREEZE_FLAGS = tuple(spec.freeze_flag for spec in TOWERS if spec.freeze_flag)

@@ -19,7 +19,7 @@ from megatron_puffin.models.dit import build_dit
 from megatron_puffin.models.llm import build_llm
 from megatron_puffin.models.vae import FrozenVAE
 from megatron_puffin.models.vision import build_vision
-from megatron_puffin.training import flops, layout
+from megatron_puffin.training import flops, parameter_counts as counts
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class TowerSpec:
         trains: whether it trains when no freeze flag is set.
         checkpoint: the checkpoint unit carrying its weights (several rows may share one), None: never saved.
         converter: the :mod:`megatron_puffin.convert` module for its public weights (None: loaded as published).
-        parameters: ``(configs, tensor_model_parallel_size) -> layout.Tower parts`` (configs: anything with
+        parameters: ``(configs, tensor_model_parallel_size) -> counts.Tower parts`` (configs: anything with
             ``llm``, ``vision``, ``connector``, ``dit`` and ``model``, e.g. parsed flags or a PuffinConfig).
         forward_flops: ``(PuffinConfig, collated batch, as_executed) -> flops.TowerFlops`` of one micro-batch.
     """
@@ -49,7 +49,7 @@ class TowerSpec:
     trains: bool
     checkpoint: Optional[str]
     converter: Optional[str]
-    parameters: Callable[[Any, int], Tuple[Tuple[layout.TowerPart, ...], Optional[str]]]
+    parameters: Callable[[Any, int], Tuple[Tuple[counts.TowerPart, ...], Optional[str]]]
     forward_flops: Callable[[Any, Mapping[str, Any], bool], flops.TowerFlops]
 
     def trainable(self, model_config) -> bool:
@@ -59,26 +59,26 @@ class TowerSpec:
         return not getattr(model_config, self.freeze_flag)
 
 
-def _known(parts: Tuple[layout.TowerPart, ...]) -> Tuple[Tuple[layout.TowerPart, ...], Optional[str]]:
+def _known(parts: Tuple[counts.TowerPart, ...]) -> Tuple[Tuple[counts.TowerPart, ...], Optional[str]]:
     return parts, None
 
 
 TOWERS: Tuple[TowerSpec, ...] = (
     TowerSpec("llm", "LLM", "llm", build_llm, "freeze_llm", True, "llm", "megatron_puffin.convert.qwen2",
-              lambda c, tp: _known(layout.llm_parts(c.llm, tp)), flops.llm_tower_flops),
+              lambda c, tp: _known(counts.llm_parts(c.llm, tp)), flops.llm_tower_flops),
     TowerSpec("vision", "vision encoder", "vision.encoder", build_vision, "freeze_vision", True, "vision",
               "megatron_puffin.convert.radio",
-              lambda c, tp: _known(layout.vision_encoder_parts(c.vision)), flops.vision_tower_flops),
+              lambda c, tp: _known(counts.vision_encoder_parts(c.vision)), flops.vision_tower_flops),
     TowerSpec("projector", "vision projector", "vision.projector", build_vision, None, True, "vision", None,
-              lambda c, tp: _known(layout.vision_projector_parts(c.vision, c.llm.hidden_size)),
+              lambda c, tp: _known(counts.vision_projector_parts(c.vision, c.llm.hidden_size)),
               flops.projector_tower_flops),
     TowerSpec("queries", "query path", "conditioner", build_query_conditioner, None, True, "queries",
               "megatron_puffin.convert.connector",
-              lambda c, tp: _known(layout.query_path_parts(c.connector, c.llm.hidden_size)), flops.query_tower_flops),
+              lambda c, tp: _known(counts.query_path_parts(c.connector, c.llm.hidden_size)), flops.query_tower_flops),
     TowerSpec("dit", "MMDiT", "dit", build_dit, "freeze_dit", True, "dit", "megatron_puffin.convert.sd3",
-              lambda c, tp: _known(layout.dit_parts(c.dit)), flops.dit_tower_flops),
+              lambda c, tp: _known(counts.dit_parts(c.dit)), flops.dit_tower_flops),
     TowerSpec("vae", "VAE", None, FrozenVAE.from_config, None, False, None, None,
-              lambda c, tp: layout.vae_parts(c.model), flops.vae_tower_flops),
+              lambda c, tp: counts.vae_parts(c.model), flops.vae_tower_flops),
 )
 """Every tower, in model order (first stage to last)."""
 
@@ -115,10 +115,50 @@ def freeze_towers(model: torch.nn.Module, model_config) -> None:
             module.requires_grad_(spec.trainable(model_config))
 
 
-def parameter_towers(configs, tensor_model_parallel_size: int = 1) -> Tuple[layout.Tower, ...]:
+def parameter_towers(configs, tensor_model_parallel_size: int = 1) -> Tuple[counts.Tower, ...]:
     """Analytic parameter counts of every tower with its trainability (``--dry-run``; see :mod:`.layout`)."""
     towers = []
     for spec in TOWERS:
         parts, unknown = spec.parameters(configs, tensor_model_parallel_size)
-        towers.append(layout.Tower(spec.label, spec.trainable(configs.model), parts, unknown=unknown))
+        towers.append(counts.Tower(spec.label, spec.trainable(configs.model), parts, unknown=unknown))
     return tuple(towers)
+
+
+def forward_flops(config, batch: Mapping[str, Any], as_executed: bool = False) -> Dict[str, flops.TowerFlops]:
+    """Forward FLOPs of every tower of :data:`TOWERS` (zero for towers the task does not run; each row's formula is
+    :mod:`megatron_puffin.training.flops`').
+
+    Args:
+        config: :class:`~megatron_puffin.models.puffin.PuffinConfig`.
+        batch: a collated task micro-batch (``task``, ``attention_mask`` [B, S], ``vision_images``,
+            ``target_images``, ``camera_maps``, ``init_images`` where the task has them).
+        as_executed: count padded tokens and dense attention (see :mod:`megatron_puffin.training.flops`).
+    """
+    return {spec.name: spec.forward_flops(config, batch, as_executed) for spec in TOWERS}
+
+
+def micro_batch_flops(
+    config, batch: Mapping[str, Any], trainable: Mapping[str, bool], as_executed: bool = False
+) -> Dict[str, float]:
+    """Training FLOPs of one task micro-batch per tower, plus ``total``.
+
+    A trainable tower counts 3x its forward FLOPs (forward + backward), a frozen one 1x (its activation-gradient
+    backward is not counted; see :mod:`megatron_puffin.training.flops`).
+
+    Args:
+        config: :class:`~megatron_puffin.models.puffin.PuffinConfig`.
+        batch: a collated task micro-batch as the loader yields it.
+        trainable: tower name -> whether it trains (every tower of the registry; see :func:`trainable_towers`).
+        as_executed: count padded tokens and dense attention instead of model FLOPs.
+
+    Returns:
+        ``{tower: FLOPs of each registry tower, "total": their sum}``.
+    """
+    missing = [tower for tower in TOWER_NAMES if tower not in trainable]
+    if missing:
+        raise ValueError(f"trainable must name every tower {TOWER_NAMES}; missing {missing} "
+                         "(use megatron_puffin.training.towers.trainable_towers(config.model))")
+    forward = forward_flops(config, batch, as_executed=as_executed)
+    result = {tower: forward[tower].total * (3.0 if trainable[tower] else 1.0) for tower in TOWER_NAMES}
+    result["total"] = sum(result.values())
+    return result

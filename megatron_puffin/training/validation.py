@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from megatron_puffin.training.data_parallel import unsharded_parameters
 
-if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+if TYPE_CHECKING:  # for annotations only
     from megatron_puffin.config import PuffinArguments
     from megatron_puffin.config.schema import ValidationConfig
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from megatron_puffin.evaluation import GroundTruthCamera, score_prediction, summarize
 
-if TYPE_CHECKING:  # for annotations only (megatron_puffin.config imports much of the package)
+if TYPE_CHECKING:  # for annotations only
     from megatron_puffin.config import PuffinArguments
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from megatron_puffin.training.activations import (
     stage_activation_bytes,
     worst_case_shape,
 )
-from megatron_puffin.training.flops import trainable_towers
+from megatron_puffin.training.towers import trainable_towers
 
 STREAMS = ["--task-stream", "image2text:/data/und:2", "--task-stream", "text2text:/data/und:2",
            "--task-stream", "cam2image:/data/gen:2", "--task-stream", "image2image:/data/gen:2"]

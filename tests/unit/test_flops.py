@@ -18,16 +18,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import megatron_puffin.distributed as mpd
 from helpers.puffin import TASK_STREAMS, make_tiny_dataset, task_batches, tiny_puffin_config
 from megatron_puffin.training.objectives import puffin_loss
-from megatron_puffin.training.flops import (
-    forward_flops,
-    matmul_flops,
-    measure_matmul_tflops,
-    micro_batch_flops,
-    supervised_positions,
-    trainable_towers,
-)
+from megatron_puffin.training.flops import matmul_flops, measure_matmul_tflops, supervised_positions
 from megatron_puffin.training.towers import TOWER_NAMES as TOWERS
 from megatron_puffin.training.towers import TOWERS as TOWER_SPECS
+from megatron_puffin.training.towers import forward_flops, micro_batch_flops, trainable_towers
 
 # tower -> FlopCounterMode module names (the registry's module paths; the VAE is not a submodule)
 MODULES = {spec.name: [f"PuffinModel.{spec.module}"] for spec in TOWER_SPECS if spec.module}

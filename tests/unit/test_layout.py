@@ -16,6 +16,7 @@ from megatron_puffin.models.llm.config import LLMConfig
 from megatron_puffin.models.puffin_config import PuffinModelConfig
 from megatron_puffin.models.vision.config import VisionConfig
 from megatron_puffin.training import layout
+from megatron_puffin.training import parameter_counts as counts
 
 from megatron_puffin.training.towers import TOWERS
 
@@ -79,7 +80,7 @@ def test_analytic_tower_counts_equal_the_real_modules(paths, variant, placement)
         assert tower.rank_parameters(1, pre_process, post_process) == entry["split"] + entry["replicated"], tower.name
         if pre_process and post_process:
             assert tower.parameters == entry["split"] + entry["replicated"], tower.name
-            split = sum(p.params.split for p in tower.parts if p.placement != layout.TIED_COPY)
+            split = sum(p.params.split for p in tower.parts if p.placement != counts.TIED_COPY)
             assert split == entry["split"], f"{tower.name}: tensor-parallel split"
             assert entry["requires_grad"] == {tower.trainable}, f"{tower.name}: trainable"
     vae = towers[-1]
@@ -90,10 +91,10 @@ def test_analytic_tower_counts_equal_the_real_modules(paths, variant, placement)
 
 def test_tied_output_layer_is_a_last_stage_copy_not_a_new_parameter():
     tied, untied = LLMConfig(), LLMConfig(tie_word_embeddings=False)
-    tower = layout.Tower("LLM", True, layout.llm_parts(tied))
+    tower = counts.Tower("LLM", True, counts.llm_parts(tied))
     embedding = tied.vocab_size * tied.hidden_size
-    assert tower.parameters == layout.llm_parameter_count(tied)
-    assert layout.llm_parameter_count(untied) == tower.parameters + embedding
+    assert tower.parameters == counts.llm_parameter_count(tied)
+    assert counts.llm_parameter_count(untied) == tower.parameters + embedding
     # PP = 2: the first stage holds the embedding, the last one a copy of it as output layer.
     first = tower.rank_parameters(1, True, False, layer_shards=2)
     last = tower.rank_parameters(1, False, True, layer_shards=2)
@@ -120,12 +121,12 @@ def test_full_size_counts_equal_the_reference_implementations():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     llm, dit = LLMConfig(), DiTConfig()
-    assert layout.llm_parameter_count(llm) == _meta_count(lambda: Qwen2ForCausalLM(Qwen2Config(**llm.to_hf())))
-    mmdit = layout.Tower("MMDiT", True, layout.dit_parts(dit)).parameters
+    assert counts.llm_parameter_count(llm) == _meta_count(lambda: Qwen2ForCausalLM(Qwen2Config(**llm.to_hf())))
+    mmdit = counts.Tower("MMDiT", True, counts.dit_parts(dit)).parameters
     assert mmdit == _meta_count(lambda: SD3Transformer2DModel.from_config(dit.to_diffusers()))
-    assert layout.vae_parameter_count(SD3_MEDIUM_VAE) == _meta_count(lambda: AutoencoderKL.from_config(SD3_MEDIUM_VAE))
+    assert counts.vae_parameter_count(SD3_MEDIUM_VAE) == _meta_count(lambda: AutoencoderKL.from_config(SD3_MEDIUM_VAE))
     tiny_vae = dict(TINY_VAE, mid_block_add_attention=False, use_quant_conv=False)
-    assert layout.vae_parameter_count(tiny_vae) == _meta_count(lambda: AutoencoderKL.from_config(tiny_vae))
+    assert counts.vae_parameter_count(tiny_vae) == _meta_count(lambda: AutoencoderKL.from_config(tiny_vae))
 
 
 def test_full_size_counts_match_the_sizes_the_spec_states():
@@ -136,9 +137,9 @@ def test_full_size_counts_match_the_sizes_the_spec_states():
     # SD3-medium MMDiT: 2.03 B; docs/puffin.md §1.11 "MMDiT ≈ 2 B".
     assert round(towers["MMDiT"].parameters / 1e9, 2) == 2.03 and round(towers["MMDiT"].parameters / 1e9) == 2
     # SD3 VAE: spec "≈ 84 M".
-    assert round(layout.vae_parameter_count(SD3_MEDIUM_VAE) / 1e6) == 84
+    assert round(counts.vae_parameter_count(SD3_MEDIUM_VAE) / 1e6) == 84
     # Connectors: "each ≈ 76 M (6 x 12.6 M)"; projector "≈ 10.2 M".
-    layer = layout.encoder_layer_count(1024, 4096).total
+    layer = counts.encoder_layer_count(1024, 4096).total
     assert round(layer / 1e6, 1) == 12.6 and round(6 * layer / 1e6) == 76
     assert round(towers["vision projector"].parameters / 1e6, 1) == 10.2
     query_parts = {p.name: p.params.total for p in towers["query path"].parts}
@@ -149,7 +150,7 @@ def test_full_size_counts_match_the_sizes_the_spec_states():
     vision = towers["vision encoder"].parameters
     grid = 128 * 128 * 1280
     assert round((vision - grid) / 1e9, 1) == 0.6
-    assert vision == 16 * 16 * 3 * 1280 + 8 * 1280 + grid + 32 * layout.encoder_layer_count(1280, 5120).total
+    assert vision == 16 * 16 * 3 * 1280 + 8 * 1280 + grid + 32 * counts.encoder_layer_count(1280, 5120).total
 
 
 DATA = ["--dry-run", "--task-stream", "image2text:/data/und:4", "--tokenizer", "/tokenizer"]
@@ -162,13 +163,13 @@ def test_memory_estimate_follows_placement_freezing_and_the_distributed_optimize
                     "--bf16", "--freeze-vision", "--vae-config", str(vae_config)]
     args = parse_args(flags)
     towers = {t.name: t for t in layout.towers(args)}
-    assert towers["VAE"].parameters == layout.vae_parameter_count(SD3_MEDIUM_VAE)
+    assert towers["VAE"].parameters == counts.vae_parameter_count(SD3_MEDIUM_VAE)
     stages = layout.memory_estimate(args, list(towers.values()))
     assert len(stages) == 4
     # Every parameter sits on exactly one stage (the tied output copy adds one embedding on the last stage), split
     # parameters once per TP rank.
     embedding = towers["LLM"].parts[0].params
-    total_split = sum(p.params.split for t in towers.values() for p in t.parts if p.placement != layout.TIED_COPY)
+    total_split = sum(p.params.split for t in towers.values() for p in t.parts if p.placement != counts.TIED_COPY)
     total = sum(t.parameters for t in towers.values())
     per_rank_sum = sum(s.parameters for s in stages)
     assert per_rank_sum == total - total_split // 2 + embedding.split // 2
@@ -183,10 +184,10 @@ def test_memory_estimate_follows_placement_freezing_and_the_distributed_optimize
 
 
 def test_vae_size_is_unknown_without_a_readable_config(tmp_path):
-    assert layout.vae_parts(PuffinModelConfig()) == ((), "no --vae-path or --vae-config")
-    parts, unknown = layout.vae_parts(PuffinModelConfig(vae_path=str(tmp_path / "vae")))
+    assert counts.vae_parts(PuffinModelConfig()) == ((), "no --vae-path or --vae-config")
+    parts, unknown = counts.vae_parts(PuffinModelConfig(vae_path=str(tmp_path / "vae")))
     assert parts == () and "not readable" in unknown
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text(json.dumps(TINY_VAE))
-    parts, unknown = layout.vae_parts(PuffinModelConfig(vae_path=str(tmp_path / "vae")))
-    assert unknown is None and sum(p.params.total for p in parts) == layout.vae_parameter_count(TINY_VAE)
+    parts, unknown = counts.vae_parts(PuffinModelConfig(vae_path=str(tmp_path / "vae")))
+    assert unknown is None and sum(p.params.total for p in parts) == counts.vae_parameter_count(TINY_VAE)

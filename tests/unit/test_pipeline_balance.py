@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from megatron_puffin.config import ConfigError, parse_args
 from megatron_puffin.config.validate_pipeline import placement_problems, stage_layer_counts
-from megatron_puffin.training import flops, layout, pipeline_balance
+from megatron_puffin.training import layout, pipeline_balance, towers
+from megatron_puffin.training import parameter_counts as counts
 from pretrain_puffin import main
 
 STAGES = Path(__file__).resolve().parents[2] / "examples" / "stages"
@@ -83,7 +84,7 @@ def test_uneven_memory_estimate_places_every_layer_once():
                                                           "--decoder-last-pipeline-num-layers", "1"])
     towers = layout.towers(even)
     llm = towers[0]
-    per_layer = next(p.params.total for p in llm.parts if p.placement == layout.LAYERS) // 28
+    per_layer = next(p.params.total for p in llm.parts if p.placement == counts.LAYERS) // 28
     before, after = layout.memory_estimate(even, towers), layout.memory_estimate(uneven, towers)
     assert sum(s.parameters for s in before) == sum(s.parameters for s in after)
     assert [a.parameters - b.parameters for a, b in zip(after, before)] == [
@@ -91,7 +92,7 @@ def test_uneven_memory_estimate_places_every_layer_once():
 
 
 def test_stage_split_of_flops_equals_the_whole_micro_batch(tmp_path):
-    """The per-stage split sums to flops.micro_batch_flops of a micro-batch of the same shapes, for every task."""
+    """The per-stage split sums to towers.micro_batch_flops of a micro-batch of the same shapes, for every task."""
     vae = tmp_path / "vae.json"
     vae.write_text(json.dumps(pipeline_balance.SD3_VAE_CONFIG))
     args = parse_args(["--dry-run", f"@{STAGE2}", "--world-size", "64", "--vae-config", str(vae), "--vae-path", ""])
@@ -112,7 +113,7 @@ def test_stage_split_of_flops_equals_the_whole_micro_batch(tmp_path):
             batch["camera_maps"] = image
         if task == "image2image":
             batch["init_images"] = image
-        whole = flops.micro_batch_flops(args, batch, flops.trainable_towers(args.model))["total"]
+        whole = towers.micro_batch_flops(args, batch, towers.trainable_towers(args.model))["total"]
         split = work.first + 28 * work.per_layer + work.last
         assert split == pytest.approx(whole, rel=1e-12), task
 

@@ -4,7 +4,7 @@ import dataclasses
 import importlib
 
 from megatron_puffin.models.puffin_config import PuffinModelConfig
-from megatron_puffin.training import flops, layout, resume
+from megatron_puffin.training import layout, resume
 from megatron_puffin.training.towers import (
     BY_NAME,
     CHECKPOINT_MODULES,
@@ -30,7 +30,7 @@ def test_every_freeze_flag_of_the_model_config_has_its_tower():
 def test_trainability_follows_the_freeze_flags_in_flops_and_dry_run():
     config = PuffinModelConfig(freeze_vision=True, freeze_dit=True)
     expected = {"llm": True, "vision": False, "projector": True, "queries": True, "dit": False, "vae": False}
-    assert trainable_towers(config) == flops.trainable_towers(config) == expected
+    assert trainable_towers(config) == expected
     from megatron_puffin.models.connector.config import ConnectorConfig
     from megatron_puffin.models.dit.config import DiTConfig
     from megatron_puffin.models.llm.config import LLMConfig
