@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(error: Exception) -> str:
+    """The library's message on one line: a list of problems (one per indented line) joined by "; "."""
+    head, *problems = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+    return f"{head} {'; '.join(problems)}" if problems else head
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # the loader's "bad sample skipped" lines
@@ -84,14 +90,14 @@ def main(argv=None) -> int:
                             image_size=args.image_size, pin_memory=False)
         loader = build_data_loader(config, seed=args.seed)
     except (ValueError, OSError) as error:  # bad streams, datasets or tokenizer: the library's one-line messages
-        print(f"inspect_batches.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"inspect_batches.py: error: {one_line(error)}", file=sys.stderr)
         return 2
     iterator = iter(loader)
     for _ in range(len(args.task_stream)):
         try:
             batch = next(iterator)
         except (DataLoaderError, ValueError, OSError) as error:  # e.g. a stream none of whose samples decodes
-            print(f"inspect_batches.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+            print(f"inspect_batches.py: error: {one_line(error)}", file=sys.stderr)
             return 1
         print(f"--- micro-batch of task {batch['task']}")
         for key in TENSOR_KEYS:

@@ -498,6 +498,11 @@ def test_inspect_batches_shows_the_prompt_and_the_trained_answer(artefacts):
     assert "\n" not in line and line.startswith(f"inspect_batches.py: error: {root / 'garbled_tokenizer'} cannot be "
                                                "loaded as a tokenizer (Exception: "), line
     assert line.endswith("); give an HF tokenizer directory or a SentencePiece .model"), line
+    bad = run_script(ROOT / "examples" / "inspect_batches.py", "--tokenizer", paths["tokenizer"], "--image-size", -5,
+                     "--task-stream", f"image2text:{data}:2", cwd=os.getcwd(), env=ENV, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == (  # two problems, one line: was "... >= 1 --image-size ..."
+        "inspect_batches.py: error: invalid data flags: --image-size (-5) must be >= 1; --image-size (-5) must be a "
+        "multiple of --image-size-unit (32)"), bad.stderr
 
 
 def test_inspect_batches_names_the_samples_that_do_not_decode(artefacts, tmp_path):
