@@ -56,7 +56,7 @@ def main(argv=None) -> int:
                   "name all check out")
         return 0
     from megatron_puffin.platform import setup
-    from megatron_puffin.training.checkpoint_safety import CheckpointError
+    from megatron_puffin.checkpoint_safety import CheckpointError
     from megatron_puffin.training.loop import TrainingError, run
 
     setup()  # megatron-core's patches, once per process (each torchrun child runs this main)

@@ -87,17 +87,18 @@ from megatron_puffin.convert.common import ConversionError  # noqa: E402
 from megatron_puffin.convert.hf_io import HFDirectoryError, load_hf_directory  # noqa: E402
 from megatron_puffin.convert.qwen2 import hf_to_mcore, load_llm_state_dict  # noqa: E402
 from megatron_puffin.models.llm import LLMConfig, build_llm  # noqa: E402
-from megatron_puffin.training.checkpoint_safety import CheckpointError, weights_only_failure  # noqa: E402
+from megatron_puffin.checkpoint_safety import CheckpointError, weights_only_failure  # noqa: E402
 from megatron_puffin.models.extra_state import is_extra_state_key  # noqa: E402
 from megatron_puffin.platform import setup  # noqa: E402
-from megatron_puffin.training.checkpointing import (  # noqa: E402
+from megatron_puffin.checkpointing import (  # noqa: E402
     CheckpointWriteError,
     load_module,
     read_metadata,
     save_checkpoint,
     write_failure,
 )
-from megatron_puffin.training.towers import CHECKPOINT_MODULES, CHECKPOINT_TOWERS, TOWERS  # noqa: E402
+from megatron_puffin.models.puffin import CHECKPOINT_MODULES  # noqa: E402
+from megatron_puffin.training.towers import CHECKPOINT_TOWERS, TOWERS  # noqa: E402
 from megatron_puffin.files import folder_problem  # noqa: E402
 
 logger = logging.getLogger("convert_checkpoint")
@@ -306,7 +307,7 @@ def mcore_to_sd3_command(args: argparse.Namespace) -> None:
     from megatron_puffin.convert.export import staged_directory
     from megatron_puffin.convert.sd3 import save_diffusers_transformer
     from megatron_puffin.models.dit import DiTConfig, build_dit
-    from megatron_puffin.training.checkpointing import resolve_checkpoint
+    from megatron_puffin.checkpointing import resolve_checkpoint
 
     directory = resolve_checkpoint(args.input) or args.input
     metadata = read_metadata(directory) or {}
@@ -383,10 +384,11 @@ def _tower_list(supplied: Sequence[str]) -> List[str]:
 
 def puffin_to_mcore_command(args: argparse.Namespace, extra: Sequence[str]) -> None:
     from megatron_puffin.convert.puffin import load_puffin_state_dict, puffin_to_mcore, weights_only_config
-    from megatron_puffin.models.puffin import PuffinConfig, build_puffin
+    from megatron_puffin.config.model import puffin_config
+    from megatron_puffin.models.puffin import build_puffin
 
     flags = pretrain_flags(extra, "puffin-to-mcore")
-    config = weights_only_config(PuffinConfig.from_args(flags))
+    config = weights_only_config(puffin_config(flags))
     reference = read_state_dict(args.puffin_checkpoint)
     try:
         ours, supplied = puffin_to_mcore(reference, config)

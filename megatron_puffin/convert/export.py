@@ -22,8 +22,8 @@ import torch
 from megatron_puffin.distributed import process_groups
 from megatron_puffin.files import is_whole_number, read_json_object
 from megatron_puffin.models.llm import LLMConfig, build_llm
-from megatron_puffin.training.checkpointing import load_module, read_metadata, resolve_checkpoint
-from megatron_puffin.training.towers import CHECKPOINT_MODULES
+from megatron_puffin.checkpointing import load_module, read_metadata, resolve_checkpoint
+from megatron_puffin.models.puffin import CHECKPOINT_MODULES
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def llm_config_of(source: ExportSource) -> LLMConfig:
 def _stored_vocab_rows(source: ExportSource, prefix: str) -> Optional[int]:
     from megatron.core import dist_checkpointing
 
-    from megatron_puffin.training import checkpoint_safety
+    from megatron_puffin import checkpoint_safety
 
     checkpoint_safety.install()  # .metadata through the restricted unpickler
     stored = dist_checkpointing.load_tensors_metadata(source.directory)
@@ -304,14 +304,15 @@ def export_puffin(source: ExportSource, output: str, dtype: Optional[str] = None
     from megatron_puffin.convert.puffin import PUFFIN_TOWERS, mcore_to_puffin, weights_only_config
     from megatron_puffin.files import atomic_path
     from megatron_puffin.inference.loading import resolve_flags
-    from megatron_puffin.models.puffin import PuffinConfig, build_puffin
+    from megatron_puffin.config.model import puffin_config
+    from megatron_puffin.models.puffin import build_puffin
 
     towers = [tower for tower in PUFFIN_TOWERS if source.holds(tower)]
     if source.kind != "puffin" or not towers or not source.args:
         raise ExportError(f"--input {source.directory} is a {source.kind or 'unknown'!r} checkpoint without "
                           "Puffin towers; export a training or puffin-to-mcore checkpoint (mcore-to-hf, "
                           "mcore-to-sd3 and mcore-to-towers export single towers)")
-    config = PuffinConfig.from_args(resolve_flags(source.metadata))
+    config = puffin_config(resolve_flags(source.metadata))
     config = weights_only_config(config, llm=_with_stored_vocab_rows(source, config.llm))
     model = build_puffin(config, pg_collection=process_groups())
     for tower in towers:

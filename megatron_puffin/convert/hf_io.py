@@ -23,7 +23,7 @@ def _read_weights(path: str) -> Dict[str, torch.Tensor]:
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - garbled, truncated, or objects other than tensors
-        from megatron_puffin.training.checkpoint_safety import weights_only_failure
+        from megatron_puffin.checkpoint_safety import weights_only_failure
 
         raise HFDirectoryError(f"{path} is not a readable weights file ({weights_only_failure(error)})") from None
 

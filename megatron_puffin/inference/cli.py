@@ -182,7 +182,7 @@ def run_tool(prog: str, body: Callable[[], int], expected: Tuple[type, ...]) -> 
     (:func:`~megatron_puffin.process_lifetime.exit_on_ctrl_c`): one line, exit 128 + signal."""
     import megatron_puffin.distributed as mpd
     from megatron_puffin.process_lifetime import exit_on_ctrl_c
-    from megatron_puffin.training.checkpoint_safety import CheckpointError
+    from megatron_puffin.checkpoint_safety import CheckpointError
 
     expected = tuple(expected) + (CheckpointError,)
 

@@ -127,7 +127,7 @@ class BatchJournal:
 def checkpoint_fingerprint(directory: str) -> str:
     """A digest of a checkpoint's contents: of its manifest (which holds every file's SHA-256), else of every file's
     name, size and modification time."""
-    from megatron_puffin.training.checkpoint_safety import MANIFEST_FILE
+    from megatron_puffin.checkpoint_safety import MANIFEST_FILE
 
     manifest = Path(directory) / MANIFEST_FILE
     digest = hashlib.sha256()

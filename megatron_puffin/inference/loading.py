@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Sequence, TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from megatron_puffin.training.towers import CHECKPOINT_MODULES
+from megatron_puffin.models.puffin import CHECKPOINT_MODULES
 
 if TYPE_CHECKING:  # for annotations only
     from megatron_puffin.config import PuffinArguments
@@ -65,7 +65,7 @@ class LoadedPuffin:
 
 def resolve_inference_checkpoint(path: str) -> str:
     """A complete checkpoint directory from a checkpoint or run directory, else :class:`InferenceSetupError`."""
-    from megatron_puffin.training.checkpointing import resolve_checkpoint
+    from megatron_puffin.checkpointing import resolve_checkpoint
 
     if not os.path.exists(path):
         raise InferenceSetupError(f"--checkpoint {path}: no such file or directory; give a checkpoint directory "
@@ -139,9 +139,9 @@ def check_inference_layout(args: PuffinArguments) -> None:
 
 def _model_config(args: PuffinArguments, dtype: Optional[torch.dtype], need_vae: bool):
     from megatron_puffin.distributed import cuda_available
-    from megatron_puffin.models.puffin import PuffinConfig
+    from megatron_puffin.config.model import puffin_config
 
-    config = PuffinConfig.from_args(args)
+    config = puffin_config(args)
     if dtype is None:
         dtype = config.params_dtype if cuda_available() else torch.float32  # CPU: fp32
     model = config.model
@@ -189,7 +189,7 @@ def _open_tokenizer(data: DataConfig, vocab_size: int):
 
 
 def _load_towers(model, directory: str, towers: Sequence[str]) -> None:
-    from megatron_puffin.training.checkpointing import load_checkpoint, shape_mismatches
+    from megatron_puffin.checkpointing import load_checkpoint, shape_mismatches
 
     for tower in towers:
         module = getattr(model, CHECKPOINT_MODULES[tower], None)
@@ -229,7 +229,7 @@ def load_puffin(checkpoint: str, flags: Sequence[str] = (), tensor_model_paralle
     import megatron_puffin.distributed as mpd
     from megatron_puffin.models.puffin import build_puffin
     from megatron_puffin.data.tokenizer import identity_difference
-    from megatron_puffin.training.checkpointing import read_metadata
+    from megatron_puffin.checkpointing import read_metadata
 
     directory = resolve_inference_checkpoint(checkpoint)
     metadata = read_metadata(directory) or {}

@@ -10,7 +10,7 @@ must still load local <-> TE, converted -> TE and TE -> TE. So exactly these ent
 * one the checkpoint has but the model lacks (a TE checkpoint into a local model) is ignored;
 * every other missing or unexpected entry is still an error that names it.
 
-Used by the training loader (:mod:`megatron_puffin.training.checkpointing`) and the conversion tools.
+Used by the training loader (:mod:`megatron_puffin.checkpointing`) and the conversion tools.
 """
 from __future__ import annotations
 

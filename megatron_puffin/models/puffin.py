@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, TYPE_CHECKING, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -56,10 +56,11 @@ from megatron_puffin.models.sequence_parallel import (
 from megatron_puffin.models.vae import FrozenVAE
 from megatron_puffin.models.vision import VisionConfig, build_vision
 
-if TYPE_CHECKING:  # for annotations only
-    from megatron_puffin.config.arguments import PuffinArguments
-
 logger = logging.getLogger(__name__)
+
+CHECKPOINT_MODULES: Dict[str, str] = {"llm": "llm", "vision": "vision", "queries": "conditioner", "dit": "dit"}
+"""The units of a whole-model checkpoint (``puffin_meta.json`` ``towers``) -> the :class:`PuffinModel` submodule
+holding each (its key prefix in the checkpoint). Checkpoints written so far use these names: they must not change."""
 
 
 @dataclass(frozen=True)
@@ -109,19 +110,6 @@ class PuffinConfig:
     def tower_fp8(self, tower: str) -> Optional[str]:
         return tower_fp8(self.fp8, self.fp8_towers, tower)
 
-    @classmethod
-    def from_args(cls, args: PuffinArguments) -> "PuffinConfig":
-        """From parsed ``pretrain_puffin.py`` flags."""
-        precision = args.precision
-        dtype = torch.bfloat16 if precision.bf16 else torch.float16 if precision.fp16 else torch.float32
-        return cls(
-            llm=args.llm, vision=args.vision, connector=args.connector, dit=args.dit, flow=args.flow,
-            model=args.model, seed=args.training.seed, params_dtype=dtype,
-            transformer_impl=precision.transformer_impl, fp8=precision.fp8_format, fp8_recipe=precision.fp8_recipe,
-            fp8_towers=tuple(precision.fp8_tower), sequence_parallel=args.parallel.sequence_parallel,
-            llm_layers_in_first_stage=args.parallel.decoder_first_pipeline_num_layers,
-            llm_layers_in_last_stage=args.parallel.decoder_last_pipeline_num_layers,
-        )
 
 
 def _build_vae(config: PuffinModelConfig, dtype: torch.dtype, device: torch.device, seed: int) -> Optional[FrozenVAE]:

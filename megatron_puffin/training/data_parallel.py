@@ -271,25 +271,6 @@ def fsdp2_optimizer_local_tensor() -> list:
     return [(dist_optimizer, "to_local_if_dtensor", _local_shard)]
 
 
-def as_model_dtensors(module: torch.nn.Module, state_dict):
-    """A loaded model state dict whose entries for FSDP2 (DTensor) parameters are DTensors laid out like them.
-
-    megatron-core's dist-checkpoint load returns each DTensor parameter's *local shard* as a plain tensor (the
-    checkpoint's sharded tensors are built from ``_local_tensor``); ``load_state_dict`` can only copy a DTensor into
-    a DTensor parameter. Other entries (and every entry without --use-torch-fsdp2) are returned unchanged.
-    """
-    from torch.distributed.tensor import DTensor
-
-    targets = module.state_dict(keep_vars=True)
-    converted = dict(state_dict)
-    for key, value in state_dict.items():
-        target = targets.get(key)
-        if isinstance(target, DTensor) and torch.is_tensor(value) and not isinstance(value, DTensor):
-            converted[key] = DTensor.from_local(value, target.device_mesh, target.placements, run_check=False,
-                                                shape=target.shape, stride=target.stride())
-    return converted
-
-
 def restore_dtensor_optimizer_states(optimizer) -> None:
     """After loading an optimizer of an FSDP2 model: megatron-core's load leaves each DTensor parameter's Adam
     moments as plain local tensors, which torch's Adam cannot combine with the DTensor gradients; they become

@@ -35,23 +35,23 @@ import torch
 import torch.distributed as dist
 
 import megatron_puffin.distributed as mpd
+from megatron_puffin import checkpointing as ckpt
 from megatron_puffin.config.arguments import micro_batches_per_step
 from megatron_puffin.data.config import stream_tasks
 from megatron_puffin.distributed.random import derive_seed, seed_everything
 from megatron_puffin.files import write_text_atomically
 from megatron_puffin.models.extra_state import drop_absent_extra_state, load_model_state
+from megatron_puffin.models.puffin import CHECKPOINT_MODULES
 from megatron_puffin.process_lifetime import EXIT_INTERRUPTED, STOP_SIGNALS
-from megatron_puffin.training import checkpointing as ckpt
 from megatron_puffin.training.data_parallel import (
-    as_model_dtensors,
     fsdp2_forward_records_kept,
     gathered_parameters,
     restore_dtensor_optimizer_states,
 )
 from megatron_puffin.training.metrics import Interval, MetricsWriter, Report, peak_memory_gib
-from megatron_puffin.training.step import stream_task
 from megatron_puffin.training.resume import fsdp2_records_metadata, samples_per_step
-from megatron_puffin.training.towers import CHECKPOINT_MODULES, CHECKPOINT_TOWERS, freeze_towers, trainable_towers
+from megatron_puffin.training.step import stream_task
+from megatron_puffin.training.towers import CHECKPOINT_TOWERS, freeze_towers, trainable_towers
 
 if TYPE_CHECKING:  # for annotations only
     from megatron_puffin.config import PuffinArguments
@@ -150,7 +150,8 @@ class Trainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from megatron_puffin.data import PuffinTokenizer
-        from megatron_puffin.models.puffin import PuffinConfig, build_puffin
+        from megatron_puffin.config.model import puffin_config
+        from megatron_puffin.models.puffin import build_puffin
         from megatron_puffin.training.data_parallel import wire_overlap, wrap_data_parallel
         from megatron_puffin.training.host_memory import cache_for_device
         from megatron_puffin.training.wgrad_accumulation import enable_gradient_accumulation_fusion
@@ -170,7 +171,7 @@ class Trainer:
         self.ctx = mpd.initialize(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                                   seed=training.seed, timeout_minutes=parallel.distributed_timeout_minutes)
         args.model.image_pad_token_id = self.tokenizer.image_pad_id
-        self.config = PuffinConfig.from_args(args)
+        self.config = puffin_config(args)
         self.pg_collection = mpd.process_groups()  # built once; the model and the loop's reductions use it
         self.model = build_puffin(self.config, pre_process=self.ctx.is_first_pipeline_stage,
                                   post_process=self.ctx.is_last_pipeline_stage, pg_collection=self.pg_collection)
@@ -346,7 +347,7 @@ class Trainer:
             ),
         }
         loaded = ckpt.load_checkpoint(sharded, directory)
-        load_model_state(self.model, as_model_dtensors(self.model, loaded["model"]), f"--load {directory}")
+        load_model_state(self.model, ckpt.as_model_dtensors(self.model, loaded["model"]), f"--load {directory}")
         self.optimizer.load_state_dict(loaded["optimizer"])
         restore_dtensor_optimizer_states(self.optimizer)
         common = ckpt.load_common(directory)

@@ -15,14 +15,14 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from megatron_puffin import checkpointing as ckpt
+from megatron_puffin.checkpoint_safety import CheckpointError
 from megatron_puffin.config.arguments import PuffinArguments
-from megatron_puffin.config.parser import parse_args
 from megatron_puffin.config.dataclass_args import flag_name
+from megatron_puffin.config.parser import parse_args
 from megatron_puffin.config.validate import PATH_CHECKS, VALIDATORS, path_problems, validate_args
 from megatron_puffin.config.validate_paths import flag_tokenizer
 from megatron_puffin.data.tokenizer import identity_difference
-from megatron_puffin.training import checkpointing as ckpt
-from megatron_puffin.training.checkpoint_safety import CheckpointError
 from megatron_puffin.training.resume import resolve_load, startup_problems
 from megatron_puffin.training.towers import CHECKPOINT_TOWERS
 

@@ -3,7 +3,7 @@
 * ``--load``: a path that does not exist is an error (a typo must not start a fresh run), except ``--load DIR
   --save DIR`` before DIR's first checkpoint (a job that always passes both). A run directory resumes from its
   newest usable checkpoint (damaged newer ones are skipped with a warning; see
-  :func:`~megatron_puffin.training.checkpointing.resolve_checkpoint`).
+  :func:`~megatron_puffin.checkpointing.resolve_checkpoint`).
 * ``--save``: a run never writes over checkpoints it did not resume from. A ``--save`` directory holding another
   run's checkpoints, or checkpoints newer than the one resumed (``--load DIR/iter_6 --save DIR`` with ``iter_9``
   there), is refused unless ``--overwrite-checkpoints`` says to replace them: then each checkpoint this run saves
@@ -24,9 +24,9 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, TYPE_CHECKING
 
+from megatron_puffin import checkpointing as ckpt
+from megatron_puffin.checkpoint_safety import CheckpointError
 from megatron_puffin.config.arguments import micro_batches_per_step
-from megatron_puffin.training import checkpointing as ckpt
-from megatron_puffin.training.checkpoint_safety import CheckpointError
 from megatron_puffin.training.towers import TOWERS
 
 if TYPE_CHECKING:  # for annotations only

@@ -87,10 +87,8 @@ BY_NAME: Dict[str, TowerSpec] = {spec.name: spec for spec in TOWERS}
 
 CHECKPOINT_TOWERS: Tuple[str, ...] = tuple(dict.fromkeys(s.checkpoint for s in TOWERS if s.checkpoint))
 """The units a whole-model checkpoint lists (``puffin_meta.json`` ``towers``): llm, vision, queries, dit."""
-CHECKPOINT_MODULES: Dict[str, str] = {
-    unit: next(s.module for s in TOWERS if s.checkpoint == unit).split(".")[0] for unit in CHECKPOINT_TOWERS
-}
-"""Checkpoint unit -> the PuffinModel submodule holding it (its key prefix in a whole-model checkpoint)."""
+# Each unit's rows live in the PuffinModel submodule megatron_puffin.models.puffin.CHECKPOINT_MODULES names for it
+# (tests/unit/test_towers.py holds the two together).
 
 
 def trainable_towers(model_config) -> Dict[str, bool]:

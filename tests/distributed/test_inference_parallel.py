@@ -64,7 +64,7 @@ def _worker(root, paths):
     from helpers.inference import build_tiny_model, save_model_checkpoint
     from megatron_puffin.data import PuffinTokenizer
     from megatron_puffin.inference import load_puffin
-    from megatron_puffin.training.checkpointing import load_module
+    from megatron_puffin.checkpointing import load_module
 
     from megatron_puffin.inference.cli import ReplicaRounds, is_output_rank
 

@@ -147,7 +147,7 @@ def _real_rows(name, tensor, tp_rank):
 def _checkpoint_worker(directory):
     import megatron_puffin.distributed as mpd
     from megatron_puffin.convert.qwen2 import shard_llm_state_dict
-    from megatron_puffin.training.checkpointing import load_model_checkpoint, save_checkpoint
+    from megatron_puffin.checkpointing import load_model_checkpoint, save_checkpoint
 
     config = _config()
     input_ids, mask, position_ids, _ = _microbatches(config)[1]

@@ -70,7 +70,7 @@ def _grads_as_weights(model):
 
 def _full_state(config, directory):
     import megatron_puffin.distributed as mpd
-    from megatron_puffin.training.checkpointing import load_model_checkpoint
+    from megatron_puffin.checkpointing import load_model_checkpoint
 
     model, _ = _build(config, mpd.initialize(1, 1, seed=0))
     load_model_checkpoint(model, directory)
@@ -82,7 +82,7 @@ def _reference(paths, root):
     every placement starts from; returns the task losses and every gradient under the PP=1 state-dict names."""
     import megatron_puffin.distributed as mpd
     from helpers.puffin import unblock_generation_gradients
-    from megatron_puffin.training.checkpointing import save_checkpoint
+    from megatron_puffin.checkpointing import save_checkpoint
     from megatron_puffin.training.step import forward_backward
 
     ctx = mpd.initialize(1, 1, seed=0)
@@ -100,7 +100,7 @@ def _reference(paths, root):
 
 def _parity(paths, root, reference_grads):
     import megatron_puffin.distributed as mpd
-    from megatron_puffin.training.checkpointing import load_model_checkpoint, save_checkpoint
+    from megatron_puffin.checkpointing import load_model_checkpoint, save_checkpoint
     from megatron_puffin.training.step import forward_backward
 
     config = _config(paths)

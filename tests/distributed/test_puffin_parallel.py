@@ -57,7 +57,7 @@ def _grads_as_weights(model):
 
 def _full_state(paths, directory):
     import megatron_puffin.distributed as mpd
-    from megatron_puffin.training.checkpointing import load_model_checkpoint
+    from megatron_puffin.checkpointing import load_model_checkpoint
 
     ctx = mpd.initialize(1, 1, seed=0)
     model, _ = _build(paths, ctx)
@@ -74,7 +74,7 @@ def _reference(paths, root):
     indices and every gradient (frozen or unused parameters: zeros) under the TP=1/PP=1 state-dict names."""
     import megatron_puffin.distributed as mpd
     from helpers.puffin import unblock_generation_gradients
-    from megatron_puffin.training.checkpointing import save_checkpoint
+    from megatron_puffin.checkpointing import save_checkpoint
 
     ctx = mpd.initialize(1, 1, seed=0)
     try:
@@ -90,7 +90,7 @@ def _reference(paths, root):
 
 def _worker(paths, root, reference_grads):
     import megatron_puffin.distributed as mpd
-    from megatron_puffin.training.checkpointing import load_model_checkpoint, save_checkpoint
+    from megatron_puffin.checkpointing import load_model_checkpoint, save_checkpoint
 
     results = {}
     for tp, pp in LAYOUTS:

@@ -54,7 +54,7 @@ def _grads_as_weights(model):
 
 def _full_state(paths, directory):
     import megatron_puffin.distributed as mpd
-    from megatron_puffin.training.checkpointing import load_model_checkpoint
+    from megatron_puffin.checkpointing import load_model_checkpoint
 
     model, _ = _build(paths, mpd.initialize(1, 1, seed=0), sequence_parallel=False)
     load_model_checkpoint(model, directory)
@@ -69,7 +69,7 @@ def _relative_errors(reference, ours):
 def _run_step(paths, root, batches, tp, pp, sequence_parallel):
     """One step on the weights of ``root/weights``: (the model holding its gradients, its results)."""
     import megatron_puffin.distributed as mpd
-    from megatron_puffin.training.checkpointing import load_model_checkpoint
+    from megatron_puffin.checkpointing import load_model_checkpoint
 
     ctx = mpd.initialize(tp, pp, seed=0)
     model, ddp = _build(paths, ctx, sequence_parallel=sequence_parallel)
@@ -83,7 +83,7 @@ def _run_step(paths, root, batches, tp, pp, sequence_parallel):
 
 def _run(paths, root, name, batches, tp, pp, sequence_parallel):
     """One step on the weights of ``root/weights``; saves its gradients as ``root/name`` (a checkpoint)."""
-    from megatron_puffin.training.checkpointing import save_checkpoint
+    from megatron_puffin.checkpointing import save_checkpoint
 
     model, results = _run_step(paths, root, batches, tp, pp, sequence_parallel)
     save_checkpoint(model.sharded_state_dict(), f"{root}/{name}")
@@ -110,7 +110,7 @@ def _reference(paths, root):
     results and its gradients (frozen or unused parameters: zeros) under the TP=1 state-dict names."""
     import megatron_puffin.distributed as mpd
     from helpers.puffin import TASK_STREAMS, mixed_size_batch, task_batches, unblock_generation_gradients
-    from megatron_puffin.training.checkpointing import save_checkpoint
+    from megatron_puffin.checkpointing import save_checkpoint
 
     try:
         model, _ = _build(paths, mpd.initialize(1, 1, seed=0), sequence_parallel=False)

@@ -109,7 +109,7 @@ def test_startup_decisions(workdir, monkeypatch, capsys):
         in err and err.count("nowhere") == 1 and "--llm-checkpoint (nowhere) does not exist; check the path" in err
 
     # A crafted .metadata (with a matching manifest) is refused before any work; its file is never created.
-    from megatron_puffin.training.checkpoint_safety import write_manifest
+    from megatron_puffin.checkpoint_safety import write_manifest
 
     crafted = _copy(workdir, "crafted")
     victim = workdir / "created_by_metadata"
@@ -158,7 +158,7 @@ def test_moved_data_resumes_and_a_dataset_of_another_size_is_one_line(workdir):
 
 def _rewrite_meta(checkpoint, **changes):
     """Make ``checkpoint``'s metadata say it was trained otherwise (its manifest rewritten to match)."""
-    from megatron_puffin.training.checkpoint_safety import write_manifest
+    from megatron_puffin.checkpoint_safety import write_manifest
 
     meta = json.loads((checkpoint / "puffin_meta.json").read_text())
     meta["args"]["parallel"].update(changes.pop("parallel", {}))
@@ -203,7 +203,7 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(workdir):
     assert _losses(workdir / "fb.jsonl") == {3: full[3], 4: full[4]}  # bit-identical
     kept = [p.name for p in fallback.iterdir() if p.name.startswith("iter_0000004.replaced-")]
     assert len(kept) == 1 and (fallback / kept[0] / shard.name).stat().st_size == 1000  # the damaged one, kept
-    from megatron_puffin.training.checkpointing import checkpoint_problems
+    from megatron_puffin.checkpointing import checkpoint_problems
 
     assert checkpoint_problems(str(fallback / "iter_0000004")) == []
 

@@ -111,7 +111,7 @@ def test_radio_checkpoint_becomes_a_tp2_vision_checkpoint_that_the_loop_loads(tm
     import megatron_puffin.distributed as mpd
     from megatron_puffin.convert.radio import mcore_to_radio
     from megatron_puffin.models.vision import build_vision
-    from megatron_puffin.training.checkpointing import load_module
+    from megatron_puffin.checkpointing import load_module
 
     flags = _tiny_flags()
     mpd.initialize(seed=3)
@@ -156,9 +156,10 @@ def _released_puffin(path, towers, seed):
     import megatron_puffin.distributed as mpd
     from helpers.puffin import reference_state_dict
     from megatron_puffin.convert.puffin import tower_of
-    from megatron_puffin.models.puffin import PuffinConfig, build_puffin
+    from megatron_puffin.config.model import puffin_config
+    from megatron_puffin.models.puffin import build_puffin
 
-    config = PuffinConfig.from_args(_tiny_flags())
+    config = puffin_config(_tiny_flags())
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, vae_config=None))
     mpd.initialize(seed=seed)
     try:
@@ -177,10 +178,11 @@ def _load_towers(directory, prefixes):
     import dataclasses
 
     import megatron_puffin.distributed as mpd
-    from megatron_puffin.models.puffin import PuffinConfig, build_puffin
-    from megatron_puffin.training.checkpointing import load_module
+    from megatron_puffin.config.model import puffin_config
+    from megatron_puffin.models.puffin import build_puffin
+    from megatron_puffin.checkpointing import load_module
 
-    config = PuffinConfig.from_args(_tiny_flags())
+    config = puffin_config(_tiny_flags())
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, vae_config=None))
     mpd.initialize(seed=99)
     try:
@@ -230,8 +232,9 @@ def test_released_projector_without_encoder_needs_the_base_vision_checkpoint(tmp
     import dataclasses
 
     import megatron_puffin.distributed as mpd
-    from megatron_puffin.models.puffin import PuffinConfig, build_puffin
-    from megatron_puffin.training.checkpointing import save_checkpoint
+    from megatron_puffin.config.model import puffin_config
+    from megatron_puffin.models.puffin import build_puffin
+    from megatron_puffin.checkpointing import save_checkpoint
 
     released = tmp_path / "Puffin-Align.pth"
     source = _released_puffin(released, {"projector", "queries", "dit"}, seed=7)
@@ -239,7 +242,7 @@ def test_released_projector_without_encoder_needs_the_base_vision_checkpoint(tmp
     with pytest.raises(SystemExit, match="--vision-checkpoint"):
         _tool().main([*command, f"@{TINY / 'model.args'}"])
 
-    config = PuffinConfig.from_args(_tiny_flags())
+    config = puffin_config(_tiny_flags())
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, vae_config=None))
     mpd.initialize(seed=21)  # a base vision tower, as radio-to-mcore writes it
     try:

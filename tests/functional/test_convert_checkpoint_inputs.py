@@ -136,7 +136,7 @@ def test_bad_directories_and_layouts(tmp_path, capsys):
 
 
 def test_crafted_metadata_in_a_converted_checkpoint_is_refused(tmp_path, capsys):
-    from megatron_puffin.training.checkpoint_safety import write_manifest
+    from megatron_puffin.checkpoint_safety import write_manifest
 
     hf_qwen2(tiny_llm_config(tied=True), seed=1).save_pretrained(tmp_path / "hf", safe_serialization=True)
     assert _main(capsys, "hf-to-mcore", "--hf-dir", tmp_path / "hf", "--output", tmp_path / "ckpt")[0] == 0

@@ -91,7 +91,7 @@ def test_trained_llm_exports_to_hugging_face_with_identical_logits(trained, monk
 def test_vision_tower_and_query_path_round_trip_through_our_format(trained):
     import megatron_puffin.distributed as mpd
     from megatron_puffin.convert.export import build_tower, load_exported_towers, resolve_source
-    from megatron_puffin.training.checkpointing import load_module
+    from megatron_puffin.checkpointing import load_module
 
     checkpoint = trained / "run" / "iter_0000004"
     _tool().main(["mcore-to-towers", "--input", str(checkpoint), "--output", str(trained / "towers")])
@@ -155,11 +155,12 @@ def _towers_of(checkpoint, towers):
 
     import megatron_puffin.distributed as mpd
     from megatron_puffin.inference.loading import resolve_flags
-    from megatron_puffin.models.puffin import PuffinConfig, build_puffin
-    from megatron_puffin.training.checkpointing import load_module, read_metadata
-    from megatron_puffin.training.towers import CHECKPOINT_MODULES
+    from megatron_puffin.config.model import puffin_config
+    from megatron_puffin.models.puffin import build_puffin
+    from megatron_puffin.checkpointing import load_module, read_metadata
+    from megatron_puffin.models.puffin import CHECKPOINT_MODULES
 
-    config = PuffinConfig.from_args(resolve_flags(read_metadata(str(checkpoint))))
+    config = puffin_config(resolve_flags(read_metadata(str(checkpoint))))
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, vae_config=None))
     mpd.initialize(seed=3)
     try:

@@ -138,7 +138,7 @@ def test_stage_handoff_loads_weights_and_starts_fresh_optimizer(workdir, stage1)
 
 
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(workdir):
-    from megatron_puffin.training.checkpointing import resolve_checkpoint
+    from megatron_puffin.checkpointing import resolve_checkpoint
 
     flags = [*STAGE, *STREAMS, "--micro-batch-size", "2", "--save", "killed", "--save-interval", "2"]
     proc = start_script(ROOT / "pretrain_puffin.py", *flags, cwd=workdir, env=ENV)  # a real process, forked
@@ -258,7 +258,7 @@ def test_load_of_a_checkpoint_with_another_model_shape_fails_before_training(wor
     """The tensor-shape check at load time, for a checkpoint whose puffin_meta.json stores no flags (another
     version's): the validation pass compares stored flags (tests/functional/test_flag_cli.py), the load every
     tensor."""
-    from megatron_puffin.training.checkpoint_safety import write_manifest
+    from megatron_puffin.checkpoint_safety import write_manifest
 
     shutil.copytree(stage1, workdir / "s1_no_flags")
     checkpoint = workdir / "s1_no_flags" / "iter_0000003"

@@ -35,8 +35,9 @@ def _reference_losses(workdir, checkpoint, camera_samples=3):
     from megatron_puffin.config import parse_args
     from megatron_puffin.data import PuffinTokenizer
     import megatron_puffin.distributed as mpd
-    from megatron_puffin.models.puffin import PuffinConfig, build_puffin
-    from megatron_puffin.training.checkpointing import load_module
+    from megatron_puffin.config.model import puffin_config
+    from megatron_puffin.models.puffin import build_puffin
+    from megatron_puffin.checkpointing import load_module
     from megatron_puffin.training.validation import build_validation_loader, validation_micro_batches
 
     cwd = os.getcwd()
@@ -46,7 +47,7 @@ def _reference_losses(workdir, checkpoint, camera_samples=3):
         args = parse_args([*COMMON, *VALID, "--micro-batch-size", "2", "--eval-interval", "1"])
         tokenizer = PuffinTokenizer(args.data.tokenizer)
         args.model.image_pad_token_id = tokenizer.image_pad_id
-        model = build_puffin(PuffinConfig.from_args(args), pg_collection=mpd.process_groups())
+        model = build_puffin(puffin_config(args), pg_collection=mpd.process_groups())
         load_module(model, str(checkpoint))
         model.eval()
         loader = iter(build_validation_loader(args, tokenizer, 0, 1))

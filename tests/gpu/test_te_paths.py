@@ -79,7 +79,7 @@ def _weights(model):
 
 @needs_te
 def test_checkpoints_round_trip_across_implementations(data, gpu_world, tmp_path):
-    from megatron_puffin.training.checkpointing import load_model_checkpoint, save_checkpoint
+    from megatron_puffin.checkpointing import load_model_checkpoint, save_checkpoint
 
     local = _model(data, "local")
     save_checkpoint(local.sharded_state_dict(), str(tmp_path / "local"))
@@ -103,7 +103,7 @@ def test_checkpoints_round_trip_across_implementations(data, gpu_world, tmp_path
 
 @needs_te
 def test_te_matches_local_on_padded_mixed_size_micro_batches(data, gpu_world, tmp_path):
-    from megatron_puffin.training.checkpointing import load_model_checkpoint, save_checkpoint
+    from megatron_puffin.checkpointing import load_model_checkpoint, save_checkpoint
 
     local = _model(data, "local")
     save_checkpoint(local.sharded_state_dict(), str(tmp_path / "weights"))

@@ -39,12 +39,13 @@ def build_tiny_model(paths: Dict[str, str], *extra: str, pre_process: bool = Tru
     informative weights (TP=1, PP=1 only: other layouts get theirs from a checkpoint). Returns (model, args)."""
     from megatron_puffin.config import parse_args
     from megatron_puffin.data import PuffinTokenizer
-    from megatron_puffin.models.puffin import PuffinConfig, build_puffin
+    from megatron_puffin.config.model import puffin_config
+    from megatron_puffin.models.puffin import build_puffin
 
     args = parse_args(tiny_flags(paths, *extra), validate=False)
     args.model.image_pad_token_id = PuffinTokenizer(paths["tokenizer"]).image_pad_id
     torch.manual_seed(0)
-    model = build_puffin(PuffinConfig.from_args(args), pre_process=pre_process, post_process=post_process,
+    model = build_puffin(puffin_config(args), pre_process=pre_process, post_process=post_process,
                          pg_collection=process_groups())
     if pre_process and post_process:
         informative_weights(model)
@@ -54,7 +55,7 @@ def build_tiny_model(paths: Dict[str, str], *extra: str, pre_process: bool = Tru
 def save_model_checkpoint(model, args, directory: Path, iteration: int = 1) -> Path:
     """``model`` as a whole-model checkpoint with the sidecar training writes (collective)."""
     from megatron_puffin.data import PuffinTokenizer
-    from megatron_puffin.training.checkpointing import save_checkpoint
+    from megatron_puffin.checkpointing import save_checkpoint
 
     metadata = {"kind": "puffin", "iteration": iteration, "towers": ["llm", "vision", "queries", "dit"],
                 "args": args.to_dict(), "tokenizer": PuffinTokenizer(args.data.tokenizer).identity()}

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import megatron_puffin.distributed as mpd
-from megatron_puffin.training import checkpoint_safety as safety
-from megatron_puffin.training import checkpointing as ckpt
-from megatron_puffin.training.checkpoint_safety import CheckpointError
+from megatron_puffin import checkpoint_safety as safety
+from megatron_puffin import checkpointing as ckpt
+from megatron_puffin.checkpoint_safety import CheckpointError
 
 
 class CreatesFile:

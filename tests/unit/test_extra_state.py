@@ -12,7 +12,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 import megatron_puffin.distributed as mpd
 from megatron_puffin.models.extra_state import StateDictMismatch, is_extra_state_key, load_model_state
-from megatron_puffin.training.checkpointing import CheckpointMismatch, load_model_checkpoint, save_checkpoint
+from megatron_puffin.checkpointing import CheckpointMismatch, load_model_checkpoint, save_checkpoint
 
 
 class ExtraStateLinear(torch.nn.Linear):

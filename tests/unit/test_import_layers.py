@@ -102,7 +102,11 @@ def test_the_cycle_finder_finds_a_loop():
     ("megatron_puffin.config", "megatron_puffin.training"),
     ("megatron_puffin.config", "megatron_puffin.inference"),
     ("megatron_puffin.models", "megatron_puffin.training"),
+    ("megatron_puffin.models", "megatron_puffin.config"),  # flags -> model config: megatron_puffin.config.model
     ("megatron_puffin.data", "megatron_puffin.training"),
+    ("megatron_puffin.inference", "megatron_puffin.training"),  # checkpoints load through megatron_puffin.checkpointing
+    ("megatron_puffin.convert", "megatron_puffin.training"),
+    ("megatron_puffin.checkpointing", "megatron_puffin.training"),
     ("megatron_puffin.distributed", "megatron_puffin.platform"),
     ("megatron_puffin.training", "megatron_puffin.platform"),
 ])

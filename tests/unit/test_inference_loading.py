@@ -16,7 +16,7 @@ def setup(tmp_path_factory):
     mpd.initialize(seed=0)
     model, args = build_tiny_model(paths)
     save_model_checkpoint(model, args, root / "run" / "iter_0000003", iteration=3)
-    from megatron_puffin.training.checkpointing import save_checkpoint
+    from megatron_puffin.checkpointing import save_checkpoint
 
     # the LLM tower alone, as hf-to-mcore writes it (for --llm-checkpoint)
     save_checkpoint(model.llm.sharded_state_dict(), str(root / "llm_only"), metadata={"kind": "llm"})

@@ -3,11 +3,11 @@ units, conversion) agrees with it, and a freeze flag added to the model config w
 import dataclasses
 import importlib
 
+from megatron_puffin.models.puffin import CHECKPOINT_MODULES
 from megatron_puffin.models.puffin_config import PuffinModelConfig
 from megatron_puffin.training import layout, resume
 from megatron_puffin.training.towers import (
     BY_NAME,
-    CHECKPOINT_MODULES,
     CHECKPOINT_TOWERS,
     TOWER_NAMES,
     TOWERS,
@@ -20,6 +20,9 @@ def test_names_are_unique_and_checkpoint_units_keep_their_metadata_names():
     # puffin_meta.json "towers" of every checkpoint written so far: these names and module prefixes must not change.
     assert CHECKPOINT_TOWERS == ("llm", "vision", "queries", "dit")
     assert CHECKPOINT_MODULES == {"llm": "llm", "vision": "vision", "queries": "conditioner", "dit": "dit"}
+    assert tuple(CHECKPOINT_MODULES) == CHECKPOINT_TOWERS
+    # every row of a unit lives in the model submodule the unit's checkpoint keys start with
+    assert all(spec.module.split(".")[0] == CHECKPOINT_MODULES[spec.checkpoint] for spec in TOWERS if spec.checkpoint)
 
 
 def test_every_freeze_flag_of_the_model_config_has_its_tower():

@@ -197,7 +197,7 @@ def install() -> None:
 
     megatron-core 0.16.1 builds its reader in ``strategies.torch._get_filesystem_reader`` (for ``load``,
     ``load_tensors_metadata`` and ``load_sharded_metadata``) and takes no reader argument, so this one function is
-    replaced. Idempotent; called by every load in :mod:`megatron_puffin.training.checkpointing`."""
+    replaced. Idempotent; called by every load in :mod:`megatron_puffin.checkpointing`."""
     from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
 
     if mcore_torch.MultiStorageClientFeature.is_enabled():

@@ -4,7 +4,7 @@ A checkpoint is written into ``<dir>.tmp`` by all ranks; after a barrier rank 0 
 (``puffin_meta.json``: resolved flags and stage lineage) and the integrity manifest (``puffin_manifest.json``: size
 and SHA-256 of every file) and renames it to ``<dir>``, so an interrupted write never looks like a complete
 checkpoint. Loading verifies the manifest and reads every pickled part through
-:mod:`megatron_puffin.training.checkpoint_safety` (no code runs from a checkpoint).
+:mod:`megatron_puffin.checkpoint_safety` (no code runs from a checkpoint).
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_puffin import checkpoint_safety as safety
+from megatron_puffin.checkpoint_safety import CheckpointError
 from megatron_puffin.files import is_whole_number, read_json_object
-from megatron_puffin.training import checkpoint_safety as safety
-from megatron_puffin.training.checkpoint_safety import CheckpointError
 from megatron_puffin.models.extra_state import (
     absent_tensors,
     drop_absent_extra_state,
@@ -412,14 +412,31 @@ def check_fits(sharded_state_dict: Dict[str, Any], directory: str, what: str) ->
     )
 
 
+def as_model_dtensors(module: torch.nn.Module, state_dict):
+    """A loaded model state dict whose entries for FSDP2 (DTensor) parameters are DTensors laid out like them.
+
+    megatron-core's dist-checkpoint load returns each DTensor parameter's *local shard* as a plain tensor (the
+    checkpoint's sharded tensors are built from ``_local_tensor``); ``load_state_dict`` can only copy a DTensor into
+    a DTensor parameter. Other entries (and every entry without --use-torch-fsdp2) are returned unchanged.
+    """
+    from torch.distributed.tensor import DTensor
+
+    targets = module.state_dict(keep_vars=True)
+    converted = dict(state_dict)
+    for key, value in state_dict.items():
+        target = targets.get(key)
+        if isinstance(target, DTensor) and torch.is_tensor(value) and not isinstance(value, DTensor):
+            converted[key] = DTensor.from_local(value, target.device_mesh, target.placements, run_check=False,
+                                                shape=target.shape, stride=target.stride())
+    return converted
+
+
 def load_module(module: torch.nn.Module, directory: str, prefix: str = "", what: str = "checkpoint") -> None:
     """Load one module (a whole model or a tower) from a distributed checkpoint whose keys carry ``prefix``.
 
     With ``--use-torch-fsdp2`` the module's parameters are DTensors: the load fills each one's local shard (the
     sharded state dict is built without grad mode, as for a resume) and hands ``load_state_dict`` DTensors laid out
-    like them (:func:`~megatron_puffin.training.data_parallel.as_model_dtensors`)."""
-    from megatron_puffin.training.data_parallel import as_model_dtensors
-
+    like them (:func:`as_model_dtensors`)."""
     with torch.no_grad():
         sharded = module.sharded_state_dict(prefix=prefix)
         check_fits(sharded, directory, what)
