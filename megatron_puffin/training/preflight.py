@@ -181,6 +181,8 @@ def check_checkpoint_tokenizer(args: PuffinArguments) -> List[str]:
     given (the record its ``puffin_meta.json`` holds, :meth:`~megatron_puffin.data.tokenizer.PuffinTokenizer.
     identity`): the same sizes with another vocabulary pass every shape check and train the embedding rows of one
     word as another's. A tokenizer that does not load or does not fit --vocab-size is the flag checks' to report."""
+    if args.dry_run:
+        return []
     records = [(flag, directory, meta["tokenizer"]) for flag, directory, _, meta in _checkpoint_metadata(args)
                if flag in ("--load", "--pretrained-checkpoint") and "llm" in meta.get("towers", [])
                and isinstance(meta.get("tokenizer"), dict)]
