@@ -49,6 +49,7 @@ from megatron_puffin.training.data_parallel import (
     restore_dtensor_optimizer_states,
 )
 from megatron_puffin.training.metrics import Interval, MetricsWriter, Report, peak_memory_gib
+from megatron_puffin.training.preflight import check_checkpoints
 from megatron_puffin.training.resume import fsdp2_records_metadata, samples_per_step
 from megatron_puffin.training.step import stream_task
 from megatron_puffin.training.towers import CHECKPOINT_TOWERS, freeze_towers, trainable_towers
@@ -140,10 +141,11 @@ class StopFlag:
 class Trainer:
     """Everything one rank holds for a run; :meth:`train` runs it (see the module docstring).
 
-    ``args`` come checked by :func:`megatron_puffin.training.preflight.validate_run` (``pretrain_puffin.py``:
-    :func:`~megatron_puffin.training.preflight.parse_run_args`), which also keeps a resumed checkpoint's global batch
-    when the flags set none; flags parsed by :func:`megatron_puffin.config.parse_args` alone lack the checks of the
-    checkpoints they name."""
+    ``args`` come checked by :func:`megatron_puffin.config.parse_args` at least. The checks of the checkpoints they
+    name (:func:`megatron_puffin.training.preflight.check_checkpoints`, which also keeps a resumed checkpoint's global
+    batch when the flags set none) run here again, before any process group: ``pretrain_puffin.py`` ran them with the
+    flags' (:func:`~megatron_puffin.training.preflight.parse_run_args`), a program that parsed its flags itself has
+    not."""
 
     def __init__(self, args: PuffinArguments) -> None:
         from megatron.core.distributed import finalize_model_grads
@@ -157,6 +159,7 @@ class Trainer:
         from megatron_puffin.training.wgrad_accumulation import enable_gradient_accumulation_fusion
         from megatron_puffin.training.optimizer import build_optimizer
 
+        check_checkpoints(args)  # a ConfigError, before the process groups
         self.args = args
         self.start_time = time.time()
         training, parallel = args.training, args.parallel

@@ -212,6 +212,13 @@ def validate_run(args: PuffinArguments) -> None:
     validate_args(args, [*VALIDATORS, *CHECKPOINT_CHECKS])
 
 
+def check_checkpoints(args: PuffinArguments) -> None:
+    """The checks of the checkpoints ``args`` name (:data:`CHECKPOINT_CHECKS`) alone; raise one
+    :class:`~megatron_puffin.config.ConfigError` if there is any problem. The trainer runs them whatever parsed its
+    flags: :func:`megatron_puffin.config.parse_args` does not read checkpoints."""
+    validate_args(args, CHECKPOINT_CHECKS)
+
+
 def parse_run_args(argv: Optional[Sequence[str]] = None) -> PuffinArguments:
     """Parse ``argv`` (default ``sys.argv[1:]``) as ``pretrain_puffin.py`` does, then :func:`validate_run`."""
     args = parse_args(argv, validate=False)

@@ -136,6 +136,13 @@ def test_startup_decisions(workdir, monkeypatch, capsys):
     # the fix it names: each stream's micro-batch size halved (2 -> 1), after which the batch is kept
     assert "MICRO_BATCH_SIZE x 1/2 where they are set (image2text:tiny/data/main:1, cam2image:tiny/data/main:1)" \
         in str(refused.value) and "set --global-batch-size 8" in str(refused.value)
+    # A program that parses its flags with config.parse_args (which reads no checkpoint) and builds the trainer gets
+    # the same refusal from the trainer, before any process group.
+    from megatron_puffin.config import parse_args
+    from megatron_puffin.training.loop import Trainer
+
+    with pytest.raises(ConfigError, match="was trained with 4 samples per optimizer step; this run's flags give 8"):
+        Trainer(parse_args([*FLAGS, *MBS2, "--load", str(run)]))
 
 
 def test_moved_data_resumes_and_a_dataset_of_another_size_is_one_line(workdir):
