@@ -12,7 +12,7 @@ from typing import Iterator, List, Optional, Tuple, TYPE_CHECKING
 from megatron_puffin.files import folder_problem, read_json_object
 from megatron_puffin.models.vae_config import load_vae_config, vae_downsample_factor
 
-if TYPE_CHECKING:  # for annotations only (arguments.py imports validate.py, which imports this module)
+if TYPE_CHECKING:  # for annotations only
     from megatron_puffin.config.arguments import PuffinArguments
     from megatron_puffin.data.config import TaskStreamSpec
     from megatron_puffin.data.tokenizer import PuffinTokenizer
