@@ -4,7 +4,7 @@ validation while training."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from megatron_puffin.models.fp8 import FP8_TOWERS
 
@@ -150,6 +150,12 @@ class CheckpointConfig:
     """On --load, apply this run's learning-rate schedule flags (--lr, --min-lr, warm-up, decay style and
     length, --weight-decay) from the checkpoint's step on; without it a schedule that differs from the
     checkpoint's is refused."""
+
+    def weight_sources(self) -> List[Tuple[str, Optional[str]]]:
+        """(flag, path) of every checkpoint a run may start its weights from, unset ones included:
+        --pretrained-checkpoint, then the tower checkpoints."""
+        return [("--pretrained-checkpoint", self.pretrained_checkpoint), ("--llm-checkpoint", self.llm_checkpoint),
+                ("--vision-checkpoint", self.vision_checkpoint), ("--dit-checkpoint", self.dit_checkpoint)]
 
 
 @dataclass

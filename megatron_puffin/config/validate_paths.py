@@ -51,9 +51,7 @@ def check_input_checkpoints(args: PuffinArguments) -> List[str]:
     if args.dry_run:
         return []
     ckpt, problems = args.checkpoint, []
-    for flag, path in (("--llm-checkpoint", ckpt.llm_checkpoint), ("--vision-checkpoint", ckpt.vision_checkpoint),
-                       ("--dit-checkpoint", ckpt.dit_checkpoint), ("--pretrained-checkpoint",
-                                                                   ckpt.pretrained_checkpoint)):
+    for flag, path in ckpt.weight_sources():
         if not path:
             continue
         directory = Path(path)
@@ -156,7 +154,7 @@ def _present_streams(args: PuffinArguments) -> Iterator[Tuple[str, TaskStreamSpe
 def check_tokenizer(args: PuffinArguments) -> List[str]:
     """--tokenizer loads, --vocab-size holds its vocabulary (else token ids overflow the embedding) and the fixed part
     of every stream's prompts. Whether the checkpoints this run continues were trained with it is
-    :func:`megatron_puffin.training.preflight.check_checkpoint_tokenizer`'s question."""
+    :func:`megatron_puffin.training.preflight.check_checkpoint_contents`' question."""
     tokenizer, problems = flag_tokenizer(args)
     if tokenizer is None:
         return problems

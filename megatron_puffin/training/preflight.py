@@ -109,10 +109,7 @@ def _checkpoint_sources(args: PuffinArguments) -> List[Tuple[str, str, bool]]:
             sources.append(("--load", resumed, True))
     except CheckpointError:
         pass
-    for flag, path in (("--pretrained-checkpoint", ckpt_args.pretrained_checkpoint),
-                       ("--llm-checkpoint", ckpt_args.llm_checkpoint),
-                       ("--vision-checkpoint", ckpt_args.vision_checkpoint),
-                       ("--dit-checkpoint", ckpt_args.dit_checkpoint)):
+    for flag, path in ckpt_args.weight_sources():
         if not path or not Path(path).is_dir():
             continue
         try:
@@ -160,30 +157,31 @@ def _kind_problem(args: PuffinArguments, flag: str, directory: str, meta: Dict[s
             "pretrain_puffin.py checkpoint or one tools/convert_checkpoint.py wrote")
 
 
-def check_checkpoint_shapes(args: PuffinArguments) -> List[str]:
+def check_checkpoint_contents(args: PuffinArguments) -> List[str]:
     """Every checkpoint the run loads (--load, --pretrained-checkpoint, the tower checkpoints) is of the kind its flag
     loads (:func:`_kind_problem`: a converted LLM given as --dit-checkpoint was loaded into nothing when
-    --pretrained-checkpoint supplied the DiT, else failed on its tensors after the process groups started) and holds
-    towers of the shape the flags give, compared through its ``puffin_meta.json``, before any process group exists;
-    the tensors themselves are compared again when they load."""
+    --pretrained-checkpoint supplied the DiT, else failed on its tensors after the process groups started), holds
+    towers of the shape the flags give and was trained with the --tokenizer given (:func:`_tokenizer_problems`), all
+    read from its ``puffin_meta.json`` in one pass before any process group exists; the tensors themselves are
+    compared again when they load."""
     if args.dry_run:
         return []
+    found = _checkpoint_metadata(args)
     problems: List[str] = []
-    for flag, directory, need_all_towers, meta in _checkpoint_metadata(args):
+    for flag, directory, need_all_towers, meta in found:
         kind_problem = _kind_problem(args, flag, directory, meta)
         problems += [kind_problem] if kind_problem else checkpoint_shape_problems(args, flag, directory, meta,
                                                                                   need_all_towers)
-    return problems
+    return problems + _tokenizer_problems(args, found)
 
 
-def check_checkpoint_tokenizer(args: PuffinArguments) -> List[str]:
-    """A checkpoint whose LLM this run continues (--load, --pretrained-checkpoint) was trained with the --tokenizer
-    given (the record its ``puffin_meta.json`` holds, :meth:`~megatron_puffin.data.tokenizer.PuffinTokenizer.
-    identity`): the same sizes with another vocabulary pass every shape check and train the embedding rows of one
-    word as another's. A tokenizer that does not load or does not fit --vocab-size is the flag checks' to report."""
-    if args.dry_run:
-        return []
-    records = [(flag, directory, meta["tokenizer"]) for flag, directory, _, meta in _checkpoint_metadata(args)
+def _tokenizer_problems(args: PuffinArguments, found: List[Tuple[str, str, bool, Dict[str, Any]]]) -> List[str]:
+    """A checkpoint among ``found`` whose LLM this run continues (--load, --pretrained-checkpoint) was trained with
+    the --tokenizer given (the record its ``puffin_meta.json`` holds, :meth:`~megatron_puffin.data.tokenizer.
+    PuffinTokenizer.identity`): the same sizes with another vocabulary pass every shape check and train the embedding
+    rows of one word as another's. A tokenizer that does not load or does not fit --vocab-size is the flag checks'
+    to report."""
+    records = [(flag, directory, meta["tokenizer"]) for flag, directory, _, meta in found
                if flag in ("--load", "--pretrained-checkpoint") and "llm" in meta.get("towers", [])
                and isinstance(meta.get("tokenizer"), dict)]
     if not records:
@@ -201,7 +199,7 @@ def check_checkpoint_tokenizer(args: PuffinArguments) -> List[str]:
     return problems
 
 
-CHECKPOINT_CHECKS = [check_checkpoint_shapes, check_checkpoint_tokenizer, startup_problems]
+CHECKPOINT_CHECKS = [check_checkpoint_contents, startup_problems]
 """The checks of the checkpoints a run reads, after the flags' own (:data:`~megatron_puffin.config.validate.
 VALIDATORS`)."""
 

@@ -254,10 +254,7 @@ def data_problems(args: PuffinArguments, stored: Dict[str, Any], directory: str)
 def source_problems(args: PuffinArguments) -> List[str]:
     """--pretrained-checkpoint and the per-tower base checkpoints exist and are undamaged (cheap checks)."""
     ckpt_args, problems = args.checkpoint, []
-    for flag, path in (("--pretrained-checkpoint", ckpt_args.pretrained_checkpoint),
-                       ("--llm-checkpoint", ckpt_args.llm_checkpoint),
-                       ("--vision-checkpoint", ckpt_args.vision_checkpoint),
-                       ("--dit-checkpoint", ckpt_args.dit_checkpoint)):
+    for flag, path in ckpt_args.weight_sources():
         if not path:
             continue
         if not os.path.isdir(path):  # a missing path or a file: config.validate_paths names it (once)
@@ -295,7 +292,7 @@ def startup_problems(args: PuffinArguments) -> List[str]:
         meta = ckpt.read_metadata(resumed) or {}
     except CheckpointError as error:
         return problems + [str(error)]
-    if meta.get("kind") not in (None, "puffin"):  # a converted tower: check_checkpoint_shapes names it
+    if meta.get("kind") not in (None, "puffin"):  # a converted tower: check_checkpoint_contents names it
         return problems
     if "imported" in meta:  # puffin-to-mcore output: weights only, nothing of a run to resume
         return problems + [f"--load {resumed} was imported from {meta['imported'].get('source')} (puffin-to-mcore): "
