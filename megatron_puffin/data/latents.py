@@ -11,6 +11,10 @@ Three extra fields, aligned by sample index with the shard's own (:data:`LATENT_
 as the collator does). Each sample's entry is its moments ``[2, C, h, w]`` flattened (mean then std), empty where
 the source is absent; ``latent_shape`` holds ``(h, w)`` of each of the three per sample (0, 0 when absent).
 bf16/fp16 values are stored as their 16-bit patterns (megatron-core's ``IndexedDataset`` has no 16-bit float).
+``latent_crc`` holds, per sample, one CRC-32 per latent field over its ``(h, w)`` and its stored bytes
+(:func:`latent_checksum`): training recomputes it for every moment it reads, so damaged bytes that keep the file's
+size (a flipped bit, a bad sector) make a bad sample, counted and skipped, instead of silently wrong latents.
+Latents cached before the checksums existed have no ``latent_crc`` and are read unchecked (with a warning).
 
 The manifest gains a ``latents`` entry: storage dtype, latent channels, the resolution they were computed at
 (``--image-size`` / ``--image-size-unit``) and the VAE's identity (its config and a SHA-256 of its weights).
@@ -23,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -45,6 +50,8 @@ logger = logging.getLogger(__name__)
 LATENT_FIELDS: Dict[str, str] = {"latent_image": "image", "latent_init": "image_init", "latent_camera": "camera"}
 """Latent field -> the shard field it encodes."""
 SHAPE_FIELD = "latent_shape"
+CRC_FIELD = "latent_crc"
+"""Per sample, the :func:`latent_checksum` of each of :data:`LATENT_FIELDS` (int64, in that order)."""
 BATCH_KEYS: Dict[str, str] = {"latent_image": "target_moments", "latent_init": "init_moments",
                               "latent_camera": "camera_moments"}
 """Latent field -> the micro-batch key the collator fills (``[B, 2, C, h, w]`` or a list)."""
@@ -104,6 +111,14 @@ def _from_storage(values: np.ndarray, dtype: str) -> torch.Tensor:
         return torch.from_numpy(np.array(values, dtype=np.float32))
     bits = torch.from_numpy(np.array(values, dtype=np.uint16).view(np.int16))
     return bits.view(STORAGE_DTYPES[dtype]).float()
+
+
+def latent_checksum(height: int, width: int, payload: np.ndarray) -> int:
+    """CRC-32 of one stored latent entry: its ``(h, w)`` as two int32 followed by its stored bytes (so a damaged
+    shape that keeps the element count is caught too; 0 for an absent source, ``(0, 0)`` and no bytes, is just the
+    CRC of eight zero bytes)."""
+    return zlib.crc32(np.ascontiguousarray(payload).view(np.uint8),
+                      zlib.crc32(np.array([height, width], dtype=np.int32).tobytes()))
 
 
 def _sources(sample: Mapping[str, Any], image_size: int, image_unit: int) -> Dict[str, Optional[torch.Tensor]]:
@@ -168,6 +183,9 @@ def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit
     if existing is not None:
         problem = _entry_problem(existing)
         if problem is None and _same_entry(existing, entry):
+            if CRC_FIELD not in existing["fields"]:
+                logger.warning("%s holds these latents without checksums (cached by an older version); "
+                               "--overwrite re-caches them with checksums", shard_dir)
             return "skipped"
         if not overwrite:
             what = f"a malformed latents entry ({problem})" if problem is not None \
@@ -178,7 +196,7 @@ def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit
     if existing is not None:
         del manifest["latents"]
         _write_manifest(shard_dir, manifest)
-    for name in [*LATENT_FIELDS, SHAPE_FIELD]:
+    for name in [*LATENT_FIELDS, SHAPE_FIELD, CRC_FIELD]:
         for suffix in (".bin", ".idx"):
             os.replace(shard_dir / f"{name}.tmp{suffix}", shard_dir / f"{name}{suffix}")
     manifest["latents"] = dict(entry, fields={name: {"num_bytes": count} for name, count in num_bytes.items()})
@@ -196,8 +214,10 @@ def _write_latent_fields(shard_dir: Path, dataset: PuffinDataset, vae, image_siz
                                             dtype=np.float32 if dtype == "float32" else np.uint16)
                 for name in LATENT_FIELDS}
     shapes = IndexedDatasetBuilder(get_bin_path(str(shard_dir / f"{SHAPE_FIELD}.tmp")), dtype=np.int32)
+    checksums = IndexedDatasetBuilder(get_bin_path(str(shard_dir / f"{CRC_FIELD}.tmp")), dtype=np.int64)
+    per_sample = {SHAPE_FIELD: shapes, CRC_FIELD: checksums}
     try:
-        num_bytes = {name: 0 for name in [*LATENT_FIELDS, SHAPE_FIELD]}
+        num_bytes = {name: 0 for name in [*LATENT_FIELDS, *per_sample]}
         for start in range(0, len(dataset), batch_size):
             stop = min(start + batch_size, len(dataset))
             samples = [_sources_or_none(shard_dir, dataset, i, image_size, image_unit, bad_samples)
@@ -207,7 +227,7 @@ def _write_latent_fields(shard_dir: Path, dataset: PuffinDataset, vae, image_siz
                 present = [i for i, sample in enumerate(samples) if sample[name] is not None]
                 encoded[name] = dict(zip(present, _encode(vae, [samples[i][name] for i in present])))
             for i in range(len(samples)):
-                shape = []
+                shape, crcs = [], []
                 for name, builder in builders.items():
                     moments = encoded[name].get(i)
                     payload = _to_storage(moments, dtype) if moments is not None else np.zeros(0, builder.dtype)
@@ -215,19 +235,21 @@ def _write_latent_fields(shard_dir: Path, dataset: PuffinDataset, vae, image_siz
                     builder.end_document()
                     num_bytes[name] += payload.nbytes
                     shape += list(moments.shape[-2:]) if moments is not None else [0, 0]
-                payload = np.array(shape, dtype=np.int32)
-                shapes.add_item(torch.from_numpy(payload))
-                shapes.end_document()
-                num_bytes[SHAPE_FIELD] += payload.nbytes
-        for name, builder in [*builders.items(), (SHAPE_FIELD, shapes)]:
+                    crcs.append(latent_checksum(*shape[-2:], payload))
+                for name, payload in ((SHAPE_FIELD, np.array(shape, dtype=np.int32)),
+                                      (CRC_FIELD, np.array(crcs, dtype=np.int64))):
+                    per_sample[name].add_item(torch.from_numpy(payload))
+                    per_sample[name].end_document()
+                    num_bytes[name] += payload.nbytes
+        for name, builder in [*builders.items(), *per_sample.items()]:
             builder.finalize(get_idx_path(str(shard_dir / f"{name}.tmp")))
     except BaseException:  # a full disk, Ctrl-C: no half-written field stays beside the shard (a re-run redoes it)
-        for builder in [*builders.values(), shapes]:
+        for builder in [*builders.values(), *per_sample.values()]:
             try:
                 builder.data_file.close()
             except OSError:  # flushing its buffer into the full disk: the file goes anyway
                 pass
-        for name in [*builders, SHAPE_FIELD]:
+        for name in [*builders, *per_sample]:
             for suffix in (".bin", ".idx"):
                 Path(shard_dir / f"{name}.tmp{suffix}").unlink(missing_ok=True)
         raise
@@ -285,6 +307,11 @@ class LatentCache:
         self._pid: Optional[int] = None
         for shard in dataset.shards:
             check_latent_manifest(shard.manifest, shard.dir, vae, image_size, image_unit, what)
+        unchecked = [shard.dir for shard in dataset.shards if CRC_FIELD not in shard.manifest["latents"]["fields"]]
+        if unchecked:
+            logger.warning("--cached-latents: %s: %d shard(s) hold latents cached without checksums (e.g. %s): damaged "
+                           "bytes there cannot be told from good ones; tools/cache_latents.py --overwrite re-caches "
+                           "them with checksums", what, len(unchecked), unchecked[0])
 
     def _shard_fields(self, shard) -> Dict[str, MappedField]:
         if self._pid != os.getpid():  # memory maps are reopened after a fork (DataLoader workers)
@@ -293,7 +320,7 @@ class LatentCache:
         if key not in self._fields:
             sizes = shard.manifest["latents"]["fields"]
             self._fields[key] = {name: reopen_field(shard.dir, name, sizes[name]["num_bytes"], shard.num_samples)
-                                 for name in [*LATENT_FIELDS, SHAPE_FIELD]}
+                                 for name in stored_fields(shard.manifest["latents"])}
         return self._fields[key]
 
     def __getstate__(self):
@@ -313,15 +340,23 @@ class LatentCache:
         if len(shape) != 2 * len(LATENT_FIELDS) or min(shape) < 0:
             raise ValueError(f"cached latents of shard {shard.dir} index {local}: latent_shape holds {shape}, not "
                              f"{len(LATENT_FIELDS)} (height, width) pairs; re-run tools/cache_latents.py --overwrite")
+        checksums = fields[CRC_FIELD][local].tolist() if CRC_FIELD in fields else None
+        if checksums is not None and len(checksums) != len(LATENT_FIELDS):
+            raise ValueError(f"cached latents of shard {shard.dir} index {local}: {CRC_FIELD} holds {len(checksums)} "
+                             f"checksums, not {len(LATENT_FIELDS)}; re-run tools/cache_latents.py --overwrite")
         result = {}
         for slot, name in enumerate(LATENT_FIELDS):
             height, width = shape[2 * slot], shape[2 * slot + 1]
             if height and BATCH_KEYS[name] in keys:
-                values = _from_storage(fields[name][local], entry["dtype"])
+                stored = fields[name][local]
+                values = _from_storage(stored, entry["dtype"])
                 expected = 2 * entry["latent_channels"] * height * width
+                where = f"cached latents of shard {shard.dir} index {local}: {name}"
                 if values.numel() != expected:
-                    raise ValueError(f"cached latents of shard {shard.dir} index {local}: {name} holds {values.numel()} "
-                                     f"values, latent_shape says {height}x{width} ({expected}); re-run "
+                    raise ValueError(f"{where} holds {values.numel()} values, latent_shape says {height}x{width} "
+                                     f"({expected}); re-run tools/cache_latents.py --overwrite")
+                if checksums is not None and latent_checksum(height, width, stored) != checksums[slot]:
+                    raise ValueError(f"{where}: its bytes do not match their stored CRC-32 (damaged on disk); re-run "
                                      "tools/cache_latents.py --overwrite")
                 result[BATCH_KEYS[name]] = values.reshape(2, entry["latent_channels"], height, width)
         return result
@@ -346,11 +381,18 @@ def _entry_problem(entry: Any) -> Optional[str]:
         return f"latent_channels {entry['latent_channels']} differs from its VAE config's " \
                f"{vae['config']['latent_channels']}"
     fields = entry.get("fields")
-    for name in [*LATENT_FIELDS, SHAPE_FIELD]:
+    optional = [CRC_FIELD] if isinstance(fields, dict) and CRC_FIELD in fields else []
+    for name in [*LATENT_FIELDS, SHAPE_FIELD, *optional]:
         if not isinstance(fields, dict) or not isinstance(fields.get(name), dict) \
                 or not is_whole_number(fields[name].get("num_bytes")):
             return f"fields.{name}.num_bytes is missing or not a whole number"
     return None
+
+
+def stored_fields(entry: Mapping[str, Any]) -> List[str]:
+    """The files of a well-formed latents entry: :data:`LATENT_FIELDS`, :data:`SHAPE_FIELD` and, unless the latents
+    were cached before checksums existed, :data:`CRC_FIELD`."""
+    return [*LATENT_FIELDS, SHAPE_FIELD, *([CRC_FIELD] if CRC_FIELD in entry["fields"] else [])]
 
 
 def _field_file_problem(shard_dir: Path, name: str, num_bytes: int) -> Optional[str]:
@@ -378,7 +420,7 @@ def check_latent_manifest(manifest: Mapping[str, Any], shard_dir: Path, vae: Opt
         raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir}: the latents entry of its "
                                f"{MANIFEST_NAME} is malformed ({problem}); re-run tools/cache_latents.py "
                                f"--data {shard_dir} --overwrite with the training VAE")
-    for name in [*LATENT_FIELDS, SHAPE_FIELD]:
+    for name in stored_fields(entry):
         problem = _field_file_problem(Path(shard_dir), name, entry["fields"][name]["num_bytes"])
         if problem is not None:
             raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir}: {problem}; re-run "

@@ -4,12 +4,15 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 import megatron_puffin.distributed as mpd
 from helpers.faults import file_size_limit_in_child
 from helpers.puffin import IMAGE_SIZE, NUM_QUERIES, ROOT, TASK_STREAMS, make_tiny_dataset, tiny_puffin_config
+from megatron_puffin.data.format import PuffinDataset
+from megatron_puffin.data.latents import CRC_FIELD, LATENT_FIELDS, SHAPE_FIELD
 from megatron_puffin.training.objectives import puffin_loss
 
 GENERATION = ("text2image", "cam2image", "image2image")
@@ -106,7 +109,7 @@ def test_another_vae_or_resolution_is_a_clear_error(cached, tmp_path):
         build_data_loader(config, seed=0, num_query_tokens=NUM_QUERIES)
     bare = tmp_path / "bare"
     shutil.copytree(f"{paths['data']}/main/shard-00000", bare)
-    for name in ("latent_image", "latent_init", "latent_camera", "latent_shape"):
+    for name in (*LATENT_FIELDS, SHAPE_FIELD, CRC_FIELD):
         for suffix in (".bin", ".idx"):
             (bare / f"{name}{suffix}").unlink()
     (bare / "manifest.json").write_text((bare / "manifest.json").read_text().replace('"latents"', '"old_latents"'))
@@ -125,6 +128,8 @@ MALFORMED_ENTRIES = [  # (how the hand-edited latents entry changes, what the on
     (lambda entry: {k: v for k, v in entry.items() if k != "fields"}, "fields.latent_image.num_bytes is missing"),
     (lambda entry: dict(entry, fields=dict(entry["fields"], latent_shape={"num_bytes": -1})),
      "fields.latent_shape.num_bytes is missing or not a whole number"),
+    (lambda entry: dict(entry, fields=dict(entry["fields"], latent_crc=7)),
+     "fields.latent_crc.num_bytes is missing or not a whole number"),
 ]
 
 
@@ -352,11 +357,35 @@ def test_sixteen_bit_storage_round_trips_the_cast():
         assert torch.equal(restored, moments.to(torch_dtype).float()), dtype
 
 
-def test_damaged_latent_shapes_make_a_bad_sample_not_a_crash(cached, tmp_path, caplog):
-    """A sample whose stored latent shape disagrees with its stored values (damaged bytes of the same size) is
-    counted and skipped like an image that does not decode (was a reshape RuntimeError inside the loader)."""
-    import numpy as np
+def _damage_shape_count(shard):
+    shapes = np.fromfile(shard / "latent_shape.bin", dtype=np.int32)
+    shapes[0] += 1  # the first sample's target height: the values no longer fill the shape
+    shapes.tofile(shard / "latent_shape.bin")
 
+
+def _damage_shape_same_count(shard):
+    shapes = np.fromfile(shard / "latent_shape.bin", dtype=np.int32)
+    assert shapes[1] % 2 == 0
+    shapes[0], shapes[1] = shapes[0] * 2, shapes[1] // 2  # the same number of values in another shape
+    shapes.tofile(shard / "latent_shape.bin")
+
+
+def _damage_one_bit(shard):
+    values = bytearray((shard / "latent_image.bin").read_bytes())
+    values[5] ^= 0x10  # one bit of the first sample's target moments; the file keeps its size
+    (shard / "latent_image.bin").write_bytes(bytes(values))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_damage_shape_count, "latent_shape says"),
+    (_damage_shape_same_count, "do not match their stored CRC-32"),
+    (_damage_one_bit, "do not match their stored CRC-32"),
+], ids=["shape", "shape-same-count", "one-bit"])
+def test_damaged_latents_make_a_bad_sample_not_a_crash_or_wrong_moments(cached, tmp_path, caplog, damage, message):
+    """Damaged bytes that keep the file's size: a stored shape that disagrees with the stored values (was a reshape
+    RuntimeError inside the loader), and a shape or a bit changed so that the values still fit (read as wrong
+    moments, silently, before the per-sample CRC-32): each sample is counted and skipped like an image that does
+    not decode."""
     from megatron_puffin.data import DataConfig, build_data_loader
     from megatron_puffin.data.format import read_manifest
     from megatron_puffin.data.latents import vae_identity
@@ -364,9 +393,7 @@ def test_damaged_latent_shapes_make_a_bad_sample_not_a_crash(cached, tmp_path, c
     paths, model, _, _ = cached
     shard = tmp_path / "shard"
     shutil.copytree(f"{paths['data']}/main/shard-00000", shard)
-    shapes = np.fromfile(shard / "latent_shape.bin", dtype=np.int32)
-    shapes[0] += 1  # the first sample's target height
-    shapes.tofile(shard / "latent_shape.bin")
+    damage(shard)
     config = DataConfig(task_stream=[f"text2image:{shard}:2"], tokenizer=paths["tokenizer"], num_workers=0,
                         image_size=IMAGE_SIZE, pin_memory=False, cached_latents=True)
     loader = build_data_loader(config, seed=0, num_query_tokens=NUM_QUERIES, vae_identity=vae_identity(model.vae))
@@ -375,7 +402,35 @@ def test_damaged_latent_shapes_make_a_bad_sample_not_a_crash(cached, tmp_path, c
     batches = [next(iterator) for _ in range(samples // 2 + 1)]  # one epoch of the shard and a little more
     assert all(batch["target_moments"].shape[1:3] == (2, 4) for batch in batches)
     assert loader.bad_samples_total == 1
-    assert "latent_image holds" in caplog.text and "latent_shape says" in caplog.text
+    assert message in caplog.text and f"shard {shard} index 0: latent_image" in caplog.text
+
+
+def test_latents_cached_without_checksums_are_read_with_a_warning(cached, tmp_path, caplog, capsys):
+    """Latents cached before the per-sample checksums existed (no latent_crc field) still train, with one warning
+    per stream saying that damage there goes unseen and how to add the checksums; a re-run of the tool with the
+    same VAE leaves them as they are and says the same."""
+    import logging
+
+    from megatron_puffin.data.latents import LatentCache
+
+    paths = cached[0]
+    shard = tmp_path / "shard"
+    shutil.copytree(f"{paths['data']}/main/shard-00000", shard)
+    for suffix in (".bin", ".idx"):
+        (shard / f"{CRC_FIELD}{suffix}").unlink()
+    manifest = json.loads((shard / "manifest.json").read_text())
+    del manifest["latents"]["fields"][CRC_FIELD]
+    (shard / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="megatron_puffin.data.latents"):
+        cache = LatentCache(PuffinDataset(str(shard)), None, IMAGE_SIZE, 32, "--task-stream text2image")
+        assert cache.moments(0)["target_moments"].shape[:2] == (2, 4)
+        assert "1 shard(s) hold latents cached without checksums" in caplog.text
+        flags = ["--data", str(shard), "--vae-config", paths["vae_config"], "--seed", "0", "--image-size",
+                 str(IMAGE_SIZE), "--dtype", "float32", "--batch-size", "3"]
+        assert _cache_latents_tool()(flags) == 0
+    assert "0 replaced, 1 already done" in capsys.readouterr().out
+    assert "--overwrite re-caches them with checksums" in caplog.text
+    assert not (shard / f"{CRC_FIELD}.bin").exists()
 
 
 def test_latents_truncated_under_the_run_are_one_error_not_a_sigbus(cached, tmp_path):
@@ -449,7 +504,7 @@ def test_a_sample_that_does_not_decode_is_named_and_left_without_latents(cached,
     paths = cached[0]
     shard = tmp_path / "shard"
     shutil.copytree(f"{paths['data']}/main/shard-00000", shard)
-    for name in ("latent_image", "latent_init", "latent_camera", "latent_shape"):
+    for name in (*LATENT_FIELDS, SHAPE_FIELD, CRC_FIELD):
         for suffix in (".bin", ".idx"):
             (shard / f"{name}{suffix}").unlink()
     manifest = json.loads((shard / "manifest.json").read_text())
