@@ -10,6 +10,11 @@ description, thinking reasoning, cross-view scene description, photography answe
 camera (float32 roll, pitch, vfov, yaw; NaN where absent). Camera sentences are *not* stored: they are rendered
 from the typed values (docs/puffin.md §3.1). An empty text / image means "absent".
 
+Integrity: ``<shard>/crc.bin / .idx`` holds, per sample, the CRC-32 of each field's stored bytes (in :data:`FIELDS`
+order). Every read of a field checks it, so bytes damaged on disk without changing the file's size (a flipped bit,
+a bad sector, a stray write) make a bad sample, counted and skipped, instead of a silently different caption,
+camera or image. Shards written before the checksums existed have no ``crc`` field and are read unchecked.
+
 A *dataset* is one shard, or a directory holding shard directories at any depth, or a list of such paths; all
 shards are read as one sequence (:class:`PuffinDataset`). The reader memory-maps every field once, checks the
 manifest against the shards on open and fails with :class:`DatasetFormatError` on truncated or inconsistent files.
@@ -53,13 +58,22 @@ FIELDS: Dict[str, Dict[str, str]] = {
 }
 """Field name -> storage dtype, kind and meaning. Every shard has all fields."""
 
-_NUMPY_DTYPES = {"uint8": np.uint8, "float32": np.float32}
+CHECKSUM_FIELD = "crc"
+"""Per sample, :func:`checksum` of each of :data:`FIELDS`' stored bytes (int64, in :data:`FIELDS` order)."""
+_CHECKSUM_SPEC = {"dtype": "int64", "kind": "checksum", "doc": "CRC-32 of each field's stored bytes"}
+
+_NUMPY_DTYPES = {"uint8": np.uint8, "float32": np.float32, "int64": np.int64}
 
 
 # What reading a sample that cannot be decoded raises (the loader counts and skips it, the tools name it): garbled
 # image bytes (PIL: OSError, SyntaxError, EOFError, zlib and struct errors), bad UTF-8 (UnicodeDecodeError), a bad
 # index pointer (ValueError/IndexError from the memory map), a non-finite camera (BadSampleError).
 BAD_SAMPLE_ERRORS = (ValueError, IndexError, OSError, EOFError, SyntaxError, struct.error, zlib.error)
+
+
+_WIDTHS = {"camera": CAMERA_WIDTH, "checksum": len(FIELDS)}
+"""Values per sample of the fixed-width kinds."""
+_FIELD_SLOTS = {name: slot for slot, name in enumerate(FIELDS)}
 
 
 class DatasetFormatError(ValueError):
@@ -118,6 +132,21 @@ def array_to_camera(values: np.ndarray) -> Optional[Camera]:
     return Camera(roll, pitch, vfov, None if math.isnan(yaw) else yaw)
 
 
+def checksum(payload: np.ndarray, start: int = 0) -> int:
+    """CRC-32 of an array's stored bytes (continuing from ``start``, a previous CRC-32)."""
+    return zlib.crc32(np.ascontiguousarray(payload).view(np.uint8), start)
+
+
+def _spec(name: str) -> Dict[str, str]:
+    return _CHECKSUM_SPEC if name == CHECKSUM_FIELD else FIELDS[name]
+
+
+def stored_fields(manifest: Dict[str, Any]) -> List[str]:
+    """The fields a shard holds: :data:`FIELDS` and, unless it was written before checksums existed,
+    :data:`CHECKSUM_FIELD`."""
+    return [*FIELDS, *([CHECKSUM_FIELD] if CHECKSUM_FIELD in manifest["fields"] else [])]
+
+
 def _field_payload(record: PuffinRecord, name: str) -> np.ndarray:
     value = getattr(record, name)
     if FIELDS[name]["kind"] == "camera":
@@ -147,10 +176,11 @@ class ShardWriter:
         self.subset, self.source, self.flags = subset, source or {}, flags or {}
         self.num_samples = 0
         self._builders = {
-            name: IndexedDatasetBuilder(get_bin_path(str(self.tmp_dir / name)), dtype=_NUMPY_DTYPES[spec["dtype"]])
-            for name, spec in FIELDS.items()
+            name: IndexedDatasetBuilder(get_bin_path(str(self.tmp_dir / name)),
+                                        dtype=_NUMPY_DTYPES[_spec(name)["dtype"]])
+            for name in [*FIELDS, CHECKSUM_FIELD]
         }
-        self._field_bytes = {name: 0 for name in FIELDS}
+        self._field_bytes = {name: 0 for name in self._builders}
 
     @staticmethod
     def staging_dir(shard_dir: Union[str, os.PathLike]) -> Path:
@@ -162,10 +192,11 @@ class ShardWriter:
         """Appends one sample (all fields)."""
         if not record.key:
             raise ValueError("a record needs a non-empty key")
-        for name, builder in self._builders.items():
-            payload = _field_payload(record, name)
-            builder.add_item(torch.from_numpy(payload.copy()))
-            builder.end_document()
+        payloads = {name: _field_payload(record, name) for name in FIELDS}
+        payloads[CHECKSUM_FIELD] = np.array([checksum(payload) for payload in payloads.values()], dtype=np.int64)
+        for name, payload in payloads.items():
+            self._builders[name].add_item(torch.from_numpy(payload.copy()))
+            self._builders[name].end_document()
             self._field_bytes[name] += payload.nbytes
         self.num_samples += 1
 
@@ -186,9 +217,9 @@ class ShardWriter:
             "num_samples": self.num_samples,
             "subset": self.subset,
             "fields": {
-                name: {"dtype": spec["dtype"], "kind": spec["kind"], "num_bytes": self._field_bytes[name],
-                       **({"width": CAMERA_WIDTH} if spec["kind"] == "camera" else {})}
-                for name, spec in FIELDS.items()
+                name: {"dtype": _spec(name)["dtype"], "kind": _spec(name)["kind"], "num_bytes": self._field_bytes[name],
+                       **({"width": _WIDTHS[_spec(name)["kind"]]} if _spec(name)["kind"] in _WIDTHS else {})}
+                for name in self._builders
             },
             "source": self.source,
             "flags": self.flags,
@@ -219,7 +250,7 @@ def read_manifest(shard_dir: Union[str, os.PathLike]) -> Dict[str, Any]:
     if missing:
         raise DatasetFormatError(f"{path} lacks fields {missing}")
     counts = [manifest.get("num_samples")] + [entry.get("num_bytes") if isinstance(entry, dict) else None
-                                             for entry in (fields[name] for name in FIELDS)]
+                                             for entry in (fields[name] for name in stored_fields(manifest))]
     if not all(is_whole_number(count) for count in counts):
         raise DatasetFormatError(f"{path}: \"num_samples\" and each field's \"num_bytes\" must be whole numbers "
                                  "of at least 0; the shard is corrupt, re-create it")
@@ -233,7 +264,7 @@ def _check_field(shard_dir: Path, name: str, manifest: Dict[str, Any]) -> None:
     for path in (idx_path, bin_path):
         if not path.is_file():
             raise DatasetFormatError(f"shard {shard_dir}: {path.name} is missing")
-    itemsize = np.dtype(_NUMPY_DTYPES[FIELDS[name]["dtype"]]).itemsize
+    itemsize = np.dtype(_NUMPY_DTYPES[_spec(name)["dtype"]]).itemsize
     expected_bytes = manifest["fields"][name]["num_bytes"]
     if bin_path.stat().st_size != expected_bytes:
         raise DatasetFormatError(
@@ -252,8 +283,9 @@ def _check_field(shard_dir: Path, name: str, manifest: Dict[str, Any]) -> None:
     lengths = dataset.sequence_lengths
     if len(dataset) != num_samples or int(lengths.sum(dtype=np.int64)) * itemsize != expected_bytes:
         raise DatasetFormatError(f"shard {shard_dir}: field {name} index disagrees with the manifest")
-    if FIELDS[name]["kind"] == "camera" and num_samples and not (lengths == CAMERA_WIDTH).all():
-        raise DatasetFormatError(f"shard {shard_dir}: camera entries must hold {CAMERA_WIDTH} values each")
+    width = _WIDTHS.get(_spec(name)["kind"])
+    if width is not None and num_samples and not (lengths == width).all():
+        raise DatasetFormatError(f"shard {shard_dir}: {name} entries must hold {width} values each")
 
 
 def _open_field(prefix: str, num_bytes: int) -> IndexedDataset:
@@ -401,7 +433,7 @@ class _Shard:
         self.dir = shard_dir
         self.manifest = read_manifest(shard_dir)
         if validate:
-            for name in FIELDS:
+            for name in stored_fields(self.manifest):
                 _check_field(shard_dir, name, self.manifest)
         self.num_samples = int(self.manifest["num_samples"])
         self.subset = self.manifest.get("subset", "")
@@ -411,7 +443,7 @@ class _Shard:
     def fields(self) -> Dict[str, "MappedField"]:
         if self._fields is None or self._pid != os.getpid():
             self._fields = {name: reopen_field(self.dir, name, self.manifest["fields"][name]["num_bytes"],
-                                               self.num_samples) for name in FIELDS}
+                                               self.num_samples) for name in stored_fields(self.manifest)}
             self._pid = os.getpid()
         return self._fields
 
@@ -449,6 +481,11 @@ class PuffinDataset(torch.utils.data.Dataset):
         self.shards = [_Shard(shard_dir, validate) for shard_dir in shard_dirs]
         self._offsets = np.cumsum([0] + [shard.num_samples for shard in self.shards]).tolist()
         logger.info("opened %d samples in %d shards from %s", len(self), len(self.shards), path_list)
+        unchecked = [shard.dir for shard in self.shards if CHECKSUM_FIELD not in shard.manifest["fields"]]
+        if unchecked:
+            logger.warning("%d of %d shards (e.g. %s) were written without per-sample checksums (before they "
+                           "existed): bytes damaged there are read unchecked; tools/preprocess_data.py writes them "
+                           "with checksums", len(unchecked), len(self.shards), unchecked[0])
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
@@ -461,12 +498,24 @@ class PuffinDataset(torch.utils.data.Dataset):
         shard_index = bisect_right(self._offsets, index) - 1
         return self.shards[shard_index], index - self._offsets[shard_index]
 
-    def read_field(self, index: int, name: str) -> np.ndarray:
-        """Raw stored values of one field of one sample (a read-only view into the memory map)."""
+    def read_field(self, index: int, name: str, verify: bool = True) -> np.ndarray:
+        """Raw stored values of one field of one sample (a read-only view into the memory map).
+
+        Raises:
+            BadSampleError: With ``verify``, the values do not match the sample's stored checksum (bytes damaged on
+                disk).
+        """
         shard, local = self.locate(index)
         if shard.manifest["fields"][name]["num_bytes"] == 0:
             return np.zeros(0, dtype=_NUMPY_DTYPES[FIELDS[name]["dtype"]])
-        return shard.fields()[name][local]
+        fields = shard.fields()
+        values = fields[name][local]
+        if verify and CHECKSUM_FIELD in fields:
+            stored = fields[CHECKSUM_FIELD][local]
+            slot = _FIELD_SLOTS[name]
+            if len(stored) != len(FIELDS) or checksum(values) != int(stored[slot]):
+                raise BadSampleError(f"field {name}: its bytes do not match their stored CRC-32 (damaged on disk)")
+        return values
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         index = int(index)

@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -40,6 +39,7 @@ from megatron_puffin.data.format import (
     MANIFEST_NAME,
     MappedField,
     PuffinDataset,
+    checksum,
     read_manifest,
     reopen_field,
 )
@@ -117,8 +117,7 @@ def latent_checksum(height: int, width: int, payload: np.ndarray) -> int:
     """CRC-32 of one stored latent entry: its ``(h, w)`` as two int32 followed by its stored bytes (so a damaged
     shape that keeps the element count is caught too; 0 for an absent source, ``(0, 0)`` and no bytes, is just the
     CRC of eight zero bytes)."""
-    return zlib.crc32(np.ascontiguousarray(payload).view(np.uint8),
-                      zlib.crc32(np.array([height, width], dtype=np.int32).tobytes()))
+    return checksum(payload, checksum(np.array([height, width], dtype=np.int32)))
 
 
 def _sources(sample: Mapping[str, Any], image_size: int, image_unit: int) -> Dict[str, Optional[torch.Tensor]]:

@@ -113,8 +113,10 @@ def _stream_label(spec: TaskStreamSpec, flag: str = "--task-stream") -> str:
 def _check_fields(spec: TaskStreamSpec, dataset: PuffinDataset, flag: str = "--task-stream") -> None:
     """Fails early when a stream's dataset has none of a field its task needs (e.g. no thinking captions)."""
     for field_name in REQUIRED_FIELDS[spec.task]:
-        if field_name == "camera":  # stored as NaN when absent: look at the first sample of every shard
-            present = any(not np.isnan(dataset.read_field(offset, "camera")[0]) for offset in _shard_starts(dataset))
+        if field_name == "camera":  # stored as NaN when absent: look at the first sample of every shard (its
+            # checksum unchecked: a damaged first sample is the sample reader's bad sample, not a start-up crash)
+            present = any(not np.isnan(dataset.read_field(offset, "camera", verify=False)[0])
+                          for offset in _shard_starts(dataset))
         else:
             present = any(shard.manifest["fields"][field_name]["num_bytes"] > 0 for shard in dataset.shards)
         if not present:

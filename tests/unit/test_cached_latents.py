@@ -519,7 +519,8 @@ def test_a_sample_that_does_not_decode_is_named_and_left_without_latents(cached,
     with caplog.at_level(logging.WARNING, logger="megatron_puffin.data.latents"):
         assert _cache_latents_tool()(flags) == 0
     named = [record.getMessage() for record in caplog.records if "left without latents" in record.getMessage()]
-    assert named and all(f"shard {shard} index " in line and "image_unreadable" in line for line in named), named
+    assert named and all(f"shard {shard} index " in line and "field image: its bytes do not match their stored "
+                         "CRC-32" in line for line in named), named
     assert (f"1 shard(s) written, 0 replaced, 0 already done; {len(named)} sample(s) do not decode and have no "
             "latents") in capsys.readouterr().out
     config = DataConfig(task_stream=[f"text2image:{shard}:2"], tokenizer=paths["tokenizer"], num_workers=0,

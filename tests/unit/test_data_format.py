@@ -7,7 +7,9 @@ import pytest
 
 from megatron_puffin.camera import Camera
 from megatron_puffin.data.format import (
+    CHECKSUM_FIELD,
     FIELDS,
+    BadSampleError,
     DatasetFormatError,
     PuffinDataset,
     PuffinRecord,
@@ -152,3 +154,63 @@ def test_raw_puffin4m_data_given_as_a_dataset_points_to_the_preprocessing(tmp_pa
     (tmp_path / "other").mkdir()
     with pytest.raises(DatasetFormatError, match=r"found under .*other$"):
         find_shards(tmp_path / "other")
+
+
+def _flip_bit(shard, field, sample, records):
+    """Flips one bit of ``sample``'s stored ``field`` in place: the file keeps its size."""
+    from megatron_puffin.data.format import _field_payload
+
+    offset = sum(_field_payload(record, field).nbytes for record in records[:sample])
+    data = bytearray((shard / f"{field}.bin").read_bytes())
+    data[offset] ^= 0x08
+    (shard / f"{field}.bin").write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("field", ["caption", "camera", "image", "key"])
+def test_bytes_damaged_on_disk_are_a_bad_sample_naming_the_field(tmp_path, field):
+    """A flipped bit in a stored field keeps the file's size and mostly still decodes (a caption reads as another
+    word, a camera as another angle, many JPEG bits as other pixels): each sample carries a CRC-32 of each field,
+    so reading it is a BadSampleError (the loader counts and skips those) naming the field, and the other samples
+    read as written."""
+    records = _records(12)
+    shard = _write(tmp_path / "shard", records)
+    sample = 3
+    assert getattr(records[sample], field) not in ("", b"", None)
+    _flip_bit(shard, field, sample, records)
+    dataset = PuffinDataset(shard)
+    with pytest.raises(BadSampleError, match=f"^field {field}: its bytes do not match their stored CRC-32"):
+        dataset[sample]
+    for index in set(range(len(records))) - {sample}:
+        assert dataset[index]["key"] == records[index].key
+
+
+def test_shards_written_before_checksums_are_read_unchecked_with_a_warning(tmp_path, caplog):
+    records = _records(6)
+    shard = _write(tmp_path / "shard", records)
+    for suffix in (".bin", ".idx"):
+        (shard / f"{CHECKSUM_FIELD}{suffix}").unlink()
+    manifest = json.loads((shard / "manifest.json").read_text())
+    del manifest["fields"][CHECKSUM_FIELD]
+    (shard / "manifest.json").write_text(json.dumps(manifest))
+    _flip_bit(shard, "caption", 1, records)
+    caption = sum(len(record.caption.encode()) for record in records[:2])
+    with open(shard / "caption.bin", "r+b") as handle:  # sample 2's caption: not UTF-8 any more
+        handle.seek(caption)
+        handle.write(b"\xff\xfe")
+    dataset = PuffinDataset(shard)
+    assert dataset[1]["caption"] != records[1].caption  # what a shard without checksums cannot see
+    with pytest.raises(UnicodeDecodeError):  # a bad sample the loader skips, as before checksums existed
+        dataset[2]
+    assert "1 of 1 shards" in caplog.text and "without per-sample checksums" in caplog.text
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda shard: (shard / "crc.bin").write_bytes((shard / "crc.bin").read_bytes()[:-8]), "crc.bin has"),
+    (lambda shard: (shard / "manifest.json").write_text((shard / "manifest.json").read_text().replace(
+        '"kind": "checksum",\n      "num_bytes": ', '"kind": "checksum",\n      "num_bytes": -')), "whole numbers"),
+], ids=["truncated", "manifest"])
+def test_a_damaged_checksum_field_is_refused_on_open(tmp_path, damage, message):
+    shard = _write(tmp_path / "shard", _records(6))
+    damage(shard)
+    with pytest.raises(DatasetFormatError, match=message):
+        PuffinDataset(shard)

@@ -295,8 +295,9 @@ def test_a_stream_none_of_whose_samples_decodes_is_one_error_and_ends_its_worker
     before = set(multiprocessing.active_children())
     iterator = iter(build_data_loader(config, seed=5))
     with pytest.raises(DataUndecodableError, match=r"^stream image2text#0: none of its 24 samples decodes \(the "
-                                                   r"last: shard \S+shard-0000\d index \d+: ImageError: "
-                                                   r"image_unreadable: .*\); preprocessing checks every sample, so "
+                                                   r"last: shard \S+shard-0000\d index \d+: BadSampleError: "
+                                                   r"field image: its bytes do not match their stored CRC-32 "
+                                                   r"\(damaged on disk\)\); preprocessing checks every sample, so "
                                                    r"its shards were damaged or replaced since: preprocess them again "
                                                    r"\(tools/preprocess_data.py\), or leave the stream out$"):
         next(iterator)
