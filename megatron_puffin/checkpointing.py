@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -396,7 +396,12 @@ def shape_mismatches(sharded_state_dict: Dict[str, Any], directory: str) -> List
 
 
 class CheckpointMismatch(CheckpointError):
-    """A checkpoint that does not fit the configured model (the message lists the tensors and what to fix)."""
+    """A checkpoint that does not fit the configured model (the message lists the tensors and what to fix;
+    ``problems`` holds one line per tensor, for callers that word it their own way)."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()):
+        super().__init__(message)
+        self.problems = list(problems)
 
 
 def check_fits(sharded_state_dict: Dict[str, Any], directory: str, what: str) -> None:
@@ -408,8 +413,8 @@ def check_fits(sharded_state_dict: Dict[str, Any], directory: str, what: str) ->
     more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
     raise CheckpointMismatch(
         f"{what} {directory} does not fit the configured model ({len(problems)} tensor(s)):\n{shown}{more}\n"
-        "Give the tower flags the checkpoint was trained with (its puffin_meta.json holds them), or another checkpoint."
-    )
+        "Give the tower flags the checkpoint was trained with (its puffin_meta.json holds them), or another checkpoint.",
+        problems)
 
 
 def as_model_dtensors(module: torch.nn.Module, state_dict):

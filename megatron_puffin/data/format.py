@@ -457,6 +457,10 @@ def _text(array: np.ndarray) -> Optional[str]:
     return array.tobytes().decode("utf-8") if array.size else None
 
 
+_WARNED_UNCHECKED: set = set()
+"""Shards without checksums this process has warned about."""
+
+
 class PuffinDataset(torch.utils.data.Dataset):
     """Random access to one or several shards as one sequence of typed samples.
 
@@ -482,7 +486,8 @@ class PuffinDataset(torch.utils.data.Dataset):
         self._offsets = np.cumsum([0] + [shard.num_samples for shard in self.shards]).tolist()
         logger.info("opened %d samples in %d shards from %s", len(self), len(self.shards), path_list)
         unchecked = [shard.dir for shard in self.shards if CHECKSUM_FIELD not in shard.manifest["fields"]]
-        if unchecked:
+        if unchecked and not set(unchecked) <= _WARNED_UNCHECKED:  # once per process (a run opens a stream again)
+            _WARNED_UNCHECKED.update(unchecked)
             logger.warning("%d of %d shards (e.g. %s) were written without per-sample checksums (before they "
                            "existed): bytes damaged there are read unchecked; tools/preprocess_data.py writes them "
                            "with checksums", len(unchecked), len(self.shards), unchecked[0])

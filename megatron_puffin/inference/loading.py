@@ -189,22 +189,25 @@ def _open_tokenizer(data: DataConfig, vocab_size: int):
 
 
 def _load_towers(model, directory: str, towers: Sequence[str]) -> None:
-    from megatron_puffin.checkpointing import load_checkpoint, shape_mismatches
+    """Loads each tower the checkpoint holds through training's loader (:func:`checkpointing.load_module`: any TP
+    layout, either ``--transformer-impl``, Transformer Engine's ``_extra_state`` created or ignored), with the
+    mismatches as one :class:`InferenceSetupError` line."""
+    from megatron_puffin.checkpointing import CheckpointMismatch, load_module
+    from megatron_puffin.models.extra_state import StateDictMismatch
 
     for tower in towers:
         module = getattr(model, CHECKPOINT_MODULES[tower], None)
         if module is None:
             continue
-        prefix = CHECKPOINT_MODULES[tower] + "."
-        sharded = module.sharded_state_dict(prefix=prefix)
-        problems = shape_mismatches(sharded, directory)
-        if problems:
+        try:
+            load_module(module, directory, prefix=CHECKPOINT_MODULES[tower] + ".", what="--checkpoint")
+        except CheckpointMismatch as error:
             raise InferenceSetupError(
-                f"--checkpoint {directory} does not fit the model shape ({len(problems)} tensor(s) differ, e.g. "
-                f"{problems[0]}); give the model flags it was trained with (its puffin_meta.json holds them)")
-        loaded = load_checkpoint(sharded, directory)
-        state = {key[len(prefix):]: loaded[key] for key in sharded}
-        module.load_state_dict(state, strict=True)
+                f"--checkpoint {directory} does not fit the model shape ({len(error.problems)} tensor(s) differ, "
+                f"e.g. {error.problems[0] if error.problems else error}); give the model flags it was trained with "
+                "(its puffin_meta.json holds them)") from None
+        except StateDictMismatch as error:
+            raise InferenceSetupError(" ".join(str(error).split())) from None
 
 
 def load_puffin(checkpoint: str, flags: Sequence[str] = (), tensor_model_parallel_size: Optional[int] = None,

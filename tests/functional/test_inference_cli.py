@@ -527,7 +527,8 @@ def test_inspect_batches_names_the_samples_that_do_not_decode(artefacts, tmp_pat
     half = inspect(0.5)
     skipped = [line for line in half.stderr.splitlines() if line.startswith("bad sample skipped")]
     assert half.returncode == 0 and skipped and "Traceback" not in half.stderr, half.stderr[-3000:]
-    assert f"shard {images.parent} index" in skipped[0] and "image_unreadable" in skipped[0], skipped[0]
+    assert f"shard {images.parent} index" in skipped[0] and "field image: its bytes do not match their stored " \
+        "CRC-32" in skipped[0], skipped[0]
     assert f"{len(skipped)} sample(s) failed to decode and were replaced" in half.stdout, half.stdout[-2000:]
     every = inspect(1.0)
     assert every.returncode == 1 and "Traceback" not in every.stderr, every.stderr[-3000:]

@@ -97,6 +97,30 @@ def test_a_truly_missing_tensor_is_still_an_error_naming_it(single_process, tmp_
     load_model_state(model, {**state, "proj._extra_state": torch.zeros(1)})  # only extra state may differ
 
 
+def test_the_inference_loader_loads_across_implementations_too(single_process, tmp_path):
+    """understand.py / generate.py load a checkpoint's towers with the training loader: a model built with
+    Transformer Engine (extra state) from a checkpoint trained with the local layers, and back. Before, the
+    inference loader asked the checkpoint for every extra-state entry of the model and failed on the first one."""
+    from megatron_puffin.inference.loading import InferenceSetupError, _load_towers
+
+    class Model(torch.nn.Module):
+        def __init__(self, te_like: bool, seed: int, extra_tensor: bool = False) -> None:
+            super().__init__()
+            self.llm = Tower(te_like=te_like, seed=seed, extra_tensor=extra_tensor)
+
+    local, te = Model(te_like=False, seed=1), Model(te_like=True, seed=2)
+    save_checkpoint(local.llm.sharded_state_dict(prefix="llm."), str(tmp_path / "local"))
+    save_checkpoint(te.llm.sharded_state_dict(prefix="llm."), str(tmp_path / "te"))
+    for source, target in ((local, Model(te_like=True, seed=3)), (te, Model(te_like=False, seed=4)),
+                           (te, Model(te_like=True, seed=5))):
+        _load_towers(target, str(tmp_path / ("te" if source is te else "local")), ["llm"])
+        for key, value in _weights(source).items():
+            assert torch.equal(target.state_dict()[key], value), key
+    with pytest.raises(InferenceSetupError, match=r"does not fit the model shape \(2 tensor\(s\) differ, e\.g\. "
+                                                  r"llm\.gate\.bias"):
+        _load_towers(Model(te_like=True, seed=6, extra_tensor=True), str(tmp_path / "te"), ["llm"])
+
+
 def test_extra_state_keys():
     assert is_extra_state_key("llm.decoder.layers.0.self_attention.linear_qkv._extra_state")
     assert is_extra_state_key("decoder.layers.self_attention.core_attention._extra_state/shard_0_1")
