@@ -176,7 +176,8 @@ def _plain_tool(script: str, args: List[str]) -> str:
 
 
 TOOLS = {"tools/preprocess_data.py", "tools/make_synthetic_dataset.py", "tools/plot_metrics.py", "tools/understand.py",
-         "tools/generate.py", "tools/evaluate_camera.py", "tools/cache_latents.py", "examples/inspect_batches.py"}
+         "tools/generate.py", "tools/evaluate_camera.py", "tools/cache_latents.py", "tools/check_data.py",
+         "examples/inspect_batches.py"}
 
 
 def _check(command: Command) -> str:

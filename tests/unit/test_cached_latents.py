@@ -405,6 +405,22 @@ def test_damaged_latents_make_a_bad_sample_not_a_crash_or_wrong_moments(cached, 
     assert message in caplog.text and f"shard {shard} index 0: latent_image" in caplog.text
 
 
+def test_check_data_reads_cached_latents_too(cached, tmp_path):
+    """tools/check_data.py's reader (data/scrub.py) checks each sample's cached latents against their checksums."""
+    from megatron_puffin.data.scrub import check_shard
+
+    paths = cached[0]
+    shard = tmp_path / "shard"
+    shutil.copytree(f"{paths['data']}/main/shard-00000", shard)
+    clean = check_shard(str(shard))
+    assert (clean.bad, clean.error, clean.checksums, clean.latents) == ([], None, True, True)
+    _damage_one_bit(shard)
+    report = check_shard(str(shard))
+    assert report.samples == clean.samples and report.error is None
+    assert report.bad == [f"index 0: ValueError: cached latents of shard {shard} index 0: latent_image: its bytes do "
+                          "not match their stored CRC-32 (damaged on disk); re-run tools/cache_latents.py --overwrite"]
+
+
 def test_latents_cached_without_checksums_are_read_with_a_warning(cached, tmp_path, caplog, capsys):
     """Latents cached before the per-sample checksums existed (no latent_crc field) still train, with one warning
     per stream saying that damage there goes unseen and how to add the checksums; a re-run of the tool with the
