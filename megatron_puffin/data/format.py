@@ -457,6 +457,28 @@ def _text(array: np.ndarray) -> Optional[str]:
     return array.tobytes().decode("utf-8") if array.size else None
 
 
+def _stored_checksums(shard: _Shard, local: int) -> Optional[np.ndarray]:
+    """A sample's stored :data:`CHECKSUM_FIELD` entry (None for a shard written before checksums existed)."""
+    fields = shard.fields()
+    if CHECKSUM_FIELD not in fields:
+        return None
+    stored = fields[CHECKSUM_FIELD][local]
+    if len(stored) != len(FIELDS):
+        raise BadSampleError(f"field {CHECKSUM_FIELD} holds {len(stored)} checksums, not {len(FIELDS)} (damaged on "
+                             "disk)")
+    return stored
+
+
+def _read(shard: _Shard, local: int, name: str, checksums: Optional[np.ndarray]) -> np.ndarray:
+    """One field of one sample, checked against ``checksums`` (:func:`_stored_checksums`) unless that is None."""
+    if shard.manifest["fields"][name]["num_bytes"] == 0:
+        return np.zeros(0, dtype=_NUMPY_DTYPES[FIELDS[name]["dtype"]])
+    values = shard.fields()[name][local]
+    if checksums is not None and checksum(values) != int(checksums[_FIELD_SLOTS[name]]):
+        raise BadSampleError(f"field {name}: its bytes do not match their stored CRC-32 (damaged on disk)")
+    return values
+
+
 _WARNED_UNCHECKED: set = set()
 """Shards without checksums this process has warned about."""
 
@@ -511,23 +533,15 @@ class PuffinDataset(torch.utils.data.Dataset):
                 disk).
         """
         shard, local = self.locate(index)
-        if shard.manifest["fields"][name]["num_bytes"] == 0:
-            return np.zeros(0, dtype=_NUMPY_DTYPES[FIELDS[name]["dtype"]])
-        fields = shard.fields()
-        values = fields[name][local]
-        if verify and CHECKSUM_FIELD in fields:
-            stored = fields[CHECKSUM_FIELD][local]
-            slot = _FIELD_SLOTS[name]
-            if len(stored) != len(FIELDS) or checksum(values) != int(stored[slot]):
-                raise BadSampleError(f"field {name}: its bytes do not match their stored CRC-32 (damaged on disk)")
-        return values
+        return _read(shard, local, name, _stored_checksums(shard, local) if verify else None)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         index = int(index)
-        shard, _ = self.locate(index)
+        shard, local = self.locate(index)
+        checksums = _stored_checksums(shard, local)
         sample: Dict[str, Any] = {"index": index % len(self), "subset": shard.subset}
         for name, spec in FIELDS.items():
-            values = self.read_field(index, name)
+            values = _read(shard, local, name, checksums)
             if spec["kind"] == "text":
                 sample[name] = _text(values)
             elif spec["kind"] == "bytes":
