@@ -319,7 +319,7 @@ class LatentCache:
         if key not in self._fields:
             sizes = shard.manifest["latents"]["fields"]
             self._fields[key] = {name: reopen_field(shard.dir, name, sizes[name]["num_bytes"], shard.num_samples)
-                                 for name in stored_fields(shard.manifest["latents"])}
+                                 for name in stored_latent_fields(shard.manifest["latents"])}
         return self._fields[key]
 
     def __getstate__(self):
@@ -388,7 +388,7 @@ def _entry_problem(entry: Any) -> Optional[str]:
     return None
 
 
-def stored_fields(entry: Mapping[str, Any]) -> List[str]:
+def stored_latent_fields(entry: Mapping[str, Any]) -> List[str]:
     """The files of a well-formed latents entry: :data:`LATENT_FIELDS`, :data:`SHAPE_FIELD` and, unless the latents
     were cached before checksums existed, :data:`CRC_FIELD`."""
     return [*LATENT_FIELDS, SHAPE_FIELD, *([CRC_FIELD] if CRC_FIELD in entry["fields"] else [])]
@@ -419,7 +419,7 @@ def check_latent_manifest(manifest: Mapping[str, Any], shard_dir: Path, vae: Opt
         raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir}: the latents entry of its "
                                f"{MANIFEST_NAME} is malformed ({problem}); re-run tools/cache_latents.py "
                                f"--data {shard_dir} --overwrite with the training VAE")
-    for name in stored_fields(entry):
+    for name in stored_latent_fields(entry):
         problem = _field_file_problem(Path(shard_dir), name, entry["fields"][name]["num_bytes"])
         if problem is not None:
             raise LatentCacheError(f"--cached-latents: {what}: shard {shard_dir}: {problem}; re-run "
