@@ -480,7 +480,16 @@ def _read(shard: _Shard, local: int, name: str, checksums: Optional[np.ndarray])
 
 
 _WARNED_UNCHECKED: set = set()
-"""Shards without checksums this process has warned about."""
+"""(what, shard) pairs without checksums this process has warned about (:func:`first_unchecked_warning`)."""
+
+
+def first_unchecked_warning(what: str, shard_dirs: Sequence[Path]) -> bool:
+    """Whether some of ``shard_dirs`` (written before checksums existed, for ``what``: "fields", "latents") has not
+    been warned about in this process yet; marks them. A run opens the same data again (its validation streams, the
+    camera metric's held-out images), and one warning per process says it all."""
+    new = {(what, str(shard)) for shard in shard_dirs} - _WARNED_UNCHECKED
+    _WARNED_UNCHECKED.update(new)
+    return bool(new)
 
 
 class PuffinDataset(torch.utils.data.Dataset):
@@ -508,8 +517,7 @@ class PuffinDataset(torch.utils.data.Dataset):
         self._offsets = np.cumsum([0] + [shard.num_samples for shard in self.shards]).tolist()
         logger.info("opened %d samples in %d shards from %s", len(self), len(self.shards), path_list)
         unchecked = [shard.dir for shard in self.shards if CHECKSUM_FIELD not in shard.manifest["fields"]]
-        if unchecked and not set(unchecked) <= _WARNED_UNCHECKED:  # once per process (a run opens a stream again)
-            _WARNED_UNCHECKED.update(unchecked)
+        if first_unchecked_warning("fields", unchecked):
             logger.warning("%d of %d shards (e.g. %s) were written without per-sample checksums (before they "
                            "existed): bytes damaged there are read unchecked; tools/preprocess_data.py writes them "
                            "with checksums", len(unchecked), len(self.shards), unchecked[0])

@@ -40,6 +40,7 @@ from megatron_puffin.data.format import (
     MappedField,
     PuffinDataset,
     checksum,
+    first_unchecked_warning,
     read_manifest,
     reopen_field,
 )
@@ -307,7 +308,7 @@ class LatentCache:
         for shard in dataset.shards:
             check_latent_manifest(shard.manifest, shard.dir, vae, image_size, image_unit, what)
         unchecked = [shard.dir for shard in dataset.shards if CRC_FIELD not in shard.manifest["latents"]["fields"]]
-        if unchecked:
+        if first_unchecked_warning("latents", unchecked):
             logger.warning("--cached-latents: %s: %d shard(s) hold latents cached without checksums (e.g. %s): damaged "
                            "bytes there cannot be told from good ones; tools/cache_latents.py --overwrite re-caches "
                            "them with checksums", what, len(unchecked), unchecked[0])
@@ -380,8 +381,7 @@ def _entry_problem(entry: Any) -> Optional[str]:
         return f"latent_channels {entry['latent_channels']} differs from its VAE config's " \
                f"{vae['config']['latent_channels']}"
     fields = entry.get("fields")
-    optional = [CRC_FIELD] if isinstance(fields, dict) and CRC_FIELD in fields else []
-    for name in [*LATENT_FIELDS, SHAPE_FIELD, *optional]:
+    for name in stored_latent_fields(entry) if isinstance(fields, dict) else LATENT_FIELDS:
         if not isinstance(fields, dict) or not isinstance(fields.get(name), dict) \
                 or not is_whole_number(fields[name].get("num_bytes")):
             return f"fields.{name}.num_bytes is missing or not a whole number"
