@@ -35,6 +35,8 @@ echo "== 2/10 preprocessing into indexed shards -> $OUT/tiny/data"
 python tools/preprocess_data.py --input "$OUT/tiny/raw" --output-prefix "$OUT/tiny/data" --workers 2 --no-progress
 python tools/preprocess_data.py --input "$OUT/tiny/raw/heldout" --output-prefix "$OUT/tiny/heldout" --workers 2 \
     --no-progress  # the held-out split: validation during training and the camera evaluation
+python tools/check_data.py --data "$OUT/tiny/data" "$OUT/tiny/heldout" --workers 2 --no-progress  # every sample
+    # read as training reads it (per-sample checksums, images decoded): one line per damaged one, exit 1 if any
 
 echo "== 3/10 base LLM: Hugging Face Qwen2 (tiny, random) -> TP=2 megatron-core checkpoint"
 python - "$OUT/tiny/qwen_hf" <<'PY'
