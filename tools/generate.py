@@ -74,8 +74,10 @@ def build_parser():
     parser.add_argument("--init-image", default=None, help="initial view: world exploration (image2image)")
     parser.add_argument("--num-views", type=int, default=None,
                         help="multi-view sweep: N target cameras drawn as Puffin's demo does around --init-image")
-    parser.add_argument("--guidance-scale", type=float, default=4.5, help="CFG scale; <= 1 disables (default: 4.5)")
-    parser.add_argument("--steps", type=int, default=50, help="Euler steps (default: 50)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="CFG scale; <= 1 disables (default: the checkpoint's --flow-guidance-scale, 4.5 as Puffin)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="Euler steps (default: the checkpoint's --flow-num-inference-steps, 50 as Puffin)")
     parser.add_argument("--seed", type=int, default=42, help="base seed: request i uses seed + i (default: 42)")
     parser.add_argument("--image-size", type=int, default=None, help="output side (default: the model's image size)")
     parser.add_argument("--negative-caption", default="", help="negative prompt text (default: empty, as Puffin)")
@@ -215,15 +217,21 @@ def raise_all(problems: List[str], summary: str) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    from megatron_puffin.diffusion.config import inference_steps_problem
+
     problems = []
-    counts = (("--steps", args.steps), ("--batch-size", args.batch_size),
-              ("--max-reasoning-tokens", args.max_reasoning_tokens), ("--max-new-tokens", args.max_new_tokens))
+    steps = None if args.steps is None else inference_steps_problem("--steps", args.steps)
+    if steps:
+        problems.append(steps)
+    counts = (("--batch-size", args.batch_size), ("--max-reasoning-tokens", args.max_reasoning_tokens),
+              ("--max-new-tokens", args.max_new_tokens))
     for flag, value in counts:
         if value < 1:
             problems.append(f"{flag} ({value}) must be at least 1")
     if args.image_size is not None and args.image_size < 1:
         problems.append(f"--image-size ({args.image_size}) must be positive")
-    if not math.isfinite(args.guidance_scale):  # before the model loads (the sampler checks it again)
+    # before the model loads (check_generation checks the settings again against the checkpoint)
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
         problems.append(f"--guidance-scale ({args.guidance_scale}) must be a finite number (<= 1 disables CFG)")
     if problems:
         raise UsageError("; ".join(problems))
@@ -400,9 +408,28 @@ def write_outputs(loaded, args: argparse.Namespace, requests, results, estimates
     print(f"wrote {count}, {output_dir / f'{CONTACT_SHEET}.png'} and {output_dir / 'generations.json'}")
 
 
+def sampling_settings(args: argparse.Namespace, loaded, size: int):
+    """The generation settings, checked against the loaded model before the progress bar starts and before any
+    initial view is resized. --steps / --guidance-scale not given: the sampling settings the checkpoint was trained
+    with (its --flow-num-inference-steps / --flow-guidance-scale); ``args`` records the values used."""
+    from megatron_puffin.inference import GenerationSettings
+    from megatron_puffin.inference.generation import check_generation
+
+    flow = loaded.config.flow
+    args.steps = flow.num_inference_steps if args.steps is None else args.steps
+    args.guidance_scale = flow.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    settings = GenerationSettings(guidance_scale=args.guidance_scale, num_inference_steps=args.steps, seed=args.seed,
+                                  image_size=size, negative_caption=args.negative_caption, thinking=args.thinking,
+                                  max_reasoning_tokens=args.max_reasoning_tokens, batch_size=args.batch_size)
+    try:
+        check_generation(loaded.model, settings, loaded.encoder_config)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return settings
+
+
 def run(args: argparse.Namespace, model_flags: List[str]) -> int:
-    from megatron_puffin.inference import (GenerationRequest, GenerationSettings, generate_batches, load_image,
-                                           load_puffin)
+    from megatron_puffin.inference import GenerationRequest, generate_batches, load_image, load_puffin
     from megatron_puffin.inference.generation import plan_batches
     from megatron_puffin.inference.journal import BatchJournal, checkpoint_fingerprint
     from megatron_puffin.inference.loading import resolve_inference_checkpoint
@@ -419,17 +446,18 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
                "guidance_scale", "steps", "negative_caption", "thinking", "max_reasoning_tokens", "image_size")}}
     journal = BatchJournal(output_dir / "generations.partial.jsonl", key, writer=is_output_rank(),
                            overwrite=args.overwrite)
-    finished = {**earlier_outputs(output_dir, key, args.overwrite), **journal.finished}
+    if not args.overwrite:  # a conflict with an earlier run is found before the model loads
+        earlier_outputs(output_dir, key, overwrite=False)
     seeds = [args.seed + index if r["seed"] is None else r["seed"] for index, r in enumerate(requests)]
     loaded = load_puffin(args.checkpoint, model_flags, need_vae=True)
     size = args.image_size or loaded.encoder_config.image_max_size
+    settings = sampling_settings(args, loaded, size)
+    # --overwrite removes an earlier run's outputs only now, when the model has loaded and the settings are valid
+    finished = {**earlier_outputs(output_dir, key, args.overwrite), **journal.finished}
     results = [reusable_result(finished.get(r["id"]), r, seed, size, output_dir) for r, seed in zip(requests, seeds)]
     done = [index for index, result in enumerate(results) if result is not None]
     views = {path: load_image(path, size, mode="resize")
              for path in {r["init_image"] for i, r in enumerate(requests) if i not in done} if path}
-    settings = GenerationSettings(guidance_scale=args.guidance_scale, num_inference_steps=args.steps, seed=args.seed,
-                                  image_size=size, negative_caption=args.negative_caption, thinking=args.thinking,
-                                  max_reasoning_tokens=args.max_reasoning_tokens, batch_size=args.batch_size)
     jobs = [GenerationRequest(camera=r["camera"], caption=r["caption"], seed=seed, init_image=views.get(r["init_image"]))
             for r, seed in zip(requests, seeds)]
     progress = Progress(len(jobs), "generating", not args.no_progress)
@@ -450,7 +478,7 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
                     save_png(result.image, output_dir / f"{requests[index]['id']}.png")
             journal.append(image_record(requests[index], results[index]) for index, _ in finished)
             progress(len(finished))
-    except ValueError as error:  # sizes that the VAE / DiT cannot take
+    except ValueError as error:  # a request the batch checks refuse (a seed out of range)
         raise UsageError(str(error)) from None
     progress.close()
     if done:

@@ -32,6 +32,7 @@ import torch
 from megatron_puffin.camera import Camera, camera_maps, format_caption, normalize_camera_map
 from megatron_puffin.data.task_encoders import TaskEncoder, TaskEncoderConfig
 from megatron_puffin.diffusion import FlowMatchEulerSampler, guided_dit_velocity
+from megatron_puffin.diffusion.config import inference_steps_problem
 from megatron_puffin.distributed.random import derive_seed
 from megatron_puffin.inference.batching import prompt_batch
 from megatron_puffin.inference.images import to_uint8
@@ -173,10 +174,22 @@ def _check_size(model, size: int) -> None:
                          f"{model.puffin_config.dit.pos_embed_max_size} latent tokens per side)")
 
 
-def _check_settings(settings: GenerationSettings, seeds: Sequence[int]) -> None:
-    """Values that would otherwise give NaN images without a word or fail deep inside torch."""
+def check_generation(model, settings: GenerationSettings, encoder_config: Optional[TaskEncoderConfig] = None) -> int:
+    """The output side in pixels, after checking ``settings`` against ``model``: values that would otherwise give
+    NaN images without a word or fail deep inside torch (a tool calls it before its progress bar starts)."""
+    if model.vae is None:
+        raise ValueError("generation needs the VAE: load the model with need_vae=True and --vae-path (or --vae-config)")
+    size = settings.image_size or (encoder_config or default_encoder_config(model)).image_max_size
+    _check_size(model, size)
     if not math.isfinite(settings.guidance_scale):
         raise ValueError(f"guidance scale ({settings.guidance_scale}) must be a finite number (<= 1 disables CFG)")
+    steps = inference_steps_problem("num_inference_steps", settings.num_inference_steps)
+    if steps:
+        raise ValueError(steps)
+    return size
+
+
+def _check_seeds(seeds: Sequence[int]) -> None:
     bad = [seed for seed in seeds if not -(1 << 63) < seed < (1 << 63)]
     if bad:
         raise ValueError(f"seed {bad[0]} is out of range: seeds are 64-bit integers (|seed| < 2^63)")
@@ -283,18 +296,15 @@ def _batches(requests: Sequence[GenerationRequest], batch_size: int) -> List[Lis
 
 def _setup(model, tokenizer, requests, settings, encoder_config) -> Tuple[_Generator, List[int]]:
     settings = settings or GenerationSettings()
-    if model.vae is None:
-        raise ValueError("generation needs the VAE: load the model with need_vae=True and --vae-path (or --vae-config)")
     encoder_config = encoder_config or default_encoder_config(model)
-    size = settings.image_size or encoder_config.image_max_size
-    _check_size(model, size)
+    size = check_generation(model, settings, encoder_config)
     for request in requests:
         if request.init_image is not None and tuple(request.init_image.shape[-2:]) != (size, size):
             raise ValueError(f"initial view of {tuple(request.init_image.shape[-2:])} pixels; resize it to "
                              f"{size}x{size} (megatron_puffin.inference.load_image(path, {size}, 'resize'))")
     encoder = TaskEncoder("cam2image", tokenizer, encoder_config)
     seeds = [settings.seed + index if request.seed is None else request.seed for index, request in enumerate(requests)]
-    _check_settings(settings, seeds)
+    _check_seeds(seeds)
     return _Generator(model, tokenizer, settings, encoder, size), seeds
 
 

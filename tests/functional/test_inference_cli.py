@@ -174,6 +174,11 @@ def _tool_main(name):
      r"seed 100000000000000000000 is out of range"),
     ("generate.py", ["--output-dir", "GEN", "--roll", "0", "--pitch", "0", "--vfov", "1", "--image-size", "96000"],
      r"image size 96000 must lie in \[8, "),
+    # was numpy's 7.28 TiB allocation error, a traceback; a model flag of the sampling settings is checked as in training
+    ("generate.py", ["--output-dir", "GEN", "--roll", "0", "--pitch", "0", "--vfov", "1", "--steps", str(10 ** 12)],
+     r"--steps \(1000000000000\) must lie in \[1, 10,000\]"),
+    ("generate.py", ["--output-dir", "GEN", "--roll", "0", "--pitch", "0", "--vfov", "1",
+                     "--flow-num-inference-steps", "0"], r"--flow-num-inference-steps \(0\) must lie in \[1, 10,000\]"),
     # a capitalised column used to be ignored (images made without their captions); an unquoted comma, a traceback
     ("generate.py", ["--output-dir", "GEN", "--prompts", "CAPITALISED"],
      r"row 0: unknown field 'Caption'; the fields are id, caption, roll"),
@@ -247,6 +252,40 @@ def test_bad_inputs_exit_with_one_line(artefacts, tool, args, message, capsys):
     assert code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and re.search(message, lines[0]), lines
+
+
+def test_generate_samples_with_the_checkpoints_flow_settings_and_a_refused_overwrite_keeps_the_old_run(artefacts,
+                                                                                                        capsys):
+    """Without --steps / --guidance-scale the images are sampled with the checkpoint's training flags
+    (--flow-num-inference-steps, --flow-guidance-scale; they were parsed and never read), and equal the images of the
+    same values given on the command line. An --overwrite run that its own settings refuse leaves the earlier outputs
+    in place (they were removed before the settings were checked)."""
+    import dataclasses
+
+    root, paths, model, _ = artefacts
+    _, args = build_tiny_model(paths)
+    args = dataclasses.replace(args, flow=dataclasses.replace(args.flow, num_inference_steps=3, guidance_scale=1.0))
+    save_model_checkpoint(model, args, root / "flow_run" / "iter_0000002", iteration=2)
+    request = ["--roll", "0.1", "--pitch", "0", "--vfov", "1.0", "--no-progress"]
+    runs = {"defaults": [], "given": ["--steps", "3", "--guidance-scale", "1.0"]}
+    try:
+        for name, flags in runs.items():
+            assert _tool_main("generate.py")(["--checkpoint", str(root / "flow_run"), "--output-dir",
+                                              str(root / "flow" / name), *request, *flags]) == 0
+            mpd.initialize(seed=0)
+        settings = json.loads((root / "flow" / "defaults" / "generations.json").read_text())["settings"]
+        assert (settings["steps"], settings["guidance_scale"]) == (3, 1.0)
+        assert (root / "flow" / "defaults" / "0000.png").read_bytes() == (root / "flow" / "given" / "0000.png").read_bytes()
+        before = sorted(path.name for path in (root / "flow" / "given").iterdir())
+        capsys.readouterr()
+        assert _tool_main("generate.py")(["--checkpoint", str(root / "flow_run"), "--output-dir",
+                                          str(root / "flow" / "given"), *request, "--image-size", "7",
+                                          "--overwrite"]) == 2
+    finally:
+        mpd.initialize(seed=0)
+    assert "image size 7 must be a multiple of 8" in capsys.readouterr().err
+    assert sorted(path.name for path in (root / "flow" / "given").iterdir()) == before == [
+        "0000.png", "contact_sheet.png", "generations.json"]
 
 
 def test_a_killed_generate_keeps_its_finished_images_and_a_rerun_resumes(artefacts):

@@ -133,6 +133,11 @@ def test_config_validation_names_flags():
     problems = FlowMatchingConfig(shift=-1, num_inference_steps=0, weighting_scheme="x").validate()
     assert problems == [
         "--flow-shift (-1) must be positive",
-        "--flow-num-inference-steps (0) must be at least 1",
+        "--flow-num-inference-steps (0) must lie in [1, 10,000] (Puffin samples with 50)",
         "--flow-weighting-scheme (x) must be one of none, logit_normal, mode",
+    ]
+    # sizes that would allocate a table or a sampling grid of terabytes before anything else ran
+    assert FlowMatchingConfig(num_train_timesteps=10 ** 12, num_inference_steps=10 ** 12).validate() == [
+        "--flow-num-train-timesteps (1000000000000) must lie in [1, 1,000,000] (SD3: 1000)",
+        "--flow-num-inference-steps (1000000000000) must lie in [1, 10,000] (Puffin samples with 50)",
     ]
