@@ -44,7 +44,7 @@ import sys, torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 torch.manual_seed(0)
 config = Qwen2Config(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
-                     num_key_value_heads=2, vocab_size=1024, max_position_embeddings=1024, rope_theta=1e6,
+                     num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048, rope_theta=1e6,
                      rms_norm_eps=1e-6, tie_word_embeddings=True)
 Qwen2ForCausalLM(config).save_pretrained(sys.argv[1], safe_serialization=True)
 PY

@@ -11,6 +11,7 @@ from typing import Iterator, List, Optional, Tuple, TYPE_CHECKING
 
 from megatron_puffin.files import folder_problem, read_json_object
 from megatron_puffin.models.vae_config import load_vae_config, vae_downsample_factor
+from megatron_puffin.config.validate_values import check_sequence_limits
 
 if TYPE_CHECKING:  # for annotations only
     from megatron_puffin.config.arguments import PuffinArguments
@@ -188,6 +189,8 @@ def _prompt_length_problems(args: PuffinArguments, tokenizer) -> List[str]:
 
     if min(args.vision.patch_size, args.vision.fold_size, args.data.image_size, args.data.image_size_unit) < 1:
         return []  # reported by the vision and data checks
+    if check_sequence_limits(args):
+        return []  # reported there; assembling a prompt of that length would take minutes and gigabytes
     encoder_config = task_encoder_config(args.data, effective_data_seed(args.data.data_seed, args.training.seed),
                                          args.vision.patch_size, args.vision.fold_size, args.connector.num_queries)
     problems = (stream_prompt_error(spec, tokenizer, encoder_config, flag) for flag, spec in _present_streams(args))

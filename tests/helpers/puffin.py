@@ -346,7 +346,7 @@ def tiny_puffin_config(paths: Dict[str, str], seed: int = 0, **model_flags):
 
     tokenizer = PuffinTokenizer(paths["tokenizer"])
     llm = LLMConfig(num_layers=2, hidden_size=48, ffn_hidden_size=64, num_attention_heads=6, num_query_groups=2,
-                    kv_channels=8, vocab_size=tokenizer.vocab_size, max_position_embeddings=1024)
+                    kv_channels=8, vocab_size=tokenizer.vocab_size, max_position_embeddings=2048)
     vision = VisionConfig(hidden_size=16, num_layers=1, num_attention_heads=2, ffn_hidden_size=32,
                           max_image_size=IMAGE_SIZE, class_token_len=2)
     connector = ConnectorConfig(num_queries=NUM_QUERIES, hidden_size=16, num_layers=1, num_attention_heads=2,

@@ -58,6 +58,14 @@ CASES = [
     ("--ffn-hidden-size 0", "--ffn-hidden-size (0) must be at least 1"),
     ("--kv-channels 0", "--kv-channels (0) must be at least 1"),
     ("--max-position-embeddings 0", "--max-position-embeddings (0) must be at least 1"),
+    # a mistyped query count: the path checks spent 200 s and 16 GB assembling one prompt of that length, then the
+    # model's first allocation failed with a traceback
+    ("--task-stream cam2image:{root}/decodable:2 --vae-config {root}/vae.json --dit-in-channels 4 "
+     "--connector-num-queries 1000000000", "cam2image samples can hold 1000000256 LLM tokens (256 "
+     "--max-generation-text-tokens + 1000000000 --connector-num-queries), more than the LLM's "
+     "--max-position-embeddings (32768)"),
+    ("--max-position-embeddings 1024", "image2text samples can hold 1280 LLM tokens (256 image tokens (--image-size) "
+     "+ 1024 --max-understanding-text-tokens), more than the LLM's --max-position-embeddings (1024)"),
     ("--task-stream image2text:{root}/empty:2", "no shard"),
     ("--task-stream image2text_cross_view:{root}/main:2", "needs the field 'image_init'"),
     ("--task-stream image2text:{root}/main:2:-1", "REPEATS (-1) must be >= 1"),
