@@ -50,6 +50,7 @@ from megatron_puffin.training.data_parallel import (
 )
 from megatron_puffin.training.metrics import Interval, MetricsWriter, Report, peak_memory_gib
 from megatron_puffin.training.preflight import check_checkpoints
+from megatron_puffin.training.memory_check import check_memory
 from megatron_puffin.training.resume import fsdp2_records_metadata, samples_per_step
 from megatron_puffin.training.step import stream_task
 from megatron_puffin.training.towers import CHECKPOINT_TOWERS, freeze_towers, trainable_towers
@@ -171,6 +172,7 @@ class Trainer:
             raise ConfigError([f"--vocab-size ({args.llm.vocab_size}) is smaller than the vocabulary of --tokenizer "
                                f"{args.data.tokenizer} ({self.tokenizer.vocab_size}); set --vocab-size "
                                f"{self.tokenizer.vocab_size} or more"])
+        check_memory(args)  # a ConfigError, before the process groups (training.memory_check)
         self.ctx = mpd.initialize(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                                   seed=training.seed, timeout_minutes=parallel.distributed_timeout_minutes)
         args.model.image_pad_token_id = self.tokenizer.image_pad_id

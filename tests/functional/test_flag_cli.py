@@ -75,6 +75,15 @@ def test_checkpoints_of_another_model_shape_are_named_with_every_difference():
         assert unchanged not in stderr, (unchanged, stderr)
 
 
+def test_a_model_larger_than_the_memory_is_refused_before_the_process_group():
+    """Was megatron-core's allocator traceback ("DefaultCPUAllocator: can't allocate memory: you tried to allocate
+    40960000000 bytes") from inside the first layer's constructor (training.memory_check)."""
+    stderr = _cli(*RESUME_FLAGS, "--hidden-size", "10000000", cwd=tiny_run())
+    problem = next(line for line in stderr.splitlines() if "the model needs" in line)
+    assert "GiB per process for its weights, gradients and optimizer state alone" in problem, stderr
+    assert "available (memory and swap)" in problem and "--tensor-model-parallel-size" in problem, problem
+
+
 def test_a_checkpoint_of_another_tokenizer_is_refused_before_any_work(files):
     """--load and --pretrained-checkpoint of the shared tiny run with another SentencePiece vocabulary (same
     --vocab-size: every shape check passes, and the embedding rows would be trained as other words)."""
@@ -101,7 +110,7 @@ def test_a_checkpoint_given_to_the_wrong_flag_is_named_with_the_right_one(files)
 
     run = tiny_run()
     config = LLMConfig(num_layers=2, hidden_size=48, ffn_hidden_size=64, num_attention_heads=6, num_query_groups=2,
-                       kv_channels=8, vocab_size=1024, max_position_embeddings=1024)  # examples/tiny/model.args
+                       kv_channels=8, vocab_size=1024, max_position_embeddings=2048)  # examples/tiny/model.args
     hf_qwen2(config).save_pretrained(files / "qwen_hf", safe_serialization=True)
     spec = importlib.util.spec_from_file_location("convert_checkpoint_flag_cli", ROOT / "tools" / "convert_checkpoint.py")
     tool = importlib.util.module_from_spec(spec)
