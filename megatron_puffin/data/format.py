@@ -560,13 +560,21 @@ class PuffinDataset(torch.utils.data.Dataset):
         return sample
 
     def cameras(self) -> np.ndarray:
-        """All cameras as a float32 array [N, 4] (roll, pitch, vfov, yaw; NaN = absent), read in one pass."""
-        rows = [
-            np.asarray(shard.fields()["camera"][0 : shard.num_samples], dtype=np.float32).reshape(-1, CAMERA_WIDTH)
-            for shard in self.shards
-            if shard.num_samples
-        ]
-        return np.concatenate(rows) if rows else np.zeros((0, CAMERA_WIDTH), np.float32)
+        """All cameras as a float32 array [N, 4] (roll, pitch, vfov, yaw; NaN = absent), each checked against its
+        sample's stored checksum as :meth:`read_field` does.
+
+        Raises:
+            BadSampleError: naming the first sample whose camera bytes are damaged on disk.
+        """
+        rows = np.full((len(self), CAMERA_WIDTH), np.nan, dtype=np.float32)
+        for index in range(len(self)):
+            try:
+                values = self.read_field(index, "camera")
+            except BadSampleError as error:
+                raise BadSampleError(f"sample {index}: {error}") from None
+            if values.size:
+                rows[index] = np.asarray(values, dtype=np.float32).reshape(CAMERA_WIDTH)
+        return rows
 
     def bad_sample_counts(self) -> Dict[str, int]:
         """Per-reason counts of source samples skipped while preprocessing, summed over the shards."""
