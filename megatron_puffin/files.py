@@ -1,15 +1,22 @@
 """File-system helpers shared by the entry point and the tools: whether an output folder can be made (checked before
-any work, so a bad path fails at once instead of when the results are written), atomic writes, and the JSON objects
-the project's own files hold (shard manifests, checkpoint sidecars, model configs)."""
+any work, so a bad path fails at once instead of when the results are written), atomic writes, one writer per output
+(:func:`lock_path`), and the JSON objects the project's own files hold (shard manifests, checkpoint sidecars, model
+configs)."""
 from __future__ import annotations
 
 import codecs
 import contextlib
+import fcntl
 import json
+import logging
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Type, Union
+from typing import IO, Any, Dict, Iterator, Optional, Type, Union
+
+logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
@@ -41,6 +48,61 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+class PathInUse(Exception):
+    """Another process holds the lock :func:`lock_path` asked for; ``holder`` is the line it wrote there."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+class PathLock:
+    """A lock held by :func:`lock_path` (or none, where the file system has no locks); :meth:`release` ends it."""
+
+    def __init__(self, handle: Optional[IO[str]] = None, path: Optional[Path] = None, remove: bool = False) -> None:
+        self._handle, self._path, self._remove = handle, path, remove
+
+    def release(self) -> None:
+        if self._handle is None:
+            return
+        if self._remove and self._path is not None:
+            self._path.unlink(missing_ok=True)  # while still held: no other process can hold this file yet
+        fcntl.flock(self._handle, fcntl.LOCK_UN)
+        self._handle.close()
+        self._handle = None
+
+
+def lock_path(path: PathLike, remove_on_release: bool = False) -> PathLock:
+    """An exclusive ``flock`` on the file ``path`` (created, with its folder), holding a line naming this process.
+    The kernel releases it when the process dies (SIGKILL included), so a stale lock never blocks a later run.
+    ``remove_on_release``: the file goes when the lock is released (for locks beside a tool's outputs).
+
+    Raises:
+        OSError: the file cannot be created or opened.
+        PathInUse: another process holds it.
+    A file system without locks (some NFS mounts) gets a warning and an empty :class:`PathLock`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "holder unknown"
+        handle.close()
+        raise PathInUse(holder) from None
+    except OSError as error:
+        handle.close()
+        logger.warning("cannot lock %s (%s): nothing stops a second process from writing there", path, error)
+        return PathLock()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return PathLock(handle, path, remove_on_release)
 
 
 def decode_text(data: bytes) -> str:

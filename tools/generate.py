@@ -40,6 +40,7 @@ from megatron_puffin.inference.cli import (  # noqa: E402
     build_tool_parser,
     first_problems,
     is_output_rank,
+    output_lock,
     parse_tool_args,
     prepare_output_dir,
     run_tool,
@@ -57,6 +58,8 @@ CONTACT_SHEET = "contact_sheet"
 CONTACT_SHEET_MAX = 100
 """Images on the contact sheet (the first ones): 10,000 requests at 512² made a 2.8-gigapixel PNG (8 GB of memory,
 and no viewer opens it)."""
+LOCK_FILE = ".generate.lock"
+"""Held in --output-dir while a run writes there (removed at its end): a second run into the folder stops."""
 REQUEST_FIELDS = ("id", "caption", "roll", "pitch", "vfov", "yaw", "seed", "init_image")
 
 
@@ -429,15 +432,21 @@ def sampling_settings(args: argparse.Namespace, loaded, size: int):
 
 
 def run(args: argparse.Namespace, model_flags: List[str]) -> int:
+    check_args(args)
+    requests = read_requests(args)
+    check_init_images(requests)
+    output_dir = prepare_output_dir(args.output_dir, "--output-dir")
+    with output_lock(output_dir / LOCK_FILE, f"--output-dir {output_dir}", "generate.py"):
+        return generate_into(args, model_flags, requests, output_dir)
+
+
+def generate_into(args: argparse.Namespace, model_flags: List[str], requests, output_dir: Path) -> int:
+    """The run itself, holding ``output_dir``'s lock."""
     from megatron_puffin.inference import GenerationRequest, generate_batches, load_image, load_puffin
     from megatron_puffin.inference.generation import plan_batches
     from megatron_puffin.inference.journal import BatchJournal, checkpoint_fingerprint
     from megatron_puffin.inference.loading import resolve_inference_checkpoint
 
-    check_args(args)
-    requests = read_requests(args)
-    check_init_images(requests)
-    output_dir = prepare_output_dir(args.output_dir, "--output-dir")
     # What an image depends on besides its request (not --batch-size: an image depends on its request and seed
     # only); a re-run with the same key keeps the finished images of an interrupted run.
     checkpoint = os.path.abspath(resolve_inference_checkpoint(args.checkpoint))

@@ -39,6 +39,7 @@ from megatron_puffin.inference.cli import (  # noqa: E402
     build_tool_parser,
     first_problems,
     is_output_rank,
+    output_lock,
     parse_tool_args,
     prepare_output_file,
     run_tool,
@@ -146,6 +147,18 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, model_flags: List[str]) -> int:
+    check_args(args)
+    listed = collect_images(args.images)
+    paths = check_images(listed, args.skip_bad_images)
+    output = prepare_output_file(args.output, "--output")
+    # held while this run writes OUTPUT and its journal (removed at the end): a second run into them stops
+    with output_lock(output.with_name(f".{output.name}.lock"), f"--output {output}", "understand.py"):
+        return understand_into(args, model_flags, paths, output, unreadable=len(listed) - len(paths))
+
+
+def understand_into(args: argparse.Namespace, model_flags: List[str], paths: List[Path], output: Path,
+                    unreadable: int) -> int:
+    """The run itself, holding ``output``'s lock (``unreadable``: images --skip-bad-images left out)."""
     from megatron_puffin.inference import load_image, load_puffin, understand
     from megatron_puffin.files import write_text_atomically
     from megatron_puffin.inference.journal import BatchJournal, checkpoint_fingerprint
@@ -154,10 +167,6 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
     from megatron_puffin.data import templates
     from megatron_puffin.data.task_encoders import TextTooLong
 
-    check_args(args)
-    listed = collect_images(args.images)
-    paths = check_images(listed, args.skip_bad_images)
-    output = prepare_output_file(args.output, "--output")
     if output.exists() and not args.overwrite:
         raise UsageError(f"--output {output} already exists (the answers of an earlier run); choose another file, or "
                          "pass --overwrite to replace it")
@@ -204,7 +213,7 @@ def run(args: argparse.Namespace, model_flags: List[str]) -> int:
         journal.remove()
         unparsed = sum(record["camera"] is None for record in records)
         reused = f", {len(paths) - len(todo)} kept from an interrupted run" if len(todo) < len(paths) else ""
-        skipped = f", {len(listed) - len(paths)} unreadable left out" if len(paths) < len(listed) else ""
+        skipped = f", {unreadable} unreadable left out" if unreadable else ""
         count = f"{len(records)} image{'' if len(records) == 1 else 's'}"
         print(f"wrote {output}: {count} ({unparsed} without a camera in the answer{reused}{skipped}) "
               f"from {loaded.checkpoint}")

@@ -4,6 +4,7 @@ to data-parallel replicas, progress reporting, rank-0 output and the one-line er
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -135,6 +136,32 @@ def is_output_rank() -> bool:
     if dist.is_initialized():
         return dist.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def output_lock(lock_file: Path, outputs: str, prog: str) -> Iterator[None]:
+    """Holds ``lock_file`` (beside the outputs, removed at the end) while a run writes ``outputs`` (the output rank
+    only; the other ranks write nothing). A second run into the same outputs stops with one line naming the first:
+    both used to pass the checks for an earlier run at once and then write the same journal and folder, mixing two
+    runs' images under one generations.json.
+
+    Raises:
+        UsageError: another run holds it.
+    """
+    from megatron_puffin.files import PathInUse, lock_path
+
+    if not is_output_rank():
+        yield
+        return
+    try:
+        lock = lock_path(lock_file, remove_on_release=True)
+    except PathInUse as error:
+        raise UsageError(f"{outputs} is in use by another {prog} run ({error.holder}); wait for it to end, or choose "
+                         "another output") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def setup_logging(level: str) -> None:

@@ -672,7 +672,7 @@ def run(args: PuffinArguments, restore_signal_handlers: bool = True) -> int:
     die_with_launcher()
     save = args.checkpoint.save
     # Before the process group: a second run on the same --save stops here (run_lock.py); rank 0 holds it.
-    lock = lock_save_directory(save) if save and int(os.environ.get("RANK", "0")) == 0 else SaveDirectoryLock(None)
+    lock = lock_save_directory(save) if save and int(os.environ.get("RANK", "0")) == 0 else SaveDirectoryLock()
     try:
         try:
             trainer = Trainer(args)

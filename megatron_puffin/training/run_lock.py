@@ -10,57 +10,24 @@ locks (some NFS mounts) gets a warning and no protection.
 """
 from __future__ import annotations
 
-import fcntl
-import logging
-import os
-import socket
-import time
 from pathlib import Path
-from typing import IO, Optional
 
 from megatron_puffin.config import ConfigError
-
-logger = logging.getLogger(__name__)
+from megatron_puffin.files import PathInUse, PathLock, lock_path
 
 LOCK_NAME = ".puffin_run.lock"
 
-
-class SaveDirectoryLock:
-    """The held lock of one run's ``--save`` directory (:func:`lock_save_directory`); :meth:`release` ends it."""
-
-    def __init__(self, handle: Optional[IO[str]]) -> None:
-        self._handle = handle
-
-    def release(self) -> None:
-        if self._handle is not None:
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
+SaveDirectoryLock = PathLock
+"""The held lock of one run's ``--save`` directory (:func:`lock_save_directory`); ``release()`` ends it."""
 
 
-def lock_save_directory(save: str) -> SaveDirectoryLock:
+def lock_save_directory(save: str) -> PathLock:
     """Takes ``save``'s run lock (creating the directory), or raises :class:`ConfigError` naming the run holding it."""
-    path = Path(save) / LOCK_NAME
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")
+        return lock_path(Path(save) / LOCK_NAME)
+    except PathInUse as error:
+        raise ConfigError([f"--save {save} is in use by another training run ({error.holder}); wait for it to end, or "
+                           "give this run another --save"]) from None
     except OSError as error:  # read-only or special file system, no permission: before any work, one line
         raise ConfigError([f"--save {save}: cannot create or write there ({error.strerror or error}); give a "
                            "folder this job can write"]) from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "holder unknown"
-        handle.close()
-        raise ConfigError([f"--save {save} is in use by another training run ({holder}); wait for it to end, or "
-                           "give this run another --save"]) from None
-    except OSError as error:
-        handle.close()
-        logger.warning("cannot lock --save %s (%s): nothing stops a second run from writing into it", save, error)
-        return SaveDirectoryLock(None)
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
-    return SaveDirectoryLock(handle)

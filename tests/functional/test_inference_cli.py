@@ -288,6 +288,40 @@ def test_generate_samples_with_the_checkpoints_flow_settings_and_a_refused_overw
         "0000.png", "contact_sheet.png", "generations.json"]
 
 
+def test_a_second_run_into_the_same_outputs_stops_with_one_line_naming_the_first(artefacts, capsys):
+    """Two runs into one --output-dir (--output) both passed the earlier-run checks and wrote the same journal and
+    folder: images of two settings under one generations.json. The first holds a lock beside the outputs (removed at
+    its end); a second stops before any work. This process plays the first run (a lock is per open file)."""
+    from megatron_puffin.files import lock_path
+
+    root, _, _, images = artefacts
+    runs = {"generate.py": (root / "locked_gen", root / "locked_gen" / ".generate.lock",
+                            ["--output-dir", str(root / "locked_gen"), "--roll", "0", "--pitch", "0", "--vfov", "1",
+                             "--steps", str(STEPS)]),
+            "understand.py": (root / "locked.json", root / ".locked.json.lock",
+                              ["--output", str(root / "locked.json"), "--images", str(images[0]), "--max-new-tokens",
+                               str(NEW_TOKENS)])}
+    for tool, (output, lock_file, flags) in runs.items():
+        held = lock_path(lock_file)
+        try:
+            code = _tool_main(tool)(["--checkpoint", str(root / "run"), *flags, "--no-progress"])
+        finally:
+            held.release()
+            mpd.initialize(seed=0)
+        assert code == 2
+        line = capsys.readouterr().err.strip()
+        assert line.startswith(f"{tool}: error: --output") and f"is in use by another {tool} run (pid " in line, line
+        assert line.endswith("wait for it to end, or choose another output"), line
+        written = [] if not output.exists() else [path for path in output.iterdir() if path != lock_file] \
+            if output.is_dir() else [output]
+        assert written == [], "the second run wrote nothing"
+        try:
+            assert _tool_main(tool)(["--checkpoint", str(root / "run"), *flags, "--no-progress"]) == 0
+        finally:
+            mpd.initialize(seed=0)
+        assert output.exists() and not lock_file.exists(), "the lock goes with its run"
+
+
 def test_a_killed_generate_keeps_its_finished_images_and_a_rerun_resumes(artefacts):
     """SIGKILL after the first batch's PNG and journal line; the same command again generates only the rest (the
     kept PNG is not rewritten) and its outputs equal an uninterrupted run's; on the finished folder it generates
