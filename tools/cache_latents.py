@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "kernel after every VAE call (glibc; training's --host-malloc-cache). Default: on with "
                              "--device cpu, where it encodes about 1.5x faster (docs/performance.md); nothing to "
                              "gain on a GPU.")
+    parser.add_argument("--no-progress", action="store_true", help="No progress bar (the samples encoded so far).")
     parser.add_argument("--overwrite", action="store_true",
                         help="Replace latents of another VAE, resolution or dtype (default: stop, naming the shard).")
     parser.add_argument("--log-level", default="WARNING", type=str.upper,
@@ -115,7 +116,8 @@ def main(argv=None) -> int:
         return 2
     try:
         counts = cache_dataset_latents(args.data, vae, args.image_size, args.image_size_unit, args.dtype,
-                                       args.batch_size, args.overwrite, rank=rank, world_size=world_size)
+                                       args.batch_size, args.overwrite, rank=rank, world_size=world_size,
+                                       progress=not args.no_progress and rank == 0)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

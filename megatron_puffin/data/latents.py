@@ -27,8 +27,9 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +53,8 @@ LATENT_FIELDS: Dict[str, str] = {"latent_image": "image", "latent_init": "image_
 """Latent field -> the shard field it encodes."""
 SHAPE_FIELD = "latent_shape"
 CRC_FIELD = "latent_crc"
+LOCK_NAME = ".latents.lock"
+"""Held in a shard while a process writes its latents (removed at the end)."""
 """Per sample, the :func:`latent_checksum` of each of :data:`LATENT_FIELDS` (int64, in that order)."""
 BATCH_KEYS: Dict[str, str] = {"latent_image": "target_moments", "latent_init": "init_moments",
                               "latent_camera": "camera_moments"}
@@ -159,7 +162,8 @@ def _sources_or_none(shard_dir: Path, dataset, index: int, image_size: int, imag
 
 def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit: int, dtype: str = "bfloat16",
                         batch_size: int = 16, overwrite: bool = False,
-                        bad_samples: Optional[List[str]] = None) -> str:
+                        bad_samples: Optional[List[str]] = None,
+                        progress: Optional[Callable[[int], None]] = None) -> str:
     """Adds the latent fields to one shard (atomically: the manifest is replaced last).
 
     Returns "skipped" when the shard already holds latents of this VAE, resolution and dtype, "written" when it
@@ -172,10 +176,28 @@ def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit
     A sample whose images do not decode (a shard damaged after preprocessing, which checks every image) gets empty
     latents, as a sample without that image does: training's loader fails to decode the same sample first and
     replaces it by the next one, so those latents are never read. Each such sample is one line appended to
-    ``bad_samples`` (and logged).
+    ``bad_samples`` (and logged). ``progress`` is called with the number of samples encoded after each batch.
+
+    One process at a time: the shard is locked while its latents are written (``.latents.lock`` beside its fields,
+    removed at the end); a second process finds it held and gets a ValueError naming the first. Two runs started
+    together used to write the same temporary files.
     """
+    from megatron_puffin.files import PathInUse, lock_path
+
     shard_dir = Path(shard_dir)
-    bad_samples = [] if bad_samples is None else bad_samples
+    try:
+        lock = lock_path(shard_dir / LOCK_NAME, remove_on_release=True)
+    except PathInUse as error:
+        raise ValueError(f"{shard_dir} is being cached by another process ({error.holder}); wait for it to end") from None
+    try:
+        return _cache_locked_shard(shard_dir, vae, image_size, image_unit, dtype, batch_size, overwrite,
+                                   [] if bad_samples is None else bad_samples, progress)
+    finally:
+        lock.release()
+
+
+def _cache_locked_shard(shard_dir: Path, vae, image_size: int, image_unit: int, dtype: str, batch_size: int,
+                        overwrite: bool, bad_samples: List[str], progress: Optional[Callable[[int], None]]) -> str:
     manifest = read_manifest(shard_dir)
     entry = {"dtype": dtype, "image_size": image_size, "image_size_unit": image_unit,
              "latent_channels": int(vae.vae.config.latent_channels), "vae": vae_identity(vae)}
@@ -192,7 +214,8 @@ def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit
                 else f"cached latents of another {_entry_difference(existing, entry)}"
             raise ValueError(f"{shard_dir} already holds {what}; pass --overwrite to replace them")
     dataset = PuffinDataset(str(shard_dir))
-    num_bytes = _write_latent_fields(shard_dir, dataset, vae, image_size, image_unit, dtype, batch_size, bad_samples)
+    num_bytes = _write_latent_fields(shard_dir, dataset, vae, image_size, image_unit, dtype, batch_size, bad_samples,
+                                     progress or (lambda count: None))
     if existing is not None:
         del manifest["latents"]
         _write_manifest(shard_dir, manifest)
@@ -206,7 +229,7 @@ def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit
 
 
 def _write_latent_fields(shard_dir: Path, dataset: PuffinDataset, vae, image_size: int, image_unit: int, dtype: str,
-                         batch_size: int, bad_samples: List[str]) -> Dict[str, int]:
+                         batch_size: int, bad_samples: List[str], progress: Callable[[int], None]) -> Dict[str, int]:
     """Encodes every sample of ``dataset`` ``batch_size`` at a time into the ``<field>.tmp`` files of
     :data:`LATENT_FIELDS` and :data:`SHAPE_FIELD` beside the shard; returns each field's byte count. On any failure
     (a full disk, Ctrl-C) the temporary files are removed before the error goes on."""
@@ -241,6 +264,7 @@ def _write_latent_fields(shard_dir: Path, dataset: PuffinDataset, vae, image_siz
                     per_sample[name].add_item(torch.from_numpy(payload))
                     per_sample[name].end_document()
                     num_bytes[name] += payload.nbytes
+            progress(len(samples))
         for name, builder in [*builders.items(), *per_sample.items()]:
             builder.finalize(get_idx_path(str(shard_dir / f"{name}.tmp")))
     except BaseException:  # a full disk, Ctrl-C: no half-written field stays beside the shard (a re-run redoes it)
@@ -449,17 +473,26 @@ def _config_diff(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> str:
 
 def cache_dataset_latents(paths: Sequence[os.PathLike], vae, image_size: int, image_unit: int,
                           dtype: str = "bfloat16", batch_size: int = 16, overwrite: bool = False,
-                          rank: int = 0, world_size: int = 1) -> Dict[str, int]:
+                          rank: int = 0, world_size: int = 1, progress: bool = False) -> Dict[str, int]:
     """:func:`cache_shard_latents` on every shard under ``paths`` (with ``world_size`` > 1: the shards whose
     position in that list is ``rank`` modulo ``world_size``, so processes launched together never share a shard);
     returns counts of shards written / replaced / skipped and of the samples left without latents because they do
-    not decode (``bad_samples``)."""
+    not decode (``bad_samples``). ``progress``: a bar over this process's samples on stderr."""
+    from tqdm import tqdm
+
     from megatron_puffin.data.format import find_shards
 
     counts = {"written": 0, "replaced": 0, "skipped": 0}
     bad_samples: List[str] = []
-    shards = [shard for path in paths for shard in find_shards(path)]
-    for shard in shards[rank::world_size]:
-        counts[cache_shard_latents(shard, vae, image_size, image_unit, dtype, batch_size, overwrite, bad_samples)] += 1
+    shards = [shard for path in paths for shard in find_shards(path)][rank::world_size]
+    sizes = [read_manifest(Path(shard))["num_samples"] for shard in shards]
+    with tqdm(total=sum(sizes), unit="samples", desc="cache latents", disable=not progress, file=sys.stderr,
+              mininterval=1.0) as bar:
+        for shard, size in zip(shards, sizes):
+            done = bar.n
+            result = cache_shard_latents(shard, vae, image_size, image_unit, dtype, batch_size, overwrite,
+                                         bad_samples, bar.update)
+            bar.update(done + size - bar.n)  # a skipped shard counts as done
+            counts[result] += 1
     counts["bad_samples"] = len(bad_samples)
     return counts

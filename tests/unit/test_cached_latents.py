@@ -244,6 +244,39 @@ def test_other_latents_are_replaced_only_when_asked_and_never_half_way(cached, t
     assert "1 already done" in capsys.readouterr().out
 
 
+def test_a_shard_being_cached_by_another_process_is_named_and_left_to_it(cached, tmp_path, capsys):
+    """Two runs of the tool on the same shards (started together, each seeing no latents) wrote the same temporary
+    files. The shard is locked while one process writes its latents; this process plays that one (a lock is per
+    open file). The tool then stops with one line naming the holder and touches nothing; once free, it writes them
+    (with the progress bar on) and leaves no lock file."""
+    from megatron_puffin.data.latents import LOCK_NAME
+    from megatron_puffin.files import lock_path
+
+    paths, _, _, _ = cached
+    shard = tmp_path / "shard"
+    shutil.copytree(f"{paths['data']}/main/shard-00000", shard)
+    (shard / "manifest.json").write_text(json.dumps({k: v for k, v in json.loads(
+        (shard / "manifest.json").read_text()).items() if k != "latents"}))
+    before = {path.name: path.read_bytes() for path in shard.iterdir()}
+    tool = _cache_latents_tool()
+    flags = ["--data", str(shard), "--vae-config", paths["vae_config"], "--seed", "0", "--image-size",
+             str(IMAGE_SIZE), "--dtype", "float32", "--batch-size", "3"]
+    held = lock_path(shard / LOCK_NAME)
+    try:
+        assert tool([*flags, "--no-progress"]) == 2
+    finally:
+        held.release()
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: {shard} is being cached by another process (pid {os.getpid()} on "), error
+    assert error.endswith("wait for it to end"), error
+    (shard / LOCK_NAME).unlink()  # the stand-in holder's file (a tool's own lock goes with its run)
+    assert {path.name: path.read_bytes() for path in shard.iterdir()} == before
+    assert tool(flags) == 0
+    captured = capsys.readouterr()
+    assert "1 shard(s) written" in captured.out and "cache latents: 100%" in captured.err
+    assert not (shard / LOCK_NAME).exists()
+
+
 def test_a_write_failure_is_one_line_and_leaves_the_shard_as_it_was(cached, tmp_path):
     """A full disk (here: a per-file size limit, whose EFBIG reaches the same handler as ENOSPC) while the latents
     are written: one line, exit 1, no partial field files, the shard as before; the same command then finishes."""
