@@ -105,6 +105,24 @@ def lock_path(path: PathLike, remove_on_release: bool = False) -> PathLock:
     return PathLock(handle, path, remove_on_release)
 
 
+@contextlib.contextmanager
+def locked(lock_file: PathLike, in_use: str, error: Type[Exception] = ValueError) -> Iterator[None]:
+    """Holds :func:`lock_path` on ``lock_file`` for the block (the file removed at its end): one writer of an output
+    at a time. ``in_use`` is the message when another process holds it, with ``{holder}`` where its line goes.
+
+    Raises:
+        error: another process holds the lock.
+    """
+    try:
+        lock = lock_path(lock_file, remove_on_release=True)
+    except PathInUse as held:
+        raise error(in_use.format(holder=held.holder)) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def decode_text(data: bytes) -> str:
     """The text of a file a user wrote, perhaps with a Windows tool: UTF-8 with or without the byte-order mark
     (Notepad, Excel's "CSV UTF-8"), or UTF-16 with its byte-order mark (PowerShell's ``>``). Line ends are left as

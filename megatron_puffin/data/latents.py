@@ -182,18 +182,13 @@ def cache_shard_latents(shard_dir: os.PathLike, vae, image_size: int, image_unit
     removed at the end); a second process finds it held and gets a ValueError naming the first. Two runs started
     together used to write the same temporary files.
     """
-    from megatron_puffin.files import PathInUse, lock_path
+    from megatron_puffin.files import locked
 
     shard_dir = Path(shard_dir)
-    try:
-        lock = lock_path(shard_dir / LOCK_NAME, remove_on_release=True)
-    except PathInUse as error:
-        raise ValueError(f"{shard_dir} is being cached by another process ({error.holder}); wait for it to end") from None
-    try:
+    with locked(shard_dir / LOCK_NAME, f"{shard_dir} is being cached by another process ({{holder}}); wait for it to "
+                                       "end"):
         return _cache_locked_shard(shard_dir, vae, image_size, image_unit, dtype, batch_size, overwrite,
                                    [] if bad_samples is None else bad_samples, progress)
-    finally:
-        lock.release()
 
 
 def _cache_locked_shard(shard_dir: Path, vae, image_size: int, image_unit: int, dtype: str, batch_size: int,

@@ -32,12 +32,14 @@ from megatron_puffin.data.puffin4m import (
     load_summary,
     mark_duplicates,
 )
-from megatron_puffin.files import folder_problem, write_text_atomically
+from megatron_puffin.files import folder_problem, locked, write_text_atomically
 from megatron_puffin.process_lifetime import worker_pool
 
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "dataset.json"
+LOCK_NAME = ".preprocess.lock"
+"""Held in --output-prefix while a run writes there (removed at its end)."""
 
 
 @dataclass
@@ -310,6 +312,14 @@ def preprocess(options: PreprocessOptions) -> Dict[str, Any]:
         StrictModeError: With ``strict``, at the first bad sample.
     """
     _check_options(options)
+    Path(options.output_prefix).mkdir(parents=True, exist_ok=True)
+    # Two runs into one output (a job submitted twice) used to remove each other's staging folders mid-write.
+    with locked(Path(options.output_prefix) / LOCK_NAME, f"--output-prefix {options.output_prefix} is being written "
+                "by another preprocess_data.py run ({holder}); wait for it to end"):
+        return _preprocess(options)
+
+
+def _preprocess(options: PreprocessOptions) -> Dict[str, Any]:
     started = time.perf_counter()
     subsets = discover_subsets(Path(options.input))
     if not subsets:

@@ -148,20 +148,14 @@ def output_lock(lock_file: Path, outputs: str, prog: str) -> Iterator[None]:
     Raises:
         UsageError: another run holds it.
     """
-    from megatron_puffin.files import PathInUse, lock_path
+    from megatron_puffin.files import locked
 
     if not is_output_rank():
         yield
         return
-    try:
-        lock = lock_path(lock_file, remove_on_release=True)
-    except PathInUse as error:
-        raise UsageError(f"{outputs} is in use by another {prog} run ({error.holder}); wait for it to end, or choose "
-                         "another output") from None
-    try:
+    with locked(lock_file, f"{outputs} is in use by another {prog} run ({{holder}}); wait for it to end, or choose "
+                           "another output", UsageError):
         yield
-    finally:
-        lock.release()
 
 
 def setup_logging(level: str) -> None:

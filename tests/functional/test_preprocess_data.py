@@ -178,6 +178,29 @@ def test_duplicate_records_and_paths_outside_the_input_are_skipped_and_reported(
         f"{copy}: image '../../outside.jpg' leaves the subset folder"]
 
 
+def test_a_second_run_into_the_same_output_prefix_stops_naming_the_first(raw, tmp_path):
+    """Two runs into one --output-prefix (a job submitted twice) removed each other's shard staging folders mid-write,
+    and one could publish the other's half-written shard. The first run holds a lock in the output prefix (removed
+    at its end); this process plays it (a lock is per open file). The real command stops with one line, exit 2,
+    writing nothing; once free, it runs and leaves no lock file."""
+    from megatron_puffin.data.preprocess import LOCK_NAME
+    from megatron_puffin.files import lock_path
+
+    out = tmp_path / "out"
+    held = lock_path(out / LOCK_NAME)
+    try:
+        proc = _run("--input", raw, "--output-prefix", out, "--no-progress")
+    finally:
+        held.release()
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith(f"error: --output-prefix {out} is being written by another "
+                                          f"preprocess_data.py run (pid {os.getpid()} on "), proc.stderr
+    assert sorted(path.name for path in out.iterdir()) == [LOCK_NAME]  # the stand-in holder's file only
+    (out / LOCK_NAME).unlink()
+    assert _run("--input", raw, "--output-prefix", out, "--no-progress").returncode == 0
+    assert (out / "dataset.json").is_file() and not (out / LOCK_NAME).exists()
+
+
 def test_heldout_records_split_off_the_last_records_of_every_subset(raw, tmp_path):
     report = preprocess(PreprocessOptions(raw, tmp_path / "out", shard_size=5, heldout_records=3, progress=False))
     subsets = report["subsets"]
