@@ -76,3 +76,10 @@ def cache_for_device(enabled: bool, device_type: str) -> bool:
         logger.warning("--host-malloc-cache has no effect on a %s run (CUDA's allocator caches already)", device_type)
         return False
     return retain_freed_memory()
+
+
+def trim_heap() -> bool:
+    """Hands the free memory of the C library's heap back to the kernel now (glibc's ``malloc_trim(0)``); True
+    when glibc released some. Nothing happens elsewhere."""
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False

@@ -50,7 +50,8 @@ from megatron_puffin.training.data_parallel import (
 )
 from megatron_puffin.training.metrics import Interval, MetricsWriter, Report, peak_memory_gib
 from megatron_puffin.training.preflight import check_checkpoints
-from megatron_puffin.training.memory_check import check_memory
+from megatron_puffin.training.memory_check import (check_memory, is_out_of_memory, micro_batch_sizes,
+                                                   out_of_memory_message, release_memory)
 from megatron_puffin.training.resume import fsdp2_records_metadata, samples_per_step
 from megatron_puffin.training.step import stream_task
 from megatron_puffin.training.towers import CHECKPOINT_TOWERS, freeze_towers, trainable_towers
@@ -63,6 +64,7 @@ logger = logging.getLogger(__name__)
 EXIT_FINISHED = 0
 BAD_SAMPLES = "--max-bad-samples"  # stop reason: too many undecodable samples (the run fails after saving)
 DATA_FAILED = "data loader"  # stop reason: workers that kept dying, shards gone (the run fails after saving)
+OUT_OF_MEMORY = "out of memory"  # stop reason: a step's memory did not fit (the run fails; saved when alone)
 STATUS_FILE = "run_status.json"  # in --save: {"status": "finished" | "interrupted" | "stopped" | "failed", ...}
 # The distributed optimizer's state in its canonical per-parameter form, so it loads at any TP/PP/DP layout (the
 # megatron-core default for 0.16, fully_sharded_model_space, no longer validates: flattened ranges are rejected).
@@ -487,7 +489,16 @@ class Trainer:
                 batches.append(next(iterator))
         except DataLoaderError as error:
             return [], time.perf_counter() - start, str(error)
-        return batches, time.perf_counter() - start, None
+        except (RuntimeError, MemoryError) as error:  # collating in this process (--num-workers 0)
+            if not is_out_of_memory(error):
+                raise
+            where = f"the data loader, assembling the micro-batches of iteration {self.state.iteration + 1},"
+            message = out_of_memory_message(error, where)
+        else:
+            return batches, time.perf_counter() - start, None
+        del batches
+        release_memory()  # what the failed allocation's frames held, before the save needs memory
+        return [], time.perf_counter() - start, message
 
     def _count_batches(self, batches: List[Dict[str, Any]], interval: Interval, wait: float) -> None:
         """Samples, tokens, FLOPs and padding of the micro-batches this step trains, for the log and the state."""
@@ -562,6 +573,7 @@ class Trainer:
         interval, interval_start = Interval(self.tasks), time.perf_counter()
         stopped: Optional[str] = None
         data_error: Optional[str] = None
+        memory_error = ""
         try:
             while self.state.iteration < training.train_iters:
                 self._reseed()
@@ -572,8 +584,23 @@ class Trainer:
                     # The micro-batches drawn for this step are not trained: the checkpoint hands them out again.
                     self.loader.rewind(mark)
                     break
+                consumed = dict(self.state.consumed)
                 self._count_batches(batches, interval, wait)
-                result = train_step(self.ddp, self.optimizer, batches)
+                try:
+                    result = train_step(self.ddp, self.optimizer, batches)
+                except (RuntimeError, MemoryError) as error:
+                    if not is_out_of_memory(error):
+                        raise
+                    memory_error = out_of_memory_message(error, f"iteration {self.state.iteration + 1} (micro-batches "
+                                                                f"{micro_batch_sizes(batches)})")
+                    # This step did not train: its micro-batches are handed out again by the checkpoint.
+                    self.loader.rewind(mark)
+                    self.state.consumed = consumed
+                    stopped = OUT_OF_MEMORY
+                    break
+                finally:
+                    if stopped == OUT_OF_MEMORY:
+                        release_memory()  # the failed step's activations, before the save needs memory
                 self.state.iteration += 1
                 interval.add_step(result)
                 if result.skipped:
@@ -598,9 +625,13 @@ class Trainer:
                     # a signal or a limit reached on any rank by now still decides the status and the exit code
                     stopped = self._should_stop(None) or f"--exit-interval {training.exit_interval}"
                     break
-            if ckpt_args.save:  # still under the stop handler: a second signal must not kill the save
-                self.save()
-                self._write_status("failed" if stopped in (BAD_SAMPLES, DATA_FAILED) else
+            # With other ranks, one that ran out of memory left them inside the step's collectives: no save then.
+            # Before the first step nothing is trained, and such a checkpoint (no optimizer state yet) did not load.
+            alone = self.ctx.world_size == 1 or stopped != OUT_OF_MEMORY
+            if ckpt_args.save and alone:  # still under the stop handler: a second signal must not kill the save
+                if self.state.iteration > 0:
+                    self.save()
+                self._write_status("failed" if stopped in (BAD_SAMPLES, DATA_FAILED, OUT_OF_MEMORY) else
                                    "interrupted" if stopped and not stopped.startswith("--exit-interval") else
                                    "stopped" if stopped else "finished", stopped)
         finally:
@@ -613,6 +644,8 @@ class Trainer:
         if stopped == BAD_SAMPLES:
             raise TrainingError(self.loader.bad_sample_error or "another rank met too many undecodable samples "
                                 "(--max-bad-samples); see its log")
+        if stopped == OUT_OF_MEMORY:  # after the save: the hint names the checkpoint of the last trained step
+            raise TrainingError(f"{memory_error}. {self._resume_hint()}")
         if stopped == DATA_FAILED:  # after the save: the hint names the checkpoint of the last trained step
             raise TrainingError(f"{data_error or 'the data loader of another rank failed; see its log'}. "
                                 f"{self._resume_hint()}")
@@ -632,7 +665,8 @@ class Trainer:
             return
         record = {"status": status, "reason": reason, "iteration": self.state.iteration,
                   "train_iters": self.args.training.train_iters,
-                  "checkpoint": ckpt.iteration_directory(self.args.checkpoint.save, self.state.iteration)}
+                  "checkpoint": ckpt.iteration_directory(self.args.checkpoint.save, self.state.iteration)
+                  if self.state.iteration > 0 else None}  # nothing trained before the first step: no checkpoint
         try:
             write_text_atomically(os.path.join(self.args.checkpoint.save, STATUS_FILE), json.dumps(record, indent=1))
         except OSError as error:  # the checkpoint is saved; a launcher without this file does not requeue

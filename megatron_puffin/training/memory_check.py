@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -123,3 +123,41 @@ def check_memory(args: PuffinArguments) -> None:
     problems = memory_problems(args)
     if problems:
         raise ConfigError(problems)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation that did not fit: CUDA's out-of-memory error, the CPU allocator's
+    ``can't allocate memory``, or Python's MemoryError (numpy)."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
+
+
+def out_of_memory_message(error: BaseException, where: str) -> str:
+    """One line for an allocation that did not fit ``where`` (a step and its micro-batches, or the loader's
+    assembling of them): what failed and the remedies."""
+    detail = " ".join(str(error).split())[:200]
+    return (f"{where} ran out of memory ({type(error).__name__}: {detail}). Lower the streams' micro-batch sizes "
+            "(--task-stream TASK:PATH:SIZE or --micro-batch-size), turn on recomputation (--recompute, "
+            "--vision-recompute, --connector-recompute, --dit-recompute), or split the model over more processes "
+            "(pretrain_puffin.py --dry-run estimates the activations)")
+
+
+def micro_batch_sizes(batches: Sequence[dict]) -> str:
+    """``image2text x2, cam2image x2``: each micro-batch's stream task and sample count."""
+    from megatron_puffin.training.step import stream_task
+
+    return ", ".join(f"{stream_task(batch) or batch['task']} x{int(batch['input_ids'].shape[0])}" for batch in batches)
+
+
+def release_memory() -> None:
+    """Frees what a failed allocation's exception kept alive (its frames sit in reference cycles until the cyclic
+    collector runs), hands the C library's free heap back to the kernel (glibc's ``malloc_trim``: a micro-batch's
+    many small tensors leave the heap grown) and, on a GPU, the caching allocator's free blocks: the save that
+    follows needs memory, and threads."""
+    import gc
+
+    from megatron_puffin.training.host_memory import trim_heap
+
+    gc.collect()
+    trim_heap()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

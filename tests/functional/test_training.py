@@ -254,6 +254,59 @@ def test_a_second_run_on_the_same_save_directory_stops_before_any_work(workdir):
         lock_save_directory("/proc/puffin_run")
 
 
+def _memory_limited(limit_bytes: int):
+    """``preexec_fn``: the child's address space is capped, so a large enough allocation really fails."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+
+def test_a_step_that_runs_out_of_memory_is_one_line_and_keeps_the_steps_before_it(workdir):
+    """A micro-batch too large for the memory was the allocator's traceback from inside megatron-core's schedule,
+    and the steps trained since the last checkpoint were lost. Here a real process under a 3 GiB address-space limit
+    (the tiny run needs under 2 GiB) trains step 1 (image2text x2) and runs out at step 2: one line naming the step
+    and the remedies, exit 1, step 1 saved (a process alone: with other ranks, a failed step leaves them inside its
+    collectives), and that checkpoint resumes. (The loader's own out-of-memory path, collating with --num-workers
+    0, is not run here: under an address-space limit the save after it cannot start its threads.)"""
+    import subprocess
+    import sys
+
+    def run(large: int, save: str) -> str:
+        streams = ["--task-stream", "image2text:tiny/data/main:2", "--task-stream", f"image2text:tiny/data/main:{large}",
+                   "--micro-batches-per-step", "1", "--train-iters", "3", "--lr", "1e-3", "--lr-warmup-iters", "1",
+                   "--save", save]
+        proc = subprocess.run([sys.executable, str(ROOT / "pretrain_puffin.py"), *STAGE, *streams], cwd=workdir,
+                              env=ENV, capture_output=True, text=True, timeout=300,
+                              preexec_fn=_memory_limited(3 << 30))
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        status = json.loads((workdir / save / "run_status.json").read_text())
+        assert (status["status"], status["iteration"]) == ("failed", 1), status
+        line = proc.stderr.strip().splitlines()[-1]
+        assert "Lower the streams' micro-batch sizes" in line, line
+        assert line.endswith(f"The same command resumes from {save}/iter_0000001, the newest complete checkpoint"), line
+        return line
+
+    # in the step: 3000 images collate into 0.33 GB, their activations do not fit
+    line = run(3000, "oom_step")
+    assert line.startswith("pretrain_puffin.py (rank 0): iteration 2 (micro-batches image2text x3000) ran out of "
+                           "memory (RuntimeError: "), line
+    # out of memory in the first step: nothing is trained, and no checkpoint is written (one saved before any
+    # step held no optimizer state and did not load: a KeyError traceback on resuming)
+    proc = subprocess.run([sys.executable, str(ROOT / "pretrain_puffin.py"), *STAGE, "--task-stream",
+                           "image2text:tiny/data/main:3000", "--train-iters", "3", "--lr", "1e-3", "--lr-warmup-iters",
+                           "1", "--save", "oom_first"], cwd=workdir, env=ENV, capture_output=True, text=True,
+                          timeout=300, preexec_fn=_memory_limited(3 << 30))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().endswith("No complete checkpoint in oom_first yet: the same command starts over")
+    assert not list((workdir / "oom_first").glob("iter_*"))
+    assert json.loads((workdir / "oom_first" / "run_status.json").read_text())["checkpoint"] is None
+    # the checkpoint loads: the run goes on from step 1 with micro-batches that fit
+    run_pretrain(workdir, *STAGE, "--task-stream", "image2text:tiny/data/main:2", "--task-stream",
+                 "image2text:tiny/data/main:2", "--micro-batches-per-step", "1", "--train-iters", "3", "--lr", "1e-3",
+                 "--lr-warmup-iters", "1", "--save", "oom_step", "--load", "oom_step")
+    assert json.loads((workdir / "oom_step" / "run_status.json").read_text())["status"] == "finished"
+
+
 def test_load_of_a_checkpoint_with_another_model_shape_fails_before_training(workdir, stage1):
     """The tensor-shape check at load time, for a checkpoint whose puffin_meta.json stores no flags (another
     version's): the validation pass compares stored flags (tests/functional/test_flag_cli.py), the load every

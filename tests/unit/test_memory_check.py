@@ -1,6 +1,7 @@
 """training.memory_check: a model that cannot fit this process's memory is refused before the process group, with
 the numbers and the remedies; the host's, the container's and the node's share of memory are read as documented."""
 import pytest
+import torch
 
 from megatron_puffin.config import ConfigError, parse_args
 from megatron_puffin.training import memory_check
@@ -74,3 +75,14 @@ def test_the_processes_of_a_node_come_from_torchrun_or_slurm(monkeypatch):
     assert memory_check.local_processes() == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert memory_check.local_processes() == 8
+
+
+def test_allocation_failures_are_told_from_other_errors_and_named_with_the_remedies():
+    with pytest.raises(RuntimeError) as info:
+        torch.empty(1 << 60, dtype=torch.uint8)  # the CPU allocator's own failure
+    assert memory_check.is_out_of_memory(info.value) and memory_check.is_out_of_memory(MemoryError())
+    assert not memory_check.is_out_of_memory(RuntimeError("shape mismatch"))
+    message = memory_check.out_of_memory_message(info.value, "iteration 7 (micro-batches image2text x64)")
+    assert message.startswith("iteration 7 (micro-batches image2text x64) ran out of memory (RuntimeError: ")
+    assert "Lower the streams' micro-batch sizes" in message and "--recompute" in message
+    memory_check.release_memory()  # runs anywhere (glibc trims its heap; elsewhere nothing)
