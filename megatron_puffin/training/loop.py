@@ -500,6 +500,18 @@ class Trainer:
         release_memory()  # what the failed allocation's frames held, before the save needs memory
         return [], time.perf_counter() - start, message
 
+    def _run_step(self, batches: List[Dict[str, Any]]) -> Tuple[Any, str]:
+        """(the step's result, ""), or (None, a one-line message) when the step ran out of memory."""
+        from megatron_puffin.training.step import train_step
+
+        try:
+            return train_step(self.ddp, self.optimizer, batches), ""
+        except (RuntimeError, MemoryError) as error:
+            if not is_out_of_memory(error):
+                raise
+            return None, out_of_memory_message(error, f"iteration {self.state.iteration + 1} (micro-batches "
+                                                      f"{micro_batch_sizes(batches)})")
+
     def _count_batches(self, batches: List[Dict[str, Any]], interval: Interval, wait: float) -> None:
         """Samples, tokens, FLOPs and padding of the micro-batches this step trains, for the log and the state."""
         from megatron_puffin.training.towers import micro_batch_flops
@@ -564,8 +576,6 @@ class Trainer:
 
     def train(self) -> int:
         """Train to ``--train-iters`` (or until asked to stop); returns the process exit code."""
-        from megatron_puffin.training.step import train_step
-
         training, ckpt_args = self.args.training, self.args.checkpoint
         self.ddp.train()
         self.stop.install()
@@ -586,21 +596,12 @@ class Trainer:
                     break
                 consumed = dict(self.state.consumed)
                 self._count_batches(batches, interval, wait)
-                try:
-                    result = train_step(self.ddp, self.optimizer, batches)
-                except (RuntimeError, MemoryError) as error:
-                    if not is_out_of_memory(error):
-                        raise
-                    memory_error = out_of_memory_message(error, f"iteration {self.state.iteration + 1} (micro-batches "
-                                                                f"{micro_batch_sizes(batches)})")
-                    # This step did not train: its micro-batches are handed out again by the checkpoint.
+                result, memory_error = self._run_step(batches)
+                if result is None:  # this step did not train: its micro-batches are handed out again
                     self.loader.rewind(mark)
                     self.state.consumed = consumed
                     stopped = OUT_OF_MEMORY
                     break
-                finally:
-                    if stopped == OUT_OF_MEMORY:
-                        release_memory()  # the failed step's activations, before the save needs memory
                 self.state.iteration += 1
                 interval.add_step(result)
                 if result.skipped:
@@ -625,6 +626,8 @@ class Trainer:
                     # a signal or a limit reached on any rank by now still decides the status and the exit code
                     stopped = self._should_stop(None) or f"--exit-interval {training.exit_interval}"
                     break
+            if stopped == OUT_OF_MEMORY:
+                release_memory()  # what the failed step's frames held, before the save needs memory
             # With other ranks, one that ran out of memory left them inside the step's collectives: no save then.
             # Before the first step nothing is trained, and such a checkpoint (no optimizer state yet) did not load.
             alone = self.ctx.world_size == 1 or stopped != OUT_OF_MEMORY
