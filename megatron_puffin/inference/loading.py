@@ -210,6 +210,20 @@ def _load_towers(model, directory: str, towers: Sequence[str]) -> None:
             raise InferenceSetupError(" ".join(str(error).split())) from None
 
 
+def _build_out_of_memory(error: BaseException, directory: str, flags: Sequence[str]) -> BaseException:
+    """The error to raise for a model build that failed: one line when it ran out of memory (a model flag of
+    another size was the allocator's traceback from inside megatron-core's first layer), else ``error`` itself."""
+    from megatron_puffin.memory import available_bytes, is_out_of_memory
+
+    if not is_out_of_memory(error):
+        return error
+    _, where = available_bytes()
+    given = f"; the model flags given here ({' '.join(flags)}) replace its stored ones" if flags else ""
+    return InferenceSetupError(f"the model of checkpoint {directory} does not fit this process's memory ({where}){given}; "
+                               f"use more processes (--tensor-model-parallel-size) or a machine with more memory "
+                               f"({' '.join(str(error).split())[:160]})")
+
+
 def load_puffin(checkpoint: str, flags: Sequence[str] = (), tensor_model_parallel_size: Optional[int] = None,
                 dtype: Optional[torch.dtype] = None, need_vae: bool = True) -> LoadedPuffin:
     """Start the process group (if needed) and build + load a Puffin for inference.
@@ -265,9 +279,12 @@ def load_puffin(checkpoint: str, flags: Sequence[str] = (), tensor_model_paralle
         raise InferenceSetupError(f"--tensor-model-parallel-size ({tensor_model_parallel_size}) must divide the number "
                                   f"of processes ({world_size}); launch a multiple of it")
     ctx = mpd.initialize(tensor_model_parallel_size, 1, seed=args.training.seed)
-    model = build_puffin(config, pg_collection=mpd.process_groups())
-    if ctx.device.type == "cuda":
-        model.cuda(ctx.device)
+    try:
+        model = build_puffin(config, pg_collection=mpd.process_groups())
+        if ctx.device.type == "cuda":
+            model.cuda(ctx.device)
+    except (RuntimeError, MemoryError) as error:
+        raise _build_out_of_memory(error, directory, flags) from None
     towers = [tower for tower in metadata.get("towers", list(CHECKPOINT_MODULES)) if tower in CHECKPOINT_MODULES]
     _load_towers(model, directory, towers)
     model.eval()

@@ -157,6 +157,10 @@ def _tool_main(name):
      "no such file or directory"),
     ("understand.py", ["--images", "IMAGE", "--output", "x.json", "--hidden-size", "64", "--ffn-hidden-size", "96"],
      "does not fit the model shape"),
+    # was the allocator's traceback from inside megatron-core's first layer (a 40 GB weight)
+    ("understand.py", ["--images", "IMAGE", "--output", "x.json", "--hidden-size", "10000000"],
+     r"does not fit this process's memory \(.* available \(memory and swap\)\); the model flags given here "
+     r"\(--hidden-size 10000000\) replace its stored ones; use more processes"),
     ("generate.py", ["--output-dir", "GEN", "--roll", "0.1", "--pitch", "1.9", "--vfov", "1.0"],
      r"camera pitch \(1.9 rad\) must lie in \[-pi/2, pi/2\]"),
     ("generate.py", ["--output-dir", "GEN", "--num-views", "2"], "--num-views N .* needs --init-image"),

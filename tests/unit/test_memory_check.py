@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from megatron_puffin.config import ConfigError, parse_args
+from megatron_puffin import memory
 from megatron_puffin.training import memory_check
 from megatron_puffin.training.layout import memory_estimate, towers
 
@@ -40,41 +41,41 @@ def test_check_memory_raises_the_config_error_the_cli_prints(monkeypatch):
 def test_host_memory_is_available_memory_plus_free_swap_or_the_containers_limit(tmp_path, monkeypatch):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\nSwapFree:        1000000 kB\n")
-    assert memory_check._meminfo(meminfo)["MemAvailable"] == 20000000 * 1024
-    assert memory_check._meminfo(tmp_path / "missing") == {}
+    assert memory._meminfo(meminfo)["MemAvailable"] == 20000000 * 1024
+    assert memory._meminfo(tmp_path / "missing") == {}
     cgroup = tmp_path / "cgroup"
     cgroup.mkdir()
-    assert memory_check.container_limit_bytes(cgroup) is None
+    assert memory.container_limit_bytes(cgroup) is None
     (cgroup / "memory.max").write_text("max\n")  # cgroup v2 without a limit
-    assert memory_check.container_limit_bytes(cgroup) is None
+    assert memory.container_limit_bytes(cgroup) is None
     (cgroup / "memory.max").write_text(f"{8 * GIB}\n")
     (cgroup / "memory.current").write_text(f"{3 * GIB}\n")
-    assert memory_check.container_limit_bytes(cgroup) == 5 * GIB
+    assert memory.container_limit_bytes(cgroup) == 5 * GIB
     (cgroup / "memory.max").unlink()
     (cgroup / "memory").mkdir()
     (cgroup / "memory" / "memory.limit_in_bytes").write_text(str(2 ** 63 - 4096))  # cgroup v1: no limit
-    assert memory_check.container_limit_bytes(cgroup) is None
+    assert memory.container_limit_bytes(cgroup) is None
 
-    monkeypatch.setattr(memory_check.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(memory_check, "_meminfo", lambda: {"MemAvailable": 20 * GIB, "SwapFree": 1 * GIB})
-    monkeypatch.setattr(memory_check, "container_limit_bytes", lambda: None)
+    monkeypatch.setattr(memory.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(memory, "_meminfo", lambda: {"MemAvailable": 20 * GIB, "SwapFree": 1 * GIB})
+    monkeypatch.setattr(memory, "container_limit_bytes", lambda: None)
     monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert memory_check.available_bytes() == (21 * GIB, "the host's 21.0 GiB available (memory and swap)")
-    monkeypatch.setattr(memory_check, "container_limit_bytes", lambda: 6 * GIB)
+    assert memory.available_bytes() == (21 * GIB, "the host's 21.0 GiB available (memory and swap)")
+    monkeypatch.setattr(memory, "container_limit_bytes", lambda: 6 * GIB)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # the ranks of one node share it
-    assert memory_check.available_bytes() == (3 * GIB, "this process's 3.0 GiB: the container limit's 6.0 GiB "
+    assert memory.available_bytes() == (3 * GIB, "this process's 3.0 GiB: the container limit's 6.0 GiB "
                                                        "available (memory and swap) over the 2 processes this node runs")
 
 
 def test_the_processes_of_a_node_come_from_torchrun_or_slurm(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
-    assert memory_check.local_processes() == 1
+    assert memory.local_processes() == 1
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4(x2)")
-    assert memory_check.local_processes() == 4
+    assert memory.local_processes() == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert memory_check.local_processes() == 8
+    assert memory.local_processes() == 8
 
 
 def test_allocation_failures_are_told_from_other_errors_and_named_with_the_remedies():
