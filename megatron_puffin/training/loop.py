@@ -626,17 +626,8 @@ class Trainer:
                     # a signal or a limit reached on any rank by now still decides the status and the exit code
                     stopped = self._should_stop(None) or f"--exit-interval {training.exit_interval}"
                     break
-            if stopped == OUT_OF_MEMORY:
-                release_memory()  # what the failed step's frames held, before the save needs memory
-            # With other ranks, one that ran out of memory left them inside the step's collectives: no save then.
-            # Before the first step nothing is trained, and such a checkpoint (no optimizer state yet) did not load.
-            alone = self.ctx.world_size == 1 or stopped != OUT_OF_MEMORY
-            if ckpt_args.save and alone:  # still under the stop handler: a second signal must not kill the save
-                if self.state.iteration > 0:
-                    self.save()
-                self._write_status("failed" if stopped in (BAD_SAMPLES, DATA_FAILED, OUT_OF_MEMORY) else
-                                   "interrupted" if stopped and not stopped.startswith("--exit-interval") else
-                                   "stopped" if stopped else "finished", stopped)
+            if ckpt_args.save:  # still under the stop handler: a second signal must not kill the save
+                self._save_at_end(stopped)
         finally:
             # Shut the data-loader workers down now, also when an error leaves this function: its traceback would
             # keep the iterator alive to interpreter exit, where multiprocessing stops daemonic children with
@@ -660,6 +651,20 @@ class Trainer:
         if self.ctx.rank == 0:
             logger.info("training finished: %d iterations, %d skipped", self.state.iteration, self.state.skipped_total)
         return EXIT_FINISHED
+
+    def _save_at_end(self, stopped: Optional[str]) -> None:
+        """The last save of a run (finished or stopped for ``stopped``) and its ``run_status.json``. Before the first
+        step nothing is trained, and such a checkpoint (no optimizer state yet) did not load: none is written. With
+        other ranks, one that ran out of memory left them inside the step's collectives: no save then either."""
+        if stopped == OUT_OF_MEMORY:
+            if self.ctx.world_size > 1:
+                return
+            release_memory()  # what the failed step's frames held, before the save needs memory
+        if self.state.iteration > 0:
+            self.save()
+        self._write_status("failed" if stopped in (BAD_SAMPLES, DATA_FAILED, OUT_OF_MEMORY) else
+                           "interrupted" if stopped and not stopped.startswith("--exit-interval") else
+                           "stopped" if stopped else "finished", stopped)
 
     def _write_status(self, status: str, reason: Optional[str]) -> None:
         """``<save>/run_status.json``: how the last process of this run ended. torchrun reports any non-zero exit
