@@ -77,8 +77,9 @@ def available_bytes() -> Tuple[float, str]:
     processes = local_processes()
     if processes == 1:
         return have, f"{where} {have / GIB:.1f} GiB available (memory and swap)"
-    return have / processes, (f"this process's {have / processes / GIB:.1f} GiB: {where} {have / GIB:.1f} GiB available "
-                              f"(memory and swap) over the {processes} processes this node runs")
+    share = have / processes
+    return share, (f"this process's {share / GIB:.1f} GiB: {where} {have / GIB:.1f} GiB available (memory and swap) "
+                   f"over the {processes} processes this node runs")
 
 
 def is_out_of_memory(error: BaseException) -> bool:

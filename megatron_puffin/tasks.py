@@ -10,6 +10,8 @@ UNDERSTANDING_TASKS: Tuple[str, ...] = ("image2text", "image2text_cross_view", "
 GENERATION_TASKS: Tuple[str, ...] = ("text2image", "cam2image", "image2image")
 """Tasks whose loss is the per-sample flow-matching MSE of the target image's latents."""
 TASKS: Tuple[str, ...] = UNDERSTANDING_TASKS + GENERATION_TASKS
+IMAGE_INPUT_TASKS: Tuple[str, ...] = ("image2text", "image2text_cross_view", "image2image")
+"""Tasks whose LLM prompt holds an input image's visual tokens."""
 
 TASK_VARIANTS: Dict[str, str] = {
     "image2text": "image2text",

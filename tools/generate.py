@@ -78,7 +78,8 @@ def build_parser():
     parser.add_argument("--num-views", type=int, default=None,
                         help="multi-view sweep: N target cameras drawn as Puffin's demo does around --init-image")
     parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="CFG scale; <= 1 disables (default: the checkpoint's --flow-guidance-scale, 4.5 as Puffin)")
+                        help="CFG scale; <= 1 disables (default: the checkpoint's --flow-guidance-scale, 4.5 as "
+                             "Puffin)")
     parser.add_argument("--steps", type=int, default=None,
                         help="Euler steps (default: the checkpoint's --flow-num-inference-steps, 50 as Puffin)")
     parser.add_argument("--seed", type=int, default=42, help="base seed: request i uses seed + i (default: 42)")

@@ -13,7 +13,7 @@ from megatron_puffin.config.validate_paths import PATH_VALIDATORS
 from megatron_puffin.config.validate_fp8 import fp8_shape_problems
 from megatron_puffin.config.validate_fsdp import FSDP_VALIDATORS
 from megatron_puffin.config.validate_pipeline import PIPELINE_VALIDATORS
-from megatron_puffin.config.validate_values import VALUE_VALIDATORS, stream_tasks
+from megatron_puffin.config.validate_values import VALUE_VALIDATORS, well_formed_stream_tasks
 from megatron_puffin.config.validate_eval import validation_errors
 from megatron_puffin.models.fp8 import fp8_tower_problems
 from megatron_puffin.optional_deps import transformer_engine_error
@@ -245,7 +245,8 @@ def check_generation_needs_vae(args: PuffinArguments) -> List[str]:
 
     if args.model.vae_path or args.model.vae_config:
         return []
-    tasks = [task for task in stream_tasks(args.data.task_stream) if TASK_VARIANTS[task] in GENERATION_TASKS]
+    tasks = [task for task in well_formed_stream_tasks(args.data.task_stream)
+             if TASK_VARIANTS[task] in GENERATION_TASKS]
     if not tasks:
         return []
     return [f"--task-stream {', '.join(tasks)} (generation) needs the VAE: add --vae-path DIR (SD3's vae/ folder) "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import List, Optional, Sequence, TYPE_CHECKING
+from typing import Dict, List, Optional, Sequence, TYPE_CHECKING
 
 from megatron_puffin.distributed.random import seed_problems
 
@@ -100,7 +100,7 @@ def check_fp16_device(args: PuffinArguments) -> List[str]:
     return []
 
 
-def stream_tasks(specs: Sequence[str]) -> List[str]:
+def well_formed_stream_tasks(specs: Sequence[str]) -> List[str]:
     """The task of every well-formed ``--task-stream`` spec (a malformed one is check_data's problem)."""
     from megatron_puffin.data.config import parse_task_stream
 
@@ -113,28 +113,32 @@ def stream_tasks(specs: Sequence[str]) -> List[str]:
     return tasks
 
 
+def llm_sequence_parts(args: PuffinArguments, task: str) -> Dict[str, int]:
+    """The parts of the longest LLM sequence a sample of ``task`` (a stream task) can have, by what sets them: the
+    input image's tokens, the text-token limit, and the queries of a generation prompt."""
+    from megatron_puffin.tasks import GENERATION_TASKS, IMAGE_INPUT_TASKS, TASK_VARIANTS
+
+    data = args.data
+    kind = TASK_VARIANTS.get(task, task)
+    parts = {"image tokens (--image-size)": args.vision.num_tokens(data.image_size, data.image_size)} \
+        if kind in IMAGE_INPUT_TASKS else {}
+    if kind in GENERATION_TASKS:
+        return {**parts, "--max-generation-text-tokens": data.max_generation_text_tokens,
+                "--connector-num-queries": args.connector.num_queries}
+    return {**parts, "--max-understanding-text-tokens": data.max_understanding_text_tokens}
+
+
 def check_sequence_limits(args: PuffinArguments) -> List[str]:
     """The longest LLM sequence a stream's samples can have (training and validation streams) must fit the LLM's
-    positions: an image's tokens plus the text-token limit, plus the queries for generation. Checked on the flags,
-    before any data is read: a mistyped --connector-num-queries (1e9) was caught only by the memory check, after
-    the path checks had spent 200 s and 16 GB assembling one prompt of that length."""
-    from megatron_puffin.tasks import GENERATION_TASKS, TASK_VARIANTS
-
+    positions (:func:`llm_sequence_parts`). Checked on the flags, before any data is read: a mistyped
+    --connector-num-queries (1e9) was caught only by the memory check, after the path checks had spent 200 s and
+    16 GB assembling one prompt of that length."""
     llm, data, vision = args.llm, args.data, args.vision
     if min(llm.max_position_embeddings, data.image_size, vision.image_size_multiple) < 1:
         return []  # the single-value checks name these
-    image = vision.num_tokens(data.image_size, data.image_size)
     problems = []
-    for task in dict.fromkeys(stream_tasks([*args.data.task_stream, *args.validation.valid_task_stream])):
-        kind = TASK_VARIANTS[task]
-        with_image = image if kind in ("image2text", "image2text_cross_view", "image2image") else 0
-        if kind in GENERATION_TASKS:
-            parts = {"--max-generation-text-tokens": data.max_generation_text_tokens,
-                     "--connector-num-queries": args.connector.num_queries}
-        else:
-            parts = {"--max-understanding-text-tokens": data.max_understanding_text_tokens}
-        if with_image:
-            parts = {"image tokens (--image-size)": with_image, **parts}
+    for task in dict.fromkeys(well_formed_stream_tasks([*args.data.task_stream, *args.validation.valid_task_stream])):
+        parts = {name: count for name, count in llm_sequence_parts(args, task).items() if count}
         length = sum(parts.values())
         if length > llm.max_position_embeddings:
             terms = " + ".join(f"{count} {name}" for name, count in parts.items())

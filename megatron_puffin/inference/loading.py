@@ -219,9 +219,9 @@ def _build_out_of_memory(error: BaseException, directory: str, flags: Sequence[s
         return error
     _, where = available_bytes()
     given = f"; the model flags given here ({' '.join(flags)}) replace its stored ones" if flags else ""
-    return InferenceSetupError(f"the model of checkpoint {directory} does not fit this process's memory ({where}){given}; "
-                               f"use more processes (--tensor-model-parallel-size) or a machine with more memory "
-                               f"({' '.join(str(error).split())[:160]})")
+    return InferenceSetupError(f"the model of checkpoint {directory} does not fit this process's memory "
+                               f"({where}){given}; use more processes (--tensor-model-parallel-size) or a machine "
+                               f"with more memory ({' '.join(str(error).split())[:160]})")
 
 
 def load_puffin(checkpoint: str, flags: Sequence[str] = (), tensor_model_parallel_size: Optional[int] = None,

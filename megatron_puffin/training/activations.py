@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Sequence, Tuple, TYPE_CHECKING
 
-from megatron_puffin.tasks import GENERATION_TASKS, TASK_VARIANTS, UNDERSTANDING_TASKS
+from megatron_puffin.tasks import GENERATION_TASKS, IMAGE_INPUT_TASKS, TASK_VARIANTS, UNDERSTANDING_TASKS
 from megatron_puffin.training.flops import generation_images, supervised_positions
 from megatron_puffin.training.parameter_counts import weight_bytes
 from megatron_puffin.training.towers import trainable_towers
@@ -246,20 +246,19 @@ def worst_case_shape(args: PuffinArguments, task: str, batch_size: int) -> Micro
     """The largest micro-batch of ``task`` the flags allow: square ``--image-size`` images, the text-token limits
     (``--max-understanding-text-tokens`` / ``--max-generation-text-tokens``) filled, every text position
     supervised in understanding tasks."""
-    data, vision = args.data, args.vision
+    from megatron_puffin.config.validate_values import llm_sequence_parts
+
+    data = args.data
     size = data.image_size
     kind = TASK_VARIANTS.get(task, task)  # a stream's variant (image2text_thinking) has its loss task's shapes
-    has_image = kind in ("image2text", "image2text_cross_view", "image2image")
-    image_tokens = vision.num_tokens(size, size) if has_image else 0
+    images = [(size, size)] * batch_size if kind in IMAGE_INPUT_TASKS else []
+    tokens = sum(llm_sequence_parts(args, task).values())
     if kind in UNDERSTANDING_TASKS:
-        text = data.max_understanding_text_tokens
-        return MicroBatchShape(task, batch_size, image_tokens + text, batch_size * text,
-                               [(size, size)] * batch_size if has_image else [])
+        return MicroBatchShape(task, batch_size, tokens, batch_size * data.max_understanding_text_tokens, images)
     latents = {"text2image": 1, "cam2image": 2, "image2image": 3}[kind]
     step = 8 * args.dit.patch_size
-    return MicroBatchShape(task, batch_size, image_tokens + data.max_generation_text_tokens
-                           + args.connector.num_queries, 0, [(size, size)] * batch_size if has_image else [],
-                           batch_size * latents * (size // step) ** 2, batch_size * (size // step) ** 2)
+    return MicroBatchShape(task, batch_size, tokens, 0, images, batch_size * latents * (size // step) ** 2,
+                           batch_size * (size // step) ** 2)
 
 
 def activation_lines(args: PuffinArguments, bytes_per_value: int) -> List[str]:

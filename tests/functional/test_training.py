@@ -272,9 +272,9 @@ def test_a_step_that_runs_out_of_memory_is_one_line_and_keeps_the_steps_before_i
     import sys
 
     def run(large: int, save: str) -> str:
-        streams = ["--task-stream", "image2text:tiny/data/main:2", "--task-stream", f"image2text:tiny/data/main:{large}",
-                   "--micro-batches-per-step", "1", "--train-iters", "3", "--lr", "1e-3", "--lr-warmup-iters", "1",
-                   "--save", save]
+        streams = ["--task-stream", "image2text:tiny/data/main:2", "--task-stream",
+                   f"image2text:tiny/data/main:{large}", "--micro-batches-per-step", "1", "--train-iters", "3",
+                   "--lr", "1e-3", "--lr-warmup-iters", "1", "--save", save]
         proc = subprocess.run([sys.executable, str(ROOT / "pretrain_puffin.py"), *STAGE, *streams], cwd=workdir,
                               env=ENV, capture_output=True, text=True, timeout=300,
                               preexec_fn=_memory_limited(3 << 30))

@@ -64,8 +64,8 @@ def test_host_memory_is_available_memory_plus_free_swap_or_the_containers_limit(
     assert memory.available_bytes() == (21 * GIB, "the host's 21.0 GiB available (memory and swap)")
     monkeypatch.setattr(memory, "container_limit_bytes", lambda: 6 * GIB)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # the ranks of one node share it
-    assert memory.available_bytes() == (3 * GIB, "this process's 3.0 GiB: the container limit's 6.0 GiB "
-                                                       "available (memory and swap) over the 2 processes this node runs")
+    assert memory.available_bytes() == (3 * GIB, "this process's 3.0 GiB: the container limit's 6.0 GiB available "
+                                                 "(memory and swap) over the 2 processes this node runs")
 
 
 def test_the_processes_of_a_node_come_from_torchrun_or_slurm(monkeypatch):
